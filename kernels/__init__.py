@@ -1,0 +1,1 @@
+"""Triton kernels of peftfast (installed as ``peftfast.kernels``). Only ``@triton.jit`` code lives here."""

@@ -1,0 +1,271 @@
+"""Forward replacement for PEFT ``lora.Linear`` layers, running them on the fused LoRA op.
+
+The replacement is bound to the layer instance (``layer.forward``); parameters, their names, ``state_dict`` and
+optimizer references are untouched. Every call that the fused path cannot serve exactly goes to PEFT's own forward
+and is counted with its reason, which ``peftfast.report`` shows.
+
+Siblings that read the same input (q/k/v, gate/up, BERT's query/key/value) form a ``SiblingGroup``: the first
+member called with ``x`` runs all members in one grouped op (one pass over ``x`` for every ``A`` product, ``x``
+saved once) and hands the other outputs to the siblings when they are called with the same tensor.
+"""
+
+from __future__ import annotations
+
+import types
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from peftfast.ops.lora import MAX_RANK, draw_seed, lora_linear_group
+
+try:  # transformers is a dependency, but keep the module importable without it
+    from transformers.pytorch_utils import Conv1D as _HFConv1D
+
+    _BASE_TYPES: tuple[type, ...] = (nn.Linear, _HFConv1D)
+except Exception:  # pragma: no cover
+    _BASE_TYPES = (nn.Linear,)
+
+
+def _peft_lora_linear_cls():
+    from peft.tuners.lora.layer import Linear
+
+    return Linear
+
+
+@dataclass
+class LoRAPatchConfig:
+    """Options of the fused LoRA path."""
+
+    backend: str = "auto"
+    group_siblings: bool = True
+
+
+@dataclass
+class LoRAState:
+    """What peftfast keeps on a patched layer (as ``layer._peftfast``); none of it is in ``state_dict``."""
+
+    name: str
+    config: LoRAPatchConfig
+    previous_forward: object | None  # an instance-level forward that was there before patching, if any
+    group: SiblingGroup | None = None
+    index: int = 0
+    fused_calls: int = 0
+    base_only_calls: int = 0
+    fallbacks: Counter = field(default_factory=Counter)
+
+
+class SiblingGroup:
+    """Layers of one parent module that read the same input; serves their outputs from one grouped op."""
+
+    def __init__(self, members: list[nn.Module]):
+        self.members = members
+        self._x: torch.Tensor | None = None
+        self._version = -1
+        self._grad = False
+        self._outs: list[torch.Tensor | None] = []
+
+    def take(self, index: int, x: torch.Tensor) -> torch.Tensor | None:
+        if self._x is not x or x._version != self._version or torch.is_grad_enabled() != self._grad:
+            return None
+        out = self._outs[index]
+        if out is None:
+            return None
+        self._outs[index] = None
+        if all(o is None for o in self._outs):
+            self.clear()
+        return out
+
+    def put(self, index: int, x: torch.Tensor, outs) -> torch.Tensor:
+        self._x, self._version, self._grad = x, x._version, torch.is_grad_enabled()
+        self._outs = list(outs)
+        self._outs[index] = None
+        return outs[index]
+
+    def clear(self) -> None:
+        self._x, self._outs = None, []
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# eligibility
+# ----------------------------------------------------------------------------------------------------------------
+def base_weight_nk(layer: nn.Module) -> torch.Tensor:
+    """The frozen base weight as an ``[out, in]`` view (GPT-2 ``Conv1D`` stores ``[in, out]``)."""
+    base = layer.get_base_layer()
+    w = base.weight
+    return w.t() if getattr(layer, "fan_in_fan_out", False) else w
+
+
+def why_not(layer: nn.Module) -> str | None:
+    """None if ``layer`` can run on the fused LoRA path, else a one-line reason."""
+    cls = _peft_lora_linear_cls()
+    if type(layer) is not cls:
+        return f"{type(layer).__module__}.{type(layer).__name__} is not a plain PEFT lora.Linear"
+    base = layer.get_base_layer()
+    if type(base) not in _BASE_TYPES:
+        return f"base layer {type(base).__name__} is not nn.Linear or Conv1D (quantized or custom)"
+    if base._forward_hooks or base._forward_pre_hooks or hasattr(base, "_hf_hook"):
+        return "base layer has forward hooks (e.g. accelerate offloading)"
+    w = base.weight
+    if not isinstance(w, torch.Tensor) or w.is_meta or w.dim() != 2:
+        return "base weight is not a materialised 2-D tensor"
+    if w.requires_grad:
+        return "base weight is trainable (the fused path trains only LoRA weights and biases)"
+    if getattr(layer, "lora_variant", None):
+        names = ", ".join(sorted(f"{k}: {type(v).__name__}" for k, v in layer.lora_variant.items()))
+        return f"LoRA variant ({names}; e.g. DoRA) is not fused"
+    if any(getattr(layer, "use_dora", {}).values()):
+        return "DoRA is not fused"
+    for name, a in layer.lora_A.items():
+        b = layer.lora_B[name]
+        if type(a) is not nn.Linear or type(b) is not nn.Linear:
+            return f"adapter {name!r}: lora_A/lora_B are not nn.Linear"
+        if a.bias is not None:
+            return f"adapter {name!r}: lora_A has a bias"
+        if not 1 <= a.out_features <= MAX_RANK:
+            return f"adapter {name!r}: rank {a.out_features} exceeds {MAX_RANK}"
+        drop = layer.lora_dropout[name]
+        if type(drop) not in (nn.Dropout, nn.Identity):
+            return f"adapter {name!r}: dropout module {type(drop).__name__} is not nn.Dropout"
+        if a._forward_hooks or b._forward_hooks or a._forward_pre_hooks or b._forward_pre_hooks:
+            return f"adapter {name!r}: lora_A/lora_B have forward hooks"
+    return None
+
+
+@dataclass(frozen=True)
+class _Plan:
+    adapter: str
+    rank: int
+    p: float
+    lora_dtype: torch.dtype
+
+
+def _plan(layer: nn.Module, args: tuple, kwargs: dict) -> _Plan | str | None:
+    """The fused plan for this call, None for a base-only call, or a fallback reason."""
+    if args or kwargs:
+        if "adapter_names" in kwargs:
+            return "mixed-adapter batch (adapter_names=...)"
+        return "extra forward arguments"
+    if layer.disable_adapters or layer.merged:
+        return None
+    active = [a for a in layer.active_adapters if a in layer.lora_A]
+    if not active:
+        return None
+    if len(active) > 1:
+        return f"{len(active)} active adapters (the fused path serves one)"
+    name = active[0]
+    if name in getattr(layer, "lora_variant", {}):
+        return f"adapter {name!r} uses a LoRA variant"
+    drop = layer.lora_dropout[name]
+    p = float(drop.p) if isinstance(drop, nn.Dropout) and drop.training else 0.0
+    a = layer.lora_A[name]
+    return _Plan(name, a.out_features, p, a.weight.dtype)
+
+
+def _check_input(layer: nn.Module, x: torch.Tensor) -> None:
+    st = layer._peftfast
+    in_f = layer.in_features
+    if x.shape[-1] != in_f:
+        raise ValueError(
+            f"peftfast: {st.name}: input has {x.shape[-1]} features in its last dimension, expected {in_f}"
+        )
+    w = layer.get_base_layer().weight
+    if x.dtype != w.dtype and not torch.is_autocast_enabled(x.device.type):
+        raise TypeError(f"peftfast: {st.name}: input dtype {x.dtype} does not match the base weight dtype {w.dtype}")
+    if x.device != w.device:
+        raise ValueError(f"peftfast: {st.name}: input is on {x.device}, the layer on {w.device}")
+
+
+def _member_tensors(layer: nn.Module, plan: _Plan):
+    base = layer.get_base_layer()
+    a = layer.lora_A[plan.adapter]
+    b = layer.lora_B[plan.adapter]
+    return base_weight_nk(layer), base.bias, a.weight, b.weight, b.bias, float(layer.scaling[plan.adapter])
+
+
+def _run(layers: list[nn.Module], plans: list[_Plan], x: torch.Tensor, backend: str, name: str):
+    ws, bs, as_, bms, lbs, scales = zip(*(_member_tensors(m, pl) for m, pl in zip(layers, plans)))
+    p = plans[0].p
+    seed = draw_seed() if p > 0.0 else None
+    dev = x.device.type
+    if torch.is_autocast_enabled(dev):
+        # what autocast would do to F.linear: every operand in the autocast dtype, computed outside autocast
+        dt = torch.get_autocast_dtype(dev)
+
+        def cast(ts):
+            return [t.to(dt) if t is not None else None for t in ts]
+
+        x, ws, bs, as_, bms, lbs = x.to(dt), cast(ws), cast(bs), cast(as_), cast(bms), cast(lbs)
+        with torch.autocast(dev, enabled=False):
+            return lora_linear_group(x, ws, bs, as_, bms, scales, lora_biases=lbs, dropout_p=p, seed=seed,
+                                     backend=backend, name=name)
+    return lora_linear_group(x, ws, bs, as_, bms, scales, lora_biases=lbs, dropout_p=p, seed=seed,
+                             backend=backend, name=name)
+
+
+def _group_plans(group: SiblingGroup, plan: _Plan) -> list[_Plan] | None:
+    """Plans of every sibling when all can run together with ``plan``; else None."""
+    plans = []
+    for m in group.members:
+        st = getattr(m, "_peftfast", None)
+        if st is None:
+            return None
+        pl = _plan(m, (), {})
+        if not isinstance(pl, _Plan) or (pl.rank, pl.p, pl.lora_dtype) != (plan.rank, plan.p, plan.lora_dtype):
+            return None
+        plans.append(pl)
+    return plans
+
+
+def fused_lora_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """Drop-in ``forward`` for a PEFT ``lora.Linear`` (bound to the instance by ``patch``)."""
+    st: LoRAState = self._peftfast
+    plan = _plan(self, args, kwargs)
+    if plan is None or isinstance(plan, str):
+        if plan is None:
+            st.base_only_calls += 1
+        else:
+            st.fallbacks[plan] += 1
+        if st.previous_forward is not None:
+            return st.previous_forward(x, *args, **kwargs)
+        return type(self).forward(self, x, *args, **kwargs)
+    _check_input(self, x)
+    st.fused_calls += 1
+    grp = st.group
+    if grp is not None and st.config.group_siblings:
+        out = grp.take(st.index, x)
+        if out is not None:
+            return out
+        plans = _group_plans(grp, plan)
+        if plans is not None:
+            for m in grp.members:
+                if m is not self:
+                    _check_input(m, x)
+            outs = _run(grp.members, plans, x, st.config.backend, st.name)
+            return grp.put(st.index, x, outs)
+    return _run([self], [plan], x, st.config.backend, st.name)[0]
+
+
+def install(layer: nn.Module, name: str, config: LoRAPatchConfig) -> None:
+    """Bind the fused forward to ``layer`` (idempotent: a second call only updates the config)."""
+    st = getattr(layer, "_peftfast", None)
+    if st is not None:
+        st.config = config
+        return
+    previous = layer.__dict__.get("forward")
+    layer._peftfast = LoRAState(name=name, config=config, previous_forward=previous)
+    layer.forward = types.MethodType(fused_lora_forward, layer)
+
+
+def uninstall(layer: nn.Module) -> None:
+    """Restore the layer's forward exactly as it was before ``install``."""
+    st = layer.__dict__.pop("_peftfast", None)
+    if st is None:
+        return
+    if st.previous_forward is not None:
+        layer.forward = st.previous_forward
+    else:
+        layer.__dict__.pop("forward", None)
+    if st.group is not None:
+        st.group.clear()

@@ -1,0 +1,49 @@
+"""Backend choice: Triton on CUDA (or on CPU under ``TRITON_INTERPRET=1``), ATen elsewhere."""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+BACKENDS = ("auto", "triton", "torch")
+
+
+def interpreting() -> bool:
+    """True when Triton kernels run in the CPU interpreter (read at kernel decoration time)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.lru_cache(maxsize=1)
+def triton_available() -> str | None:
+    """None when Triton imports, else the reason it does not."""
+    try:
+        import triton  # noqa: F401
+
+        import peftfast.kernels.lora  # noqa: F401
+    except Exception as exc:  # pragma: no cover - depends on the install
+        return f"triton unavailable: {type(exc).__name__}: {exc}"
+    return None
+
+
+def resolve_backend(requested: str, device: torch.device) -> str:
+    """Backend for tensors on ``device``: ``requested`` unless ``auto``; ``PEFTFAST_BACKEND`` overrides ``auto``."""
+    if requested not in BACKENDS:
+        raise ValueError(f"peftfast: unknown backend {requested!r}; choose one of {BACKENDS}")
+    if requested == "auto":
+        requested = os.environ.get("PEFTFAST_BACKEND", "auto")
+        if requested not in BACKENDS:
+            raise ValueError(f"peftfast: PEFTFAST_BACKEND={requested!r} is not one of {BACKENDS}")
+    if requested == "auto":
+        return "triton" if device.type == "cuda" and triton_available() is None else "torch"
+    if requested == "triton":
+        why = triton_available()
+        if why is not None:
+            raise RuntimeError(f"peftfast: backend 'triton' requested but {why}")
+        if device.type != "cuda" and not interpreting():
+            raise RuntimeError(
+                f"peftfast: backend 'triton' needs CUDA tensors (got {device.type}); "
+                "set TRITON_INTERPRET=1 before importing peftfast to run the kernels on CPU"
+            )
+    return requested

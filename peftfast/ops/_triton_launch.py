@@ -1,0 +1,171 @@
+"""Launchers for ``peftfast.kernels.lora``: tile configs, autotuning on GPUs, fixed tiles in the interpreter.
+
+Configs are chosen so that every one fits the shared memory of sm_80 (163 KB) and sm_90 (227 KB) in 16-bit
+dtypes; fp32 inputs prune the configs that would not fit. ``tests/test_lora_aot.py`` compiles each of them for
+both architectures. Autotune keys leave out M (tokens), which changes with every padded batch.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+
+from peftfast.kernels import lora as K
+from peftfast.ops._backend import interpreting
+from peftfast.ops._counters import record_launch
+
+
+def _cfg(num_warps: int, num_stages: int, **kw: int) -> triton.Config:
+    return triton.Config(kw, num_warps=num_warps, num_stages=num_stages)
+
+
+GEMM_CONFIGS = [
+    _cfg(8, 3, BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8),
+    _cfg(8, 4, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
+    _cfg(4, 4, BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8),
+    _cfg(4, 4, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
+    _cfg(4, 4, BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8),
+    _cfg(4, 3, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8),
+]
+DOWN_CONFIGS = [
+    _cfg(4, 3, BLOCK_M=64, BLOCK_K=64),
+    _cfg(8, 3, BLOCK_M=128, BLOCK_K=64),
+    _cfg(4, 4, BLOCK_M=32, BLOCK_K=128),
+]
+DA_CONFIGS = [
+    _cfg(4, 3, BLOCK_M=64, BLOCK_K=64),
+    _cfg(8, 3, BLOCK_M=64, BLOCK_K=128),
+    _cfg(4, 3, BLOCK_M=128, BLOCK_K=64),
+]
+# fixed tiles for the CPU interpreter: small, so tiny test shapes still cover several programs and ragged edges
+INTERP_GEMM = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2}
+INTERP_DOWN = {"BLOCK_M": 32, "BLOCK_K": 32}
+INTERP_DA = {"BLOCK_M": 32, "BLOCK_K": 32}
+
+SMEM_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
+
+
+def smem_estimate(cfg: triton.Config, elt_bytes: int, a_rows: str, b_cols: str | None) -> int:
+    """Upper estimate of a config's pipelined operand buffers in bytes."""
+    kw = cfg.kwargs
+    bk = kw["BLOCK_K"]
+    a = kw[a_rows] * bk
+    b = kw[b_cols] * bk if b_cols else 0
+    return (a + b) * elt_bytes * cfg.num_stages
+
+
+def _device_smem() -> int:
+    if not torch.cuda.is_available():
+        return SMEM_LIMIT[80]
+    props = torch.cuda.get_device_properties(torch.cuda.current_device())
+    return int(getattr(props, "shared_memory_per_block_optin", SMEM_LIMIT[80]))
+
+
+def _prune(a_rows: str, b_cols: str | None, ptr_arg: str):
+    def prune(configs, named_args, **kwargs):
+        elt = named_args[ptr_arg].element_size()
+        limit = _device_smem()
+        kept = [c for c in configs if smem_estimate(c, elt, a_rows, b_cols) <= limit * 0.9]
+        return kept or [min(configs, key=lambda c: smem_estimate(c, elt, a_rows, b_cols))]
+
+    return prune
+
+
+@functools.lru_cache(maxsize=None)
+def _tuned(name: str):
+    if name == "gemm":
+        return triton.autotune(
+            GEMM_CONFIGS, key=["N", "K0", "K1", "K2", "R_TOT", "NUM_IN", "HAS_DROPOUT", "ACCUMULATE"],
+            prune_configs_by={"early_config_prune": _prune("BLOCK_M", "BLOCK_N", "q0_ptr")},
+            restore_value=["out_ptr"],
+        )(K._lora_gemm_kernel)
+    if name == "down":
+        return triton.autotune(
+            DOWN_CONFIGS, key=["K", "R_TOT", "NSEG", "HAS_DROPOUT"],
+            prune_configs_by={"early_config_prune": _prune("BLOCK_M", None, "x_ptr")},
+        )(K._lora_down_kernel)
+    if name == "da":
+        return triton.autotune(
+            DA_CONFIGS, key=["K", "R_TOT", "NSEG", "HAS_DROPOUT"],
+            prune_configs_by={"early_config_prune": _prune("BLOCK_M", None, "x_ptr")},
+        )(K._lora_da_kernel)
+    raise KeyError(name)
+
+
+def _cdiv(a: int, b: int) -> int:
+    return (a + b - 1) // b
+
+
+def down(x2d, a_cat, out, rank, nseg, p, seed, out_scale, block_r, precision) -> None:
+    m, k = x2d.shape
+    r_tot = a_cat.shape[0]
+    args = (x2d, x2d.stride(0), x2d.stride(1), a_cat, a_cat.stride(0), a_cat.stride(1), out, out.stride(0),
+            out.stride(1), m, k, r_tot, rank, seed, p, out_scale)
+    meta = dict(NSEG=nseg, HAS_DROPOUT=p > 0.0, BLOCK_R=block_r, DOT_PRECISION=precision)
+    if interpreting():
+        K._lora_down_kernel[(_cdiv(m, INTERP_DOWN["BLOCK_M"]), _cdiv(r_tot, block_r))](*args, **meta, **INTERP_DOWN)
+    else:
+        _tuned("down")[lambda c: (_cdiv(m, c["BLOCK_M"]), _cdiv(r_tot, block_r))](*args, **meta)
+    record_launch("_lora_down_kernel")
+
+
+def gemm(*, inputs, l, r, bias, lbias, out, l_scale, rank, nseg, p, seed, accumulate, block_r, dot_precision,
+         lora_precision) -> None:
+    """``out (+)= Σ P_i @ Q_i + lowrank(L, R) + bias``; ``inputs`` holds up to three (P [M, K_i], Q [K_i, N])."""
+    m, n = out.shape
+    dense = []
+    for pmat, qmat in inputs:
+        dense += [pmat, pmat.stride(0), pmat.stride(1), qmat, qmat.stride(0), qmat.stride(1), pmat.shape[1]]
+    filler = [out, 0, 0, out, 0, 0, 0]
+    while len(dense) < 21:
+        dense += filler
+    has_lora = l is not None
+    lo = [l, l.stride(0), l.stride(1)] if has_lora else [out, 0, 0]
+    # r is passed as [N, R] (B for the forward, A_catᵀ for dx)
+    ro = [r, r.stride(0), r.stride(1)] if has_lora else [out, 0, 0]
+    r_tot = l.shape[1] if has_lora else 0
+    args = (*dense, *lo, *ro, bias if bias is not None else out, lbias if lbias is not None else out,
+            out, out.stride(0), out.stride(1), m, n, r_tot, max(rank, 1), l_scale, seed, p,
+            1.0 / (1.0 - p) if p > 0 else 1.0)
+    eff_r = min(64, max(16, 1 << (max(rank if p > 0 else r_tot, 1) - 1).bit_length()))
+    meta = dict(NUM_IN=len(inputs), HAS_LORA=has_lora, NSEG=max(nseg, 1), HAS_DROPOUT=has_lora and p > 0.0,
+                HAS_BIAS=bias is not None, HAS_LBIAS=lbias is not None, ACCUMULATE=accumulate, BLOCK_R=eff_r,
+                DOT_PRECISION=dot_precision, LORA_PRECISION=lora_precision)
+    del block_r
+    if interpreting():
+        c = INTERP_GEMM
+        K._lora_gemm_kernel[(_cdiv(m, c["BLOCK_M"]) * _cdiv(n, c["BLOCK_N"]),)](*args, **meta, **c)
+    else:
+        _tuned("gemm")[lambda c: (_cdiv(m, c["BLOCK_M"]) * _cdiv(n, c["BLOCK_N"]),)](*args, **meta)
+    record_launch("_lora_gemm_kernel")
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+def da(x2d, g, rank, nseg, p, seed, keep_extra_scale, block_r, precision) -> torch.Tensor:
+    """fp32 ``[R_TOT, K] = Σ_m Gᵀ (keep ⊙ x)`` summed over deterministic row splits."""
+    m, k = x2d.shape
+    r_tot = g.shape[1]
+    block_k = INTERP_DA["BLOCK_K"] if interpreting() else 64
+    programs = _cdiv(k, block_k) * _cdiv(r_tot, block_r)
+    split = max(1, min(_cdiv(m, 128), _cdiv(2 * _num_sms(x2d.device), programs)))
+    rows = _cdiv(_cdiv(m, split), 128) * 128
+    split = _cdiv(m, rows)
+    part = torch.empty((split, r_tot, k), device=x2d.device, dtype=torch.float32)
+    keep_scale = (1.0 / (1.0 - p) if p > 0 else 1.0) * keep_extra_scale
+    args = (x2d, x2d.stride(0), x2d.stride(1), g, g.stride(0), g.stride(1), part, part.stride(0), part.stride(1),
+            part.stride(2), m, k, r_tot, rank, rows, seed, p, keep_scale)
+    meta = dict(NSEG=nseg, HAS_DROPOUT=p > 0.0, BLOCK_R=block_r, DOT_PRECISION=precision)
+    if interpreting():
+        c = INTERP_DA
+        K._lora_da_kernel[(_cdiv(k, c["BLOCK_K"]), split, _cdiv(r_tot, block_r))](*args, **meta, **c)
+    else:
+        _tuned("da")[lambda c: (_cdiv(k, c["BLOCK_K"]), split, _cdiv(r_tot, block_r))](*args, **meta)
+    record_launch("_lora_da_kernel")
+    return part[0] if split == 1 else part.sum(0)

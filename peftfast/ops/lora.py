@@ -1,0 +1,371 @@
+"""Fused LoRA linear: launchers, the autograd Function and backend dispatch.
+
+``lora_linear_group`` computes, for members ``i`` that read the same input ``x`` (one member for a plain layer;
+q/k/v or gate/up for a grouped call)::
+
+    y_i = x @ W_iᵀ + b_i + s_i * (dropout_i(x) @ A_iᵀ @ B_iᵀ + bB_i)
+
+with ``W_i`` frozen. Saved for backward: ``x`` once for all members and ``xa = dropout(x) @ Aᵀ`` (M × Σr); the
+dropout masks are regenerated from ``seed`` (never stored). Backends share that contract:
+
+* ``triton``: the kernels of ``peftfast.kernels.lora`` (CUDA, or CPU tensors under ``TRITON_INTERPRET=1``);
+* ``torch``: ATen ops, used on CPU and wherever Triton is unavailable.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from peftfast.ops._backend import resolve_backend
+
+MAX_RANK = 256
+_MAX_IN_PER_LAUNCH = 3  # dense inputs one dx launch sums (q/k/v)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# dropout masks
+# ----------------------------------------------------------------------------------------------------------------
+def draw_seed() -> int:
+    """A dropout seed from torch's default CPU generator (so ``torch.manual_seed`` and checkpointing's RNG
+    save/restore make masks reproducible)."""
+    return int(torch.randint(0, 2**31 - 1, (1,)).item())
+
+
+def _torch_keep_mask(seed: int, seg: int, shape: tuple[int, int], p: float, device, dtype) -> torch.Tensor:
+    """Keep-mask of segment ``seg`` for the torch backend as 0/1 in ``dtype`` (regenerated, never saved)."""
+    gen = torch.Generator(device=device)
+    gen.manual_seed((seed * 1_000_003 + seg * 7919) % (2**63 - 1))
+    return torch.empty(shape, device=device, dtype=dtype).bernoulli_(1.0 - p, generator=gen)
+
+
+def dropout_keep_mask(seed: int, nseg: int, m: int, k: int, p: float, *, device, backend: str) -> torch.Tensor:
+    """The boolean keep-masks ``[nseg, m, k]`` that ``backend`` regenerates for ``seed``; for tests and reference
+    models (a kept element is scaled by ``1/(1-p)``)."""
+    if backend == "torch":
+        return torch.stack([_torch_keep_mask(seed, s, (m, k), p, device, torch.float32) for s in range(nseg)]).bool()
+    from peftfast.kernels import lora as K
+
+    out = torch.empty((nseg, m, k), dtype=torch.int8, device=device)
+    grid = (triton_cdiv(m, 16), triton_cdiv(k, 32))
+    K._dropout_mask_kernel[grid](out, m, k, seed, p, NSEG=nseg, BLOCK_M=16, BLOCK_K=32)
+    return out.bool()
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return (a + b - 1) // b
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# torch backend
+# ----------------------------------------------------------------------------------------------------------------
+class _TorchImpl:
+    @staticmethod
+    def down(x2d, a_cat, rank, nseg, p, seed, out_scale, out=None):
+        """``out_scale * [keep_s ⊙ x] @ A_sᵀ`` per segment → [M, nseg*rank] in A's dtype (into ``out`` if given)."""
+        x2d = x2d.to(a_cat.dtype)
+        if p == 0.0:
+            if out is not None:
+                return torch.mm(x2d, a_cat.t() * out_scale, out=out) if out.is_contiguous() else \
+                    out.copy_(torch.mm(x2d, a_cat.t() * out_scale))
+            return torch.mm(x2d, a_cat.t()) if out_scale == 1.0 else torch.mm(x2d, a_cat.t() * out_scale)
+        outs = []
+        for s in range(nseg):
+            keep = _torch_keep_mask(seed, s, tuple(x2d.shape), p, x2d.device, x2d.dtype)
+            outs.append(torch.mm(keep.mul_(x2d), a_cat[s * rank:(s + 1) * rank].t()))
+        out = outs[0] if nseg == 1 else torch.cat(outs, dim=1)
+        return out.mul_(out_scale / (1.0 - p))
+
+    @staticmethod
+    def fwd(x2d, w, b, xa_i, b_mat, scale, lbias):
+        y = torch.addmm(b, x2d, w.t()) if b is not None else torch.mm(x2d, w.t())
+        if xa_i.dtype == y.dtype:
+            y.addmm_(xa_i, b_mat.t(), alpha=scale)
+            if lbias is not None:
+                y.add_(lbias, alpha=scale)
+            return y
+        # LoRA weights in another dtype (e.g. fp32 over a bf16 base): add in the LoRA dtype, as PEFT does
+        low = torch.addmm(lbias, xa_i, b_mat.t()) if lbias is not None else torch.mm(xa_i, b_mat.t())
+        return low.mul_(scale).add_(y).to(y.dtype)
+
+    @staticmethod
+    def dx(dys, ws, g_cat, a_cat, rank, p, seed, x_dtype):
+        dx = None
+        for dy, w in zip(dys, ws):
+            if dy is None:
+                continue
+            dx = torch.mm(dy, w.to(dy.dtype)) if dx is None else dx.addmm_(dy, w.to(dy.dtype))
+        nseg = a_cat.shape[0] // rank
+        if p == 0.0:
+            low = torch.mm(g_cat, a_cat)
+        else:
+            low = None
+            for s in range(nseg):
+                part = torch.mm(g_cat[:, s * rank:(s + 1) * rank], a_cat[s * rank:(s + 1) * rank])
+                part.mul_(_torch_keep_mask(seed, s, tuple(part.shape), p, part.device, part.dtype))
+                low = part if low is None else low.add_(part)
+            low.mul_(1.0 / (1.0 - p))
+        if dx is None:
+            return low.to(x_dtype)
+        return dx.add_(low) if low.dtype == dx.dtype else dx.add_(low.to(dx.dtype))
+
+    @staticmethod
+    def da(x2d, g_cat, rank, p, seed):
+        """dA_cat [nseg*rank, K] in G's dtype."""
+        x2d = x2d.to(g_cat.dtype)
+        if p == 0.0:
+            return torch.mm(g_cat.t(), x2d)
+        nseg = g_cat.shape[1] // rank
+        outs = []
+        for s in range(nseg):
+            keep = _torch_keep_mask(seed, s, tuple(x2d.shape), p, x2d.device, x2d.dtype)
+            outs.append(torch.mm(g_cat[:, s * rank:(s + 1) * rank].t(), keep.mul_(x2d)))
+        out = outs[0] if nseg == 1 else torch.cat(outs, dim=0)
+        return out.mul_(1.0 / (1.0 - p))
+
+    @staticmethod
+    def db_mat(dy, xa_i, scale):
+        """dB_i = scale * dyᵀ @ xa_i in xa's dtype."""
+        return torch.mm(dy.t().to(xa_i.dtype), xa_i).mul_(scale)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# triton backend
+# ----------------------------------------------------------------------------------------------------------------
+def _dot_precision(dtype: torch.dtype) -> str:
+    # fp32 follows torch's own matmul setting so results match what eager PyTorch would give
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+def _block_r(r_tot: int) -> int:
+    return min(128, max(16, 1 << (max(r_tot, 1) - 1).bit_length()))
+
+
+class _TritonImpl:
+    @staticmethod
+    def down(x2d, a_cat, rank, nseg, p, seed, out_scale, out=None):
+        from peftfast.ops import _triton_launch as L
+
+        m = x2d.shape[0]
+        r_tot = a_cat.shape[0]
+        if out is None:
+            out = torch.empty((m, r_tot), device=x2d.device, dtype=a_cat.dtype)
+        scale = out_scale / (1.0 - p) if p > 0 else out_scale
+        L.down(x2d, a_cat, out, rank, nseg, p, seed, scale, _block_r(r_tot), _dot_precision(a_cat.dtype))
+        return out
+
+    @staticmethod
+    def fwd(x2d, w, b, xa_i, b_mat, scale, lbias):
+        from peftfast.ops import _triton_launch as L
+
+        m, n = x2d.shape[0], w.shape[0]
+        out = torch.empty((m, n), device=x2d.device, dtype=x2d.dtype)
+        L.gemm(
+            inputs=[(x2d, w.t())], l=xa_i, r=b_mat, bias=b, lbias=lbias, out=out, l_scale=scale,
+            rank=b_mat.shape[1], nseg=1, p=0.0, seed=0, accumulate=False,
+            block_r=_block_r(b_mat.shape[1]), dot_precision=_dot_precision(x2d.dtype),
+            lora_precision=_dot_precision(b_mat.dtype),
+        )
+        return out
+
+    @staticmethod
+    def dx(dys, ws, g_cat, a_cat, rank, p, seed, x_dtype):
+        from peftfast.ops import _triton_launch as L
+
+        pairs = [(dy, w) for dy, w in zip(dys, ws) if dy is not None]
+        m, k = g_cat.shape[0], a_cat.shape[1]
+        out = torch.empty((m, k), device=g_cat.device, dtype=x_dtype)
+        chunks = [pairs[i:i + _MAX_IN_PER_LAUNCH] for i in range(0, len(pairs), _MAX_IN_PER_LAUNCH)] or [[]]
+        nseg = a_cat.shape[0] // rank
+        prec = _dot_precision(x_dtype)
+        for j, chunk in enumerate(chunks):
+            last = j == len(chunks) - 1
+            L.gemm(
+                inputs=chunk, l=g_cat if last else None, r=a_cat.t() if last else None, bias=None, lbias=None,
+                out=out, l_scale=1.0, rank=rank, nseg=nseg, p=p, seed=seed, accumulate=j > 0,
+                block_r=_block_r(a_cat.shape[0]), dot_precision=prec, lora_precision=_dot_precision(a_cat.dtype),
+            )
+        return out
+
+    @staticmethod
+    def da(x2d, g_cat, rank, p, seed):
+        from peftfast.ops import _triton_launch as L
+
+        return L.da(x2d, g_cat, rank, g_cat.shape[1] // rank, p, seed, 1.0, _block_r(g_cat.shape[1]),
+                    _dot_precision(g_cat.dtype)).to(g_cat.dtype)
+
+    @staticmethod
+    def db_mat(dy, xa_i, scale):
+        from peftfast.ops import _triton_launch as L
+
+        # dB_iᵀ = scale * xa_iᵀ @ dy: the dA kernel with dy as "x" and no dropout; dy is never upcast in memory
+        r = xa_i.shape[1]
+        return L.da(dy, xa_i, r, 1, 0.0, 0, scale, _block_r(r), _dot_precision(xa_i.dtype)).t().to(xa_i.dtype)
+
+
+_IMPLS = {"torch": _TorchImpl, "triton": _TritonImpl}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# autograd
+# ----------------------------------------------------------------------------------------------------------------
+class _LoRAGroupFunction(torch.autograd.Function):
+    """Fused forward/backward of ``n`` LoRA linears sharing one input. ``flat`` = Ws, bs, bBs, As, Bs."""
+
+    @staticmethod
+    def forward(ctx, x, scales, p, seed, backend, n, *flat):
+        ws, bs, lbs, as_, bmats = (flat[i * n:(i + 1) * n] for i in range(5))
+        k = x.shape[-1]
+        x2d = x.reshape(-1, k)
+        rank = as_[0].shape[0]
+        impl = _IMPLS[backend]
+        a_cat = as_[0] if n == 1 else torch.cat(as_, dim=0)
+        xa = impl.down(x2d, a_cat, rank, n, p, seed, 1.0)
+        ys = []
+        for i in range(n):
+            y = impl.fwd(x2d, ws[i], bs[i], xa[:, i * rank:(i + 1) * rank], bmats[i], scales[i], lbs[i])
+            ys.append(y.view(*x.shape[:-1], ws[i].shape[0]))
+        ctx.save_for_backward(x2d, xa, *flat)
+        ctx.meta = (scales, p, seed, backend, n, rank, x.shape, x.dtype)
+        return tuple(ys)
+
+    @staticmethod
+    def backward(ctx, *dys):
+        scales, p, seed, backend, n, rank, x_shape, x_dtype = ctx.meta
+        x2d, xa, *flat = ctx.saved_tensors
+        ws, bs, lbs, as_, bmats = (flat[i * n:(i + 1) * n] for i in range(5))
+        impl = _IMPLS[backend]
+        need = ctx.needs_input_grad
+        flat_need = need[6:]
+        need_b = flat_need[n:2 * n]
+        need_lb = flat_need[2 * n:3 * n]
+        need_a = flat_need[3 * n:4 * n]
+        need_bm = flat_need[4 * n:5 * n]
+        m = x2d.shape[0]
+        dy2 = [None if d is None else d.reshape(m, -1) for d in dys]
+        lora_dtype = xa.dtype
+
+        grad_x = None
+        g_cat = None
+        if need[0] or any(need_a):
+            g_cat = torch.empty((m, n * rank), device=x2d.device, dtype=lora_dtype)
+            for i in range(n):
+                gi = g_cat[:, i * rank:(i + 1) * rank]
+                if dy2[i] is None:
+                    gi.zero_()
+                else:
+                    impl.down(dy2[i], bmats[i].t(), rank, 1, 0.0, 0, scales[i], out=gi)
+        a_cat = as_[0] if n == 1 else torch.cat(as_, dim=0)
+        if need[0]:
+            grad_x = impl.dx(dy2, ws, g_cat, a_cat, rank, p, seed, x_dtype).view(x_shape)
+        grad_a = [None] * n
+        if any(need_a):
+            da = impl.da(x2d, g_cat, rank, p, seed)
+            grad_a = [da[i * rank:(i + 1) * rank] if need_a[i] else None for i in range(n)]
+        grad_bm = [None] * n
+        grad_b = [None] * n
+        grad_lb = [None] * n
+        for i in range(n):
+            if dy2[i] is None:
+                continue
+            if need_bm[i]:
+                grad_bm[i] = impl.db_mat(dy2[i], xa[:, i * rank:(i + 1) * rank], scales[i])
+            if need_b[i] or need_lb[i]:
+                colsum = dy2[i].sum(0)
+                grad_b[i] = colsum.to(bs[i].dtype) if need_b[i] else None
+                grad_lb[i] = (colsum * scales[i]).to(lbs[i].dtype) if need_lb[i] else None
+        return (grad_x, None, None, None, None, None, *([None] * n), *grad_b, *grad_lb, *grad_a, *grad_bm)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# public entry points
+# ----------------------------------------------------------------------------------------------------------------
+def _check_group(x, weights, biases, lora_as, lora_bs, scales, lora_biases, dropout_p, name) -> None:
+    where = f"peftfast: {name}: " if name else "peftfast: "
+    n = len(weights)
+    if not (len(lora_as) == len(lora_bs) == len(scales) == n and n >= 1):
+        raise ValueError(f"{where}weights, lora_As, lora_Bs and scales must have the same non-zero length")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"{where}dropout probability must be in [0, 1), got {dropout_p}")
+    k = x.shape[-1]
+    rank = lora_as[0].shape[0]
+    if not 1 <= rank <= MAX_RANK:
+        raise ValueError(f"{where}LoRA rank {rank} is outside 1..{MAX_RANK}")
+    for i in range(n):
+        w, a, b = weights[i], lora_as[i], lora_bs[i]
+        if w.dim() != 2 or w.shape[1] != k:
+            raise ValueError(f"{where}input has {k} features but base weight {i} has shape {tuple(w.shape)} "
+                             f"(expected [out_features, {k}])")
+        if a.shape != (rank, k):
+            raise ValueError(f"{where}lora_A {i} has shape {tuple(a.shape)}, expected ({rank}, {k})")
+        if b.shape != (w.shape[0], rank):
+            raise ValueError(f"{where}lora_B {i} has shape {tuple(b.shape)}, expected ({w.shape[0]}, {rank})")
+        if w.dtype != x.dtype:
+            raise TypeError(f"{where}input dtype {x.dtype} does not match base weight dtype {w.dtype}")
+        if a.dtype != lora_as[0].dtype or b.dtype != a.dtype:
+            raise TypeError(f"{where}lora_A/lora_B dtypes differ ({a.dtype}, {b.dtype})")
+        if biases[i] is not None and biases[i].shape != (w.shape[0],):
+            raise ValueError(f"{where}bias {i} has shape {tuple(biases[i].shape)}, expected ({w.shape[0]},)")
+        if lora_biases[i] is not None and lora_biases[i].shape != (w.shape[0],):
+            raise ValueError(f"{where}lora bias {i} has shape {tuple(lora_biases[i].shape)}")
+        for t in (w, a, b):
+            if t.device != x.device:
+                raise ValueError(f"{where}tensors are on different devices ({x.device} and {t.device})")
+        if w.requires_grad:
+            raise ValueError(f"{where}base weight {i} requires grad; the fused path only trains LoRA and biases")
+
+
+def lora_linear_group(
+    x: torch.Tensor,
+    weights: Sequence[torch.Tensor],
+    biases: Sequence[torch.Tensor | None],
+    lora_as: Sequence[torch.Tensor],
+    lora_bs: Sequence[torch.Tensor],
+    scales: Sequence[float],
+    *,
+    lora_biases: Sequence[torch.Tensor | None] | None = None,
+    dropout_p: float = 0.0,
+    seed: int | None = None,
+    backend: str = "auto",
+    name: str = "",
+) -> tuple[torch.Tensor, ...]:
+    """Fused LoRA linears that share ``x``: ``y_i = x W_iᵀ + b_i + s_i (drop_i(x) A_iᵀ B_iᵀ + bB_i)``.
+
+    ``weights[i]`` is ``[N_i, K]`` (pass ``W.t()`` for ``fan_in_fan_out`` layers; strides are honoured), all
+    members share one rank and dropout probability, and each member gets an independent dropout mask.
+    """
+    n = len(weights)
+    lora_biases = list(lora_biases) if lora_biases is not None else [None] * n
+    biases = list(biases)
+    _check_group(x, weights, biases, lora_as, lora_bs, scales, lora_biases, dropout_p, name)
+    be = resolve_backend(backend, x.device)
+    if dropout_p > 0.0 and seed is None:
+        seed = draw_seed()
+    flat = [*weights, *biases, *lora_biases, *lora_as, *lora_bs]
+    return _LoRAGroupFunction.apply(x, tuple(float(s) for s in scales), float(dropout_p), int(seed or 0), be, n,
+                                    *flat)
+
+
+def lora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scale: float,
+    *,
+    lora_bias: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    seed: int | None = None,
+    backend: str = "auto",
+    name: str = "",
+) -> torch.Tensor:
+    """One fused LoRA linear: ``y = x Wᵀ + b + scale * (dropout_p(x) Aᵀ Bᵀ + lora_bias)``."""
+    return lora_linear_group(x, [weight], [bias], [lora_a], [lora_b], [scale], lora_biases=[lora_bias],
+                             dropout_p=dropout_p, seed=seed, backend=backend, name=name)[0]
+
+
+__all__ = ["MAX_RANK", "draw_seed", "dropout_keep_mask", "lora_linear", "lora_linear_group"]

@@ -1,0 +1,156 @@
+"""``patch(model)``: run every eligible PEFT LoRA layer of a model on the fused path, in place and reversibly."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from peftfast.modules import lora as lora_mod
+from peftfast.ops._backend import BACKENDS
+
+logger = logging.getLogger("peftfast")
+
+# children of one parent that PEFT-targeted models feed the same input (q/k/v, gate/up, BERT's query/key/value)
+SIBLING_SETS: tuple[frozenset[str], ...] = (
+    frozenset({"q_proj", "k_proj", "v_proj"}),
+    frozenset({"gate_proj", "up_proj"}),
+    frozenset({"query", "key", "value"}),
+    frozenset({"w1", "w3"}),
+)
+
+
+@dataclass
+class PatchEntry:
+    name: str
+    kind: str  # "lora"
+    patched: bool
+    reason: str | None = None
+    group: str | None = None
+
+
+@dataclass
+class PatchReport:
+    """What ``patch`` did to a model: one entry per PEFT layer, and the calls that fell back at run time."""
+
+    entries: list[PatchEntry] = field(default_factory=list)
+    backend: str = "auto"
+
+    @property
+    def patched(self) -> list[PatchEntry]:
+        return [e for e in self.entries if e.patched]
+
+    @property
+    def skipped(self) -> list[PatchEntry]:
+        return [e for e in self.entries if not e.patched]
+
+    def runtime(self, model: nn.Module) -> dict[str, dict]:
+        """Per patched layer: fused calls, base-only calls, and fallback reasons with their counts."""
+        out = {}
+        for name, mod in model.named_modules():
+            st = getattr(mod, "_peftfast", None)
+            if isinstance(st, lora_mod.LoRAState):
+                out[name] = {"fused": st.fused_calls, "base_only": st.base_only_calls, "fallbacks": dict(st.fallbacks)}
+        return out
+
+    def summary(self) -> str:
+        groups = {e.group for e in self.patched if e.group}
+        return (f"peftfast: patched {len(self.patched)} LoRA layer(s) ({len(groups)} sibling group(s)), "
+                f"skipped {len(self.skipped)}; backend={self.backend}")
+
+    def format(self, model: nn.Module | None = None) -> str:
+        lines = [self.summary()]
+        for e in self.entries:
+            if e.patched:
+                lines.append(f"  patched  {e.name}" + (f"  [group {e.group}]" if e.group else ""))
+            else:
+                lines.append(f"  skipped  {e.name}: {e.reason}")
+        if model is not None:
+            for name, r in self.runtime(model).items():
+                for reason, count in r["fallbacks"].items():
+                    lines.append(f"  fallback {name}: {count} call(s): {reason}")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.format()
+
+
+def _is_peft_layer(mod: nn.Module) -> bool:
+    try:
+        from peft.tuners.lora.layer import LoraLayer
+    except Exception:  # pragma: no cover
+        return False
+    return isinstance(mod, LoraLayer)
+
+
+def patch(model: nn.Module, *, backend: str = "auto", group_siblings: bool = True) -> nn.Module:
+    """Run every eligible PEFT LoRA ``Linear`` of ``model`` on peftfast's fused path, in place.
+
+    Accepts a ``PeftModel`` or any model holding PEFT LoRA layers. Parameters, names, ``state_dict``, optimizer
+    references and ``save_pretrained`` are untouched. Calling it again re-applies the options. Layers that cannot
+    be fused are left alone with a reason in ``peftfast.report(model)``. Returns ``model``.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"peftfast.patch: unknown backend {backend!r}; choose one of {BACKENDS}")
+    config = lora_mod.LoRAPatchConfig(backend=backend, group_siblings=group_siblings)
+    rep = PatchReport(backend=backend)
+    patched: dict[str, nn.Module] = {}
+    for name, mod in model.named_modules():
+        if not _is_peft_layer(mod):
+            continue
+        reason = lora_mod.why_not(mod)
+        if reason is None:
+            lora_mod.install(mod, name, config)
+            patched[name] = mod
+        elif getattr(mod, "_peftfast", None) is not None:
+            lora_mod.uninstall(mod)  # it became ineligible since the last patch (e.g. DoRA added)
+        rep.entries.append(PatchEntry(name=name, kind="lora", patched=reason is None, reason=reason))
+    _form_groups(patched, rep)
+    model._peftfast_report = rep
+    if not rep.entries:
+        warnings.warn("peftfast.patch: the model has no PEFT LoRA layers; returning it unchanged", stacklevel=2)
+    else:
+        logger.info(rep.summary())
+        for e in rep.skipped:
+            logger.info("peftfast: skipped %s: %s", e.name, e.reason)
+    return model
+
+
+def _form_groups(patched: dict[str, nn.Module], rep: PatchReport) -> None:
+    by_parent: dict[str, dict[str, nn.Module]] = {}
+    for name, mod in patched.items():
+        parent, _, leaf = name.rpartition(".")
+        by_parent.setdefault(parent, {})[leaf] = mod
+        mod._peftfast.group = None
+    entries = {e.name: e for e in rep.entries}
+    for parent, children in by_parent.items():
+        for sibs in SIBLING_SETS:
+            names = sorted(sibs & children.keys(), key=lambda n: (len(n), n))
+            if len(names) < 2:
+                continue
+            members = [children[n] for n in names]
+            if len({m.in_features for m in members}) != 1:
+                continue
+            grp = lora_mod.SiblingGroup(members)
+            label = f"{parent}.{{{','.join(names)}}}" if parent else "{" + ",".join(names) + "}"
+            for i, m in enumerate(members):
+                m._peftfast.group = grp
+                m._peftfast.index = i
+                entries[f"{parent}.{names[i]}" if parent else names[i]].group = label
+
+
+def unpatch(model: nn.Module) -> nn.Module:
+    """Undo ``patch``: every layer gets back exactly the forward it had before."""
+    for _, mod in model.named_modules():
+        if getattr(mod, "_peftfast", None) is not None:
+            lora_mod.uninstall(mod)
+    model.__dict__.pop("_peftfast_report", None)
+    return model
+
+
+def report(model: nn.Module) -> PatchReport:
+    """The ``PatchReport`` of the last ``patch(model)`` (an empty one if the model is not patched)."""
+    rep = model.__dict__.get("_peftfast_report")
+    return rep if rep is not None else PatchReport()
