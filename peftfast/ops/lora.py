@@ -14,6 +14,7 @@ dropout masks are regenerated from ``seed`` (never stored). Backends share that 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 import torch
@@ -140,6 +141,19 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "tf32"
 
 
+def dense_strategy() -> str:
+    """How the Triton backend computes the dense ``x Wᵀ`` / ``dy W`` products.
+
+    ``fused`` (default): Triton GEMMs with the low-rank term in their epilogue, so ``y``/``dx`` are written once.
+    ``cublas``: the dense product from cuBLAS, then one Triton pass adds the (masked) low-rank term in place.
+    Chosen with ``PEFTFAST_LORA_GEMM``; which one is faster depends on the GPU and shape (see benchmarks).
+    """
+    val = os.environ.get("PEFTFAST_LORA_GEMM", "fused")
+    if val not in ("fused", "cublas"):
+        raise ValueError(f"peftfast: PEFTFAST_LORA_GEMM={val!r} must be 'fused' or 'cublas'")
+    return val
+
+
 def _block_r(r_tot: int) -> int:
     return min(128, max(16, 1 << (max(r_tot, 1) - 1).bit_length()))
 
@@ -162,13 +176,15 @@ class _TritonImpl:
         from peftfast.ops import _triton_launch as L
 
         m, n = x2d.shape[0], w.shape[0]
+        common = dict(l=xa_i, r=b_mat, lbias=lbias, l_scale=scale, rank=b_mat.shape[1], nseg=1, p=0.0, seed=0,
+                      block_r=_block_r(b_mat.shape[1]), dot_precision=_dot_precision(x2d.dtype),
+                      lora_precision=_dot_precision(b_mat.dtype))
+        if dense_strategy() == "cublas":
+            out = torch.addmm(b, x2d, w.t()) if b is not None else torch.mm(x2d, w.t())
+            L.gemm(inputs=[], bias=None, out=out, accumulate=True, **common)
+            return out
         out = torch.empty((m, n), device=x2d.device, dtype=x2d.dtype)
-        L.gemm(
-            inputs=[(x2d, w.t())], l=xa_i, r=b_mat, bias=b, lbias=lbias, out=out, l_scale=scale,
-            rank=b_mat.shape[1], nseg=1, p=0.0, seed=0, accumulate=False,
-            block_r=_block_r(b_mat.shape[1]), dot_precision=_dot_precision(x2d.dtype),
-            lora_precision=_dot_precision(b_mat.dtype),
-        )
+        L.gemm(inputs=[(x2d, w.t())], bias=b, out=out, accumulate=False, **common)
         return out
 
     @staticmethod
@@ -177,16 +193,23 @@ class _TritonImpl:
 
         pairs = [(dy, w) for dy, w in zip(dys, ws) if dy is not None]
         m, k = g_cat.shape[0], a_cat.shape[1]
-        out = torch.empty((m, k), device=g_cat.device, dtype=x_dtype)
-        chunks = [pairs[i:i + _MAX_IN_PER_LAUNCH] for i in range(0, len(pairs), _MAX_IN_PER_LAUNCH)] or [[]]
+        cublas = dense_strategy() == "cublas" and bool(pairs)
+        if cublas:
+            out = None
+            for dy, w in pairs:
+                out = torch.mm(dy, w) if out is None else out.addmm_(dy, w)
+            chunks = [[]]
+        else:
+            out = torch.empty((m, k), device=g_cat.device, dtype=x_dtype)
+            chunks = [pairs[i:i + _MAX_IN_PER_LAUNCH] for i in range(0, len(pairs), _MAX_IN_PER_LAUNCH)] or [[]]
         nseg = a_cat.shape[0] // rank
-        prec = _dot_precision(x_dtype)
         for j, chunk in enumerate(chunks):
             last = j == len(chunks) - 1
             L.gemm(
                 inputs=chunk, l=g_cat if last else None, r=a_cat.t() if last else None, bias=None, lbias=None,
-                out=out, l_scale=1.0, rank=rank, nseg=nseg, p=p, seed=seed, accumulate=j > 0,
-                block_r=_block_r(a_cat.shape[0]), dot_precision=prec, lora_precision=_dot_precision(a_cat.dtype),
+                out=out, l_scale=1.0, rank=rank, nseg=nseg, p=p, seed=seed, accumulate=cublas or j > 0,
+                block_r=_block_r(a_cat.shape[0]), dot_precision=_dot_precision(x_dtype),
+                lora_precision=_dot_precision(a_cat.dtype),
             )
         return out
 
