@@ -187,7 +187,7 @@ def _member_tensors(layer: nn.Module, plan: _Plan):
 def _run(layers: list[nn.Module], plans: list[_Plan], x: torch.Tensor, backend: str, name: str):
     ws, bs, as_, bms, lbs, scales = zip(*(_member_tensors(m, pl) for m, pl in zip(layers, plans)))
     p = plans[0].p
-    seed = draw_seed() if p > 0.0 else None
+    seed = draw_seed(x.device) if p > 0.0 else None
     dev = x.device.type
     if torch.is_autocast_enabled(dev):
         # what autocast would do to F.linear: every operand in the autocast dtype, computed outside autocast

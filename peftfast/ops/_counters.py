@@ -1,4 +1,8 @@
-"""Counts Triton kernel launches, so benchmarks can report work ops = aten ops + launches."""
+"""Counts Triton kernel launches, so benchmarks can report work ops = aten ops + launches.
+
+Under the CPU interpreter a launch itself dispatches aten ops (copies in and out of numpy); ``inside_launch()`` lets
+an op counter leave those out, so a launch counts once, as on a GPU.
+"""
 
 from __future__ import annotations
 
@@ -6,11 +10,24 @@ import contextlib
 from collections import Counter
 
 _launches: Counter[str] | None = None
+_depth = 0
 
 
-def record_launch(kernel_name: str) -> None:
+def inside_launch() -> bool:
+    return _depth > 0
+
+
+@contextlib.contextmanager
+def launching(kernel_name: str):
+    """Wrap one kernel launch: counts it and marks the aten ops it dispatches as part of the launch."""
+    global _depth
     if _launches is not None:
         _launches[kernel_name] += 1
+    _depth += 1
+    try:
+        yield
+    finally:
+        _depth -= 1
 
 
 @contextlib.contextmanager

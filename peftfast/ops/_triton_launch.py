@@ -14,7 +14,7 @@ import triton
 
 from peftfast.kernels import lora as K
 from peftfast.ops._backend import interpreting
-from peftfast.ops._counters import record_launch
+from peftfast.ops._counters import launching
 
 
 def _cfg(num_warps: int, num_stages: int, **kw: int) -> triton.Config:
@@ -104,11 +104,12 @@ def down(x2d, a_cat, out, rank, nseg, p, seed, out_scale, block_r, precision) ->
     args = (x2d, x2d.stride(0), x2d.stride(1), a_cat, a_cat.stride(0), a_cat.stride(1), out, out.stride(0),
             out.stride(1), m, k, r_tot, rank, seed, p, out_scale)
     meta = dict(NSEG=nseg, HAS_DROPOUT=p > 0.0, BLOCK_R=block_r, DOT_PRECISION=precision)
-    if interpreting():
-        K._lora_down_kernel[(_cdiv(m, INTERP_DOWN["BLOCK_M"]), _cdiv(r_tot, block_r))](*args, **meta, **INTERP_DOWN)
-    else:
-        _tuned("down")[lambda c: (_cdiv(m, c["BLOCK_M"]), _cdiv(r_tot, block_r))](*args, **meta)
-    record_launch("_lora_down_kernel")
+    with launching("_lora_down_kernel"):
+        if interpreting():
+            grid = (_cdiv(m, INTERP_DOWN["BLOCK_M"]), _cdiv(r_tot, block_r))
+            K._lora_down_kernel[grid](*args, **meta, **INTERP_DOWN)
+        else:
+            _tuned("down")[lambda c: (_cdiv(m, c["BLOCK_M"]), _cdiv(r_tot, block_r))](*args, **meta)
 
 
 def gemm(*, inputs, l, r, bias, lbias, out, l_scale, rank, nseg, p, seed, accumulate, block_r, dot_precision,
@@ -134,12 +135,12 @@ def gemm(*, inputs, l, r, bias, lbias, out, l_scale, rank, nseg, p, seed, accumu
                 HAS_BIAS=bias is not None, HAS_LBIAS=lbias is not None, ACCUMULATE=accumulate, BLOCK_R=eff_r,
                 DOT_PRECISION=dot_precision, LORA_PRECISION=lora_precision)
     del block_r
-    if interpreting():
-        c = INTERP_GEMM
-        K._lora_gemm_kernel[(_cdiv(m, c["BLOCK_M"]) * _cdiv(n, c["BLOCK_N"]),)](*args, **meta, **c)
-    else:
-        _tuned("gemm")[lambda c: (_cdiv(m, c["BLOCK_M"]) * _cdiv(n, c["BLOCK_N"]),)](*args, **meta)
-    record_launch("_lora_gemm_kernel")
+    with launching("_lora_gemm_kernel"):
+        if interpreting():
+            c = INTERP_GEMM
+            K._lora_gemm_kernel[(_cdiv(m, c["BLOCK_M"]) * _cdiv(n, c["BLOCK_N"]),)](*args, **meta, **c)
+        else:
+            _tuned("gemm")[lambda c: (_cdiv(m, c["BLOCK_M"]) * _cdiv(n, c["BLOCK_N"]),)](*args, **meta)
 
 
 def _num_sms(device: torch.device) -> int:
@@ -162,10 +163,10 @@ def da(x2d, g, rank, nseg, p, seed, keep_extra_scale, block_r, precision) -> tor
     args = (x2d, x2d.stride(0), x2d.stride(1), g, g.stride(0), g.stride(1), part, part.stride(0), part.stride(1),
             part.stride(2), m, k, r_tot, rank, rows, seed, p, keep_scale)
     meta = dict(NSEG=nseg, HAS_DROPOUT=p > 0.0, BLOCK_R=block_r, DOT_PRECISION=precision)
-    if interpreting():
-        c = INTERP_DA
-        K._lora_da_kernel[(_cdiv(k, c["BLOCK_K"]), split, _cdiv(r_tot, block_r))](*args, **meta, **c)
-    else:
-        _tuned("da")[lambda c: (_cdiv(k, c["BLOCK_K"]), split, _cdiv(r_tot, block_r))](*args, **meta)
-    record_launch("_lora_da_kernel")
+    with launching("_lora_da_kernel"):
+        if interpreting():
+            c = INTERP_DA
+            K._lora_da_kernel[(_cdiv(k, c["BLOCK_K"]), split, _cdiv(r_tot, block_r))](*args, **meta, **c)
+        else:
+            _tuned("da")[lambda c: (_cdiv(k, c["BLOCK_K"]), split, _cdiv(r_tot, block_r))](*args, **meta)
     return part[0] if split == 1 else part.sum(0)

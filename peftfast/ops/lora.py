@@ -28,9 +28,18 @@ _MAX_IN_PER_LAUNCH = 3  # dense inputs one dx launch sums (q/k/v)
 # ----------------------------------------------------------------------------------------------------------------
 # dropout masks
 # ----------------------------------------------------------------------------------------------------------------
-def draw_seed() -> int:
-    """A dropout seed from torch's default CPU generator (so ``torch.manual_seed`` and checkpointing's RNG
-    save/restore make masks reproducible)."""
+def draw_seed(device: torch.device | None = None) -> int:
+    """A dropout seed that ``torch.manual_seed`` and checkpointing's RNG save/restore reproduce.
+
+    CUDA: advances the device's Philox generator offset (no kernel launch, no host sync). Elsewhere: one draw from
+    torch's default CPU generator.
+    """
+    if device is not None and device.type == "cuda":
+        idx = device.index if device.index is not None else torch.cuda.current_device()
+        gen = torch.cuda.default_generators[idx]
+        off = gen.get_offset()
+        gen.set_offset(off + 4)  # Philox offsets advance in multiples of 4
+        return (gen.initial_seed() * 0x9E3779B1 + off) % (2**31 - 1)
     return int(torch.randint(0, 2**31 - 1, (1,)).item())
 
 
@@ -366,7 +375,7 @@ def lora_linear_group(
     _check_group(x, weights, biases, lora_as, lora_bs, scales, lora_biases, dropout_p, name)
     be = resolve_backend(backend, x.device)
     if dropout_p > 0.0 and seed is None:
-        seed = draw_seed()
+        seed = draw_seed(x.device)
     flat = [*weights, *biases, *lora_biases, *lora_as, *lora_bs]
     return _LoRAGroupFunction.apply(x, tuple(float(s) for s in scales), float(dropout_p), int(seed or 0), be, n,
                                     *flat)
