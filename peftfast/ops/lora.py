@@ -67,6 +67,16 @@ def triton_cdiv(a: int, b: int) -> int:
     return (a + b - 1) // b
 
 
+def _cached_mask(cache: dict | None, seed, seg, shape, p, device, dtype) -> torch.Tensor:
+    """The torch backend's keep-mask, generated once per backward and shared by dx and dA."""
+    if cache is None:
+        return _torch_keep_mask(seed, seg, shape, p, device, dtype)
+    key = (seg, shape, dtype)
+    if key not in cache:
+        cache[key] = _torch_keep_mask(seed, seg, shape, p, device, dtype)
+    return cache[key]
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # torch backend
 # ----------------------------------------------------------------------------------------------------------------
@@ -100,7 +110,7 @@ class _TorchImpl:
         return low.mul_(scale).add_(y).to(y.dtype)
 
     @staticmethod
-    def dx(dys, ws, g_cat, a_cat, rank, p, seed, x_dtype):
+    def dx(dys, ws, g_cat, a_cat, rank, p, seed, x_dtype, masks=None):
         dx = None
         for dy, w in zip(dys, ws):
             if dy is None:
@@ -113,7 +123,7 @@ class _TorchImpl:
             low = None
             for s in range(nseg):
                 part = torch.mm(g_cat[:, s * rank:(s + 1) * rank], a_cat[s * rank:(s + 1) * rank])
-                part.mul_(_torch_keep_mask(seed, s, tuple(part.shape), p, part.device, part.dtype))
+                part.mul_(_cached_mask(masks, seed, s, tuple(part.shape), p, part.device, part.dtype))
                 low = part if low is None else low.add_(part)
             low.mul_(1.0 / (1.0 - p))
         if dx is None:
@@ -121,7 +131,7 @@ class _TorchImpl:
         return dx.add_(low) if low.dtype == dx.dtype else dx.add_(low.to(dx.dtype))
 
     @staticmethod
-    def da(x2d, g_cat, rank, p, seed):
+    def da(x2d, g_cat, rank, p, seed, masks=None):
         """dA_cat [nseg*rank, K] in G's dtype."""
         x2d = x2d.to(g_cat.dtype)
         if p == 0.0:
@@ -129,8 +139,8 @@ class _TorchImpl:
         nseg = g_cat.shape[1] // rank
         outs = []
         for s in range(nseg):
-            keep = _torch_keep_mask(seed, s, tuple(x2d.shape), p, x2d.device, x2d.dtype)
-            outs.append(torch.mm(g_cat[:, s * rank:(s + 1) * rank].t(), keep.mul_(x2d)))
+            keep = _cached_mask(masks, seed, s, tuple(x2d.shape), p, x2d.device, x2d.dtype)
+            outs.append(torch.mm(g_cat[:, s * rank:(s + 1) * rank].t(), keep * x2d))
         out = outs[0] if nseg == 1 else torch.cat(outs, dim=0)
         return out.mul_(1.0 / (1.0 - p))
 
@@ -197,7 +207,7 @@ class _TritonImpl:
         return out
 
     @staticmethod
-    def dx(dys, ws, g_cat, a_cat, rank, p, seed, x_dtype):
+    def dx(dys, ws, g_cat, a_cat, rank, p, seed, x_dtype, masks=None):
         from peftfast.ops import _triton_launch as L
 
         pairs = [(dy, w) for dy, w in zip(dys, ws) if dy is not None]
@@ -223,7 +233,7 @@ class _TritonImpl:
         return out
 
     @staticmethod
-    def da(x2d, g_cat, rank, p, seed):
+    def da(x2d, g_cat, rank, p, seed, masks=None):
         from peftfast.ops import _triton_launch as L
 
         return L.da(x2d, g_cat, rank, g_cat.shape[1] // rank, p, seed, 1.0, _block_r(g_cat.shape[1]),
@@ -291,11 +301,12 @@ class _LoRAGroupFunction(torch.autograd.Function):
                 else:
                     impl.down(dy2[i], bmats[i].t(), rank, 1, 0.0, 0, scales[i], out=gi)
         a_cat = as_[0] if n == 1 else torch.cat(as_, dim=0)
+        masks: dict = {}  # torch backend: each regenerated mask serves dx and dA (the Triton kernels need none)
         if need[0]:
-            grad_x = impl.dx(dy2, ws, g_cat, a_cat, rank, p, seed, x_dtype).view(x_shape)
+            grad_x = impl.dx(dy2, ws, g_cat, a_cat, rank, p, seed, x_dtype, masks).view(x_shape)
         grad_a = [None] * n
         if any(need_a):
-            da = impl.da(x2d, g_cat, rank, p, seed)
+            da = impl.da(x2d, g_cat, rank, p, seed, masks)
             grad_a = [da[i * rank:(i + 1) * rank] if need_a[i] else None for i in range(n)]
         grad_bm = [None] * n
         grad_b = [None] * n
