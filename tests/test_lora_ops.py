@@ -1,0 +1,260 @@
+"""Parity of the fused LoRA op (both backends) against an fp64 reference, its memory contract and input checks.
+
+backend="triton" runs the Triton kernels in the CPU interpreter (conftest sets TRITON_INTERPRET=1). The interpreter
+returns garbage for ``tl.dot`` on bf16 inputs, so bf16 is tested on the torch backend only.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from peftfast.ops import _counters
+from peftfast.ops.lora import dropout_keep_mask, lora_linear, lora_linear_group
+
+BACKENDS = ["torch", "triton"]
+
+
+def _make(ms, k, ns, r, dtype, *, bias=True, lbias=False, lora_dtype=None, x_shape=None):
+    lora_dtype = lora_dtype or dtype
+    x = torch.randn(*(x_shape or (ms,)), k, dtype=dtype).requires_grad_()
+    ws = [(torch.randn(n, k) / k**0.5).to(dtype) for n in ns]
+    bs = [torch.randn(n, dtype=dtype).requires_grad_() if bias else None for n in ns]
+    lbs = [torch.randn(n, dtype=lora_dtype).requires_grad_() if lbias else None for n in ns]
+    as_ = [(torch.randn(r, k) / k**0.5).to(lora_dtype).requires_grad_() for _ in ns]
+    bms = [(torch.randn(n, r) * 0.5).to(lora_dtype).requires_grad_() for n in ns]
+    scales = [2.0, 0.5, 1.25, 3.0][: len(ns)]
+    return x, ws, bs, lbs, as_, bms, scales
+
+
+def _leaves(x, bs, lbs, as_, bms):
+    return [t for t in [x, *bs, *lbs, *as_, *bms] if t is not None and t.requires_grad]
+
+
+def _reference(x, ws, bs, lbs, as_, bms, scales, p, masks, dtype=torch.float64):
+    """The maths computed as PEFT's eager path does it, in ``dtype`` (fp64 = the reference)."""
+    outs = []
+    for i in range(len(ws)):
+        xc = x.to(dtype)
+        y = F.linear(xc, ws[i].to(dtype), None if bs[i] is None else bs[i].to(dtype))
+        xd = xc if p == 0 else xc * masks[i].view(xc.shape).to(dtype) / (1 - p)
+        low = F.linear(F.linear(xd, as_[i].to(dtype)), bms[i].to(dtype), None if lbs[i] is None else lbs[i].to(dtype))
+        outs.append(y + low * scales[i])
+    return outs
+
+
+def _run(fn, leaves, grads):
+    for t in leaves:
+        t.grad = None
+    ys = fn()
+    torch.autograd.backward(ys, grads)
+    return [y.detach() for y in ys], [t.grad.clone() if t.grad is not None else None for t in leaves]
+
+
+def _compare(backend, x, ws, bs, lbs, as_, bms, scales, p, seed=1234):
+    m = x.reshape(-1, x.shape[-1]).shape[0]
+    masks = dropout_keep_mask(seed, len(ws), m, x.shape[-1], p, device=x.device, backend=backend) if p else None
+    leaves = _leaves(x, bs, lbs, as_, bms)
+    grads = [torch.randn(*x.shape[:-1], w.shape[0], dtype=x.dtype) for w in ws]
+    got_y, got_g = _run(lambda: lora_linear_group(x, ws, bs, as_, bms, scales, lora_biases=lbs, dropout_p=p, seed=seed,
+                                                  backend=backend), leaves, grads)
+    ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
+    it = iter(ref_leaves)
+    rx = next(it) if x.requires_grad else x.detach().double()
+    rb = [next(it) if b is not None and b.requires_grad else b for b in bs]
+    rlb = [next(it) if b is not None and b.requires_grad else b for b in lbs]
+    ra = [next(it) for _ in as_]
+    rbm = [next(it) for _ in bms]
+    ref_y, ref_g = _run(lambda: _reference(rx, ws, rb, rlb, ra, rbm, scales, p, masks), ref_leaves,
+                        [g.double() for g in grads])
+    return got_y, got_g, ref_y, ref_g, masks, grads
+
+
+def _rel(a, b):
+    return ((a.double() - b).abs().max() / b.abs().max().clamp_min(1e-6)).item()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    "ms,k,ns,r,p,bias,lbias",
+    [
+        (37, 80, [96], 8, 0.0, True, False),
+        (37, 80, [96], 8, 0.3, True, True),
+        (5, 33, [17], 3, 0.3, False, False),
+        (19, 40, [24], 12, 0.0, True, False),
+        (21, 48, [40], 80, 0.2, False, False),  # rank loops over several BLOCK_R chunks
+        (37, 80, [96, 48, 48], 8, 0.3, True, False),  # q/k/v with GQA widths
+        (23, 64, [32, 48], 16, 0.0, False, True),
+        (17, 32, [16, 24, 40, 8], 4, 0.25, True, False),  # more members than one dx launch sums
+    ],
+)
+def test_fp32_parity(backend, ms, k, ns, r, p, bias, lbias):
+    t = _make(ms, k, ns, r, torch.float32, bias=bias, lbias=lbias)
+    got_y, got_g, ref_y, ref_g, *_ = _compare(backend, *t, p)
+    for a, b in zip(got_y + got_g, ref_y + ref_g):
+        assert a.dtype == torch.float32
+        assert _rel(a, b) < 2e-5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_leading_dims_and_noncontiguous_x(backend):
+    k, n, r = 40, 24, 8
+    _, ws, bs, lbs, as_, bms, sc = _make(10, k, [n, 16], r, torch.float32)
+    base = torch.randn(2, 7, 2 * k)
+    x3 = base[..., ::2].detach().requires_grad_()  # strided last dim, leading dims kept
+    assert not x3.is_contiguous()
+    got_y, got_g, ref_y, ref_g, *_ = _compare(backend, x3, ws, bs, lbs, as_, bms, sc, 0.3)
+    assert got_y[0].shape == (2, 7, n)
+    for a, b in zip(got_y + got_g, ref_y + ref_g):
+        assert _rel(a, b) < 2e-5
+    xt = torch.randn(k, 13).t().detach().requires_grad_()  # column-major 2-D input
+    got_y, got_g, ref_y, ref_g, *_ = _compare(backend, xt, ws, bs, lbs, as_, bms, sc, 0.0)
+    for a, b in zip(got_y + got_g, ref_y + ref_g):
+        assert _rel(a, b) < 2e-5
+
+
+@pytest.mark.parametrize("strategy", ["fused", "cublas"])
+def test_triton_dense_strategies(monkeypatch, strategy):
+    monkeypatch.setenv("PEFTFAST_LORA_GEMM", strategy)
+    t = _make(37, 80, [96, 48, 48], 8, torch.float32, bias=True, lbias=True)
+    got_y, got_g, ref_y, ref_g, *_ = _compare("triton", *t, 0.3)
+    for a, b in zip(got_y + got_g, ref_y + ref_g):
+        assert _rel(a, b) < 2e-5
+
+
+def _low_precision_check(backend, dtype, lora_dtype=None):
+    t = _make(37, 80, [96, 48], 8, dtype, bias=True, lora_dtype=lora_dtype)
+    x, ws, bs, lbs, as_, bms, sc = t
+    got_y, got_g, ref_y, ref_g, masks, grads = _compare(backend, *t, 0.2)
+    # what plain PyTorch makes of the same maths in the same dtypes (PEFT's eager path)
+    leaves = _leaves(x, bs, lbs, as_, bms)
+    ld = lora_dtype or dtype
+
+    def eager():
+        outs = []
+        for i in range(len(ws)):
+            y = F.linear(x, ws[i], bs[i])
+            xd = x.to(ld) * masks[i].view(x.shape).to(ld) / (1 - 0.2)
+            outs.append((y + F.linear(F.linear(xd, as_[i]), bms[i]) * sc[i]).to(dtype))
+        return outs
+
+    eag_y, eag_g = _run(eager, leaves, grads)
+    for a, e, b in zip(got_y + got_g, eag_y + eag_g, ref_y + ref_g):
+        assert a.dtype == e.dtype
+        err, err_eager = (a.double() - b).abs().max().item(), (e.double() - b).abs().max().item()
+        assert err <= 2 * err_eager + 1e-3 * b.abs().max().item(), (err, err_eager)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fp16_within_twice_pytorch_error(backend):
+    _low_precision_check(backend, torch.float16)
+
+
+def test_bf16_within_twice_pytorch_error_torch_backend():
+    _low_precision_check("torch", torch.bfloat16)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fp32_lora_over_fp16_base(backend):
+    _low_precision_check(backend, torch.float16, lora_dtype=torch.float32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dropout_mask_statistics_and_seeds(backend):
+    p = 0.3
+    m = dropout_keep_mask(7, 2, 64, 512, p, device="cpu", backend=backend)
+    rate = m.float().mean(dim=(1, 2))
+    sd = (p * (1 - p) / (64 * 512)) ** 0.5
+    assert ((rate - (1 - p)).abs() < 5 * sd).all(), rate
+    assert (m[0] != m[1]).float().mean() > 0.3  # segments get independent masks
+    assert torch.equal(m, dropout_keep_mask(7, 2, 64, 512, p, device="cpu", backend=backend))
+    assert not torch.equal(m, dropout_keep_mask(8, 2, 64, 512, p, device="cpu", backend=backend))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dropout_deterministic_and_independent_of_global_rng(backend):
+    x, ws, bs, lbs, as_, bms, sc = _make(37, 80, [96], 8, torch.float32)
+    leaves = _leaves(x, bs, lbs, as_, bms)
+    g = [torch.randn(37, 96)]
+    first = _run(lambda: lora_linear_group(x, ws, bs, as_, bms, sc, dropout_p=0.4, seed=5, backend=backend), leaves, g)
+
+    def shuffled():
+        ys = lora_linear_group(x, ws, bs, as_, bms, sc, dropout_p=0.4, seed=5, backend=backend)
+        torch.manual_seed(999)  # backward must regenerate the mask from the seed, not from the global RNG
+        torch.rand(100)
+        return ys
+
+    second = _run(shuffled, leaves, g)
+    for a, b in zip(first[0] + first[1], second[0] + second[1]):
+        assert torch.equal(a, b)
+    other = lora_linear_group(x, ws, bs, as_, bms, sc, dropout_p=0.4, seed=6, backend=backend)[0]
+    assert not torch.allclose(other, first[0][0])
+    nodrop = lora_linear_group(x, ws, bs, as_, bms, sc, dropout_p=0.0, seed=5, backend=backend)[0]
+    ref = _reference(x.detach(), ws, bs, lbs, as_, bms, sc, 0.0, None, dtype=torch.float64)[0]
+    assert _rel(nodrop.detach(), ref.detach()) < 2e-5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_saved_tensors_are_x_and_xa_only(backend):
+    x, ws, bs, lbs, as_, bms, sc = _make(37, 80, [96, 48, 48], 8, torch.float32)
+    params = {t.untyped_storage().data_ptr() for t in [*ws, *bs, *as_, *bms]}
+    saved = []
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in params:
+            saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        ys = lora_linear_group(x, ws, bs, as_, bms, sc, dropout_p=0.1, backend=backend)
+    storages = {t.untyped_storage().data_ptr(): t for t in saved}
+    assert len(storages) == 2, [tuple(t.shape) for t in saved]
+    assert x.untyped_storage().data_ptr() in storages  # x itself, saved once for three members, not a copy
+    xa = [t for p, t in storages.items() if p != x.untyped_storage().data_ptr()][0]
+    assert tuple(xa.shape) == (37, 3 * 8)
+    sum(y.sum() for y in ys).backward()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_input_grad(backend):
+    x, ws, bs, lbs, as_, bms, sc = _make(9, 32, [16], 4, torch.float32)
+    x.requires_grad_(False)
+    y = lora_linear(x, ws[0], bs[0], as_[0], bms[0], sc[0], dropout_p=0.2, backend=backend)
+    y.sum().backward()
+    assert x.grad is None and as_[0].grad is not None and bms[0].grad is not None and bs[0].grad is not None
+
+
+def test_triton_launch_counts():
+    x, ws, bs, lbs, as_, bms, sc = _make(9, 32, [16, 8, 8], 4, torch.float32)
+    with _counters.count_launches() as fwd:
+        ys = lora_linear_group(x, ws, bs, as_, bms, sc, dropout_p=0.1, backend="triton")
+    assert dict(fwd) == {"_lora_down_kernel": 1, "_lora_gemm_kernel": 3}
+    with _counters.count_launches() as bwd:
+        sum(y.sum() for y in ys).backward()
+    # G per member, one dx launch for all members, one dA launch, dB per member
+    assert dict(bwd) == {"_lora_down_kernel": 3, "_lora_gemm_kernel": 1, "_lora_da_kernel": 4}
+
+
+@pytest.mark.parametrize(
+    "mutate,exc,match",
+    [
+        (lambda t: t.update(x=torch.randn(5, 31)), ValueError, "31 features"),
+        (lambda t: t.update(a=torch.randn(4, 31)), ValueError, "lora_A"),
+        (lambda t: t.update(b=torch.randn(15, 4)), ValueError, "lora_B"),
+        (lambda t: t.update(x=torch.randn(5, 32, dtype=torch.float64)), TypeError, "dtype"),
+        (lambda t: t.update(a=torch.randn(300, 32), b=torch.randn(16, 300)), ValueError, "rank 300"),
+        (lambda t: t.update(p=1.0), ValueError, "dropout"),
+        (lambda t: t["w"].requires_grad_(), ValueError, "requires grad"),
+    ],
+)
+def test_bad_input_names_the_module(mutate, exc, match):
+    t = {"x": torch.randn(5, 32), "w": torch.randn(16, 32), "a": torch.randn(4, 32), "b": torch.randn(16, 4), "p": 0.0}
+    mutate(t)
+    with pytest.raises(exc, match=match) as info:
+        lora_linear(t["x"], t["w"], None, t["a"], t["b"], 1.0, dropout_p=t["p"], name="model.layers.3.q_proj")
+    assert "model.layers.3.q_proj" in str(info.value)
+
+
+def test_unknown_backend():
+    with pytest.raises(ValueError, match="unknown backend"):
+        lora_linear(torch.randn(2, 4), torch.randn(3, 4), None, torch.randn(1, 4), torch.randn(3, 1), 1.0,
+                    backend="cuda-magic")
