@@ -157,6 +157,8 @@ def _plan(layer: nn.Module, args: tuple, kwargs: dict) -> _Plan | str | None:
     name = active[0]
     if name in getattr(layer, "lora_variant", {}):
         return f"adapter {name!r} uses a LoRA variant"
+    if layer.get_base_layer().weight.requires_grad:
+        return "base weight is trainable (the fused path trains only LoRA weights and biases)"
     drop = layer.lora_dropout[name]
     p = float(drop.p) if isinstance(drop, nn.Dropout) and drop.training else 0.0
     a = layer.lora_A[name]
