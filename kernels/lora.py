@@ -146,7 +146,7 @@ def _lora_gemm_kernel(
 ):
     """GEMM with a low-rank epilogue:
 
-        out[M, N] (+)= Σ_{i<NUM_IN} P_i @ Q_i  +  Σ_s keep_s ⊙ (l_scale * L_s @ R_sᵀ) * keep_scale  +  bias + l_scale*lbias
+        out[M, N] (+)= Σ_{i<NUM_IN} P_i @ Q_i + Σ_s keep_s ⊙ (l_scale * L_s @ R_sᵀ) * keep_scale + bias + l_scale*lbias
 
     Forward: P0 = x, Q0 = Wᵀ (strides), L = xa, R = B, l_scale = LoRA scaling: one pass, no M × N intermediate.
     Backward dx: P_i = dy_i, Q_i = W_i (up to three members that share x, e.g. q/k/v), L = G (pre-scaled),

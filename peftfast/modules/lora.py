@@ -11,7 +11,7 @@ saved once) and hands the other outputs to the siblings when they are called wit
 
 from __future__ import annotations
 
-import types
+import functools
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -56,6 +56,11 @@ class LoRAState:
     fallbacks: Counter = field(default_factory=Counter)
 
 
+def _version(x: torch.Tensor) -> int | None:
+    # inference tensors keep no version counter; identity alone matches them
+    return None if x.is_inference() else x._version
+
+
 class SiblingGroup:
     """Layers of one parent module that read the same input; serves their outputs from one grouped op."""
 
@@ -67,7 +72,7 @@ class SiblingGroup:
         self._outs: list[torch.Tensor | None] = []
 
     def take(self, index: int, x: torch.Tensor) -> torch.Tensor | None:
-        if self._x is not x or x._version != self._version or torch.is_grad_enabled() != self._grad:
+        if self._x is not x or _version(x) != self._version or torch.is_grad_enabled() != self._grad:
             return None
         out = self._outs[index]
         if out is None:
@@ -78,7 +83,7 @@ class SiblingGroup:
         return out
 
     def put(self, index: int, x: torch.Tensor, outs) -> torch.Tensor:
-        self._x, self._version, self._grad = x, x._version, torch.is_grad_enabled()
+        self._x, self._version, self._grad = x, _version(x), torch.is_grad_enabled()
         self._outs = list(outs)
         self._outs[index] = None
         return outs[index]
@@ -257,7 +262,8 @@ def install(layer: nn.Module, name: str, config: LoRAPatchConfig) -> None:
         return
     previous = layer.__dict__.get("forward")
     layer._peftfast = LoRAState(name=name, config=config, previous_forward=previous)
-    layer.forward = types.MethodType(fused_lora_forward, layer)
+    # a partial of a module-level function pickles (a bound MethodType of a foreign function does not)
+    layer.forward = functools.partial(fused_lora_forward, layer)
 
 
 def uninstall(layer: nn.Module) -> None:

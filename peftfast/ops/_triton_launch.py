@@ -73,7 +73,7 @@ def _prune(a_rows: str, b_cols: str | None, ptr_arg: str):
     return prune
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _tuned(name: str):
     if name == "gemm":
         return triton.autotune(
@@ -112,7 +112,7 @@ def down(x2d, a_cat, out, rank, nseg, p, seed, out_scale, block_r, precision) ->
             _tuned("down")[lambda c: (_cdiv(m, c["BLOCK_M"]), _cdiv(r_tot, block_r))](*args, **meta)
 
 
-def gemm(*, inputs, l, r, bias, lbias, out, l_scale, rank, nseg, p, seed, accumulate, block_r, dot_precision,
+def gemm(*, inputs, l, r, bias, lbias, out, l_scale, rank, nseg, p, seed, accumulate, block_r, dot_precision,  # noqa: E741
          lora_precision) -> None:
     """``out (+)= Σ P_i @ Q_i + lowrank(L, R) + bias``; ``inputs`` holds up to three (P [M, K_i], Q [K_i, N])."""
     m, n = out.shape
