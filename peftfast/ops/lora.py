@@ -316,10 +316,12 @@ class _LoRAGroupFunction(torch.autograd.Function):
                 continue
             if need_bm[i]:
                 grad_bm[i] = impl.db_mat(dy2[i], xa[:, i * rank:(i + 1) * rank], scales[i])
-            if need_b[i] or need_lb[i]:
-                colsum = dy2[i].sum(0)
-                grad_b[i] = colsum.to(bs[i].dtype) if need_b[i] else None
-                grad_lb[i] = (colsum * scales[i]).to(lbs[i].dtype) if need_lb[i] else None
+            if need_b[i]:
+                grad_b[i] = dy2[i].sum(0).to(bs[i].dtype)
+            if need_lb[i]:
+                # PEFT adds the LoRA bias in the LoRA dtype (often fp32 over a 16-bit base): reduce in that precision
+                acc = torch.promote_types(dy2[i].dtype, lbs[i].dtype)
+                grad_lb[i] = dy2[i].sum(0, dtype=acc).mul_(scales[i]).to(lbs[i].dtype)
         return (grad_x, None, None, None, None, None, *([None] * n), *grad_b, *grad_lb, *grad_a, *grad_bm)
 
 

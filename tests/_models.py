@@ -1,0 +1,248 @@
+"""Tiny random-weight Hugging Face models with PEFT LoRA adapters, and helpers to compare patched and reference runs.
+
+Builders make models with hidden size 32, two layers and a vocabulary of 128 from transformers configs (no weights
+are downloaded). Every bias is re-drawn non-zero (transformers initialises them to zero, which would hide a fused
+path that drops a bias), and LoRA ``B`` (plus its bias with ``lora_bias=True``) is drawn non-zero so that the
+gradients reach ``A`` (PEFT initialises ``B`` to zero).
+
+``SharedSeedDropout`` turns an unpatched PEFT model into an exact dropout reference for a patched one: see
+``use_shared_seed_dropout``.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterator
+
+import torch
+from peft import LoraConfig, get_peft_model
+from torch import nn
+
+from peftfast.ops.lora import _torch_keep_mask, draw_seed, dropout_keep_mask
+
+VOCAB = 128
+SEQ = 9
+BATCH = 2
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# tiny models
+# ----------------------------------------------------------------------------------------------------------------
+def _decoder_kwargs(hidden: int, layers: int) -> dict:
+    return dict(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                tie_word_embeddings=False, attn_implementation="eager", bos_token_id=0, eos_token_id=1,
+                pad_token_id=None)
+
+
+def llama(hidden: int = 32, layers: int = 2, **overrides) -> nn.Module:
+    """LlamaForCausalLM (grouped-query attention: q 32 wide, k/v 16 wide)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    return LlamaForCausalLM(LlamaConfig(**{**_decoder_kwargs(hidden, layers), **overrides}))
+
+
+def mistral(hidden: int = 32, layers: int = 2, **overrides) -> nn.Module:
+    """MistralForCausalLM."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    kw = {**_decoder_kwargs(hidden, layers), "sliding_window": None, "head_dim": hidden // 4}
+    return MistralForCausalLM(MistralConfig(**{**kw, **overrides}))
+
+
+def qwen2(hidden: int = 32, layers: int = 2, **overrides) -> nn.Module:
+    """Qwen2ForCausalLM (its q/k/v projections have biases)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    return Qwen2ForCausalLM(Qwen2Config(**{**_decoder_kwargs(hidden, layers), **overrides}))
+
+
+def gpt2(hidden: int = 32, layers: int = 2, **overrides) -> nn.Module:
+    """GPT2LMHeadModel (``Conv1D`` layers store ``[in, out]`` weights: PEFT sets ``fan_in_fan_out``)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    kw = dict(vocab_size=VOCAB, n_positions=64, n_embd=hidden, n_layer=layers, n_head=4, resid_pdrop=0.0,
+              embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=1, attn_implementation="eager")
+    return GPT2LMHeadModel(GPT2Config(**{**kw, **overrides}))
+
+
+def bert(hidden: int = 32, layers: int = 2, **overrides) -> nn.Module:
+    """BertForMaskedLM (query/key/value form a sibling group)."""
+    from transformers import BertConfig, BertForMaskedLM
+
+    kw = dict(vocab_size=VOCAB, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
+              intermediate_size=2 * hidden, max_position_embeddings=64, hidden_dropout_prob=0.0,
+              attention_probs_dropout_prob=0.0, pad_token_id=0, attn_implementation="eager")
+    return BertForMaskedLM(BertConfig(**{**kw, **overrides}))
+
+
+BUILDERS: dict[str, Callable[..., nn.Module]] = {
+    "llama": llama, "mistral": mistral, "qwen2": qwen2, "gpt2": gpt2, "bert": bert,
+}
+
+
+def peft_model(arch: str, *, seed: int = 0, base_dtype: torch.dtype = torch.float32,
+               model_kwargs: dict | None = None, **lora_kwargs) -> nn.Module:
+    """A tiny ``arch`` model wrapped by ``get_peft_model`` with ``LoraConfig(r=8, lora_alpha=16, all-linear, ...)``.
+
+    The base model is cast to ``base_dtype`` first, so a bf16 base gets fp32 adapters as in PEFT's default
+    (``autocast_adapter_dtype``). Base biases and LoRA ``B`` (and LoRA biases) are random and non-zero; the model
+    is in training mode.
+    """
+    torch.manual_seed(seed)
+    model = BUILDERS[arch](**(model_kwargs or {})).to(torch.float32)
+    with torch.no_grad():
+        for mod in model.modules():
+            bias = getattr(mod, "bias", None)
+            if isinstance(bias, nn.Parameter):
+                bias.normal_(0.0, 0.1)
+    model.to(base_dtype)
+    cfg = dict(target_modules="all-linear", r=8, lora_alpha=16, lora_dropout=0.0)
+    cfg.update(lora_kwargs)
+    if arch == "gpt2":
+        cfg.setdefault("fan_in_fan_out", True)
+    model = get_peft_model(model, LoraConfig(**cfg))
+    with torch.no_grad():
+        for layer in lora_layers(model):
+            for b in layer.lora_B.values():
+                b.weight.normal_(0.0, 0.2)
+                if b.bias is not None:
+                    b.bias.normal_(0.0, 0.2)
+    model.train()
+    return model
+
+
+def lora_layers(model: nn.Module) -> Iterator[nn.Module]:
+    from peft.tuners.lora.layer import LoraLayer
+
+    return (m for m in model.modules() if isinstance(m, LoraLayer))
+
+
+def batch(arch: str, *, seq: int = SEQ, bsz: int = BATCH, seed: int = 1) -> dict[str, torch.Tensor]:
+    """Token ids and labels (a loss comes out of ``model(**batch).loss``); BERT masks a few label positions."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(2, VOCAB, (bsz, seq), generator=g)
+    out = {"input_ids": ids, "labels": ids.clone()}
+    if arch == "bert":
+        out["labels"][:, ::3] = -100
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# running and comparing
+# ----------------------------------------------------------------------------------------------------------------
+def trainable(model: nn.Module) -> dict[str, nn.Parameter]:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def loss_and_grads(model: nn.Module, data: dict, seed: int = 123) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Loss and gradient of every trainable parameter, with ``torch.manual_seed(seed)`` before the forward."""
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)
+    loss = model(**data).loss
+    loss.backward()
+    grads = {}
+    for n, p in trainable(model).items():
+        assert p.grad is not None, f"{n} got no gradient"
+        grads[n] = p.grad.detach().clone()
+    return loss.detach(), grads
+
+
+def train_steps(model: nn.Module, data: dict, steps: int = 4, seed: int = 7, lr: float = 1e-2,
+                eps: float = 1e-4) -> list[float]:
+    """``steps`` AdamW steps after ``torch.manual_seed(seed)``; returns the losses.
+
+    ``eps=1e-4`` rather than 1e-8: with a tiny ``eps`` Adam's step ``m / sqrt(v)`` is a whole ``lr`` step even for
+    an element whose gradient is ~0, whose sign is then fp32 rounding noise, and two runs that agree to 1e-6 in
+    their gradients differ by whole steps in a few elements.
+    """
+    opt = torch.optim.AdamW(trainable(model).values(), lr=lr, weight_decay=0.01, eps=eps)
+    torch.manual_seed(seed)
+    losses = []
+    for _ in range(steps):
+        opt.zero_grad(set_to_none=True)
+        loss = model(**data).loss
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+def max_rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    """max |got - want| / max |want| (in fp64)."""
+    got, want = got.double(), want.double()
+    return ((got - want).abs().max() / want.abs().max().clamp_min(1e-30)).item()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# shared-seed dropout reference
+# ----------------------------------------------------------------------------------------------------------------
+class _SeedGroup:
+    """Seed bookkeeping of one sibling group: one seed per round, drawn when the round's first member runs."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self.seed: int | None = None
+        self.used: set[int] = set()
+
+    def seed_for(self, index: int) -> int:
+        if self.seed is None or index in self.used:  # a new round starts (the fused path draws here)
+            self.seed, self.used = draw_seed(), set()
+        self.used.add(index)
+        seed = self.seed
+        if len(self.used) == self.size:
+            self.seed = None
+        return seed
+
+
+class SharedSeedDropout(nn.Module):
+    """Dropout whose masks are exactly those the fused path regenerates from its seeds.
+
+    ``group`` (a ``_SeedGroup``) with member ``index``: the mask is segment ``index`` of the group's seed;
+    ``group=None``: draws its own seed per call and uses segment 0.
+    """
+
+    def __init__(self, p: float, group: _SeedGroup | None, index: int, backend: str):
+        super().__init__()
+        self.p, self.group, self.index, self.backend = p, group, index, backend
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        if self.group is None:
+            seed, seg, nseg = draw_seed(), 0, 1
+        else:
+            seed, seg, nseg = self.group.seed_for(self.index), self.index, self.group.size
+        shape = (x.numel() // x.shape[-1], x.shape[-1])
+        if self.backend == "torch":
+            keep = _torch_keep_mask(seed, seg, shape, self.p, x.device, x.dtype)
+        else:
+            keep = dropout_keep_mask(seed, nseg, *shape, self.p, device=x.device, backend=self.backend)[seg]
+            keep = keep.to(x.dtype)
+        return x * keep.view(x.shape) / (1.0 - self.p)
+
+
+def use_shared_seed_dropout(reference: nn.Module, patched: nn.Module, p: float, backend: str = "torch") -> None:
+    """Replace every ``lora_dropout`` module of ``reference`` (an unpatched copy of ``patched``'s model) with a
+    ``SharedSeedDropout`` that follows ``patched``'s sibling groups (read from ``layer._peftfast``, matched by module
+    name). Grouping is off for the whole model when ``patch(..., group_siblings=False)`` was used."""
+    groups: dict[int, _SeedGroup] = {}
+    ref_mods = dict(reference.named_modules())
+    n = 0
+    for name, mod in patched.named_modules():
+        st = getattr(mod, "_peftfast", None)
+        if st is None:
+            continue
+        grp = st.group if st.config.group_siblings else None
+        sg = None
+        if grp is not None:
+            sg = groups.setdefault(id(grp), _SeedGroup(len(grp.members)))
+        ref = ref_mods[name]
+        for adapter in list(ref.lora_dropout.keys()):
+            ref.lora_dropout[adapter] = SharedSeedDropout(p, sg, st.index if sg is not None else 0, backend)
+        n += 1
+    assert n > 0, "the patched model has no patched layers"
+
+
+def clone(model: nn.Module) -> nn.Module:
+    return copy.deepcopy(model)
