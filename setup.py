@@ -1,7 +1,5 @@
-"""Build script: the pure-Python package always; the ``peftfast._C`` extension when its sources exist.
-
-``PEFTFAST_BUILD_EXT``: ``auto`` (default: build, CUDA sources too when nvcc and a CUDA torch are present),
-``cpu`` (C++ only), ``cuda`` (fail if CUDA cannot be built), ``0`` (skip the extension).
+"""Build script. Metadata lives in ``pyproject.toml``; this file exists for the ``peftfast._C`` extension build
+(C++/CUDA sources under ``csrc/``), which is not part of this release yet: the package is pure Python plus Triton.
 """
 
 from setuptools import setup

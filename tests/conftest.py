@@ -1,8 +1,13 @@
-"""Test set-up: Triton kernels run in the CPU interpreter, so it must be on before peftfast.kernels is imported."""
+"""Test set-up: Triton kernels run in the CPU interpreter, so it must be on before peftfast.kernels is imported.
+
+``PEFTFAST_GPU_TESTS=1`` (``benchmarks/run_gpu.sh`` sets it with ``-m gpu``) leaves the interpreter off, so the
+kernels compile for the GPU.
+"""
 
 import os
 
-os.environ["TRITON_INTERPRET"] = "1"
+if os.environ.get("PEFTFAST_GPU_TESTS") != "1":
+    os.environ["TRITON_INTERPRET"] = "1"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 

@@ -47,13 +47,25 @@ INTERP_DA = {"BLOCK_M": 32, "BLOCK_K": 32}
 SMEM_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
 
 
-def smem_estimate(cfg: triton.Config, elt_bytes: int, a_rows: str, b_cols: str | None) -> int:
-    """Upper estimate of a config's pipelined operand buffers in bytes."""
+def smem_estimate(cfg: triton.Config, elt_bytes: int, a_rows: str, b_cols: str | None, *, arch: int = 90,
+                  main_loop: bool = True, skinny_r: int = 0, epilogue_r: int = 0, lora_elt: int = 0,
+                  out_elt: int = 0) -> int:
+    """Estimate of a config's shared memory in bytes, calibrated on ``metadata.shared`` of AOT compiles
+    (``tests/test_lora_aot.py`` checks that it never under-estimates).
+
+    Main loop: the pipelined A [a_rows, BLOCK_K] and B [BLOCK_K, b_cols] buffers (``b_cols=None``: the skinny
+    kernels, whose B is [skinny_r = BLOCK_R, BLOCK_K]); sm_90 keeps ``num_stages`` of them, sm_8x
+    ``num_stages - 1``. The GEMM's low-rank epilogue is a loop over BLOCK_R chunks that the compiler pipelines
+    the same way with L [BLOCK_M, BLOCK_R] and R [BLOCK_R, BLOCK_N] tiles; it reuses the main loop's buffers,
+    as does the store's layout conversion of the output tile (``out_elt`` bytes an element).
+    """
     kw = cfg.kwargs
-    bk = kw["BLOCK_K"]
-    a = kw[a_rows] * bk
-    b = kw[b_cols] * bk if b_cols else 0
-    return (a + b) * elt_bytes * cfg.num_stages
+    rows = kw[a_rows]
+    cols = kw[b_cols] if b_cols else skinny_r
+    stages = cfg.num_stages if arch >= 90 else max(cfg.num_stages - 1, 1)
+    main = (rows + cols) * kw["BLOCK_K"] * elt_bytes * stages if main_loop else 0
+    epi = (rows + cols) * epilogue_r * lora_elt * stages
+    return max(main, epi, rows * cols * out_elt if b_cols else 0)
 
 
 def _device_smem() -> int:
@@ -63,12 +75,37 @@ def _device_smem() -> int:
     return int(getattr(props, "shared_memory_per_block_optin", SMEM_LIMIT[80]))
 
 
-def _prune(a_rows: str, b_cols: str | None, ptr_arg: str):
+def _device_arch() -> int:
+    if not torch.cuda.is_available():
+        return 80
+    major, minor = torch.cuda.get_device_capability()
+    return major * 10 + minor
+
+
+# per launcher: (rows of the pipelined A tile, columns of B or None for the skinny kernels, dtype-giving argument)
+_OPERANDS = {"gemm": ("BLOCK_M", "BLOCK_N", "q0_ptr"), "down": ("BLOCK_M", None, "x_ptr"),
+             "da": ("BLOCK_M", None, "x_ptr")}
+
+
+def launch_smem(name: str, cfg: triton.Config, named_args: dict, meta: dict, arch: int) -> int:
+    """``smem_estimate`` of ``cfg`` for one launch of kernel ``name`` with these arguments and constexprs."""
+    a_rows, b_cols, ptr_arg = _OPERANDS[name]
+    est = dict(arch=arch, main_loop=meta.get("NUM_IN", 1) > 0, skinny_r=0 if b_cols else meta.get("BLOCK_R", 0))
+    if meta.get("HAS_LORA"):
+        est.update(epilogue_r=meta["BLOCK_R"], lora_elt=named_args["r_ptr"].element_size(),
+                   out_elt=named_args["out_ptr"].element_size())
+    return smem_estimate(cfg, named_args[ptr_arg].element_size(), a_rows, b_cols, **est)
+
+
+def _prune(name: str):
     def prune(configs, named_args, **kwargs):
-        elt = named_args[ptr_arg].element_size()
-        limit = _device_smem()
-        kept = [c for c in configs if smem_estimate(c, elt, a_rows, b_cols) <= limit * 0.9]
-        return kept or [min(configs, key=lambda c: smem_estimate(c, elt, a_rows, b_cols))]
+        limit, arch = _device_smem(), _device_arch()
+
+        def need(c):
+            return launch_smem(name, c, named_args, kwargs, arch)
+
+        kept = [c for c in configs if need(c) <= limit]
+        return kept or [min(configs, key=need)]
 
     return prune
 
@@ -78,18 +115,18 @@ def _tuned(name: str):
     if name == "gemm":
         return triton.autotune(
             GEMM_CONFIGS, key=["N", "K0", "K1", "K2", "R_TOT", "NUM_IN", "HAS_DROPOUT", "ACCUMULATE"],
-            prune_configs_by={"early_config_prune": _prune("BLOCK_M", "BLOCK_N", "q0_ptr")},
+            prune_configs_by={"early_config_prune": _prune("gemm")},
             restore_value=["out_ptr"],
         )(K._lora_gemm_kernel)
     if name == "down":
         return triton.autotune(
             DOWN_CONFIGS, key=["K", "R_TOT", "NSEG", "HAS_DROPOUT"],
-            prune_configs_by={"early_config_prune": _prune("BLOCK_M", None, "x_ptr")},
+            prune_configs_by={"early_config_prune": _prune("down")},
         )(K._lora_down_kernel)
     if name == "da":
         return triton.autotune(
             DA_CONFIGS, key=["K", "R_TOT", "NSEG", "HAS_DROPOUT"],
-            prune_configs_by={"early_config_prune": _prune("BLOCK_M", None, "x_ptr")},
+            prune_configs_by={"early_config_prune": _prune("da")},
         )(K._lora_da_kernel)
     raise KeyError(name)
 

@@ -44,10 +44,14 @@ def draw_seed(device: torch.device | None = None) -> int:
 
 
 def _torch_keep_mask(seed: int, seg: int, shape: tuple[int, int], p: float, device, dtype) -> torch.Tensor:
-    """Keep-mask of segment ``seg`` for the torch backend as 0/1 in ``dtype`` (regenerated, never saved)."""
+    """Keep-mask of segment ``seg`` for the torch backend as 0/1 in ``dtype`` (regenerated, never saved).
+
+    Uniform 31-bit integers against ``p * 2**31``: exact to 2**-31 and faster on CPU than ``bernoulli_``.
+    """
     gen = torch.Generator(device=device)
     gen.manual_seed((seed * 1_000_003 + seg * 7919) % (2**63 - 1))
-    return torch.empty(shape, device=device, dtype=dtype).bernoulli_(1.0 - p, generator=gen)
+    bits = torch.empty(shape, device=device, dtype=torch.int32).random_(generator=gen)
+    return bits.ge_(int(round(p * 2**31))).to(dtype)
 
 
 def dropout_keep_mask(seed: int, nseg: int, m: int, k: int, p: float, *, device, backend: str) -> torch.Tensor:

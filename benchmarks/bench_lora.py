@@ -1,0 +1,209 @@
+"""Fused LoRA linear benchmarks.
+
+--cpu (exact, any machine): per decoder layer of a Llama-shaped model (hidden 1024, intermediate 3584, 8 heads of
+      128, 2 KV heads; r=16 on all seven projections; SDPA), PEFT vs patched, dropout 0.05 and 0: activation bytes
+      saved for backward per token (in hidden-vector equivalents) and work ops per layer (fwd+bwd aten ops that are
+      neither views nor bare allocations, plus Triton launches). The patched path is measured with the torch backend
+      and with the Triton kernels (run by the CPU interpreter in a subprocess; fp16 there, as the interpreter's bf16
+      ``tl.dot`` is broken; op and byte counts do not depend on values).
+--gpu (CUDA): fused LoRA linear fwd+bwd vs PEFT's lora.Linear vs a frozen nn.Linear on Llama-3-8B shapes, median
+      and p20/p80 of ``triton.testing.do_bench``, TFLOP/s and peak memory, for both dense strategies.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+PEFT_REFERENCE = {"0.05": {"hvec": 55, "ops": 235}, "0.0": {"hvec": 36, "ops": None}}  # the issue's CPU figures
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# CPU: exact per-layer counts
+# ----------------------------------------------------------------------------------------------------------------
+def layer_counts(method: str, dropout: float, tokens: int = 32) -> dict:
+    """Saved hidden-vector equivalents per token and work ops of one decoder layer, fwd+bwd."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import peftfast
+    from peftfast.bench import count_work_ops, saved_activation_bytes
+
+    dtype = torch.float16 if method == "peftfast-triton" else torch.bfloat16
+    cfg = LlamaConfig(vocab_size=256, hidden_size=1024, intermediate_size=3584, num_hidden_layers=1,
+                      num_attention_heads=8, num_key_value_heads=2, attn_implementation="sdpa")
+    torch.manual_seed(0)
+    model = get_peft_model(LlamaForCausalLM(cfg).to(dtype),
+                           LoraConfig(r=16, lora_alpha=32, lora_dropout=dropout, target_modules="all-linear"))
+    if method != "peft":
+        peftfast.patch(model, backend="triton" if method == "peftfast-triton" else "torch")
+    model.train()
+    inner = model.base_model.model.model
+    layer = inner.layers[0]
+    h = torch.randn(1, tokens, cfg.hidden_size, dtype=dtype, requires_grad=True)
+    pos = torch.arange(tokens)[None]
+    emb = inner.rotary_emb(h, pos)
+    exclude = [*model.parameters(), *model.buffers(), h, *emb]
+
+    def fwd_bwd():
+        out, saved = saved_activation_bytes(lambda: layer(h, position_embeddings=emb, position_ids=pos), exclude)
+        out = out[0] if isinstance(out, tuple) else out
+        out.float().sum().backward()
+        return saved
+
+    saved, ops = count_work_ops(fwd_bwd)
+    elt = torch.finfo(dtype).bits // 8
+    return {"method": method, "dropout": dropout, "hvec_per_token": saved.total / (tokens * cfg.hidden_size * elt),
+            "work_ops": ops.total, "triton_launches": dict(ops.launches)}
+
+
+def run_cpu(out_path: str) -> list[dict]:
+    rows = []
+    for dropout in (0.05, 0.0):
+        rows.append(layer_counts("peft", dropout))
+        rows.append(layer_counts("peftfast-torch", dropout))
+        env = {**os.environ, "TRITON_INTERPRET": "1"}
+        code = f"import json, bench_lora as b; print(json.dumps(b.layer_counts('peftfast-triton', {dropout})))"
+        res = subprocess.run([sys.executable, "-c", code], cwd=HERE, env=env, capture_output=True, text=True,
+                             check=True)
+        rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
+    peft = {r["dropout"]: r for r in rows if r["method"] == "peft"}
+    print(f"{'method':<17}{'dropout':>8}{'saved hvec/token':>18}{'vs PEFT':>9}{'work ops':>10}{'vs PEFT':>9}  launches")
+    for r in rows:
+        base = peft[r["dropout"]]
+        print(f"{r['method']:<17}{r['dropout']:>8}{r['hvec_per_token']:>18.1f}"
+              f"{r['hvec_per_token'] / base['hvec_per_token']:>8.2f}x{r['work_ops']:>10}"
+              f"{r['work_ops'] / base['work_ops']:>8.2f}x  {sum(r['triton_launches'].values())}")
+    print(f"issue's PEFT figures for this shape: {PEFT_REFERENCE['0.05']['hvec']} hvec/token at dropout 0.05, "
+          f"{PEFT_REFERENCE['0.0']['hvec']} at 0, {PEFT_REFERENCE['0.05']['ops']} work ops")
+    os.makedirs(os.path.dirname(out_path), exist_ok=True)
+    from peftfast.bench import _versions, git_commit
+
+    with open(out_path, "w") as f:
+        json.dump({"rows": rows, "versions": _versions(), "commit": git_commit(),
+                   "shape": "llama hidden 1024, inter 3584, 8x128 heads, 2 kv heads, r=16 all-linear, 32 tokens"},
+                  f, indent=2)
+    print(f"wrote {out_path}")
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# GPU timings
+# ----------------------------------------------------------------------------------------------------------------
+SHAPES_8B = [(4096, 4096), (4096, 1024), (4096, 14336), (14336, 4096)]
+
+
+def run_gpu(out_dir: str | None, tokens: int = 8192) -> list[dict]:
+    import torch
+
+    if not torch.cuda.is_available():
+        print("bench_lora --gpu: no CUDA GPU available on this machine", file=sys.stderr)
+        raise SystemExit(2)
+    import triton.testing
+    from peft import LoraConfig
+    from peft.tuners.lora.layer import Linear as PeftLoraLinear
+
+    import peftfast
+    from peftfast.bench import _versions, git_commit
+    from peftfast.ops.lora import lora_linear
+
+    dev, dt = "cuda", torch.bfloat16
+    rows = []
+    for k, n in SHAPES_8B:
+        for r in (16, 64):
+            for p in (0.0, 0.05):
+                torch.manual_seed(0)
+                base = torch.nn.Linear(k, n, bias=False, device=dev, dtype=dt).requires_grad_(False)
+                cfg = LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=p)
+                peft_layer = PeftLoraLinear(base, "default", r=r, lora_alpha=2 * r, lora_dropout=p)
+                del cfg
+                peft_layer.to(device=dev, dtype=dt).train()
+                torch.nn.init.normal_(peft_layer.lora_B["default"].weight, std=0.01)
+                a, b = peft_layer.lora_A["default"].weight, peft_layer.lora_B["default"].weight
+                x = torch.randn(tokens, k, device=dev, dtype=dt, requires_grad=True)
+                dy = torch.randn(tokens, n, device=dev, dtype=dt)
+                s = peft_layer.scaling["default"]
+
+                def step(f):
+                    def run():
+                        x.grad = None
+                        f().backward(dy)
+                    return run
+
+                cases = {
+                    "frozen nn.Linear": step(lambda: base(x)),
+                    "peft lora.Linear": step(lambda: peft_layer(x)),
+                }
+                for strategy in ("fused", "cublas"):
+                    def fused(strategy=strategy):
+                        os.environ["PEFTFAST_LORA_GEMM"] = strategy
+                        return lora_linear(x, base.weight, None, a, b, s, dropout_p=p, backend="triton")
+                    cases[f"peftfast ({strategy})"] = step(fused)
+                flops = 2 * tokens * k * n * 2 + 2 * tokens * r * (k + n) * 3
+                for name, fn in cases.items():
+                    fn()
+                    torch.cuda.synchronize()
+                    torch.cuda.reset_peak_memory_stats()
+                    med, p20, p80 = triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8])
+                    rows.append({"shape": f"{k}->{n}", "rank": r, "dropout": p, "method": name, "ms": med,
+                                 "ms_p20": p20, "ms_p80": p80, "tflops": flops / med / 1e9,
+                                 "peak_mb": torch.cuda.max_memory_allocated() / 2**20})
+                    print(f"{k:>5}->{n:<6} r={r:<3} p={p:<4} {name:<22} {med:8.3f} ms  "
+                          f"{flops / med / 1e9:6.1f} TFLOP/s")
+                os.environ.pop("PEFTFAST_LORA_GEMM", None)
+    name = torch.cuda.get_device_name().replace(" ", "-")
+    out_dir = out_dir or os.path.join(HERE, "results", f"{datetime.date.today()}-{name}")
+    os.makedirs(out_dir, exist_ok=True)
+    meta = {"device": torch.cuda.get_device_name(), "capability": torch.cuda.get_device_capability(),
+            "versions": _versions(), "commit": git_commit(), "tokens": tokens, "peftfast": peftfast.__version__}
+    with open(os.path.join(out_dir, "lora_linear.json"), "w") as f:
+        json.dump({"meta": meta, "rows": rows}, f, indent=2)
+    _plot(rows, os.path.join(out_dir, "lora_linear.png"), meta)
+    return rows
+
+
+def _plot(rows: list[dict], path: str, meta: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = sorted({(r["shape"], r["rank"], r["dropout"]) for r in rows}, key=str)
+    methods = sorted({r["method"] for r in rows})
+    fig, ax = plt.subplots(figsize=(max(8, len(keys) * 0.9), 4))
+    width = 0.8 / len(methods)
+    for i, m in enumerate(methods):
+        vals = [next((r["ms"] for r in rows if (r["shape"], r["rank"], r["dropout"]) == k and r["method"] == m), 0)
+                for k in keys]
+        ax.bar([j + i * width for j in range(len(keys))], vals, width, label=m)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(keys))])
+    ax.set_xticklabels([f"{s}\nr{r} p{p}" for s, r, p in keys], fontsize=7)
+    ax.set_ylabel("fwd+bwd ms (median)")
+    ax.set_title(f"LoRA linear, {meta['tokens']} tokens, bf16, {meta['device']} ({meta['commit']})", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cpu", action="store_true", help="exact CPU per-layer memory and op counts")
+    ap.add_argument("--gpu", action="store_true", help="GPU timings (needs CUDA)")
+    ap.add_argument("--out", default=None, help="output directory (GPU) / JSON path (CPU)")
+    args = ap.parse_args(argv)
+    if args.gpu:
+        run_gpu(args.out)
+    if args.cpu or not args.gpu:
+        run_cpu(args.out or os.path.join(HERE, "results", "cpu-lora-layer.json"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, HERE)
+    sys.exit(main())

@@ -1,0 +1,5 @@
+import sys
+
+from peftfast.cli import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""Test utilities that ship with peftfast (ahead-of-time kernel compilation checks)."""

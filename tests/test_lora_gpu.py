@@ -1,0 +1,123 @@
+"""Fused LoRA on a real GPU: compiled Triton kernels against an fp64 reference and PEFT's eager error.
+
+Run with ``PEFTFAST_GPU_TESTS=1 python -m pytest -m gpu`` (``benchmarks/run_gpu.sh``); the interpreter is off then.
+"""
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+    pytest.mark.skipif(os.environ.get("PEFTFAST_GPU_TESTS") != "1",
+                       reason="set PEFTFAST_GPU_TESTS=1 (interpreter off)"),
+]
+
+DEV = "cuda"
+
+
+def _case(m, k, ns, r, dtype, bias, lora_dtype=None):
+    lora_dtype = lora_dtype or dtype
+    g = torch.Generator(device=DEV).manual_seed(0)
+    x = torch.randn(m, k, device=DEV, generator=g).to(dtype).requires_grad_()
+    ws = [(torch.randn(n, k, device=DEV, generator=g) / k**0.5).to(dtype) for n in ns]
+    bs = [torch.randn(n, device=DEV, generator=g).to(dtype).requires_grad_() if bias else None for n in ns]
+    as_ = [(torch.randn(r, k, device=DEV, generator=g) / k**0.5).to(lora_dtype).requires_grad_() for _ in ns]
+    bms = [(torch.randn(n, r, device=DEV, generator=g) * 0.3).to(lora_dtype).requires_grad_() for n in ns]
+    dys = [torch.randn(m, n, device=DEV, generator=g).to(dtype) for n in ns]
+    return x, ws, bs, as_, bms, [2.0, 0.5, 1.5][: len(ns)], dys
+
+
+def _eager(x, ws, bs, as_, bms, scales, masks, p, dtype):
+    outs = []
+    for i, w in enumerate(ws):
+        xc = x.to(dtype)
+        xd = xc if p == 0 else xc * masks[i].to(dtype) / (1 - p)
+        low = F.linear(F.linear(xd, as_[i].to(dtype)), bms[i].to(dtype))
+        outs.append(F.linear(xc, w.to(dtype), None if bs[i] is None else bs[i].to(dtype)) + low * scales[i])
+    return outs
+
+
+def _grads(fn, leaves, dys):
+    for t in leaves:
+        t.grad = None
+    ys = fn()
+    torch.autograd.backward(ys, dys)
+    return [y.detach().double() for y in ys] + [t.grad.double() for t in leaves]
+
+
+@pytest.mark.parametrize("strategy", ["fused", "cublas"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("m,k,ns,r,p,bias", [
+    (1000, 1024, [1024], 16, 0.0, False), (777, 4096, [1024], 64, 0.05, True),
+    (513, 1024, [1024, 256, 256], 16, 0.1, True), (37, 80, [96], 8, 0.3, False),
+])
+def test_triton_within_twice_eager_error(monkeypatch, strategy, dtype, m, k, ns, r, p, bias):
+    from peftfast.ops.lora import dropout_keep_mask, lora_linear_group
+
+    monkeypatch.setenv("PEFTFAST_LORA_GEMM", strategy)
+    x, ws, bs, as_, bms, scales, dys = _case(m, k, ns, r, dtype, bias)
+    leaves = [t for t in [x, *bs, *as_, *bms] if t is not None]
+    seed = 4321
+    masks = dropout_keep_mask(seed, len(ns), m, k, p, device=x.device, backend="triton") if p else None
+    masks = [masks[i] for i in range(len(ns))] if p else None
+    got = _grads(lambda: lora_linear_group(x, ws, bs, as_, bms, scales, dropout_p=p, seed=seed, backend="triton"),
+                 leaves, dys)
+    ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
+    it = iter(ref_leaves)
+    rx = next(it)
+    rb = [next(it) if b is not None else None for b in bs]
+    ra, rbm = [next(it) for _ in as_], [next(it) for _ in bms]
+    ref = _grads(lambda: _eager(rx, ws, rb, ra, rbm, scales, masks, p, torch.float64), ref_leaves,
+                 [d.double() for d in dys])
+    eager = _grads(lambda: _eager(x, ws, bs, as_, bms, scales, masks, p, dtype), leaves, dys)
+    for a, e, f in zip(got, eager, ref):
+        scale = f.abs().max().clamp_min(1e-6)
+        err, base = ((a - f).abs().max() / scale).item(), ((e - f).abs().max() / scale).item()
+        assert err <= 2 * base + (1e-5 if dtype == torch.float32 else 1e-3), (err, base)
+
+
+def test_dropout_mask_rate_and_seed_on_gpu():
+    from peftfast.ops.lora import dropout_keep_mask
+
+    a = dropout_keep_mask(7, 2, 4096, 1024, 0.1, device=torch.device(DEV), backend="triton")
+    b = dropout_keep_mask(7, 2, 4096, 1024, 0.1, device=torch.device(DEV), backend="triton")
+    assert torch.equal(a, b)
+    assert abs(a.float().mean().item() - 0.9) < 2e-3
+    assert not torch.equal(a[0], a[1])
+
+
+def test_patched_llama_parity_bf16():
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import peftfast
+
+    cfg = LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=704, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, attn_implementation="sdpa")
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(cfg).to(DEV, torch.bfloat16)
+    model = get_peft_model(base, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear"))
+    for n, prm in model.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(prm, std=0.02)
+    ids = torch.randint(0, 512, (2, 97), device=DEV)
+
+    def run():
+        model.zero_grad(set_to_none=True)
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        return loss.item(), {n: p.grad.float().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    ref_loss, ref = run()
+    peftfast.patch(model)
+    assert peftfast.report(model).summary().startswith("peftfast: patched")
+    loss, got = run()
+    peftfast.unpatch(model)
+    assert abs(loss - ref_loss) < 2e-2 * abs(ref_loss)
+    for n in ref:
+        err = ((got[n] - ref[n]).norm() / ref[n].norm().clamp_min(1e-8)).item()
+        assert err < 5e-2, n
