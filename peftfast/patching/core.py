@@ -37,6 +37,7 @@ class PatchReport:
 
     entries: list[PatchEntry] = field(default_factory=list)
     backend: str = "auto"
+    notes: list[str] = field(default_factory=list)  # model-level parts left alone, each with its reason
 
     @property
     def patched(self) -> list[PatchEntry]:
@@ -61,7 +62,7 @@ class PatchReport:
                 f"skipped {len(self.skipped)}; backend={self.backend}")
 
     def format(self, model: nn.Module | None = None) -> str:
-        lines = [self.summary()]
+        lines = [self.summary()] + [f"  note     {n}" for n in self.notes]
         for e in self.entries:
             if e.patched:
                 lines.append(f"  patched  {e.name}" + (f"  [group {e.group}]" if e.group else ""))
@@ -108,6 +109,7 @@ def patch(model: nn.Module, *, backend: str = "auto", group_siblings: bool = Tru
             lora_mod.uninstall(mod)  # it became ineligible since the last patch (e.g. DoRA added)
         rep.entries.append(PatchEntry(name=name, kind="lora", patched=reason is None, reason=reason))
     _form_groups(patched, rep)
+    rep.notes = _model_notes(model)
     model._peftfast_report = rep
     if not rep.entries:
         warnings.warn("peftfast.patch: the model has no PEFT LoRA layers; returning it unchanged", stacklevel=2)
@@ -115,7 +117,27 @@ def patch(model: nn.Module, *, backend: str = "auto", group_siblings: bool = Tru
         logger.info(rep.summary())
         for e in rep.skipped:
             logger.info("peftfast: skipped %s: %s", e.name, e.reason)
+    for n in rep.notes:
+        logger.info("peftfast: %s", n)
     return model
+
+
+def _model_notes(model: nn.Module) -> list[str]:
+    """Parts of the model ``patch`` leaves on their own path, with the reason (nothing is skipped silently)."""
+    notes = []
+    configs = getattr(model, "peft_config", None)
+    if isinstance(configs, dict):
+        for name, cfg in configs.items():
+            if getattr(cfg, "is_prompt_learning", False):
+                kind = getattr(getattr(cfg, "peft_type", None), "value", type(cfg).__name__)
+                notes.append(f"adapter {name!r} ({kind}): runs on PEFT's own path and the model's attention; "
+                             "peftfast has no fused prompt-learning/prefix attention path yet")
+    from peftfast.patching.adapters import adapter_names
+
+    if adapter_names(model):
+        notes.append(f"bottleneck adapters {adapter_names(model)}: fused by their own modules "
+                     "(peftfast.add_adapters), not by patch")
+    return notes
 
 
 def _form_groups(patched: dict[str, nn.Module], rep: PatchReport) -> None:

@@ -301,11 +301,11 @@ def compile_job(job: Job) -> dict[str, Any]:
     from triton.compiler import ASTSource
     from triton.runtime.jit import JITFunction
 
-    from peftfast.kernels import lora as kernels
+    from peftfast.kernels import adapter, lora
 
-    fn = getattr(kernels, job.kernel)
+    fn = getattr(lora, job.kernel, None) or getattr(adapter, job.kernel)
     if not isinstance(fn, JITFunction):
-        raise RuntimeError("peftfast.kernels.lora was imported with TRITON_INTERPRET set; compile in a subprocess "
+        raise RuntimeError("peftfast.kernels were imported with TRITON_INTERPRET set; compile in a subprocess "
                            "(peftfast.testing.aot.run does) or unset TRITON_INTERPRET")
     signature, consts, attrs = _specialise(fn, job.args, {**job.tiles, **job.meta})
     t0 = time.perf_counter()
@@ -402,7 +402,7 @@ def run(jobs: Sequence[Job], workers: int | None = None, cache_dir: str | None =
 def _cost(job: Job) -> float:
     """Rough relative compile time: ptxas time grows with the unrolled Philox epilogue and the tile area."""
     area = job.tiles["BLOCK_M"] * job.tiles.get("BLOCK_N", job.tiles["BLOCK_K"]) / 4096
-    dropout = 8.0 if job.meta["HAS_DROPOUT"] and job.kernel == "_lora_gemm_kernel" else 1.0
+    dropout = 8.0 if job.meta.get("HAS_DROPOUT") and job.kernel == "_lora_gemm_kernel" else 1.0
     return area * dropout * (2.0 if job.meta["DOT_PRECISION"] == "ieee" else 1.0)
 
 
