@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import os
@@ -123,19 +122,8 @@ def run_gpu(out_dir: str | None, tokens: int = 8192, hidden: int = 4096) -> list
     return rows
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--cpu", action="store_true", help="exact CPU memory and op counts")
-    ap.add_argument("--gpu", action="store_true", help="GPU timings (needs CUDA)")
-    ap.add_argument("--out", default=None, help="output directory (GPU) / JSON path (CPU)")
-    args = ap.parse_args(argv)
-    if args.gpu:
-        run_gpu(args.out)
-    if args.cpu or not args.gpu:
-        run_cpu(args.out or os.path.join(HERE, "results", "cpu-adapter.json"))
-    return 0
-
-
 if __name__ == "__main__":
     sys.path.insert(0, HERE)
-    sys.exit(main())
+    from _cli import main
+
+    sys.exit(main(__doc__, run_cpu, run_gpu, "cpu-adapter.json"))
