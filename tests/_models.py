@@ -57,6 +57,14 @@ def qwen2(hidden: int = 32, layers: int = 2, **overrides) -> nn.Module:
     return Qwen2ForCausalLM(Qwen2Config(**{**_decoder_kwargs(hidden, layers), **overrides}))
 
 
+def gemma(hidden: int = 32, layers: int = 2, **overrides) -> nn.Module:
+    """GemmaForCausalLM (GeGLU MLP with the tanh-approximate GELU, ``1 + w`` RMSNorm)."""
+    from transformers import GemmaConfig, GemmaForCausalLM
+
+    kw = {**_decoder_kwargs(hidden, layers), "head_dim": hidden // 4, "hidden_activation": "gelu_pytorch_tanh"}
+    return GemmaForCausalLM(GemmaConfig(**{**kw, **overrides}))
+
+
 def gpt2(hidden: int = 32, layers: int = 2, **overrides) -> nn.Module:
     """GPT2LMHeadModel (``Conv1D`` layers store ``[in, out]`` weights: PEFT sets ``fan_in_fan_out``)."""
     from transformers import GPT2Config, GPT2LMHeadModel
@@ -77,7 +85,7 @@ def bert(hidden: int = 32, layers: int = 2, **overrides) -> nn.Module:
 
 
 BUILDERS: dict[str, Callable[..., nn.Module]] = {
-    "llama": llama, "mistral": mistral, "qwen2": qwen2, "gpt2": gpt2, "bert": bert,
+    "llama": llama, "mistral": mistral, "qwen2": qwen2, "gemma": gemma, "gpt2": gpt2, "bert": bert,
 }
 
 

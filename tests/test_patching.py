@@ -659,7 +659,7 @@ def test_sibling_groups_in_report_and_one_grouped_call_per_group(ids, group_spy)
     ref_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad()
 
-    peftfast.patch(model)
+    peftfast.patch(model, fuse_mlp=False)  # the LoRA-MLP op has its own test (tests/test_mlp.py)
     groups = {e.name: e.group for e in peftfast.report(model).entries}
     for i in range(2):
         p = f"{LAYER}.{i}"
@@ -698,7 +698,7 @@ def test_triton_launches_per_forward_and_backward(ids):
     ref.loss.backward()
     ref_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad()
-    peftfast.patch(model, backend="triton")
+    peftfast.patch(model, backend="triton", fuse_mlp=False)  # LoRA-MLP launches: tests/test_mlp.py
     with count_launches() as fwd:
         out = model(input_ids=ids, labels=ids)
     # q/k/v: 1+3, o: 1+1, gate/up: 1+2, down: 1+1

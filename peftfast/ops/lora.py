@@ -258,75 +258,83 @@ _IMPLS = {"torch": _TorchImpl, "triton": _TritonImpl}
 # ----------------------------------------------------------------------------------------------------------------
 # autograd
 # ----------------------------------------------------------------------------------------------------------------
+def group_forward(x2d: torch.Tensor, scales, p: float, seed: int, backend: str, n: int,
+                  flat) -> tuple[list, torch.Tensor]:
+    """Forward of ``n`` LoRA linears sharing ``x2d`` [M, K] (no autograd): outputs [M, N_i] and ``xa`` [M, n*r].
+
+    ``flat`` = Ws, bs, bBs, As, Bs. Backward needs only ``x2d`` and ``xa`` (plus the parameters).
+    """
+    ws, bs, lbs, as_, bmats = (flat[i * n:(i + 1) * n] for i in range(5))
+    rank = as_[0].shape[0]
+    impl = _IMPLS[backend]
+    a_cat = as_[0] if n == 1 else torch.cat(as_, dim=0)
+    xa = impl.down(x2d, a_cat, rank, n, p, seed, 1.0)
+    ys = [impl.fwd(x2d, ws[i], bs[i], xa[:, i * rank:(i + 1) * rank], bmats[i], scales[i], lbs[i]) for i in range(n)]
+    return ys, xa
+
+
+def group_backward(x2d, xa, flat, scales, p, seed, backend, n, need_x: bool, flat_need, dy2) -> tuple:
+    """Backward of :func:`group_forward`: (grad of x2d or None, grads of ``flat`` in its order)."""
+    ws, bs, lbs, as_, bmats = (flat[i * n:(i + 1) * n] for i in range(5))
+    impl = _IMPLS[backend]
+    rank = as_[0].shape[0]
+    need_b = flat_need[n:2 * n]
+    need_lb = flat_need[2 * n:3 * n]
+    need_a = flat_need[3 * n:4 * n]
+    need_bm = flat_need[4 * n:5 * n]
+    m = x2d.shape[0]
+    lora_dtype = xa.dtype
+    g_cat = None
+    if need_x or any(need_a):
+        g_cat = torch.empty((m, n * rank), device=x2d.device, dtype=lora_dtype)
+        for i in range(n):
+            gi = g_cat[:, i * rank:(i + 1) * rank]
+            if dy2[i] is None:
+                gi.zero_()
+            else:
+                impl.down(dy2[i], bmats[i].t(), rank, 1, 0.0, 0, scales[i], out=gi)
+    a_cat = as_[0] if n == 1 else torch.cat(as_, dim=0)
+    masks: dict = {}  # torch backend: each regenerated mask serves dx and dA (the Triton kernels need none)
+    grad_x = impl.dx(dy2, ws, g_cat, a_cat, rank, p, seed, x2d.dtype, masks) if need_x else None
+    grad_a = [None] * n
+    if any(need_a):
+        da = impl.da(x2d, g_cat, rank, p, seed, masks)
+        grad_a = [da[i * rank:(i + 1) * rank] if need_a[i] else None for i in range(n)]
+    grad_bm, grad_b, grad_lb = [None] * n, [None] * n, [None] * n
+    for i in range(n):
+        if dy2[i] is None:
+            continue
+        if need_bm[i]:
+            grad_bm[i] = impl.db_mat(dy2[i], xa[:, i * rank:(i + 1) * rank], scales[i])
+        if need_b[i]:
+            grad_b[i] = dy2[i].sum(0).to(bs[i].dtype)
+        if need_lb[i]:
+            # PEFT adds the LoRA bias in the LoRA dtype (often fp32 over a 16-bit base): reduce in that precision
+            acc = torch.promote_types(dy2[i].dtype, lbs[i].dtype)
+            grad_lb[i] = dy2[i].sum(0, dtype=acc).mul_(scales[i]).to(lbs[i].dtype)
+    return grad_x, (*([None] * n), *grad_b, *grad_lb, *grad_a, *grad_bm)
+
+
 class _LoRAGroupFunction(torch.autograd.Function):
     """Fused forward/backward of ``n`` LoRA linears sharing one input. ``flat`` = Ws, bs, bBs, As, Bs."""
 
     @staticmethod
     def forward(ctx, x, scales, p, seed, backend, n, *flat):
-        ws, bs, lbs, as_, bmats = (flat[i * n:(i + 1) * n] for i in range(5))
-        k = x.shape[-1]
-        x2d = x.reshape(-1, k)
-        rank = as_[0].shape[0]
-        impl = _IMPLS[backend]
-        a_cat = as_[0] if n == 1 else torch.cat(as_, dim=0)
-        xa = impl.down(x2d, a_cat, rank, n, p, seed, 1.0)
-        ys = []
-        for i in range(n):
-            y = impl.fwd(x2d, ws[i], bs[i], xa[:, i * rank:(i + 1) * rank], bmats[i], scales[i], lbs[i])
-            ys.append(y.view(*x.shape[:-1], ws[i].shape[0]))
+        x2d = x.reshape(-1, x.shape[-1])
+        ys, xa = group_forward(x2d, scales, p, seed, backend, n, flat)
         ctx.save_for_backward(x2d, xa, *flat)
-        ctx.meta = (scales, p, seed, backend, n, rank, x.shape, x.dtype)
-        return tuple(ys)
+        ctx.meta = (scales, p, seed, backend, n, x.shape)
+        return tuple(y.view(*x.shape[:-1], y.shape[-1]) for y in ys)
 
     @staticmethod
     def backward(ctx, *dys):
-        scales, p, seed, backend, n, rank, x_shape, x_dtype = ctx.meta
+        scales, p, seed, backend, n, x_shape = ctx.meta
         x2d, xa, *flat = ctx.saved_tensors
-        ws, bs, lbs, as_, bmats = (flat[i * n:(i + 1) * n] for i in range(5))
-        impl = _IMPLS[backend]
         need = ctx.needs_input_grad
-        flat_need = need[6:]
-        need_b = flat_need[n:2 * n]
-        need_lb = flat_need[2 * n:3 * n]
-        need_a = flat_need[3 * n:4 * n]
-        need_bm = flat_need[4 * n:5 * n]
         m = x2d.shape[0]
         dy2 = [None if d is None else d.reshape(m, -1) for d in dys]
-        lora_dtype = xa.dtype
-
-        grad_x = None
-        g_cat = None
-        if need[0] or any(need_a):
-            g_cat = torch.empty((m, n * rank), device=x2d.device, dtype=lora_dtype)
-            for i in range(n):
-                gi = g_cat[:, i * rank:(i + 1) * rank]
-                if dy2[i] is None:
-                    gi.zero_()
-                else:
-                    impl.down(dy2[i], bmats[i].t(), rank, 1, 0.0, 0, scales[i], out=gi)
-        a_cat = as_[0] if n == 1 else torch.cat(as_, dim=0)
-        masks: dict = {}  # torch backend: each regenerated mask serves dx and dA (the Triton kernels need none)
-        if need[0]:
-            grad_x = impl.dx(dy2, ws, g_cat, a_cat, rank, p, seed, x_dtype, masks).view(x_shape)
-        grad_a = [None] * n
-        if any(need_a):
-            da = impl.da(x2d, g_cat, rank, p, seed, masks)
-            grad_a = [da[i * rank:(i + 1) * rank] if need_a[i] else None for i in range(n)]
-        grad_bm = [None] * n
-        grad_b = [None] * n
-        grad_lb = [None] * n
-        for i in range(n):
-            if dy2[i] is None:
-                continue
-            if need_bm[i]:
-                grad_bm[i] = impl.db_mat(dy2[i], xa[:, i * rank:(i + 1) * rank], scales[i])
-            if need_b[i]:
-                grad_b[i] = dy2[i].sum(0).to(bs[i].dtype)
-            if need_lb[i]:
-                # PEFT adds the LoRA bias in the LoRA dtype (often fp32 over a 16-bit base): reduce in that precision
-                acc = torch.promote_types(dy2[i].dtype, lbs[i].dtype)
-                grad_lb[i] = dy2[i].sum(0, dtype=acc).mul_(scales[i]).to(lbs[i].dtype)
-        return (grad_x, None, None, None, None, None, *([None] * n), *grad_b, *grad_lb, *grad_a, *grad_bm)
+        grad_x, grads = group_backward(x2d, xa, flat, scales, p, seed, backend, n, need[0], need[6:], dy2)
+        return (None if grad_x is None else grad_x.view(x_shape), None, None, None, None, None, *grads)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from peftfast.modules import lora as lora_mod
+from peftfast.modules import mlp as mlp_mod
 from peftfast.ops._backend import BACKENDS
 
 logger = logging.getLogger("peftfast")
@@ -25,7 +26,7 @@ SIBLING_SETS: tuple[frozenset[str], ...] = (
 @dataclass
 class PatchEntry:
     name: str
-    kind: str  # "lora"
+    kind: str  # "lora" for PEFT layers; "mlp" for fused blocks
     patched: bool
     reason: str | None = None
     group: str | None = None
@@ -33,9 +34,11 @@ class PatchEntry:
 
 @dataclass
 class PatchReport:
-    """What ``patch`` did to a model: one entry per PEFT layer, and the calls that fell back at run time."""
+    """What ``patch`` did to a model: one entry per PEFT layer (``entries``), one per block-level module it fused or
+    left alone (``modules``: gated MLPs), model-level notes, and the calls that fell back at run time."""
 
     entries: list[PatchEntry] = field(default_factory=list)
+    modules: list[PatchEntry] = field(default_factory=list)
     backend: str = "auto"
     notes: list[str] = field(default_factory=list)  # model-level parts left alone, each with its reason
 
@@ -56,20 +59,36 @@ class PatchReport:
                 out[name] = {"fused": st.fused_calls, "base_only": st.base_only_calls, "fallbacks": dict(st.fallbacks)}
         return out
 
+    def module_runtime(self, model: nn.Module) -> dict[str, dict]:
+        """Per fused block module: fused calls, block-level fallbacks, and calls deferred to the layers."""
+        out = {}
+        for name, mod in model.named_modules():
+            mst = getattr(mod, "_peftfast_mlp", None)
+            if isinstance(mst, mlp_mod.MLPState):
+                out[name] = {"fused": mst.fused_calls, "fallbacks": dict(mst.fallbacks), "deferred": dict(mst.deferred)}
+        return out
+
     def summary(self) -> str:
         groups = {e.group for e in self.patched if e.group}
+        blocks = ""
+        if self.modules:
+            fused = sum(e.patched for e in self.modules)
+            blocks = f"; fused {fused} of {len(self.modules)} MLP block(s)"
         return (f"peftfast: patched {len(self.patched)} LoRA layer(s) ({len(groups)} sibling group(s)), "
-                f"skipped {len(self.skipped)}; backend={self.backend}")
+                f"skipped {len(self.skipped)}{blocks}; backend={self.backend}")
 
     def format(self, model: nn.Module | None = None) -> str:
         lines = [self.summary()] + [f"  note     {n}" for n in self.notes]
+        for e in self.modules:
+            lines.append(f"  fused    {e.name} ({e.kind})" if e.patched
+                         else f"  unfused  {e.name} ({e.kind}): {e.reason}")
         for e in self.entries:
             if e.patched:
                 lines.append(f"  patched  {e.name}" + (f"  [group {e.group}]" if e.group else ""))
             else:
                 lines.append(f"  skipped  {e.name}: {e.reason}")
         if model is not None:
-            for name, r in self.runtime(model).items():
+            for name, r in [*self.runtime(model).items(), *self.module_runtime(model).items()]:
                 for reason, count in r["fallbacks"].items():
                     lines.append(f"  fallback {name}: {count} call(s): {reason}")
         return "\n".join(lines)
@@ -86,12 +105,14 @@ def _is_peft_layer(mod: nn.Module) -> bool:
     return isinstance(mod, LoraLayer)
 
 
-def patch(model: nn.Module, *, backend: str = "auto", group_siblings: bool = True) -> nn.Module:
+def patch(model: nn.Module, *, backend: str = "auto", group_siblings: bool = True, fuse_mlp: bool = True) -> nn.Module:
     """Run every eligible PEFT LoRA ``Linear`` of ``model`` on peftfast's fused path, in place.
 
     Accepts a ``PeftModel`` or any model holding PEFT LoRA layers. Parameters, names, ``state_dict``, optimizer
     references and ``save_pretrained`` are untouched. Calling it again re-applies the options. Layers that cannot
-    be fused are left alone with a reason in ``peftfast.report(model)``. Returns ``model``.
+    be fused are left alone with a reason in ``peftfast.report(model)``. With ``fuse_mlp``, gated MLPs whose three
+    projections are patched run as one LoRA-MLP op that does not keep the activation output or the down input.
+    Returns ``model``.
     """
     if backend not in BACKENDS:
         raise ValueError(f"peftfast.patch: unknown backend {backend!r}; choose one of {BACKENDS}")
@@ -109,6 +130,19 @@ def patch(model: nn.Module, *, backend: str = "auto", group_siblings: bool = Tru
             lora_mod.uninstall(mod)  # it became ineligible since the last patch (e.g. DoRA added)
         rep.entries.append(PatchEntry(name=name, kind="lora", patched=reason is None, reason=reason))
     _form_groups(patched, rep)
+    for name, mod in model.named_modules():
+        if not mlp_mod.is_gated_mlp(mod):
+            continue
+        if not any(_is_peft_layer(getattr(mod, p)) for p in ("gate_proj", "up_proj", "down_proj")):
+            continue
+        reason = mlp_mod.why_not(mod) if fuse_mlp else "fuse_mlp=False"
+        if reason is None and not group_siblings:
+            reason = "group_siblings=False (the fused MLP groups gate and up)"
+        if reason is None:
+            mlp_mod.install(mod, name, backend)
+        else:
+            mlp_mod.uninstall(mod)
+        rep.modules.append(PatchEntry(name=name, kind="mlp", patched=reason is None, reason=reason))
     rep.notes = _model_notes(model)
     model._peftfast_report = rep
     if not rep.entries:
@@ -168,6 +202,7 @@ def unpatch(model: nn.Module) -> nn.Module:
     for _, mod in model.named_modules():
         if getattr(mod, "_peftfast", None) is not None:
             lora_mod.uninstall(mod)
+        mlp_mod.uninstall(mod)
     model.__dict__.pop("_peftfast_report", None)
     return model
 

@@ -71,7 +71,9 @@ class Job:
         ``ieee`` fp32 must not touch tensor cores (they would round to TF32). Hopper's warpgroup MMA needs >= 4
         warps and an M tile that is a multiple of 64; M is BLOCK_M, except in the dA kernel where it is BLOCK_R.
         """
-        if self.meta["DOT_PRECISION"] == "ieee" and self.dtype == "fp32":
+        if "BLOCK_M" not in self.tiles and self.kernel != "_lora_da_kernel":
+            return "none"  # element-wise / row-wise kernels have no dot
+        if self.meta.get("DOT_PRECISION") == "ieee" and self.dtype == "fp32":
             return "none"
         if self.arch < 90 or self.num_warps < 4:
             return "mma.sync"
@@ -294,6 +296,23 @@ def _resource_usage(cubin: bytes) -> dict[str, int]:
     return usage
 
 
+KERNEL_MODULES = ("lora", "adapter", "mlp", "norm", "cross_entropy", "rope", "attention")
+
+
+def kernel_function(name: str) -> Any:
+    """The ``@triton.jit`` function ``name`` from whichever ``peftfast.kernels`` module defines it."""
+    import importlib
+
+    for mod in KERNEL_MODULES:
+        try:
+            module = importlib.import_module(f"peftfast.kernels.{mod}")
+        except ModuleNotFoundError:
+            continue
+        if hasattr(module, name):
+            return getattr(module, name)
+    raise KeyError(f"no kernel {name!r} in peftfast.kernels.{{{','.join(KERNEL_MODULES)}}}")
+
+
 def compile_job(job: Job) -> dict[str, Any]:
     """Compile one job for its target in this process (which must not have TRITON_INTERPRET set)."""
     import triton
@@ -301,9 +320,7 @@ def compile_job(job: Job) -> dict[str, Any]:
     from triton.compiler import ASTSource
     from triton.runtime.jit import JITFunction
 
-    from peftfast.kernels import adapter, lora
-
-    fn = getattr(lora, job.kernel, None) or getattr(adapter, job.kernel)
+    fn = kernel_function(job.kernel)
     if not isinstance(fn, JITFunction):
         raise RuntimeError("peftfast.kernels were imported with TRITON_INTERPRET set; compile in a subprocess "
                            "(peftfast.testing.aot.run does) or unset TRITON_INTERPRET")
@@ -401,9 +418,10 @@ def run(jobs: Sequence[Job], workers: int | None = None, cache_dir: str | None =
 
 def _cost(job: Job) -> float:
     """Rough relative compile time: ptxas time grows with the unrolled Philox epilogue and the tile area."""
-    area = job.tiles["BLOCK_M"] * job.tiles.get("BLOCK_N", job.tiles["BLOCK_K"]) / 4096
+    t = job.tiles
+    area = t.get("BLOCK_M", 64) * t.get("BLOCK_N", t.get("BLOCK_K", 64)) / 4096
     dropout = 8.0 if job.meta.get("HAS_DROPOUT") and job.kernel == "_lora_gemm_kernel" else 1.0
-    return area * dropout * (2.0 if job.meta["DOT_PRECISION"] == "ieee" else 1.0)
+    return area * dropout * (2.0 if job.meta.get("DOT_PRECISION") == "ieee" else 1.0)
 
 
 def _answer(proc: subprocess.Popen, job: Job, log: Any, timeout: float) -> dict[str, Any]:
