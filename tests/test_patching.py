@@ -698,7 +698,7 @@ def test_triton_launches_per_forward_and_backward(ids):
     ref.loss.backward()
     ref_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad()
-    peftfast.patch(model, backend="triton", fuse_mlp=False)  # LoRA-MLP launches: tests/test_mlp.py
+    peftfast.patch(model, backend="triton", fuse_mlp=False, fuse_rope=False)  # block ops: test_mlp, test_rope
     with count_launches() as fwd:
         out = model(input_ids=ids, labels=ids)
     # q/k/v: 1+3, o: 1+1, gate/up: 1+2, down: 1+1
@@ -712,7 +712,7 @@ def test_triton_launches_per_forward_and_backward(ids):
     for n, g in ref_grads.items():
         close(model.get_parameter(n).grad, g, atol=1e-4, rtol=1e-4)
 
-    peftfast.patch(model, backend="triton", group_siblings=False)
+    peftfast.patch(model, backend="triton", group_siblings=False, fuse_rope=False)
     with count_launches() as ungrouped, torch.no_grad():
         out2 = model(input_ids=ids).logits
     assert ungrouped == Counter({"_lora_down_kernel": 7, "_lora_gemm_kernel": 7})

@@ -10,6 +10,7 @@ from torch import nn
 
 from peftfast.modules import lora as lora_mod
 from peftfast.modules import mlp as mlp_mod
+from peftfast.modules import rope as rope_mod
 from peftfast.ops._backend import BACKENDS
 
 logger = logging.getLogger("peftfast")
@@ -26,7 +27,7 @@ SIBLING_SETS: tuple[frozenset[str], ...] = (
 @dataclass
 class PatchEntry:
     name: str
-    kind: str  # "lora" for PEFT layers; "mlp" for fused blocks
+    kind: str  # "lora" for PEFT layers; "mlp", "rope" for fused block modules
     patched: bool
     reason: str | None = None
     group: str | None = None
@@ -66,14 +67,19 @@ class PatchReport:
             mst = getattr(mod, "_peftfast_mlp", None)
             if isinstance(mst, mlp_mod.MLPState):
                 out[name] = {"fused": mst.fused_calls, "fallbacks": dict(mst.fallbacks), "deferred": dict(mst.deferred)}
+            rst = getattr(mod, "_peftfast_rope", None)
+            if isinstance(rst, rope_mod.RoPEState):
+                out[f"{name} (rope)"] = {"fused": rst.fused_calls, "fallbacks": dict(rst.fallbacks), "deferred": {}}
         return out
 
     def summary(self) -> str:
         groups = {e.group for e in self.patched if e.group}
         blocks = ""
         if self.modules:
-            fused = sum(e.patched for e in self.modules)
-            blocks = f"; fused {fused} of {len(self.modules)} MLP block(s)"
+            kinds = dict.fromkeys(e.kind for e in self.modules)
+            parts = [f"{sum(e.patched for e in self.modules if e.kind == k)}/"
+                     f"{sum(e.kind == k for e in self.modules)} {k}" for k in kinds]
+            blocks = "; fused " + ", ".join(parts)
         return (f"peftfast: patched {len(self.patched)} LoRA layer(s) ({len(groups)} sibling group(s)), "
                 f"skipped {len(self.skipped)}{blocks}; backend={self.backend}")
 
@@ -105,14 +111,15 @@ def _is_peft_layer(mod: nn.Module) -> bool:
     return isinstance(mod, LoraLayer)
 
 
-def patch(model: nn.Module, *, backend: str = "auto", group_siblings: bool = True, fuse_mlp: bool = True) -> nn.Module:
+def patch(model: nn.Module, *, backend: str = "auto", group_siblings: bool = True, fuse_mlp: bool = True,
+          fuse_rope: bool = True) -> nn.Module:
     """Run every eligible PEFT LoRA ``Linear`` of ``model`` on peftfast's fused path, in place.
 
     Accepts a ``PeftModel`` or any model holding PEFT LoRA layers. Parameters, names, ``state_dict``, optimizer
     references and ``save_pretrained`` are untouched. Calling it again re-applies the options. Layers that cannot
     be fused are left alone with a reason in ``peftfast.report(model)``. With ``fuse_mlp``, gated MLPs whose three
-    projections are patched run as one LoRA-MLP op that does not keep the activation output or the down input.
-    Returns ``model``.
+    projections are patched run as one LoRA-MLP op that does not keep the activation output or the down input;
+    with ``fuse_rope``, RoPE attention modules rotate q and k in one fused op. Returns ``model``.
     """
     if backend not in BACKENDS:
         raise ValueError(f"peftfast.patch: unknown backend {backend!r}; choose one of {BACKENDS}")
@@ -143,6 +150,16 @@ def patch(model: nn.Module, *, backend: str = "auto", group_siblings: bool = Tru
         else:
             mlp_mod.uninstall(mod)
         rep.modules.append(PatchEntry(name=name, kind="mlp", patched=reason is None, reason=reason))
+    if rep.entries:
+        for name, mod in model.named_modules():
+            if not rope_mod.is_rope_attention(mod):
+                continue
+            reason = rope_mod.why_not(mod) if fuse_rope else "fuse_rope=False"
+            if reason is None:
+                rope_mod.install(mod, name, backend)
+            else:
+                rope_mod.uninstall(mod)
+            rep.modules.append(PatchEntry(name=name, kind="rope", patched=reason is None, reason=reason))
     rep.notes = _model_notes(model)
     model._peftfast_report = rep
     if not rep.entries:
@@ -203,6 +220,7 @@ def unpatch(model: nn.Module) -> nn.Module:
         if getattr(mod, "_peftfast", None) is not None:
             lora_mod.uninstall(mod)
         mlp_mod.uninstall(mod)
+        rope_mod.uninstall(mod)
     model.__dict__.pop("_peftfast_report", None)
     return model
 

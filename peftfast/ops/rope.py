@@ -1,0 +1,114 @@
+"""Rotary position embedding on q and k as one op (Triton on CUDA, ATen elsewhere).
+
+Same maths as transformers' ``apply_rotary_pos_emb`` (rotate-half convention, ``cos``/``sin`` from the model's
+rotary module, partial rotary when ``cos`` is narrower than the head). Saved for backward: ``cos`` and ``sin``
+only (the model holds them anyway); q and k are not kept, and no rotate-half temporaries are made.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+
+from peftfast.ops._backend import interpreting, resolve_backend
+from peftfast.ops._counters import launching
+
+
+def _as_bhsd(t: torch.Tensor, unsqueeze_dim: int) -> torch.Tensor:
+    """A [B, H, S, D] view of q/k (given as [B, H, S, D] for unsqueeze_dim=1 or [B, S, H, D] for 2)."""
+    return t if unsqueeze_dim == 1 else t.transpose(1, 2)
+
+
+def _cs_strides(c: torch.Tensor) -> tuple[int, int, int]:
+    return (0 if c.shape[0] == 1 else c.stride(0)), c.stride(1), c.stride(2)
+
+
+def _launch(q, k, cos, sin, unsqueeze_dim, backward):
+    qv, kv = _as_bhsd(q, unsqueeze_dim), _as_bhsd(k, unsqueeze_dim)
+    qo, ko = torch.empty_like(q), torch.empty_like(k)
+    qov, kov = _as_bhsd(qo, unsqueeze_dim), _as_bhsd(ko, unsqueeze_dim)
+    b, hq, s, d = qv.shape
+    hk = kv.shape[1]
+    rot = cos.shape[-1]
+    block_h = 4 if interpreting() else min(16, triton.next_power_of_2(max(hq, hk)))
+    grid = (b * s, triton.cdiv(hq, block_h) + triton.cdiv(hk, block_h))
+    from peftfast.kernels import rope as K
+
+    with launching("_rope_kernel"):
+        K._rope_kernel[grid](
+            qv, *qv.stride(), kv, *kv.stride(), qov, *qov.stride(), kov, *kov.stride(),
+            cos, *_cs_strides(cos), sin, *_cs_strides(sin), s, hq, hk, rot, d,
+            BACKWARD=backward, BLOCK_H=block_h, BLOCK_HALF=max(1, triton.next_power_of_2(rot // 2)),
+            BLOCK_D=triton.next_power_of_2(max(d - rot, 1)), num_warps=1 if interpreting() else 4,
+        )
+    return qo, ko
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool) -> torch.Tensor:
+    """The torch backend: one fp32 computation per tensor, rounded once (cos/sin already unsqueezed)."""
+    rot = cos.shape[-1]
+    half = rot // 2
+    ct = torch.promote_types(x.dtype, torch.float32)
+    xf = x[..., :rot].to(ct)
+    x1, x2 = xf[..., :half], xf[..., half:]
+    c, s = cos.to(ct), sin.to(ct)
+    if backward:
+        y = torch.cat((x1 * c[..., :half] + x2 * s[..., half:], x2 * c[..., half:] - x1 * s[..., :half]), dim=-1)
+    else:
+        y = torch.cat((x1 * c[..., :half] - x2 * s[..., :half], x2 * c[..., half:] + x1 * s[..., half:]), dim=-1)
+    if rot == x.shape[-1]:
+        return y.to(x.dtype)
+    return torch.cat((y.to(x.dtype), x[..., rot:]), dim=-1)
+
+
+class _RoPEFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, cos, sin, unsqueeze_dim, backend):
+        ctx.save_for_backward(cos, sin)
+        ctx.meta = (unsqueeze_dim, backend)
+        ctx.shapes = (q.shape, k.shape, q.dtype, k.dtype)
+        if backend == "triton":
+            return _launch(q, k, cos, sin, unsqueeze_dim, False)
+        c, s = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
+        return _rotate(q, c, s, False), _rotate(k, c, s, False)
+
+    @staticmethod
+    def backward(ctx, dq, dk):
+        cos, sin = ctx.saved_tensors
+        unsqueeze_dim, backend = ctx.meta
+        q_shape, k_shape, q_dtype, k_dtype = ctx.shapes
+        if dq is None:
+            dq = torch.zeros(q_shape, dtype=q_dtype, device=cos.device)
+        if dk is None:
+            dk = torch.zeros(k_shape, dtype=k_dtype, device=cos.device)
+        if backend == "triton":
+            gq, gk = _launch(dq, dk, cos, sin, unsqueeze_dim, True)
+        else:
+            c, s = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
+            gq, gk = _rotate(dq, c, s, True), _rotate(dk, c, s, True)
+        return gq, gk, None, None, None, None
+
+
+def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, unsqueeze_dim: int = 1,
+         backend: str = "auto", name: str = "rope") -> tuple[torch.Tensor, torch.Tensor]:
+    """``apply_rotary_pos_emb`` fused: q [B, HQ, S, D], k [B, HK, S, D] (unsqueeze_dim=1; [B, S, H, D] with 2),
+    cos/sin [B or 1, S, R] with R ≤ D even. Returns the rotated (q, k); gradients flow to q and k."""
+    where = f"peftfast: {name}"
+    if unsqueeze_dim not in (1, 2):
+        raise ValueError(f"{where}: unsqueeze_dim must be 1 or 2, got {unsqueeze_dim}")
+    if q.dim() != 4 or k.dim() != 4 or cos.dim() != 3 or sin.shape != cos.shape:
+        raise ValueError(f"{where}: expected 4-D q/k and matching 3-D cos/sin, got q {tuple(q.shape)}, "
+                         f"k {tuple(k.shape)}, cos {tuple(cos.shape)}, sin {tuple(sin.shape)}")
+    qv, kv = _as_bhsd(q, unsqueeze_dim), _as_bhsd(k, unsqueeze_dim)
+    rot = cos.shape[-1]
+    if rot % 2 or rot > q.shape[-1] or k.shape[-1] != q.shape[-1]:
+        raise ValueError(f"{where}: rotary dim {rot} must be even and ≤ head dim {q.shape[-1]} (k: {k.shape[-1]})")
+    if qv.shape[0] != kv.shape[0] or qv.shape[2] != kv.shape[2] or cos.shape[1] != qv.shape[2] or \
+            cos.shape[0] not in (1, qv.shape[0]):
+        raise ValueError(f"{where}: batch/sequence sizes of q {tuple(q.shape)}, k {tuple(k.shape)} and cos "
+                         f"{tuple(cos.shape)} do not match")
+    be = resolve_backend(backend, q.device)
+    return _RoPEFunction.apply(q, k, cos, sin, unsqueeze_dim, be)
+
+
+__all__ = ["rope"]

@@ -1,0 +1,204 @@
+"""Fused RoPE: parity with transformers' apply_rotary_pos_emb, memory contract, patching, AOT compile."""
+
+import sys
+import types
+
+import pytest
+import torch
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb as llama_rope
+from transformers.models.phi3.modeling_phi3 import apply_rotary_pos_emb as phi3_rope
+
+import peftfast
+from peftfast.modules import rope as rope_mod
+from peftfast.ops import _counters
+from peftfast.ops.rope import rope
+from peftfast.testing import aot
+
+BACKENDS = ["torch", "triton"]
+
+
+def _inputs(b, hq, hk, s, d, rot, dtype, *, layout=1, cos_batch=None):
+    if layout == 1:  # the model's [B, S, H, D] projections viewed as [B, H, S, D]: non-contiguous
+        q = torch.randn(b, s, hq, d).transpose(1, 2).to(dtype).requires_grad_()
+        k = torch.randn(b, s, hk, d).transpose(1, 2).to(dtype).requires_grad_()
+    else:
+        q = torch.randn(b, s, hq, d).to(dtype).requires_grad_()
+        k = torch.randn(b, s, hk, d).to(dtype).requires_grad_()
+    cb = b if cos_batch is None else cos_batch
+    theta = torch.randn(cb, s, rot // 2)
+    cos = torch.cat([theta.cos(), theta.cos()], -1).to(dtype)
+    sin = torch.cat([theta.sin(), theta.sin()], -1).to(dtype)
+    return q, k, cos, sin
+
+
+def _run(fn, q, k):
+    q.grad = k.grad = None
+    a, b = fn()
+    ga = torch.linspace(-1, 1, a.numel()).view(a.shape).to(a.dtype)
+    gb = torch.linspace(1, -1, b.numel()).view(b.shape).to(b.dtype)
+    torch.autograd.backward([a, b], [ga, gb])
+    return [a.detach().double(), b.detach().double(), q.grad.double(), k.grad.double()]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("b,hq,hk,s,d,rot,layout,cos_batch", [
+    (2, 4, 2, 7, 16, 16, 1, None),
+    (1, 3, 1, 5, 12, 8, 1, None),  # partial rotary (Phi-3)
+    (2, 2, 2, 9, 80, 80, 2, 1),  # [B, S, H, D] layout, head dim 80, cos shared over the batch
+])
+def test_fp32_matches_transformers_in_fp64(backend, b, hq, hk, s, d, rot, layout, cos_batch):
+    ref_fn = llama_rope if rot == d else phi3_rope
+    q, k, cos, sin = _inputs(b, hq, hk, s, d, rot, torch.float32, layout=layout, cos_batch=cos_batch)
+    got = _run(lambda: rope(q, k, cos, sin, unsqueeze_dim=layout, backend=backend), q, k)
+    rq, rk = (t.detach().double().requires_grad_() for t in (q, k))
+    want = _run(lambda: ref_fn(rq, rk, cos.double(), sin.double(), unsqueeze_dim=layout), rq, rk)
+    for a, w in zip(got, want):
+        assert a.shape == w.shape
+        assert torch.allclose(a, w, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("backend,dtype", [("torch", torch.float16), ("triton", torch.float16),
+                                           ("torch", torch.bfloat16), ("triton", torch.bfloat16)])
+def test_low_precision_within_twice_transformers_error(backend, dtype):
+    q, k, cos, sin = _inputs(2, 4, 2, 7, 16, 16, dtype)
+    got = _run(lambda: rope(q, k, cos, sin, backend=backend), q, k)
+    eager = _run(lambda: llama_rope(q, k, cos, sin), q, k)
+    rq, rk, rc, rs = (t.detach().double().requires_grad_() if t.requires_grad else t.double() for t in (q, k, cos, sin))
+    ref = _run(lambda: llama_rope(rq, rk, rc, rs), rq, rk)
+    for a, e, r in zip(got, eager, ref):
+        assert (a - r).abs().max() <= 2 * (e - r).abs().max() + 1e-3
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_saves_cos_sin_only_and_one_launch_each_way(backend):
+    q, k, cos, sin = _inputs(2, 4, 2, 7, 16, 16, torch.float32)
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), _counters.count_launches() as fwd:
+        a, b = rope(q, k, cos, sin, backend=backend)
+    assert len(saved) == 2 and saved[0] is cos and saved[1] is sin
+    with _counters.count_launches() as bwd:
+        (a.sum() + b.sum()).backward()
+    want = {"_rope_kernel": 1} if backend == "triton" else {}
+    assert dict(fwd) == want and dict(bwd) == want
+
+
+def test_bad_input_names_the_module():
+    q, k, cos, sin = _inputs(1, 2, 1, 5, 16, 16, torch.float32)
+    with pytest.raises(ValueError, match="layers.3.self_attn: rotary dim 18"):
+        rope(q, k, torch.randn(1, 5, 18), torch.randn(1, 5, 18), name="layers.3.self_attn")
+    with pytest.raises(ValueError, match="do not match"):
+        rope(q, k, cos[:, :4], sin[:, :4])
+
+
+def _phi3_model():
+    from peft import LoraConfig, get_peft_model
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Phi3Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=2, partial_rotary_factor=0.5, max_position_embeddings=64, pad_token_id=0)
+    model = get_peft_model(Phi3ForCausalLM(cfg), LoraConfig(r=4, target_modules="all-linear"))
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.2)
+    return model
+
+
+def _loss_grads(model, **data):
+    model.zero_grad(set_to_none=True)
+    loss = model(**data).loss
+    loss.backward()
+    return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_phi3_partial_rotary_and_packed_positions(backend):
+    model = _phi3_model()
+    ids = torch.randint(1, 64, (1, 12))
+    packed = dict(input_ids=ids, labels=ids, position_ids=torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 0, 1, 2, 3]]))
+    ref_loss, ref = _loss_grads(model, **packed)
+    peftfast.patch(model, backend=backend)
+    ropes = [e for e in peftfast.report(model).modules if e.kind == "rope"]
+    assert len(ropes) == 2 and all(e.patched for e in ropes)
+    loss, got = _loss_grads(model, **packed)
+    rt = peftfast.report(model).module_runtime(model)
+    assert sum(r["fused"] for n, r in rt.items() if n.endswith("(rope)")) == 2
+    assert loss == pytest.approx(ref_loss, rel=1e-5)
+    for n in ref:
+        assert torch.allclose(got[n], ref[n], rtol=1e-4, atol=1e-6), n
+    peftfast.unpatch(model)
+    assert all("forward" not in m.__dict__ for m in model.modules() if hasattr(m, "q_proj") or hasattr(m, "qkv_proj"))
+
+
+def test_probe_refuses_a_different_formula():
+    fake = types.ModuleType("peftfast_fake_modeling")
+    fake.apply_rotary_pos_emb = lambda q, k, cos, sin, unsqueeze_dim=1: (q * cos.unsqueeze(1), k)  # not RoPE
+    sys.modules[fake.__name__] = fake
+    try:
+        attn_cls = type("FakeAttention", (torch.nn.Module,), {"__module__": fake.__name__})
+        attn = attn_cls()
+        attn.q_proj, attn.k_proj = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+        assert rope_mod.is_rope_attention(attn)
+        assert "computes something else" in rope_mod.why_not(attn)
+    finally:
+        del sys.modules[fake.__name__]
+
+
+def test_inside_patch_the_global_is_swapped_only_during_the_call():
+    import transformers.models.llama.modeling_llama as modeling
+    from _models import batch, peft_model
+
+    model = peft_model("llama")
+    original = modeling.apply_rotary_pos_emb
+    seen = []
+    attn = model.base_model.model.model.layers[0].self_attn
+    peftfast.patch(model)
+    attn.q_proj.register_forward_hook(lambda *a: seen.append(modeling.apply_rotary_pos_emb))
+    model(**batch("llama"))
+    assert seen and seen[0] is not original
+    assert modeling.apply_rotary_pos_emb is original
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# ahead-of-time compile
+# ----------------------------------------------------------------------------------------------------------------
+def _plan() -> list[aot.Job]:
+    jobs = []
+    for arch in aot.ARCHS:
+        for dt in ("bf16", "fp32"):
+            for d, rot in ((128, 128), (96, 48), (256, 256), (80, 80)):
+                p = "*" + dt
+                args = {}
+                for pre in ("q", "k", "qo", "ko"):
+                    args.update({f"{pre}_ptr": p, f"s{pre}b": 4096 * d, f"s{pre}h": d, f"s{pre}s": 32 * d,
+                                 f"s{pre}d": 1})
+                for pre, c in (("cos", "c"), ("sin", "s")):
+                    args.update({f"{pre}_ptr": p, f"s{c}b": 0, f"s{c}s": rot, f"s{c}d": 1})
+                args.update(S=4096, HQ=32, HK=8, ROT=rot, D=d)
+                for backward in (False, True):
+                    meta = {"BACKWARD": backward, "BLOCK_HALF": rot // 2 if rot // 2 & (rot // 2 - 1) == 0 else 64,
+                            "BLOCK_D": 64, "DOT_PRECISION": "tf32"}
+                    jobs.append(aot.Job("_rope_kernel", f"D{d}-R{rot}-{'bwd' if backward else 'fwd'}", dt, arch,
+                                        {"BLOCK_H": 16}, 4, 1, meta, args))
+    return jobs
+
+
+AOT_PLAN = _plan()
+
+
+@pytest.fixture(scope="module")
+def aot_results() -> dict[str, dict]:
+    return {r["key"]: r for r in aot.run(AOT_PLAN)}
+
+
+@pytest.mark.parametrize("job", AOT_PLAN, ids=lambda j: f"{j.variant}-{j.dtype}-sm{j.arch}")
+def test_rope_kernel_compiles(job: aot.Job, aot_results: dict[str, dict]) -> None:
+    res = aot_results[job.key]
+    assert res["error"] is None, res["error"]
+    assert res["ptx_target"] == ("sm_90a" if job.arch == 90 else f"sm_{job.arch}")
+    assert res["shared"] <= 48 * 1024
