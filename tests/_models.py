@@ -65,6 +65,39 @@ def gemma(hidden: int = 32, layers: int = 2, **overrides) -> nn.Module:
     return GemmaForCausalLM(GemmaConfig(**{**kw, **overrides}))
 
 
+def gemma2(hidden: int = 32, layers: int = 2, **overrides) -> nn.Module:
+    """Gemma2ForCausalLM (attention and final-logit softcapping, sliding window on alternate layers)."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    kw = {**_decoder_kwargs(hidden, layers), "head_dim": hidden // 4, "sliding_window": 4, "query_pre_attn_scalar": 8,
+          "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0}
+    return Gemma2ForCausalLM(Gemma2Config(**{**kw, **overrides}))
+
+
+def gemma3(hidden: int = 32, layers: int = 2, **overrides) -> nn.Module:
+    """Gemma3ForCausalLM (text): q/k RMSNorm, local/global RoPE bases, sliding window."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    kw = {**_decoder_kwargs(hidden, layers), "head_dim": hidden // 4, "sliding_window": 4, "query_pre_attn_scalar": 8}
+    return Gemma3ForCausalLM(Gemma3TextConfig(**{**kw, **overrides}))
+
+
+def qwen3(hidden: int = 32, layers: int = 2, **overrides) -> nn.Module:
+    """Qwen3ForCausalLM (q/k RMSNorm before RoPE)."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    kw = {**_decoder_kwargs(hidden, layers), "head_dim": hidden // 4}
+    return Qwen3ForCausalLM(Qwen3Config(**{**kw, **overrides}))
+
+
+def phi3(hidden: int = 32, layers: int = 2, **overrides) -> nn.Module:
+    """Phi3ForCausalLM (fused qkv_proj and gate_up_proj, partial rotary)."""
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    kw = {**_decoder_kwargs(hidden, layers), "partial_rotary_factor": 0.5, "pad_token_id": 0}
+    return Phi3ForCausalLM(Phi3Config(**{**kw, **overrides}))
+
+
 def gpt2(hidden: int = 32, layers: int = 2, **overrides) -> nn.Module:
     """GPT2LMHeadModel (``Conv1D`` layers store ``[in, out]`` weights: PEFT sets ``fan_in_fan_out``)."""
     from transformers import GPT2Config, GPT2LMHeadModel
@@ -84,8 +117,19 @@ def bert(hidden: int = 32, layers: int = 2, **overrides) -> nn.Module:
     return BertForMaskedLM(BertConfig(**{**kw, **overrides}))
 
 
+def roberta(hidden: int = 32, layers: int = 2, **overrides) -> nn.Module:
+    """RobertaForMaskedLM."""
+    from transformers import RobertaConfig, RobertaForMaskedLM
+
+    kw = dict(vocab_size=VOCAB, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
+              intermediate_size=2 * hidden, max_position_embeddings=64, hidden_dropout_prob=0.0,
+              attention_probs_dropout_prob=0.0, pad_token_id=1, attn_implementation="eager")
+    return RobertaForMaskedLM(RobertaConfig(**{**kw, **overrides}))
+
+
 BUILDERS: dict[str, Callable[..., nn.Module]] = {
-    "llama": llama, "mistral": mistral, "qwen2": qwen2, "gemma": gemma, "gpt2": gpt2, "bert": bert,
+    "llama": llama, "mistral": mistral, "qwen2": qwen2, "qwen3": qwen3, "gemma": gemma, "gemma2": gemma2,
+    "gemma3": gemma3, "phi3": phi3, "gpt2": gpt2, "bert": bert, "roberta": roberta,
 }
 
 
@@ -131,7 +175,7 @@ def batch(arch: str, *, seq: int = SEQ, bsz: int = BATCH, seed: int = 1) -> dict
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(2, VOCAB, (bsz, seq), generator=g)
     out = {"input_ids": ids, "labels": ids.clone()}
-    if arch == "bert":
+    if arch in ("bert", "roberta"):
         out["labels"][:, ::3] = -100
     return out
 

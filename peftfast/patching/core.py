@@ -139,6 +139,11 @@ def patch(model: nn.Module, *, backend: str = "auto", group_siblings: bool = Tru
     _form_groups(patched, rep)
     for name, mod in model.named_modules():
         if not mlp_mod.is_gated_mlp(mod):
+            if type(mod).__name__.endswith("MLP") and any(_is_peft_layer(c) for c in mod.children()):
+                # e.g. Phi-3's fused gate_up_proj, GPT-2's c_fc/c_proj: its LoRA layers are fused one by one
+                rep.modules.append(PatchEntry(name=name, kind="mlp", patched=False,
+                                              reason=f"{type(mod).__name__} layout (not gate_proj/up_proj/down_proj) "
+                                                     "is not fused as a block"))
             continue
         if not any(_is_peft_layer(getattr(mod, p)) for p in ("gate_proj", "up_proj", "down_proj")):
             continue

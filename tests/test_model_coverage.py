@@ -1,0 +1,68 @@
+"""Model coverage: every family users fine-tune, tiny random config, PEFT LoRA on all linear layers.
+
+Per family: patched vs unpatched give the same loss and every trainable gradient (fp32; dropout 0 and 0.1 with the
+reference replaying the fused path's masks), and the patch report lists exactly what was fused and why the rest
+was not. A transformers release that renames a module or changes a formula fails here, not silently.
+"""
+
+import pytest
+from _models import batch, clone, loss_and_grads, max_rel_err, peft_model, use_shared_seed_dropout
+
+import peftfast
+
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3", "gpt2", "bert", "roberta"]
+# what the block-level report must say per family: (gated MLPs fused, RoPE attention fused)
+EXPECTED_BLOCKS = {
+    "llama": ("mlp", "rope"), "mistral": ("mlp", "rope"), "qwen2": ("mlp", "rope"), "qwen3": ("mlp", "rope"),
+    "gemma": ("mlp", "rope"), "gemma2": ("mlp", "rope"), "gemma3": ("mlp", "rope"), "phi3": ("rope",),
+    "gpt2": (), "bert": (), "roberta": (),
+}
+TOL = 2e-5
+
+
+@pytest.mark.parametrize("p", [0.0, 0.1])
+@pytest.mark.parametrize("arch", FAMILIES)
+def test_loss_and_gradients_match_unpatched(arch, p):
+    model = peft_model(arch, lora_dropout=p)
+    ref = clone(model)
+    peftfast.patch(model)
+    if p:
+        use_shared_seed_dropout(ref, model, p)
+    data = batch(arch)
+    loss, grads = loss_and_grads(model, data)
+    ref_loss, ref_grads = loss_and_grads(ref, data)
+    assert abs(loss.item() - ref_loss.item()) <= TOL * abs(ref_loss.item()), (loss.item(), ref_loss.item())
+    assert grads.keys() == ref_grads.keys() and grads
+    errs = {n: max_rel_err(grads[n], ref_grads[n]) for n in grads}
+    worst = max(errs, key=errs.get)
+    assert errs[worst] <= TOL, (worst, errs[worst])
+    rep = peftfast.report(model)
+    for name, r in rep.runtime(model).items():
+        assert r["fused"] > 0 and not r["fallbacks"], (name, r)
+    for name, r in rep.module_runtime(model).items():
+        assert r["fused"] > 0 and not r["fallbacks"], (name, r)
+
+
+@pytest.mark.parametrize("arch", FAMILIES)
+def test_patch_report(arch):
+    model = peft_model(arch)
+    peftfast.patch(model)
+    rep = peftfast.report(model)
+    text = rep.format(model)
+    lora = {n for n, m in model.named_modules() if type(m).__name__ == "Linear" and hasattr(m, "lora_A")}
+    assert {e.name for e in rep.entries} == lora and not rep.skipped, text
+    fused_kinds = {e.kind for e in rep.modules if e.patched}
+    assert fused_kinds == set(EXPECTED_BLOCKS[arch]), text
+    n_layers = 2
+    for kind in EXPECTED_BLOCKS[arch]:
+        assert sum(e.kind == kind and e.patched for e in rep.modules) == n_layers, text
+    for e in rep.modules:
+        assert e.patched or (e.reason and "\n" not in e.reason), text
+    # an MLP that holds LoRA layers but is not a gate/up/down MLP is reported with its reason, not skipped silently
+    if arch in ("phi3", "gpt2"):
+        unfused = [e for e in rep.modules if e.kind == "mlp" and not e.patched]
+        assert len(unfused) == n_layers and all("not fused" in e.reason for e in unfused), text
+    assert rep.summary().startswith(f"peftfast: patched {len(lora)} LoRA layer(s)")
+    peftfast.unpatch(model)
+    assert peftfast.report(model).entries == []
+    assert not any("forward" in m.__dict__ for m in model.modules())
