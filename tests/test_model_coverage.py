@@ -11,11 +11,12 @@ from _models import batch, clone, loss_and_grads, max_rel_err, peft_model, use_s
 import peftfast
 
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3", "gpt2", "bert", "roberta"]
-# what the block-level report must say per family: (gated MLPs fused, RoPE attention fused)
+# block modules fused per family besides the attention implementation: gated MLPs, RoPE, RMSNorms (LayerNorm
+# families keep ATen's LayerNorm on CPU, with that reason in the report)
 EXPECTED_BLOCKS = {
-    "llama": ("mlp", "rope"), "mistral": ("mlp", "rope"), "qwen2": ("mlp", "rope"), "qwen3": ("mlp", "rope"),
-    "gemma": ("mlp", "rope"), "gemma2": ("mlp", "rope"), "gemma3": ("mlp", "rope"), "phi3": ("rope",),
-    "gpt2": (), "bert": (), "roberta": (),
+    "llama": ("mlp", "rope", "norm"), "mistral": ("mlp", "rope", "norm"), "qwen2": ("mlp", "rope", "norm"),
+    "qwen3": ("mlp", "rope", "norm"), "gemma": ("mlp", "rope", "norm"), "gemma2": ("mlp", "rope", "norm"),
+    "gemma3": ("mlp", "rope", "norm"), "phi3": ("rope", "norm"), "gpt2": (), "bert": (), "roberta": (),
 }
 TOL = 2e-5
 
@@ -52,10 +53,15 @@ def test_patch_report(arch):
     lora = {n for n, m in model.named_modules() if type(m).__name__ == "Linear" and hasattr(m, "lora_A")}
     assert {e.name for e in rep.entries} == lora and not rep.skipped, text
     fused_kinds = {e.kind for e in rep.modules if e.patched}
-    assert fused_kinds == set(EXPECTED_BLOCKS[arch]), text
+    assert fused_kinds == {*EXPECTED_BLOCKS[arch], "attention"}, text
     n_layers = 2
-    for kind in EXPECTED_BLOCKS[arch]:
-        assert sum(e.kind == kind and e.patched for e in rep.modules) == n_layers, text
+    for kind in ("mlp", "rope"):
+        if kind in EXPECTED_BLOCKS[arch]:
+            assert sum(e.kind == kind and e.patched for e in rep.modules) == n_layers, text
+    if arch in ("gpt2", "bert", "roberta"):
+        norms = [e for e in rep.modules if e.kind == "norm"]
+        assert norms and all(not e.patched and "LayerNorm off CUDA" in e.reason for e in norms), text
+    assert model.get_base_model().config._attn_implementation == "peftfast"
     for e in rep.modules:
         assert e.patched or (e.reason and "\n" not in e.reason), text
     # an MLP that holds LoRA layers but is not a gate/up/down MLP is reported with its reason, not skipped silently
@@ -64,5 +70,6 @@ def test_patch_report(arch):
         assert len(unfused) == n_layers and all("not fused" in e.reason for e in unfused), text
     assert rep.summary().startswith(f"peftfast: patched {len(lora)} LoRA layer(s)")
     peftfast.unpatch(model)
+    assert model.get_base_model().config._attn_implementation == "eager"
     assert peftfast.report(model).entries == []
     assert not any("forward" in m.__dict__ for m in model.modules())

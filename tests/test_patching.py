@@ -333,7 +333,9 @@ def test_dora_model_is_skipped_entirely(ids):
     assert len(rep.skipped) == 7 and not rep.patched
     assert all("DoRA" in e.reason for e in rep.skipped)
     assert all("forward" not in m.__dict__ for m in lora_layers(model).values())
-    assert torch.equal(logits(model, ids), ref)
+    # the layers are PEFT's own; attention and RoPE are still fused (same maths, other rounding)
+    assert {e.kind for e in rep.modules if e.patched} == {"attention", "rope", "norm"}
+    close(logits(model, ids), ref)
 
 
 def test_layer_that_became_ineligible_is_unpatched_by_a_second_patch(ids):
@@ -698,7 +700,8 @@ def test_triton_launches_per_forward_and_backward(ids):
     ref.loss.backward()
     ref_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad()
-    peftfast.patch(model, backend="triton", fuse_mlp=False, fuse_rope=False)  # block ops: test_mlp, test_rope
+    # block ops have their own launch tests (test_mlp, test_rope, test_attention)
+    peftfast.patch(model, backend="triton", fuse_mlp=False, fuse_rope=False, fuse_attention=False, fuse_norms=False)
     with count_launches() as fwd:
         out = model(input_ids=ids, labels=ids)
     # q/k/v: 1+3, o: 1+1, gate/up: 1+2, down: 1+1
@@ -712,7 +715,8 @@ def test_triton_launches_per_forward_and_backward(ids):
     for n, g in ref_grads.items():
         close(model.get_parameter(n).grad, g, atol=1e-4, rtol=1e-4)
 
-    peftfast.patch(model, backend="triton", group_siblings=False, fuse_rope=False)
+    peftfast.patch(model, backend="triton", group_siblings=False, fuse_rope=False, fuse_attention=False,
+                   fuse_norms=False)
     with count_launches() as ungrouped, torch.no_grad():
         out2 = model(input_ids=ids).logits
     assert ungrouped == Counter({"_lora_down_kernel": 7, "_lora_gemm_kernel": 7})

@@ -1,7 +1,8 @@
 """PEFT prompt-learning methods (prefix tuning, prompt tuning, P-tuning) through ``peftfast.patch`` / ``unpatch``.
 
-These models have no LoRA layers, so ``patch`` must warn and return them unchanged: the same losses and gradients
-as PEFT before patching and after ``unpatch``, and a ``report`` that says nothing was patched. Tiny random-weight
+These models have no LoRA layers: ``patch`` leaves their parameters and modules alone and switches only their
+attention to peftfast's fused kernel (prefix keys, padding): the same losses and gradients as PEFT before patching
+and after ``unpatch``, and a ``report`` that says exactly that. Tiny random-weight
 Llama (``CAUSAL_LM``) and BERT (``SEQ_CLS``) in fp32, dropout off, a padded batch. A LoRA model on q/v (query/value)
 of the same families is the control: there ``patch`` does act, quietly, and the comparison still holds.
 """
@@ -115,19 +116,22 @@ def test_patch_keeps_losses_and_gradients(family, method):
     attrs = module_attrs(model)
     ref = loss_and_grads(model, data)
 
-    with pytest.warns(UserWarning, match="no PEFT LoRA layers; returning it unchanged"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the attention is fused: no "returning it unchanged" warning
         assert peftfast.patch(model) is model
-    # unchanged: the same parameter objects, values and trainability, no module touched but the report on the root
+    # the same parameter objects, values and trainability; no layer is patched, only the attention implementation
     assert {n: p for n, p in model.named_parameters()} == params
     assert {n for n, p in model.named_parameters() if p.requires_grad} == trainable
-    after = module_attrs(model)
-    assert after.pop("") - attrs[""] == {"_peftfast_report"}
-    assert after == {k: v for k, v in attrs.items() if k != ""}
     assert not any(hasattr(m, "_peftfast") for m in model.modules())
+    assert model.get_base_model().config._attn_implementation == "peftfast"
     assert_close(loss_and_grads(model, data), ref)
+    runtime = peftfast.report(model).module_runtime(model)
+    assert runtime and all(r["fused"] > 0 and not r["fallbacks"] for r in runtime.values()), runtime
 
     peftfast.unpatch(model)
+    assert model.get_base_model().config._attn_implementation == "eager"
     assert module_attrs(model) == attrs
+    assert_close(loss_and_grads(model, data), ref)
     assert_close(loss_and_grads(model, data), ref)
 
 
@@ -144,19 +148,22 @@ def test_report_on_prompt_models(family, method):
     assert rep.entries == [] and rep.patched == [] and rep.skipped == []
     assert rep.backend == "torch"
     assert rep.runtime(model) == {}
-    assert rep.summary() == "peftfast: patched 0 LoRA layer(s) (0 sibling group(s)), skipped 0; backend=torch"
+    assert [(e.kind, e.patched) for e in rep.modules] == [("attention", True)]
+    assert rep.summary() == ("peftfast: patched 0 LoRA layer(s) (0 sibling group(s)), skipped 0; "
+                             "fused 1/1 attention; backend=torch")
     # the prompt-learning adapter is left to PEFT with a one-line reason, never silently
     (note,) = rep.notes
     assert note.startswith("adapter 'default' (") and "PEFT's own path" in note
-    assert rep.format(model) == str(rep) == rep.summary() + "\n  note     " + note
+    assert rep.format() == str(rep) == (rep.summary() + "\n  note     " + note
+                                        + "\n  fused    attention implementation (attention)")
     peftfast.unpatch(model)
     assert peftfast.report(model).entries == []
 
 
-def test_patch_warns_once_per_call_and_not_for_lora(recwarn):
+def test_patch_warns_once_per_call_when_nothing_is_patched(recwarn):
     model = prompt_model("llama", "prompt")
-    peftfast.patch(model)
-    peftfast.patch(model)
+    peftfast.patch(model, fuse_attention=False)
+    peftfast.patch(model, fuse_attention=False)
     assert [str(w.message) for w in recwarn.list if issubclass(w.category, UserWarning)] == [
         "peftfast.patch: the model has no PEFT LoRA layers; returning it unchanged"] * 2
 

@@ -122,7 +122,8 @@ def test_phi3_partial_rotary_and_packed_positions(backend):
     ids = torch.randint(1, 64, (1, 12))
     packed = dict(input_ids=ids, labels=ids, position_ids=torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 0, 1, 2, 3]]))
     ref_loss, ref = _loss_grads(model, **packed)
-    peftfast.patch(model, backend=backend)
+    # the unpatched reference lets packed documents attend to each other; so does this patch without fused attention
+    peftfast.patch(model, backend=backend, fuse_attention=False)
     ropes = [e for e in peftfast.report(model).modules if e.kind == "rope"]
     assert len(ropes) == 2 and all(e.patched for e in ropes)
     loss, got = _loss_grads(model, **packed)

@@ -8,8 +8,10 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from peftfast.modules import attention as attn_mod
 from peftfast.modules import lora as lora_mod
 from peftfast.modules import mlp as mlp_mod
+from peftfast.modules import norm as norm_mod
 from peftfast.modules import rope as rope_mod
 from peftfast.ops._backend import BACKENDS
 
@@ -27,7 +29,7 @@ SIBLING_SETS: tuple[frozenset[str], ...] = (
 @dataclass
 class PatchEntry:
     name: str
-    kind: str  # "lora" for PEFT layers; "mlp", "rope" for fused block modules
+    kind: str  # "lora" for PEFT layers; "mlp", "rope", "attention", "norm" for fused block modules
     patched: bool
     reason: str | None = None
     group: str | None = None
@@ -67,6 +69,10 @@ class PatchReport:
             mst = getattr(mod, "_peftfast_mlp", None)
             if isinstance(mst, mlp_mod.MLPState):
                 out[name] = {"fused": mst.fused_calls, "fallbacks": dict(mst.fallbacks), "deferred": dict(mst.deferred)}
+            ast = mod.__dict__.get("_peftfast_attn")
+            if isinstance(ast, attn_mod.AttentionStats):
+                out[f"{name} (attention)"] = {"fused": ast.fused_calls, "fallbacks": dict(ast.fallbacks),
+                                              "deferred": {}}
             rst = getattr(mod, "_peftfast_rope", None)
             if isinstance(rst, rope_mod.RoPEState):
                 out[f"{name} (rope)"] = {"fused": rst.fused_calls, "fallbacks": dict(rst.fallbacks), "deferred": {}}
@@ -112,14 +118,17 @@ def _is_peft_layer(mod: nn.Module) -> bool:
 
 
 def patch(model: nn.Module, *, backend: str = "auto", group_siblings: bool = True, fuse_mlp: bool = True,
-          fuse_rope: bool = True) -> nn.Module:
+          fuse_rope: bool = True, fuse_attention: bool = True, fuse_norms: bool = True) -> nn.Module:
     """Run every eligible PEFT LoRA ``Linear`` of ``model`` on peftfast's fused path, in place.
 
     Accepts a ``PeftModel`` or any model holding PEFT LoRA layers. Parameters, names, ``state_dict``, optimizer
     references and ``save_pretrained`` are untouched. Calling it again re-applies the options. Layers that cannot
     be fused are left alone with a reason in ``peftfast.report(model)``. With ``fuse_mlp``, gated MLPs whose three
     projections are patched run as one LoRA-MLP op that does not keep the activation output or the down input;
-    with ``fuse_rope``, RoPE attention modules rotate q and k in one fused op. Returns ``model``.
+    with ``fuse_rope``, RoPE attention modules rotate q and k in one fused op; with ``fuse_attention`` the model's
+    attention runs on peftfast's fused kernel (``"peftfast"`` attention implementation: padding, packing, GQA,
+    prefix keys); with ``fuse_norms``, RMSNorms (and, for CUDA models, LayerNorms) run on fused norm kernels that
+    keep no fp32 copy of their input. Returns ``model``.
     """
     if backend not in BACKENDS:
         raise ValueError(f"peftfast.patch: unknown backend {backend!r}; choose one of {BACKENDS}")
@@ -165,9 +174,33 @@ def patch(model: nn.Module, *, backend: str = "auto", group_siblings: bool = Tru
             else:
                 rope_mod.uninstall(mod)
             rep.modules.append(PatchEntry(name=name, kind="rope", patched=reason is None, reason=reason))
+    # attention is switched for PEFT models (LoRA layers or prompt learning); a model without any PEFT adapter is
+    # returned unchanged (with a warning below)
+    peft_model = bool(rep.entries) or isinstance(getattr(model, "peft_config", None), dict)
+    if fuse_attention and peft_model and attn_mod.base_model_of(model) is not None:
+        reason = attn_mod.install(model, backend)
+        rep.modules.append(PatchEntry(name="attention implementation", kind="attention", patched=reason is None,
+                                      reason=reason))
+    elif peft_model and attn_mod.base_model_of(model) is not None:
+        attn_mod.uninstall(model)
+        rep.modules.append(PatchEntry(name="attention implementation", kind="attention", patched=False,
+                                      reason="fuse_attention=False"))
+    if rep.entries:
+        for name, mod in model.named_modules():
+            if not norm_mod.is_norm(mod):
+                continue
+            reason = norm_mod.why_not(mod) if fuse_norms else "fuse_norms=False"
+            if reason is None and isinstance(mod, nn.LayerNorm) and mod.weight is not None \
+                    and mod.weight.device.type != "cuda" and backend != "triton":
+                reason = "nn.LayerNorm off CUDA: ATen's LayerNorm is already one fused op there"
+            if reason is None:
+                norm_mod.install(mod, name, backend)
+            else:
+                norm_mod.uninstall(mod)
+            rep.modules.append(PatchEntry(name=name, kind="norm", patched=reason is None, reason=reason))
     rep.notes = _model_notes(model)
     model._peftfast_report = rep
-    if not rep.entries:
+    if not rep.entries and not any(e.patched for e in rep.modules):
         warnings.warn("peftfast.patch: the model has no PEFT LoRA layers; returning it unchanged", stacklevel=2)
     else:
         logger.info(rep.summary())
@@ -226,6 +259,8 @@ def unpatch(model: nn.Module) -> nn.Module:
             lora_mod.uninstall(mod)
         mlp_mod.uninstall(mod)
         rope_mod.uninstall(mod)
+        norm_mod.uninstall(mod)
+    attn_mod.uninstall(model)
     model.__dict__.pop("_peftfast_report", None)
     return model
 

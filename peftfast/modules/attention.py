@@ -1,0 +1,187 @@
+"""The ``"peftfast"`` transformers attention implementation: fused attention for padded, packed and prefixed batches.
+
+Registered with ``transformers.AttentionInterface`` and, for its masks, with ``AttentionMaskInterface`` reusing the
+flash-attention mask builder: the function then receives a 2-D padding mask (or None), never a 4-D one. Padding,
+packed documents (``cu_seq_lens_*`` flash kwargs or ``position_ids`` that restart at 0) and prefix keys become
+segment ids for the kernel. Calls asking for what the kernel does not do fall back to SDPA with an explicit mask,
+counted per module with their reason.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from peftfast.ops.attention import ALL_SEGMENTS, check_inputs, flash_attention
+
+NAME = "peftfast"
+_UNSUPPORTED_KWARGS = ("position_bias", "s_aux", "sinks", "cache", "head_mask")
+
+
+@dataclass
+class AttentionStats:
+    fused_calls: int = 0
+    fallbacks: Counter = field(default_factory=Counter)
+
+
+def _stats(module: nn.Module) -> AttentionStats:
+    st = module.__dict__.get("_peftfast_attn")
+    if st is None:
+        st = module.__dict__["_peftfast_attn"] = AttentionStats()
+    return st
+
+
+def _segments_from_positions(position_ids: torch.Tensor) -> torch.Tensor | None:
+    """Document ids of packed rows (positions restarting at 0), None when every row is one document."""
+    if position_ids.dim() != 2 or position_ids.shape[1] < 2 or not bool((position_ids[:, 1:] == 0).any()):
+        return None
+    return torch.cumsum((position_ids == 0).to(torch.int32), dim=1) - 1
+
+
+def _segments_from_cu(cu: torch.Tensor, total: int) -> torch.Tensor:
+    idx = torch.arange(total, device=cu.device)
+    return (torch.searchsorted(cu[1:].to(idx.dtype), idx, right=True)).to(torch.int32)[None]
+
+
+def segment_ids(query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None,
+                kwargs: dict) -> tuple[torch.Tensor | None, torch.Tensor | None, str | None]:
+    """(qseg, kseg, reason): segment ids for the kernel, or a reason to fall back."""
+    b, sq, sk = query.shape[0], query.shape[2], key.shape[2]
+    seg = None
+    cu = kwargs.get("cu_seq_lens_q")
+    if cu is not None:
+        if b != 1 or kwargs.get("cu_seq_lens_k") is not None and not torch.equal(kwargs["cu_seq_lens_k"], cu):
+            return None, None, "cu_seq_lens with batch > 1 or different query/key lengths"
+        seg = _segments_from_cu(cu, sq)
+    elif kwargs.get("position_ids") is not None and kwargs["position_ids"].shape[-1] == sq:
+        seg = _segments_from_positions(kwargs["position_ids"].expand(b, -1))
+    mask = attention_mask
+    if mask is not None:
+        if mask.dim() != 2 or mask.shape[0] != b or mask.shape[1] != sk:
+            return None, None, f"attention mask of shape {tuple(mask.shape)} (expected a 2-D [B, {sk}] mask)"
+        mask = mask.bool()
+        if bool(mask.all()):
+            mask = None
+    if seg is None and mask is None:
+        return None, None, None
+    prefix = sk - sq
+    qseg = seg if seg is not None else torch.zeros((b, sq), dtype=torch.int32, device=query.device)
+    qseg = qseg.to(torch.int32)
+    # prefix keys (PEFT prefix tuning, a cache) are seen by every document of the row
+    kseg = torch.cat([torch.full((b, prefix), ALL_SEGMENTS, dtype=torch.int32, device=query.device), qseg], dim=1)
+    if mask is not None:
+        kseg = torch.where(mask, kseg, torch.full_like(kseg, -1))
+        qseg = torch.where(mask[:, prefix:], qseg, torch.full_like(qseg, -3))  # padding queries see nothing: 0
+    return qseg.contiguous(), kseg.contiguous(), None
+
+
+def _fallback(module, query, key, value, attention_mask, dropout, scaling, is_causal, window, softcap, qseg, kseg,
+              **kwargs):
+    """SDPA with an explicit boolean mask expressing the same visibility (and the softcap when needed, eagerly)."""
+    from peftfast.ops.attention import _allowed
+
+    b, hq, sq, d = query.shape
+    hk, sk = key.shape[1], key.shape[2]
+    if attention_mask is not None and attention_mask.dim() == 4:  # a mask built for another implementation
+        mask = attention_mask if attention_mask.dtype == torch.bool else attention_mask > torch.finfo(
+            attention_mask.dtype).min / 2
+    else:
+        if qseg is None and attention_mask is not None and attention_mask.dim() == 2:
+            qseg, kseg, _ = segment_ids(query, key, attention_mask, {})
+        mask = _allowed(0, sq, sq, sk, is_causal, window, qseg, kseg, query.device)
+    k = key.repeat_interleave(hq // hk, 1) if hq != hk else key
+    v = value.repeat_interleave(hq // hk, 1) if hq != hk else value
+    scale = scaling if scaling is not None else d**-0.5
+    if softcap is None:
+        # an additive mask keeps fully masked (padding) rows finite, as transformers' own SDPA path does
+        bias = torch.zeros(mask.shape, dtype=query.dtype, device=query.device).masked_fill(
+            ~mask, torch.finfo(query.dtype).min)
+        out = torch.nn.functional.scaled_dot_product_attention(query, k, v, attn_mask=bias, dropout_p=dropout,
+                                                               scale=scale)
+        weights = None
+    else:
+        s = torch.matmul(query, k.transpose(-1, -2)) * scale
+        s = softcap * torch.tanh(s / softcap)
+        s = s.masked_fill(~mask, float("-inf"))
+        weights = torch.softmax(s.float(), dim=-1).nan_to_num(0.0).to(query.dtype)
+        weights = torch.nn.functional.dropout(weights, p=dropout, training=dropout > 0)
+        out = torch.matmul(weights, v)
+    return out.transpose(1, 2).contiguous(), weights
+
+
+def peftfast_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                               attention_mask: torch.Tensor | None, dropout: float = 0.0,
+                               scaling: float | None = None, is_causal: bool | None = None, **kwargs):
+    """transformers attention function: q/k/v [B, H, S, D] → ([B, S, H, D], None)."""
+    st = _stats(module)
+    causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
+    window = kwargs.get("sliding_window")
+    softcap = kwargs.get("softcap")
+    reason = None
+    if kwargs.get("output_attentions"):
+        reason = "output_attentions=True (the fused kernel returns no weights)"
+    elif any(kwargs.get(k) is not None for k in _UNSUPPORTED_KWARGS):
+        reason = f"unsupported argument {next(k for k in _UNSUPPORTED_KWARGS if kwargs.get(k) is not None)}"
+    else:
+        reason = check_inputs(query, key, value)
+    qseg = kseg = None
+    if reason is None:
+        qseg, kseg, reason = segment_ids(query, key, attention_mask, kwargs)
+    if reason is not None:
+        st.fallbacks[reason] += 1
+        return _fallback(module, query, key, value, attention_mask, dropout, scaling, causal, window, softcap, qseg,
+                         kseg)
+    st.fused_calls += 1
+    out = flash_attention(query, key, value, causal=causal, scale=scaling, softcap=softcap,
+                          window=int(window) if window else None, qseg=qseg, kseg=kseg, dropout_p=float(dropout),
+                          backend=getattr(module, "_peftfast_attn_backend", "auto"), name=type(module).__name__)
+    return out, None
+
+
+def register() -> None:
+    """Register ``"peftfast"`` with transformers' attention and mask interfaces (idempotent)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+
+    AttentionInterface.register(NAME, peftfast_attention_forward)
+    AttentionMaskInterface.register(NAME, ALL_MASK_ATTENTION_FUNCTIONS["flash_attention_2"])
+
+
+def base_model_of(model: nn.Module) -> nn.Module | None:
+    """The transformers ``PreTrainedModel`` inside ``model`` (a PeftModel's base), or None."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return inner if hasattr(inner, "set_attn_implementation") else None
+
+
+def install(model: nn.Module, backend: str) -> str | None:
+    """Switch the model to the peftfast attention; None on success, else the reason it stays as it is."""
+    inner = base_model_of(model)
+    if inner is None:
+        return "not a transformers model (no set_attn_implementation)"
+    register()
+    previous = inner.config._attn_implementation
+    if previous != NAME:
+        try:
+            inner.set_attn_implementation(NAME)
+        except Exception as exc:  # the architecture does not take attention implementations by name
+            return f"{type(inner).__name__} refuses a custom attention implementation ({type(exc).__name__})"
+        model.__dict__["_peftfast_attn_previous"] = previous
+    for m in inner.modules():
+        if hasattr(m, "is_causal") or type(m).__name__.endswith("Attention"):
+            m.__dict__["_peftfast_attn_backend"] = backend
+    return None
+
+
+def uninstall(model: nn.Module) -> None:
+    previous = model.__dict__.pop("_peftfast_attn_previous", None)
+    inner = base_model_of(model)
+    if inner is None:
+        return
+    if previous is not None:
+        inner.set_attn_implementation(previous)
+    for m in inner.modules():
+        m.__dict__.pop("_peftfast_attn_backend", None)
+        m.__dict__.pop("_peftfast_attn", None)

@@ -1,0 +1,282 @@
+"""Fused attention op for fine-tuning batches: Triton FlashAttention kernels on CUDA, a chunked ATen path elsewhere.
+
+Both backends keep the same contract: saved for backward are q, k, v (the model's own tensors: no repeated K/V for
+grouped-query attention), the output and the fp32 log-sum-exp per query; the S × S probabilities are rebuilt in
+backward (query chunks on the ATen path, tiles in Triton). Segment ids express padding, packed documents and
+prefix keys (see ``kernels/attention.py``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+
+from peftfast.ops._backend import interpreting, resolve_backend
+from peftfast.ops._counters import launching
+
+MAX_HEAD_DIM = 256
+ALL_SEGMENTS = -2  # key segment id seen by every query (prefix keys)
+_TORCH_CHUNK = 128
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# ATen backend (chunked over queries; never the whole S × S matrix)
+# ----------------------------------------------------------------------------------------------------------------
+def _allowed(i0, i1, sq, sk, causal, window, qseg, kseg, device):
+    """Bool [B or 1, 1, i1 - i0, SK] of visible keys for query rows i0..i1."""
+    i = torch.arange(i0, i1, device=device)[:, None] + (sk - sq)
+    j = torch.arange(sk, device=device)[None, :]
+    ok = torch.ones(i1 - i0, sk, dtype=torch.bool, device=device)
+    if causal:
+        ok &= j <= i
+    if window is not None:
+        ok &= j > i - window
+    ok = ok[None, None]
+    if qseg is not None:
+        qs = qseg[:, i0:i1].long()[:, None, :, None]
+        ks = kseg.long()[:, None, None, :]
+        ok = ok & ((ks == qs) | (ks == ALL_SEGMENTS))
+    return ok
+
+
+def _torch_scores(qc, k, scale, softcap):
+    s = torch.matmul(qc, k.transpose(-1, -2)) * scale
+    t = None
+    if softcap is not None:
+        t = torch.tanh(s / softcap)
+        s = softcap * t
+    return s, t
+
+
+def _torch_keep(seed, b, hq, i0, i1, sk, p, device):
+    gen = torch.Generator(device=device)
+    gen.manual_seed((seed * 1_000_003 + i0 * 7919) % (2**63 - 1))
+    bits = torch.empty((b, hq, i1 - i0, sk), dtype=torch.int32, device=device).random_(generator=gen)
+    return bits >= int(round(p * 2**31))
+
+
+def _grouped(q, hk):
+    """[B, HQ, S, D] as [B, HK, GROUP, S, D] (a view): grouped-query heads meet their K/V by broadcasting."""
+    b, hq, s, d = q.shape
+    return q.view(b, hk, hq // hk, s, d)
+
+
+def _torch_forward(q, k, v, causal, scale, softcap, window, qseg, kseg, p, seed):
+    b, hq, sq, d = q.shape
+    hk, sk = k.shape[1], k.shape[2]
+    ct = torch.promote_types(q.dtype, torch.float32)
+    out = torch.empty((b, sq, hq, d), device=q.device, dtype=q.dtype)
+    lse = torch.empty((b, hq, sq), device=q.device, dtype=torch.float32)
+    kf, vf = k.to(ct)[:, :, None], v.to(ct)[:, :, None]
+    for i0 in range(0, sq, _TORCH_CHUNK):
+        i1 = min(sq, i0 + _TORCH_CHUNK)
+        qc = _grouped(q[:, :, i0:i1].to(ct), hk)
+        s, _ = _torch_scores(qc, kf, scale, softcap)
+        ok = _allowed(i0, i1, sq, sk, causal, window, qseg, kseg, q.device)[:, :, None]
+        s = s.masked_fill(~ok, float("-inf"))
+        m = s.amax(-1, keepdim=True)
+        m = torch.where(torch.isinf(m), torch.zeros_like(m), m)
+        e = torch.exp(s - m)
+        denom = e.sum(-1, keepdim=True)
+        has = denom > 0
+        pr = e / torch.where(has, denom, torch.ones_like(denom))
+        if p > 0:
+            keep = _torch_keep(seed, b, hq, i0, i1, sk, p, q.device).view(b, hk, hq // hk, i1 - i0, sk)
+            pr = torch.where(keep, pr / (1 - p), torch.zeros_like(pr))
+        o = torch.matmul(pr, vf).reshape(b, hq, i1 - i0, d)
+        out[:, i0:i1] = o.transpose(1, 2).to(q.dtype)
+        ls = torch.where(has, m + torch.log(torch.where(has, denom, torch.ones_like(denom))), torch.zeros_like(m))
+        lse[:, :, i0:i1] = ls.reshape(b, hq, i1 - i0).float()
+    return out, lse
+
+
+def _torch_backward(q, k, v, out, lse, dout, causal, scale, softcap, window, qseg, kseg, p, seed):
+    b, hq, sq, d = q.shape
+    hk, sk = k.shape[1], k.shape[2]
+    ct = torch.promote_types(q.dtype, torch.float32)
+    kf, vf = k.to(ct)[:, :, None], v.to(ct)[:, :, None]
+    dq = torch.empty_like(q)
+    dk = torch.zeros(k.shape, device=k.device, dtype=ct)[:, :, None]
+    dv = torch.zeros(v.shape, device=v.device, dtype=ct)[:, :, None]
+    delta = (dout.to(ct) * out.to(ct)).sum(-1).transpose(1, 2)  # [B, HQ, SQ]
+    for i0 in range(0, sq, _TORCH_CHUNK):
+        i1 = min(sq, i0 + _TORCH_CHUNK)
+        qc = _grouped(q[:, :, i0:i1].to(ct), hk)
+        s, t = _torch_scores(qc, kf, scale, softcap)
+        ok = _allowed(i0, i1, sq, sk, causal, window, qseg, kseg, q.device)[:, :, None]
+        s = s.masked_fill(~ok, float("-inf"))
+        pr = torch.exp(s - _grouped(lse[:, :, i0:i1, None].to(ct), hk))
+        doc = _grouped(dout[:, i0:i1].transpose(1, 2).to(ct), hk)
+        dp = torch.matmul(doc, vf.transpose(-1, -2))
+        pd = pr
+        if p > 0:
+            keep = _torch_keep(seed, b, hq, i0, i1, sk, p, q.device).view(b, hk, hq // hk, i1 - i0, sk)
+            pd = torch.where(keep, pr / (1 - p), torch.zeros_like(pr))
+            dp = torch.where(keep, dp / (1 - p), torch.zeros_like(dp))
+        dv += torch.matmul(pd.transpose(-1, -2), doc).sum(2, keepdim=True)
+        ds = pr * (dp - _grouped(delta[:, :, i0:i1, None], hk))
+        if t is not None:
+            ds = ds * (1 - t * t)
+        ds = ds * scale
+        dk += torch.matmul(ds.transpose(-1, -2), qc).sum(2, keepdim=True)
+        dq[:, :, i0:i1] = torch.matmul(ds, kf).reshape(b, hq, i1 - i0, d).to(q.dtype)
+    return dq, dk[:, :, 0].to(k.dtype), dv[:, :, 0].to(v.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Triton launchers
+# ----------------------------------------------------------------------------------------------------------------
+def _tiles(d: int) -> dict:
+    if interpreting():
+        return dict(BLOCK_M=16, BLOCK_N=16, num_warps=1, num_stages=1)
+    if d <= 64:
+        return dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)
+    if d <= 128:
+        return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
+    return dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2)
+
+
+def _bwd_tiles(d: int) -> dict:
+    if interpreting():
+        return dict(BLOCK_M=16, BLOCK_N=16, num_warps=1, num_stages=1)
+    if d <= 128:
+        return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
+    return dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)
+
+
+def _precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32 else "tf32"
+
+
+def _flags(causal, window, softcap, qseg, p):
+    return dict(IS_CAUSAL=causal, HAS_SEG=qseg is not None, HAS_WINDOW=window is not None,
+                HAS_SOFTCAP=softcap is not None, HAS_DROPOUT=p > 0)
+
+
+def _triton_forward(q, k, v, causal, scale, softcap, window, qseg, kseg, p, seed):
+    from peftfast.kernels import attention as K
+
+    b, hq, sq, d = q.shape
+    hk, sk = k.shape[1], k.shape[2]
+    out = torch.empty((b, sq, hq, d), device=q.device, dtype=q.dtype)
+    lse = torch.empty((b, hq, sq), device=q.device, dtype=torch.float32)
+    seg_q = qseg if qseg is not None else lse
+    seg_k = kseg if kseg is not None else lse
+    t = _tiles(d)
+    grid = (triton.cdiv(sq, t["BLOCK_M"]), b * hq)
+    with launching("_attn_fwd_kernel"):
+        K._attn_fwd_kernel[grid](
+            q, *q.stride(), k, *k.stride(), v, *v.stride(), out, *out.stride(), lse, seg_q, seg_k,
+            sq, sk, hq, hq // hk, d, scale, softcap or 1.0, window or 0, seed, p,
+            **_flags(causal, window, softcap, qseg, p), BLOCK_D=max(16, triton.next_power_of_2(d)),
+            DOT_PRECISION=_precision(q.dtype), **t)
+    return out, lse
+
+
+def _triton_backward(q, k, v, out, lse, dout, causal, scale, softcap, window, qseg, kseg, p, seed):
+    from peftfast.kernels import attention as K
+
+    b, hq, sq, d = q.shape
+    hk, sk = k.shape[1], k.shape[2]
+    delta = (dout.float() * out.float()).sum(-1).transpose(1, 2).contiguous()  # [B, HQ, SQ]
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    seg_q = qseg if qseg is not None else lse
+    seg_k = kseg if kseg is not None else lse
+    t = _bwd_tiles(d)
+    common = dict(**_flags(causal, window, softcap, qseg, p), BLOCK_D=max(16, triton.next_power_of_2(d)),
+                  DOT_PRECISION=_precision(q.dtype), **t)
+    scal = (scale, softcap or 1.0, window or 0, seed, p)
+    with launching("_attn_bwd_dkdv_kernel"):
+        K._attn_bwd_dkdv_kernel[(triton.cdiv(sk, t["BLOCK_N"]), b * hk)](
+            q, *q.stride(), k, *k.stride(), v, *v.stride(), dout, *dout.stride(), dk, *dk.stride(), dv, *dv.stride(),
+            lse, delta, seg_q, seg_k, sq, sk, hq, hk, hq // hk, d, *scal, **common)
+    with launching("_attn_bwd_dq_kernel"):
+        K._attn_bwd_dq_kernel[(triton.cdiv(sq, t["BLOCK_M"]), b * hq)](
+            q, *q.stride(), k, *k.stride(), v, *v.stride(), dout, *dout.stride(), dq, *dq.stride(),
+            lse, delta, seg_q, seg_k, sq, sk, hq, hq // hk, d, *scal, **common)
+    return dq, dk, dv
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# autograd and entry point
+# ----------------------------------------------------------------------------------------------------------------
+class _AttentionFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, qseg, kseg, causal, scale, softcap, window, p, seed, backend):
+        fwd = _triton_forward if backend == "triton" else _torch_forward
+        out, lse = fwd(q, k, v, causal, scale, softcap, window, qseg, kseg, p, seed)
+        ctx.save_for_backward(q, k, v, out, lse, qseg, kseg)
+        ctx.meta = (causal, scale, softcap, window, p, seed, backend)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse, qseg, kseg = ctx.saved_tensors
+        causal, scale, softcap, window, p, seed, backend = ctx.meta
+        bwd = _triton_backward if backend == "triton" else _torch_backward
+        dq, dk, dv = bwd(q, k, v, out, lse, dout, causal, scale, softcap, window, qseg, kseg, p, seed)
+        return dq, dk, dv, None, None, None, None, None, None, None, None, None
+
+
+def check_inputs(q, k, v, qseg=None, kseg=None) -> str | None:
+    """None if the fused op can take these tensors, else a one-line reason (the integration falls back on it)."""
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        return f"q/k/v must be 4-D [B, H, S, D], got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+    if not (q.dtype == k.dtype == v.dtype):
+        return f"q/k/v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype})"
+    if not (q.device == k.device == v.device):
+        return f"q/k/v devices differ ({q.device}, {k.device}, {v.device})"
+    b, hq, sq, d = q.shape
+    if d > MAX_HEAD_DIM or k.shape[-1] != d or v.shape[-1] != d:
+        return f"head dims q {d}, k {k.shape[-1]}, v {v.shape[-1]}: must be equal and at most {MAX_HEAD_DIM}"
+    if k.shape[:3] != v.shape[:3] or k.shape[0] != b or hq % k.shape[1]:
+        return f"k/v shapes {tuple(k.shape)}, {tuple(v.shape)} do not fit q {tuple(q.shape)} (grouped heads)"
+    if (qseg is None) != (kseg is None):
+        return "query and key segment ids must be given together"
+    if qseg is not None and (qseg.shape != (b, sq) or kseg.shape != (b, k.shape[2])):
+        return f"segment ids {tuple(qseg.shape)}, {tuple(kseg.shape)} do not match [B, SQ], [B, SK]"
+    return None
+
+
+def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
+                    scale: float | None = None, softcap: float | None = None, window: int | None = None,
+                    qseg: torch.Tensor | None = None, kseg: torch.Tensor | None = None, dropout_p: float = 0.0,
+                    seed: int | None = None, backend: str = "auto", name: str = "attention") -> torch.Tensor:
+    """Attention of q [B, HQ, SQ, D] over k/v [B, HK, SK, D] (HQ a multiple of HK); returns [B, SQ, HQ, D].
+
+    ``causal`` aligns bottom-right (prefix keys / caches); ``window`` keeps keys within the last ``window``
+    positions; ``softcap`` applies ``c·tanh(s/c)``; ``qseg``/``kseg`` int32 segment ids (see the kernels module:
+    -1 padding, -2 prefix keys visible to all); ``dropout_p`` drops attention probabilities with a mask rebuilt
+    from ``seed`` in backward.
+    """
+    reason = check_inputs(q, k, v, qseg, kseg)
+    if reason is not None:
+        raise ValueError(f"peftfast: {name}: {reason}")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"peftfast: {name}: dropout probability must be in [0, 1), got {dropout_p}")
+    if window is not None and window < 1:
+        raise ValueError(f"peftfast: {name}: window must be positive, got {window}")
+    be = resolve_backend(backend, q.device)
+    scale = float(scale) if scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    if dropout_p > 0 and seed is None:
+        from peftfast.ops.lora import draw_seed
+
+        seed = draw_seed(q.device)
+    sq, sk = q.shape[2], k.shape[2]
+    if be == "torch" and qseg is None and softcap is None and window is None and dropout_p == 0 and \
+            (not causal or sq == sk):
+        # plain attention on the ATen path: PyTorch's fused SDPA kernel is one op, keeps O and the log-sum-exp,
+        # and reads grouped K/V without repeating them (enable_gqa)
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=bool(causal) and sq > 1,
+                                                               scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+        return out.transpose(1, 2)
+    qseg = None if qseg is None else qseg.to(torch.int32).contiguous()
+    kseg = None if kseg is None else kseg.to(torch.int32).contiguous()
+    return _AttentionFunction.apply(q, k, v, qseg, kseg, bool(causal), scale,
+                                    None if softcap is None else float(softcap), window, float(dropout_p),
+                                    int(seed or 0), be)
+
+
+__all__ = ["ALL_SEGMENTS", "MAX_HEAD_DIM", "check_inputs", "flash_attention"]

@@ -1,0 +1,366 @@
+"""Fused attention: kernels vs an fp64 reference, memory contract, transformers integration, AOT compile."""
+
+import math
+
+import pytest
+import torch
+from _models import clone, peft_model
+
+import peftfast
+from peftfast.ops import _counters
+from peftfast.ops.attention import flash_attention
+from peftfast.testing import aot
+
+BACKENDS = ["torch", "triton"]
+
+
+def _reference(q, k, v, causal, scale, softcap, window, qseg, kseg):
+    b, hq, sq, d = q.shape
+    hk, sk = k.shape[1], k.shape[2]
+    kk, vv = k.repeat_interleave(hq // hk, 1), v.repeat_interleave(hq // hk, 1)
+    s = q @ kk.transpose(-1, -2) * scale
+    if softcap:
+        s = softcap * torch.tanh(s / softcap)
+    i = torch.arange(sq)[:, None] + sk - sq
+    j = torch.arange(sk)[None]
+    ok = torch.ones(sq, sk, dtype=torch.bool)
+    if causal:
+        ok &= j <= i
+    if window:
+        ok &= j > i - window
+    ok = ok[None, None]
+    if qseg is not None:
+        ok = ok & ((kseg[:, None, None, :] == qseg[:, None, :, None]) | (kseg[:, None, None, :] == -2))
+    p = torch.softmax(s.masked_fill(~ok, float("-inf")), -1).nan_to_num(0.0)
+    return (p @ vv).transpose(1, 2)
+
+
+def _make(b, hq, hk, sq, sk, d, dtype, seg=None):
+    q = torch.randn(b, sq, hq, d).transpose(1, 2).to(dtype).requires_grad_()  # the model's strided views
+    k = torch.randn(b, sk, hk, d).transpose(1, 2).to(dtype).requires_grad_()
+    v = torch.randn(b, sk, hk, d).transpose(1, 2).to(dtype).requires_grad_()
+    qseg = kseg = None
+    if seg == "padding":
+        kseg = torch.zeros(b, sk, dtype=torch.int32)
+        kseg[0, sk - max(1, sk // 3):] = -1
+        qseg = kseg[:, sk - sq:].clone()
+        qseg[qseg == -1] = -3
+    elif seg == "packed":
+        kseg = (torch.arange(sk)[None].expand(b, sk) * 3 // max(sk, 1)).to(torch.int32).contiguous()
+        qseg = kseg[:, sk - sq:].clone()
+    elif seg == "prefix":
+        kseg = torch.zeros(b, sk, dtype=torch.int32)
+        kseg[:, : sk - sq] = -2
+        kseg[:, sk - sq:] = (torch.arange(sq) * 2 // max(sq, 1)).to(torch.int32)
+        qseg = kseg[:, sk - sq:].clone()
+    return q, k, v, qseg, kseg
+
+
+def _grads(fn, leaves, g):
+    for t in leaves:
+        t.grad = None
+    o = fn()
+    o.backward(g)
+    return [o.detach().double()] + [t.grad.double() for t in leaves]
+
+
+def _check(backend, b, hq, hk, sq, sk, d, causal, softcap=None, window=None, seg=None, dtype=torch.float32):
+    q, k, v, qseg, kseg = _make(b, hq, hk, sq, sk, d, dtype, seg)
+    scale = 1 / math.sqrt(d)
+    g = torch.randn(b, sq, hq, d).to(dtype)
+    got = _grads(lambda: flash_attention(q, k, v, causal=causal, scale=scale, softcap=softcap, window=window,
+                                         qseg=qseg, kseg=kseg, backend=backend), [q, k, v], g)
+    rq, rk, rv = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref = _grads(lambda: _reference(rq, rk, rv, causal, scale, softcap, window, qseg, kseg), [rq, rk, rv],
+                 g.double())
+    if dtype == torch.float32:
+        for a, r in zip(got, ref):
+            assert (a - r).abs().max() <= 2e-5 * r.abs().max().clamp_min(1.0)
+        return
+    eager = _grads(lambda: _reference(q, k, v, causal, scale, softcap, window, qseg, kseg), [q, k, v], g)
+    for a, e, r in zip(got, eager, ref):
+        assert (a - r).abs().max() <= 2 * (e - r).abs().max() + 1e-3
+
+
+CASES = [  # b, hq, hk, sq, sk, d, causal, softcap, window, seg
+    (1, 2, 2, 1, 1, 16, True, None, None, None),
+    (2, 4, 2, 17, 17, 16, True, None, None, None),
+    (1, 4, 1, 17, 17, 24, False, None, None, None),  # MQA, bidirectional, head dim padded to 32
+    (2, 2, 1, 9, 30, 16, True, None, None, None),  # bottom-right causal: q shorter than k
+    (1, 2, 2, 33, 33, 80, True, 20.0, 8, None),  # Gemma 2: softcap + sliding window, head dim 80
+    (2, 4, 2, 23, 23, 16, True, None, None, "padding"),
+    (1, 2, 1, 31, 31, 16, True, None, None, "packed"),
+    (2, 2, 2, 13, 19, 16, True, None, None, "prefix"),  # 6 prefix keys seen by every document
+    (1, 2, 1, 19, 19, 32, False, None, 5, "packed"),
+    (1, 2, 2, 113, 113, 16, True, None, None, "padding"),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c)))
+def test_fp32_matches_reference(backend, case):
+    _check(backend, *case)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("s", [203, 257])
+def test_long_ragged_lengths(backend, s):
+    _check(backend, 1, 2, 1, s, s, 64, True, seg="padding")
+
+
+@pytest.mark.parametrize("backend,dtype", [("triton", torch.float16), ("torch", torch.float16),
+                                           ("torch", torch.bfloat16)])
+def test_low_precision_within_twice_eager_error(backend, dtype):
+    _check(backend, 2, 4, 2, 21, 21, 32, True, seg="padding", dtype=dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fully_masked_rows_are_zero_not_nan(backend):
+    q, k, v, qseg, kseg = _make(1, 2, 2, 6, 6, 16, torch.float32, "padding")
+    o = flash_attention(q, k, v, causal=True, qseg=qseg, kseg=kseg, backend=backend)
+    o.sum().backward()
+    assert torch.isfinite(o).all() and torch.isfinite(q.grad).all() and torch.isfinite(k.grad).all()
+    assert (o[0, qseg[0] == -3] == 0).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dropout_forward_and_backward_share_one_mask(backend):
+    q, k, v, _, _ = _make(1, 2, 1, 12, 12, 16, torch.float32)
+
+    def f(qq):
+        return flash_attention(qq, k, v, causal=True, dropout_p=0.3, seed=77, backend=backend)
+
+    o = f(q)
+    assert torch.equal(o, f(q))  # the seed fixes the mask
+    plain = flash_attention(q, k, v, causal=True, backend=backend)
+    assert not torch.allclose(o, plain)
+    direction = torch.randn_like(q)
+    g = torch.randn_like(o)
+    (o * g).sum().backward()
+    eps = 1e-2
+    with torch.no_grad():
+        numeric = ((f(q + eps * direction) - f(q - eps * direction)) * g).sum() / (2 * eps)
+    analytic = (q.grad * direction).sum()
+    assert abs(numeric - analytic) <= 2e-2 * abs(analytic) + 1e-3
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_saves_no_repeated_kv_and_launch_counts(backend):
+    q, k, v, qseg, kseg = _make(2, 8, 2, 16, 16, 16, torch.float32, "padding")
+    saved = []
+
+    def pack(t):
+        saved.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), _counters.count_launches() as fwd:
+        o = flash_attention(q, k, v, causal=True, qseg=qseg, kseg=kseg, backend=backend)
+    assert sorted(saved) == sorted([(2, 8, 16, 16), (2, 2, 16, 16), (2, 2, 16, 16), (2, 16, 8, 16), (2, 8, 16),
+                                    (2, 16), (2, 16)])  # q, k, v, out, lse, segment ids: k/v keep 2 heads
+    with _counters.count_launches() as bwd:
+        o.sum().backward()
+    if backend == "triton":
+        assert dict(fwd) == {"_attn_fwd_kernel": 1}
+        assert dict(bwd) == {"_attn_bwd_dkdv_kernel": 1, "_attn_bwd_dq_kernel": 1}
+
+
+def test_bad_input_is_a_clear_error():
+    q, k, v, _, _ = _make(1, 2, 1, 4, 4, 16, torch.float32)
+    big = torch.randn(1, 2, 4, 272)
+    with pytest.raises(ValueError, match="layers.0.attn: head dims.*at most 256"):
+        flash_attention(big, big, big, name="layers.0.attn")
+    with pytest.raises(ValueError, match="dtypes differ"):
+        flash_attention(q, k.double(), v)
+    with pytest.raises(ValueError, match="segment ids"):
+        flash_attention(q, k, v, qseg=torch.zeros(1, 3, dtype=torch.int32), kseg=torch.zeros(1, 4, dtype=torch.int32))
+    with pytest.raises(ValueError, match="grouped heads"):
+        flash_attention(q, torch.randn(1, 3, 4, 16), torch.randn(1, 3, 4, 16))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# transformers integration
+# ----------------------------------------------------------------------------------------------------------------
+def _padded(vocab=128):
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(2, vocab, (3, 11), generator=g)
+    mask = torch.ones_like(ids)
+    mask[0, 7:] = 0
+    mask[2, 4:] = 0
+    return ids, mask
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
+def test_padded_batch_matches_sdpa(arch):
+    model = peft_model(arch)
+    ref = clone(model)
+    ref.get_base_model().set_attn_implementation("sdpa")
+    peftfast.patch(model)
+    ids, mask = _padded()
+    labels = ids.masked_fill(mask == 0, -100)
+    out = model(input_ids=ids, attention_mask=mask, labels=labels)
+    want = ref(input_ids=ids, attention_mask=mask, labels=labels)
+    keep = mask.bool()
+    assert torch.allclose(out.logits[keep], want.logits[keep], atol=2e-5, rtol=1e-4)
+    out.loss.backward()
+    want.loss.backward()
+    for (n, p), (_, r) in zip(model.named_parameters(), ref.named_parameters()):
+        if p.requires_grad:
+            assert torch.allclose(p.grad, r.grad, atol=1e-5, rtol=1e-4), n
+    rt = peftfast.report(model).module_runtime(model)
+    attn = {n: r for n, r in rt.items() if n.endswith("(attention)")}
+    assert len(attn) == 2 and all(r["fused"] == 1 and not r["fallbacks"] for r in attn.values())
+
+
+def test_packed_rows_match_each_document_alone():
+    model = peft_model("llama")
+    peftfast.patch(model)
+    model.eval()
+    g = torch.Generator().manual_seed(5)
+    docs = [torch.randint(2, 128, (1, n), generator=g) for n in (5, 3, 6)]
+    packed = torch.cat(docs, dim=1)
+    pos = torch.cat([torch.arange(d.shape[1]) for d in docs])[None]
+    got = model(input_ids=packed, position_ids=pos).logits
+    start = 0
+    for d in docs:
+        alone = model(input_ids=d).logits
+        assert torch.allclose(got[:, start:start + d.shape[1]], alone, atol=2e-5, rtol=1e-4)
+        start += d.shape[1]
+
+
+def test_output_attentions_falls_back_to_sdpa_with_a_reason():
+    model = peft_model("llama")
+    peftfast.patch(model)
+    ids, mask = _padded()
+    ref = clone(model)
+    peftfast.unpatch(ref)
+    out = model(input_ids=ids, attention_mask=mask, output_attentions=True)
+    want = ref(input_ids=ids, attention_mask=mask)
+    keep = mask.bool()
+    assert torch.allclose(out.logits[keep], want.logits[keep], atol=2e-5, rtol=1e-4)
+    text = peftfast.report(model).format(model)
+    assert "output_attentions=True" in text and "fallback" in text
+
+
+def test_gqa_padded_model_saves_no_repeated_kv():
+    from peftfast.bench import saved_activation_bytes
+
+    model = peft_model("llama")
+    ids, mask = _padded()
+    params = list(model.parameters())
+    _, eager = saved_activation_bytes(lambda: model(input_ids=ids, attention_mask=mask).logits, exclude=params)
+    peftfast.patch(model)
+    _, fused = saved_activation_bytes(lambda: model(input_ids=ids, attention_mask=mask).logits, exclude=params)
+    # 4 query heads of 8 over 2 KV heads: a repeated K or V would be a second [3, 4, 11, 8] tensor beside q
+    assert [s for s in fused.by_shape if s.startswith("(3, 4, 11, 8)")] == ["(3, 4, 11, 8):float32"]
+    assert any(s.startswith("(3, 2, 11, 8)") for s in fused.by_shape)  # k and v as the model made them
+    assert fused.total < eager.total
+
+
+def test_unpatch_restores_the_attention_implementation():
+    model = peft_model("llama")
+    before = model.get_base_model().config._attn_implementation
+    peftfast.patch(model)
+    assert model.get_base_model().config._attn_implementation == "peftfast"
+    peftfast.patch(model, fuse_attention=False)
+    assert model.get_base_model().config._attn_implementation == before
+    peftfast.patch(model)
+    peftfast.unpatch(model)
+    assert model.get_base_model().config._attn_implementation == before
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# ahead-of-time compile
+# ----------------------------------------------------------------------------------------------------------------
+def _aot_plan() -> list[aot.Job]:
+    jobs = []
+    for arch in aot.ARCHS:
+        for dt in ("bf16", "fp16"):
+            for d in (64, 128, 256):
+                p = "*" + dt
+                strides = dict(b=16 * 2048 * d, h=d, s=16 * d, d=1)
+                for kernel in ("_attn_fwd_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel"):
+                    args = {}
+                    for pre in ("q", "k", "v"):
+                        args.update({f"{pre}_ptr": p, f"s{pre}b": strides["b"], f"s{pre}h": strides["h"],
+                                     f"s{pre}m" if pre == "q" else f"s{pre}n": strides["s"], f"s{pre}d": 1})
+                    if kernel == "_attn_fwd_kernel":
+                        args.update(o_ptr=p, sob=strides["b"], som=16 * d, soh=d, sod=1)
+                    else:
+                        args.update(do_ptr=p, sdob=strides["b"], sdom=16 * d, sdoh=d, sdod=1)
+                        if kernel == "_attn_bwd_dkdv_kernel":
+                            for pre in ("dk", "dv"):
+                                args.update({f"{pre}_ptr": p, f"s{pre}b": strides["b"], f"s{pre}h": d,
+                                             f"s{pre}n": 16 * d, f"s{pre}d": 1})
+                        else:
+                            args.update(dq_ptr=p, sdqb=strides["b"], sdqh=d, sdqm=16 * d, sdqd=1)
+                        args["delta_ptr"] = "*fp32"
+                    args.update(lse_ptr="*fp32", qseg_ptr="*i32", kseg_ptr="*i32", SQ=2048, SK=2048, HQ=16,
+                                GROUP=4, D=d, scale=0.125, softcap=1.0, window=0, seed=0, p_drop=0.0)
+                    if kernel == "_attn_bwd_dkdv_kernel":
+                        args["HK"] = 4
+                    tiles = _gpu_tiles(kernel, d)
+                    for flags in ({"IS_CAUSAL": True, "HAS_SEG": True, "HAS_WINDOW": False, "HAS_SOFTCAP": False,
+                                   "HAS_DROPOUT": False},
+                                  {"IS_CAUSAL": True, "HAS_SEG": False, "HAS_WINDOW": True, "HAS_SOFTCAP": True,
+                                   "HAS_DROPOUT": True}):
+                        meta = {**flags, "BLOCK_D": d, "DOT_PRECISION": "tf32"}
+                        variant = "seg" if flags["HAS_SEG"] else "window-softcap-dropout"
+                        jobs.append(aot.Job(kernel, f"D{d}-{variant}", dt, arch,
+                                            {"BLOCK_M": tiles["BLOCK_M"], "BLOCK_N": tiles["BLOCK_N"]},
+                                            tiles["num_warps"], tiles["num_stages"], meta, args))
+    return jobs
+
+
+def _gpu_tiles(kernel: str, d: int) -> dict:
+    from unittest import mock
+
+    from peftfast.ops import attention as A
+
+    with mock.patch.object(A, "interpreting", lambda: False):
+        return A._tiles(d) if kernel == "_attn_fwd_kernel" else A._bwd_tiles(d)
+
+
+AOT_PLAN = _aot_plan()
+# default tier: every kernel at head dim 128 and the forward at 64 and 256, in bf16 (about a minute cold on two
+# cores); fp16 and the backward kernels at 64 and 256 compile with ``-m slow``
+AOT_FAST = [j for j in AOT_PLAN if j.dtype == "bf16" and (j.kernel == "_attn_fwd_kernel" or "D128-" in j.variant)]
+AOT_SLOW = [j for j in AOT_PLAN if j not in AOT_FAST]
+
+
+def _compile(jobs) -> dict[str, dict]:
+    return {r["key"]: r for r in aot.run(jobs)}
+
+
+@pytest.fixture(scope="module")
+def aot_fast() -> dict[str, dict]:
+    return _compile(AOT_FAST)
+
+
+@pytest.fixture(scope="module")
+def aot_slow() -> dict[str, dict]:
+    return _compile(AOT_SLOW)
+
+
+def _check_compiled(job: aot.Job, res: dict) -> None:
+    assert res["error"] is None, res["error"]
+    assert res["ptx_target"] == ("sm_90a" if job.arch == 90 else f"sm_{job.arch}")
+    assert res["shared"] <= {80: 163 * 1024, 90: 227 * 1024}[job.arch], res["shared"]
+    assert res["mma_sync"] or res["wgmma"], f"{job.key}: no tensor-core MMA"
+    if job.arch == 90 and job.kernel == "_attn_fwd_kernel" and job.tiles["BLOCK_M"] % 64 == 0:
+        assert res["wgmma"], f"{job.key}: expected wgmma on sm_90"
+
+
+def _job_id(j: aot.Job) -> str:
+    return f"{j.kernel[6:-7]}-{j.variant}-{j.dtype}-sm{j.arch}"
+
+
+@pytest.mark.parametrize("job", AOT_FAST, ids=_job_id)
+def test_attention_kernels_compile(job: aot.Job, aot_fast: dict[str, dict]) -> None:
+    _check_compiled(job, aot_fast[job.key])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("job", AOT_SLOW, ids=_job_id)
+def test_attention_kernels_compile_slow_tier(job: aot.Job, aot_slow: dict[str, dict]) -> None:
+    _check_compiled(job, aot_slow[job.key])
