@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from _attention_ref import reference_attention as _reference
 from _models import clone, peft_model
 
 import peftfast
@@ -12,27 +13,6 @@ from peftfast.ops.attention import flash_attention
 from peftfast.testing import aot
 
 BACKENDS = ["torch", "triton"]
-
-
-def _reference(q, k, v, causal, scale, softcap, window, qseg, kseg):
-    b, hq, sq, d = q.shape
-    hk, sk = k.shape[1], k.shape[2]
-    kk, vv = k.repeat_interleave(hq // hk, 1), v.repeat_interleave(hq // hk, 1)
-    s = q @ kk.transpose(-1, -2) * scale
-    if softcap:
-        s = softcap * torch.tanh(s / softcap)
-    i = torch.arange(sq)[:, None] + sk - sq
-    j = torch.arange(sk)[None]
-    ok = torch.ones(sq, sk, dtype=torch.bool)
-    if causal:
-        ok &= j <= i
-    if window:
-        ok &= j > i - window
-    ok = ok[None, None]
-    if qseg is not None:
-        ok = ok & ((kseg[:, None, None, :] == qseg[:, None, :, None]) | (kseg[:, None, None, :] == -2))
-    p = torch.softmax(s.masked_fill(~ok, float("-inf")), -1).nan_to_num(0.0)
-    return (p @ vv).transpose(1, 2)
 
 
 def _make(b, hq, hk, sq, sk, d, dtype, seg=None):

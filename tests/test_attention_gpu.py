@@ -6,6 +6,7 @@ import os
 
 import pytest
 import torch
+from _attention_ref import reference_attention as _ref
 
 pytestmark = [
     pytest.mark.gpu,
@@ -13,28 +14,6 @@ pytestmark = [
     pytest.mark.skipif(os.environ.get("PEFTFAST_GPU_TESTS") != "1",
                        reason="set PEFTFAST_GPU_TESTS=1 (interpreter off)"),
 ]
-
-
-def _ref(q, k, v, causal, scale, softcap, window, qseg, kseg, dtype):
-    q, k, v = (t.to(dtype) for t in (q, k, v))
-    hq, hk = q.shape[1], k.shape[1]
-    k, v = k.repeat_interleave(hq // hk, 1), v.repeat_interleave(hq // hk, 1)
-    s = q @ k.transpose(-1, -2) * scale
-    if softcap:
-        s = softcap * torch.tanh(s / softcap)
-    sq, sk = q.shape[2], k.shape[2]
-    i = torch.arange(sq, device=q.device)[:, None] + sk - sq
-    j = torch.arange(sk, device=q.device)[None]
-    ok = torch.ones(sq, sk, dtype=torch.bool, device=q.device)
-    if causal:
-        ok &= j <= i
-    if window:
-        ok &= j > i - window
-    ok = ok[None, None]
-    if qseg is not None:
-        ok = ok & ((kseg[:, None, None, :] == qseg[:, None, :, None]) | (kseg[:, None, None, :] == -2))
-    p = torch.softmax(s.float().masked_fill(~ok, float("-inf")), -1).nan_to_num(0.0).to(dtype)
-    return (p @ v).transpose(1, 2)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -8,7 +8,6 @@ counted with their reason.
 
 from __future__ import annotations
 
-import functools
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -16,6 +15,7 @@ import torch
 from torch import nn
 
 from peftfast.modules import lora as lora_mod
+from peftfast.modules._bind import bind_forward, unbind_forward
 from peftfast.ops.mlp import lora_mlp
 
 _PROJ = ("gate_proj", "up_proj", "down_proj")
@@ -124,15 +124,9 @@ def install(module: nn.Module, name: str, backend: str) -> None:
     if st is not None:
         st.backend = backend
         return
-    module._peftfast_mlp = MLPState(name=name, backend=backend, previous_forward=module.__dict__.get("forward"))
-    module.forward = functools.partial(fused_mlp_forward, module)
+    bind_forward(module, "_peftfast_mlp", MLPState(name=name, backend=backend, previous_forward=None),
+                 fused_mlp_forward)
 
 
 def uninstall(module: nn.Module) -> None:
-    st = module.__dict__.pop("_peftfast_mlp", None)
-    if st is None:
-        return
-    if st.previous_forward is not None:
-        module.forward = st.previous_forward
-    else:
-        module.__dict__.pop("forward", None)
+    unbind_forward(module, "_peftfast_mlp")

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from peftfast.modules._bind import bind_forward, unbind_forward
 from peftfast.ops.rope import rope
 
 _GLOBAL = "apply_rotary_pos_emb"
@@ -108,18 +109,12 @@ def install(attn: nn.Module, name: str, backend: str) -> None:
     if st is not None:
         st.backend = backend
         return
-    attn._peftfast_rope = RoPEState(name=name, backend=backend, previous_forward=attn.__dict__.get("forward"))
-    attn.forward = functools.partial(fused_rope_attention_forward, attn)
+    bind_forward(attn, "_peftfast_rope", RoPEState(name=name, backend=backend, previous_forward=None),
+                 fused_rope_attention_forward)
 
 
 def uninstall(attn: nn.Module) -> None:
-    st = attn.__dict__.pop("_peftfast_rope", None)
-    if st is None:
-        return
-    if st.previous_forward is not None:
-        attn.forward = st.previous_forward
-    else:
-        attn.__dict__.pop("forward", None)
+    unbind_forward(attn, "_peftfast_rope")
 
 
 def is_rope_attention(module: nn.Module) -> bool:

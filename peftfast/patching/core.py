@@ -159,21 +159,12 @@ def patch(model: nn.Module, *, backend: str = "auto", group_siblings: bool = Tru
         reason = mlp_mod.why_not(mod) if fuse_mlp else "fuse_mlp=False"
         if reason is None and not group_siblings:
             reason = "group_siblings=False (the fused MLP groups gate and up)"
-        if reason is None:
-            mlp_mod.install(mod, name, backend)
-        else:
-            mlp_mod.uninstall(mod)
-        rep.modules.append(PatchEntry(name=name, kind="mlp", patched=reason is None, reason=reason))
+        _apply(rep, mlp_mod, "mlp", name, mod, reason, backend)
     if rep.entries:
         for name, mod in model.named_modules():
-            if not rope_mod.is_rope_attention(mod):
-                continue
-            reason = rope_mod.why_not(mod) if fuse_rope else "fuse_rope=False"
-            if reason is None:
-                rope_mod.install(mod, name, backend)
-            else:
-                rope_mod.uninstall(mod)
-            rep.modules.append(PatchEntry(name=name, kind="rope", patched=reason is None, reason=reason))
+            if rope_mod.is_rope_attention(mod):
+                _apply(rep, rope_mod, "rope", name, mod, rope_mod.why_not(mod) if fuse_rope else "fuse_rope=False",
+                       backend)
     # attention is switched for PEFT models (LoRA layers or prompt learning); a model without any PEFT adapter is
     # returned unchanged (with a warning below)
     peft_model = bool(rep.entries) or isinstance(getattr(model, "peft_config", None), dict)
@@ -193,11 +184,7 @@ def patch(model: nn.Module, *, backend: str = "auto", group_siblings: bool = Tru
             if reason is None and isinstance(mod, nn.LayerNorm) and mod.weight is not None \
                     and mod.weight.device.type != "cuda" and backend != "triton":
                 reason = "nn.LayerNorm off CUDA: ATen's LayerNorm is already one fused op there"
-            if reason is None:
-                norm_mod.install(mod, name, backend)
-            else:
-                norm_mod.uninstall(mod)
-            rep.modules.append(PatchEntry(name=name, kind="norm", patched=reason is None, reason=reason))
+            _apply(rep, norm_mod, "norm", name, mod, reason, backend)
     rep.notes = _model_notes(model)
     model._peftfast_report = rep
     if not rep.entries and not any(e.patched for e in rep.modules):
@@ -209,6 +196,15 @@ def patch(model: nn.Module, *, backend: str = "auto", group_siblings: bool = Tru
     for n in rep.notes:
         logger.info("peftfast: %s", n)
     return model
+
+
+def _apply(rep: PatchReport, feature, kind: str, name: str, mod: nn.Module, reason: str | None, backend: str) -> None:
+    """Install ``feature`` on ``mod`` when there is no reason against it (else undo an earlier install); report it."""
+    if reason is None:
+        feature.install(mod, name, backend)
+    else:
+        feature.uninstall(mod)
+    rep.modules.append(PatchEntry(name=name, kind=kind, patched=reason is None, reason=reason))
 
 
 def _model_notes(model: nn.Module) -> list[str]:

@@ -1,0 +1,30 @@
+"""Per-instance ``forward`` binding shared by the module-level features (MLP, RoPE, norms)."""
+
+from __future__ import annotations
+
+import functools
+
+from torch import nn
+
+
+def bind_forward(module: nn.Module, state_attr: str, state, fn) -> None:
+    """Record ``state`` (which must have ``previous_forward``, filled here) and bind ``fn(module, ...)`` as forward.
+
+    A ``functools.partial`` of a module-level function, not a closure or bound method: deepcopy and pickle carry it
+    to the copied module.
+    """
+    state.previous_forward = module.__dict__.get("forward")
+    setattr(module, state_attr, state)
+    module.forward = functools.partial(fn, module)
+
+
+def unbind_forward(module: nn.Module, state_attr: str):
+    """Undo :func:`bind_forward`: the previous instance-level forward (or none) comes back. Returns the state."""
+    st = module.__dict__.pop(state_attr, None)
+    if st is None:
+        return None
+    if st.previous_forward is not None:
+        module.forward = st.previous_forward
+    else:
+        module.__dict__.pop("forward", None)
+    return st
