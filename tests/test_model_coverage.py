@@ -18,6 +18,7 @@ EXPECTED_BLOCKS = {
     "qwen3": ("mlp", "rope", "norm"), "gemma": ("mlp", "rope", "norm"), "gemma2": ("mlp", "rope", "norm"),
     "gemma3": ("mlp", "rope", "norm"), "phi3": ("rope", "norm"), "gpt2": (), "bert": (), "roberta": (),
 }
+CAUSAL_LMS = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3"]
 TOL = 2e-5
 
 
@@ -73,3 +74,22 @@ def test_patch_report(arch):
     assert model.get_base_model().config._attn_implementation == "eager"
     assert peftfast.report(model).entries == []
     assert not any("forward" in m.__dict__ for m in model.modules())
+
+
+@pytest.mark.parametrize("arch", CAUSAL_LMS)
+def test_fused_loss_opt_in_matches_unpatched(arch):
+    """``fuse_loss=True``: the loss comes from fused linear cross-entropy, with no logits, and matches."""
+    model = peft_model(arch, target_modules="all-linear")
+    ref = clone(model)
+    peftfast.patch(model, fuse_loss=True)
+    data = batch(arch)
+    loss, grads = loss_and_grads(model, data)
+    ref_loss, ref_grads = loss_and_grads(ref, data)
+    assert abs(loss.item() - ref_loss.item()) <= TOL * abs(ref_loss.item())
+    assert max(max_rel_err(grads[n], ref_grads[n]) for n in grads) <= TOL
+    assert model(**data).logits is None
+    rt = peftfast.report(model).module_runtime(model)
+    (stats,) = [r for n, r in rt.items() if n.endswith("(loss)")]
+    assert stats["fused"] >= 1 and not stats["fallbacks"]
+    model.eval()
+    assert model(**data).logits is not None  # evaluation keeps the logits

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from peftfast.modules import attention as attn_mod
+from peftfast.modules import cross_entropy as ce_mod
 from peftfast.modules import lora as lora_mod
 from peftfast.modules import mlp as mlp_mod
 from peftfast.modules import norm as norm_mod
@@ -29,7 +30,7 @@ SIBLING_SETS: tuple[frozenset[str], ...] = (
 @dataclass
 class PatchEntry:
     name: str
-    kind: str  # "lora" for PEFT layers; "mlp", "rope", "attention", "norm" for fused block modules
+    kind: str  # "lora" for PEFT layers; "mlp", "rope", "attention", "norm", "loss" for fused block modules
     patched: bool
     reason: str | None = None
     group: str | None = None
@@ -69,6 +70,10 @@ class PatchReport:
             mst = getattr(mod, "_peftfast_mlp", None)
             if isinstance(mst, mlp_mod.MLPState):
                 out[name] = {"fused": mst.fused_calls, "fallbacks": dict(mst.fallbacks), "deferred": dict(mst.deferred)}
+            lst = mod.__dict__.get("_peftfast_loss")
+            if isinstance(lst, ce_mod.LossState):
+                out[f"{name} (loss)"] = {"fused": lst.fused_calls, "fallbacks": dict(lst.fallbacks),
+                                         "deferred": {"no labels": lst.no_label_calls, "eval mode": lst.eval_calls}}
             ast = mod.__dict__.get("_peftfast_attn")
             if isinstance(ast, attn_mod.AttentionStats):
                 out[f"{name} (attention)"] = {"fused": ast.fused_calls, "fallbacks": dict(ast.fallbacks),
@@ -118,7 +123,8 @@ def _is_peft_layer(mod: nn.Module) -> bool:
 
 
 def patch(model: nn.Module, *, backend: str = "auto", group_siblings: bool = True, fuse_mlp: bool = True,
-          fuse_rope: bool = True, fuse_attention: bool = True, fuse_norms: bool = True) -> nn.Module:
+          fuse_rope: bool = True, fuse_attention: bool = True, fuse_norms: bool = True,
+          fuse_loss: bool = False) -> nn.Module:
     """Run every eligible PEFT LoRA ``Linear`` of ``model`` on peftfast's fused path, in place.
 
     Accepts a ``PeftModel`` or any model holding PEFT LoRA layers. Parameters, names, ``state_dict``, optimizer
@@ -128,7 +134,10 @@ def patch(model: nn.Module, *, backend: str = "auto", group_siblings: bool = Tru
     with ``fuse_rope``, RoPE attention modules rotate q and k in one fused op; with ``fuse_attention`` the model's
     attention runs on peftfast's fused kernel (``"peftfast"`` attention implementation: padding, packing, GQA,
     prefix keys); with ``fuse_norms``, RMSNorms (and, for CUDA models, LayerNorms) run on fused norm kernels that
-    keep no fp32 copy of their input. Returns ``model``.
+    keep no fp32 copy of their input. ``fuse_loss`` (opt-in, because such calls then return ``logits=None``, which
+    loops that read training logits, e.g. TRL's token accuracy, cannot take): a causal LM's labelled training calls
+    compute the loss from the last hidden states by fused linear cross-entropy (LoRA on ``lm_head`` included)
+    without materialising logits. Returns ``model``.
     """
     if backend not in BACKENDS:
         raise ValueError(f"peftfast.patch: unknown backend {backend!r}; choose one of {BACKENDS}")
@@ -185,6 +194,14 @@ def patch(model: nn.Module, *, backend: str = "auto", group_siblings: bool = Tru
                     and mod.weight.device.type != "cuda" and backend != "triton":
                 reason = "nn.LayerNorm off CUDA: ATen's LayerNorm is already one fused op there"
             _apply(rep, norm_mod, "norm", name, mod, reason, backend)
+    if rep.entries and ce_mod.causal_lm(model) is not None:
+        reason = ce_mod.why_not(model) if fuse_loss else "fuse_loss=False (opt-in: training calls return logits=None)"
+        if reason is None:
+            ce_mod.install(model, ce_mod.LossPatchConfig(backend=backend))
+        else:
+            ce_mod.uninstall(model)
+        rep.modules.append(PatchEntry(name="loss (lm_head + cross-entropy)", kind="loss", patched=reason is None,
+                                      reason=reason))
     rep.notes = _model_notes(model)
     model._peftfast_report = rep
     if not rep.entries and not any(e.patched for e in rep.modules):
@@ -257,6 +274,8 @@ def unpatch(model: nn.Module) -> nn.Module:
         rope_mod.uninstall(mod)
         norm_mod.uninstall(mod)
     attn_mod.uninstall(model)
+    if ce_mod.causal_lm(model) is not None:
+        ce_mod.uninstall(model)
     model.__dict__.pop("_peftfast_report", None)
     return model
 

@@ -1,0 +1,367 @@
+"""Model-level fused loss: ``*ForCausalLM.forward`` that computes the loss from the last hidden states, no logits.
+
+``install(model, config)`` binds ``fused_causal_lm_forward`` to the instance (``model.forward``, a picklable
+``functools.partial``); ``uninstall`` restores exactly what was there. On a call with ``labels`` and
+``logits_to_keep=0`` the replacement runs the inner decoder (``model.model``) as the original forward does, then
+``fused_linear_cross_entropy`` with the LM head's weight, bias and, for a PEFT ``lora.Linear`` head with one active,
+unmerged adapter, its LoRA A/B/scaling: the ``tokens × vocab`` logits are never materialised. It returns a
+``CausalLMOutputWithPast`` with ``loss`` set and ``logits=None`` (``LossPatchConfig(keep_logits=True)`` adds
+detached logits, computed without autograd). Calls without labels, and every call the fused path cannot serve
+exactly, go to the original forward; the latter are counted with their reason.
+
+Semantics are ``ForCausalLMLoss``'s: labels shifted by one with ``ignore_index`` padding unless ``shift_labels``
+is passed, fp32 loss, mean over non-ignored tokens or ``sum / num_items_in_batch`` under gradient accumulation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from peftfast.ops.cross_entropy import fused_linear_cross_entropy
+
+
+def _plain(model: nn.Module) -> tuple[float | None, float]:
+    return None, 1.0
+
+
+def _gemma_softcap(model: nn.Module) -> tuple[float | None, float]:
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    return (float(cap) if cap is not None else None), 1.0
+
+
+def _cohere(model: nn.Module) -> tuple[float | None, float]:
+    return None, float(model.logit_scale)
+
+
+def _granite(model: nn.Module) -> tuple[float | None, float]:
+    return None, 1.0 / float(model.config.logits_scaling)
+
+
+# classes whose forward is "decoder → slice → lm_head → (scale | softcap) → ForCausalLMLoss": (softcap, logit_scale)
+RECIPES: dict[str, Callable[[nn.Module], tuple[float | None, float]]] = {
+    "LlamaForCausalLM": _plain, "MistralForCausalLM": _plain, "Qwen2ForCausalLM": _plain,
+    "Qwen3ForCausalLM": _plain, "GemmaForCausalLM": _plain, "Phi3ForCausalLM": _plain,
+    "Gemma2ForCausalLM": _gemma_softcap, "Gemma3ForCausalLM": _gemma_softcap,
+    "CohereForCausalLM": _cohere, "GraniteForCausalLM": _granite,
+}
+_PARAMS = ("input_ids", "attention_mask", "position_ids", "past_key_values", "inputs_embeds", "labels", "use_cache",
+           "logits_to_keep")
+
+
+@dataclass
+class LossPatchConfig:
+    """Options of the fused loss path. ``keep_logits``: also return detached logits (costs their memory)."""
+
+    backend: str = "auto"
+    keep_logits: bool = False
+    chunk_size: int | None = None
+
+
+@dataclass
+class LossState:
+    """Kept on the patched model as ``model._peftfast_loss`` (not in ``state_dict``)."""
+
+    config: LossPatchConfig
+    previous_forward: object | None
+    fused_calls: int = 0
+    no_label_calls: int = 0
+    eval_calls: int = 0  # labelled calls in eval mode: served by the original forward, which returns logits
+    fallbacks: Counter = field(default_factory=Counter)
+
+
+@dataclass(frozen=True)
+class HeadTensors:
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    lora_a: torch.Tensor | None = None
+    lora_b: torch.Tensor | None = None
+    lora_scale: float = 1.0
+    lora_bias: torch.Tensor | None = None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# eligibility
+# ----------------------------------------------------------------------------------------------------------------
+def _has_hooks(mod: nn.Module) -> bool:
+    return bool(mod._forward_hooks or mod._forward_pre_hooks or hasattr(mod, "_hf_hook"))
+
+
+def _peft_types():
+    try:
+        from peft.tuners.lora.layer import Linear as LoraLinear
+        from peft.tuners.lora.layer import LoraLayer
+        from peft.utils.other import ModulesToSaveWrapper
+    except Exception:  # pragma: no cover - peft is a dependency
+        return None, None, None
+    return LoraLayer, LoraLinear, ModulesToSaveWrapper
+
+
+def _check_weight(w: torch.Tensor) -> str | None:
+    if hasattr(w, "ds_id") or hasattr(w, "ds_status"):
+        return "lm_head weight is a DeepSpeed ZeRO-3 parameter (gathered by lm_head's own hooks)"
+    if not isinstance(w, torch.Tensor) or w.is_meta or w.dim() != 2:
+        return "lm_head weight is not a materialised 2-D tensor"
+    return None
+
+
+def head_tensors(head: nn.Module, training: bool) -> HeadTensors | str:
+    """The tensors the fused loss reads in place of ``head(hidden)``, or why it cannot (checked on every call:
+    adapters can be switched, merged, disabled or gain hooks at any time)."""
+    lora_layer_t, lora_linear_t, mts_t = _peft_types()
+    if _has_hooks(head):
+        return "lm_head has forward hooks"
+    if mts_t is not None and isinstance(head, mts_t):
+        if head.disable_adapters or not head.active_adapters:
+            head = head.original_module
+        elif head.active_adapters[0] in head.modules_to_save:
+            head = head.modules_to_save[head.active_adapters[0]]
+        else:
+            return "modules_to_save wrapper without a module for the active adapter"
+        if _has_hooks(head):
+            return "lm_head has forward hooks"
+    if lora_layer_t is not None and isinstance(head, lora_layer_t):
+        if type(head) is not lora_linear_t:
+            return f"lm_head is a {type(head).__name__} (only PEFT lora.Linear is fused)"
+        base = head.get_base_layer()
+        if type(base) is not nn.Linear or _has_hooks(base):
+            return f"lm_head base layer {type(base).__name__} is not a plain nn.Linear"
+        if getattr(head, "fan_in_fan_out", False):
+            return "lm_head LoRA has fan_in_fan_out"
+        why = _check_weight(base.weight)
+        if why:
+            return why
+        if head.disable_adapters or head.merged:
+            return HeadTensors(base.weight, base.bias)
+        active = [a for a in head.active_adapters if a in head.lora_A]
+        if not active:
+            return HeadTensors(base.weight, base.bias)
+        if len(active) > 1:
+            return f"lm_head has {len(active)} active LoRA adapters"
+        name = active[0]
+        if name in getattr(head, "lora_variant", {}) or getattr(head, "use_dora", {}).get(name, False):
+            return f"lm_head adapter {name!r} uses a LoRA variant (e.g. DoRA)"
+        a, b = head.lora_A[name], head.lora_B[name]
+        if type(a) is not nn.Linear or type(b) is not nn.Linear or a.bias is not None:
+            return f"lm_head adapter {name!r}: lora_A/lora_B are not bias-free nn.Linear"
+        if _has_hooks(a) or _has_hooks(b):
+            return f"lm_head adapter {name!r}: lora_A/lora_B have forward hooks"
+        drop = head.lora_dropout[name]
+        if type(drop) not in (nn.Dropout, nn.Identity):
+            return f"lm_head adapter {name!r}: dropout module {type(drop).__name__}"
+        if isinstance(drop, nn.Dropout) and drop.p > 0 and drop.training and training:
+            return f"lm_head adapter {name!r} has LoRA dropout {drop.p} in training (not fused)"
+        return HeadTensors(base.weight, base.bias, a.weight, b.weight, float(head.scaling[name]), b.bias)
+    if type(head) is not nn.Linear:
+        return f"lm_head is a {type(head).__name__}, not nn.Linear (quantized or custom)"
+    why = _check_weight(head.weight)
+    return why or HeadTensors(head.weight, head.bias)
+
+
+def _standard_loss(lm: nn.Module) -> bool:
+    try:
+        from transformers.loss.loss_utils import ForCausalLMLoss
+    except Exception:  # pragma: no cover
+        return False
+    return lm.loss_function is ForCausalLMLoss
+
+
+def causal_lm(model: nn.Module) -> nn.Module:
+    """The ``*ForCausalLM`` module inside ``model`` (a ``PeftModel``'s base model, or ``model`` itself)."""
+    get_base = getattr(model, "get_base_model", None)
+    if callable(get_base) and type(model).__name__.startswith("Peft"):
+        return get_base()
+    return model
+
+
+def why_not(model: nn.Module) -> str | None:
+    """None if ``model`` (a ``*ForCausalLM`` or a PEFT model around one) can take the fused loss, else a reason."""
+    lm = causal_lm(model)
+    name = type(lm).__name__
+    if name not in RECIPES:
+        return f"{name} is not a supported *ForCausalLM ({', '.join(sorted(RECIPES))})"
+    if not isinstance(getattr(lm, "model", None), nn.Module) or not isinstance(getattr(lm, "lm_head", None),
+                                                                               nn.Module):
+        return f"{name} has no .model decoder / .lm_head"
+    inst = lm.__dict__.get("forward")
+    if inst is not None and getattr(lm, "_peftfast_loss", None) is None:
+        return "forward is already replaced on the instance (e.g. accelerate hooks)"
+    if hasattr(lm, "_hf_hook"):
+        return "model has accelerate hooks (device_map / offloading)"
+    if not _standard_loss(lm):
+        return "model uses a custom loss_function"
+    params = tuple(inspect.signature(type(lm).forward).parameters)[1:]
+    if params[:len(_PARAMS)] != _PARAMS:
+        return f"{name}.forward has an unexpected signature {params}"
+    head = head_tensors(lm.lm_head, training=False)
+    if isinstance(head, str):
+        return head
+    vocab = lm.vocab_size if name.startswith("Gemma") else lm.config.vocab_size
+    if head.weight.shape[0] != vocab:
+        return f"lm_head has {head.weight.shape[0]} outputs but the loss uses vocab_size {vocab}"
+    return None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the forward replacement
+# ----------------------------------------------------------------------------------------------------------------
+def _original(model: nn.Module, st: LossState, args, kwargs):
+    if st.previous_forward is not None:
+        return st.previous_forward(*args, **kwargs)
+    return type(model).forward(model, *args, **kwargs)
+
+
+def _call_reason(model: nn.Module, p: dict) -> str | None:
+    keep = p["logits_to_keep"]
+    if isinstance(keep, torch.Tensor) or keep != 0:
+        return "logits_to_keep != 0"
+    if not _standard_loss(model):
+        return "model uses a custom loss_function"
+    return None
+
+
+def fused_causal_lm_forward(model: nn.Module, *args, **kwargs):
+    """Drop-in ``forward`` for the supported ``*ForCausalLM`` classes (bound to the instance by ``install``)."""
+    st: LossState = model._peftfast_loss
+    if len(args) > len(_PARAMS):
+        st.fallbacks["unexpected positional arguments"] += 1
+        return _original(model, st, args, kwargs)
+    p = dict(zip(_PARAMS, args))
+    rest = {}
+    for k, v in kwargs.items():
+        if k in _PARAMS:
+            if k in p:
+                raise TypeError(f"forward() got multiple values for argument {k!r}")
+            p[k] = v
+        else:
+            rest[k] = v
+    p.setdefault("logits_to_keep", 0)
+    if p.get("labels") is None:
+        st.no_label_calls += 1
+        return _original(model, st, args, kwargs)
+    if not model.training and not st.config.keep_logits:
+        # evaluation usually wants the logits (metrics, generation); there is no backward to save memory for
+        st.eval_calls += 1
+        return _original(model, st, args, kwargs)
+    reason = _call_reason(model, p)
+    head = None
+    if reason is None:
+        head = head_tensors(model.lm_head, model.training)
+        if isinstance(head, str):
+            reason = head
+    if reason is not None:
+        st.fallbacks[reason] += 1
+        return _original(model, st, args, kwargs)
+
+    return_dict = rest.pop("return_dict", None)
+    if return_dict is None:
+        return_dict = getattr(model.config, "return_dict", True)
+    outputs = model.model(input_ids=p.get("input_ids"), attention_mask=p.get("attention_mask"),
+                          position_ids=p.get("position_ids"), past_key_values=p.get("past_key_values"),
+                          inputs_embeds=p.get("inputs_embeds"), use_cache=p.get("use_cache"), **rest)
+    hidden = outputs.last_hidden_state
+    loss = _loss(model, st, head, hidden, p["labels"], rest)
+    if loss is None:  # a dtype the fused op cannot take: finish as the original would, from these hidden states
+        st.fallbacks["hidden dtype differs from lm_head weight dtype"] += 1
+        logits = _logits(model, hidden)
+        vocab = model.vocab_size if type(model).__name__.startswith("Gemma") else model.config.vocab_size
+        loss = model.loss_function(logits, p["labels"], vocab, **rest)
+    else:
+        st.fused_calls += 1
+        logits = None
+        if st.config.keep_logits:
+            with torch.no_grad():
+                logits = _logits(model, hidden)
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    out = CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values,
+                                 hidden_states=outputs.hidden_states, attentions=outputs.attentions)
+    return out if return_dict else out.to_tuple()
+
+
+def _logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """What the original forward computes as logits (used for ``keep_logits`` and dtype fallbacks)."""
+    logits = model.lm_head(hidden)
+    softcap, scale = RECIPES[type(model).__name__](model)
+    if scale != 1.0:
+        logits = logits * scale
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap) * softcap
+    return logits
+
+
+def _loss(model, st: LossState, head: HeadTensors, hidden: torch.Tensor, labels: torch.Tensor, kwargs: dict):
+    ignore_index = kwargs.get("ignore_index", -100)
+    shift_labels = kwargs.get("shift_labels")
+    if shift_labels is None:
+        labels = nn.functional.pad(labels, (0, 1), value=ignore_index)
+        shift_labels = labels[..., 1:]
+    shift_labels = shift_labels.to(hidden.device)
+    softcap, scale = RECIPES[type(model).__name__](model)
+    w, b, a, bm = head.weight, head.bias, head.lora_a, head.lora_b
+    dev = hidden.device.type
+    autocast = torch.is_autocast_enabled(dev)
+    if autocast:
+        # what autocast does to the head's F.linear calls: every operand in the autocast dtype
+        dt = torch.get_autocast_dtype(dev)
+        hidden, w = hidden.to(dt), w.to(dt)
+        b = b.to(dt) if b is not None else None
+        a, bm = (a.to(dt), bm.to(dt)) if a is not None else (None, None)
+    elif hidden.dtype != w.dtype:
+        return None
+    if head.lora_bias is not None:  # PEFT's lora_bias: s · bB joins the bias (autograd reaches bB through it)
+        lb = head.lora_bias.to(w.dtype) * head.lora_scale
+        b = lb if b is None else b + lb
+    if a is not None and a.dtype not in (w.dtype, torch.float32):
+        a, bm = a.to(w.dtype), bm.to(w.dtype)
+    with torch.autocast(dev, enabled=False) if autocast else contextlib.nullcontext():
+        return fused_linear_cross_entropy(
+            hidden, w, shift_labels, bias=b, lora_A=a, lora_B=bm, lora_scale=head.lora_scale,
+            ignore_index=ignore_index, softcap=softcap, logit_scale=scale,
+            num_items_in_batch=kwargs.get("num_items_in_batch"), backend=st.config.backend,
+            chunk_size=st.config.chunk_size)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# install / uninstall
+# ----------------------------------------------------------------------------------------------------------------
+def install(model: nn.Module, config: LossPatchConfig) -> nn.Module:
+    """Bind the fused forward to the ``*ForCausalLM`` inside ``model`` (idempotent: updates the config).
+    Call ``why_not`` first. Returns the module that was patched."""
+    lm = causal_lm(model)
+    st = getattr(lm, "_peftfast_loss", None)
+    if st is not None:
+        st.config = config
+        return lm
+    lm._peftfast_loss = LossState(config=config, previous_forward=lm.__dict__.get("forward"))
+    # a partial of a module-level function pickles and deep-copies with the model
+    lm.forward = functools.partial(fused_causal_lm_forward, lm)
+    return lm
+
+
+def uninstall(model: nn.Module) -> None:
+    """Restore the forward exactly as it was before ``install``."""
+    lm = causal_lm(model)
+    st = lm.__dict__.pop("_peftfast_loss", None)
+    if st is None:
+        return
+    if st.previous_forward is not None:
+        lm.forward = st.previous_forward
+    else:
+        lm.__dict__.pop("forward", None)
+
+
+def stats(model: nn.Module) -> dict | None:
+    """Fused calls, calls without labels, and fallbacks with their counts; None if the loss is not patched."""
+    st = getattr(causal_lm(model), "_peftfast_loss", None)
+    if st is None:
+        return None
+    return {"fused": st.fused_calls, "no_labels": st.no_label_calls, "eval": st.eval_calls,
+            "fallbacks": dict(st.fallbacks)}

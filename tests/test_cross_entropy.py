@@ -1,0 +1,547 @@
+"""Fused linear cross-entropy: op parity (both backends) against fp64, its memory contract, and the model-level loss
+(tiny random Llama / Gemma2 / Qwen2, with and without PEFT LoRA, LoRA on lm_head included) against the unpatched
+model.
+
+backend="triton" runs the kernels in the CPU interpreter (conftest sets TRITON_INTERPRET=1), which returns garbage
+for ``tl.dot`` on bf16 inputs: the Triton path is tested in fp32/fp16, bf16 on the torch backend.
+"""
+
+import copy
+import pickle
+
+import _models as M
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from peftfast.bench import saved_activation_bytes
+from peftfast.modules import cross_entropy as ce_mod
+from peftfast.ops import _counters
+from peftfast.ops.cross_entropy import default_chunk_size, fused_linear_cross_entropy, fused_linear_jsd
+from peftfast.patching.loss import install_loss, loss_stats, uninstall_loss
+
+BACKENDS = ["torch", "triton"]
+N, H, V, R = 37, 80, 203, 8  # odd on purpose: no tile divides them
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# op helpers
+# ----------------------------------------------------------------------------------------------------------------
+def _make(dtype, *, n=N, h=H, v=V, r=R, bias=False, lora=False, lora_dtype=None, train_weight=False, ignored=5):
+    lora_dtype = lora_dtype or dtype
+    t = {
+        "hidden": torch.randn(n, h).to(dtype).requires_grad_(),
+        "weight": (torch.randn(v, h) * 2 / h**0.5).to(dtype).requires_grad_(train_weight),
+        "bias": (torch.randn(v) * 0.5).to(dtype).requires_grad_() if bias else None,
+        "lora_A": (torch.randn(r, h) / h**0.5).to(lora_dtype).requires_grad_() if lora else None,
+        "lora_B": (torch.randn(v, r) * 0.5).to(lora_dtype).requires_grad_() if lora else None,
+    }
+    labels = torch.randint(0, v, (n,))
+    if ignored:
+        labels[::ignored] = -100
+    return t, labels
+
+
+def _reference_loss(t, labels, *, lora_scale=1.0, label_smoothing=0.0, softcap=None, logit_scale=1.0,
+                    reduction="mean", num_items_in_batch=None, dtype=torch.float64, eager_lowp=False):
+    """The unfused maths: fp64 reference, or (``eager_lowp``) PyTorch's eager path in the tensors' own dtype with the
+    logits upcast before the loss, as transformers does."""
+    cast = (lambda x: x) if eager_lowp else (lambda x: None if x is None else x.to(dtype))
+    h, w, b = cast(t["hidden"]), cast(t["weight"]), cast(t["bias"])
+    z = F.linear(h, w, b)
+    if t["lora_A"] is not None:
+        a, bm = cast(t["lora_A"]), cast(t["lora_B"])
+        z = z + lora_scale * F.linear(F.linear(h.to(a.dtype), a), bm).to(z.dtype)
+    z = z.float() if eager_lowp else z
+    z = z * logit_scale
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    if num_items_in_batch is not None:
+        return F.cross_entropy(z, labels, label_smoothing=label_smoothing, reduction="sum") / num_items_in_batch
+    return F.cross_entropy(z, labels, label_smoothing=label_smoothing, reduction=reduction)
+
+
+def _grads(fn, leaves):
+    for x in leaves:
+        x.grad = None
+    loss = fn()
+    loss.backward()
+    return loss.detach(), [x.grad.clone() for x in leaves]
+
+
+def _leaves(t):
+    return [x for x in t.values() if x is not None and x.requires_grad]
+
+
+def _fused(t, labels, **kw):
+    return fused_linear_cross_entropy(t["hidden"], t["weight"], labels, bias=t["bias"], lora_A=t["lora_A"],
+                                      lora_B=t["lora_B"], **kw)
+
+
+def _ref_grads(t, labels, **kw):
+    ref = {k: None if x is None else x.detach().double().requires_grad_(x.requires_grad) for k, x in t.items()}
+    return _grads(lambda: _reference_loss(ref, labels, **kw), _leaves(ref))
+
+
+def _rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# op parity
+# ----------------------------------------------------------------------------------------------------------------
+CASES = {
+    "plain": (dict(), dict()),
+    "bias+lora+trainable-weight": (dict(bias=True, lora=True, train_weight=True), dict(lora_scale=2.0)),
+    "smoothing+softcap+scale": (dict(bias=True, lora=True), dict(label_smoothing=0.1, softcap=3.0, logit_scale=1.7,
+                                                                 lora_scale=0.5)),
+    "sum": (dict(train_weight=True), dict(reduction="sum")),
+    "num_items": (dict(lora=True), dict(num_items_in_batch=torch.tensor(50))),
+    "num_items-int+softcap": (dict(bias=True), dict(num_items_in_batch=23, softcap=2.0)),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", list(CASES))
+def test_op_matches_fp64_reference(backend, case):
+    make_kw, kw = CASES[case]
+    t, labels = _make(torch.float32, **make_kw)
+    loss, grads = _grads(lambda: _fused(t, labels, backend=backend, chunk_size=16, **kw), _leaves(t))
+    ref_loss, ref_grads = _ref_grads(t, labels, **kw)
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=2e-6, atol=2e-6)
+    for g, rg in zip(grads, ref_grads):
+        assert _rel(g, rg) < 2e-6
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_chunk_sizes_and_leading_dims(backend):
+    t, labels = _make(torch.float32, lora=True, bias=True, n=2 * 19)
+    ref_loss, ref_grads = _ref_grads(t, labels)
+    for chunk in (1, 7, 38, None) if backend == "torch" else (7, 38):
+        h3 = t["hidden"].view(2, 19, H)
+        loss, grads = _grads(lambda: fused_linear_cross_entropy(h3, t["weight"], labels.view(2, 19), bias=t["bias"],
+                                                                lora_A=t["lora_A"], lora_B=t["lora_B"],
+                                                                backend=backend, chunk_size=chunk), _leaves(t))
+        torch.testing.assert_close(loss.double(), ref_loss, rtol=2e-6, atol=2e-6)
+        assert all(_rel(g, rg) < 2e-6 for g, rg in zip(grads, ref_grads))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_lora_rank_above_the_fused_limit(backend):
+    t, labels = _make(torch.float32, lora=True, r=136, n=20, v=67)
+    loss, grads = _grads(lambda: _fused(t, labels, backend=backend, chunk_size=8, lora_scale=0.25), _leaves(t))
+    ref_loss, ref_grads = _ref_grads(t, labels, lora_scale=0.25)
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=2e-6, atol=2e-6)
+    assert all(_rel(g, rg) < 2e-6 for g, rg in zip(grads, ref_grads))
+
+
+@pytest.mark.parametrize("backend,dtype", [("torch", torch.bfloat16), ("triton", torch.float16)])
+def test_lora_only_gradients_with_frozen_input(backend, dtype):
+    t, labels = _make(dtype, lora=True)
+    t["hidden"].requires_grad_(False)
+    _, grads = _grads(lambda: _fused(t, labels, backend=backend, chunk_size=16), _leaves(t))
+    _, ref = _ref_grads(t, labels)
+    assert len(grads) == 2 and all(_rel(g, r) < 1e-2 for g, r in zip(grads, ref))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("num_items", [None, torch.tensor(7)])
+def test_all_ignored_matches_pytorch(backend, num_items):
+    t, labels = _make(torch.float32, bias=True, n=11, ignored=0)
+    labels[:] = -100
+    loss, grads = _grads(lambda: _fused(t, labels, backend=backend, chunk_size=4, num_items_in_batch=num_items),
+                         _leaves(t))
+    ref_loss, ref_grads = _ref_grads(t, labels, num_items_in_batch=num_items)
+    assert torch.isnan(ref_loss) == torch.isnan(loss)  # mean over no token: NaN; sum / num_items: 0
+    if num_items is not None:
+        assert loss.item() == 0.0
+    for g, rg in zip(grads, ref_grads):
+        assert torch.equal(g, torch.zeros_like(g)) and torch.equal(rg, torch.zeros_like(rg))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_grad_output_scaling_and_retain_graph(backend):
+    t, labels = _make(torch.float32, lora=True)
+    loss = _fused(t, labels, backend=backend, chunk_size=16)
+    (3.0 * loss).backward(retain_graph=True)
+    first = [x.grad.clone() for x in _leaves(t)]
+    for x in _leaves(t):
+        x.grad = None
+    loss.backward()
+    for a, b in zip(first, [x.grad for x in _leaves(t)]):
+        torch.testing.assert_close(a, 3.0 * b)
+
+
+def _lowp_case(dtype, backend, lora_dtype):
+    t, labels = _make(dtype, bias=True, lora=True, train_weight=True, lora_dtype=lora_dtype)
+    kw = dict(lora_scale=2.0, softcap=4.0)
+    _, got = _grads(lambda: _fused(t, labels, backend=backend, chunk_size=16, **kw), _leaves(t))
+    got_loss = _fused(t, labels, backend=backend, chunk_size=16, **kw).detach()
+    eager_loss, eager = _grads(lambda: _reference_loss(t, labels, eager_lowp=True, **kw), _leaves(t))
+    ref_loss, ref = _ref_grads(t, labels, **kw)
+    return got_loss, got, eager_loss, eager, ref_loss, ref
+
+
+@pytest.mark.parametrize("dtype,backend,lora_dtype", [
+    (torch.float16, "triton", None), (torch.float16, "triton", torch.float32),
+    (torch.bfloat16, "torch", None), (torch.bfloat16, "torch", torch.float32),
+])
+def test_low_precision_error_at_most_twice_eager(dtype, backend, lora_dtype):
+    got_loss, got, eager_loss, eager, ref_loss, ref = _lowp_case(dtype, backend, lora_dtype)
+    eps = torch.finfo(dtype).eps
+    assert abs(got_loss.double() - ref_loss) <= 2 * abs(eager_loss.double() - ref_loss) + 4 * eps * ref_loss.abs()
+    for name, g, e, r in zip(["hidden", "weight", "bias", "lora_A", "lora_B"], got, eager, ref):
+        assert g.dtype == e.dtype, name
+        assert _rel(g, r) <= 2 * _rel(e, r) + eps, (name, _rel(g, r), _rel(e, r))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# memory contract, launches, grad mode
+# ----------------------------------------------------------------------------------------------------------------
+class _Shapes(TorchDispatchMode):
+    """Bytes of the largest storage any aten op returns (views of a parameter and the Triton interpreter's byte
+    copies included: an upper bound on the largest allocation)."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for o in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(o, torch.Tensor):
+                self.largest = max(self.largest, o.untyped_storage().nbytes())
+        return out
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_never_a_full_logits_tensor(backend):
+    n, h, v, chunk = 300, 24, 203, 64  # N_tok × V dwarfs every parameter-shaped tensor
+    t, labels = _make(torch.float32, n=n, h=h, v=v, bias=True, lora=True, train_weight=True)
+    params = [x for k, x in t.items() if k != "hidden" and x is not None]
+    hidden = t["hidden"] * 1  # a non-leaf input, as in a model
+    with _Shapes() as mode:
+        loss, saved = saved_activation_bytes(
+            lambda: fused_linear_cross_entropy(hidden, t["weight"], labels, bias=t["bias"], lora_A=t["lora_A"],
+                                               lora_B=t["lora_B"], backend=backend, chunk_size=chunk),
+            exclude=params)
+        loss.backward()
+    assert mode.largest <= chunk * v * 4 < n * v * 4
+    # saved: dh (N × H) and the fp32 weight-shaped gradient accumulators, nothing vocabulary-by-token
+    assert saved.total <= (n * h + v * h + v + R * h + v * R) * 4 + 64
+    assert not any(s.startswith(f"({n}, {v})") for s in saved.by_shape)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_unfused_loss_saves_logits_for_contrast(backend):
+    t, labels = _make(torch.float32)
+    hidden = t["hidden"] * 1
+    _, eager = saved_activation_bytes(lambda: F.cross_entropy(F.linear(hidden, t["weight"]), labels),
+                                      exclude=[t["weight"]])
+    _, fused = saved_activation_bytes(lambda: fused_linear_cross_entropy(hidden, t["weight"], labels,
+                                                                         backend=backend, chunk_size=16),
+                                      exclude=[t["weight"]])
+    assert eager.total >= N * V * 4 and fused.total <= N * H * 4 + 64
+
+
+def test_triton_launches_per_chunk_and_no_gradient_work_without_grad():
+    t, labels = _make(torch.float32, lora=True)
+    with _counters.count_launches() as launches:
+        _fused(t, labels, backend="triton", chunk_size=16).backward()
+    assert launches == {"_flce_logits_kernel": 3, "_flce_lse_kernel": 3, "_flce_grad_kernel": 3}
+    with _counters.count_launches() as launches, torch.no_grad():
+        loss = _fused(t, labels, backend="triton", chunk_size=16)
+    assert launches == {"_flce_logits_kernel": 3, "_flce_lse_kernel": 3}
+    ref_loss, _ = _ref_grads(t, labels)
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=2e-6, atol=2e-6)
+
+
+def test_out_of_range_label_is_nan_not_garbage():
+    t, labels = _make(torch.float32)
+    labels[3] = V
+    assert torch.isnan(_fused(t, labels, backend="triton", chunk_size=16))
+    with pytest.raises(RuntimeError):  # the torch backend's gather checks the index, like F.cross_entropy
+        _fused(t, labels, backend="torch", chunk_size=16)
+
+
+def test_default_chunk_size():
+    assert default_chunk_size(8192, 4096, 128256) == 256
+    assert default_chunk_size(37, 80, 203) == 37
+    assert default_chunk_size(100_000, 8192, 32000) == 8192
+
+
+def test_bad_inputs():
+    t, labels = _make(torch.float32, lora=True)
+    with pytest.raises(ValueError, match="does not match weight"):
+        fused_linear_cross_entropy(t["hidden"][:, :-1], t["weight"], labels)
+    with pytest.raises(ValueError, match="leading shape"):
+        fused_linear_cross_entropy(t["hidden"], t["weight"], labels[:-1])
+    with pytest.raises(TypeError, match="dtype"):
+        fused_linear_cross_entropy(t["hidden"].double(), t["weight"], labels)
+    with pytest.raises(ValueError, match="reduction"):
+        fused_linear_cross_entropy(t["hidden"], t["weight"], labels, reduction="none")
+    with pytest.raises(ValueError, match="both lora_A and lora_B"):
+        fused_linear_cross_entropy(t["hidden"], t["weight"], labels, lora_A=t["lora_A"])
+    with pytest.raises(TypeError, match="integer"):
+        fused_linear_cross_entropy(t["hidden"], t["weight"], labels.float())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# fused linear JSD
+# ----------------------------------------------------------------------------------------------------------------
+def _reference_jsd(hs, ws, ht, wt, labels, beta, temperature):
+    """Generalised JSD in fp64 from full logits (KL written with ``F.kl_div(..., log_target=True)``)."""
+    ls = F.log_softmax(hs.double() @ ws.double().t() / temperature, -1)
+    lt = F.log_softmax(ht.double() @ wt.double().t() / temperature, -1)
+    if beta == 0:
+        per = F.kl_div(ls, lt, reduction="none", log_target=True).sum(-1)  # KL(p || q)
+    elif beta == 1:
+        per = F.kl_div(lt, ls, reduction="none", log_target=True).sum(-1)  # KL(q || p)
+    else:
+        lm = torch.logsumexp(torch.stack([lt + torch.tensor(beta).log(), ls + torch.tensor(1 - beta).log()]), 0)
+        per = (beta * F.kl_div(lm, lt, reduction="none", log_target=True)
+               + (1 - beta) * F.kl_div(lm, ls, reduction="none", log_target=True)).sum(-1)
+    if labels is None:
+        return per.mean()
+    ok = labels != -100
+    return per[ok].sum() / ok.sum()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("beta", [0.0, 0.3, 1.0])
+def test_jsd_matches_fp64_reference(backend, beta):
+    hs = torch.randn(N, H, requires_grad=True)
+    ws = (torch.randn(V, H) * 2 / H**0.5).requires_grad_()
+    ht, wt = torch.randn(N, 48), torch.randn(V, 48) * 2 / 48**0.5  # the teacher may be wider or narrower
+    labels = torch.randint(0, V, (N,))
+    labels[::4] = -100
+    for lab in (labels, None):
+        loss, grads = _grads(lambda: fused_linear_jsd(hs, ws, ht, wt, lab, beta=beta, temperature=2.0,
+                                                      backend=backend, chunk_size=16), [hs, ws])
+        rh, rw = hs.detach().double().requires_grad_(), ws.detach().double().requires_grad_()
+        ref, ref_grads = _grads(lambda: _reference_jsd(rh, rw, ht, wt, lab, beta, 2.0), [rh, rw])
+        torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-7)
+        assert all(_rel(g, r) < 1e-5 for g, r in zip(grads, ref_grads))
+
+
+def test_jsd_bf16_memory_and_no_grad():
+    n, h, v, chunk = 300, 24, 203, 64
+    hs = torch.randn(n, h, dtype=torch.bfloat16, requires_grad=True)
+    ws = torch.randn(v, h, dtype=torch.bfloat16) / h**0.5
+    ht, wt = torch.randn(n, h, dtype=torch.bfloat16), torch.randn(v, h, dtype=torch.bfloat16) / h**0.5
+    with _Shapes() as mode:
+        loss = fused_linear_jsd(hs * 1, ws, ht, wt, beta=0.5, backend="torch", chunk_size=chunk)
+        loss.backward()
+    assert mode.largest <= chunk * v * 4 < n * v * 4
+    ref = _reference_jsd(hs.detach(), ws, ht, wt, None, 0.5, 1.0)
+    assert abs(loss.item() - ref.item()) < 2e-2 * ref.item()
+    assert hs.grad.dtype == torch.bfloat16
+    with torch.no_grad():
+        torch.testing.assert_close(fused_linear_jsd(hs, ws, ht, wt, beta=0.5, backend="torch", chunk_size=chunk), loss)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# model level
+# ----------------------------------------------------------------------------------------------------------------
+def _gemma2(**overrides):
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    kw = dict(vocab_size=M.VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, head_dim=8, max_position_embeddings=64, final_logit_softcapping=3.0,
+              attn_implementation="eager", bos_token_id=0, eos_token_id=1, pad_token_id=None)
+    return Gemma2ForCausalLM(Gemma2Config(**{**kw, **overrides}))
+
+
+def _batch(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, M.VOCAB, (M.BATCH, M.SEQ), generator=g)
+    labels = ids.clone()
+    labels[0, :3] = -100  # a padded prompt
+    return ids, labels
+
+
+def _trainable(model):
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _step(model, batches, **kw):
+    """Gradient accumulation over ``batches`` with transformers' ``num_items_in_batch`` semantics."""
+    model.zero_grad(set_to_none=True)
+    total = sum(int((lab[..., 1:] != -100).sum()) for _, lab in batches)
+    losses = []
+    for ids, lab in batches:
+        out = model(input_ids=ids, labels=lab, num_items_in_batch=torch.tensor(total), **kw)
+        out.loss.backward()
+        losses.append(out.loss.detach())
+    return losses, {n: p.grad.clone() for n, p in _trainable(model).items()}
+
+
+def _models():
+    return {
+        "llama-full": lambda: M.llama(),
+        "llama-lora-lm_head": lambda: M.peft_model("llama", target_modules=["q_proj", "v_proj", "lm_head"]),
+        "qwen2-lora": lambda: M.peft_model("qwen2"),
+        "gemma2-softcap": lambda: _gemma2(),
+    }
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("arch", list(_models()))
+def test_model_loss_and_grads_match_unpatched(arch, backend):
+    torch.manual_seed(0)
+    ref = _models()[arch]().train()
+    model = copy.deepcopy(ref)
+    assert install_loss(model, backend=backend) == (True, None)
+    batches = [_batch(0), _batch(1)]
+    ref_losses, ref_grads = _step(ref, batches)
+    losses, grads = _step(model, batches)
+    for a, b in zip(losses, ref_losses):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert grads.keys() == ref_grads.keys()
+    for name, g in grads.items():
+        torch.testing.assert_close(g, ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+    if "lm_head" in arch:
+        assert any("lm_head.lora_B" in n and g.abs().sum() > 0 for n, g in grads.items())
+    assert loss_stats(model) == {"fused": 2, "no_labels": 0, "eval": 0, "fallbacks": {}}
+
+
+_RECIPE_EXTRA = {"Gemma": dict(head_dim=8), "Gemma2": dict(head_dim=8, final_logit_softcapping=5.0),
+                 "Gemma3": dict(head_dim=8, final_logit_softcapping=5.0), "Cohere": dict(logit_scale=0.3),
+                 "Granite": dict(logits_scaling=4.0), "Qwen3": dict(head_dim=8), "Mistral": dict(head_dim=8)}
+
+
+@pytest.mark.parametrize("cls", sorted(ce_mod.RECIPES))
+def test_every_supported_class_matches_unpatched(cls):
+    import transformers
+
+    name = cls.removesuffix("ForCausalLM")
+    cfg_cls = getattr(transformers, "Gemma3TextConfig" if name == "Gemma3" else f"{name}Config")
+    kw = dict(vocab_size=M.VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=64, attn_implementation="eager", pad_token_id=None,
+              bos_token_id=0, eos_token_id=1)
+    ref = getattr(transformers, cls)(cfg_cls(**kw, **_RECIPE_EXTRA.get(name, {})))
+    model = copy.deepcopy(ref)
+    assert install_loss(model, backend="torch") == (True, None)
+    batches = [_batch()]
+    (loss,), grads = _step(model, batches)
+    (ref_loss,), ref_grads = _step(ref, batches)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    for n, g in grads.items():
+        torch.testing.assert_close(g, ref_grads[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_model_output_shape_return_dict_keep_logits_and_shift_labels():
+    torch.manual_seed(0)
+    ref = _gemma2().eval()
+    model = copy.deepcopy(ref)
+    install_loss(model, backend="torch", keep_logits=True)
+    ids, lab = _batch()
+    r = ref(input_ids=ids, labels=lab)
+    out = model(input_ids=ids, labels=lab)
+    torch.testing.assert_close(out.loss, r.loss)
+    torch.testing.assert_close(out.logits, r.logits)
+    assert not out.logits.requires_grad
+    install_loss(model, backend="torch")  # re-install updates the options
+    model.train()  # without keep_logits the fused loss serves training calls (no dropout in this config)
+    out = model(ids, None, None, None, None, lab)  # positional, as the original signature allows
+    assert out.logits is None and out.loss is not None
+    tup = model(input_ids=ids, labels=lab, return_dict=False)
+    assert isinstance(tup, tuple) and torch.equal(tup[0], out.loss)
+    shift = torch.full_like(lab, -100)
+    shift[:, :-1] = lab[:, 1:]
+    torch.testing.assert_close(model(input_ids=ids, labels=lab, shift_labels=shift).loss, r.loss)
+
+
+def test_model_fallbacks_are_counted_and_exact():
+    torch.manual_seed(0)
+    ref = M.peft_model("llama", target_modules=["q_proj", "lm_head"], lora_dropout=0.1)
+    model = copy.deepcopy(ref)
+    assert install_loss(model, backend="torch") == (True, None)
+    ids, lab = _batch()
+    out = model(input_ids=ids)  # no labels: the original forward, logits included
+    assert out.logits.shape == (M.BATCH, M.SEQ, M.VOCAB)
+    model.eval()
+    ref.eval()
+    # evaluation keeps the original forward (its logits feed metrics)
+    torch.testing.assert_close(model(input_ids=ids, labels=lab).loss, ref(input_ids=ids, labels=lab).loss)
+    model.train()
+    ref.train()
+    torch.manual_seed(3)
+    kept = model(input_ids=ids, labels=lab[:, -2:], logits_to_keep=2)
+    torch.manual_seed(3)
+    torch.testing.assert_close(kept.logits, ref(input_ids=ids, labels=lab[:, -2:], logits_to_keep=2).logits)
+    torch.manual_seed(3)
+    got = model(input_ids=ids, labels=lab).loss  # LoRA dropout on lm_head in training: PEFT's path
+    torch.manual_seed(3)
+    torch.testing.assert_close(got, ref(input_ids=ids, labels=lab).loss)
+    st = loss_stats(model)
+    assert st["fused"] == 0 and st["no_labels"] == 1 and st["eval"] == 1
+    assert st["fallbacks"] == {"logits_to_keep != 0": 1,
+                               "lm_head adapter 'default' has LoRA dropout 0.1 in training (not fused)": 1}
+
+
+def test_with_fused_lora_layers_and_under_autocast():
+    import peftfast
+
+    torch.manual_seed(0)
+    ref = M.peft_model("llama", target_modules=["q_proj", "v_proj", "lm_head"])
+    model = copy.deepcopy(ref)
+    peftfast.patch(model, backend="torch")  # lm_head's lora.Linear now has peftfast's forward: the loss reads weights
+    install_loss(model, backend="torch")
+    batches = [_batch(0)]
+    (loss,), grads = _step(model, batches)
+    (ref_loss,), ref_grads = _step(ref, batches)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    for name, g in grads.items():
+        torch.testing.assert_close(g, ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+    ids, lab = batches[0]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = model(input_ids=ids, labels=lab).loss
+        want = ref(input_ids=ids, labels=lab).loss
+    assert got.dtype == torch.float32 and abs(got.item() - want.item()) < 2e-2 * want.item()
+    assert loss_stats(model)["fused"] == 2
+
+
+def test_why_not_reasons():
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    dora = get_peft_model(M.llama(), LoraConfig(target_modules=["lm_head"], use_dora=True, r=4))
+    assert "variant" in install_loss(dora)[1]
+    assert "not a supported" in ce_mod.why_not(M.gpt2())
+    llama = M.llama()
+    llama.loss_function = lambda *a, **k: None
+    assert "custom loss_function" in ce_mod.why_not(llama)
+    llama = M.llama()
+    llama.lm_head.register_forward_hook(lambda *a: None)
+    assert "hooks" in ce_mod.why_not(llama)
+
+
+def test_uninstall_restores_exactly_and_deepcopy_pickle_work():
+    torch.manual_seed(0)
+    model = M.peft_model("llama", target_modules=["q_proj", "lm_head"])
+    lm = model.get_base_model()
+    assert "forward" not in lm.__dict__
+    install_loss(model, backend="torch")
+    twin = copy.deepcopy(model)
+    assert twin.get_base_model().forward.args[0] is twin.get_base_model()
+    ids, lab = _batch()
+    a, b = model(input_ids=ids, labels=lab).loss, twin(input_ids=ids, labels=lab).loss
+    torch.testing.assert_close(a, b)
+    assert loss_stats(twin)["fused"] == 1
+    thawed = pickle.loads(pickle.dumps(model))
+    torch.testing.assert_close(thawed(input_ids=ids, labels=lab).loss, a)
+    uninstall_loss(model)
+    assert "forward" not in lm.__dict__ and "_peftfast_loss" not in lm.__dict__ and loss_stats(model) is None
+    assert model(input_ids=ids, labels=lab).logits is not None
+    # a forward that was already on the instance comes back as the same object
+    plain = M.llama()
+    mine = plain.forward
+    plain.__dict__["forward"] = mine
+    assert "already replaced" in ce_mod.why_not(plain)
+    del plain.__dict__["forward"]
+    install_loss(plain)
+    uninstall_loss(plain)
+    assert "forward" not in plain.__dict__
