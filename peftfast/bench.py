@@ -1,5 +1,13 @@
 """Exact measurements (saved-activation bytes, work ops) and the ``peftfast bench`` training comparison.
 
+``peftfast bench`` builds a random-weight model from a preset (published configs of Llama 3.2 1B, Llama 3 8B,
+Mistral 7B, Qwen2.5 7B, Gemma 2 9B, BERT base; ``--layers`` truncates the depth) or a local config, and trains the
+same steps on the same data with the reference (PEFT LoRA, PEFT prefix tuning, or peftfast adapters on their eager
+path), with peftfast, and with the installed baselines (``peft+compile``, Liger, Unsloth); one model is alive at a
+time. It reports tokens/s (median, p20-p80 over the timed steps), memory (CUDA allocator peak; on CPU the exact
+saved-activation bytes and the process RSS peak) and the loss agreement with the reference. ``--batch-size auto``
+(CUDA only) takes the largest power-of-two batch at which one reference step fits; on CPU it is refused.
+
 Saved activations are counted with ``torch.autograd.graph.saved_tensors_hooks``: every tensor autograd keeps for
 backward, parameters and buffers excluded, deduplicated by storage (a storage saved twice is held once). Work ops are
 aten ops seen by a ``TorchDispatchMode`` that are neither views nor bare allocations, plus Triton launches (the aten
@@ -9,11 +17,17 @@ ops a launch dispatches inside the CPU interpreter are not counted: on a GPU a l
 from __future__ import annotations
 
 import copy
+import csv
+import ctypes
+import gc
 import json
 import os
+import shutil
 import statistics
 import subprocess
+import sys
 import time
+import warnings
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -49,7 +63,10 @@ def saved_activation_bytes(fn: Callable[[], object],
         if ptr not in skip and ptr not in seen and st.nbytes() > 0:
             seen[ptr] = st.nbytes()
             shapes[f"{tuple(t.shape)}:{str(t.dtype).removeprefix('torch.')}"] += st.nbytes()
-        return t
+        # detached, not t itself: a saved *output* returned as-is makes a node -> tensor -> grad_fn cycle through
+        # C++ that Python's gc cannot break, leaking the whole graph (and every weight it saved) when the forward
+        # is not followed by a backward; the detached view shares the storage, so backward is unchanged
+        return t.detach()
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = fn()
@@ -88,17 +105,63 @@ def count_work_ops(fn: Callable[[], object]) -> tuple[object, OpCount]:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# presets and the training comparison
+# presets
 # ----------------------------------------------------------------------------------------------------------------
-PRESETS: dict[str, dict] = {
+@dataclass(frozen=True)
+class Preset:
+    """A model shape (random init, no weights): a transformers config class, its fields, default batch x seq."""
+
+    config_class: str
+    fields: dict
+    seq_len: int
+    batch_size: int
+    source: str
+
+
+_LLAMA3_ROPE = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 8192}
+# the published configs' numbers (meta-device parameter counts equal the published totals; tests check them)
+PRESETS: dict[str, Preset] = {
     # default: Llama-shaped, small enough to train a few steps on a 2-core CPU in seconds
-    "tiny": dict(hidden_size=256, intermediate_size=704, num_hidden_layers=4, num_attention_heads=4,
-                 num_key_value_heads=2, vocab_size=1024, seq_len=128, batch_size=2),
-    # one decoder layer of the shape the LoRA issue measures (Llama-3.2-1B-like widths)
-    "llama-layer": dict(hidden_size=1024, intermediate_size=3584, num_hidden_layers=1, num_attention_heads=8,
-                        num_key_value_heads=2, vocab_size=1024, seq_len=64, batch_size=1),
+    "tiny": Preset("LlamaConfig", dict(hidden_size=256, intermediate_size=704, num_hidden_layers=4,
+                                       num_attention_heads=4, num_key_value_heads=2, vocab_size=1024,
+                                       max_position_embeddings=4096), 128, 2, "built-in"),
+    # one decoder layer of Llama-3.2-1B widths with a small vocabulary
+    "llama-layer": Preset("LlamaConfig", dict(hidden_size=1024, intermediate_size=3584, num_hidden_layers=1,
+                                              num_attention_heads=8, num_key_value_heads=2, vocab_size=1024,
+                                              max_position_embeddings=4096), 64, 1, "built-in"),
+    "llama-3.2-1b": Preset("LlamaConfig", dict(
+        hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
+        head_dim=64, vocab_size=128256, max_position_embeddings=131072, rope_theta=500000.0,
+        rope_scaling=_LLAMA3_ROPE, rms_norm_eps=1e-5, tie_word_embeddings=True), 1024, 2,
+        "meta-llama/Llama-3.2-1B (1,235,814,400 parameters)"),
+    "llama-3-8b": Preset("LlamaConfig", dict(
+        hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+        vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0, rms_norm_eps=1e-5,
+        tie_word_embeddings=False), 1024, 2, "meta-llama/Meta-Llama-3-8B (8,030,261,248 parameters)"),
+    "mistral-7b": Preset("MistralConfig", dict(
+        hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+        vocab_size=32000, max_position_embeddings=32768, sliding_window=4096, rope_theta=10000.0, rms_norm_eps=1e-5,
+        tie_word_embeddings=False), 1024, 2, "mistralai/Mistral-7B-v0.1 (7,241,732,096 parameters)"),
+    "qwen2.5-7b": Preset("Qwen2Config", dict(
+        hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
+        vocab_size=152064, max_position_embeddings=131072, rope_theta=1000000.0, rms_norm_eps=1e-6,
+        tie_word_embeddings=False), 1024, 2, "Qwen/Qwen2.5-7B (7,615,616,512 parameters)"),
+    "gemma-2-9b": Preset("Gemma2Config", dict(
+        hidden_size=3584, intermediate_size=14336, num_hidden_layers=42, num_attention_heads=16, num_key_value_heads=8,
+        head_dim=256, vocab_size=256000, max_position_embeddings=8192, sliding_window=4096, query_pre_attn_scalar=256,
+        attn_logit_softcapping=50.0, final_logit_softcapping=30.0, hidden_activation="gelu_pytorch_tanh",
+        rms_norm_eps=1e-6, tie_word_embeddings=True), 1024, 2, "google/gemma-2-9b (9,241,705,984 parameters)"),
+    "bert-base": Preset("BertConfig", dict(
+        hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, vocab_size=30522,
+        max_position_embeddings=512, type_vocab_size=2), 512, 8,
+        "google-bert/bert-base-uncased (BertForMaskedLM: 109,514,298 parameters)"),
 }
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+METHODS = ("lora", "adapter", "prefix")
+BASELINES = ("peft", "peft+compile", "liger", "unsloth")
+# model types trained as masked LMs; every other config is built as a causal LM
+ENCODER_TYPES = {"bert", "roberta", "xlm-roberta", "camembert", "distilbert", "electra", "deberta", "deberta-v2"}
 
 
 class BenchError(ValueError):
@@ -108,15 +171,23 @@ class BenchError(ValueError):
 @dataclass
 class BenchConfig:
     model: str = "tiny"
+    method: str = "lora"
     steps: int = 5
     rank: int = 16
     dropout: float = 0.05
     seq_len: int | None = None
-    batch_size: int | None = None
+    batch_size: int | str | None = None  # an int, "auto" (CUDA only) or None (the preset's)
+    layers: int | None = None
+    packed: bool = False
+    grad_ckpt: bool = False
+    baselines: tuple[str, ...] = ("peft",)
     dtype: str = "fp32"
     backend: str = "auto"
     device: str = "cpu"
     seed: int = 0
+    compile_backend: str = "inductor"
+    num_virtual_tokens: int = 16
+    force: bool = False  # skip the memory fit check
 
 
 @dataclass
@@ -125,37 +196,546 @@ class MethodResult:
     step_ms_median: float
     step_ms_p20: float
     step_ms_p80: float
-    tokens_per_s: float
-    saved_mb: float
-    saved_hvec_per_token_layer: float
-    work_ops_per_step: int
+    tokens_per_s: float  # median over the timed steps
+    tokens_per_s_p20: float
+    tokens_per_s_p80: float
+    saved_mb: float | None  # exact saved-activation bytes of one step (None: not measured, e.g. compiled)
+    saved_hvec_per_token_layer: float | None
+    work_ops_per_step: int | None
+    peak_mb: float | None  # CUDA: allocator peak during training; CPU: process RSS at its highest over the steps
+    peak_kind: str
     losses: list[float]
-    max_abs_loss_diff_vs_peft: float = 0.0
+    max_abs_loss_diff_vs_peft: float = 0.0  # against the reference run (PEFT; eager adapters for --method adapter)
+    max_rel_loss_diff_vs_peft: float = 0.0
 
 
-def build_model(cfg: BenchConfig):
-    """A PEFT LoRA model on a random-weight Llama of the preset's shape (no download)."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import LlamaConfig, LlamaForCausalLM
+@dataclass
+class Setup:
+    """What a run is built from, resolved once from the config."""
 
-    if cfg.model not in PRESETS:
-        raise BenchError(f"unknown preset {cfg.model!r}; choose one of: {', '.join(PRESETS)}")
+    hf: object  # the transformers config (depth already truncated)
+    kind: str  # "decoder" or "encoder"
+    name: str
+    full_layers: int
+    seq: int
+    batch: int | str
+    estimate: dict = field(default_factory=dict)
+    report: str = ""
+    layer_counts: tuple | None = None  # meta-device counts at 1 and 2 layers (estimate_bytes)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# resolving and checking the request
+# ----------------------------------------------------------------------------------------------------------------
+def _load_config(model: str):
+    """A preset's config, or a local HF config directory / JSON file (never the network)."""
+    import transformers
+
+    if model in PRESETS:
+        p = PRESETS[model]
+        return getattr(transformers, p.config_class)(**p.fields), p
+    if not os.path.exists(model):
+        raise BenchError(f"unknown preset {model!r}; choose one of: {', '.join(PRESETS)} "
+                         "(or give a local config directory or JSON file)")
+    if os.path.isdir(model) and not os.path.isfile(os.path.join(model, "config.json")):
+        raise BenchError(f"{model} is a directory without config.json")
+    try:
+        hf = transformers.AutoConfig.from_pretrained(model, local_files_only=True)
+    except Exception as exc:  # transformers raises OSError/ValueError/KeyError/JSONDecodeError/validation errors
+        raise BenchError(f"cannot read a transformers config from {model}: {_one_line(exc)}") from None
+    return hf, None
+
+
+def _one_line(exc: BaseException, limit: int = 300) -> str:
+    text = " ".join(part.strip() for part in str(exc).splitlines() if part.strip()) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _truncate(hf, layers: int | None) -> int:
+    full = getattr(hf, "num_hidden_layers", None)
+    if not isinstance(full, int) or full < 1:
+        raise BenchError(f"config {type(hf).__name__} has no num_hidden_layers; it is not a transformer peftfast "
+                         "bench can build")
+    if layers is not None:
+        if not 1 <= layers <= full:
+            raise BenchError(f"--layers must be in 1..{full} for this model, got {layers}")
+        hf.num_hidden_layers = layers
+        if isinstance(getattr(hf, "layer_types", None), list):  # per-layer attention kinds (Gemma 2, Qwen2, ...)
+            hf.layer_types = hf.layer_types[:layers]
+    return full
+
+
+def _check_shape(hf, kind: str, seq: int, batch: int | str) -> None:
+    hidden, heads = getattr(hf, "hidden_size", None), getattr(hf, "num_attention_heads", None)
+    if not isinstance(hidden, int) or not isinstance(heads, int) or hidden < 1 or heads < 1:
+        raise BenchError(f"impossible shape: hidden_size={hidden}, num_attention_heads={heads}")
+    if getattr(hf, "head_dim", None) is None and hidden % heads:
+        raise BenchError(f"impossible shape: hidden_size {hidden} is not divisible by num_attention_heads {heads}")
+    kv = getattr(hf, "num_key_value_heads", None) or heads
+    if heads % kv:
+        raise BenchError(f"impossible shape: num_attention_heads {heads} is not a multiple of "
+                         f"num_key_value_heads {kv}")
+    if seq < 2 or (isinstance(batch, int) and batch < 1):
+        raise BenchError(f"impossible shape: batch {batch} x seq {seq}")
+    max_pos = getattr(hf, "max_position_embeddings", None)
+    if kind == "encoder" and isinstance(max_pos, int) and seq > max_pos:
+        raise BenchError(f"impossible shape: seq {seq} > max_position_embeddings {max_pos} of this encoder")
+
+
+def resolve(cfg: BenchConfig) -> Setup:
+    """Check the request and resolve the model config, its depth and the batch shape; raises ``BenchError``."""
+    if cfg.method == "qlora":
+        raise BenchError("--method qlora needs the NF4 extension (not built yet)")
+    if cfg.method not in METHODS:
+        raise BenchError(f"unknown method {cfg.method!r}; choose one of: {', '.join(METHODS)}")
     if cfg.dtype not in DTYPES:
         raise BenchError(f"unknown dtype {cfg.dtype!r}; choose one of: {', '.join(DTYPES)}")
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise BenchError("--device cuda was asked for but no CUDA GPU is available")
+    if cfg.steps < 1:
+        raise BenchError("--steps must be at least 1")
     if not 1 <= cfg.rank <= 256:
         raise BenchError(f"--rank must be in 1..256, got {cfg.rank}")
     if not 0.0 <= cfg.dropout < 1.0:
         raise BenchError(f"--dropout must be in [0, 1), got {cfg.dropout}")
-    p = {k: v for k, v in PRESETS[cfg.model].items() if k not in ("seq_len", "batch_size")}
-    torch.manual_seed(cfg.seed)
-    hf = LlamaConfig(**p, max_position_embeddings=4096, attn_implementation="sdpa")
-    model = LlamaForCausalLM(hf).to(device=cfg.device, dtype=DTYPES[cfg.dtype])
-    lora = LoraConfig(r=cfg.rank, lora_alpha=2 * cfg.rank, lora_dropout=cfg.dropout, target_modules="all-linear")
-    return get_peft_model(model, lora), hf
+    if cfg.num_virtual_tokens < 1:
+        raise BenchError(f"--num-virtual-tokens must be at least 1, got {cfg.num_virtual_tokens}")
+    unknown = [b for b in cfg.baselines if b not in BASELINES]
+    if unknown:
+        raise BenchError(f"unknown baseline {unknown[0]!r}; choose from: {', '.join(BASELINES)}")
+    if cfg.batch_size == "auto" and not cfg.device.startswith("cuda"):
+        raise BenchError("--batch-size auto needs a CUDA GPU (it tries powers of two until out of memory); "
+                         "give a number on CPU")
+    hf, preset = _load_config(cfg.model)
+    kind = "encoder" if getattr(hf, "model_type", "") in ENCODER_TYPES else "decoder"
+    full = _truncate(hf, cfg.layers)
+    seq = cfg.seq_len or (preset.seq_len if preset else 128)
+    batch = cfg.batch_size or (preset.batch_size if preset else 2)
+    _check_shape(hf, kind, seq, batch)
+    if cfg.packed and kind == "encoder":
+        raise BenchError("--packed needs a decoder model (an encoder's attention has no causal packing)")
+    if cfg.packed and seq < 4:
+        raise BenchError(f"--packed needs --seq-len of at least 4, got {seq}")
+    if cfg.method == "prefix" and kind == "encoder":
+        raise BenchError("--method prefix is benchmarked on decoder models only")
+    if cfg.method == "prefix" and cfg.grad_ckpt:
+        raise BenchError("--method prefix does not work with --grad-ckpt (PEFT refuses gradient checkpointing for "
+                         "prefix tuning)")
+    if cfg.method == "prefix" and cfg.packed:
+        raise BenchError("--method prefix with --packed: PEFT prefix tuning passes a cache, which turns off "
+                         "transformers' packed-sequence masks, so the PEFT baseline would attend across documents")
+    name = cfg.model if preset else os.path.basename(os.path.normpath(cfg.model))
+    return Setup(hf=hf, kind=kind, name=name, full_layers=full, seq=seq, batch=batch)
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# memory: estimate from a meta-device build, compare with what the device has
+# ----------------------------------------------------------------------------------------------------------------
+def available_bytes(device: str) -> int | None:
+    """Free memory on ``device``: CUDA's free bytes, or the OS's MemAvailable on CPU (None if unknown)."""
+    if device.startswith("cuda"):
+        return torch.cuda.mem_get_info(torch.device(device))[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _model_class(kind: str):
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
+
+    return AutoModelForMaskedLM if kind == "encoder" else AutoModelForCausalLM
+
+
+def _meta_counts(setup: Setup, layers: int) -> tuple[int, int]:
+    """(parameters, sum of in+out features of the linear layers) of the model cut to ``layers``, on the meta device."""
+    hf = copy.deepcopy(setup.hf)
+    hf.num_hidden_layers = layers
+    if isinstance(getattr(hf, "layer_types", None), list):
+        hf.layer_types = (hf.layer_types * layers)[:layers]
+    try:
+        with torch.device("meta"):
+            model = _model_class(setup.kind).from_config(hf)
+    except Exception as exc:  # an unsupported model type or a shape transformers rejects: bad input, one line
+        raise BenchError(f"cannot build {setup.name} ({type(hf).__name__}) as a "
+                         f"{'masked' if setup.kind == 'encoder' else 'causal'} LM: {_one_line(exc)}") from None
+    linear_io = sum(m.in_features + m.out_features for m in model.modules() if isinstance(m, torch.nn.Linear))
+    return sum(p.numel() for p in model.parameters()), linear_io
+
+
+def estimate_bytes(setup: Setup, cfg: BenchConfig, layers: int | None = None) -> dict:
+    """Peak bytes of one run (one model is alive at a time) with ``layers`` layers (default: the setup's depth).
+
+    Parameters are counted exactly from meta-device builds of 1 and 2 layers (every count is affine in the depth,
+    so no full-size build is needed); LoRA training state (param, grad, Adam's two moments in fp32) for a rank-r
+    adapter on every linear layer, which bounds adapters and prefixes too; activations at a deliberately high 64
+    hidden vectors per token per layer (PEFT at dropout > 0 keeps ~55; see README), 4 with checkpointing; eager
+    attention's score matrices; the logits in fp32 with their softmax and gradient.
+    """
+    if setup.layer_counts is None:
+        setup.layer_counts = (_meta_counts(setup, 1), _meta_counts(setup, 2))
+    (p1, l1), (p2, l2) = setup.layer_counts
+    n = setup.hf.num_hidden_layers if layers is None else layers
+    n_params, linear_io = p1 + (n - 1) * (p2 - p1), l1 + (n - 1) * (l2 - l1)
+    elt = torch.finfo(DTYPES[cfg.dtype]).bits // 8
+    batch = setup.batch if isinstance(setup.batch, int) else 1
+    tokens, hidden = batch * setup.seq, setup.hf.hidden_size
+    act = tokens * n * hidden * elt * (4 if cfg.grad_ckpt else 64)
+    if _attn_impl(setup.hf) == "eager":
+        act += batch * setup.hf.num_attention_heads * setup.seq ** 2 * elt * 2 * (1 if cfg.grad_ckpt else n)
+    logits = tokens * getattr(setup.hf, "vocab_size", 0) * 4 * 3
+    parts = dict(weights=n_params * elt, training_state=linear_io * cfg.rank * 4 * 4, activations=act, logits=logits)
+    parts["total"] = int(sum(parts.values()) * 1.15) + 256 * 2**20  # allocator slack, runtime
+    parts["params"] = n_params
+    return parts
+
+
+def check_fits(setup: Setup, cfg: BenchConfig) -> None:
+    """Refuse (one line) a run that cannot fit in the device's free memory, suggesting ``--layers``."""
+    setup.estimate = est = estimate_bytes(setup, cfg)
+    free = available_bytes(cfg.device)
+    if cfg.force or free is None or est["total"] <= free:
+        return
+    gib = lambda b: f"{b / 2**30:.1f} GiB"  # noqa: E731
+    n = setup.hf.num_hidden_layers
+    fit = next((k for k in range(n - 1, 0, -1) if estimate_bytes(setup, cfg, k)["total"] <= free), None)
+    where = "the GPU" if cfg.device.startswith("cuda") else "this machine"
+    hint = (f"try --layers {fit} (about {gib(estimate_bytes(setup, cfg, fit)['total'])})" if fit else
+            f"even --layers 1 needs about {gib(estimate_bytes(setup, cfg, 1)['total'])}: use a smaller preset "
+            "or a GPU")
+    raise BenchError(f"{setup.name} ({n} layers, {est['params'] / 1e9:.2f}B parameters, {cfg.dtype}) needs about "
+                     f"{gib(est['total'])} but {where} has {gib(free)} free; {hint} (or --force)")
+
+
+def largest_fitting_batch(try_batch: Callable[[int], None], limit: int = 4096) -> int:
+    """The largest power of two ``b <= limit`` for which ``try_batch(b)`` does not run out of memory."""
+    best, b = 0, 1
+    while b <= limit:
+        try:
+            try_batch(b)
+        except torch.OutOfMemoryError:
+            break
+        best, b = b, 2 * b
+    _release_freed_memory()  # what the failed try allocated
+    if best == 0:
+        raise BenchError("--batch-size auto: even batch 1 runs out of memory; try --layers or --seq-len")
+    return best
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# models and data
+# ----------------------------------------------------------------------------------------------------------------
+def _attn_impl(hf) -> str:
+    # SDPA has no logit softcapping (Gemma 2): transformers' eager path is the reference there
+    return "eager" if getattr(hf, "attn_logit_softcapping", None) else "sdpa"
+
+
+def _base_model(setup: Setup, cfg: BenchConfig):
+    torch.manual_seed(cfg.seed)  # every variant starts from the same weights
+    with torch.device(cfg.device):
+        model = _model_class(setup.kind).from_config(copy.deepcopy(setup.hf), dtype=DTYPES[cfg.dtype],
+                                                      attn_implementation=_attn_impl(setup.hf))
+    model.config.use_cache = False
+    if cfg.grad_ckpt:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def _wrap(model, setup: Setup, cfg: BenchConfig):
+    """The method's unpatched form: PEFT LoRA / PEFT prefix tuning / peftfast adapters on the eager path."""
+    import peftfast
+
+    if cfg.method == "adapter":
+        peftfast.add_adapters(model, peftfast.AdapterConfig(bottleneck_size=cfg.rank))
+        peftfast.set_adapter_backend(model, fused=False)
+        return model
+    from peft import LoraConfig, PrefixTuningConfig, get_peft_model
+
+    task = "CAUSAL_LM" if setup.kind == "decoder" else None
+    if cfg.method == "prefix":
+        return get_peft_model(model, PrefixTuningConfig(task_type=task, num_virtual_tokens=cfg.num_virtual_tokens))
+    lora = LoraConfig(r=cfg.rank, lora_alpha=2 * cfg.rank, lora_dropout=cfg.dropout, target_modules="all-linear",
+                      task_type=task)
+    return get_peft_model(model, lora)
+
+
+def _skip_reason(name: str, setup: Setup, cfg: BenchConfig) -> str | None:
+    """Why baseline ``name`` cannot run here, or None."""
+    import importlib.util
+
+    if name == "peft+compile":
+        if cfg.compile_backend == "inductor" and not cfg.device.startswith("cuda") and not shutil.which("g++") \
+                and not shutil.which("cc"):
+            return "torch.compile's inductor backend needs a C++ compiler on CPU (or pass --compile-backend)"
+        return None
+    pkg = {"liger": "liger_kernel", "unsloth": "unsloth"}[name]
+    if importlib.util.find_spec(pkg) is None:
+        return f"{pkg.replace('_', '-')} is not installed (pip install {pkg.replace('_', '-')})"
+    if not cfg.device.startswith("cuda"):
+        return f"{name} runs on CUDA GPUs only"
+    if cfg.method != "lora":
+        return f"{name} is compared with --method lora only"
+    if name == "unsloth" and setup.kind != "decoder":
+        return "unsloth supports decoder models only"
+    return None
+
+
+def _build(variant: str, setup: Setup, cfg: BenchConfig):
+    """(module to call, module whose parameters train) for one variant."""
+    import peftfast
+
+    if variant == "unsloth":
+        return _build_unsloth(setup, cfg)
+    base = _base_model(setup, cfg)
+    if variant == "liger":
+        from liger_kernel.transformers import _apply_liger_kernel_to_instance
+
+        _apply_liger_kernel_to_instance(model=base)
+    model = _wrap(base, setup, cfg)
+    if variant == "peftfast":
+        if cfg.method == "adapter":
+            peftfast.set_adapter_backend(model, fused=True, backend=cfg.backend)
+        else:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # prefix models have no LoRA layer: patch says so
+                peftfast.patch(model, backend=cfg.backend)
+    model.train()
+    if variant == "peft+compile":
+        return torch.compile(model, backend=cfg.compile_backend), model
+    return model, model
+
+
+def _build_unsloth(setup: Setup, cfg: BenchConfig):  # pragma: no cover - needs unsloth and a CUDA GPU
+    import tempfile
+
+    from unsloth import FastLanguageModel
+
+    with tempfile.TemporaryDirectory() as tmp:
+        base = _base_model(setup, cfg)
+        base.save_pretrained(tmp)
+        del base
+        model, _ = FastLanguageModel.from_pretrained(tmp, max_seq_length=setup.seq, dtype=DTYPES[cfg.dtype],
+                                                     load_in_4bit=False)
+    model = FastLanguageModel.get_peft_model(
+        model, r=cfg.rank, lora_alpha=2 * cfg.rank, lora_dropout=cfg.dropout,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        use_gradient_checkpointing=cfg.grad_ckpt, random_state=cfg.seed)
+    model.train()
+    return model, model
+
+
+def make_batches(setup: Setup, cfg: BenchConfig, batch: int, n: int = 2) -> list[dict[str, torch.Tensor]]:
+    """Random token batches: causal LM (optionally packed: documents of random length per row, ``position_ids``
+    restarting at 0, no label on a document's first token) or masked LM (15% of positions masked)."""
+    gen = torch.Generator().manual_seed(cfg.seed + 1)
+    vocab, seq = setup.hf.vocab_size, setup.seq
+    out = []
+    for _ in range(n):
+        ids = torch.randint(0, vocab, (batch, seq), generator=gen)
+        b: dict[str, torch.Tensor] = {"input_ids": ids}
+        if setup.kind == "encoder":
+            masked = torch.rand(batch, seq, generator=gen) < 0.15
+            masked[:, 0] = True  # at least one label per row
+            b["labels"] = torch.where(masked, ids, torch.full_like(ids, -100))
+            b["input_ids"] = torch.where(masked, torch.full_like(ids, min(103, vocab - 1)), ids)
+        else:
+            b["labels"] = ids.clone()
+            if cfg.packed:
+                pos = torch.empty_like(ids)
+                for r in range(batch):
+                    start = 0
+                    while start < seq:
+                        n_tok = int(torch.randint(max(2, seq // 8), max(3, seq // 2) + 1, (1,), generator=gen))
+                        end = min(seq, start + n_tok)
+                        pos[r, start:end] = torch.arange(end - start)
+                        b["labels"][r, start] = -100
+                        start = end
+                b["position_ids"] = pos
+        out.append({k: v.to(cfg.device) for k, v in b.items()})
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# running
+# ----------------------------------------------------------------------------------------------------------------
+def _release_freed_memory() -> None:
+    """Free what the previous run left, and hand glibc's freed pages back to the OS, so that the next run's RSS
+    starts from the same floor (RSS otherwise keeps the high-water mark of every earlier run)."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):
+            pass
+
+
+def _rss_bytes() -> int | None:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _measure_step(model, batch: dict, params) -> tuple[SavedBytes, OpCount]:
+    (loss, saved) = saved_activation_bytes(lambda: model(**batch).loss, exclude=params)
+    del loss
+    _, ops = count_work_ops(lambda: model(**batch).loss.backward())
+    model.zero_grad(set_to_none=True)
+    return saved, ops
+
+
+def _train(model, params, batches, steps: int, device: str, progress: Callable[[str], None] | None, label: str):
+    opt = torch.optim.AdamW([p for p in params if p.requires_grad], lr=1e-4)
+    times, losses, rss = [], [], []
+    torch.manual_seed(1234)  # the same dropout RNG stream for every variant
+    for i in range(steps + 1):  # one warm-up step (autotuning, compilation, caches) that is not timed
+        b = batches[i % len(batches)]
+        _sync(device)
+        t0 = time.perf_counter()
+        loss = model(**b).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        _sync(device)
+        if i > 0:
+            times.append(time.perf_counter() - t0)
+        losses.append(loss.detach().float().item())
+        rss.append(_rss_bytes() or 0)
+        if progress:
+            done = round(20 * (i + 1) / (steps + 1))
+            progress(f"{label:<13} [{'#' * done}{'.' * (20 - done)}] step {i}/{steps}")
+    return times, losses, max(rss)
+
+
+def _quantiles(xs: list[float]) -> tuple[float, float, float]:
+    """(p20, median, p80)."""
+    if len(xs) < 2:
+        return xs[0], xs[0], xs[0]
+    q = statistics.quantiles(xs, n=5, method="inclusive")
+    return q[0], statistics.median(xs), q[3]
+
+
+def _run_variant(variant: str, label: str, setup: Setup, cfg: BenchConfig, batches, progress) -> MethodResult:
+    if progress:
+        progress(f"{label:<13} building the model")
+    model, owner = _build(variant, setup, cfg)
+    if variant == "peftfast":
+        setup.report = _patch_summary(owner, cfg)
+    params = [*owner.parameters(), *owner.buffers()]
+    saved = ops = None
+    if variant != "peft+compile":  # a compiled model's saved tensors/ops are the compiler's, not comparable
+        saved, ops = _measure_step(model, batches[0], params)
+    cuda = cfg.device.startswith("cuda")
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(torch.device(cfg.device))
+    times, losses, rss = _train(model, owner.parameters(), batches, cfg.steps, cfg.device, progress, label)
+    peak = torch.cuda.max_memory_allocated(torch.device(cfg.device)) if cuda else rss
+    batch = batches[0]["input_ids"].shape[0]
+    tokens = batch * setup.seq
+    elt = torch.finfo(DTYPES[cfg.dtype]).bits // 8
+    t20, tmed, t80 = _quantiles(times)
+    tps20, tpsmed, tps80 = _quantiles([tokens / t for t in times])
+    del model, owner, params
+    _release_freed_memory()
+    return MethodResult(
+        method=label, step_ms_median=tmed * 1e3, step_ms_p20=t20 * 1e3, step_ms_p80=t80 * 1e3,
+        tokens_per_s=tpsmed, tokens_per_s_p20=tps20, tokens_per_s_p80=tps80,
+        saved_mb=saved.total / 2**20 if saved else None,
+        saved_hvec_per_token_layer=(saved.total / (tokens * setup.hf.num_hidden_layers * setup.hf.hidden_size * elt)
+                                    if saved else None),
+        work_ops_per_step=ops.total if ops else None, peak_mb=peak / 2**20 if peak else None,
+        peak_kind="cuda allocator peak" if cuda else "process RSS peak", losses=losses)
+
+
+def run_bench(cfg: BenchConfig, progress: Callable[[str], None] | None = None) -> dict:
+    """Train ``cfg.steps`` steps with the reference (PEFT, or eager adapters), with peftfast, and with each available
+    baseline, from identical weights and data; returns the results (``format_table``/``write_outputs`` show them)."""
+    import peftfast
+
+    setup = resolve(cfg)
+    check_fits(setup, cfg)
+    if setup.batch == "auto":
+        setup.batch = _auto_batch(setup, cfg, progress)
+    _release_freed_memory()
+    batches = make_batches(setup, cfg, setup.batch)
+    ref_label = "eager" if cfg.method == "adapter" else "peft"
+    plan = [("reference", ref_label), ("peftfast", "peftfast")]
+    skipped: dict[str, str] = {}
+    for b in cfg.baselines:
+        if b == "peft":
+            continue  # the reference run
+        why = _skip_reason(b, setup, cfg)
+        if why:
+            skipped[b] = why
+        else:
+            plan.append((b, b))
+    results: list[MethodResult] = []
+    for variant, label in plan:
+        try:
+            results.append(_run_variant(variant, label, setup, cfg, batches, progress))
+        except Exception as exc:
+            if variant in ("reference", "peftfast"):
+                raise
+            # an optional third-party baseline that breaks is reported, not fatal
+            skipped[variant] = f"failed: {type(exc).__name__}: {_one_line(exc, 200)}"
+    base = results[0].losses
+    for r in results:
+        r.max_abs_loss_diff_vs_peft = max(abs(a - b) for a, b in zip(r.losses, base))
+        r.max_rel_loss_diff_vs_peft = max(abs(a - b) / max(abs(b), 1e-12) for a, b in zip(r.losses, base))
+    return {
+        "config": asdict(cfg), "model": setup.name, "kind": setup.kind, "layers": setup.hf.num_hidden_layers,
+        "full_layers": setup.full_layers, "seq_len": setup.seq, "batch_size": setup.batch,
+        "tokens_per_step": setup.batch * setup.seq, "reference": ref_label, "device": device_name(cfg.device),
+        "versions": bench_versions(), "commit": git_commit(), "report": setup.report, "skipped": skipped,
+        "memory_estimate": setup.estimate, "peftfast_version": peftfast.__version__,
+        "results": [asdict(r) for r in results],
+    }
+
+
+def _auto_batch(setup: Setup, cfg: BenchConfig, progress) -> int:  # pragma: no cover - needs a CUDA GPU
+    """Largest power-of-two batch at which one step of the reference (the hungrier run) fits."""
+    model, owner = _build("reference", setup, cfg)
+
+    def try_batch(b: int) -> None:
+        if progress:
+            progress(f"batch auto: trying {b}")
+        try:
+            model(**make_batches(setup, cfg, b, n=1)[0]).loss.backward()
+            _sync(cfg.device)
+        finally:
+            owner.zero_grad(set_to_none=True)
+
+    return largest_fitting_batch(try_batch)  # the model goes with this frame; run_bench collects it
+
+
+def _patch_summary(model, cfg: BenchConfig) -> str:
+    """What peftfast did to the benchmarked model."""
+    import peftfast
+
+    if cfg.method == "adapter":
+        return "peftfast: bottleneck adapters on the fused op (reference: the same adapters on the eager path)"
+    rep = peftfast.report(model)
+    return "; ".join([rep.summary(), *rep.notes])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# environment
+# ----------------------------------------------------------------------------------------------------------------
 def _versions() -> dict[str, str]:
     out = {"torch": torch.__version__}
     for mod in ("triton", "transformers", "peft"):
@@ -163,6 +743,20 @@ def _versions() -> dict[str, str]:
             out[mod] = __import__(mod).__version__
         except Exception:
             out[mod] = "not installed"
+    return out
+
+
+def bench_versions() -> dict[str, str]:
+    """``_versions`` plus Python, the platform and the optional baselines' packages."""
+    import importlib.metadata
+    import platform
+
+    out = {"python": platform.python_version(), "platform": platform.platform(), **_versions()}
+    for dist in ("accelerate", "trl", "liger-kernel", "unsloth"):
+        try:
+            out[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            out[dist] = "not installed"
     return out
 
 
@@ -183,116 +777,67 @@ def device_name(device: str) -> str:
     return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
 
 
-def _train(model, batches, steps: int, device: str, progress: Callable[[str], None] | None, label: str):
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    times, losses = [], []
-    torch.manual_seed(1234)  # same dropout RNG stream for both methods
-    for i in range(steps + 1):  # one warm-up step (autotuning, caches) that is not timed
-        ids = batches[i % len(batches)]
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        if i > 0:
-            times.append(time.perf_counter() - t0)
-        losses.append(float(loss))
-        if progress:
-            progress(f"{label}: step {i}/{steps}")
-    return times, losses
+# ----------------------------------------------------------------------------------------------------------------
+# output
+# ----------------------------------------------------------------------------------------------------------------
+def _fmt(x, spec: str, na: str = "n/a") -> str:
+    return na if x is None else format(x, spec)
 
 
-def _measure_step(model, ids, params) -> tuple[SavedBytes, OpCount]:
-    def fwd():
-        return model(input_ids=ids, labels=ids).loss
-
-    (loss, saved) = saved_activation_bytes(fwd, exclude=params)
-    _, ops = count_work_ops(lambda: (model(input_ids=ids, labels=ids).loss.backward()))
-    del loss
-    model.zero_grad(set_to_none=True)
-    return saved, ops
-
-
-def run_bench(cfg: BenchConfig, progress: Callable[[str], None] | None = None) -> dict:
-    """Train ``cfg.steps`` steps with plain PEFT and with ``peftfast.patch`` from identical weights and data."""
-    import peftfast
-
-    peft_model, hf = build_model(cfg)
-    preset = PRESETS[cfg.model]
-    seq = cfg.seq_len or preset["seq_len"]
-    batch = cfg.batch_size or preset["batch_size"]
-    if seq < 2 or batch < 1:
-        raise BenchError(f"impossible shape: batch {batch} x seq {seq}")
-    gen = torch.Generator().manual_seed(cfg.seed + 1)
-    batches = [torch.randint(0, hf.vocab_size, (batch, seq), generator=gen).to(cfg.device) for _ in range(2)]
-    patched = copy.deepcopy(peft_model)
-    peftfast.patch(patched, backend=cfg.backend)
-    peft_model.train()
-    patched.train()
-    elt = torch.finfo(DTYPES[cfg.dtype]).bits // 8
-    tokens = batch * seq
-    results = []
-    for label, model in (("peft", peft_model), ("peftfast", patched)):
-        params = [*model.parameters(), *model.buffers()]
-        saved, ops = _measure_step(model, batches[0], params)
-        times, losses = _train(model, batches, cfg.steps, cfg.device, progress, label)
-        q = statistics.quantiles(times, n=5) if len(times) >= 2 else [times[0]] * 4
-        med = statistics.median(times)
-        results.append(MethodResult(
-            method=label, step_ms_median=med * 1e3, step_ms_p20=q[0] * 1e3, step_ms_p80=q[3] * 1e3,
-            tokens_per_s=tokens / med, saved_mb=saved.total / 2**20,
-            saved_hvec_per_token_layer=saved.total / (tokens * hf.num_hidden_layers * hf.hidden_size * elt),
-            work_ops_per_step=ops.total, losses=losses,
-        ))
-    base = results[0].losses
-    for r in results:
-        r.max_abs_loss_diff_vs_peft = max(abs(a - b) for a, b in zip(r.losses, base))
-    return {
-        "config": asdict(cfg), "tokens_per_step": tokens, "device": device_name(cfg.device), "versions": _versions(),
-        "commit": git_commit(), "report": peftfast.report(patched).summary(),
-        "results": [asdict(r) for r in results],
-    }
+def _ratio(a, b) -> str:
+    return f"{a / b:.2f}x" if a is not None and b else ""
 
 
 def format_table(res: dict) -> str:
-    head = ["method", "step ms (p20-p80)", "tokens/s", "saved MB", "saved hvec/tok/layer", "work ops/step",
-            "max |Δloss| vs peft"]
+    """The side-by-side table, the skipped baselines with their reasons, and what ``patch`` did."""
+    mem_head = "peak MB" if res["results"][0]["peak_kind"].startswith("cuda") else "RSS MB"
+    head = ["method", "tokens/s (p20-p80)", "step ms", "saved MB", mem_head, "work ops/step",
+            f"max |Δloss| vs {res['reference']} (rel)"]
     rows = []
     for r in res["results"]:
-        rows.append([r["method"], f"{r['step_ms_median']:.1f} ({r['step_ms_p20']:.1f}-{r['step_ms_p80']:.1f})",
-                     f"{r['tokens_per_s']:.0f}", f"{r['saved_mb']:.2f}", f"{r['saved_hvec_per_token_layer']:.1f}",
-                     str(r["work_ops_per_step"]), f"{r['max_abs_loss_diff_vs_peft']:.2e}"])
-    if len(res["results"]) == 2:
-        a, b = res["results"]
-        rows.append(["ratio", f"{b['step_ms_median'] / a['step_ms_median']:.2f}x", "",
-                     f"{b['saved_mb'] / a['saved_mb']:.2f}x", "",
-                     f"{b['work_ops_per_step'] / a['work_ops_per_step']:.2f}x",
-                     ""])
+        rows.append([r["method"], f"{r['tokens_per_s']:.0f} ({r['tokens_per_s_p20']:.0f}-{r['tokens_per_s_p80']:.0f})",
+                     f"{r['step_ms_median']:.1f}", _fmt(r["saved_mb"], ".2f"), _fmt(r["peak_mb"], ".0f"),
+                     _fmt(r["work_ops_per_step"], "d"),
+                     f"{r['max_abs_loss_diff_vs_peft']:.2e} ({r['max_rel_loss_diff_vs_peft']:.1e})"])
+    if len(res["results"]) >= 2:
+        a, b = res["results"][:2]
+        rows.append(["ratio", _ratio(b["tokens_per_s"], a["tokens_per_s"]),
+                     _ratio(b["step_ms_median"], a["step_ms_median"]), _ratio(b["saved_mb"], a["saved_mb"]),
+                     _ratio(b["peak_mb"], a["peak_mb"]), _ratio(b["work_ops_per_step"], a["work_ops_per_step"]), ""])
     widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
-    line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths))  # noqa: E731
+    line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
     cfg = res["config"]
-    title = (f"peftfast bench: {cfg['model']} LoRA r={cfg['rank']} dropout={cfg['dropout']} {cfg['dtype']} "
-             f"on {res['device']}, {res['tokens_per_step']} tokens/step, {cfg['steps']} steps; "
-             f"commit {res['commit']}")
-    return "\n".join([title, line(head), line(["-" * w for w in widths]), *map(line, rows), res["report"]])
+    depth = f"{res['layers']} layers" + (f" of {res['full_layers']}" if res["layers"] != res["full_layers"] else "")
+    what = {"lora": f"LoRA r={cfg['rank']} dropout={cfg['dropout']}", "adapter": f"adapters h={cfg['rank']}",
+            "prefix": f"prefix tuning ({cfg['num_virtual_tokens']} virtual tokens)"}[cfg["method"]]
+    extras = "".join([", packed" if cfg["packed"] else "", ", grad-ckpt" if cfg["grad_ckpt"] else ""])
+    title = (f"peftfast bench: {res['model']} ({depth}) {what} {cfg['dtype']} on {res['device']}, "
+             f"batch {res['batch_size']} x seq {res['seq_len']}{extras} = {res['tokens_per_step']} tokens/step, "
+             f"{cfg['steps']} timed steps; commit {res['commit']}")
+    lines = [title, line(head), line(["-" * w for w in widths]), *map(line, rows)]
+    lines += [f"skipped {name}: {why}" for name, why in res["skipped"].items()]
+    lines.append(res["report"])
+    return "\n".join(lines)
+
+
+CSV_KEYS = ["method", "tokens_per_s", "tokens_per_s_p20", "tokens_per_s_p80", "step_ms_median", "step_ms_p20",
+            "step_ms_p80", "saved_mb", "saved_hvec_per_token_layer", "peak_mb", "peak_kind", "work_ops_per_step",
+            "max_abs_loss_diff_vs_peft", "max_rel_loss_diff_vs_peft"]
 
 
 def write_outputs(res: dict, out_dir: str) -> list[str]:
-    """JSON, CSV and (with matplotlib) a PNG of the comparison; returns the paths written."""
+    """bench.json (everything: config, device, versions, commit, per-step losses), bench.csv (one row per method,
+    with device and commit) and, with matplotlib, bench.png; returns the paths written."""
     os.makedirs(out_dir, exist_ok=True)
     paths = [os.path.join(out_dir, "bench.json"), os.path.join(out_dir, "bench.csv")]
     with open(paths[0], "w") as f:
         json.dump(res, f, indent=2)
-    keys = ["method", "step_ms_median", "step_ms_p20", "step_ms_p80", "tokens_per_s", "saved_mb",
-            "saved_hvec_per_token_layer", "work_ops_per_step", "max_abs_loss_diff_vs_peft"]
-    with open(paths[1], "w") as f:
-        f.write(",".join(keys) + "\n")
+    with open(paths[1], "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow([*CSV_KEYS, "model", "device", "commit"])
         for r in res["results"]:
-            f.write(",".join(str(r[k]) for k in keys) + "\n")
+            w.writerow([*("" if r[k] is None else r[k] for k in CSV_KEYS), res["model"], res["device"],
+                        res["commit"]])
     try:
         import matplotlib
 
@@ -300,13 +845,22 @@ def write_outputs(res: dict, out_dir: str) -> list[str]:
         import matplotlib.pyplot as plt
     except Exception:
         return paths
-    fig, axes = plt.subplots(1, 3, figsize=(11, 3.2))
     names = [r["method"] for r in res["results"]]
-    for ax, key, title in zip(axes, ["tokens_per_s", "saved_mb", "work_ops_per_step"],
-                              ["tokens/s (higher is better)", "saved activations MB", "work ops per step"]):
-        ax.bar(names, [r[key] for r in res["results"]], color=["#888888", "#2a7ab9"])
+    colors = ["#888888", "#2a7ab9", "#d98c1f", "#5aa469", "#a0522d"][: len(names)]
+    fig, axes = plt.subplots(1, 4, figsize=(15, 3.4))
+    panels = [("tokens_per_s", "tokens/s (median; higher is better)"), ("saved_mb", "saved activations MB"),
+              ("peak_mb", res["results"][0]["peak_kind"] + " MB")]
+    for ax, (key, title) in zip(axes, panels):
+        ax.bar(names, [r[key] or 0 for r in res["results"]], color=colors)
         ax.set_title(title, fontsize=9)
-    fig.suptitle(f"{res['config']['model']} on {res['device']} ({res['commit']})", fontsize=9)
+        ax.tick_params(axis="x", labelsize=8)
+    for r, c in zip(res["results"], colors):
+        axes[3].plot(range(len(r["losses"])), r["losses"], marker="o", color=c, label=r["method"])
+    axes[3].set_title("loss per step (step 0 = warm-up)", fontsize=9)
+    axes[3].legend(fontsize=8)
+    fig.suptitle(f"{res['model']} ({res['layers']} layers), {res['config']['method']}, batch {res['batch_size']} x "
+                 f"seq {res['seq_len']} on {res['device']} — torch {res['versions']['torch']}, commit {res['commit']}",
+                 fontsize=9)
     fig.tight_layout()
     png = os.path.join(out_dir, "bench.png")
     fig.savefig(png, dpi=110)

@@ -6,21 +6,59 @@ import argparse
 import sys
 
 
+class _UsageError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    """Bad arguments end in one line on stderr and exit code 2 (argparse's default prints the whole usage)."""
+
+    def error(self, message: str):
+        raise _UsageError(message)
+
+
+def _batch_size(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer or 'auto', got {text!r}") from None
+
+
 def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="peftfast", description="Fused kernels for PEFT fine-tuning.")
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    b = sub.add_parser("bench", help="train a few steps with PEFT and with peftfast.patch, side by side")
-    b.add_argument("--model", default="tiny", help="preset: tiny (default) or llama-layer")
-    b.add_argument("--steps", type=int, default=5)
-    b.add_argument("--rank", type=int, default=16)
-    b.add_argument("--dropout", type=float, default=0.05)
+    from peftfast.bench import BASELINES, METHODS, PRESETS
+
+    ap = _Parser(prog="peftfast", description="Fused kernels for PEFT fine-tuning.")
+    sub = ap.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
+    b = sub.add_parser("bench", help="train a few steps with PEFT, peftfast and other baselines, side by side")
+    b.add_argument("--model", default="tiny",
+                   help=f"preset ({', '.join(PRESETS)}; random weights from the published shapes) or a local HF "
+                        "config directory / config JSON file")
+    b.add_argument("--layers", type=int, default=None, help="keep only the first N layers (run big presets on "
+                                                            "small machines)")
+    b.add_argument("--method", default="lora",
+                   help=f"{', '.join(METHODS)} (lora: PEFT LoRA on all linear layers; adapter: "
+                        "peftfast.add_adapters; prefix: PEFT prefix tuning)")
+    b.add_argument("--rank", type=int, default=16, help="LoRA rank; adapter bottleneck size")
+    b.add_argument("--dropout", type=float, default=0.05, help="LoRA dropout")
+    b.add_argument("--num-virtual-tokens", type=int, default=16, help="prefix length for --method prefix")
     b.add_argument("--seq-len", type=int, default=None)
-    b.add_argument("--batch-size", type=int, default=None)
+    b.add_argument("--batch-size", type=_batch_size, default=None,
+                   help="an integer, or auto: the largest power of two that fits (CUDA only)")
+    b.add_argument("--packed", action="store_true", help="pack documents per row, position_ids restarting at 0")
+    b.add_argument("--steps", type=int, default=5, help="timed steps (after one warm-up step)")
+    b.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing (non-reentrant) in every run")
+    b.add_argument("--baselines", default="peft",
+                   help=f"comma-separated, from {','.join(BASELINES)}; those not installed or not runnable here are "
+                        "skipped with the reason (peft, the reference, always runs)")
+    b.add_argument("--compile-backend", default="inductor", help="torch.compile backend for peft+compile")
     b.add_argument("--dtype", default="fp32", help="fp32 (default), bf16 or fp16")
     b.add_argument("--backend", default="auto", choices=["auto", "triton", "torch"])
     b.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    b.add_argument("--force", action="store_true", help="skip the check that the run fits in memory")
     b.add_argument("--out", default=None, help="directory for bench.json, bench.csv and bench.png")
-    b.add_argument("--quiet", action="store_true", help="no progress lines")
+    b.add_argument("--quiet", action="store_true", help="no progress bar")
     sub.add_parser("info", help="versions, live backends, GPU")
     return ap
 
@@ -31,8 +69,30 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
+class _Progress:
+    """A one-line progress bar on stderr (carriage returns, no extra dependency)."""
+
+    def __init__(self, quiet: bool):
+        self.quiet, self.width = quiet, 0
+
+    def __call__(self, msg: str) -> None:
+        if not self.quiet:
+            self.width = max(self.width, len(msg))
+            print(f"\r{msg:<{self.width}}", end="", file=sys.stderr, flush=True)
+
+    def clear(self) -> None:
+        if not self.quiet and self.width:
+            print("\r" + " " * self.width + "\r", end="", file=sys.stderr, flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    try:
+        args = _parser().parse_args(argv)
+    except _UsageError as exc:
+        print(f"peftfast: {exc}", file=sys.stderr)
+        return 2
+    except SystemExit as exc:  # --help
+        return int(exc.code or 0)
     if args.cmd == "info":
         from peftfast.info import info_lines
 
@@ -40,23 +100,20 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from peftfast.bench import BenchConfig, BenchError, format_table, run_bench, write_outputs
 
-    if args.steps < 1:
-        print("peftfast bench: --steps must be at least 1", file=sys.stderr)
-        return 2
-    cfg = BenchConfig(model=args.model, steps=args.steps, rank=args.rank, dropout=args.dropout, seq_len=args.seq_len,
-                      batch_size=args.batch_size, dtype=args.dtype, backend=args.backend, device=args.device)
-
-    def progress(msg: str) -> None:
-        if not args.quiet:
-            print(f"\r{msg:<40}", end="", file=sys.stderr, flush=True)
-
+    cfg = BenchConfig(model=args.model, method=args.method, steps=args.steps, rank=args.rank, dropout=args.dropout,
+                      seq_len=args.seq_len, batch_size=args.batch_size, layers=args.layers, packed=args.packed,
+                      grad_ckpt=args.grad_ckpt, baselines=tuple(b.strip() for b in args.baselines.split(",") if b),
+                      dtype=args.dtype, backend=args.backend, device=args.device,
+                      compile_backend=args.compile_backend, num_virtual_tokens=args.num_virtual_tokens,
+                      force=args.force)
+    progress = _Progress(args.quiet)
     try:
         res = run_bench(cfg, progress)
     except BenchError as exc:
+        progress.clear()
         print(f"peftfast bench: {exc}", file=sys.stderr)
         return 2
-    if not args.quiet:
-        print("\r" + " " * 40 + "\r", end="", file=sys.stderr)
+    progress.clear()
     print(format_table(res))
     if args.out:
         for p in write_outputs(res, args.out):

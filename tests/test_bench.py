@@ -1,16 +1,39 @@
-"""``peftfast bench`` / ``peftfast info`` and the exact counters they use (saved bytes, work ops)."""
+"""``peftfast bench`` / ``peftfast info`` and the exact counters they use (saved bytes, work ops).
 
+Bench runs use tiny shapes (``--layers 1 --seq-len 16 --steps 1``); the big presets are checked on the meta device
+(parameter counts equal the published models') and through the memory fit check, never built for real here.
+"""
+
+import gc
 import json
 import subprocess
 import sys
+import weakref
 
 import pytest
 import torch
 
-from peftfast import cli
-from peftfast.bench import count_work_ops, saved_activation_bytes
+from peftfast import bench, cli
+from peftfast.bench import BenchConfig, BenchError, count_work_ops, saved_activation_bytes
+
+FAST = ["--steps", "1", "--seq-len", "16", "--layers", "1", "--quiet"]
 
 
+def run(tmp_path, *argv: str) -> tuple[dict, str]:
+    """``peftfast bench`` in-process; returns (bench.json, stdout)."""
+    import contextlib
+    import io
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        rc = cli.main(["bench", *argv, "--out", str(tmp_path)])
+    assert rc == 0, out.getvalue()
+    return json.loads((tmp_path / "bench.json").read_text()), out.getvalue()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# exact counters
+# ----------------------------------------------------------------------------------------------------------------
 def test_saved_bytes_counts_each_storage_once_and_skips_excluded():
     a = torch.randn(10, requires_grad=True)
     w = torch.randn(10)
@@ -20,6 +43,25 @@ def test_saved_bytes_counts_each_storage_once_and_skips_excluded():
     assert saved.total == 0
     _, saved = saved_activation_bytes(lambda: (a.exp() * w).sum())
     assert saved.total == a.nbytes + w.nbytes  # exp saves its result, mul saves w
+
+
+def test_saved_bytes_does_not_leak_a_graph_left_without_backward():
+    """A forward measured and dropped without backward must free its graph (and the weights it saved): a pack hook
+    returning a saved *output* itself makes a C++ reference cycle gc cannot break (it leaked whole models)."""
+    x = torch.randn(4, 64, requires_grad=True)
+
+    def forward_and_drop():
+        w = torch.randn(64, 64)
+        _, saved = saved_activation_bytes(lambda: (x @ w).tanh().sum())  # tanh saves its output
+        assert saved.total >= w.nbytes
+        return weakref.ref(w)
+
+    alive = forward_and_drop()
+    gc.collect()
+    assert alive() is None
+    y, _ = saved_activation_bytes(lambda: x.exp().sum())
+    y.backward()  # backward through the detached saved tensors is unchanged
+    torch.testing.assert_close(x.grad, x.detach().exp())
 
 
 def test_work_ops_skip_views_and_allocations():
@@ -35,6 +77,9 @@ def test_work_ops_skip_views_and_allocations():
     assert ops.total == 3
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# the default run and its outputs
+# ----------------------------------------------------------------------------------------------------------------
 def test_bench_cli_runs_and_writes_outputs(tmp_path, capsys):
     rc = cli.main(["bench", "--steps", "2", "--seq-len", "16", "--dropout", "0", "--quiet", "--out", str(tmp_path)])
     out = capsys.readouterr().out
@@ -47,8 +92,28 @@ def test_bench_cli_runs_and_writes_outputs(tmp_path, capsys):
     assert fast["max_abs_loss_diff_vs_peft"] < 1e-4  # fp32, dropout 0: same losses step by step
     assert fast["saved_mb"] <= peft["saved_mb"]
     assert res["config"]["model"] == "tiny" and res["versions"]["torch"] == torch.__version__
+    assert res["layers"] == res["full_layers"] == 4 and res["tokens_per_step"] == 2 * 16
     assert (tmp_path / "bench.csv").read_text().count("\n") == 3
     assert (tmp_path / "bench.png").stat().st_size > 0
+    for r in res["results"]:  # tokens/s: median inside its p20-p80 range, from the timed steps
+        assert 0 < r["tokens_per_s_p20"] <= r["tokens_per_s"] <= r["tokens_per_s_p80"]
+        assert r["peak_kind"] == "process RSS peak" and r["peak_mb"] > 0
+
+
+def test_bench_outputs_record_device_versions_commit_and_show_progress(tmp_path, capsys):
+    """JSON carries device, versions (incl. the optional baselines' packages) and commit; the CSV has one row per
+    method with device and commit; without --quiet a progress bar goes to stderr (never to stdout)."""
+    assert cli.main(["bench", *FAST[:-1], "--dropout", "0", "--out", str(tmp_path)]) == 0
+    cap = capsys.readouterr()
+    assert "[####################] step 1/1" in cap.err and "peft" in cap.err and "Traceback" not in cap.err
+    assert "[#" not in cap.out
+    res = json.loads((tmp_path / "bench.json").read_text())
+    assert res["device"].startswith("CPU") and res["commit"] and res["peftfast_version"]
+    assert {"python", "torch", "transformers", "peft", "accelerate", "trl", "liger-kernel", "unsloth"} <= set(
+        res["versions"])
+    head, *rows = (tmp_path / "bench.csv").read_text().strip().splitlines()
+    assert head.split(",")[-3:] == ["model", "device", "commit"] and len(rows) == 2
+    assert rows[1].startswith("peftfast,") and rows[1].endswith(res["commit"])
 
 
 def test_bench_dropout_saves_less_than_peft(tmp_path):
@@ -60,6 +125,181 @@ def test_bench_dropout_saves_less_than_peft(tmp_path):
     assert fast["max_abs_loss_diff_vs_peft"] < 0.05 * abs(peft["losses"][0])  # other masks, same model and data
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# presets, --layers, local configs, the memory check
+# ----------------------------------------------------------------------------------------------------------------
+PUBLISHED = {  # total parameters of the published checkpoints the presets copy
+    "llama-3.2-1b": 1_235_814_400, "llama-3-8b": 8_030_261_248, "mistral-7b": 7_241_732_096,
+    "qwen2.5-7b": 7_615_616_512, "gemma-2-9b": 9_241_705_984, "bert-base": 109_514_298,
+}
+
+
+@pytest.mark.parametrize("preset", list(PUBLISHED))
+def test_preset_shapes_match_the_published_models(preset):
+    setup = bench.resolve(BenchConfig(model=preset))
+    assert setup.full_layers == setup.hf.num_hidden_layers
+    assert bench.estimate_bytes(setup, BenchConfig(model=preset))["params"] == PUBLISHED[preset]
+    assert f"{PUBLISHED[preset]:,}" in bench.PRESETS[preset].source
+
+
+def test_layers_truncates_depth_and_per_layer_types():
+    setup = bench.resolve(BenchConfig(model="gemma-2-9b", layers=3))
+    assert setup.hf.num_hidden_layers == 3 and setup.full_layers == 42
+    assert setup.hf.layer_types == ["sliding_attention", "full_attention", "sliding_attention"]
+    one = bench.estimate_bytes(setup, BenchConfig(model="gemma-2-9b"), layers=1)["params"]
+    assert one < bench.estimate_bytes(setup, BenchConfig(model="gemma-2-9b"))["params"] < PUBLISHED["gemma-2-9b"]
+
+
+def test_big_preset_that_does_not_fit_is_refused_with_a_layers_hint(monkeypatch, capsys):
+    cfg = BenchConfig(model="llama-3-8b")
+    setup = bench.resolve(cfg)
+    free = bench.estimate_bytes(setup, cfg, 3)["total"] + 2**20  # room for 3 layers, not 4
+    monkeypatch.setattr(bench, "available_bytes", lambda device: free)
+    assert cli.main(["bench", "--model", "llama-3-8b", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "Traceback" not in err
+    assert err.startswith("peftfast bench: llama-3-8b (32 layers, 8.03B parameters, fp32) needs about")
+    assert f"{free / 2**30:.1f} GiB free; try --layers 3 (about" in err
+    monkeypatch.setattr(bench, "available_bytes", lambda device: 2**30)  # not even one layer (2 GiB embeddings)
+    assert cli.main(["bench", "--model", "llama-3-8b", "--quiet"]) == 2
+    assert "even --layers 1 needs about" in capsys.readouterr().err
+
+
+def test_local_config_directory_and_json_file(tmp_path, capsys):
+    from transformers import Qwen2Config
+
+    cfg_dir = tmp_path / "my-qwen"
+    Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, vocab_size=256).save_pretrained(cfg_dir)
+    res, out = run(tmp_path / "dir", "--model", str(cfg_dir), *FAST, "--dropout", "0")
+    assert res["model"] == "my-qwen" and res["layers"] == 1 and res["full_layers"] == 2
+    assert res["results"][1]["max_rel_loss_diff_vs_peft"] < 1e-5
+    assert "my-qwen (1 layers of 2)" in out
+    res, _ = run(tmp_path / "file", "--model", str(cfg_dir / "config.json"), "--steps", "1", "--seq-len", "8",
+                 "--quiet")
+    assert res["model"] == "config.json" and res["layers"] == 2
+    (tmp_path / "bad.json").write_text('{"hidden_size": 3}')
+    assert cli.main(["bench", "--model", str(tmp_path / "bad.json"), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("peftfast bench: cannot read a transformers config from") and "\n" not in err
+
+
+def test_encoder_preset_trains_masked_lm(tmp_path):
+    res, _ = run(tmp_path, "--model", "bert-base", *FAST, "--batch-size", "2", "--dropout", "0")
+    assert res["kind"] == "encoder" and res["layers"] == 1 and res["full_layers"] == 12
+    peft, fast = res["results"]
+    # bert-base trains with attention-probs dropout 0.1, drawn differently by SDPA than by eager attention
+    assert fast["max_rel_loss_diff_vs_peft"] < 0.05
+    assert fast["saved_mb"] <= peft["saved_mb"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# methods, packing, checkpointing, baselines
+# ----------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("method, reference", [("adapter", "eager"), ("prefix", "peft")])
+def test_other_methods_match_their_reference(tmp_path, method, reference):
+    res, out = run(tmp_path, "--method", method, *FAST, "--steps", "2")
+    ref, fast = res["results"]
+    assert (ref["method"], fast["method"], res["reference"]) == (reference, "peftfast", reference)
+    assert fast["max_rel_loss_diff_vs_peft"] < 1e-5  # no LoRA dropout involved
+    assert f"vs {reference}" in out
+    if method == "adapter":
+        assert "adapters on the fused op" in res["report"]
+    else:
+        assert "PREFIX_TUNING" in res["report"]
+
+
+def test_packed_batches_restart_positions_and_isolate_documents():
+    """Rows of several documents (positions restart at 0, no label on a document's first token); the reference
+    model sees each document alone: its logits equal those of the documents run one by one."""
+    cfg = BenchConfig(layers=1, seq_len=32, packed=True, dropout=0.0)
+    setup = bench.resolve(cfg)
+    batch = bench.make_batches(setup, cfg, 2, n=1)[0]
+    pos, labels = batch["position_ids"], batch["labels"]
+    starts = pos == 0
+    assert int(starts.sum()) >= 2 * 2 and bool(starts[:, 0].all())
+    assert bool((labels[starts] == -100).all()) and bool((labels[~starts] >= 0).all())
+    model, _ = bench._build("reference", setup, cfg)
+    model.eval()
+    with torch.no_grad():
+        packed = model(input_ids=batch["input_ids"], position_ids=pos).logits[0]
+        bounds = [*starts[0].nonzero().flatten().tolist(), pos.shape[1]]
+        alone = torch.cat([model(input_ids=batch["input_ids"][:1, a:b]).logits[0]
+                           for a, b in zip(bounds, bounds[1:])])
+    torch.testing.assert_close(packed, alone, rtol=1e-4, atol=1e-5)
+
+
+def test_packed_run_matches_peft(tmp_path):
+    res, out = run(tmp_path, "--packed", *FAST, "--seq-len", "32", "--dropout", "0")
+    assert res["config"]["packed"] and ", packed" in out
+    assert res["results"][1]["max_rel_loss_diff_vs_peft"] < 1e-5
+
+
+def test_grad_ckpt_keeps_less_and_trains_the_same(tmp_path):
+    plain, _ = run(tmp_path / "plain", *FAST, "--dropout", "0.1")
+    ckpt, out = run(tmp_path / "ckpt", *FAST, "--dropout", "0.1", "--grad-ckpt")
+    assert ", grad-ckpt" in out
+    for a, b in zip(plain["results"], ckpt["results"]):
+        assert b["saved_mb"] < 0.5 * a["saved_mb"]  # only the checkpointed blocks' inputs are kept
+        # the same dropout masks are regenerated in the recompute: checkpointing changes nothing in the losses
+        assert max(abs(x - y) for x, y in zip(a["losses"], b["losses"])) < 1e-5 * abs(a["losses"][0])
+
+
+def test_baselines_run_or_are_skipped_with_a_reason(tmp_path):
+    res, out = run(tmp_path, *FAST, "--dropout", "0", "--baselines", "peft,peft+compile,liger,unsloth",
+                   "--compile-backend", "eager")
+    methods = [r["method"] for r in res["results"]]
+    assert methods == ["peft", "peftfast", "peft+compile"]
+    comp = res["results"][2]
+    assert comp["saved_mb"] is None and comp["work_ops_per_step"] is None  # the compiler's business, not counted
+    assert comp["max_rel_loss_diff_vs_peft"] < 1e-5
+    for name in ("liger", "unsloth"):
+        assert res["skipped"][name] in (f"{name.replace('liger', 'liger-kernel')} is not installed "
+                                        f"(pip install {name.replace('liger', 'liger-kernel')})",
+                                        f"{name} runs on CUDA GPUs only")
+        assert f"skipped {name}: {res['skipped'][name]}" in out
+    assert "n/a" in out
+    assert (tmp_path / "bench.csv").read_text().count("\n") == 4
+
+
+@pytest.mark.slow
+def test_peft_compile_with_inductor_on_cpu(tmp_path):
+    res, _ = run(tmp_path, *FAST, "--dropout", "0", "--baselines", "peft,peft+compile")
+    assert [r["method"] for r in res["results"]] == ["peft", "peftfast", "peft+compile"]
+    assert res["results"][2]["max_rel_loss_diff_vs_peft"] < 1e-5
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", ["llama-3.2-1b", "llama-3-8b", "mistral-7b", "qwen2.5-7b", "gemma-2-9b"])
+def test_real_presets_truncated_to_one_layer_train(tmp_path, preset):
+    """The published widths and vocabularies for real (one layer: 1-4 GB of fp32 weights)."""
+    res, _ = run(tmp_path, "--model", preset, "--layers", "1", "--seq-len", "32", "--steps", "1", "--quiet",
+                 "--dropout", "0")
+    assert res["layers"] == 1 and res["full_layers"] == bench.PRESETS[preset].fields["num_hidden_layers"]
+    peft, fast = res["results"]
+    assert fast["max_rel_loss_diff_vs_peft"] < 1e-4
+    assert fast["saved_mb"] < peft["saved_mb"]
+
+
+def test_largest_fitting_batch_doubles_until_out_of_memory():
+    tried = []
+
+    def try_batch(b: int) -> None:
+        tried.append(b)
+        if b > 8:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    assert bench.largest_fitting_batch(try_batch) == 8 and tried == [1, 2, 4, 8, 16]
+    assert bench.largest_fitting_batch(lambda b: None, limit=64) == 64
+    with pytest.raises(BenchError, match="even batch 1 runs out of memory"):
+        bench.largest_fitting_batch(lambda b: (_ for _ in ()).throw(torch.OutOfMemoryError("oom")))
+    with pytest.raises(RuntimeError, match="not an OOM"):  # other errors are not mistaken for out-of-memory
+        bench.largest_fitting_batch(lambda b: (_ for _ in ()).throw(RuntimeError("not an OOM")))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# bad input: one line, exit code 2
+# ----------------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "argv, message",
     [
@@ -68,12 +308,46 @@ def test_bench_dropout_saves_less_than_peft(tmp_path):
         (["bench", "--rank", "0"], "--rank must be in 1..256"),
         (["bench", "--seq-len", "1"], "impossible shape"),
         (["bench", "--steps", "0"], "--steps must be at least 1"),
+        (["bench", "--method", "qlora"], "--method qlora needs the NF4 extension (not built yet)"),
+        (["bench", "--method", "ia3"], "unknown method 'ia3'"),
+        (["bench", "--baselines", "peft,deepspeed"], "unknown baseline 'deepspeed'"),
+        (["bench", "--batch-size", "auto", "--device", "cpu"], "--batch-size auto needs a CUDA GPU"),
+        (["bench", "--batch-size", "many"], "must be an integer or 'auto'"),
+        (["bench", "--steps", "x"], "invalid int value: 'x'"),
+        (["bench", "--no-such-option"], "unrecognized arguments: --no-such-option"),
+        (["bench", "--layers", "5"], "--layers must be in 1..4"),
+        (["bench", "--model", "bert-base", "--packed"], "--packed needs a decoder model"),
+        (["bench", "--model", "bert-base", "--seq-len", "1024"], "seq 1024 > max_position_embeddings 512"),
+        (["bench", "--model", "bert-base", "--method", "prefix"], "--method prefix is benchmarked on decoder"),
+        (["bench", "--method", "prefix", "--packed"], "--method prefix with --packed"),
+        (["bench", "--method", "prefix", "--grad-ckpt"], "--method prefix does not work with --grad-ckpt"),
+        (["bench", "--model", "/no/such/dir"], "unknown preset '/no/such/dir'"),
     ],
 )
 def test_bench_cli_bad_input_is_one_line(argv, message, capsys):
     assert cli.main([*argv, "--quiet"]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and "\n" not in err and "Traceback" not in err
+
+
+def test_impossible_head_layout_is_one_line(tmp_path, capsys):
+    """transformers itself rejects some layouts when it reads the config; bench catches the others."""
+    (tmp_path / "llama.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 30,
+                                                     "num_attention_heads": 4, "num_hidden_layers": 1}))
+    assert cli.main(["bench", "--model", str(tmp_path / "llama.json"), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "cannot read a transformers config" in err and "hidden size (30) is not a multiple" in err
+    assert "\n" not in err
+    (tmp_path / "mistral.json").write_text(json.dumps({"model_type": "mistral", "hidden_size": 32, "head_dim": 8,
+                                                       "num_attention_heads": 4, "num_key_value_heads": 3,
+                                                       "num_hidden_layers": 1}))
+    assert cli.main(["bench", "--model", str(tmp_path / "mistral.json"), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "num_attention_heads 4 is not a multiple of num_key_value_heads 3" in err and "\n" not in err
+    (tmp_path / "t5.json").write_text(json.dumps({"model_type": "t5", "d_model": 32, "num_layers": 1}))
+    assert cli.main(["bench", "--model", str(tmp_path / "t5.json"), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "cannot build t5.json (T5Config) as a causal LM" in err and "\n" not in err
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message; this machine has a GPU")

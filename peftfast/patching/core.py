@@ -202,7 +202,7 @@ def patch(model: nn.Module, *, backend: str = "auto", group_siblings: bool = Tru
             ce_mod.uninstall(model)
         rep.modules.append(PatchEntry(name="loss (lm_head + cross-entropy)", kind="loss", patched=reason is None,
                                       reason=reason))
-    rep.notes = _model_notes(model)
+    rep.notes = _model_notes(model, any(e.kind == "attention" and e.patched for e in rep.modules))
     model._peftfast_report = rep
     if not rep.entries and not any(e.patched for e in rep.modules):
         warnings.warn("peftfast.patch: the model has no PEFT LoRA layers; returning it unchanged", stacklevel=2)
@@ -224,7 +224,7 @@ def _apply(rep: PatchReport, feature, kind: str, name: str, mod: nn.Module, reas
     rep.modules.append(PatchEntry(name=name, kind=kind, patched=reason is None, reason=reason))
 
 
-def _model_notes(model: nn.Module) -> list[str]:
+def _model_notes(model: nn.Module, attention_fused: bool) -> list[str]:
     """Parts of the model ``patch`` leaves on their own path, with the reason (nothing is skipped silently)."""
     notes = []
     configs = getattr(model, "peft_config", None)
@@ -232,8 +232,9 @@ def _model_notes(model: nn.Module) -> list[str]:
         for name, cfg in configs.items():
             if getattr(cfg, "is_prompt_learning", False):
                 kind = getattr(getattr(cfg, "peft_type", None), "value", type(cfg).__name__)
-                notes.append(f"adapter {name!r} ({kind}): runs on PEFT's own path and the model's attention; "
-                             "peftfast has no fused prompt-learning/prefix attention path yet")
+                where = ("the fused attention sees its virtual tokens / prefix keys, but PEFT still concatenates "
+                         "prefix and sequence K/V per layer" if attention_fused else "the model's own attention")
+                notes.append(f"adapter {name!r} ({kind}): its prompt encoder runs on PEFT's own path; {where}")
     from peftfast.patching.adapters import adapter_names
 
     if adapter_names(model):
