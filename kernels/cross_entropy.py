@@ -26,6 +26,8 @@ dtype; never an N_tok × N tensor. ``tl.dot`` accumulates in fp32; offsets along
 import triton
 import triton.language as tl
 
+from peftfast.kernels.lora import _grouped_tile
+
 
 @triton.jit
 def _softcap_tanh(u):
@@ -58,15 +60,7 @@ def _flce_logits_kernel(
     tgt [M] gets z_{m,y_m} from the block holding y_m. Grid: cdiv(M, BLOCK_M) · cdiv(N, BLOCK_N), grouped along
     M so that consecutive programs reuse W tiles from L2 (W is the big operand: N × K against the chunk's M × K).
     """
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    num_in_group = GROUP_M * num_pid_n
-    group_id = pid // num_in_group
-    first_m = group_id * GROUP_M
-    group_size = min(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + ((pid % num_in_group) % group_size)
-    pid_n = (pid % num_in_group) // group_size
+    pid_m, pid_n = _grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)

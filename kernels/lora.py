@@ -37,6 +37,18 @@ def _keep(seed, seg, offs_m, offs_k, M, K, p):
 
 
 @triton.jit
+def _grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) of program ``pid`` in grouped order: GROUP_M neighbouring row blocks walk the column blocks
+    together, so consecutive programs share operand tiles in L2."""
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_in_group = GROUP_M * num_pid_n
+    first_m = (pid // num_in_group) * GROUP_M
+    group_size = min(num_pid_m - first_m, GROUP_M)
+    return first_m + ((pid % num_in_group) % group_size), (pid % num_in_group) // group_size
+
+
+@triton.jit
 def _lora_down_kernel(
     x_ptr, stride_xm, stride_xk,
     a_ptr, stride_ar, stride_ak,
@@ -155,16 +167,7 @@ def _lora_gemm_kernel(
     (used when the dense product comes from cuBLAS). The big product stays tensor-core bound; the epilogue
     costs one extra ``BLOCK_M × BLOCK_R × BLOCK_N`` MMA per tile.
     """
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    # grouped ordering: neighbouring programs share P rows and Q columns in L2
-    num_in_group = GROUP_M * num_pid_n
-    group_id = pid // num_in_group
-    first_m = group_id * GROUP_M
-    group_size = min(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + ((pid % num_in_group) % group_size)
-    pid_n = (pid % num_in_group) // group_size
+    pid_m, pid_n = _grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
