@@ -344,3 +344,23 @@ def test_attention_kernels_compile(job: aot.Job, aot_fast: dict[str, dict]) -> N
 @pytest.mark.parametrize("job", AOT_SLOW, ids=_job_id)
 def test_attention_kernels_compile_slow_tier(job: aot.Job, aot_slow: dict[str, dict]) -> None:
     _check_compiled(job, aot_slow[job.key])
+
+
+def test_segment_ids_are_built_once_per_forward(monkeypatch):
+    from peftfast.modules import attention as attn_mod
+
+    model = peft_model("llama")
+    peftfast.patch(model)
+    ids, mask = _padded()
+    calls = []
+    real = attn_mod._segment_ids
+    monkeypatch.setattr(attn_mod, "_segment_ids", lambda *a: calls.append(1) or real(*a))
+    model(input_ids=ids, attention_mask=mask)
+    assert len(calls) == 1  # two layers, one host read of the mask
+    mask2 = mask.clone()
+    mask2[1, 9:] = 0
+    want = model(input_ids=ids, attention_mask=mask2).logits  # another mask: rebuilt, not reused
+    assert len(calls) == 2
+    peftfast.unpatch(model)
+    ref = model(input_ids=ids, attention_mask=mask2).logits
+    assert torch.allclose(want[mask2.bool()], ref[mask2.bool()], atol=2e-5, rtol=1e-4)

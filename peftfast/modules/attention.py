@@ -46,9 +46,33 @@ def _segments_from_cu(cu: torch.Tensor, total: int) -> torch.Tensor:
     return (torch.searchsorted(cu[1:].to(idx.dtype), idx, right=True)).to(torch.int32)[None]
 
 
+_last: list = []  # (key, result) of the last segment_ids call: every layer of a forward passes the same tensors
+
+
+def _version(t) -> int | None:
+    # inference tensors keep no version counter (identity alone then)
+    return None if not isinstance(t, torch.Tensor) or t.is_inference() else t._version
+
+
 def segment_ids(query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None,
                 kwargs: dict) -> tuple[torch.Tensor | None, torch.Tensor | None, str | None]:
-    """(qseg, kseg, reason): segment ids for the kernel, or a reason to fall back."""
+    """(qseg, kseg, reason): segment ids for the kernel, or a reason to fall back.
+
+    Computed once per forward rather than per layer: the layers hand over the same mask / position tensors, and
+    building the ids reads them on the host (a device sync on GPUs).
+    """
+    srcs = (attention_mask, kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k"), kwargs.get("position_ids"))
+    cache_key = (tuple(id(t) for t in srcs), tuple(_version(t) for t in srcs), query.shape[0],
+                 query.shape[2], key.shape[2], query.device)
+    if _last and _last[0][0] == cache_key and all(a is b for a, b in zip(_last[0][1], srcs)):
+        return _last[0][2]
+    result = _segment_ids(query, key, attention_mask, kwargs)
+    _last[:] = [(cache_key, srcs, result)]
+    return result
+
+
+def _segment_ids(query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None,
+                 kwargs: dict) -> tuple[torch.Tensor | None, torch.Tensor | None, str | None]:
     b, sq, sk = query.shape[0], query.shape[2], key.shape[2]
     seg = None
     cu = kwargs.get("cu_seq_lens_q")
