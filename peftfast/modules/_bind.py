@@ -18,6 +18,13 @@ def bind_forward(module: nn.Module, state_attr: str, state, fn) -> None:
     module.forward = functools.partial(fn, module)
 
 
+def call_original(module: nn.Module, state, *args, **kwargs):
+    """Run the forward that was there before :func:`bind_forward` (the class's when there was none)."""
+    if state.previous_forward is not None:
+        return state.previous_forward(*args, **kwargs)
+    return type(module).forward(module, *args, **kwargs)
+
+
 def unbind_forward(module: nn.Module, state_attr: str):
     """Undo :func:`bind_forward`: the previous instance-level forward (or none) comes back. Returns the state."""
     st = module.__dict__.pop(state_attr, None)

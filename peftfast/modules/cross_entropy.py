@@ -16,7 +16,6 @@ is passed, fp32 loss, mean over non-ignored tokens or ``sum / num_items_in_batch
 from __future__ import annotations
 
 import contextlib
-import functools
 import inspect
 from collections import Counter
 from collections.abc import Callable
@@ -25,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from peftfast.modules._bind import bind_forward, call_original, unbind_forward
 from peftfast.ops.cross_entropy import fused_linear_cross_entropy
 
 
@@ -213,9 +213,7 @@ def why_not(model: nn.Module) -> str | None:
 # the forward replacement
 # ----------------------------------------------------------------------------------------------------------------
 def _original(model: nn.Module, st: LossState, args, kwargs):
-    if st.previous_forward is not None:
-        return st.previous_forward(*args, **kwargs)
-    return type(model).forward(model, *args, **kwargs)
+    return call_original(model, st, *args, **kwargs)
 
 
 def _call_reason(model: nn.Module, p: dict) -> str | None:
@@ -340,22 +338,13 @@ def install(model: nn.Module, config: LossPatchConfig) -> nn.Module:
     if st is not None:
         st.config = config
         return lm
-    lm._peftfast_loss = LossState(config=config, previous_forward=lm.__dict__.get("forward"))
-    # a partial of a module-level function pickles and deep-copies with the model
-    lm.forward = functools.partial(fused_causal_lm_forward, lm)
+    bind_forward(lm, "_peftfast_loss", LossState(config=config, previous_forward=None), fused_causal_lm_forward)
     return lm
 
 
 def uninstall(model: nn.Module) -> None:
     """Restore the forward exactly as it was before ``install``."""
-    lm = causal_lm(model)
-    st = lm.__dict__.pop("_peftfast_loss", None)
-    if st is None:
-        return
-    if st.previous_forward is not None:
-        lm.forward = st.previous_forward
-    else:
-        lm.__dict__.pop("forward", None)
+    unbind_forward(causal_lm(model), "_peftfast_loss")
 
 
 def stats(model: nn.Module) -> dict | None:

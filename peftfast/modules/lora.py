@@ -11,13 +11,13 @@ saved once) and hands the other outputs to the siblings when they are called wit
 
 from __future__ import annotations
 
-import functools
 from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from peftfast.modules._bind import bind_forward, call_original, unbind_forward
 from peftfast.ops.lora import MAX_RANK, draw_seed, lora_linear_group
 
 try:  # transformers is a dependency, but keep the module importable without it
@@ -234,9 +234,7 @@ def fused_lora_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs) -> tor
             st.base_only_calls += 1
         else:
             st.fallbacks[plan] += 1
-        if st.previous_forward is not None:
-            return st.previous_forward(x, *args, **kwargs)
-        return type(self).forward(self, x, *args, **kwargs)
+        return call_original(self, st, x, *args, **kwargs)
     _check_input(self, x)
     st.fused_calls += 1
     grp = st.group
@@ -260,20 +258,11 @@ def install(layer: nn.Module, name: str, config: LoRAPatchConfig) -> None:
     if st is not None:
         st.config = config
         return
-    previous = layer.__dict__.get("forward")
-    layer._peftfast = LoRAState(name=name, config=config, previous_forward=previous)
-    # a partial of a module-level function pickles (a bound MethodType of a foreign function does not)
-    layer.forward = functools.partial(fused_lora_forward, layer)
+    bind_forward(layer, "_peftfast", LoRAState(name=name, config=config, previous_forward=None), fused_lora_forward)
 
 
 def uninstall(layer: nn.Module) -> None:
     """Restore the layer's forward exactly as it was before ``install``."""
-    st = layer.__dict__.pop("_peftfast", None)
-    if st is None:
-        return
-    if st.previous_forward is not None:
-        layer.forward = st.previous_forward
-    else:
-        layer.__dict__.pop("forward", None)
-    if st.group is not None:
+    st = unbind_forward(layer, "_peftfast")
+    if st is not None and st.group is not None:
         st.group.clear()

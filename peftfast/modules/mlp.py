@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from peftfast.modules import lora as lora_mod
-from peftfast.modules._bind import bind_forward, unbind_forward
+from peftfast.modules._bind import bind_forward, call_original, unbind_forward
 from peftfast.ops.mlp import lora_mlp
 
 _PROJ = ("gate_proj", "up_proj", "down_proj")
@@ -103,9 +103,7 @@ def fused_mlp_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs) -> torc
     if isinstance(plans, tuple):
         kind, reason = plans
         (st.fallbacks if kind == "fallback" else st.deferred)[reason] += 1
-        if st.previous_forward is not None:
-            return st.previous_forward(x, *args, **kwargs)
-        return type(self).forward(self, x, *args, **kwargs)
+        return call_original(self, st, x, *args, **kwargs)
     for p in ("gate_proj", "up_proj"):
         lora_mod._check_input(getattr(self, p), x)
     st.fused_calls += 1

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from peftfast.modules._bind import bind_forward, unbind_forward
 from peftfast.ops.norm import SUPPORTED_DTYPES, layer_norm, rms_norm
 
 __all__ = ["NormState", "install", "is_norm", "layer_norm_forward", "rms_form", "rms_norm_forward", "uninstall",
@@ -273,19 +274,13 @@ def install(module: nn.Module, name: str, backend: str) -> None:
     else:
         form, eps_attr = rms_form(module)
         kind, fn = "rms", rms_norm_forward
-    module._peftfast_norm = NormState(name=name, backend=backend, kind=kind, form=form, eps_attr=eps_attr,
-                                      previous_forward=module.__dict__.get("forward"))
-    # partial, not a closure or bound method: deepcopy and pickle rebind it to the copied module
-    module.forward = functools.partial(fn, module)
+    bind_forward(module, "_peftfast_norm", NormState(name=name, backend=backend, kind=kind, form=form,
+                                                     eps_attr=eps_attr, previous_forward=None), fn)
 
 
 def uninstall(module: nn.Module) -> bool:
     """Restore the module's forward exactly (its previous instance attribute, or none); True if it was patched."""
-    st = module.__dict__.pop("_peftfast_norm", None)
-    if not isinstance(st, NormState):
+    if not isinstance(module.__dict__.get("_peftfast_norm"), NormState):
         return False
-    if st.previous_forward is not None:
-        module.forward = st.previous_forward
-    else:
-        module.__dict__.pop("forward", None)
+    unbind_forward(module, "_peftfast_norm")
     return True
