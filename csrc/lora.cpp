@@ -1,0 +1,261 @@
+// CPU kernels of the fused LoRA linear (schemas in ops.cpp; autograd and the CUDA/Triton path in
+// peftfast/ops/lora.py). Same memory contract as the Triton path: nothing M×K is kept besides x itself, the
+// dropout masks are regenerated from the seed with the Philox stream the Triton kernels use (philox.h), so both
+// paths drop the same elements. GEMMs are ATen's (MKL/oneDNN); masking runs in at::parallel_for epilogues over
+// row chunks, so a masked copy never exceeds one chunk (kChunkElems elements) per segment.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <tuple>
+#include <vector>
+
+#include "philox.h"
+
+namespace peftfast {
+namespace {
+
+using at::Tensor;
+constexpr int64_t kChunkElems = int64_t{1} << 20;
+
+int64_t chunk_rows(int64_t m, int64_t k) {
+  return std::max<int64_t>(1, std::min<int64_t>(m, kChunkElems / std::max<int64_t>(k, 1)));
+}
+
+int64_t grain(int64_t k) { return std::max<int64_t>(1, 8192 / std::max<int64_t>(k, 1)); }
+
+uint64_t read_seed(const Tensor& seed) {
+  TORCH_CHECK(seed.numel() == 1, "peftfast: the dropout seed must be a one-element integer tensor");
+  return static_cast<uint64_t>(seed.to(at::kCPU).reshape({}).item<int64_t>());
+}
+
+// dst[rows, k] (contiguous, dst's dtype) = keep_seg ⊙ src[row0:row0+rows, :]; src has unit column stride.
+void masked_rows(const Tensor& src, Tensor& dst, int64_t row0, int64_t rows, int64_t seg, int64_t m, uint64_t seed,
+                 float p) {
+  const int64_t k = src.size(1), lda = src.stride(0);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, src.scalar_type(), "peftfast_masked_src", [&] {
+    using src_t = scalar_t;
+    const src_t* s = src.const_data_ptr<src_t>();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dst.scalar_type(), "peftfast_masked_dst", [&] {
+      scalar_t* d = dst.mutable_data_ptr<scalar_t>();
+      at::parallel_for(0, rows, grain(k), [&](int64_t b, int64_t e) {
+        for (int64_t r = b; r < e; ++r) {
+          const src_t* srow = s + (row0 + r) * lda;
+          scalar_t* drow = d + r * k;
+          for (int64_t c = 0; c < k; ++c) {
+            drow[c] = dropout_keep(seed, seg, row0 + r, c, m, k, p) ? static_cast<scalar_t>(srow[c])
+                                                                     : static_cast<scalar_t>(0);
+          }
+        }
+      });
+    });
+  });
+}
+
+// acc[rows, k] (fp32 or fp64, contiguous) += keep_seg ⊙ part[rows, k] * mul
+void add_masked(Tensor& acc, const Tensor& part, int64_t row0, int64_t seg, int64_t m, uint64_t seed, float p,
+                double mul) {
+  const int64_t rows = part.size(0), k = part.size(1);
+  AT_DISPATCH_FLOATING_TYPES(acc.scalar_type(), "peftfast_add_masked_acc", [&] {
+    using acc_t = scalar_t;
+    acc_t* a = acc.mutable_data_ptr<acc_t>();
+    const acc_t mu = static_cast<acc_t>(mul);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, part.scalar_type(), "peftfast_add_masked", [&] {
+      const scalar_t* src = part.const_data_ptr<scalar_t>();
+      at::parallel_for(0, rows, grain(k), [&](int64_t b, int64_t e) {
+        for (int64_t r = b; r < e; ++r) {
+          for (int64_t c = 0; c < k; ++c) {
+            if (dropout_keep(seed, seg, row0 + r, c, m, k, p)) a[r * k + c] += static_cast<acc_t>(src[r * k + c]) * mu;
+          }
+        }
+      });
+    });
+  });
+}
+
+Tensor unit_col(const Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
+
+at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+void check_common(const Tensor& x, at::TensorList weights, at::TensorList lora_as, at::TensorList lora_bs,
+                  at::ArrayRef<double> scales, double p) {
+  TORCH_CHECK(x.dim() == 2, "peftfast::lora_group: x must be 2-D [M, K], got ", x.sizes());
+  const size_t n = weights.size();
+  TORCH_CHECK(n >= 1 && lora_as.size() == n && lora_bs.size() == n && scales.size() == n,
+              "peftfast::lora_group: weights, lora_as, lora_bs and scales need the same non-zero length");
+  TORCH_CHECK(p >= 0.0 && p < 1.0, "peftfast::lora_group: dropout probability must be in [0, 1), got ", p);
+  const int64_t r = lora_as[0].size(0), k = x.size(1);
+  for (size_t i = 0; i < n; ++i) {
+    TORCH_CHECK(weights[i].dim() == 2 && weights[i].size(1) == k, "peftfast::lora_group: weight ", i, " has shape ",
+                weights[i].sizes(), ", expected [N, ", k, "]");
+    TORCH_CHECK(lora_as[i].dim() == 2 && lora_as[i].size(0) == r && lora_as[i].size(1) == k,
+                "peftfast::lora_group: lora_A ", i, " has shape ", lora_as[i].sizes(), ", expected [", r, ", ", k, "]");
+    TORCH_CHECK(lora_bs[i].dim() == 2 && lora_bs[i].size(0) == weights[i].size(0) && lora_bs[i].size(1) == r,
+                "peftfast::lora_group: lora_B ", i, " has shape ", lora_bs[i].sizes());
+  }
+}
+
+// xa = (keep ⊙ x) A_catᵀ / (1 - p), [M, n*r] in the LoRA dtype, segment s using A_s and its own mask.
+Tensor lora_down(const Tensor& x, at::TensorList lora_as, double p, uint64_t seed) {
+  const auto ldt = lora_as[0].scalar_type();
+  const int64_t n = lora_as.size(), r = lora_as[0].size(0), m = x.size(0), k = x.size(1);
+  if (p == 0.0) {
+    Tensor a_cat = n == 1 ? lora_as[0] : at::cat(lora_as, 0);
+    return at::mm(x.to(ldt), a_cat.t());
+  }
+  Tensor xa = at::empty({m, n * r}, x.options().dtype(ldt));
+  const int64_t ch = chunk_rows(m, k);
+  Tensor buf = at::empty({ch, k}, x.options().dtype(ldt));
+  Tensor xc = unit_col(x);
+  for (int64_t row0 = 0; row0 < m; row0 += ch) {
+    const int64_t rows = std::min(ch, m - row0);
+    Tensor b = buf.narrow(0, 0, rows);
+    for (int64_t s = 0; s < n; ++s) {
+      masked_rows(xc, b, row0, rows, s, m, seed, static_cast<float>(p));
+      xa.narrow(0, row0, rows).narrow(1, s * r, r).copy_(at::mm(b, lora_as[s].t()));
+    }
+  }
+  return xa.mul_(1.0 / (1.0 - p));
+}
+
+std::tuple<std::vector<Tensor>, Tensor> lora_group_fwd_cpu(const Tensor& x, at::TensorList weights,
+                                                          const c10::List<std::optional<Tensor>>& biases,
+                                                          const c10::List<std::optional<Tensor>>& lora_biases,
+                                                          at::TensorList lora_as, at::TensorList lora_bs,
+                                                          at::ArrayRef<double> scales, double p, const Tensor& seed) {
+  check_common(x, weights, lora_as, lora_bs, scales, p);
+  const int64_t n = weights.size(), r = lora_as[0].size(0);
+  Tensor xa = lora_down(x, lora_as, p, p > 0.0 ? read_seed(seed) : 0);
+  std::vector<Tensor> ys;
+  ys.reserve(n);
+  for (int64_t i = 0; i < n; ++i) {
+    const std::optional<Tensor> b = biases.get(i), lb = lora_biases.get(i);
+    Tensor y = b.has_value() ? at::addmm(*b, x, weights[i].t()) : at::mm(x, weights[i].t());
+    Tensor xa_i = xa.narrow(1, i * r, r);
+    if (xa_i.scalar_type() == y.scalar_type()) {
+      y.addmm_(xa_i, lora_bs[i].t(), 1.0, scales[i]);
+      if (lb.has_value()) y.add_(*lb, scales[i]);
+    } else {
+      // LoRA weights in another dtype (fp32 LoRA over a bf16 base): the low-rank term in the LoRA dtype, as PEFT does
+      Tensor low = lb.has_value() ? at::addmm(*lb, xa_i, lora_bs[i].t()) : at::mm(xa_i, lora_bs[i].t());
+      y = low.mul_(scales[i]).add_(y).to(y.scalar_type());
+    }
+    ys.push_back(std::move(y));
+  }
+  return {std::move(ys), std::move(xa)};
+}
+
+std::tuple<Tensor, Tensor, std::vector<Tensor>> lora_group_bwd_cpu(
+    const Tensor& x, const Tensor& xa, const c10::List<std::optional<Tensor>>& grads, at::TensorList weights,
+    at::TensorList lora_as, at::TensorList lora_bs, at::ArrayRef<double> scales, double p, const Tensor& seed,
+    bool need_x, bool need_a, at::IntArrayRef need_b) {
+  check_common(x, weights, lora_as, lora_bs, scales, p);
+  const int64_t n = weights.size(), r = lora_as[0].size(0), m = x.size(0), k = x.size(1);
+  const auto ldt = xa.scalar_type();
+  TORCH_CHECK(static_cast<int64_t>(grads.size()) == n && static_cast<int64_t>(need_b.size()) == n,
+              "peftfast::lora_group_bwd: one grad and one need_b flag per member");
+  const uint64_t sd = p > 0.0 ? read_seed(seed) : 0;
+  const double inv = p > 0.0 ? 1.0 / (1.0 - p) : 1.0;
+
+  Tensor g_cat;  // scale_i * dy_i B_i, [M, n*r] in the LoRA dtype
+  if (need_x || need_a) {
+    g_cat = at::empty({m, n * r}, x.options().dtype(ldt));
+    for (int64_t i = 0; i < n; ++i) {
+      Tensor gi = g_cat.narrow(1, i * r, r);
+      const std::optional<Tensor> dy = grads.get(i);
+      if (dy.has_value())
+        gi.copy_(at::mm(dy->to(ldt), lora_bs[i]).mul_(scales[i]));
+      else
+        gi.zero_();
+    }
+  }
+
+  Tensor dx = at::empty({0}, x.options());
+  if (need_x) {
+    Tensor dense;
+    for (int64_t i = 0; i < n; ++i) {
+      const std::optional<Tensor> dy = grads.get(i);
+      if (!dy.has_value()) continue;
+      Tensor w = weights[i].to(dy->scalar_type());
+      dense = dense.defined() ? dense.addmm_(*dy, w) : at::mm(*dy, w);
+    }
+    if (p == 0.0) {
+      Tensor a_cat = n == 1 ? lora_as[0] : at::cat(lora_as, 0);
+      Tensor low = at::mm(g_cat, a_cat);
+      dx = dense.defined() ? (low.scalar_type() == dense.scalar_type() ? dense.add_(low) : dense.add_(low.to(dense.scalar_type())))
+                           : low.to(x.scalar_type());
+    } else {
+      dx = dense.defined() ? dense : at::zeros({m, k}, x.options());
+      const int64_t ch = chunk_rows(m, k);
+      for (int64_t row0 = 0; row0 < m; row0 += ch) {
+        const int64_t rows = std::min(ch, m - row0);
+        Tensor dxc = dx.narrow(0, row0, rows);
+        // one rounding of dx per chunk whatever the number of members: accumulate in fp32 (fp64 for fp64)
+        Tensor acc = dxc.to(acc_type(dx.scalar_type())).contiguous();
+        for (int64_t s = 0; s < n; ++s) {
+          Tensor part = at::mm(g_cat.narrow(0, row0, rows).narrow(1, s * r, r), lora_as[s]).contiguous();
+          add_masked(acc, part, row0, s, m, sd, static_cast<float>(p), inv);
+        }
+        dxc.copy_(acc);
+      }
+    }
+  }
+
+  Tensor da = at::empty({0}, xa.options());
+  if (need_a) {
+    if (p == 0.0) {
+      da = at::mm(g_cat.t(), x.to(ldt));
+    } else {
+      const auto at_ = acc_type(ldt);
+      Tensor acc = at::zeros({n * r, k}, x.options().dtype(at_));
+      const int64_t ch = chunk_rows(m, k);
+      Tensor buf = at::empty({ch, k}, x.options().dtype(at_));
+      Tensor xc = unit_col(x);
+      for (int64_t row0 = 0; row0 < m; row0 += ch) {
+        const int64_t rows = std::min(ch, m - row0);
+        Tensor b = buf.narrow(0, 0, rows);
+        for (int64_t s = 0; s < n; ++s) {
+          masked_rows(xc, b, row0, rows, s, m, sd, static_cast<float>(p));
+          acc.narrow(0, s * r, r).addmm_(g_cat.narrow(0, row0, rows).narrow(1, s * r, r).t().to(at_), b);
+        }
+      }
+      da = acc.mul_(inv).to(ldt);
+    }
+  }
+
+  std::vector<Tensor> dbs;
+  dbs.reserve(n);
+  for (int64_t i = 0; i < n; ++i) {
+    const std::optional<Tensor> dy = grads.get(i);
+    if (need_b[i] && dy.has_value())
+      dbs.push_back(at::mm(dy->t().to(ldt), xa.narrow(1, i * r, r)).mul_(scales[i]));
+    else
+      dbs.push_back(at::empty({0}, xa.options()));
+  }
+  return {dx, da, std::move(dbs)};
+}
+
+Tensor dropout_keep_mask_cpu(const Tensor& like, const Tensor& seed, int64_t nseg, int64_t m, int64_t k, double p) {
+  Tensor out = at::empty({nseg, m, k}, like.options().dtype(at::kBool));
+  bool* o = out.mutable_data_ptr<bool>();
+  const uint64_t sd = read_seed(seed);
+  const float pf = static_cast<float>(p);
+  at::parallel_for(0, nseg * m, grain(k), [&](int64_t b, int64_t e) {
+    for (int64_t sr = b; sr < e; ++sr) {
+      const int64_t s = sr / m, row = sr % m;
+      for (int64_t c = 0; c < k; ++c) o[sr * k + c] = dropout_keep(sd, s, row, c, m, k, pf);
+    }
+  });
+  return out;
+}
+
+}  // namespace
+}  // namespace peftfast
+
+TORCH_LIBRARY_IMPL(peftfast, CPU, m) {
+  m.impl("lora_group_fwd", &peftfast::lora_group_fwd_cpu);
+  m.impl("lora_group_bwd", &peftfast::lora_group_bwd_cpu);
+  m.impl("dropout_keep_mask", &peftfast::dropout_keep_mask_cpu);
+}
