@@ -121,17 +121,20 @@ Tensor lora_down(const Tensor& x, at::TensorList lora_as, double p, uint64_t see
 }
 
 std::tuple<std::vector<Tensor>, Tensor> lora_group_fwd_cpu(const Tensor& x, at::TensorList weights,
-                                                          const c10::List<std::optional<Tensor>>& biases,
-                                                          const c10::List<std::optional<Tensor>>& lora_biases,
+                                                          at::TensorList biases, at::TensorList lora_biases,
                                                           at::TensorList lora_as, at::TensorList lora_bs,
                                                           at::ArrayRef<double> scales, double p, const Tensor& seed) {
   check_common(x, weights, lora_as, lora_bs, scales, p);
   const int64_t n = weights.size(), r = lora_as[0].size(0);
+  TORCH_CHECK(static_cast<int64_t>(biases.size()) == n && static_cast<int64_t>(lora_biases.size()) == n,
+              "peftfast::lora_group_fwd: one (possibly empty) bias and LoRA bias per member");
   Tensor xa = lora_down(x, lora_as, p, p > 0.0 ? read_seed(seed) : 0);
   std::vector<Tensor> ys;
   ys.reserve(n);
   for (int64_t i = 0; i < n; ++i) {
-    const std::optional<Tensor> b = biases.get(i), lb = lora_biases.get(i);
+    // an empty tensor stands for "no bias" (see the schema)
+    const std::optional<Tensor> b = biases[i].numel() ? std::optional<Tensor>(biases[i]) : std::nullopt;
+    const std::optional<Tensor> lb = lora_biases[i].numel() ? std::optional<Tensor>(lora_biases[i]) : std::nullopt;
     Tensor y = b.has_value() ? at::addmm(*b, x, weights[i].t()) : at::mm(x, weights[i].t());
     Tensor xa_i = xa.narrow(1, i * r, r);
     if (xa_i.scalar_type() == y.scalar_type()) {

@@ -7,20 +7,24 @@ shown by ``peftfast info``. Ops then run on their Python/ATen or Triton paths.
 
 from __future__ import annotations
 
-import functools
 import os
 import warnings
 
 import torch
 
+_UNSET = object()
+_STATUS: object = _UNSET  # a plain global, not functools.lru_cache: Dynamo traces a cached call as a constant read
 
-@functools.lru_cache(maxsize=1)
+
 def status() -> str | None:
     """None when ``torch.ops.peftfast`` C++ kernels are live, else why not (warned once)."""
-    why = _load()
-    if why is not None and not os.environ.get("PEFTFAST_DISABLE_EXT"):
-        warnings.warn(f"peftfast: C++ extension unavailable ({why}); using the Python/ATen fallbacks", stacklevel=3)
-    return why
+    global _STATUS
+    if _STATUS is _UNSET:
+        _STATUS = _load()
+        if _STATUS is not None and not os.environ.get("PEFTFAST_DISABLE_EXT"):
+            warnings.warn(f"peftfast: C++ extension unavailable ({_STATUS}); using the Python/ATen fallbacks",
+                          stacklevel=3)
+    return _STATUS  # type: ignore[return-value]
 
 
 def available() -> bool:

@@ -18,6 +18,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
+from peftfast.ops._backend import resolve_backend
 from peftfast.ops.lora import _torch_keep_mask, draw_seed, dropout_keep_mask
 
 VOCAB = 128
@@ -274,10 +275,12 @@ class SharedSeedDropout(nn.Module):
         return x * keep.view(x.shape) / (1.0 - self.p)
 
 
-def use_shared_seed_dropout(reference: nn.Module, patched: nn.Module, p: float, backend: str = "torch") -> None:
+def use_shared_seed_dropout(reference: nn.Module, patched: nn.Module, p: float, backend: str = "auto") -> None:
     """Replace every ``lora_dropout`` module of ``reference`` (an unpatched copy of ``patched``'s model) with a
     ``SharedSeedDropout`` that follows ``patched``'s sibling groups (read from ``layer._peftfast``, matched by module
     name). Grouping is off for the whole model when ``patch(..., group_siblings=False)`` was used."""
+    if backend == "auto":  # the masks of the backend `patch(backend="auto")` picked for these (CPU) tensors
+        backend = resolve_backend("auto", next(patched.parameters()).device)
     groups: dict[int, _SeedGroup] = {}
     ref_mods = dict(reference.named_modules())
     n = 0

@@ -48,7 +48,7 @@ def _pair(arch: str, p: float = 0.0, *, backend: str = "auto", group_siblings: b
     ref = clone(model)
     peftfast.patch(model, backend=backend, group_siblings=group_siblings)
     if p > 0:
-        use_shared_seed_dropout(ref, model, p, backend="torch" if backend == "auto" else backend)
+        use_shared_seed_dropout(ref, model, p, backend=backend)
     return model, ref
 
 

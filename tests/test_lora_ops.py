@@ -1,17 +1,20 @@
-"""Parity of the fused LoRA op (both backends) against an fp64 reference, its memory contract and input checks.
+"""Parity of the fused LoRA op (every backend) against an fp64 reference, its memory contract and input checks.
 
 backend="triton" runs the Triton kernels in the CPU interpreter (conftest sets TRITON_INTERPRET=1). The interpreter
-returns garbage for ``tl.dot`` on bf16 inputs, so bf16 is tested on the torch backend only.
+returns garbage for ``tl.dot`` on bf16 inputs, so bf16 is tested on the torch and cpp backends only. backend="cpp"
+runs the C++ kernels of ``peftfast._C`` through the registered ops ``torch.ops.peftfast.lora_group_fwd/bwd``.
 """
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from peftfast import _ext
 from peftfast.ops import _counters
 from peftfast.ops.lora import dropout_keep_mask, lora_linear, lora_linear_group
 
-BACKENDS = ["torch", "triton"]
+CPP = pytest.param("cpp", marks=pytest.mark.skipif(not _ext.available(), reason=f"peftfast._C: {_ext.status()}"))
+BACKENDS = ["torch", "triton", CPP]
 
 
 def _make(ms, k, ns, r, dtype, *, bias=True, lbias=False, lora_dtype=None, x_shape=None):
@@ -149,8 +152,9 @@ def test_fp16_within_twice_pytorch_error(backend):
     _low_precision_check(backend, torch.float16)
 
 
-def test_bf16_within_twice_pytorch_error_torch_backend():
-    _low_precision_check("torch", torch.bfloat16)
+@pytest.mark.parametrize("backend", ["torch", CPP])
+def test_bf16_within_twice_pytorch_error(backend):
+    _low_precision_check(backend, torch.bfloat16)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -206,6 +210,9 @@ def test_saved_tensors_are_x_and_xa_only(backend):
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         ys = lora_linear_group(x, ws, bs, as_, bms, sc, dropout_p=0.1, backend=backend)
+    seeds = [t for t in saved if t.dtype == torch.int64]
+    assert all(t.numel() == 1 for t in seeds)  # the registered op keeps its dropout seed as an 8-byte tensor
+    saved = [t for t in saved if t.dtype != torch.int64]
     storages = {t.untyped_storage().data_ptr(): t for t in saved}
     assert len(storages) == 2, [tuple(t.shape) for t in saved]
     assert x.untyped_storage().data_ptr() in storages  # x itself, saved once for three members, not a copy

@@ -17,8 +17,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from peftfast.modules import nf4 as nf4_mod
 from peftfast.modules._bind import bind_forward, call_original, unbind_forward
-from peftfast.ops.lora import MAX_RANK, draw_seed, lora_linear_group
+from peftfast.ops.lora import MAX_RANK, lora_linear_group
 
 try:  # transformers is a dependency, but keep the module importable without it
     from transformers.pytorch_utils import Conv1D as _HFConv1D
@@ -57,8 +58,11 @@ class LoRAState:
 
 
 def _version(x: torch.Tensor) -> int | None:
-    # inference tensors keep no version counter; identity alone matches them
-    return None if x.is_inference() else x._version
+    # inference tensors keep no version counter, and Dynamo cannot read one: identity alone matches them (inside a
+    # compiled region the siblings' calls follow each other with no in-place write to their shared input between)
+    if torch.compiler.is_compiling() or x.is_inference():
+        return None
+    return x._version
 
 
 class SiblingGroup:
@@ -105,10 +109,13 @@ def base_weight_nk(layer: nn.Module) -> torch.Tensor:
 def why_not(layer: nn.Module) -> str | None:
     """None if ``layer`` can run on the fused LoRA path, else a one-line reason."""
     cls = _peft_lora_linear_cls()
-    if type(layer) is not cls:
+    nf4 = nf4_mod.is_nf4_lora(layer)  # NF4 bases (NF4Linear, bitsandbytes nf4) run on the fused NF4 op
+    if type(layer) is not cls and not nf4:
         return f"{type(layer).__module__}.{type(layer).__name__} is not a plain PEFT lora.Linear"
     base = layer.get_base_layer()
-    if type(base) not in _BASE_TYPES:
+    if nf4 and nf4_mod.why_not_base(base) is not None:
+        return nf4_mod.why_not_base(base)
+    if type(base) not in _BASE_TYPES and not nf4:
         return f"base layer {type(base).__name__} is not nn.Linear or Conv1D (quantized or custom)"
     if base._forward_hooks or base._forward_pre_hooks or hasattr(base, "_hf_hook"):
         return "base layer has forward hooks (e.g. accelerate offloading)"
@@ -194,7 +201,7 @@ def _member_tensors(layer: nn.Module, plan: _Plan):
 def _run(layers: list[nn.Module], plans: list[_Plan], x: torch.Tensor, backend: str, name: str):
     ws, bs, as_, bms, lbs, scales = zip(*(_member_tensors(m, pl) for m, pl in zip(layers, plans)))
     p = plans[0].p
-    seed = draw_seed(x.device) if p > 0.0 else None
+    seed = None  # drawn by the op: a traced tensor op under torch.compile, no host round trip on CUDA
     dev = x.device.type
     if torch.is_autocast_enabled(dev):
         # what autocast would do to F.linear: every operand in the autocast dtype, computed outside autocast
@@ -216,7 +223,7 @@ def _group_plans(group: SiblingGroup, plan: _Plan) -> list[_Plan] | None:
     plans = []
     for m in group.members:
         st = getattr(m, "_peftfast", None)
-        if st is None:
+        if st is None or nf4_mod.is_nf4_base(m.get_base_layer()):
             return None
         pl = _plan(m, (), {})
         if not isinstance(pl, _Plan) or (pl.rank, pl.p, pl.lora_dtype) != (plan.rank, plan.p, plan.lora_dtype):
@@ -235,6 +242,13 @@ def fused_lora_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs) -> tor
         else:
             st.fallbacks[plan] += 1
         return call_original(self, st, x, *args, **kwargs)
+    if nf4_mod.is_nf4_base(self.get_base_layer()):  # one layer at a time on the fused NF4 op (never grouped)
+        why = nf4_mod.call_reason(self, x)
+        if why is not None:
+            st.fallbacks[why] += 1
+            return call_original(self, st, x, *args, **kwargs)
+        st.fused_calls += 1
+        return nf4_mod.run_lora(self, plan.adapter, plan.p, x, st.config.backend, st.name)
     _check_input(self, x)
     st.fused_calls += 1
     grp = st.group

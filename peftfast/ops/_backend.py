@@ -1,4 +1,5 @@
-"""Backend choice: Triton on CUDA (or on CPU under ``TRITON_INTERPRET=1``), ATen elsewhere."""
+"""Backend choice: Triton on CUDA (or on CPU under ``TRITON_INTERPRET=1``), the C++ kernels of ``peftfast._C`` on
+CPU when the extension is built, ATen (``torch``) elsewhere. An op without a C++ kernel treats ``cpp`` as ``torch``."""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ import os
 
 import torch
 
-BACKENDS = ("auto", "triton", "torch")
+from peftfast import _ext
+
+BACKENDS = ("auto", "triton", "torch", "cpp")
 
 
 def interpreting() -> bool:
@@ -36,7 +39,15 @@ def resolve_backend(requested: str, device: torch.device) -> str:
         if requested not in BACKENDS:
             raise ValueError(f"peftfast: PEFTFAST_BACKEND={requested!r} is not one of {BACKENDS}")
     if requested == "auto":
-        return "triton" if device.type == "cuda" and triton_available() is None else "torch"
+        if device.type == "cuda":
+            return "triton" if triton_available() is None else "torch"
+        return "cpp" if device.type == "cpu" and _ext.available() else "torch"
+    if requested == "cpp":
+        if device.type != "cpu":
+            raise RuntimeError(f"peftfast: backend 'cpp' runs on CPU tensors (got {device.type})")
+        why = _ext.status()
+        if why is not None:
+            raise RuntimeError(f"peftfast: backend 'cpp' requested but {why}")
     if requested == "triton":
         why = triton_available()
         if why is not None:

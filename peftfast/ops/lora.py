@@ -9,7 +9,13 @@ with ``W_i`` frozen. Saved for backward: ``x`` once for all members and ``xa = d
 dropout masks are regenerated from ``seed`` (never stored). Backends share that contract:
 
 * ``triton``: the kernels of ``peftfast.kernels.lora`` (CUDA, or CPU tensors under ``TRITON_INTERPRET=1``);
-* ``torch``: ATen ops, used on CPU and wherever Triton is unavailable.
+* ``cpp``: the C++ kernels of ``peftfast._C`` (``csrc/lora.cpp``): ATen GEMMs plus ``at::parallel_for`` masking
+  epilogues over row chunks, with the Philox stream of the Triton kernels, so both drop the same elements;
+* ``torch``: ATen ops with a seeded torch generator, the fallback where neither is available.
+
+``cpp`` on CPU tensors and ``triton`` on CUDA tensors (when ``peftfast._C`` is loaded) run through the registered
+ops ``torch.ops.peftfast.lora_group_fwd`` / ``lora_group_bwd`` (fake kernels and autograd registered below), so
+``torch.compile`` traces them as single nodes; the other combinations use a Python ``autograd.Function``.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from collections.abc import Sequence
 
 import torch
 
+from peftfast import _ext
 from peftfast.ops._backend import resolve_backend
 
 MAX_RANK = 256
@@ -43,6 +50,29 @@ def draw_seed(device: torch.device | None = None) -> int:
     return int(torch.randint(0, 2**31 - 1, (1,)).item())
 
 
+_NO_SEED: torch.Tensor | None = None
+
+
+def seed_tensor(seed: int | torch.Tensor | None, device: torch.device, p: float) -> torch.Tensor:
+    """The dropout seed as the one-element CPU int64 tensor the registered ops take.
+
+    Drawn here when ``seed`` is None: under ``torch.compile`` (and on CPU) from torch's CPU generator as a traced
+    tensor op, so no ``.item()`` breaks the graph; on CUDA in eager mode from the device generator's offset.
+    """
+    global _NO_SEED
+    if isinstance(seed, torch.Tensor):
+        return seed
+    if seed is not None:
+        return torch.tensor([int(seed)], dtype=torch.int64)
+    if p == 0.0:
+        if _NO_SEED is None:
+            _NO_SEED = torch.zeros((1,), dtype=torch.int64)
+        return _NO_SEED
+    if device.type == "cuda" and not torch.compiler.is_compiling():
+        return torch.tensor([draw_seed(device)], dtype=torch.int64)
+    return torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64)
+
+
 def _torch_keep_mask(seed: int, seg: int, shape: tuple[int, int], p: float, device, dtype) -> torch.Tensor:
     """Keep-mask of segment ``seg`` for the torch backend as 0/1 in ``dtype`` (regenerated, never saved).
 
@@ -59,6 +89,9 @@ def dropout_keep_mask(seed: int, nseg: int, m: int, k: int, p: float, *, device,
     models (a kept element is scaled by ``1/(1-p)``)."""
     if backend == "torch":
         return torch.stack([_torch_keep_mask(seed, s, (m, k), p, device, torch.float32) for s in range(nseg)]).bool()
+    if backend == "cpp":
+        return torch.ops.peftfast.dropout_keep_mask(torch.empty(0, device=device), seed_tensor(seed, device, p),
+                                                    nseg, m, k, p)
     from peftfast.kernels import lora as K
 
     out = torch.empty((nseg, m, k), dtype=torch.int8, device=device)
@@ -265,6 +298,10 @@ def group_forward(x2d: torch.Tensor, scales, p: float, seed: int, backend: str, 
     ``flat`` = Ws, bs, bBs, As, Bs. Backward needs only ``x2d`` and ``xa`` (plus the parameters).
     """
     ws, bs, lbs, as_, bmats = (flat[i * n:(i + 1) * n] for i in range(5))
+    if backend == "cpp":
+        ys, xa = torch.ops.peftfast.lora_group_fwd(x2d, ws, _no_none(bs, x2d), _no_none(lbs, x2d), as_, bmats,
+                                                   list(scales), p, seed_tensor(seed, x2d.device, p))
+        return list(ys), xa
     rank = as_[0].shape[0]
     impl = _IMPLS[backend]
     a_cat = as_[0] if n == 1 else torch.cat(as_, dim=0)
@@ -276,6 +313,9 @@ def group_forward(x2d: torch.Tensor, scales, p: float, seed: int, backend: str, 
 def group_backward(x2d, xa, flat, scales, p, seed, backend, n, need_x: bool, flat_need, dy2) -> tuple:
     """Backward of :func:`group_forward`: (grad of x2d or None, grads of ``flat`` in its order)."""
     ws, bs, lbs, as_, bmats = (flat[i * n:(i + 1) * n] for i in range(5))
+    if backend == "cpp":
+        return _cpp_backward(x2d, xa, ws, bs, lbs, as_, bmats, scales, p, seed_tensor(seed, x2d.device, p), need_x,
+                             flat_need, dy2)
     impl = _IMPLS[backend]
     rank = as_[0].shape[0]
     need_b = flat_need[n:2 * n]
@@ -300,19 +340,38 @@ def group_backward(x2d, xa, flat, scales, p, seed, backend, n, need_x: bool, fla
     if any(need_a):
         da = impl.da(x2d, g_cat, rank, p, seed, masks)
         grad_a = [da[i * rank:(i + 1) * rank] if need_a[i] else None for i in range(n)]
-    grad_bm, grad_b, grad_lb = [None] * n, [None] * n, [None] * n
+    grad_bm = [None] * n
     for i in range(n):
-        if dy2[i] is None:
-            continue
-        if need_bm[i]:
+        if dy2[i] is not None and need_bm[i]:
             grad_bm[i] = impl.db_mat(dy2[i], xa[:, i * rank:(i + 1) * rank], scales[i])
+    grad_b, grad_lb = _bias_grads(dy2, bs, lbs, scales, need_b, need_lb)
+    return grad_x, (*([None] * n), *grad_b, *grad_lb, *grad_a, *grad_bm)
+
+
+def _bias_grads(dy2, bs, lbs, scales, need_b, need_lb) -> tuple[list, list]:
+    grad_b, grad_lb = [None] * len(bs), [None] * len(bs)
+    for i, dy in enumerate(dy2):
+        if dy is None:
+            continue
         if need_b[i]:
-            grad_b[i] = dy2[i].sum(0).to(bs[i].dtype)
+            grad_b[i] = dy.sum(0).to(bs[i].dtype)
         if need_lb[i]:
             # PEFT adds the LoRA bias in the LoRA dtype (often fp32 over a 16-bit base): reduce in that precision
-            acc = torch.promote_types(dy2[i].dtype, lbs[i].dtype)
-            grad_lb[i] = dy2[i].sum(0, dtype=acc).mul_(scales[i]).to(lbs[i].dtype)
-    return grad_x, (*([None] * n), *grad_b, *grad_lb, *grad_a, *grad_bm)
+            acc = torch.promote_types(dy.dtype, lbs[i].dtype)
+            grad_lb[i] = dy.sum(0, dtype=acc).mul_(scales[i]).to(lbs[i].dtype)
+    return grad_b, grad_lb
+
+
+def _cpp_backward(x2d, xa, ws, bs, lbs, as_, bmats, scales, p, seed_t, need_x, flat_need, dy2) -> tuple:
+    n = len(ws)
+    need_b, need_lb, need_a, need_bm = (flat_need[i * n:(i + 1) * n] for i in range(1, 5))
+    dx, da, dbs = torch.ops.peftfast.lora_group_bwd(x2d, xa, list(dy2), ws, as_, bmats, list(scales), p, seed_t,
+                                                    bool(need_x), any(need_a), [int(b) for b in need_bm])
+    rank = as_[0].shape[0]
+    grad_a = [da[i * rank:(i + 1) * rank] if need_a[i] else None for i in range(n)]
+    grad_bm = [dbs[i] if need_bm[i] and dy2[i] is not None else None for i in range(n)]
+    grad_b, grad_lb = _bias_grads(dy2, bs, lbs, scales, need_b, need_lb)
+    return dx if need_x else None, (*([None] * n), *grad_b, *grad_lb, *grad_a, *grad_bm)
 
 
 class _LoRAGroupFunction(torch.autograd.Function):
@@ -335,6 +394,121 @@ class _LoRAGroupFunction(torch.autograd.Function):
         dy2 = [None if d is None else d.reshape(m, -1) for d in dys]
         grad_x, grads = group_backward(x2d, xa, flat, scales, p, seed, backend, n, need[0], need[6:], dy2)
         return (None if grad_x is None else grad_x.view(x_shape), None, None, None, None, None, *grads)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# registered ops: peftfast::lora_group_fwd / lora_group_bwd (schemas in csrc/ops.cpp, CPU kernels in csrc/lora.cpp)
+# ----------------------------------------------------------------------------------------------------------------
+def _use_registered_op(backend: str, device: torch.device) -> bool:
+    if backend == "cpp":
+        return True  # resolve_backend already checked that _C is loaded and the tensors are on CPU
+    return backend == "triton" and device.type == "cuda" and _ext.available()
+
+
+def _no_none(ts, like: torch.Tensor) -> list[torch.Tensor]:
+    """Absent biases as empty tensors: the ops take ``Tensor[]`` (autograd does not flow through ``Tensor?[]``)."""
+    return [like.new_empty((0,)) if t is None else t for t in ts]
+
+
+def _or_none(ts) -> list:
+    return [t if t.numel() else None for t in ts]
+
+
+def _fwd_cuda(x, weights, biases, lora_biases, lora_as, lora_bs, scales, p, seed):
+    n = len(weights)
+    ys, xa = group_forward(x, scales, p, int(seed.item()), "triton", n,
+                           [*weights, *_or_none(biases), *_or_none(lora_biases), *lora_as, *lora_bs])
+    return ys, xa
+
+
+def _bwd_cuda(x, xa, grads, weights, lora_as, lora_bs, scales, p, seed, need_x, need_a, need_b):
+    n = len(weights)
+    flat = [*weights, *([None] * (2 * n)), *lora_as, *lora_bs]
+    flat_need = [False] * (3 * n) + [need_a] * n + [bool(b) for b in need_b]
+    gx, g = group_backward(x, xa, flat, scales, p, int(seed.item()), "triton", n, need_x, flat_need, list(grads))
+    empty = xa.new_empty((0,))
+    da = torch.cat(g[3 * n:4 * n], dim=0) if need_a else empty.clone()
+    dbs = [d if d is not None else empty.clone() for d in g[4 * n:5 * n]]
+    return gx if gx is not None else x.new_empty((0,)), da, dbs
+
+
+def _fwd_fake(x, weights, biases, lora_biases, lora_as, lora_bs, scales, p, seed):
+    m, r = x.shape[0], lora_as[0].shape[0]
+    return [x.new_empty((m, w.shape[0])) for w in weights], x.new_empty((m, len(weights) * r), dtype=lora_as[0].dtype)
+
+
+def _bwd_fake(x, xa, grads, weights, lora_as, lora_bs, scales, p, seed, need_x, need_a, need_b):
+    m, k, r = x.shape[0], x.shape[1], lora_as[0].shape[0]
+    dx = x.new_empty((m, k) if need_x else (0,))
+    da = xa.new_empty((len(weights) * r, k) if need_a else (0,))
+    dbs = [xa.new_empty((w.shape[0], r) if need_b[i] and grads[i] is not None else (0,)) for i, w in enumerate(weights)]
+    return dx, da, dbs
+
+
+def _fwd_setup(ctx, inputs, output) -> None:
+    x, weights, biases, lora_biases, lora_as, lora_bs, scales, p, seed = inputs
+    ys, xa = output
+    n = len(weights)
+    ctx.meta = (n, list(scales), float(p))
+    # biases are not needed by the backward, only whether (and in which dtype) they get gradients
+    ctx.bias_meta = [(b.numel() > 0 and b.requires_grad, b.dtype) for b in biases]
+    ctx.lbias_meta = [(b.numel() > 0 and b.requires_grad, b.dtype) for b in lora_biases]
+    ctx.need_lora = ([a.requires_grad for a in lora_as], [b.requires_grad for b in lora_bs])
+    ctx.mark_non_differentiable(xa)
+    ctx.save_for_backward(x, xa, seed, *weights, *lora_as, *lora_bs)
+
+
+def _fwd_backward(ctx, grad_ys, grad_xa):
+    n, scales, p = ctx.meta
+    x, xa, seed, *rest = ctx.saved_tensors
+    ws, as_, bms = rest[:n], rest[n:2 * n], rest[2 * n:]
+    need_a, need_bm = ctx.need_lora
+    need_x = ctx.needs_input_grad[0]
+    dy2 = list(grad_ys)
+    dx, da, dbs = torch.ops.peftfast.lora_group_bwd(x, xa, dy2, ws, as_, bms, scales, p, seed, need_x, any(need_a),
+                                                    [int(b) for b in need_bm])
+    r = as_[0].shape[0]
+    grad_a = [da[i * r:(i + 1) * r] if need_a[i] else None for i in range(n)]
+    grad_bm = [dbs[i] if need_bm[i] and dy2[i] is not None else None for i in range(n)]
+    grad_b, grad_lb = [None] * n, [None] * n
+    for i, dy in enumerate(dy2):
+        if dy is None:
+            continue
+        if ctx.bias_meta[i][0]:
+            grad_b[i] = dy.sum(0).to(ctx.bias_meta[i][1])
+        if ctx.lbias_meta[i][0]:
+            # PEFT adds the LoRA bias in the LoRA dtype (often fp32 over a 16-bit base): reduce in that precision
+            acc = torch.promote_types(dy.dtype, ctx.lbias_meta[i][1])
+            grad_lb[i] = dy.sum(0, dtype=acc).mul_(scales[i]).to(ctx.lbias_meta[i][1])
+    return dx if need_x else None, [None] * n, grad_b, grad_lb, grad_a, grad_bm, None, None, None
+
+
+_LIB: torch.library.Library | None = None
+
+
+def _register() -> None:
+    """Fake kernels, autograd and the CUDA (Triton) implementation of the C++-declared LoRA ops."""
+    global _LIB
+    if not _ext.available() or _LIB is not None:
+        return
+    _LIB = torch.library.Library("peftfast", "IMPL")
+    _LIB.impl("lora_group_fwd", _fwd_cuda, "CUDA")
+    _LIB.impl("lora_group_bwd", _bwd_cuda, "CUDA")
+    torch.library.register_fake("peftfast::lora_group_fwd")(_fwd_fake)
+    torch.library.register_fake("peftfast::lora_group_bwd")(_bwd_fake)
+    torch.library.register_fake("peftfast::dropout_keep_mask")(
+        lambda like, seed, nseg, m, k, p: like.new_empty((nseg, m, k), dtype=torch.bool))
+    torch.library.register_autograd("peftfast::lora_group_fwd", _fwd_backward, setup_context=_fwd_setup)
+    torch.library.register_autograd("peftfast::lora_group_bwd", _no_double_backward,
+                                       setup_context=lambda ctx, inputs, output: None)
+
+
+def _no_double_backward(ctx, *grads):
+    raise RuntimeError("peftfast: the fused LoRA linear does not support double backward (create_graph=True); "
+                       "unpatch the model or use backend='torch'")
+
+
+_register()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -385,7 +559,7 @@ def lora_linear_group(
     *,
     lora_biases: Sequence[torch.Tensor | None] | None = None,
     dropout_p: float = 0.0,
-    seed: int | None = None,
+    seed: int | torch.Tensor | None = None,
     backend: str = "auto",
     name: str = "",
 ) -> tuple[torch.Tensor, ...]:
@@ -399,6 +573,15 @@ def lora_linear_group(
     biases = list(biases)
     _check_group(x, weights, biases, lora_as, lora_bs, scales, lora_biases, dropout_p, name)
     be = resolve_backend(backend, x.device)
+    if _use_registered_op(be, x.device):
+        x2d = x.reshape(-1, x.shape[-1])
+        ys, _ = torch.ops.peftfast.lora_group_fwd(x2d, list(weights), _no_none(biases, x), _no_none(lora_biases, x),
+                                                  list(lora_as),
+                                                  list(lora_bs), [float(s) for s in scales], float(dropout_p),
+                                                  seed_tensor(seed, x.device, float(dropout_p)))
+        return tuple(y.view(*x.shape[:-1], y.shape[-1]) for y in ys)
+    if isinstance(seed, torch.Tensor):
+        seed = int(seed.item())
     if dropout_p > 0.0 and seed is None:
         seed = draw_seed(x.device)
     flat = [*weights, *biases, *lora_biases, *lora_as, *lora_bs]
@@ -416,7 +599,7 @@ def lora_linear(
     *,
     lora_bias: torch.Tensor | None = None,
     dropout_p: float = 0.0,
-    seed: int | None = None,
+    seed: int | torch.Tensor | None = None,
     backend: str = "auto",
     name: str = "",
 ) -> torch.Tensor:
@@ -425,4 +608,4 @@ def lora_linear(
                              dropout_p=dropout_p, seed=seed, backend=backend, name=name)[0]
 
 
-__all__ = ["MAX_RANK", "draw_seed", "dropout_keep_mask", "lora_linear", "lora_linear_group"]
+__all__ = ["MAX_RANK", "draw_seed", "dropout_keep_mask", "lora_linear", "lora_linear_group", "seed_tensor"]
