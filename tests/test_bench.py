@@ -6,6 +6,7 @@ Bench runs use tiny shapes (``--layers 1 --seq-len 16 --steps 1``); the big pres
 
 import gc
 import json
+import os
 import subprocess
 import sys
 import weakref
@@ -361,3 +362,19 @@ def test_info_command_reports_versions_and_backends():
     assert proc.returncode == 0, proc.stderr
     assert f"torch        {torch.__version__}" in proc.stdout
     assert "triton path" in proc.stdout and "peftfast._C" in proc.stdout
+
+
+def test_info_reports_the_extension_build():
+    from peftfast import _ext
+
+    proc = subprocess.run([sys.executable, "-m", "peftfast", "info"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("peftfast._C"))
+    if _ext.available():
+        assert f"torch {torch.__version__}" in line and "built" in line
+        assert "lora_group_fwd" in proc.stdout and "auto on CPU: cpp" in proc.stdout
+    else:
+        assert _ext.status() in line
+    disabled = subprocess.run([sys.executable, "-m", "peftfast", "info"], capture_output=True, text=True, timeout=120,
+                              env=dict(os.environ, PEFTFAST_DISABLE_EXT="1"))
+    assert "disabled by PEFTFAST_DISABLE_EXT" in disabled.stdout and "auto on CPU: torch" in disabled.stdout

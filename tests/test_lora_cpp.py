@@ -1,0 +1,173 @@
+"""``peftfast._C``: build, op registration (opcheck), the C++ CPU LoRA kernels against the Triton kernels
+(interpreter) and an fp64 reference, and the fallback when the extension is missing.
+
+Numerical parity of the cpp backend over dtypes/shapes/dropout/bias lives in tests/test_lora_ops.py (``cpp`` is one
+of its backends); this file checks what is specific to the extension.
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from peftfast import _ext
+from peftfast.ops.lora import dropout_keep_mask, lora_linear_group
+
+needs_ext = pytest.mark.skipif(not _ext.available(), reason=f"peftfast._C: {_ext.status()}")
+
+
+def _group(m=37, k=80, ns=(50, 24, 24), r=8, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=g, dtype=dtype)
+    ws = [(torch.randn(n, k, generator=g) / k**0.5).to(dtype) for n in ns]
+    bs = [torch.randn(n, generator=g, dtype=dtype).requires_grad_() for n in ns]
+    as_ = [(torch.randn(r, k, generator=g) / k**0.5).to(dtype).requires_grad_() for _ in ns]
+    bms = [torch.randn(n, r, generator=g, dtype=dtype).requires_grad_() for n in ns]
+    return x, ws, bs, as_, bms, [2.0, 0.5, 1.25][: len(ns)]
+
+
+@needs_ext
+def test_build_info_matches_this_torch():
+    info = _ext.build_info()
+    assert info["torch"] == torch.__version__
+    assert info["cuda"] in ("0", "1")
+
+
+@needs_ext
+@pytest.mark.skipif(shutil.which("nvcc") is None or torch.version.cuda is None,
+                    reason="no nvcc or a CPU-only torch: the CUDA sources are not compiled here")
+def test_cuda_sources_were_compiled():
+    """With nvcc and a CUDA torch (CI has both), the default build compiles csrc/cuda for sm_80/sm_90, so a CUDA
+    compile error fails the install; the extension records that it holds CUDA code."""
+    assert _ext.build_info()["cuda"] == "1", "peftfast._C was built without its CUDA sources"
+
+
+@needs_ext
+def test_schemas_declared_once_in_cpp():
+    for name in ("lora_group_fwd", "lora_group_bwd", "dropout_keep_mask", "build_info"):
+        op = getattr(torch.ops.peftfast, name).default
+        assert op._schema.name == f"peftfast::{name}"
+
+
+@needs_ext
+@pytest.mark.parametrize("p", [0.0, 0.25])
+def test_opcheck_lora_group_fwd(p):
+    x, ws, bs, as_, bms, sc = _group()
+    x.requires_grad_()
+    e = x.new_empty(0)
+    lbs = [e, torch.randn(24, requires_grad=True), e]
+    bs = [bs[0], e, bs[2]]
+    torch.library.opcheck(torch.ops.peftfast.lora_group_fwd.default,
+                          (x, ws, bs, lbs, as_, bms, sc, p, torch.tensor([7])))
+
+
+@needs_ext
+@pytest.mark.parametrize("p", [0.0, 0.25])
+@pytest.mark.parametrize("need", [(True, True, [1, 1, 1]), (False, True, [0, 1, 0]), (True, False, [0, 0, 0])])
+def test_opcheck_lora_group_bwd(p, need):
+    x, ws, _, as_, bms, sc = _group()
+    as_, bms = [a.detach() for a in as_], [b.detach() for b in bms]
+    xa = torch.randn(37, 24)
+    grads = [torch.randn(37, 50), None, torch.randn(37, 24)]
+    torch.library.opcheck(torch.ops.peftfast.lora_group_bwd.default,
+                          (x, xa, grads, ws, as_, bms, sc, p, torch.tensor([7]), *need))
+
+
+@needs_ext
+def test_opcheck_dropout_keep_mask():
+    torch.library.opcheck(torch.ops.peftfast.dropout_keep_mask.default,
+                          (torch.empty(0), torch.tensor([3]), 2, 37, 80, 0.1))
+
+
+@needs_ext
+@pytest.mark.parametrize("seed", [0, 1, 123456, 2**31 - 2])
+@pytest.mark.parametrize("p", [0.05, 0.5])
+def test_philox_masks_identical_to_triton(seed, p):
+    """The C++ Philox stream reproduces tl.rand bit for bit: both backends drop the same elements."""
+    a = dropout_keep_mask(seed, 3, 37, 80, p, device=torch.device("cpu"), backend="cpp")
+    b = dropout_keep_mask(seed, 3, 37, 80, p, device=torch.device("cpu"), backend="triton")
+    assert torch.equal(a, b)
+    assert abs(a.float().mean().item() - (1 - p)) < 0.03
+
+
+@needs_ext
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_cpp_equals_triton_with_dropout(p):
+    """Same seed → same masks → the same outputs and gradients from the C++ and the Triton (interpreter) kernels."""
+    x, ws, bs, as_, bms, sc = _group(m=29, k=72, ns=(40, 24), dtype=torch.float32)
+    x.requires_grad_()
+    leaves = [x, *bs[:2], *as_[:2], *bms[:2]]
+    gouts = [torch.randn(29, n) for n in (40, 24)]
+    res = {}
+    for be in ("cpp", "triton"):
+        for t in leaves:
+            t.grad = None
+        ys = lora_linear_group(x, ws[:2], bs[:2], as_[:2], bms[:2], sc[:2], dropout_p=p, seed=99, backend=be)
+        torch.autograd.backward(ys, gouts)
+        res[be] = [y.detach() for y in ys] + [t.grad.clone() for t in leaves]
+    for a, b in zip(res["cpp"], res["triton"]):
+        assert (a - b).abs().max().item() <= 2e-4 * max(1.0, b.abs().max().item())
+
+
+@needs_ext
+def test_chunked_masking_covers_many_row_chunks():
+    """K large enough that the C++ kernels walk several row chunks (2**20 elements each) with dropout on."""
+    m, k, r = 70, 32768, 4
+    x = torch.randn(m, k, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(8, k, dtype=torch.float64) / k**0.5
+    a = (torch.randn(r, k, dtype=torch.float64) / k**0.5).requires_grad_()
+    b = torch.randn(8, r, dtype=torch.float64, requires_grad=True)
+    (y,) = lora_linear_group(x, [w], [None], [a], [b], [1.5], dropout_p=0.2, seed=5, backend="cpp")
+    y.backward(torch.ones_like(y))
+    keep = dropout_keep_mask(5, 1, m, k, 0.2, device=x.device, backend="cpp")[0].double()
+    xr, ar, br = (t.detach().clone().requires_grad_() for t in (x, a, b))
+    yr = xr @ w.t() + 1.5 * ((xr * keep / 0.8) @ ar.t() @ br.t())
+    yr.backward(torch.ones_like(yr))
+    assert torch.allclose(y, yr, atol=1e-10)
+    for got, want in ((x.grad, xr.grad), (a.grad, ar.grad), (b.grad, br.grad)):
+        assert torch.allclose(got, want, atol=1e-9)
+
+
+@needs_ext
+def test_double_backward_is_a_clear_error():
+    x, ws, bs, as_, bms, sc = _group(ns=(50,))
+    x.requires_grad_()
+    (y,) = lora_linear_group(x, ws, bs, as_, bms, sc, backend="cpp")
+    (g,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        g.sum().backward()
+
+
+@needs_ext
+def test_bad_shapes_raise_from_the_op():
+    x, ws, bs, as_, bms, sc = _group(ns=(50,))
+    with pytest.raises(RuntimeError, match="lora_A 0 has shape"):
+        torch.ops.peftfast.lora_group_fwd(x, ws, [x.new_empty(0)], [x.new_empty(0)], [as_[0][:, :40]], bms, sc, 0.0,
+                                          torch.tensor([0]))
+
+
+def test_missing_extension_falls_back_with_one_warning():
+    """With the extension disabled (as when it is not built) import works, `auto` picks the ATen path on CPU and
+    `backend="cpp"` says why it cannot run."""
+    code = (
+        "import warnings, torch\n"
+        "with warnings.catch_warnings(record=True) as w:\n"
+        "    warnings.simplefilter('always')\n"
+        "    import peftfast\n"
+        "    from peftfast import _ext\n"
+        "    from peftfast.ops._backend import resolve_backend\n"
+        "    print(resolve_backend('auto', torch.device('cpu')))\n"
+        "    try:\n"
+        "        resolve_backend('cpp', torch.device('cpu'))\n"
+        "    except RuntimeError as e:\n"
+        "        print('ERR', e)\n"
+    )
+    env = dict(os.environ, PEFTFAST_DISABLE_EXT="1")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.strip().splitlines()
+    assert lines[0] == "torch"
+    assert lines[1].startswith("ERR") and "disabled by PEFTFAST_DISABLE_EXT" in lines[1]
