@@ -4,8 +4,10 @@
       128, 2 KV heads; r=16 on all seven projections; SDPA), PEFT vs patched, dropout 0.05 and 0: activation bytes
       saved for backward per token (in hidden-vector equivalents) and work ops per layer (fwd+bwd aten ops that are
       neither views nor bare allocations, plus Triton launches). The patched path is measured with the torch backend
-      and with the Triton kernels (run by the CPU interpreter in a subprocess; fp16 there, as the interpreter's bf16
-      ``tl.dot`` is broken; op and byte counts do not depend on values).
+      (ATen), with the C++ kernels of ``peftfast._C`` (cpp) and with the Triton kernels (run by the CPU interpreter
+      in a subprocess; fp16 there, as the interpreter's bf16 ``tl.dot`` is broken; op and byte counts do not depend
+      on values). Then one training step (fwd+bwd) of that layer at 512 tokens in fp32, PEFT vs patched (cpp and
+      torch backends), interleaved in the same process: median and p20/p80 over repeated steps.
 --gpu (CUDA): fused LoRA linear fwd+bwd vs PEFT's lora.Linear vs a frozen nn.Linear on Llama-3-8B shapes, median
       and p20/p80 of ``triton.testing.do_bench``, TFLOP/s and peak memory, for both dense strategies.
 """
@@ -41,7 +43,7 @@ def layer_counts(method: str, dropout: float, tokens: int = 32) -> dict:
     model = get_peft_model(LlamaForCausalLM(cfg).to(dtype),
                            LoraConfig(r=16, lora_alpha=32, lora_dropout=dropout, target_modules="all-linear"))
     if method != "peft":
-        peftfast.patch(model, backend="triton" if method == "peftfast-triton" else "torch")
+        peftfast.patch(model, backend=method.removeprefix("peftfast-"))
     model.train()
     inner = model.base_model.model.model
     layer = inner.layers[0]
@@ -62,11 +64,63 @@ def layer_counts(method: str, dropout: float, tokens: int = 32) -> dict:
             "work_ops": ops.total, "triton_launches": dict(ops.launches)}
 
 
+def cpu_step_times(dropout: float = 0.05, tokens: int = 512, steps: int = 12, warmup: int = 3) -> list[dict]:
+    """Step time (fwd+bwd of one Llama-shaped decoder layer, fp32) for PEFT and the patched layer on each CPU
+    backend, interleaved round by round in one process so that machine load hits every method alike."""
+    import statistics
+    import time
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import peftfast
+    from peftfast import _ext
+
+    cfg = LlamaConfig(vocab_size=256, hidden_size=1024, intermediate_size=3584, num_hidden_layers=1,
+                      num_attention_heads=8, num_key_value_heads=2, attn_implementation="sdpa")
+    methods = ["peft", "peftfast-torch"] + (["peftfast-cpp"] if _ext.available() else [])
+    models, layers = {}, {}
+    for m in methods:
+        torch.manual_seed(0)
+        model = get_peft_model(LlamaForCausalLM(cfg),
+                               LoraConfig(r=16, lora_alpha=32, lora_dropout=dropout, target_modules="all-linear"))
+        if m != "peft":
+            peftfast.patch(model, backend=m.removeprefix("peftfast-"))
+        model.train()
+        models[m], layers[m] = model, model.base_model.model.model.layers[0]
+    inner = models["peft"].base_model.model.model
+    h = torch.randn(1, tokens, cfg.hidden_size, requires_grad=True)
+    pos = torch.arange(tokens)[None]
+    emb = inner.rotary_emb(h, pos)
+    g = torch.randn(1, tokens, cfg.hidden_size)
+    times: dict[str, list[float]] = {m: [] for m in methods}
+    for i in range(warmup + steps):
+        for m in methods:
+            t0 = time.perf_counter()
+            out = layers[m](h, position_embeddings=emb, position_ids=pos)
+            (out[0] if isinstance(out, tuple) else out).backward(g)
+            if i >= warmup:
+                times[m].append((time.perf_counter() - t0) * 1e3)
+            h.grad = None
+            models[m].zero_grad(set_to_none=True)
+    rows = []
+    for m in methods:
+        q = statistics.quantiles(times[m], n=5)
+        rows.append({"method": m, "dropout": dropout, "tokens": tokens, "step_ms_median": statistics.median(times[m]),
+                     "step_ms_p20": q[0], "step_ms_p80": q[3], "threads": torch.get_num_threads()})
+    return rows
+
+
 def run_cpu(out_path: str) -> list[dict]:
+    from peftfast import _ext
+
     rows = []
     for dropout in (0.05, 0.0):
         rows.append(layer_counts("peft", dropout))
         rows.append(layer_counts("peftfast-torch", dropout))
+        if _ext.available():
+            rows.append(layer_counts("peftfast-cpp", dropout))
         env = {**os.environ, "TRITON_INTERPRET": "1"}
         code = f"import json, bench_lora as b; print(json.dumps(b.layer_counts('peftfast-triton', {dropout})))"
         res = subprocess.run([sys.executable, "-c", code], cwd=HERE, env=env, capture_output=True, text=True,
@@ -81,11 +135,18 @@ def run_cpu(out_path: str) -> list[dict]:
               f"{r['work_ops'] / base['work_ops']:>8.2f}x  {sum(r['triton_launches'].values())}")
     print(f"issue's PEFT figures for this shape: {PEFT_REFERENCE['0.05']['hvec']} hvec/token at dropout 0.05, "
           f"{PEFT_REFERENCE['0.0']['hvec']} at 0, {PEFT_REFERENCE['0.05']['ops']} work ops")
+    steps = cpu_step_times()
+    peft_ms = next(r["step_ms_median"] for r in steps if r["method"] == "peft")
+    print(f"\none decoder-layer training step, fp32, {steps[0]['tokens']} tokens, dropout {steps[0]['dropout']}, "
+          f"{steps[0]['threads']} threads (interleaved, same process)")
+    for r in steps:
+        print(f"{r['method']:<17} median {r['step_ms_median']:8.1f} ms  p20 {r['step_ms_p20']:8.1f}  "
+              f"p80 {r['step_ms_p80']:8.1f}  {r['step_ms_median'] / peft_ms:.2f}x PEFT")
     os.makedirs(os.path.dirname(out_path), exist_ok=True)
     from peftfast.bench import _versions, git_commit
 
     with open(out_path, "w") as f:
-        json.dump({"rows": rows, "versions": _versions(), "commit": git_commit(),
+        json.dump({"rows": rows, "step_times": steps, "versions": _versions(), "commit": git_commit(),
                    "shape": "llama hidden 1024, inter 3584, 8x128 heads, 2 kv heads, r=16 all-linear, 32 tokens"},
                   f, indent=2)
     print(f"wrote {out_path}")
