@@ -4,7 +4,9 @@
       and frozen (LoRA): bytes saved for backward (parameters excluded, in hidden vectors per token) and work ops
       (aten ops that are neither views nor bare allocations, plus Triton launches). Eager Hugging Face modules
       (LlamaRMSNorm; ``residual + x`` then LlamaRMSNorm; nn.LayerNorm) vs the fused ops (torch backend, and Triton
-      in the CPU interpreter).
+      in the CPU interpreter, and the C++ kernels of peftfast._C when built). Then CPU wall time of RMSNorm and
+      add + RMSNorm fwd+bwd at 2048 tokens x hidden 2048 (bf16 and fp32, this machine's threads): median and p20/p80
+      of eager, the torch backend and the C++ kernels (``cpp``), with the bytes each saves for backward.
 --gpu (CUDA): the same ops fwd+bwd at 8192 tokens x hidden 2048 / 4096 / 8192 / 16384 (chunked rows), bf16: median
       and p20/p80 of ``triton.testing.do_bench``, effective bandwidth of the fused op, peak memory; JSON + PNG.
 """
@@ -29,7 +31,7 @@ def _setup(op: str, method: str, hidden: int, tokens: int, dtype, device: str, t
     from peftfast.ops.norm import add_rms_norm, layer_norm, rms_norm
 
     torch.manual_seed(0)
-    backend = "triton" if method == "fused-triton" else "torch"
+    backend = {"fused-triton": "triton", "fused-cpp": "cpp"}.get(method, "torch")
     x = torch.randn(tokens, hidden, device=device, dtype=dtype, requires_grad=True)
     r = torch.randn(tokens, hidden, device=device, dtype=dtype, requires_grad=True)
     if op == "layernorm":
@@ -80,10 +82,56 @@ def counts(method: str, hidden: int = 1024, tokens: int = 32) -> list[dict]:
     return rows
 
 
+def cpu_times(tokens: int = 2048, hidden: int = 2048, reps: int = 15) -> list[dict]:
+    """Median / p20 / p80 wall time (ms) of fwd+bwd on CPU for eager, the torch backend and the C++ kernels, and the
+    bytes each keeps for backward (parameters excluded), for RMSNorm and add + RMSNorm."""
+    import time
+
+    import torch
+
+    from peftfast import _ext
+    from peftfast.bench import saved_activation_bytes
+
+    methods = ["eager", "fused-torch"] + (["fused-cpp"] if _ext.available() else [])
+    rows = []
+    for dtype in (torch.bfloat16, torch.float32):
+        for op in OPS[:2]:
+            for train in (True, False):
+                for method in methods:
+                    step, (x, r), params = _setup(op, method, hidden, tokens, dtype, "cpu", train)
+                    grads = [torch.randn_like(x) for _ in range(2)]
+
+                    def fwd_bwd():
+                        x.grad = r.grad = None
+                        outs = step(x, r)
+                        torch.autograd.backward(outs, grads[:len(outs)])
+
+                    fwd_bwd()
+                    times = []
+                    for _ in range(reps):
+                        t0 = time.perf_counter()
+                        fwd_bwd()
+                        times.append((time.perf_counter() - t0) * 1e3)
+                    times.sort()
+                    outs, saved = saved_activation_bytes(lambda: step(x * 1, r * 1), exclude=params)
+                    del outs
+                    rows.append({"op": op, "dtype": str(dtype).removeprefix("torch."),
+                                 "weight": "trainable" if train else "frozen", "method": method,
+                                 "ms": times[len(times) // 2], "ms_p20": times[len(times) // 5],
+                                 "ms_p80": times[(4 * len(times)) // 5], "saved_mb": saved.total / 2**20})
+    print(f"\nCPU fwd+bwd, {tokens} tokens x hidden {hidden}, {torch.get_num_threads()} threads")
+    print(f"{'op':<13}{'dtype':<10}{'weight':<11}{'method':<13}{'median ms':>11}{'p20-p80':>17}{'saved MB':>10}")
+    for r in rows:
+        print(f"{r['op']:<13}{r['dtype']:<10}{r['weight']:<11}{r['method']:<13}{r['ms']:>11.2f}"
+              f"{r['ms_p20']:>8.2f}-{r['ms_p80']:<8.2f}{r['saved_mb']:>10.2f}")
+    return rows
+
+
 def run_cpu(out_path: str) -> list[dict]:
+    from peftfast import _ext
     from peftfast.bench import _versions, git_commit
 
-    rows = counts("eager") + counts("fused-torch")
+    rows = counts("eager") + counts("fused-torch") + (counts("fused-cpp") if _ext.available() else [])
     env = dict(os.environ, TRITON_INTERPRET="1")
     code = "import json, bench_norm as b; print(json.dumps(b.counts('fused-triton')))"
     proc = subprocess.run([sys.executable, "-c", code], cwd=HERE, env=env, capture_output=True, text=True, check=True)
@@ -92,9 +140,10 @@ def run_cpu(out_path: str) -> list[dict]:
     for r in sorted(rows, key=lambda r: (OPS.index(r["op"]), r["weight"])):
         print(f"{r['op']:<13}{r['weight']:<11}{r['method']:<14}{r['saved_hvec_per_token']:>18.3f}"
               f"{r['work_ops_fwd_bwd']:>18}")
+    times = cpu_times()
     os.makedirs(os.path.dirname(out_path), exist_ok=True)
     with open(out_path, "w") as f:
-        json.dump({"rows": rows, "versions": _versions(), "commit": git_commit(),
+        json.dump({"rows": rows, "cpu_times": times, "versions": _versions(), "commit": git_commit(),
                    "shape": "hidden 1024, 32 tokens, bf16; LlamaRMSNorm / residual add + LlamaRMSNorm / nn.LayerNorm"},
                   f, indent=2)
     return rows

@@ -1,6 +1,6 @@
 // Every op of peftfast._C is declared here, once, with its schema. Implementations register per dispatch key in
 // the feature files (TORCH_LIBRARY_IMPL(peftfast, CPU/CUDA, m)); fake (meta) kernels and autograd are registered
-// from Python (peftfast/ops/_C_ops.py), the CUDA path of Triton-backed ops too.
+// from Python in peftfast/ops/<feature>.py, as are the CUDA paths of Triton-backed ops.
 #include <torch/library.h>
 
 #include <string>
@@ -32,9 +32,10 @@ TORCH_LIBRARY(peftfast, m) {
   m.def("build_info() -> str", &peftfast::build_info);
 
   // ---- fused LoRA linear (kernels: csrc/lora.cpp on CPU, Triton on CUDA) ----
-  // n members sharing x [M, K]: y_i = x W_iᵀ + b_i + s_i (drop_i(x) A_iᵀ B_iᵀ + bB_i); returns (ys, xa = drop(x) A_catᵀ)
+  // n members sharing x [M, K]: y_i = x W_iᵀ + b_i + s_i (drop_i(x) A_iᵀ B_iᵀ + bB_i); returns (ys, xa = drop(x) A_catᵀ).
+  // An absent bias is an empty tensor (not None): autograd of list arguments only flows through Tensor[].
   m.def(
-      "lora_group_fwd(Tensor x, Tensor[] weights, Tensor?[] biases, Tensor?[] lora_biases, Tensor[] lora_as, "
+      "lora_group_fwd(Tensor x, Tensor[] weights, Tensor[] biases, Tensor[] lora_biases, Tensor[] lora_as, "
       "Tensor[] lora_bs, float[] scales, float p, Tensor seed) -> (Tensor[], Tensor)");
   // returns (dx or an empty tensor, dA_cat [n*r, K] or empty, dB_i [N_i, r] (empty where not needed))
   m.def(
@@ -44,4 +45,44 @@ TORCH_LIBRARY(peftfast, m) {
   m.def("dropout_keep_mask(Tensor like, Tensor seed, int nseg, int m, int k, float p) -> Tensor");
 
   // ---- further ops: one block per feature file ----
+  // ---- NF4 base weights, QLoRA (csrc/nf4.cpp on CPU, csrc/cuda/nf4.cu on CUDA; Triton fused linear on CUDA) ----
+  // qweight [N, K/2] uint8 (high nibble = even k), absmax [N, K/block_size] fp32
+  m.def("nf4_quantize(Tensor w, int block_size) -> (Tensor, Tensor)");
+  m.def("nf4_dequantize(Tensor qweight, Tensor absmax, int block_size, ScalarType dtype) -> Tensor");
+  // y = x Wᵀ + b + s (drop(x) Aᵀ Bᵀ + bB) over an NF4 W dequantized `chunk` elements at a time; returns (y, xa)
+  m.def(
+      "nf4_lora_fwd(Tensor x, Tensor qweight, Tensor absmax, Tensor? bias, Tensor? lora_bias, Tensor lora_a, "
+      "Tensor lora_b, float scale, float p, Tensor seed, int block_size, int chunk) -> (Tensor, Tensor)");
+  // returns (dx, dA, dB), each an empty tensor where not needed
+  m.def(
+      "nf4_lora_bwd(Tensor x, Tensor xa, Tensor dy, Tensor qweight, Tensor absmax, Tensor lora_a, Tensor lora_b, "
+      "float scale, float p, Tensor seed, int block_size, int chunk, bool need_x, bool need_a, bool need_b) -> "
+      "(Tensor, Tensor, Tensor)");
+
+  // ---- fused RMSNorm / residual-add + RMSNorm (kernels: csrc/norm.cpp on CPU; Triton on CUDA from Python) ----
+  // x [..., N]; returns (y [..., N], h = x + residual (empty without one), rstd [M] fp32 (fp64 for fp64 x));
+  // y = w·round_x(n) (round_normed, Llama), (1 + w)·n (add_one, Gemma) or w·n (OLMo-2), n = x·rstd
+  m.def(
+      "rms_norm_fwd(Tensor x, Tensor? residual, Tensor weight, float eps, bool add_one, bool round_normed) -> "
+      "(Tensor, Tensor, Tensor)");
+  // x is the normalised input (h for the residual op); returns (dx (+ dh) or empty, dw or empty)
+  m.def(
+      "rms_norm_bwd(Tensor dy, Tensor x, Tensor weight, Tensor rstd, Tensor? dh, bool add_one, bool round_normed, "
+      "bool need_dx, bool need_dw) -> (Tensor, Tensor)");
+
+  // ---- gated MLP activation product h = act(g)·u (kernels: csrc/mlp.cpp on CPU) ----
+  // act: silu, gelu, gelu_tanh (relu too); backward returns (dg, du)
+  m.def("act_mul_fwd(Tensor g, Tensor u, str act) -> Tensor");
+  m.def("act_mul_bwd(Tensor dh, Tensor g, Tensor u, str act) -> (Tensor, Tensor)");
+
+  // ---- fused bottleneck Adapter (kernels: csrc/adapter.cpp on CPU) ----
+  // x [M, K], Wd [H, K], Wu [N, H], scale a 1-element tensor; out = res + s·act(x Wdᵀ + bd) Wuᵀ + bu (res = x when
+  // absent); returns (out [M, N], z [M, H])
+  m.def(
+      "adapter_fwd(Tensor x, Tensor? residual, Tensor wd, Tensor? bd, Tensor wu, Tensor? bu, Tensor scale, str act) "
+      "-> (Tensor, Tensor)");
+  // returns (dz [M, H], a = act(z) [M, H], dx = dz Wd (+ grad when add_grad) or empty, ds = Σ a⊙(grad Wu) or empty)
+  m.def(
+      "adapter_bwd(Tensor grad, Tensor z, Tensor wd, Tensor wu, Tensor scale, str act, bool add_grad, bool need_dx, "
+      "bool need_ds) -> (Tensor, Tensor, Tensor, Tensor)");
 }

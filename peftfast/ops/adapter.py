@@ -1,8 +1,12 @@
-"""Fused bottleneck Adapter op: ``h = res + s · act(x Wdᵀ + bd) Wuᵀ + bu`` with backends Triton and torch.
+"""Fused bottleneck Adapter op: ``h = res + s · act(x Wdᵀ + bd) Wuᵀ + bu`` with backends Triton, cpp and torch.
 
-``res`` is ``x`` for sequential adapters (Houlsby, Pfeiffer) and the sublayer output for parallel ones. Both
+``res`` is ``x`` for sequential adapters (Houlsby, Pfeiffer) and the sublayer output for parallel ones. All
 backends keep the same memory contract: saved for backward are ``x`` and the M × H pre-activation ``z`` only; the
-activation output and the up-projection output are never kept.
+activation output and the up-projection output are never kept. Backend ``cpp`` (``auto`` on CPU when
+``peftfast._C`` is built) runs ``torch.ops.peftfast.adapter_fwd`` / ``adapter_bwd`` (csrc/adapter.cpp): ATen GEMMs
+in the tensors' dtype, as the torch backend rounds them, with ``act(z)`` and, backward, ``dz = s·u⊙act'(z)``,
+``act(z)`` and ``Σ act(z)⊙u`` in one fp32 row-wise pass (``u = dout·Wu`` kept in fp32, as the Triton kernel keeps
+it); the weight gradients are the same GEMMs on ``dz`` and ``act(z)`` as the other backends'.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import torch
 import torch.nn.functional as F
 import triton
 
+from peftfast import _ext
 from peftfast.ops._backend import interpreting, resolve_backend
 from peftfast.ops._counters import launching
 
@@ -144,6 +149,34 @@ def _triton_backward(g2d, z, x2d, wd, wu, scale_t, act, add_g, need_dx, need_ds)
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# cpp backend: fake kernels of the C++ ops (so torch.compile traces them), registered when peftfast._C is loaded
+# ----------------------------------------------------------------------------------------------------------------
+def _register_cpp_fakes() -> None:
+    @torch.library.register_fake("peftfast::adapter_fwd")
+    def _(x, residual, wd, bd, wu, bu, scale, act):
+        return x.new_empty((x.shape[0], wu.shape[0])), x.new_empty((x.shape[0], wd.shape[0]))
+
+    @torch.library.register_fake("peftfast::adapter_bwd")
+    def _(grad, z, wd, wu, scale, act, add_grad, need_dx, need_ds):
+        m, h = z.shape
+        acc = torch.float64 if z.dtype == torch.float64 else torch.float32
+        dx = z.new_empty((m, wd.shape[1])) if need_dx else z.new_empty((0,))
+        ds = z.new_empty((), dtype=acc) if need_ds else z.new_empty((0,), dtype=acc)
+        return z.new_empty((m, h)), z.new_empty((m, h)), dx, ds
+
+    def no_double_backward(ctx, *grads):
+        raise RuntimeError("peftfast: the fused Adapter does not support double backward (create_graph=True); "
+                           "use backend='torch'")
+
+    torch.library.register_autograd("peftfast::adapter_bwd", no_double_backward,
+                                    setup_context=lambda ctx, inputs, output: None)
+
+
+if _ext.available():
+    _register_cpp_fakes()
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # autograd
 # ----------------------------------------------------------------------------------------------------------------
 class _AdapterFunction(torch.autograd.Function):
@@ -156,6 +189,8 @@ class _AdapterFunction(torch.autograd.Function):
             torch.full((1,), float(scale), device=x.device, dtype=torch.float32)
         if backend == "triton":
             out, z = _triton_forward(x2d, res2d, wd, bd, wu, bu, scale_t, act)
+        elif backend == "cpp":
+            out, z = torch.ops.peftfast.adapter_fwd(x2d, None if res is None else res2d, wd, bd, wu, bu, scale_t, act)
         else:
             z = F.linear(x2d, wd, bd)
             a = _act(z, act)
@@ -183,6 +218,11 @@ class _AdapterFunction(torch.autograd.Function):
         need_dx = need[0]
         if ctx.backend == "triton":
             dz, a, dx, ds = _triton_backward(g2d, z, x2d, wd, wu, scale_t, ctx.act, ctx.sequential, need_dx, need_ds)
+        elif ctx.backend == "cpp":
+            dz, a, dx, ds = torch.ops.peftfast.adapter_bwd(g2d, z, wd, wu, scale_t, ctx.act, ctx.sequential, need_dx,
+                                                           need_ds)
+            dx = dx if need_dx else None
+            ds = ds if need_ds else None
         else:
             a = _act(z, ctx.act)
             u = g2d.matmul(wu)

@@ -50,24 +50,18 @@ def draw_seed(device: torch.device | None = None) -> int:
     return int(torch.randint(0, 2**31 - 1, (1,)).item())
 
 
-_NO_SEED: torch.Tensor | None = None
-
-
 def seed_tensor(seed: int | torch.Tensor | None, device: torch.device, p: float) -> torch.Tensor:
     """The dropout seed as the one-element CPU int64 tensor the registered ops take.
 
     Drawn here when ``seed`` is None: under ``torch.compile`` (and on CPU) from torch's CPU generator as a traced
     tensor op, so no ``.item()`` breaks the graph; on CUDA in eager mode from the device generator's offset.
     """
-    global _NO_SEED
     if isinstance(seed, torch.Tensor):
         return seed
     if seed is not None:
         return torch.tensor([int(seed)], dtype=torch.int64)
     if p == 0.0:
-        if _NO_SEED is None:
-            _NO_SEED = torch.zeros((1,), dtype=torch.int64)
-        return _NO_SEED
+        return torch.zeros((1,), dtype=torch.int64)  # unused; a fresh tensor, as ops may not see one input twice
     if device.type == "cuda" and not torch.compiler.is_compiling():
         return torch.tensor([draw_seed(device)], dtype=torch.int64)
     return torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64)

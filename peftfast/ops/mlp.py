@@ -14,9 +14,10 @@ import torch
 import torch.nn.functional as F
 import triton
 
+from peftfast import _ext
 from peftfast.ops._backend import interpreting, resolve_backend
 from peftfast.ops._counters import launching
-from peftfast.ops.lora import _check_group, draw_seed, group_backward, group_forward
+from peftfast.ops.lora import _check_group, draw_seed, group_backward, group_forward, seed_tensor
 
 GATE_ACTS = {"silu": 0, "gelu": 1, "gelu_tanh": 2}
 _BLOCK = 1024
@@ -28,8 +29,48 @@ def _act(g: torch.Tensor, act: str) -> torch.Tensor:
     return F.gelu(g, approximate="tanh" if act == "gelu_tanh" else "none")
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# cpp backend: torch.ops.peftfast.act_mul_fwd / act_mul_bwd (csrc/mlp.cpp): fp32 inside, one rounding per output,
+# any strides. Fake kernels (torch.compile) and the forward op's autograd, registered when peftfast._C is loaded.
+# ----------------------------------------------------------------------------------------------------------------
+def _register_cpp_ops() -> None:
+    @torch.library.register_fake("peftfast::act_mul_fwd")
+    def _(g, u, act):
+        return torch.empty_like(g)
+
+    @torch.library.register_fake("peftfast::act_mul_bwd")
+    def _(dh, g, u, act):
+        return torch.empty_like(g), torch.empty_like(g)
+
+    def setup_context(ctx, inputs, output):
+        g, u, act = inputs
+        ctx.save_for_backward(g, u)  # h = act(g)·u is not kept: the backward recomputes act(g)
+        ctx.act = act
+
+    def backward(ctx, dh):
+        g, u = ctx.saved_tensors
+        dg, du = torch.ops.peftfast.act_mul_bwd(dh, g, u, ctx.act)
+        need = ctx.needs_input_grad
+        return (dg if need[0] else None), (du if need[1] else None), None
+
+    torch.library.register_autograd("peftfast::act_mul_fwd", backward, setup_context=setup_context)
+
+    def no_double_backward(ctx, *grads):
+        raise RuntimeError("peftfast: act(g)·u does not support double backward (create_graph=True); "
+                           "use backend='torch'")
+
+    torch.library.register_autograd("peftfast::act_mul_bwd", no_double_backward,
+                                    setup_context=lambda ctx, inputs, output: None)
+
+
+if _ext.available():
+    _register_cpp_ops()
+
+
 def act_mul(g: torch.Tensor, u: torch.Tensor, act: str, backend: str) -> torch.Tensor:
-    """``act(g) · u``."""
+    """``act(g) · u`` (g, u [..., I] of one dtype); backend ``cpp`` runs the C++ kernel, differentiable."""
+    if backend == "cpp":
+        return torch.ops.peftfast.act_mul_fwd(g, u, act)
     if backend != "triton":
         return _act(g, act) * u
     from peftfast.kernels import mlp as K
@@ -45,7 +86,9 @@ def act_mul(g: torch.Tensor, u: torch.Tensor, act: str, backend: str) -> torch.T
 
 def act_mul_backward(dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor, act: str,
                      backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(dg, du) of ``h = act(g) · u``."""
+    """(dg, du) of ``h = act(g) · u``: ``dg = dh · u · act'(g)``, ``du = dh · act(g)`` in one pass."""
+    if backend == "cpp":
+        return torch.ops.peftfast.act_mul_bwd(dh, g, u, act)
     if backend != "triton":
         a = _act(g, act)
         du = dh * a
@@ -126,16 +169,18 @@ def lora_mlp(x: torch.Tensor, gate: Sequence, up: Sequence, down: Sequence, *, a
     h_like = x.new_empty((1, wg.shape[0]))
     _check_group(h_like, [wd], [bd], [ad], [bmd], [sd], [lbd], p_d, f"{name} down")
     be = resolve_backend(backend, x.device)
-    if dropout_p > 0.0 and seed is None:
-        seed = draw_seed(x.device)
-    if p_d > 0.0 and down_seed is None:
-        down_seed = draw_seed(x.device)
+    if be == "cpp":
+        # seeds stay tensors on the registered-op path: no .item(), so torch.compile traces straight through
+        seed, down_seed = seed_tensor(seed, x.device, dropout_p), seed_tensor(down_seed, x.device, p_d)
+    else:
+        seed = int(seed) if seed is not None else draw_seed(x.device) if dropout_p > 0.0 else 0
+        down_seed = int(down_seed) if down_seed is not None else draw_seed(x.device) if p_d > 0.0 else 0
     if gate_segment not in (0, 1):
         raise ValueError(f"peftfast: {name}: gate_segment must be 0 or 1")
     first, second = ((wg, bg, lbg, ag, bmg, sg), (wu, bu, lbu, au, bmu, su))[:: 1 if gate_segment == 0 else -1]
     flat = [*(t for pair in zip(first[:5], second[:5]) for t in pair), wd, bd, lbd, ad, bmd]
     return _LoRAMLPFunction.apply(x, act, (float(first[5]), float(second[5])), (float(sd),), float(dropout_p),
-                                  float(p_d), int(seed or 0), int(down_seed or 0), be, gate_segment, *flat)
+                                  float(p_d), seed, down_seed, be, gate_segment, *flat)
 
 
 __all__ = ["GATE_ACTS", "act_mul", "act_mul_backward", "lora_mlp"]

@@ -1,4 +1,4 @@
-"""Fused RMSNorm, residual-add + RMSNorm and LayerNorm ops, with backends Triton and torch.
+"""Fused RMSNorm, residual-add + RMSNorm and LayerNorm ops, with backends Triton, cpp (RMSNorm) and torch.
 
 ``rms_norm`` follows one of three Hugging Face forms (``FORMS``); each matches its eager module's rounding:
 
@@ -15,6 +15,11 @@ Memory contract, both backends: saved for backward are the norm's input (``h`` f
 output the next block keeps anyway) and the per-row fp32 statistics (rstd; mean and rstd for LayerNorm), plus the
 weight. No fp32 copy of x and no normalised output is kept: the backward recomputes them. The weight gradient is
 computed only when the weight requires grad, from per-program fp32 partial sums (deterministic, no atomics).
+
+Backend ``cpp`` (``auto`` on CPU when ``peftfast._C`` is built) runs the RMSNorm ops on the C++ kernels of
+``csrc/norm.cpp`` (``torch.ops.peftfast.rms_norm_fwd`` / ``rms_norm_bwd``): the Triton kernels' maths and rounding
+points, one pass per row in fp32, the same saved tensors. LayerNorm has no C++ kernel (ATen's is already fused on
+CPU): ``cpp`` runs it on the torch backend.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from dataclasses import dataclass
 import torch
 import triton
 
+from peftfast import _ext
 from peftfast.ops._backend import interpreting, resolve_backend
 from peftfast.ops._counters import launching
 
@@ -260,6 +266,39 @@ def _torch_ln_bwd(dy2d, x2d, w, b, mean, rstd, need_dx, need_dw, need_db):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# cpp backend: fake kernels of the C++ ops (so torch.compile traces them), registered when peftfast._C is loaded
+# ----------------------------------------------------------------------------------------------------------------
+def _register_cpp_fakes() -> None:
+    def stat_dtype(x: torch.Tensor) -> torch.dtype:
+        return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+    @torch.library.register_fake("peftfast::rms_norm_fwd")
+    def _(x, residual, weight, eps, add_one, round_normed):
+        ydt = torch.promote_types(x.dtype, weight.dtype) if round_normed else x.dtype
+        m = 1
+        for d in x.shape[:-1]:
+            m = m * d
+        h = x.new_empty(x.shape) if residual is not None else x.new_empty((0,))
+        return x.new_empty(x.shape, dtype=ydt), h, x.new_empty((m,), dtype=stat_dtype(x))
+
+    @torch.library.register_fake("peftfast::rms_norm_bwd")
+    def _(dy, x, weight, rstd, dh, add_one, round_normed, need_dx, need_dw):
+        dx = x.new_empty(x.shape) if need_dx else x.new_empty((0,))
+        return dx, weight.new_empty(weight.shape) if need_dw else weight.new_empty((0,))
+
+    def no_double_backward(ctx, *grads):
+        raise RuntimeError("peftfast: the fused RMSNorm does not support double backward (create_graph=True); "
+                           "use backend='torch'")
+
+    torch.library.register_autograd("peftfast::rms_norm_bwd", no_double_backward,
+                                    setup_context=lambda ctx, inputs, output: None)
+
+
+if _ext.available():
+    _register_cpp_fakes()
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # autograd
 # ----------------------------------------------------------------------------------------------------------------
 class _RMSNormFunction(torch.autograd.Function):
@@ -270,6 +309,14 @@ class _RMSNormFunction(torch.autograd.Function):
         # promote_types is an aten op: skip it in the common case of one dtype
         mixed = round_normed and weight.dtype != x.dtype
         out_dtype = torch.promote_types(x.dtype, weight.dtype) if mixed else x.dtype
+        if backend == "cpp":
+            # the C++ op takes [..., N] with any strides: x itself is saved (no copy, whatever its layout)
+            y, h, rstd = torch.ops.peftfast.rms_norm_fwd(x, residual, weight, eps, add_one, round_normed)
+            h = h if residual is not None else None
+            ctx.save_for_backward(h if h is not None else x, weight, rstd)
+            ctx.form, ctx.backend, ctx.lead, ctx.has_res = form, backend, lead, residual is not None
+            ctx.set_materialize_grads(False)
+            return y if h is None else (y, h)
         x2d = _rows(x, n)
         m = x2d.shape[0]
         r2d = _rows(residual, n) if residual is not None else None
@@ -296,6 +343,8 @@ class _RMSNormFunction(torch.autograd.Function):
     def backward(ctx, dy, dh=None):
         xs, weight, rstd = ctx.saved_tensors
         add_one, round_normed = FORMS[ctx.form]
+        if ctx.backend == "cpp":
+            return _cpp_rms_backward(ctx, dy, dh, xs, weight, rstd, add_one, round_normed)
         n = xs.shape[-1]
         xs = xs.view(-1, n)
         need = ctx.needs_input_grad  # x, residual, weight
@@ -314,6 +363,18 @@ class _RMSNormFunction(torch.autograd.Function):
         if dx is not None:
             dx = dx.view(*ctx.lead, n)
         return (dx if need[0] else None, dx if ctx.has_res and need[1] else None, dw, None, None, None)
+
+
+def _cpp_rms_backward(ctx, dy, dh, xs, weight, rstd, add_one, round_normed):
+    need = ctx.needs_input_grad  # x, residual, weight
+    need_dx = need[0] or (ctx.has_res and need[1])
+    if dy is None:  # only h was used downstream
+        dx, dw = dh, None
+    else:
+        dx, dw = torch.ops.peftfast.rms_norm_bwd(dy, xs, weight, rstd, dh, add_one, round_normed, need_dx, need[2])
+        dx = dx if need_dx else None
+        dw = dw if need[2] else None
+    return (dx if need[0] else None, dx if ctx.has_res and need[1] else None, dw, None, None, None)
 
 
 class _LayerNormFunction(torch.autograd.Function):
