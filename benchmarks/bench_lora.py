@@ -166,8 +166,6 @@ def run_gpu(out_dir: str | None, tokens: int = 8192) -> list[dict]:
         print("bench_lora --gpu: no CUDA GPU available on this machine", file=sys.stderr)
         raise SystemExit(2)
     import triton.testing
-    from peft import LoraConfig
-    from peft.tuners.lora.layer import Linear as PeftLoraLinear
 
     import peftfast
     from peftfast.bench import _versions, git_commit
@@ -180,9 +178,7 @@ def run_gpu(out_dir: str | None, tokens: int = 8192) -> list[dict]:
             for p in (0.0, 0.05):
                 torch.manual_seed(0)
                 base = torch.nn.Linear(k, n, bias=False, device=dev, dtype=dt).requires_grad_(False)
-                cfg = LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=p)
-                peft_layer = PeftLoraLinear(base, "default", r=r, lora_alpha=2 * r, lora_dropout=p)
-                del cfg
+                peft_layer = peft_lora_layer(base, r, p)
                 peft_layer.to(device=dev, dtype=dt).train()
                 torch.nn.init.normal_(peft_layer.lora_B["default"].weight, std=0.01)
                 a, b = peft_layer.lora_A["default"].weight, peft_layer.lora_B["default"].weight
@@ -226,6 +222,24 @@ def run_gpu(out_dir: str | None, tokens: int = 8192) -> list[dict]:
         json.dump({"meta": meta, "rows": rows}, f, indent=2)
     _plot(rows, os.path.join(out_dir, "lora_linear.png"), meta)
     return rows
+
+
+def peft_lora_layer(base, r: int, p: float):
+    """PEFT's own ``lora.Linear`` around ``base``, built through ``get_peft_model`` (the layer's constructor
+    signature changes across PEFT versions; this path does not)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    class _One(torch.nn.Module):
+        def __init__(self, proj):
+            super().__init__()
+            self.proj = proj
+
+        def forward(self, x):
+            return self.proj(x)
+
+    model = get_peft_model(_One(base), LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=p, target_modules=["proj"]))
+    return model.base_model.model.proj
 
 
 def _plot(rows: list[dict], path: str, meta: dict) -> None:

@@ -16,6 +16,7 @@ python benchmarks/bench_adapter.py --gpu --out "$out" 2>&1 | tee "$out/bench_ada
 python benchmarks/bench_attention.py --gpu --out "$out" 2>&1 | tee "$out/bench_attention.log"
 python benchmarks/bench_norm.py --gpu --out "$out" 2>&1 | tee "$out/bench_norm.log"
 python benchmarks/bench_cross_entropy.py --gpu --out "$out" 2>&1 | tee "$out/bench_cross_entropy.log"
+python benchmarks/bench_nf4.py --gpu --out "$out" 2>&1 | tee "$out/bench_nf4.log"
 python -m peftfast bench --model llama-layer --dtype bf16 --steps 20 --seq-len 2048 --batch-size 4 --quiet \
     --out "$out/bench-llama-layer" 2>&1 | tee "$out/bench.log"
 echo "results in $out (GPU tests rc=$tests_rc)"

@@ -19,10 +19,12 @@ from peftfast.patching.adapters import (
     set_active_adapter,
     set_adapter_backend,
 )
+from peftfast.patching.nf4 import NF4Report, dequantize_base, quantize_base
 
 __version__ = "0.1.0"
 __all__ = [
-    "AdapterConfig", "BottleneckAdapter", "PatchReport", "__version__", "adapter_forward", "adapter_names",
-    "add_adapters", "load_adapters", "lora_linear", "lora_linear_group", "patch", "remove_adapters", "report",
-    "save_adapters", "set_active_adapter", "set_adapter_backend", "training", "unpatch",
+    "AdapterConfig", "BottleneckAdapter", "NF4Report", "PatchReport", "__version__", "adapter_forward",
+    "adapter_names", "add_adapters", "dequantize_base", "load_adapters", "lora_linear", "lora_linear_group", "patch",
+    "quantize_base", "remove_adapters", "report", "save_adapters", "set_active_adapter", "set_adapter_backend",
+    "training", "unpatch",
 ]

@@ -158,7 +158,7 @@ PRESETS: dict[str, Preset] = {
         "google-bert/bert-base-uncased (BertForMaskedLM: 109,514,298 parameters)"),
 }
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-METHODS = ("lora", "adapter", "prefix")
+METHODS = ("lora", "qlora", "adapter", "prefix")
 BASELINES = ("peft", "peft+compile", "liger", "unsloth")
 # model types trained as masked LMs; every other config is built as a causal LM
 ENCODER_TYPES = {"bert", "roberta", "xlm-roberta", "camembert", "distilbert", "electra", "deberta", "deberta-v2"}
@@ -180,6 +180,7 @@ class BenchConfig:
     layers: int | None = None
     packed: bool = False
     grad_ckpt: bool = False
+    fuse_loss: bool = True  # patch(fuse_loss=True) for causal LMs: the loss never materialises the logits
     baselines: tuple[str, ...] = ("peft",)
     dtype: str = "fp32"
     backend: str = "auto"
@@ -284,8 +285,6 @@ def _check_shape(hf, kind: str, seq: int, batch: int | str) -> None:
 
 def resolve(cfg: BenchConfig) -> Setup:
     """Check the request and resolve the model config, its depth and the batch shape; raises ``BenchError``."""
-    if cfg.method == "qlora":
-        raise BenchError("--method qlora needs the NF4 extension (not built yet)")
     if cfg.method not in METHODS:
         raise BenchError(f"unknown method {cfg.method!r}; choose one of: {', '.join(METHODS)}")
     if cfg.dtype not in DTYPES:
@@ -463,7 +462,10 @@ def _wrap(model, setup: Setup, cfg: BenchConfig):
         return get_peft_model(model, PrefixTuningConfig(task_type=task, num_virtual_tokens=cfg.num_virtual_tokens))
     lora = LoraConfig(r=cfg.rank, lora_alpha=2 * cfg.rank, lora_dropout=cfg.dropout, target_modules="all-linear",
                       task_type=task)
-    return get_peft_model(model, lora)
+    model = get_peft_model(model, lora)
+    if cfg.method == "qlora":  # NF4 base weights (block 64); PEFT's own forward dequantizes them per call
+        peftfast.quantize_base(model)
+    return model
 
 
 def _skip_reason(name: str, setup: Setup, cfg: BenchConfig) -> str | None:
@@ -505,7 +507,7 @@ def _build(variant: str, setup: Setup, cfg: BenchConfig):
         else:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # prefix models have no LoRA layer: patch says so
-                peftfast.patch(model, backend=cfg.backend)
+                peftfast.patch(model, backend=cfg.backend, fuse_loss=cfg.fuse_loss)
     model.train()
     if variant == "peft+compile":
         return torch.compile(model, backend=cfg.compile_backend), model
@@ -809,6 +811,7 @@ def format_table(res: dict) -> str:
     cfg = res["config"]
     depth = f"{res['layers']} layers" + (f" of {res['full_layers']}" if res["layers"] != res["full_layers"] else "")
     what = {"lora": f"LoRA r={cfg['rank']} dropout={cfg['dropout']}", "adapter": f"adapters h={cfg['rank']}",
+            "qlora": f"QLoRA (NF4 base) r={cfg['rank']} dropout={cfg['dropout']}",
             "prefix": f"prefix tuning ({cfg['num_virtual_tokens']} virtual tokens)"}[cfg["method"]]
     extras = "".join([", packed" if cfg["packed"] else "", ", grad-ckpt" if cfg["grad_ckpt"] else ""])
     title = (f"peftfast bench: {res['model']} ({depth}) {what} {cfg['dtype']} on {res['device']}, "

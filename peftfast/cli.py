@@ -39,7 +39,8 @@ def _parser() -> argparse.ArgumentParser:
                                                             "small machines)")
     b.add_argument("--method", default="lora",
                    help=f"{', '.join(METHODS)} (lora: PEFT LoRA on all linear layers; adapter: "
-                        "peftfast.add_adapters; prefix: PEFT prefix tuning)")
+                        "peftfast.add_adapters; prefix: PEFT prefix tuning; qlora: LoRA over NF4 base weights "
+                        "from peftfast.quantize_base)")
     b.add_argument("--rank", type=int, default=16, help="LoRA rank; adapter bottleneck size")
     b.add_argument("--dropout", type=float, default=0.05, help="LoRA dropout")
     b.add_argument("--num-virtual-tokens", type=int, default=16, help="prefix length for --method prefix")
@@ -49,6 +50,8 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--packed", action="store_true", help="pack documents per row, position_ids restarting at 0")
     b.add_argument("--steps", type=int, default=5, help="timed steps (after one warm-up step)")
     b.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing (non-reentrant) in every run")
+    b.add_argument("--no-fuse-loss", dest="fuse_loss", action="store_false",
+                   help="patch without the fused linear cross-entropy (the default fuses it for causal LMs)")
     b.add_argument("--baselines", default="peft",
                    help=f"comma-separated, from {','.join(BASELINES)}; those not installed or not runnable here are "
                         "skipped with the reason (peft, the reference, always runs)")
@@ -102,7 +105,8 @@ def main(argv: list[str] | None = None) -> int:
 
     cfg = BenchConfig(model=args.model, method=args.method, steps=args.steps, rank=args.rank, dropout=args.dropout,
                       seq_len=args.seq_len, batch_size=args.batch_size, layers=args.layers, packed=args.packed,
-                      grad_ckpt=args.grad_ckpt, baselines=tuple(b.strip() for b in args.baselines.split(",") if b),
+                      grad_ckpt=args.grad_ckpt, fuse_loss=args.fuse_loss,
+                      baselines=tuple(b.strip() for b in args.baselines.split(",") if b),
                       dtype=args.dtype, backend=args.backend, device=args.device,
                       compile_backend=args.compile_backend, num_virtual_tokens=args.num_virtual_tokens,
                       force=args.force)

@@ -309,7 +309,6 @@ def test_largest_fitting_batch_doubles_until_out_of_memory():
         (["bench", "--rank", "0"], "--rank must be in 1..256"),
         (["bench", "--seq-len", "1"], "impossible shape"),
         (["bench", "--steps", "0"], "--steps must be at least 1"),
-        (["bench", "--method", "qlora"], "--method qlora needs the NF4 extension (not built yet)"),
         (["bench", "--method", "ia3"], "unknown method 'ia3'"),
         (["bench", "--baselines", "peft,deepspeed"], "unknown baseline 'deepspeed'"),
         (["bench", "--batch-size", "auto", "--device", "cpu"], "--batch-size auto needs a CUDA GPU"),
@@ -378,3 +377,27 @@ def test_info_reports_the_extension_build():
     disabled = subprocess.run([sys.executable, "-m", "peftfast", "info"], capture_output=True, text=True, timeout=120,
                               env=dict(os.environ, PEFTFAST_DISABLE_EXT="1"))
     assert "disabled by PEFTFAST_DISABLE_EXT" in disabled.stdout and "auto on CPU: torch" in disabled.stdout
+
+
+def test_bench_qlora_runs_on_nf4_base(tmp_path):
+    data, out = run(tmp_path, *FAST, "--method", "qlora", "--dropout", "0")
+    rows = {r["method"]: r for r in data["results"]}
+    assert {"peft", "peftfast"} <= rows.keys()
+    # PEFT runs over the same NF4 base (dequantized in its forward): NF4 rounding is shared, so losses agree closely
+    assert rows["peftfast"]["max_rel_loss_diff_vs_peft"] < 1e-3
+
+
+def test_gpu_bench_builds_peft_layers_through_get_peft_model():
+    """bench_lora --gpu compares against PEFT's own lora.Linear; building it must not depend on the layer's
+    constructor signature (PEFT 0.21 added a required ``config``)."""
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+    try:
+        import bench_lora
+    finally:
+        sys.path.pop(0)
+    from peft.tuners.lora.layer import Linear as PeftLoraLinear
+
+    base = torch.nn.Linear(16, 8, bias=False).requires_grad_(False)
+    layer = bench_lora.peft_lora_layer(base, 4, 0.1)
+    assert type(layer) is PeftLoraLinear and layer.get_base_layer() is base
+    assert layer.lora_A["default"].weight.shape == (4, 16) and layer.r["default"] == 4

@@ -12,6 +12,7 @@ from peftfast.modules import attention as attn_mod
 from peftfast.modules import cross_entropy as ce_mod
 from peftfast.modules import lora as lora_mod
 from peftfast.modules import mlp as mlp_mod
+from peftfast.modules import nf4 as nf4_mod
 from peftfast.modules import norm as norm_mod
 from peftfast.modules import rope as rope_mod
 from peftfast.ops._backend import BACKENDS
@@ -34,6 +35,7 @@ class PatchEntry:
     patched: bool
     reason: str | None = None
     group: str | None = None
+    nf4: bool = False  # a LoRA layer over an NF4 base (peftfast.quantize_base or bitsandbytes nf4)
 
 
 @dataclass
@@ -91,7 +93,9 @@ class PatchReport:
             parts = [f"{sum(e.patched for e in self.modules if e.kind == k)}/"
                      f"{sum(e.kind == k for e in self.modules)} {k}" for k in kinds]
             blocks = "; fused " + ", ".join(parts)
-        return (f"peftfast: patched {len(self.patched)} LoRA layer(s) ({len(groups)} sibling group(s)), "
+        nf4 = sum(e.nf4 for e in self.patched)
+        nf4 = f", {nf4} over NF4 base weights" if nf4 else ""
+        return (f"peftfast: patched {len(self.patched)} LoRA layer(s) ({len(groups)} sibling group(s){nf4}), "
                 f"skipped {len(self.skipped)}{blocks}; backend={self.backend}")
 
     def format(self, model: nn.Module | None = None) -> str:
@@ -101,7 +105,8 @@ class PatchReport:
                          else f"  unfused  {e.name} ({e.kind}): {e.reason}")
         for e in self.entries:
             if e.patched:
-                lines.append(f"  patched  {e.name}" + (f"  [group {e.group}]" if e.group else ""))
+                lines.append(f"  patched  {e.name}" + (f"  [group {e.group}]" if e.group else "")
+                             + ("  [NF4 base]" if e.nf4 else ""))
             else:
                 lines.append(f"  skipped  {e.name}: {e.reason}")
         if model is not None:
@@ -153,7 +158,8 @@ def patch(model: nn.Module, *, backend: str = "auto", group_siblings: bool = Tru
             patched[name] = mod
         elif getattr(mod, "_peftfast", None) is not None:
             lora_mod.uninstall(mod)  # it became ineligible since the last patch (e.g. DoRA added)
-        rep.entries.append(PatchEntry(name=name, kind="lora", patched=reason is None, reason=reason))
+        rep.entries.append(PatchEntry(name=name, kind="lora", patched=reason is None, reason=reason,
+                                      nf4=nf4_mod.is_nf4_lora(mod)))
     _form_groups(patched, rep)
     for name, mod in model.named_modules():
         if not mlp_mod.is_gated_mlp(mod):
@@ -166,6 +172,8 @@ def patch(model: nn.Module, *, backend: str = "auto", group_siblings: bool = Tru
         if not any(_is_peft_layer(getattr(mod, p)) for p in ("gate_proj", "up_proj", "down_proj")):
             continue
         reason = mlp_mod.why_not(mod) if fuse_mlp else "fuse_mlp=False"
+        if reason is None and any(nf4_mod.is_nf4_lora(getattr(mod, p)) for p in ("gate_proj", "up_proj", "down_proj")):
+            reason = "NF4 base weights: gate/up/down run one by one on the fused NF4 LoRA op"
         if reason is None and not group_siblings:
             reason = "group_siblings=False (the fused MLP groups gate and up)"
         _apply(rep, mlp_mod, "mlp", name, mod, reason, backend)
@@ -246,6 +254,9 @@ def _model_notes(model: nn.Module, attention_fused: bool) -> list[str]:
 def _form_groups(patched: dict[str, nn.Module], rep: PatchReport) -> None:
     by_parent: dict[str, dict[str, nn.Module]] = {}
     for name, mod in patched.items():
+        if nf4_mod.is_nf4_lora(mod):  # NF4 layers run one by one (no grouped NF4 op)
+            mod._peftfast.group = None
+            continue
         parent, _, leaf = name.rpartition(".")
         by_parent.setdefault(parent, {})[leaf] = mod
         mod._peftfast.group = None

@@ -296,7 +296,7 @@ def _resource_usage(cubin: bytes) -> dict[str, int]:
     return usage
 
 
-KERNEL_MODULES = ("lora", "adapter", "mlp", "norm", "cross_entropy", "rope", "attention")
+KERNEL_MODULES = ("lora", "adapter", "mlp", "norm", "cross_entropy", "rope", "attention", "nf4")
 
 
 def kernel_function(name: str) -> Any:

@@ -1,0 +1,536 @@
+"""NF4 (QLoRA 4-bit NormalFloat) base weights: quantize / dequantize and the fused LoRA linear over an NF4 base.
+
+Storage of a frozen ``W [N, K]`` (bitsandbytes' layout for ``nf4``, ``K % block_size == 0``)::
+
+    qweight [N, K/2] uint8     two codes per byte, W[n, 2j] in the high nibble
+    absmax  [N, K/block_size]  fp32 per-block scale (block_size 64: 0.5 + 4/64 = 0.5625 byte per weight)
+    W[n, k] = NF4[code] * absmax[n, k // block_size]   in fp32, rounded once to the compute dtype
+
+Double quantization (QLoRA) stores absmax as 8-bit codes: ``absmax = code2[q2] * scale2[b // 256] + offset`` with
+``offset`` the mean absmax, one fp32 ``scale2`` per 256 blocks and a 256-entry ``code2`` table (peftfast uses a
+linear symmetric table; bitsandbytes' dynamic-tree table is taken as is when its layers are imported):
+0.5 + 1/64 + 4/16384 byte per weight. It is expanded to fp32 inside each call (N·K/64 floats, freed after it).
+
+``nf4_lora_linear`` computes ``y = x Wᵀ + b + s (dropout_p(x) Aᵀ Bᵀ + bB)`` without a 16-bit copy of W:
+
+* ``triton``: ``peftfast.kernels.nf4`` GEMMs that dequantize W tiles inside their K loop (forward and dx);
+* ``cpp``: ``torch.ops.peftfast.nf4_lora_fwd/bwd`` (csrc/nf4.cpp) dequantizing ``chunk`` elements of W at a time;
+* ``torch``: the same chunking in ATen ops (no ``peftfast._C``).
+
+``torch.ops.peftfast.nf4_quantize/nf4_dequantize`` have CPU and CUDA kernels; ``nf4_lora_fwd/bwd`` CPU kernels only
+(CUDA tensors take the Triton path through the autograd Function below).
+
+Saved for backward: ``x`` (its 2-D view, not a copy), ``xa = drop(x) Aᵀ`` (M × r) and the quantized state; the
+dropout mask is regenerated from the seed (Philox for triton/cpp, which agree bit for bit; torch's generator for
+the torch backend).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from peftfast import _ext
+from peftfast.ops._backend import interpreting, resolve_backend
+
+NF4_CODE = (
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+    -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+    0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
+)
+DQ_BLOCK = 256
+_DEFAULT_CHUNK = 1 << 21  # elements of W dequantized at a time on CPU (4 MiB in bf16)
+
+
+@functools.lru_cache(maxsize=8)
+def _code(device: torch.device) -> torch.Tensor:
+    return torch.tensor(NF4_CODE, dtype=torch.float32, device=device)
+
+
+def nf4_code(device: torch.device | str = "cpu") -> torch.Tensor:
+    """The 16 NF4 values (fp32) on ``device`` (cached; do not modify)."""
+    return _code(torch.device(device))
+
+
+@functools.lru_cache(maxsize=1)
+def have_ops() -> bool:
+    """True when ``peftfast._C`` is loaded and was built with the NF4 ops (an older build lacks them)."""
+    if not _ext.available():
+        return False
+    try:
+        torch.ops.peftfast.nf4_lora_fwd  # noqa: B018
+    except (AttributeError, RuntimeError):
+        return False
+    return True
+
+
+def _cpp_ok(device: torch.device) -> bool:
+    if not have_ops():
+        return False
+    return device.type == "cpu" or (device.type == "cuda" and _ext.has_cuda_kernels())
+
+
+def _check_block(block_size: int, k: int, where: str) -> None:
+    if block_size < 2 or block_size % 2:
+        raise ValueError(f"peftfast: {where}: block_size must be even and >= 2, got {block_size}")
+    if k % block_size:
+        raise ValueError(f"peftfast: {where}: in_features={k} is not divisible into blocks of {block_size}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# quantize / dequantize
+# ----------------------------------------------------------------------------------------------------------------
+def _quantize_torch(w: torch.Tensor, bs: int) -> tuple[torch.Tensor, torch.Tensor]:
+    n, k = w.shape
+    blocks = w.detach().to(torch.float32).reshape(n, k // bs, bs)
+    absmax = blocks.abs().amax(-1)
+    safe = torch.where(absmax > 0, absmax, torch.ones_like(absmax))
+    norm = torch.where(absmax[..., None] > 0, blocks / safe[..., None], torch.zeros_like(blocks))
+    code = nf4_code(w.device)
+    mids = (code[:-1] + code[1:]) / 2
+    idx = torch.bucketize(norm, mids).to(torch.uint8).reshape(n, k // 2, 2)  # midpoint ties go to the lower code
+    return (idx[..., 0] << 4) | idx[..., 1], absmax
+
+
+def _dequantize_torch(q: torch.Tensor, absmax: torch.Tensor, bs: int, dtype: torch.dtype) -> torch.Tensor:
+    """W (or the row/column block of it that ``q``/``absmax`` slice; column slices on block boundaries)."""
+    n, kh = q.shape
+    idx = torch.stack(((q >> 4), (q & 15)), dim=-1).reshape(n, 2 * kh).long()
+    w = nf4_code(q.device)[idx].reshape(n, -1, bs) * absmax.reshape(n, -1, 1)
+    return w.reshape(n, 2 * kh).to(dtype)
+
+
+def quantize_nf4(w: torch.Tensor, block_size: int = 64, *, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """NF4-quantize ``w [N, K]`` → ``(qweight [N, K/2] uint8, absmax [N, K/block_size] fp32)``.
+
+    Each element gets the NF4 value nearest to ``w / absmax`` (fp32 division, ties to the lower code); every
+    backend (C++ CPU, CUDA, torch) produces identical codes.
+    """
+    if w.dim() != 2 or not w.is_floating_point():
+        raise ValueError(f"peftfast: quantize_nf4: expected a 2-D floating weight, got {w.dtype} {tuple(w.shape)}")
+    _check_block(block_size, w.shape[1], "quantize_nf4")
+    if backend == "auto" and _cpp_ok(w.device) or backend == "cpp":
+        return tuple(torch.ops.peftfast.nf4_quantize(w.detach(), block_size))
+    return _quantize_torch(w, block_size)
+
+
+def dequantize_nf4(qweight: torch.Tensor, absmax: torch.Tensor, block_size: int = 64,
+                   dtype: torch.dtype = torch.float32, *, backend: str = "auto") -> torch.Tensor:
+    """W ``[N, K]`` in ``dtype`` from ``qweight [N, K/2]`` and fp32 ``absmax [N, K/block_size]``.
+
+    ``backend``: ``auto`` (C++/CUDA kernels of ``peftfast._C`` when built, else Triton on CUDA, else torch),
+    ``cpp``, ``triton`` or ``torch``.
+    """
+    if qweight.dtype != torch.uint8 or qweight.dim() != 2:
+        raise ValueError(f"peftfast: dequantize_nf4: qweight must be 2-D uint8, got {qweight.dtype}")
+    n, k = qweight.shape[0], qweight.shape[1] * 2
+    _check_block(block_size, k, "dequantize_nf4")
+    if absmax.shape != (n, k // block_size) or absmax.dtype != torch.float32:
+        raise ValueError(f"peftfast: dequantize_nf4: absmax must be fp32 {(n, k // block_size)}, got "
+                         f"{absmax.dtype} {tuple(absmax.shape)}")
+    if backend == "auto":
+        backend = "cpp" if _cpp_ok(qweight.device) else "triton" if qweight.device.type == "cuda" else "torch"
+    if backend == "cpp":
+        return torch.ops.peftfast.nf4_dequantize(qweight, absmax, block_size, dtype)
+    if backend == "triton":
+        return _triton_dequantize(qweight, absmax, block_size, dtype)
+    return _dequantize_torch(qweight, absmax, block_size, dtype)
+
+
+def double_quantize(absmax: torch.Tensor, block: int = DQ_BLOCK) -> tuple[torch.Tensor, ...]:
+    """QLoRA's double quantization of fp32 ``absmax`` → ``(q2 uint8 [nb], code2 fp32 [256], scale2 fp32
+    [ceil(nb/block)], offset fp32 [])`` with ``absmax ≈ code2[q2] * scale2[i // block] + offset``.
+
+    ``offset`` is the mean absmax; ``code2`` is linear and symmetric (``clamp((i - 128) / 127, -1, 1)``), so each
+    block of ``block`` centred values is scaled by its own max magnitude.
+    """
+    flat = absmax.reshape(-1).to(torch.float32)
+    offset = flat.mean()
+    cen = flat - offset
+    nb = cen.numel()
+    pad = (-nb) % block
+    padded = torch.nn.functional.pad(cen, (0, pad)).reshape(-1, block)
+    scale2 = padded.abs().amax(-1)
+    safe = torch.where(scale2 > 0, scale2, torch.ones_like(scale2))
+    q2 = torch.round(padded / safe[:, None] * 127).clamp_(-127, 127).add_(128).to(torch.uint8).reshape(-1)[:nb]
+    code2 = ((torch.arange(256, dtype=torch.float32, device=absmax.device) - 128) / 127).clamp_(-1, 1)
+    return q2, code2, scale2, offset
+
+
+def dequantize_absmax(q2: torch.Tensor, code2: torch.Tensor, scale2: torch.Tensor, offset: torch.Tensor,
+                      shape: tuple[int, int], block: int = DQ_BLOCK) -> torch.Tensor:
+    """fp32 absmax of ``shape`` from its double-quantized form (see :func:`double_quantize`)."""
+    flat = q2.reshape(-1)
+    idx = torch.arange(flat.numel(), device=flat.device) // block
+    return (code2[flat.long()] * scale2.reshape(-1)[idx] + offset).reshape(shape)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Triton launchers
+# ----------------------------------------------------------------------------------------------------------------
+def _cfg(num_warps: int, num_stages: int, **kw: int):
+    import triton
+
+    return triton.Config(kw, num_warps=num_warps, num_stages=num_stages)
+
+
+@functools.cache
+def gemm_configs(kind: str = "fwd") -> list:
+    """Autotune configs of the NF4 GEMMs. BLOCK_K is the reduction step (K in the forward, N in dx); every config
+    keeps a W tile inside one 64-wide absmax block column (forward BLOCK_K <= 64, dx output BLOCK_N <= 64), so the
+    scale is a vector load. All compile spill-free within sm_80/sm_90 shared memory (tests/test_nf4_aot.py)."""
+    if kind == "fwd":
+        return [
+            _cfg(8, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
+            _cfg(8, 3, BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8),
+            _cfg(4, 3, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8),
+        ]
+    return [
+        _cfg(8, 3, BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8),
+        _cfg(8, 3, BLOCK_M=256, BLOCK_N=64, BLOCK_K=64, GROUP_M=8),
+        _cfg(4, 3, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8),
+    ]
+
+
+DEQUANT_TILE = dict(BLOCK_N=16, BLOCK_K=256, num_warps=4)
+INTERP_GEMM = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2}
+SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
+
+
+def smem_estimate(cfg, elt: int, *, arch: int = 90, block_r: int = 16, lora_elt: int = 4) -> int:
+    """Upper estimate of a config's shared memory in bytes, fitted on ``metadata.shared`` of AOT compiles
+    (``tests/test_nf4_aot.py`` checks it never under-estimates). Per pipeline stage (sm_90 keeps ``num_stages``,
+    sm_8x ``num_stages - 1``): the activation tile ``BLOCK_M × BLOCK_K`` and the W tile ``BLOCK_K × BLOCK_N`` as
+    codes plus dequantized values (``elt + 2.125`` bytes an element); the low-rank epilogue pipelines
+    ``(BLOCK_M + BLOCK_N) × BLOCK_R`` LoRA elements in the same buffers."""
+    kw = cfg.kwargs
+    bm, bn, bk = kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"]
+    stages = cfg.num_stages if arch >= 90 else max(cfg.num_stages - 1, 1)
+    main = stages * (bm * bk * elt + int(bk * bn * (elt + 2.125)))
+    epi = stages * (bm + bn) * block_r * lora_elt
+    return max(main, epi, bm * bn * elt)
+
+
+def _prune(configs, named_args, **kwargs):
+    from peftfast.ops._triton_launch import _device_arch, _device_smem
+
+    ptr = named_args.get("x_ptr", named_args.get("dy_ptr"))
+    lora = named_args.get("r_ptr", named_args.get("a_ptr"))
+    limit, arch = _device_smem(), _device_arch()
+    est = dict(arch=arch, block_r=kwargs.get("BLOCK_R", 16) if kwargs.get("HAS_LORA") else 0,
+               lora_elt=lora.element_size())
+    kept = [c for c in configs if smem_estimate(c, ptr.element_size(), **est) <= limit]
+    return kept or configs[-1:]
+
+
+@functools.cache
+def _tuned(name: str):
+    import triton
+
+    from peftfast.kernels import nf4 as K
+
+    fn = {"fwd": K._nf4_lora_fwd_kernel, "dx": K._nf4_lora_dx_kernel}[name]
+    return triton.autotune(gemm_configs(name), key=["N", "K", "R", "HAS_LORA"],
+                           prune_configs_by={"early_config_prune": _prune})(fn)
+
+
+def _cdiv(a: int, b: int) -> int:
+    return (a + b - 1) // b
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    from peftfast.ops.lora import _dot_precision as dp
+
+    return dp(dtype)
+
+
+def _block_r(r: int) -> int:
+    return min(64, max(16, 1 << (max(r, 1) - 1).bit_length()))
+
+
+def _triton_dequantize(q, absmax, bs, dtype) -> torch.Tensor:
+    from peftfast.kernels import nf4 as K
+    from peftfast.ops._counters import launching
+
+    n, k = q.shape[0], q.shape[1] * 2
+    out = torch.empty((n, k), device=q.device, dtype=dtype)
+    t = dict(BLOCK_N=8, BLOCK_K=64) if interpreting() else dict(DEQUANT_TILE)
+    warps = t.pop("num_warps", 4)
+    grid = (_cdiv(n, t["BLOCK_N"]), _cdiv(k, t["BLOCK_K"]))
+    with launching("_nf4_dequant_kernel"):
+        K._nf4_dequant_kernel[grid](q, q.stride(0), absmax, absmax.stride(0), nf4_code(q.device), out, out.stride(0),
+                                    n, k, QBLOCK=bs, RNE_BF16=interpreting(), num_warps=warps, **t)
+    return out
+
+
+def _launch(name: str, args: tuple, meta: dict, m: int, cols: int) -> None:
+    from peftfast.kernels import nf4 as K
+    from peftfast.ops._counters import launching
+
+    kern = {"fwd": K._nf4_lora_fwd_kernel, "dx": K._nf4_lora_dx_kernel}[name]
+    with launching(f"_nf4_lora_{name}_kernel"):
+        if interpreting():
+            c = INTERP_GEMM
+            kern[(_cdiv(m, c["BLOCK_M"]) * _cdiv(cols, c["BLOCK_N"]),)](*args, **meta, **c)
+        else:
+            _tuned(name)[lambda c: (_cdiv(m, c["BLOCK_M"]) * _cdiv(cols, c["BLOCK_N"]),)](*args, **meta)
+
+
+def triton_fwd(x2d, q, absmax, bias, xa, b_mat, scale, lbias, bs) -> torch.Tensor:
+    """``x Wᵀ + bias + scale (xa Bᵀ + lbias)`` with W dequantized in the GEMM's K loop."""
+    m, n, k = x2d.shape[0], q.shape[0], x2d.shape[1]
+    out = torch.empty((m, n), device=x2d.device, dtype=x2d.dtype)
+    has_lora = xa is not None
+    r = b_mat.shape[1] if has_lora else 0
+    lo = (xa, xa.stride(0), xa.stride(1)) if has_lora else (out, 0, 0)
+    ro = (b_mat, b_mat.stride(0), b_mat.stride(1)) if has_lora else (out, 0, 0)
+    args = (x2d, x2d.stride(0), x2d.stride(1), q, q.stride(0), absmax, absmax.stride(0), nf4_code(q.device), *lo, *ro,
+            bias if bias is not None else out, lbias if lbias is not None else out, out, out.stride(0),
+            out.stride(1), m, n, k, r, float(scale))
+    meta = dict(HAS_LORA=has_lora, HAS_BIAS=bias is not None, HAS_LBIAS=lbias is not None, QBLOCK=bs,
+                BLOCK_R=_block_r(r), DOT_PRECISION=_dot_precision(x2d.dtype),
+                LORA_PRECISION=_dot_precision(b_mat.dtype if has_lora else x2d.dtype))
+    _launch("fwd", args, meta, m, n)
+    return out
+
+
+def triton_dx(dy, q, absmax, g, a, p, seed, bs, out_dtype) -> torch.Tensor:
+    """``dy W + keep ⊙ (G A) / (1 - p)`` with W dequantized in the GEMM's N loop."""
+    m, n, k = dy.shape[0], q.shape[0], q.shape[1] * 2
+    out = torch.empty((m, k), device=dy.device, dtype=out_dtype)
+    has_lora = g is not None
+    r = a.shape[0] if has_lora else 0
+    lo = (g, g.stride(0), g.stride(1)) if has_lora else (out, 0, 0)
+    ao = (a, a.stride(1), a.stride(0)) if has_lora else (out, 0, 0)
+    args = (dy, dy.stride(0), dy.stride(1), q, q.stride(0), absmax, absmax.stride(0), nf4_code(q.device), *lo, *ao,
+            out, out.stride(0), out.stride(1), m, n, k, r, int(seed), float(p), 1.0 / (1.0 - p) if p > 0 else 1.0)
+    meta = dict(HAS_LORA=has_lora, HAS_DROPOUT=has_lora and p > 0.0, QBLOCK=bs, BLOCK_R=_block_r(r),
+                DOT_PRECISION=_dot_precision(dy.dtype),
+                LORA_PRECISION=_dot_precision(a.dtype if has_lora else dy.dtype))
+    _launch("dx", args, meta, m, k)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# backends of the NF4 LoRA linear
+# ----------------------------------------------------------------------------------------------------------------
+def _lora_impl(backend: str):
+    from peftfast.ops import lora as L
+
+    return L._TritonImpl if backend == "triton" else L._TorchImpl
+
+
+def _chunk_rows(total: int, per_row: int, chunk: int, multiple: int = 1) -> int:
+    rows = max(1, (chunk or _DEFAULT_CHUNK) // max(per_row, 1))
+    rows = max(multiple, rows // multiple * multiple)
+    return min(rows, total)
+
+
+def _fwd(backend, x2d, q, absmax, bias, lbias, a, b_mat, scale, p, seed, bs, chunk):
+    r = a.shape[0]
+    if backend == "cpp":
+        return tuple(torch.ops.peftfast.nf4_lora_fwd(x2d, q, absmax, bias, lbias, a, b_mat, scale, p,
+                                                     torch.tensor([seed], dtype=torch.int64), bs, chunk))
+    impl = _lora_impl(backend)
+    xa = impl.down(x2d, a, r, 1, p, seed, 1.0)
+    if backend == "triton":
+        return triton_fwd(x2d, q, absmax, bias, xa, b_mat, scale, lbias, bs), xa
+    n, k = q.shape[0], x2d.shape[1]
+    y = torch.empty((x2d.shape[0], n), device=x2d.device, dtype=x2d.dtype)
+    rows = _chunk_rows(n, k, chunk)
+    for n0 in range(0, n, rows):
+        sl = slice(n0, min(n, n0 + rows))
+        wc = _dequantize_torch(q[sl], absmax[sl], bs, x2d.dtype)
+        y[:, sl] = impl.fwd(x2d, wc, None if bias is None else bias[sl], xa, b_mat[sl], scale,
+                            None if lbias is None else lbias[sl])
+    return y, xa
+
+
+def _bwd(backend, x2d, xa, dy, q, absmax, a, b_mat, scale, p, seed, bs, chunk, need_x, need_a, need_b):
+    if backend == "cpp":
+        dx, da, db = torch.ops.peftfast.nf4_lora_bwd(x2d, xa, dy, q, absmax, a, b_mat, scale, p,
+                                                     torch.tensor([seed], dtype=torch.int64), bs, chunk, need_x,
+                                                     need_a, need_b)
+        return dx if need_x else None, da if need_a else None, db if need_b else None
+    from peftfast.ops import lora as L
+
+    impl = _lora_impl(backend)
+    r = a.shape[0]
+    g = impl.down(dy, b_mat.t(), r, 1, 0.0, 0, scale) if (need_x or need_a) else None
+    masks: dict = {}
+    dx = da = db = None
+    if need_x:
+        if backend == "triton":
+            dx = triton_dx(dy, q, absmax, g, a, p, seed, bs, x2d.dtype)
+        else:
+            n, k = q.shape[0], q.shape[1] * 2
+            dx = torch.empty((dy.shape[0], k), device=dy.device, dtype=dy.dtype)
+            cols = _chunk_rows(k, n, chunk, bs)
+            for k0 in range(0, k, cols):
+                k1 = min(k, k0 + cols)
+                wc = _dequantize_torch(q[:, k0 // 2:k1 // 2], absmax[:, k0 // bs:k1 // bs], bs, dy.dtype)
+                dx[:, k0:k1].copy_(torch.mm(dy, wc))
+            low = torch.mm(g, a)
+            if p > 0:
+                low.mul_(L._cached_mask(masks, seed, 0, tuple(low.shape), p, low.device, low.dtype)).mul_(1 / (1 - p))
+            dx.add_(low.to(dx.dtype) if low.dtype != dx.dtype else low)
+    if need_a:
+        da = impl.da(x2d, g, r, p, seed, masks)
+    if need_b:
+        db = impl.db_mat(dy, xa, scale)
+    return dx, da, db
+
+
+def _expand_absmax(am, code2, scale2, offset, n, nblk):
+    if code2 is None:
+        return am
+    return dequantize_absmax(am, code2, scale2, offset, (n, nblk))
+
+
+class _NF4LoRAFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, bias, lbias, a, b_mat, q, am, code2, scale2, offset, scale, p, seed, bs, backend, chunk):
+        k = x.shape[-1]
+        x2d = x.reshape(-1, k)
+        n = q.shape[0]
+        absmax = _expand_absmax(am, code2, scale2, offset, n, k // bs)
+        y, xa = _fwd(backend, x2d, q, absmax, bias, lbias, a, b_mat, scale, p, seed, bs, chunk)
+        ctx.save_for_backward(x2d, xa, bias, lbias, a, b_mat, q, am, code2, scale2, offset)
+        ctx.meta = (scale, p, seed, bs, backend, chunk, x.shape)
+        return y.view(*x.shape[:-1], n)
+
+    @staticmethod
+    def backward(ctx, dy):
+        scale, p, seed, bs, backend, chunk, x_shape = ctx.meta
+        x2d, xa, bias, lbias, a, b_mat, q, am, code2, scale2, offset = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        n = q.shape[0]
+        dy2 = dy.reshape(-1, n)
+        if not dy2.is_contiguous() and backend == "cpp":
+            dy2 = dy2.contiguous()
+        absmax = _expand_absmax(am, code2, scale2, offset, n, x2d.shape[1] // bs)
+        dx, da, db = _bwd(backend, x2d, xa, dy2, q, absmax, a, b_mat, scale, p, seed, bs, chunk, need[0], need[3],
+                          need[4])
+        gb = dy2.sum(0).to(bias.dtype) if need[1] else None
+        glb = None
+        if need[2]:
+            # one rounding: reduce and scale in fp32 (fp64 for fp64), as PEFT's LoRA-dtype bias add would at best
+            acc = torch.promote_types(torch.promote_types(dy2.dtype, lbias.dtype), torch.float32)
+            glb = dy2.sum(0, dtype=acc).mul_(scale).to(lbias.dtype)
+        return (None if dx is None else dx.view(x_shape), gb, glb, da, db, *([None] * 11))
+
+
+def nf4_lora_linear(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    absmax: torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+    bias: torch.Tensor | None,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scale: float,
+    *,
+    lora_bias: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    seed: int | None = None,
+    block_size: int = 64,
+    backend: str = "auto",
+    chunk: int = 0,
+    name: str = "",
+) -> torch.Tensor:
+    """Fused LoRA linear over an NF4 base: ``y = x Wᵀ + b + scale (dropout_p(x) Aᵀ Bᵀ + lora_bias)``.
+
+    x [..., K] in the compute dtype; ``qweight [N, K/2]``; ``absmax`` fp32 ``[N, K/block_size]`` or the
+    double-quantized ``(q2, code2, scale2, offset)``; lora_a [r, K], lora_b [N, r] (their own dtype, e.g. fp32).
+    Gradients: x, lora_a, lora_b, bias, lora_bias (never W). ``chunk``: elements of W dequantized at a time on the
+    CPU backends (0: 2**21).
+    """
+    from peftfast.ops.lora import MAX_RANK, draw_seed
+
+    where = f"peftfast: {name}: " if name else "peftfast: nf4_lora_linear: "
+    if qweight.dtype != torch.uint8 or qweight.dim() != 2:
+        raise ValueError(f"{where}qweight must be a 2-D uint8 tensor, got {qweight.dtype} {tuple(qweight.shape)}")
+    n, k = qweight.shape[0], qweight.shape[1] * 2
+    if x.shape[-1] != k:
+        raise ValueError(f"{where}input has {x.shape[-1]} features, the NF4 weight {k}")
+    _check_block(block_size, k, name or "nf4_lora_linear")
+    if isinstance(absmax, torch.Tensor):
+        am, code2, scale2, offset = absmax, None, None, None
+        if am.shape != (n, k // block_size) or am.dtype != torch.float32:
+            raise ValueError(f"{where}absmax must be fp32 {(n, k // block_size)}, got {am.dtype} {tuple(am.shape)}")
+    else:
+        am, code2, scale2, offset = absmax
+    r = lora_a.shape[0]
+    if not 1 <= r <= MAX_RANK or lora_a.shape != (r, k) or lora_b.shape != (n, r):
+        raise ValueError(f"{where}lora_A {tuple(lora_a.shape)} / lora_B {tuple(lora_b.shape)} do not fit "
+                         f"[r, {k}] / [{n}, r] with 1 <= r <= {MAX_RANK}")
+    if lora_a.dtype != lora_b.dtype:
+        raise TypeError(f"{where}lora_A/lora_B dtypes differ ({lora_a.dtype}, {lora_b.dtype})")
+    if not x.is_floating_point():
+        raise TypeError(f"{where}input must be floating point, got {x.dtype}")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"{where}dropout probability must be in [0, 1), got {dropout_p}")
+    for t in (qweight, am, lora_a, lora_b):
+        if t.device != x.device:
+            raise ValueError(f"{where}tensors are on different devices ({x.device} and {t.device})")
+    be = resolve_backend(backend, x.device)
+    if be == "cpp" and not have_ops():
+        be = "torch"  # a peftfast._C built before the NF4 ops: the ATen path keeps the same contract
+    if dropout_p > 0.0 and seed is None:
+        seed = draw_seed(x.device)
+    return _NF4LoRAFunction.apply(x, bias, lora_bias, lora_a, lora_b, qweight, am, code2, scale2, offset,
+                                  float(scale), float(dropout_p), int(seed or 0), int(block_size), be, int(chunk))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# fake kernels and autograd of the C++ ops
+# ----------------------------------------------------------------------------------------------------------------
+def _register() -> None:
+    lib = "peftfast::"
+
+    @torch.library.register_fake(lib + "nf4_quantize")
+    def _(w, block_size):
+        n, k = w.shape
+        return w.new_empty((n, k // 2), dtype=torch.uint8), w.new_empty((n, k // block_size), dtype=torch.float32)
+
+    @torch.library.register_fake(lib + "nf4_dequantize")
+    def _(qweight, absmax, block_size, dtype):
+        return qweight.new_empty((qweight.shape[0], qweight.shape[1] * 2), dtype=dtype)
+
+    @torch.library.register_fake(lib + "nf4_lora_fwd")
+    def _(x, qweight, absmax, bias, lora_bias, lora_a, lora_b, scale, p, seed, block_size, chunk):
+        return x.new_empty((x.shape[0], qweight.shape[0])), x.new_empty((x.shape[0], lora_a.shape[0]),
+                                                                        dtype=lora_a.dtype)
+
+    @torch.library.register_fake(lib + "nf4_lora_bwd")
+    def _(x, xa, dy, qweight, absmax, lora_a, lora_b, scale, p, seed, block_size, chunk, need_x, need_a, need_b):
+        dx = dy.new_empty(x.shape) if need_x else x.new_empty((0,))
+        da = xa.new_empty(lora_a.shape) if need_a else xa.new_empty((0,))
+        db = xa.new_empty(lora_b.shape) if need_b else xa.new_empty((0,))
+        return dx, da, db
+
+    def setup(ctx, inputs, output):
+        x, qweight, absmax, bias, lora_bias, lora_a, lora_b, scale, p, seed, block_size, chunk = inputs
+        ctx.save_for_backward(x, output[1], qweight, absmax, lora_a, lora_b, seed)
+        ctx.meta = (scale, p, block_size, chunk, bias is not None, lora_bias)
+
+    def backward(ctx, dy, _dxa):
+        x, xa, qweight, absmax, lora_a, lora_b, seed = ctx.saved_tensors
+        scale, p, block_size, chunk, has_bias, lora_bias = ctx.meta
+        need = ctx.needs_input_grad
+        dx, da, db = torch.ops.peftfast.nf4_lora_bwd(x, xa, dy.contiguous(), qweight, absmax, lora_a, lora_b,
+                                                     scale, p, seed, block_size, chunk, need[0], need[5], need[6])
+        gb = dy.sum(0) if has_bias and need[3] else None
+        glb = dy.sum(0).mul(scale).to(lora_bias.dtype) if lora_bias is not None and need[4] else None
+        return (dx if need[0] else None, None, None, gb, glb, da if need[5] else None, db if need[6] else None,
+                None, None, None, None, None)
+
+    torch.library.register_autograd(lib + "nf4_lora_fwd", backward, setup_context=setup)
+
+
+if have_ops():
+    _register()
+
+
+__all__ = ["NF4_CODE", "dequantize_absmax", "dequantize_nf4", "double_quantize", "nf4_code", "nf4_lora_linear",
+           "quantize_nf4"]

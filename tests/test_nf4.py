@@ -1,0 +1,444 @@
+"""NF4 base weights (QLoRA): quantize/dequantize kernels, the fused NF4 LoRA linear on every backend, quantize_base
+on PEFT models, patching, and bitsandbytes interop. Triton kernels run in the interpreter (conftest)."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import peftfast
+from peftfast.modules.nf4 import NF4Linear
+from peftfast.ops import nf4 as O
+from peftfast.ops.lora import dropout_keep_mask
+
+CODE64 = torch.tensor(O.NF4_CODE, dtype=torch.float64)
+NEED_C = pytest.mark.skipif(not O.have_ops(), reason="peftfast._C with the NF4 ops is not built")
+BACKENDS = ["torch", "triton"] + (["cpp"] if O.have_ops() else [])
+
+
+def _ref_quantize(w: torch.Tensor, bs: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Brute-force reference: nearest table value by distance (ties to the lower code), packed high nibble first."""
+    n, k = w.shape
+    blocks = w.float().reshape(n, k // bs, bs)
+    absmax = blocks.abs().amax(-1)
+    norm = torch.where(absmax[..., None] > 0, blocks / absmax.clamp_min(1e-38)[..., None], torch.zeros_like(blocks))
+    dist = (norm[..., None] - CODE64.float()).abs()
+    idx = dist.argmin(-1).reshape(n, k)  # argmin returns the first (lower) index on a tie
+    return (idx[:, 0::2] * 16 + idx[:, 1::2]).to(torch.uint8), absmax
+
+
+def _ref_dequantize(q: torch.Tensor, absmax: torch.Tensor, bs: int) -> torch.Tensor:
+    hi, lo = (q >> 4).long(), (q & 15).long()
+    idx = torch.stack([hi, lo], -1).reshape(q.shape[0], -1)
+    return (CODE64.float()[idx] * absmax.repeat_interleave(bs, dim=1)).double()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# quantize / dequantize
+# ----------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+def test_round_trip_exact_on_every_code(backend: str) -> None:
+    if backend == "cpp" and not O.have_ops():
+        pytest.skip("peftfast._C with the NF4 ops is not built")
+    bs, n, k = 64, 6, 192
+    codes = torch.randint(0, 16, (n, k))
+    codes[:, ::bs] = 15  # each block holds a ±1 so its absmax is exactly the block scale
+    codes[1, 64] = 0
+    codes[0, :16] = torch.arange(16)
+    scales = torch.rand(n, k // bs) * 3 + 0.1
+    w = CODE64.float()[codes] * scales.repeat_interleave(bs, 1)
+    w[1, 64] = -scales[1, 1]
+    w[5, 128:192] = 0.0  # an all-zero block: absmax 0, codes of 0.0
+    q, am = O.quantize_nf4(w, bs, backend=backend)
+    rq, ram = _ref_quantize(w, bs)
+    assert torch.equal(q, rq) and torch.equal(am, ram)
+    assert set((torch.cat([q >> 4, q & 15])).unique().tolist()) == set(range(16))
+    for be in BACKENDS:
+        for dt in (torch.float32, torch.float16, torch.bfloat16):
+            got = O.dequantize_nf4(q, am, bs, dt, backend=be)
+            assert got.dtype == dt and torch.equal(got, w.to(dt)), (be, dt)
+
+
+def test_quantize_backends_agree_and_error_matches_theory() -> None:
+    torch.manual_seed(1)
+    n, k, bs = 64, 4096, 64
+    w = torch.randn(n, k)
+    q, am = O.quantize_nf4(w, bs, backend="torch")
+    rq, ram = _ref_quantize(w, bs)
+    assert torch.equal(q, rq) and torch.equal(am, ram)
+    if O.have_ops():
+        assert all(torch.equal(a, b) for a, b in zip(O.quantize_nf4(w, bs, backend="cpp"), (q, am)))
+    for src in (torch.float16, torch.bfloat16):  # 16-bit weights quantize exactly as their fp32 values
+        w16 = w.to(src)
+        assert all(torch.equal(a, b) for a, b in zip(O.quantize_nf4(w16, bs), O.quantize_nf4(w16.float(), bs)))
+    err = O.dequantize_nf4(q, am, bs).double() - w.double()
+    # every element within half the gap to its neighbouring codes (nearest-value rounding)
+    norm = (w / am.repeat_interleave(bs, 1)).double()
+    idx = torch.stack([(q >> 4), (q & 15)], -1).reshape(n, k).long()
+    gaps = torch.diff(CODE64)
+    lo_gap = torch.cat([gaps[:1], gaps])[idx]
+    hi_gap = torch.cat([gaps, gaps[-1:]])[idx]
+    d = norm - CODE64[idx]
+    assert bool(((d <= hi_gap / 2 + 1e-6) & (d >= -lo_gap / 2 - 1e-6)).all())
+    # mean squared error vs the theoretical value for N(0, 1) weights in blocks of 64: the block maximum M has
+    # CDF (2Φ(m)-1)^64 and is stored exactly; the other 63 are N(0,1) truncated to (-M, M), quantized to M·NF4
+    m = torch.linspace(1.0, 6.0, 801, dtype=torch.float64)
+    phi = lambda t: 0.5 * (1 + torch.erf(t / math.sqrt(2)))  # noqa: E731
+    pdf_m = torch.gradient((2 * phi(m) - 1) ** bs, spacing=(m,))[0]
+    u = torch.linspace(-1, 1, 4001, dtype=torch.float64)
+    qu = CODE64[(u[:, None] - CODE64).abs().argmin(-1)]
+    cond = []
+    for mm in m:
+        dens = torch.exp(-0.5 * (u * mm) ** 2)
+        cond.append(torch.trapezoid(dens * ((u - qu) * mm) ** 2, u) / torch.trapezoid(dens, u))
+    mse_theory = float(torch.trapezoid(pdf_m * torch.stack(cond), m)) * (bs - 1) / bs
+    mse = float((err ** 2).mean())
+    assert abs(mse / mse_theory - 1) < 0.05, (mse, mse_theory)
+    assert abs(float(err.mean())) < 4 * math.sqrt(mse / err.numel())  # unbiased
+
+
+def test_double_quant_absmax() -> None:
+    torch.manual_seed(2)
+    w = torch.randn(80, 640) * torch.linspace(0.1, 3, 80)[:, None]
+    q, am = O.quantize_nf4(w, 64)
+    q2, code2, scale2, offset = O.double_quantize(am)
+    assert q2.dtype == torch.uint8 and q2.numel() == am.numel() and scale2.numel() == math.ceil(am.numel() / 256)
+    back = O.dequantize_absmax(q2, code2, scale2, offset, tuple(am.shape))
+    # half a step of the 8-bit code: scale2 / 254 per block of 256
+    step = scale2.repeat_interleave(256)[: am.numel()].reshape(am.shape) / 127
+    assert bool(((back - am).abs() <= step / 2 + 1e-6).all())
+    assert torch.allclose(offset, am.mean())
+    wd = O.dequantize_nf4(q, back, 64).double()
+    err_plain = (O.dequantize_nf4(q, am, 64).double() - w).pow(2).mean()
+    assert (wd - w).pow(2).mean() < 1.05 * err_plain
+
+
+def test_dequantize_triton_noncontiguous_absmax_and_bad_inputs() -> None:
+    w = torch.randn(9, 128)
+    q, am = O.quantize_nf4(w, 32)
+    ref = _ref_dequantize(q, am, 32).float()
+    assert torch.equal(O.dequantize_nf4(q, am, 32, backend="triton"), ref)
+    with pytest.raises(ValueError, match="not divisible into blocks of 64"):
+        O.quantize_nf4(torch.randn(4, 96), 64)
+    with pytest.raises(ValueError, match="uint8"):
+        O.dequantize_nf4(q.float(), am, 32)
+    with pytest.raises(ValueError, match="absmax must be fp32"):
+        O.dequantize_nf4(q, am[:, :2], 32)
+
+
+@NEED_C
+def test_opcheck_every_nf4_op() -> None:
+    torch.manual_seed(3)
+    m, k, n, r = 7, 128, 10, 3
+    w = torch.randn(n, k)
+    q, am = torch.ops.peftfast.nf4_quantize(w, 64)
+    torch.library.opcheck(torch.ops.peftfast.nf4_quantize.default, (w, 64))
+    torch.library.opcheck(torch.ops.peftfast.nf4_quantize.default, (w.bfloat16(), 64))
+    torch.library.opcheck(torch.ops.peftfast.nf4_dequantize.default, (q, am, 64, torch.bfloat16))
+    x = torch.randn(m, k, requires_grad=True)
+    a = torch.randn(r, k, requires_grad=True)
+    b = torch.randn(n, r, requires_grad=True)
+    bias = torch.randn(n, requires_grad=True)
+    lb = torch.randn(n, requires_grad=True)
+    seed = torch.tensor([5], dtype=torch.int64)
+    for p in (0.0, 0.3):
+        torch.library.opcheck(torch.ops.peftfast.nf4_lora_fwd.default, (x, q, am, bias, lb, a, b, 0.5, p, seed, 64, 0))
+        xa = torch.ops.peftfast.nf4_lora_fwd(x, q, am, None, None, a, b, 0.5, p, seed, 64, 0)[1].detach()
+        dy = torch.randn(m, n)
+        common = (x.detach(), xa, dy, q, am, a.detach(), b.detach(), 0.5, p, seed, 64, 0)
+        torch.library.opcheck(torch.ops.peftfast.nf4_lora_bwd.default, (*common, True, True, True))
+        torch.library.opcheck(torch.ops.peftfast.nf4_lora_bwd.default, (*common, False, True, False))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the fused NF4 LoRA linear: every backend against fp64
+# ----------------------------------------------------------------------------------------------------------------
+def _eager(x, w, bias, a, b, lb, s, keep, p):
+    """PEFT's maths in the inputs' precision (the error budget) or fp64 (the reference)."""
+    xd = x if keep is None else x * keep.to(x.dtype) / (1 - p)
+    return nn.functional.linear(x, w, bias) + s * (nn.functional.linear(nn.functional.linear(xd, a), b) + lb)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("p", [0.0, 0.25])
+def test_nf4_lora_linear_matches_fp64(backend: str, dtype: torch.dtype, p: float) -> None:
+    if backend == "triton" and dtype == torch.bfloat16:
+        pytest.skip("interpreter defect: tl.dot on bf16 returns garbage (compiled for sm_80/90 in test_nf4_aot)")
+    if backend == "torch" and dtype == torch.float16:
+        pytest.skip("ATen CPU fp16 GEMMs are covered by the cpp backend; torch runs fp32 and bf16")
+    torch.manual_seed(4)
+    m, k, n, r, s, seed = 37, 192, 75, 5, 0.7, 1234
+    w = torch.randn(n, k) * 0.2
+    q, am = O.quantize_nf4(w, 64)
+    wd = _ref_dequantize(q, am, 64)
+    xs = torch.randn(m, 2 * k, dtype=dtype)[:, ::2]  # non-contiguous input
+    x = xs.detach().requires_grad_()
+    a = (torch.randn(r, k) * 0.3).to(dtype).requires_grad_()
+    b = (torch.randn(n, r) * 0.3).to(dtype).requires_grad_()
+    bias = torch.randn(n, dtype=dtype).requires_grad_()
+    lb = torch.randn(n, dtype=dtype).requires_grad_()
+    y = O.nf4_lora_linear(x, q, am, bias, a, b, s, lora_bias=lb, dropout_p=p, seed=seed, backend=backend,
+                          chunk=700)
+    keep = dropout_keep_mask(seed, 1, m, k, p, device="cpu", backend=backend)[0] if p > 0 else None
+    dy = torch.randn(m, n, dtype=dtype)
+    got = (y, *torch.autograd.grad(y, (x, a, b, bias, lb), dy))
+    leaves = [t.detach().double().requires_grad_() for t in (x, a, b, bias, lb)]
+    yr = _eager(leaves[0], wd, leaves[3], leaves[1], leaves[2], leaves[4], s, keep, p)
+    ref = (yr, *torch.autograd.grad(yr, leaves, dy.double()))
+    low = [t.detach().clone().requires_grad_() for t in (x, a, b, bias, lb)]
+    ye = _eager(low[0], wd.to(dtype), low[3], low[1], low[2], low[4], s, keep, p)
+    eager = (ye, *torch.autograd.grad(ye, low, dy))
+    for name, g, rf, e in zip(("y", "dx", "dA", "dB", "dbias", "dlbias"), got, ref, eager):
+        assert g.dtype == dtype and g.shape == rf.shape, name
+        err = (g.double() - rf).abs().max().item()
+        budget = 2 * (e.double() - rf).abs().max().item() + (1e-5 if dtype == torch.float32 else 0) * rf.abs().max()
+        assert err <= budget, (name, err, budget)
+
+
+def test_backends_share_dropout_and_chunking_does_not_matter() -> None:
+    torch.manual_seed(5)
+    m, k, n, r = 21, 128, 40, 4
+    q, am = O.quantize_nf4(torch.randn(n, k), 64)
+    x = torch.randn(m, k)
+    a, b = torch.randn(r, k), torch.randn(n, r)
+    outs = {}
+    for be in BACKENDS:
+        for chunk in (0, 300):
+            outs[be, chunk] = O.nf4_lora_linear(x, q, am, None, a, b, 0.5, dropout_p=0.5, seed=77, backend=be,
+                                                chunk=chunk)
+        assert torch.allclose(outs[be, 0], outs[be, 300], atol=1e-5, rtol=1e-5)
+    if "cpp" in BACKENDS:  # the same Philox masks: the same outputs
+        assert torch.allclose(outs["cpp", 0], outs["triton", 0], atol=1e-4, rtol=1e-4)
+    # the drop happened (output differs from no-dropout)
+    assert not torch.allclose(outs["torch", 0], O.nf4_lora_linear(x, q, am, None, a, b, 0.5, backend="torch"))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_double_quant_and_mixed_lora_dtype(backend: str) -> None:
+    torch.manual_seed(6)
+    m, k, n, r = 13, 128, 24, 8
+    w = torch.randn(n, k)
+    q, am = O.quantize_nf4(w, 64)
+    dq = O.double_quantize(am)
+    am2 = O.dequantize_absmax(*dq, tuple(am.shape))
+    x = torch.randn(m, k, dtype=torch.float16, requires_grad=True)  # fp16 base compute, fp32 LoRA (PEFT default)
+    a = torch.randn(r, k, requires_grad=True)
+    b = torch.randn(n, r, requires_grad=True)
+    y = O.nf4_lora_linear(x, q, dq, None, a, b, 2.0, backend=backend)
+    y.float().pow(2).sum().backward()
+    x64 = x.detach().double().requires_grad_()
+    a64, b64 = a.detach().double().requires_grad_(), b.detach().double().requires_grad_()
+    yr = x64 @ _ref_dequantize(q, am2, 64).t() + 2.0 * (x64 @ a64.t() @ b64.t())
+    yr.pow(2).sum().backward()
+    assert y.dtype == torch.float16
+    assert torch.allclose(y.double(), yr, rtol=2e-3, atol=2e-2)
+    for g, rg in ((x.grad, x64.grad), (a.grad, a64.grad), (b.grad, b64.grad)):
+        assert torch.allclose(g.double(), rg, rtol=5e-3, atol=5e-2 * rg.abs().max().item() / 100)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# quantize_base on PEFT models, patching
+# ----------------------------------------------------------------------------------------------------------------
+def _tiny_llama(dropout: float = 0.0):
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+                      tie_word_embeddings=False, attn_implementation="eager")
+    model = LlamaForCausalLM(cfg)
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules="all-linear"))
+    for name, prm in model.named_parameters():
+        if "lora_B" in name:
+            nn.init.normal_(prm, std=0.1)
+    return model
+
+
+def _loss_and_grads(model, ids):
+    model.zero_grad(set_to_none=True)
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("backend", ["auto", "triton"])
+def test_tiny_llama_patched_nf4_matches_dequantized_model(backend: str) -> None:
+    torch.manual_seed(7)
+    model = _tiny_llama()
+    rep = peftfast.quantize_base(model)
+    assert len(rep.layers) == 7 and rep.bytes_per_param == pytest.approx(0.5625)
+    assert rep.bytes_before == 4 * rep.params
+    assert all(isinstance(m.get_base_layer(), NF4Linear) for n, m in model.named_modules() if n.endswith("_proj")
+               and hasattr(m, "lora_A"))
+    ref = copy.deepcopy(model)
+    assert peftfast.dequantize_base(ref) == 7
+    ids = torch.randint(0, 96, (2, 11))
+    l_ref, g_ref = _loss_and_grads(ref, ids)
+    l_unp, g_unp = _loss_and_grads(model, ids)  # PEFT's own forward over NF4Linear (dequantize + F.linear)
+    # the rest of the block (attention, RoPE, norms) has its own tests: keep the interpreter on the LoRA layers
+    peftfast.patch(model, backend=backend, fuse_attention=False, fuse_rope=False, fuse_norms=False)
+    text = peftfast.report(model).format(model)
+    assert text.count("[NF4 base]") == 7 and "[group" not in text
+    entries = peftfast.report(model).entries
+    assert all(e.patched and e.nf4 and e.group is None for e in entries)
+    mlp = [e for e in peftfast.report(model).modules if e.kind == "mlp"]
+    assert mlp and not mlp[0].patched and "NF4" in mlp[0].reason
+    l_pat, g_pat = _loss_and_grads(model, ids)
+    fused = peftfast.report(model).runtime(model)
+    assert all(r["fused"] >= 1 and not r["fallbacks"] for r in fused.values())
+    for lo in (l_unp, l_pat):
+        assert torch.allclose(lo, l_ref, rtol=1e-5, atol=1e-5)
+    for g in (g_unp, g_pat):
+        assert g.keys() == g_ref.keys()
+        for name in g_ref:
+            assert torch.allclose(g[name], g_ref[name], rtol=1e-4, atol=1e-6), name
+    peftfast.unpatch(model)
+    assert all("forward" not in m.__dict__ for m in model.modules() if hasattr(m, "lora_A"))
+    l_back, _ = _loss_and_grads(model, ids)
+    assert torch.allclose(l_back, l_ref, rtol=1e-5, atol=1e-5)
+
+
+def test_nf4_layer_dropout_and_eval_on_the_fused_path() -> None:
+    torch.manual_seed(8)
+    model = _tiny_llama(dropout=0.2)
+    peftfast.quantize_base(model, double_quant=True)
+    peftfast.patch(model)
+    ids = torch.randint(0, 96, (2, 7))
+    torch.manual_seed(1)
+    l1, g1 = _loss_and_grads(model, ids)
+    torch.manual_seed(1)
+    l2, g2 = _loss_and_grads(model, ids)
+    assert torch.equal(l1, l2) and all(torch.equal(g1[n], g2[n]) for n in g1)  # seeds from torch's RNG
+    model.eval()
+    with torch.no_grad():
+        out_p = model(input_ids=ids).logits
+    peftfast.unpatch(model)
+    with torch.no_grad():
+        out_u = model(input_ids=ids).logits
+    assert torch.allclose(out_p, out_u, rtol=1e-4, atol=1e-5)
+
+
+def _big_peft(in_f: int = 2048, out_f: int = 512, target: tuple = ("fc1", "fc2")):
+    from peft import LoraConfig, get_peft_model
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1 = nn.Linear(in_f, out_f)
+            self.fc2 = nn.Linear(out_f, out_f)
+            self.emb = nn.Embedding(10, in_f)
+
+        def forward(self, x):
+            return self.fc2(self.fc1(x))
+
+    return get_peft_model(Net().to(torch.bfloat16), LoraConfig(r=8, target_modules=list(target)))
+
+
+def test_bytes_per_param_targets() -> None:
+    plain = peftfast.quantize_base(_big_peft())
+    dq = peftfast.quantize_base(_big_peft(), double_quant=True)
+    print(f"\nNF4 bytes/param: plain {plain.bytes_per_param:.5f}, double quant {dq.bytes_per_param:.5f}")
+    assert plain.bytes_per_param <= 0.5625 and dq.bytes_per_param <= 0.52
+    assert plain.bytes_before == 2 * plain.params and plain.bytes_after < plain.bytes_before / 3.5
+    assert "bytes/param" in str(dq) and "fc1" in str(dq)
+
+
+def test_bad_inputs_leave_the_model_untouched() -> None:
+    from peft import LoraConfig, get_peft_model
+
+    def nf4_count(m):
+        return sum(isinstance(x, NF4Linear) for x in m.modules())
+
+    model = _big_peft(in_f=96, out_f=64)  # fc1 has in_features 96: not divisible into blocks of 64
+    with pytest.raises(ValueError, match=r"fc1.*in_features=96 is not divisible into blocks of 64"):
+        peftfast.quantize_base(model)
+    assert nf4_count(model) == 0
+    rep = peftfast.quantize_base(model, block_size=32)
+    assert len(rep.layers) == 2
+    with pytest.raises(ValueError, match="fc1: base layer is already NF4-quantized"):
+        peftfast.quantize_base(model, block_size=32)
+    with pytest.raises(ValueError, match="bits=8"):
+        peftfast.quantize_base(model, bits=8)
+    emb = get_peft_model(_big_peft(in_f=128).base_model.model, LoraConfig(r=4, target_modules=["emb", "fc1"]))
+    with pytest.raises(ValueError, match=r"emb: base layer .*Embedding is not a plain nn.Linear"):
+        peftfast.quantize_base(emb)
+    assert nf4_count(emb) == 0
+    frozen = _big_peft(in_f=128)
+    frozen.base_model.model.fc2.base_layer.weight.requires_grad_(True)
+    with pytest.raises(ValueError, match="fc2: base weight is trainable"):
+        peftfast.quantize_base(frozen)
+    assert nf4_count(frozen) == 0
+    patched = _big_peft(in_f=128)
+    peftfast.patch(patched)
+    with pytest.raises(ValueError, match="the model is patched"):
+        peftfast.quantize_base(patched)
+    x = torch.randn(3, 128, dtype=torch.float32)
+    q = _big_peft(in_f=128)
+    peftfast.quantize_base(q)
+    peftfast.patch(q)
+    with pytest.raises(TypeError, match="compute dtype torch.bfloat16"):
+        q(x)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# bitsandbytes interop
+# ----------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("peft_bnb_class", [False, True])
+@pytest.mark.parametrize("nested", [False, True])
+def test_peft_over_bitsandbytes_linear4bit_runs_fused(nested: bool, peft_bnb_class: bool) -> None:
+    bnb = pytest.importorskip("bitsandbytes")
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(9)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = bnb.nn.Linear4bit(128, 48, bias=True, quant_type="nf4", compute_dtype=torch.float32,
+                                        compress_statistics=nested)
+            lin = nn.Linear(128, 48)
+            self.fc.load_state_dict(lin.state_dict())
+
+        def forward(self, x):
+            return self.fc(x)
+
+    net = Net().to("cpu")  # bitsandbytes quantizes on the move
+    net.is_loaded_in_4bit = peft_bnb_class  # what a from_pretrained(quantization_config=...) model carries
+    model = get_peft_model(net, LoraConfig(r=4, target_modules=["fc"], lora_dropout=0.0))
+    layer = model.base_model.model.fc
+    assert type(layer).__module__ == ("peft.tuners.lora.bnb" if peft_bnb_class else "peft.tuners.lora.layer")
+    nn.init.normal_(layer.lora_B["default"].weight, std=0.1)
+    x = torch.randn(5, 128, requires_grad=True)
+    y_ref = model(x)
+    gx_ref, ga_ref = torch.autograd.grad(y_ref.pow(2).sum(), (x, layer.lora_A["default"].weight))
+    peftfast.patch(model)
+    assert peftfast.report(model).entries[0].patched and peftfast.report(model).entries[0].nf4
+    y = model(x)
+    gx, ga = torch.autograd.grad(y.pow(2).sum(), (x, layer.lora_A["default"].weight))
+    assert layer._peftfast.fused_calls == 1
+    assert torch.allclose(y, y_ref, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(gx, gx_ref, rtol=1e-4, atol=1e-5) and torch.allclose(ga, ga_ref, rtol=1e-4, atol=1e-5)
+
+
+def test_small_blocks_take_the_gathered_absmax_path() -> None:
+    """block_size 16 < the interpreter's 32-wide tiles: the kernels gather absmax per element instead."""
+    torch.manual_seed(10)
+    m, k, n, r = 19, 96, 45, 3
+    q, am = O.quantize_nf4(torch.randn(n, k), 16)
+    x = torch.randn(m, k, requires_grad=True)
+    a = torch.randn(r, k, requires_grad=True)
+    b = torch.randn(n, r, requires_grad=True)
+    outs = []
+    for be in ("torch", "triton"):
+        y = O.nf4_lora_linear(x, q, am, None, a, b, 0.5, block_size=16, backend=be)
+        outs.append((y, *torch.autograd.grad(y.pow(2).sum(), (x, a, b))))
+    x64 = x.detach().double().requires_grad_()
+    yr = x64 @ _ref_dequantize(q, am, 16).t() + 0.5 * (x64 @ a.detach().double().t() @ b.detach().double().t())
+    assert torch.allclose(outs[1][0].double(), yr, rtol=1e-5, atol=1e-4)
+    for t, g in zip(outs[0], outs[1]):
+        assert torch.allclose(t, g, rtol=1e-4, atol=1e-3)
