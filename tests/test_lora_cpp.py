@@ -171,3 +171,10 @@ def test_missing_extension_falls_back_with_one_warning():
     lines = out.stdout.strip().splitlines()
     assert lines[0] == "torch"
     assert lines[1].startswith("ERR") and "disabled by PEFTFAST_DISABLE_EXT" in lines[1]
+
+
+@needs_ext
+def test_extension_built_against_another_torch_is_refused(monkeypatch):
+    monkeypatch.setattr(_ext, "build_info", lambda: {"torch": "1.0.0", "cuda": "0"})
+    why = _ext._load()
+    assert why is not None and "built against torch 1.0.0" in why and torch.__version__ in why and "rebuild" in why
