@@ -9,7 +9,7 @@ out=${OUT_DIR:-benchmarks/results/$(date +%F)-$gpu}
 mkdir -p "$out"
 pip install --no-deps --no-build-isolation -e . >"$out/install.log" 2>&1 || { tail -20 "$out/install.log"; exit 1; }
 python -m peftfast info | tee "$out/info.txt"
-PEFTFAST_GPU_TESTS=1 python -m pytest -m gpu -q tests/test_lora_gpu.py tests/test_adapter_gpu.py tests/test_attention_gpu.py 2>&1 | tee "$out/gpu-tests.log"
+PEFTFAST_GPU_TESTS=1 python -m pytest -m gpu -q tests/ 2>&1 | tee "$out/gpu-tests.log"
 tests_rc=${PIPESTATUS[0]}
 python benchmarks/bench_lora.py --gpu --out "$out" 2>&1 | tee "$out/bench_lora.log"
 python benchmarks/bench_adapter.py --gpu --out "$out" 2>&1 | tee "$out/bench_adapter.log"

@@ -364,3 +364,23 @@ def test_segment_ids_are_built_once_per_forward(monkeypatch):
     peftfast.unpatch(model)
     ref = model(input_ids=ids, attention_mask=mask2).logits
     assert torch.allclose(want[mask2.bool()], ref[mask2.bool()], atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_registered_ops_pass_opcheck(backend):
+    from peftfast.modules.attention import _segment_ids
+
+    q = torch.randn(2, 4, 7, 16).requires_grad_()
+    k = torch.randn(2, 9, 2, 16).transpose(1, 2).requires_grad_()  # strided, 2 prefix keys
+    v = torch.randn(2, 2, 9, 16).requires_grad_()
+    mask = torch.ones(2, 9, dtype=torch.bool)
+    mask[1, 6:] = False
+    qseg, kseg, _ = _segment_ids(q, k, mask, {}, traced=True)
+    seed = torch.tensor([1234])
+    for args in ((None, None, True, 0.25, None, None, 0.0, None, backend),
+                 (qseg, kseg, True, 0.3, 5.0, 4, 0.2, seed, backend)):
+        torch.library.opcheck(torch.ops.peftfast.flash_attn_fwd, (q, k, v, *args))
+        out, lse = torch.ops.peftfast.flash_attn_fwd(q, k, v, *args)
+        dout = torch.randn_like(out)
+        saved = [t.detach() for t in (q, k, v, out)]  # the backward op runs without autograd (once-differentiable)
+        torch.library.opcheck(torch.ops.peftfast.flash_attn_bwd, (*saved, lse, dout, *args))

@@ -266,6 +266,18 @@ def test_out_of_range_label_is_nan_not_garbage():
         _fused(t, labels, backend="torch", chunk_size=16)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_registered_op_passes_opcheck(backend):
+    op = torch.ops.peftfast.fused_linear_ce
+    t, labels = _make(torch.float32, n=21, h=24, v=37, r=4, bias=True, lora=True, train_weight=True)
+    args = [t["hidden"], t["weight"], t["bias"], t["lora_A"], t["lora_B"], labels]
+    torch.library.opcheck(op, (*args, None, 0.5, -100, 0.1, 3.0, 1.3, backend, 8, "mean", [True] * 5))
+    torch.library.opcheck(op, (*args, torch.tensor(9), 2.0, -100, 0.0, None, 1.0, backend, 16, "mean",
+                               [False, True, False, True, False]))
+    plain = [t["hidden"].detach(), t["weight"], None, None, None, labels]
+    torch.library.opcheck(op, (*plain, None, 1.0, -100, 0.0, None, 1.0, backend, 32, "sum", [False] * 5))
+
+
 def test_default_chunk_size():
     assert default_chunk_size(8192, 4096, 128256) == 256
     assert default_chunk_size(37, 80, 203) == 37
@@ -291,10 +303,15 @@ def test_bad_inputs():
 # ----------------------------------------------------------------------------------------------------------------
 # fused linear JSD
 # ----------------------------------------------------------------------------------------------------------------
-def _reference_jsd(hs, ws, ht, wt, labels, beta, temperature):
-    """Generalised JSD in fp64 from full logits (KL written with ``F.kl_div(..., log_target=True)``)."""
-    ls = F.log_softmax(hs.double() @ ws.double().t() / temperature, -1)
-    lt = F.log_softmax(ht.double() @ wt.double().t() / temperature, -1)
+def _reference_jsd(hs, ws, ht, wt, labels, beta, temperature, eager=False):
+    """Generalised JSD in fp64 from full logits (KL written with ``F.kl_div(..., log_target=True)``); ``eager``:
+    the unfused PyTorch way instead, logits in the tensors' dtype upcast to fp32 before the softmax."""
+    if eager:
+        ls = F.log_softmax((hs @ ws.t()).float() / temperature, -1)
+        lt = F.log_softmax((ht @ wt.t()).float() / temperature, -1)
+    else:
+        ls = F.log_softmax(hs.double() @ ws.double().t() / temperature, -1)
+        lt = F.log_softmax(ht.double() @ wt.double().t() / temperature, -1)
     if beta == 0:
         per = F.kl_div(ls, lt, reduction="none", log_target=True).sum(-1)  # KL(p || q)
     elif beta == 1:
@@ -309,21 +326,77 @@ def _reference_jsd(hs, ws, ht, wt, labels, beta, temperature):
     return per[ok].sum() / ok.sum()
 
 
+def _jsd_inputs(teacher_grad: bool = False):
+    hs = torch.randn(N, H, requires_grad=True)
+    ws = (torch.randn(V, H) * 2 / H**0.5).requires_grad_()
+    # the teacher may be wider or narrower; a non-contiguous teacher hidden state
+    ht = torch.randn(48, N).t().requires_grad_(teacher_grad)
+    wt = (torch.randn(V, 48) * 2 / 48**0.5).requires_grad_(teacher_grad)
+    labels = torch.randint(0, V, (N,))
+    labels[::4] = -100
+    return hs, ws, ht, wt, labels
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("beta", [0.0, 0.3, 1.0])
 def test_jsd_matches_fp64_reference(backend, beta):
-    hs = torch.randn(N, H, requires_grad=True)
-    ws = (torch.randn(V, H) * 2 / H**0.5).requires_grad_()
-    ht, wt = torch.randn(N, 48), torch.randn(V, 48) * 2 / 48**0.5  # the teacher may be wider or narrower
-    labels = torch.randint(0, V, (N,))
-    labels[::4] = -100
-    for lab in (labels, None):
+    hs, ws, ht, wt, labels = _jsd_inputs()
+    for lab, scale_t2 in ((labels, True), (None, False)):
         loss, grads = _grads(lambda: fused_linear_jsd(hs, ws, ht, wt, lab, beta=beta, temperature=2.0,
-                                                      backend=backend, chunk_size=16), [hs, ws])
+                                                      scale_t2=scale_t2, backend=backend, chunk_size=16), [hs, ws])
         rh, rw = hs.detach().double().requires_grad_(), ws.detach().double().requires_grad_()
-        ref, ref_grads = _grads(lambda: _reference_jsd(rh, rw, ht, wt, lab, beta, 2.0), [rh, rw])
+        factor = 4.0 if scale_t2 else 1.0
+        ref, ref_grads = _grads(lambda: factor * _reference_jsd(rh, rw, ht, wt, lab, beta, 2.0), [rh, rw])
         torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-7)
         assert all(_rel(g, r) < 1e-5 for g, r in zip(grads, ref_grads))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("beta", [0.0, 0.3, 1.0])
+def test_jsd_teacher_gradients_match_fp64_reference(backend, beta):
+    hs, ws, ht, wt, labels = _jsd_inputs(teacher_grad=True)
+    leaves = [hs, ws, ht, wt]
+    loss, grads = _grads(lambda: fused_linear_jsd(hs, ws, ht, wt, labels, beta=beta, temperature=1.5,
+                                                  teacher_grad=True, backend=backend, chunk_size=16), leaves)
+    ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
+    ref, ref_grads = _grads(lambda: 1.5**2 * _reference_jsd(*ref_leaves, labels, beta, 1.5), ref_leaves)
+    torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-7)
+    for g, r in zip(grads, ref_grads):
+        assert g.shape == r.shape and _rel(g, r) < 1e-5
+    # only what requires grad gets (and computes) a gradient; the default keeps the teacher constant
+    wt.grad = None
+    wt.requires_grad_(False)
+    _, (g_ht,) = _grads(lambda: fused_linear_jsd(hs.detach(), ws.detach(), ht, wt, labels, beta=beta,
+                                                 temperature=1.5, teacher_grad=True, backend=backend), [ht])
+    assert _rel(g_ht, ref_grads[2]) < 1e-5 and wt.grad is None
+    ht.grad = hs.grad = None
+    fused_linear_jsd(hs, ws, ht, wt, labels, beta=beta, backend=backend).backward()
+    assert ht.grad is None and hs.grad is not None
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_jsd_low_precision_gradients_within_twice_eager_error(dtype):
+    leaves = [t.detach().to(dtype).requires_grad_() for t in _jsd_inputs()[:4]]
+    labels = _jsd_inputs()[4]
+    loss, grads = _grads(lambda: fused_linear_jsd(*leaves, labels, beta=0.3, temperature=2.0, teacher_grad=True,
+                                                  backend="torch", chunk_size=16), leaves)
+    eager, eager_grads = _grads(lambda: 4.0 * _reference_jsd(*leaves, labels, 0.3, 2.0, eager=True), leaves)
+    ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
+    ref, ref_grads = _grads(lambda: 4.0 * _reference_jsd(*ref_leaves, labels, 0.3, 2.0), ref_leaves)
+    assert abs(loss.double() - ref) <= 2 * abs(eager.double() - ref) + 1e-6
+    for g, e, r in zip(grads, eager_grads, ref_grads):
+        assert g.dtype == dtype and _rel(g, r) <= 2 * _rel(e, r) + 1e-6
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_jsd_op_passes_opcheck(backend):
+    hs, ws = torch.randn(13, 16, requires_grad=True), torch.randn(29, 16, requires_grad=True)
+    ht, wt = torch.randn(13, 12, requires_grad=True), torch.randn(29, 12, requires_grad=True)
+    labels = torch.randint(0, 29, (13,))
+    labels[::3] = -100
+    op = torch.ops.peftfast.fused_linear_jsd
+    torch.library.opcheck(op, (hs, ws, ht, wt, labels, 0.3, 2.0, -100, backend, 8, True, [True] * 4))
+    torch.library.opcheck(op, (hs, ws, ht, wt, None, 0.0, 1.0, -100, backend, 16, False, [True, False, False, True]))
 
 
 def test_jsd_bf16_memory_and_no_grad():

@@ -150,19 +150,77 @@ def test_probe_refuses_a_different_formula():
         del sys.modules[fake.__name__]
 
 
-def test_inside_patch_the_global_is_swapped_only_during_the_call():
+def _rope_counts(model) -> dict[str, tuple[int, int]]:
+    """(fused calls, fallback calls) per patched attention module."""
+    return {n: (m._peftfast_rope.fused_calls, sum(m._peftfast_rope.fallbacks.values()))
+            for n, m in model.named_modules() if "_peftfast_rope" in m.__dict__}
+
+
+def test_the_modeling_global_is_never_replaced_and_copies_count_on_their_own():
+    import copy
+    import pickle
+
+    import transformers.models.llama.modeling_llama as modeling
+    from _models import batch, peft_model
+
+    def aliases() -> set[str]:
+        return {n for n in vars(modeling) if n.startswith("__peftfast_apply_rotary_pos_emb_")}
+
+    original = modeling.apply_rotary_pos_emb
+    model = peft_model("llama")
+    before = aliases()
+    seen = []
+    attn = model.base_model.model.model.layers[0].self_attn
+    peftfast.patch(model)
+    hook = attn.q_proj.register_forward_hook(lambda *a: seen.append(modeling.apply_rotary_pos_emb))
+    data = batch("llama")
+    model(**data)
+    hook.remove()
+    assert seen and all(fn is original for fn in seen)  # not even during the patched call
+    assert set(_rope_counts(model).values()) == {(1, 0)}
+
+    ours = aliases() - before
+    assert len(ours) == 2  # one per patched instance
+    peftfast.patch(model, backend="triton")  # re-patching with another backend re-points the aliases
+    assert {getattr(modeling, a).keywords["backend"] for a in ours} == {"triton"} and aliases() - before == ours
+    for dup in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        dup(**data)
+        assert set(_rope_counts(dup).values()) == {(2, 0)}  # its own counters (copied at 1)
+    assert set(_rope_counts(model).values()) == {(1, 0)}
+    peftfast.unpatch(model)
+    assert not ours & aliases()
+    assert modeling.apply_rotary_pos_emb is original
+
+
+def test_an_earlier_instance_forward_gets_the_swapped_global():
     import transformers.models.llama.modeling_llama as modeling
     from _models import batch, peft_model
 
     model = peft_model("llama")
-    original = modeling.apply_rotary_pos_emb
-    seen = []
+    ref = model(**batch("llama")).loss
     attn = model.base_model.model.model.layers[0].self_attn
-    peftfast.patch(model)
-    attn.q_proj.register_forward_hook(lambda *a: seen.append(modeling.apply_rotary_pos_emb))
-    model(**batch("llama"))
-    assert seen and seen[0] is not original
-    assert modeling.apply_rotary_pos_emb is original
+    seen = []
+
+    def hooked(*args, **kwargs):  # e.g. accelerate's hooks: an instance-level forward set before patch
+        seen.append(modeling.apply_rotary_pos_emb)
+        return type(attn).forward(attn, *args, **kwargs)
+
+    attn.forward = hooked
+    original = modeling.apply_rotary_pos_emb
+    peftfast.patch(model, fuse_attention=False)
+    loss = model(**batch("llama")).loss
+    assert seen and seen[0] is not original and modeling.apply_rotary_pos_emb is original
+    assert attn._peftfast_rope.fused_calls == 1
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-5)
+    peftfast.unpatch(model)
+    assert attn.forward is hooked
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_registered_op_passes_opcheck(backend):
+    for layout, cos_batch, backward in ((1, None, False), (2, 1, True)):
+        q, k, cos, sin = _inputs(2, 4, 2, 5, 12, 8, torch.float32, layout=layout, cos_batch=cos_batch)
+        torch.library.opcheck(torch.ops.peftfast.rope, (q, k, cos, sin, layout, backward, backend))
 
 
 # ----------------------------------------------------------------------------------------------------------------

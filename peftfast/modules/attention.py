@@ -1,10 +1,11 @@
 """The ``"peftfast"`` transformers attention implementation: fused attention for padded, packed and prefixed batches.
 
-Registered with ``transformers.AttentionInterface`` and, for its masks, with ``AttentionMaskInterface`` reusing the
-flash-attention mask builder: the function then receives a 2-D padding mask (or None), never a 4-D one. Padding,
-packed documents (``cu_seq_lens_*`` flash kwargs or ``position_ids`` that restart at 0) and prefix keys become
-segment ids for the kernel. Calls asking for what the kernel does not do fall back to SDPA with an explicit mask,
-counted per module with their reason.
+Registered with ``transformers.AttentionInterface`` and, for its masks, with ``AttentionMaskInterface`` (the
+flash-attention mask builder, without its host read under ``torch.compile``): the function then receives a 2-D
+padding mask (or None), never a 4-D one. Padding, packed documents (``cu_seq_lens_*`` flash kwargs or
+``position_ids`` that restart at 0) and prefix keys become segment ids for the kernel. Calls asking for what the
+kernel does not do fall back to SDPA with an explicit mask, counted per module with their reason (under
+``torch.compile``: once per compilation, see ``peftfast.modules._tally``).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from peftfast.modules._tally import Tallied, tally
 from peftfast.ops.attention import ALL_SEGMENTS, check_inputs, flash_attention
 
 NAME = "peftfast"
@@ -22,23 +24,22 @@ _UNSUPPORTED_KWARGS = ("position_bias", "s_aux", "sinks", "cache", "head_mask")
 
 
 @dataclass
-class AttentionStats:
+class AttentionStats(Tallied):
     fused_calls: int = 0
     fallbacks: Counter = field(default_factory=Counter)
 
 
 def _stats(module: nn.Module) -> AttentionStats:
-    st = module.__dict__.get("_peftfast_attn")
-    if st is None:
+    st = getattr(module, "_peftfast_attn", None)
+    if st is None:  # an attention module ``install`` did not see (added later): created on its first call
         st = module.__dict__["_peftfast_attn"] = AttentionStats()
     return st
 
 
-def _segments_from_positions(position_ids: torch.Tensor) -> torch.Tensor | None:
-    """Document ids of packed rows (positions restarting at 0), None when every row is one document."""
-    if position_ids.dim() != 2 or position_ids.shape[1] < 2 or not bool((position_ids[:, 1:] == 0).any()):
-        return None
-    return torch.cumsum((position_ids == 0).to(torch.int32), dim=1) - 1
+def _segments_from_positions(position_ids: torch.Tensor) -> torch.Tensor:
+    """Document ids [B, S] of packed rows: a new document starts wherever the position restarts at 0."""
+    restart = (position_ids[:, 1:] == 0).to(torch.int32)
+    return torch.cat([torch.zeros_like(restart[:, :1]), torch.cumsum(restart, dim=1, dtype=torch.int32)], dim=1)
 
 
 def _segments_from_cu(cu: torch.Tensor, total: int) -> torch.Tensor:
@@ -58,9 +59,14 @@ def segment_ids(query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Te
                 kwargs: dict) -> tuple[torch.Tensor | None, torch.Tensor | None, str | None]:
     """(qseg, kseg, reason): segment ids for the kernel, or a reason to fall back.
 
-    Computed once per forward rather than per layer: the layers hand over the same mask / position tensors, and
-    building the ids reads them on the host (a device sync on GPUs).
+    Eager: computed once per forward rather than per layer (the layers hand over the same mask / position
+    tensors), and ``None`` when the batch has neither padding nor packing, which reads the mask on the host (a
+    device sync on GPUs) but lets the kernel skip the segment test. Under ``torch.compile`` the ids are built from
+    tensor ops only, with no host read and no cache: a given mask or position tensor always yields segment ids
+    (all zeros when nothing is packed or padded; the same attention, through the segment-aware kernel).
     """
+    if torch.compiler.is_compiling():
+        return _segment_ids(query, key, attention_mask, kwargs, traced=True)
     srcs = (attention_mask, kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k"), kwargs.get("position_ids"))
     cache_key = (tuple(id(t) for t in srcs), tuple(_version(t) for t in srcs), query.shape[0],
                  query.shape[2], key.shape[2], query.device)
@@ -71,23 +77,32 @@ def segment_ids(query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Te
     return result
 
 
-def _segment_ids(query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None,
-                 kwargs: dict) -> tuple[torch.Tensor | None, torch.Tensor | None, str | None]:
+def _segment_ids(query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None, kwargs: dict,
+                 traced: bool = False) -> tuple[torch.Tensor | None, torch.Tensor | None, str | None]:
+    """``traced``: no data-dependent shortcut (no host read): see :func:`segment_ids`."""
     b, sq, sk = query.shape[0], query.shape[2], key.shape[2]
     seg = None
     cu = kwargs.get("cu_seq_lens_q")
     if cu is not None:
-        if b != 1 or kwargs.get("cu_seq_lens_k") is not None and not torch.equal(kwargs["cu_seq_lens_k"], cu):
-            return None, None, "cu_seq_lens with batch > 1 or different query/key lengths"
+        cu_k = kwargs.get("cu_seq_lens_k")
+        if b != 1:
+            return None, None, "cu_seq_lens with batch > 1"
+        if cu_k is not None and cu_k is not cu and (traced or not torch.equal(cu_k, cu)):
+            # under torch.compile the tensors are compared by identity (transformers' collator passes one tensor)
+            return None, None, "cu_seq_lens_k is not cu_seq_lens_q (different query/key lengths)"
         seg = _segments_from_cu(cu, sq)
-    elif kwargs.get("position_ids") is not None and kwargs["position_ids"].shape[-1] == sq:
-        seg = _segments_from_positions(kwargs["position_ids"].expand(b, -1))
+    else:
+        pos = kwargs.get("position_ids")
+        if pos is not None and pos.dim() == 2 and pos.shape[-1] == sq and sq > 1:
+            seg = _segments_from_positions(pos.expand(b, -1))
+            if not traced and not bool(seg[:, -1].any()):
+                seg = None  # no row restarts: one document per row
     mask = attention_mask
     if mask is not None:
         if mask.dim() != 2 or mask.shape[0] != b or mask.shape[1] != sk:
             return None, None, f"attention mask of shape {tuple(mask.shape)} (expected a 2-D [B, {sk}] mask)"
         mask = mask.bool()
-        if bool(mask.all()):
+        if not traced and bool(mask.all()):
             mask = None
     if seg is None and mask is None:
         return None, None, None
@@ -155,23 +170,40 @@ def peftfast_attention_forward(module: nn.Module, query: torch.Tensor, key: torc
     if reason is None:
         qseg, kseg, reason = segment_ids(query, key, attention_mask, kwargs)
     if reason is not None:
-        st.fallbacks[reason] += 1
+        tally(st.tally_key, "fallbacks", reason)
         return _fallback(module, query, key, value, attention_mask, dropout, scaling, causal, window, softcap, qseg,
                          kseg)
-    st.fused_calls += 1
+    tally(st.tally_key, "fused_calls")
     out = flash_attention(query, key, value, causal=causal, scale=scaling, softcap=softcap,
                           window=int(window) if window else None, qseg=qseg, kseg=kseg, dropout_p=float(dropout),
                           backend=getattr(module, "_peftfast_attn_backend", "auto"), name=type(module).__name__)
     return out, None
 
 
+def padding_mask(*args, attention_mask: torch.Tensor | None = None, kv_length: int | None = None, **kwargs):
+    """The ``"peftfast"`` mask builder: the 2-D padding mask (or None), as transformers' flash-attention builder.
+
+    Eager: that builder itself (it returns None for an all-ones mask, reading the mask on the host). Under
+    ``torch.compile`` the mask is only sliced to the last ``kv_length`` keys, never read: an all-ones mask reaches
+    the attention function, which turns it into segment ids like any other (same result, no graph break).
+    """
+    if not torch.compiler.is_compiling():
+        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+        flash_mask = ALL_MASK_ATTENTION_FUNCTIONS["flash_attention_2"]
+        return flash_mask(*args, attention_mask=attention_mask, kv_length=kv_length, **kwargs)
+    if attention_mask is None or kv_length is None:
+        return attention_mask
+    return attention_mask[:, -kv_length:]
+
+
 def register() -> None:
     """Register ``"peftfast"`` with transformers' attention and mask interfaces (idempotent)."""
     from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+    from transformers.masking_utils import AttentionMaskInterface
 
     AttentionInterface.register(NAME, peftfast_attention_forward)
-    AttentionMaskInterface.register(NAME, ALL_MASK_ATTENTION_FUNCTIONS["flash_attention_2"])
+    AttentionMaskInterface.register(NAME, padding_mask)
 
 
 def base_model_of(model: nn.Module) -> nn.Module | None:
@@ -193,9 +225,16 @@ def install(model: nn.Module, backend: str) -> str | None:
         except Exception as exc:  # the architecture does not take attention implementations by name
             return f"{type(inner).__name__} refuses a custom attention implementation ({type(exc).__name__})"
         model.__dict__["_peftfast_attn_previous"] = previous
+    def attention_like(m: nn.Module) -> bool:
+        return hasattr(m, "is_causal") or type(m).__name__.endswith("Attention")
+
     for m in inner.modules():
-        if hasattr(m, "is_causal") or type(m).__name__.endswith("Attention"):
+        if attention_like(m):
             m.__dict__["_peftfast_attn_backend"] = backend
+            # stats up front (outside any compiled region) for the modules the attention function is called with:
+            # the innermost ones (BERT's BertAttention only wraps BertSelfAttention, which gets the calls)
+            if not any(attention_like(c) for c in m.modules() if c is not m):
+                m.__dict__.setdefault("_peftfast_attn", AttentionStats())
     return None
 
 

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from peftfast.modules._bind import bind_forward, call_original, unbind_forward
+from peftfast.modules._tally import Tallied, tally
 from peftfast.ops.cross_entropy import fused_linear_cross_entropy
 
 
@@ -66,7 +67,7 @@ class LossPatchConfig:
 
 
 @dataclass
-class LossState:
+class LossState(Tallied):
     """Kept on the patched model as ``model._peftfast_loss`` (not in ``state_dict``)."""
 
     config: LossPatchConfig
@@ -229,7 +230,7 @@ def fused_causal_lm_forward(model: nn.Module, *args, **kwargs):
     """Drop-in ``forward`` for the supported ``*ForCausalLM`` classes (bound to the instance by ``install``)."""
     st: LossState = model._peftfast_loss
     if len(args) > len(_PARAMS):
-        st.fallbacks["unexpected positional arguments"] += 1
+        tally(st.tally_key, "fallbacks", "unexpected positional arguments")
         return _original(model, st, args, kwargs)
     p = dict(zip(_PARAMS, args))
     rest = {}
@@ -242,11 +243,11 @@ def fused_causal_lm_forward(model: nn.Module, *args, **kwargs):
             rest[k] = v
     p.setdefault("logits_to_keep", 0)
     if p.get("labels") is None:
-        st.no_label_calls += 1
+        tally(st.tally_key, "no_label_calls")
         return _original(model, st, args, kwargs)
     if not model.training and not st.config.keep_logits:
         # evaluation usually wants the logits (metrics, generation); there is no backward to save memory for
-        st.eval_calls += 1
+        tally(st.tally_key, "eval_calls")
         return _original(model, st, args, kwargs)
     reason = _call_reason(model, p)
     head = None
@@ -255,7 +256,7 @@ def fused_causal_lm_forward(model: nn.Module, *args, **kwargs):
         if isinstance(head, str):
             reason = head
     if reason is not None:
-        st.fallbacks[reason] += 1
+        tally(st.tally_key, "fallbacks", reason)
         return _original(model, st, args, kwargs)
 
     return_dict = rest.pop("return_dict", None)
@@ -267,12 +268,12 @@ def fused_causal_lm_forward(model: nn.Module, *args, **kwargs):
     hidden = outputs.last_hidden_state
     loss = _loss(model, st, head, hidden, p["labels"], rest)
     if loss is None:  # a dtype the fused op cannot take: finish as the original would, from these hidden states
-        st.fallbacks["hidden dtype differs from lm_head weight dtype"] += 1
+        tally(st.tally_key, "fallbacks", "hidden dtype differs from lm_head weight dtype")
         logits = _logits(model, hidden)
         vocab = model.vocab_size if type(model).__name__.startswith("Gemma") else model.config.vocab_size
         loss = model.loss_function(logits, p["labels"], vocab, **rest)
     else:
-        st.fused_calls += 1
+        tally(st.tally_key, "fused_calls")
         logits = None
         if st.config.keep_logits:
             with torch.no_grad():

@@ -19,6 +19,7 @@ from torch import nn
 
 from peftfast.modules import nf4 as nf4_mod
 from peftfast.modules._bind import bind_forward, call_original, unbind_forward
+from peftfast.modules._tally import Tallied, tally
 from peftfast.ops.lora import MAX_RANK, lora_linear_group
 
 try:  # transformers is a dependency, but keep the module importable without it
@@ -44,7 +45,7 @@ class LoRAPatchConfig:
 
 
 @dataclass
-class LoRAState:
+class LoRAState(Tallied):
     """What peftfast keeps on a patched layer (as ``layer._peftfast``); none of it is in ``state_dict``."""
 
     name: str
@@ -238,19 +239,20 @@ def fused_lora_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs) -> tor
     plan = _plan(self, args, kwargs)
     if plan is None or isinstance(plan, str):
         if plan is None:
-            st.base_only_calls += 1
+            tally(st.tally_key, "base_only_calls")
         else:
-            st.fallbacks[plan] += 1
+            tally(st.tally_key, "fallbacks", plan)
         return call_original(self, st, x, *args, **kwargs)
     if nf4_mod.is_nf4_base(self.get_base_layer()):  # one layer at a time on the fused NF4 op (never grouped)
         why = nf4_mod.call_reason(self, x)
         if why is not None:
-            st.fallbacks[why] += 1
+            tally(st.tally_key, "fallbacks", why)
             return call_original(self, st, x, *args, **kwargs)
-        st.fused_calls += 1
+        tally(st.tally_key, "fused_calls")
         return nf4_mod.run_lora(self, plan.adapter, plan.p, x, st.config.backend, st.name)
     _check_input(self, x)
-    st.fused_calls += 1
+    # counted through tally: a plain `+= 1` makes Dynamo guard on the value and recompile on every call
+    tally(st.tally_key, "fused_calls")
     grp = st.group
     if grp is not None and st.config.group_siblings:
         out = grp.take(st.index, x)

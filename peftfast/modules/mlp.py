@@ -16,6 +16,7 @@ from torch import nn
 
 from peftfast.modules import lora as lora_mod
 from peftfast.modules._bind import bind_forward, call_original, unbind_forward
+from peftfast.modules._tally import Tallied, tally
 from peftfast.ops.mlp import lora_mlp
 
 _PROJ = ("gate_proj", "up_proj", "down_proj")
@@ -54,7 +55,7 @@ def why_not(module: nn.Module) -> str | None:
 
 
 @dataclass
-class MLPState:
+class MLPState(Tallied):
     name: str
     backend: str
     previous_forward: object | None
@@ -102,13 +103,16 @@ def fused_mlp_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs) -> torc
     plans = _plan(self, x, args, kwargs)
     if isinstance(plans, tuple):
         kind, reason = plans
-        (st.fallbacks if kind == "fallback" else st.deferred)[reason] += 1
+        if kind == "fallback":
+            tally(st.tally_key, "fallbacks", reason)
+        else:
+            tally(st.tally_key, "deferred", reason)
         return call_original(self, st, x, *args, **kwargs)
     for p in ("gate_proj", "up_proj"):
         lora_mod._check_input(getattr(self, p), x)
-    st.fused_calls += 1
+    tally(st.tally_key, "fused_calls")  # not `+= 1`: see peftfast.modules._tally
     for p in _PROJ:  # the projections run fused too, inside the block op
-        getattr(self, p)._peftfast.fused_calls += 1
+        tally(getattr(self, p)._peftfast.tally_key, "fused_calls")
     gate, up, down = (_proj(getattr(self, n), pl) for n, pl in zip(_PROJ, plans))
     # the gate's dropout segment as in the layers' sibling group, so masks do not depend on fuse_mlp
     grp = self.gate_proj._peftfast.group

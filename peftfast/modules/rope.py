@@ -1,19 +1,23 @@
 """Fused RoPE for an attention module: its own forward runs with ``apply_rotary_pos_emb`` served by peftfast.
 
-transformers' attention forwards call the module-level ``apply_rotary_pos_emb`` of their modeling file. The
-patched instance's forward swaps that global for the fused op for the duration of its own call only (other
-instances and models called after it see the original), so the patch stays per instance and nothing of
-transformers' source is copied. An unpatched model running in another thread inside that window would compute the
-same maths through the fused op. ``why_not`` probes the model's function numerically against the
-fused op once, so a transformers release that changes the maths is refused with a reason rather than silently
-mis-fused.
+transformers' attention forwards call the module-level ``apply_rotary_pos_emb`` of their modeling file. A patched
+instance runs a copy of its class's ``forward`` whose code reads that global under a per-instance alias name (set in
+the modeling module at install, removed at uninstall), bound to the fused op: the module's own function is never
+replaced, so other instances, models and threads see the original, nothing of transformers' source is copied, and
+``torch.compile`` traces the call like any other (no lock, no global swapped during the call). Where another
+instance-level ``forward`` was installed first (e.g. accelerate hooks) the global is swapped around the call under a
+lock instead (eager only). ``why_not`` probes the model's function numerically against the fused op once, so a
+transformers release that changes the maths is refused with a reason rather than silently mis-fused.
 """
 
 from __future__ import annotations
 
+import dis
 import functools
 import sys
 import threading
+import types
+import weakref
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -21,6 +25,7 @@ import torch
 from torch import nn
 
 from peftfast.modules._bind import bind_forward, unbind_forward
+from peftfast.modules._tally import Tallied, tally
 from peftfast.ops.rope import rope
 
 _GLOBAL = "apply_rotary_pos_emb"
@@ -57,46 +62,115 @@ def _probe(fn) -> str | None:
     return _probed[key]
 
 
+def _unfused(fn):
+    """The model's own function behind ``fn`` (the module global, swapped by a call on the lock path)."""
+    return fn.keywords["original"] if isinstance(fn, functools.partial) and fn.func is _fused else fn
+
+
 def why_not(attn: nn.Module) -> str | None:
     """None if this attention module's RoPE can be fused, else a one-line reason."""
-    mod = _module_of(attn)
-    fn = getattr(mod, _GLOBAL, None)
+    fn = getattr(_module_of(attn), _GLOBAL, None)
     if fn is None:
         return "its modeling file has no apply_rotary_pos_emb (no RoPE, or another form)"
-    if isinstance(fn, functools.partial) and fn.func is _fused:
-        fn = fn.keywords["original"]
-    return _probe(fn)
+    return _probe(_unfused(fn))
 
 
 @dataclass
-class RoPEState:
+class RoPEState(Tallied):
     name: str
     backend: str
     previous_forward: object | None
+    owner: type | None = None  # the attention class whose forward is re-bound (None: the global-swap path)
     fused_calls: int = 0
     fallbacks: Counter = field(default_factory=Counter)
 
+    def _register(self) -> None:
+        super()._register()
+        self.forward_fn, self.release = _rebind(self) if self.owner is not None else (None, None)
 
-def _fused(q, k, cos, sin, *args, original, state: RoPEState, **kwargs):
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        for k in ("forward_fn", "release"):  # rebuilt for the copy's own key
+            state.pop(k, None)
+        return state
+
+
+def _fused(q, k, cos, sin, *args, original, key: int, backend: str, name: str, **kwargs):
     unsqueeze_dim = kwargs.pop("unsqueeze_dim", 1)
     if len(args) == 1 and isinstance(args[0], int) and not kwargs:
         unsqueeze_dim, args = args[0], ()
     if args or kwargs or cos.dim() != 3 or q.dim() != 4 or unsqueeze_dim not in (1, 2):
-        state.fallbacks["unexpected apply_rotary_pos_emb arguments"] += 1
+        tally(key, "fallbacks", "unexpected apply_rotary_pos_emb arguments")
         return original(q, k, cos, sin, *args, unsqueeze_dim=unsqueeze_dim, **kwargs)
-    state.fused_calls += 1
-    return rope(q, k, cos.to(q.dtype), sin.to(q.dtype), unsqueeze_dim=unsqueeze_dim, backend=state.backend,
-                name=state.name)
+    tally(key, "fused_calls")
+    return rope(q, k, cos.to(q.dtype), sin.to(q.dtype), unsqueeze_dim=unsqueeze_dim, backend=backend, name=name)
+
+
+def _alias(key: int) -> str:
+    return f"__peftfast_apply_rotary_pos_emb_{key}__"
+
+
+def _renamed(code: types.CodeType, alias: str) -> types.CodeType:
+    """``code`` (and the code objects nested in it) with the global ``apply_rotary_pos_emb`` read as ``alias``."""
+    consts = tuple(_renamed(c, alias) if isinstance(c, types.CodeType) else c for c in code.co_consts)
+    names = tuple(alias if n == _GLOBAL else n for n in code.co_names)
+    return code.replace(co_names=names, co_consts=consts)
+
+
+def _reads_global_only(code: types.CodeType) -> bool:
+    """True if every use of the name in ``code`` (and nested code) is a global read, so renaming it is exact."""
+    ok = all(i.opname == "LOAD_GLOBAL" for i in dis.get_instructions(code) if i.argval == _GLOBAL)
+    return ok and all(_reads_global_only(c) for c in code.co_consts if isinstance(c, types.CodeType))
+
+
+def _drop_alias(globals_: dict, alias: str) -> None:
+    globals_.pop(alias, None)
+
+
+def _rebind(st: RoPEState):
+    """The owner's forward with ``apply_rotary_pos_emb`` read from a per-instance alias in its modeling module.
+
+    The alias (``functools.partial(_fused, ...)`` of constants only, so the module's globals keep no reference to
+    the model) is set here, outside any traced call, and removed when the state goes; the module's own
+    ``apply_rotary_pos_emb`` is never touched, so other instances, models and threads see the original.
+    """
+    fn = st.owner.forward
+    mod = sys.modules.get(st.owner.__module__)
+    if not isinstance(fn, types.FunctionType) or mod is None or fn.__globals__ is not vars(mod) or \
+            _GLOBAL not in fn.__code__.co_names or not _reads_global_only(fn.__code__):
+        return None, None
+    alias = _alias(st.tally_key)
+    g = fn.__globals__
+    g[alias] = functools.partial(_fused, original=_unfused(g[_GLOBAL]), key=st.tally_key, backend=st.backend,
+                                 name=st.name)
+    release = weakref.finalize(st, _drop_alias, g, alias)
+    new = types.FunctionType(_renamed(fn.__code__, alias), g, fn.__name__, fn.__defaults__, fn.__closure__)
+    new.__kwdefaults__ = fn.__kwdefaults__
+    new.__qualname__, new.__doc__ = fn.__qualname__, fn.__doc__
+    new.__dict__.update(fn.__dict__)
+    return new, release
+
+
+def _refresh_alias(st: RoPEState) -> None:
+    """Re-point the alias at the current backend/name (a changed alias fails Dynamo's guard: recompiled, not stale)."""
+    g = st.owner.forward.__globals__
+    g[_alias(st.tally_key)] = functools.partial(_fused, original=_unfused(g[_GLOBAL]), key=st.tally_key,
+                                                backend=st.backend, name=st.name)
 
 
 def fused_rope_attention_forward(self: nn.Module, *args, **kwargs):
-    """``forward`` of a patched attention module: the original, with the fused RoPE in its modeling file."""
+    """``forward`` of a patched attention module: the original, with the fused RoPE in place of the model's."""
     st: RoPEState = self._peftfast_rope
+    if st.forward_fn is not None and st.previous_forward is None:
+        return st.forward_fn(self, *args, **kwargs)
+    # another instance-level forward was there first (e.g. accelerate hooks): swap the module global around the
+    # call (eager only: Dynamo does not trace the lock)
     forward = st.previous_forward or functools.partial(type(self).forward, self)
     mod = _module_of(self)
     with _lock:
         original = getattr(mod, _GLOBAL)
-        setattr(mod, _GLOBAL, functools.partial(_fused, original=original, state=st))
+        setattr(mod, _GLOBAL, functools.partial(_fused, original=original, key=st.tally_key, backend=st.backend,
+                                                name=st.name))
     try:
         return forward(*args, **kwargs)
     finally:
@@ -107,14 +181,20 @@ def fused_rope_attention_forward(self: nn.Module, *args, **kwargs):
 def install(attn: nn.Module, name: str, backend: str) -> None:
     st = getattr(attn, "_peftfast_rope", None)
     if st is not None:
-        st.backend = backend
+        if st.backend != backend:
+            st.backend = backend
+            if st.forward_fn is not None:
+                _refresh_alias(st)
         return
-    bind_forward(attn, "_peftfast_rope", RoPEState(name=name, backend=backend, previous_forward=None),
-                 fused_rope_attention_forward)
+    previous = attn.__dict__.get("forward")
+    st = RoPEState(name=name, backend=backend, previous_forward=None, owner=type(attn) if previous is None else None)
+    bind_forward(attn, "_peftfast_rope", st, fused_rope_attention_forward)
 
 
 def uninstall(attn: nn.Module) -> None:
-    unbind_forward(attn, "_peftfast_rope")
+    st = unbind_forward(attn, "_peftfast_rope")
+    if st is not None and st.release is not None:
+        st.release()
 
 
 def is_rope_attention(module: nn.Module) -> bool:

@@ -3,7 +3,8 @@
 Both backends keep the same contract: saved for backward are q, k, v (the model's own tensors: no repeated K/V for
 grouped-query attention), the output and the fp32 log-sum-exp per query; the S × S probabilities are rebuilt in
 backward (query chunks on the ATen path, tiles in Triton). Segment ids express padding, packed documents and
-prefix keys (see ``kernels/attention.py``).
+prefix keys (see ``kernels/attention.py``). Both run as the registered ops ``torch.ops.peftfast.flash_attn_fwd`` /
+``flash_attn_bwd`` (fake kernels and autograd included), so ``torch.compile`` traces them without a break.
 """
 
 from __future__ import annotations
@@ -202,22 +203,61 @@ def _triton_backward(q, k, v, out, lse, dout, causal, scale, softcap, window, qs
 # ----------------------------------------------------------------------------------------------------------------
 # autograd and entry point
 # ----------------------------------------------------------------------------------------------------------------
-class _AttentionFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, qseg, kseg, causal, scale, softcap, window, p, seed, backend):
-        fwd = _triton_forward if backend == "triton" else _torch_forward
-        out, lse = fwd(q, k, v, causal, scale, softcap, window, qseg, kseg, p, seed)
-        ctx.save_for_backward(q, k, v, out, lse, qseg, kseg)
-        ctx.meta = (causal, scale, softcap, window, p, seed, backend)
-        return out
+# Registered ops (not a Python autograd.Function), so torch.compile traces them as single nodes with the fake
+# kernels below. The dropout seed is a one-element int64 CPU tensor: drawn as a tensor op, it needs no ``.item()``
+# in traced code.
+_SIG = ("Tensor? qseg, Tensor? kseg, bool causal, float scale, float? softcap, int? window, float p, Tensor? seed, "
+        "str backend")
 
-    @staticmethod
-    def backward(ctx, dout):
-        q, k, v, out, lse, qseg, kseg = ctx.saved_tensors
-        causal, scale, softcap, window, p, seed, backend = ctx.meta
-        bwd = _triton_backward if backend == "triton" else _torch_backward
-        dq, dk, dv = bwd(q, k, v, out, lse, dout, causal, scale, softcap, window, qseg, kseg, p, seed)
-        return dq, dk, dv, None, None, None, None, None, None, None, None, None
+
+def _seed_int(seed: torch.Tensor | None) -> int:
+    return 0 if seed is None else int(seed.reshape(-1)[0].item())
+
+
+@torch.library.custom_op("peftfast::flash_attn_fwd", mutates_args=(),
+                         schema=f"(Tensor q, Tensor k, Tensor v, {_SIG}) -> (Tensor, Tensor)")
+def _fwd_op(q, k, v, qseg, kseg, causal, scale, softcap, window, p, seed, backend):
+    fwd = _triton_forward if backend == "triton" else _torch_forward
+    return fwd(q, k, v, causal, scale, softcap, window, qseg, kseg, p, _seed_int(seed))
+
+
+@_fwd_op.register_fake
+def _(q, k, v, qseg, kseg, causal, scale, softcap, window, p, seed, backend):
+    b, hq, sq, d = q.shape
+    return q.new_empty((b, sq, hq, d)), q.new_empty((b, hq, sq), dtype=torch.float32)
+
+
+@torch.library.custom_op("peftfast::flash_attn_bwd", mutates_args=(),
+                         schema=f"(Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor dout, {_SIG}) "
+                                "-> (Tensor, Tensor, Tensor)")
+def _bwd_op(q, k, v, out, lse, dout, qseg, kseg, causal, scale, softcap, window, p, seed, backend):
+    bwd = _triton_backward if backend == "triton" else _torch_backward
+    return bwd(q, k, v, out, lse, dout, causal, scale, softcap, window, qseg, kseg, p, _seed_int(seed))
+
+
+@_bwd_op.register_fake
+def _(q, k, v, out, lse, dout, qseg, kseg, causal, scale, softcap, window, p, seed, backend):
+    if backend == "triton":  # empty_like: the inputs' strides
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    return torch.empty_like(q), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup(ctx, inputs, output) -> None:
+    q, k, v, qseg, kseg, *meta = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, qseg, kseg, meta[-2])
+    ctx.meta = tuple(meta[:-2]) + (meta[-1],)
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, dout, _dlse):
+    q, k, v, out, lse, qseg, kseg, seed = ctx.saved_tensors
+    causal, scale, softcap, window, p, backend = ctx.meta
+    dq, dk, dv = _bwd_op(q, k, v, out, lse, dout, qseg, kseg, causal, scale, softcap, window, p, seed, backend)
+    return dq, dk, dv, None, None, None, None, None, None, None, None, None
+
+
+_fwd_op.register_autograd(_backward, setup_context=_setup)
 
 
 def check_inputs(q, k, v, qseg=None, kseg=None) -> str | None:
@@ -243,13 +283,15 @@ def check_inputs(q, k, v, qseg=None, kseg=None) -> str | None:
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
                     scale: float | None = None, softcap: float | None = None, window: int | None = None,
                     qseg: torch.Tensor | None = None, kseg: torch.Tensor | None = None, dropout_p: float = 0.0,
-                    seed: int | None = None, backend: str = "auto", name: str = "attention") -> torch.Tensor:
+                    seed: int | torch.Tensor | None = None, backend: str = "auto",
+                    name: str = "attention") -> torch.Tensor:
     """Attention of q [B, HQ, SQ, D] over k/v [B, HK, SK, D] (HQ a multiple of HK); returns [B, SQ, HQ, D].
 
     ``causal`` aligns bottom-right (prefix keys / caches); ``window`` keeps keys within the last ``window``
     positions; ``softcap`` applies ``c·tanh(s/c)``; ``qseg``/``kseg`` int32 segment ids (see the kernels module:
     -1 padding, -2 prefix keys visible to all); ``dropout_p`` drops attention probabilities with a mask rebuilt
-    from ``seed`` in backward.
+    from ``seed`` (an int or a one-element int64 CPU tensor; drawn from torch's RNG when None) in backward. Runs as
+    ``torch.ops.peftfast.flash_attn_fwd`` / ``flash_attn_bwd``.
     """
     reason = check_inputs(q, k, v, qseg, kseg)
     if reason is not None:
@@ -260,10 +302,6 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
         raise ValueError(f"peftfast: {name}: window must be positive, got {window}")
     be = resolve_backend(backend, q.device)
     scale = float(scale) if scale is not None else 1.0 / math.sqrt(q.shape[-1])
-    if dropout_p > 0 and seed is None:
-        from peftfast.ops.lora import draw_seed
-
-        seed = draw_seed(q.device)
     sq, sk = q.shape[2], k.shape[2]
     if be == "torch" and qseg is None and softcap is None and window is None and dropout_p == 0 and \
             (not causal or sq == sk):
@@ -274,9 +312,15 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
         return out.transpose(1, 2)
     qseg = None if qseg is None else qseg.to(torch.int32).contiguous()
     kseg = None if kseg is None else kseg.to(torch.int32).contiguous()
-    return _AttentionFunction.apply(q, k, v, qseg, kseg, bool(causal), scale,
-                                    None if softcap is None else float(softcap), window, float(dropout_p),
-                                    int(seed or 0), be)
+    seed_t = None
+    if dropout_p > 0:
+        from peftfast.ops.lora import seed_tensor
+
+        seed_t = seed_tensor(seed, q.device, float(dropout_p))
+    out, _ = _fwd_op(q, k, v, qseg, kseg, bool(causal), scale, None if softcap is None else float(softcap),
+                     None if window is None else int(window), float(dropout_p), seed_t,
+                     "triton" if be == "triton" else "torch")
+    return out
 
 
 __all__ = ["ALL_SEGMENTS", "MAX_HEAD_DIM", "check_inputs", "flash_attention"]

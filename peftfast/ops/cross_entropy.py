@@ -19,7 +19,9 @@ backward multiplies the saved gradients by the incoming scalar (once-differentia
 ``F.cross_entropy`` (transformers' causal-LM loss applies none).
 
 Backends share that contract: ``triton`` (a GEMM with the logits epilogue, a gradient kernel, cuBLAS for the
-remaining products) and ``torch`` (ATen ops, chunked the same way).
+remaining products) and ``torch`` (ATen ops, chunked the same way). Both run inside the registered op
+``torch.ops.peftfast.fused_linear_ce`` (``fused_linear_jsd`` for the divergence) with fake kernels and autograd, so
+``torch.compile`` traces the loss as one node.
 
 Semantics follow ``transformers.loss.loss_utils.ForCausalLMLoss``/``fixed_cross_entropy`` and
 ``F.cross_entropy``: fp32 loss, ``ignore_index`` rows excluded, ``mean`` divides by the number of non-ignored
@@ -405,36 +407,67 @@ def _forward(hidden, weight, bias, lora_a, lora_b, labels, valid, o: _Opts, need
     return loss_rows.sum(), (dh, dw, db, da, dbm)
 
 
-class _FusedLinearCrossEntropy(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, lora_a, lora_b, labels, num_items, o: _Opts, need: _Need):
-        valid = labels != o.ignore_index
-        loss_sum, grads = _forward(hidden, weight, bias, lora_a, lora_b, labels, valid, o, need)
-        if num_items is not None:
-            if torch.is_tensor(num_items):
-                num_items = num_items.to(loss_sum.device)
-            loss = loss_sum / num_items  # exactly fixed_cross_entropy's expression
-            gscale = 1.0 / torch.as_tensor(num_items, device=loss_sum.device, dtype=torch.float32)
-        elif o.reduction == "mean":
-            count = valid.sum()
-            loss = loss_sum / count
-            # no valid row: loss NaN as in PyTorch, gradients zero (not 0 · inf)
-            gscale = torch.where(count > 0, 1.0 / count.clamp(min=1).float(), 0.0)
-        else:
-            loss = loss_sum
-            gscale = torch.ones((), device=loss_sum.device, dtype=torch.float32)
-        ctx.save_for_backward(gscale, *grads)
-        ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype,
-                      None if lora_a is None else lora_a.dtype, None if lora_b is None else lora_b.dtype)
-        return loss
+def _empty(like: torch.Tensor) -> torch.Tensor:
+    return like.new_empty((0,))
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad):
-        gscale, *grads = ctx.saved_tensors
-        s = grad.float() * gscale
-        out = [None if t is None else (t * s).to(dt) for t, dt in zip(grads, ctx.dtypes)]
-        return (*out, None, None, None, None)
+
+def _loss_scale(loss_sum, valid, num_items, reduction: str):
+    """(loss, gscale): the reduction of the loss rows and the factor their gradients take (fp32 scalars)."""
+    if num_items is not None:
+        num_items = num_items.to(loss_sum.device)
+        loss = loss_sum / num_items  # exactly fixed_cross_entropy's expression
+        return loss, 1.0 / num_items.to(torch.float32)
+    if reduction == "mean":
+        count = valid.sum()
+        # no valid row: loss NaN as in PyTorch, gradients zero (not 0 · inf)
+        return loss_sum / count, torch.where(count > 0, 1.0 / count.clamp(min=1).float(), 0.0)
+    return loss_sum, torch.ones((), device=loss_sum.device, dtype=torch.float32)
+
+
+# Registered op (not a Python autograd.Function), so torch.compile traces it as one node with the fake kernel below.
+# Outputs: the loss, the factor of its gradients and those gradients, unscaled (empty where not needed); the
+# autograd formula multiplies the saved gradients by gscale and the incoming scalar.
+@torch.library.custom_op(
+    "peftfast::fused_linear_ce", mutates_args=(),
+    schema="(Tensor hidden, Tensor weight, Tensor? bias, Tensor? lora_a, Tensor? lora_b, Tensor labels, "
+           "Tensor? num_items, float lora_scale, int ignore_index, float label_smoothing, float? softcap, "
+           "float logit_scale, str backend, int chunk_size, str reduction, bool[] need) "
+           "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
+def _ce_op(hidden, weight, bias, lora_a, lora_b, labels, num_items, lora_scale, ignore_index, label_smoothing,
+           softcap, logit_scale, backend, chunk_size, reduction, need):
+    o = _Opts(lora_scale, ignore_index, label_smoothing, softcap, logit_scale, backend, chunk_size, reduction)
+    valid = labels != ignore_index
+    loss_sum, grads = _forward(hidden, weight, bias, lora_a, lora_b, labels, valid, o, _Need(*need))
+    loss, gscale = _loss_scale(loss_sum, valid, num_items, reduction)
+    return (loss, gscale, *(_empty(hidden) if g is None else g for g in grads))
+
+
+@_ce_op.register_fake
+def _(hidden, weight, bias, lora_a, lora_b, labels, num_items, lora_scale, ignore_index, label_smoothing, softcap,
+      logit_scale, backend, chunk_size, reduction, need):
+    f32 = torch.float32
+    shapes = [(hidden.shape, hidden.dtype), (weight.shape, f32), (weight.shape[:1], f32),
+              (None if lora_a is None else lora_a.shape, f32), (None if lora_b is None else lora_b.shape, f32)]
+    grads = [hidden.new_empty(shape, dtype=dt) if n else _empty(hidden) for n, (shape, dt) in zip(need, shapes)]
+    loss_dt = torch.promote_types(f32, num_items.dtype) if num_items is not None else f32
+    return (hidden.new_empty((), dtype=loss_dt), hidden.new_empty((), dtype=f32), *grads)
+
+
+def _ce_setup(ctx, inputs, output) -> None:
+    hidden, weight, bias, lora_a, lora_b = inputs[:5]
+    ctx.save_for_backward(*output[1:])
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.dtypes = tuple(None if t is None else t.dtype for t in (hidden, weight, bias, lora_a, lora_b))
+
+
+def _ce_backward(ctx, grad, *_):
+    gscale, *grads = ctx.saved_tensors
+    s = grad.float() * gscale
+    out = [None if dt is None or t.numel() == 0 else (t * s).to(dt) for t, dt in zip(grads, ctx.dtypes)]
+    return (*out, *([None] * 11))
+
+
+_ce_op.register_autograd(_ce_backward, setup_context=_ce_setup)
 
 
 def _check(hidden, weight, labels, bias, lora_a, lora_b, reduction, label_smoothing, softcap, chunk_size):
@@ -508,24 +541,18 @@ def fused_linear_cross_entropy(
     n = h2.shape[0]
     chunk = chunk_size or default_chunk_size(n, weight.shape[1], weight.shape[0])
     grad_on = torch.is_grad_enabled()
-    need = _Need(*(grad_on and t is not None and t.requires_grad for t in (hidden, weight, bias, lora_A, lora_B)))
-    o = _Opts(float(lora_scale), int(ignore_index), float(label_smoothing),
-               None if softcap is None else float(softcap), float(logit_scale), be, int(chunk), reduction)
-    return _FusedLinearCrossEntropy.apply(h2, weight, bias, lora_A, lora_B, lab, num_items_in_batch, o, need)
+    need = [grad_on and t is not None and t.requires_grad for t in (hidden, weight, bias, lora_A, lora_B)]
+    num_items = num_items_in_batch
+    if num_items is not None and not isinstance(num_items, torch.Tensor):
+        num_items = torch.tensor(num_items)
+    return _ce_op(h2, weight, bias, lora_A, lora_B, lab, num_items, float(lora_scale), int(ignore_index),
+                  float(label_smoothing), None if softcap is None else float(softcap), float(logit_scale),
+                  "triton" if be == "triton" else "torch", int(chunk), reduction, need)[0]
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # fused linear JSD (distillation)
 # ----------------------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class _JSDOpts:
-    beta: float
-    temperature: float
-    ignore_index: int
-    backend: str
-    chunk_size: int
-
-
 def _scaled_logits(h, weight, inv_t: float, backend: str, lab, ignore_index: int):
     """fp32 ``(h Wᵀ) / T`` [C, V] and its row log-sum-exp: the logits GEMM and lse kernel on Triton."""
     if backend == "triton":
@@ -536,78 +563,124 @@ def _scaled_logits(h, weight, inv_t: float, backend: str, lab, ignore_index: int
     return z, torch.logsumexp(z, 1)
 
 
-def _jsd_chunk(ls, lt, beta: float, need_d: bool):
-    """Per-row divergence and (``need_d``) its gradient w.r.t. the student's scaled logits, from the student and
-    teacher log-probabilities ``ls``, ``lt`` [C, V] (fp32; ``ls`` may be overwritten).
+def _jsd_chunk(ls, lt, beta: float, need_s: bool, need_t: bool):
+    """Per-row divergence and its gradients w.r.t. the student's and (``need_t``) the teacher's scaled logits, from
+    the student and teacher log-probabilities ``ls``, ``lt`` [C, V] (fp32; ``ls`` may be overwritten).
 
-    β = 0: KL(p ‖ q), gradient q − p. β = 1: KL(q ‖ p), gradient q ⊙ (r − ⟨q, r⟩) with r = log q − log p.
-    Otherwise m = β p + (1 − β) q, JSD_β = β KL(p ‖ m) + (1 − β) KL(q ‖ m), whose derivative w.r.t. q is
-    g = (1 − β)(log q − log m), so the gradient is q ⊙ (g − ⟨q, g⟩).
+    With r = log q − log p (student q, teacher p) and a softmax's Jacobian x ↦ π ⊙ (x − ⟨π, x⟩):
+    β = 0: KL(p ‖ q); student gradient q − p, teacher p ⊙ (−r + ⟨p, r⟩).
+    β = 1: KL(q ‖ p); student q ⊙ (r − ⟨q, r⟩), teacher p − q.
+    Otherwise m = β p + (1 − β) q, JSD_β = β KL(p ‖ m) + (1 − β) KL(q ‖ m), whose derivatives w.r.t. q and p are
+    g = (1 − β)(log q − log m) and h = β (log p − log m) (the terms through m cancel), so the gradients are
+    q ⊙ (g − ⟨q, g⟩) and p ⊙ (h − ⟨p, h⟩).
     """
     q = ls.exp()
     if beta == 0.0:
         p = lt.exp()
         rows = (p * (lt - ls)).sum(1)
-        return rows, (q.sub_(p) if need_d else None)
+        d_t = (lt - ls).sub_(rows.unsqueeze(1)).mul_(p) if need_t else None
+        return rows, (q.sub_(p) if need_s else None), d_t
     if beta == 1.0:
         r = ls - lt
         rows = (q * r).sum(1)
-        return rows, (r.sub_(rows.unsqueeze(1)).mul_(q) if need_d else None)
+        d_t = lt.exp().sub_(q) if need_t else None
+        return rows, (r.sub_(rows.unsqueeze(1)).mul_(q) if need_s else None), d_t
     p = lt.exp()
     lm = torch.logaddexp(lt + math.log(beta), ls + math.log(1.0 - beta))
     rows = beta * (p * (lt - lm)).sum(1) + (1.0 - beta) * (q * (ls - lm)).sum(1)
-    if not need_d:
-        return rows, None
-    g = ls.sub_(lm).mul_(1.0 - beta)
-    return rows, g.sub_((q * g).sum(1, keepdim=True)).mul_(q)
+    d_s = d_t = None
+    if need_t:
+        h = (lt - lm).mul_(beta)
+        d_t = h.sub_((p * h).sum(1, keepdim=True)).mul_(p)
+    if need_s:
+        g = ls.sub_(lm).mul_(1.0 - beta)
+        d_s = g.sub_((q * g).sum(1, keepdim=True)).mul_(q)
+    return rows, d_s, d_t
 
 
-class _FusedLinearJSD(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, s_hidden, s_weight, t_hidden, t_weight, labels, o: _JSDOpts, need_h: bool, need_w: bool):
-        n, hdim = s_hidden.shape
-        dev = s_hidden.device
-        inv_t = 1.0 / o.temperature
-        valid = labels != o.ignore_index if labels is not None else None
-        rows = torch.empty(n, device=dev, dtype=torch.float32)
-        dh = torch.empty((n, hdim), device=dev, dtype=s_hidden.dtype) if need_h else None
-        dw = torch.zeros(s_weight.shape, device=dev, dtype=torch.float32) if need_w else None
-        lab_all = labels if labels is not None else torch.full((n,), o.ignore_index, device=dev, dtype=torch.int64)
-        for c0 in range(0, n, o.chunk_size):
-            c1 = min(n, c0 + o.chunk_size)
-            hs, lab = s_hidden[c0:c1], lab_all[c0:c1]
-            zs, lse_s = _scaled_logits(hs, s_weight, inv_t, o.backend, lab, o.ignore_index)
-            zt, lse_t = _scaled_logits(t_hidden[c0:c1], t_weight, inv_t, o.backend, lab, o.ignore_index)
-            ls = zs.sub_(lse_s.unsqueeze(1))
-            lt = zt.sub_(lse_t.unsqueeze(1))
-            r, d = _jsd_chunk(ls, lt, o.beta, need_h or need_w)
-            if valid is not None:
-                ok = valid[c0:c1]
-                r = torch.where(ok, r, 0.0)
-                if d is not None:
-                    d.mul_(ok.unsqueeze(1))
-            rows[c0:c1] = r
+def _jsd_forward(s_hidden, s_weight, t_hidden, t_weight, labels, beta, temperature, ignore_index, backend,
+                 chunk_size, need):
+    """Row sum of the divergence and the unscaled gradients (dh_s, dW_s, dh_t, dW_t; None where not needed)."""
+    n = s_hidden.shape[0]
+    dev = s_hidden.device
+    inv_t = 1.0 / temperature
+    need_s, need_t = need[0] or need[1], need[2] or need[3]
+    valid = labels != ignore_index if labels is not None else None
+    rows = torch.empty(n, device=dev, dtype=torch.float32)
+    grads = [torch.empty(h.shape, device=dev, dtype=h.dtype) if nh else None for h, nh in
+             ((s_hidden, need[0]), (t_hidden, need[2]))]
+    wgrads = [torch.zeros(w.shape, device=dev, dtype=torch.float32) if nw else None for w, nw in
+              ((s_weight, need[1]), (t_weight, need[3]))]
+    lab_all = labels if labels is not None else torch.full((n,), ignore_index, device=dev, dtype=torch.int64)
+    for c0 in range(0, n, chunk_size):
+        c1 = min(n, c0 + chunk_size)
+        lab = lab_all[c0:c1]
+        hs, ht = s_hidden[c0:c1], t_hidden[c0:c1]
+        zs, lse_s = _scaled_logits(hs, s_weight, inv_t, backend, lab, ignore_index)
+        zt, lse_t = _scaled_logits(ht, t_weight, inv_t, backend, lab, ignore_index)
+        ls = zs.sub_(lse_s.unsqueeze(1))
+        lt = zt.sub_(lse_t.unsqueeze(1))
+        r, d_s, d_t = _jsd_chunk(ls, lt, beta, need_s, need_t)
+        if valid is not None:
+            ok = valid[c0:c1]
+            r = torch.where(ok, r, 0.0)
+        rows[c0:c1] = r
+        for d, h, w, dh, dw in ((d_s, hs, s_weight, grads[0], wgrads[0]), (d_t, ht, t_weight, grads[1], wgrads[1])):
             if d is None:
                 continue
-            d.mul_(inv_t)
-            if need_h:
-                torch.mm(d.to(s_weight.dtype), s_weight, out=dh[c0:c1])
-            if need_w:
-                dw.addmm_(d.t(), hs.float())
-        count = valid.sum() if valid is not None else torch.tensor(n, device=dev)
-        loss = rows.sum() / count
-        gscale = torch.where(count > 0, 1.0 / count.clamp(min=1).float(), 0.0)
-        ctx.save_for_backward(gscale, dh, dw)
-        ctx.dtypes = (s_hidden.dtype, s_weight.dtype)
-        return loss
+            if valid is not None:
+                d.mul_(ok.unsqueeze(1))
+            d.mul_(inv_t)  # the logits are divided by T
+            if dh is not None:
+                torch.mm(d.to(w.dtype), w, out=dh[c0:c1])
+            if dw is not None:
+                dw.addmm_(d.t(), h.float())
+    count = valid.sum() if valid is not None else torch.tensor(n, device=dev)
+    return rows.sum(), count, (grads[0], wgrads[0], grads[1], wgrads[1])
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad):
-        gscale, dh, dw = ctx.saved_tensors
-        s = grad.float() * gscale
-        out = [None if t is None else (t * s).to(dt) for t, dt in zip((dh, dw), ctx.dtypes)]
-        return out[0], out[1], None, None, None, None, None, None
+
+# Registered op, traced by torch.compile as one node (see ``_ce_op``). Outputs: the loss, the factor of its
+# gradients and the unscaled gradients of the student's and the teacher's hidden states and weights (empty where not
+# needed).
+@torch.library.custom_op(
+    "peftfast::fused_linear_jsd", mutates_args=(),
+    schema="(Tensor s_hidden, Tensor s_weight, Tensor t_hidden, Tensor t_weight, Tensor? labels, float beta, "
+           "float temperature, int ignore_index, str backend, int chunk_size, bool t2, bool[] need) "
+           "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
+def _jsd_op(s_hidden, s_weight, t_hidden, t_weight, labels, beta, temperature, ignore_index, backend, chunk_size, t2,
+            need):
+    rows, count, grads = _jsd_forward(s_hidden, s_weight, t_hidden, t_weight, labels, beta, temperature,
+                                      ignore_index, backend, chunk_size, need)
+    factor = temperature * temperature if t2 else 1.0
+    loss = rows / count * factor
+    gscale = torch.where(count > 0, factor / count.clamp(min=1).float(), 0.0)
+    return (loss, gscale, *(_empty(s_hidden) if g is None else g for g in grads))
+
+
+@_jsd_op.register_fake
+def _(s_hidden, s_weight, t_hidden, t_weight, labels, beta, temperature, ignore_index, backend, chunk_size, t2,
+      need):
+    f32 = torch.float32
+    shapes = [(s_hidden.shape, s_hidden.dtype), (s_weight.shape, f32), (t_hidden.shape, t_hidden.dtype),
+              (t_weight.shape, f32)]
+    grads = [s_hidden.new_empty(shape, dtype=dt) if n else _empty(s_hidden) for n, (shape, dt) in zip(need, shapes)]
+    return (s_hidden.new_empty((), dtype=f32), s_hidden.new_empty((), dtype=f32), *grads)
+
+
+def _jsd_setup(ctx, inputs, output) -> None:
+    ctx.save_for_backward(*output[1:])
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.dtypes = tuple(t.dtype for t in inputs[:4])
+
+
+def _jsd_backward(ctx, grad, *_):
+    gscale, *grads = ctx.saved_tensors
+    s = grad.float() * gscale
+    out = [None if t.numel() == 0 else (t * s).to(dt) for t, dt in zip(grads, ctx.dtypes)]
+    return (*out, *([None] * 8))
+
+
+_jsd_op.register_autograd(_jsd_backward, setup_context=_jsd_setup)
 
 
 def fused_linear_jsd(
@@ -619,6 +692,8 @@ def fused_linear_jsd(
     *,
     beta: float = 0.5,
     temperature: float = 1.0,
+    scale_t2: bool = True,
+    teacher_grad: bool = False,
     ignore_index: int = -100,
     backend: str = "auto",
     chunk_size: int | None = None,
@@ -629,10 +704,14 @@ def fused_linear_jsd(
     (over all tokens when ``labels`` is None).
 
     ``beta`` = 0: forward KL(p ‖ q); 1: reverse KL(q ‖ p); otherwise β KL(p ‖ m) + (1 − β) KL(q ‖ m) with
-    m = β p + (1 − β) q. No T² factor is applied. The teacher is a constant: gradients reach ``student_hidden``
-    and ``student_weight`` only. Chunked like ``fused_linear_cross_entropy`` (two fp32 ``C × V`` tiles and a few
-    fp32 temporaries of that size per chunk); on Triton the two logits GEMMs and their log-sum-exp are the
-    cross-entropy kernels, the divergence itself is ATen.
+    m = β p + (1 − β) q. ``scale_t2`` multiplies the divergence (and so its gradients) by T², the convention of
+    Hinton et al. (2015): the gradients of softened distributions shrink as 1/T², and T² keeps their size
+    independent of the temperature (no effect at T = 1). The teacher is a constant unless ``teacher_grad=True``:
+    then gradients also reach ``teacher_hidden`` / ``teacher_weight`` where they require grad (one more fp32
+    ``C × V`` temporary per chunk; saved for backward: their gradients, the size of the inputs, fp32 for the
+    weight). Chunked like ``fused_linear_cross_entropy`` (two fp32 ``C × V`` tiles and a few fp32 temporaries of that
+    size per chunk); on Triton the two logits GEMMs and their log-sum-exp are the cross-entropy kernels, the
+    divergence itself is ATen. Runs as ``torch.ops.peftfast.fused_linear_jsd``.
     """
     where = "peftfast fused_linear_jsd"
     if student_weight.dim() != 2 or teacher_weight.dim() != 2 or student_weight.shape[0] != teacher_weight.shape[0]:
@@ -654,11 +733,14 @@ def fused_linear_jsd(
         raise ValueError(f"{where}: temperature must be positive, got {temperature}")
     be = resolve_backend(backend, student_hidden.device)
     hs = student_hidden.reshape(-1, student_hidden.shape[-1])
-    ht = teacher_hidden.reshape(-1, teacher_hidden.shape[-1]).detach()
+    ht = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])
+    wt = teacher_weight
+    if not teacher_grad:
+        ht, wt = ht.detach(), wt.detach()
     lab = None if labels is None else labels.reshape(-1).to(torch.int64).contiguous()
     n, v = hs.shape[0], student_weight.shape[0]
     chunk = chunk_size or default_chunk_size(n, max(hs.shape[1], ht.shape[1]), 2 * v)
     grad_on = torch.is_grad_enabled()
-    o = _JSDOpts(float(beta), float(temperature), int(ignore_index), be, int(chunk))
-    return _FusedLinearJSD.apply(hs, student_weight, ht, teacher_weight.detach(), lab, o,
-                                 grad_on and hs.requires_grad, grad_on and student_weight.requires_grad)
+    need = [grad_on and t.requires_grad for t in (hs, student_weight, ht, wt)]
+    return _jsd_op(hs, student_weight, ht, wt, lab, float(beta), float(temperature), int(ignore_index),
+                   "triton" if be == "triton" else "torch", int(chunk), bool(scale_t2), need)[0]

@@ -2,7 +2,8 @@
 
 Same maths as transformers' ``apply_rotary_pos_emb`` (rotate-half convention, ``cos``/``sin`` from the model's
 rotary module, partial rotary when ``cos`` is narrower than the head). Saved for backward: ``cos`` and ``sin``
-only (the model holds them anyway); q and k are not kept, and no rotate-half temporaries are made.
+only (the model holds them anyway); q and k are not kept, and no rotate-half temporaries are made. Registered as
+``torch.ops.peftfast.rope`` (fake kernel and autograd included), so ``torch.compile`` traces it without a break.
 """
 
 from __future__ import annotations
@@ -61,32 +62,46 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: boo
     return torch.cat((y.to(x.dtype), x[..., rot:]), dim=-1)
 
 
-class _RoPEFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, cos, sin, unsqueeze_dim, backend):
-        ctx.save_for_backward(cos, sin)
-        ctx.meta = (unsqueeze_dim, backend)
-        ctx.shapes = (q.shape, k.shape, q.dtype, k.dtype)
-        if backend == "triton":
-            return _launch(q, k, cos, sin, unsqueeze_dim, False)
-        c, s = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
-        return _rotate(q, c, s, False), _rotate(k, c, s, False)
+def _apply(q, k, cos, sin, unsqueeze_dim: int, backward: bool, backend: str):
+    if backend == "triton":
+        return _launch(q, k, cos, sin, unsqueeze_dim, backward)
+    c, s = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
+    return _rotate(q, c, s, backward), _rotate(k, c, s, backward)
 
-    @staticmethod
-    def backward(ctx, dq, dk):
-        cos, sin = ctx.saved_tensors
-        unsqueeze_dim, backend = ctx.meta
-        q_shape, k_shape, q_dtype, k_dtype = ctx.shapes
-        if dq is None:
-            dq = torch.zeros(q_shape, dtype=q_dtype, device=cos.device)
-        if dk is None:
-            dk = torch.zeros(k_shape, dtype=k_dtype, device=cos.device)
-        if backend == "triton":
-            gq, gk = _launch(dq, dk, cos, sin, unsqueeze_dim, True)
-        else:
-            c, s = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
-            gq, gk = _rotate(dq, c, s, True), _rotate(dk, c, s, True)
-        return gq, gk, None, None, None, None
+
+# A registered op (not a Python autograd.Function), so torch.compile traces it as one node with the fake kernel
+# below. ``backward=True`` applies the inverse rotation (the transpose of the forward's linear map).
+@torch.library.custom_op("peftfast::rope", mutates_args=(), schema="(Tensor q, Tensor k, Tensor cos, Tensor sin, "
+                         "int unsqueeze_dim, bool backward, str backend) -> (Tensor, Tensor)")
+def _rope_op(q, k, cos, sin, unsqueeze_dim, backward, backend):
+    return _apply(q, k, cos, sin, unsqueeze_dim, backward, backend)
+
+
+@_rope_op.register_fake
+def _(q, k, cos, sin, unsqueeze_dim, backward, backend):
+    if backend == "triton":  # the kernel writes into empty_like: the inputs' strides
+        return torch.empty_like(q), torch.empty_like(k)
+    return q.new_empty(q.shape), k.new_empty(k.shape)  # torch.cat: contiguous
+
+
+def _setup(ctx, inputs, output) -> None:
+    q, k, cos, sin, unsqueeze_dim, _, backend = inputs
+    ctx.save_for_backward(cos, sin)
+    ctx.meta = (unsqueeze_dim, backend, q.shape, k.shape, q.dtype, k.dtype)
+
+
+def _backward(ctx, dq, dk):
+    cos, sin = ctx.saved_tensors
+    unsqueeze_dim, backend, q_shape, k_shape, q_dtype, k_dtype = ctx.meta
+    if dq is None:
+        dq = torch.zeros(q_shape, dtype=q_dtype, device=cos.device)
+    if dk is None:
+        dk = torch.zeros(k_shape, dtype=k_dtype, device=cos.device)
+    gq, gk = _rope_op(dq, dk, cos, sin, unsqueeze_dim, True, backend)
+    return gq, gk, None, None, None, None, None
+
+
+_rope_op.register_autograd(_backward, setup_context=_setup)
 
 
 def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, unsqueeze_dim: int = 1,
@@ -108,7 +123,7 @@ def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
         raise ValueError(f"{where}: batch/sequence sizes of q {tuple(q.shape)}, k {tuple(k.shape)} and cos "
                          f"{tuple(cos.shape)} do not match")
     be = resolve_backend(backend, q.device)
-    return _RoPEFunction.apply(q, k, cos, sin, unsqueeze_dim, be)
+    return _rope_op(q, k, cos, sin, unsqueeze_dim, False, "triton" if be == "triton" else "torch")
 
 
 __all__ = ["rope"]
