@@ -12,6 +12,8 @@ ACT: 0 silu, 1 gelu (erf), 2 gelu (tanh approximation).
 import triton
 import triton.language as tl
 
+from peftfast.kernels.lora import _grouped_tile
+
 
 @triton.jit
 def _gate_act(g, ACT: tl.constexpr):
@@ -56,3 +58,100 @@ def _act_mul_bwd_kernel(dh_ptr, g_ptr, u_ptr, dg_ptr, du_ptr, numel, ACT: tl.con
     u = tl.load(u_ptr + offs, mask=ok, other=0.0).to(tl.float32)
     tl.store(dg_ptr + offs, (dh * u * _gate_act_grad(g, ACT)).to(dg_ptr.dtype.element_ty), mask=ok)
     tl.store(du_ptr + offs, (dh * _gate_act(g, ACT)).to(du_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _add_lowrank(acc, l_ptr, stride_lm, stride_lr, r_ptr, stride_rn, stride_rr, offs_m, offs_n, M, N, RANK,
+                 BLOCK_R: tl.constexpr, LORA_PRECISION: tl.constexpr):
+    """``acc + L[offs_m, :RANK] @ R[offs_n, :RANK]ᵀ`` (xa_i · B_iᵀ), BLOCK_R rank columns at a time, fp32."""
+    for r0 in range(0, RANK, BLOCK_R):
+        offs_r = r0 + tl.arange(0, BLOCK_R)
+        r_ok = offs_r < RANK
+        lt = tl.load(l_ptr + offs_m[:, None] * stride_lm + offs_r[None, :] * stride_lr,
+                     mask=(offs_m[:, None] < M) & r_ok[None, :], other=0.0)
+        rt = tl.load(r_ptr + offs_r[:, None] * stride_rr + offs_n[None, :] * stride_rn,
+                     mask=r_ok[:, None] & (offs_n[None, :] < N), other=0.0)
+        acc = tl.dot(lt.to(rt.dtype), rt, acc, input_precision=LORA_PRECISION)
+    return acc
+
+
+@triton.jit
+def _lora_gate_up_act_kernel(
+    x_ptr, stride_xm, stride_xk,
+    wg_ptr, stride_wgn, stride_wgk,
+    wu_ptr, stride_wun, stride_wuk,
+    xag_ptr, xau_ptr, stride_xam, stride_xar,
+    bg_ptr, stride_bgn, stride_bgr,
+    bu_ptr, stride_bun, stride_bur,
+    biasg_ptr, biasu_ptr, lbiasg_ptr, lbiasu_ptr,
+    g_ptr, u_ptr, h_ptr, stride_om, stride_on,
+    M, N, K, RANK,
+    scale_g, scale_u,
+    ACT: tl.constexpr, HAS_BIAS_G: tl.constexpr, HAS_BIAS_U: tl.constexpr,
+    HAS_LBIAS_G: tl.constexpr, HAS_LBIAS_U: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    GROUP_M: tl.constexpr, DOT_PRECISION: tl.constexpr, LORA_PRECISION: tl.constexpr,
+):
+    """Gate and up LoRA projections with the gated activation in the epilogue, one pass over ``x``:
+
+        g = x @ W_gᵀ + b_g + scale_g * (xa_g @ B_gᵀ + bB_g)        [M, N]   (stored: saved for backward)
+        u = x @ W_uᵀ + b_u + scale_u * (xa_u @ B_uᵀ + bB_u)        [M, N]   (stored: saved for backward)
+        h = act(g) · u                                             [M, N]   (stored: the down projection's input)
+
+    x [M, K] and W_g, W_u [N, K] by strides; xa_g, xa_u [M, RANK] are the gate/up column blocks of the grouped
+    ``x·A_catᵀ`` (dropout already applied there, so the epilogue needs no mask); B_g, B_u [N, RANK]. g, u and h
+    share one layout. Each K step loads the x tile once and feeds two MMAs into two fp32 accumulators. g and u
+    are rounded to the output dtype before ``act``, so h is bit-identical to what the element-wise kernel
+    computes from the stored g and u; g and u match the separate LoRA GEMMs up to fp32 rounding order.
+    Grid (cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N),), grouped for L2 reuse.
+    """
+    pid_m, pid_n = _grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+    offs_k = tl.arange(0, BLOCK_K)
+    x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :].to(tl.int64) * stride_xk
+    wg_ptrs = wg_ptr + offs_k[:, None].to(tl.int64) * stride_wgk + offs_n[None, :] * stride_wgn
+    wu_ptrs = wu_ptr + offs_k[:, None].to(tl.int64) * stride_wuk + offs_n[None, :] * stride_wun
+
+    acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_ok = (k0 + offs_k) < K
+        xt = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        wg = tl.load(wg_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        wu = tl.load(wu_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        xt = xt.to(wg.dtype)
+        acc_g = tl.dot(xt, wg, acc_g, input_precision=DOT_PRECISION)
+        acc_u = tl.dot(xt, wu.to(wg.dtype), acc_u, input_precision=DOT_PRECISION)
+        x_ptrs += BLOCK_K * stride_xk
+        wg_ptrs += BLOCK_K * stride_wgk
+        wu_ptrs += BLOCK_K * stride_wuk
+
+    # The low-rank term goes straight into the accumulator, (acc / s + xa·Bᵀ) · s, instead of acc + s · (xa·Bᵀ):
+    # equal up to fp32 rounding, and no third fp32 tile is live (with one, the large tiles spill registers).
+    # g is finished, rounded and stored before u's epilogue, so only acc_u and the 16-bit g are live there.
+    # Bias and LoRA bias follow in the order _lora_gemm_kernel adds them.
+    out_mask = m_ok[:, None] & n_ok[None, :]
+    out_offs = offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
+    if scale_g != 0.0:
+        acc_g = _add_lowrank(acc_g * (1.0 / scale_g), xag_ptr, stride_xam, stride_xar, bg_ptr, stride_bgn, stride_bgr,
+                             offs_m, offs_n, M, N, RANK, BLOCK_R, LORA_PRECISION) * scale_g
+    if HAS_BIAS_G:
+        acc_g += tl.load(biasg_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    if HAS_LBIAS_G:
+        acc_g += (tl.load(lbiasg_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32) * scale_g)[None, :]
+    g = acc_g.to(g_ptr.dtype.element_ty)
+    tl.store(g_ptr + out_offs, g, mask=out_mask)
+    if scale_u != 0.0:
+        acc_u = _add_lowrank(acc_u * (1.0 / scale_u), xau_ptr, stride_xam, stride_xar, bu_ptr, stride_bun, stride_bur,
+                             offs_m, offs_n, M, N, RANK, BLOCK_R, LORA_PRECISION) * scale_u
+    if HAS_BIAS_U:
+        acc_u += tl.load(biasu_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    if HAS_LBIAS_U:
+        acc_u += (tl.load(lbiasu_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32) * scale_u)[None, :]
+    u = acc_u.to(u_ptr.dtype.element_ty)
+    tl.store(u_ptr + out_offs, u, mask=out_mask)
+    h = _gate_act(g.to(tl.float32), ACT) * u.to(tl.float32)
+    tl.store(h_ptr + out_offs, h.to(h_ptr.dtype.element_ty), mask=out_mask)

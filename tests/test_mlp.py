@@ -144,12 +144,122 @@ def test_triton_launches():
     x, gate, up, down = _case(37, 40, 56, 8, torch.float32)
     with _counters.count_launches() as fwd:
         y = lora_mlp(x, gate, up, down, dropout_p=0.1, backend="triton")
-    assert dict(fwd) == {"_lora_down_kernel": 2, "_lora_gemm_kernel": 3, "_act_mul_fwd_kernel": 1}
+    # xa for gate/up and for down; one gate/up GEMM that also applies act(g)·u; the down GEMM; no act_mul launch
+    assert dict(fwd) == {"_lora_down_kernel": 2, "_lora_gate_up_act_kernel": 1, "_lora_gemm_kernel": 1}
     with _counters.count_launches() as bwd:
         y.sum().backward()
     # h rebuilt once; down: G, dx GEMM, dA, dB; act backward; gate/up: 2 G, dx GEMM, one dA for both, 2 dB
     assert dict(bwd) == {"_act_mul_fwd_kernel": 1, "_act_mul_bwd_kernel": 1, "_lora_down_kernel": 3,
                          "_lora_gemm_kernel": 2, "_lora_da_kernel": 5}
+
+
+def test_triton_cublas_strategy_keeps_separate_activation(monkeypatch):
+    """With PEFTFAST_LORA_GEMM=cublas the dense products come from cuBLAS, so act(g)·u stays a separate pass."""
+    monkeypatch.setenv("PEFTFAST_LORA_GEMM", "cublas")
+    x, gate, up, down = _case(37, 40, 56, 8, torch.float32)
+    with _counters.count_launches() as fwd:
+        lora_mlp(x, gate, up, down, backend="triton")
+    assert dict(fwd) == {"_lora_down_kernel": 2, "_lora_gemm_kernel": 3, "_act_mul_fwd_kernel": 1}
+    monkeypatch.delenv("PEFTFAST_LORA_GEMM")
+    _check("triton", "gelu", x, gate, up, down, tol=3e-5)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the gate/up GEMM with act(g)·u in its epilogue (Triton forward)
+# ----------------------------------------------------------------------------------------------------------------
+def _gate_up_case(dtype, *, bias, lbias, noncontig):
+    m, k, i, r = 37, 80, 72, 8
+    x = torch.randn(m, k).to(dtype)
+    gate = _proj(i, k, r, dtype, bias, lbias, 2.0)
+    up = _proj(i, k, r, dtype, bias, lbias, 0.75)
+    if noncontig:  # x a column slice of a wider buffer; W_up stored [K, I] as by GPT-2 Conv1D (fan_in_fan_out)
+        x = torch.randn(m, k + 7).to(dtype)[:, 3:3 + k]
+        up[0] = up[0].t().contiguous().t()
+    return x, gate, up
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("act", list(ACTS))
+@pytest.mark.parametrize("p,bias,lbias,seg,noncontig", [
+    (0.0, True, False, 0, False),
+    (0.2, False, True, 1, True),
+])
+def test_gate_up_act_kernel(dtype, act, p, bias, lbias, seg, noncontig):
+    """g, u and h = act(g)·u of the fused kernel: against fp64 and against the unfused launches (grouped LoRA
+    GEMMs, then the element-wise act kernel), which it must match to fp32 accumulation order."""
+    from peftfast.ops import mlp as M
+    from peftfast.ops.lora import group_forward
+
+    x, gate, up = _gate_up_case(dtype, bias=bias, lbias=lbias, noncontig=noncontig)
+    m, k = x.shape
+    first, second = (gate, up) if seg == 0 else (up, gate)
+    flat = [first[0], second[0], first[1], second[1], first[5], second[5], first[2], second[2], first[3], second[3]]
+    flat = [t.detach() if t is not None else None for t in flat]
+    scales = (first[4], second[4])
+    seed = 4321
+    g, u, h, xa = M._triton_gate_up_forward(x, scales, p, seed, seg, act, flat)
+    assert g.dtype == u.dtype == h.dtype == dtype and g.shape == u.shape == h.shape == (m, 72)
+
+    # unfused: same xa, g and u to fp32 accumulation order (one rounding apart at most), h from the act kernel
+    ys, xa_ref = group_forward(x, scales, p, seed, "triton", 2, flat)
+    g_ref, u_ref = ys[seg], ys[1 - seg]
+    torch.testing.assert_close(xa, xa_ref, rtol=0, atol=0)
+    rtol = 1e-6 if dtype == torch.float32 else 1e-3
+    torch.testing.assert_close(g, g_ref, rtol=rtol, atol=rtol * g_ref.abs().max().item())
+    torch.testing.assert_close(u, u_ref, rtol=rtol, atol=rtol * u_ref.abs().max().item())
+    torch.testing.assert_close(h, M.act_mul(g, u, act, "triton"), rtol=0, atol=0)  # same rounding of g, u
+    h_ref = M.act_mul(g_ref, u_ref, act, "triton")
+    torch.testing.assert_close(h, h_ref, rtol=2 * rtol, atol=2 * rtol * h_ref.abs().max().item())
+
+    # fp64 reference with the kernels' own dropout masks
+    keep = dropout_keep_mask(seed, 2, m, k, p, device=x.device, backend="triton") if p else None
+    x64 = x.double()
+
+    def lin64(proj, segment):
+        w, b, a, bm, s, lb = (t.detach().double() if isinstance(t, torch.Tensor) else t for t in proj)
+        xd = x64 if keep is None else x64 * keep[segment].double() / (1 - p)
+        low = xd @ a.T @ bm.T + (0 if lb is None else lb)
+        return x64 @ w.T + (0 if b is None else b) + s * low
+
+    def lin(proj, segment):  # plain PyTorch in the test dtype, for the low-precision error bound
+        w, b, a, bm, s, lb = (t.detach() if isinstance(t, torch.Tensor) else t for t in proj)
+        xd = x if keep is None else x * keep[segment].to(dtype) / (1 - p)
+        return F.linear(x, w, b) + s * F.linear(F.linear(xd, a), bm, lb)
+
+    g64, u64 = lin64(gate, seg), lin64(up, 1 - seg)
+    g_e, u_e = lin(gate, seg), lin(up, 1 - seg)
+    for got, eager, ref in ((g, g_e, g64), (u, u_e, u64), (h, ACTS[act](g_e) * u_e, ACTS[act](g64) * u64)):
+        scale = ref.abs().max()
+        err = ((got.double() - ref).abs().max() / scale).item()
+        eager_err = ((eager.double() - ref).abs().max() / scale).item()
+        # at most twice PyTorch's error; the floor covers fp32 accumulation order (eager fp32 can be near exact)
+        bound = max(2 * eager_err, 1e-6)
+        assert err <= bound, (err, eager_err)
+
+
+def test_gate_up_act_kernel_zero_lora_scale():
+    """A LoRA scaling of 0 (alpha = 0) drops the low-rank term and its LoRA bias: no 0 · inf from the folding."""
+    from peftfast.ops import mlp as M
+
+    x, gate, up = _gate_up_case(torch.float32, bias=True, lbias=True, noncontig=False)
+    gate[3] = gate[3].detach() * 1e30  # a huge B would show through any non-zero factor
+    g, u, h = M.gate_up_act(x, gate[0], up[0], torch.randn(37, 8), torch.randn(37, 8), gate[3], up[3].detach(), 0.0,
+                            0.75, gate[1].detach(), up[1].detach(), gate[5].detach(), up[5].detach(), "silu")
+    torch.testing.assert_close(g, F.linear(x, gate[0], gate[1].detach()), rtol=1e-6, atol=1e-6)
+    assert torch.isfinite(u).all() and torch.isfinite(h).all()
+
+
+@pytest.mark.parametrize("act", list(ACTS))
+def test_fused_forward_parity_odd_shape(act):
+    """lora_mlp on the Triton backend at K=80, I=72 (ragged tiles), dropout, LoRA biases, gate in segment 1:
+    output and every gradient against fp64."""
+    x, gate, up, down = _case(37, 80, 72, 8, torch.float32, bias=True, lbias=True)
+    _check("triton", act, x, gate, up, down, p=0.2, p_d=0.1, gate_segment=1, tol=3e-5)
+
+
+def test_fused_forward_fp16_gelu_within_twice_eager_error():
+    x, gate, up, down = _case(37, 80, 72, 8, torch.float16, lbias=True)
+    _check("triton", "gelu_tanh", x, gate, up, down, p=0.1, gate_segment=1, dtype=torch.float16)
 
 
 def test_bad_input():

@@ -14,8 +14,9 @@ FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "
 # block modules fused per family besides the attention implementation: gated MLPs, RoPE, RMSNorms (LayerNorm
 # families keep ATen's LayerNorm on CPU, with that reason in the report)
 EXPECTED_BLOCKS = {
-    "llama": ("mlp", "rope", "norm"), "mistral": ("mlp", "rope", "norm"), "qwen2": ("mlp", "rope", "norm"),
-    "qwen3": ("mlp", "rope", "norm"), "gemma": ("mlp", "rope", "norm"), "gemma2": ("mlp", "rope", "norm"),
+    "llama": ("mlp", "rope", "norm", "block"), "mistral": ("mlp", "rope", "norm", "block"),
+    "qwen2": ("mlp", "rope", "norm", "block"), "qwen3": ("mlp", "rope", "norm", "block"),
+    "gemma": ("mlp", "rope", "norm", "block"), "gemma2": ("mlp", "rope", "norm"),
     "gemma3": ("mlp", "rope", "norm"), "phi3": ("rope", "norm"), "gpt2": (), "bert": (), "roberta": (),
 }
 CAUSAL_LMS = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3"]
@@ -56,7 +57,7 @@ def test_patch_report(arch):
     fused_kinds = {e.kind for e in rep.modules if e.patched}
     assert fused_kinds == {*EXPECTED_BLOCKS[arch], "attention"}, text
     n_layers = 2
-    for kind in ("mlp", "rope"):
+    for kind in ("mlp", "rope", "block"):
         if kind in EXPECTED_BLOCKS[arch]:
             assert sum(e.kind == kind and e.patched for e in rep.modules) == n_layers, text
     if arch in ("gpt2", "bert", "roberta"):

@@ -449,9 +449,8 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, 
                  name: str = "add_rms_norm") -> tuple[torch.Tensor, torch.Tensor]:
     """``h = x + residual; y = rms_norm(h)`` in one launch; returns ``(y, h)``. ``h`` is rounded to x's dtype as
     the eager add rounds it. Saved for backward: h and rstd. Both inputs get the gradient ``dh + ∂y/∂h · dy``.
-
-    An op for now: the decoder-block wiring that feeds it (``residual + attn_out`` then ``post_attention_layernorm``)
-    comes with the block-level fusion work."""
+    Pre-norm decoder blocks call it for ``residual + attn_out`` then ``post_attention_layernorm``
+    (``peftfast.modules.block``)."""
     if form not in FORMS:
         raise ValueError(f"peftfast add_rms_norm {name!r}: unknown form {form!r}; choose one of {list(FORMS)}")
     _check(x, weight, {"residual": residual}, name, "add_rms_norm")

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from peftfast.modules import attention as attn_mod
+from peftfast.modules import block as block_mod
 from peftfast.modules import cross_entropy as ce_mod
 from peftfast.modules import lora as lora_mod
 from peftfast.modules import mlp as mlp_mod
@@ -31,7 +32,7 @@ SIBLING_SETS: tuple[frozenset[str], ...] = (
 @dataclass
 class PatchEntry:
     name: str
-    kind: str  # "lora" for PEFT layers; "mlp", "rope", "attention", "norm", "loss" for fused block modules
+    kind: str  # "lora" for PEFT layers; "mlp", "rope", "attention", "norm", "block", "loss" for fused modules
     patched: bool
     reason: str | None = None
     group: str | None = None
@@ -80,6 +81,9 @@ class PatchReport:
             if isinstance(ast, attn_mod.AttentionStats):
                 out[f"{name} (attention)"] = {"fused": ast.fused_calls, "fallbacks": dict(ast.fallbacks),
                                               "deferred": {}}
+            bst = mod.__dict__.get("_peftfast_block")
+            if isinstance(bst, block_mod.BlockState):
+                out[f"{name} (block)"] = {"fused": bst.fused_calls, "fallbacks": dict(bst.fallbacks), "deferred": {}}
             rst = getattr(mod, "_peftfast_rope", None)
             if isinstance(rst, rope_mod.RoPEState):
                 out[f"{name} (rope)"] = {"fused": rst.fused_calls, "fallbacks": dict(rst.fallbacks), "deferred": {}}
@@ -202,6 +206,11 @@ def patch(model: nn.Module, *, backend: str = "auto", group_siblings: bool = Tru
                     and mod.weight.device.type != "cuda" and backend != "triton":
                 reason = "nn.LayerNorm off CUDA: ATen's LayerNorm is already one fused op there"
             _apply(rep, norm_mod, "norm", name, mod, reason, backend)
+        # the residual add before each pre-norm block's post-attention RMSNorm joins that norm's op
+        for name, mod in model.named_modules():
+            if block_mod.is_block(mod):
+                reason = block_mod.why_not(mod) if fuse_norms else "fuse_norms=False"
+                _apply(rep, block_mod, "block", name, mod, reason, backend)
     if rep.entries and ce_mod.causal_lm(model) is not None:
         reason = ce_mod.why_not(model) if fuse_loss else "fuse_loss=False (opt-in: training calls return logits=None)"
         if reason is None:
@@ -284,6 +293,7 @@ def unpatch(model: nn.Module) -> nn.Module:
             lora_mod.uninstall(mod)
         mlp_mod.uninstall(mod)
         rope_mod.uninstall(mod)
+        block_mod.uninstall(mod)
         norm_mod.uninstall(mod)
     attn_mod.uninstall(model)
     if ce_mod.causal_lm(model) is not None:

@@ -1,0 +1,227 @@
+"""Pre-norm decoder blocks: the residual add before the post-attention RMSNorm runs inside that norm's op.
+
+A block of the Llama form computes ``r = x + attn(norm_in(x)); out = r + mlp(norm_post(r))``, eagerly as an add
+that writes ``r`` and a norm that reads it back. With the norms fused (``patch(fuse_norms=True)``), the patched
+block forward calls ``add_rms_norm(attn_out, x)`` instead: one op (one kernel on a GPU) writes ``r`` and
+``norm_post(r)``, so each layer's forward saves a pass over the hidden states and an op; what is saved for backward
+does not change (``r`` and the row statistics, as the fused norm keeps).
+
+Which blocks: modules whose children are exactly ``input_layernorm``, ``self_attn``, ``post_attention_layernorm``
+and ``mlp`` (Llama, Mistral, Qwen2/2.5/3, Gemma), whose post-attention norm is a fused RMSNorm, and whose class
+``forward`` passes a probe run at patch time: with the attention and the MLP swapped for recording stubs, the
+class's own forward and the fused one return the same tensor and hand the attention the same arguments. No
+transformers source is copied or compared: a change of the block in transformers fails the probe, and the block
+then keeps its own forward, with the reason in the report.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from peftfast.modules._bind import bind_forward, call_original, unbind_forward
+from peftfast.modules._tally import Tallied, tally
+from peftfast.ops.norm import add_rms_norm
+
+CHILDREN = frozenset({"input_layernorm", "self_attn", "post_attention_layernorm", "mlp"})
+
+
+@dataclass
+class BlockState(Tallied):
+    """What ``install`` keeps on a patched block (``module._peftfast_block``)."""
+
+    name: str
+    backend: str
+    previous_forward: object | None
+    defaults: dict  # the class forward's keyword defaults, handed to the attention as the forward itself does
+    required: tuple[str, ...]  # its parameters without a default (besides hidden_states)
+    fused_calls: int = 0
+    fallbacks: Counter = field(default_factory=Counter)
+
+
+def is_block(module: nn.Module) -> bool:
+    """A decoder block with the pre-norm layout's two norms (reported fused or not, with the reason)."""
+    children = {n for n, _ in module.named_children()}
+    return {"input_layernorm", "post_attention_layernorm"} <= children
+
+
+def _signature(cls: type) -> tuple[dict, tuple[str, ...]] | str:
+    """(keyword defaults, required names) of ``cls.forward`` after ``hidden_states``; or why it does not fit."""
+    try:
+        params = list(inspect.signature(cls.forward).parameters.values())[1:]
+    except (TypeError, ValueError):
+        return "forward signature unavailable"
+    if not params or params[0].name != "hidden_states":
+        return "forward's first argument is not hidden_states"
+    defaults, required = {}, []
+    for p in params[1:]:
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            continue
+        if p.default is p.empty:
+            required.append(p.name)
+        else:
+            defaults[p.name] = p.default
+    return defaults, tuple(required)
+
+
+def _checkpoints_class_forward(module: nn.Module) -> bool:
+    """True when transformers checkpoints the layer by wrapping its class ``forward`` (transformers >= 5.2x), which
+    an instance-level forward bypasses; older versions wrap ``__call__``, around any forward."""
+    code = getattr(type(module).forward, "__code__", None)  # functools.wraps renames the wrapper, not its code
+    return code is not None and code.co_name == "forward_with_checkpointing"
+
+
+def fused_block_forward(self: nn.Module, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """Drop-in ``forward`` of a pre-norm decoder block (bound to the instance by ``patch``)."""
+    st: BlockState = self._peftfast_block
+    post = self.post_attention_layernorm
+    nst = post.__dict__.get("_peftfast_norm")
+    if args or nst is None or nst.kind != "rms" or any(r not in kwargs for r in st.required):
+        tally(st.tally_key, "fallbacks", "positional arguments or the post-attention norm is not fused")
+        return call_original(self, st, hidden_states, *args, **kwargs)
+    if getattr(self, "gradient_checkpointing", False) and self.training and _checkpoints_class_forward(self):
+        # what transformers' checkpointing wrapper does around the class forward, here around the fused one: no
+        # cache writes in a region that is recomputed, then the layer's own checkpoint function
+        if kwargs.get("use_cache"):
+            kwargs["use_cache"] = False
+        if not getattr(self, "_can_checkpoint_with_cache", False):
+            for name in ("past_key_values", "layer_past"):
+                if kwargs.get(name) is not None:
+                    kwargs[name] = None
+        return self._gradient_checkpointing_func(functools.partial(_fused_body, self, **kwargs), hidden_states)
+    return _fused_body(self, hidden_states, **kwargs)
+
+
+def _fused_body(self: nn.Module, hidden_states: torch.Tensor, **kwargs) -> torch.Tensor:
+    st: BlockState = self._peftfast_block
+    post = self.post_attention_layernorm
+    nst = post._peftfast_norm
+    residual = hidden_states
+    h = self.input_layernorm(hidden_states)
+    # every argument of the block goes to the attention by name, defaults included, as the block's own forward does
+    h = self.self_attn(hidden_states=h, **{**st.defaults, **kwargs})[0]
+    if h.shape != residual.shape or h.dtype != residual.dtype:
+        tally(st.tally_key, "fallbacks", "attention output and residual differ in shape or dtype")
+        r = residual + h
+        return r + self.mlp(post(r))
+    normed, r = add_rms_norm(h, residual, post.weight, getattr(post, nst.eps_attr), form=nst.form,
+                             backend=nst.backend, name=nst.name)
+    tally(st.tally_key, "fused_calls")
+    return r + self.mlp(normed)
+
+
+class _Stub(nn.Module):
+    """Stands in for the attention / MLP during the probe: a fixed affine map that records its arguments."""
+
+    def __init__(self, mul: float, add: float, pair: bool):
+        super().__init__()
+        self.mul, self.add, self.pair, self.calls = mul, add, pair, []
+
+    def forward(self, *args, **kwargs):
+        self.calls.append((args, kwargs))
+        x = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        out = x * self.mul + self.add
+        return (out, None) if self.pair else out
+
+
+def _same_call(a, b) -> bool:
+    (args_a, kw_a), (args_b, kw_b) = a, b
+    if len(args_a) != len(args_b) or kw_a.keys() != kw_b.keys():
+        return False
+    for k in kw_a:
+        if k == "hidden_states":
+            continue
+        va, vb = kw_a[k], kw_b[k]
+        if va is not vb and not (isinstance(va, (int, float, bool, str, type(None))) and va == vb):
+            return False
+    return True
+
+
+def probe(module: nn.Module, defaults: dict, required: tuple[str, ...]) -> str | None:
+    """None when the fused forward reproduces the class forward on ``module`` (see the module docstring)."""
+    post = module.post_attention_layernorm
+    w = post.weight
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    x = torch.randn(2, 3, w.shape[-1], generator=gen).to(device=w.device, dtype=w.dtype)
+    token = object()  # an opaque extra argument: both forwards must pass it on untouched
+    kwargs = {name: token for name in required}
+    for name in defaults:
+        kwargs[name] = token
+    kwargs["peftfast_probe_extra"] = token
+    sig = inspect.signature(type(module).forward)
+    if not any(p.kind == p.VAR_KEYWORD for p in sig.parameters.values()):
+        kwargs.pop("peftfast_probe_extra")
+    saved = dict(module._modules)
+    had_state = "_peftfast_block" in module.__dict__
+    if not had_state:  # the fused forward reads its state; a throwaway one for the probe
+        module.__dict__["_peftfast_block"] = BlockState(name="probe", backend="auto", previous_forward=None,
+                                                        defaults=defaults, required=required)
+    outs, calls = [], []
+    try:
+        for fn in (lambda: type(module).forward(module, x, **kwargs), lambda: fused_block_forward(module, x, **kwargs)):
+            attn, mlp = _Stub(0.5, 0.25, True), _Stub(2.0, -1.0, False)
+            module._modules["self_attn"], module._modules["mlp"] = attn, mlp
+            with torch.no_grad():
+                outs.append(fn())
+            calls.append((attn.calls, mlp.calls))
+    except Exception as exc:  # the class forward does something the fused one does not
+        return f"probe failed: {type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}"
+    finally:
+        module._modules.clear()
+        module._modules.update(saved)
+        if not had_state:
+            module.__dict__.pop("_peftfast_block", None)
+    ref, got = outs
+    if not isinstance(ref, torch.Tensor) or not isinstance(got, torch.Tensor) or ref.shape != got.shape:
+        return "the block's forward does not return one tensor like the fused one"
+    tol = 8 * torch.finfo(w.dtype).eps * max(1.0, ref.abs().max().item())
+    if (ref.float() - got.float()).abs().max().item() > tol:
+        return "the block's forward computes something else than r = x + attn(norm(x)); r + mlp(norm(r))"
+    (attn_ref, mlp_ref), (attn_got, mlp_got) = calls
+    if len(attn_ref) != 1 or len(attn_got) != 1 or len(mlp_ref) != 1 or len(mlp_got) != 1:
+        return "the block calls its attention or MLP other than once"
+    if not _same_call(attn_ref[0], attn_got[0]):
+        return "the block hands its attention other arguments than all of its own"
+    return None
+
+
+def why_not(module: nn.Module) -> str | None:
+    """None if the block can run fused, else a one-line reason (computed once per module; probes its class)."""
+    children = {n for n, _ in module.named_children()}
+    if children != CHILDREN:
+        extra = ", ".join(sorted(children - CHILDREN)) or "none"
+        missing = ", ".join(sorted(CHILDREN - children)) or "none"
+        return (f"block layout differs from input_layernorm/self_attn/post_attention_layernorm/mlp (extra: {extra}; "
+                f"missing: {missing}): its residual adds stay unfused")
+    nst = module.post_attention_layernorm.__dict__.get("_peftfast_norm")
+    if nst is None or nst.kind != "rms":
+        return "post_attention_layernorm is not a fused RMSNorm"
+    sig = _signature(type(module))
+    if isinstance(sig, str):
+        return sig
+    return probe(module, *sig)
+
+
+def install(module: nn.Module, name: str, backend: str) -> None:
+    st = module.__dict__.get("_peftfast_block")
+    if isinstance(st, BlockState):
+        st.backend = backend
+        return
+    defaults, required = _signature(type(module))
+    bind_forward(module, "_peftfast_block", BlockState(name=name, backend=backend, previous_forward=None,
+                                                       defaults=defaults, required=required), fused_block_forward)
+
+
+def uninstall(module: nn.Module) -> bool:
+    if not isinstance(module.__dict__.get("_peftfast_block"), BlockState):
+        return False
+    unbind_forward(module, "_peftfast_block")
+    return True
+
+
+__all__ = ["BlockState", "fused_block_forward", "install", "is_block", "probe", "uninstall", "why_not"]

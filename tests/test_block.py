@@ -1,0 +1,133 @@
+"""Pre-norm decoder blocks: the residual add fused into the post-attention RMSNorm (``peftfast.modules.block``)."""
+
+import pytest
+from _models import batch, clone, loss_and_grads, max_rel_err, peft_model, use_shared_seed_dropout
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+import peftfast
+from peftfast.bench import count_work_ops
+from peftfast.modules import block as block_mod
+
+TOL = 2e-5
+
+
+def _blocks(model):
+    return [(e.name, e.patched, e.reason) for e in peftfast.report(model).modules if e.kind == "block"]
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma"])
+@pytest.mark.parametrize("p", [0.0, 0.1])
+def test_fused_blocks_keep_losses_and_gradients(arch, p):
+    model = peft_model(arch, lora_dropout=p)
+    ref = clone(model)
+    peftfast.patch(model)
+    if p:
+        use_shared_seed_dropout(ref, model, p)
+    blocks = _blocks(model)
+    assert blocks and all(patched for _, patched, _ in blocks), blocks
+    data = batch(arch)
+    loss, grads = loss_and_grads(model, data)
+    ref_loss, ref_grads = loss_and_grads(ref, data)
+    assert abs(loss.item() - ref_loss.item()) <= TOL * abs(ref_loss.item())
+    assert max(max_rel_err(grads[n], ref_grads[n]) for n in grads) <= TOL
+    runtime = peftfast.report(model).module_runtime(model)
+    stats = [r for k, r in runtime.items() if k.endswith("(block)")]
+    assert len(stats) == len(blocks) and all(r["fused"] == 1 and not r["fallbacks"] for r in stats)
+
+
+def test_fusion_removes_two_ops_per_layer():
+    """The forward's add, and in backward the accumulation of r's two gradients (the op sums them itself)."""
+    model = peft_model("llama", lora_dropout=0.0)
+    peftfast.patch(model)
+    data = batch("llama")
+    layers = [m for m in model.modules() if isinstance(m, LlamaDecoderLayer)]
+
+    def ops():
+        model.zero_grad(set_to_none=True)
+        _, count = count_work_ops(lambda: model(**data).loss.backward())
+        return count.total
+
+    fused = ops()
+    for m in layers:
+        block_mod.uninstall(m)
+    unfused = ops()
+    assert unfused - fused == 2 * len(layers)
+
+
+def test_unpatch_restores_the_block_forward():
+    model = peft_model("llama")
+    layer = next(m for m in model.modules() if isinstance(m, LlamaDecoderLayer))
+    peftfast.patch(model)
+    assert "forward" in layer.__dict__ and "_peftfast_block" in layer.__dict__
+    peftfast.unpatch(model)
+    assert "forward" not in layer.__dict__ and "_peftfast_block" not in layer.__dict__
+
+
+class _ScaledResidual(LlamaDecoderLayer):
+    def forward(self, hidden_states, attention_mask=None, position_ids=None, past_key_values=None, use_cache=False,
+                position_embeddings=None, **kwargs):
+        residual = hidden_states
+        h = self.input_layernorm(hidden_states)
+        h, _ = self.self_attn(hidden_states=h, attention_mask=attention_mask, position_ids=position_ids,
+                              past_key_values=past_key_values, use_cache=use_cache,
+                              position_embeddings=position_embeddings, **kwargs)
+        h = residual + 0.5 * h  # not the form the fused forward computes
+        residual = h
+        return residual + self.mlp(self.post_attention_layernorm(h))
+
+
+class _DropsAnArgument(LlamaDecoderLayer):
+    def forward(self, hidden_states, attention_mask=None, position_ids=None, past_key_values=None, use_cache=False,
+                position_embeddings=None, **kwargs):
+        residual = hidden_states
+        h = self.input_layernorm(hidden_states)
+        h, _ = self.self_attn(hidden_states=h, attention_mask=attention_mask, position_embeddings=position_embeddings)
+        h = residual + h
+        residual = h
+        return residual + self.mlp(self.post_attention_layernorm(h))
+
+
+@pytest.mark.parametrize("cls, reason", [(_ScaledResidual, "computes something else"),
+                                         (_DropsAnArgument, "other arguments")])
+def test_probe_refuses_a_block_that_computes_otherwise(cls, reason):
+    model = peft_model("llama")
+    for m in model.modules():
+        if type(m) is LlamaDecoderLayer:
+            m.__class__ = cls
+    ref = clone(model)
+    peftfast.patch(model)
+    blocks = _blocks(model)
+    assert blocks and all(not patched and reason in why for _, patched, why in blocks), blocks
+    data = batch("llama")
+    assert abs(loss_and_grads(model, data)[0].item() - loss_and_grads(ref, data)[0].item()) <= TOL * 10
+
+
+def test_other_layouts_are_reported_with_their_reason():
+    model = peft_model("gemma2")
+    peftfast.patch(model)
+    blocks = _blocks(model)
+    assert blocks and all(not patched and "extra: post_feedforward_layernorm, pre_feedforward_layernorm" in why
+                          for _, patched, why in blocks), blocks
+
+
+def test_norms_off_means_blocks_off():
+    model = peft_model("llama")
+    peftfast.patch(model, fuse_norms=False)
+    assert all(not patched and why == "fuse_norms=False" for _, patched, why in _blocks(model))
+
+
+def test_gradient_checkpointing_still_checkpoints_fused_blocks():
+    """transformers (5.2x) checkpoints a layer by wrapping its class forward, which the fused instance forward
+    bypasses: the fused block must checkpoint itself (forward + recompute = two fused calls per block)."""
+    model = peft_model("llama", lora_dropout=0.1)
+    ckpt = clone(model)
+    peftfast.patch(model)
+    peftfast.patch(ckpt)
+    ckpt.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    data = batch("llama")
+    loss, grads = loss_and_grads(model, data)
+    ck_loss, ck_grads = loss_and_grads(ckpt, data)
+    stats = [r for k, r in peftfast.report(ckpt).module_runtime(ckpt).items() if k.endswith("(block)")]
+    assert stats and all(r["fused"] == 2 for r in stats), stats
+    assert abs(loss.item() - ck_loss.item()) <= TOL * abs(loss.item())
+    assert max(max_rel_err(ck_grads[n], grads[n]) for n in grads) <= TOL
