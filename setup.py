@@ -78,9 +78,10 @@ def _extensions() -> tuple[list, dict]:
         ext = ce.CUDAExtension(sources=cpp + cu, **kwargs)
     else:
         ext = ce.CppExtension(sources=cpp, **kwargs)
-    print(f"peftfast: building peftfast._C ({'CPU + CUDA ' + os.environ['TORCH_CUDA_ARCH_LIST'] if with_cuda else 'CPU'}"
-          f") against torch {torch.__version__}", file=sys.stderr)
-    return [ext], {"build_ext": ce.BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)}
+    what = f"CPU + CUDA {os.environ['TORCH_CUDA_ARCH_LIST']}" if with_cuda else "CPU"
+    print(f"peftfast: building peftfast._C ({what}) against torch {torch.__version__}", file=sys.stderr)
+    ninja = shutil.which("ninja") is not None
+    return [ext], {"build_ext": ce.BuildExtension.with_options(use_ninja=ninja)}
 
 
 ext_modules, cmdclass = _extensions()
