@@ -303,7 +303,7 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
     be = resolve_backend(backend, q.device)
     scale = float(scale) if scale is not None else 1.0 / math.sqrt(q.shape[-1])
     sq, sk = q.shape[2], k.shape[2]
-    if be == "torch" and qseg is None and softcap is None and window is None and dropout_p == 0 and \
+    if be != "triton" and qseg is None and softcap is None and window is None and dropout_p == 0 and \
             (not causal or sq == sk):
         # plain attention on the ATen path: PyTorch's fused SDPA kernel is one op, keeps O and the log-sum-exp,
         # and reads grouped K/V without repeating them (enable_gqa)
