@@ -11,12 +11,14 @@ gradients reach ``A`` (PEFT initialises ``B`` to zero).
 
 from __future__ import annotations
 
+import collections
 import copy
 from collections.abc import Callable, Iterator
 
 import torch
 from peft import LoraConfig, get_peft_model
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from peftfast.ops._backend import resolve_backend
 from peftfast.ops.lora import _torch_keep_mask, draw_seed, dropout_keep_mask
@@ -301,3 +303,19 @@ def use_shared_seed_dropout(reference: nn.Module, patched: nn.Module, p: float, 
 
 def clone(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model)
+
+
+class OpCalls(TorchDispatchMode):
+    """Counts the peftfast ops that run, with their arguments."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls: list[tuple[str, tuple]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "peftfast":
+            self.calls.append((func._opname, args))
+        return func(*args, **(kwargs or {}))
+
+    def count(self) -> collections.Counter:
+        return collections.Counter(name for name, _ in self.calls)

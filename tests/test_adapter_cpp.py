@@ -4,12 +4,10 @@ z saved, nothing else), and a model whose adapters run on them."""
 
 from __future__ import annotations
 
-import collections
-
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
+from _models import OpCalls
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import peftfast
@@ -21,20 +19,6 @@ pytestmark = pytest.mark.skipif(not _ext.available(), reason=f"peftfast._C not b
 
 ACTS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "gelu_tanh": lambda t: F.gelu(t, approximate="tanh")}
 FP32_TOL = 3e-5
-
-
-class OpCalls(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.calls: list[tuple[str, tuple]] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.namespace == "peftfast":
-            self.calls.append((func._opname, args))
-        return func(*args, **(kwargs or {}))
-
-    def count(self) -> collections.Counter:
-        return collections.Counter(name for name, _ in self.calls)
 
 
 def _tensors(m, k, h, dtype, *, bias=True, learned=False, parallel=False, n=None, lead=None, strided=False):

@@ -4,12 +4,9 @@ contract, thread-count independence, torch.compile tracing and a patched tiny Ll
 
 from __future__ import annotations
 
-import collections
-
 import pytest
 import torch
-from _models import BUILDERS, batch
-from torch.utils._python_dispatch import TorchDispatchMode
+from _models import BUILDERS, OpCalls, batch
 from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 from transformers.models.olmo2.modeling_olmo2 import Olmo2RMSNorm
@@ -37,22 +34,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(prev)
-
-
-class OpCalls(TorchDispatchMode):
-    """Counts the peftfast ops that run, with their arguments."""
-
-    def __init__(self):
-        super().__init__()
-        self.calls: list[tuple[str, tuple]] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.namespace == "peftfast":
-            self.calls.append((func._opname, args))
-        return func(*args, **(kwargs or {}))
-
-    def count(self) -> collections.Counter:
-        return collections.Counter(name for name, _ in self.calls)
 
 
 def _input(kind: str, dtype: torch.dtype) -> torch.Tensor:
