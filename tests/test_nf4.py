@@ -442,3 +442,25 @@ def test_small_blocks_take_the_gathered_absmax_path() -> None:
     assert torch.allclose(outs[1][0].double(), yr, rtol=1e-5, atol=1e-4)
     for t, g in zip(outs[0], outs[1]):
         assert torch.allclose(t, g, rtol=1e-4, atol=1e-3)
+
+
+def test_nf4_model_compiles_without_graph_breaks_in_our_ops() -> None:
+    """The NF4 LoRA layers run the registered op (C++ on CPU) with a tensor seed: Dynamo keeps one graph."""
+    import os
+
+    import torch._dynamo
+    from _models import batch, peft_model
+
+    model = peft_model("llama", lora_dropout=0.1, model_kwargs=dict(layers=1))
+    peftfast.quantize_base(model, block_size=16)
+    peftfast.patch(model)
+    assert peftfast.report(model).patched
+    torch._dynamo.reset()
+    try:
+        exp = torch._dynamo.explain(model)(**batch("llama"))
+    finally:
+        torch._dynamo.reset()
+    pkg = os.path.dirname(os.path.abspath(peftfast.__file__))
+    ours = [br.reason for br in exp.break_reasons
+            if any(os.path.abspath(f.filename).startswith(pkg) for f in br.user_stack)]
+    assert not ours, ours[:3]

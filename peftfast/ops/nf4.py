@@ -476,6 +476,18 @@ def nf4_lora_linear(
     be = resolve_backend(backend, x.device)
     if be == "cpp" and not have_ops():
         be = "torch"  # a peftfast._C built before the NF4 ops: the ATen path keeps the same contract
+    if be == "cpp" or (be == "triton" and x.device.type == "cuda" and have_ops()):
+        # the registered op (C++ on CPU, Triton for the CUDA key): autograd registered once, the seed a tensor, so
+        # torch.compile traces it as one node
+        from peftfast.ops.lora import seed_tensor
+
+        k = x.shape[-1]
+        absmax_full = _expand_absmax(am, code2, scale2, offset, n, k // block_size)
+        y, _ = torch.ops.peftfast.nf4_lora_fwd(x.reshape(-1, k), qweight, absmax_full, bias, lora_bias, lora_a,
+                                               lora_b, float(scale), float(dropout_p),
+                                               seed_tensor(seed, x.device, float(dropout_p)), int(block_size),
+                                               int(chunk))
+        return y.view(*x.shape[:-1], n)
     if dropout_p > 0.0 and seed is None:
         seed = draw_seed(x.device)
     return _NF4LoRAFunction.apply(x, bias, lora_bias, lora_a, lora_b, qweight, am, code2, scale2, offset,
@@ -511,24 +523,47 @@ def _register() -> None:
 
     def setup(ctx, inputs, output):
         x, qweight, absmax, bias, lora_bias, lora_a, lora_b, scale, p, seed, block_size, chunk = inputs
+        ctx.mark_non_differentiable(output[1])
         ctx.save_for_backward(x, output[1], qweight, absmax, lora_a, lora_b, seed)
-        ctx.meta = (scale, p, block_size, chunk, bias is not None, lora_bias)
+        ctx.meta = (scale, p, block_size, chunk, None if bias is None else bias.dtype,
+                    None if lora_bias is None else lora_bias.dtype)
 
     def backward(ctx, dy, _dxa):
         x, xa, qweight, absmax, lora_a, lora_b, seed = ctx.saved_tensors
-        scale, p, block_size, chunk, has_bias, lora_bias = ctx.meta
+        scale, p, block_size, chunk, bias_dtype, lbias_dtype = ctx.meta
         need = ctx.needs_input_grad
         dx, da, db = torch.ops.peftfast.nf4_lora_bwd(x, xa, dy.contiguous(), qweight, absmax, lora_a, lora_b,
                                                      scale, p, seed, block_size, chunk, need[0], need[5], need[6])
-        gb = dy.sum(0) if has_bias and need[3] else None
-        glb = dy.sum(0).mul(scale).to(lora_bias.dtype) if lora_bias is not None and need[4] else None
+        gb = dy.sum(0).to(bias_dtype) if bias_dtype is not None and need[3] else None
+        glb = None
+        if lbias_dtype is not None and need[4]:
+            # one rounding, as the autograd.Function path: reduce and scale in fp32 (fp64 for fp64)
+            acc = torch.promote_types(torch.promote_types(dy.dtype, lbias_dtype), torch.float32)
+            glb = dy.sum(0, dtype=acc).mul_(scale).to(lbias_dtype)
         return (dx if need[0] else None, None, None, gb, glb, da if need[5] else None, db if need[6] else None,
                 None, None, None, None, None)
 
     torch.library.register_autograd(lib + "nf4_lora_fwd", backward, setup_context=setup)
 
+    def fwd_cuda(x, qweight, absmax, bias, lora_bias, lora_a, lora_b, scale, p, seed, block_size, chunk):
+        return _fwd("triton", x, qweight, absmax, bias, lora_bias, lora_a, lora_b, scale, p, int(seed.item()),
+                    block_size, chunk)
 
+    def bwd_cuda(x, xa, dy, qweight, absmax, lora_a, lora_b, scale, p, seed, block_size, chunk, need_x, need_a,
+                 need_b):
+        dx, da, db = _bwd("triton", x, xa, dy, qweight, absmax, lora_a, lora_b, scale, p, int(seed.item()),
+                          block_size, chunk, need_x, need_a, need_b)
+        return (dx if dx is not None else x.new_empty((0,)), da if da is not None else xa.new_empty((0,)),
+                db if db is not None else xa.new_empty((0,)))
+
+    # the Triton kernels as the CUDA implementation of the C++-declared ops
+    _CUDA_LIB.impl("nf4_lora_fwd", fwd_cuda, "CUDA")
+    _CUDA_LIB.impl("nf4_lora_bwd", bwd_cuda, "CUDA")
+
+
+_CUDA_LIB: torch.library.Library | None = None
 if have_ops():
+    _CUDA_LIB = torch.library.Library("peftfast", "IMPL")
     _register()
 
 
