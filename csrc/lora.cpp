@@ -12,6 +12,7 @@
 #include <tuple>
 #include <vector>
 
+#include "dropout.h"
 #include "philox.h"
 
 namespace peftfast {
@@ -23,70 +24,6 @@ constexpr int64_t kChunkElems = int64_t{1} << 20;
 int64_t chunk_rows(int64_t m, int64_t k) {
   return std::max<int64_t>(1, std::min<int64_t>(m, kChunkElems / std::max<int64_t>(k, 1)));
 }
-
-int64_t grain(int64_t k) { return std::max<int64_t>(1, 8192 / std::max<int64_t>(k, 1)); }
-
-uint64_t read_seed(const Tensor& seed) {
-  TORCH_CHECK(seed.numel() == 1, "peftfast: the dropout seed must be a one-element integer tensor");
-  return static_cast<uint64_t>(seed.to(at::kCPU).reshape({}).item<int64_t>());
-}
-
-// One row of keep flags: out[c] = keep(seed, linear index base + c). A branch-free loop the compiler vectorizes;
-// cloned for AVX-512/AVX2 (picked at load time) because Philox is most of the masking cost.
-__attribute__((target_clones("avx512f", "avx2", "default"))) void keep_row(uint8_t* out, uint64_t seed,
-                                                                            uint64_t base, int64_t k, float p) {
-  for (int64_t c = 0; c < k; ++c) out[c] = philox_uniform(seed, base + static_cast<uint64_t>(c)) >= p;
-}
-
-// mask[rows, k] (uint8, contiguous) = keep flags of rows row0.. of segment seg of an m × k operand.
-void fill_mask(Tensor& mask, int64_t row0, int64_t rows, int64_t seg, int64_t m, int64_t k, uint64_t seed, float p) {
-  uint8_t* o = mask.mutable_data_ptr<uint8_t>();
-  at::parallel_for(0, rows, grain(k), [&](int64_t b, int64_t e) {
-    for (int64_t r = b; r < e; ++r) keep_row(o + r * k, seed, static_cast<uint64_t>((seg * m + row0 + r) * k), k, p);
-  });
-}
-
-// dst[rows, k] (contiguous, dst's dtype) = mask ⊙ src[row0:row0+rows, :]; src has unit column stride.
-void apply_mask(const Tensor& src, const Tensor& mask, Tensor& dst, int64_t row0, int64_t rows) {
-  const int64_t k = src.size(1), lda = src.stride(0);
-  const uint8_t* mk = mask.const_data_ptr<uint8_t>();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, src.scalar_type(), "peftfast_masked_src", [&] {
-    using src_t = scalar_t;
-    const src_t* s = src.const_data_ptr<src_t>();
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dst.scalar_type(), "peftfast_masked_dst", [&] {
-      scalar_t* d = dst.mutable_data_ptr<scalar_t>();
-      at::parallel_for(0, rows, grain(k), [&](int64_t b, int64_t e) {
-        for (int64_t r = b; r < e; ++r) {
-          const src_t* srow = s + (row0 + r) * lda;
-          const uint8_t* mrow = mk + r * k;
-          scalar_t* drow = d + r * k;
-          for (int64_t c = 0; c < k; ++c) drow[c] = mrow[c] ? static_cast<scalar_t>(srow[c]) : static_cast<scalar_t>(0);
-        }
-      });
-    });
-  });
-}
-
-// acc[rows, k] (fp32 or fp64, contiguous) += mask ⊙ part[rows, k] * mul
-void add_masked(Tensor& acc, const Tensor& part, const Tensor& mask, double mul) {
-  const int64_t rows = part.size(0), k = part.size(1);
-  const uint8_t* mk = mask.const_data_ptr<uint8_t>();
-  AT_DISPATCH_FLOATING_TYPES(acc.scalar_type(), "peftfast_add_masked_acc", [&] {
-    using acc_t = scalar_t;
-    acc_t* a = acc.mutable_data_ptr<acc_t>();
-    const acc_t mu = static_cast<acc_t>(mul);
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, part.scalar_type(), "peftfast_add_masked", [&] {
-      const scalar_t* src = part.const_data_ptr<scalar_t>();
-      at::parallel_for(0, rows, grain(k), [&](int64_t b, int64_t e) {
-        for (int64_t i = b * k; i < e * k; ++i) a[i] += mk[i] ? static_cast<acc_t>(src[i]) * mu : acc_t(0);
-      });
-    });
-  });
-}
-
-Tensor unit_col(const Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
-
-at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
 void check_common(const Tensor& x, at::TensorList weights, at::TensorList lora_as, at::TensorList lora_bs,
                   at::ArrayRef<double> scales, double p) {
@@ -118,13 +55,12 @@ Tensor lora_down(const Tensor& x, at::TensorList lora_as, double p, uint64_t see
   const int64_t ch = chunk_rows(m, k);
   Tensor buf = at::empty({ch, k}, x.options().dtype(ldt));
   Tensor mbuf = at::empty({ch, k}, x.options().dtype(at::kByte));
-  Tensor xc = unit_col(x);
   for (int64_t row0 = 0; row0 < m; row0 += ch) {
     const int64_t rows = std::min(ch, m - row0);
     Tensor b = buf.narrow(0, 0, rows), mask = mbuf.narrow(0, 0, rows);
     for (int64_t s = 0; s < n; ++s) {
-      fill_mask(mask, row0, rows, s, m, k, seed, static_cast<float>(p));
-      apply_mask(xc, mask, b, row0, rows);
+      fill_mask(mask, row0, 0, s, m, k, seed, static_cast<float>(p));
+      apply_mask(x, mask, b, row0);
       xa.narrow(0, row0, rows).narrow(1, s * r, r).copy_(at::mm(b, lora_as[s].t()));
     }
   }
@@ -139,7 +75,7 @@ std::tuple<std::vector<Tensor>, Tensor> lora_group_fwd_cpu(const Tensor& x, at::
   const int64_t n = weights.size(), r = lora_as[0].size(0);
   TORCH_CHECK(static_cast<int64_t>(biases.size()) == n && static_cast<int64_t>(lora_biases.size()) == n,
               "peftfast::lora_group_fwd: one (possibly empty) bias and LoRA bias per member");
-  Tensor xa = lora_down(x, lora_as, p, p > 0.0 ? read_seed(seed) : 0);
+  Tensor xa = lora_down(x, lora_as, p, p > 0.0 ? read_seed(seed, "lora_group") : 0);
   std::vector<Tensor> ys;
   ys.reserve(n);
   for (int64_t i = 0; i < n; ++i) {
@@ -170,7 +106,7 @@ std::tuple<Tensor, Tensor, std::vector<Tensor>> lora_group_bwd_cpu(
   const auto ldt = xa.scalar_type();
   TORCH_CHECK(static_cast<int64_t>(grads.size()) == n && static_cast<int64_t>(need_b.size()) == n,
               "peftfast::lora_group_bwd: one grad and one need_b flag per member");
-  const uint64_t sd = p > 0.0 ? read_seed(seed) : 0;
+  const uint64_t sd = p > 0.0 ? read_seed(seed, "lora_group") : 0;
   const double inv = p > 0.0 ? 1.0 / (1.0 - p) : 1.0;
 
   Tensor g_cat;  // scale_i * dy_i B_i, [M, n*r] in the LoRA dtype
@@ -216,8 +152,7 @@ std::tuple<Tensor, Tensor, std::vector<Tensor>> lora_group_bwd_cpu(
     const int64_t ch = chunk_rows(m, k);
     Tensor mbuf = at::empty({ch, k}, x.options().dtype(at::kByte));
     Tensor xbuf = need_a ? at::empty({ch, k}, x.options().dtype(acc_a)) : Tensor();
-    Tensor xc = unit_col(x);
-    for (int64_t row0 = 0; row0 < m; row0 += ch) {
+      for (int64_t row0 = 0; row0 < m; row0 += ch) {
       const int64_t rows = std::min(ch, m - row0);
       Tensor mask = mbuf.narrow(0, 0, rows);
       // one rounding of dx per chunk whatever the number of members: accumulate in fp32 (fp64 for fp64)
@@ -227,16 +162,16 @@ std::tuple<Tensor, Tensor, std::vector<Tensor>> lora_group_bwd_cpu(
         acc = dxc.to(acc_type(dx.scalar_type())).contiguous();
       }
       for (int64_t s = 0; s < n; ++s) {
-        fill_mask(mask, row0, rows, s, m, k, sd, static_cast<float>(p));
+        fill_mask(mask, row0, 0, s, m, k, sd, static_cast<float>(p));
         Tensor g_s = g_cat.narrow(0, row0, rows).narrow(1, s * r, r);
         if (need_x) add_masked(acc, at::mm(g_s, lora_as[s]).contiguous(), mask, inv);
         if (need_a) {
           Tensor b = xbuf.narrow(0, 0, rows);
-          apply_mask(xc, mask, b, row0, rows);
+          apply_mask(x, mask, b, row0);
           da_acc.narrow(0, s * r, r).addmm_(g_s.t().to(acc_a), b);
         }
       }
-      if (need_x) dxc.copy_(acc);
+      if (need_x && !acc.is_same(dxc)) dxc.copy_(acc);  // fp32 dx: acc is dx itself, accumulated in place
     }
     if (need_a) da = da_acc.mul_(inv).to(ldt);
   }
@@ -255,13 +190,9 @@ std::tuple<Tensor, Tensor, std::vector<Tensor>> lora_group_bwd_cpu(
 
 Tensor dropout_keep_mask_cpu(const Tensor& like, const Tensor& seed, int64_t nseg, int64_t m, int64_t k, double p) {
   Tensor out = at::empty({nseg, m, k}, like.options().dtype(at::kBool));
-  // bool is one byte holding 0/1, exactly what keep_row writes
-  uint8_t* o = reinterpret_cast<uint8_t*>(out.mutable_data_ptr<bool>());
-  const uint64_t sd = read_seed(seed);
-  const float pf = static_cast<float>(p);
-  at::parallel_for(0, nseg * m, grain(k), [&](int64_t b, int64_t e) {
-    for (int64_t sr = b; sr < e; ++sr) keep_row(o + sr * k, sd, static_cast<uint64_t>(sr * k), k, pf);
-  });
+  // bool is one byte holding 0/1, exactly what fill_mask writes; segment s is rows s*m.. of one [nseg*m, k] mask
+  Tensor flat = out.view({nseg * m, k}).view(at::kByte);
+  fill_mask(flat, 0, 0, 0, nseg * m, k, read_seed(seed, "dropout_keep_mask"), static_cast<float>(p));
   return out;
 }
 

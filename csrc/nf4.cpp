@@ -21,7 +21,7 @@
 #include <cstdint>
 #include <tuple>
 
-#include "philox.h"
+#include "dropout.h"
 
 namespace peftfast {
 namespace {
@@ -126,57 +126,7 @@ Tensor nf4_dequantize_cpu(const Tensor& q, const Tensor& absmax, int64_t bs, at:
   return out;
 }
 
-// ---- LoRA pieces (single member, dropout segment 0) ----
-int64_t grain(int64_t k) { return std::max<int64_t>(1, 8192 / std::max<int64_t>(k, 1)); }
-
-uint64_t read_seed(const Tensor& seed) {
-  TORCH_CHECK(seed.numel() == 1, "peftfast::nf4_lora: the dropout seed must be a one-element integer tensor");
-  return static_cast<uint64_t>(seed.to(at::kCPU).reshape({}).item<int64_t>());
-}
-
-at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
-
-// dst[rows, K] (contiguous) = keep ⊙ src[row0:row0+rows, :] in dst's dtype
-void masked_rows(const Tensor& src, Tensor& dst, int64_t row0, int64_t rows, int64_t m, uint64_t seed, float p) {
-  const int64_t k = src.size(1), ld = src.stride(0), cs = src.stride(1);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, src.scalar_type(), "peftfast_nf4_mask_src", [&] {
-    using src_t = scalar_t;
-    const src_t* s = src.const_data_ptr<src_t>();
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dst.scalar_type(), "peftfast_nf4_mask_dst", [&] {
-      scalar_t* d = dst.mutable_data_ptr<scalar_t>();
-      at::parallel_for(0, rows, grain(k), [&](int64_t b, int64_t e) {
-        for (int64_t r = b; r < e; ++r) {
-          for (int64_t c = 0; c < k; ++c) {
-            d[r * k + c] = dropout_keep(seed, 0, row0 + r, c, m, k, p)
-                               ? static_cast<scalar_t>(s[(row0 + r) * ld + c * cs])
-                               : static_cast<scalar_t>(0);
-          }
-        }
-      });
-    });
-  });
-}
-
-// acc[M, cols] (fp32/fp64, contiguous) += keep(m, k0 + c) ⊙ part[M, cols] * mul  (columns k0.. of an M × K operand)
-void add_masked_cols(Tensor& acc, const Tensor& part, int64_t k0, int64_t k, uint64_t seed, float p, double mul) {
-  const int64_t m = part.size(0), cols = part.size(1);
-  AT_DISPATCH_FLOATING_TYPES(acc.scalar_type(), "peftfast_nf4_addmask_acc", [&] {
-    using acc_t = scalar_t;
-    acc_t* a = acc.mutable_data_ptr<acc_t>();
-    const acc_t mu = static_cast<acc_t>(mul);
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, part.scalar_type(), "peftfast_nf4_addmask", [&] {
-      const scalar_t* src = part.const_data_ptr<scalar_t>();
-      at::parallel_for(0, m, grain(cols), [&](int64_t b, int64_t e) {
-        for (int64_t r = b; r < e; ++r) {
-          for (int64_t c = 0; c < cols; ++c) {
-            if (dropout_keep(seed, 0, r, k0 + c, m, k, p)) a[r * cols + c] += static_cast<acc_t>(src[r * cols + c]) * mu;
-          }
-        }
-      });
-    });
-  });
-}
-
+// ---- LoRA pieces (single member, dropout segment 0; masking from dropout.h) ----
 void check_lora(const Tensor& x, const Tensor& q, const Tensor& absmax, const Tensor& a, const Tensor& b, int64_t bs,
                 double p, const char* op) {
   check_layout(q, absmax, bs, op);
@@ -205,14 +155,16 @@ std::tuple<Tensor, Tensor> nf4_lora_fwd_cpu(const Tensor& x, const Tensor& q, co
   if (p == 0.0) {
     xa = at::mm(x.to(ldt), a.t());
   } else {
-    const uint64_t sd = read_seed(seed);
+    const uint64_t sd = read_seed(seed, "nf4_lora");
     xa = at::empty({m, a.size(0)}, x.options().dtype(ldt));
     const int64_t ch = std::max<int64_t>(1, std::min<int64_t>(m, chunk_elems(chunk) / std::max<int64_t>(k, 1)));
     Tensor buf = at::empty({ch, k}, x.options().dtype(ldt));
+    Tensor mbuf = at::empty({ch, k}, x.options().dtype(at::kByte));
     for (int64_t r0 = 0; r0 < m; r0 += ch) {
       const int64_t rows = std::min(ch, m - r0);
-      Tensor bb = buf.narrow(0, 0, rows);
-      masked_rows(x, bb, r0, rows, m, sd, static_cast<float>(p));
+      Tensor bb = buf.narrow(0, 0, rows), mask = mbuf.narrow(0, 0, rows);
+      fill_mask(mask, r0, 0, 0, m, k, sd, static_cast<float>(p));
+      apply_mask(x, mask, bb, r0);
       xa.narrow(0, r0, rows).copy_(at::mm(bb, a.t()));
     }
     xa.mul_(1.0 / (1.0 - p));
@@ -251,7 +203,7 @@ std::tuple<Tensor, Tensor, Tensor> nf4_lora_bwd_cpu(const Tensor& x, const Tenso
   TORCH_CHECK(xa.dim() == 2 && xa.size(0) == m && xa.size(1) == r, "peftfast::nf4_lora_bwd: xa must be [", m, ", ", r,
               "], got ", xa.sizes());
   const auto ldt = xa.scalar_type();
-  const uint64_t sd = p > 0.0 ? read_seed(seed) : 0;
+  const uint64_t sd = p > 0.0 ? read_seed(seed, "nf4_lora") : 0;
   const double inv = p > 0.0 ? 1.0 / (1.0 - p) : 1.0;
   Tensor am = absmax.contiguous();
   Tensor g;  // scale * dy B, [M, r] in the LoRA dtype
@@ -273,8 +225,11 @@ std::tuple<Tensor, Tensor, Tensor> nf4_lora_bwd_cpu(const Tensor& x, const Tenso
       Tensor acc = dense.to(acc_type(dy.scalar_type()));
       if (p == 0.0)
         acc.add_(low.to(acc.scalar_type()));
-      else
-        add_masked_cols(acc, low, k0, k, sd, static_cast<float>(p), inv);
+      else {
+        Tensor mask = at::empty({m, kc}, x.options().dtype(at::kByte));  // columns k0.. of the M × K mask
+        fill_mask(mask, 0, k0, 0, m, k, sd, static_cast<float>(p));
+        add_masked(acc, low, mask, inv);
+      }
       dx.narrow(1, k0, kc).copy_(acc);
     }
   }
@@ -288,10 +243,12 @@ std::tuple<Tensor, Tensor, Tensor> nf4_lora_bwd_cpu(const Tensor& x, const Tenso
       Tensor acc = at::zeros({r, k}, x.options().dtype(at_));
       const int64_t ch = std::max<int64_t>(1, std::min<int64_t>(m, chunk_elems(chunk) / std::max<int64_t>(k, 1)));
       Tensor buf = at::empty({ch, k}, x.options().dtype(at_));
+      Tensor mbuf = at::empty({ch, k}, x.options().dtype(at::kByte));
       for (int64_t r0 = 0; r0 < m; r0 += ch) {
         const int64_t rows = std::min(ch, m - r0);
-        Tensor bb = buf.narrow(0, 0, rows);
-        masked_rows(x, bb, r0, rows, m, sd, static_cast<float>(p));
+        Tensor bb = buf.narrow(0, 0, rows), mask = mbuf.narrow(0, 0, rows);
+        fill_mask(mask, r0, 0, 0, m, k, sd, static_cast<float>(p));
+        apply_mask(x, mask, bb, r0);
         acc.addmm_(g.narrow(0, r0, rows).t().to(at_), bb);
       }
       da = acc.mul_(inv).to(ldt);

@@ -29,9 +29,4 @@ inline float philox_uniform(uint64_t seed, uint64_t offset) {
   return static_cast<float>(x) * 4.6566127342e-10f;
 }
 
-// Keep (true) or drop element (seg, row, col) of an m × k operand; `p` is compared in fp32 as in the kernels.
-inline bool dropout_keep(uint64_t seed, int64_t seg, int64_t row, int64_t col, int64_t m, int64_t k, float p) {
-  return philox_uniform(seed, static_cast<uint64_t>((seg * m + row) * k + col)) >= p;
-}
-
 }  // namespace peftfast
