@@ -308,8 +308,8 @@ def group_backward(x2d, xa, flat, scales, p, seed, backend, n, need_x: bool, fla
     """Backward of :func:`group_forward`: (grad of x2d or None, grads of ``flat`` in its order)."""
     ws, bs, lbs, as_, bmats = (flat[i * n:(i + 1) * n] for i in range(5))
     if backend == "cpp":
-        return _cpp_backward(x2d, xa, ws, bs, lbs, as_, bmats, scales, p, seed_tensor(seed, x2d.device, p), need_x,
-                             flat_need, dy2)
+        return _registered_backward(x2d, xa, ws, _dtypes(bs), _dtypes(lbs), as_, bmats, scales, p,
+                             seed_tensor(seed, x2d.device, p), need_x, flat_need, dy2)
     impl = _IMPLS[backend]
     rank = as_[0].shape[0]
     need_b = flat_need[n:2 * n]
@@ -338,25 +338,32 @@ def group_backward(x2d, xa, flat, scales, p, seed, backend, n, need_x: bool, fla
     for i in range(n):
         if dy2[i] is not None and need_bm[i]:
             grad_bm[i] = impl.db_mat(dy2[i], xa[:, i * rank:(i + 1) * rank], scales[i])
-    grad_b, grad_lb = _bias_grads(dy2, bs, lbs, scales, need_b, need_lb)
+    grad_b, grad_lb = _bias_grads(dy2, _dtypes(bs), _dtypes(lbs), scales, need_b, need_lb)
     return grad_x, (*([None] * n), *grad_b, *grad_lb, *grad_a, *grad_bm)
 
 
-def _bias_grads(dy2, bs, lbs, scales, need_b, need_lb) -> tuple[list, list]:
-    grad_b, grad_lb = [None] * len(bs), [None] * len(bs)
+def _dtypes(ts) -> list:
+    return [None if t is None else t.dtype for t in ts]
+
+
+def _bias_grads(dy2, b_dtypes, lb_dtypes, scales, need_b, need_lb) -> tuple[list, list]:
+    """Gradients of the biases (sums of dy; the backward needs only their dtypes)."""
+    grad_b, grad_lb = [None] * len(dy2), [None] * len(dy2)
     for i, dy in enumerate(dy2):
         if dy is None:
             continue
         if need_b[i]:
-            grad_b[i] = dy.sum(0).to(bs[i].dtype)
+            grad_b[i] = dy.sum(0).to(b_dtypes[i])
         if need_lb[i]:
             # PEFT adds the LoRA bias in the LoRA dtype (often fp32 over a 16-bit base): reduce in that precision
-            acc = torch.promote_types(dy.dtype, lbs[i].dtype)
-            grad_lb[i] = dy.sum(0, dtype=acc).mul_(scales[i]).to(lbs[i].dtype)
+            acc = torch.promote_types(dy.dtype, lb_dtypes[i])
+            grad_lb[i] = dy.sum(0, dtype=acc).mul_(scales[i]).to(lb_dtypes[i])
     return grad_b, grad_lb
 
 
-def _cpp_backward(x2d, xa, ws, bs, lbs, as_, bmats, scales, p, seed_t, need_x, flat_need, dy2) -> tuple:
+def _registered_backward(x2d, xa, ws, b_dtypes, lb_dtypes, as_, bmats, scales, p, seed_t, need_x, flat_need,
+                         dy2) -> tuple:
+    """Backward through the registered op ``lora_group_bwd``; returns what :func:`group_backward` returns."""
     n = len(ws)
     need_b, need_lb, need_a, need_bm = (flat_need[i * n:(i + 1) * n] for i in range(1, 5))
     dx, da, dbs = torch.ops.peftfast.lora_group_bwd(x2d, xa, list(dy2), ws, as_, bmats, list(scales), p, seed_t,
@@ -364,7 +371,7 @@ def _cpp_backward(x2d, xa, ws, bs, lbs, as_, bmats, scales, p, seed_t, need_x, f
     rank = as_[0].shape[0]
     grad_a = [da[i * rank:(i + 1) * rank] if need_a[i] else None for i in range(n)]
     grad_bm = [dbs[i] if need_bm[i] and dy2[i] is not None else None for i in range(n)]
-    grad_b, grad_lb = _bias_grads(dy2, bs, lbs, scales, need_b, need_lb)
+    grad_b, grad_lb = _bias_grads(dy2, b_dtypes, lb_dtypes, scales, need_b, need_lb)
     return dx if need_x else None, (*([None] * n), *grad_b, *grad_lb, *grad_a, *grad_bm)
 
 
@@ -441,13 +448,9 @@ def _bwd_fake(x, xa, grads, weights, lora_as, lora_bs, scales, p, seed, need_x, 
 
 def _fwd_setup(ctx, inputs, output) -> None:
     x, weights, biases, lora_biases, lora_as, lora_bs, scales, p, seed = inputs
-    ys, xa = output
-    n = len(weights)
-    ctx.meta = (n, list(scales), float(p))
-    # biases are not needed by the backward, only whether (and in which dtype) they get gradients
-    ctx.bias_meta = [(b.numel() > 0 and b.requires_grad, b.dtype) for b in biases]
-    ctx.lbias_meta = [(b.numel() > 0 and b.requires_grad, b.dtype) for b in lora_biases]
-    ctx.need_lora = ([a.requires_grad for a in lora_as], [b.requires_grad for b in lora_bs])
+    xa = output[1]
+    ctx.meta = (len(weights), list(scales), float(p))
+    ctx.bias_dtypes = (_dtypes(biases), _dtypes(lora_biases))  # bias gradients are sums of dy: dtypes suffice
     ctx.mark_non_differentiable(xa)
     ctx.save_for_backward(x, xa, seed, *weights, *lora_as, *lora_bs)
 
@@ -455,26 +458,11 @@ def _fwd_setup(ctx, inputs, output) -> None:
 def _fwd_backward(ctx, grad_ys, grad_xa):
     n, scales, p = ctx.meta
     x, xa, seed, *rest = ctx.saved_tensors
-    ws, as_, bms = rest[:n], rest[n:2 * n], rest[2 * n:]
-    need_a, need_bm = ctx.need_lora
-    need_x = ctx.needs_input_grad[0]
-    dy2 = list(grad_ys)
-    dx, da, dbs = torch.ops.peftfast.lora_group_bwd(x, xa, dy2, ws, as_, bms, scales, p, seed, need_x, any(need_a),
-                                                    [int(b) for b in need_bm])
-    r = as_[0].shape[0]
-    grad_a = [da[i * r:(i + 1) * r] if need_a[i] else None for i in range(n)]
-    grad_bm = [dbs[i] if need_bm[i] and dy2[i] is not None else None for i in range(n)]
-    grad_b, grad_lb = [None] * n, [None] * n
-    for i, dy in enumerate(dy2):
-        if dy is None:
-            continue
-        if ctx.bias_meta[i][0]:
-            grad_b[i] = dy.sum(0).to(ctx.bias_meta[i][1])
-        if ctx.lbias_meta[i][0]:
-            # PEFT adds the LoRA bias in the LoRA dtype (often fp32 over a 16-bit base): reduce in that precision
-            acc = torch.promote_types(dy.dtype, ctx.lbias_meta[i][1])
-            grad_lb[i] = dy.sum(0, dtype=acc).mul_(scales[i]).to(ctx.lbias_meta[i][1])
-    return dx if need_x else None, [None] * n, grad_b, grad_lb, grad_a, grad_bm, None, None, None
+    need = ctx.needs_input_grad  # structured like the inputs: one list per Tensor[] argument
+    flat_need = [flag for i in range(1, 6) for flag in need[i]]
+    dx, grads = _registered_backward(x, xa, rest[:n], *ctx.bias_dtypes, rest[n:2 * n], rest[2 * n:], scales, p, seed,
+                              need[0], flat_need, list(grad_ys))
+    return dx, *(list(grads[i * n:(i + 1) * n]) for i in range(5)), None, None, None
 
 
 _LIB: torch.library.Library | None = None
