@@ -6,8 +6,9 @@
       neither views nor bare allocations, plus Triton launches). The patched path is measured with the torch backend
       (ATen), with the C++ kernels of ``peftfast._C`` (cpp) and with the Triton kernels (run by the CPU interpreter
       in a subprocess; fp16 there, as the interpreter's bf16 ``tl.dot`` is broken; op and byte counts do not depend
-      on values). Then one training step (fwd+bwd) of that layer at 512 tokens in fp32, PEFT vs patched (cpp and
-      torch backends), interleaved in the same process: median and p20/p80 over repeated steps.
+      on values); ``peftfast-cpp:mlp`` is the C++ path with ``patch(recompute="mlp")`` (the others use the default,
+      ``"norms"``). Then one training step (fwd+bwd) of that layer at 512 tokens in fp32, PEFT vs patched (cpp,
+      cpp:mlp and torch), interleaved in the same process: median and p20/p80 over repeated steps.
 --gpu (CUDA): fused LoRA linear fwd+bwd vs PEFT's lora.Linear vs a frozen nn.Linear on Llama-3-8B shapes, median
       and p20/p80 of ``triton.testing.do_bench``, TFLOP/s and peak memory, for both dense strategies.
 """
@@ -27,13 +28,20 @@ PEFT_REFERENCE = {"0.05": {"hvec": 55, "ops": 235}, "0.0": {"hvec": 36, "ops": N
 # ----------------------------------------------------------------------------------------------------------------
 # CPU: exact per-layer counts
 # ----------------------------------------------------------------------------------------------------------------
+def _patch(model, method: str) -> None:
+    """``peftfast-<backend>[:<recompute>]``: patch with that backend and recompute setting (default norms)."""
+    import peftfast
+
+    backend, _, recompute = method.removeprefix("peftfast-").partition(":")
+    peftfast.patch(model, backend=backend, recompute=recompute or "norms")
+
+
 def layer_counts(method: str, dropout: float, tokens: int = 32) -> dict:
     """Saved hidden-vector equivalents per token and work ops of one decoder layer, fwd+bwd."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    import peftfast
     from peftfast.bench import count_work_ops, saved_activation_bytes
 
     dtype = torch.float16 if method == "peftfast-triton" else torch.bfloat16
@@ -43,7 +51,7 @@ def layer_counts(method: str, dropout: float, tokens: int = 32) -> dict:
     model = get_peft_model(LlamaForCausalLM(cfg).to(dtype),
                            LoraConfig(r=16, lora_alpha=32, lora_dropout=dropout, target_modules="all-linear"))
     if method != "peft":
-        peftfast.patch(model, backend=method.removeprefix("peftfast-"))
+        _patch(model, method)
     model.train()
     inner = model.base_model.model.model
     layer = inner.layers[0]
@@ -74,19 +82,18 @@ def cpu_step_times(dropout: float = 0.05, tokens: int = 512, steps: int = 12, wa
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    import peftfast
     from peftfast import _ext
 
     cfg = LlamaConfig(vocab_size=256, hidden_size=1024, intermediate_size=3584, num_hidden_layers=1,
                       num_attention_heads=8, num_key_value_heads=2, attn_implementation="sdpa")
-    methods = ["peft", "peftfast-torch"] + (["peftfast-cpp"] if _ext.available() else [])
+    methods = ["peft", "peftfast-torch"] + (["peftfast-cpp", "peftfast-cpp:mlp"] if _ext.available() else [])
     models, layers = {}, {}
     for m in methods:
         torch.manual_seed(0)
         model = get_peft_model(LlamaForCausalLM(cfg),
                                LoraConfig(r=16, lora_alpha=32, lora_dropout=dropout, target_modules="all-linear"))
         if m != "peft":
-            peftfast.patch(model, backend=m.removeprefix("peftfast-"))
+            _patch(model, m)
         model.train()
         models[m], layers[m] = model, model.base_model.model.model.layers[0]
     inner = models["peft"].base_model.model.model
@@ -121,6 +128,7 @@ def run_cpu(out_path: str) -> list[dict]:
         rows.append(layer_counts("peftfast-torch", dropout))
         if _ext.available():
             rows.append(layer_counts("peftfast-cpp", dropout))
+            rows.append(layer_counts("peftfast-cpp:mlp", dropout))
         env = {**os.environ, "TRITON_INTERPRET": "1"}
         code = f"import json, bench_lora as b; print(json.dumps(b.layer_counts('peftfast-triton', {dropout})))"
         res = subprocess.run([sys.executable, "-c", code], cwd=HERE, env=env, capture_output=True, text=True,

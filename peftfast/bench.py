@@ -181,6 +181,9 @@ class BenchConfig:
     packed: bool = False
     grad_ckpt: bool = False
     fuse_loss: bool = True  # patch(fuse_loss=True) for causal LMs: the loss never materialises the logits
+    # patch(recompute=...) settings, one peftfast row each: the first is labelled "peftfast", the others
+    # "peftfast recompute=<setting>"
+    recompute: tuple[str, ...] = ("norms", "mlp")
     baselines: tuple[str, ...] = ("peft",)
     dtype: str = "fp32"
     backend: str = "auto"
@@ -489,8 +492,8 @@ def _skip_reason(name: str, setup: Setup, cfg: BenchConfig) -> str | None:
     return None
 
 
-def _build(variant: str, setup: Setup, cfg: BenchConfig):
-    """(module to call, module whose parameters train) for one variant."""
+def _build(variant: str, setup: Setup, cfg: BenchConfig, recompute: str = "norms"):
+    """(module to call, module whose parameters train) for one variant (``recompute``: peftfast's setting)."""
     import peftfast
 
     if variant == "unsloth":
@@ -507,7 +510,7 @@ def _build(variant: str, setup: Setup, cfg: BenchConfig):
         else:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # prefix models have no LoRA layer: patch says so
-                peftfast.patch(model, backend=cfg.backend, fuse_loss=cfg.fuse_loss)
+                peftfast.patch(model, backend=cfg.backend, fuse_loss=cfg.fuse_loss, recompute=recompute)
     model.train()
     if variant == "peft+compile":
         return torch.compile(model, backend=cfg.compile_backend), model
@@ -632,11 +635,12 @@ def _quantiles(xs: list[float]) -> tuple[float, float, float]:
     return q[0], statistics.median(xs), q[3]
 
 
-def _run_variant(variant: str, label: str, setup: Setup, cfg: BenchConfig, batches, progress) -> MethodResult:
+def _run_variant(variant: str, label: str, setup: Setup, cfg: BenchConfig, batches, progress,
+                 recompute: str = "norms") -> MethodResult:
     if progress:
         progress(f"{label:<13} building the model")
-    model, owner = _build(variant, setup, cfg)
-    if variant == "peftfast":
+    model, owner = _build(variant, setup, cfg, recompute)
+    if variant == "peftfast" and not setup.report:
         setup.report = _patch_summary(owner, cfg)
     params = [*owner.parameters(), *owner.buffers()]
     saved = ops = None
@@ -676,7 +680,10 @@ def run_bench(cfg: BenchConfig, progress: Callable[[str], None] | None = None) -
     _release_freed_memory()
     batches = make_batches(setup, cfg, setup.batch)
     ref_label = "eager" if cfg.method == "adapter" else "peft"
-    plan = [("reference", ref_label), ("peftfast", "peftfast")]
+    plan = [("reference", ref_label, None)]
+    # recompute settings only change LoRA models' fused blocks: adapters and prefix tuning get one row
+    settings = cfg.recompute if cfg.method in ("lora", "qlora") else cfg.recompute[:1]
+    plan += [("peftfast", "peftfast" if i == 0 else f"peftfast recompute={r}", r) for i, r in enumerate(settings)]
     skipped: dict[str, str] = {}
     for b in cfg.baselines:
         if b == "peft":
@@ -685,11 +692,12 @@ def run_bench(cfg: BenchConfig, progress: Callable[[str], None] | None = None) -
         if why:
             skipped[b] = why
         else:
-            plan.append((b, b))
+            plan.append((b, b, None))
     results: list[MethodResult] = []
-    for variant, label in plan:
+    setup.report = ""
+    for variant, label, recompute in plan:
         try:
-            results.append(_run_variant(variant, label, setup, cfg, batches, progress))
+            results.append(_run_variant(variant, label, setup, cfg, batches, progress, recompute or "norms"))
         except Exception as exc:
             if variant in ("reference", "peftfast"):
                 raise
@@ -801,9 +809,11 @@ def format_table(res: dict) -> str:
                      f"{r['step_ms_median']:.1f}", _fmt(r["saved_mb"], ".2f"), _fmt(r["peak_mb"], ".0f"),
                      _fmt(r["work_ops_per_step"], "d"),
                      f"{r['max_abs_loss_diff_vs_peft']:.2e} ({r['max_rel_loss_diff_vs_peft']:.1e})"])
-    if len(res["results"]) >= 2:
-        a, b = res["results"][:2]
-        rows.append(["ratio", _ratio(b["tokens_per_s"], a["tokens_per_s"]),
+    a = res["results"][0]
+    for b in res["results"][1:]:  # each peftfast row against the reference
+        if not b["method"].startswith("peftfast"):
+            continue
+        rows.append([f"ratio{b['method'].removeprefix('peftfast')}", _ratio(b["tokens_per_s"], a["tokens_per_s"]),
                      _ratio(b["step_ms_median"], a["step_ms_median"]), _ratio(b["saved_mb"], a["saved_mb"]),
                      _ratio(b["peak_mb"], a["peak_mb"]), _ratio(b["work_ops_per_step"], a["work_ops_per_step"]), ""])
     widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]

@@ -26,6 +26,16 @@ def _batch_size(text: str) -> int | str:
         raise argparse.ArgumentTypeError(f"must be an integer or 'auto', got {text!r}") from None
 
 
+def _recompute(text: str) -> tuple[str, ...]:
+    from peftfast.patching.core import RECOMPUTE
+
+    settings = tuple(dict.fromkeys(t.strip() for t in text.split(",") if t.strip()))
+    bad = [t for t in settings if t not in RECOMPUTE]
+    if not settings or bad:
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list of {', '.join(RECOMPUTE)}, got {text!r}")
+    return settings
+
+
 def _parser() -> argparse.ArgumentParser:
     from peftfast.bench import BASELINES, METHODS, PRESETS
 
@@ -52,6 +62,10 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing (non-reentrant) in every run")
     b.add_argument("--no-fuse-loss", dest="fuse_loss", action="store_false",
                    help="patch without the fused linear cross-entropy (the default fuses it for causal LMs)")
+    b.add_argument("--recompute", default="norms,mlp", type=_recompute,
+                   help="patch(recompute=...) settings to run, one peftfast row each, comma-separated: none, norms "
+                        "(patch's default: norm outputs rebuilt in backward), mlp (also the gate/up GEMM); "
+                        "default: norms,mlp")
     b.add_argument("--baselines", default="peft",
                    help=f"comma-separated, from {','.join(BASELINES)}; those not installed or not runnable here are "
                         "skipped with the reason (peft, the reference, always runs)")
@@ -105,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
 
     cfg = BenchConfig(model=args.model, method=args.method, steps=args.steps, rank=args.rank, dropout=args.dropout,
                       seq_len=args.seq_len, batch_size=args.batch_size, layers=args.layers, packed=args.packed,
-                      grad_ckpt=args.grad_ckpt, fuse_loss=args.fuse_loss,
+                      grad_ckpt=args.grad_ckpt, fuse_loss=args.fuse_loss, recompute=args.recompute,
                       baselines=tuple(b.strip() for b in args.baselines.split(",") if b),
                       dtype=args.dtype, backend=args.backend, device=args.device,
                       compile_backend=args.compile_backend, num_virtual_tokens=args.num_virtual_tokens,

@@ -17,7 +17,7 @@ import torch
 from peftfast import bench, cli
 from peftfast.bench import BenchConfig, BenchError, count_work_ops, saved_activation_bytes
 
-FAST = ["--steps", "1", "--seq-len", "16", "--layers", "1", "--quiet"]
+FAST = ["--steps", "1", "--seq-len", "16", "--layers", "1", "--recompute", "norms", "--quiet"]
 
 
 def run(tmp_path, *argv: str) -> tuple[dict, str]:
@@ -85,16 +85,18 @@ def test_bench_cli_runs_and_writes_outputs(tmp_path, capsys):
     rc = cli.main(["bench", "--steps", "2", "--seq-len", "16", "--dropout", "0", "--quiet", "--out", str(tmp_path)])
     out = capsys.readouterr().out
     assert rc == 0
-    assert "peft " in out and "peftfast " in out and "ratio" in out
+    assert "peft " in out and "peftfast " in out and "ratio " in out and "ratio recompute=mlp " in out
     res = json.loads((tmp_path / "bench.json").read_text())
-    peft, fast = res["results"]
-    assert (peft["method"], fast["method"]) == ("peft", "peftfast")
+    peft, fast, lean = res["results"]
+    assert (peft["method"], fast["method"], lean["method"]) == ("peft", "peftfast", "peftfast recompute=mlp")
     assert len(fast["losses"]) == 3  # warm-up + 2 timed steps
     assert fast["max_abs_loss_diff_vs_peft"] < 1e-4  # fp32, dropout 0: same losses step by step
-    assert fast["saved_mb"] <= peft["saved_mb"]
+    assert lean["losses"] == fast["losses"]  # recomputing in backward leaves the forward alone
+    assert lean["saved_mb"] < fast["saved_mb"] < peft["saved_mb"]
+    assert "recompute=norms" in out  # the report line of the first peftfast row
     assert res["config"]["model"] == "tiny" and res["versions"]["torch"] == torch.__version__
     assert res["layers"] == res["full_layers"] == 4 and res["tokens_per_step"] == 2 * 16
-    assert (tmp_path / "bench.csv").read_text().count("\n") == 3
+    assert (tmp_path / "bench.csv").read_text().count("\n") == 4
     assert (tmp_path / "bench.png").stat().st_size > 0
     for r in res["results"]:  # tokens/s: median inside its p20-p80 range, from the timed steps
         assert 0 < r["tokens_per_s_p20"] <= r["tokens_per_s"] <= r["tokens_per_s_p80"]
@@ -118,8 +120,8 @@ def test_bench_outputs_record_device_versions_commit_and_show_progress(tmp_path,
 
 
 def test_bench_dropout_saves_less_than_peft(tmp_path):
-    assert cli.main(["bench", "--steps", "1", "--seq-len", "16", "--dropout", "0.1", "--quiet", "--out",
-                     str(tmp_path)]) == 0
+    assert cli.main(["bench", "--steps", "1", "--seq-len", "16", "--dropout", "0.1", "--recompute", "none",
+                     "--quiet", "--out", str(tmp_path)]) == 0
     peft, fast = json.loads((tmp_path / "bench.json").read_text())["results"]
     assert fast["saved_mb"] < 0.8 * peft["saved_mb"]  # no dropout copies of the layer inputs
     assert fast["work_ops_per_step"] < peft["work_ops_per_step"] * 1.5
@@ -246,6 +248,17 @@ def test_grad_ckpt_keeps_less_and_trains_the_same(tmp_path):
         assert max(abs(x - y) for x, y in zip(a["losses"], b["losses"])) < 1e-5 * abs(a["losses"][0])
 
 
+def test_default_bench_meets_the_cpu_saved_activation_target(tmp_path):
+    """The default run (tiny, LoRA r=16 on all linears, dropout 0.05, batch 2 x seq 128): with recompute=mlp the
+    patched model keeps at most 0.3x PEFT's saved activations; the patch default (recompute=norms) at most 0.4x."""
+    res, out = run(tmp_path, "--steps", "1", "--quiet")
+    assert (res["model"], res["batch_size"], res["seq_len"], res["config"]["dropout"]) == ("tiny", 2, 128, 0.05)
+    peft, fast, lean = res["results"]
+    assert lean["saved_mb"] <= 0.3 * peft["saved_mb"], out
+    assert fast["saved_mb"] <= 0.4 * peft["saved_mb"], out
+    assert lean["losses"] == fast["losses"] and fast["max_rel_loss_diff_vs_peft"] < 1e-4
+
+
 def test_baselines_run_or_are_skipped_with_a_reason(tmp_path):
     res, out = run(tmp_path, *FAST, "--dropout", "0", "--baselines", "peft,peft+compile,liger,unsloth",
                    "--compile-backend", "eager")
@@ -322,6 +335,7 @@ def test_largest_fitting_batch_doubles_until_out_of_memory():
         (["bench", "--method", "prefix", "--packed"], "--method prefix with --packed"),
         (["bench", "--method", "prefix", "--grad-ckpt"], "--method prefix does not work with --grad-ckpt"),
         (["bench", "--model", "/no/such/dir"], "unknown preset '/no/such/dir'"),
+        (["bench", "--recompute", "norms,attention"], "expected a comma-separated list of none, norms, mlp"),
     ],
 )
 def test_bench_cli_bad_input_is_one_line(argv, message, capsys):

@@ -1,11 +1,12 @@
 """Pre-norm decoder blocks: the residual add fused into the post-attention RMSNorm (``peftfast.modules.block``)."""
 
 import pytest
+import torch
 from _models import batch, clone, loss_and_grads, max_rel_err, peft_model, use_shared_seed_dropout
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
 import peftfast
-from peftfast.bench import count_work_ops
+from peftfast.bench import count_work_ops, saved_activation_bytes
 from peftfast.modules import block as block_mod
 
 TOL = 2e-5
@@ -38,7 +39,7 @@ def test_fused_blocks_keep_losses_and_gradients(arch, p):
 def test_fusion_removes_two_ops_per_layer():
     """The forward's add, and in backward the accumulation of r's two gradients (the op sums them itself)."""
     model = peft_model("llama", lora_dropout=0.0)
-    peftfast.patch(model)
+    peftfast.patch(model, recompute="none")  # the norm rebuilds would add two ops per layer
     data = batch("llama")
     layers = [m for m in model.modules() if isinstance(m, LlamaDecoderLayer)]
 
@@ -52,6 +53,34 @@ def test_fusion_removes_two_ops_per_layer():
         block_mod.uninstall(m)
     unfused = ops()
     assert unfused - fused == 2 * len(layers)
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_recompute_settings_keep_gradients_bit_for_bit_and_save_exactly_less(backend, dtype):
+    """recompute="norms" rebuilds both norm outputs per block (the q/k/v group and the MLP no longer keep them);
+    "mlp" also drops g, u and x·A_catᵀ. The rebuilt tensors are the same bits, so every gradient is too."""
+    model = peft_model("llama", lora_dropout=0.1, base_dtype=dtype)
+    data = batch("llama")
+    params = [*model.parameters(), *model.buffers()]
+    got = {}
+    for setting in ("none", "norms", "mlp"):
+        peftfast.patch(model, backend=backend, recompute=setting)
+        loss, grads = loss_and_grads(model, data)
+        torch.manual_seed(0)
+        _, saved = saved_activation_bytes(lambda: model(**data).loss, exclude=params)
+        got[setting] = loss, grads, saved.total
+    for setting in ("norms", "mlp"):
+        assert torch.equal(got[setting][0], got["none"][0])
+        assert all(torch.equal(got[setting][1][n], g) for n, g in got["none"][1].items())
+    cfg = model.config
+    tokens, layers = data["input_ids"].numel(), cfg.num_hidden_layers
+    elt = torch.finfo(dtype).bits // 8
+    lora_elt = model.base_model.model.model.layers[0].mlp.up_proj.lora_A["default"].weight.element_size()
+    r = model.peft_config["default"].r
+    # layer 0's input norm reads the embedding output, which nothing else keeps: its recipe keeps that instead
+    assert got["none"][2] - got["norms"][2] == (2 * layers - 1) * tokens * cfg.hidden_size * elt
+    assert got["norms"][2] - got["mlp"][2] == layers * tokens * (2 * cfg.intermediate_size * elt + 2 * r * lora_elt)
 
 
 def test_unpatch_restores_the_block_forward():

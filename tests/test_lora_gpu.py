@@ -90,21 +90,26 @@ def test_dropout_mask_rate_and_seed_on_gpu():
     assert not torch.equal(a[0], a[1])
 
 
-def test_patched_llama_parity_bf16():
+def _llama_bf16(dropout: float):
+    """A 2-layer bf16 Llama on the GPU with LoRA r=16 on all linears, and a batch of 2 x 97 token ids."""
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
-
-    import peftfast
 
     cfg = LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=704, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, attn_implementation="sdpa")
     torch.manual_seed(0)
     base = LlamaForCausalLM(cfg).to(DEV, torch.bfloat16)
-    model = get_peft_model(base, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear"))
+    model = get_peft_model(base, LoraConfig(r=16, lora_alpha=32, lora_dropout=dropout, target_modules="all-linear"))
+    return model, torch.randint(0, 512, (2, 97), device=DEV)
+
+
+def test_patched_llama_parity_bf16():
+    import peftfast
+
+    model, ids = _llama_bf16(0.0)
     for n, prm in model.named_parameters():
         if "lora_B" in n:
             torch.nn.init.normal_(prm, std=0.02)
-    ids = torch.randint(0, 512, (2, 97), device=DEV)
 
     def run():
         model.zero_grad(set_to_none=True)
@@ -121,3 +126,21 @@ def test_patched_llama_parity_bf16():
     for n in ref:
         err = ((got[n] - ref[n]).norm() / ref[n].norm().clamp_min(1e-8)).item()
         assert err < 5e-2, n
+
+
+def test_recompute_settings_keep_gradients_bit_for_bit_on_gpu():
+    """The Triton norm and gate/up kernels rebuild the very tensors the forward made: same loss, same gradients."""
+    import peftfast
+
+    model, ids = _llama_bf16(0.05)
+    got = {}
+    for setting in ("none", "norms", "mlp"):
+        peftfast.patch(model, recompute=setting)
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(1)
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        got[setting] = loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    for setting in ("norms", "mlp"):
+        assert torch.equal(got[setting][0], got["none"][0])
+        assert all(torch.equal(got[setting][1][n], g) for n, g in got["none"][1].items()), setting

@@ -126,7 +126,14 @@ def test_bf16_within_twice_eager_error_torch_backend():
 def test_saves_input_preactivations_and_skinny_products_only(backend):
     m, k, i, r = 37, 40, 56, 8
     x, gate, up, down = _case(m, k, i, r, torch.float32)
-    params = {t.untyped_storage().data_ptr() for p in (gate, up, down) for t in p if isinstance(t, torch.Tensor)}
+    saved = _saved_shapes(lambda: lora_mlp(x, gate, up, down, dropout_p=0.1, backend=backend), gate, up, down)
+    # x, x·[A_gate; A_up]ᵀ, g, u, h·A_downᵀ: no act(g), no h, no dropout copy or mask
+    assert saved == sorted([(m, k), (m, 2 * r), (m, i), (m, i), (m, r)])
+
+
+def _saved_shapes(fn, *projs) -> list[tuple]:
+    """Shapes of what ``fn``'s graph saves for backward, the projections' parameters excluded (sorted)."""
+    params = {t.untyped_storage().data_ptr() for p in projs for t in p if isinstance(t, torch.Tensor)}
     saved = []
 
     def pack(t):
@@ -135,9 +142,42 @@ def test_saves_input_preactivations_and_skinny_products_only(backend):
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        lora_mlp(x, gate, up, down, dropout_p=0.1, backend=backend)
-    # x, x·[A_gate; A_up]ᵀ, g, u, h·A_downᵀ: no act(g), no h, no dropout copy or mask
-    assert sorted(saved) == sorted([(m, k), (m, 2 * r), (m, i), (m, i), (m, r)])
+        fn()
+    return sorted(saved)
+
+
+@pytest.mark.parametrize("backend", [*BACKENDS, "cpp"])
+def test_recompute_gives_the_same_values_and_keeps_only_x_and_the_down_products(backend):
+    """recompute=True: backward runs the gate/up forward again (same seeds, same kernels), so outputs and every
+    gradient are the same bits; g, u and x·[A_gate; A_up]ᵀ are not saved."""
+    if backend == "cpp" and resolve_backend("auto", torch.device("cpu")) != "cpp":
+        pytest.skip("peftfast._C is not built")
+    m, k, i, r = 37, 40, 56, 8
+    x, gate, up, down = _case(m, k, i, r, torch.float32, lbias=True)
+    leaves = _tensors(x, gate, up, down)
+    dy = torch.randn(m, k)
+    runs = {}
+    for recompute in (False, True):
+        def fn(recompute=recompute):
+            return lora_mlp(x, gate, up, down, act="gelu_tanh", dropout_p=0.2, down_dropout_p=0.3, seed=5,
+                            down_seed=6, gate_segment=1, recompute=recompute, backend=backend)
+
+        runs[recompute] = _grads(fn, leaves, dy), _saved_shapes(fn, gate, up, down)
+    (kept, saved_kept), (again, saved_again) = runs[False], runs[True]
+    assert all(torch.equal(a, b) for a, b in zip(kept, again))
+    for shape in [(m, 2 * r), (m, i), (m, i)]:
+        saved_kept.remove(shape)
+    assert saved_again == saved_kept
+
+
+def test_triton_launches_with_recompute():
+    x, gate, up, down = _case(37, 40, 56, 8, torch.float32)
+    y = lora_mlp(x, gate, up, down, dropout_p=0.1, recompute=True, backend="triton")
+    with _counters.count_launches() as bwd:
+        y.sum().backward()
+    # the forward's x·A_catᵀ and gate/up GEMM (which writes h too: no act_mul forward), then the backward as usual
+    assert dict(bwd) == {"_lora_gate_up_act_kernel": 1, "_act_mul_bwd_kernel": 1, "_lora_down_kernel": 4,
+                         "_lora_gemm_kernel": 2, "_lora_da_kernel": 5}
 
 
 def test_triton_launches():

@@ -217,6 +217,19 @@ def test_an_earlier_instance_forward_gets_the_swapped_global():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_outputs_keep_the_projections_sequence_major_layout(backend):
+    # the attention output then comes out [B, S, H, D] and the o-projection reads it without a copy
+    q, k, cos, sin = _inputs(2, 4, 2, 5, 12, 8, torch.float32, layout=1)
+    a, b = rope(q, k, cos, sin, backend=backend)
+    assert a.stride() == q.stride() and b.stride() == k.stride()
+    assert a.transpose(1, 2).is_contiguous() and b.transpose(1, 2).is_contiguous()
+    qc, kc = q.detach().contiguous(), k.detach().contiguous()  # a contiguous input stays contiguous
+    ac, bc = rope(qc, kc, cos, sin, backend=backend)
+    assert ac.is_contiguous() and bc.is_contiguous()
+    assert torch.equal(ac, a) and torch.equal(bc, b)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_registered_op_passes_opcheck(backend):
     for layout, cos_batch, backward in ((1, None, False), (2, 1, True)):
         q, k, cos, sin = _inputs(2, 4, 2, 5, 12, 8, torch.float32, layout=layout, cos_batch=cos_batch)

@@ -26,7 +26,8 @@ from torch import nn
 
 from peftfast.modules._bind import bind_forward, call_original, unbind_forward
 from peftfast.modules._tally import Tallied, tally
-from peftfast.ops.norm import add_rms_norm
+from peftfast.ops.norm import add_rms_norm, rms_norm
+from peftfast.ops.recompute import rebuilding
 
 CHILDREN = frozenset({"input_layernorm", "self_attn", "post_attention_layernorm", "mlp"})
 
@@ -40,6 +41,7 @@ class BlockState(Tallied):
     previous_forward: object | None
     defaults: dict  # the class forward's keyword defaults, handed to the attention as the forward itself does
     required: tuple[str, ...]  # its parameters without a default (besides hidden_states)
+    rebuild_norms: bool = True  # backward rebuilds the two norm outputs instead of their consumers keeping them
     fused_calls: int = 0
     fallbacks: Counter = field(default_factory=Counter)
 
@@ -104,7 +106,15 @@ def _fused_body(self: nn.Module, hidden_states: torch.Tensor, **kwargs) -> torch
     residual = hidden_states
     h = self.input_layernorm(hidden_states)
     # every argument of the block goes to the attention by name, defaults included, as the block's own forward does
-    h = self.self_attn(hidden_states=h, **{**st.defaults, **kwargs})[0]
+    attn_kwargs = {**st.defaults, **kwargs}
+    ist = self.input_layernorm.__dict__.get("_peftfast_norm")
+    if st.rebuild_norms and ist is not None and ist.kind == "rms":
+        # the q/k/v projections keep no copy of the normed input: backward rebuilds it from the block input, which
+        # the norm keeps anyway
+        rebuild = functools.partial(_norm_again, self.input_layernorm, ist)
+        h = rebuilding(h, rebuild, (hidden_states,), self.self_attn, hidden_states=h, **attn_kwargs)[0]
+    else:
+        h = self.self_attn(hidden_states=h, **attn_kwargs)[0]
     if h.shape != residual.shape or h.dtype != residual.dtype:
         tally(st.tally_key, "fallbacks", "attention output and residual differ in shape or dtype")
         r = residual + h
@@ -112,7 +122,15 @@ def _fused_body(self: nn.Module, hidden_states: torch.Tensor, **kwargs) -> torch
     normed, r = add_rms_norm(h, residual, post.weight, getattr(post, nst.eps_attr), form=nst.form,
                              backend=nst.backend, name=nst.name)
     tally(st.tally_key, "fused_calls")
+    if st.rebuild_norms:  # likewise for the MLP's input, rebuilt from r (the norm op's saved input)
+        return r + rebuilding(normed, functools.partial(_norm_again, post, nst), (r,), self.mlp, normed)
     return r + self.mlp(normed)
+
+
+def _norm_again(norm: nn.Module, nst, x: torch.Tensor) -> torch.Tensor:
+    """The norm's output again, by the op that made it (``add_rms_norm`` normalises the h it writes, exactly as
+    ``rms_norm`` normalises h)."""
+    return rms_norm(x, norm.weight, getattr(norm, nst.eps_attr), form=nst.form, backend=nst.backend, name=nst.name)
 
 
 class _Stub(nn.Module):
@@ -207,14 +225,15 @@ def why_not(module: nn.Module) -> str | None:
     return probe(module, *sig)
 
 
-def install(module: nn.Module, name: str, backend: str) -> None:
+def install(module: nn.Module, name: str, backend: str, rebuild_norms: bool = True) -> None:
     st = module.__dict__.get("_peftfast_block")
     if isinstance(st, BlockState):
-        st.backend = backend
+        st.backend, st.rebuild_norms = backend, rebuild_norms
         return
     defaults, required = _signature(type(module))
     bind_forward(module, "_peftfast_block", BlockState(name=name, backend=backend, previous_forward=None,
-                                                       defaults=defaults, required=required), fused_block_forward)
+                                                       defaults=defaults, required=required,
+                                                       rebuild_norms=rebuild_norms), fused_block_forward)
 
 
 def uninstall(module: nn.Module) -> bool:

@@ -59,6 +59,7 @@ class MLPState(Tallied):
     name: str
     backend: str
     previous_forward: object | None
+    recompute: bool = False  # backward runs the gate/up forward again instead of keeping g and u
     fused_calls: int = 0
     fallbacks: Counter = field(default_factory=Counter)  # block-level reasons (the projections still run fused)
     deferred: Counter = field(default_factory=Counter)  # adapter states the LoRA layers themselves report
@@ -118,16 +119,17 @@ def fused_mlp_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs) -> torc
     grp = self.gate_proj._peftfast.group
     seg = self.gate_proj._peftfast.index if grp is not None and self.up_proj in grp.members else 0
     return lora_mlp(x, gate, up, down, act=gate_activation(self.act_fn), dropout_p=plans[0].p,
-                    down_dropout_p=plans[2].p, gate_segment=seg, backend=st.backend, name=st.name)
+                    down_dropout_p=plans[2].p, gate_segment=seg, recompute=st.recompute, backend=st.backend,
+                    name=st.name)
 
 
-def install(module: nn.Module, name: str, backend: str) -> None:
+def install(module: nn.Module, name: str, backend: str, recompute: bool = False) -> None:
     st = getattr(module, "_peftfast_mlp", None)
     if st is not None:
-        st.backend = backend
+        st.backend, st.recompute = backend, recompute
         return
-    bind_forward(module, "_peftfast_mlp", MLPState(name=name, backend=backend, previous_forward=None),
-                 fused_mlp_forward)
+    bind_forward(module, "_peftfast_mlp", MLPState(name=name, backend=backend, previous_forward=None,
+                                                   recompute=recompute), fused_mlp_forward)
 
 
 def uninstall(module: nn.Module) -> None:

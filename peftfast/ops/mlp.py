@@ -3,7 +3,9 @@
 Saved for backward: the block input ``x`` (once for gate and up), the gate/up pre-activations ``g`` and ``u``, and
 the skinny ``x·A_catᵀ`` / ``h·A_downᵀ`` products. The activation output ``act(g)`` and the down projection's input
 ``h = act(g)·u`` are never kept: backward rebuilds ``h`` from ``g`` and ``u`` (one element-wise pass). PEFT keeps
-``g``, ``act(g)``, ``u``, ``h`` and, with dropout, a dropout copy of ``x`` per projection and of ``h``.
+``g``, ``act(g)``, ``u``, ``h`` and, with dropout, a dropout copy of ``x`` per projection and of ``h``. With
+``recompute=True`` (``patch(recompute="mlp")``) g, u and ``x·A_catᵀ`` are not kept either: backward runs the gate/up
+forward again (2·I values per token fewer for one more gate/up GEMM; the same seed and kernels give the same values).
 
 Triton forward: one skinny launch for ``x·A_catᵀ``, then one GEMM launch (``_lora_gate_up_act_kernel``) that
 accumulates ``x·W_gᵀ`` and ``x·W_uᵀ`` from shared x tiles, adds both LoRA epilogues and writes g, u and
@@ -228,40 +230,53 @@ def _triton_gate_up_forward(x2d, scales, p, seed, gate_segment, act, flat_gu):
 
 class _LoRAMLPFunction(torch.autograd.Function):
     """``flat`` = the gate/up group's Ws, bs, bBs, As, Bs (2 each, in segment order: ``gate_segment`` says where
-    the gate is), then the down projection's (1 each)."""
+    the gate is), then the down projection's (1 each). With ``recompute``, g, u and ``x·A_catᵀ`` are not saved:
+    backward runs the same gate/up forward again (same seed, same kernels: the same values)."""
 
     @staticmethod
-    def forward(ctx, x, act, s_gu, s_d, p_gu, p_d, seed_gu, seed_d, backend, gate_segment, *flat):
+    def forward(ctx, x, act, s_gu, s_d, p_gu, p_d, seed_gu, seed_d, backend, gate_segment, recompute, *flat):
         flat_gu, flat_d = flat[:10], flat[10:]
         x2d = x.reshape(-1, x.shape[-1])
-        if backend == "triton" and dense_strategy() == "fused":
-            g, u, h, xa_gu = _triton_gate_up_forward(x2d, s_gu, p_gu, seed_gu, gate_segment, act, flat_gu)
-        else:  # cuBLAS dense strategy, torch and cpp: grouped LoRA forward, then the element-wise act · u
-            ys, xa_gu = group_forward(x2d, s_gu, p_gu, seed_gu, backend, 2, flat_gu)
-            g, u = ys[gate_segment], ys[1 - gate_segment]
-            h = act_mul(g, u, act, backend)
+        g, u, h, xa_gu = _gate_up(x2d, act, s_gu, p_gu, seed_gu, backend, gate_segment, flat_gu)
         (y,), xa_d = group_forward(h, s_d, p_d, seed_d, backend, 1, flat_d)
-        ctx.save_for_backward(x2d, xa_gu, g, u, xa_d, *flat)
-        ctx.meta = (act, s_gu, s_d, p_gu, p_d, seed_gu, seed_d, backend, gate_segment, x.shape)
+        if recompute:
+            ctx.save_for_backward(x2d, xa_d, *flat)
+        else:
+            ctx.save_for_backward(x2d, xa_gu, g, u, xa_d, *flat)
+        ctx.meta = (act, s_gu, s_d, p_gu, p_d, seed_gu, seed_d, backend, gate_segment, x.shape, recompute)
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, dy):
-        act, s_gu, s_d, p_gu, p_d, seed_gu, seed_d, backend, gate_segment, x_shape = ctx.meta
-        x2d, xa_gu, g, u, xa_d, *flat = ctx.saved_tensors
+        act, s_gu, s_d, p_gu, p_d, seed_gu, seed_d, backend, gate_segment, x_shape, recompute = ctx.meta
+        if recompute:
+            x2d, xa_d, *flat = ctx.saved_tensors
+            g, u, h, xa_gu = _gate_up(x2d, act, s_gu, p_gu, seed_gu, backend, gate_segment, flat[:10])
+        else:
+            x2d, xa_gu, g, u, xa_d, *flat = ctx.saved_tensors
+            h = act_mul(g, u, act, backend)  # rebuilt, never saved
         flat_gu, flat_d = flat[:10], flat[10:]
         need = ctx.needs_input_grad
-        flat_need = need[10:]
-        h = act_mul(g, u, act, backend)  # rebuilt, never saved
+        flat_need = need[11:]
         dy2 = dy.reshape(x2d.shape[0], -1)
         dh, grads_d = group_backward(h, xa_d, flat_d, s_d, p_d, seed_d, backend, 1, True, flat_need[10:], [dy2])
         del h
         dg, du = act_mul_backward(dh, g, u, act, backend)
-        del dh
+        del dh, g, u
         dgu = [dg, du] if gate_segment == 0 else [du, dg]
         dx, grads_gu = group_backward(x2d, xa_gu, flat_gu, s_gu, p_gu, seed_gu, backend, 2, need[0],
                                       flat_need[:10], dgu)
-        return (None if dx is None else dx.view(x_shape), *([None] * 9), *grads_gu, *grads_d)
+        return (None if dx is None else dx.view(x_shape), *([None] * 10), *grads_gu, *grads_d)
+
+
+def _gate_up(x2d, act, s_gu, p_gu, seed_gu, backend, gate_segment, flat_gu):
+    """(g, u, h = act(g)·u, x·A_catᵀ) of the gate/up group: deterministic, so backward may run it again."""
+    if backend == "triton" and dense_strategy() == "fused":
+        return _triton_gate_up_forward(x2d, s_gu, p_gu, seed_gu, gate_segment, act, flat_gu)
+    # cuBLAS dense strategy, torch and cpp: grouped LoRA forward, then the element-wise act · u
+    ys, xa_gu = group_forward(x2d, s_gu, p_gu, seed_gu, backend, 2, flat_gu)
+    g, u = ys[gate_segment], ys[1 - gate_segment]
+    return g, u, act_mul(g, u, act, backend), xa_gu
 
 
 LoRAProj = tuple  # (weight [N, K], bias | None, lora_A [r, K], lora_B [N, r], scale, lora_bias | None)
@@ -269,14 +284,15 @@ LoRAProj = tuple  # (weight [N, K], bias | None, lora_A [r, K], lora_B [N, r], s
 
 def lora_mlp(x: torch.Tensor, gate: Sequence, up: Sequence, down: Sequence, *, act: str = "silu",
              dropout_p: float = 0.0, down_dropout_p: float | None = None, seed: int | None = None,
-             down_seed: int | None = None, gate_segment: int = 0, backend: str = "auto",
+             down_seed: int | None = None, gate_segment: int = 0, recompute: bool = False, backend: str = "auto",
              name: str = "") -> torch.Tensor:
     """``down(act(gate(x)) · up(x))`` where each projection is ``(W, b, A, B, scale, lora_bias)`` of a LoRA linear.
 
     gate/up share a rank and a dropout probability (one grouped pass over ``x``); the down projection may have
     its own (``down_dropout_p``, default ``dropout_p``). ``act``: silu (SwiGLU), gelu or gelu_tanh (GeGLU).
     ``gate_segment`` (0 or 1) is the gate's dropout segment in the gate/up group, so the masks match those of the
-    same layers run as a sibling group.
+    same layers run as a sibling group. ``recompute`` keeps 2·I fewer values per token (g and u) for one more
+    gate/up GEMM in backward.
     """
     if act not in GATE_ACTS:
         raise ValueError(f"peftfast: {name or 'lora_mlp'}: unknown gate activation {act!r}; "
@@ -300,7 +316,7 @@ def lora_mlp(x: torch.Tensor, gate: Sequence, up: Sequence, down: Sequence, *, a
     first, second = ((wg, bg, lbg, ag, bmg, sg), (wu, bu, lbu, au, bmu, su))[:: 1 if gate_segment == 0 else -1]
     flat = [*(t for pair in zip(first[:5], second[:5]) for t in pair), wd, bd, lbd, ad, bmd]
     return _LoRAMLPFunction.apply(x, act, (float(first[5]), float(second[5])), (float(sd),), float(dropout_p),
-                                  float(p_d), seed, down_seed, be, gate_segment, *flat)
+                                  float(p_d), seed, down_seed, be, gate_segment, bool(recompute), *flat)
 
 
 __all__ = ["GATE_ACTS", "act_mul", "act_mul_backward", "lora_mlp"]

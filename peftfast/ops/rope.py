@@ -62,11 +62,31 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: boo
     return torch.cat((y.to(x.dtype), x[..., rot:]), dim=-1)
 
 
+def _seq_major(t: torch.Tensor, unsqueeze_dim: int) -> bool:
+    """True for a [B, H, S, D] view of [B, S, H, D] memory: the layout of the models' q/k projections."""
+    return unsqueeze_dim == 1 and t.transpose(1, 2).is_contiguous() and not t.is_contiguous()
+
+
 def _apply(q, k, cos, sin, unsqueeze_dim: int, backward: bool, backend: str):
     if backend == "triton":
         return _launch(q, k, cos, sin, unsqueeze_dim, backward)
-    c, s = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
-    return _rotate(q, c, s, backward), _rotate(k, c, s, backward)
+    outs = []
+    for t in (q, k):
+        if _seq_major(t, unsqueeze_dim):
+            # rotate in the projections' own [B, S, H, D] order: the result keeps their layout, so the attention
+            # output is sequence-major too and the o-projection's input is a view of it (one copy of the hidden
+            # states fewer, in forward and among what backward keeps)
+            outs.append(_rotate(t.transpose(1, 2), cos.unsqueeze(2), sin.unsqueeze(2), backward).transpose(1, 2))
+        else:
+            outs.append(_rotate(t, cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim), backward))
+    return tuple(outs)
+
+
+def _like_torch(t: torch.Tensor, unsqueeze_dim: int) -> torch.Tensor:
+    """The torch backend's output layout (see ``_apply``)."""
+    if _seq_major(t, unsqueeze_dim):
+        return t.new_empty(t.transpose(1, 2).shape).transpose(1, 2)
+    return t.new_empty(t.shape)
 
 
 # A registered op (not a Python autograd.Function), so torch.compile traces it as one node with the fake kernel
@@ -81,7 +101,7 @@ def _rope_op(q, k, cos, sin, unsqueeze_dim, backward, backend):
 def _(q, k, cos, sin, unsqueeze_dim, backward, backend):
     if backend == "triton":  # the kernel writes into empty_like: the inputs' strides
         return torch.empty_like(q), torch.empty_like(k)
-    return q.new_empty(q.shape), k.new_empty(k.shape)  # torch.cat: contiguous
+    return _like_torch(q, unsqueeze_dim), _like_torch(k, unsqueeze_dim)
 
 
 def _setup(ctx, inputs, output) -> None:

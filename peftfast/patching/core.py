@@ -20,6 +20,13 @@ from peftfast.ops._backend import BACKENDS
 
 logger = logging.getLogger("peftfast")
 
+# patch(recompute=...): what backward rebuilds instead of keeping, cheapest first (each includes the one before)
+RECOMPUTE: dict[str, str] = {
+    "none": "keep every saved activation",
+    "norms": "rebuild the fused blocks' norm outputs (element-wise)",
+    "mlp": "also run the fused MLPs' gate/up GEMM again",
+}
+
 # children of one parent that PEFT-targeted models feed the same input (q/k/v, gate/up, BERT's query/key/value)
 SIBLING_SETS: tuple[frozenset[str], ...] = (
     frozenset({"q_proj", "k_proj", "v_proj"}),
@@ -48,6 +55,7 @@ class PatchReport:
     modules: list[PatchEntry] = field(default_factory=list)
     backend: str = "auto"
     notes: list[str] = field(default_factory=list)  # model-level parts left alone, each with its reason
+    recompute: str = "norms"
 
     @property
     def patched(self) -> list[PatchEntry]:
@@ -97,10 +105,13 @@ class PatchReport:
             parts = [f"{sum(e.patched for e in self.modules if e.kind == k)}/"
                      f"{sum(e.kind == k for e in self.modules)} {k}" for k in kinds]
             blocks = "; fused " + ", ".join(parts)
+        # the setting matters only where a fused block or MLP runs
+        rec = f", recompute={self.recompute}" if any(e.patched and e.kind in ("block", "mlp")
+                                                      for e in self.modules) else ""
         nf4 = sum(e.nf4 for e in self.patched)
         nf4 = f", {nf4} over NF4 base weights" if nf4 else ""
         return (f"peftfast: patched {len(self.patched)} LoRA layer(s) ({len(groups)} sibling group(s){nf4}), "
-                f"skipped {len(self.skipped)}{blocks}; backend={self.backend}")
+                f"skipped {len(self.skipped)}{blocks}; backend={self.backend}{rec}")
 
     def format(self, model: nn.Module | None = None) -> str:
         lines = [self.summary()] + [f"  note     {n}" for n in self.notes]
@@ -133,7 +144,7 @@ def _is_peft_layer(mod: nn.Module) -> bool:
 
 def patch(model: nn.Module, *, backend: str = "auto", group_siblings: bool = True, fuse_mlp: bool = True,
           fuse_rope: bool = True, fuse_attention: bool = True, fuse_norms: bool = True,
-          fuse_loss: bool = False) -> nn.Module:
+          fuse_loss: bool = False, recompute: str = "norms") -> nn.Module:
     """Run every eligible PEFT LoRA ``Linear`` of ``model`` on peftfast's fused path, in place.
 
     Accepts a ``PeftModel`` or any model holding PEFT LoRA layers. Parameters, names, ``state_dict``, optimizer
@@ -146,12 +157,18 @@ def patch(model: nn.Module, *, backend: str = "auto", group_siblings: bool = Tru
     keep no fp32 copy of their input. ``fuse_loss`` (opt-in, because such calls then return ``logits=None``, which
     loops that read training logits, e.g. TRL's token accuracy, cannot take): a causal LM's labelled training calls
     compute the loss from the last hidden states by fused linear cross-entropy (LoRA on ``lm_head`` included)
-    without materialising logits. Returns ``model``.
+    without materialising logits. ``recompute`` trades backward work for saved activations (``RECOMPUTE``):
+    ``"norms"`` (default) rebuilds each fused pre-norm block's two norm outputs in backward (two element-wise passes)
+    instead of keeping them for the projections that read them; ``"mlp"`` also runs each fused MLP's gate/up forward
+    again in backward instead of keeping the pre-activations (one more GEMM of 2·hidden·intermediate per token);
+    ``"none"`` keeps everything. Gradients are the same either way. Returns ``model``.
     """
     if backend not in BACKENDS:
         raise ValueError(f"peftfast.patch: unknown backend {backend!r}; choose one of {BACKENDS}")
+    if recompute not in RECOMPUTE:
+        raise ValueError(f"peftfast.patch: unknown recompute {recompute!r}; choose one of {list(RECOMPUTE)}")
     config = lora_mod.LoRAPatchConfig(backend=backend, group_siblings=group_siblings)
-    rep = PatchReport(backend=backend)
+    rep = PatchReport(backend=backend, recompute=recompute)
     patched: dict[str, nn.Module] = {}
     for name, mod in model.named_modules():
         if not _is_peft_layer(mod):
@@ -180,7 +197,7 @@ def patch(model: nn.Module, *, backend: str = "auto", group_siblings: bool = Tru
             reason = "NF4 base weights: gate/up/down run one by one on the fused NF4 LoRA op"
         if reason is None and not group_siblings:
             reason = "group_siblings=False (the fused MLP groups gate and up)"
-        _apply(rep, mlp_mod, "mlp", name, mod, reason, backend)
+        _apply(rep, mlp_mod, "mlp", name, mod, reason, backend, recompute=recompute == "mlp")
     if rep.entries:
         for name, mod in model.named_modules():
             if rope_mod.is_rope_attention(mod):
@@ -210,7 +227,7 @@ def patch(model: nn.Module, *, backend: str = "auto", group_siblings: bool = Tru
         for name, mod in model.named_modules():
             if block_mod.is_block(mod):
                 reason = block_mod.why_not(mod) if fuse_norms else "fuse_norms=False"
-                _apply(rep, block_mod, "block", name, mod, reason, backend)
+                _apply(rep, block_mod, "block", name, mod, reason, backend, rebuild_norms=recompute != "none")
     if rep.entries and ce_mod.causal_lm(model) is not None:
         reason = ce_mod.why_not(model) if fuse_loss else "fuse_loss=False (opt-in: training calls return logits=None)"
         if reason is None:
@@ -232,10 +249,11 @@ def patch(model: nn.Module, *, backend: str = "auto", group_siblings: bool = Tru
     return model
 
 
-def _apply(rep: PatchReport, feature, kind: str, name: str, mod: nn.Module, reason: str | None, backend: str) -> None:
+def _apply(rep: PatchReport, feature, kind: str, name: str, mod: nn.Module, reason: str | None, backend: str,
+           **options) -> None:
     """Install ``feature`` on ``mod`` when there is no reason against it (else undo an earlier install); report it."""
     if reason is None:
-        feature.install(mod, name, backend)
+        feature.install(mod, name, backend, **options)
     else:
         feature.uninstall(mod)
     rep.modules.append(PatchEntry(name=name, kind=kind, patched=reason is None, reason=reason))

@@ -1,0 +1,144 @@
+"""Saved tensors rebuilt in backward (``peftfast.ops.recompute``): same gradients, target bytes not kept, nesting
+inside other saved-tensor hooks, stepping aside under checkpointing, no leak without a backward."""
+
+import gc
+import weakref
+
+import pytest
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from peftfast.bench import saved_activation_bytes
+from peftfast.ops.recompute import rebuilding, why_not_rebuild
+
+
+def _leaves():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(7, 12, generator=g).requires_grad_()
+    w = torch.randn(7, 5, generator=g).requires_grad_()
+    return x, w
+
+
+def _double(t):
+    return t * 2.0  # saves nothing (a scalar factor)
+
+
+def _consumers(y, w):
+    # three kinds of saved views of y: the transpose mm keeps, an offset slice pow keeps, and y itself (mul)
+    a = y.t() @ w
+    b = y.reshape(-1)[3:50] ** 2
+    c = y * w[:, :1].expand(7, 12).contiguous()
+    return a.sum() + b.sum() + c.square().sum()
+
+
+def _run(rebuild: bool, wrap=lambda f: f()):
+    x, w = _leaves()
+    calls = []
+
+    def again(src):
+        calls.append(1)
+        return _double(src)
+
+    def step():
+        y = _double(x)
+        if rebuild:
+            return rebuilding(y, again, (x,), _consumers, y, w)
+        return _consumers(y, w)
+
+    loss = wrap(step)
+    loss.backward()
+    return loss.detach(), x.grad, w.grad, len(calls)
+
+
+def test_rebuilt_views_give_identical_gradients():
+    want = _run(False)
+    got = _run(True)
+    for a, b in zip(want[:3], got[:3]):
+        assert torch.equal(a, b)
+    assert got[3] >= 1  # backward did rebuild
+
+
+def test_target_storage_is_not_kept_and_outer_hooks_see_the_rest():
+    """The outer hooks here are the bench's saved-bytes counter: it sees every other saved tensor (and the recipe's
+    source, x, which is a leaf and so not counted), but never y's storage."""
+    x, w = _leaves()
+    y = _double(x)
+    _, plain = saved_activation_bytes(lambda: _consumers(y, w), exclude=[x, w])
+    _, rebuilt = saved_activation_bytes(lambda: rebuilding(y, _double, (x,), _consumers, y, w), exclude=[x, w])
+    y_bytes = y.numel() * y.element_size()
+    assert plain.total - rebuilt.total == y_bytes
+
+
+def test_nests_inside_save_on_cpu():
+    want = _run(False)
+    with torch.autograd.graph.save_on_cpu():
+        got = _run(True)
+    for a, b in zip(want[:3], got[:3]):
+        assert torch.equal(a, b)
+    assert got[3] >= 1
+
+
+def test_steps_aside_under_checkpointing_and_keeps_its_gradients():
+    seen = []
+
+    def wrapped(fn):
+        def inner():
+            seen.append(why_not_rebuild())
+            return fn()
+
+        return checkpoint(inner, use_reentrant=False)
+
+    want = _run(False)
+    got = _run(True, wrap=wrapped)
+    for a, b in zip(want[:3], got[:3]):
+        assert torch.equal(a, b)
+    assert got[3] == 0 and seen[0] == "activation checkpointing is active"
+
+
+def test_steps_aside_without_grad_and_for_views():
+    with torch.no_grad():
+        assert why_not_rebuild() == "grad mode is off (nothing is saved)"
+    assert why_not_rebuild() is None
+    x, w = _leaves()
+    y = _double(x)
+    calls = []
+    # a view of a larger storage cannot be rebuilt from its own recipe: the region runs as is
+    loss = rebuilding(y[1:], lambda s: calls.append(1) or _double(s)[1:], (x,), _consumers,
+                      torch.cat([y[1:], y[:1]]), w)
+    loss.backward()
+    assert calls == []
+
+
+def test_no_backward_leaves_nothing_alive():
+    x, w = _leaves()
+    y = _double(x)
+    out = rebuilding(y, _double, (x,), lambda t: (t.t() @ w).exp(), y)
+    ref = weakref.ref(out)
+    del out
+    gc.collect()
+    assert ref() is None
+
+
+@pytest.mark.parametrize("setting", ["none", "norms", "mlp"])
+def test_patch_reports_the_setting(setting):
+    from _models import peft_model
+
+    import peftfast
+
+    model = peft_model("llama")
+    peftfast.patch(model, recompute=setting)
+    assert f"recompute={setting}" in peftfast.report(model).summary()
+    blocks = [m._peftfast_block for m in model.modules() if "_peftfast_block" in m.__dict__]
+    mlps = [m._peftfast_mlp for m in model.modules() if "_peftfast_mlp" in m.__dict__]
+    assert blocks and mlps
+    assert all(b.rebuild_norms == (setting != "none") for b in blocks)
+    assert all(m.recompute == (setting == "mlp") for m in mlps)
+
+
+def test_patch_rejects_an_unknown_setting():
+    from _models import peft_model
+
+    import peftfast
+
+    with pytest.raises(ValueError, match="unknown recompute 'all'; choose one of"):
+        peftfast.patch(peft_model("llama"), recompute="all")
