@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One command for a lent GPU machine (no package registry there): install peftfast without touching its torch,
-# run the GPU tests, the fused-LoRA layer benchmark and `peftfast bench`, and leave everything under
-# benchmarks/results/<date>-<gpu>/ (JSON + PNG + logs, with device, versions and commit inside).
+# run the GPU tests, every kernel benchmark and `peftfast bench` on the 8B preset (LoRA, packed, QLoRA), leave
+# everything under benchmarks/results/<date>-<gpu>/ (JSON + PNG + logs, with device, versions and commit inside) and
+# regenerate the summary table of benchmarks/README.md from those JSON files. RUN_GPU_PARTS picks parts.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 gpu=$(python -c "import torch; print(torch.cuda.get_device_name().replace(' ', '-'))") || { echo "no CUDA GPU"; exit 2; }
@@ -9,15 +10,29 @@ out=${OUT_DIR:-benchmarks/results/$(date +%F)-$gpu}
 mkdir -p "$out"
 pip install --no-deps --no-build-isolation -e . >"$out/install.log" 2>&1 || { tail -20 "$out/install.log"; exit 1; }
 python -m peftfast info | tee "$out/info.txt"
-PEFTFAST_GPU_TESTS=1 python -m pytest -m gpu -q tests/ 2>&1 | tee "$out/gpu-tests.log"
-tests_rc=${PIPESTATUS[0]}
-python benchmarks/bench_lora.py --gpu --out "$out" 2>&1 | tee "$out/bench_lora.log"
-python benchmarks/bench_adapter.py --gpu --out "$out" 2>&1 | tee "$out/bench_adapter.log"
-python benchmarks/bench_attention.py --gpu --out "$out" 2>&1 | tee "$out/bench_attention.log"
-python benchmarks/bench_norm.py --gpu --out "$out" 2>&1 | tee "$out/bench_norm.log"
-python benchmarks/bench_cross_entropy.py --gpu --out "$out" 2>&1 | tee "$out/bench_cross_entropy.log"
-python benchmarks/bench_nf4.py --gpu --out "$out" 2>&1 | tee "$out/bench_nf4.log"
-python -m peftfast bench --model llama-layer --dtype bf16 --steps 20 --seq-len 2048 --batch-size 4 --quiet \
-    --out "$out/bench-llama-layer" 2>&1 | tee "$out/bench.log"
+parts=${RUN_GPU_PARTS:-tests kernels bench}  # e.g. RUN_GPU_PARTS=bench on a second call where one call is capped
+tests_rc=0
+if [[ " $parts " == *" tests "* ]]; then
+  PEFTFAST_GPU_TESTS=1 python -m pytest -m gpu -q tests/ 2>&1 | tee "$out/gpu-tests.log"
+  tests_rc=${PIPESTATUS[0]}
+fi
+if [[ " $parts " == *" kernels "* ]]; then
+  for b in lora adapter attention norm cross_entropy nf4; do
+    python "benchmarks/bench_$b.py" --gpu --out "$out" 2>&1 | tee "$out/bench_$b.log"
+  done
+fi
+if [[ " $parts " == *" bench "* ]]; then
+  # the issue's end-to-end targets: Llama-3-8B, LoRA r=16 on all linears, dropout 0.05, seq 2048, the largest batch
+  # PEFT fits, every baseline that is installed (the others are listed as skipped, with the reason)
+  common=(--dtype bf16 --seq-len 2048 --steps 10 --quiet --baselines peft,peft+compile,liger,unsloth)
+  python -m peftfast bench --model llama-3-8b --batch-size auto "${common[@]}" --out "$out/bench-llama-3-8b" \
+      2>&1 | tee "$out/bench-llama-3-8b.log"
+  python -m peftfast bench --model llama-3-8b --batch-size auto --packed "${common[@]}" \
+      --out "$out/bench-llama-3-8b-packed" 2>&1 | tee "$out/bench-llama-3-8b-packed.log"
+  python -m peftfast bench --model llama-3-8b --method qlora --batch-size auto "${common[@]}" \
+      --out "$out/bench-llama-3-8b-qlora" 2>&1 | tee "$out/bench-llama-3-8b-qlora.log"
+fi
+# the summary table of benchmarks/README.md, regenerated from every bench.json of this run
+python benchmarks/summarize.py "$out" 2>&1 | tail -1
 echo "results in $out (GPU tests rc=$tests_rc)"
 exit "$tests_rc"

@@ -415,3 +415,32 @@ def test_gpu_bench_builds_peft_layers_through_get_peft_model():
     layer = bench_lora.peft_lora_layer(base, 4, 0.1)
     assert type(layer) is PeftLoraLinear and layer.get_base_layer() is base
     assert layer.lora_A["default"].weight.shape == (4, 16) and layer.r["default"] == 4
+
+
+def test_summary_table_is_regenerated_from_the_json(tmp_path):
+    """run_gpu.sh ends with benchmarks/summarize.py: the README's table between the markers comes from bench.json
+    (every method row, ratios to the reference, skipped baselines, provenance); text around it stays, and a second
+    run gives the same file."""
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+    try:
+        import summarize
+    finally:
+        sys.path.pop(0)
+    res, _ = run(tmp_path / "results" / "bench-tiny", *FAST, "--baselines", "peft,liger")
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# Benchmarks\n\nbefore\n\n{summarize.START}\nold table\n{summarize.END}\n\nafter\n")
+    assert summarize.main([str(tmp_path / "results"), "--readme", str(readme)]) == 0
+    text = readme.read_text()
+    assert text.startswith("# Benchmarks\n\nbefore\n\n") and text.endswith(f"{summarize.END}\n\nafter\n")
+    assert "old table" not in text
+    peft, fast = res["results"]
+    ratio = fast["tokens_per_s"] / peft["tokens_per_s"]
+    run_cells = "| bench-tiny | tiny, lora r=16 fp32 | 2x16 |"
+    assert f"{run_cells} peftfast | {fast['tokens_per_s']:.0f} | {ratio:.2f}x |" in text
+    assert f"{run_cells} peft |" in text and "liger: skipped (" in text
+    assert f"commit {res['commit']}" in text and f"torch {torch.__version__}" in text
+    assert summarize.main([str(tmp_path / "results"), "--readme", str(readme)]) == 0
+    assert readme.read_text() == text
+    fresh = tmp_path / "NEW.md"  # no markers yet: a section is appended
+    assert summarize.main([str(tmp_path / "results"), "--readme", str(fresh)]) == 0
+    assert summarize.START in fresh.read_text() and "| peftfast |" in fresh.read_text()
