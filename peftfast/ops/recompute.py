@@ -29,9 +29,12 @@ _CHECKPOINT_MODULE = "torch.utils.checkpoint"
 
 def _outer_hooks() -> tuple[Callable, Callable] | None | str:
     """The innermost saved-tensor hooks now active, None when there are none, or a reason not to rebuild."""
-    if not torch._C._autograd._saved_tensors_hooks_is_enabled():
-        return "saved-tensor hooks are disabled here"
-    top = torch._C._autograd._top_saved_tensors_default_hooks(False)
+    try:  # private torch API (present since torch 2.1): without it, nesting cannot be checked, so do not rebuild
+        if not torch._C._autograd._saved_tensors_hooks_is_enabled():
+            return "saved-tensor hooks are disabled here"
+        top = torch._C._autograd._top_saved_tensors_default_hooks(False)
+    except (AttributeError, TypeError):
+        return "this torch cannot list the active saved-tensor hooks"
     if top is None:
         return None
     pack, unpack = top
