@@ -113,6 +113,29 @@ def test_cpp_equals_triton_with_dropout(p):
 
 
 @needs_ext
+@pytest.mark.parametrize("need", [(True, True, [1, 1, 1]), (False, True, [0, 1, 0]), (True, False, [1, 0, 1])])
+def test_cuda_key_implementation_matches_the_cpp_op(need):
+    """What the ops run for the CUDA key (the Triton launchers, here in the interpreter on CPU tensors) returns what
+    the C++ kernels return: same outputs, same dA_cat (one tensor), same dBs, empty tensors for what is not needed."""
+    from peftfast.ops import lora as L
+
+    x, ws, bs, as_, bms, sc = _group(m=29, k=72)
+    as_, bms = [a.detach() for a in as_], [b.detach() for b in bms]
+    e = x.new_empty(0)
+    seed = torch.tensor([11])
+    fwd_args = (x, ws, [bs[0].detach(), e, e], [e, e, e], as_, bms, sc, 0.3, seed)
+    for got, want in zip(L._fwd_cuda(*fwd_args)[0], torch.ops.peftfast.lora_group_fwd(*fwd_args)[0]):
+        torch.testing.assert_close(got, want, rtol=2e-4, atol=2e-4)
+    xa = torch.ops.peftfast.lora_group_fwd(*fwd_args)[1]
+    grads = [torch.randn(29, 50), None, torch.randn(29, 24)]
+    bwd_args = (x, xa, grads, ws, as_, bms, sc, 0.3, seed, *need)
+    got, want = L._bwd_cuda(*bwd_args), torch.ops.peftfast.lora_group_bwd(*bwd_args)
+    for g, w in zip([got[0], got[1], *got[2]], [want[0], want[1], *want[2]]):
+        assert g.shape == w.shape
+        torch.testing.assert_close(g, w, rtol=2e-4, atol=2e-4)
+
+
+@needs_ext
 def test_chunked_masking_covers_many_row_chunks():
     """K large enough that the C++ kernels walk several row chunks (2**20 elements each) with dropout on."""
     m, k, r = 70, 32768, 4

@@ -26,7 +26,8 @@ from torch import nn
 
 from peftfast.modules._bind import bind_forward, call_original, unbind_forward
 from peftfast.modules._tally import Tallied, tally
-from peftfast.ops.norm import add_rms_norm, rms_norm
+from peftfast.modules.norm import rms_norm_forward
+from peftfast.ops.norm import add_rms_norm
 from peftfast.ops.recompute import rebuilding
 
 CHILDREN = frozenset({"input_layernorm", "self_attn", "post_attention_layernorm", "mlp"})
@@ -111,7 +112,7 @@ def _fused_body(self: nn.Module, hidden_states: torch.Tensor, **kwargs) -> torch
     if st.rebuild_norms and ist is not None and ist.kind == "rms":
         # the q/k/v projections keep no copy of the normed input: backward rebuilds it from the block input, which
         # the norm keeps anyway
-        rebuild = functools.partial(_norm_again, self.input_layernorm, ist)
+        rebuild = functools.partial(rms_norm_forward, self.input_layernorm)
         h = rebuilding(h, rebuild, (hidden_states,), self.self_attn, hidden_states=h, **attn_kwargs)[0]
     else:
         h = self.self_attn(hidden_states=h, **attn_kwargs)[0]
@@ -122,15 +123,11 @@ def _fused_body(self: nn.Module, hidden_states: torch.Tensor, **kwargs) -> torch
     normed, r = add_rms_norm(h, residual, post.weight, getattr(post, nst.eps_attr), form=nst.form,
                              backend=nst.backend, name=nst.name)
     tally(st.tally_key, "fused_calls")
-    if st.rebuild_norms:  # likewise for the MLP's input, rebuilt from r (the norm op's saved input)
-        return r + rebuilding(normed, functools.partial(_norm_again, post, nst), (r,), self.mlp, normed)
+    if st.rebuild_norms:
+        # likewise for the MLP's input, rebuilt from r (the norm op's saved input): add_rms_norm normalises the h it
+        # writes exactly as the norm module's own rms_norm does
+        return r + rebuilding(normed, functools.partial(rms_norm_forward, post), (r,), self.mlp, normed)
     return r + self.mlp(normed)
-
-
-def _norm_again(norm: nn.Module, nst, x: torch.Tensor) -> torch.Tensor:
-    """The norm's output again, by the op that made it (``add_rms_norm`` normalises the h it writes, exactly as
-    ``rms_norm`` normalises h)."""
-    return rms_norm(x, norm.weight, getattr(norm, nst.eps_attr), form=nst.form, backend=nst.backend, name=nst.name)
 
 
 class _Stub(nn.Module):

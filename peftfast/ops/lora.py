@@ -310,17 +310,27 @@ def group_backward(x2d, xa, flat, scales, p, seed, backend, n, need_x: bool, fla
     if backend == "cpp":
         return _registered_backward(x2d, xa, ws, _dtypes(bs), _dtypes(lbs), as_, bmats, scales, p,
                              seed_tensor(seed, x2d.device, p), need_x, flat_need, dy2)
-    impl = _IMPLS[backend]
-    rank = as_[0].shape[0]
     need_b = flat_need[n:2 * n]
     need_lb = flat_need[2 * n:3 * n]
     need_a = flat_need[3 * n:4 * n]
-    need_bm = flat_need[4 * n:5 * n]
+    grad_x, da, grad_bm = _impl_backward(_IMPLS[backend], x2d, xa, ws, as_, bmats, scales, p, seed, need_x,
+                                         any(need_a), flat_need[4 * n:5 * n], dy2)
+    rank = as_[0].shape[0]
+    grad_a = [da[i * rank:(i + 1) * rank] if need_a[i] else None for i in range(n)]
+    grad_b, grad_lb = _bias_grads(dy2, _dtypes(bs), _dtypes(lbs), scales, need_b, need_lb)
+    return grad_x, (*([None] * n), *grad_b, *grad_lb, *grad_a, *grad_bm)
+
+
+def _impl_backward(impl, x2d, xa, ws, as_, bmats, scales, p, seed, need_x: bool, need_a: bool, need_bm,
+                   dy2) -> tuple:
+    """(dx or None, dA_cat [n*r, K] or None, [dB_i or None]) on the torch / Triton backends; dA_cat stays one
+    tensor (the registered op returns it whole, ``group_backward`` hands out row views of it)."""
+    n = len(ws)
+    rank = as_[0].shape[0]
     m = x2d.shape[0]
-    lora_dtype = xa.dtype
     g_cat = None
-    if need_x or any(need_a):
-        g_cat = torch.empty((m, n * rank), device=x2d.device, dtype=lora_dtype)
+    if need_x or need_a:
+        g_cat = torch.empty((m, n * rank), device=x2d.device, dtype=xa.dtype)
         for i in range(n):
             gi = g_cat[:, i * rank:(i + 1) * rank]
             if dy2[i] is None:
@@ -330,16 +340,10 @@ def group_backward(x2d, xa, flat, scales, p, seed, backend, n, need_x: bool, fla
     a_cat = as_[0] if n == 1 else torch.cat(as_, dim=0)
     masks: dict = {}  # torch backend: each regenerated mask serves dx and dA (the Triton kernels need none)
     grad_x = impl.dx(dy2, ws, g_cat, a_cat, rank, p, seed, x2d.dtype, masks) if need_x else None
-    grad_a = [None] * n
-    if any(need_a):
-        da = impl.da(x2d, g_cat, rank, p, seed, masks)
-        grad_a = [da[i * rank:(i + 1) * rank] if need_a[i] else None for i in range(n)]
-    grad_bm = [None] * n
-    for i in range(n):
-        if dy2[i] is not None and need_bm[i]:
-            grad_bm[i] = impl.db_mat(dy2[i], xa[:, i * rank:(i + 1) * rank], scales[i])
-    grad_b, grad_lb = _bias_grads(dy2, _dtypes(bs), _dtypes(lbs), scales, need_b, need_lb)
-    return grad_x, (*([None] * n), *grad_b, *grad_lb, *grad_a, *grad_bm)
+    da = impl.da(x2d, g_cat, rank, p, seed, masks) if need_a else None
+    grad_bm = [impl.db_mat(dy2[i], xa[:, i * rank:(i + 1) * rank], scales[i])
+               if dy2[i] is not None and need_bm[i] else None for i in range(n)]
+    return grad_x, da, grad_bm
 
 
 def _dtypes(ts) -> list:
@@ -355,8 +359,9 @@ def _bias_grads(dy2, b_dtypes, lb_dtypes, scales, need_b, need_lb) -> tuple[list
         if need_b[i]:
             grad_b[i] = dy.sum(0).to(b_dtypes[i])
         if need_lb[i]:
-            # PEFT adds the LoRA bias in the LoRA dtype (often fp32 over a 16-bit base): reduce in that precision
-            acc = torch.promote_types(dy.dtype, lb_dtypes[i])
+            # one rounding: reduce and scale in fp32 at least (the LoRA dtype if wider), as PEFT's LoRA-dtype bias
+            # add would at best
+            acc = torch.promote_types(torch.promote_types(dy.dtype, lb_dtypes[i]), torch.float32)
             grad_lb[i] = dy.sum(0, dtype=acc).mul_(scales[i]).to(lb_dtypes[i])
     return grad_b, grad_lb
 
@@ -423,14 +428,10 @@ def _fwd_cuda(x, weights, biases, lora_biases, lora_as, lora_bs, scales, p, seed
 
 
 def _bwd_cuda(x, xa, grads, weights, lora_as, lora_bs, scales, p, seed, need_x, need_a, need_b):
-    n = len(weights)
-    flat = [*weights, *([None] * (2 * n)), *lora_as, *lora_bs]
-    flat_need = [False] * (3 * n) + [need_a] * n + [bool(b) for b in need_b]
-    gx, g = group_backward(x, xa, flat, scales, p, int(seed.item()), "triton", n, need_x, flat_need, list(grads))
-    empty = xa.new_empty((0,))
-    da = torch.cat(g[3 * n:4 * n], dim=0) if need_a else empty.clone()
-    dbs = [d if d is not None else empty.clone() for d in g[4 * n:5 * n]]
-    return gx if gx is not None else x.new_empty((0,)), da, dbs
+    gx, da, dbs = _impl_backward(_TritonImpl, x, xa, weights, lora_as, lora_bs, scales, p, int(seed.item()), need_x,
+                                 need_a, [bool(b) for b in need_b], list(grads))
+    return (gx if gx is not None else x.new_empty((0,)), da if da is not None else xa.new_empty((0,)),
+            [d if d is not None else xa.new_empty((0,)) for d in dbs])
 
 
 def _fwd_fake(x, weights, biases, lora_biases, lora_as, lora_bs, scales, p, seed):

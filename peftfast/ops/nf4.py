@@ -33,6 +33,7 @@ import torch
 
 from peftfast import _ext
 from peftfast.ops._backend import interpreting, resolve_backend
+from peftfast.ops.lora import _bias_grads, _dtypes
 
 NF4_CODE = (
     -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
@@ -407,17 +408,10 @@ class _NF4LoRAFunction(torch.autograd.Function):
         need = ctx.needs_input_grad
         n = q.shape[0]
         dy2 = dy.reshape(-1, n)
-        if not dy2.is_contiguous() and backend == "cpp":
-            dy2 = dy2.contiguous()
         absmax = _expand_absmax(am, code2, scale2, offset, n, x2d.shape[1] // bs)
         dx, da, db = _bwd(backend, x2d, xa, dy2, q, absmax, a, b_mat, scale, p, seed, bs, chunk, need[0], need[3],
                           need[4])
-        gb = dy2.sum(0).to(bias.dtype) if need[1] else None
-        glb = None
-        if need[2]:
-            # one rounding: reduce and scale in fp32 (fp64 for fp64), as PEFT's LoRA-dtype bias add would at best
-            acc = torch.promote_types(torch.promote_types(dy2.dtype, lbias.dtype), torch.float32)
-            glb = dy2.sum(0, dtype=acc).mul_(scale).to(lbias.dtype)
+        (gb,), (glb,) = _bias_grads([dy2], _dtypes([bias]), _dtypes([lbias]), [scale], [need[1]], [need[2]])
         return (None if dx is None else dx.view(x_shape), gb, glb, da, db, *([None] * 11))
 
 
@@ -532,14 +526,11 @@ def _register() -> None:
         x, xa, qweight, absmax, lora_a, lora_b, seed = ctx.saved_tensors
         scale, p, block_size, chunk, bias_dtype, lbias_dtype = ctx.meta
         need = ctx.needs_input_grad
-        dx, da, db = torch.ops.peftfast.nf4_lora_bwd(x, xa, dy.contiguous(), qweight, absmax, lora_a, lora_b,
+        # the kernels take dy with any strides (ATen GEMMs on CPU, strided loads in Triton)
+        dx, da, db = torch.ops.peftfast.nf4_lora_bwd(x, xa, dy, qweight, absmax, lora_a, lora_b,
                                                      scale, p, seed, block_size, chunk, need[0], need[5], need[6])
-        gb = dy.sum(0).to(bias_dtype) if bias_dtype is not None and need[3] else None
-        glb = None
-        if lbias_dtype is not None and need[4]:
-            # one rounding, as the autograd.Function path: reduce and scale in fp32 (fp64 for fp64)
-            acc = torch.promote_types(torch.promote_types(dy.dtype, lbias_dtype), torch.float32)
-            glb = dy.sum(0, dtype=acc).mul_(scale).to(lbias_dtype)
+        (gb,), (glb,) = _bias_grads([dy], [bias_dtype], [lbias_dtype], [scale], [bias_dtype is not None and need[3]],
+                                    [lbias_dtype is not None and need[4]])
         return (dx if need[0] else None, None, None, gb, glb, da if need[5] else None, db if need[6] else None,
                 None, None, None, None, None)
 

@@ -82,14 +82,19 @@ class _Shared:
         return out
 
 
+def _plan() -> tuple[str | None, tuple[Callable, Callable] | None]:
+    """(why a region runs as is, or None; the outer saved-tensor hooks to nest in, or None)."""
+    if torch.compiler.is_compiling():
+        return "torch.compile decides what its graph saves", None
+    if not torch.is_grad_enabled():
+        return "grad mode is off (nothing is saved)", None
+    outer = _outer_hooks()
+    return (outer, None) if isinstance(outer, str) else (None, outer)
+
+
 def why_not_rebuild() -> str | None:
     """None when a ``rebuilding`` region would rebuild here, else why it runs as is."""
-    if torch.compiler.is_compiling():
-        return "torch.compile decides what its graph saves"
-    if not torch.is_grad_enabled():
-        return "grad mode is off (nothing is saved)"
-    outer = _outer_hooks()
-    return outer if isinstance(outer, str) else None
+    return _plan()[0]
 
 
 def rebuilding(target: torch.Tensor, rebuild: Callable[..., torch.Tensor], sources: Sequence[torch.Tensor],
@@ -99,9 +104,9 @@ def rebuilding(target: torch.Tensor, rebuild: Callable[..., torch.Tensor], sourc
     ``sources`` must already be kept by the graph (rebuilding then saves ``target``'s bytes outright); ``rebuild``
     must return a tensor equal to ``target`` (same shape, dtype, values). Returns ``fn``'s result.
     """
-    if why_not_rebuild() is not None or not _single_storage(target):
+    reason, outer = _plan()
+    if reason is not None or not _single_storage(target):
         return fn(*args, **kwargs)
-    outer = _outer_hooks()
     outer_pack, outer_unpack = outer if outer is not None else (None, None)
     storage, dtype = target.untyped_storage().data_ptr(), target.dtype
     holder: list[_Shared] = []  # created at the first save of the target, so unused regions cost nothing
