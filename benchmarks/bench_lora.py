@@ -16,10 +16,13 @@
 from __future__ import annotations
 
 import datetime
+import functools
 import json
 import os
 import subprocess
 import sys
+
+from _cli import backward_step, peft_lora_layer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PEFT_REFERENCE = {"0.05": {"hvec": 55, "ops": 235}, "0.0": {"hvec": 36, "ops": None}}  # the issue's CPU figures
@@ -194,11 +197,7 @@ def run_gpu(out_dir: str | None, tokens: int = 8192) -> list[dict]:
                 dy = torch.randn(tokens, n, device=dev, dtype=dt)
                 s = peft_layer.scaling["default"]
 
-                def step(f):
-                    def run():
-                        x.grad = None
-                        f().backward(dy)
-                    return run
+                step = functools.partial(backward_step, x, dy)
 
                 cases = {
                     "frozen nn.Linear": step(lambda: base(x)),
@@ -230,24 +229,6 @@ def run_gpu(out_dir: str | None, tokens: int = 8192) -> list[dict]:
         json.dump({"meta": meta, "rows": rows}, f, indent=2)
     _plot(rows, os.path.join(out_dir, "lora_linear.png"), meta)
     return rows
-
-
-def peft_lora_layer(base, r: int, p: float):
-    """PEFT's own ``lora.Linear`` around ``base``, built through ``get_peft_model`` (the layer's constructor
-    signature changes across PEFT versions; this path does not)."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-
-    class _One(torch.nn.Module):
-        def __init__(self, proj):
-            super().__init__()
-            self.proj = proj
-
-        def forward(self, x):
-            return self.proj(x)
-
-    model = get_peft_model(_One(base), LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=p, target_modules=["proj"]))
-    return model.base_model.model.proj
 
 
 def _plot(rows: list[dict], path: str, meta: dict) -> None:

@@ -12,27 +12,19 @@
 from __future__ import annotations
 
 import datetime
+import functools
 import json
 import os
 import statistics
 import sys
 import time
 
+from _cli import backward_step, peft_lora_layer
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 SHAPES_8B = [(4096, 4096), (4096, 1024), (4096, 14336), (14336, 4096)]  # (in, out): q/o, k/v, gate/up, down
 PEAK_GBS = {"H100 80GB HBM3": 3350, "H100 PCIe": 2000, "H100 NVL": 3900, "H200": 4800, "A100-SXM4-80GB": 2039,
             "A100-SXM4-40GB": 1555, "A100-PCIE-40GB": 1555, "A100 80GB PCIe": 1935}
-
-
-def _peft_layer(base, r: int, p: float):
-    """A PEFT ``lora.Linear`` over ``base`` (through ``get_peft_model``, as users build them)."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-
-    holder = torch.nn.Module()
-    holder.fc = base
-    get_peft_model(holder, LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=p, target_modules=["fc"]))
-    return holder.fc
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -71,7 +63,7 @@ def run_cpu(out_path: str) -> dict:
     for name in ("peft bf16", "peftfast bf16", "peft nf4", "peftfast nf4"):
         torch.manual_seed(0)
         base = torch.nn.Linear(hidden, hidden, bias=False, dtype=torch.bfloat16).requires_grad_(False)
-        layer = _peft_layer(base, r, 0.05).to(torch.bfloat16).train()
+        layer = peft_lora_layer(base, r, 0.05).to(torch.bfloat16).train()
         holder = torch.nn.Module()
         holder.layer = layer
         if "nf4" in name:
@@ -140,7 +132,7 @@ def run_gpu(out_dir: str | None, tokens: int = 8192) -> list[dict]:
     for k, n in SHAPES_8B:
         torch.manual_seed(0)
         base = torch.nn.Linear(k, n, bias=False, device=dev, dtype=dt).requires_grad_(False)
-        peft_layer = _peft_layer(base, r, p).to(device=dev, dtype=dt).train()
+        peft_layer = peft_lora_layer(base, r, p).to(device=dev, dtype=dt).train()
         torch.nn.init.normal_(peft_layer.lora_B["default"].weight, std=0.01)
         a, b = peft_layer.lora_A["default"].weight, peft_layer.lora_B["default"].weight
         s = peft_layer.scaling["default"]
@@ -149,11 +141,7 @@ def run_gpu(out_dir: str | None, tokens: int = 8192) -> list[dict]:
         x = torch.randn(tokens, k, device=dev, dtype=dt, requires_grad=True)
         dy = torch.randn(tokens, n, device=dev, dtype=dt)
 
-        def step(f):
-            def run():
-                x.grad = None
-                f().backward(dy)
-            return run
+        step = functools.partial(backward_step, x, dy)
 
         cases = {
             "peft bf16": step(lambda: peft_layer(x)),

@@ -124,11 +124,12 @@ def _mm_accumulate(
 
 @triton.jit
 def _lowrank_tile(
-    l_ptr, stride_lm, stride_lr, r_ptr, stride_rn, stride_rr, offs_m, offs_n, M, N, R_LO, R_HI,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, LORA_PRECISION: tl.constexpr,
+    acc, l_ptr, stride_lm, stride_lr, r_ptr, stride_rn, stride_rr, offs_m, offs_n, M, N, R_LO, R_HI,
+    BLOCK_R: tl.constexpr, LORA_PRECISION: tl.constexpr,
 ):
-    """``L[offs_m, R_LO:R_HI] @ R[offs_n, R_LO:R_HI]ᵀ`` in fp32, BLOCK_R rank columns at a time."""
-    part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    """``acc + L[offs_m, R_LO:R_HI] @ R[offs_n, R_LO:R_HI]ᵀ`` in fp32, BLOCK_R rank columns at a time (``acc`` a
+    zero tile for the product alone; an epilogue may pass its live accumulator so no third fp32 tile is held)."""
+    part = acc
     for r0 in range(R_LO, R_HI, BLOCK_R):
         offs_r = r0 + tl.arange(0, BLOCK_R)
         r_ok = offs_r < R_HI
@@ -191,13 +192,14 @@ def _lora_gemm_kernel(
     if HAS_LORA:
         if HAS_DROPOUT:
             for s in tl.static_range(NSEG):
-                part = _lowrank_tile(l_ptr, stride_lm, stride_lr, r_ptr, stride_rn, stride_rr, offs_m, offs_n, M, N,
-                                     s * RANK, (s + 1) * RANK, BLOCK_M, BLOCK_N, BLOCK_R, LORA_PRECISION)
+                part = _lowrank_tile(tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), l_ptr, stride_lm, stride_lr,
+                                     r_ptr, stride_rn, stride_rr, offs_m, offs_n, M, N, s * RANK, (s + 1) * RANK,
+                                     BLOCK_R, LORA_PRECISION)
                 keep = _keep(seed, s, offs_m, offs_n, M, N, p)
                 acc += tl.where(keep, part * (l_scale * keep_scale), 0.0)
         else:
-            part = _lowrank_tile(l_ptr, stride_lm, stride_lr, r_ptr, stride_rn, stride_rr, offs_m, offs_n, M, N,
-                                 0, R_TOT, BLOCK_M, BLOCK_N, BLOCK_R, LORA_PRECISION)
+            part = _lowrank_tile(tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), l_ptr, stride_lm, stride_lr, r_ptr,
+                                 stride_rn, stride_rr, offs_m, offs_n, M, N, 0, R_TOT, BLOCK_R, LORA_PRECISION)
             acc += part * l_scale
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]

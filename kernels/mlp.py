@@ -12,7 +12,7 @@ ACT: 0 silu, 1 gelu (erf), 2 gelu (tanh approximation).
 import triton
 import triton.language as tl
 
-from peftfast.kernels.lora import _grouped_tile
+from peftfast.kernels.lora import _grouped_tile, _lowrank_tile
 
 
 @triton.jit
@@ -61,17 +61,23 @@ def _act_mul_bwd_kernel(dh_ptr, g_ptr, u_ptr, dg_ptr, du_ptr, numel, ACT: tl.con
 
 
 @triton.jit
-def _add_lowrank(acc, l_ptr, stride_lm, stride_lr, r_ptr, stride_rn, stride_rr, offs_m, offs_n, M, N, RANK,
-                 BLOCK_R: tl.constexpr, LORA_PRECISION: tl.constexpr):
-    """``acc + L[offs_m, :RANK] @ R[offs_n, :RANK]ᵀ`` (xa_i · B_iᵀ), BLOCK_R rank columns at a time, fp32."""
-    for r0 in range(0, RANK, BLOCK_R):
-        offs_r = r0 + tl.arange(0, BLOCK_R)
-        r_ok = offs_r < RANK
-        lt = tl.load(l_ptr + offs_m[:, None] * stride_lm + offs_r[None, :] * stride_lr,
-                     mask=(offs_m[:, None] < M) & r_ok[None, :], other=0.0)
-        rt = tl.load(r_ptr + offs_r[:, None] * stride_rr + offs_n[None, :] * stride_rn,
-                     mask=r_ok[:, None] & (offs_n[None, :] < N), other=0.0)
-        acc = tl.dot(lt.to(rt.dtype), rt, acc, input_precision=LORA_PRECISION)
+def _lora_epilogue(acc, scale, xa_ptr, stride_xam, stride_xar, b_ptr, stride_bn, stride_br, bias_ptr, lbias_ptr,
+                   offs_m, offs_n, M, N, RANK, HAS_BIAS: tl.constexpr, HAS_LBIAS: tl.constexpr,
+                   BLOCK_R: tl.constexpr, LORA_PRECISION: tl.constexpr):
+    """``acc + scale · (xa·Bᵀ + lbias) + bias`` for one projection's fp32 tile ``acc = x·Wᵀ``.
+
+    The low-rank term goes straight into the accumulator, (acc / s + xa·Bᵀ) · s, instead of acc + s · (xa·Bᵀ):
+    equal up to fp32 rounding, and no third fp32 tile is live (with one, the large tiles spill registers). Bias and
+    LoRA bias follow in the order _lora_gemm_kernel adds them.
+    """
+    n_ok = offs_n < N
+    if scale != 0.0:
+        acc = _lowrank_tile(acc * (1.0 / scale), xa_ptr, stride_xam, stride_xar, b_ptr, stride_bn, stride_br, offs_m,
+                            offs_n, M, N, 0, RANK, BLOCK_R, LORA_PRECISION) * scale
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    if HAS_LBIAS:
+        acc += (tl.load(lbias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32) * scale)[None, :]
     return acc
 
 
@@ -129,28 +135,15 @@ def _lora_gate_up_act_kernel(
         wg_ptrs += BLOCK_K * stride_wgk
         wu_ptrs += BLOCK_K * stride_wuk
 
-    # The low-rank term goes straight into the accumulator, (acc / s + xa·Bᵀ) · s, instead of acc + s · (xa·Bᵀ):
-    # equal up to fp32 rounding, and no third fp32 tile is live (with one, the large tiles spill registers).
-    # g is finished, rounded and stored before u's epilogue, so only acc_u and the 16-bit g are live there.
-    # Bias and LoRA bias follow in the order _lora_gemm_kernel adds them.
+    # g is finished, rounded and stored before u's epilogue, so only acc_u and the 16-bit g are live there
     out_mask = m_ok[:, None] & n_ok[None, :]
     out_offs = offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
-    if scale_g != 0.0:
-        acc_g = _add_lowrank(acc_g * (1.0 / scale_g), xag_ptr, stride_xam, stride_xar, bg_ptr, stride_bgn, stride_bgr,
-                             offs_m, offs_n, M, N, RANK, BLOCK_R, LORA_PRECISION) * scale_g
-    if HAS_BIAS_G:
-        acc_g += tl.load(biasg_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    if HAS_LBIAS_G:
-        acc_g += (tl.load(lbiasg_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32) * scale_g)[None, :]
+    acc_g = _lora_epilogue(acc_g, scale_g, xag_ptr, stride_xam, stride_xar, bg_ptr, stride_bgn, stride_bgr, biasg_ptr,
+                           lbiasg_ptr, offs_m, offs_n, M, N, RANK, HAS_BIAS_G, HAS_LBIAS_G, BLOCK_R, LORA_PRECISION)
     g = acc_g.to(g_ptr.dtype.element_ty)
     tl.store(g_ptr + out_offs, g, mask=out_mask)
-    if scale_u != 0.0:
-        acc_u = _add_lowrank(acc_u * (1.0 / scale_u), xau_ptr, stride_xam, stride_xar, bu_ptr, stride_bun, stride_bur,
-                             offs_m, offs_n, M, N, RANK, BLOCK_R, LORA_PRECISION) * scale_u
-    if HAS_BIAS_U:
-        acc_u += tl.load(biasu_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    if HAS_LBIAS_U:
-        acc_u += (tl.load(lbiasu_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32) * scale_u)[None, :]
+    acc_u = _lora_epilogue(acc_u, scale_u, xau_ptr, stride_xam, stride_xar, bu_ptr, stride_bun, stride_bur, biasu_ptr,
+                           lbiasu_ptr, offs_m, offs_n, M, N, RANK, HAS_BIAS_U, HAS_LBIAS_U, BLOCK_R, LORA_PRECISION)
     u = acc_u.to(u_ptr.dtype.element_ty)
     tl.store(u_ptr + out_offs, u, mask=out_mask)
     h = _gate_act(g.to(tl.float32), ACT) * u.to(tl.float32)

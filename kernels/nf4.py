@@ -96,8 +96,8 @@ def _nf4_lora_fwd_kernel(
                           QBLOCK)
         acc = tl.dot(x, w.to(x.dtype), acc, input_precision=DOT_PRECISION)
     if HAS_LORA:
-        acc += _lowrank_tile(l_ptr, stride_lm, stride_lr, r_ptr, stride_rn, stride_rr, offs_m, offs_n, M, N, 0, R,
-                             BLOCK_M, BLOCK_N, BLOCK_R, LORA_PRECISION) * l_scale
+        acc += _lowrank_tile(tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), l_ptr, stride_lm, stride_lr, r_ptr,
+                             stride_rn, stride_rr, offs_m, offs_n, M, N, 0, R, BLOCK_R, LORA_PRECISION) * l_scale
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
     if HAS_LBIAS:
@@ -143,8 +143,8 @@ def _nf4_lora_dx_kernel(
                           QBLOCK)
         acc = tl.dot(dy, w.to(dy.dtype), acc, input_precision=DOT_PRECISION)
     if HAS_LORA:
-        part = _lowrank_tile(g_ptr, stride_gm, stride_gr, a_ptr, stride_ak, stride_ar, offs_m, offs_k, M, K, 0, R,
-                             BLOCK_M, BLOCK_N, BLOCK_R, LORA_PRECISION)
+        part = _lowrank_tile(tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), g_ptr, stride_gm, stride_gr, a_ptr,
+                             stride_ak, stride_ar, offs_m, offs_k, M, K, 0, R, BLOCK_R, LORA_PRECISION)
         if HAS_DROPOUT:
             acc += tl.where(_keep(seed, 0, offs_m, offs_k, M, K, p), part * keep_scale, 0.0)
         else:

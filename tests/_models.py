@@ -190,11 +190,13 @@ def trainable(model: nn.Module) -> dict[str, nn.Parameter]:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
-def loss_and_grads(model: nn.Module, data: dict, seed: int = 123) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Loss and gradient of every trainable parameter, with ``torch.manual_seed(seed)`` before the forward."""
+def loss_and_grads(model: nn.Module, data: dict, seed: int = 123,
+                   call=None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Loss and gradient of every trainable parameter, with ``torch.manual_seed(seed)`` before the forward;
+    ``call`` runs the forward instead of ``model`` (e.g. ``torch.compile(model)``)."""
     model.zero_grad(set_to_none=True)
     torch.manual_seed(seed)
-    loss = model(**data).loss
+    loss = (call or model)(**data).loss
     loss.backward()
     grads = {}
     for n, p in trainable(model).items():

@@ -3,6 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from _adapter_cases import _leaves, _tensors
 from transformers import (
     BertConfig,
     BertForSequenceClassification,
@@ -22,22 +23,6 @@ from peftfast.ops.adapter import adapter_forward
 
 BACKENDS = ["torch", "triton"]
 ACTS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "gelu_tanh": lambda t: F.gelu(t, approximate="tanh")}
-
-
-def _tensors(m, k, h, dtype, *, bias=True, learned=False, parallel=False, n=None, lead=None):
-    n = n or k
-    x = torch.randn(*(lead or (m,)), k).to(dtype).requires_grad_()
-    wd = (torch.randn(h, k) / k**0.5).to(dtype).requires_grad_()
-    wu = (torch.randn(n, h) / h**0.5).to(dtype).requires_grad_()
-    bd = torch.randn(h).to(dtype).requires_grad_() if bias else None
-    bu = torch.randn(n).to(dtype).requires_grad_() if bias else None
-    s = torch.tensor(0.7, dtype=dtype, requires_grad=True) if learned else 0.7
-    res = torch.randn(*x.shape[:-1], n).to(dtype).requires_grad_() if parallel else None
-    return x, wd, bd, wu, bu, s, res
-
-
-def _leaves(x, wd, bd, wu, bu, s, res):
-    return [t for t in (x, wd, bd, wu, bu, s, res) if isinstance(t, torch.Tensor) and t.requires_grad]
 
 
 def _reference(x, wd, bd, wu, bu, s, res, act, dtype):

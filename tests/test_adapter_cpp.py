@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from _adapter_cases import _leaves, _tensors
 from _models import OpCalls
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -19,25 +20,6 @@ pytestmark = pytest.mark.skipif(not _ext.available(), reason=f"peftfast._C not b
 
 ACTS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "gelu_tanh": lambda t: F.gelu(t, approximate="tanh")}
 FP32_TOL = 3e-5
-
-
-def _tensors(m, k, h, dtype, *, bias=True, learned=False, parallel=False, n=None, lead=None, strided=False):
-    n = n or k
-    if strided:  # stride 2 in the feature dim
-        x = torch.randn(*(lead or (m,)), 2 * k).to(dtype).requires_grad_()[..., ::2]
-    else:
-        x = torch.randn(*(lead or (m,)), k).to(dtype).requires_grad_()
-    wd = (torch.randn(h, k) / k**0.5).to(dtype).requires_grad_()
-    wu = (torch.randn(n, h) / h**0.5).to(dtype).requires_grad_()
-    bd = torch.randn(h).to(dtype).requires_grad_() if bias else None
-    bu = torch.randn(n).to(dtype).requires_grad_() if bias else None
-    s = torch.tensor(0.7, dtype=dtype, requires_grad=True) if learned else 0.7
-    res = torch.randn(*x.shape[:-1], n).to(dtype).requires_grad_() if parallel else None
-    return x, wd, bd, wu, bu, s, res
-
-
-def _leaves(*tensors):
-    return [t for t in tensors if isinstance(t, torch.Tensor) and t.requires_grad]
 
 
 def _reference(x, wd, bd, wu, bu, s, res, act, dtype):

@@ -24,7 +24,7 @@ import time
 
 import pytest
 import torch
-from _models import batch, llama, max_rel_err, peft_model, trainable
+from _models import batch, llama, loss_and_grads, max_rel_err, peft_model, trainable
 
 import peftfast
 
@@ -330,21 +330,14 @@ def compiled_run():
     model = lora_llama(dropout=0.1, layers=1, patch=True)
     data = batch("llama")
 
-    def loss_grads(fn):
-        model.zero_grad(set_to_none=True)
-        torch.manual_seed(11)
-        loss = fn(**data).loss
-        loss.backward()
-        return loss.detach(), {n: p.grad.clone() for n, p in trainable(model).items()}
-
-    eager = loss_grads(model)
+    eager = loss_and_grads(model, data, seed=11)
     torch._dynamo.reset()
     explain = ExplainWithBackend("aot_eager")
     compiled = torch.compile(model, backend=explain)
     try:
-        first = loss_grads(compiled)
+        first = loss_and_grads(model, data, seed=11, call=compiled)
         frames = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-        second = loss_grads(compiled)  # cached graphs (guards pass) give the same result
+        second = loss_and_grads(model, data, seed=11, call=compiled)  # cached graphs (guards pass) give the same result
         recompiles = torch._dynamo.utils.counters["stats"]["unique_graphs"] - frames
         out = explain.output()
     finally:
@@ -375,17 +368,10 @@ def test_compile_inductor_matches_eager(dropout, monkeypatch):
     model = lora_llama(dropout=dropout, layers=1, patch=True)
     data = batch("llama")
 
-    def loss_grads(fn):
-        model.zero_grad(set_to_none=True)
-        torch.manual_seed(11)
-        loss = fn(**data).loss
-        loss.backward()
-        return loss.detach(), {n: p.grad.clone() for n, p in trainable(model).items()}
-
-    e_loss, e_grads = loss_grads(model)
+    e_loss, e_grads = loss_and_grads(model, data, seed=11)
     torch._dynamo.reset()
     try:
-        c_loss, c_grads = loss_grads(torch.compile(model))
+        c_loss, c_grads = loss_and_grads(model, data, seed=11, call=torch.compile(model))
     finally:
         torch._dynamo.reset()
     assert abs(c_loss.item() - e_loss.item()) <= FP32_TOL * abs(e_loss.item())

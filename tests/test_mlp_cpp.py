@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from _models import OpCalls, batch, peft_model
+from _models import OpCalls, batch, loss_and_grads, peft_model
 
 import peftfast
 from peftfast import _ext
@@ -157,13 +157,7 @@ def test_patched_model_runs_the_activation_on_cpp(arch, act):
     model = peft_model(arch)
     data = batch(arch)
 
-    def loss_grads():
-        model.zero_grad(set_to_none=True)
-        loss = model(**data).loss
-        loss.backward()
-        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-    loss0, grads0 = loss_grads()
+    loss0, grads0 = loss_and_grads(model, data)
     peftfast.patch(model)
     assert all(e.patched for e in peftfast.report(model).modules if e.kind == "mlp")
     seen = []
@@ -171,7 +165,7 @@ def test_patched_model_runs_the_activation_on_cpp(arch, act):
     M.act_mul = lambda g, u, a, backend: seen.append((a, backend)) or real(g, u, a, backend)
     try:
         with OpCalls() as calls:
-            loss1, grads1 = loss_grads()
+            loss1, grads1 = loss_and_grads(model, data)
     finally:
         M.act_mul = real
     assert set(seen) == {(act, "cpp")}

@@ -7,9 +7,22 @@ from __future__ import annotations
 import pytest
 import torch
 from _models import BUILDERS, OpCalls, batch
-from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
-from transformers.models.llama.modeling_llama import LlamaRMSNorm
-from transformers.models.olmo2.modeling_olmo2 import Olmo2RMSNorm
+from _norm_cases import (
+    DTYPES,
+    EPS,
+    FORMS,
+    FP32_TOL,
+    LOW_ATOL,
+    _add_rms_references,
+    _err,
+    _hf_module,
+    _input,
+    _one_thread,  # noqa: F401 (the module's autouse fixture, imported to be used)
+    _ref_rms,
+    _run,
+    _saved,
+    _weight,
+)
 
 from peftfast import _ext
 from peftfast.modules import norm as norm_mod
@@ -19,64 +32,7 @@ from peftfast.patching.norms import install_norms, uninstall_norms
 
 pytestmark = pytest.mark.skipif(not _ext.available(), reason=f"peftfast._C not built: {_ext.status()}")
 
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-FORMS = list(N.FORMS)
-HF_CLASS = {"llama": LlamaRMSNorm, "gemma": GemmaRMSNorm, "olmo2": Olmo2RMSNorm}
-EPS = 1e-5
-LOW_ATOL = 1e-3  # added to 2x the eager module's own error in fp16 / bf16
-FP32_TOL = 2e-6
 SHAPES = ["2d", "3d", "rows", "3d-step", "transposed"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
-
-
-def _input(kind: str, dtype: torch.dtype) -> torch.Tensor:
-    """Contiguous 2-D / 3-D, rows of a wider tensor, a step along the sequence (leading dims that do not flatten)
-    and a transposed view (column stride 37: the op copies it)."""
-    if kind == "2d":
-        return torch.randn(37, 80).to(dtype).requires_grad_()
-    if kind == "3d":
-        return torch.randn(3, 7, 48).to(dtype).requires_grad_()
-    if kind == "rows":
-        return torch.randn(37, 100).to(dtype).requires_grad_()[:, 10:90]
-    if kind == "transposed":
-        return torch.randn(80, 37).to(dtype).requires_grad_().t()
-    return torch.randn(4, 10, 33).to(dtype).requires_grad_()[:, ::2]
-
-
-def _weight(n: int, dtype: torch.dtype, form: str = "llama") -> torch.Tensor:
-    w = torch.randn(n) * 0.3 + (0.0 if form == "gemma" else 1.0)
-    return w.to(dtype).requires_grad_()
-
-
-def _err(got: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((got.double() - ref.double()).abs().max() / ref.double().abs().max().clamp_min(1e-12)).item()
-
-
-def _ref_rms(x: torch.Tensor, w: torch.Tensor, form: str) -> torch.Tensor:
-    n = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + EPS)
-    return n * (1 + w) if form == "gemma" else n * w
-
-
-def _run(fn, inputs, grads):
-    outs = fn(*inputs)
-    outs = outs if isinstance(outs, tuple) else (outs,)
-    want = [t for t in inputs if t.requires_grad]
-    got = torch.autograd.grad(outs, want, grads[:len(outs)])
-    return [o.detach().double() for o in outs] + [g.double() for g in got]
-
-
-def _hf_module(form: str, w: torch.Tensor):
-    mod = HF_CLASS[form](w.shape[0], eps=EPS).to(w.dtype)
-    with torch.no_grad():
-        mod.weight.copy_(w)
-    return mod
 
 
 def _check_all(got, ref, eager, torch_be, dtype, what):
@@ -166,17 +122,7 @@ def test_add_rms_norm_cpp_matches_fp64_and_torch_backend(dtype, form, shape):
     y, h = add_rms_norm(x, res, w, EPS, form=form, backend="cpp")
     assert torch.equal(h, x + res), "h must be the eager add, rounded the same way"
     got = _run(lambda a, r, b: add_rms_norm(a, r, b, EPS, form=form, backend="cpp"), [x, res, w], [gy, gh])
-    h64 = h.detach().double().requires_grad_()
-    w64 = w.detach().double().requires_grad_()
-    y64 = _ref_rms(h64, w64, form)
-    dh, dw = torch.autograd.grad((y64, h64), (h64, w64), (gy.double(), gh.double()))
-    ref = [y64.detach(), h64.detach(), dh, dh, dw]
-    hf = _hf_module(form, w.detach())
-
-    def eager_fn(a, r, b):
-        hh = a + r
-        return torch.func.functional_call(hf, {"weight": b}, (hh,)), hh
-
+    ref, eager_fn = _add_rms_references(h, w, form, gy, gh)
     eager = _run(eager_fn, [x, res, w], [gy, gh])
     torch_be = _run(lambda a, r, b: add_rms_norm(a, r, b, EPS, form=form, backend="torch"), [x, res, w], [gy, gh])
     _check_all(got, ref, eager, torch_be, dtype, f"add_rms_norm {form} {shape}")
@@ -257,18 +203,6 @@ def test_weight_gradient_only_when_the_weight_needs_one(op):
     with OpCalls() as calls:
         rms_norm(x, w, EPS, backend="cpp").float().sum().backward()
     assert calls.calls[-1][1][-2:] == (False, True) and w.grad is not None
-
-
-def _saved(fn):
-    saved = []
-
-    def pack(t):
-        saved.append(t)
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    return out, saved
 
 
 def test_saved_for_backward_is_input_and_row_statistics():
