@@ -77,4 +77,27 @@ void add_masked(at::Tensor& acc, const at::Tensor& part, const at::Tensor& mask,
   });
 }
 
+at::Tensor masked_down(const at::Tensor& x, at::TensorList lora_as, double p, uint64_t seed, int64_t chunk_elems) {
+  const auto ldt = lora_as[0].scalar_type();
+  const int64_t n = lora_as.size(), r = lora_as[0].size(0), m = x.size(0), k = x.size(1);
+  if (p == 0.0) {
+    at::Tensor a_cat = n == 1 ? lora_as[0] : at::cat(lora_as, 0);
+    return at::mm(x.to(ldt), a_cat.t());
+  }
+  at::Tensor xa = at::empty({m, n * r}, x.options().dtype(ldt));
+  const int64_t ch = std::max<int64_t>(1, std::min<int64_t>(m, chunk_elems / std::max<int64_t>(k, 1)));
+  at::Tensor buf = at::empty({ch, k}, x.options().dtype(ldt));
+  at::Tensor mbuf = at::empty({ch, k}, x.options().dtype(at::kByte));
+  for (int64_t row0 = 0; row0 < m; row0 += ch) {
+    const int64_t rows = std::min(ch, m - row0);
+    at::Tensor b = buf.narrow(0, 0, rows), mask = mbuf.narrow(0, 0, rows);
+    for (int64_t s = 0; s < n; ++s) {
+      fill_mask(mask, row0, 0, s, m, k, seed, static_cast<float>(p));
+      apply_mask(x, mask, b, row0);
+      xa.narrow(0, row0, rows).narrow(1, s * r, r).copy_(at::mm(b, lora_as[s].t()));
+    }
+  }
+  return xa.mul_(1.0 / (1.0 - p));
+}
+
 }  // namespace peftfast

@@ -27,4 +27,8 @@ void apply_mask(const at::Tensor& src, const at::Tensor& mask, at::Tensor& dst, 
 // acc[rows, cols] (fp32 or fp64, contiguous) += mask ⊙ part * mul (part contiguous)
 void add_masked(at::Tensor& acc, const at::Tensor& part, const at::Tensor& mask, double mul);
 
+// xa = (keep_s ⊙ x) A_sᵀ / (1 - p) for each segment s (its own mask), [M, n*r] in the LoRA dtype: the LoRA
+// down-projection of the forward. x [M, K] any strides; masked copies of x span at most chunk_elems elements.
+at::Tensor masked_down(const at::Tensor& x, at::TensorList lora_as, double p, uint64_t seed, int64_t chunk_elems);
+
 }  // namespace peftfast

@@ -43,30 +43,6 @@ void check_common(const Tensor& x, at::TensorList weights, at::TensorList lora_a
   }
 }
 
-// xa = (keep ⊙ x) A_catᵀ / (1 - p), [M, n*r] in the LoRA dtype, segment s using A_s and its own mask.
-Tensor lora_down(const Tensor& x, at::TensorList lora_as, double p, uint64_t seed) {
-  const auto ldt = lora_as[0].scalar_type();
-  const int64_t n = lora_as.size(), r = lora_as[0].size(0), m = x.size(0), k = x.size(1);
-  if (p == 0.0) {
-    Tensor a_cat = n == 1 ? lora_as[0] : at::cat(lora_as, 0);
-    return at::mm(x.to(ldt), a_cat.t());
-  }
-  Tensor xa = at::empty({m, n * r}, x.options().dtype(ldt));
-  const int64_t ch = chunk_rows(m, k);
-  Tensor buf = at::empty({ch, k}, x.options().dtype(ldt));
-  Tensor mbuf = at::empty({ch, k}, x.options().dtype(at::kByte));
-  for (int64_t row0 = 0; row0 < m; row0 += ch) {
-    const int64_t rows = std::min(ch, m - row0);
-    Tensor b = buf.narrow(0, 0, rows), mask = mbuf.narrow(0, 0, rows);
-    for (int64_t s = 0; s < n; ++s) {
-      fill_mask(mask, row0, 0, s, m, k, seed, static_cast<float>(p));
-      apply_mask(x, mask, b, row0);
-      xa.narrow(0, row0, rows).narrow(1, s * r, r).copy_(at::mm(b, lora_as[s].t()));
-    }
-  }
-  return xa.mul_(1.0 / (1.0 - p));
-}
-
 std::tuple<std::vector<Tensor>, Tensor> lora_group_fwd_cpu(const Tensor& x, at::TensorList weights,
                                                           at::TensorList biases, at::TensorList lora_biases,
                                                           at::TensorList lora_as, at::TensorList lora_bs,
@@ -75,7 +51,7 @@ std::tuple<std::vector<Tensor>, Tensor> lora_group_fwd_cpu(const Tensor& x, at::
   const int64_t n = weights.size(), r = lora_as[0].size(0);
   TORCH_CHECK(static_cast<int64_t>(biases.size()) == n && static_cast<int64_t>(lora_biases.size()) == n,
               "peftfast::lora_group_fwd: one (possibly empty) bias and LoRA bias per member");
-  Tensor xa = lora_down(x, lora_as, p, p > 0.0 ? read_seed(seed, "lora_group") : 0);
+  Tensor xa = masked_down(x, lora_as, p, p > 0.0 ? read_seed(seed, "lora_group") : 0, kChunkElems);
   std::vector<Tensor> ys;
   ys.reserve(n);
   for (int64_t i = 0; i < n; ++i) {

@@ -151,24 +151,7 @@ std::tuple<Tensor, Tensor> nf4_lora_fwd_cpu(const Tensor& x, const Tensor& q, co
   const auto ldt = a.scalar_type();
   Tensor am = absmax.contiguous();
   // xa = keep ⊙ x Aᵀ / (1 - p), in row chunks so no masked copy of x exceeds one chunk
-  Tensor xa;
-  if (p == 0.0) {
-    xa = at::mm(x.to(ldt), a.t());
-  } else {
-    const uint64_t sd = read_seed(seed, "nf4_lora");
-    xa = at::empty({m, a.size(0)}, x.options().dtype(ldt));
-    const int64_t ch = std::max<int64_t>(1, std::min<int64_t>(m, chunk_elems(chunk) / std::max<int64_t>(k, 1)));
-    Tensor buf = at::empty({ch, k}, x.options().dtype(ldt));
-    Tensor mbuf = at::empty({ch, k}, x.options().dtype(at::kByte));
-    for (int64_t r0 = 0; r0 < m; r0 += ch) {
-      const int64_t rows = std::min(ch, m - r0);
-      Tensor bb = buf.narrow(0, 0, rows), mask = mbuf.narrow(0, 0, rows);
-      fill_mask(mask, r0, 0, 0, m, k, sd, static_cast<float>(p));
-      apply_mask(x, mask, bb, r0);
-      xa.narrow(0, r0, rows).copy_(at::mm(bb, a.t()));
-    }
-    xa.mul_(1.0 / (1.0 - p));
-  }
+  Tensor xa = masked_down(x, {a}, p, p > 0.0 ? read_seed(seed, "nf4_lora") : 0, chunk_elems(chunk));
   Tensor y = at::empty({m, n}, x.options());
   const int64_t rows_per = std::max<int64_t>(1, std::min<int64_t>(n, chunk_elems(chunk) / std::max<int64_t>(k, 1)));
   Tensor wbuf = at::empty({rows_per, k}, x.options());
