@@ -196,7 +196,7 @@ def loss_and_grads(model: nn.Module, data: dict, seed: int = 123,
     ``call`` runs the forward instead of ``model`` (e.g. ``torch.compile(model)``)."""
     model.zero_grad(set_to_none=True)
     torch.manual_seed(seed)
-    loss = (call or model)(**data).loss
+    loss = (model if call is None else call)(**data).loss
     loss.backward()
     grads = {}
     for n, p in trainable(model).items():

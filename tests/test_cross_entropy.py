@@ -7,7 +7,9 @@ for ``tl.dot`` on bf16 inputs: the Triton path is tested in fp32/fp16, bf16 on t
 """
 
 import copy
+import inspect
 import pickle
+import warnings
 
 import _models as M
 import pytest
@@ -525,6 +527,32 @@ def test_model_output_shape_return_dict_keep_logits_and_shift_labels():
     shift = torch.full_like(lab, -100)
     shift[:, :-1] = lab[:, 1:]
     torch.testing.assert_close(model(input_ids=ids, labels=lab, shift_labels=shift).loss, r.loss)
+
+
+def test_both_names_of_the_cache_argument():
+    """transformers 5.24 renamed ``past_key_values`` to ``cache`` (keeping the old keyword with a warning): the fused
+    forward takes the class's own name, the other one as the class does, and a DynamicCache is filled as unpatched."""
+    from transformers import DynamicCache
+
+    torch.manual_seed(0)
+    ref = _gemma2().train()
+    model = copy.deepcopy(ref)
+    install_loss(model, backend="torch")
+    st = model._peftfast_loss
+    own = st.params[ce_mod._CACHE_AT]
+    assert own in ("past_key_values", "cache") and own in inspect.signature(type(model).forward).parameters
+    ids, lab = _batch()
+    for name in {own, "past_key_values"}:
+        got_cache, want_cache = DynamicCache(config=model.config), DynamicCache(config=ref.config)
+        before = st.fused_calls
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # the deprecated keyword
+            out = model(input_ids=ids, labels=lab, use_cache=True, **{name: got_cache})
+            want = ref(input_ids=ids, labels=lab, use_cache=True, **{name: want_cache})
+        assert st.fused_calls == before + 1 and out.logits is None
+        torch.testing.assert_close(out.loss, want.loss)
+        assert getattr(out, own) is got_cache and got_cache.get_seq_length() == want_cache.get_seq_length() > 0
+        torch.testing.assert_close(got_cache.layers[0].keys, want_cache.layers[0].keys)
 
 
 def test_model_fallbacks_are_counted_and_exact():

@@ -12,8 +12,10 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable
 
+import peft
 import pytest
 import torch
+import transformers
 from peft import LoraConfig, PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig, get_peft_model
 from torch import nn
 from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
@@ -114,7 +116,14 @@ def test_patch_keeps_losses_and_gradients(family, method):
     assert trainable and any(n.startswith("prompt_encoder.") for n in trainable)
     params = {n: p for n, p in model.named_parameters()}
     attrs = module_attrs(model)
-    ref = loss_and_grads(model, data)
+    try:
+        ref = loss_and_grads(model, data)
+    except ValueError as exc:  # PEFT's own forward, before any patch
+        if "does not support past key values" not in str(exc):
+            raise
+        pytest.skip(f"PEFT {peft.__version__} itself cannot run this model under transformers "
+                    f"{transformers.__version__} (it looks for a past_key_values argument, which 5.24 renamed to "
+                    "cache), so there is no reference to compare with")
 
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the attention is fused: no "returning it unchanged" warning

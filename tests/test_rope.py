@@ -192,6 +192,54 @@ def test_the_modeling_global_is_never_replaced_and_copies_count_on_their_own():
     assert modeling.apply_rotary_pos_emb is original
 
 
+_DECORATED = """
+import functools
+
+def apply_rotary_pos_emb(q, k, cos, sin):
+    return "original"
+
+def renaming(fn):  # what transformers' deprecate_kwarg does (5.24 wraps the attention forwards with it)
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        if "old" in kwargs:
+            kwargs["new"] = kwargs.pop("old")
+        return fn(*args, **kwargs)
+    return wrapped
+
+def opaque(fn):  # a wrapper that does not keep the wrapped function in its closure
+    table = {"fn": fn}
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        return table["fn"](*args, **kwargs)
+    return wrapped
+
+class Attn:
+    @renaming
+    def forward(self, new=None):
+        return apply_rotary_pos_emb(None, None, None, None), new
+
+class Opaque:
+    @opaque
+    def forward(self):
+        return apply_rotary_pos_emb(None, None, None, None)
+"""
+
+
+def test_a_decorated_forward_keeps_its_decorator_and_reads_the_alias(monkeypatch):
+    mod = types.ModuleType("peftfast_test_decorated_forward")
+    monkeypatch.setitem(sys.modules, mod.__name__, mod)
+    exec(_DECORATED, vars(mod))
+    new = rope_mod._renamed_function(mod.Attn.forward, "__alias__", vars(mod))
+    mod.__alias__ = lambda *a: "fused"
+    assert new(mod.Attn(), old=3) == ("fused", 3)  # the decorator still renames, the inner code reads the alias
+    assert mod.Attn().forward(old=3) == ("original", 3)  # the class is untouched
+    assert new.__wrapped__ is not mod.Attn.forward.__wrapped__ and new.__qualname__ == mod.Attn.forward.__qualname__
+    # no cell holds the wrapped function: refused (the caller then swaps the global around each call)
+    assert rope_mod._renamed_function(mod.Opaque.forward, "__alias__", vars(mod)) is None
+    # another module's globals: refused
+    assert rope_mod._renamed_function(mod.Attn.forward, "__alias__", {}) is None
+
+
 def test_an_earlier_instance_forward_gets_the_swapped_global():
     import transformers.models.llama.modeling_llama as modeling
     from _models import batch, peft_model

@@ -93,7 +93,7 @@ def fused_block_forward(self: nn.Module, hidden_states: torch.Tensor, *args, **k
         if kwargs.get("use_cache"):
             kwargs["use_cache"] = False
         if not getattr(self, "_can_checkpoint_with_cache", False):
-            for name in ("past_key_values", "layer_past"):
+            for name in ("past_key_values", "cache", "layer_past"):  # "cache": transformers >= 5.24
                 if kwargs.get(name) is not None:
                     kwargs[name] = None
         return self._gradient_checkpointing_func(functools.partial(_fused_body, self, **kwargs), hidden_states)

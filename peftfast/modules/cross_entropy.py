@@ -55,6 +55,19 @@ RECIPES: dict[str, Callable[[nn.Module], tuple[float | None, float]]] = {
 }
 _PARAMS = ("input_ids", "attention_mask", "position_ids", "past_key_values", "inputs_embeds", "labels", "use_cache",
            "logits_to_keep")
+# transformers 5.24 renamed the cache argument and output field ``past_key_values`` to ``cache`` (the old keyword is
+# still accepted, with a deprecation warning): both forms of the signature are served
+_CACHE_NAMES = ("past_key_values", "cache")
+_CACHE_AT = _PARAMS.index("past_key_values")
+
+
+def _forward_params(cls: type) -> tuple[str, ...] | None:
+    """The leading parameters of ``cls.forward`` in the supported order (its own cache name), or None."""
+    params = tuple(inspect.signature(cls.forward).parameters)[1:len(_PARAMS) + 1]
+    if len(params) == len(_PARAMS) and params[_CACHE_AT] in _CACHE_NAMES and \
+            all(a == b for i, (a, b) in enumerate(zip(params, _PARAMS)) if i != _CACHE_AT):
+        return params
+    return None
 
 
 @dataclass
@@ -72,6 +85,7 @@ class LossState(Tallied):
 
     config: LossPatchConfig
     previous_forward: object | None
+    params: tuple[str, ...] = _PARAMS  # the class forward's leading parameters (its cache argument's name)
     fused_calls: int = 0
     no_label_calls: int = 0
     eval_calls: int = 0  # labelled calls in eval mode: served by the original forward, which returns logits
@@ -198,8 +212,8 @@ def why_not(model: nn.Module) -> str | None:
         return "model has accelerate hooks (device_map / offloading)"
     if not _standard_loss(lm):
         return "model uses a custom loss_function"
-    params = tuple(inspect.signature(type(lm).forward).parameters)[1:]
-    if params[:len(_PARAMS)] != _PARAMS:
+    if _forward_params(type(lm)) is None:
+        params = tuple(inspect.signature(type(lm).forward).parameters)[1:]
         return f"{name}.forward has an unexpected signature {params}"
     head = head_tensors(lm.lm_head, training=False)
     if isinstance(head, str):
@@ -229,13 +243,20 @@ def _call_reason(model: nn.Module, p: dict) -> str | None:
 def fused_causal_lm_forward(model: nn.Module, *args, **kwargs):
     """Drop-in ``forward`` for the supported ``*ForCausalLM`` classes (bound to the instance by ``install``)."""
     st: LossState = model._peftfast_loss
-    if len(args) > len(_PARAMS):
+    names = st.params
+    cache = names[_CACHE_AT]
+    if len(args) > len(names):
         tally(st.tally_key, "fallbacks", "unexpected positional arguments")
         return _original(model, st, args, kwargs)
-    p = dict(zip(_PARAMS, args))
+    if cache != "past_key_values" and "past_key_values" in kwargs:  # the deprecated name, as the class accepts it
+        if cache in kwargs or len(args) > _CACHE_AT:  # the class forward warns and picks one
+            tally(st.tally_key, "fallbacks", f"both past_key_values and {cache} given")
+            return _original(model, st, args, kwargs)
+        kwargs = {cache if k == "past_key_values" else k: v for k, v in kwargs.items()}
+    p = dict(zip(names, args))
     rest = {}
     for k, v in kwargs.items():
-        if k in _PARAMS:
+        if k in names:
             if k in p:
                 raise TypeError(f"forward() got multiple values for argument {k!r}")
             p[k] = v
@@ -263,8 +284,8 @@ def fused_causal_lm_forward(model: nn.Module, *args, **kwargs):
     if return_dict is None:
         return_dict = getattr(model.config, "return_dict", True)
     outputs = model.model(input_ids=p.get("input_ids"), attention_mask=p.get("attention_mask"),
-                          position_ids=p.get("position_ids"), past_key_values=p.get("past_key_values"),
-                          inputs_embeds=p.get("inputs_embeds"), use_cache=p.get("use_cache"), **rest)
+                          position_ids=p.get("position_ids"), inputs_embeds=p.get("inputs_embeds"),
+                          use_cache=p.get("use_cache"), **{cache: p.get(cache)}, **rest)
     hidden = outputs.last_hidden_state
     loss = _loss(model, st, head, hidden, p["labels"], rest)
     if loss is None:  # a dtype the fused op cannot take: finish as the original would, from these hidden states
@@ -280,8 +301,8 @@ def fused_causal_lm_forward(model: nn.Module, *args, **kwargs):
                 logits = _logits(model, hidden)
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
-    out = CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values,
-                                 hidden_states=outputs.hidden_states, attentions=outputs.attentions)
+    out = CausalLMOutputWithPast(loss=loss, logits=logits, hidden_states=outputs.hidden_states,
+                                 attentions=outputs.attentions, **{cache: getattr(outputs, cache)})
     return out if return_dict else out.to_tuple()
 
 
@@ -339,7 +360,8 @@ def install(model: nn.Module, config: LossPatchConfig) -> nn.Module:
     if st is not None:
         st.config = config
         return lm
-    bind_forward(lm, "_peftfast_loss", LossState(config=config, previous_forward=None), fused_causal_lm_forward)
+    st = LossState(config=config, previous_forward=None, params=_forward_params(type(lm)) or _PARAMS)
+    bind_forward(lm, "_peftfast_loss", st, fused_causal_lm_forward)
     return lm
 
 

@@ -134,26 +134,65 @@ def _rebind(st: RoPEState):
     the model) is set here, outside any traced call, and removed when the state goes; the module's own
     ``apply_rotary_pos_emb`` is never touched, so other instances, models and threads see the original.
     """
-    fn = st.owner.forward
     mod = sys.modules.get(st.owner.__module__)
-    if not isinstance(fn, types.FunctionType) or mod is None or fn.__globals__ is not vars(mod) or \
-            _GLOBAL not in fn.__code__.co_names or not _reads_global_only(fn.__code__):
+    if mod is None:
         return None, None
     alias = _alias(st.tally_key)
-    g = fn.__globals__
+    new = _renamed_function(st.owner.forward, alias, vars(mod))
+    if new is None:
+        return None, None
+    g = vars(mod)
     g[alias] = functools.partial(_fused, original=_unfused(g[_GLOBAL]), key=st.tally_key, backend=st.backend,
                                  name=st.name)
     release = weakref.finalize(st, _drop_alias, g, alias)
-    new = types.FunctionType(_renamed(fn.__code__, alias), g, fn.__name__, fn.__defaults__, fn.__closure__)
+    return new, release
+
+
+def _copy_function(fn: types.FunctionType, code: types.CodeType, closure: tuple | None) -> types.FunctionType:
+    new = types.FunctionType(code, fn.__globals__, fn.__name__, fn.__defaults__, closure)
     new.__kwdefaults__ = fn.__kwdefaults__
     new.__qualname__, new.__doc__ = fn.__qualname__, fn.__doc__
     new.__dict__.update(fn.__dict__)
-    return new, release
+    return new
+
+
+def _renamed_function(fn, alias: str, module_globals: dict) -> types.FunctionType | None:
+    """A copy of ``fn`` whose reads of the global ``apply_rotary_pos_emb`` (in ``module_globals``) read ``alias``.
+
+    A decorated forward (``functools.wraps`` wrappers such as transformers' ``deprecate_kwarg``, which renamed
+    ``past_key_values`` to ``cache`` in 5.24) is copied layer by layer: each wrapper keeps its own code and gets a
+    closure whose cell holding the wrapped function holds the renamed copy instead, so the wrapper still runs.
+    None where neither form applies (the caller then swaps the global around each call).
+    """
+    if not isinstance(fn, types.FunctionType):
+        return None
+    if fn.__globals__ is module_globals and _GLOBAL in fn.__code__.co_names:
+        return _copy_function(fn, _renamed(fn.__code__, alias), fn.__closure__) \
+            if _reads_global_only(fn.__code__) else None
+    inner = getattr(fn, "__wrapped__", None)
+    cells = fn.__closure__ or ()
+    held = [i for i, c in enumerate(cells) if _cell_holds(c, inner)]
+    if inner is None or len(held) != 1:
+        return None
+    renamed = _renamed_function(inner, alias, module_globals)
+    if renamed is None:
+        return None
+    closure = tuple(types.CellType(renamed) if i == held[0] else c for i, c in enumerate(cells))
+    new = _copy_function(fn, fn.__code__, closure)
+    new.__wrapped__ = renamed
+    return new
+
+
+def _cell_holds(cell: types.CellType, obj) -> bool:
+    try:
+        return obj is not None and cell.cell_contents is obj
+    except ValueError:  # an empty cell
+        return False
 
 
 def _refresh_alias(st: RoPEState) -> None:
     """Re-point the alias at the current backend/name (a changed alias fails Dynamo's guard: recompiled, not stale)."""
-    g = st.owner.forward.__globals__
+    g = vars(sys.modules[st.owner.__module__])  # not forward.__globals__: a decorator's module for a wrapped forward
     g[_alias(st.tally_key)] = functools.partial(_fused, original=_unfused(g[_GLOBAL]), key=st.tally_key,
                                                 backend=st.backend, name=st.name)
 
