@@ -145,18 +145,35 @@ def test_norms_off_means_blocks_off():
     assert all(not patched and why == "fuse_norms=False" for _, patched, why in _blocks(model))
 
 
-def test_gradient_checkpointing_still_checkpoints_fused_blocks():
+@pytest.mark.parametrize("enable_first", [False, True], ids=["patch-then-enable", "enable-then-patch"])
+def test_gradient_checkpointing_still_checkpoints_fused_blocks(enable_first):
     """transformers (5.2x) checkpoints a layer by wrapping its class forward, which the fused instance forward
-    bypasses: the fused block must checkpoint itself (forward + recompute = two fused calls per block)."""
+    bypasses: the fused block must checkpoint itself (forward + recompute = two fused calls per block), whether
+    checkpointing was enabled before ``patch`` (its probe then runs the checkpointing class forward) or after."""
     model = peft_model("llama", lora_dropout=0.1)
     ckpt = clone(model)
     peftfast.patch(model)
+    if enable_first:
+        ckpt.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     peftfast.patch(ckpt)
-    ckpt.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if not enable_first:
+        ckpt.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     data = batch("llama")
+    # without grad mode there is nothing to replay: a training-mode forward keeps its cache, as unpatched
+    plain = clone(ckpt)
+    peftfast.unpatch(plain)
+    with torch.no_grad():
+        outs = [m(input_ids=data["input_ids"], use_cache=True) for m in (ckpt, plain)]
+    caches = [o.cache if hasattr(o, "cache") else o.past_key_values for o in outs]  # "cache": transformers >= 5.24
+    assert [c.get_seq_length() for c in caches] == [data["input_ids"].shape[1]] * 2
+
+    def fused_calls() -> list[int]:
+        return [r["fused"] for k, r in peftfast.report(ckpt).module_runtime(ckpt).items() if k.endswith("(block)")]
+
+    before = fused_calls()
     loss, grads = loss_and_grads(model, data)
     ck_loss, ck_grads = loss_and_grads(ckpt, data)
-    stats = [r for k, r in peftfast.report(ckpt).module_runtime(ckpt).items() if k.endswith("(block)")]
-    assert stats and all(r["fused"] == 2 for r in stats), stats
+    calls = [after - b for after, b in zip(fused_calls(), before)]
+    assert calls and all(c == 2 for c in calls), calls  # forward + recompute
     assert abs(loss.item() - ck_loss.item()) <= TOL * abs(loss.item())
     assert max(max_rel_err(ck_grads[n], grads[n]) for n in grads) <= TOL

@@ -87,9 +87,11 @@ def fused_block_forward(self: nn.Module, hidden_states: torch.Tensor, *args, **k
     if args or nst is None or nst.kind != "rms" or any(r not in kwargs for r in st.required):
         tally(st.tally_key, "fallbacks", "positional arguments or the post-attention norm is not fused")
         return call_original(self, st, hidden_states, *args, **kwargs)
-    if getattr(self, "gradient_checkpointing", False) and self.training and _checkpoints_class_forward(self):
+    if getattr(self, "gradient_checkpointing", False) and self.training and torch.is_grad_enabled() and \
+            _checkpoints_class_forward(self):
         # what transformers' checkpointing wrapper does around the class forward, here around the fused one: no
-        # cache writes in a region that is recomputed, then the layer's own checkpoint function
+        # cache writes in a region that is recomputed, then the layer's own checkpoint function (without grad mode
+        # there is no backward to replay, so the block runs as is, cache included, as transformers' wrapper does)
         if kwargs.get("use_cache"):
             kwargs["use_cache"] = False
         if not getattr(self, "_can_checkpoint_with_cache", False):
