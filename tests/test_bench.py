@@ -290,9 +290,10 @@ def test_real_presets_truncated_to_one_layer_train(tmp_path, preset):
     res, _ = run(tmp_path, "--model", preset, "--layers", "1", "--seq-len", "32", "--steps", "1", "--quiet",
                  "--dropout", "0")
     assert res["layers"] == 1 and res["full_layers"] == bench.PRESETS[preset].fields["num_hidden_layers"]
-    peft, fast = res["results"]
-    assert fast["max_rel_loss_diff_vs_peft"] < 1e-4
-    assert fast["saved_mb"] < peft["saved_mb"]
+    peft, fast, lean = res["results"]  # PEFT, the patch default, recompute="mlp"
+    for row in (fast, lean):
+        assert row["max_rel_loss_diff_vs_peft"] < 1e-4
+    assert lean["saved_mb"] < fast["saved_mb"] < peft["saved_mb"]
 
 
 def test_largest_fitting_batch_doubles_until_out_of_memory():

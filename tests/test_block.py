@@ -165,7 +165,9 @@ def test_gradient_checkpointing_still_checkpoints_fused_blocks(enable_first):
     with torch.no_grad():
         outs = [m(input_ids=data["input_ids"], use_cache=True) for m in (ckpt, plain)]
     caches = [o.cache if hasattr(o, "cache") else o.past_key_values for o in outs]  # "cache": transformers >= 5.24
-    assert [c.get_seq_length() for c in caches] == [data["input_ids"].shape[1]] * 2
+    lengths = [None if c is None else c.get_seq_length() for c in caches]
+    # transformers < 5.24 drops the cache of a checkpointing layer in training mode even without grad mode
+    assert lengths[0] == lengths[1] and lengths[1] in (None, data["input_ids"].shape[1]), lengths
 
     def fused_calls() -> list[int]:
         return [r["fused"] for k, r in peftfast.report(ckpt).module_runtime(ckpt).items() if k.endswith("(block)")]
