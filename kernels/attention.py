@@ -17,6 +17,11 @@
 
 Memory: forward keeps O and lse only (no S × S matrix, no repeated K/V for grouped-query attention). Fully
 masked query rows give 0, not NaN. fp32 softmax statistics and accumulation; int64 offsets.
+
+Work: tiles outside the causal / window band are never visited; with segment ids, neither are tiles outside
+krange [B, cdiv(SQ, BLOCK_M), 2] (per query block: the hull [lo, hi) of the key positions its queries can see) and
+qrange [B, cdiv(SK, BLOCK_N), 2] (per key block: the hull of the queries that can see it), which the launcher
+derives from the ids: packed rows skip the other documents' tiles, padded rows the padding's.
 """
 
 import triton
@@ -70,12 +75,22 @@ def _kv_range(start_m, SQ, SK, OFFSET, window, IS_CAUSAL: tl.constexpr, HAS_WIND
 
 
 @triton.jit
+def _segment_range(range_ptr, b, lo, hi, BLOCK: tl.constexpr):
+    """[lo, hi) narrowed to this program's segment range (``segment_ranges`` in the launcher: the hull of the
+    positions its block can see), lo kept a multiple of BLOCK; tiles of other documents and of padding are skipped."""
+    r_ptr = range_ptr + (b.to(tl.int64) * tl.num_programs(0) + tl.program_id(0)) * 2
+    lo = tl.maximum(lo, (tl.load(r_ptr) // BLOCK) * BLOCK)
+    hi = tl.minimum(hi, tl.load(r_ptr + 1))
+    return lo, hi
+
+
+@triton.jit
 def _attn_fwd_kernel(
     q_ptr, sqb, sqh, sqm, sqd,
     k_ptr, skb, skh, skn, skd,
     v_ptr, svb, svh, svn, svd,
     o_ptr, sob, som, soh, sod,
-    lse_ptr, qseg_ptr, kseg_ptr,
+    lse_ptr, qseg_ptr, kseg_ptr, krange_ptr,
     SQ, SK, HQ, GROUP, D, scale, softcap, window, seed, p_drop,
     IS_CAUSAL: tl.constexpr, HAS_SEG: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -103,6 +118,8 @@ def _attn_fwd_kernel(
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     lo, hi = _kv_range(start_m, SQ, SK, OFFSET, window, IS_CAUSAL, HAS_WINDOW, BLOCK_M, BLOCK_N)
+    if HAS_SEG:
+        lo, hi = _segment_range(krange_ptr, b, lo, hi, BLOCK_N)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_ok = offs_n < SK
@@ -137,7 +154,7 @@ def _attn_bwd_dkdv_kernel(
     do_ptr, sdob, sdom, sdoh, sdod,
     dk_ptr, sdkb, sdkh, sdkn, sdkd,
     dv_ptr, sdvb, sdvh, sdvn, sdvd,
-    lse_ptr, delta_ptr, qseg_ptr, kseg_ptr,
+    lse_ptr, delta_ptr, qseg_ptr, kseg_ptr, qrange_ptr,
     SQ, SK, HQ, HK, GROUP, D, scale, softcap, window, seed, p_drop,
     IS_CAUSAL: tl.constexpr, HAS_SEG: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -171,6 +188,8 @@ def _attn_bwd_dkdv_kernel(
         m_lo = (m_lo // BLOCK_M) * BLOCK_M
     if HAS_WINDOW:
         m_hi = tl.minimum(SQ, start_n + BLOCK_N - OFFSET + window)
+    if HAS_SEG:
+        m_lo, m_hi = _segment_range(qrange_ptr, b, m_lo, m_hi, BLOCK_M)
     for g in range(0, GROUP):
         h = hk * GROUP + g
         bh = b * HQ + h
@@ -215,7 +234,7 @@ def _attn_bwd_dq_kernel(
     v_ptr, svb, svh, svn, svd,
     do_ptr, sdob, sdom, sdoh, sdod,
     dq_ptr, sdqb, sdqh, sdqm, sdqd,
-    lse_ptr, delta_ptr, qseg_ptr, kseg_ptr,
+    lse_ptr, delta_ptr, qseg_ptr, kseg_ptr, krange_ptr,
     SQ, SK, HQ, GROUP, D, scale, softcap, window, seed, p_drop,
     IS_CAUSAL: tl.constexpr, HAS_SEG: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -247,6 +266,8 @@ def _attn_bwd_dq_kernel(
     kseg_row = kseg_ptr + b.to(tl.int64) * SK
     dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     lo, hi = _kv_range(start_m, SQ, SK, OFFSET, window, IS_CAUSAL, HAS_WINDOW, BLOCK_M, BLOCK_N)
+    if HAS_SEG:
+        lo, hi = _segment_range(krange_ptr, b, lo, hi, BLOCK_N)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_ok = offs_n < SK

@@ -9,7 +9,7 @@ from _models import clone, peft_model
 
 import peftfast
 from peftfast.ops import _counters
-from peftfast.ops.attention import flash_attention
+from peftfast.ops.attention import ALL_SEGMENTS, _ranges_cache, flash_attention, segment_ranges
 from peftfast.testing import aot
 
 BACKENDS = ["torch", "triton"]
@@ -33,6 +33,16 @@ def _make(b, hq, hk, sq, sk, d, dtype, seg=None):
         kseg[:, : sk - sq] = -2
         kseg[:, sk - sq:] = (torch.arange(sq) * 2 // max(sq, 1)).to(torch.int32)
         qseg = kseg[:, sk - sq:].clone()
+    elif seg == "mixed":  # packed documents of uneven lengths, right padding in row 0, left padding in row 1
+        kseg = torch.full((b, sk), -1, dtype=torch.int32)
+        for row in range(b):
+            lengths = (sk // 4, sk // 3, sk // 6) if row % 2 == 0 else (sk // 5, sk // 2)
+            start = 0 if row % 2 == 0 else sk - sum(lengths)
+            for doc, n in enumerate(lengths):
+                kseg[row, start:start + n] = doc
+                start += n
+        qseg = kseg[:, sk - sq:].clone()
+        qseg[qseg == -1] = -3
     return q, k, v, qseg, kseg
 
 
@@ -73,6 +83,10 @@ CASES = [  # b, hq, hk, sq, sk, d, causal, softcap, window, seg
     (2, 2, 2, 13, 19, 16, True, None, None, "prefix"),  # 6 prefix keys seen by every document
     (1, 2, 1, 19, 19, 32, False, None, 5, "packed"),
     (1, 2, 2, 113, 113, 16, True, None, None, "padding"),
+    # many tiles per row: those of other documents and of padding are skipped (segment_ranges)
+    (2, 2, 1, 97, 97, 16, True, None, None, "mixed"),
+    (2, 2, 2, 83, 83, 16, False, None, None, "mixed"),  # bidirectional: later documents' tiles skipped too
+    (1, 2, 1, 61, 61, 16, True, None, 9, "mixed"),
 ]
 
 
@@ -93,6 +107,83 @@ def test_long_ragged_lengths(backend, s):
                                            ("torch", torch.bfloat16)])
 def test_low_precision_within_twice_eager_error(backend, dtype):
     _check(backend, 2, 4, 2, 21, 21, 32, True, seg="padding", dtype=dtype)
+
+
+def _visible(qseg: torch.Tensor, kseg: torch.Tensor) -> torch.Tensor:
+    """[B, SQ, SK] bool: the kernels' segment rule (equal ids, or a prefix key)."""
+    return (qseg[:, :, None] == kseg[:, None, :]) | (kseg[:, None, :] == ALL_SEGMENTS)
+
+
+@pytest.mark.parametrize("seg", ["padding", "packed", "prefix", "mixed", "random"])
+@pytest.mark.parametrize("bm,bn", [(16, 16), (8, 32), (64, 16)])
+def test_segment_ranges_are_the_hull_of_visible_pairs(seg, bm, bn):
+    """Per query block the keys [lo, hi) it can see and per key block the queries that can see it: exactly the hull
+    of the visible pairs (so a skipped tile holds none), empty where nothing is visible."""
+    sq, sk = 45, 53
+    if seg == "random":  # any ids, any order: -3..4 and a large one, prefix keys anywhere
+        g = torch.Generator().manual_seed(3)
+        qseg = torch.randint(-3, 5, (3, sq), generator=g, dtype=torch.int32)
+        kseg = torch.randint(-3, 5, (3, sk), generator=g, dtype=torch.int32)
+        qseg[0, :7], kseg[0, 40:] = 2**30, 2**30
+    else:
+        _, _, _, qseg, kseg = _make(2, 1, 1, sq, sk, 16, torch.float32, seg)
+    _ranges_cache.clear()
+    kr, qr = segment_ranges(qseg, kseg, bm, bn)
+    assert kr.dtype == qr.dtype == torch.int32
+    assert kr.shape == (qseg.shape[0], -(-sq // bm), 2) and qr.shape == (qseg.shape[0], -(-sk // bn), 2)
+    vis = _visible(qseg, kseg)
+    for b in range(qseg.shape[0]):
+        for blk in range(kr.shape[1]):
+            cols = vis[b, blk * bm:(blk + 1) * bm].any(0).nonzero()
+            lo, hi = kr[b, blk].tolist()
+            assert (lo, hi) == ((cols.min().item(), cols.max().item() + 1) if len(cols) else (sk, 0))
+        for blk in range(qr.shape[1]):
+            rows = vis[b, :, blk * bn:(blk + 1) * bn].any(1).nonzero()
+            lo, hi = qr[b, blk].tolist()
+            assert (lo, hi) == ((rows.min().item(), rows.max().item() + 1) if len(rows) else (sq, 0))
+    # the last call's ids are cached (every layer of a forward passes the same ones); a change of ids is seen
+    assert segment_ranges(qseg.detach(), kseg, bm, bn)[0] is kr
+    kseg.add_(0)  # an in-place write bumps the version
+    assert segment_ranges(qseg, kseg, bm, bn)[0] is not kr
+
+
+@pytest.mark.parametrize("layout", ["packed-bidirectional", "left-padded-causal"])
+def test_triton_kernels_skip_the_tiles_no_query_of_a_block_can_see(layout):
+    """Two documents (or padding and a document) of two 16-wide tiles each; the other half's q, k, v poisoned with
+    NaN. A visited tile would spread it (0 · NaN) into this half's output or gradients even though its masks hide
+    it, so finite values equal to the reference prove those tiles are skipped forward, in dK/dV and in dQ."""
+    assert _tiles_in_interpreter() == 16
+    s, half = 64, 32
+    ids = torch.cat([torch.zeros(half), torch.ones(half)]).to(torch.int32)[None]
+    if layout == "packed-bidirectional":
+        qseg, kseg, causal, mine, other = ids, ids.clone(), False, slice(0, half), slice(half, s)
+    else:
+        kseg = torch.where(ids == 0, -1, 0).to(torch.int32)
+        qseg, causal, mine, other = torch.where(kseg == -1, -3, kseg).to(torch.int32), True, slice(half, s), \
+            slice(0, half)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, s, 16, generator=g) for _ in range(3))
+    grad = torch.randn(1, s, 2, 16, generator=g)
+    clean = [t[:, :, mine].clone().requires_grad_() for t in (q, k, v)]
+    want = _grads(lambda: flash_attention(*clean, causal=causal, backend="torch"), clean, grad[:, mine])
+    poisoned = [t.clone() for t in (q, k, v)]
+    for t in poisoned:
+        t[:, :, other] = float("nan")
+    poisoned = [t.requires_grad_() for t in poisoned]
+    got = _grads(lambda: flash_attention(*poisoned, causal=causal, qseg=qseg, kseg=kseg, backend="triton"), poisoned,
+                 grad.masked_fill(torch.isnan(grad), 0.0))
+    out, dq, dk, dv = got[0][:, mine], got[1][:, :, mine], got[2][:, :, mine], got[3][:, :, mine]
+    for a, r in zip((out, dq, dk, dv), want):
+        assert torch.isfinite(a).all()
+        assert (a - r).abs().max() <= 2e-5 * r.abs().max().clamp_min(1.0)
+
+
+def _tiles_in_interpreter() -> int:
+    from peftfast.ops.attention import _bwd_tiles, _tiles
+
+    sizes = {_tiles(16)["BLOCK_M"], _tiles(16)["BLOCK_N"], _bwd_tiles(16)["BLOCK_M"], _bwd_tiles(16)["BLOCK_N"]}
+    assert len(sizes) == 1
+    return sizes.pop()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -277,6 +368,7 @@ def _aot_plan() -> list[aot.Job]:
                         args["delta_ptr"] = "*fp32"
                     args.update(lse_ptr="*fp32", qseg_ptr="*i32", kseg_ptr="*i32", SQ=2048, SK=2048, HQ=16,
                                 GROUP=4, D=d, scale=0.125, softcap=1.0, window=0, seed=0, p_drop=0.0)
+                    args["qrange_ptr" if kernel == "_attn_bwd_dkdv_kernel" else "krange_ptr"] = "*i32"
                     if kernel == "_attn_bwd_dkdv_kernel":
                         args["HK"] = 4
                     tiles = _gpu_tiles(kernel, d)

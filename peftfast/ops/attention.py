@@ -156,6 +156,73 @@ def _flags(causal, window, softcap, qseg, p):
                 HAS_SOFTCAP=softcap is not None, HAS_DROPOUT=p > 0)
 
 
+def _first_last(sorted_vals: torch.Tensor, order: torch.Tensor, vals: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Per ``vals[b, i]``: the smallest and largest index j with ``seq[b, j] == vals[b, i]`` (``sorted_vals``,
+    ``order``: ``seq`` sorted stably per row and the sort's indices), and whether there is one."""
+    n = sorted_vals.shape[1]
+    left = torch.searchsorted(sorted_vals, vals, right=False)
+    right = torch.searchsorted(sorted_vals, vals, right=True)
+    found = right > left
+    first = order.gather(1, left.clamp(max=n - 1))  # a stable sort keeps equal ids in index order
+    last = order.gather(1, (right - 1).clamp(min=0))
+    return first, last, found
+
+
+def _block_reduce(lo: torch.Tensor, hi: torch.Tensor, block: int, empty: int) -> torch.Tensor:
+    """int32 [B, cdiv(S, block), 2]: min of ``lo`` and max of ``hi`` over each block of ``block`` positions."""
+    b, s = lo.shape
+    pad = -s % block
+    lo = torch.nn.functional.pad(lo, (0, pad), value=empty).view(b, -1, block).amin(-1)
+    hi = torch.nn.functional.pad(hi, (0, pad), value=0).view(b, -1, block).amax(-1)
+    return torch.stack([lo, hi], -1).to(torch.int32).contiguous()
+
+
+# (key, tensors, result) of the last call: every layer of a forward passes the same segment ids. The tensors are
+# held, so their storage (and data pointer) cannot be reused while cached; a detached or saved-and-unpacked alias
+# of them (same storage, same version counter) still hits.
+_ranges_cache: list = []
+
+
+def _tensor_key(t: torch.Tensor) -> tuple:
+    return t.device, t.data_ptr(), tuple(t.shape), t.stride(), t._version
+
+
+def segment_ranges(qseg: torch.Tensor, kseg: torch.Tensor, block_m: int, block_n: int) -> tuple[torch.Tensor, ...]:
+    """Which tiles can hold a visible (query, key) pair, from the segment ids alone (causal / window aside).
+
+    Returns ``kr`` int32 [B, cdiv(SQ, block_m), 2]: per query block the key positions [lo, hi) that any of its
+    queries can see, and ``qr`` int32 [B, cdiv(SK, block_n), 2]: per key block the query positions [lo, hi) that
+    can see any of its keys (empty: lo ≥ hi). A query sees a key when their ids are equal or the key's id is -2,
+    exactly as the kernels' masks; the ranges are the hull of those positions, so tiles outside them are all
+    masked and the kernels skip them: for packed rows most of the S² tiles of other documents, for padded rows the
+    tiles of the padding. Device ops only (a sort and binary searches per row), no host read; cached for the
+    segment ids of the last call.
+    """
+    key = (_tensor_key(qseg), _tensor_key(kseg), block_m, block_n)
+    if _ranges_cache and _ranges_cache[0][0] == key:
+        return _ranges_cache[0][2]
+    b, sq = qseg.shape
+    sk = kseg.shape[1]
+    kpos = torch.arange(sk, device=kseg.device).expand(b, sk)
+    # per query: the hull of the keys with its id and of the prefix keys (id -2)
+    ks_sorted, ks_order = torch.sort(kseg, dim=1, stable=True)
+    first, last, found = _first_last(ks_sorted, ks_order, qseg)
+    is_prefix = kseg == ALL_SEGMENTS
+    p_lo = torch.where(is_prefix, kpos, sk).amin(1, keepdim=True)
+    p_hi = torch.where(is_prefix, kpos + 1, 0).amax(1, keepdim=True)
+    lo = torch.minimum(torch.where(found, first, sk), p_lo)
+    hi = torch.maximum(torch.where(found, last + 1, 0), p_hi)
+    kr = _block_reduce(lo, hi, block_m, sk)
+    # per key: every query when it is a prefix key, else the hull of the queries with its id
+    qs_sorted, qs_order = torch.sort(qseg, dim=1, stable=True)
+    first, last, found = _first_last(qs_sorted, qs_order, kseg)
+    lo = torch.where(is_prefix, 0, torch.where(found, first, sq))
+    hi = torch.where(is_prefix, sq, torch.where(found, last + 1, 0))
+    qr = _block_reduce(lo, hi, block_n, sq)
+    _ranges_cache[:] = [(key, (qseg, kseg), (kr, qr))]
+    return kr, qr
+
+
 def _triton_forward(q, k, v, causal, scale, softcap, window, qseg, kseg, p, seed):
     from peftfast.kernels import attention as K
 
@@ -166,10 +233,11 @@ def _triton_forward(q, k, v, causal, scale, softcap, window, qseg, kseg, p, seed
     seg_q = qseg if qseg is not None else lse
     seg_k = kseg if kseg is not None else lse
     t = _tiles(d)
+    kr = segment_ranges(qseg, kseg, t["BLOCK_M"], t["BLOCK_N"])[0] if qseg is not None else lse
     grid = (triton.cdiv(sq, t["BLOCK_M"]), b * hq)
     with launching("_attn_fwd_kernel"):
         K._attn_fwd_kernel[grid](
-            q, *q.stride(), k, *k.stride(), v, *v.stride(), out, *out.stride(), lse, seg_q, seg_k,
+            q, *q.stride(), k, *k.stride(), v, *v.stride(), out, *out.stride(), lse, seg_q, seg_k, kr,
             sq, sk, hq, hq // hk, d, scale, softcap or 1.0, window or 0, seed, p,
             **_flags(causal, window, softcap, qseg, p), BLOCK_D=max(16, triton.next_power_of_2(d)),
             DOT_PRECISION=_precision(q.dtype), **t)
@@ -186,17 +254,18 @@ def _triton_backward(q, k, v, out, lse, dout, causal, scale, softcap, window, qs
     seg_q = qseg if qseg is not None else lse
     seg_k = kseg if kseg is not None else lse
     t = _bwd_tiles(d)
+    kr, qr = segment_ranges(qseg, kseg, t["BLOCK_M"], t["BLOCK_N"]) if qseg is not None else (lse, lse)
     common = dict(**_flags(causal, window, softcap, qseg, p), BLOCK_D=max(16, triton.next_power_of_2(d)),
                   DOT_PRECISION=_precision(q.dtype), **t)
     scal = (scale, softcap or 1.0, window or 0, seed, p)
     with launching("_attn_bwd_dkdv_kernel"):
         K._attn_bwd_dkdv_kernel[(triton.cdiv(sk, t["BLOCK_N"]), b * hk)](
             q, *q.stride(), k, *k.stride(), v, *v.stride(), dout, *dout.stride(), dk, *dk.stride(), dv, *dv.stride(),
-            lse, delta, seg_q, seg_k, sq, sk, hq, hk, hq // hk, d, *scal, **common)
+            lse, delta, seg_q, seg_k, qr, sq, sk, hq, hk, hq // hk, d, *scal, **common)
     with launching("_attn_bwd_dq_kernel"):
         K._attn_bwd_dq_kernel[(triton.cdiv(sq, t["BLOCK_M"]), b * hq)](
             q, *q.stride(), k, *k.stride(), v, *v.stride(), dout, *dout.stride(), dq, *dq.stride(),
-            lse, delta, seg_q, seg_k, sq, sk, hq, hq // hk, d, *scal, **common)
+            lse, delta, seg_q, seg_k, kr, sq, sk, hq, hq // hk, d, *scal, **common)
     return dq, dk, dv
 
 
