@@ -27,8 +27,11 @@ if [[ " $parts " == *" bench "* ]]; then
   common=(--dtype bf16 --seq-len 2048 --steps 10 --quiet --baselines peft,peft+compile,liger,unsloth)
   python -m peftfast bench --model llama-3-8b --batch-size auto "${common[@]}" --out "$out/bench-llama-3-8b" \
       2>&1 | tee "$out/bench-llama-3-8b.log"
+  # packing vs padding: documents of 25-100% of 2048 tokens, packed per row or one per row (real tokens counted)
   python -m peftfast bench --model llama-3-8b --batch-size auto --packed "${common[@]}" \
       --out "$out/bench-llama-3-8b-packed" 2>&1 | tee "$out/bench-llama-3-8b-packed.log"
+  python -m peftfast bench --model llama-3-8b --batch-size auto --padded "${common[@]}" \
+      --out "$out/bench-llama-3-8b-padded" 2>&1 | tee "$out/bench-llama-3-8b-padded.log"
   python -m peftfast bench --model llama-3-8b --method qlora --batch-size auto "${common[@]}" \
       --out "$out/bench-llama-3-8b-qlora" 2>&1 | tee "$out/bench-llama-3-8b-qlora.log"
 fi

@@ -46,7 +46,7 @@ def render(results_dir: str) -> str:
     provenance = set()
     for name, res in runs:
         cfg = res["config"]
-        what = f"{res['model']}, {cfg['method']} r={cfg['rank']} {cfg['dtype']}" + (", packed" if cfg["packed"] else "")
+        what = f"{res['model']}, {cfg['method']} r={cfg['rank']} {cfg['dtype']}" + _layout(cfg)
         ref = res["results"][0]
         for r in res["results"]:
             lines.append(f"| {name} | {what} | {res['batch_size']}x{res['seq_len']} | {r['method']} | "
@@ -58,8 +58,33 @@ def render(results_dir: str) -> str:
         v = res["versions"]
         provenance.add(f"{res['device']}; torch {v.get('torch')}, triton {v.get('triton')}, transformers "
                        f"{v.get('transformers')}, peft {v.get('peft')}; commit {res['commit']}")
+    lines += _packing_lines(runs)
     lines += [""] + [f"- {p}" for p in sorted(provenance)]
     return "\n".join(lines)
+
+
+def _layout(cfg: dict) -> str:
+    return ", packed" if cfg.get("packed") else ", padded" if cfg.get("padded") else ""
+
+
+def _packing_lines(runs: list[tuple[str, dict]]) -> list[str]:
+    """Packed vs padded tokens/s per method, for each pair of runs of the same model, method and shape (the same
+    document lengths, laid out packed or one per row and padded)."""
+    def shape(res: dict) -> tuple:
+        c = res["config"]
+        return res["model"], res["layers"], res["seq_len"], c["method"], c["rank"], c["dtype"], c["dropout"]
+
+    padded = {shape(res): res for _, res in runs if res["config"].get("padded")}
+    out = []
+    for name, res in runs:
+        other = padded.get(shape(res)) if res["config"].get("packed") else None
+        if other is None:
+            continue
+        tps = {r["method"]: r["tokens_per_s"] for r in other["results"]}
+        ratios = [f"{r['method']} {r['tokens_per_s'] / tps[r['method']]:.2f}x" for r in res["results"]
+                  if tps.get(r["method"])]
+        out.append(f"- packed / padded tokens/s ({name}): " + ", ".join(ratios))
+    return [""] + out if out else []
 
 
 def update_readme(readme: str, table: str) -> None:

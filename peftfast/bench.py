@@ -178,7 +178,8 @@ class BenchConfig:
     seq_len: int | None = None
     batch_size: int | str | None = None  # an int, "auto" (CUDA only) or None (the preset's)
     layers: int | None = None
-    packed: bool = False
+    packed: bool = False  # documents of 25-100% of seq_len packed per row (position_ids restart at 0)
+    padded: bool = False  # the same documents one per row, right-padded (attention_mask): packing's comparison
     grad_ckpt: bool = False
     fuse_loss: bool = True  # patch(fuse_loss=True) for causal LMs: the loss never materialises the logits
     # patch(recompute=...) settings, one peftfast row each: the first is labelled "peftfast", the others
@@ -314,8 +315,14 @@ def resolve(cfg: BenchConfig) -> Setup:
     seq = cfg.seq_len or (preset.seq_len if preset else 128)
     batch = cfg.batch_size or (preset.batch_size if preset else 2)
     _check_shape(hf, kind, seq, batch)
+    if cfg.packed and cfg.padded:
+        raise BenchError("--packed and --padded are two layouts of the same documents: choose one per run")
     if cfg.packed and kind == "encoder":
         raise BenchError("--packed needs a decoder model (an encoder's attention has no causal packing)")
+    if cfg.padded and kind == "encoder":
+        raise BenchError("--padded is the unpacked comparison of --packed, for decoder models")
+    if cfg.padded and seq < 4:
+        raise BenchError(f"--padded needs --seq-len of at least 4, got {seq}")
     if cfg.packed and seq < 4:
         raise BenchError(f"--packed needs --seq-len of at least 4, got {seq}")
     if cfg.method == "prefix" and kind == "encoder":
@@ -536,9 +543,22 @@ def _build_unsloth(setup: Setup, cfg: BenchConfig):  # pragma: no cover - needs 
     return model, model
 
 
+def _doc_length(seq: int, gen: torch.Generator) -> int:
+    """A document's length for ``--packed`` / ``--padded``: uniform over 25-100% of the sequence length."""
+    return int(torch.randint(max(2, seq // 4), seq + 1, (1,), generator=gen))
+
+
+def real_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Tokens of a batch that are not padding (what tokens/s counts)."""
+    mask = batch.get("attention_mask")
+    return int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+
+
 def make_batches(setup: Setup, cfg: BenchConfig, batch: int, n: int = 2) -> list[dict[str, torch.Tensor]]:
-    """Random token batches: causal LM (optionally packed: documents of random length per row, ``position_ids``
-    restarting at 0, no label on a document's first token) or masked LM (15% of positions masked)."""
+    """Random token batches: causal LM or masked LM (15% of positions masked). ``packed``: rows filled with
+    documents of 25-100% of the sequence length (the last one cut to fit), ``position_ids`` restarting at 0, no
+    label on a document's first token; ``padded``: one such document per row, right-padded (``attention_mask``,
+    no label on padding)."""
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     vocab, seq = setup.hf.vocab_size, setup.seq
     out = []
@@ -552,13 +572,19 @@ def make_batches(setup: Setup, cfg: BenchConfig, batch: int, n: int = 2) -> list
             b["input_ids"] = torch.where(masked, torch.full_like(ids, min(103, vocab - 1)), ids)
         else:
             b["labels"] = ids.clone()
+            if cfg.padded:
+                mask = torch.zeros_like(ids)
+                for r in range(batch):
+                    mask[r, :_doc_length(seq, gen)] = 1
+                b["attention_mask"] = mask
+                b["input_ids"] = ids.masked_fill(mask == 0, 0)
+                b["labels"] = ids.masked_fill(mask == 0, -100)
             if cfg.packed:
                 pos = torch.empty_like(ids)
                 for r in range(batch):
                     start = 0
                     while start < seq:
-                        n_tok = int(torch.randint(max(2, seq // 8), max(3, seq // 2) + 1, (1,), generator=gen))
-                        end = min(seq, start + n_tok)
+                        end = min(seq, start + _doc_length(seq, gen))
                         pos[r, start:end] = torch.arange(end - start)
                         b["labels"][r, start] = -100
                         start = end
@@ -651,18 +677,18 @@ def _run_variant(variant: str, label: str, setup: Setup, cfg: BenchConfig, batch
         torch.cuda.reset_peak_memory_stats(torch.device(cfg.device))
     times, losses, rss = _train(model, owner.parameters(), batches, cfg.steps, cfg.device, progress, label)
     peak = torch.cuda.max_memory_allocated(torch.device(cfg.device)) if cuda else rss
-    batch = batches[0]["input_ids"].shape[0]
-    tokens = batch * setup.seq
+    tokens = [real_tokens(b) for b in batches]
     elt = torch.finfo(DTYPES[cfg.dtype]).bits // 8
     t20, tmed, t80 = _quantiles(times)
-    tps20, tpsmed, tps80 = _quantiles([tokens / t for t in times])
+    # timed step i (after the warm-up) trained on batches[(i + 1) % n]; padding is not counted
+    tps20, tpsmed, tps80 = _quantiles([tokens[(i + 1) % len(batches)] / t for i, t in enumerate(times)])
     del model, owner, params
     _release_freed_memory()
     return MethodResult(
         method=label, step_ms_median=tmed * 1e3, step_ms_p20=t20 * 1e3, step_ms_p80=t80 * 1e3,
         tokens_per_s=tpsmed, tokens_per_s_p20=tps20, tokens_per_s_p80=tps80,
         saved_mb=saved.total / 2**20 if saved else None,
-        saved_hvec_per_token_layer=(saved.total / (tokens * setup.hf.num_hidden_layers * setup.hf.hidden_size * elt)
+        saved_hvec_per_token_layer=(saved.total / (tokens[0] * setup.hf.num_hidden_layers * setup.hf.hidden_size * elt)
                                     if saved else None),
         work_ops_per_step=ops.total if ops else None, peak_mb=peak / 2**20 if peak else None,
         peak_kind="cuda allocator peak" if cuda else "process RSS peak", losses=losses)
@@ -710,7 +736,8 @@ def run_bench(cfg: BenchConfig, progress: Callable[[str], None] | None = None) -
     return {
         "config": asdict(cfg), "model": setup.name, "kind": setup.kind, "layers": setup.hf.num_hidden_layers,
         "full_layers": setup.full_layers, "seq_len": setup.seq, "batch_size": setup.batch,
-        "tokens_per_step": setup.batch * setup.seq, "reference": ref_label, "device": device_name(cfg.device),
+        "tokens_per_step": round(statistics.mean(real_tokens(b) for b in batches)), "reference": ref_label,
+        "device": device_name(cfg.device),
         "versions": bench_versions(), "commit": git_commit(), "report": setup.report, "skipped": skipped,
         "memory_estimate": setup.estimate, "peftfast_version": peftfast.__version__,
         "results": [asdict(r) for r in results],
@@ -823,7 +850,8 @@ def format_table(res: dict) -> str:
     what = {"lora": f"LoRA r={cfg['rank']} dropout={cfg['dropout']}", "adapter": f"adapters h={cfg['rank']}",
             "qlora": f"QLoRA (NF4 base) r={cfg['rank']} dropout={cfg['dropout']}",
             "prefix": f"prefix tuning ({cfg['num_virtual_tokens']} virtual tokens)"}[cfg["method"]]
-    extras = "".join([", packed" if cfg["packed"] else "", ", grad-ckpt" if cfg["grad_ckpt"] else ""])
+    extras = "".join([", packed" if cfg["packed"] else "", ", padded" if cfg.get("padded") else "",
+                      ", grad-ckpt" if cfg["grad_ckpt"] else ""])
     title = (f"peftfast bench: {res['model']} ({depth}) {what} {cfg['dtype']} on {res['device']}, "
              f"batch {res['batch_size']} x seq {res['seq_len']}{extras} = {res['tokens_per_step']} tokens/step, "
              f"{cfg['steps']} timed steps; commit {res['commit']}")

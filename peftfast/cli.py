@@ -57,7 +57,11 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--seq-len", type=int, default=None)
     b.add_argument("--batch-size", type=_batch_size, default=None,
                    help="an integer, or auto: the largest power of two that fits (CUDA only)")
-    b.add_argument("--packed", action="store_true", help="pack documents per row, position_ids restarting at 0")
+    b.add_argument("--packed", action="store_true",
+                   help="documents of 25-100%% of --seq-len packed per row, position_ids restarting at 0")
+    b.add_argument("--padded", action="store_true",
+                   help="the same documents one per row, right-padded: the comparison for --packed (tokens/s "
+                        "counts real tokens only)")
     b.add_argument("--steps", type=int, default=5, help="timed steps (after one warm-up step)")
     b.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing (non-reentrant) in every run")
     b.add_argument("--no-fuse-loss", dest="fuse_loss", action="store_false",
@@ -119,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
 
     cfg = BenchConfig(model=args.model, method=args.method, steps=args.steps, rank=args.rank, dropout=args.dropout,
                       seq_len=args.seq_len, batch_size=args.batch_size, layers=args.layers, packed=args.packed,
-                      grad_ckpt=args.grad_ckpt, fuse_loss=args.fuse_loss, recompute=args.recompute,
+                      padded=args.padded, grad_ckpt=args.grad_ckpt, fuse_loss=args.fuse_loss, recompute=args.recompute,
                       baselines=tuple(b.strip() for b in args.baselines.split(",") if b),
                       dtype=args.dtype, backend=args.backend, device=args.device,
                       compile_backend=args.compile_backend, num_virtual_tokens=args.num_virtual_tokens,

@@ -220,7 +220,11 @@ def test_packed_batches_restart_positions_and_isolate_documents():
     batch = bench.make_batches(setup, cfg, 2, n=1)[0]
     pos, labels = batch["position_ids"], batch["labels"]
     starts = pos == 0
-    assert int(starts.sum()) >= 2 * 2 and bool(starts[:, 0].all())
+    assert int(starts.sum()) > 2 and bool(starts[:, 0].all())  # some row holds several documents
+    for row in starts:  # 25-100% of the row each, the last one cut to fit
+        bounds = [*row.nonzero().flatten().tolist(), len(row)]
+        lengths = [b - a for a, b in zip(bounds, bounds[1:])]
+        assert all(32 // 4 <= n <= 32 for n in lengths[:-1]) and 1 <= lengths[-1] <= 32
     assert bool((labels[starts] == -100).all()) and bool((labels[~starts] >= 0).all())
     model, _ = bench._build("reference", setup, cfg)
     model.eval()
@@ -230,6 +234,30 @@ def test_packed_batches_restart_positions_and_isolate_documents():
         alone = torch.cat([model(input_ids=batch["input_ids"][:1, a:b]).logits[0]
                            for a, b in zip(bounds, bounds[1:])])
     torch.testing.assert_close(packed, alone, rtol=1e-4, atol=1e-5)
+
+
+def test_padded_batches_hold_one_document_per_row():
+    """``--padded``: the packed runs' document lengths (25-100% of the row), one per row, right-padded; padding has
+    no label and is not counted as a token."""
+    cfg = BenchConfig(layers=1, seq_len=32, padded=True, dropout=0.0)
+    setup = bench.resolve(cfg)
+    batches = bench.make_batches(setup, cfg, 8, n=2)
+    for b in batches:
+        mask, labels, ids = b["attention_mask"], b["labels"], b["input_ids"]
+        lengths = mask.sum(1)
+        assert bool(((lengths >= 32 // 4) & (lengths <= 32)).all()) and len(set(lengths.tolist())) > 1
+        assert torch.equal(mask, (torch.arange(32)[None] < lengths[:, None]).to(mask.dtype))  # right padding
+        assert bool((labels[mask == 0] == -100).all()) and bool((labels[mask == 1] == ids[mask == 1]).all())
+        assert bench.real_tokens(b) == int(lengths.sum()) < 8 * 32
+        assert "position_ids" not in b
+
+
+def test_padded_run_counts_real_tokens_and_matches_peft(tmp_path):
+    res, out = run(tmp_path, "--padded", *FAST, "--seq-len", "32", "--dropout", "0")
+    assert res["config"]["padded"] and ", padded" in out
+    assert res["tokens_per_step"] < res["batch_size"] * res["seq_len"]
+    assert f"= {res['tokens_per_step']} tokens/step" in out
+    assert res["results"][1]["max_rel_loss_diff_vs_peft"] < 1e-5
 
 
 def test_packed_run_matches_peft(tmp_path):
@@ -331,6 +359,8 @@ def test_largest_fitting_batch_doubles_until_out_of_memory():
         (["bench", "--no-such-option"], "unrecognized arguments: --no-such-option"),
         (["bench", "--layers", "5"], "--layers must be in 1..4"),
         (["bench", "--model", "bert-base", "--packed"], "--packed needs a decoder model"),
+        (["bench", "--packed", "--padded"], "--packed and --padded are two layouts"),
+        (["bench", "--model", "bert-base", "--padded"], "--padded is the unpacked comparison"),
         (["bench", "--model", "bert-base", "--seq-len", "1024"], "seq 1024 > max_position_embeddings 512"),
         (["bench", "--model", "bert-base", "--method", "prefix"], "--method prefix is benchmarked on decoder"),
         (["bench", "--method", "prefix", "--packed"], "--method prefix with --packed"),
@@ -442,6 +472,14 @@ def test_summary_table_is_regenerated_from_the_json(tmp_path):
     assert f"commit {res['commit']}" in text and f"torch {torch.__version__}" in text
     assert summarize.main([str(tmp_path / "results"), "--readme", str(readme)]) == 0
     assert readme.read_text() == text
+    assert "packed / padded" not in text  # no such pair of runs
+    packed, _ = run(tmp_path / "results" / "bench-packed", *FAST, "--seq-len", "32", "--packed")
+    padded, _ = run(tmp_path / "results" / "bench-padded", *FAST, "--seq-len", "32", "--padded")
+    assert summarize.main([str(tmp_path / "results"), "--readme", str(readme)]) == 0
+    ratios = ", ".join(f"{a['method']} {a['tokens_per_s'] / b['tokens_per_s']:.2f}x"
+                       for a, b in zip(packed["results"], padded["results"]))
+    assert f"- packed / padded tokens/s (bench-packed): {ratios}" in readme.read_text()
+    assert "tiny, lora r=16 fp32, padded |" in readme.read_text()
     fresh = tmp_path / "NEW.md"  # no markers yet: a section is appended
     assert summarize.main([str(tmp_path / "results"), "--readme", str(fresh)]) == 0
     assert summarize.START in fresh.read_text() and "| peftfast |" in fresh.read_text()
