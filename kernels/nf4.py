@@ -28,7 +28,7 @@ from peftfast.kernels.norm import _cast
 
 @triton.jit
 def _nf4_codes(q_ptr, stride_qn, code_ptr, n_idx, k_idx, mask):
-    """fp32 ``NF4[code(n_idx, k_idx)]`` for broadcastable int64 index tiles (0 where ``mask`` is false).
+    """fp32 ``NF4[code(n_idx, k_idx)]`` for broadcastable index tiles from ``q_ptr`` (0 where ``mask`` is false).
 
     The byte of a pair is loaded once per element (the duplicate address is served by L1) and the nibble chosen by
     the parity of k; the 16-entry table is a gather that stays in L1.
@@ -82,6 +82,11 @@ def _nf4_lora_fwd_kernel(
     offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_kb = tl.arange(0, BLOCK_K).to(tl.int64)
+    # the W tile is addressed from a 64-bit row base with 32-bit offsets inside it (at most BLOCK_N * K/2 bytes):
+    # 64-bit index tiles there made Triton 3.6 spill registers
+    n_loc = tl.arange(0, BLOCK_N)
+    k_loc = tl.arange(0, BLOCK_K)
+    q_rows = q_ptr + (pid_n.to(tl.int64) * BLOCK_N) * stride_qn
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + offs_kb
@@ -90,14 +95,19 @@ def _nf4_lora_fwd_kernel(
         w_mask = (offs_k[:, None] < K) & (offs_n[None, :] < N)
         if QBLOCK % BLOCK_K == 0:  # the tile lies in one block column: one absmax per row of W, a vector load
             am = tl.load(am_ptr + offs_n * stride_an + k0 // QBLOCK, mask=offs_n < N, other=0.0)
-            w = _nf4_codes(q_ptr, stride_qn, code_ptr, offs_n[None, :], offs_k[:, None], w_mask) * am[None, :]
+            # k0 is a multiple of BLOCK_K, so even: k_loc has the parity (nibble) of the global k
+            w = _nf4_codes(q_rows + k0 // 2, stride_qn, code_ptr, n_loc[None, :], k_loc[:, None], w_mask) * \
+                am[None, :]
         else:
             w = _nf4_tile(q_ptr, stride_qn, am_ptr, stride_an, code_ptr, offs_n[None, :], offs_k[:, None], w_mask,
                           QBLOCK)
         acc = tl.dot(x, w.to(x.dtype), acc, input_precision=DOT_PRECISION)
-    if HAS_LORA:
-        acc += _lowrank_tile(tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), l_ptr, stride_lm, stride_lr, r_ptr,
-                             stride_rn, stride_rr, offs_m, offs_n, M, N, 0, R, BLOCK_R, LORA_PRECISION) * l_scale
+    if HAS_LORA:  # likewise from the tile's 64-bit corner
+        m0 = pid_m.to(tl.int64) * BLOCK_M
+        n0 = pid_n.to(tl.int64) * BLOCK_N
+        acc += _lowrank_tile(tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), l_ptr + m0 * stride_lm, stride_lm,
+                             stride_lr, r_ptr + n0 * stride_rn, stride_rn, stride_rr, tl.arange(0, BLOCK_M), n_loc,
+                             M - m0, N - n0, 0, R, BLOCK_R, LORA_PRECISION) * l_scale
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
     if HAS_LBIAS:
