@@ -155,7 +155,7 @@ def _lora_gemm_kernel(
     NUM_IN: tl.constexpr, HAS_LORA: tl.constexpr, NSEG: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_LBIAS: tl.constexpr, ACCUMULATE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-    GROUP_M: tl.constexpr, DOT_PRECISION: tl.constexpr, LORA_PRECISION: tl.constexpr,
+    GROUP_M: tl.constexpr, DOT_PRECISION: tl.constexpr, LORA_PRECISION: tl.constexpr, SUB_M: tl.constexpr,
 ):
     """GEMM with a low-rank epilogue:
 
@@ -166,7 +166,9 @@ def _lora_gemm_kernel(
     R = A_catᵀ (strides), keep_s the regenerated dropout masks of the output coordinates (m, k).
     With NUM_IN = 0 and ACCUMULATE the kernel adds only the (masked) low-rank term into an existing ``out``
     (used when the dense product comes from cuBLAS). The big product stays tensor-core bound; the epilogue
-    costs one extra ``BLOCK_M × BLOCK_R × BLOCK_N`` MMA per tile.
+    costs one extra ``BLOCK_M × BLOCK_R × BLOCK_N`` MMA per tile. With dropout the masked terms run after the
+    dense tile is stored, over row slabs of SUB_M rows (each loaded, completed and stored again by this program):
+    a whole-tile Philox mask per segment beside the live accumulator spilled kilobytes per thread (AOT, sm_80/90).
     """
     pid_m, pid_n = _grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
@@ -175,7 +177,10 @@ def _lora_gemm_kernel(
     out_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
 
-    if ACCUMULATE:
+    # the cuBLAS strategy's masked low-rank pass (nothing dense, no bias) touches ``out`` in slabs only
+    SLABS_ONLY: tl.constexpr = HAS_LORA and HAS_DROPOUT and ACCUMULATE and NUM_IN == 0 and not HAS_BIAS and \
+        not HAS_LBIAS
+    if ACCUMULATE and not SLABS_ONLY:
         acc = tl.load(out_ptrs, mask=out_mask, other=0.0).to(tl.float32)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -189,23 +194,30 @@ def _lora_gemm_kernel(
         acc = _mm_accumulate(acc, p2_ptr, stride_p2m, stride_p2k, q2_ptr, stride_q2k, stride_q2n,
                              offs_m, offs_n, M, N, K2, BLOCK_K, DOT_PRECISION)
 
-    if HAS_LORA:
-        if HAS_DROPOUT:
-            for s in tl.static_range(NSEG):
-                part = _lowrank_tile(tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), l_ptr, stride_lm, stride_lr,
-                                     r_ptr, stride_rn, stride_rr, offs_m, offs_n, M, N, s * RANK, (s + 1) * RANK,
-                                     BLOCK_R, LORA_PRECISION)
-                keep = _keep(seed, s, offs_m, offs_n, M, N, p)
-                acc += tl.where(keep, part * (l_scale * keep_scale), 0.0)
-        else:
-            part = _lowrank_tile(tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), l_ptr, stride_lm, stride_lr, r_ptr,
-                                 stride_rn, stride_rr, offs_m, offs_n, M, N, 0, R_TOT, BLOCK_R, LORA_PRECISION)
-            acc += part * l_scale
+    if HAS_LORA and not HAS_DROPOUT:
+        part = _lowrank_tile(tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), l_ptr, stride_lm, stride_lr, r_ptr,
+                             stride_rn, stride_rr, offs_m, offs_n, M, N, 0, R_TOT, BLOCK_R, LORA_PRECISION)
+        acc += part * l_scale
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
     if HAS_LBIAS:
         acc += (tl.load(lbias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32) * l_scale)[None, :]
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+    if not SLABS_ONLY:
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+    if HAS_LORA and HAS_DROPOUT:
+        tl.debug_barrier()  # the slabs are read back by other threads of this program than those that wrote them
+        for m0 in range(0, BLOCK_M, SUB_M):
+            offs_ms = pid_m.to(tl.int64) * BLOCK_M + m0 + tl.arange(0, SUB_M)
+            slab_mask = (offs_ms[:, None] < M) & (offs_n[None, :] < N)
+            slab_ptrs = out_ptr + offs_ms[:, None] * stride_om + offs_n[None, :] * stride_on
+            slab = tl.load(slab_ptrs, mask=slab_mask, other=0.0).to(tl.float32)
+            for s in tl.static_range(NSEG):
+                part = _lowrank_tile(tl.zeros((SUB_M, BLOCK_N), dtype=tl.float32), l_ptr, stride_lm, stride_lr,
+                                     r_ptr, stride_rn, stride_rr, offs_ms, offs_n, M, N, s * RANK, (s + 1) * RANK,
+                                     BLOCK_R, LORA_PRECISION)
+                keep = _keep(seed, s, offs_ms, offs_n, M, N, p)
+                slab += tl.where(keep, part * (l_scale * keep_scale), 0.0)
+            tl.store(slab_ptrs, slab.to(out_ptr.dtype.element_ty), mask=slab_mask)
 
 
 @triton.jit

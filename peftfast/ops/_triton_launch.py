@@ -39,6 +39,9 @@ DA_CONFIGS = [
     _cfg(8, 3, BLOCK_M=64, BLOCK_K=128),
     _cfg(4, 3, BLOCK_M=128, BLOCK_K=64),
 ]
+# rows per slab of the GEMM's masked low-rank epilogue (divides every BLOCK_M; 16 in the interpreter, whose
+# 32-row tiles then still run two slabs)
+GEMM_SUB_M = 16
 # fixed tiles for the CPU interpreter: small, so tiny test shapes still cover several programs and ragged edges
 INTERP_GEMM = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2}
 INTERP_DOWN = {"BLOCK_M": 32, "BLOCK_K": 32}
@@ -170,11 +173,12 @@ def gemm(*, inputs, l, r, bias, lbias, out, l_scale, rank, nseg, p, seed, accumu
     eff_r = min(64, max(16, 1 << (max(rank if p > 0 else r_tot, 1) - 1).bit_length()))
     meta = dict(NUM_IN=len(inputs), HAS_LORA=has_lora, NSEG=max(nseg, 1), HAS_DROPOUT=has_lora and p > 0.0,
                 HAS_BIAS=bias is not None, HAS_LBIAS=lbias is not None, ACCUMULATE=accumulate, BLOCK_R=eff_r,
-                DOT_PRECISION=dot_precision, LORA_PRECISION=lora_precision)
+                DOT_PRECISION=dot_precision, LORA_PRECISION=lora_precision, SUB_M=GEMM_SUB_M)
     del block_r
     with launching("_lora_gemm_kernel"):
         if interpreting():
             c = INTERP_GEMM
+            meta["SUB_M"] = 16
             K._lora_gemm_kernel[(_cdiv(m, c["BLOCK_M"]) * _cdiv(n, c["BLOCK_N"]),)](*args, **meta, **c)
         else:
             _tuned("gemm")[lambda c: (_cdiv(m, c["BLOCK_M"]) * _cdiv(n, c["BLOCK_N"]),)](*args, **meta)

@@ -69,7 +69,9 @@ class Job:
         """``wgmma``, ``mma.sync`` or ``none``, from the target and the shape of the kernel's dots.
 
         ``ieee`` fp32 must not touch tensor cores (they would round to TF32). Hopper's warpgroup MMA needs >= 4
-        warps and an M tile that is a multiple of 64; M is BLOCK_M, except in the dA kernel where it is BLOCK_R.
+        warps and an M tile that is a multiple of 64; M is BLOCK_M, except in the dA kernel where it is BLOCK_R
+        and in a GEMM whose only dots are its masked low-rank epilogue (no dense input, dropout): SUB_M, the rows
+        of its slabs.
         """
         if "BLOCK_M" not in self.tiles and self.kernel != "_lora_da_kernel":
             return "none"  # element-wise / row-wise kernels have no dot
@@ -78,6 +80,8 @@ class Job:
         if self.arch < 90 or self.num_warps < 4:
             return "mma.sync"
         m_tile = self.meta["BLOCK_R"] if self.kernel == "_lora_da_kernel" else self.tiles["BLOCK_M"]
+        if self.kernel == "_lora_gemm_kernel" and self.meta.get("NUM_IN") == 0 and self.meta.get("HAS_DROPOUT"):
+            m_tile = self.meta["SUB_M"]
         return "wgmma" if m_tile % 64 == 0 else "mma.sync"
 
 
@@ -164,8 +168,10 @@ def launcher_smem(job: Job) -> int:
 
 def _gemm_meta(num_in: int, nseg: int, dropout: bool, block_r: int, bias: bool = False, lbias: bool = False,
                accumulate: bool = False) -> dict[str, Any]:
+    from peftfast.ops._triton_launch import GEMM_SUB_M
+
     return dict(NUM_IN=num_in, HAS_LORA=True, NSEG=nseg, HAS_DROPOUT=dropout, HAS_BIAS=bias, HAS_LBIAS=lbias,
-                ACCUMULATE=accumulate, BLOCK_R=block_r)
+                ACCUMULATE=accumulate, BLOCK_R=block_r, SUB_M=GEMM_SUB_M)
 
 
 def _skinny_meta(nseg: int, dropout: bool, block_r: int) -> dict[str, Any]:
