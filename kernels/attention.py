@@ -76,8 +76,9 @@ def _kv_range(start_m, SQ, SK, OFFSET, window, IS_CAUSAL: tl.constexpr, HAS_WIND
 
 @triton.jit
 def _segment_range(range_ptr, b, lo, hi, BLOCK: tl.constexpr):
-    """[lo, hi) narrowed to this program's segment range (``segment_ranges`` in the launcher: the hull of the
-    positions its block can see), lo kept a multiple of BLOCK; tiles of other documents and of padding are skipped."""
+    """[lo, hi) narrowed to this program's segment range (``key_ranges`` / ``query_ranges`` in the launcher: the
+    hull of the positions its block can see), lo kept a multiple of BLOCK; tiles of other documents and of padding
+    are skipped."""
     r_ptr = range_ptr + (b.to(tl.int64) * tl.num_programs(0) + tl.program_id(0)) * 2
     lo = tl.maximum(lo, (tl.load(r_ptr) // BLOCK) * BLOCK)
     hi = tl.minimum(hi, tl.load(r_ptr + 1))

@@ -9,7 +9,7 @@ from _models import clone, peft_model
 
 import peftfast
 from peftfast.ops import _counters
-from peftfast.ops.attention import ALL_SEGMENTS, _ranges_cache, flash_attention, segment_ranges
+from peftfast.ops.attention import ALL_SEGMENTS, _ranges_cache, flash_attention, key_ranges, query_ranges
 from peftfast.testing import aot
 
 BACKENDS = ["torch", "triton"]
@@ -83,7 +83,7 @@ CASES = [  # b, hq, hk, sq, sk, d, causal, softcap, window, seg
     (2, 2, 2, 13, 19, 16, True, None, None, "prefix"),  # 6 prefix keys seen by every document
     (1, 2, 1, 19, 19, 32, False, None, 5, "packed"),
     (1, 2, 2, 113, 113, 16, True, None, None, "padding"),
-    # many tiles per row: those of other documents and of padding are skipped (segment_ranges)
+    # many tiles per row: those of other documents and of padding are skipped (key_ranges, query_ranges)
     (2, 2, 1, 97, 97, 16, True, None, None, "mixed"),
     (2, 2, 2, 83, 83, 16, False, None, None, "mixed"),  # bidirectional: later documents' tiles skipped too
     (1, 2, 1, 61, 61, 16, True, None, 9, "mixed"),
@@ -128,7 +128,7 @@ def test_segment_ranges_are_the_hull_of_visible_pairs(seg, bm, bn):
     else:
         _, _, _, qseg, kseg = _make(2, 1, 1, sq, sk, 16, torch.float32, seg)
     _ranges_cache.clear()
-    kr, qr = segment_ranges(qseg, kseg, bm, bn)
+    kr, qr = key_ranges(qseg, kseg, bm), query_ranges(qseg, kseg, bn)
     assert kr.dtype == qr.dtype == torch.int32
     assert kr.shape == (qseg.shape[0], -(-sq // bm), 2) and qr.shape == (qseg.shape[0], -(-sk // bn), 2)
     vis = _visible(qseg, kseg)
@@ -142,9 +142,9 @@ def test_segment_ranges_are_the_hull_of_visible_pairs(seg, bm, bn):
             lo, hi = qr[b, blk].tolist()
             assert (lo, hi) == ((rows.min().item(), rows.max().item() + 1) if len(rows) else (sq, 0))
     # the last call's ids are cached (every layer of a forward passes the same ones); a change of ids is seen
-    assert segment_ranges(qseg.detach(), kseg, bm, bn)[0] is kr
+    assert key_ranges(qseg.detach(), kseg, bm) is kr and query_ranges(qseg, kseg.detach(), bn) is qr
     kseg.add_(0)  # an in-place write bumps the version
-    assert segment_ranges(qseg, kseg, bm, bn)[0] is not kr
+    assert key_ranges(qseg, kseg, bm) is not kr and query_ranges(qseg, kseg, bn) is not qr
 
 
 @pytest.mark.parametrize("layout", ["packed-bidirectional", "left-padded-causal"])

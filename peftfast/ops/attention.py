@@ -176,50 +176,60 @@ def _block_reduce(lo: torch.Tensor, hi: torch.Tensor, block: int, empty: int) ->
     return torch.stack([lo, hi], -1).to(torch.int32).contiguous()
 
 
-# (key, tensors, result) of the last call: every layer of a forward passes the same segment ids. The tensors are
-# held, so their storage (and data pointer) cannot be reused while cached; a detached or saved-and-unpacked alias
-# of them (same storage, same version counter) still hits.
-_ranges_cache: list = []
+# per kind, (key, tensors, result) of the last call: every layer of a forward (and of its backward) passes the same
+# segment ids. The tensors are held, so their storage (and data pointer) cannot be reused while cached; a detached
+# or saved-and-unpacked alias of them (same storage, same version counter) still hits.
+_ranges_cache: dict[str, tuple] = {}
 
 
 def _tensor_key(t: torch.Tensor) -> tuple:
     return t.device, t.data_ptr(), tuple(t.shape), t.stride(), t._version
 
 
-def segment_ranges(qseg: torch.Tensor, kseg: torch.Tensor, block_m: int, block_n: int) -> tuple[torch.Tensor, ...]:
-    """Which tiles can hold a visible (query, key) pair, from the segment ids alone (causal / window aside).
+def _cached(kind: str, qseg: torch.Tensor, kseg: torch.Tensor, block: int, compute) -> torch.Tensor:
+    key = (_tensor_key(qseg), _tensor_key(kseg), block)
+    hit = _ranges_cache.get(kind)
+    if hit is not None and hit[0] == key:
+        return hit[2]
+    out = compute()
+    _ranges_cache[kind] = (key, (qseg, kseg), out)
+    return out
 
-    Returns ``kr`` int32 [B, cdiv(SQ, block_m), 2]: per query block the key positions [lo, hi) that any of its
-    queries can see, and ``qr`` int32 [B, cdiv(SK, block_n), 2]: per key block the query positions [lo, hi) that
-    can see any of its keys (empty: lo ≥ hi). A query sees a key when their ids are equal or the key's id is -2,
-    exactly as the kernels' masks; the ranges are the hull of those positions, so tiles outside them are all
-    masked and the kernels skip them: for packed rows most of the S² tiles of other documents, for padded rows the
-    tiles of the padding. Device ops only (a sort and binary searches per row), no host read; cached for the
-    segment ids of the last call.
-    """
-    key = (_tensor_key(qseg), _tensor_key(kseg), block_m, block_n)
-    if _ranges_cache and _ranges_cache[0][0] == key:
-        return _ranges_cache[0][2]
-    b, sq = qseg.shape
-    sk = kseg.shape[1]
-    kpos = torch.arange(sk, device=kseg.device).expand(b, sk)
-    # per query: the hull of the keys with its id and of the prefix keys (id -2)
-    ks_sorted, ks_order = torch.sort(kseg, dim=1, stable=True)
-    first, last, found = _first_last(ks_sorted, ks_order, qseg)
-    is_prefix = kseg == ALL_SEGMENTS
-    p_lo = torch.where(is_prefix, kpos, sk).amin(1, keepdim=True)
-    p_hi = torch.where(is_prefix, kpos + 1, 0).amax(1, keepdim=True)
-    lo = torch.minimum(torch.where(found, first, sk), p_lo)
-    hi = torch.maximum(torch.where(found, last + 1, 0), p_hi)
-    kr = _block_reduce(lo, hi, block_m, sk)
-    # per key: every query when it is a prefix key, else the hull of the queries with its id
-    qs_sorted, qs_order = torch.sort(qseg, dim=1, stable=True)
-    first, last, found = _first_last(qs_sorted, qs_order, kseg)
-    lo = torch.where(is_prefix, 0, torch.where(found, first, sq))
-    hi = torch.where(is_prefix, sq, torch.where(found, last + 1, 0))
-    qr = _block_reduce(lo, hi, block_n, sq)
-    _ranges_cache[:] = [(key, (qseg, kseg), (kr, qr))]
-    return kr, qr
+
+def key_ranges(qseg: torch.Tensor, kseg: torch.Tensor, block_m: int) -> torch.Tensor:
+    """int32 [B, cdiv(SQ, block_m), 2]: per block of queries, the hull [lo, hi) of the key positions any of them can
+    see by the segment rule (equal ids, or a key id of -2, exactly as the kernels' masks); empty (lo >= hi) where
+    none. Tiles outside it are all masked, so the forward and dQ kernels skip them: for packed rows most tiles of
+    the other documents, for padded rows those of the padding. Device ops only (a sort and binary searches per
+    row), no host read; cached for the ids of the last call."""
+    def compute():
+        b, sk = kseg.shape
+        kpos = torch.arange(sk, device=kseg.device).expand(b, sk)
+        ks_sorted, ks_order = torch.sort(kseg, dim=1, stable=True)
+        first, last, found = _first_last(ks_sorted, ks_order, qseg)
+        is_prefix = kseg == ALL_SEGMENTS
+        p_lo = torch.where(is_prefix, kpos, sk).amin(1, keepdim=True)
+        p_hi = torch.where(is_prefix, kpos + 1, 0).amax(1, keepdim=True)
+        lo = torch.minimum(torch.where(found, first, sk), p_lo)
+        hi = torch.maximum(torch.where(found, last + 1, 0), p_hi)
+        return _block_reduce(lo, hi, block_m, sk)
+
+    return _cached("keys", qseg, kseg, block_m, compute)
+
+
+def query_ranges(qseg: torch.Tensor, kseg: torch.Tensor, block_n: int) -> torch.Tensor:
+    """int32 [B, cdiv(SK, block_n), 2]: per block of keys, the hull of the query positions that can see any of them
+    (every query for a prefix key); the dK/dV kernel skips the tiles outside it. See ``key_ranges``."""
+    def compute():
+        sq = qseg.shape[1]
+        qs_sorted, qs_order = torch.sort(qseg, dim=1, stable=True)
+        first, last, found = _first_last(qs_sorted, qs_order, kseg)
+        is_prefix = kseg == ALL_SEGMENTS
+        lo = torch.where(is_prefix, 0, torch.where(found, first, sq))
+        hi = torch.where(is_prefix, sq, torch.where(found, last + 1, 0))
+        return _block_reduce(lo, hi, block_n, sq)
+
+    return _cached("queries", qseg, kseg, block_n, compute)
 
 
 def _triton_forward(q, k, v, causal, scale, softcap, window, qseg, kseg, p, seed):
@@ -232,7 +242,7 @@ def _triton_forward(q, k, v, causal, scale, softcap, window, qseg, kseg, p, seed
     seg_q = qseg if qseg is not None else lse
     seg_k = kseg if kseg is not None else lse
     t = _tiles(d)
-    kr = segment_ranges(qseg, kseg, t["BLOCK_M"], t["BLOCK_N"])[0] if qseg is not None else lse
+    kr = key_ranges(qseg, kseg, t["BLOCK_M"]) if qseg is not None else lse
     grid = (triton.cdiv(sq, t["BLOCK_M"]), b * hq)
     with launching("_attn_fwd_kernel"):
         K._attn_fwd_kernel[grid](
@@ -253,7 +263,8 @@ def _triton_backward(q, k, v, out, lse, dout, causal, scale, softcap, window, qs
     seg_q = qseg if qseg is not None else lse
     seg_k = kseg if kseg is not None else lse
     t = _bwd_tiles(d)
-    kr, qr = segment_ranges(qseg, kseg, t["BLOCK_M"], t["BLOCK_N"]) if qseg is not None else (lse, lse)
+    kr = key_ranges(qseg, kseg, t["BLOCK_M"]) if qseg is not None else lse
+    qr = query_ranges(qseg, kseg, t["BLOCK_N"]) if qseg is not None else lse
     common = dict(**_flags(causal, window, softcap, qseg, p), BLOCK_D=max(16, triton.next_power_of_2(d)),
                   DOT_PRECISION=_precision(q.dtype), **t)
     scal = (scale, softcap or 1.0, window or 0, seed, p)
