@@ -321,10 +321,8 @@ def resolve(cfg: BenchConfig) -> Setup:
         raise BenchError("--packed needs a decoder model (an encoder's attention has no causal packing)")
     if cfg.padded and kind == "encoder":
         raise BenchError("--padded is the unpacked comparison of --packed, for decoder models")
-    if cfg.padded and seq < 4:
-        raise BenchError(f"--padded needs --seq-len of at least 4, got {seq}")
-    if cfg.packed and seq < 4:
-        raise BenchError(f"--packed needs --seq-len of at least 4, got {seq}")
+    if (cfg.packed or cfg.padded) and seq < 4:
+        raise BenchError(f"--{'packed' if cfg.packed else 'padded'} needs --seq-len of at least 4, got {seq}")
     if cfg.method == "prefix" and kind == "encoder":
         raise BenchError("--method prefix is benchmarked on decoder models only")
     if cfg.method == "prefix" and cfg.grad_ckpt:
@@ -661,8 +659,9 @@ def _quantiles(xs: list[float]) -> tuple[float, float, float]:
     return q[0], statistics.median(xs), q[3]
 
 
-def _run_variant(variant: str, label: str, setup: Setup, cfg: BenchConfig, batches, progress,
+def _run_variant(variant: str, label: str, setup: Setup, cfg: BenchConfig, batches, tokens: list[int], progress,
                  recompute: str = "norms") -> MethodResult:
+    """One variant's training run; ``tokens[i]``: the real (unpadded) tokens of ``batches[i]``."""
     if progress:
         progress(f"{label:<13} building the model")
     model, owner = _build(variant, setup, cfg, recompute)
@@ -677,7 +676,6 @@ def _run_variant(variant: str, label: str, setup: Setup, cfg: BenchConfig, batch
         torch.cuda.reset_peak_memory_stats(torch.device(cfg.device))
     times, losses, rss = _train(model, owner.parameters(), batches, cfg.steps, cfg.device, progress, label)
     peak = torch.cuda.max_memory_allocated(torch.device(cfg.device)) if cuda else rss
-    tokens = [real_tokens(b) for b in batches]
     elt = torch.finfo(DTYPES[cfg.dtype]).bits // 8
     t20, tmed, t80 = _quantiles(times)
     # timed step i (after the warm-up) trained on batches[(i + 1) % n]; padding is not counted
@@ -705,6 +703,7 @@ def run_bench(cfg: BenchConfig, progress: Callable[[str], None] | None = None) -
         setup.batch = _auto_batch(setup, cfg, progress)
     _release_freed_memory()
     batches = make_batches(setup, cfg, setup.batch)
+    tokens = [real_tokens(b) for b in batches]  # one host read per batch, outside every timed step
     ref_label = "eager" if cfg.method == "adapter" else "peft"
     plan = [("reference", ref_label, None)]
     # recompute settings only change LoRA models' fused blocks: adapters and prefix tuning get one row
@@ -723,7 +722,8 @@ def run_bench(cfg: BenchConfig, progress: Callable[[str], None] | None = None) -
     setup.report = ""
     for variant, label, recompute in plan:
         try:
-            results.append(_run_variant(variant, label, setup, cfg, batches, progress, recompute or "norms"))
+            results.append(_run_variant(variant, label, setup, cfg, batches, tokens, progress,
+                                        recompute or "norms"))
         except Exception as exc:
             if variant in ("reference", "peftfast"):
                 raise
@@ -736,7 +736,7 @@ def run_bench(cfg: BenchConfig, progress: Callable[[str], None] | None = None) -
     return {
         "config": asdict(cfg), "model": setup.name, "kind": setup.kind, "layers": setup.hf.num_hidden_layers,
         "full_layers": setup.full_layers, "seq_len": setup.seq, "batch_size": setup.batch,
-        "tokens_per_step": round(statistics.mean(real_tokens(b) for b in batches)), "reference": ref_label,
+        "tokens_per_step": round(statistics.mean(tokens)), "reference": ref_label,
         "device": device_name(cfg.device),
         "versions": bench_versions(), "commit": git_commit(), "report": setup.report, "skipped": skipped,
         "memory_estimate": setup.estimate, "peftfast_version": peftfast.__version__,

@@ -39,8 +39,8 @@ DA_CONFIGS = [
     _cfg(8, 3, BLOCK_M=64, BLOCK_K=128),
     _cfg(4, 3, BLOCK_M=128, BLOCK_K=64),
 ]
-# rows per slab of the GEMM's masked low-rank epilogue (divides every BLOCK_M; 16 in the interpreter, whose
-# 32-row tiles then still run two slabs)
+# rows per slab of the GEMM's masked low-rank epilogue: divides every BLOCK_M, and the interpreter's 32-row tiles
+# still run two slabs
 GEMM_SUB_M = 16
 # fixed tiles for the CPU interpreter: small, so tiny test shapes still cover several programs and ragged edges
 INTERP_GEMM = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2}
@@ -178,7 +178,6 @@ def gemm(*, inputs, l, r, bias, lbias, out, l_scale, rank, nseg, p, seed, accumu
     with launching("_lora_gemm_kernel"):
         if interpreting():
             c = INTERP_GEMM
-            meta["SUB_M"] = 16
             K._lora_gemm_kernel[(_cdiv(m, c["BLOCK_M"]) * _cdiv(n, c["BLOCK_N"]),)](*args, **meta, **c)
         else:
             _tuned("gemm")[lambda c: (_cdiv(m, c["BLOCK_M"]) * _cdiv(n, c["BLOCK_N"]),)](*args, **meta)

@@ -173,7 +173,7 @@ def _block_reduce(lo: torch.Tensor, hi: torch.Tensor, block: int, empty: int) ->
     pad = -s % block
     lo = torch.nn.functional.pad(lo, (0, pad), value=empty).view(b, -1, block).amin(-1)
     hi = torch.nn.functional.pad(hi, (0, pad), value=0).view(b, -1, block).amax(-1)
-    return torch.stack([lo, hi], -1).to(torch.int32).contiguous()
+    return torch.stack([lo, hi], -1).to(torch.int32)
 
 
 # per kind, (key, tensors, result) of the last call: every layer of a forward (and of its backward) passes the same
