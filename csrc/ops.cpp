@@ -5,6 +5,8 @@
 
 #include <string>
 
+#include "dropout.h"
+
 #ifndef PEFTFAST_TORCH_VERSION
 #define PEFTFAST_TORCH_VERSION "unknown"
 #endif
@@ -23,6 +25,8 @@ std::string build_info() {
 #else
   s += ";openmp=0";
 #endif
+  s += ";philox=";
+  s += philox_simd();
   return s;
 }
 

@@ -85,12 +85,38 @@ def test_opcheck_dropout_keep_mask():
 @needs_ext
 @pytest.mark.parametrize("seed", [0, 1, 123456, 2**31 - 2])
 @pytest.mark.parametrize("p", [0.05, 0.5])
-def test_philox_masks_identical_to_triton(seed, p):
+@pytest.mark.parametrize("k", [80, 83])  # 83: rows end in a tail the SIMD steps do not cover
+def test_philox_masks_identical_to_triton(seed, p, k):
     """The C++ Philox stream reproduces tl.rand bit for bit: both backends drop the same elements."""
-    a = dropout_keep_mask(seed, 3, 37, 80, p, device=torch.device("cpu"), backend="cpp")
-    b = dropout_keep_mask(seed, 3, 37, 80, p, device=torch.device("cpu"), backend="triton")
+    a = dropout_keep_mask(seed, 3, 37, k, p, device=torch.device("cpu"), backend="cpp")
+    b = dropout_keep_mask(seed, 3, 37, k, p, device=torch.device("cpu"), backend="triton")
     assert torch.equal(a, b)
     assert abs(a.float().mean().item() - (1 - p)) < 0.03
+
+
+_EACH_PATH = """
+import torch
+from peftfast import _ext
+from peftfast.ops.lora import dropout_keep_mask
+print(_ext.build_info()["philox"])
+for seed, p in ((5, 0.05), (2**31 - 2, 0.5)):
+    a = dropout_keep_mask(seed, 2, 19, 75, p, device=torch.device("cpu"), backend="cpp")
+    b = dropout_keep_mask(seed, 2, 19, 75, p, device=torch.device("cpu"), backend="triton")
+    assert torch.equal(a, b), (seed, p)
+"""
+
+
+@needs_ext
+def test_every_philox_path_matches_triton():
+    """Each CPU path (AVX-512, AVX2, scalar: the ones this CPU has) draws the masks of tl.rand, in a process
+    capped at that path by PEFTFAST_PHILOX_SIMD."""
+    best = _ext.build_info()["philox"]
+    order = ["scalar", "avx2", "avx512"]
+    for cap in order[: order.index(best) + 1]:
+        env = {**os.environ, "PEFTFAST_PHILOX_SIMD": cap, "TRITON_INTERPRET": "1"}
+        out = subprocess.run([sys.executable, "-c", _EACH_PATH], env=env, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert out.stdout.split()[-1] == cap
 
 
 @needs_ext
