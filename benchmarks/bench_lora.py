@@ -6,9 +6,10 @@
       neither views nor bare allocations, plus Triton launches). The patched path is measured with the torch backend
       (ATen), with the C++ kernels of ``peftfast._C`` (cpp) and with the Triton kernels (run by the CPU interpreter
       in a subprocess; fp16 there, as the interpreter's bf16 ``tl.dot`` is broken; op and byte counts do not depend
-      on values); ``peftfast-cpp:mlp`` is the C++ path with ``patch(recompute="mlp")`` (the others use the default,
-      ``"norms"``). Then one training step (fwd+bwd) of that layer at 512 tokens in fp32, PEFT vs patched (cpp,
-      cpp:mlp and torch), interleaved in the same process: median and p20/p80 over repeated steps.
+      on values); ``peftfast-cpp:attn`` / ``peftfast-cpp:mlp`` are the C++ path with ``patch(recompute="attn")`` /
+      ``"mlp"`` (the others use the default, ``"norms"``). Then one training step (fwd+bwd) of that layer at 512
+      tokens in fp32, PEFT vs patched (cpp, cpp:attn, cpp:mlp and torch), interleaved in the same process: median
+      and p20/p80 over repeated steps.
 --gpu (CUDA): fused LoRA linear fwd+bwd vs PEFT's lora.Linear vs a frozen nn.Linear on Llama-3-8B shapes, median
       and p20/p80 of ``triton.testing.do_bench``, TFLOP/s and peak memory, for both dense strategies.
 """
@@ -89,7 +90,8 @@ def cpu_step_times(dropout: float = 0.05, tokens: int = 512, steps: int = 12, wa
 
     cfg = LlamaConfig(vocab_size=256, hidden_size=1024, intermediate_size=3584, num_hidden_layers=1,
                       num_attention_heads=8, num_key_value_heads=2, attn_implementation="sdpa")
-    methods = ["peft", "peftfast-torch"] + (["peftfast-cpp", "peftfast-cpp:mlp"] if _ext.available() else [])
+    cpp = ["peftfast-cpp", "peftfast-cpp:attn", "peftfast-cpp:mlp"]
+    methods = ["peft", "peftfast-torch"] + (cpp if _ext.available() else [])
     models, layers = {}, {}
     for m in methods:
         torch.manual_seed(0)
@@ -131,6 +133,7 @@ def run_cpu(out_path: str) -> list[dict]:
         rows.append(layer_counts("peftfast-torch", dropout))
         if _ext.available():
             rows.append(layer_counts("peftfast-cpp", dropout))
+            rows.append(layer_counts("peftfast-cpp:attn", dropout))
             rows.append(layer_counts("peftfast-cpp:mlp", dropout))
         env = {**os.environ, "TRITON_INTERPRET": "1"}
         code = f"import json, bench_lora as b; print(json.dumps(b.layer_counts('peftfast-triton', {dropout})))"

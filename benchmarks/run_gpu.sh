@@ -28,11 +28,12 @@ if [[ " $parts " == *" bench "* ]]; then
   python -m peftfast bench --model llama-3-8b --batch-size auto "${common[@]}" --out "$out/bench-llama-3-8b" \
       2>&1 | tee "$out/bench-llama-3-8b.log"
   # packing vs padding: documents of 25-100% of 2048 tokens, packed per row or one per row (real tokens counted)
-  python -m peftfast bench --model llama-3-8b --batch-size auto --packed "${common[@]}" \
+  # (the patch default only: the recompute ladder is the first run's)
+  python -m peftfast bench --model llama-3-8b --batch-size auto --packed --recompute norms "${common[@]}" \
       --out "$out/bench-llama-3-8b-packed" 2>&1 | tee "$out/bench-llama-3-8b-packed.log"
-  python -m peftfast bench --model llama-3-8b --batch-size auto --padded "${common[@]}" \
+  python -m peftfast bench --model llama-3-8b --batch-size auto --padded --recompute norms "${common[@]}" \
       --out "$out/bench-llama-3-8b-padded" 2>&1 | tee "$out/bench-llama-3-8b-padded.log"
-  python -m peftfast bench --model llama-3-8b --method qlora --batch-size auto "${common[@]}" \
+  python -m peftfast bench --model llama-3-8b --method qlora --batch-size auto --recompute norms "${common[@]}" \
       --out "$out/bench-llama-3-8b-qlora" 2>&1 | tee "$out/bench-llama-3-8b-qlora.log"
 fi
 # the summary table of benchmarks/README.md, regenerated from every bench.json of this run

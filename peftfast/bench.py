@@ -184,7 +184,7 @@ class BenchConfig:
     fuse_loss: bool = True  # patch(fuse_loss=True) for causal LMs: the loss never materialises the logits
     # patch(recompute=...) settings, one peftfast row each: the first is labelled "peftfast", the others
     # "peftfast recompute=<setting>"
-    recompute: tuple[str, ...] = ("norms", "mlp")
+    recompute: tuple[str, ...] = ("norms", "attn", "mlp")
     baselines: tuple[str, ...] = ("peft",)
     dtype: str = "fp32"
     backend: str = "auto"

@@ -59,18 +59,19 @@ def test_fusion_removes_two_ops_per_layer():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_recompute_settings_keep_gradients_bit_for_bit_and_save_exactly_less(backend, dtype):
     """recompute="norms" rebuilds both norm outputs per block (the q/k/v group and the MLP no longer keep them);
-    "mlp" also drops g, u and x·A_catᵀ. The rebuilt tensors are the same bits, so every gradient is too."""
+    "attn" also reruns norm, projections and RoPE in backward, so the attention keeps no q, k, v; "mlp" also drops
+    g, u and x·A_catᵀ. The rebuilt tensors are the same bits (same dropout seeds), so every gradient is too."""
     model = peft_model("llama", lora_dropout=0.1, base_dtype=dtype)
     data = batch("llama")
     params = [*model.parameters(), *model.buffers()]
     got = {}
-    for setting in ("none", "norms", "mlp"):
+    for setting in ("none", "norms", "attn", "mlp"):
         peftfast.patch(model, backend=backend, recompute=setting)
         loss, grads = loss_and_grads(model, data)
         torch.manual_seed(0)
         _, saved = saved_activation_bytes(lambda: model(**data).loss, exclude=params)
         got[setting] = loss, grads, saved.total
-    for setting in ("norms", "mlp"):
+    for setting in ("norms", "attn", "mlp"):
         assert torch.equal(got[setting][0], got["none"][0])
         assert all(torch.equal(got[setting][1][n], g) for n, g in got["none"][1].items())
     cfg = model.config
@@ -80,7 +81,73 @@ def test_recompute_settings_keep_gradients_bit_for_bit_and_save_exactly_less(bac
     r = model.peft_config["default"].r
     # layer 0's input norm reads the embedding output, which nothing else keeps: its recipe keeps that instead
     assert got["none"][2] - got["norms"][2] == (2 * layers - 1) * tokens * cfg.hidden_size * elt
-    assert got["norms"][2] - got["mlp"][2] == layers * tokens * (2 * cfg.intermediate_size * elt + 2 * r * lora_elt)
+    head = cfg.hidden_size // cfg.num_attention_heads
+    qkv = (cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * head
+    assert got["norms"][2] - got["attn"][2] == layers * tokens * qkv * elt
+    assert got["attn"][2] - got["mlp"][2] == layers * tokens * (2 * cfg.intermediate_size * elt + 2 * r * lora_elt)
+
+
+def _calls(model) -> dict[str, int]:
+    """Fused calls so far of every patched LoRA layer and fused module (counters accumulate over calls)."""
+    rep = peftfast.report(model)
+    out = {k: r["fused"] for k, r in rep.runtime(model).items()}
+    out.update({k: r["fused"] for k, r in rep.module_runtime(model).items() if not k.endswith("(loss)")})
+    return out
+
+
+def _layouts(kind: str, data: dict) -> dict:
+    ids = data["input_ids"]
+    b, s = ids.shape
+    if kind == "cache":  # a DynamicCache the forward appends to (what use_cache=True training does)
+        return {**data, "use_cache": True}
+    if kind == "packed":  # two documents per row, positions restarting at 0
+        pos = torch.cat([torch.arange(s // 2), torch.arange(s - s // 2)]).expand(b, s)
+        return {**data, "position_ids": pos}
+    if kind == "padded":
+        mask = torch.ones(b, s, dtype=torch.long)
+        mask[0, -3:] = 0
+        labels = data["labels"].masked_fill(mask == 0, -100)
+        return {**data, "attention_mask": mask, "labels": labels}
+    return data
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma", "mistral"])
+@pytest.mark.parametrize("kind", ["plain", "cache", "packed", "padded"])
+def test_attn_rebuild_keeps_gradients_bit_for_bit(arch, kind):
+    """recompute="attn" reruns the attention's inputs in backward, whatever the batch layout (a cache the forward
+    fills, packed documents, padding): the same loss and gradients bit for bit, q/k/v not kept, and the rerun
+    counts no extra fused call."""
+    model = peft_model(arch, lora_dropout=0.1)
+    data = _layouts(kind, batch(arch))
+    params = [*model.parameters(), *model.buffers()]
+    got = {}
+    for setting in ("norms", "attn"):
+        peftfast.patch(model, recompute=setting)
+        before = _calls(model)
+        loss, grads = loss_and_grads(model, data)
+        runtime = {k: n - before.get(k, 0) for k, n in _calls(model).items()}
+        torch.manual_seed(0)
+        _, saved = saved_activation_bytes(lambda: model(**data).loss, exclude=params)
+        got[setting] = loss, grads, saved.total, runtime
+    assert torch.equal(got["attn"][0], got["norms"][0])
+    assert all(torch.equal(got["attn"][1][n], g) for n, g in got["norms"][1].items())
+    cfg = model.config
+    head = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    qkv = (cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * head
+    assert got["norms"][2] - got["attn"][2] == cfg.num_hidden_layers * data["input_ids"].numel() * qkv * 4
+    assert got["attn"][3] == got["norms"][3] and all(got["attn"][3].values())  # one fused call each, per setting
+
+
+def test_attn_rebuild_steps_aside_under_gradient_checkpointing():
+    model = peft_model("llama", lora_dropout=0.1)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    data = batch("llama")
+    got = {}
+    for setting in ("none", "attn"):
+        peftfast.patch(model, recompute=setting)
+        got[setting] = loss_and_grads(model, data)
+    assert torch.equal(got["attn"][0], got["none"][0])
+    assert all(torch.equal(got["attn"][1][n], g) for n, g in got["none"][1].items())
 
 
 def test_unpatch_restores_the_block_forward():

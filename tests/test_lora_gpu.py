@@ -129,18 +129,19 @@ def test_patched_llama_parity_bf16():
 
 
 def test_recompute_settings_keep_gradients_bit_for_bit_on_gpu():
-    """The Triton norm and gate/up kernels rebuild the very tensors the forward made: same loss, same gradients."""
+    """The Triton norm, LoRA, RoPE and gate/up kernels rebuild the very tensors the forward made (q/k/v included,
+    with the CUDA generator's state restored for the dropout seeds): same loss, same gradients."""
     import peftfast
 
     model, ids = _llama_bf16(0.05)
     got = {}
-    for setting in ("none", "norms", "mlp"):
+    for setting in ("none", "norms", "attn", "mlp"):
         peftfast.patch(model, recompute=setting)
         model.zero_grad(set_to_none=True)
         torch.manual_seed(1)
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         got[setting] = loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-    for setting in ("norms", "mlp"):
+    for setting in ("norms", "attn", "mlp"):
         assert torch.equal(got[setting][0], got["none"][0])
         assert all(torch.equal(got[setting][1][n], g) for n, g in got["none"][1].items()), setting

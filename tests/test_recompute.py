@@ -9,7 +9,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from peftfast.bench import saved_activation_bytes
-from peftfast.ops.recompute import rebuilding, why_not_rebuild
+from peftfast.ops.recompute import capture, offered, rebuilding, rebuilding_offered, why_not_rebuild
 
 
 def _leaves():
@@ -119,7 +119,113 @@ def test_no_backward_leaves_nothing_alive():
     assert ref() is None
 
 
-@pytest.mark.parametrize("setting", ["none", "norms", "mlp"])
+# ---- tensors offered by a callee (the fused attention's q, k, v) ----
+def _kernel(q, k, v):
+    # stands in for the attention kernel: saves q, k (a transposed view) and v
+    return ((q @ k.t()).tanh() @ v).sum()
+
+
+def _model(x, w, transposed=False):
+    """The callee chain: projections (what a rerun must redo), then the kernel on the offered tensors."""
+    q = x * w[0]
+    k = (x * w[1]).t().contiguous().t() if transposed else x * w[1]  # column-major, covering its storage
+    v = (x + w[2]) * 0.5  # saves nothing itself: the kernel alone keeps v
+    with offered(q, k, v):
+        return _kernel(q, k, v)
+
+
+def _offered_run(rebuild: bool, wrap=lambda f: f(), transposed=False, rerun_transposed=None):
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(9, 6, generator=g).requires_grad_()
+    w = torch.randn(3, 6, generator=g).requires_grad_()
+    calls = []
+
+    def rerun(src):
+        calls.append(1)
+        return capture(_model, src, w, transposed if rerun_transposed is None else rerun_transposed)
+
+    def step():
+        if rebuild:
+            return rebuilding_offered(rerun, (x,), _model, x, w, transposed)
+        return _model(x, w, transposed)
+
+    loss = wrap(step)
+    loss.backward()
+    return loss.detach(), x.grad, w.grad, len(calls)
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_offered_tensors_rebuilt_once_with_identical_gradients(transposed):
+    want = _offered_run(False, transposed=transposed)
+    got = _offered_run(True, transposed=transposed)
+    for a, b in zip(want[:3], got[:3]):
+        assert torch.equal(a, b)
+    assert got[3] == 1  # one rerun serves q, k and v
+
+
+def test_offered_tensors_are_not_kept():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(9, 6, generator=g).requires_grad_()
+    w = torch.randn(3, 6, generator=g).requires_grad_()
+    _, plain = saved_activation_bytes(lambda: _model(x, w), exclude=[x, w])
+    _, rebuilt = saved_activation_bytes(lambda: rebuilding_offered(lambda s: capture(_model, s, w), (x,), _model,
+                                                                    x, w), exclude=[x, w])
+    # q, k, v are 9 x 6 each; the tanh output stays
+    assert plain.total - rebuilt.total == 3 * 9 * 6 * 4
+
+
+def test_a_rerun_with_another_layout_is_laid_out_as_the_forward():
+    """The forward's k was column-major, the rerun's row-major: the copy keeps the saved views' strides valid."""
+    want = _offered_run(False, transposed=True)
+    got = _offered_run(True, transposed=True, rerun_transposed=False)
+    for a, b in zip(want[:3], got[:3]):
+        assert torch.equal(a, b)
+
+
+def test_a_rerun_that_misses_the_kernel_or_differs_is_an_error():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(9, 6, generator=g).requires_grad_()
+    w = torch.randn(3, 6, generator=g).requires_grad_()
+    loss = rebuilding_offered(lambda s: capture(lambda t: t * 2, s), (x,), _model, x, w)
+    with pytest.raises(RuntimeError, match="never reached the kernel"):
+        loss.backward()
+    loss = rebuilding_offered(lambda s: capture(_model, s[:4], w), (x,), _model, x, w)
+    with pytest.raises(RuntimeError, match=r"offered tensor 0 as \(4, 6\) torch.float32, the forward as \(9, 6\)"):
+        loss.backward()
+
+
+def test_offered_outside_a_region_or_under_checkpointing_runs_as_is():
+    want = _offered_run(False)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(9, 6, generator=g).requires_grad_()
+    w = torch.randn(3, 6, generator=g).requires_grad_()
+    _model(x, w).backward()  # no region: offered is a plain context
+    assert torch.equal(x.grad, want[1])
+    got = _offered_run(True, wrap=lambda f: checkpoint(f, use_reentrant=False))
+    assert got[3] == 0 and all(torch.equal(a, b) for a, b in zip(want[:3], got[:3]))
+    with torch.autograd.graph.save_on_cpu():
+        got = _offered_run(True)
+    assert got[3] == 1 and all(torch.equal(a, b) for a, b in zip(want[:3], got[:3]))
+
+
+def test_views_of_a_larger_storage_are_not_offered():
+    """A tensor that is part of a larger storage (a slice of a cache) would be rebuilt without the rest: it is kept."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(9, 6, generator=g).requires_grad_()
+    calls = []
+
+    def fn(t):
+        big = t * 3
+        q = big[:5]
+        with offered(q):
+            return (q.exp() * q).sum()
+
+    loss = rebuilding_offered(lambda s: calls.append(1) or capture(fn, s), (x,), fn, x)
+    loss.backward()
+    assert calls == []
+
+
+@pytest.mark.parametrize("setting", ["none", "norms", "attn", "mlp"])
 def test_patch_reports_the_setting(setting):
     from _models import peft_model
 
@@ -132,6 +238,7 @@ def test_patch_reports_the_setting(setting):
     mlps = [m._peftfast_mlp for m in model.modules() if "_peftfast_mlp" in m.__dict__]
     assert blocks and mlps
     assert all(b.rebuild_norms == (setting != "none") for b in blocks)
+    assert all(b.rebuild_qkv == (setting in ("attn", "mlp")) for b in blocks)
     assert all(m.recompute == (setting == "mlp") for m in mlps)
 
 

@@ -9,13 +9,27 @@ execution). The key is re-drawn when a state is copied or unpickled, so a copied
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+import threading
 import weakref
+from collections.abc import Iterator
 
 import torch
 
 _REGISTRY: weakref.WeakValueDictionary[int, Tallied] = weakref.WeakValueDictionary()
 _KEYS = itertools.count(1)
+_MUTE = threading.local()  # .depth > 0: calls rerun in backward (peftfast.ops.recompute.capture) are not counted
+
+
+@contextlib.contextmanager
+def muted() -> Iterator[None]:
+    """Calls in this region (on this thread) are not counted: they rerun a forward already counted."""
+    _MUTE.depth = getattr(_MUTE, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _MUTE.depth -= 1
 
 
 class Tallied:
@@ -46,7 +60,7 @@ def tally(key: int, counter: str, reason: str = "") -> int:
     """Add one to the int field ``counter`` of the state registered as ``key``, or to ``<counter>[reason]`` for the
     Counter fields ``fallbacks`` and ``deferred``. Returns 0 (a constant for Dynamo)."""
     st = _REGISTRY.get(key)
-    if st is not None:
+    if st is not None and not getattr(_MUTE, "depth", 0):
         if counter in ("fallbacks", "deferred"):
             getattr(st, counter)[reason] += 1
         else:
@@ -54,4 +68,4 @@ def tally(key: int, counter: str, reason: str = "") -> int:
     return 0
 
 
-__all__ = ["Tallied", "tally"]
+__all__ = ["Tallied", "muted", "tally"]

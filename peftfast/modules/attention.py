@@ -10,6 +10,7 @@ kernel does not do fall back to SDPA with an explicit mask, counted per module w
 
 from __future__ import annotations
 
+import contextlib
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -18,6 +19,7 @@ from torch import nn
 
 from peftfast.modules._tally import Tallied, tally
 from peftfast.ops.attention import ALL_SEGMENTS, check_inputs, flash_attention
+from peftfast.ops.recompute import offered
 
 NAME = "peftfast"
 _UNSUPPORTED_KWARGS = ("position_bias", "s_aux", "sinks", "cache", "head_mask")
@@ -174,9 +176,14 @@ def peftfast_attention_forward(module: nn.Module, query: torch.Tensor, key: torc
         return _fallback(module, query, key, value, attention_mask, dropout, scaling, causal, window, softcap, qseg,
                          kseg)
     tally(st.tally_key, "fused_calls")
-    out = flash_attention(query, key, value, causal=causal, scale=scaling, softcap=softcap,
-                          window=int(window) if window else None, qseg=qseg, kseg=kseg, dropout_p=float(dropout),
-                          backend=getattr(module, "_peftfast_attn_backend", "auto"), name=type(module).__name__)
+    # a fused block with recompute="attn" rebuilds q, k, v in backward rather than the kernel keeping them; only
+    # without past keys (prefix tuning, a filled cache), which a rerun without the cache would not reproduce
+    rebuildable = key.shape[-2] == query.shape[-2] and not torch.compiler.is_compiling()
+    region = offered(query, key, value) if rebuildable else contextlib.nullcontext()
+    with region:
+        out = flash_attention(query, key, value, causal=causal, scale=scaling, softcap=softcap,
+                              window=int(window) if window else None, qseg=qseg, kseg=kseg, dropout_p=float(dropout),
+                              backend=getattr(module, "_peftfast_attn_backend", "auto"), name=type(module).__name__)
     return out, None
 
 

@@ -14,12 +14,23 @@ hooks. It steps aside, running the region as is, where rebuilding would not pay 
 ``torch.compile`` (the compiler picks what to save and recompute), inside activation checkpointing (only the
 region's inputs are kept there already, and checkpointing's own hooks must see every saved tensor), without grad
 mode, and where saved-tensor hooks are disabled.
+
+``rebuilding_offered(rebuild, sources, fn)`` does the same for tensors that only a callee knows: the q, k, v a
+fused attention hands its kernel (after the projections, the RoPE and the layout changes of the model's own
+attention code). That callee wraps its kernel call in ``offered(q, k, v)``: inside a region, what the kernel saves
+of those three is replaced by one recipe, ``rebuild(*sources)``, which in backward reruns the forward up to that
+point in :func:`capture` mode, where ``offered`` hands the tensors back by raising instead of running the kernel.
+The caller must make that rerun reproduce the tensors bit for bit (restored RNG state for dropout seeds, no cache
+writes); a rerun that never reaches ``offered``, or reaches it with other shapes, is an error, never a silent
+mismatch.
 """
 
 from __future__ import annotations
 
+import contextlib
+import threading
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -136,4 +147,174 @@ def rebuilding(target: torch.Tensor, rebuild: Callable[..., torch.Tensor], sourc
         return fn(*args, **kwargs)
 
 
-__all__ = ["rebuilding", "why_not_rebuild"]
+# ----------------------------------------------------------------------------------------------------------------
+# tensors a callee offers (the fused attention's q, k, v)
+# ----------------------------------------------------------------------------------------------------------------
+_local = threading.local()  # .pending: regions waiting for their offer (innermost last); .capturing: a rerun is on
+
+
+class _Captured(Exception):
+    """Raised by ``offered`` during a rerun: carries the offered tensors out of the model's forward code."""
+
+    def __init__(self, tensors: tuple[torch.Tensor, ...]):
+        super().__init__("peftfast: captured the offered tensors")
+        self.tensors = tensors
+
+
+def _covers_storage(t: torch.Tensor) -> bool:
+    """``t`` is all of its storage (dense, any order of dimensions): saved views of that storage map onto a
+    rebuilt copy laid out like ``t``."""
+    if t.storage_offset() != 0 or t.untyped_storage().nbytes() != t.numel() * t.element_size():
+        return False
+    expect = 1  # dense, non-overlapping: the strides, smallest first, are the running products of the sizes
+    for stride, size in sorted((st, d) for d, st in zip(t.shape, t.stride()) if d != 1):
+        if stride != expect:
+            return False
+        expect *= size
+    return True
+
+
+class _Layout:
+    __slots__ = ("ptr", "dtype", "device", "size", "stride")
+
+    def __init__(self, t: torch.Tensor):
+        self.ptr, self.dtype, self.device = t.untyped_storage().data_ptr(), t.dtype, t.device
+        self.size, self.stride = tuple(t.shape), t.stride()
+
+
+class _GroupRecipe:
+    __slots__ = ("_group", "index", "size", "stride", "offset")
+
+    def __init__(self, group: _Group, index: int, t: torch.Tensor):
+        self._group, self.index = group, index
+        self.size, self.stride, self.offset = tuple(t.shape), t.stride(), t.storage_offset()
+
+    def unpack(self) -> torch.Tensor:
+        return self._group.rebuilt(self.index).as_strided(self.size, self.stride, self.offset)
+
+
+class _Group:
+    """One region: its recipe, the layouts of the offered tensors, and their rebuilt copies while some saved view
+    of them has not been unpacked in this backward yet."""
+
+    __slots__ = ("rebuild", "sources", "packed", "outer", "autocast", "layouts", "recipes", "live", "pending")
+
+    def __init__(self, rebuild: Callable[..., tuple[torch.Tensor, ...]], sources: Sequence[torch.Tensor]):
+        self.rebuild, self.sources, self.packed, self.outer = rebuild, tuple(sources), None, None
+        self.autocast = None
+        self.layouts: list[_Layout] = []
+        self.recipes, self.live, self.pending = 0, None, 0
+
+    def match(self, t: torch.Tensor) -> int | None:
+        ptr = t.untyped_storage().data_ptr()
+        for i, lay in enumerate(self.layouts):
+            if lay.ptr == ptr and lay.dtype == t.dtype and lay.device == t.device:
+                return i
+        return None
+
+    def rebuilt(self, index: int) -> torch.Tensor:
+        if self.live is None:  # one rerun serves every saved view (the kernel's backward unpacks them together)
+            outer_unpack = self.outer[1] if self.outer is not None else None
+            srcs = [outer_unpack(s) if outer_unpack is not None else s for s in self.packed]
+            device, enabled, dtype = self.autocast
+            with torch.no_grad(), torch.autocast(device, dtype=dtype, enabled=enabled):
+                got = tuple(self.rebuild(*srcs))
+            if len(got) != len(self.layouts):
+                raise RuntimeError(f"peftfast: the backward rerun offered {len(got)} tensors, the forward "
+                                   f"{len(self.layouts)}")
+            self.live, self.pending = tuple(self._laid_out(i, t) for i, t in enumerate(got)), self.recipes
+        out = self.live[index]
+        self.pending -= 1
+        if self.pending <= 0:
+            self.live = None
+        return out
+
+    def _laid_out(self, i: int, t: torch.Tensor) -> torch.Tensor:
+        lay = self.layouts[i]
+        if tuple(t.shape) != lay.size or t.dtype != lay.dtype or t.device != lay.device:
+            raise RuntimeError(f"peftfast: the backward rerun offered tensor {i} as {tuple(t.shape)} {t.dtype}, "
+                               f"the forward as {lay.size} {lay.dtype}")
+        if t.stride() == lay.stride and _covers_storage(t):
+            return t
+        out = torch.empty_strided(lay.size, lay.stride, dtype=t.dtype, device=t.device)
+        return out.copy_(t)
+
+    def register(self, tensors: tuple[torch.Tensor, ...], outer) -> bool:
+        if self.layouts or not all(_covers_storage(t) for t in tensors) or \
+                len({t.untyped_storage().data_ptr() for t in tensors}) != len(tensors):
+            return False
+        self.layouts, self.outer = [_Layout(t) for t in tensors], outer
+        outer_pack = outer[0] if outer is not None else None
+        self.packed = [outer_pack(s) if outer_pack is not None else s.detach() for s in self.sources]
+        self.sources = ()
+        dev = tensors[0].device.type
+        self.autocast = (dev, torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev))
+        return True
+
+    def pack(self, t: torch.Tensor):
+        i = self.match(t)
+        if i is not None:
+            self.recipes += 1
+            return _GroupRecipe(self, i, t)
+        if self.outer is not None:
+            return (self.outer[0](t),)
+        return t.detach()  # see rebuilding's pack: no node -> tensor -> node cycle
+
+    def unpack(self, p):
+        if isinstance(p, _GroupRecipe):
+            return p.unpack()
+        if self.outer is not None:
+            return self.outer[1](p[0])
+        return p
+
+
+def rebuilding_offered(rebuild: Callable[..., tuple[torch.Tensor, ...]], sources: Sequence[torch.Tensor],
+                       fn: Callable[..., Any], *args, **kwargs) -> Any:
+    """``fn(*args, **kwargs)``, where what a kernel saves of the tensors offered to it (``offered``) inside ``fn``
+    is not kept: backward gets them from ``rebuild(*sources)`` (run under ``no_grad``; it must return the offered
+    tensors' values, in order, e.g. by rerunning ``fn``'s forward in :func:`capture`). ``sources`` must be kept by
+    the graph anyway. The first ``offered`` inside ``fn`` takes the region; later ones run as is."""
+    if _plan()[0] is not None:
+        return fn(*args, **kwargs)
+    stack = _local.__dict__.setdefault("pending", [])
+    stack.append(_Group(rebuild, sources))
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        stack.pop()
+
+
+@contextlib.contextmanager
+def offered(*tensors: torch.Tensor) -> Iterator[None]:
+    """Around a kernel call on ``tensors``: in a ``rebuilding_offered`` region, what the kernel saves of them is
+    rebuilt in backward; in :func:`capture` mode, hands the tensors to the rerun instead (raises); else nothing."""
+    if getattr(_local, "capturing", False):
+        raise _Captured(tensors)
+    stack = getattr(_local, "pending", None)
+    group = stack[-1] if stack else None
+    if group is None:
+        yield
+        return
+    reason, outer = _plan()
+    if reason is not None or not group.register(tensors, outer):
+        yield
+        return
+    stack[-1] = None  # taken: later offers in this region run as is
+    with torch.autograd.graph.saved_tensors_hooks(group.pack, group.unpack):
+        yield
+
+
+def capture(fn: Callable[..., Any], *args, **kwargs) -> tuple[torch.Tensor, ...]:
+    """Run ``fn`` until its first ``offered``; return the offered tensors."""
+    before = getattr(_local, "capturing", False)
+    _local.capturing = True
+    try:
+        fn(*args, **kwargs)
+    except _Captured as got:
+        return got.tensors
+    finally:
+        _local.capturing = before
+    raise RuntimeError("peftfast: the backward rerun of the forward never reached the kernel that saved its tensors")
+
+
+__all__ = ["capture", "offered", "rebuilding", "rebuilding_offered", "why_not_rebuild"]
