@@ -9,6 +9,7 @@ from _models import clone, peft_model
 
 import peftfast
 from peftfast.ops import _counters
+from peftfast.ops import attention as attn_ops
 from peftfast.ops.attention import ALL_SEGMENTS, _ranges_cache, flash_attention, key_ranges, query_ranges
 from peftfast.testing import aot
 
@@ -174,6 +175,67 @@ def test_triton_kernels_skip_the_tiles_no_query_of_a_block_can_see(layout):
                  grad.masked_fill(torch.isnan(grad), 0.0))
     out, dq, dk, dv = got[0][:, mine], got[1][:, :, mine], got[2][:, :, mine], got[3][:, :, mine]
     for a, r in zip((out, dq, dk, dv), want):
+        assert torch.isfinite(a).all()
+        assert (a - r).abs().max() <= 2e-5 * r.abs().max().clamp_min(1.0)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c)))
+def test_aten_path_in_small_chunks_matches_reference(case, monkeypatch):
+    """The ATen path over chunks of 8 query rows, each against only the keys it can see (causal, window and segment
+    bounds), and with dropout, which keeps the masks of whole key rows."""
+    monkeypatch.setattr(attn_ops, "_TORCH_CHUNK", 8)
+    _check("torch", *case)
+    b, hq, hk, sq, sk, d, causal, softcap, window, seg = case
+    q, k, v, qseg, kseg = _make(b, hq, hk, sq, sk, d, torch.float32, seg)
+    kw = dict(causal=causal, softcap=softcap, window=window, qseg=qseg, kseg=kseg, dropout_p=0.2, seed=5,
+              backend="torch")
+    g = torch.randn(b, sq, hq, d)
+    skipping = _grads(lambda: flash_attention(q, k, v, **kw), [q, k, v], g)
+    chunks = attn_ops._torch_chunks
+    monkeypatch.setattr(attn_ops, "_torch_chunks", lambda sq, sk, *a: [(i0, i1, 0, sk)
+                                                                       for i0, i1, _, _ in chunks(sq, sk, *a)])
+    every_key = _grads(lambda: flash_attention(q, k, v, **kw), [q, k, v], g)  # the same chunks, so the same masks
+    for a, r in zip(skipping, every_key):
+        assert (a - r).abs().max() <= 2e-5 * r.abs().max().clamp_min(1.0)
+    assert skipping[0].abs().max() > 0
+
+
+@pytest.mark.parametrize("layout", ["packed-bidirectional", "left-padded-causal", "long-causal"])
+def test_aten_path_skips_the_keys_no_query_of_a_chunk_can_see(layout, monkeypatch):
+    """As the Triton test above: the other half's q, k, v are NaN; finite, exact outputs and gradients for this
+    half prove the ATen path never multiplies by them (chunks of 16 rows). Causal rows skip later keys likewise."""
+    monkeypatch.setattr(attn_ops, "_TORCH_CHUNK", 16)
+    s, half = 64, 32
+    ids = torch.cat([torch.zeros(half), torch.ones(half)]).to(torch.int32)[None]
+    if layout == "packed-bidirectional":
+        qseg, kseg, causal, mine, other = ids, ids.clone(), False, slice(0, half), slice(half, s)
+    elif layout == "left-padded-causal":
+        kseg = torch.where(ids == 0, -1, 0).to(torch.int32)
+        qseg, causal, mine, other = torch.where(kseg == -1, -3, kseg).to(torch.int32), True, slice(half, s), \
+            slice(0, half)
+    else:  # no segments: the first half's queries never reach the second half's keys
+        qseg = kseg = None
+        causal, mine, other = True, slice(0, half), slice(half, s)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, s, 16, generator=g) for _ in range(3))
+    grad = torch.randn(1, s, 2, 16, generator=g)
+    clean = [t[:, :, mine].clone().requires_grad_() for t in (q, k, v)]
+    want = _grads(lambda: flash_attention(*clean, causal=causal, backend="torch"), clean, grad[:, mine])
+    poisoned = [t.clone() for t in (q, k, v)]
+    for t in poisoned:
+        t[:, :, other] = float("nan")
+    poisoned = [t.requires_grad_() for t in poisoned]
+    # softcap sends the no-segment case down the chunked path (plain causal attention would go to SDPA)
+    extra = {"softcap": 1e9} if qseg is None else {}
+    got = _grads(lambda: flash_attention(*poisoned, causal=causal, qseg=qseg, kseg=kseg, backend="torch", **extra),
+                 poisoned, grad)
+    out, dq, dk, dv = got[0][:, mine], got[1][:, :, mine], got[2][:, :, mine], got[3][:, :, mine]
+    if qseg is None:  # later queries see the poisoned keys: only this half's own outputs and gradients are clean
+        out, dq = got[0][:, mine], got[1][:, :, mine]
+        dk = dv = None
+    for a, r in zip((out, dq, dk, dv), want):
+        if a is None:
+            continue
         assert torch.isfinite(a).all()
         assert (a - r).abs().max() <= 2e-5 * r.abs().max().clamp_min(1.0)
 

@@ -64,18 +64,43 @@ def _grouped(q, hk):
     return q.view(b, hk, hq // hk, s, d)
 
 
+def _torch_chunks(sq, sk, causal, window, qseg, kseg, device):
+    """(i0, i1, lo, hi) per chunk of query rows: the keys [lo, hi) any of them can see. Causal and window bounds
+    always; on CPU also the segment hull over the batch (``key_ranges``, read on the host: free there, a sync on a
+    GPU). Keys outside are all masked, so the chunk's scores, exponentials and products skip them (for long causal
+    rows about half the work; for packed or padded rows the other documents and the padding)."""
+    shift = sk - sq
+    hull = None
+    if qseg is not None and device.type == "cpu":
+        r = key_ranges(qseg, kseg, _TORCH_CHUNK)
+        hull = list(zip(r[..., 0].amin(0).tolist(), r[..., 1].amax(0).tolist()))
+    out = []
+    for n, i0 in enumerate(range(0, sq, _TORCH_CHUNK)):
+        i1 = min(sq, i0 + _TORCH_CHUNK)
+        lo, hi = 0, sk
+        if causal:
+            hi = min(hi, i1 + shift)
+        if window is not None:
+            lo = max(lo, i0 + shift - window + 1)
+        if hull is not None:
+            lo, hi = max(lo, hull[n][0]), min(hi, hull[n][1])
+        out.append((i0, i1, lo, max(lo, hi)))
+    return out
+
+
 def _torch_forward(q, k, v, causal, scale, softcap, window, qseg, kseg, p, seed):
     b, hq, sq, d = q.shape
     hk, sk = k.shape[1], k.shape[2]
     ct = torch.promote_types(q.dtype, torch.float32)
-    out = torch.empty((b, sq, hq, d), device=q.device, dtype=q.dtype)
-    lse = torch.empty((b, hq, sq), device=q.device, dtype=torch.float32)
+    out = torch.zeros((b, sq, hq, d), device=q.device, dtype=q.dtype)
+    lse = torch.zeros((b, hq, sq), device=q.device, dtype=torch.float32)  # rows that see no key: 0 and 0
     kf, vf = k.to(ct)[:, :, None], v.to(ct)[:, :, None]
-    for i0 in range(0, sq, _TORCH_CHUNK):
-        i1 = min(sq, i0 + _TORCH_CHUNK)
+    for i0, i1, lo, hi in _torch_chunks(sq, sk, causal, window, qseg, kseg, q.device):
+        if lo == hi:
+            continue
         qc = _grouped(q[:, :, i0:i1].to(ct), hk)
-        s, _ = _torch_scores(qc, kf, scale, softcap)
-        ok = _allowed(i0, i1, sq, sk, causal, window, qseg, kseg, q.device)[:, :, None]
+        s, _ = _torch_scores(qc, kf[..., lo:hi, :], scale, softcap)
+        ok = _allowed(i0, i1, sq, sk, causal, window, qseg, kseg, q.device)[:, :, None, ..., lo:hi]
         s = s.masked_fill(~ok, float("-inf"))
         m = s.amax(-1, keepdim=True)
         m = torch.where(torch.isinf(m), torch.zeros_like(m), m)
@@ -83,10 +108,10 @@ def _torch_forward(q, k, v, causal, scale, softcap, window, qseg, kseg, p, seed)
         denom = e.sum(-1, keepdim=True)
         has = denom > 0
         pr = e / torch.where(has, denom, torch.ones_like(denom))
-        if p > 0:
-            keep = _torch_keep(seed, b, hq, i0, i1, sk, p, q.device).view(b, hk, hq // hk, i1 - i0, sk)
+        if p > 0:  # the mask of the whole key row, as without the skipping
+            keep = _torch_keep(seed, b, hq, i0, i1, sk, p, q.device).view(b, hk, hq // hk, i1 - i0, sk)[..., lo:hi]
             pr = torch.where(keep, pr / (1 - p), torch.zeros_like(pr))
-        o = torch.matmul(pr, vf).reshape(b, hq, i1 - i0, d)
+        o = torch.matmul(pr, vf[..., lo:hi, :]).reshape(b, hq, i1 - i0, d)
         out[:, i0:i1] = o.transpose(1, 2).to(q.dtype)
         ls = torch.where(has, m + torch.log(torch.where(has, denom, torch.ones_like(denom))), torch.zeros_like(m))
         lse[:, :, i0:i1] = ls.reshape(b, hq, i1 - i0).float()
@@ -98,31 +123,33 @@ def _torch_backward(q, k, v, out, lse, dout, causal, scale, softcap, window, qse
     hk, sk = k.shape[1], k.shape[2]
     ct = torch.promote_types(q.dtype, torch.float32)
     kf, vf = k.to(ct)[:, :, None], v.to(ct)[:, :, None]
-    dq = torch.empty_like(q)
+    dq = torch.zeros_like(q)
     dk = torch.zeros(k.shape, device=k.device, dtype=ct)[:, :, None]
     dv = torch.zeros(v.shape, device=v.device, dtype=ct)[:, :, None]
     delta = (dout.to(ct) * out.to(ct)).sum(-1).transpose(1, 2)  # [B, HQ, SQ]
-    for i0 in range(0, sq, _TORCH_CHUNK):
-        i1 = min(sq, i0 + _TORCH_CHUNK)
+    for i0, i1, lo, hi in _torch_chunks(sq, sk, causal, window, qseg, kseg, q.device):
+        if lo == hi:
+            continue
         qc = _grouped(q[:, :, i0:i1].to(ct), hk)
-        s, t = _torch_scores(qc, kf, scale, softcap)
-        ok = _allowed(i0, i1, sq, sk, causal, window, qseg, kseg, q.device)[:, :, None]
+        kc, vc = kf[..., lo:hi, :], vf[..., lo:hi, :]
+        s, t = _torch_scores(qc, kc, scale, softcap)
+        ok = _allowed(i0, i1, sq, sk, causal, window, qseg, kseg, q.device)[:, :, None, ..., lo:hi]
         s = s.masked_fill(~ok, float("-inf"))
         pr = torch.exp(s - _grouped(lse[:, :, i0:i1, None].to(ct), hk))
         doc = _grouped(dout[:, i0:i1].transpose(1, 2).to(ct), hk)
-        dp = torch.matmul(doc, vf.transpose(-1, -2))
+        dp = torch.matmul(doc, vc.transpose(-1, -2))
         pd = pr
         if p > 0:
-            keep = _torch_keep(seed, b, hq, i0, i1, sk, p, q.device).view(b, hk, hq // hk, i1 - i0, sk)
+            keep = _torch_keep(seed, b, hq, i0, i1, sk, p, q.device).view(b, hk, hq // hk, i1 - i0, sk)[..., lo:hi]
             pd = torch.where(keep, pr / (1 - p), torch.zeros_like(pr))
             dp = torch.where(keep, dp / (1 - p), torch.zeros_like(dp))
-        dv += torch.matmul(pd.transpose(-1, -2), doc).sum(2, keepdim=True)
+        dv[..., lo:hi, :] += torch.matmul(pd.transpose(-1, -2), doc).sum(2, keepdim=True)
         ds = pr * (dp - _grouped(delta[:, :, i0:i1, None], hk))
         if t is not None:
             ds = ds * (1 - t * t)
         ds = ds * scale
-        dk += torch.matmul(ds.transpose(-1, -2), qc).sum(2, keepdim=True)
-        dq[:, :, i0:i1] = torch.matmul(ds, kf).reshape(b, hq, i1 - i0, d).to(q.dtype)
+        dk[..., lo:hi, :] += torch.matmul(ds.transpose(-1, -2), qc).sum(2, keepdim=True)
+        dq[:, :, i0:i1] = torch.matmul(ds, kc).reshape(b, hq, i1 - i0, d).to(q.dtype)
     return dq, dk[:, :, 0].to(k.dtype), dv[:, :, 0].to(v.dtype)
 
 
