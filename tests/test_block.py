@@ -8,6 +8,7 @@ from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 import peftfast
 from peftfast.bench import count_work_ops, saved_activation_bytes
 from peftfast.modules import block as block_mod
+from peftfast.ops import _counters
 
 TOL = 2e-5
 
@@ -136,6 +137,27 @@ def test_attn_rebuild_keeps_gradients_bit_for_bit(arch, kind):
     qkv = (cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * head
     assert got["norms"][2] - got["attn"][2] == cfg.num_hidden_layers * data["input_ids"].numel() * qkv * 4
     assert got["attn"][3] == got["norms"][3] and all(got["attn"][3].values())  # one fused call each, per setting
+
+
+def test_attn_rebuild_on_the_triton_kernels_keeps_gradients_bit_for_bit():
+    """The same through the Triton LoRA, RoPE, norm and attention kernels (interpreter; one layer, padded)."""
+    model = peft_model("llama", lora_dropout=0.1, model_kwargs=dict(num_hidden_layers=1))
+    data = _layouts("padded", batch("llama"))
+    got = {}
+    params = [*model.parameters(), *model.buffers()]
+    for setting in ("norms", "attn"):
+        peftfast.patch(model, backend="triton", recompute=setting)
+        with _counters.count_launches() as launches:
+            got[setting] = loss_and_grads(model, data)
+        torch.manual_seed(0)
+        _, saved = saved_activation_bytes(lambda: model(**data).loss, exclude=params)
+        got[setting] += (saved.total, sum(launches.values()))
+    cfg = model.config
+    qkv = (cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * (cfg.hidden_size // cfg.num_attention_heads)
+    assert got["norms"][2] - got["attn"][2] == data["input_ids"].numel() * qkv * 4
+    assert got["attn"][3] > got["norms"][3]  # the rerun's launches (forward kernels again)
+    assert torch.equal(got["attn"][0], got["norms"][0])
+    assert all(torch.equal(got["attn"][1][n], g) for n, g in got["norms"][1].items())
 
 
 def test_attn_rebuild_steps_aside_under_gradient_checkpointing():
