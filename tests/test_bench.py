@@ -94,12 +94,7 @@ def test_bench_cli_runs_and_writes_outputs(tmp_path, capsys):
     assert len(fast["losses"]) == 3  # warm-up + 2 timed steps
     assert fast["max_abs_loss_diff_vs_peft"] < 1e-4  # fp32, dropout 0: same losses step by step
     assert lean["losses"] == mid["losses"] == fast["losses"]  # recomputing in backward leaves the forward alone
-    assert lean["saved_mb"] < fast["saved_mb"] < peft["saved_mb"]
-    # recompute="attn" acts in fused blocks: Gemma 2's (extra norms) stay unfused, and keep what the default keeps
-    if " 1/1 block" in res["report"]:
-        assert lean["saved_mb"] < mid["saved_mb"] < fast["saved_mb"]
-    else:
-        assert preset == "gemma-2-9b" and mid["saved_mb"] == fast["saved_mb"]
+    assert lean["saved_mb"] < mid["saved_mb"] < fast["saved_mb"] < peft["saved_mb"]
     assert "recompute=norms" in out  # the report line of the first peftfast row
     assert res["config"]["model"] == "tiny" and res["versions"]["torch"] == torch.__version__
     assert res["layers"] == res["full_layers"] == 4 and res["tokens_per_step"] == 2 * 16
