@@ -325,12 +325,8 @@ def test_real_presets_truncated_to_one_layer_train(tmp_path, preset):
     peft, fast, mid, lean = res["results"]  # PEFT, the patch default, recompute="attn", recompute="mlp"
     for row in (fast, mid, lean):
         assert row["max_rel_loss_diff_vs_peft"] < 1e-4
-    assert lean["saved_mb"] < fast["saved_mb"] < peft["saved_mb"]
-    # recompute="attn" acts in fused blocks: Gemma 2's (extra norms) stay unfused, and keep what the default keeps
-    if " 1/1 block" in res["report"]:
-        assert lean["saved_mb"] < mid["saved_mb"] < fast["saved_mb"]
-    else:
-        assert preset == "gemma-2-9b" and mid["saved_mb"] == fast["saved_mb"]
+    # recompute="attn" reruns the RoPE attentions, in fused blocks or not (Gemma 2's stay unfused: extra norms)
+    assert lean["saved_mb"] < mid["saved_mb"] < fast["saved_mb"] < peft["saved_mb"]
 
 
 def test_largest_fitting_batch_doubles_until_out_of_memory():

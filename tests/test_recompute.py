@@ -238,7 +238,8 @@ def test_patch_reports_the_setting(setting):
     mlps = [m._peftfast_mlp for m in model.modules() if "_peftfast_mlp" in m.__dict__]
     assert blocks and mlps
     assert all(b.rebuild_norms == (setting != "none") for b in blocks)
-    assert all(b.rebuild_qkv == (setting in ("attn", "mlp")) for b in blocks)
+    ropes = [m._peftfast_rope for m in model.modules() if "_peftfast_rope" in m.__dict__]
+    assert ropes and all(r.rebuild_qkv == (setting in ("attn", "mlp")) for r in ropes)
     assert all(m.recompute == (setting == "mlp") for m in mlps)
 
 

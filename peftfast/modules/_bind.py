@@ -6,6 +6,9 @@ import functools
 
 from torch import nn
 
+# the names transformers gives a layer's cache argument ("cache": transformers >= 5.24)
+CACHE_KWARGS = ("past_key_values", "past_key_value", "cache", "layer_past")
+
 
 def bind_forward(module: nn.Module, state_attr: str, state, fn) -> None:
     """Record ``state`` (which must have ``previous_forward``, filled here) and bind ``fn(module, ...)`` as forward.

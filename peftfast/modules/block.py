@@ -16,7 +16,6 @@ then keeps its own forward, with the reason in the report.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import inspect
 from collections import Counter
@@ -25,14 +24,13 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from peftfast.modules._bind import bind_forward, call_original, unbind_forward
-from peftfast.modules._tally import Tallied, muted, tally
+from peftfast.modules._bind import CACHE_KWARGS, bind_forward, call_original, unbind_forward
+from peftfast.modules._tally import Tallied, tally
 from peftfast.modules.norm import rms_norm_forward
 from peftfast.ops.norm import add_rms_norm
-from peftfast.ops.recompute import capture, rebuilding, rebuilding_offered, why_not_rebuild
+from peftfast.ops.recompute import rebuilding
 
 CHILDREN = frozenset({"input_layernorm", "self_attn", "post_attention_layernorm", "mlp"})
-_CACHE_KWARGS = ("past_key_values", "past_key_value", "cache", "layer_past")  # "cache": transformers >= 5.24
 
 
 @dataclass
@@ -45,7 +43,6 @@ class BlockState(Tallied):
     defaults: dict  # the class forward's keyword defaults, handed to the attention as the forward itself does
     required: tuple[str, ...]  # its parameters without a default (besides hidden_states)
     rebuild_norms: bool = True  # backward rebuilds the two norm outputs instead of their consumers keeping them
-    rebuild_qkv: bool = False  # backward reruns the attention up to its kernel instead of the kernel keeping q, k, v
     fused_calls: int = 0
     fallbacks: Counter = field(default_factory=Counter)
 
@@ -98,7 +95,7 @@ def fused_block_forward(self: nn.Module, hidden_states: torch.Tensor, *args, **k
         if kwargs.get("use_cache"):
             kwargs["use_cache"] = False
         if not getattr(self, "_can_checkpoint_with_cache", False):
-            for name in _CACHE_KWARGS:
+            for name in CACHE_KWARGS:
                 if kwargs.get(name) is not None:
                     kwargs[name] = None
         return self._gradient_checkpointing_func(functools.partial(_fused_body, self, **kwargs), hidden_states)
@@ -114,20 +111,13 @@ def _fused_body(self: nn.Module, hidden_states: torch.Tensor, **kwargs) -> torch
     # every argument of the block goes to the attention by name, defaults included, as the block's own forward does
     attn_kwargs = {**st.defaults, **kwargs}
     ist = self.input_layernorm.__dict__.get("_peftfast_norm")
-    attend = self.self_attn
     if st.rebuild_norms and ist is not None and ist.kind == "rms":
         # the q/k/v projections keep no copy of the normed input: backward rebuilds it from the block input, which
-        # the norm keeps anyway
-        attend = functools.partial(rebuilding, h, functools.partial(rms_norm_forward, self.input_layernorm),
-                                   (hidden_states,), self.self_attn)
-    if st.rebuild_qkv and why_not_rebuild() is None:
-        # nor does the attention kernel keep q, k, v: backward reruns norm, projections and RoPE from the block input
-        # (the same RNG state, so the same LoRA dropout seeds; no cache, which the first forward only appends to)
-        rerun = functools.partial(_rerun_attention_inputs, self, {
-            k: (None if k in _CACHE_KWARGS else v) for k, v in attn_kwargs.items()}, _rng_state(hidden_states))
-        h = rebuilding_offered(rerun, (hidden_states,), attend, hidden_states=h, **attn_kwargs)[0]
+        # the norm keeps anyway (with recompute="attn", the attention's rerun of q/k/v starts from that rebuild)
+        rebuild = functools.partial(rms_norm_forward, self.input_layernorm)
+        h = rebuilding(h, rebuild, (hidden_states,), self.self_attn, hidden_states=h, **attn_kwargs)[0]
     else:
-        h = attend(hidden_states=h, **attn_kwargs)[0]
+        h = self.self_attn(hidden_states=h, **attn_kwargs)[0]
     if h.shape != residual.shape or h.dtype != residual.dtype:
         tally(st.tally_key, "fallbacks", "attention output and residual differ in shape or dtype")
         r = residual + h
@@ -140,29 +130,6 @@ def _fused_body(self: nn.Module, hidden_states: torch.Tensor, **kwargs) -> torch
         # writes exactly as the norm module's own rms_norm does
         return r + rebuilding(normed, functools.partial(rms_norm_forward, post), (r,), self.mlp, normed)
     return r + self.mlp(normed)
-
-
-def _rng_state(x: torch.Tensor) -> tuple:
-    """What the LoRA dropout seeds (``draw_seed``) are drawn from: torch's CPU generator and, on CUDA, the device's."""
-    cuda = torch.cuda.get_rng_state(x.device) if x.device.type == "cuda" else None
-    return torch.get_rng_state(), x.device, cuda
-
-
-@contextlib.contextmanager
-def _restored_rng(state: tuple):
-    cpu, device, cuda = state
-    with torch.random.fork_rng(devices=[device] if cuda is not None else [], device_type="cuda"):
-        torch.set_rng_state(cpu)
-        if cuda is not None:
-            torch.cuda.set_rng_state(cuda, device)
-        yield
-
-
-def _rerun_attention_inputs(self: nn.Module, attn_kwargs: dict, rng: tuple, x: torch.Tensor):
-    """(q, k, v) as the block's attention handed them to its kernel in forward, rebuilt from the block input ``x``
-    (in backward, under no_grad; the rerun's calls are not counted)."""
-    with muted(), _restored_rng(rng):
-        return capture(self.self_attn, hidden_states=self.input_layernorm(x), **attn_kwargs)
 
 
 class _Stub(nn.Module):
@@ -257,16 +224,15 @@ def why_not(module: nn.Module) -> str | None:
     return probe(module, *sig)
 
 
-def install(module: nn.Module, name: str, backend: str, rebuild_norms: bool = True, rebuild_qkv: bool = False) -> None:
+def install(module: nn.Module, name: str, backend: str, rebuild_norms: bool = True) -> None:
     st = module.__dict__.get("_peftfast_block")
     if isinstance(st, BlockState):
-        st.backend, st.rebuild_norms, st.rebuild_qkv = backend, rebuild_norms, rebuild_qkv
+        st.backend, st.rebuild_norms = backend, rebuild_norms
         return
     defaults, required = _signature(type(module))
     bind_forward(module, "_peftfast_block", BlockState(name=name, backend=backend, previous_forward=None,
                                                        defaults=defaults, required=required,
-                                                       rebuild_norms=rebuild_norms, rebuild_qkv=rebuild_qkv),
-                 fused_block_forward)
+                                                       rebuild_norms=rebuild_norms), fused_block_forward)
 
 
 def uninstall(module: nn.Module) -> bool:

@@ -8,6 +8,11 @@ replaced, so other instances, models and threads see the original, nothing of tr
 instance-level ``forward`` was installed first (e.g. accelerate hooks) the global is swapped around the call under a
 lock instead (eager only). ``why_not`` probes the model's function numerically against the fused op once, so a
 transformers release that changes the maths is refused with a reason rather than silently mis-fused.
+
+With ``patch(recompute="attn")`` the patched forward is also where backward reruns the attention up to its kernel
+(``peftfast.ops.recompute.rebuilding_offered``): from the module's input, under the forward's RNG state, without
+the cache, so the fused attention kernel keeps no q, k, v; in fused blocks that input is itself the norm output
+backward rebuilds. Any RoPE attention patched here, fused block or not (Gemma 2, Phi-3), gets it.
 """
 
 from __future__ import annotations
@@ -24,8 +29,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from peftfast.modules._bind import bind_forward, unbind_forward
-from peftfast.modules._tally import Tallied, tally
+from peftfast.modules._bind import CACHE_KWARGS, bind_forward, unbind_forward
+from peftfast.modules._tally import Tallied, muted, tally
+from peftfast.ops.recompute import capture, rebuilding_offered, restored_rng, rng_state, why_not_rebuild
 from peftfast.ops.rope import rope
 
 _GLOBAL = "apply_rotary_pos_emb"
@@ -81,6 +87,8 @@ class RoPEState(Tallied):
     backend: str
     previous_forward: object | None
     owner: type | None = None  # the attention class whose forward is re-bound (None: the global-swap path)
+    # patch(recompute="attn"): backward reruns this attention up to its kernel instead of the kernel keeping q, k, v
+    rebuild_qkv: bool = False
     fused_calls: int = 0
     fallbacks: Counter = field(default_factory=Counter)
 
@@ -200,6 +208,32 @@ def _refresh_alias(st: RoPEState) -> None:
 def fused_rope_attention_forward(self: nn.Module, *args, **kwargs):
     """``forward`` of a patched attention module: the original, with the fused RoPE in place of the model's."""
     st: RoPEState = self._peftfast_rope
+    if st.rebuild_qkv and why_not_rebuild() is None:
+        by_name = "hidden_states" in kwargs
+        h = kwargs["hidden_states"] if by_name else args[0] if args else None
+        if isinstance(h, torch.Tensor):
+            # the attention kernel keeps no q, k, v: backward reruns this forward from its input up to the kernel
+            # (projections under the same RNG state, hence the same LoRA dropout seeds; RoPE). The rerun gets no
+            # cache, which the first forward only appends to; h itself is not held (in a fused block it is the
+            # norm output that backward rebuilds).
+            rest = {k: (None if k in CACHE_KWARGS else v) for k, v in kwargs.items() if k != "hidden_states"}
+            rerun = functools.partial(_rerun_inputs, self, by_name, args if by_name else args[1:], rest,
+                                      rng_state(h.device))
+            return rebuilding_offered(rerun, (h,), _rope_forward, self, *args, **kwargs)
+    return _rope_forward(self, *args, **kwargs)
+
+
+def _rerun_inputs(self: nn.Module, by_name: bool, args: tuple, kwargs: dict, rng: tuple, h: torch.Tensor):
+    """The (q, k, v) this attention handed its kernel in forward, again from its input ``h`` (in backward, under
+    no_grad; its calls are not counted)."""
+    with muted(), restored_rng(rng):
+        if by_name:
+            return capture(_rope_forward, self, *args, hidden_states=h, **kwargs)
+        return capture(_rope_forward, self, h, *args, **kwargs)
+
+
+def _rope_forward(self: nn.Module, *args, **kwargs):
+    st: RoPEState = self._peftfast_rope
     if st.forward_fn is not None and st.previous_forward is None:
         return st.forward_fn(self, *args, **kwargs)
     # another instance-level forward was there first (e.g. accelerate hooks): swap the module global around the
@@ -217,16 +251,18 @@ def fused_rope_attention_forward(self: nn.Module, *args, **kwargs):
             setattr(mod, _GLOBAL, original)
 
 
-def install(attn: nn.Module, name: str, backend: str) -> None:
+def install(attn: nn.Module, name: str, backend: str, rebuild_qkv: bool = False) -> None:
     st = getattr(attn, "_peftfast_rope", None)
     if st is not None:
+        st.rebuild_qkv = rebuild_qkv
         if st.backend != backend:
             st.backend = backend
             if st.forward_fn is not None:
                 _refresh_alias(st)
         return
     previous = attn.__dict__.get("forward")
-    st = RoPEState(name=name, backend=backend, previous_forward=None, owner=type(attn) if previous is None else None)
+    st = RoPEState(name=name, backend=backend, previous_forward=None, owner=type(attn) if previous is None else None,
+                   rebuild_qkv=rebuild_qkv)
     bind_forward(attn, "_peftfast_rope", st, fused_rope_attention_forward)
 
 

@@ -304,6 +304,24 @@ def offered(*tensors: torch.Tensor) -> Iterator[None]:
         yield
 
 
+def rng_state(device: torch.device) -> tuple:
+    """What dropout seeds are drawn from (``peftfast.ops.lora.draw_seed``): torch's CPU generator and, on CUDA, the
+    device's; for :func:`restored_rng` in a rerun."""
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return torch.get_rng_state(), device, cuda
+
+
+@contextlib.contextmanager
+def restored_rng(state: tuple) -> Iterator[None]:
+    """Inside: the generators as ``rng_state`` found them; after: as they were before (a forked stream)."""
+    cpu, device, cuda = state
+    with torch.random.fork_rng(devices=[device] if cuda is not None else [], device_type="cuda"):
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda, device)
+        yield
+
+
 def capture(fn: Callable[..., Any], *args, **kwargs) -> tuple[torch.Tensor, ...]:
     """Run ``fn`` until its first ``offered``; return the offered tensors."""
     before = getattr(_local, "capturing", False)
@@ -317,4 +335,4 @@ def capture(fn: Callable[..., Any], *args, **kwargs) -> tuple[torch.Tensor, ...]
     raise RuntimeError("peftfast: the backward rerun of the forward never reached the kernel that saved its tensors")
 
 
-__all__ = ["capture", "offered", "rebuilding", "rebuilding_offered", "why_not_rebuild"]
+__all__ = ["capture", "offered", "rebuilding", "rebuilding_offered", "restored_rng", "rng_state", "why_not_rebuild"]

@@ -24,7 +24,7 @@ logger = logging.getLogger("peftfast")
 RECOMPUTE: dict[str, str] = {
     "none": "keep every saved activation",
     "norms": "rebuild the fused blocks' norm outputs (element-wise)",
-    "attn": "also rerun the fused blocks' q/k/v projections and RoPE (the attention keeps no q, k, v)",
+    "attn": "also rerun the RoPE attentions' q/k/v projections and RoPE (the attention keeps no q, k, v)",
     "mlp": "also run the fused MLPs' gate/up GEMM again",
 }
 
@@ -160,9 +160,9 @@ def patch(model: nn.Module, *, backend: str = "auto", group_siblings: bool = Tru
     compute the loss from the last hidden states by fused linear cross-entropy (LoRA on ``lm_head`` included)
     without materialising logits. ``recompute`` trades backward work for saved activations (``RECOMPUTE``):
     ``"norms"`` (default) rebuilds each fused pre-norm block's two norm outputs in backward (two element-wise passes)
-    instead of keeping them for the projections that read them; ``"attn"`` also reruns each fused block's attention
-    up to its kernel (norm, q/k/v projections with the same dropout seeds, RoPE) so that the attention keeps no q, k,
-    v (one more GEMM of hidden·(q+k+v widths) per token); ``"mlp"`` also runs each fused MLP's gate/up forward again
+    instead of keeping them for the projections that read them; ``"attn"`` also reruns each patched RoPE attention
+    up to its kernel (q/k/v projections with the same dropout seeds, RoPE) so that the attention kernel keeps no q,
+    k, v (one more GEMM of hidden·(q+k+v widths) per token); ``"mlp"`` also runs each fused MLP's gate/up forward again
     instead of keeping the pre-activations (one more GEMM of 2·hidden·intermediate per token); ``"none"`` keeps
     everything. Gradients are the same either way. Returns ``model``.
     """
@@ -205,7 +205,7 @@ def patch(model: nn.Module, *, backend: str = "auto", group_siblings: bool = Tru
         for name, mod in model.named_modules():
             if rope_mod.is_rope_attention(mod):
                 _apply(rep, rope_mod, "rope", name, mod, rope_mod.why_not(mod) if fuse_rope else "fuse_rope=False",
-                       backend)
+                       backend, rebuild_qkv=recompute in ("attn", "mlp"))
     # attention is switched for PEFT models (LoRA layers or prompt learning); a model without any PEFT adapter is
     # returned unchanged (with a warning below)
     peft_model = bool(rep.entries) or isinstance(getattr(model, "peft_config", None), dict)
@@ -230,8 +230,7 @@ def patch(model: nn.Module, *, backend: str = "auto", group_siblings: bool = Tru
         for name, mod in model.named_modules():
             if block_mod.is_block(mod):
                 reason = block_mod.why_not(mod) if fuse_norms else "fuse_norms=False"
-                _apply(rep, block_mod, "block", name, mod, reason, backend, rebuild_norms=recompute != "none",
-                       rebuild_qkv=recompute in ("attn", "mlp"))
+                _apply(rep, block_mod, "block", name, mod, reason, backend, rebuild_norms=recompute != "none")
     if rep.entries and ce_mod.causal_lm(model) is not None:
         reason = ce_mod.why_not(model) if fuse_loss else "fuse_loss=False (opt-in: training calls return logits=None)"
         if reason is None:
