@@ -148,20 +148,22 @@ def test_segment_ranges_are_the_hull_of_visible_pairs(seg, bm, bn):
     assert key_ranges(qseg, kseg, bm) is not kr and query_ranges(qseg, kseg, bn) is not qr
 
 
-@pytest.mark.parametrize("layout", ["packed-bidirectional", "left-padded-causal"])
-def test_triton_kernels_skip_the_tiles_no_query_of_a_block_can_see(layout):
-    """Two documents (or padding and a document) of two 16-wide tiles each; the other half's q, k, v poisoned with
-    NaN. A visited tile would spread it (0 · NaN) into this half's output or gradients even though its masks hide
-    it, so finite values equal to the reference prove those tiles are skipped forward, in dK/dV and in dQ."""
-    assert _tiles_in_interpreter() == 16
+def _poisoned_halves(layout: str, backend: str, **extra) -> None:
+    """Two halves of 32 positions: two documents, padding then a document, or (no segments) causal rows whose first
+    half never sees the second. The other half's q, k, v are NaN: a visited tile or chunk would spread it (0 · NaN)
+    into this half's output or gradients even though its masks hide it, so finite values equal to the reference
+    prove it is skipped forward, in dK/dV and in dQ."""
     s, half = 64, 32
     ids = torch.cat([torch.zeros(half), torch.ones(half)]).to(torch.int32)[None]
     if layout == "packed-bidirectional":
         qseg, kseg, causal, mine, other = ids, ids.clone(), False, slice(0, half), slice(half, s)
-    else:
+    elif layout == "left-padded-causal":
         kseg = torch.where(ids == 0, -1, 0).to(torch.int32)
         qseg, causal, mine, other = torch.where(kseg == -1, -3, kseg).to(torch.int32), True, slice(half, s), \
             slice(0, half)
+    else:  # "long-causal"
+        qseg = kseg = None
+        causal, mine, other = True, slice(0, half), slice(half, s)
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 2, s, 16, generator=g) for _ in range(3))
     grad = torch.randn(1, s, 2, 16, generator=g)
@@ -171,12 +173,21 @@ def test_triton_kernels_skip_the_tiles_no_query_of_a_block_can_see(layout):
     for t in poisoned:
         t[:, :, other] = float("nan")
     poisoned = [t.requires_grad_() for t in poisoned]
-    got = _grads(lambda: flash_attention(*poisoned, causal=causal, qseg=qseg, kseg=kseg, backend="triton"), poisoned,
-                 grad.masked_fill(torch.isnan(grad), 0.0))
-    out, dq, dk, dv = got[0][:, mine], got[1][:, :, mine], got[2][:, :, mine], got[3][:, :, mine]
-    for a, r in zip((out, dq, dk, dv), want):
+    got = _grads(lambda: flash_attention(*poisoned, causal=causal, qseg=qseg, kseg=kseg, backend=backend, **extra),
+                 poisoned, grad)
+    checked = [got[0][:, mine], got[1][:, :, mine], got[2][:, :, mine], got[3][:, :, mine]]
+    if qseg is None:  # later queries see the poisoned keys: only this half's outputs and dQ are clean
+        checked = checked[:2]
+    for a, r in zip(checked, want):
         assert torch.isfinite(a).all()
         assert (a - r).abs().max() <= 2e-5 * r.abs().max().clamp_min(1.0)
+
+
+@pytest.mark.parametrize("layout", ["packed-bidirectional", "left-padded-causal"])
+def test_triton_kernels_skip_the_tiles_no_query_of_a_block_can_see(layout):
+    """16-wide tiles: each half is two tiles (see ``_poisoned_halves``)."""
+    assert _tiles_in_interpreter() == 16
+    _poisoned_halves(layout, "triton")
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c)))
@@ -202,42 +213,10 @@ def test_aten_path_in_small_chunks_matches_reference(case, monkeypatch):
 
 @pytest.mark.parametrize("layout", ["packed-bidirectional", "left-padded-causal", "long-causal"])
 def test_aten_path_skips_the_keys_no_query_of_a_chunk_can_see(layout, monkeypatch):
-    """As the Triton test above: the other half's q, k, v are NaN; finite, exact outputs and gradients for this
-    half prove the ATen path never multiplies by them (chunks of 16 rows). Causal rows skip later keys likewise."""
+    """Chunks of 16 query rows on the ATen path (see ``_poisoned_halves``); causal rows skip later keys likewise.
+    A softcap sends the no-segment case down the chunked path (plain causal attention goes to SDPA)."""
     monkeypatch.setattr(attn_ops, "_TORCH_CHUNK", 16)
-    s, half = 64, 32
-    ids = torch.cat([torch.zeros(half), torch.ones(half)]).to(torch.int32)[None]
-    if layout == "packed-bidirectional":
-        qseg, kseg, causal, mine, other = ids, ids.clone(), False, slice(0, half), slice(half, s)
-    elif layout == "left-padded-causal":
-        kseg = torch.where(ids == 0, -1, 0).to(torch.int32)
-        qseg, causal, mine, other = torch.where(kseg == -1, -3, kseg).to(torch.int32), True, slice(half, s), \
-            slice(0, half)
-    else:  # no segments: the first half's queries never reach the second half's keys
-        qseg = kseg = None
-        causal, mine, other = True, slice(0, half), slice(half, s)
-    g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(1, 2, s, 16, generator=g) for _ in range(3))
-    grad = torch.randn(1, s, 2, 16, generator=g)
-    clean = [t[:, :, mine].clone().requires_grad_() for t in (q, k, v)]
-    want = _grads(lambda: flash_attention(*clean, causal=causal, backend="torch"), clean, grad[:, mine])
-    poisoned = [t.clone() for t in (q, k, v)]
-    for t in poisoned:
-        t[:, :, other] = float("nan")
-    poisoned = [t.requires_grad_() for t in poisoned]
-    # softcap sends the no-segment case down the chunked path (plain causal attention would go to SDPA)
-    extra = {"softcap": 1e9} if qseg is None else {}
-    got = _grads(lambda: flash_attention(*poisoned, causal=causal, qseg=qseg, kseg=kseg, backend="torch", **extra),
-                 poisoned, grad)
-    out, dq, dk, dv = got[0][:, mine], got[1][:, :, mine], got[2][:, :, mine], got[3][:, :, mine]
-    if qseg is None:  # later queries see the poisoned keys: only this half's own outputs and gradients are clean
-        out, dq = got[0][:, mine], got[1][:, :, mine]
-        dk = dv = None
-    for a, r in zip((out, dq, dk, dv), want):
-        if a is None:
-            continue
-        assert torch.isfinite(a).all()
-        assert (a - r).abs().max() <= 2e-5 * r.abs().max().clamp_min(1.0)
+    _poisoned_halves(layout, "torch", **({"softcap": 1e9} if layout == "long-causal" else {}))
 
 
 def _tiles_in_interpreter() -> int:
