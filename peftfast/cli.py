@@ -37,7 +37,7 @@ def _recompute(text: str) -> tuple[str, ...]:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from peftfast.bench import BASELINES, METHODS, PRESETS
+    from peftfast.bench import BASELINES, METHODS, PRESETS, BenchConfig
 
     ap = _Parser(prog="peftfast", description="Fused kernels for PEFT fine-tuning.")
     sub = ap.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
@@ -66,10 +66,11 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing (non-reentrant) in every run")
     b.add_argument("--no-fuse-loss", dest="fuse_loss", action="store_false",
                    help="patch without the fused linear cross-entropy (the default fuses it for causal LMs)")
-    b.add_argument("--recompute", default="norms,attn,mlp", type=_recompute,
+    default_recompute = ",".join(BenchConfig.recompute)
+    b.add_argument("--recompute", default=default_recompute, type=_recompute,
                    help="patch(recompute=...) settings to run, one peftfast row each, comma-separated: none, norms "
                         "(patch's default: norm outputs rebuilt in backward), attn (also q/k/v projections and "
-                        "RoPE), mlp (also the gate/up GEMM); default: norms,attn,mlp")
+                        "RoPE), mlp (also the gate/up GEMM); default: " + default_recompute)
     b.add_argument("--baselines", default="peft",
                    help=f"comma-separated, from {','.join(BASELINES)}; those not installed or not runnable here are "
                         "skipped with the reason (peft, the reference, always runs)")

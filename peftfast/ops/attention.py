@@ -92,11 +92,13 @@ def _torch_forward(q, k, v, causal, scale, softcap, window, qseg, kseg, p, seed)
     b, hq, sq, d = q.shape
     hk, sk = k.shape[1], k.shape[2]
     ct = torch.promote_types(q.dtype, torch.float32)
-    out = torch.zeros((b, sq, hq, d), device=q.device, dtype=q.dtype)
-    lse = torch.zeros((b, hq, sq), device=q.device, dtype=torch.float32)  # rows that see no key: 0 and 0
+    out = torch.empty((b, sq, hq, d), device=q.device, dtype=q.dtype)
+    lse = torch.empty((b, hq, sq), device=q.device, dtype=torch.float32)
     kf, vf = k.to(ct)[:, :, None], v.to(ct)[:, :, None]
     for i0, i1, lo, hi in _torch_chunks(sq, sk, causal, window, qseg, kseg, q.device):
-        if lo == hi:
+        if lo == hi:  # rows that see no key: output 0, log-sum-exp 0
+            out[:, i0:i1] = 0
+            lse[:, :, i0:i1] = 0
             continue
         qc = _grouped(q[:, :, i0:i1].to(ct), hk)
         s, _ = _torch_scores(qc, kf[..., lo:hi, :], scale, softcap)
@@ -123,12 +125,13 @@ def _torch_backward(q, k, v, out, lse, dout, causal, scale, softcap, window, qse
     hk, sk = k.shape[1], k.shape[2]
     ct = torch.promote_types(q.dtype, torch.float32)
     kf, vf = k.to(ct)[:, :, None], v.to(ct)[:, :, None]
-    dq = torch.zeros_like(q)
+    dq = torch.empty_like(q)
     dk = torch.zeros(k.shape, device=k.device, dtype=ct)[:, :, None]
     dv = torch.zeros(v.shape, device=v.device, dtype=ct)[:, :, None]
     delta = (dout.to(ct) * out.to(ct)).sum(-1).transpose(1, 2)  # [B, HQ, SQ]
     for i0, i1, lo, hi in _torch_chunks(sq, sk, causal, window, qseg, kseg, q.device):
         if lo == hi:
+            dq[:, :, i0:i1] = 0
             continue
         qc = _grouped(q[:, :, i0:i1].to(ct), hk)
         kc, vc = kf[..., lo:hi, :], vf[..., lo:hi, :]

@@ -61,6 +61,35 @@ def _single_storage(t: torch.Tensor) -> bool:
         t.untyped_storage().nbytes() == t.numel() * t.element_size()
 
 
+def _packed_sources(sources: Sequence[torch.Tensor], outer_pack: Callable | None) -> list:
+    """The recipe's sources as the outer hooks keep them (detached where there are none)."""
+    return [outer_pack(s) if outer_pack is not None else s.detach() for s in sources]
+
+
+def _autocast_state(device_type: str) -> tuple:
+    return device_type, torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
+
+
+def _run_recipe(rebuild: Callable, packed: Sequence, outer_unpack: Callable | None, autocast: tuple):
+    """``rebuild`` on the unpacked sources, without grad and under the forward's autocast state (backward runs
+    outside the forward's autocast region)."""
+    srcs = [outer_unpack(s) if outer_unpack is not None else s for s in packed]
+    device, enabled, dtype = autocast
+    with torch.no_grad(), torch.autocast(device, dtype=dtype, enabled=enabled):
+        return rebuild(*srcs)
+
+
+def _pass_on(t: torch.Tensor, outer_pack: Callable | None):
+    """A saved tensor a region does not rebuild: to the outer hooks, or kept (detached: a saved output returned as
+    itself would make a node -> tensor -> node cycle that leaks the graph when no backward follows; autograd
+    restores the saved tensor's history on unpack)."""
+    return (outer_pack(t),) if outer_pack is not None else t.detach()
+
+
+def _passed_back(p, outer_unpack: Callable | None) -> torch.Tensor:
+    return outer_unpack(p[0]) if outer_unpack is not None else p
+
+
 class _Recipe:
     """What a saved view of the target holds instead of the target's storage."""
 
@@ -85,10 +114,7 @@ class _Shared:
     def rebuilt(self) -> torch.Tensor:
         out = self.last() if self.last is not None else None
         if out is None:  # several consumers (ungrouped q/k/v layers) share one rebuild while it is alive
-            srcs = [self.outer_unpack(s) if self.outer_unpack is not None else s for s in self.sources]
-            device, enabled, dtype = self.autocast  # backward runs outside the forward's autocast region
-            with torch.no_grad(), torch.autocast(device, dtype=dtype, enabled=enabled):
-                out = self.rebuild(*srcs)
+            out = _run_recipe(self.rebuild, self.sources, self.outer_unpack, self.autocast)
             self.last = weakref.ref(out)
         return out
 
@@ -125,23 +151,13 @@ def rebuilding(target: torch.Tensor, rebuild: Callable[..., torch.Tensor], sourc
     def pack(t: torch.Tensor):
         if t.dtype == dtype and t.untyped_storage().data_ptr() == storage and t.device == target.device:
             if not holder:
-                srcs = [outer_pack(s) if outer_pack is not None else s.detach() for s in sources]
-                dev = target.device.type
-                autocast = (dev, torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev))
-                holder.append(_Shared(rebuild, srcs, outer_unpack, autocast))
+                holder.append(_Shared(rebuild, _packed_sources(sources, outer_pack), outer_unpack,
+                                      _autocast_state(target.device.type)))
             return _Recipe(holder[0], t)
-        if outer_pack is not None:
-            return (outer_pack(t),)
-        # detached: a saved output returned as itself would make a node -> tensor -> node cycle that leaks the
-        # graph when no backward follows; autograd restores the saved tensor's history on unpack
-        return t.detach()
+        return _pass_on(t, outer_pack)
 
     def unpack(p):
-        if isinstance(p, _Recipe):
-            return p.unpack()
-        if outer_unpack is not None:
-            return outer_unpack(p[0])
-        return p
+        return p.unpack() if isinstance(p, _Recipe) else _passed_back(p, outer_unpack)
 
     with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
         return fn(*args, **kwargs)
@@ -214,11 +230,7 @@ class _Group:
 
     def rebuilt(self, index: int) -> torch.Tensor:
         if self.live is None:  # one rerun serves every saved view (the kernel's backward unpacks them together)
-            outer_unpack = self.outer[1] if self.outer is not None else None
-            srcs = [outer_unpack(s) if outer_unpack is not None else s for s in self.packed]
-            device, enabled, dtype = self.autocast
-            with torch.no_grad(), torch.autocast(device, dtype=dtype, enabled=enabled):
-                got = tuple(self.rebuild(*srcs))
+            got = tuple(_run_recipe(self.rebuild, self.packed, self.outer[1], self.autocast))
             if len(got) != len(self.layouts):
                 raise RuntimeError(f"peftfast: the backward rerun offered {len(got)} tensors, the forward "
                                    f"{len(self.layouts)}")
@@ -243,12 +255,10 @@ class _Group:
         if self.layouts or not all(_covers_storage(t) for t in tensors) or \
                 len({t.untyped_storage().data_ptr() for t in tensors}) != len(tensors):
             return False
-        self.layouts, self.outer = [_Layout(t) for t in tensors], outer
-        outer_pack = outer[0] if outer is not None else None
-        self.packed = [outer_pack(s) if outer_pack is not None else s.detach() for s in self.sources]
+        self.layouts, self.outer = [_Layout(t) for t in tensors], outer if outer is not None else (None, None)
+        self.packed = _packed_sources(self.sources, self.outer[0])
         self.sources = ()
-        dev = tensors[0].device.type
-        self.autocast = (dev, torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev))
+        self.autocast = _autocast_state(tensors[0].device.type)
         return True
 
     def pack(self, t: torch.Tensor):
@@ -256,16 +266,10 @@ class _Group:
         if i is not None:
             self.recipes += 1
             return _GroupRecipe(self, i, t)
-        if self.outer is not None:
-            return (self.outer[0](t),)
-        return t.detach()  # see rebuilding's pack: no node -> tensor -> node cycle
+        return _pass_on(t, self.outer[0])
 
     def unpack(self, p):
-        if isinstance(p, _GroupRecipe):
-            return p.unpack()
-        if self.outer is not None:
-            return self.outer[1](p[0])
-        return p
+        return p.unpack() if isinstance(p, _GroupRecipe) else _passed_back(p, self.outer[1])
 
 
 def rebuilding_offered(rebuild: Callable[..., tuple[torch.Tensor, ...]], sources: Sequence[torch.Tensor],
