@@ -46,7 +46,8 @@ void check_common(const Tensor& x, at::TensorList weights, at::TensorList lora_a
 std::tuple<std::vector<Tensor>, Tensor> lora_group_fwd_cpu(const Tensor& x, at::TensorList weights,
                                                           at::TensorList biases, at::TensorList lora_biases,
                                                           at::TensorList lora_as, at::TensorList lora_bs,
-                                                          at::ArrayRef<double> scales, double p, const Tensor& seed) {
+                                                          at::ArrayRef<double> scales, double p, const Tensor& seed,
+                                                          bool keep_xa) {
   check_common(x, weights, lora_as, lora_bs, scales, p);
   const int64_t n = weights.size(), r = lora_as[0].size(0);
   TORCH_CHECK(static_cast<int64_t>(biases.size()) == n && static_cast<int64_t>(lora_biases.size()) == n,
@@ -70,6 +71,7 @@ std::tuple<std::vector<Tensor>, Tensor> lora_group_fwd_cpu(const Tensor& x, at::
     }
     ys.push_back(std::move(y));
   }
+  if (!keep_xa) return {std::move(ys), at::empty({0}, xa.options())};
   return {std::move(ys), std::move(xa)};
 }
 
@@ -78,6 +80,10 @@ std::tuple<Tensor, Tensor, std::vector<Tensor>> lora_group_bwd_cpu(
     at::TensorList lora_as, at::TensorList lora_bs, at::ArrayRef<double> scales, double p, const Tensor& seed,
     bool need_x, bool need_a, at::IntArrayRef need_b) {
   check_common(x, weights, lora_as, lora_bs, scales, p);
+  const bool xa_kept = xa.dim() == 2;
+  TORCH_CHECK(xa_kept ? xa.size(0) == x.size(0) && xa.size(1) == static_cast<int64_t>(weights.size()) * lora_as[0].size(0)
+                      : xa.numel() == 0,
+              "peftfast::lora_group_bwd: xa has shape ", xa.sizes(), ", expected [M, n*r] or [0] (not kept: rebuilt)");
   const int64_t n = weights.size(), r = lora_as[0].size(0), m = x.size(0), k = x.size(1);
   const auto ldt = xa.scalar_type();
   TORCH_CHECK(static_cast<int64_t>(grads.size()) == n && static_cast<int64_t>(need_b.size()) == n,
@@ -154,10 +160,14 @@ std::tuple<Tensor, Tensor, std::vector<Tensor>> lora_group_bwd_cpu(
 
   std::vector<Tensor> dbs;
   dbs.reserve(n);
+  bool need_xa = false;
+  for (int64_t i = 0; i < n; ++i) need_xa = need_xa || (need_b[i] && grads.get(i).has_value());
+  // the forward kept no xa (keep_xa=false): the same masked GEMM on the same x and seed gives the same bits
+  const Tensor xa_full = xa_kept || !need_xa ? xa : masked_down(x, lora_as, p, sd, kChunkElems);
   for (int64_t i = 0; i < n; ++i) {
     const std::optional<Tensor> dy = grads.get(i);
     if (need_b[i] && dy.has_value())
-      dbs.push_back(at::mm(dy->t().to(ldt), xa.narrow(1, i * r, r)).mul_(scales[i]));
+      dbs.push_back(at::mm(dy->t().to(ldt), xa_full.narrow(1, i * r, r)).mul_(scales[i]));
     else
       dbs.push_back(at::empty({0}, xa.options()));
   }

@@ -36,12 +36,14 @@ TORCH_LIBRARY(peftfast, m) {
   m.def("build_info() -> str", &peftfast::build_info);
 
   // ---- fused LoRA linear (kernels: csrc/lora.cpp on CPU, Triton on CUDA) ----
-  // n members sharing x [M, K]: y_i = x W_iᵀ + b_i + s_i (drop_i(x) A_iᵀ B_iᵀ + bB_i); returns (ys, xa = drop(x) A_catᵀ).
+  // n members sharing x [M, K]: y_i = x W_iᵀ + b_i + s_i (drop_i(x) A_iᵀ B_iᵀ + bB_i); returns (ys, xa = drop(x) A_catᵀ),
+  // xa as an empty tensor of the LoRA dtype when keep_xa is false (backward then rebuilds it from x and the seed).
   // An absent bias is an empty tensor (not None): autograd of list arguments only flows through Tensor[].
   m.def(
       "lora_group_fwd(Tensor x, Tensor[] weights, Tensor[] biases, Tensor[] lora_biases, Tensor[] lora_as, "
-      "Tensor[] lora_bs, float[] scales, float p, Tensor seed) -> (Tensor[], Tensor)");
-  // returns (dx or an empty tensor, dA_cat [n*r, K] or empty, dB_i [N_i, r] (empty where not needed))
+      "Tensor[] lora_bs, float[] scales, float p, Tensor seed, bool keep_xa=True) -> (Tensor[], Tensor)");
+  // returns (dx or an empty tensor, dA_cat [n*r, K] or empty, dB_i [N_i, r] (empty where not needed)); an empty xa
+  // (lora_group_fwd with keep_xa=false) is rebuilt here when some dB_i is needed
   m.def(
       "lora_group_bwd(Tensor x, Tensor xa, Tensor?[] grads, Tensor[] weights, Tensor[] lora_as, Tensor[] lora_bs, "
       "float[] scales, float p, Tensor seed, bool need_x, bool need_a, int[] need_b) -> (Tensor, Tensor, Tensor[])");

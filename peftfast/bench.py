@@ -3,9 +3,13 @@
 ``peftfast bench`` builds a random-weight model from a preset (published configs of Llama 3.2 1B, Llama 3 8B,
 Mistral 7B, Qwen2.5 7B, Gemma 2 9B, BERT base; ``--layers`` truncates the depth) or a local config, and trains the
 same steps on the same data with the reference (PEFT LoRA, PEFT prefix tuning, or peftfast adapters on their eager
-path), with peftfast, and with the installed baselines (``peft+compile``, Liger, Unsloth); one model is alive at a
-time. It reports tokens/s (median, p20-p80 over the timed steps), memory (CUDA allocator peak; on CPU the exact
-saved-activation bytes and the process RSS peak) and the loss agreement with the reference. ``--batch-size auto``
+path), with peftfast, and with the installed baselines (``peft+compile``, Liger, Unsloth). Each variant first runs alone
+(one model alive at a time: its memory is its own). On CPU (``--interleave``, the default there) the timed steps
+then run in turn, one step of each variant after the other with every model alive and each on its own RNG stream,
+so the load of other processes on a shared machine slows them alike (run one after the other, the tokens/s ratio
+of the tiny default moved between 0.8x and 1.36x in three runs; in turn, 1.03x-1.06x). It reports tokens/s
+(median, p20-p80 over the timed steps), memory (CUDA allocator peak; on CPU the exact saved-activation bytes and the
+process RSS peak) and the loss agreement with the reference. ``--batch-size auto``
 (CUDA only) takes the largest power-of-two batch at which one reference step fits; on CPU it is refused.
 
 Saved activations are counted with ``torch.autograd.graph.saved_tensors_hooks``: every tensor autograd keeps for
@@ -193,6 +197,9 @@ class BenchConfig:
     compile_backend: str = "inductor"
     num_virtual_tokens: int = 16
     force: bool = False  # skip the memory fit check
+    # timed steps taken in turn by every variant at once (None: on CPU, where other load comes and goes); memory is
+    # still measured with each variant alone
+    interleave: bool | None = None
 
 
 @dataclass
@@ -628,27 +635,61 @@ def _measure_step(model, batch: dict, params) -> tuple[SavedBytes, OpCount]:
     return saved, ops
 
 
-def _train(model, params, batches, steps: int, device: str, progress: Callable[[str], None] | None, label: str):
-    opt = torch.optim.AdamW([p for p in params if p.requires_grad], lr=1e-4)
-    times, losses, rss = [], [], []
-    torch.manual_seed(1234)  # the same dropout RNG stream for every variant
+_TRAIN_SEED = 1234  # every variant trains on the same dropout RNG stream
+
+
+class _Trainer:
+    """One variant's optimizer and RNG stream, stepped alone or in turn with the others (``interleave``): each step
+    runs under this variant's own generator state, so its losses do not depend on what ran in between."""
+
+    def __init__(self, model, params, device: str):
+        self.model, self.device = model, device
+        self.opt = torch.optim.AdamW([p for p in params if p.requires_grad], lr=1e-4)
+        self.times: list[float] = []
+        self.losses: list[float] = []
+        self.rss = 0
+        self._cuda = torch.device(device) if device.startswith("cuda") else None
+        with torch.random.fork_rng(devices=[self._cuda] if self._cuda else [], device_type="cuda"):
+            torch.manual_seed(_TRAIN_SEED)
+            self._rng = self._rng_state()
+
+    def _rng_state(self) -> tuple:
+        return torch.get_rng_state(), torch.cuda.get_rng_state(self._cuda) if self._cuda else None
+
+    def step(self, batch: dict, timed: bool) -> None:
+        with torch.random.fork_rng(devices=[self._cuda] if self._cuda else [], device_type="cuda"):
+            cpu, cuda = self._rng
+            torch.set_rng_state(cpu)
+            if cuda is not None:
+                torch.cuda.set_rng_state(cuda, self._cuda)
+            _sync(self.device)
+            t0 = time.perf_counter()
+            loss = self.model(**batch).loss
+            loss.backward()
+            self.opt.step()
+            self.opt.zero_grad(set_to_none=True)
+            _sync(self.device)
+            elapsed = time.perf_counter() - t0
+            self._rng = self._rng_state()
+        if timed:
+            self.times.append(elapsed)
+        self.losses.append(loss.detach().float().item())
+        self.rss = max(self.rss, _rss_bytes() or 0)
+
+
+def _bar(label: str, i: int, steps: int) -> str:
+    done = round(20 * (i + 1) / (steps + 1))
+    return f"{label:<13} [{'#' * done}{'.' * (20 - done)}] step {i}/{steps}"
+
+
+def _train(model, params, batches, steps: int, device: str, progress: Callable[[str], None] | None,
+           label: str) -> _Trainer:
+    tr = _Trainer(model, params, device)
     for i in range(steps + 1):  # one warm-up step (autotuning, compilation, caches) that is not timed
-        b = batches[i % len(batches)]
-        _sync(device)
-        t0 = time.perf_counter()
-        loss = model(**b).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        _sync(device)
-        if i > 0:
-            times.append(time.perf_counter() - t0)
-        losses.append(loss.detach().float().item())
-        rss.append(_rss_bytes() or 0)
+        tr.step(batches[i % len(batches)], timed=i > 0)
         if progress:
-            done = round(20 * (i + 1) / (steps + 1))
-            progress(f"{label:<13} [{'#' * done}{'.' * (20 - done)}] step {i}/{steps}")
-    return times, losses, max(rss)
+            progress(_bar(label, i, steps))
+    return tr
 
 
 def _quantiles(xs: list[float]) -> tuple[float, float, float]:
@@ -659,14 +700,20 @@ def _quantiles(xs: list[float]) -> tuple[float, float, float]:
     return q[0], statistics.median(xs), q[3]
 
 
-def _run_variant(variant: str, label: str, setup: Setup, cfg: BenchConfig, batches, tokens: list[int], progress,
-                 recompute: str = "norms") -> MethodResult:
-    """One variant's training run; ``tokens[i]``: the real (unpadded) tokens of ``batches[i]``."""
+def _built(variant: str, label: str, setup: Setup, cfg: BenchConfig, progress, recompute: str):
     if progress:
         progress(f"{label:<13} building the model")
     model, owner = _build(variant, setup, cfg, recompute)
     if variant == "peftfast" and not setup.report:
         setup.report = _patch_summary(owner, cfg)
+    return model, owner
+
+
+def _run_variant(variant: str, label: str, setup: Setup, cfg: BenchConfig, batches, tokens: list[int], progress,
+                 recompute: str = "norms", steps: int | None = None) -> MethodResult:
+    """One variant's training run, alone in the process (its peak memory is its own); ``tokens[i]``: the real
+    (unpadded) tokens of ``batches[i]``; ``steps``: timed steps (default ``cfg.steps``)."""
+    model, owner = _built(variant, label, setup, cfg, progress, recompute)
     params = [*owner.parameters(), *owner.buffers()]
     saved = ops = None
     if variant != "peft+compile":  # a compiled model's saved tensors/ops are the compiler's, not comparable
@@ -674,14 +721,21 @@ def _run_variant(variant: str, label: str, setup: Setup, cfg: BenchConfig, batch
     cuda = cfg.device.startswith("cuda")
     if cuda:
         torch.cuda.reset_peak_memory_stats(torch.device(cfg.device))
-    times, losses, rss = _train(model, owner.parameters(), batches, cfg.steps, cfg.device, progress, label)
-    peak = torch.cuda.max_memory_allocated(torch.device(cfg.device)) if cuda else rss
-    elt = torch.finfo(DTYPES[cfg.dtype]).bits // 8
-    t20, tmed, t80 = _quantiles(times)
-    # timed step i (after the warm-up) trained on batches[(i + 1) % n]; padding is not counted
-    tps20, tpsmed, tps80 = _quantiles([tokens[(i + 1) % len(batches)] / t for i, t in enumerate(times)])
+    tr = _train(model, owner.parameters(), batches, cfg.steps if steps is None else steps, cfg.device, progress,
+                label)
+    peak = torch.cuda.max_memory_allocated(torch.device(cfg.device)) if cuda else tr.rss
     del model, owner, params
     _release_freed_memory()
+    return _result(label, setup, cfg, tokens, len(batches), tr, saved, ops, peak, cuda)
+
+
+def _result(label: str, setup: Setup, cfg: BenchConfig, tokens: list[int], n_batches: int, tr: _Trainer, saved, ops,
+            peak, cuda: bool) -> MethodResult:
+    elt = torch.finfo(DTYPES[cfg.dtype]).bits // 8
+    times, losses = tr.times, tr.losses
+    t20, tmed, t80 = _quantiles(times)
+    # timed step i (after the warm-up) trained on batches[(i + 1) % n]; padding is not counted
+    tps20, tpsmed, tps80 = _quantiles([tokens[(i + 1) % n_batches] / t for i, t in enumerate(times)])
     return MethodResult(
         method=label, step_ms_median=tmed * 1e3, step_ms_p20=t20 * 1e3, step_ms_p80=t80 * 1e3,
         tokens_per_s=tpsmed, tokens_per_s_p20=tps20, tokens_per_s_p80=tps80,
@@ -720,15 +774,21 @@ def run_bench(cfg: BenchConfig, progress: Callable[[str], None] | None = None) -
             plan.append((b, b, None))
     results: list[MethodResult] = []
     setup.report = ""
+    interleave = cfg.device == "cpu" if cfg.interleave is None else cfg.interleave
     for variant, label, recompute in plan:
         try:
+            # interleaved: this pass measures memory and checks the variant runs; the timed steps come after
             results.append(_run_variant(variant, label, setup, cfg, batches, tokens, progress,
-                                        recompute or "norms"))
+                                        recompute or "norms", steps=1 if interleave else None))
         except Exception as exc:
             if variant in ("reference", "peftfast"):
                 raise
             # an optional third-party baseline that breaks is reported, not fatal
             skipped[variant] = f"failed: {type(exc).__name__}: {_one_line(exc, 200)}"
+    if interleave:
+        ran = {r.method for r in results}
+        _interleaved(results, [(v, lb, rc) for v, lb, rc in plan if lb in ran], setup, cfg, batches, tokens,
+                     progress)
     base = results[0].losses
     for r in results:
         r.max_abs_loss_diff_vs_peft = max(abs(a - b) for a, b in zip(r.losses, base))
@@ -739,9 +799,33 @@ def run_bench(cfg: BenchConfig, progress: Callable[[str], None] | None = None) -
         "tokens_per_step": round(statistics.mean(tokens)), "reference": ref_label,
         "device": device_name(cfg.device),
         "versions": bench_versions(), "commit": git_commit(), "report": setup.report, "skipped": skipped,
-        "memory_estimate": setup.estimate, "peftfast_version": peftfast.__version__,
+        "memory_estimate": setup.estimate, "peftfast_version": peftfast.__version__, "interleaved": interleave,
         "results": [asdict(r) for r in results],
     }
+
+
+def _interleaved(results: list[MethodResult], plan, setup: Setup, cfg: BenchConfig, batches, tokens: list[int],
+                 progress) -> None:
+    """Every variant alive at once, one training step each in turn (each on its own RNG stream): load changes on a
+    shared machine then slow all of them alike, instead of whichever ran during a busy second. Replaces the step
+    times and losses of ``results`` (same order as ``plan``); memory stays from their runs alone."""
+    trainers = []
+    for variant, label, recompute in plan:
+        model, owner = _built(variant, label, setup, cfg, progress, recompute or "norms")
+        trainers.append((owner, _Trainer(model, owner.parameters(), cfg.device)))
+    for i in range(cfg.steps + 1):
+        for _, tr in trainers:
+            tr.step(batches[i % len(batches)], timed=i > 0)
+        if progress:
+            progress(_bar("all, in turn", i, cfg.steps))
+    for k, (_, tr) in enumerate(trainers):
+        r = results[k]
+        fresh = _result(r.method, setup, cfg, tokens, len(batches), tr, None, None, None, False)
+        for f in ("step_ms_median", "step_ms_p20", "step_ms_p80", "tokens_per_s", "tokens_per_s_p20",
+                  "tokens_per_s_p80", "losses"):
+            setattr(r, f, getattr(fresh, f))
+    trainers.clear()
+    _release_freed_memory()
 
 
 def _auto_batch(setup: Setup, cfg: BenchConfig, progress) -> int:  # pragma: no cover - needs a CUDA GPU
@@ -854,7 +938,7 @@ def format_table(res: dict) -> str:
                       ", grad-ckpt" if cfg["grad_ckpt"] else ""])
     title = (f"peftfast bench: {res['model']} ({depth}) {what} {cfg['dtype']} on {res['device']}, "
              f"batch {res['batch_size']} x seq {res['seq_len']}{extras} = {res['tokens_per_step']} tokens/step, "
-             f"{cfg['steps']} timed steps; commit {res['commit']}")
+             f"{cfg['steps']} timed steps{' in turn' if res.get('interleaved') else ''}; commit {res['commit']}")
     lines = [title, line(head), line(["-" * w for w in widths]), *map(line, rows)]
     lines += [f"skipped {name}: {why}" for name, why in res["skipped"].items()]
     lines.append(res["report"])

@@ -63,6 +63,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="the same documents one per row, right-padded: the comparison for --packed (tokens/s "
                         "counts real tokens only)")
     b.add_argument("--steps", type=int, default=5, help="timed steps (after one warm-up step)")
+    b.add_argument("--interleave", action=argparse.BooleanOptionalAction, default=None,
+                   help="time the variants one step each in turn, all in memory at once (default: on CPU only, "
+                        "where other load comes and goes); peak memory is measured with each variant alone either "
+                        "way")
     b.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing (non-reentrant) in every run")
     b.add_argument("--no-fuse-loss", dest="fuse_loss", action="store_false",
                    help="patch without the fused linear cross-entropy (the default fuses it for causal LMs)")
@@ -128,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
                       baselines=tuple(b.strip() for b in args.baselines.split(",") if b),
                       dtype=args.dtype, backend=args.backend, device=args.device,
                       compile_backend=args.compile_backend, num_virtual_tokens=args.num_virtual_tokens,
-                      force=args.force)
+                      force=args.force, interleave=args.interleave)
     progress = _Progress(args.quiet)
     try:
         res = run_bench(cfg, progress)

@@ -121,6 +121,23 @@ def test_bench_outputs_record_device_versions_commit_and_show_progress(tmp_path,
     assert rows[1].startswith("peftfast,") and rows[1].endswith(res["commit"])
 
 
+def test_interleaved_timing_keeps_each_variants_losses_and_memory(tmp_path):
+    """On CPU the variants' timed steps run in turn (all models alive, each on its own RNG stream): with dropout,
+    every variant's losses and measured memory are those of the runs one after the other."""
+    argv = ("--steps", "2", "--seq-len", "16", "--layers", "1", "--dropout", "0.1", "--quiet")
+    one_by_one, _ = run(tmp_path / "seq", *argv, "--no-interleave")
+    turns, out = run(tmp_path / "turns", *argv)  # the CPU default
+    assert not one_by_one["interleaved"] and turns["interleaved"] and "timed steps in turn" in out
+    assert len(turns["results"]) == 4
+    for a, b in zip(one_by_one["results"], turns["results"]):
+        assert a["method"] == b["method"] and len(b["losses"]) == 3
+        assert a["losses"] == b["losses"], a["method"]
+        assert a["saved_mb"] == b["saved_mb"] and a["work_ops_per_step"] == b["work_ops_per_step"]
+        assert 0 < b["tokens_per_s_p20"] <= b["tokens_per_s"] <= b["tokens_per_s_p80"]
+    # LoRA B starts at zero, so only the losses after the first update depend on the dropout masks drawn
+    assert len({r["losses"][2] for r in turns["results"][:2]}) == 2
+
+
 def test_bench_dropout_saves_less_than_peft(tmp_path):
     assert cli.main(["bench", "--steps", "1", "--seq-len", "16", "--dropout", "0.1", "--recompute", "none",
                      "--quiet", "--out", str(tmp_path)]) == 0
@@ -280,13 +297,14 @@ def test_grad_ckpt_keeps_less_and_trains_the_same(tmp_path):
 
 def test_default_bench_meets_the_cpu_saved_activation_target(tmp_path):
     """The default run (tiny, LoRA r=16 on all linears, dropout 0.05, batch 2 x seq 128): with recompute=mlp the
-    patched model keeps at most 0.15x PEFT's saved activations (measured 0.12x); recompute=attn 0.31x (measured
-    0.302x: q/k/v gone, x, r, O, g, u and the LoRA products left); the patch default (recompute=norms) 0.4x (0.37x)."""
+    patched model keeps at most 0.15x PEFT's saved activations (measured 0.12x); recompute=attn 0.3x (measured
+    0.296x: q/k/v and their LoRA products gone; x, r, O, g, u left); the patch default (recompute=norms)
+    0.4x (0.37x)."""
     res, out = run(tmp_path, "--steps", "1", "--quiet")
     assert (res["model"], res["batch_size"], res["seq_len"], res["config"]["dropout"]) == ("tiny", 2, 128, 0.05)
     peft, fast, mid, lean = res["results"]
     assert lean["saved_mb"] <= 0.15 * peft["saved_mb"], out
-    assert mid["saved_mb"] <= 0.31 * peft["saved_mb"], out
+    assert mid["saved_mb"] <= 0.3 * peft["saved_mb"], out
     assert fast["saved_mb"] <= 0.4 * peft["saved_mb"], out
     assert lean["losses"] == mid["losses"] == fast["losses"] and fast["max_rel_loss_diff_vs_peft"] < 1e-4
 

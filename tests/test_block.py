@@ -60,7 +60,8 @@ def test_fusion_removes_two_ops_per_layer():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_recompute_settings_keep_gradients_bit_for_bit_and_save_exactly_less(backend, dtype):
     """recompute="norms" rebuilds both norm outputs per block (the q/k/v group and the MLP no longer keep them);
-    "attn" also reruns norm, projections and RoPE in backward, so the attention keeps no q, k, v; "mlp" also drops
+    "attn" also reruns norm, projections and RoPE in backward, so the attention keeps no q, k, v (and the q/k/v
+    LoRA projections no x·Aᵀ: the rerun makes it again); "mlp" also drops
     g, u and x·A_catᵀ. The rebuilt tensors are the same bits (same dropout seeds), so every gradient is too."""
     model = peft_model("llama", lora_dropout=0.1, base_dtype=dtype)
     data = batch("llama")
@@ -84,8 +85,16 @@ def test_recompute_settings_keep_gradients_bit_for_bit_and_save_exactly_less(bac
     assert got["none"][2] - got["norms"][2] == (2 * layers - 1) * tokens * cfg.hidden_size * elt
     head = cfg.hidden_size // cfg.num_attention_heads
     qkv = (cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * head
-    assert got["norms"][2] - got["attn"][2] == layers * tokens * qkv * elt
+    assert got["norms"][2] - got["attn"][2] == layers * tokens * (qkv * elt + _attn_low_rank(model) * lora_elt)
     assert got["attn"][2] - got["mlp"][2] == layers * tokens * (2 * cfg.intermediate_size * elt + 2 * r * lora_elt)
+
+
+def _attn_low_rank(model) -> int:
+    """x·Aᵀ values per token that one layer's q/k/v LoRA projections keep unless recompute="attn" (Σ ranks; o_proj
+    runs after the attention kernel, outside the rerun, and keeps its own)."""
+    attn = model.base_model.model.model.layers[0].self_attn
+    names = ("q_proj", "k_proj", "v_proj", "qkv_proj")
+    return sum(getattr(attn, n).lora_A["default"].out_features for n in names if hasattr(attn, n))
 
 
 def _calls(model) -> dict[str, int]:
@@ -116,7 +125,8 @@ def _layouts(kind: str, data: dict) -> dict:
 @pytest.mark.parametrize("kind", ["plain", "cache", "packed", "padded"])
 def test_attn_rebuild_keeps_gradients_bit_for_bit(arch, kind):
     """recompute="attn" reruns the attention's inputs in backward, whatever the batch layout (a cache the forward
-    fills, packed documents, padding): the same loss and gradients bit for bit, q/k/v not kept, and the rerun
+    fills, packed documents, padding): the same loss and gradients bit for bit, q/k/v (and the q/k/v LoRA
+    projections' x·Aᵀ) not kept, and the rerun
     counts no extra fused call. Gemma 2 (softcap, sliding window) and Phi-3 (one qkv_proj) keep unfused blocks:
     the rerun lives in the attention module, so they drop q, k, v too."""
     model = peft_model(arch, lora_dropout=0.1)
@@ -136,7 +146,8 @@ def test_attn_rebuild_keeps_gradients_bit_for_bit(arch, kind):
     cfg = model.config
     head = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     qkv = (cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * head
-    assert got["norms"][2] - got["attn"][2] == cfg.num_hidden_layers * data["input_ids"].numel() * qkv * 4
+    per_token = (qkv + _attn_low_rank(model)) * 4  # fp32 base and LoRA weights
+    assert got["norms"][2] - got["attn"][2] == cfg.num_hidden_layers * data["input_ids"].numel() * per_token
     assert got["attn"][3] == got["norms"][3] and all(got["attn"][3].values())  # one fused call each, per setting
 
 
@@ -155,7 +166,7 @@ def test_attn_rebuild_on_the_triton_kernels_keeps_gradients_bit_for_bit():
         got[setting] += (saved.total, sum(launches.values()))
     cfg = model.config
     qkv = (cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * (cfg.hidden_size // cfg.num_attention_heads)
-    assert got["norms"][2] - got["attn"][2] == data["input_ids"].numel() * qkv * 4
+    assert got["norms"][2] - got["attn"][2] == data["input_ids"].numel() * (qkv + _attn_low_rank(model)) * 4
     assert got["attn"][3] > got["norms"][3]  # the rerun's launches (forward kernels again)
     assert torch.equal(got["attn"][0], got["norms"][0])
     assert all(torch.equal(got["attn"][1][n], g) for n, g in got["norms"][1].items())

@@ -62,6 +62,11 @@ def test_opcheck_lora_group_fwd(p):
     bs = [bs[0], e, bs[2]]
     torch.library.opcheck(torch.ops.peftfast.lora_group_fwd.default,
                           (x, ws, bs, lbs, as_, bms, sc, p, torch.tensor([7])))
+    # keep_xa=False: xa comes back empty and the registered backward rebuilds it
+    ys, xa = torch.ops.peftfast.lora_group_fwd(x, ws, bs, lbs, as_, bms, sc, p, torch.tensor([7]), False)
+    assert xa.shape == (0,) and xa.dtype == as_[0].dtype
+    torch.library.opcheck(torch.ops.peftfast.lora_group_fwd.default,
+                          (x, ws, bs, lbs, as_, bms, sc, p, torch.tensor([7]), False))
 
 
 @needs_ext
@@ -74,6 +79,17 @@ def test_opcheck_lora_group_bwd(p, need):
     grads = [torch.randn(37, 50), None, torch.randn(37, 24)]
     torch.library.opcheck(torch.ops.peftfast.lora_group_bwd.default,
                           (x, xa, grads, ws, as_, bms, sc, p, torch.tensor([7]), *need))
+    # an xa the forward did not keep (empty) is rebuilt: the same results as passing the forward's xa
+    kept = torch.ops.peftfast.lora_group_fwd(x, ws, [x.new_empty(0)] * 3, [x.new_empty(0)] * 3, as_, bms, sc, p,
+                                             torch.tensor([7]))[1]
+    args = (grads, ws, as_, bms, sc, p, torch.tensor([7]), *need)
+    bwd = torch.ops.peftfast.lora_group_bwd
+    want, got = bwd(x, kept, *args), bwd(x, xa[:0, 0], *args)
+    for g, w in zip([got[0], got[1], *got[2]], [want[0], want[1], *want[2]]):
+        assert torch.equal(g, w)
+    torch.library.opcheck(torch.ops.peftfast.lora_group_bwd.default, (x, xa[:0, 0], *args))
+    with pytest.raises(RuntimeError, match="xa has shape"):
+        torch.ops.peftfast.lora_group_bwd(x, xa[:5], *args)
 
 
 @needs_ext
@@ -159,6 +175,13 @@ def test_cuda_key_implementation_matches_the_cpp_op(need):
     for g, w in zip([got[0], got[1], *got[2]], [want[0], want[1], *want[2]]):
         assert g.shape == w.shape
         torch.testing.assert_close(g, w, rtol=2e-4, atol=2e-4)
+    # keep_xa=False on both: an empty xa forward, rebuilt in backward
+    assert L._fwd_cuda(*fwd_args, False)[1].shape == (0,)
+    assert torch.ops.peftfast.lora_group_fwd(*fwd_args, False)[1].shape == (0,)
+    kept = L._bwd_cuda(x, L._fwd_cuda(*fwd_args)[1], *bwd_args[2:])
+    got_e = L._bwd_cuda(x, xa.new_empty((0,)), *bwd_args[2:])
+    for g, w in zip([got_e[0], got_e[1], *got_e[2]], [kept[0], kept[1], *kept[2]]):
+        assert torch.equal(g, w)
 
 
 @needs_ext

@@ -221,6 +221,42 @@ def test_saved_tensors_are_x_and_xa_only(backend):
     sum(y.sum() for y in ys).backward()
 
 
+@pytest.mark.parametrize("p", [0.0, 0.3])
+@pytest.mark.parametrize("backend,dtype,lora_dtype", [
+    *((be, torch.float32, None) for be in ("torch", "triton")),
+    ("torch", torch.float16, torch.float32),  # fp32 LoRA over an fp16 base
+    *(pytest.param("cpp", dt, ldt, marks=CPP.marks) for dt, ldt in [(torch.float32, None),
+                                                                   (torch.float16, torch.float32)]),
+])
+def test_keep_xa_false_keeps_only_x_and_the_same_gradients(backend, p, dtype, lora_dtype):
+    """keep_xa=False: only x is kept (no x·A_catᵀ); backward rebuilds it from x and the seed, so outputs and every
+    gradient are bit-for-bit those of keep_xa=True (dropout, GQA widths, LoRA and base dtypes apart)."""
+    x, ws, bs, lbs, as_, bms, sc = _make(37, 80, [96, 48, 48], 8, dtype, lbias=True, lora_dtype=lora_dtype)
+    leaves = _leaves(x, bs, lbs, as_, bms)
+    grads = [torch.randn(37, w.shape[0], dtype=dtype) for w in ws]
+    params = {t.untyped_storage().data_ptr() for t in [*ws, *bs, *lbs, *as_, *bms]}
+    got = {}
+    for keep in (True, False):
+        saved = []
+
+        def pack(t):
+            if t.untyped_storage().data_ptr() not in params and t.dtype != torch.int64 and t.numel():
+                saved.append(t)
+            return t
+
+        def fn():
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                return lora_linear_group(x, ws, bs, as_, bms, sc, lora_biases=lbs, dropout_p=p, seed=77,
+                                         backend=backend, keep_xa=keep)
+
+        got[keep] = _run(fn, leaves, grads), {t.untyped_storage().data_ptr() for t in saved}
+    assert got[False][1] == {x.untyped_storage().data_ptr()}
+    assert len(got[True][1]) == 2
+    (y1, g1), (y0, g0) = got[True][0], got[False][0]
+    assert all(torch.equal(a, b) for a, b in zip(y1, y0))
+    assert all(torch.equal(a, b) for a, b in zip(g1, g0))
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_no_input_grad(backend):
     x, ws, bs, lbs, as_, bms, sc = _make(9, 32, [16], 4, torch.float32)

@@ -8,8 +8,17 @@ import pytest
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from peftfast import _ext
 from peftfast.bench import saved_activation_bytes
-from peftfast.ops.recompute import capture, offered, rebuilding, rebuilding_offered, why_not_rebuild
+from peftfast.ops.recompute import (
+    capture,
+    offered,
+    rebuilding,
+    rebuilding_offered,
+    restored_rng,
+    rng_state,
+    why_not_rebuild,
+)
 
 
 def _leaves():
@@ -192,6 +201,97 @@ def test_a_rerun_that_misses_the_kernel_or_differs_is_an_error():
     loss = rebuilding_offered(lambda s: capture(_model, s[:4], w), (x,), _model, x, w)
     with pytest.raises(RuntimeError, match=r"offered tensor 0 as \(4, 6\) torch.float32, the forward as \(9, 6\)"):
         loss.backward()
+
+
+# ---- the LoRA projections that feed the offered tensors: their x·Aᵀ comes from the rerun ----
+def _lora_attention(backend: str, offer: bool = True):
+    """q, k, v from one LoRA group with dropout (the rerun redraws its seed under the forward's RNG state), then
+    the stand-in kernel on them; ``offer=False``: the kernel is called without an offer (no rerun will come)."""
+    from peftfast.ops.lora import lora_linear_group
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(11, 16, generator=g).requires_grad_()
+    ws = [torch.randn(n, 16, generator=g) / 4 for n in (8, 8, 8)]
+    as_ = [torch.randn(4, 16, generator=g).requires_grad_() for _ in range(3)]
+    bs = [torch.randn(8, 4, generator=g).requires_grad_() for _ in range(3)]
+
+    def model(h):
+        q, k, v = lora_linear_group(h, ws, [None] * 3, as_, bs, [0.5, 1.0, 2.0], dropout_p=0.2, backend=backend)
+        if not offer:
+            return _kernel(q, k, v)
+        with offered(q, k, v):
+            return _kernel(q, k, v)
+
+    def rerun(h, state):
+        with restored_rng(state):
+            return capture(model, h)
+
+    return x, [x, *as_, *bs], model, rerun
+
+
+def _bwd_xa_shapes(loss) -> list[tuple]:
+    """The xa each lora_group_bwd call of ``loss.backward()`` receives (the C++ op: an empty one is recomputed)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen = []
+
+    class _Spy(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.peftfast.lora_group_bwd.default:
+                seen.append(tuple(args[1].shape))
+            return func(*args, **(kwargs or {}))
+
+    with _Spy():
+        loss.backward()
+    return seen
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton", pytest.param("cpp", marks=pytest.mark.skipif(
+    not _ext.available(), reason=f"peftfast._C: {_ext.status()}"))])
+def test_offered_region_keeps_no_low_rank_product_and_the_rerun_supplies_it(backend):
+    x, leaves, model, rerun = _lora_attention(backend)
+    torch.manual_seed(7)
+    want_loss = model(x)
+    want_loss.backward()
+    want = [t.grad.clone() for t in leaves]
+    for t in leaves:
+        t.grad = None
+    torch.manual_seed(7)
+    state = rng_state(x.device)
+    loss = rebuilding_offered(lambda h: rerun(h, state), (x,), model, x)
+    shapes = _bwd_xa_shapes(loss)
+    assert torch.equal(loss, want_loss)
+    assert all(torch.equal(t.grad, w) for t, w in zip(leaves, want))
+    if backend == "cpp":  # the registered backward got the rerun's xa: nothing computed twice
+        assert shapes == [(11, 12)]
+    torch.manual_seed(7)
+    _, plain = saved_activation_bytes(lambda: model(x), exclude=leaves)
+    torch.manual_seed(7)
+    state = rng_state(x.device)
+    _, lean = saved_activation_bytes(lambda: rebuilding_offered(lambda h: rerun(h, state), (x,), model, x),
+                                     exclude=leaves)
+    assert plain.total - lean.total == 3 * 11 * 8 * 4 + 11 * 12 * 4  # q, k, v and x·A_catᵀ
+
+
+def test_without_the_offer_the_low_rank_product_is_kept_as_a_saved_tensor():
+    """No offer taken, so no rerun: the slot keeps x·A_catᵀ through the outer hooks, which count it as saved."""
+    x, leaves, model, rerun = _lora_attention("torch", offer=False)
+    torch.manual_seed(7)
+    _, plain = saved_activation_bytes(lambda: model(x), exclude=leaves)
+    torch.manual_seed(7)
+    state = rng_state(x.device)
+    _, region = saved_activation_bytes(lambda: rebuilding_offered(lambda h: rerun(h, state), (x,), model, x),
+                                       exclude=leaves)
+    assert region.total == plain.total
+    torch.manual_seed(7)
+    model(x).backward()
+    want = [t.grad.clone() for t in leaves]
+    for t in leaves:
+        t.grad = None
+    torch.manual_seed(7)
+    state = rng_state(x.device)
+    rebuilding_offered(lambda h: rerun(h, state), (x,), model, x).backward()
+    assert all(torch.equal(t.grad, w) for t, w in zip(leaves, want))
 
 
 def test_offered_outside_a_region_or_under_checkpointing_runs_as_is():

@@ -12,7 +12,9 @@ transformers release that changes the maths is refused with a reason rather than
 With ``patch(recompute="attn")`` the patched forward is also where backward reruns the attention up to its kernel
 (``peftfast.ops.recompute.rebuilding_offered``): from the module's input, under the forward's RNG state, without
 the cache, so the fused attention kernel keeps no q, k, v; in fused blocks that input is itself the norm output
-backward rebuilds. Any RoPE attention patched here, fused block or not (Gemma 2, Phi-3), gets it.
+backward rebuilds. The q/k/v LoRA projections keep no ``dropout(x)·Aᵀ`` either: the rerun makes it again on its
+way and hands it to their backward (``peftfast.ops.recompute.low_rank_slot``). Any RoPE attention patched here,
+fused block or not (Gemma 2, Phi-3), gets it.
 """
 
 from __future__ import annotations

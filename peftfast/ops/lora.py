@@ -6,7 +6,11 @@ q/k/v or gate/up for a grouped call)::
     y_i = x @ W_iᵀ + b_i + s_i * (dropout_i(x) @ A_iᵀ @ B_iᵀ + bB_i)
 
 with ``W_i`` frozen. Saved for backward: ``x`` once for all members and ``xa = dropout(x) @ Aᵀ`` (M × Σr); the
-dropout masks are regenerated from ``seed`` (never stored). Backends share that contract:
+dropout masks are regenerated from ``seed`` (never stored). ``xa`` is not kept either where the backward finds it
+elsewhere: inside a ``rebuilding_offered`` region (``patch(recompute="attn")``: the q/k/v projections) the region's
+rerun makes it again on its way (``peftfast.ops.recompute.low_rank_slot``); with ``keep_xa=False`` backward runs the
+same masked ``x @ A_catᵀ`` again from the kept ``x`` and the seed when it needs some ``dB_i`` (Σr values per token
+fewer for one skinny GEMM). Either way the same bits. Backends share that contract:
 
 * ``triton``: the kernels of ``peftfast.kernels.lora`` (CUDA, or CPU tensors under ``TRITON_INTERPRET=1``);
 * ``cpp``: the C++ kernels of ``peftfast._C`` (``csrc/lora.cpp``): ATen GEMMs plus ``at::parallel_for`` masking
@@ -21,12 +25,14 @@ ops ``torch.ops.peftfast.lora_group_fwd`` / ``lora_group_bwd`` (fake kernels and
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Sequence
 
 import torch
 
 from peftfast import _ext
 from peftfast.ops._backend import resolve_backend
+from peftfast.ops.recompute import LowRankSlot, deposit_low_rank, low_rank_slot
 
 MAX_RANK = 256
 _MAX_IN_PER_LAUNCH = 3  # dense inputs one dx launch sums (q/k/v)
@@ -324,10 +330,13 @@ def group_backward(x2d, xa, flat, scales, p, seed, backend, n, need_x: bool, fla
 def _impl_backward(impl, x2d, xa, ws, as_, bmats, scales, p, seed, need_x: bool, need_a: bool, need_bm,
                    dy2) -> tuple:
     """(dx or None, dA_cat [n*r, K] or None, [dB_i or None]) on the torch / Triton backends; dA_cat stays one
-    tensor (the registered op returns it whole, ``group_backward`` hands out row views of it)."""
+    tensor (the registered op returns it whole, ``group_backward`` hands out row views of it). ``xa`` not kept
+    (1-D, empty) is rebuilt when some dB_i needs it."""
     n = len(ws)
     rank = as_[0].shape[0]
     m = x2d.shape[0]
+    if xa.dim() != 2 and any(need_bm[i] and dy2[i] is not None for i in range(n)):
+        xa = impl.down(x2d, as_[0] if n == 1 else torch.cat(as_, dim=0), rank, n, p, seed, 1.0)
     g_cat = None
     if need_x or need_a:
         g_cat = torch.empty((m, n * rank), device=x2d.device, dtype=xa.dtype)
@@ -384,10 +393,14 @@ class _LoRAGroupFunction(torch.autograd.Function):
     """Fused forward/backward of ``n`` LoRA linears sharing one input. ``flat`` = Ws, bs, bBs, As, Bs."""
 
     @staticmethod
-    def forward(ctx, x, scales, p, seed, backend, n, *flat):
+    def forward(ctx, x, scales, p, seed, backend, keep_xa, slot, n, *flat):
         x2d = x.reshape(-1, x.shape[-1])
         ys, xa = group_forward(x2d, scales, p, seed, backend, n, flat)
-        ctx.save_for_backward(x2d, xa, *flat)
+        deposit_low_rank(xa)
+        if slot is not None:
+            slot.hold(xa)
+        ctx.save_for_backward(x2d, xa if keep_xa and slot is None else xa.new_empty((0,)), *flat)
+        ctx.slot = slot
         ctx.meta = (scales, p, seed, backend, n, x.shape)
         return tuple(y.view(*x.shape[:-1], y.shape[-1]) for y in ys)
 
@@ -395,11 +408,21 @@ class _LoRAGroupFunction(torch.autograd.Function):
     def backward(ctx, *dys):
         scales, p, seed, backend, n, x_shape = ctx.meta
         x2d, xa, *flat = ctx.saved_tensors
+        xa = _from_slot(ctx.slot, xa)
         need = ctx.needs_input_grad
         m = x2d.shape[0]
         dy2 = [None if d is None else d.reshape(m, -1) for d in dys]
-        grad_x, grads = group_backward(x2d, xa, flat, scales, p, seed, backend, n, need[0], need[6:], dy2)
-        return (None if grad_x is None else grad_x.view(x_shape), None, None, None, None, None, *grads)
+        grad_x, grads = group_backward(x2d, xa, flat, scales, p, seed, backend, n, need[0], need[8:], dy2)
+        return (None if grad_x is None else grad_x.view(x_shape), None, None, None, None, None, None, None, *grads)
+
+
+def _from_slot(slot: LowRankSlot | None, xa: torch.Tensor) -> torch.Tensor:
+    """The saved ``xa``, or where it was not saved, what the region's rerun deposited (if it did: else empty, and
+    the backward computes it)."""
+    if slot is None or xa.dim() == 2:
+        return xa
+    got = slot.take()
+    return got if got is not None else xa
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -420,11 +443,11 @@ def _or_none(ts) -> list:
     return [t if t.numel() else None for t in ts]
 
 
-def _fwd_cuda(x, weights, biases, lora_biases, lora_as, lora_bs, scales, p, seed):
+def _fwd_cuda(x, weights, biases, lora_biases, lora_as, lora_bs, scales, p, seed, keep_xa=True):
     n = len(weights)
     ys, xa = group_forward(x, scales, p, int(seed.item()), "triton", n,
                            [*weights, *_or_none(biases), *_or_none(lora_biases), *lora_as, *lora_bs])
-    return ys, xa
+    return ys, xa if keep_xa else xa.new_empty((0,))
 
 
 def _bwd_cuda(x, xa, grads, weights, lora_as, lora_bs, scales, p, seed, need_x, need_a, need_b):
@@ -434,9 +457,10 @@ def _bwd_cuda(x, xa, grads, weights, lora_as, lora_bs, scales, p, seed, need_x, 
             [d if d is not None else xa.new_empty((0,)) for d in dbs])
 
 
-def _fwd_fake(x, weights, biases, lora_biases, lora_as, lora_bs, scales, p, seed):
+def _fwd_fake(x, weights, biases, lora_biases, lora_as, lora_bs, scales, p, seed, keep_xa=True):
     m, r = x.shape[0], lora_as[0].shape[0]
-    return [x.new_empty((m, w.shape[0])) for w in weights], x.new_empty((m, len(weights) * r), dtype=lora_as[0].dtype)
+    xa_shape = (m, len(weights) * r) if keep_xa else (0,)
+    return [x.new_empty((m, w.shape[0])) for w in weights], x.new_empty(xa_shape, dtype=lora_as[0].dtype)
 
 
 def _bwd_fake(x, xa, grads, weights, lora_as, lora_bs, scales, p, seed, need_x, need_a, need_b):
@@ -447,23 +471,31 @@ def _bwd_fake(x, xa, grads, weights, lora_as, lora_bs, scales, p, seed, need_x, 
     return dx, da, dbs
 
 
+_next = threading.local()  # .slot: the low-rank slot of the lora_group_fwd call now running (eager only)
+
+
 def _fwd_setup(ctx, inputs, output) -> None:
-    x, weights, biases, lora_biases, lora_as, lora_bs, scales, p, seed = inputs
-    xa = output[1]
+    x, weights, biases, lora_biases, lora_as, lora_bs, scales, p, seed, *_ = inputs
+    xa = output[1]  # empty when not kept (keep_xa=False): lora_group_bwd rebuilds it
     ctx.meta = (len(weights), list(scales), float(p))
     ctx.bias_dtypes = (_dtypes(biases), _dtypes(lora_biases))  # bias gradients are sums of dy: dtypes suffice
     ctx.mark_non_differentiable(xa)
+    ctx.slot = None if torch.compiler.is_compiling() else getattr(_next, "slot", None)
+    if ctx.slot is not None:
+        ctx.slot.hold(xa)
+        xa = xa.new_empty((0,))
     ctx.save_for_backward(x, xa, seed, *weights, *lora_as, *lora_bs)
 
 
 def _fwd_backward(ctx, grad_ys, grad_xa):
     n, scales, p = ctx.meta
     x, xa, seed, *rest = ctx.saved_tensors
+    xa = _from_slot(getattr(ctx, "slot", None), xa)
     need = ctx.needs_input_grad  # structured like the inputs: one list per Tensor[] argument
     flat_need = [flag for i in range(1, 6) for flag in need[i]]
     dx, grads = _registered_backward(x, xa, rest[:n], *ctx.bias_dtypes, rest[n:2 * n], rest[2 * n:], scales, p, seed,
                               need[0], flat_need, list(grad_ys))
-    return dx, *(list(grads[i * n:(i + 1) * n]) for i in range(5)), None, None, None
+    return dx, *(list(grads[i * n:(i + 1) * n]) for i in range(5)), None, None, None, None
 
 
 _LIB: torch.library.Library | None = None
@@ -545,31 +577,43 @@ def lora_linear_group(
     seed: int | torch.Tensor | None = None,
     backend: str = "auto",
     name: str = "",
+    keep_xa: bool = True,
 ) -> tuple[torch.Tensor, ...]:
     """Fused LoRA linears that share ``x``: ``y_i = x W_iᵀ + b_i + s_i (drop_i(x) A_iᵀ B_iᵀ + bB_i)``.
 
     ``weights[i]`` is ``[N_i, K]`` (pass ``W.t()`` for ``fan_in_fan_out`` layers; strides are honoured), all
     members share one rank and dropout probability, and each member gets an independent dropout mask.
+    ``keep_xa=False`` keeps no ``dropout(x) @ A_catᵀ`` for backward, which rebuilds it (the same bits).
     """
     n = len(weights)
     lora_biases = list(lora_biases) if lora_biases is not None else [None] * n
     biases = list(biases)
     _check_group(x, weights, biases, lora_as, lora_bs, scales, lora_biases, dropout_p, name)
     be = resolve_backend(backend, x.device)
+    # inside a recompute="attn" region: the rerun makes xa again, so nothing keeps it
+    slot = low_rank_slot() if keep_xa else None
     if _use_registered_op(be, x.device):
         x2d = x.reshape(-1, x.shape[-1])
-        ys, _ = torch.ops.peftfast.lora_group_fwd(x2d, list(weights), _no_none(biases, x), _no_none(lora_biases, x),
-                                                  list(lora_as),
-                                                  list(lora_bs), [float(s) for s in scales], float(dropout_p),
-                                                  seed_tensor(seed, x.device, float(dropout_p)))
+        args = (x2d, list(weights), _no_none(biases, x), _no_none(lora_biases, x), list(lora_as), list(lora_bs),
+                [float(s) for s in scales], float(dropout_p), seed_tensor(seed, x.device, float(dropout_p)),
+                bool(keep_xa))
+        if slot is None:
+            ys, xa = torch.ops.peftfast.lora_group_fwd(*args)
+        else:
+            _next.slot = slot  # for _fwd_setup, which saves no xa then
+            try:
+                ys, xa = torch.ops.peftfast.lora_group_fwd(*args)
+            finally:
+                _next.slot = None
+        deposit_low_rank(xa)
         return tuple(y.view(*x.shape[:-1], y.shape[-1]) for y in ys)
     if isinstance(seed, torch.Tensor):
         seed = int(seed.item())
     if dropout_p > 0.0 and seed is None:
         seed = draw_seed(x.device)
     flat = [*weights, *biases, *lora_biases, *lora_as, *lora_bs]
-    return _LoRAGroupFunction.apply(x, tuple(float(s) for s in scales), float(dropout_p), int(seed or 0), be, n,
-                                    *flat)
+    return _LoRAGroupFunction.apply(x, tuple(float(s) for s in scales), float(dropout_p), int(seed or 0), be,
+                                    bool(keep_xa), slot, n, *flat)
 
 
 def lora_linear(

@@ -23,6 +23,12 @@ point in :func:`capture` mode, where ``offered`` hands the tensors back by raisi
 The caller must make that rerun reproduce the tensors bit for bit (restored RNG state for dropout seeds, no cache
 writes); a rerun that never reaches ``offered``, or reaches it with other shapes, is an error, never a silent
 mismatch.
+
+The LoRA projections that feed the offered tensors keep their skinny ``dropout(x)·Aᵀ`` in the same region for free:
+each asks for a :func:`low_rank_slot` (in forward order) and saves none; the slot holds the product until the region
+ends, then lets it go if the offer was taken. In backward the rerun passes through the same projections in the same
+order, and each hands its product to its slot (:func:`deposit_low_rank`), which the projection's backward takes, so
+nothing is computed twice. Where the offer was not taken (no rerun will come), the slots keep the products.
 """
 
 from __future__ import annotations
@@ -213,13 +219,14 @@ class _Group:
     """One region: its recipe, the layouts of the offered tensors, and their rebuilt copies while some saved view
     of them has not been unpacked in this backward yet."""
 
-    __slots__ = ("rebuild", "sources", "packed", "outer", "autocast", "layouts", "recipes", "live", "pending")
+    __slots__ = ("rebuild", "sources", "packed", "outer", "autocast", "layouts", "recipes", "live", "pending", "slots")
 
     def __init__(self, rebuild: Callable[..., tuple[torch.Tensor, ...]], sources: Sequence[torch.Tensor]):
         self.rebuild, self.sources, self.packed, self.outer = rebuild, tuple(sources), None, None
         self.autocast = None
         self.layouts: list[_Layout] = []
         self.recipes, self.live, self.pending = 0, None, 0
+        self.slots: list[LowRankSlot] = []
 
     def match(self, t: torch.Tensor) -> int | None:
         ptr = t.untyped_storage().data_ptr()
@@ -230,7 +237,12 @@ class _Group:
 
     def rebuilt(self, index: int) -> torch.Tensor:
         if self.live is None:  # one rerun serves every saved view (the kernel's backward unpacks them together)
-            got = tuple(_run_recipe(self.rebuild, self.packed, self.outer[1], self.autocast))
+            before = getattr(_local, "rerun", None)
+            _local.rerun = [self.slots, 0]  # the projections on the way deposit their low-rank products
+            try:
+                got = tuple(_run_recipe(self.rebuild, self.packed, self.outer[1], self.autocast))
+            finally:
+                _local.rerun = before
             if len(got) != len(self.layouts):
                 raise RuntimeError(f"peftfast: the backward rerun offered {len(got)} tensors, the forward "
                                    f"{len(self.layouts)}")
@@ -281,11 +293,77 @@ def rebuilding_offered(rebuild: Callable[..., tuple[torch.Tensor, ...]], sources
     if _plan()[0] is not None:
         return fn(*args, **kwargs)
     stack = _local.__dict__.setdefault("pending", [])
-    stack.append(_Group(rebuild, sources))
+    group = _Group(rebuild, sources)
+    stack.append(group)
     try:
         return fn(*args, **kwargs)
     finally:
         stack.pop()
+        if group.layouts:  # the offer was taken: the rerun will deposit what the slots hold now
+            for slot in group.slots:
+                slot.rerun, slot.xa = True, None
+        elif group.slots:  # no rerun will come: kept after all, through the outer hooks as any saved tensor is
+            outer = _plan()[1]
+            for slot in group.slots:
+                slot.keep(outer)
+
+
+class LowRankSlot:
+    """Where a LoRA projection inside a ``rebuilding_offered`` region finds, in backward, the ``dropout(x)·Aᵀ`` it did
+    not save: held here until the region ends; after it, deposited by the region's rerun if the offer was taken."""
+
+    __slots__ = ("xa", "rerun", "shape", "packed", "unpack")
+
+    def __init__(self):
+        self.xa: torch.Tensor | None = None
+        self.rerun, self.shape, self.packed, self.unpack = False, None, None, None
+
+    def hold(self, xa: torch.Tensor) -> None:
+        """The forward's product (the projection saves none)."""
+        self.xa, self.shape = xa, tuple(xa.shape)
+
+    def keep(self, outer: tuple[Callable, Callable] | None) -> None:
+        """The region ended without its offer taken: keep the product as a saved tensor (outer hooks see it)."""
+        if self.xa is not None and outer is not None:
+            self.packed, self.unpack, self.xa = outer[0](self.xa), outer[1], None
+
+    def take(self) -> torch.Tensor | None:
+        """The product for this backward (None if no rerun deposited it: the caller computes it)."""
+        if self.packed is not None:
+            return self.unpack(self.packed)
+        xa = self.xa
+        if self.rerun:
+            self.xa = None  # deposited for this backward only; a second backward's rerun deposits again
+        return xa
+
+
+def low_rank_slot() -> LowRankSlot | None:
+    """A slot for the ``dropout(x)·Aᵀ`` of the LoRA projection about to run (in grad mode) when a
+    ``rebuilding_offered`` region is waiting for its offer; None elsewhere (the projection saves it as usual)."""
+    if getattr(_local, "capturing", False) or torch.compiler.is_compiling() or not torch.is_grad_enabled():
+        return None
+    stack = getattr(_local, "pending", None)
+    group = stack[-1] if stack else None
+    if group is None:
+        return None
+    slot = LowRankSlot()
+    group.slots.append(slot)
+    return slot
+
+
+def deposit_low_rank(xa: torch.Tensor) -> None:
+    """In a region's rerun, hand ``xa`` to the slot the forward's projection at this point of the order took."""
+    if torch.compiler.is_compiling():
+        return
+    rerun = getattr(_local, "rerun", None)
+    if rerun is None or not getattr(_local, "capturing", False):
+        return
+    slots, i = rerun
+    if i >= len(slots) or slots[i].shape not in (None, tuple(xa.shape)):
+        raise RuntimeError("peftfast: the backward rerun ran other LoRA projections than the forward "
+                           f"(projection {i}: {tuple(xa.shape)}; the forward had {len(slots)})")
+    slots[i].xa = xa
+    rerun[1] = i + 1
 
 
 @contextlib.contextmanager
@@ -339,4 +417,5 @@ def capture(fn: Callable[..., Any], *args, **kwargs) -> tuple[torch.Tensor, ...]
     raise RuntimeError("peftfast: the backward rerun of the forward never reached the kernel that saved its tensors")
 
 
-__all__ = ["capture", "offered", "rebuilding", "rebuilding_offered", "restored_rng", "rng_state", "why_not_rebuild"]
+__all__ = ["capture", "deposit_low_rank", "low_rank_slot", "offered", "rebuilding", "rebuilding_offered",
+           "restored_rng", "rng_state", "why_not_rebuild"]

@@ -24,7 +24,8 @@ logger = logging.getLogger("peftfast")
 RECOMPUTE: dict[str, str] = {
     "none": "keep every saved activation",
     "norms": "rebuild the fused blocks' norm outputs (element-wise)",
-    "attn": "also rerun the RoPE attentions' q/k/v projections and RoPE (the attention keeps no q, k, v)",
+    "attn": "also rerun the RoPE attentions' q/k/v projections and RoPE (the attention keeps no q, k, v, the q/k/v "
+            "LoRA projections no x·Aᵀ)",
     "mlp": "also run the fused MLPs' gate/up GEMM again",
 }
 
@@ -162,7 +163,8 @@ def patch(model: nn.Module, *, backend: str = "auto", group_siblings: bool = Tru
     ``"norms"`` (default) rebuilds each fused pre-norm block's two norm outputs in backward (two element-wise passes)
     instead of keeping them for the projections that read them; ``"attn"`` also reruns each patched RoPE attention
     up to its kernel (q/k/v projections with the same dropout seeds, RoPE) so that the attention kernel keeps no q,
-    k, v (one more GEMM of hidden·(q+k+v widths) per token); ``"mlp"`` also runs each fused MLP's gate/up forward again
+    k, v (one more GEMM of hidden·(q+k+v widths) per token), and the q/k/v LoRA projections take their
+    ``dropout(x)·Aᵀ`` from that rerun instead of keeping it; ``"mlp"`` also runs each fused MLP's gate/up forward again
     instead of keeping the pre-activations (one more GEMM of 2·hidden·intermediate per token); ``"none"`` keeps
     everything. Gradients are the same either way. Returns ``model``.
     """
