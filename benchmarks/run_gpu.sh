@@ -2,7 +2,14 @@
 # One command for a lent GPU machine (no package registry there): install peftfast without touching its torch,
 # run the GPU tests, every kernel benchmark and `peftfast bench` on the 8B preset (LoRA, packed, QLoRA), leave
 # everything under benchmarks/results/<date>-<gpu>/ (JSON + PNG + logs, with device, versions and commit inside) and
-# regenerate the summary table of benchmarks/README.md from those JSON files. RUN_GPU_PARTS picks parts.
+# regenerate the summary table of benchmarks/README.md from those JSON files. RUN_GPU_PARTS picks parts:
+#   tests kernels bench   (the default) everything: longer than one lease of a few minutes allows
+#   quick                 = smoke headline: what a 15-minute lease must bring back first, each part under its own
+#                           time limit (RUN_GPU_PART_LIMIT seconds, default 240) so that one slow part cannot take
+#                           the rest; on the device tool: OUT_DIR=$OUT/results RUN_GPU_PARTS=quick bash benchmarks/run_gpu.sh
+#   smoke                 the fused LoRA and attention GPU tests, stopping at the first failure
+#   headline              peftfast bench, llama-3-8b, LoRA r=16 all linears, dropout 0.05, bf16, seq 2048, the largest
+#                         batch PEFT fits, against PEFT and Liger: the issue's first target
 set -uo pipefail
 cd "$(dirname "$0")/.."
 gpu=$(python -c "import torch; print(torch.cuda.get_device_name().replace(' ', '-'))") || { echo "no CUDA GPU"; exit 2; }
@@ -11,7 +18,23 @@ mkdir -p "$out"
 pip install --no-deps --no-build-isolation -e . >"$out/install.log" 2>&1 || { tail -20 "$out/install.log"; exit 1; }
 python -m peftfast info | tee "$out/info.txt"
 parts=${RUN_GPU_PARTS:-tests kernels bench}  # e.g. RUN_GPU_PARTS=bench on a second call where one call is capped
+parts=${parts//quick/smoke headline}
+limit=${RUN_GPU_PART_LIMIT:-240}
 tests_rc=0
+if [[ " $parts " == *" smoke "* ]]; then
+  start=$SECONDS
+  PEFTFAST_GPU_TESTS=1 timeout "$limit" python -m pytest -m gpu -x -q tests/test_lora_gpu.py tests/test_attention_gpu.py \
+      2>&1 | tee "$out/gpu-smoke.log"
+  tests_rc=${PIPESTATUS[0]}
+  echo "smoke: rc=$tests_rc in $((SECONDS - start)) s" | tee -a "$out/parts.log"
+fi
+if [[ " $parts " == *" headline "* ]]; then
+  start=$SECONDS
+  timeout "$limit" python -m peftfast bench --model llama-3-8b --batch-size auto --dtype bf16 --seq-len 2048 \
+      --steps 5 --recompute norms --quiet --baselines peft,liger --out "$out/bench-llama-3-8b-headline" \
+      2>&1 | tee "$out/bench-llama-3-8b-headline.log"
+  echo "headline: rc=${PIPESTATUS[0]} in $((SECONDS - start)) s" | tee -a "$out/parts.log"
+fi
 if [[ " $parts " == *" tests "* ]]; then
   PEFTFAST_GPU_TESTS=1 python -m pytest -m gpu -q tests/ 2>&1 | tee "$out/gpu-tests.log"
   tests_rc=${PIPESTATUS[0]}

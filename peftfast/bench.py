@@ -32,6 +32,7 @@ import subprocess
 import sys
 import time
 import warnings
+import weakref
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -56,24 +57,39 @@ class SavedBytes:
 
 def saved_activation_bytes(fn: Callable[[], object],
                            exclude: list[torch.Tensor] | tuple = ()) -> tuple[object, SavedBytes]:
-    """Run ``fn`` (a forward) and measure what autograd saves for backward, without ``exclude`` (parameters)."""
+    """Run ``fn`` (a forward) and measure what autograd still keeps for backward when it returns, without
+    ``exclude`` (parameters): each storage once, however many saved tensors view it.
+
+    A tensor saved by a node that is gone by then (a graph branch the forward discarded, e.g. a norm computed and
+    detached) is not kept and not counted; since its storage may have been freed and its address reused, storages
+    are told apart by what is alive at the end, not by the address they had when saved.
+    """
     skip = {t.untyped_storage().data_ptr() for t in exclude}
-    seen: dict[int, int] = {}
-    shapes: Counter[str] = Counter()
+    held: list[tuple[weakref.ref, str]] = []
 
     def pack(t: torch.Tensor):
-        st = t.untyped_storage()
-        ptr = st.data_ptr()
-        if ptr not in skip and ptr not in seen and st.nbytes() > 0:
-            seen[ptr] = st.nbytes()
-            shapes[f"{tuple(t.shape)}:{str(t.dtype).removeprefix('torch.')}"] += st.nbytes()
         # detached, not t itself: a saved *output* returned as-is makes a node -> tensor -> grad_fn cycle through
         # C++ that Python's gc cannot break, leaking the whole graph (and every weight it saved) when the forward
-        # is not followed by a backward; the detached view shares the storage, so backward is unchanged
-        return t.detach()
+        # is not followed by a backward; the detached view shares the storage, so backward is unchanged. The
+        # graph holds this detached tensor exactly as long as the node that saved it.
+        d = t.detach()
+        if t.untyped_storage().data_ptr() not in skip:
+            held.append((weakref.ref(d), f"{tuple(t.shape)}:{str(t.dtype).removeprefix('torch.')}"))
+        return d
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = fn()
+    seen: dict[int, int] = {}
+    shapes: Counter[str] = Counter()
+    for ref, shape in held:
+        d = ref()
+        if d is None:
+            continue
+        st = d.untyped_storage()
+        ptr = st.data_ptr()  # alive storages do not share addresses (empty ones hold no bytes)
+        if ptr not in seen and st.nbytes() > 0:
+            seen[ptr] = st.nbytes()
+            shapes[shape] += st.nbytes()
     return out, SavedBytes(total=sum(seen.values()), by_shape=dict(shapes))
 
 

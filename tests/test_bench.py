@@ -46,6 +46,21 @@ def test_saved_bytes_counts_each_storage_once_and_skips_excluded():
     assert saved.total == a.nbytes + w.nbytes  # exp saves its result, mul saves w
 
 
+def test_saved_bytes_count_what_is_kept_when_the_forward_returns():
+    """A branch the forward discards (computed in grad mode, then detached) keeps nothing at the end, and a storage
+    allocated later at the freed one's address is still counted: alive storages, not addresses at save time."""
+    a = torch.randn(1000, requires_grad=True)
+
+    def forward():
+        norm = (a.exp() * 2).sum().detach()  # exp saved its 4000-byte result, freed with the branch
+        return (a.sin() * norm).sum()  # sin saves a; a new 4000-byte result may reuse the freed address
+
+    _, saved = saved_activation_bytes(forward)
+    assert saved.total == a.nbytes + 4  # a (for sin) and the 0-d norm (for the mul); nothing of the branch
+    _, saved = saved_activation_bytes(lambda: (a.exp().exp() * 2).sum())
+    assert saved.total == 2 * a.nbytes  # both exp results, distinct storages alive together
+
+
 def test_saved_bytes_does_not_leak_a_graph_left_without_backward():
     """A forward measured and dropped without backward must free its graph (and the weights it saved): a pack hook
     returning a saved *output* itself makes a C++ reference cycle gc cannot break (it leaked whole models)."""

@@ -151,6 +151,32 @@ def test_attn_rebuild_keeps_gradients_bit_for_bit(arch, kind):
     assert got["attn"][3] == got["norms"][3] and all(got["attn"][3].values())  # one fused call each, per setting
 
 
+def test_attn_rebuild_with_dora_layers_left_to_peft():
+    """DoRA layers run on PEFT's own path (the fused LoRA op refuses them), the attention and RoPE on peftfast's:
+    the rerun goes through PEFT's DoRA projections (same dropout under the restored RNG), bit for bit, and the
+    attention keeps no q, k, v. The DoRA projections keep their own products (their per-call weight norms are
+    discarded branches, which the saved-bytes count leaves out, so the difference is exact). With dropout they
+    keep dropout copies of their input, never the input itself, so under "norms" nothing needs layer 0's norm
+    output; the rerun does, and keeps what rebuilds it: the embedding output (one hidden vector per token)."""
+    model = peft_model("llama", use_dora=True, lora_dropout=0.1)
+    data = batch("llama")
+    params = [*model.parameters(), *model.buffers()]
+    got = {}
+    for setting in ("norms", "attn"):
+        peftfast.patch(model, recompute=setting)
+        loss, grads = loss_and_grads(model, data)
+        torch.manual_seed(0)
+        _, saved = saved_activation_bytes(lambda: model(**data).loss, exclude=params)
+        got[setting] = loss, grads, saved.total
+    assert peftfast.report(model).summary().startswith("peftfast: patched 0 LoRA layer(s)")
+    assert torch.equal(got["attn"][0], got["norms"][0])
+    assert all(torch.equal(got["attn"][1][n], g) for n, g in got["norms"][1].items())
+    cfg = model.config
+    qkv = (cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * (cfg.hidden_size // cfg.num_attention_heads)
+    tokens = data["input_ids"].numel()
+    assert got["norms"][2] - got["attn"][2] == (cfg.num_hidden_layers * qkv - cfg.hidden_size) * tokens * 4
+
+
 def test_attn_rebuild_on_the_triton_kernels_keeps_gradients_bit_for_bit():
     """The same through the Triton LoRA, RoPE, norm and attention kernels (interpreter; one layer, padded)."""
     model = peft_model("llama", lora_dropout=0.1, model_kwargs=dict(num_hidden_layers=1))
