@@ -986,7 +986,7 @@ def write_outputs(res: dict, out_dir: str) -> list[str]:
         import matplotlib.pyplot as plt
     except Exception:
         return paths
-    names = [r["method"] for r in res["results"]]
+    names = [r["method"].replace(" recompute=", "\nrecompute=\n") for r in res["results"]]  # no overlapping labels
     colors = ["#888888", "#2a7ab9", "#d98c1f", "#5aa469", "#a0522d"][: len(names)]
     fig, axes = plt.subplots(1, 4, figsize=(15, 3.4))
     panels = [("tokens_per_s", "tokens/s (median; higher is better)"), ("saved_mb", "saved activations MB"),

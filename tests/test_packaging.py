@@ -42,3 +42,20 @@ def test_regular_wheel_install(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, env=env,
                          cwd=tmp_path).stdout.split()
     assert all(pathlib.Path(p).is_relative_to(target) for p in out), out
+
+
+def test_repository_kernels_dir_does_not_shadow_the_pypi_kernels_package(tmp_path):
+    """From the repository root, ``import kernels`` (bitsandbytes and transformers look for the PyPI package) finds
+    our kernels/ first: it hands over to an installed ``kernels``, and where there is none it stays an empty module
+    without ``__file__`` (transformers' sign of a shadowing directory) whose submodules cannot be imported."""
+    code = ("import kernels, importlib.util; print(kernels.__file__); "
+            "print(importlib.util.find_spec('kernels.lora') is None if kernels.__file__ is None else kernels.real())")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["None", "True"], out.stderr
+    fake = tmp_path / "site" / "kernels"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("def real():\n    return 'installed'\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**env, "PYTHONPATH": str(tmp_path / "site")},
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.split() == [str(fake / "__init__.py"), "installed"], out.stderr
