@@ -264,25 +264,26 @@ def test_offered_region_keeps_no_low_rank_product_and_the_rerun_supplies_it(back
     assert all(torch.equal(t.grad, w) for t, w in zip(leaves, want))
     if backend == "cpp":  # the registered backward got the rerun's xa: nothing computed twice
         assert shapes == [(11, 12)]
-    torch.manual_seed(7)
-    _, plain = saved_activation_bytes(lambda: model(x), exclude=leaves)
-    torch.manual_seed(7)
-    state = rng_state(x.device)
-    _, lean = saved_activation_bytes(lambda: rebuilding_offered(lambda h: rerun(h, state), (x,), model, x),
-                                     exclude=leaves)
-    assert plain.total - lean.total == 3 * 11 * 8 * 4 + 11 * 12 * 4  # q, k, v and x·A_catᵀ
+    plain, lean = _saved_plain_and_in_region(x, leaves, model, rerun)
+    assert plain - lean == 3 * 11 * 8 * 4 + 11 * 12 * 4  # q, k, v and x·A_catᵀ
 
 
-def test_without_the_offer_the_low_rank_product_is_kept_as_a_saved_tensor():
-    """No offer taken, so no rerun: the slot keeps x·A_catᵀ through the outer hooks, which count it as saved."""
-    x, leaves, model, rerun = _lora_attention("torch", offer=False)
+def _saved_plain_and_in_region(x, leaves, model, rerun) -> tuple[int, int]:
+    """Saved bytes of ``model(x)`` alone and inside a ``rebuilding_offered`` region, from the same RNG state."""
     torch.manual_seed(7)
     _, plain = saved_activation_bytes(lambda: model(x), exclude=leaves)
     torch.manual_seed(7)
     state = rng_state(x.device)
     _, region = saved_activation_bytes(lambda: rebuilding_offered(lambda h: rerun(h, state), (x,), model, x),
                                        exclude=leaves)
-    assert region.total == plain.total
+    return plain.total, region.total
+
+
+def test_without_the_offer_the_low_rank_product_is_kept_as_a_saved_tensor():
+    """No offer taken, so no rerun: the slot keeps x·A_catᵀ through the outer hooks, which count it as saved."""
+    x, leaves, model, rerun = _lora_attention("torch", offer=False)
+    plain, region = _saved_plain_and_in_region(x, leaves, model, rerun)
+    assert region == plain
     torch.manual_seed(7)
     model(x).backward()
     want = [t.grad.clone() for t in leaves]
