@@ -213,8 +213,8 @@ class BenchConfig:
     compile_backend: str = "inductor"
     num_virtual_tokens: int = 16
     force: bool = False  # skip the memory fit check
-    # timed steps taken in turn by every variant at once (None: on CPU, where other load comes and goes); memory is
-    # still measured with each variant alone
+    # timed steps taken in turn by every variant at once (None: on CPU, where other load comes and goes, when all
+    # the variants fit in memory together); memory is still measured with each variant alone
     interleave: bool | None = None
 
 
@@ -790,7 +790,10 @@ def run_bench(cfg: BenchConfig, progress: Callable[[str], None] | None = None) -
             plan.append((b, b, None))
     results: list[MethodResult] = []
     setup.report = ""
-    interleave = cfg.device == "cpu" if cfg.interleave is None else cfg.interleave
+    interleave = cfg.interleave
+    if interleave is None:  # on CPU, where every variant's model fits in memory at once (big vocabularies do not)
+        free = available_bytes(cfg.device)
+        interleave = cfg.device == "cpu" and (free is None or len(plan) * setup.estimate["total"] <= 0.8 * free)
     for variant, label, recompute in plan:
         try:
             # interleaved: this pass measures memory and checks the variant runs; the timed steps come after

@@ -153,6 +153,16 @@ def test_interleaved_timing_keeps_each_variants_losses_and_memory(tmp_path):
     assert len({r["losses"][2] for r in turns["results"][:2]}) == 2
 
 
+def test_variants_that_do_not_fit_together_run_one_after_the_other(tmp_path, monkeypatch):
+    """Interleaving keeps every variant's model alive at once: on CPU it is the default only where they all fit
+    (with a big vocabulary, four one-layer copies of an 8B preset would not)."""
+    setup = bench.resolve(BenchConfig(layers=1, seq_len=16))
+    one = bench.estimate_bytes(setup, BenchConfig(layers=1, seq_len=16))["total"]
+    monkeypatch.setattr(bench, "available_bytes", lambda device: 3 * one)  # one fits, four do not
+    res, out = run(tmp_path, *FAST, "--recompute", "norms,attn,mlp")
+    assert not res["interleaved"] and "in turn" not in out and len(res["results"]) == 4
+
+
 def test_bench_dropout_saves_less_than_peft(tmp_path):
     assert cli.main(["bench", "--steps", "1", "--seq-len", "16", "--dropout", "0.1", "--recompute", "none",
                      "--quiet", "--out", str(tmp_path)]) == 0
