@@ -1,7 +1,8 @@
 """Exact measurements (saved-activation bytes, work ops) and the ``peftfast bench`` training comparison.
 
 ``peftfast bench`` builds a random-weight model from a preset (published configs of Llama 3.2 1B, Llama 3 8B,
-Mistral 7B, Qwen2.5 7B, Gemma 2 9B, BERT base; ``--layers`` truncates the depth) or a local config, and trains the
+Mistral 7B, Qwen2.5 7B, Gemma 2 9B, BERT base; ``--layers`` truncates the depth) or a local config, or loads a local
+checkpoint's weights (``--random-weights``: its shape only), and trains the
 same steps on the same data with the reference (PEFT LoRA, PEFT prefix tuning, or peftfast adapters on their eager
 path), with peftfast, and with the installed baselines (``peft+compile``, Liger, Unsloth). Each variant first runs alone
 (one model alive at a time: its memory is its own). On CPU (``--interleave``, the default there) the timed steps
@@ -216,6 +217,7 @@ class BenchConfig:
     # timed steps taken in turn by every variant at once (None: on CPU, where other load comes and goes, when all
     # the variants fit in memory together); memory is still measured with each variant alone
     interleave: bool | None = None
+    random_weights: bool = False  # a local checkpoint's shape only: its weights are not loaded
 
 
 @dataclass
@@ -250,13 +252,26 @@ class Setup:
     estimate: dict = field(default_factory=dict)
     report: str = ""
     layer_counts: tuple | None = None  # meta-device counts at 1 and 2 layers (estimate_bytes)
+    weights: str | None = None  # a local checkpoint directory whose weights every variant loads (None: random init)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # resolving and checking the request
 # ----------------------------------------------------------------------------------------------------------------
+# what makes a directory a checkpoint (weights beside config.json), in the file names transformers saves
+_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                 "pytorch_model.bin.index.json")
+
+
+def checkpoint_weights(model: str) -> str | None:
+    """``model`` when it is a local directory holding a transformers checkpoint's weights, else None."""
+    if os.path.isdir(model) and any(os.path.isfile(os.path.join(model, f)) for f in _WEIGHT_FILES):
+        return model
+    return None
+
+
 def _load_config(model: str):
-    """A preset's config, or a local HF config directory / JSON file (never the network)."""
+    """A preset's config, or a local HF config directory / JSON file / checkpoint (never the network)."""
     import transformers
 
     if model in PRESETS:
@@ -355,7 +370,14 @@ def resolve(cfg: BenchConfig) -> Setup:
         raise BenchError("--method prefix with --packed: PEFT prefix tuning passes a cache, which turns off "
                          "transformers' packed-sequence masks, so the PEFT baseline would attend across documents")
     name = cfg.model if preset else os.path.basename(os.path.normpath(cfg.model))
-    return Setup(hf=hf, kind=kind, name=name, full_layers=full, seq=seq, batch=batch)
+    weights = None if preset or cfg.random_weights else checkpoint_weights(cfg.model)
+    if weights and getattr(hf, "quantization_config", None) is not None:
+        qc = hf.quantization_config
+        method = qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", type(qc).__name__)
+        raise BenchError(f"{name} is a quantized checkpoint ({method}); bench loads full-precision weights and "
+                         "quantizes them itself (--method qlora): give a full-precision checkpoint, or "
+                         "--random-weights to use its shape only")
+    return Setup(hf=hf, kind=kind, name=name, full_layers=full, seq=seq, batch=batch, weights=weights)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -468,14 +490,39 @@ def _attn_impl(hf) -> str:
 
 
 def _base_model(setup: Setup, cfg: BenchConfig):
-    torch.manual_seed(cfg.seed)  # every variant starts from the same weights
-    with torch.device(cfg.device):
-        model = _model_class(setup.kind).from_config(copy.deepcopy(setup.hf), dtype=DTYPES[cfg.dtype],
-                                                      attn_implementation=_attn_impl(setup.hf))
+    torch.manual_seed(cfg.seed)  # every variant starts from the same weights (and the same LoRA initialisation)
+    if setup.weights:
+        model = _load_checkpoint(setup, cfg)
+    else:
+        with torch.device(cfg.device):
+            model = _model_class(setup.kind).from_config(copy.deepcopy(setup.hf), dtype=DTYPES[cfg.dtype],
+                                                          attn_implementation=_attn_impl(setup.hf))
     model.config.use_cache = False
     if cfg.grad_ckpt:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
+
+
+def _load_checkpoint(setup: Setup, cfg: BenchConfig):
+    """The checkpoint's weights in the (possibly truncated) config's model, on ``cfg.device`` in ``cfg.dtype``; the
+    layers ``--layers`` cut off are not loaded, and weights the checkpoint lacks (e.g. an MLM head over a bare
+    encoder) keep their seeded random initialisation, as transformers reports."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()  # the truncated layers' weights are "unused" by design
+    hf_logging.disable_progress_bar()  # one load per variant: bench's own progress line says what runs
+    try:
+        return _model_class(setup.kind).from_pretrained(
+            setup.weights, config=copy.deepcopy(setup.hf), dtype=DTYPES[cfg.dtype], local_files_only=True,
+            attn_implementation=_attn_impl(setup.hf), device_map=cfg.device)
+    except Exception as exc:  # a broken or foreign checkpoint: bad input, one line
+        raise BenchError(f"cannot load the weights of {setup.weights}: {_one_line(exc)} (--random-weights uses its "
+                         "shape only)") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def _wrap(model, setup: Setup, cfg: BenchConfig):
@@ -815,6 +862,7 @@ def run_bench(cfg: BenchConfig, progress: Callable[[str], None] | None = None) -
     return {
         "config": asdict(cfg), "model": setup.name, "kind": setup.kind, "layers": setup.hf.num_hidden_layers,
         "full_layers": setup.full_layers, "seq_len": setup.seq, "batch_size": setup.batch,
+        "weights": setup.weights or "random",
         "tokens_per_step": round(statistics.mean(tokens)), "reference": ref_label,
         "device": device_name(cfg.device),
         "versions": bench_versions(), "commit": git_commit(), "report": setup.report, "skipped": skipped,
@@ -955,7 +1003,8 @@ def format_table(res: dict) -> str:
             "prefix": f"prefix tuning ({cfg['num_virtual_tokens']} virtual tokens)"}[cfg["method"]]
     extras = "".join([", packed" if cfg["packed"] else "", ", padded" if cfg.get("padded") else "",
                       ", grad-ckpt" if cfg["grad_ckpt"] else ""])
-    title = (f"peftfast bench: {res['model']} ({depth}) {what} {cfg['dtype']} on {res['device']}, "
+    weights = "random weights" if res.get("weights", "random") == "random" else f"weights from {res['weights']}"
+    title = (f"peftfast bench: {res['model']} ({depth}, {weights}) {what} {cfg['dtype']} on {res['device']}, "
              f"batch {res['batch_size']} x seq {res['seq_len']}{extras} = {res['tokens_per_step']} tokens/step, "
              f"{cfg['steps']} timed steps{' in turn' if res.get('interleaved') else ''}; commit {res['commit']}")
     lines = [title, line(head), line(["-" * w for w in widths]), *map(line, rows)]

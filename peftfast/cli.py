@@ -43,8 +43,10 @@ def _parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
     b = sub.add_parser("bench", help="train a few steps with PEFT, peftfast and other baselines, side by side")
     b.add_argument("--model", default="tiny",
-                   help=f"preset ({', '.join(PRESETS)}; random weights from the published shapes) or a local HF "
-                        "config directory / config JSON file")
+                   help=f"preset ({', '.join(PRESETS)}; random weights from the published shapes), a local HF "
+                        "config directory / config JSON file, or a local checkpoint directory (its weights are loaded)")
+    b.add_argument("--random-weights", action="store_true",
+                   help="with a local checkpoint: random weights of its shape instead of loading them")
     b.add_argument("--layers", type=int, default=None, help="keep only the first N layers (run big presets on "
                                                             "small machines)")
     b.add_argument("--method", default="lora",
@@ -132,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
                       baselines=tuple(b.strip() for b in args.baselines.split(",") if b),
                       dtype=args.dtype, backend=args.backend, device=args.device,
                       compile_backend=args.compile_backend, num_virtual_tokens=args.num_virtual_tokens,
-                      force=args.force, interleave=args.interleave)
+                      force=args.force, interleave=args.interleave, random_weights=args.random_weights)
     progress = _Progress(args.quiet)
     try:
         res = run_bench(cfg, progress)

