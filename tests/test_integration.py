@@ -1,7 +1,7 @@
 """Training-loop integration on CPU: a patched PEFT LoRA model trains exactly like the unpatched one inside the
 loops people use — HF ``Trainer`` (gradient accumulation, gradient checkpointing, checkpoint/resume,
 ``save_pretrained``), TRL ``SFTTrainer`` (padded, packed, padding-free), a plain PyTorch loop, ``torch.compile``,
-accelerate DDP and FSDP2 over two gloo processes.
+accelerate DDP and FSDP2 over two gloo processes, DeepSpeed ZeRO-2 and ZeRO-3 likewise.
 
 Everything runs in fp32 on tiny random-weight Llamas (``_models``). Comparisons use ``max_rel_err`` per tensor
 (``FP32_TOL``). Optimizers use ``eps=1e-4``: with Adam's default 1e-8, an element whose gradient is ~0 takes a whole
@@ -9,7 +9,8 @@ Everything runs in fp32 on tiny random-weight Llamas (``_models``). Comparisons 
 apart in a few weights (see ``_models.train_steps``). Every test also checks that the fused path really ran
 (per-layer call counters, no fallbacks), so a silent fallback to PEFT's forward cannot pass.
 
-The distributed tests run this file as a script (``python tests/test_integration.py _dist_worker OUT``) in two
+The distributed tests run this file as a script (``python tests/test_integration.py _dist_worker OUT``, likewise
+``_ds_worker``) in two
 processes with ``RANK``/``WORLD_SIZE``/``MASTER_ADDR=127.0.0.1``/a free port, as ``torchrun`` would set them.
 """
 
@@ -468,11 +469,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(out) -> tuple[bool, str]:
-    """Two ranks of ``_dist_worker`` with the env torchrun sets; (all ranks exited 0, their logs)."""
+def _launch(out, worker: str = "_dist_worker") -> tuple[bool, str]:
+    """Two ranks of ``worker`` with the env torchrun sets; (all ranks exited 0, their logs)."""
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": str(WORLD),
            "OMP_NUM_THREADS": "1"}  # two ranks on two cores: one thread each
-    procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), "_dist_worker", str(out)],
+    procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), worker, str(out)],
                               env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True) for r in range(WORLD)]
     logs, deadline = [], time.monotonic() + 300
@@ -487,18 +488,22 @@ def _launch(out) -> tuple[bool, str]:
     return all(p.returncode == 0 for p in procs), "\n".join(log[-3000:] for log in logs)
 
 
-@pytest.fixture(scope="module")
-def dist_run(tmp_path_factory):
-    """The two-rank job's results, and the single-process run over the full batch."""
-    out = tmp_path_factory.mktemp("dist") / "result.pt"
-    ok, logs = _launch(out)
+def _run_ranks(tmp_path_factory, worker: str) -> dict:
+    """The two-rank job's results, the single-process run over the full batch, and its initial weights."""
+    out = tmp_path_factory.mktemp(worker) / "result.pt"
+    ok, logs = _launch(out, worker)
     if not ok and "Address already in use" in logs:  # the free port was taken between probing and binding
-        ok, logs = _launch(out)
+        ok, logs = _launch(out, worker)
     assert ok, logs
     single = lora_llama(layers=1, patch=True)
     init = weights(single)
     return dict(dist=torch.load(out, weights_only=False), losses=_dist_train(single, _dist_ids()),
                 weights=weights(single), init=init)
+
+
+@pytest.fixture(scope="module")
+def dist_run(tmp_path_factory):
+    return _run_ranks(tmp_path_factory, "_dist_worker")
 
 
 def test_ddp_two_cpu_processes_matches_single_process(dist_run):
@@ -524,5 +529,95 @@ def test_fsdp2_two_cpu_processes_matches_single_process(dist_run, order):
     assert res["fused"] == {DIST_STEPS}
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# 6. DeepSpeed ZeRO-2 and ZeRO-3 over two CPU (gloo) processes
+# ----------------------------------------------------------------------------------------------------------------
+ZERO_RUNS = {  # name: (ZeRO stage, patch(recompute=...) or None for the unpatched model)
+    "zero2": (2, "norms"), "zero3_peft": (3, None), "zero3": (3, "norms"), "zero3_attn": (3, "attn")}
+
+
+def _ds_worker(out_path: str) -> None:
+    """One rank: each of ``ZERO_RUNS`` through ``deepspeed.initialize`` (CPU accelerator, gloo), patched before it as
+    HF Trainer users do; ZeRO-3 partitions every parameter (persistence threshold 0), so none is gathered unless a
+    module's hooks gather it."""
+    import deepspeed
+    import torch.distributed as dist
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    shard = _dist_ids().chunk(world)[rank]
+    res: dict = {"world": world, "backend": dist.get_backend()}
+    for name, (stage, recompute) in ZERO_RUNS.items():
+        model = lora_llama(layers=1)
+        if recompute is not None:
+            peftfast.patch(model, recompute=recompute)
+        params = list(trainable(model).values())
+        config = {"train_micro_batch_size_per_gpu": len(shard), "gradient_accumulation_steps": 1,
+                  "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0}}
+        engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(params, lr=1e-2, eps=1e-4),
+                                          config=config)
+        losses = []
+        for _ in range(DIST_STEPS):
+            loss = engine(input_ids=shard, labels=shard).loss
+            engine.backward(loss)
+            engine.step()
+            t = loss.detach().clone()
+            dist.all_reduce(t)
+            losses.append(t.item() / world)
+        partitioned = all(hasattr(p, "ds_id") for p in model.parameters())
+        with deepspeed.zero.GatheredParameters(params):  # ZeRO-3: the whole tensors on every rank (else a no-op)
+            full = weights(model)
+        runtime = {}
+        if recompute is not None:
+            rep = peftfast.report(model)
+            runtime = {**rep.runtime(model), **rep.module_runtime(model)}
+        res[name] = dict(losses=losses, weights=full, partitioned=partitioned, runtime=runtime)
+        engine.destroy()
+    if rank == 0:
+        torch.save(res, out_path)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def zero_run(tmp_path_factory):
+    return _run_ranks(tmp_path_factory, "_ds_worker")
+
+
+def test_deepspeed_zero2_runs_fused_and_matches_single_process(zero_run):
+    """ZeRO-2 shards gradients and optimizer states, not parameters: the fused path serves every call."""
+    res = zero_run["dist"]
+    assert res["world"] == WORLD and res["backend"] == "gloo"
+    z2 = res["zero2"]
+    assert not z2["partitioned"]
+    assert_losses_close(z2["losses"], zero_run["losses"])
+    assert_same_training(z2["weights"], zero_run["weights"], zero_run["init"])
+    lora = {n: r for n, r in z2["runtime"].items() if "fused" in r and "base_only" in r}
+    assert lora and all(r["fused"] == DIST_STEPS and not r["fallbacks"] for r in lora.values())
+
+
+@pytest.mark.parametrize("name", ["zero3", "zero3_attn"])
+def test_deepspeed_zero3_steps_aside_and_trains_like_peft(zero_run, name):
+    """ZeRO-3 partitions the parameters and gathers each module's own around its forward and backward: the fused
+    LoRA layers, LoRA-MLPs, blocks and the q/k/v rerun of recompute="attn" step aside for the original forwards
+    (each call counted with the reason), so training is PEFT's under ZeRO-3, and that of one process."""
+    from peftfast.modules._bind import ZERO3_REASON
+
+    res = zero_run["dist"]
+    run, peft = res[name], res["zero3_peft"]
+    assert run["partitioned"] and peft["partitioned"]
+    assert_losses_close(run["losses"], peft["losses"])
+    assert_losses_close(run["losses"], zero_run["losses"])
+    assert_same_training(run["weights"], zero_run["weights"], zero_run["init"])
+    rt = run["runtime"]
+    lora = {n: r for n, r in rt.items() if "base_only" in r}
+    assert len(lora) == 7 and all(r["fused"] == 0 and r["fallbacks"] == {ZERO3_REASON: DIST_STEPS}
+                                  for r in lora.values()), lora
+    block = next(r for n, r in rt.items() if n.endswith("(block)"))
+    assert block["fused"] == 0 and block["fallbacks"] == {ZERO3_REASON: DIST_STEPS}
+
+
 if __name__ == "__main__" and sys.argv[1:2] == ["_dist_worker"]:
     _dist_worker(sys.argv[2])
+if __name__ == "__main__" and sys.argv[1:2] == ["_ds_worker"]:
+    _ds_worker(sys.argv[2])

@@ -9,6 +9,20 @@ from torch import nn
 # the names transformers gives a layer's cache argument ("cache": transformers >= 5.24)
 CACHE_KWARGS = ("past_key_values", "past_key_value", "cache", "layer_past")
 
+ZERO3_REASON = "DeepSpeed ZeRO-3 parameters (each module's own hooks gather them: its original forward runs)"
+
+
+def zero3_partitioned(*params) -> bool:
+    """Whether any of ``params`` is a DeepSpeed ZeRO-3 parameter (it carries ``ds_id`` once ``deepspeed.initialize``
+    or ``zero.Init`` has partitioned it).
+
+    ZeRO-3 gathers a module's own parameters in hooks around that module's forward and backward and frees them
+    after; a fused forward that reads its children's parameters directly (sibling groups, the LoRA-MLP, a fused
+    block) or rebuilds a norm in backward would read an empty shard, so such calls step aside for the original
+    forward, whose module calls trigger the hooks.
+    """
+    return any(p is not None and hasattr(p, "ds_id") for p in params)
+
 
 def bind_forward(module: nn.Module, state_attr: str, state, fn) -> None:
     """Record ``state`` (which must have ``previous_forward``, filled here) and bind ``fn(module, ...)`` as forward.

@@ -24,7 +24,14 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from peftfast.modules._bind import CACHE_KWARGS, bind_forward, call_original, unbind_forward
+from peftfast.modules._bind import (
+    CACHE_KWARGS,
+    ZERO3_REASON,
+    bind_forward,
+    call_original,
+    unbind_forward,
+    zero3_partitioned,
+)
 from peftfast.modules._tally import Tallied, tally
 from peftfast.modules.norm import rms_norm_forward
 from peftfast.ops.norm import add_rms_norm
@@ -86,6 +93,11 @@ def fused_block_forward(self: nn.Module, hidden_states: torch.Tensor, *args, **k
     nst = post.__dict__.get("_peftfast_norm")
     if args or nst is None or nst.kind != "rms" or any(r not in kwargs for r in st.required):
         tally(st.tally_key, "fallbacks", "positional arguments or the post-attention norm is not fused")
+        return call_original(self, st, hidden_states, *args, **kwargs)
+    if zero3_partitioned(post.weight, self.input_layernorm.weight):
+        # the add+norm op reads the post-attention norm's weight outside its module, and the rebuilt norm outputs
+        # read both norms' weights in backward, when ZeRO-3 has freed them
+        tally(st.tally_key, "fallbacks", ZERO3_REASON)
         return call_original(self, st, hidden_states, *args, **kwargs)
     if getattr(self, "gradient_checkpointing", False) and self.training and torch.is_grad_enabled() and \
             _checkpoints_class_forward(self):

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from peftfast.modules import nf4 as nf4_mod
-from peftfast.modules._bind import bind_forward, call_original, unbind_forward
+from peftfast.modules._bind import ZERO3_REASON, bind_forward, call_original, unbind_forward, zero3_partitioned
 from peftfast.modules._tally import Tallied, tally
 from peftfast.ops.lora import MAX_RANK, lora_linear_group
 
@@ -118,6 +118,8 @@ def why_not(layer: nn.Module) -> str | None:
         return nf4_mod.why_not_base(base)
     if type(base) not in _BASE_TYPES and not nf4:
         return f"base layer {type(base).__name__} is not nn.Linear or Conv1D (quantized or custom)"
+    if zero3_partitioned(base.weight):
+        return "base weight is a DeepSpeed ZeRO-3 parameter (its module's hooks gather it: PEFT's forward runs)"
     if base._forward_hooks or base._forward_pre_hooks or hasattr(base, "_hf_hook"):
         return "base layer has forward hooks (e.g. accelerate offloading)"
     w = base.weight
@@ -172,9 +174,11 @@ def _plan(layer: nn.Module, args: tuple, kwargs: dict) -> _Plan | str | None:
         return f"adapter {name!r} uses a LoRA variant"
     if layer.get_base_layer().weight.requires_grad:
         return "base weight is trainable (the fused path trains only LoRA weights and biases)"
+    a = layer.lora_A[name]
+    if zero3_partitioned(layer.get_base_layer().weight, a.weight, layer.lora_B[name].weight):
+        return ZERO3_REASON
     drop = layer.lora_dropout[name]
     p = float(drop.p) if isinstance(drop, nn.Dropout) and drop.training else 0.0
-    a = layer.lora_A[name]
     return _Plan(name, a.out_features, p, a.weight.dtype)
 
 

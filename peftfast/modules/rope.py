@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from peftfast.modules._bind import CACHE_KWARGS, bind_forward, unbind_forward
+from peftfast.modules._bind import CACHE_KWARGS, bind_forward, unbind_forward, zero3_partitioned
 from peftfast.modules._tally import Tallied, muted, tally
 from peftfast.ops.recompute import capture, rebuilding_offered, restored_rng, rng_state, why_not_rebuild
 from peftfast.ops.rope import rope
@@ -210,7 +210,8 @@ def _refresh_alias(st: RoPEState) -> None:
 def fused_rope_attention_forward(self: nn.Module, *args, **kwargs):
     """``forward`` of a patched attention module: the original, with the fused RoPE in place of the model's."""
     st: RoPEState = self._peftfast_rope
-    if st.rebuild_qkv and why_not_rebuild() is None:
+    # not under ZeRO-3: the rerun in backward would call the projections when their parameters are freed
+    if st.rebuild_qkv and why_not_rebuild() is None and not zero3_partitioned(next(self.parameters(), None)):
         by_name = "hidden_states" in kwargs
         h = kwargs["hidden_states"] if by_name else args[0] if args else None
         if isinstance(h, torch.Tensor):
