@@ -532,14 +532,15 @@ def test_fsdp2_two_cpu_processes_matches_single_process(dist_run, order):
 # ----------------------------------------------------------------------------------------------------------------
 # 6. DeepSpeed ZeRO-2 and ZeRO-3 over two CPU (gloo) processes
 # ----------------------------------------------------------------------------------------------------------------
-ZERO_RUNS = {  # name: (ZeRO stage, patch(recompute=...) or None for the unpatched model)
-    "zero2": (2, "norms"), "zero3_peft": (3, None), "zero3": (3, "norms"), "zero3_attn": (3, "attn")}
+ZERO_RUNS = {  # name: (ZeRO stage, patch(recompute=...) or None for the unpatched model, patched after initialize)
+    "zero2": (2, "norms", False), "zero3_peft": (3, None, False), "zero3": (3, "norms", False),
+    "zero3_attn": (3, "attn", False), "zero3_after": (3, "norms", True)}
 
 
 def _ds_worker(out_path: str) -> None:
     """One rank: each of ``ZERO_RUNS`` through ``deepspeed.initialize`` (CPU accelerator, gloo), patched before it as
-    HF Trainer users do; ZeRO-3 partitions every parameter (persistence threshold 0), so none is gathered unless a
-    module's hooks gather it."""
+    HF Trainer users do, or after it; ZeRO-3 partitions every parameter (persistence threshold 0), so none is
+    gathered unless a module's hooks gather it."""
     import deepspeed
     import torch.distributed as dist
 
@@ -547,15 +548,17 @@ def _ds_worker(out_path: str) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     shard = _dist_ids().chunk(world)[rank]
     res: dict = {"world": world, "backend": dist.get_backend()}
-    for name, (stage, recompute) in ZERO_RUNS.items():
+    for name, (stage, recompute, after) in ZERO_RUNS.items():
         model = lora_llama(layers=1)
-        if recompute is not None:
+        if recompute is not None and not after:
             peftfast.patch(model, recompute=recompute)
         params = list(trainable(model).values())
         config = {"train_micro_batch_size_per_gpu": len(shard), "gradient_accumulation_steps": 1,
                   "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0}}
         engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(params, lr=1e-2, eps=1e-4),
                                           config=config)
+        if recompute is not None and after:
+            peftfast.patch(model, recompute=recompute)
         losses = []
         for _ in range(DIST_STEPS):
             loss = engine(input_ids=shard, labels=shard).loss
@@ -567,11 +570,12 @@ def _ds_worker(out_path: str) -> None:
         partitioned = all(hasattr(p, "ds_id") for p in model.parameters())
         with deepspeed.zero.GatheredParameters(params):  # ZeRO-3: the whole tensors on every rank (else a no-op)
             full = weights(model)
-        runtime = {}
+        runtime, skipped = {}, {}
         if recompute is not None:
             rep = peftfast.report(model)
             runtime = {**rep.runtime(model), **rep.module_runtime(model)}
-        res[name] = dict(losses=losses, weights=full, partitioned=partitioned, runtime=runtime)
+            skipped = {e.name: e.reason for e in [*rep.skipped, *rep.modules] if e.reason}
+        res[name] = dict(losses=losses, weights=full, partitioned=partitioned, runtime=runtime, skipped=skipped)
         engine.destroy()
     if rank == 0:
         torch.save(res, out_path)
@@ -615,6 +619,19 @@ def test_deepspeed_zero3_steps_aside_and_trains_like_peft(zero_run, name):
                                   for r in lora.values()), lora
     block = next(r for n, r in rt.items() if n.endswith("(block)"))
     assert block["fused"] == 0 and block["fallbacks"] == {ZERO3_REASON: DIST_STEPS}
+
+
+def test_deepspeed_zero3_patch_after_initialize_skips_with_the_reason(zero_run):
+    """Patched after ``deepspeed.initialize`` (parameters already partitioned): the LoRA layers and blocks are
+    skipped at patch time, each with the ZeRO-3 reason, and training is unchanged."""
+    from peftfast.modules._bind import ZERO3_REASON
+
+    run = zero_run["dist"]["zero3_after"]
+    assert_losses_close(run["losses"], zero_run["dist"]["zero3_peft"]["losses"])
+    assert_same_training(run["weights"], zero_run["weights"], zero_run["init"])
+    lora = {n: r for n, r in run["skipped"].items() if n.endswith("_proj")}
+    assert len(lora) == 7 and all("DeepSpeed ZeRO-3 parameter" in r for r in lora.values()), lora
+    assert any(r == f"norm weights are {ZERO3_REASON}" for r in run["skipped"].values()), run["skipped"]
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["_dist_worker"]:
