@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from peftfast.modules._bind import bind_forward, call_original, unbind_forward
+from peftfast.modules._bind import bind_forward, call_original, unbind_forward, zero3_partitioned
 from peftfast.modules._tally import Tallied, tally
 from peftfast.ops.cross_entropy import fused_linear_cross_entropy
 
@@ -120,7 +120,7 @@ def _peft_types():
 
 
 def _check_weight(w: torch.Tensor) -> str | None:
-    if hasattr(w, "ds_id") or hasattr(w, "ds_status"):
+    if zero3_partitioned(w):
         return "lm_head weight is a DeepSpeed ZeRO-3 parameter (gathered by lm_head's own hooks)"
     if not isinstance(w, torch.Tensor) or w.is_meta or w.dim() != 2:
         return "lm_head weight is not a materialised 2-D tensor"
