@@ -119,7 +119,7 @@ def why_not(layer: nn.Module) -> str | None:
     if type(base) not in _BASE_TYPES and not nf4:
         return f"base layer {type(base).__name__} is not nn.Linear or Conv1D (quantized or custom)"
     if zero3_partitioned(base.weight):
-        return "base weight is a DeepSpeed ZeRO-3 parameter (its module's hooks gather it: PEFT's forward runs)"
+        return f"base weight: {ZERO3_REASON}"
     if base._forward_hooks or base._forward_pre_hooks or hasattr(base, "_hf_hook"):
         return "base layer has forward hooks (e.g. accelerate offloading)"
     w = base.weight
@@ -172,10 +172,11 @@ def _plan(layer: nn.Module, args: tuple, kwargs: dict) -> _Plan | str | None:
     name = active[0]
     if name in getattr(layer, "lora_variant", {}):
         return f"adapter {name!r} uses a LoRA variant"
-    if layer.get_base_layer().weight.requires_grad:
+    w = layer.get_base_layer().weight
+    if w.requires_grad:
         return "base weight is trainable (the fused path trains only LoRA weights and biases)"
     a = layer.lora_A[name]
-    if zero3_partitioned(layer.get_base_layer().weight, a.weight, layer.lora_B[name].weight):
+    if zero3_partitioned(w, a.weight, layer.lora_B[name].weight):
         return ZERO3_REASON
     drop = layer.lora_dropout[name]
     p = float(drop.p) if isinstance(drop, nn.Dropout) and drop.training else 0.0
