@@ -12,6 +12,8 @@
 #include <string>
 #include <type_traits>
 
+#include "simd.h"
+
 namespace peftfast {
 
 enum class Act { kRelu, kGelu, kSilu, kGeluTanh };
@@ -28,7 +30,7 @@ inline Act parse_act(const std::string& name, const char* op) {
 // under -ftrapping-math): Cephes' polynomial on [-ln2/2, ln2/2] scaled by 2^n through the exponent bits; within
 // 1.5 ulp of exp on [-87.3, 88.3], saturating outside (at about 1e-38 and 2e38 rather than 0 and inf, which the
 // activations below do not tell apart); NaN stays NaN.
-inline float fast_exp(float x) {
+PEFTFAST_HOT float fast_exp(float x) {
   int32_t b;
   std::memcpy(&b, &x, sizeof(b));
   const int32_t sign = b >> 31;  // all ones for negative x
@@ -64,7 +66,7 @@ inline float fast_exp(float x) {
   std::memcpy(&out, &ob, sizeof(out));
   return out;
 }
-inline double fast_exp(double x) { return std::exp(x); }
+PEFTFAST_HOT double fast_exp(double x) { return std::exp(x); }
 
 template <typename T>
 struct ActConst {
@@ -75,7 +77,7 @@ struct ActConst {
 };
 
 template <Act A, typename T>
-inline T act_fn(T z) {
+PEFTFAST_HOT T act_fn(T z) {
   using C = ActConst<T>;
   if constexpr (A == Act::kRelu) {
     return z > T(0) ? z : T(0);
@@ -91,7 +93,7 @@ inline T act_fn(T z) {
 
 // act(z) and act'(z) together (they share the expensive part)
 template <Act A, typename T>
-inline void act_and_grad(T z, T& a, T& da) {
+PEFTFAST_HOT void act_and_grad(T z, T& a, T& da) {
   using C = ActConst<T>;
   if constexpr (A == Act::kRelu) {
     a = z > T(0) ? z : T(0);

@@ -23,6 +23,7 @@
 #include <tuple>
 
 #include "activations.h"
+#include "simd.h"
 
 namespace peftfast {
 namespace {
@@ -56,7 +57,9 @@ void act_rows(const Tensor& z, Tensor& a) {
   const T* zp = z.const_data_ptr<T>();
   T* ap = a.mutable_data_ptr<T>();
   at::parallel_for(0, z.numel(), grain(1), [&](int64_t b, int64_t e) {
-    for (int64_t i = b; i < e; ++i) ap[i] = static_cast<T>(act_fn<A>(static_cast<acc_t>(zp[i])));
+    simd_call([&]() PEFTFAST_SIMD_BODY {
+      for (int64_t i = b; i < e; ++i) ap[i] = static_cast<T>(act_fn<A>(static_cast<acc_t>(zp[i])));
+    });
   });
 }
 
@@ -109,18 +112,20 @@ void bwd_rows(const Tensor& u, const Tensor& z, Tensor& dz, Tensor& a, Tensor& d
   acc_t* dsp = ds_rows.defined() ? ds_rows.mutable_data_ptr<acc_t>() : nullptr;
   const acc_t s = static_cast<acc_t>(scale);
   at::parallel_for(0, m, grain(h), [&](int64_t b, int64_t e) {
-    for (int64_t r = b; r < e; ++r) {
-      acc_t ds = 0;
-      for (int64_t c = r * h; c < (r + 1) * h; ++c) {
-        acc_t av, dav;
-        act_and_grad<A>(static_cast<acc_t>(zp[c]), av, dav);
-        const acc_t uv = up[c];
-        dzp[c] = static_cast<T>(uv * s * dav);
-        ap[c] = static_cast<T>(av);
-        ds += av * uv;
+    simd_call([&]() PEFTFAST_SIMD_BODY {
+      for (int64_t r = b; r < e; ++r) {
+        acc_t ds = 0;
+        for (int64_t c = r * h; c < (r + 1) * h; ++c) {
+          acc_t av, dav;
+          act_and_grad<A>(static_cast<acc_t>(zp[c]), av, dav);
+          const acc_t uv = up[c];
+          dzp[c] = static_cast<T>(uv * s * dav);
+          ap[c] = static_cast<T>(av);
+          ds += av * uv;
+        }
+        if (dsp) dsp[r] = ds;
       }
-      if (dsp) dsp[r] = ds;
-    }
+    });
   });
 }
 

@@ -13,12 +13,12 @@
 #endif
 
 #include "philox.h"
+#include "simd.h"
 
 namespace peftfast {
 namespace {
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#define PEFTFAST_X86_PHILOX 1
+#ifdef PEFTFAST_X86_SIMD
 // 16 keep flags per step: Philox words live in the low halves of 64-bit lanes (two groups of 8 for ILP), since
 // vpmuludq multiplies exactly those halves; upper halves hold junk that no low half ever depends on
 __attribute__((target("avx512f"))) int64_t keep_row_avx512(uint8_t* out, uint64_t seed, uint64_t base, int64_t n,
@@ -94,28 +94,12 @@ __attribute__((target("avx2"))) int64_t keep_row_avx2(uint8_t* out, uint64_t see
 }
 #endif
 
-// 2 (AVX-512), 1 (AVX2) or 0 (scalar): what the CPU has, capped by PEFTFAST_PHILOX_SIMD=avx2|scalar (read once; the
-// tests run each path against the Triton kernel's masks)
-int simd_level() {
-  static const int level = [] {
-    int have = 0;
-#ifdef PEFTFAST_X86_PHILOX
-    have = __builtin_cpu_supports("avx512f") ? 2 : __builtin_cpu_supports("avx2") ? 1 : 0;
-#endif
-    const char* cap = std::getenv("PEFTFAST_PHILOX_SIMD");
-    if (cap != nullptr && std::strcmp(cap, "avx2") == 0) return std::min(have, 1);
-    if (cap != nullptr && std::strcmp(cap, "scalar") == 0) return 0;
-    return have;
-  }();
-  return level;
-}
-
 // One row of keep flags: out[c] = keep(seed, linear index base + c). Philox is most of the masking cost: AVX-512 or
 // AVX2 draw 16 or 8 flags per step, the scalar philox.h finishes the row (and is all of it elsewhere); every path
 // yields the very bits of tl.rand (test_lora_cpp checks each against the Triton kernel).
 void keep_row(uint8_t* out, uint64_t seed, uint64_t base, int64_t n, float p) {
   int64_t c = 0;
-#ifdef PEFTFAST_X86_PHILOX
+#ifdef PEFTFAST_X86_SIMD
   const int level = simd_level();
   if (level == 2)
     c = keep_row_avx512(out, seed, base, n, p);
@@ -127,7 +111,23 @@ void keep_row(uint8_t* out, uint64_t seed, uint64_t base, int64_t n, float p) {
 
 }  // namespace
 
-const char* philox_simd() {
+int simd_level() {
+  static const int level = [] {
+    int have = 0;
+#ifdef PEFTFAST_X86_SIMD
+    have = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("fma") ? 2
+           : __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? 1
+                                                                            : 0;
+#endif
+    const char* cap = std::getenv("PEFTFAST_CPU_SIMD");
+    if (cap != nullptr && std::strcmp(cap, "avx2") == 0) return std::min(have, 1);
+    if (cap != nullptr && std::strcmp(cap, "scalar") == 0) return 0;
+    return have;
+  }();
+  return level;
+}
+
+const char* simd_name() {
   static const char* names[] = {"scalar", "avx2", "avx512"};
   return names[simd_level()];
 }
@@ -158,16 +158,18 @@ void apply_mask(const at::Tensor& src, const at::Tensor& mask, at::Tensor& dst, 
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dst.scalar_type(), "peftfast_masked_dst", [&] {
       scalar_t* d = dst.mutable_data_ptr<scalar_t>();
       at::parallel_for(0, rows, row_grain(k), [&](int64_t b, int64_t e) {
-        for (int64_t r = b; r < e; ++r) {
-          const src_t* srow = s + (row0 + r) * ld;
-          const uint8_t* mrow = mk + r * k;
-          scalar_t* drow = d + r * k;
-          if (cs == 1) {  // the common layout, kept separate so the loop vectorizes
-            for (int64_t c = 0; c < k; ++c) drow[c] = mrow[c] ? static_cast<scalar_t>(srow[c]) : scalar_t(0);
-          } else {
-            for (int64_t c = 0; c < k; ++c) drow[c] = mrow[c] ? static_cast<scalar_t>(srow[c * cs]) : scalar_t(0);
+        simd_call([&]() PEFTFAST_SIMD_BODY {
+          for (int64_t r = b; r < e; ++r) {
+            const src_t* srow = s + (row0 + r) * ld;
+            const uint8_t* mrow = mk + r * k;
+            scalar_t* drow = d + r * k;
+            if (cs == 1) {  // the common layout, kept separate so the loop vectorizes
+              for (int64_t c = 0; c < k; ++c) drow[c] = mrow[c] ? static_cast<scalar_t>(srow[c]) : scalar_t(0);
+            } else {
+              for (int64_t c = 0; c < k; ++c) drow[c] = mrow[c] ? static_cast<scalar_t>(srow[c * cs]) : scalar_t(0);
+            }
           }
-        }
+        });
       });
     });
   });
@@ -183,7 +185,9 @@ void add_masked(at::Tensor& acc, const at::Tensor& part, const at::Tensor& mask,
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, part.scalar_type(), "peftfast_add_masked", [&] {
       const scalar_t* src = part.const_data_ptr<scalar_t>();
       at::parallel_for(0, rows, row_grain(k), [&](int64_t b, int64_t e) {
-        for (int64_t i = b * k; i < e * k; ++i) a[i] += mk[i] ? static_cast<acc_t>(src[i]) * mu : acc_t(0);
+        simd_call([&]() PEFTFAST_SIMD_BODY {
+          for (int64_t i = b * k; i < e * k; ++i) a[i] += mk[i] ? static_cast<acc_t>(src[i]) * mu : acc_t(0);
+        });
       });
     });
   });

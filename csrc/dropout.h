@@ -11,9 +11,6 @@ namespace peftfast {
 
 inline at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
-// the Philox path the keep masks take on this CPU: "avx512", "avx2" or "scalar"
-const char* philox_simd();
-
 // rows per at::parallel_for task for rows of k elements
 int64_t row_grain(int64_t k);
 

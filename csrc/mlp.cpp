@@ -6,7 +6,7 @@
 //
 // One pass, in fp32 (fp64 for fp64 tensors) with a single rounding per output, like the Triton kernels in
 // kernels/mlp.py. TensorIterator walks any strides (no contiguous copies) and splits the work with
-// at::parallel_for; outputs take ``empty_like(g)``'s layout.
+// at::parallel_for; outputs take ``empty_like(g)``'s layout. The loops run AVX2+FMA code where the CPU has it (simd.h).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -18,6 +18,7 @@
 #include <tuple>
 
 #include "activations.h"
+#include "simd.h"
 
 namespace peftfast {
 namespace {
@@ -41,7 +42,7 @@ void check(const Tensor& g, const Tensor& u, const char* op) {
 constexpr int64_t kBlock = 256;
 
 template <typename T, typename A>
-inline void gather(const char* p, int64_t stride, int64_t len, A* out) {
+PEFTFAST_HOT void gather(const char* p, int64_t stride, int64_t len, A* out) {
   if (stride == static_cast<int64_t>(sizeof(T))) {
     const T* q = reinterpret_cast<const T*>(p);
     for (int64_t i = 0; i < len; ++i) out[i] = static_cast<A>(q[i]);
@@ -51,7 +52,7 @@ inline void gather(const char* p, int64_t stride, int64_t len, A* out) {
 }
 
 template <typename T, typename A>
-inline void scatter(char* p, int64_t stride, int64_t len, const A* in) {
+PEFTFAST_HOT void scatter(char* p, int64_t stride, int64_t len, const A* in) {
   if (stride == static_cast<int64_t>(sizeof(T))) {
     T* q = reinterpret_cast<T*>(p);
     for (int64_t i = 0; i < len; ++i) q[i] = static_cast<T>(in[i]);
@@ -71,19 +72,21 @@ Tensor act_mul_fwd_cpu(const Tensor& g, const Tensor& u, const std::string& act)
     dispatch_act(a, [&](auto tag) {
       constexpr Act A = decltype(tag)::value;
       iter.for_each([](char** data, const int64_t* strides, int64_t n0, int64_t n1) {
-        acc_t gb[kBlock], ub[kBlock];
-        for (int64_t j = 0; j < n1; ++j) {
-          char* hp = data[0] + j * strides[3];
-          const char* gp = data[1] + j * strides[4];
-          const char* up = data[2] + j * strides[5];
-          for (int64_t i0 = 0; i0 < n0; i0 += kBlock) {
-            const int64_t len = std::min(kBlock, n0 - i0);
-            gather<scalar_t>(gp + i0 * strides[1], strides[1], len, gb);
-            gather<scalar_t>(up + i0 * strides[2], strides[2], len, ub);
-            for (int64_t i = 0; i < len; ++i) gb[i] = act_fn<A>(gb[i]) * ub[i];
-            scatter<scalar_t>(hp + i0 * strides[0], strides[0], len, gb);
+        simd_call([&]() PEFTFAST_SIMD_BODY {
+          acc_t gb[kBlock], ub[kBlock];
+          for (int64_t j = 0; j < n1; ++j) {
+            char* hp = data[0] + j * strides[3];
+            const char* gp = data[1] + j * strides[4];
+            const char* up = data[2] + j * strides[5];
+            for (int64_t i0 = 0; i0 < n0; i0 += kBlock) {
+              const int64_t len = std::min(kBlock, n0 - i0);
+              gather<scalar_t>(gp + i0 * strides[1], strides[1], len, gb);
+              gather<scalar_t>(up + i0 * strides[2], strides[2], len, ub);
+              for (int64_t i = 0; i < len; ++i) gb[i] = act_fn<A>(gb[i]) * ub[i];
+              scatter<scalar_t>(hp + i0 * strides[0], strides[0], len, gb);
+            }
           }
-        }
+        });
       });
     });
   });
@@ -110,29 +113,31 @@ std::tuple<Tensor, Tensor> act_mul_bwd_cpu(const Tensor& dh, const Tensor& g, co
     dispatch_act(a, [&](auto tag) {
       constexpr Act A = decltype(tag)::value;
       iter.for_each([](char** data, const int64_t* strides, int64_t n0, int64_t n1) {
-        acc_t db[kBlock], gb[kBlock], ub[kBlock];
-        const int64_t* s1 = strides + 5;
-        for (int64_t j = 0; j < n1; ++j) {
-          char* dgp = data[0] + j * s1[0];
-          char* dup = data[1] + j * s1[1];
-          const char* dhp = data[2] + j * s1[2];
-          const char* gp = data[3] + j * s1[3];
-          const char* up = data[4] + j * s1[4];
-          for (int64_t i0 = 0; i0 < n0; i0 += kBlock) {
-            const int64_t len = std::min(kBlock, n0 - i0);
-            gather<scalar_t>(dhp + i0 * strides[2], strides[2], len, db);
-            gather<scalar_t>(gp + i0 * strides[3], strides[3], len, gb);
-            gather<scalar_t>(up + i0 * strides[4], strides[4], len, ub);
-            for (int64_t i = 0; i < len; ++i) {
-              acc_t av, dav;
-              act_and_grad<A>(gb[i], av, dav);
-              gb[i] = db[i] * ub[i] * dav;  // dg
-              ub[i] = db[i] * av;           // du
+        simd_call([&]() PEFTFAST_SIMD_BODY {
+          acc_t db[kBlock], gb[kBlock], ub[kBlock];
+          const int64_t* s1 = strides + 5;
+          for (int64_t j = 0; j < n1; ++j) {
+            char* dgp = data[0] + j * s1[0];
+            char* dup = data[1] + j * s1[1];
+            const char* dhp = data[2] + j * s1[2];
+            const char* gp = data[3] + j * s1[3];
+            const char* up = data[4] + j * s1[4];
+            for (int64_t i0 = 0; i0 < n0; i0 += kBlock) {
+              const int64_t len = std::min(kBlock, n0 - i0);
+              gather<scalar_t>(dhp + i0 * strides[2], strides[2], len, db);
+              gather<scalar_t>(gp + i0 * strides[3], strides[3], len, gb);
+              gather<scalar_t>(up + i0 * strides[4], strides[4], len, ub);
+              for (int64_t i = 0; i < len; ++i) {
+                acc_t av, dav;
+                act_and_grad<A>(gb[i], av, dav);
+                gb[i] = db[i] * ub[i] * dav;  // dg
+                ub[i] = db[i] * av;           // du
+              }
+              scatter<scalar_t>(dgp + i0 * strides[0], strides[0], len, gb);
+              scatter<scalar_t>(dup + i0 * strides[1], strides[1], len, ub);
             }
-            scatter<scalar_t>(dgp + i0 * strides[0], strides[0], len, gb);
-            scatter<scalar_t>(dup + i0 * strides[1], strides[1], len, ub);
           }
-        }
+        });
       });
     });
   });

@@ -22,6 +22,8 @@
 #include <tuple>
 #include <vector>
 
+#include "simd.h"
+
 namespace peftfast {
 namespace {
 
@@ -38,7 +40,7 @@ Tensor as_rows(const Tensor& t, int64_t n) {
 }
 
 template <typename T>
-T sum_sq(const T* p, int64_t n) {
+PEFTFAST_HOT T sum_sq(const T* p, int64_t n) {
   T acc[kLanes] = {};
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes)
@@ -50,7 +52,7 @@ T sum_sq(const T* p, int64_t n) {
 }
 
 template <typename T>
-T dot(const T* a, const T* b, int64_t n) {
+PEFTFAST_HOT T dot(const T* a, const T* b, int64_t n) {
   T acc[kLanes] = {};
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes)
@@ -113,30 +115,32 @@ void rms_fwd_kernel(const Tensor& x2d, const Tensor& r2d, Tensor& h2d, const Ten
   const auto [per, blocks] = split_rows(m);
   at::parallel_for(0, blocks, block_grain(per, n), [&](int64_t b0, int64_t b1) {
     std::vector<acc_t> buf(n);
-    for (int64_t row = b0 * per; row < std::min(m, b1 * per); ++row) {
-      const x_t* xr = xp + row * sx;
-      if (has_res) {
-        const x_t* rr = rp + row * sr;
-        x_t* hr = hp + row * n;
-        for (int64_t c = 0; c < n; ++c) {
-          // rounded as the eager add rounds it: the norm sees the h the next block receives
-          const x_t hv = static_cast<x_t>(static_cast<acc_t>(xr[c]) + static_cast<acc_t>(rr[c]));
-          hr[c] = hv;
-          buf[c] = static_cast<acc_t>(hv);
+    simd_call([&]() PEFTFAST_SIMD_BODY {
+      for (int64_t row = b0 * per; row < std::min(m, b1 * per); ++row) {
+        const x_t* xr = xp + row * sx;
+        if (has_res) {
+          const x_t* rr = rp + row * sr;
+          x_t* hr = hp + row * n;
+          for (int64_t c = 0; c < n; ++c) {
+            // rounded as the eager add rounds it: the norm sees the h the next block receives
+            const x_t hv = static_cast<x_t>(static_cast<acc_t>(xr[c]) + static_cast<acc_t>(rr[c]));
+            hr[c] = hv;
+            buf[c] = static_cast<acc_t>(hv);
+          }
+        } else {
+          for (int64_t c = 0; c < n; ++c) buf[c] = static_cast<acc_t>(xr[c]);
         }
-      } else {
-        for (int64_t c = 0; c < n; ++c) buf[c] = static_cast<acc_t>(xr[c]);
+        const acc_t r = acc_t(1) / std::sqrt(sum_sq(buf.data(), n) * inv_n + e);
+        rs[row] = r;
+        y_t* yr = yp + row * n;
+        if (round_normed) {
+          for (int64_t c = 0; c < n; ++c)
+            yr[c] = static_cast<y_t>(w[c] * static_cast<acc_t>(static_cast<x_t>(buf[c] * r)));
+        } else {
+          for (int64_t c = 0; c < n; ++c) yr[c] = static_cast<y_t>(buf[c] * r * w[c]);
+        }
       }
-      const acc_t r = acc_t(1) / std::sqrt(sum_sq(buf.data(), n) * inv_n + e);
-      rs[row] = r;
-      y_t* yr = yp + row * n;
-      if (round_normed) {
-        for (int64_t c = 0; c < n; ++c)
-          yr[c] = static_cast<y_t>(w[c] * static_cast<acc_t>(static_cast<x_t>(buf[c] * r)));
-      } else {
-        for (int64_t c = 0; c < n; ++c) yr[c] = static_cast<y_t>(buf[c] * r * w[c]);
-      }
-    }
+    });
   });
 }
 
@@ -193,37 +197,39 @@ void rms_bwd_kernel(const Tensor& dy2d, const Tensor& x2d, const Tensor& wf, con
   const auto [per, blocks] = split_rows(m);
   at::parallel_for(0, blocks, block_grain(per, n), [&](int64_t b0, int64_t b1) {
     std::vector<acc_t> nb(n), gb(n), db(n);
-    for (int64_t blk = b0; blk < b1; ++blk) {
-      acc_t* dw = need_dw ? pp + blk * n : nullptr;
-      for (int64_t row = blk * per; row < std::min(m, (blk + 1) * per); ++row) {
-        const x_t* xr = xp + row * sx;
-        const dy_t* dyr = dyp + row * sdy;
-        const acc_t r = rs[row];
-        // branch-free loops, so each vectorises
-        for (int64_t c = 0; c < n; ++c) {
-          db[c] = static_cast<acc_t>(dyr[c]);
-          nb[c] = static_cast<acc_t>(xr[c]) * r;
-        }
-        for (int64_t c = 0; c < n; ++c) gb[c] = db[c] * w[c];
-        if (need_dw) {
-          if (round_normed) {
-            for (int64_t c = 0; c < n; ++c) dw[c] += db[c] * static_cast<acc_t>(static_cast<x_t>(nb[c]));
+    simd_call([&]() PEFTFAST_SIMD_BODY {
+      for (int64_t blk = b0; blk < b1; ++blk) {
+        acc_t* dw = need_dw ? pp + blk * n : nullptr;
+        for (int64_t row = blk * per; row < std::min(m, (blk + 1) * per); ++row) {
+          const x_t* xr = xp + row * sx;
+          const dy_t* dyr = dyp + row * sdy;
+          const acc_t r = rs[row];
+          // branch-free loops, so each vectorises
+          for (int64_t c = 0; c < n; ++c) {
+            db[c] = static_cast<acc_t>(dyr[c]);
+            nb[c] = static_cast<acc_t>(xr[c]) * r;
+          }
+          for (int64_t c = 0; c < n; ++c) gb[c] = db[c] * w[c];
+          if (need_dw) {
+            if (round_normed) {
+              for (int64_t c = 0; c < n; ++c) dw[c] += db[c] * static_cast<acc_t>(static_cast<x_t>(nb[c]));
+            } else {
+              for (int64_t c = 0; c < n; ++c) dw[c] += db[c] * nb[c];
+            }
+          }
+          if (!need_dx) continue;
+          const acc_t mean_gn = dot(gb.data(), nb.data(), n) * inv_n;
+          x_t* dxr = dxp + row * n;
+          if (has_dh) {
+            const x_t* dhr = dhp + row * sdh;
+            for (int64_t c = 0; c < n; ++c)
+              dxr[c] = static_cast<x_t>((gb[c] - nb[c] * mean_gn) * r + static_cast<acc_t>(dhr[c]));
           } else {
-            for (int64_t c = 0; c < n; ++c) dw[c] += db[c] * nb[c];
+            for (int64_t c = 0; c < n; ++c) dxr[c] = static_cast<x_t>((gb[c] - nb[c] * mean_gn) * r);
           }
         }
-        if (!need_dx) continue;
-        const acc_t mean_gn = dot(gb.data(), nb.data(), n) * inv_n;
-        x_t* dxr = dxp + row * n;
-        if (has_dh) {
-          const x_t* dhr = dhp + row * sdh;
-          for (int64_t c = 0; c < n; ++c)
-            dxr[c] = static_cast<x_t>((gb[c] - nb[c] * mean_gn) * r + static_cast<acc_t>(dhr[c]));
-        } else {
-          for (int64_t c = 0; c < n; ++c) dxr[c] = static_cast<x_t>((gb[c] - nb[c] * mean_gn) * r);
-        }
       }
-    }
+    });
   });
 }
 

@@ -5,7 +5,7 @@
 
 #include <string>
 
-#include "dropout.h"
+#include "simd.h"
 
 #ifndef PEFTFAST_TORCH_VERSION
 #define PEFTFAST_TORCH_VERSION "unknown"
@@ -25,8 +25,8 @@ std::string build_info() {
 #else
   s += ";openmp=0";
 #endif
-  s += ";philox=";
-  s += philox_simd();
+  s += ";simd=";
+  s += simd_name();
   return s;
 }
 

@@ -537,10 +537,17 @@ def _wrap(model, setup: Setup, cfg: BenchConfig):
 
     task = "CAUSAL_LM" if setup.kind == "decoder" else None
     if cfg.method == "prefix":
-        return get_peft_model(model, PrefixTuningConfig(task_type=task, num_virtual_tokens=cfg.num_virtual_tokens))
-    lora = LoraConfig(r=cfg.rank, lora_alpha=2 * cfg.rank, lora_dropout=cfg.dropout, target_modules="all-linear",
-                      task_type=task)
-    model = get_peft_model(model, lora)
+        method = PrefixTuningConfig(task_type=task, num_virtual_tokens=cfg.num_virtual_tokens)
+    else:
+        method = LoraConfig(r=cfg.rank, lora_alpha=2 * cfg.rank, lora_dropout=cfg.dropout,
+                            target_modules="all-linear", task_type=task)
+    with warnings.catch_warnings():
+        # PEFT reads transformers' deprecated ``is_gradient_checkpointing``: a FutureWarning per model built that
+        # would break the progress line, about code that is neither the user's nor ours
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+        model = get_peft_model(model, method)
+    if cfg.method == "prefix":
+        return model
     if cfg.method == "qlora":  # NF4 base weights (block 64); PEFT's own forward dequantizes them per call
         peftfast.quantize_base(model)
     return model
@@ -972,8 +979,8 @@ def _fmt(x, spec: str, na: str = "n/a") -> str:
     return na if x is None else format(x, spec)
 
 
-def _ratio(a, b) -> str:
-    return f"{a / b:.2f}x" if a is not None and b else ""
+def _ratio(a, b, digits: int = 2) -> str:
+    return f"{a / b:.{digits}f}x" if a is not None and b else ""
 
 
 def format_table(res: dict) -> str:
@@ -992,7 +999,7 @@ def format_table(res: dict) -> str:
         if not b["method"].startswith("peftfast"):
             continue
         rows.append([f"ratio{b['method'].removeprefix('peftfast')}", _ratio(b["tokens_per_s"], a["tokens_per_s"]),
-                     _ratio(b["step_ms_median"], a["step_ms_median"]), _ratio(b["saved_mb"], a["saved_mb"]),
+                     _ratio(b["step_ms_median"], a["step_ms_median"]), _ratio(b["saved_mb"], a["saved_mb"], 3),
                      _ratio(b["peak_mb"], a["peak_mb"]), _ratio(b["work_ops_per_step"], a["work_ops_per_step"]), ""])
     widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
     line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731

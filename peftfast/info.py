@@ -30,7 +30,7 @@ def info_lines() -> list[str]:
         b = _ext.build_info()
         parts = "CPU + CUDA kernels" if b.get("cuda") == "1" else "CPU kernels only"
         lines.append(f"{'peftfast._C':<13}built ({parts}; torch {b.get('torch')}, OpenMP {b.get('openmp') == '1'}, "
-                     f"dropout masks {b.get('philox', 'scalar')})")
+                     f"SIMD {b.get('simd', 'scalar')})")
         lines.append(f"{'torch ops':<13}torch.ops.peftfast.{{{', '.join(_registered_ops())}}}")
     else:
         lines.append(f"{'peftfast._C':<13}{why}")

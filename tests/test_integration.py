@@ -25,7 +25,7 @@ import time
 
 import pytest
 import torch
-from _models import batch, llama, loss_and_grads, max_rel_err, peft_model, trainable
+from _models import OpCalls, batch, llama, loss_and_grads, max_rel_err, peft_model, trainable
 
 import peftfast
 
@@ -40,6 +40,22 @@ def lora_llama(dropout: float = 0.0, layers: int = 2, patch: bool = False):
     """r=4 all-linear LoRA on a tiny Llama, B drawn non-zero (so A trains from step one), train mode."""
     model = peft_model("llama", r=4, lora_alpha=8, lora_dropout=dropout, model_kwargs={"layers": layers})
     return peftfast.patch(model) if patch else model
+
+
+def adapter_llama(fused: bool = True):
+    """A tiny Llama (one layer) with Houlsby adapters (after attention and FFN, with their own LayerNorm); the
+    up-projections are drawn non-zero, so both projections train from the first step."""
+    torch.manual_seed(0)
+    model = llama(layers=1)
+    peftfast.add_adapters(model, peftfast.AdapterConfig(placement="houlsby", bottleneck_size=8, activation="silu",
+                                                        layer_norm=True))
+    g = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for n, p in trainable(model).items():
+            if ".up." in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    peftfast.set_adapter_backend(model, fused=fused)
+    return model
 
 
 def weights(model) -> dict[str, torch.Tensor]:
@@ -537,6 +553,9 @@ ZERO_RUNS = {  # name: (ZeRO stage, patch(recompute=...) or None for the unpatch
     "zero3_attn": (3, "attn", False), "zero3_after": (3, "norms", True)}
 
 
+ADAPTER_ZERO_RUNS = {"adapter_zero2": 2, "adapter_zero3": 3}  # name: ZeRO stage, fused bottleneck adapters
+
+
 def _ds_worker(out_path: str) -> None:
     """One rank: each of ``ZERO_RUNS`` through ``deepspeed.initialize`` (CPU accelerator, gloo), patched before it as
     HF Trainer users do, or after it; ZeRO-3 partitions every parameter (persistence threshold 0), so none is
@@ -576,6 +595,27 @@ def _ds_worker(out_path: str) -> None:
             runtime = {**rep.runtime(model), **rep.module_runtime(model)}
             skipped = {e.name: e.reason for e in [*rep.skipped, *rep.modules] if e.reason}
         res[name] = dict(losses=losses, weights=full, partitioned=partitioned, runtime=runtime, skipped=skipped)
+        engine.destroy()
+    for name, stage in ADAPTER_ZERO_RUNS.items():
+        model = adapter_llama(fused=True)
+        params = list(trainable(model).values())
+        config = {"train_micro_batch_size_per_gpu": len(shard), "gradient_accumulation_steps": 1,
+                  "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0}}
+        engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(params, lr=1e-2, eps=1e-4),
+                                          config=config)
+        losses = []
+        with OpCalls() as calls:
+            for _ in range(DIST_STEPS):
+                loss = engine(input_ids=shard, labels=shard).loss
+                engine.backward(loss)
+                engine.step()
+                t = loss.detach().clone()
+                dist.all_reduce(t)
+                losses.append(t.item() / world)
+        partitioned = all(hasattr(p, "ds_id") for p in params)
+        with deepspeed.zero.GatheredParameters(params):
+            full = weights(model)
+        res[name] = dict(losses=losses, weights=full, partitioned=partitioned, ops=dict(calls.count()))
         engine.destroy()
     if rank == 0:
         torch.save(res, out_path)
@@ -632,6 +672,24 @@ def test_deepspeed_zero3_patch_after_initialize_skips_with_the_reason(zero_run):
     lora = {n: r for n, r in run["skipped"].items() if n.endswith("_proj")}
     assert len(lora) == 7 and all(r == f"base weight: {ZERO3_REASON}" for r in lora.values()), lora
     assert any(r == f"norm weights are {ZERO3_REASON}" for r in run["skipped"].values()), run["skipped"]
+
+
+@pytest.mark.parametrize("name", list(ADAPTER_ZERO_RUNS))
+def test_deepspeed_runs_fused_adapters_and_matches_single_process(zero_run, name):
+    """An adapter is a module of its own whose forward is the fused op on its own parameters, so ZeRO-3 gathers
+    them around it (and ZeRO-2 does not partition them): the fused adapter op serves every call on both stages, and
+    training matches the eager adapters in one process on the whole batch."""
+    run = zero_run["dist"][name]
+    assert run["partitioned"] == (ADAPTER_ZERO_RUNS[name] == 3)
+    reference = adapter_llama(fused=False)
+    init = weights(reference)
+    with OpCalls() as calls:
+        losses = _dist_train(reference, _dist_ids())
+    assert not calls.count()  # the reference is the eager path
+    assert_losses_close(run["losses"], losses)
+    assert_same_training(run["weights"], weights(reference), init)
+    # two adapters (after attention, after the FFN), one forward and one backward each per step
+    assert run["ops"].get("adapter_fwd") == 2 * DIST_STEPS and run["ops"].get("adapter_bwd") == 2 * DIST_STEPS, run
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["_dist_worker"]:

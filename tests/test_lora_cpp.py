@@ -114,7 +114,7 @@ _EACH_PATH = """
 import torch
 from peftfast import _ext
 from peftfast.ops.lora import dropout_keep_mask
-print(_ext.build_info()["philox"])
+print(_ext.build_info()["simd"])
 for seed, p in ((5, 0.05), (2**31 - 2, 0.5)):
     a = dropout_keep_mask(seed, 2, 19, 75, p, device=torch.device("cpu"), backend="cpp")
     b = dropout_keep_mask(seed, 2, 19, 75, p, device=torch.device("cpu"), backend="triton")
@@ -125,11 +125,11 @@ for seed, p in ((5, 0.05), (2**31 - 2, 0.5)):
 @needs_ext
 def test_every_philox_path_matches_triton():
     """Each CPU path (AVX-512, AVX2, scalar: the ones this CPU has) draws the masks of tl.rand, in a process
-    capped at that path by PEFTFAST_PHILOX_SIMD."""
-    best = _ext.build_info()["philox"]
+    capped at that path by PEFTFAST_CPU_SIMD."""
+    best = _ext.build_info()["simd"]
     order = ["scalar", "avx2", "avx512"]
     for cap in order[: order.index(best) + 1]:
-        env = {**os.environ, "PEFTFAST_PHILOX_SIMD": cap, "TRITON_INTERPRET": "1"}
+        env = {**os.environ, "PEFTFAST_CPU_SIMD": cap, "TRITON_INTERPRET": "1"}
         out = subprocess.run([sys.executable, "-c", _EACH_PATH], env=env, capture_output=True, text=True, timeout=300)
         assert out.returncode == 0, out.stderr[-2000:]
         assert out.stdout.split()[-1] == cap

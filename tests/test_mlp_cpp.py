@@ -175,3 +175,26 @@ def test_patched_model_runs_the_activation_on_cpp(arch, act):
     scale = max(g.abs().max().item() for g in grads0.values())
     for k in grads0:
         torch.testing.assert_close(grads1[k], grads0[k], rtol=1e-4, atol=1e-5 * scale, msg=k)
+
+
+def test_every_simd_level_passes_the_cpu_kernel_tests():
+    """The element-wise C++ loops (gated activation, RMSNorm, Adapter) are compiled for the baseline ISA and for
+    AVX2+FMA and picked at run time (csrc/simd.h): this process tested AVX2+FMA where the CPU has it, and the same
+    kernel tests run again on the baseline loops in a process capped by PEFTFAST_CPU_SIMD=scalar (AVX-512 CPUs run
+    the AVX2+FMA loops too: only the Philox masks have an AVX-512 path, tested in test_lora_cpp)."""
+    import os
+    import subprocess
+    import sys
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    files = [os.path.join(here, f) for f in ("test_mlp_cpp.py", "test_norm_cpp.py", "test_adapter_cpp.py")]
+    for cap in ["scalar"]:
+        env = {**os.environ, "PEFTFAST_CPU_SIMD": cap}
+        out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-k",
+                              "not opcheck and not every_simd_level", *files], env=env, capture_output=True,
+                             text=True, timeout=600, cwd=here)
+        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
+        assert " passed" in out.stdout.splitlines()[-1], out.stdout[-500:]
+        level = subprocess.run([sys.executable, "-c", "from peftfast import _ext; print(_ext.build_info()['simd'])"],
+                               env=env, capture_output=True, text=True, timeout=120)
+        assert level.stdout.split()[-1] == cap, level.stderr[-2000:]

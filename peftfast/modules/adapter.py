@@ -74,8 +74,8 @@ class AdapterConfig:
 class BottleneckAdapter(nn.Module):
     """``h = res + s · act(LN?(x) W_downᵀ + b_down) W_upᵀ + b_up``; ``res`` is ``x`` unless given (parallel).
 
-    ``fused=True`` runs the fused op (Triton on CUDA, the torch backend elsewhere): saved for backward are the
-    input and the bottleneck pre-activation only. ``fused=False`` is the plain eager reference.
+    ``fused=True`` runs the fused op (Triton on CUDA, the C++ kernels on CPU, else the torch backend): saved for
+    backward are the input and the bottleneck pre-activation only. ``fused=False`` is the plain eager reference.
     """
 
     def __init__(self, hidden_size: int, config: AdapterConfig, *, device=None, dtype=None):
