@@ -81,6 +81,14 @@ TORCH_LIBRARY(peftfast, m) {
   m.def("act_mul_fwd(Tensor g, Tensor u, str act) -> Tensor");
   m.def("act_mul_bwd(Tensor dh, Tensor g, Tensor u, str act) -> (Tensor, Tensor)");
 
+  // ---- rotary embedding: the CPU kernel of the ``peftfast::rope`` op (csrc/rope.cpp; that op, its autograd and the
+  // fake kernels are in peftfast/ops/rope.py) ----
+  // q [B, HQ, S, D], k [B, HK, S, D] any strides, cos/sin [B or 1, S, R]; outputs [B, H, S, D], with [B, S, H, D]
+  // memory where *_seq_major; backward applies the inverse rotation
+  m.def(
+      "rope_rotate(Tensor q, Tensor k, Tensor cos, Tensor sin, bool backward, bool q_seq_major, bool k_seq_major) "
+      "-> (Tensor, Tensor)");
+
   // ---- fused bottleneck Adapter (kernels: csrc/adapter.cpp on CPU) ----
   // x [M, K], Wd [H, K], Wu [N, H], scale a 1-element tensor; out = res + s·act(x Wdᵀ + bd) Wuᵀ + bu (res = x when
   // absent); returns (out [M, N], z [M, H])

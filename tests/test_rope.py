@@ -9,12 +9,13 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb as lla
 from transformers.models.phi3.modeling_phi3 import apply_rotary_pos_emb as phi3_rope
 
 import peftfast
+from peftfast import _ext
 from peftfast.modules import rope as rope_mod
 from peftfast.ops import _counters
 from peftfast.ops.rope import rope
 from peftfast.testing import aot
 
-BACKENDS = ["torch", "triton"]
+BACKENDS = ["torch", "triton"] + (["cpp"] if _ext.available() else [])
 
 
 def _inputs(b, hq, hk, s, d, rot, dtype, *, layout=1, cos_batch=None):
@@ -57,8 +58,8 @@ def test_fp32_matches_transformers_in_fp64(backend, b, hq, hk, s, d, rot, layout
         assert torch.allclose(a, w, atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("backend,dtype", [("torch", torch.float16), ("triton", torch.float16),
-                                           ("torch", torch.bfloat16), ("triton", torch.bfloat16)])
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_low_precision_within_twice_transformers_error(backend, dtype):
     q, k, cos, sin = _inputs(2, 4, 2, 7, 16, 16, dtype)
     got = _run(lambda: rope(q, k, cos, sin, backend=backend), q, k)
@@ -85,6 +86,28 @@ def test_saves_cos_sin_only_and_one_launch_each_way(backend):
         (a.sum() + b.sum()).backward()
     want = {"_rope_kernel": 1} if backend == "triton" else {}
     assert dict(fwd) == want and dict(bwd) == want
+
+
+@pytest.mark.skipif(not _ext.available(), reason=f"peftfast._C not built: {_ext.status()}")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_cpp_kernel_matches_the_torch_backend_on_any_strides(dtype):
+    """csrc/rope.cpp against the torch backend (the same fp32 maths, rounded once): inputs strided along the head
+    dim, partial rotary, cos shared over the batch or per sequence, both directions; and its registered op passes
+    opcheck."""
+    tol = {torch.float32: 1e-6, torch.float64: 1e-12}.get(dtype, 0.0)
+    for step, rot, cos_batch in ((2, 12, None), (1, 8, 1), (3, 12, 1)):
+        q = torch.randn(2, 6, 4, 12 * step).to(dtype)[..., ::step].transpose(1, 2)  # [B, H, S, D], D stride `step`
+        k = torch.randn(2, 2, 6, 12 * step).to(dtype)[..., ::step]
+        _, _, cos, sin = _inputs(2, 4, 2, 6, 12, rot, dtype, cos_batch=cos_batch)
+        for backward in (False, True):
+            got = torch.ops.peftfast.rope(q, k, cos, sin, 1, backward, "cpp")
+            want = torch.ops.peftfast.rope(q, k, cos, sin, 1, backward, "torch")
+            for g, w in zip(got, want):
+                assert g.shape == w.shape and g.stride() == w.stride()
+                # fp16/bf16: one rounding of the same fp32 value, which FMA contraction may move by an fp32 ulp
+                assert ((g.double() - w.double()).abs() <= tol + 2 * torch.finfo(dtype).eps * w.double().abs()).all()
+                assert torch.equal(g[..., rot:], w[..., rot:])  # the tail is copied
+        torch.library.opcheck(torch.ops.peftfast.rope_rotate, (q, k, cos, sin, True, True, False))
 
 
 def test_bad_input_names_the_module():

@@ -1,4 +1,4 @@
-"""Rotary position embedding on q and k as one op (Triton on CUDA, ATen elsewhere).
+"""Rotary position embedding on q and k as one op (Triton on CUDA, C++ on CPU, else ATen).
 
 Same maths as transformers' ``apply_rotary_pos_emb`` (rotate-half convention, ``cos``/``sin`` from the model's
 rotary module, partial rotary when ``cos`` is narrower than the head). Saved for backward: ``cos`` and ``sin``
@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 import triton
 
+from peftfast import _ext
 from peftfast.ops._backend import interpreting, resolve_backend
 from peftfast.ops._counters import launching
 
@@ -70,6 +71,11 @@ def _seq_major(t: torch.Tensor, unsqueeze_dim: int) -> bool:
 def _apply(q, k, cos, sin, unsqueeze_dim: int, backward: bool, backend: str):
     if backend == "triton":
         return _launch(q, k, cos, sin, unsqueeze_dim, backward)
+    if backend == "cpp":  # csrc/rope.cpp: one pass, the torch backend's maths and output layouts
+        qo, ko = torch.ops.peftfast.rope_rotate(
+            _as_bhsd(q, unsqueeze_dim), _as_bhsd(k, unsqueeze_dim), cos, sin, backward,
+            unsqueeze_dim == 2 or _seq_major(q, 1), unsqueeze_dim == 2 or _seq_major(k, 1))
+        return _as_bhsd(qo, unsqueeze_dim), _as_bhsd(ko, unsqueeze_dim)
     outs = []
     for t in (q, k):
         if _seq_major(t, unsqueeze_dim):
@@ -90,7 +96,8 @@ def _like_torch(t: torch.Tensor, unsqueeze_dim: int) -> torch.Tensor:
 
 
 # A registered op (not a Python autograd.Function), so torch.compile traces it as one node with the fake kernel
-# below. ``backward=True`` applies the inverse rotation (the transpose of the forward's linear map).
+# below. ``backward=True`` applies the inverse rotation (the transpose of the forward's linear map). ``backend``:
+# triton, cpp (the C++ kernel peftfast::rope_rotate, same output layouts as torch) or torch.
 @torch.library.custom_op("peftfast::rope", mutates_args=(), schema="(Tensor q, Tensor k, Tensor cos, Tensor sin, "
                          "int unsqueeze_dim, bool backward, str backend) -> (Tensor, Tensor)")
 def _rope_op(q, k, cos, sin, unsqueeze_dim, backward, backend):
@@ -102,6 +109,17 @@ def _(q, k, cos, sin, unsqueeze_dim, backward, backend):
     if backend == "triton":  # the kernel writes into empty_like: the inputs' strides
         return torch.empty_like(q), torch.empty_like(k)
     return _like_torch(q, unsqueeze_dim), _like_torch(k, unsqueeze_dim)
+
+
+def _bhsd_out(x: torch.Tensor, seq_major: bool) -> torch.Tensor:
+    """What ``peftfast::rope_rotate`` allocates for ``x`` [B, H, S, D] (see csrc/rope.cpp)."""
+    return x.new_empty(x.transpose(1, 2).shape).transpose(1, 2) if seq_major else x.new_empty(x.shape)
+
+
+if _ext.available():  # the C++ kernel's fake (its autograd is peftfast::rope's, which calls it)
+    torch.library.register_fake("peftfast::rope_rotate")(
+        lambda q, k, cos, sin, backward, q_seq_major, k_seq_major: (_bhsd_out(q, q_seq_major),
+                                                                    _bhsd_out(k, k_seq_major)))
 
 
 def _setup(ctx, inputs, output) -> None:
@@ -143,7 +161,7 @@ def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
         raise ValueError(f"{where}: batch/sequence sizes of q {tuple(q.shape)}, k {tuple(k.shape)} and cos "
                          f"{tuple(cos.shape)} do not match")
     be = resolve_backend(backend, q.device)
-    return _rope_op(q, k, cos, sin, unsqueeze_dim, False, "triton" if be == "triton" else "torch")
+    return _rope_op(q, k, cos, sin, unsqueeze_dim, False, be if be in ("triton", "cpp") else "torch")
 
 
 __all__ = ["rope"]
