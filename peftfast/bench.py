@@ -589,10 +589,8 @@ def _build(variant: str, setup: Setup, cfg: BenchConfig, recompute: str = "norms
     if variant == "peftfast":
         if cfg.method == "adapter":
             peftfast.set_adapter_backend(model, fused=True, backend=cfg.backend)
-        else:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # prefix models have no LoRA layer: patch says so
-                peftfast.patch(model, backend=cfg.backend, fuse_loss=cfg.fuse_loss, recompute=recompute)
+        # the fused path of the LoRA layers, and for every method the frozen base's norms, RoPE and attention
+        peftfast.patch(model, backend=cfg.backend, fuse_loss=cfg.fuse_loss, recompute=recompute)
     model.train()
     if variant == "peft+compile":
         return torch.compile(model, backend=cfg.compile_backend), model
@@ -922,9 +920,10 @@ def _patch_summary(model, cfg: BenchConfig) -> str:
     """What peftfast did to the benchmarked model."""
     import peftfast
 
-    if cfg.method == "adapter":
-        return "peftfast: bottleneck adapters on the fused op (reference: the same adapters on the eager path)"
     rep = peftfast.report(model)
+    if cfg.method == "adapter":
+        return (f"peftfast: bottleneck adapters on the fused op, {rep.summary().removeprefix('peftfast: ')} "
+                "(reference: the same adapters on the eager path, unpatched)")
     return "; ".join([rep.summary(), *rep.notes])
 
 

@@ -335,7 +335,8 @@ def test_other_methods_match_their_reference(tmp_path, method, reference):
     assert fast["max_rel_loss_diff_vs_peft"] < 1e-5  # no LoRA dropout involved
     assert f"vs {reference}" in out
     if method == "adapter":
-        assert "adapters on the fused op" in res["report"]
+        # the adapters on their fused op, and patch's fused norms, RoPE and attention in the base around them
+        assert "adapters on the fused op" in res["report"] and "1/1 attention" in res["report"]
     else:
         assert "PREFIX_TUNING" in res["report"]
 

@@ -276,7 +276,7 @@ def test_patch_without_lora_layers_warns_and_changes_nothing(ids):
     model = tiny_llama()
     ref = logits(model, ids)
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.warns(UserWarning, match="no PEFT LoRA layers"):
+    with pytest.warns(UserWarning, match="no PEFT LoRA layers, PEFT prompt learning or peftfast adapters"):
         assert peftfast.patch(model) is model
     assert not any("forward" in m.__dict__ for m in model.modules())
     assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())

@@ -1,8 +1,9 @@
 """PEFT prompt-learning methods (prefix tuning, prompt tuning, P-tuning) through ``peftfast.patch`` / ``unpatch``.
 
-These models have no LoRA layers: ``patch`` leaves their parameters and modules alone and switches only their
-attention to peftfast's fused kernel (prefix keys, padding): the same losses and gradients as PEFT before patching
-and after ``unpatch``, and a ``report`` that says exactly that. Tiny random-weight
+These models have no LoRA layers: ``patch`` leaves their parameters and PEFT's prompt encoders alone and fuses the
+frozen base they train through: the attention on peftfast's fused kernel (prefix keys, padding), and for Llama the
+RoPE, RMSNorms and residual-add blocks (BERT's LayerNorms stay ATen's off CUDA, with that reason): the same losses
+and gradients as PEFT before patching and after ``unpatch``, and a ``report`` that says exactly that. Tiny random-weight
 Llama (``CAUSAL_LM``) and BERT (``SEQ_CLS``) in fp32, dropout off, a padded batch. A LoRA model on q/v (query/value)
 of the same families is the control: there ``patch`` does act, quietly, and the comparison still holds.
 """
@@ -128,14 +129,17 @@ def test_patch_keeps_losses_and_gradients(family, method):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the attention is fused: no "returning it unchanged" warning
         assert peftfast.patch(model) is model
-    # the same parameter objects, values and trainability; no layer is patched, only the attention implementation
+    # the same parameter objects, values and trainability; no LoRA layer, the base's modules fused around the prompt
     assert {n: p for n, p in model.named_parameters()} == params
     assert {n for n, p in model.named_parameters() if p.requires_grad} == trainable
     assert not any(hasattr(m, "_peftfast") for m in model.modules())
     assert model.get_base_model().config._attn_implementation == "peftfast"
     assert_close(loss_and_grads(model, data), ref)
-    runtime = peftfast.report(model).module_runtime(model)
+    rep = peftfast.report(model)
+    runtime = rep.module_runtime(model)
     assert runtime and all(r["fused"] > 0 and not r["fallbacks"] for r in runtime.values()), runtime
+    fused = {e.kind for e in rep.modules if e.patched}
+    assert fused == ({"attention", "rope", "norm", "block"} if family == "llama" else {"attention"}), rep.format()
 
     peftfast.unpatch(model)
     assert model.get_base_model().config._attn_implementation == "eager"
@@ -157,24 +161,34 @@ def test_report_on_prompt_models(family, method):
     assert rep.entries == [] and rep.patched == [] and rep.skipped == []
     assert rep.backend == "torch"
     assert rep.runtime(model) == {}
-    assert [(e.kind, e.patched) for e in rep.modules] == [("attention", True)]
-    assert rep.summary() == ("peftfast: patched 0 LoRA layer(s) (0 sibling group(s)), skipped 0; "
-                             "fused 1/1 attention; backend=torch")
+    if family == "llama":
+        assert rep.summary() == ("peftfast: patched 0 LoRA layer(s) (0 sibling group(s)), skipped 0; fused 2/2 rope, "
+                                 "1/1 attention, 5/5 norm, 2/2 block, 0/1 loss; backend=torch, recompute=norms")
+    else:  # nothing but the attention: each LayerNorm is listed with its reason
+        assert rep.summary() == ("peftfast: patched 0 LoRA layer(s) (0 sibling group(s)), skipped 0; "
+                                 "fused 1/1 attention, 0/5 norm, 0/1 loss; backend=torch")
+        assert {e.reason for e in rep.modules if e.kind == "norm"} == {
+            "nn.LayerNorm off CUDA: ATen's LayerNorm is already one fused op there"}
     # the prompt-learning adapter is left to PEFT with a one-line reason, never silently
     (note,) = rep.notes
     assert note.startswith("adapter 'default' (") and "PEFT's own path" in note
-    assert rep.format() == str(rep) == (rep.summary() + "\n  note     " + note
-                                        + "\n  fused    attention implementation (attention)")
+    assert rep.format().startswith(rep.summary() + "\n  note     " + note + "\n")
+    assert "  fused    attention implementation (attention)" in rep.format().splitlines()
     peftfast.unpatch(model)
     assert peftfast.report(model).entries == []
 
 
 def test_patch_warns_once_per_call_when_nothing_is_patched(recwarn):
     model = prompt_model("llama", "prompt")
-    peftfast.patch(model, fuse_attention=False)
-    peftfast.patch(model, fuse_attention=False)
+    off = dict(fuse_attention=False, fuse_rope=False, fuse_norms=False)
+    peftfast.patch(model, **off)
+    peftfast.patch(model, **off)
     assert [str(w.message) for w in recwarn.list if issubclass(w.category, UserWarning)] == [
-        "peftfast.patch: the model has no PEFT LoRA layers; returning it unchanged"] * 2
+        "peftfast.patch: nothing in the model could be fused (peftfast.report(model) gives each reason); returning "
+        "it unchanged"] * 2
+    assert {e.reason for e in peftfast.report(model).modules} == {
+        "fuse_rope=False", "fuse_attention=False", "fuse_norms=False",
+        "fuse_loss=False (opt-in: training calls return logits=None)"}
 
 
 # ----------------------------------------------------------------------------------------------------------------

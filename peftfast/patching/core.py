@@ -149,8 +149,10 @@ def patch(model: nn.Module, *, backend: str = "auto", group_siblings: bool = Tru
           fuse_loss: bool = False, recompute: str = "norms") -> nn.Module:
     """Run every eligible PEFT LoRA ``Linear`` of ``model`` on peftfast's fused path, in place.
 
-    Accepts a ``PeftModel`` or any model holding PEFT LoRA layers. Parameters, names, ``state_dict``, optimizer
-    references and ``save_pretrained`` are untouched. Calling it again re-applies the options. Layers that cannot
+    Accepts a ``PeftModel`` (LoRA or prompt learning), any model holding PEFT LoRA layers, or a model with peftfast
+    bottleneck adapters; for each, the frozen base's norms, RoPE and attention are fused too. Parameters, names,
+    ``state_dict``, optimizer references and ``save_pretrained`` are untouched. Calling it again re-applies the
+    options. Layers that cannot
     be fused are left alone with a reason in ``peftfast.report(model)``. With ``fuse_mlp``, gated MLPs whose three
     projections are patched run as one LoRA-MLP op that does not keep the activation output or the down input;
     with ``fuse_rope``, RoPE attention modules rotate q and k in one fused op; with ``fuse_attention`` the model's
@@ -203,23 +205,27 @@ def patch(model: nn.Module, *, backend: str = "auto", group_siblings: bool = Tru
         if reason is None and not group_siblings:
             reason = "group_siblings=False (the fused MLP groups gate and up)"
         _apply(rep, mlp_mod, "mlp", name, mod, reason, backend, recompute=recompute == "mlp")
-    if rep.entries:
+    # the frozen base of any tuned model trains through the same norms, RoPE and attention: LoRA layers, PEFT prompt
+    # learning and peftfast's bottleneck adapters all get them fused; a model with none of these is left unchanged
+    # (with a warning below)
+    from peftfast.patching.adapters import adapter_names
+
+    peft_model = bool(rep.entries) or isinstance(getattr(model, "peft_config", None), dict)
+    tuned = peft_model or bool(adapter_names(model))
+    if tuned:
         for name, mod in model.named_modules():
             if rope_mod.is_rope_attention(mod):
                 _apply(rep, rope_mod, "rope", name, mod, rope_mod.why_not(mod) if fuse_rope else "fuse_rope=False",
                        backend, rebuild_qkv=recompute in ("attn", "mlp"))
-    # attention is switched for PEFT models (LoRA layers or prompt learning); a model without any PEFT adapter is
-    # returned unchanged (with a warning below)
-    peft_model = bool(rep.entries) or isinstance(getattr(model, "peft_config", None), dict)
-    if fuse_attention and peft_model and attn_mod.base_model_of(model) is not None:
+    if fuse_attention and tuned and attn_mod.base_model_of(model) is not None:
         reason = attn_mod.install(model, backend)
         rep.modules.append(PatchEntry(name="attention implementation", kind="attention", patched=reason is None,
                                       reason=reason))
-    elif peft_model and attn_mod.base_model_of(model) is not None:
+    elif tuned and attn_mod.base_model_of(model) is not None:
         attn_mod.uninstall(model)
         rep.modules.append(PatchEntry(name="attention implementation", kind="attention", patched=False,
                                       reason="fuse_attention=False"))
-    if rep.entries:
+    if tuned:
         for name, mod in model.named_modules():
             if not norm_mod.is_norm(mod):
                 continue
@@ -233,7 +239,7 @@ def patch(model: nn.Module, *, backend: str = "auto", group_siblings: bool = Tru
             if block_mod.is_block(mod):
                 reason = block_mod.why_not(mod) if fuse_norms else "fuse_norms=False"
                 _apply(rep, block_mod, "block", name, mod, reason, backend, rebuild_norms=recompute != "none")
-    if rep.entries and ce_mod.causal_lm(model) is not None:
+    if tuned and ce_mod.causal_lm(model) is not None:
         reason = ce_mod.why_not(model) if fuse_loss else "fuse_loss=False (opt-in: training calls return logits=None)"
         if reason is None:
             ce_mod.install(model, ce_mod.LossPatchConfig(backend=backend))
@@ -243,8 +249,12 @@ def patch(model: nn.Module, *, backend: str = "auto", group_siblings: bool = Tru
                                       reason=reason))
     rep.notes = _model_notes(model, any(e.kind == "attention" and e.patched for e in rep.modules))
     model._peftfast_report = rep
-    if not rep.entries and not any(e.patched for e in rep.modules):
-        warnings.warn("peftfast.patch: the model has no PEFT LoRA layers; returning it unchanged", stacklevel=2)
+    if not tuned:
+        warnings.warn("peftfast.patch: the model has no PEFT LoRA layers, PEFT prompt learning or peftfast adapters; "
+                      "returning it unchanged", stacklevel=2)
+    elif not any(e.patched for e in [*rep.entries, *rep.modules]):
+        warnings.warn("peftfast.patch: nothing in the model could be fused (peftfast.report(model) gives each "
+                      "reason); returning it unchanged", stacklevel=2)
     else:
         logger.info(rep.summary())
         for e in rep.skipped:
@@ -279,7 +289,7 @@ def _model_notes(model: nn.Module, attention_fused: bool) -> list[str]:
 
     if adapter_names(model):
         notes.append(f"bottleneck adapters {adapter_names(model)}: fused by their own modules "
-                     "(peftfast.add_adapters), not by patch")
+                     "(peftfast.add_adapters), not by patch; patch fuses the frozen base around them")
     return notes
 
 
