@@ -8,12 +8,15 @@ from _attention_ref import reference_attention as _reference
 from _models import clone, peft_model
 
 import peftfast
+from peftfast import _ext
 from peftfast.ops import _counters
 from peftfast.ops import attention as attn_ops
 from peftfast.ops.attention import ALL_SEGMENTS, _ranges_cache, flash_attention, key_ranges, query_ranges
 from peftfast.testing import aot
 
-BACKENDS = ["torch", "triton"]
+# cpp: what backend "auto" resolves to on CPU with peftfast._C built (PyTorch's SDPA, with an additive mask for
+# segments, prefix keys and bottom-right causal rows)
+BACKENDS = ["torch", "triton"] + (["cpp"] if _ext.available() else [])
 
 
 def _make(b, hq, hk, sq, sk, d, dtype, seg=None):
@@ -105,7 +108,8 @@ def test_long_ragged_lengths(backend, s):
 
 
 @pytest.mark.parametrize("backend,dtype", [("triton", torch.float16), ("torch", torch.float16),
-                                           ("torch", torch.bfloat16)])
+                                           ("torch", torch.bfloat16)]
+                         + [("cpp", torch.float16), ("cpp", torch.bfloat16)] * _ext.available())
 def test_low_precision_within_twice_eager_error(backend, dtype):
     _check(backend, 2, 4, 2, 21, 21, 32, True, seg="padding", dtype=dtype)
 
@@ -219,6 +223,31 @@ def test_aten_path_skips_the_keys_no_query_of_a_chunk_can_see(layout, monkeypatc
     _poisoned_halves(layout, "torch", **({"softcap": 1e9} if layout == "long-causal" else {}))
 
 
+@pytest.mark.skipif(not _ext.available(), reason=f"peftfast._C not built: {_ext.status()}")
+def test_cpu_sdpa_path_shares_one_mask_per_forward():
+    """On the default CPU path the layers of a forward (same segments) share one additive mask: autograd keeps it
+    once, not once per layer; other segments get their own."""
+    from peftfast.bench import saved_activation_bytes
+
+    q, k, v, qseg, kseg = _make(2, 2, 2, 13, 19, 16, torch.float32, "prefix")
+
+    def layers(n, segs=(qseg, kseg)):
+        out = q.transpose(1, 2)  # [B, S, H, D], what the op returns
+        for _ in range(n):  # each "layer" attends with the previous output as its query
+            out = flash_attention(out.transpose(1, 2), k, v, causal=True, qseg=segs[0], kseg=segs[1], backend="cpp")
+        return out
+
+    _, one = saved_activation_bytes(lambda: layers(1), exclude=[q, k, v])
+    _, three = saved_activation_bytes(lambda: layers(3), exclude=[q, k, v])
+    mask_bytes = 2 * 1 * 13 * 19 * 4
+    assert one.by_shape.get("(2, 1, 13, 19):float32") == mask_bytes
+    assert three.by_shape.get("(2, 1, 13, 19):float32") == mask_bytes  # one mask for the three
+    other = (qseg.clone(), kseg.clone())
+    other[1][1, -3:] = -1  # padding: a different mask
+    _, mixed = saved_activation_bytes(lambda: layers(1) + layers(1, other), exclude=[q, k, v])
+    assert mixed.by_shape.get("(2, 1, 13, 19):float32") == 2 * mask_bytes
+
+
 def _tiles_in_interpreter() -> int:
     from peftfast.ops.attention import _bwd_tiles, _tiles
 
@@ -268,8 +297,12 @@ def test_saves_no_repeated_kv_and_launch_counts(backend):
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), _counters.count_launches() as fwd:
         o = flash_attention(q, k, v, causal=True, qseg=qseg, kseg=kseg, backend=backend)
-    assert sorted(saved) == sorted([(2, 8, 16, 16), (2, 2, 16, 16), (2, 2, 16, 16), (2, 16, 8, 16), (2, 8, 16),
-                                    (2, 16), (2, 16)])  # q, k, v, out, lse, segment ids: k/v keep 2 heads
+    if backend == "cpp":  # SDPA: q, k, v, out, lse, the additive mask (shared by the layers) and the empty rows
+        assert sorted(saved) == sorted([(2, 8, 16, 16), (2, 2, 16, 16), (2, 2, 16, 16), (2, 8, 16, 16), (2, 8, 16),
+                                        (2, 1, 16, 16), (2, 1, 16, 1)])
+    else:
+        assert sorted(saved) == sorted([(2, 8, 16, 16), (2, 2, 16, 16), (2, 2, 16, 16), (2, 16, 8, 16), (2, 8, 16),
+                                        (2, 16), (2, 16)])  # q, k, v, out, lse, segment ids: k/v keep 2 heads
     with _counters.count_launches() as bwd:
         o.sum().backward()
     if backend == "triton":
