@@ -246,6 +246,12 @@ def test_cpu_sdpa_path_shares_one_mask_per_forward():
     other[1][1, -3:] = -1  # padding: a different mask
     _, mixed = saved_activation_bytes(lambda: layers(1) + layers(1, other), exclude=[q, k, v])
     assert mixed.by_shape.get("(2, 1, 13, 19):float32") == 2 * mask_bytes
+    # held weakly: the mask lives as long as the graph that saved it, not until the next call
+    out = layers(2)
+    mask = attn_ops._SHARED.mask[1]
+    assert mask() is not None
+    del out
+    assert mask() is None
 
 
 def _tiles_in_interpreter() -> int:

@@ -10,6 +10,8 @@ prefix keys (see ``kernels/attention.py``). Both run as the registered ops ``tor
 from __future__ import annotations
 
 import math
+import threading
+import weakref
 
 import torch
 import triton
@@ -42,7 +44,7 @@ def _allowed(i0, i1, sq, sk, causal, window, qseg, kseg, device):
     return ok
 
 
-_SHARED_MASK: list = []  # the last (key, mask, rows without keys) of _sdpa_mask
+_SHARED = threading.local()  # .mask: the last (key, mask, rows without keys) of _sdpa_mask, per thread
 
 
 def _same(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
@@ -55,19 +57,22 @@ def _sdpa_mask(qseg, kseg, causal: bool, window, sq: int, sk: int, dtype, device
     """(additive mask [B or 1, 1, SQ, SK] of 0 / -inf in ``dtype``, bool [B or 1, 1, SQ, 1] of the query rows that
     see no key). Such a row attends to key 0 in the mask, so that SDPA yields no NaN, and the caller zeroes its
     output (and with it its gradients), as the kernels output 0 there. The layers of one forward get the same
-    segments: they share one mask (kept once for backward, however many layers save it), found by content."""
+    segments: they share one mask (kept once for backward, however many layers save it), found by content and held
+    weakly, so that none outlives the graphs that saved it."""
     key = (causal, window, sq, sk, dtype, device)
     compiling = torch.compiler.is_compiling()
-    if not compiling and _SHARED_MASK:
-        (k0, q0, ks0), mask, empty = _SHARED_MASK[0]
-        if k0 == key and _same(q0, qseg) and _same(ks0, kseg):
+    last = None if compiling else getattr(_SHARED, "mask", None)
+    if last is not None:
+        (k0, q0, ks0), mask_ref, empty_ref = last
+        mask, empty = mask_ref(), empty_ref()
+        if mask is not None and empty is not None and k0 == key and _same(q0, qseg) and _same(ks0, kseg):
             return mask, empty
     ok = _allowed(0, sq, sq, sk, causal, window, qseg, kseg, device)
     empty = ~ok.any(-1, keepdim=True)
     ok = ok | (empty & (torch.arange(sk, device=device) == 0))
     mask = torch.zeros(ok.shape, dtype=dtype, device=device).masked_fill_(~ok, float("-inf"))
-    if not compiling:
-        _SHARED_MASK[:] = [((key, qseg, kseg), mask, empty)]
+    if not compiling:  # weak: the mask lives as long as a graph that saved it (a forward without grad: one layer)
+        _SHARED.mask = ((key, qseg, kseg), weakref.ref(mask), weakref.ref(empty))
     return mask, empty
 
 
