@@ -248,10 +248,10 @@ def test_cpu_sdpa_path_shares_one_mask_per_forward():
     assert mixed.by_shape.get("(2, 1, 13, 19):float32") == 2 * mask_bytes
     # held weakly: the mask lives as long as the graph that saved it, not until the next call
     out = layers(2)
-    mask = attn_ops._SHARED.mask[1]
-    assert mask() is not None
+    storage = attn_ops._SHARED.mask[3][0]
+    assert storage() is not None
     del out
-    assert mask() is None
+    assert storage() is None
 
 
 def _tiles_in_interpreter() -> int:

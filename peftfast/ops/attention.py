@@ -44,7 +44,7 @@ def _allowed(i0, i1, sq, sk, causal, window, qseg, kseg, device):
     return ok
 
 
-_SHARED = threading.local()  # .mask: the last (key, mask, rows without keys) of _sdpa_mask, per thread
+_SHARED = threading.local()  # .mask: the last mask of _sdpa_mask (its key, and weak references), per thread
 
 
 def _same(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
@@ -62,18 +62,28 @@ def _sdpa_mask(qseg, kseg, causal: bool, window, sq: int, sk: int, dtype, device
     key = (causal, window, sq, sk, dtype, device)
     compiling = torch.compiler.is_compiling()
     last = None if compiling else getattr(_SHARED, "mask", None)
-    if last is not None:
-        (k0, q0, ks0), mask_ref, empty_ref = last
-        mask, empty = mask_ref(), empty_ref()
-        if mask is not None and empty is not None and k0 == key and _same(q0, qseg) and _same(ks0, kseg):
-            return mask, empty
+    if last is not None and last[0] == key and _same(last[1], qseg) and _same(last[2], kseg):
+        views = [_view_of(*held) for held in last[3:]]
+        if all(t is not None for t in views):
+            return views[0], views[1]
     ok = _allowed(0, sq, sq, sk, causal, window, qseg, kseg, device)
     empty = ~ok.any(-1, keepdim=True)
     ok = ok | (empty & (torch.arange(sk, device=device) == 0))
     mask = torch.zeros(ok.shape, dtype=dtype, device=device).masked_fill_(~ok, float("-inf"))
-    if not compiling:  # weak: the mask lives as long as a graph that saved it (a forward without grad: one layer)
-        _SHARED.mask = ((key, qseg, kseg), weakref.ref(mask), weakref.ref(empty))
+    if not compiling:
+        # the storages, weakly: what autograd keeps (or a saved-tensor hook's alias of it) keeps them alive, so the
+        # mask lives as long as a graph that saved it (in a forward without grad, one layer), never longer
+        _SHARED.mask = (key, qseg, kseg, *((weakref.ref(t.untyped_storage()), t.dtype, t.shape, t.stride())
+                                           for t in (mask, empty)))
     return mask, empty
+
+
+def _view_of(storage_ref, dtype, shape, stride) -> torch.Tensor | None:
+    """A tensor over a weakly held storage (None once it is gone)."""
+    st = storage_ref()
+    if st is None:
+        return None
+    return torch.empty(0, dtype=dtype, device=st.device).set_(st, 0, shape, stride)
 
 
 def _torch_scores(qc, k, scale, softcap):
