@@ -872,8 +872,22 @@ def run_bench(cfg: BenchConfig, progress: Callable[[str], None] | None = None) -
         "device": device_name(cfg.device),
         "versions": bench_versions(), "commit": git_commit(), "report": setup.report, "skipped": skipped,
         "memory_estimate": setup.estimate, "peftfast_version": peftfast.__version__, "interleaved": interleave,
-        "results": [asdict(r) for r in results],
+        "model_dropout": model_dropout(setup.hf), "results": [asdict(r) for r in results],
     }
+
+
+_DROPOUT_FIELDS = ("attention_dropout", "attention_probs_dropout_prob", "hidden_dropout_prob", "hidden_dropout",
+                   "attn_pdrop", "resid_pdrop", "embd_pdrop", "dropout")
+
+
+def model_dropout(hf) -> dict[str, float]:
+    """The base model's own non-zero dropout probabilities (config fields)."""
+    out = {}
+    for f in _DROPOUT_FIELDS:
+        v = getattr(hf, f, None)
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0:
+            out[f] = float(v)
+    return out
 
 
 def _interleaved(results: list[MethodResult], plan, setup: Setup, cfg: BenchConfig, batches, tokens: list[int],
@@ -1015,6 +1029,10 @@ def format_table(res: dict) -> str:
              f"{cfg['steps']} timed steps{' in turn' if res.get('interleaved') else ''}; commit {res['commit']}")
     lines = [title, line(head), line(["-" * w for w in widths]), *map(line, rows)]
     lines += [f"skipped {name}: {why}" for name, why in res["skipped"].items()]
+    if res.get("model_dropout"):
+        probs = ", ".join(f"{k}={v:g}" for k, v in res["model_dropout"].items())
+        lines.append(f"note: the model's own dropout ({probs}) draws its masks differently on each path (the fused "
+                     "attention from its own seeds), so the losses agree in distribution, not step by step")
     lines.append(res["report"])
     return "\n".join(lines)
 

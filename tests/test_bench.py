@@ -316,12 +316,20 @@ def test_local_checkpoint_that_cannot_be_loaded_is_one_line(tmp_path, capsys):
 
 
 def test_encoder_preset_trains_masked_lm(tmp_path):
-    res, _ = run(tmp_path, "--model", "bert-base", *FAST, "--batch-size", "2", "--dropout", "0")
+    res, out = run(tmp_path, "--model", "bert-base", *FAST, "--batch-size", "2", "--dropout", "0")
     assert res["kind"] == "encoder" and res["layers"] == 1 and res["full_layers"] == 12
     peft, fast = res["results"]
     # bert-base trains with attention-probs dropout 0.1, drawn differently by SDPA than by eager attention
     assert fast["max_rel_loss_diff_vs_peft"] < 0.05
     assert fast["saved_mb"] <= peft["saved_mb"]
+    # and the table says so, since the loss column then compares two draws, not two computations of one
+    assert res["model_dropout"] == {"attention_probs_dropout_prob": 0.1, "hidden_dropout_prob": 0.1}
+    assert "note: the model's own dropout (attention_probs_dropout_prob=0.1, hidden_dropout_prob=0.1)" in out
+
+
+def test_no_dropout_note_for_models_without_dropout(tmp_path):
+    res, out = run(tmp_path, *FAST)
+    assert res["model_dropout"] == {} and "note: the model's own dropout" not in out
 
 
 # ----------------------------------------------------------------------------------------------------------------
