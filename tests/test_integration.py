@@ -556,6 +556,32 @@ ZERO_RUNS = {  # name: (ZeRO stage, patch(recompute=...) or None for the unpatch
 ADAPTER_ZERO_RUNS = {"adapter_zero2": 2, "adapter_zero3": 3}  # name: ZeRO stage, fused bottleneck adapters
 
 
+def _ds_engine(model, params, stage: int, micro_batch: int):
+    """``deepspeed.initialize`` at ZeRO ``stage``; ZeRO-3 partitions every parameter (persistence threshold 0)."""
+    import deepspeed
+
+    config = {"train_micro_batch_size_per_gpu": micro_batch, "gradient_accumulation_steps": 1,
+              "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0}}
+    engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(params, lr=1e-2, eps=1e-4),
+                                      config=config)
+    return engine
+
+
+def _ds_train(engine, shard: torch.Tensor) -> list[float]:
+    """DIST_STEPS steps on this rank's shard; the losses averaged over the ranks."""
+    import torch.distributed as dist
+
+    losses = []
+    for _ in range(DIST_STEPS):
+        loss = engine(input_ids=shard, labels=shard).loss
+        engine.backward(loss)
+        engine.step()
+        t = loss.detach().clone()
+        dist.all_reduce(t)
+        losses.append(t.item() / dist.get_world_size())
+    return losses
+
+
 def _ds_worker(out_path: str) -> None:
     """One rank: each of ``ZERO_RUNS`` through ``deepspeed.initialize`` (CPU accelerator, gloo), patched before it as
     HF Trainer users do, or after it; ZeRO-3 partitions every parameter (persistence threshold 0), so none is
@@ -572,20 +598,10 @@ def _ds_worker(out_path: str) -> None:
         if recompute is not None and not after:
             peftfast.patch(model, recompute=recompute)
         params = list(trainable(model).values())
-        config = {"train_micro_batch_size_per_gpu": len(shard), "gradient_accumulation_steps": 1,
-                  "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0}}
-        engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(params, lr=1e-2, eps=1e-4),
-                                          config=config)
+        engine = _ds_engine(model, params, stage, len(shard))
         if recompute is not None and after:
             peftfast.patch(model, recompute=recompute)
-        losses = []
-        for _ in range(DIST_STEPS):
-            loss = engine(input_ids=shard, labels=shard).loss
-            engine.backward(loss)
-            engine.step()
-            t = loss.detach().clone()
-            dist.all_reduce(t)
-            losses.append(t.item() / world)
+        losses = _ds_train(engine, shard)
         partitioned = all(hasattr(p, "ds_id") for p in model.parameters())
         with deepspeed.zero.GatheredParameters(params):  # ZeRO-3: the whole tensors on every rank (else a no-op)
             full = weights(model)
@@ -599,19 +615,9 @@ def _ds_worker(out_path: str) -> None:
     for name, stage in ADAPTER_ZERO_RUNS.items():
         model = adapter_llama(fused=True)
         params = list(trainable(model).values())
-        config = {"train_micro_batch_size_per_gpu": len(shard), "gradient_accumulation_steps": 1,
-                  "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0}}
-        engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(params, lr=1e-2, eps=1e-4),
-                                          config=config)
-        losses = []
+        engine = _ds_engine(model, params, stage, len(shard))
         with OpCalls() as calls:
-            for _ in range(DIST_STEPS):
-                loss = engine(input_ids=shard, labels=shard).loss
-                engine.backward(loss)
-                engine.step()
-                t = loss.detach().clone()
-                dist.all_reduce(t)
-                losses.append(t.item() / world)
+            losses = _ds_train(engine, shard)
         partitioned = all(hasattr(p, "ds_id") for p in params)
         with deepspeed.zero.GatheredParameters(params):
             full = weights(model)
