@@ -15,7 +15,13 @@ cd "$(dirname "$0")/.."
 gpu=$(python -c "import torch; print(torch.cuda.get_device_name().replace(' ', '-'))") || { echo "no CUDA GPU"; exit 2; }
 out=${OUT_DIR:-benchmarks/results/$(date +%F)-$gpu}
 mkdir -p "$out"
-pip install --no-deps --no-build-isolation -e . >"$out/install.log" 2>&1 || { tail -20 "$out/install.log"; exit 1; }
+if ! pip install --no-deps --no-build-isolation -e . >"$out/install.log" 2>&1; then
+  # the GPU paths are Triton: a failed build of peftfast._C (CPU kernels, CUDA NF4) must not cost the whole lease
+  tail -20 "$out/install.log"
+  echo "peftfast._C did not build (install.log); installing without it" | tee -a "$out/parts.log"
+  PEFTFAST_BUILD_EXT=0 pip install --no-deps --no-build-isolation -e . >>"$out/install.log" 2>&1 \
+    || { tail -20 "$out/install.log"; exit 1; }
+fi
 python -m peftfast info | tee "$out/info.txt"
 parts=${RUN_GPU_PARTS:-tests kernels bench}  # e.g. RUN_GPU_PARTS=bench on a second call where one call is capped
 parts=${parts//quick/smoke headline}
