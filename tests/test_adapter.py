@@ -273,6 +273,14 @@ def test_patch_fuses_the_frozen_base_around_adapters(family, placement, recomput
     assert not any(e.patched for e in peftfast.report(model).modules)
     loss, got = _loss_and_grads(model, ids)
     assert loss == pytest.approx(ref_loss, rel=1e-6)
+    # patched, then its adapters removed: patching again finds nothing to tune and undoes the earlier fusions
+    peftfast.patch(model, recompute=recompute)
+    peftfast.remove_adapters(model)
+    with pytest.warns(UserWarning, match="no PEFT LoRA layers, PEFT prompt learning or peftfast adapters"):
+        peftfast.patch(model)
+    assert peftfast.report(model).modules == []
+    assert all("forward" not in m.__dict__ for m in model.modules())  # no forward replaced on any instance
+    assert (model.config._attn_implementation == "peftfast") is False
 
 
 def test_triton_backend_in_a_model():

@@ -247,6 +247,8 @@ def patch(model: nn.Module, *, backend: str = "auto", group_siblings: bool = Tru
             ce_mod.uninstall(model)
         rep.modules.append(PatchEntry(name="loss (lm_head + cross-entropy)", kind="loss", patched=reason is None,
                                       reason=reason))
+    if not tuned:  # e.g. its adapters were removed since an earlier patch: undo what that patch fused
+        unpatch(model)
     rep.notes = _model_notes(model, any(e.kind == "attention" and e.patched for e in rep.modules))
     model._peftfast_report = rep
     if not tuned:
