@@ -22,6 +22,7 @@
 #include <tuple>
 
 #include "dropout.h"
+#include "simd.h"
 
 namespace peftfast {
 namespace {
@@ -102,17 +103,23 @@ void dequant_block(const Tensor& q, const Tensor& absmax, int64_t bs, int64_t n0
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dst.scalar_type(), "peftfast_nf4_dequant", [&] {
     scalar_t* d = dst.mutable_data_ptr<scalar_t>();
     at::parallel_for(n0, n1, std::max<int64_t>(1, 16384 / std::max<int64_t>(cols, 1)), [&](int64_t b, int64_t e) {
-      for (int64_t r = b; r < e; ++r) {
-        const uint8_t* qr = qp + r * ldq;
-        const float* ar = ap + r * lda;
-        scalar_t* dr = d + (r - n0) * cols;
-        for (int64_t c = k0; c < k1; c += 2) {
-          const uint8_t byte = qr[c / 2];
-          const float am = ar[c / bs];  // c and c+1 share a block (bs even, c even)
-          dr[c - k0] = static_cast<scalar_t>(kNF4[byte >> 4] * am);
-          dr[c - k0 + 1] = static_cast<scalar_t>(kNF4[byte & 15] * am);
+      simd_call([&]() PEFTFAST_SIMD_BODY {
+        for (int64_t r = b; r < e; ++r) {
+          const uint8_t* qr = qp + r * ldq;
+          const float* ar = ap + r * lda;
+          scalar_t* dr = d + (r - n0) * cols;
+          // block by block: one absmax read per block, no division per element
+          for (int64_t c = k0; c < k1;) {
+            const float am = ar[c / bs];
+            const int64_t end = std::min(k1, (c / bs + 1) * bs);
+            for (; c < end; c += 2) {  // c and c+1 share a block (bs even, c even)
+              const uint8_t byte = qr[c / 2];
+              dr[c - k0] = static_cast<scalar_t>(kNF4[byte >> 4] * am);
+              dr[c - k0 + 1] = static_cast<scalar_t>(kNF4[byte & 15] * am);
+            }
+          }
         }
-      }
+      });
     });
   });
 }

@@ -178,16 +178,18 @@ def test_patched_model_runs_the_activation_on_cpp(arch, act):
 
 
 def test_every_simd_level_passes_the_cpu_kernel_tests():
-    """The element-wise C++ loops (gated activation, RMSNorm, Adapter) are compiled for the baseline ISA and for
-    AVX2+FMA and picked at run time (csrc/simd.h): this process tested AVX2+FMA where the CPU has it, and the same
-    kernel tests run again on the baseline loops in a process capped by PEFTFAST_CPU_SIMD=scalar (AVX-512 CPUs run
-    the AVX2+FMA loops too: only the Philox masks have an AVX-512 path, tested in test_lora_cpp)."""
+    """The element-wise C++ loops (gated activation, RMSNorm, Adapter, NF4, RoPE) are compiled for the baseline ISA
+    and for AVX2+FMA and picked at run time (csrc/simd.h): this process tested AVX2+FMA where the CPU has it, and the
+    same kernel tests run again on the baseline loops in a process capped by PEFTFAST_CPU_SIMD=scalar (AVX-512 CPUs
+    run the AVX2+FMA loops too: only the Philox masks have an AVX-512 path, tested in test_lora_cpp)."""
     import os
     import subprocess
     import sys
 
     here = os.path.dirname(os.path.abspath(__file__))
-    files = [os.path.join(here, f) for f in ("test_mlp_cpp.py", "test_norm_cpp.py", "test_adapter_cpp.py")]
+    files = [os.path.join(here, f) for f in ("test_mlp_cpp.py", "test_norm_cpp.py", "test_adapter_cpp.py",
+                                             "test_nf4.py",
+                                             "test_rope.py::test_cpp_kernel_matches_the_torch_backend_on_any_strides")]
     for cap in ["scalar"]:
         env = {**os.environ, "PEFTFAST_CPU_SIMD": cap}
         out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-k",
