@@ -241,6 +241,7 @@ def test_cpu_sdpa_path_shares_one_mask_per_forward():
     _, three = saved_activation_bytes(lambda: layers(3), exclude=[q, k, v])
     mask_bytes = 2 * 1 * 13 * 19 * 4
     assert one.by_shape.get("(2, 1, 13, 19):float32") == mask_bytes
+    assert not any(k.endswith(":bool") for k in one.by_shape)  # every row sees the prefix: no rows to zero
     assert three.by_shape.get("(2, 1, 13, 19):float32") == mask_bytes  # one mask for the three
     other = (qseg.clone(), kseg.clone())
     other[1][1, -3:] = -1  # padding: a different mask

@@ -55,25 +55,30 @@ def _same(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
 
 def _sdpa_mask(qseg, kseg, causal: bool, window, sq: int, sk: int, dtype, device):
     """(additive mask [B or 1, 1, SQ, SK] of 0 / -inf in ``dtype``, bool [B or 1, 1, SQ, 1] of the query rows that
-    see no key). Such a row attends to key 0 in the mask, so that SDPA yields no NaN, and the caller zeroes its
-    output (and with it its gradients), as the kernels output 0 there. The layers of one forward get the same
-    segments: they share one mask (kept once for backward, however many layers save it), found by content and held
-    weakly, so that none outlives the graphs that saved it."""
+    see no key, or None when there is none). Such a row attends to key 0 in the mask, so that SDPA yields no NaN,
+    and the caller zeroes its output (and with it its gradients), as the kernels output 0 there. The layers of one
+    forward get the same segments: they share one mask (kept once for backward, however many layers save it), found
+    by content and held weakly, so that none outlives the graphs that saved it."""
     key = (causal, window, sq, sk, dtype, device)
     compiling = torch.compiler.is_compiling()
     last = None if compiling else getattr(_SHARED, "mask", None)
     if last is not None and last[0] == key and _same(last[1], qseg) and _same(last[2], kseg):
-        views = [_view_of(*held) for held in last[3:]]
-        if all(t is not None for t in views):
-            return views[0], views[1]
+        mask = _view_of(*last[3])
+        empty = None if last[4] is None else _view_of(*last[4])
+        if mask is not None and (empty is not None or last[4] is None):
+            return mask, empty
     ok = _allowed(0, sq, sq, sk, causal, window, qseg, kseg, device)
     empty = ~ok.any(-1, keepdim=True)
-    ok = ok | (empty & (torch.arange(sk, device=device) == 0))
+    if not compiling and not bool(empty.any()):
+        empty = None  # every row sees a key (e.g. prefix tuning): nothing to zero
+    else:
+        ok = ok | (empty & (torch.arange(sk, device=device) == 0))
     mask = torch.zeros(ok.shape, dtype=dtype, device=device).masked_fill_(~ok, float("-inf"))
     if not compiling:
         # the storages, weakly: what autograd keeps (or a saved-tensor hook's alias of it) keeps them alive, so the
         # mask lives as long as a graph that saved it (in a forward without grad, one layer), never longer
-        _SHARED.mask = (key, qseg, kseg, *((weakref.ref(t.untyped_storage()), t.dtype, t.shape, t.stride())
+        _SHARED.mask = (key, qseg, kseg, *(None if t is None else
+                                           (weakref.ref(t.untyped_storage()), t.dtype, t.shape, t.stride())
                                            for t in (mask, empty)))
     return mask, empty
 
@@ -474,7 +479,7 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
         mask, empty = _sdpa_mask(qseg, kseg, bool(causal), window, sq, sk, q.dtype, q.device)
         out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,
                                                                enable_gqa=q.shape[1] != k.shape[1])
-        return out.masked_fill(empty, 0).transpose(1, 2)
+        return (out if empty is None else out.masked_fill(empty, 0)).transpose(1, 2)
     qseg = None if qseg is None else qseg.to(torch.int32).contiguous()
     kseg = None if kseg is None else kseg.to(torch.int32).contiguous()
     seed_t = None
