@@ -5,8 +5,6 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
-#include <cstdlib>
-#include <cstring>
 
 #if defined(__x86_64__)
 #include <immintrin.h>
@@ -110,27 +108,6 @@ void keep_row(uint8_t* out, uint64_t seed, uint64_t base, int64_t n, float p) {
 }
 
 }  // namespace
-
-int simd_level() {
-  static const int level = [] {
-    int have = 0;
-#ifdef PEFTFAST_X86_SIMD
-    have = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("fma") ? 2
-           : __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? 1
-                                                                            : 0;
-#endif
-    const char* cap = std::getenv("PEFTFAST_CPU_SIMD");
-    if (cap != nullptr && std::strcmp(cap, "avx2") == 0) return std::min(have, 1);
-    if (cap != nullptr && std::strcmp(cap, "scalar") == 0) return 0;
-    return have;
-  }();
-  return level;
-}
-
-const char* simd_name() {
-  static const char* names[] = {"scalar", "avx2", "avx512"};
-  return names[simd_level()];
-}
 
 int64_t row_grain(int64_t k) { return std::max<int64_t>(1, 8192 / std::max<int64_t>(k, 1)); }
 

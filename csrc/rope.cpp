@@ -24,8 +24,6 @@ namespace {
 
 using at::Tensor;
 
-at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
-
 // out: [B, H, S, D] as x; written with [B, S, H, D] memory (seq_major, the layout of the models' projections,
 // which the attention output and the o-projection input then keep) or contiguous [B, H, S, D]
 Tensor empty_out(const Tensor& x, bool seq_major) {
@@ -100,11 +98,14 @@ std::tuple<Tensor, Tensor> rope_rotate_cpu(const Tensor& q, const Tensor& k, con
   check(q, cos, "q");
   check(k, cos, "k");
   Tensor qo = empty_out(q, q_seq_major), ko = empty_out(k, k_seq_major);
+  Tensor cf, sf;  // [B or 1, S, R] in the accumulation type (the torch backend's ``cos.to(ct)``), made once for both
   for (auto [x, y] : {std::pair<const Tensor*, Tensor*>{&q, &qo}, {&k, &ko}}) {
     if (x->numel() == 0) continue;
-    const auto adt = acc_type(x->scalar_type());
-    // [B or 1, S, R] in the accumulation type: as the torch backend's ``cos.to(ct)``
-    Tensor cf = cos.to(adt).contiguous(), sf = sin.to(adt).contiguous();
+    const auto adt = at::toOpMathType(x->scalar_type());
+    if (!cf.defined() || cf.scalar_type() != adt) {
+      cf = cos.to(adt).contiguous();
+      sf = sin.to(adt).contiguous();
+    }
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x->scalar_type(), "peftfast_rope_rotate",
                                     [&] { rotate<scalar_t>(*x, *y, cf, sf, backward); });
   }

@@ -88,11 +88,15 @@ def _apply(q, k, cos, sin, unsqueeze_dim: int, backward: bool, backend: str):
     return tuple(outs)
 
 
+def _bhsd_out(x: torch.Tensor, seq_major: bool) -> torch.Tensor:
+    """An output like ``x``, with [B, S, H, D] memory where ``seq_major`` (what the torch backend and
+    ``peftfast::rope_rotate`` allocate)."""
+    return x.new_empty(x.transpose(1, 2).shape).transpose(1, 2) if seq_major else x.new_empty(x.shape)
+
+
 def _like_torch(t: torch.Tensor, unsqueeze_dim: int) -> torch.Tensor:
     """The torch backend's output layout (see ``_apply``)."""
-    if _seq_major(t, unsqueeze_dim):
-        return t.new_empty(t.transpose(1, 2).shape).transpose(1, 2)
-    return t.new_empty(t.shape)
+    return _bhsd_out(t, _seq_major(t, unsqueeze_dim))
 
 
 # A registered op (not a Python autograd.Function), so torch.compile traces it as one node with the fake kernel
@@ -109,11 +113,6 @@ def _(q, k, cos, sin, unsqueeze_dim, backward, backend):
     if backend == "triton":  # the kernel writes into empty_like: the inputs' strides
         return torch.empty_like(q), torch.empty_like(k)
     return _like_torch(q, unsqueeze_dim), _like_torch(k, unsqueeze_dim)
-
-
-def _bhsd_out(x: torch.Tensor, seq_major: bool) -> torch.Tensor:
-    """What ``peftfast::rope_rotate`` allocates for ``x`` [B, H, S, D] (see csrc/rope.cpp)."""
-    return x.new_empty(x.transpose(1, 2).shape).transpose(1, 2) if seq_major else x.new_empty(x.shape)
 
 
 if _ext.available():  # the C++ kernel's fake (its autograd is peftfast::rope's, which calls it)

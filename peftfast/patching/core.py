@@ -210,8 +210,7 @@ def patch(model: nn.Module, *, backend: str = "auto", group_siblings: bool = Tru
     # (with a warning below)
     from peftfast.patching.adapters import adapter_names
 
-    peft_model = bool(rep.entries) or isinstance(getattr(model, "peft_config", None), dict)
-    tuned = peft_model or bool(adapter_names(model))
+    tuned = bool(rep.entries) or isinstance(getattr(model, "peft_config", None), dict) or bool(adapter_names(model))
     if tuned:
         for name, mod in model.named_modules():
             if rope_mod.is_rope_attention(mod):
