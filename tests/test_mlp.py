@@ -387,3 +387,215 @@ def test_mlp_fallbacks_and_report():
     peftfast.patch(model)
     peftfast.unpatch(model)
     assert "forward" not in model.base_model.model.model.layers[0].mlp.__dict__
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# frozen gated MLP (the base of a model tuned elsewhere): frozen_mlp and its patch
+# ----------------------------------------------------------------------------------------------------------------
+def _cpp_or_skip(backend):
+    if backend == "cpp" and resolve_backend("auto", torch.device("cpu")) != "cpp":
+        pytest.skip("peftfast._C is not built")
+
+
+def _frozen_case(m, k, i, dtype, bias, noncontig=False):
+    gen = torch.Generator().manual_seed(3)
+
+    def lin(n, kk):
+        w = (torch.randn(n, kk, generator=gen) / kk**0.5).to(dtype)
+        return w, (torch.randn(n, generator=gen) * 0.5).to(dtype) if bias else None
+
+    if noncontig:  # a transposed view: last-dim stride != 1
+        x = torch.randn(k, m, generator=gen).to(dtype).t().requires_grad_()
+    else:
+        x = torch.randn(3, m, k, generator=gen).to(dtype)[1].requires_grad_()
+    return x, lin(i, k), lin(i, k), lin(k, i)
+
+
+def _frozen_ref(x, gate, up, down, act, dtype):
+    def lin(t, p):
+        return F.linear(t, p[0].to(dtype), None if p[1] is None else p[1].to(dtype))
+
+    return lin(ACTS[act](lin(x, gate)) * lin(x, up), down)
+
+
+def _frozen_run(fn, x, dy):
+    x.grad = None
+    y = fn()
+    y.backward(dy)
+    return y.detach().double(), x.grad.double()
+
+
+@pytest.mark.parametrize("backend", [*BACKENDS, "cpp"])
+@pytest.mark.parametrize("act", list(ACTS))
+@pytest.mark.parametrize("bias,recompute,noncontig", [(True, False, False), (False, True, True), (True, True, False)])
+def test_frozen_mlp_fp32_parity(backend, act, bias, recompute, noncontig):
+    """Output and input gradient against fp64 at odd shapes; no weight gets a gradient."""
+    from peftfast.ops.mlp import frozen_mlp
+
+    _cpp_or_skip(backend)
+    x, gate, up, down = _frozen_case(37, 40, 56, torch.float32, bias, noncontig)
+    dy = torch.randn(37, 40)
+    got = _frozen_run(lambda: frozen_mlp(x, gate, up, down, act=act, recompute=recompute, backend=backend), x, dy)
+    xr = x.detach().double().requires_grad_()
+    ref = _frozen_run(lambda: _frozen_ref(xr, gate, up, down, act, torch.float64), xr, dy.double())
+    for a, r in zip(got, ref):
+        assert max_rel_err(a, r) <= 3e-6
+    assert all(t is None or t.grad is None for p in (gate, up, down) for t in p)
+
+
+@pytest.mark.parametrize("backend", [*BACKENDS, "cpp"])
+def test_frozen_mlp_fp16_within_twice_eager_error(backend):
+    from peftfast.ops.mlp import frozen_mlp
+
+    _cpp_or_skip(backend)
+    x, gate, up, down = _frozen_case(37, 80, 72, torch.float16, True)
+    dy = torch.randn(37, 80).half()
+    got = _frozen_run(lambda: frozen_mlp(x, gate, up, down, act="gelu_tanh", backend=backend), x, dy)
+    eager = _frozen_run(lambda: _frozen_ref(x, gate, up, down, "gelu_tanh", torch.float16), x, dy)
+    xr = x.detach().double().requires_grad_()
+    ref = _frozen_run(lambda: _frozen_ref(xr, gate, up, down, "gelu_tanh", torch.float64), xr, dy.double())
+    for a, e, r in zip(got, eager, ref):
+        assert max_rel_err(a, r) <= 2 * max_rel_err(e, r) + 1e-4
+
+
+@pytest.mark.parametrize("backend", [*BACKENDS, "cpp"])
+def test_frozen_mlp_saves_g_and_u_or_only_x(backend):
+    """Eager autograd keeps g, act(g) and u; the op keeps g and u, or with recompute x alone."""
+    from peftfast.ops.mlp import frozen_mlp
+
+    _cpp_or_skip(backend)
+    m, k, i = 37, 40, 56
+    x, gate, up, down = _frozen_case(m, k, i, torch.float32, True)
+    assert _saved_shapes(lambda: _frozen_ref(x, gate, up, down, "silu", torch.float32), gate, up, down) == \
+        [(m, i)] * 3
+    assert _saved_shapes(lambda: frozen_mlp(x, gate, up, down, backend=backend), gate, up, down) == [(m, i)] * 2
+    assert _saved_shapes(lambda: frozen_mlp(x, gate, up, down, recompute=True, backend=backend),
+                         gate, up, down) == [(m, k)]
+
+
+def test_frozen_mlp_bad_input():
+    from peftfast.ops.mlp import frozen_mlp
+
+    x, gate, up, down = _frozen_case(7, 16, 24, torch.float32, True)
+    with pytest.raises(ValueError, match="blk.mlp: unknown gate activation 'relu'"):
+        frozen_mlp(x, gate, up, down, act="relu", name="blk.mlp")
+    with pytest.raises(ValueError, match=r"blk.mlp: up weight has shape \(20, 16\), expected \(24, 16\)"):
+        frozen_mlp(x, gate, (torch.randn(20, 16), None), down, name="blk.mlp")
+    with pytest.raises(ValueError, match=r"blk.mlp: down bias has shape \(3,\)"):
+        frozen_mlp(x, gate, up, (down[0], torch.randn(3)), name="blk.mlp")
+    with pytest.raises(TypeError, match="blk.mlp: input dtype torch.float64 differs"):
+        frozen_mlp(x.double(), gate, up, down, name="blk.mlp")
+    with pytest.raises(ValueError, match="blk.mlp: projection weights require grad"):
+        frozen_mlp(x, (gate[0].requires_grad_(), gate[1]), up, down, name="blk.mlp")
+    with torch.no_grad():  # no gradient will be asked for: a trainable weight is fine
+        frozen_mlp(x, gate, up, down)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma"])
+@pytest.mark.parametrize("recompute", ["norms", "mlp"])
+def test_attention_only_lora_gets_its_frozen_mlps_fused(arch, recompute):
+    """LoRA on q/v only (PEFT's default targets for Llama): each MLP is a frozen base module; patch runs it on the
+    frozen-MLP op with the same loss and LoRA gradients, and it keeps less for backward than before."""
+    from peftfast.bench import saved_activation_bytes
+
+    model = peft_model(arch, lora_dropout=0.1, target_modules=["q_proj", "v_proj"])
+    ref = clone(model)
+    params = [*model.parameters()]
+    data = batch(arch)
+    _, before = saved_activation_bytes(lambda: model(**data).loss, exclude=params)
+    peftfast.patch(model, recompute=recompute)
+    rep = peftfast.report(model)
+    mlps = [e for e in rep.modules if e.kind == "mlp"]
+    assert len(mlps) == 2 and all(e.patched for e in mlps), rep.format()
+    use_shared_seed_dropout(ref, model, 0.1)
+    loss, grads = loss_and_grads(model, data)
+    ref_loss, ref_grads = loss_and_grads(ref, data)
+    assert abs(loss.item() - ref_loss.item()) <= 1e-5 * abs(ref_loss.item())
+    assert grads.keys() == ref_grads.keys() and all(".lora_" in n for n in grads)
+    assert max(max_rel_err(grads[n], ref_grads[n]) for n in grads) <= 1e-5
+    runtime = rep.module_runtime(model)
+    assert [r["fused"] for n, r in runtime.items() if n.endswith(".mlp")] == [1, 1]
+    _, after = saved_activation_bytes(lambda: model(**data).loss, exclude=params)
+    tokens, inter = data["input_ids"].numel(), model.config.intermediate_size
+    # per layer, eager keeps g, act(g), u; the op g and u, or (recompute="mlp") only x, rebuilt from the norm input
+    # by the fused block: one [tokens, inter] fp32 tensor fewer per layer at least, three with recompute="mlp"
+    fewer = 4 * tokens * inter * (3 if recompute == "mlp" else 1) * 2
+    assert before.total - after.total >= fewer, (before.total, after.total)
+
+
+def test_frozen_mlp_fallbacks_autocast_and_unpatch():
+    model = peft_model("llama", target_modules=["q_proj", "v_proj"])
+    data = batch("llama")
+    peftfast.patch(model)
+    layers = model.base_model.model.model.layers
+    mlp_name = "base_model.model.model.layers.0.mlp"
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = clone(model)
+        peftfast.unpatch(ref)
+        torch.manual_seed(0)
+        want = ref(**data).logits
+        torch.manual_seed(0)
+        got = model(**data).logits
+    assert got.dtype == want.dtype
+    assert max_rel_err(got, want) <= 2e-2  # bf16: the same casts, another op order
+    assert peftfast.report(model).module_runtime(model)[mlp_name] == {"fused": 1, "fallbacks": {}, "deferred": {}}
+    layers[0].mlp.up_proj.weight.requires_grad_(True)  # trained now: the op computes no weight gradient
+    loss, grads = loss_and_grads(model, data)
+    assert "base_model.model.model.layers.0.mlp.up_proj.weight" in grads
+    rt = peftfast.report(model).module_runtime(model)
+    assert rt[mlp_name]["fallbacks"] == {
+        "up_proj trains (requires_grad): the frozen-MLP op computes no weight gradients": 1}
+    peftfast.patch(model)
+    entry = next(e for e in peftfast.report(model).modules if e.name == mlp_name)
+    assert not entry.patched and entry.reason.startswith("up_proj trains")
+    assert "forward" not in layers[0].mlp.__dict__ and "forward" in layers[1].mlp.__dict__
+    peftfast.patch(model, fuse_mlp=False)
+    assert {e.reason for e in peftfast.report(model).modules if e.kind == "mlp"} == {"fuse_mlp=False"}
+    assert all("forward" not in layer.mlp.__dict__ for layer in layers)
+    peftfast.patch(model)
+    peftfast.unpatch(model)
+    assert all("forward" not in layer.mlp.__dict__ for layer in layers)
+
+
+def test_frozen_mlp_with_a_quantized_or_custom_projection_is_reported():
+    class MyLinear(torch.nn.Linear):
+        def forward(self, x):
+            return super().forward(x) * 1.0
+
+    model = peft_model("llama", target_modules=["q_proj"])
+    mlp = model.base_model.model.model.layers[1].mlp
+    old = mlp.down_proj
+    mlp.down_proj = MyLinear(old.in_features, old.out_features, bias=old.bias is not None).requires_grad_(False)
+    peftfast.patch(model)
+    reasons = {e.name: e.reason for e in peftfast.report(model).modules if e.kind == "mlp"}
+    assert reasons == {"base_model.model.model.layers.0.mlp": None,
+                       "base_model.model.model.layers.1.mlp": "down_proj is a MyLinear, not a plain nn.Linear"}
+
+
+def test_frozen_mlp_compiles_without_breaks_in_its_code():
+    """``torch.compile`` (aot_eager) of an attention-only LoRA model: the frozen-MLP forward and op trace without a
+    graph break in their files, with the eager loss and gradients."""
+    import os
+
+    import torch._dynamo
+    from torch._dynamo.backends.debugging import ExplainWithBackend
+
+    model = peft_model("llama", target_modules=["q_proj", "v_proj"], model_kwargs={"layers": 1})
+    peftfast.patch(model, recompute="mlp")
+    data = batch("llama")
+    e_loss, e_grads = loss_and_grads(model, data)
+    torch._dynamo.reset()
+    explain = ExplainWithBackend("aot_eager")
+    try:
+        c_loss, c_grads = loss_and_grads(model, data, call=torch.compile(model, backend=explain))
+        out = explain.output()
+    finally:
+        torch._dynamo.reset()
+    assert abs(c_loss.item() - e_loss.item()) <= 1e-5 * abs(e_loss.item())
+    assert max(max_rel_err(c_grads[n], e_grads[n]) for n in e_grads) <= 1e-5
+    ours = {os.path.join(os.path.dirname(peftfast.__file__), *p.split("/")) for p in ("modules/mlp.py", "ops/mlp.py")}
+    breaks = [br.reason for br in out.break_reasons
+              if any(os.path.abspath(f.filename) in ours for f in br.user_stack)]
+    assert breaks == []
+    (rt,) = [r for n, r in peftfast.report(model).module_runtime(model).items() if n.endswith(".mlp")]
+    assert rt["fused"] == 2 and not rt["fallbacks"]  # the eager call and the one traced

@@ -287,7 +287,7 @@ def test_tiny_llama_patched_nf4_matches_dequantized_model(backend: str) -> None:
     entries = peftfast.report(model).entries
     assert all(e.patched and e.nf4 and e.group is None for e in entries)
     mlp = [e for e in peftfast.report(model).modules if e.kind == "mlp"]
-    assert mlp and not mlp[0].patched and "NF4" in mlp[0].reason
+    assert len(mlp) == 1 and mlp[0].patched  # the NF4 LoRA-MLP op
     l_pat, g_pat = _loss_and_grads(model, ids)
     fused = peftfast.report(model).runtime(model)
     assert all(r["fused"] >= 1 and not r["fallbacks"] for r in fused.values())
@@ -464,3 +464,188 @@ def test_nf4_model_compiles_without_graph_breaks_in_our_ops() -> None:
     ours = [br.reason for br in exp.break_reasons
             if any(os.path.abspath(f.filename).startswith(pkg) for f in br.user_stack)]
     assert not ours, ours[:3]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the gated LoRA-MLP over three NF4 bases
+# ----------------------------------------------------------------------------------------------------------------
+def _nf4_proj(n, k, r, dtype, *, bias, lbias, p, double=False, scale=0.5):
+    q, am = O.quantize_nf4(torch.randn(n, k) * 0.2, 64)
+    absmax = O.double_quantize(am) if double else am
+    return [q, absmax, 64, torch.randn(n, dtype=dtype).requires_grad_() if bias else None,
+            (torch.randn(r, k) * 0.3).to(dtype).requires_grad_(), (torch.randn(n, r) * 0.3).to(dtype).requires_grad_(),
+            scale, torch.randn(n, dtype=dtype).requires_grad_() if lbias else None, p]
+
+
+def _mlp_leaves(x, *projs):
+    return [x] + [t for pr in projs for t in (pr[3], pr[4], pr[5], pr[7]) if t is not None]
+
+
+def _layerwise(x, gate, up, down, act, seeds, backend):
+    """The three NF4 LoRA layers one by one with the eager activation between them (what patch ran before)."""
+    def lin(t, pr, seed):
+        q, am, bs, bias, a, b, s, lb, p = pr
+        return O.nf4_lora_linear(t, q, am, bias, a, b, s, lora_bias=lb, dropout_p=p, seed=seed, block_size=bs,
+                                 backend=backend)
+
+    fn = {"silu": nn.functional.silu, "gelu_tanh": lambda t: nn.functional.gelu(t, approximate="tanh")}[act]
+    return lin(fn(lin(x, gate, seeds[0])) * lin(x, up, seeds[1]), down, seeds[2])
+
+
+def _saved_shapes(fn, params) -> list[tuple]:
+    skip = {t.untyped_storage().data_ptr() for t in params}
+    saved = []
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in skip:
+            saved.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sorted(saved)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("act,double,recompute", [("silu", False, False), ("gelu_tanh", True, True)])
+def test_nf4_lora_mlp_matches_the_layers_one_by_one(backend: str, act: str, double: bool, recompute: bool) -> None:
+    """Same seeds, same kernels: the op gives the layer-by-layer output and every gradient (x, biases, A, B, LoRA
+    biases; ranks and dropout differing per projection), and keeps neither act(g) nor h (with recompute, nor g, u
+    and the gate/up products)."""
+    torch.manual_seed(9)
+    m, k, i = 37, 128, 192
+    x = torch.randn(m, 2 * k)[:, ::2].requires_grad_()  # non-contiguous
+    gate = _nf4_proj(i, k, 4, torch.float32, bias=True, lbias=True, p=0.25, double=double, scale=2.0)
+    up = _nf4_proj(i, k, 8, torch.float32, bias=False, lbias=False, p=0.1, double=double)
+    down = _nf4_proj(k, i, 5, torch.float32, bias=True, lbias=False, p=0.3, double=double, scale=1.5)
+    leaves = _mlp_leaves(x, gate, up, down)
+    dy = torch.randn(m, k)
+    seeds = (11, 12, 13)
+    runs = []
+    for fn in (lambda: O.nf4_lora_mlp(x, gate, up, down, act=act, seeds=seeds, recompute=recompute, backend=backend,
+                                      chunk=5000),
+               lambda: _layerwise(x, gate, up, down, act, seeds, backend)):
+        y = fn()
+        runs.append((y, *torch.autograd.grad(y, leaves, dy)))
+    for j, (a, b) in enumerate(zip(*runs)):
+        assert a.shape == b.shape and (a - b).abs().max() <= 1e-5 * b.abs().max().clamp_min(1e-3), j
+    params = [t for pr in (gate, up, down) for t in pr if isinstance(t, torch.Tensor)]
+    params += [t for pr in (gate, up, down) if isinstance(pr[1], tuple) for t in pr[1]]
+    fused = _saved_shapes(lambda: O.nf4_lora_mlp(x, gate, up, down, act=act, seeds=seeds, recompute=recompute,
+                                                 backend=backend), params)
+    layers = _saved_shapes(lambda: _layerwise(x, gate, up, down, act, seeds, backend), params)
+    kept = [(m, k), (m, 5)] + ([] if recompute else [(m, 4), (m, 8), (m, i), (m, i)])
+    assert [s for s in fused if s != (1,)] == sorted(kept)  # (1,): a registered op's seed tensor
+    # the layers also keep act(g) and u for the product, h for the down projection; x once per layer on ATen
+    for shape in [(m, i), (m, i)]:
+        layers.remove(shape)
+    assert sum(math.prod(s) for s in layers) >= sum(math.prod(s) for s in fused) + (2 * m * i if recompute else 0)
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "torch"])
+def test_nf4_lora_mlp_fp16_within_twice_eager_error(backend: str) -> None:
+    torch.manual_seed(10)
+    m, k, i = 21, 128, 128
+    x = torch.randn(m, k, dtype=torch.float16).requires_grad_()
+    gate, up = (_nf4_proj(i, k, 4, torch.float16, bias=True, lbias=False, p=0.0) for _ in range(2))
+    down = _nf4_proj(k, i, 4, torch.float16, bias=False, lbias=True, p=0.0)
+    leaves = _mlp_leaves(x, gate, up, down)
+    dy = torch.randn(m, k, dtype=torch.float16)
+    y = O.nf4_lora_mlp(x, gate, up, down, backend=backend)
+    got = (y, *torch.autograd.grad(y, leaves, dy))
+
+    def eager(xx, projs, dtype):
+        def lin(t, pr):
+            q, am, bs, bias, a, b, s, lb, _ = pr
+            w = _ref_dequantize(q, am, bs).to(dtype)
+            return _eager(t, w, bias, a, b, lb if lb is not None else 0.0, s, None, 0.0)
+
+        g, u, d = projs
+        return lin(nn.functional.silu(lin(xx, g)) * lin(xx, u), d)
+
+    def cast(pr, dtype, it):
+        return [next(it) if isinstance(t, torch.Tensor) and t.requires_grad else t for t in pr]
+
+    out = {}
+    for dtype in (torch.float64, torch.float16):
+        lv = [t.detach().to(dtype).requires_grad_() for t in leaves]
+        it = iter(lv[1:])
+        projs = [cast(pr, dtype, it) for pr in (gate, up, down)]
+        ye = eager(lv[0], projs, dtype)
+        out[dtype] = (ye, *torch.autograd.grad(ye, lv, dy.to(dtype)))
+    for j, (g, r, e) in enumerate(zip(got, out[torch.float64], out[torch.float16])):
+        assert g.dtype == torch.float16
+        err, budget = (g.double() - r).abs().max().item(), 2 * (e.double() - r).abs().max().item() + 1e-3
+        assert err <= budget, (j, err, budget)
+
+
+def test_nf4_lora_mlp_bad_input_names_the_projection() -> None:
+    x = torch.randn(3, 128)
+    gate = _nf4_proj(64, 128, 4, torch.float32, bias=False, lbias=False, p=0.0)
+    up = _nf4_proj(64, 128, 4, torch.float32, bias=False, lbias=False, p=0.0)
+    down = _nf4_proj(128, 64, 4, torch.float32, bias=False, lbias=False, p=0.0)
+    with pytest.raises(ValueError, match="blk.mlp up: lora_A"):
+        O.nf4_lora_mlp(x, gate, [*up[:4], torch.randn(4, 64), *up[5:]], down, name="blk.mlp")
+    with pytest.raises(ValueError, match="blk.mlp gate: input has 96 features, the NF4 weight 128"):
+        O.nf4_lora_mlp(torch.randn(3, 96), gate, up, down, name="blk.mlp")
+    with pytest.raises(ValueError, match="blk.mlp: NF4 widths do not chain"):
+        O.nf4_lora_mlp(x, gate, _nf4_proj(128, 128, 4, torch.float32, bias=False, lbias=False, p=0.0), down,
+                       name="blk.mlp")
+    with pytest.raises(ValueError, match="blk.mlp: unknown gate activation"):
+        O.nf4_lora_mlp(x, gate, up, down, act="relu", name="blk.mlp")
+
+
+@pytest.mark.parametrize("recompute", ["norms", "mlp"])
+def test_qlora_model_mlp_runs_as_one_op(recompute: str) -> None:
+    """quantize_base + patch: each gated MLP runs on the NF4 LoRA-MLP op with the losses and gradients of its three
+    NF4 layers one by one (dropout included: the seeds are drawn in the same order) and keeps less for backward;
+    under autocast it casts as the layers do."""
+    from peftfast.bench import saved_activation_bytes
+
+    torch.manual_seed(12)
+    model = _tiny_llama(dropout=0.2)
+    peftfast.quantize_base(model, double_quant=True)
+    ref = copy.deepcopy(model)
+    peftfast.patch(ref, fuse_mlp=False, recompute=recompute)
+    peftfast.patch(model, recompute=recompute)
+    (mlp,) = [e for e in peftfast.report(model).modules if e.kind == "mlp"]
+    assert mlp.patched
+    ids = torch.randint(0, 96, (2, 11))
+    torch.manual_seed(3)
+    loss, grads = _loss_and_grads(model, ids)
+    torch.manual_seed(3)
+    ref_loss, ref_grads = _loss_and_grads(ref, ids)
+    assert torch.allclose(loss, ref_loss, rtol=1e-6, atol=0)
+    assert grads.keys() == ref_grads.keys()
+    for n in grads:
+        assert torch.allclose(grads[n], ref_grads[n], rtol=1e-5, atol=1e-5 * ref_grads[n].abs().max().item()), n
+    rt = peftfast.report(model).module_runtime(model)["base_model.model.model.layers.0.mlp"]
+    assert rt == {"fused": 1, "fallbacks": {}, "deferred": {}}
+    params = [*model.parameters(), *model.buffers()]
+    saved = [saved_activation_bytes(lambda m=m: m(input_ids=ids, labels=ids).loss, exclude=params)[1].total
+             for m in (model, ref)]
+    inter = model.config.intermediate_size
+    assert saved[1] - saved[0] >= 4 * ids.numel() * inter * (4 if recompute == "mlp" else 2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        torch.manual_seed(4)
+        got = model(input_ids=ids).logits
+        torch.manual_seed(4)
+        want = ref(input_ids=ids).logits
+    assert got.dtype == want.dtype and torch.allclose(got.float(), want.float(), rtol=2e-2, atol=2e-2)
+    # the training call, the measured forward and the autocast call
+    assert peftfast.report(model).module_runtime(model)["base_model.model.model.layers.0.mlp"] == {
+        "fused": 3, "fallbacks": {}, "deferred": {}}
+
+
+def test_mlp_mixing_nf4_and_plain_bases_runs_layer_by_layer_with_reason() -> None:
+    torch.manual_seed(13)
+    model = _tiny_llama()
+    peftfast.quantize_base(model)
+    mlp = model.base_model.model.model.layers[0].mlp
+    assert peftfast.dequantize_base(mlp.down_proj) == 1  # gate/up stay NF4
+    peftfast.patch(model)
+    (entry,) = [e for e in peftfast.report(model).modules if e.kind == "mlp"]
+    assert not entry.patched and entry.reason == "gate/up/down mix NF4 and other base weights: they run one by one"
+    ids = torch.randint(0, 96, (2, 7))
+    _loss_and_grads(model, ids)
+    assert all(r["fused"] == 1 for n, r in peftfast.report(model).runtime(model).items() if ".mlp." in n)

@@ -221,10 +221,9 @@ def probe(module: nn.Module, defaults: dict, required: tuple[str, ...]) -> str |
 
 def why_not(module: nn.Module) -> str | None:
     """None if the block can run fused, else a one-line reason (computed once per module; probes its class)."""
-    children = {n for n, _ in module.named_children()}
-    if children == CHILDREN | {"peftfast_adapters"}:
-        return "bottleneck adapters (peftfast.add_adapters) hook into this block's sublayer outputs: its residual " \
-               "adds stay unfused"
+    # peftfast's bottleneck adapters live beside the sublayers and act through forward hooks on the attention and
+    # the MLP, which the fused forward calls as modules (hooks included), as the class forward does
+    children = {n for n, _ in module.named_children()} - {"peftfast_adapters"}
     if children != CHILDREN:
         extra = ", ".join(sorted(children - CHILDREN)) or "none"
         missing = ", ".join(sorted(CHILDREN - children)) or "none"

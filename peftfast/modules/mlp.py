@@ -1,9 +1,11 @@
 """Forward replacement for gated MLPs (Llama/Mistral/Qwen2/Qwen3/Gemma/Phi-3-style ``gate_proj``/``up_proj``/
-``down_proj`` + ``act_fn``) whose three projections are patched PEFT LoRA layers: one fused LoRA-MLP op.
+``down_proj`` + ``act_fn``): one fused LoRA-MLP op where the three projections are patched PEFT LoRA layers (the
+NF4 LoRA-MLP op where their bases are NF4), one frozen-MLP op where all three are plain frozen ``nn.Linear`` (the base of a model tuned elsewhere: LoRA on the
+attention only, prompt learning, bottleneck adapters).
 
 Calls the fused op cannot serve exactly (a disabled or merged adapter, several active adapters, autocast, extra
-arguments, unequal gate/up ranks) run the module's own forward, which still uses the fused LoRA layers, and are
-counted with their reason.
+arguments, unequal gate/up ranks; for a frozen MLP, projections that now train or carry hooks) run the module's
+own forward, which still uses the fused LoRA layers, and are counted with their reason.
 """
 
 from __future__ import annotations
@@ -15,9 +17,11 @@ import torch
 from torch import nn
 
 from peftfast.modules import lora as lora_mod
-from peftfast.modules._bind import bind_forward, call_original, unbind_forward
+from peftfast.modules import nf4 as nf4_mod
+from peftfast.modules._bind import ZERO3_REASON, bind_forward, call_original, unbind_forward, zero3_partitioned
 from peftfast.modules._tally import Tallied, tally
-from peftfast.ops.mlp import lora_mlp
+from peftfast.ops.mlp import frozen_mlp, lora_mlp
+from peftfast.ops.nf4 import nf4_lora_mlp
 
 _PROJ = ("gate_proj", "up_proj", "down_proj")
 
@@ -54,12 +58,40 @@ def why_not(module: nn.Module) -> str | None:
     return None
 
 
+def _frozen_reason(module: nn.Module) -> str | None:
+    """Why the projections of a gated MLP are not plain frozen linears the frozen-MLP op can read, or None."""
+    for p in _PROJ:
+        layer = getattr(module, p)
+        if not isinstance(layer, nn.Linear) or type(layer).forward is not nn.Linear.forward:
+            return f"{p} is a {type(layer).__name__}, not a plain nn.Linear"
+        if layer._forward_hooks or layer._forward_pre_hooks:
+            return f"{p} has forward hooks"
+        params = [layer.weight, layer.bias]
+        if any(t is not None and t.requires_grad for t in params):
+            return f"{p} trains (requires_grad): the frozen-MLP op computes no weight gradients"
+        if zero3_partitioned(*params):
+            return ZERO3_REASON
+    if len({getattr(module, p).weight.dtype for p in _PROJ}) != 1:
+        return "gate/up/down weights differ in dtype"
+    return None
+
+
+def why_not_frozen(module: nn.Module) -> str | None:
+    """None if this gated MLP of frozen ``nn.Linear`` projections can run as one frozen-MLP op, else why not."""
+    if not is_gated_mlp(module):
+        return "not a gated MLP (gate_proj/up_proj/down_proj + act_fn)"
+    if gate_activation(module.act_fn) is None:
+        return f"activation {type(module.act_fn).__name__} is not SiLU/GELU"
+    return _frozen_reason(module)
+
+
 @dataclass
 class MLPState(Tallied):
     name: str
     backend: str
     previous_forward: object | None
     recompute: bool = False  # backward runs the gate/up forward again instead of keeping g and u
+    frozen: bool = False  # plain frozen projections (the frozen-MLP op), not patched LoRA layers
     fused_calls: int = 0
     fallbacks: Counter = field(default_factory=Counter)  # block-level reasons (the projections still run fused)
     deferred: Counter = field(default_factory=Counter)  # adapter states the LoRA layers themselves report
@@ -70,7 +102,10 @@ def _plan(module: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict):
     adapter state (disabled, merged, several active) that the projections handle and report themselves."""
     if args or kwargs:
         return "fallback", "extra forward arguments"
-    if torch.is_autocast_enabled(x.device.type):
+    nf4 = [nf4_mod.is_nf4_lora(getattr(module, p)) for p in _PROJ]
+    if any(nf4) and not all(nf4):
+        return "fallback", "gate/up/down mix NF4 and other base weights"
+    if not nf4[0] and torch.is_autocast_enabled(x.device.type):
         return "fallback", "autocast is on (the projections run one by one)"
     plans = []
     for p in _PROJ:
@@ -84,13 +119,38 @@ def _plan(module: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict):
             return "defer", f"{p}: adapter disabled, merged or inactive"
         if isinstance(pl, str):
             return "defer", f"{p}: {pl}"
+        if nf4[0] and (why := _nf4_call_reason(layer, x)) is not None:
+            return "defer", f"{p}: {why}"
         plans.append(pl)
+    if nf4[0]:  # three NF4 LoRA ops chained: ranks and dropout may differ, no sibling group
+        return plans
     g, u, d = plans
     if (g.rank, g.p, g.lora_dtype) != (u.rank, u.p, u.lora_dtype):
         return "fallback", "gate/up LoRA rank, dropout or dtype differ"
     if not getattr(module.gate_proj._peftfast.config, "group_siblings", True):
         return "fallback", "group_siblings=False"
     return plans
+
+
+def _nf4_call_reason(layer: nn.Module, x: torch.Tensor) -> str | None:
+    """Why this NF4 projection's own forward should serve the call (it then raises or falls back itself)."""
+    why = nf4_mod.call_reason(layer, x)
+    if why is None and not torch.is_autocast_enabled(x.device.type):
+        cdt = nf4_mod.nf4_state(layer.get_base_layer())[3]
+        if cdt is not None and x.dtype != cdt:
+            why = f"input dtype {x.dtype} is not the NF4 compute dtype {cdt}"
+    return why
+
+
+def _nf4_proj(layer: nn.Module, plan, dtype: torch.dtype | None) -> tuple:
+    """The projection as :func:`peftfast.ops.nf4.nf4_lora_mlp` takes it (float tensors cast to ``dtype`` when
+    autocast is on, as the layer's own NF4 op does)."""
+    base = layer.get_base_layer()
+    q, am, bs, _ = nf4_mod.nf4_state(base)
+    a, b = layer.lora_A[plan.adapter], layer.lora_B[plan.adapter]
+    bias, aw, bw, lb = (t if t is None or dtype is None else t.to(dtype)
+                        for t in (base.bias, a.weight, b.weight, b.bias))
+    return q, am, bs, bias, aw, bw, float(layer.scaling[plan.adapter]), lb, plan.p
 
 
 def _proj(layer: nn.Module, plan) -> tuple:
@@ -109,11 +169,20 @@ def fused_mlp_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs) -> torc
         else:
             tally(st.tally_key, "deferred", reason)
         return call_original(self, st, x, *args, **kwargs)
-    for p in ("gate_proj", "up_proj"):
-        lora_mod._check_input(getattr(self, p), x)
+    nf4 = nf4_mod.is_nf4_lora(self.gate_proj)
+    if not nf4:
+        for p in ("gate_proj", "up_proj"):
+            lora_mod._check_input(getattr(self, p), x)
     tally(st.tally_key, "fused_calls")  # not `+= 1`: see peftfast.modules._tally
     for p in _PROJ:  # the projections run fused too, inside the block op
         tally(getattr(self, p)._peftfast.tally_key, "fused_calls")
+    if nf4:
+        dev = x.device.type
+        dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
+        projs = [_nf4_proj(getattr(self, n), pl, dt) for n, pl in zip(_PROJ, plans)]
+        with torch.autocast(dev, enabled=False):
+            return nf4_lora_mlp(x if dt is None else x.to(dt), *projs, act=gate_activation(self.act_fn),
+                                recompute=st.recompute, backend=st.backend, name=st.name)
     gate, up, down = (_proj(getattr(self, n), pl) for n, pl in zip(_PROJ, plans))
     # the gate's dropout segment as in the layers' sibling group, so masks do not depend on fuse_mlp
     grp = self.gate_proj._peftfast.group
@@ -123,13 +192,45 @@ def fused_mlp_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs) -> torc
                     name=st.name)
 
 
-def install(module: nn.Module, name: str, backend: str, recompute: bool = False) -> None:
+def frozen_mlp_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """Drop-in ``forward`` for a gated MLP of frozen ``nn.Linear`` projections (bound by ``patch``)."""
+    st: MLPState = self._peftfast_mlp
+    reason = "extra forward arguments" if args or kwargs else _frozen_reason(self)
+    if reason is None and x.shape[-1] != self.gate_proj.in_features:
+        reason = f"input has {x.shape[-1]} features, gate_proj expects {self.gate_proj.in_features}"
+    if reason is not None:
+        tally(st.tally_key, "fallbacks", reason)
+        return call_original(self, st, x, *args, **kwargs)
+    projs = [(getattr(self, p).weight, getattr(self, p).bias) for p in _PROJ]
+    act = gate_activation(self.act_fn)
+    dev = x.device.type
+    if torch.is_autocast_enabled(dev):
+        # what autocast does to each F.linear: every operand in the autocast dtype (act and mul then run in it too)
+        dt = torch.get_autocast_dtype(dev)
+        x = x.to(dt)
+        projs = [(w.to(dt), b.to(dt) if b is not None else None) for w, b in projs]
+        with torch.autocast(dev, enabled=False):
+            out = frozen_mlp(x, *projs, act=act, recompute=st.recompute, backend=st.backend, name=st.name)
+    elif x.dtype != projs[0][0].dtype:
+        tally(st.tally_key, "fallbacks", f"input dtype {x.dtype} differs from the weights' {projs[0][0].dtype}")
+        return call_original(self, st, x)
+    else:
+        out = frozen_mlp(x, *projs, act=act, recompute=st.recompute, backend=st.backend, name=st.name)
+    tally(st.tally_key, "fused_calls")
+    return out
+
+
+def install(module: nn.Module, name: str, backend: str, recompute: bool = False, frozen: bool = False) -> None:
     st = getattr(module, "_peftfast_mlp", None)
+    if st is not None and st.frozen != frozen:  # its projections gained or lost LoRA since the last patch
+        uninstall(module)
+        st = None
     if st is not None:
         st.backend, st.recompute = backend, recompute
         return
     bind_forward(module, "_peftfast_mlp", MLPState(name=name, backend=backend, previous_forward=None,
-                                                   recompute=recompute), fused_mlp_forward)
+                                                   recompute=recompute, frozen=frozen),
+                 frozen_mlp_forward if frozen else fused_mlp_forward)
 
 
 def uninstall(module: nn.Module) -> None:

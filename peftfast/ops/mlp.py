@@ -279,6 +279,81 @@ def _gate_up(x2d, act, s_gu, p_gu, seed_gu, backend, gate_segment, flat_gu):
     return g, u, act_mul(g, u, act, backend), xa_gu
 
 
+class _FrozenMLPFunction(torch.autograd.Function):
+    """``down(act(gate(x)) · up(x))`` over frozen projections: only ``dx`` flows back. Saves g and u (or, with
+    ``recompute``, x alone: backward runs the two GEMMs again), never ``act(g)`` or ``h``; the weights are the
+    modules' parameters, not copies."""
+
+    @staticmethod
+    def forward(ctx, x, wg, bg, wu, bu, wd, bd, act, backend, recompute):
+        x2d = x.reshape(-1, x.shape[-1])
+        g, u = F.linear(x2d, wg, bg), F.linear(x2d, wu, bu)
+        y = F.linear(act_mul(g, u, act, backend), wd, bd)  # grad mode is off here: h is freed right after
+        if recompute:
+            ctx.save_for_backward(x2d, wg, bg, wu, bu, wd)
+        else:
+            ctx.save_for_backward(g, u, wg, wu, wd)
+        ctx.meta = (act, backend, recompute, x.shape)
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, dy):
+        act, backend, recompute, x_shape = ctx.meta
+        if not ctx.needs_input_grad[0]:
+            return (None,) * 10
+        if recompute:
+            x2d, wg, bg, wu, bu, wd = ctx.saved_tensors
+            g, u = F.linear(x2d, wg, bg), F.linear(x2d, wu, bu)
+            del x2d
+        else:
+            g, u, wg, wu, wd = ctx.saved_tensors
+        dh = dy.reshape(-1, dy.shape[-1]).mm(wd)
+        dg, du = act_mul_backward(dh, g, u, act, backend)
+        del dh, g, u
+        dx = dg.mm(wg).addmm_(du, wu)
+        return (dx.view(x_shape), *([None] * 9))
+
+
+FrozenProj = tuple  # (weight [N, K], bias | None) of a frozen nn.Linear
+
+
+def frozen_mlp(x: torch.Tensor, gate: Sequence, up: Sequence, down: Sequence, *, act: str = "silu",
+               recompute: bool = False, backend: str = "auto", name: str = "") -> torch.Tensor:
+    """``down(act(gate(x)) · up(x))`` where each projection is ``(W, b)`` of a frozen linear (no LoRA on it).
+
+    The frozen MLP of a model tuned elsewhere (prefix/prompt tuning, bottleneck adapters, LoRA on attention only):
+    autograd's eager graph keeps g, ``act(g)`` and u (3·I values per token) for the input gradient; this op keeps
+    g and u (2·I), or with ``recompute`` nothing but x (which a fused block rebuilds from its norm input, so the
+    MLP then keeps nothing of its own) for one more gate/up GEMM pair in backward. The GEMMs are ATen's (cuBLAS,
+    oneDNN); ``act(g)·u`` and its backward are one pass each on the ``cpp`` / ``triton`` backends. The weights
+    must not require grad (no weight gradient is computed).
+    """
+    label = name or "frozen_mlp"
+    if act not in GATE_ACTS:
+        raise ValueError(f"peftfast: {label}: unknown gate activation {act!r}; choose one of {list(GATE_ACTS)}")
+    (wg, bg), (wu, bu), (wd, bd) = gate, up, down
+    hidden, inter = x.shape[-1], wg.shape[0]
+    out = wd.shape[0] if wd.dim() == 2 else -1
+    for what, w, b, shape in (("gate", wg, bg, (inter, hidden)), ("up", wu, bu, (inter, hidden)),
+                              ("down", wd, bd, (out, inter))):
+        if w.dim() != 2 or tuple(w.shape) != shape:
+            raise ValueError(f"peftfast: {label}: {what} weight has shape {tuple(w.shape)}, expected {shape} for an "
+                             f"input with {hidden} features and an intermediate width of {inter}")
+        if b is not None and tuple(b.shape) != shape[:1]:
+            raise ValueError(f"peftfast: {label}: {what} bias has shape {tuple(b.shape)}, expected {shape[:1]}")
+    tensors = [t for t in (wg, bg, wu, bu, wd, bd) if t is not None]
+    if any(t.dtype != x.dtype for t in tensors):
+        raise TypeError(f"peftfast: {label}: input dtype {x.dtype} differs from the projections' "
+                        f"{sorted({str(t.dtype) for t in tensors})}")
+    if any(t.device != x.device for t in tensors):
+        raise ValueError(f"peftfast: {label}: input is on {x.device}, the projections elsewhere")
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        raise ValueError(f"peftfast: {label}: projection weights require grad; frozen_mlp computes no weight "
+                         "gradients (use lora_mlp, or the module's own forward)")
+    be = resolve_backend(backend, x.device)
+    return _FrozenMLPFunction.apply(x, wg, bg, wu, bu, wd, bd, act, be, bool(recompute))
+
+
 LoRAProj = tuple  # (weight [N, K], bias | None, lora_A [r, K], lora_B [N, r], scale, lora_bias | None)
 
 
@@ -319,4 +394,4 @@ def lora_mlp(x: torch.Tensor, gate: Sequence, up: Sequence, down: Sequence, *, a
                                   float(p_d), seed, down_seed, be, gate_segment, bool(recompute), *flat)
 
 
-__all__ = ["GATE_ACTS", "act_mul", "act_mul_backward", "lora_mlp"]
+__all__ = ["GATE_ACTS", "act_mul", "act_mul_backward", "frozen_mlp", "lora_mlp"]

@@ -439,9 +439,37 @@ def nf4_lora_linear(
     Gradients: x, lora_a, lora_b, bias, lora_bias (never W). ``chunk``: elements of W dequantized at a time on the
     CPU backends (0: 2**21).
     """
-    from peftfast.ops.lora import MAX_RANK, draw_seed
+    from peftfast.ops.lora import draw_seed
 
-    where = f"peftfast: {name}: " if name else "peftfast: nf4_lora_linear: "
+    n = qweight.shape[0] if qweight.dim() == 2 else 0
+    am, code2, scale2, offset = _check_args(x, qweight, absmax, block_size, lora_a, lora_b, dropout_p,
+                                            name or "nf4_lora_linear")
+    be = resolve_backend(backend, x.device)
+    if be == "cpp" and not have_ops():
+        be = "torch"  # a peftfast._C built before the NF4 ops: the ATen path keeps the same contract
+    if be == "cpp" or (be == "triton" and x.device.type == "cuda" and have_ops()):
+        # the registered op (C++ on CPU, Triton for the CUDA key): autograd registered once, the seed a tensor, so
+        # torch.compile traces it as one node
+        from peftfast.ops.lora import seed_tensor
+
+        k = x.shape[-1]
+        absmax_full = _expand_absmax(am, code2, scale2, offset, n, k // block_size)
+        y, _ = torch.ops.peftfast.nf4_lora_fwd(x.reshape(-1, k), qweight, absmax_full, bias, lora_bias, lora_a,
+                                               lora_b, float(scale), float(dropout_p),
+                                               seed_tensor(seed, x.device, float(dropout_p)), int(block_size),
+                                               int(chunk))
+        return y.view(*x.shape[:-1], n)
+    if dropout_p > 0.0 and seed is None:
+        seed = draw_seed(x.device)
+    return _NF4LoRAFunction.apply(x, bias, lora_bias, lora_a, lora_b, qweight, am, code2, scale2, offset,
+                                  float(scale), float(dropout_p), int(seed or 0), int(block_size), be, int(chunk))
+
+
+def _check_args(x, qweight, absmax, block_size, lora_a, lora_b, dropout_p, name):
+    """The checks of one NF4 LoRA projection (clear errors naming it); returns its absmax state's four parts."""
+    from peftfast.ops.lora import MAX_RANK
+
+    where = f"peftfast: {name}: "
     if qweight.dtype != torch.uint8 or qweight.dim() != 2:
         raise ValueError(f"{where}qweight must be a 2-D uint8 tensor, got {qweight.dtype} {tuple(qweight.shape)}")
     n, k = qweight.shape[0], qweight.shape[1] * 2
@@ -467,25 +495,133 @@ def nf4_lora_linear(
     for t in (qweight, am, lora_a, lora_b):
         if t.device != x.device:
             raise ValueError(f"{where}tensors are on different devices ({x.device} and {t.device})")
+    return am, code2, scale2, offset
+
+
+_NF4_PROJ = 9  # per projection in the MLP op's flat inputs: bias, lora_bias, A, B, qweight, absmax (4 parts)
+
+
+class _NF4LoRAMLPFunction(torch.autograd.Function):
+    """Gated LoRA-MLP over three NF4 bases. ``flat``: per projection (gate, up, down) ``bias, lora_bias, A, B,
+    qweight, absmax, code2, scale2, offset``, then the three dropout seeds (one-element int64 tensors for the
+    registered ops, ints otherwise); ``meta``: per projection ``(scale, p, block_size)``."""
+
+    @staticmethod
+    def forward(ctx, x, act, meta, backend, chunk, recompute, *flat):
+        from peftfast.ops.mlp import act_mul
+
+        proj, seeds = flat[:3 * _NF4_PROJ], flat[3 * _NF4_PROJ:]
+        x2d = x.reshape(-1, x.shape[-1])
+        (g, xa_g), (u, xa_u) = (_nf4_proj_fwd(backend, x2d, proj, meta, seeds, i, chunk) for i in (0, 1))
+        y, xa_d = _nf4_proj_fwd(backend, act_mul(g, u, act, backend), proj, meta, seeds, 2, chunk)
+        tensor_seeds = [t for t in seeds if isinstance(t, torch.Tensor)]
+        if recompute:
+            ctx.save_for_backward(x2d, xa_d, *proj, *tensor_seeds)
+        else:
+            ctx.save_for_backward(x2d, xa_g, xa_u, g, u, xa_d, *proj, *tensor_seeds)
+        ctx.meta = (act, meta, backend, chunk, recompute, x.shape, None if tensor_seeds else seeds)
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, dy):
+        from peftfast.ops.mlp import act_mul, act_mul_backward
+
+        act, meta, backend, chunk, recompute, x_shape, int_seeds = ctx.meta
+        saved = ctx.saved_tensors
+        if recompute:
+            (x2d, xa_d), rest = saved[:2], saved[2:]
+        else:
+            (x2d, xa_g, xa_u, g, u, xa_d), rest = saved[:6], saved[6:]
+        proj, seeds = rest[:3 * _NF4_PROJ], int_seeds or rest[3 * _NF4_PROJ:]
+        if recompute:
+            (g, xa_g), (u, xa_u) = (_nf4_proj_fwd(backend, x2d, proj, meta, seeds, i, chunk) for i in (0, 1))
+        need = ctx.needs_input_grad[6:]
+        h = act_mul(g, u, act, backend)  # rebuilt, never saved
+        dy2 = dy.reshape(-1, dy.shape[-1])
+        dh, grads_d = _nf4_proj_bwd(backend, h, xa_d, dy2, proj, meta, seeds, 2, chunk, True, need)
+        del h
+        dg, du = act_mul_backward(dh, g, u, act, backend)
+        del dh, g, u
+        need_x = ctx.needs_input_grad[0]
+        dx, grads_g = _nf4_proj_bwd(backend, x2d, xa_g, dg, proj, meta, seeds, 0, chunk, need_x, need)
+        dx_u, grads_u = _nf4_proj_bwd(backend, x2d, xa_u, du, proj, meta, seeds, 1, chunk, need_x, need)
+        if dx is not None:
+            dx = dx.add_(dx_u).view(x_shape)
+        return (dx, None, None, None, None, None, *grads_g, *grads_u, *grads_d, None, None, None)
+
+
+def _registered(backend: str, device: torch.device) -> bool:
+    """Whether the MLP op runs its projections on the registered NF4 ops (tensor seeds: no graph break)."""
+    return backend == "cpp" or (backend == "triton" and device.type == "cuda" and have_ops())
+
+
+def _nf4_proj_fwd(backend, x2d, proj, meta, seeds, i, chunk):
+    bias, lbias, a, b_mat, q, am, code2, scale2, offset = proj[i * _NF4_PROJ:(i + 1) * _NF4_PROJ]
+    scale, p, bs = meta[i]
+    absmax = _expand_absmax(am, code2, scale2, offset, q.shape[0], x2d.shape[1] // bs)
+    if _registered(backend, x2d.device):
+        return tuple(torch.ops.peftfast.nf4_lora_fwd(x2d, q, absmax, bias, lbias, a, b_mat, scale, p, seeds[i], bs,
+                                                     chunk))
+    return _fwd(backend, x2d, q, absmax, bias, lbias, a, b_mat, scale, p, seeds[i], bs, chunk)
+
+
+def _nf4_proj_bwd(backend, x2d, xa, dy2, proj, meta, seeds, i, chunk, need_x, need):
+    """(dx, grads of the projection's 9 flat inputs) of projection ``i``."""
+    bias, lbias, a, b_mat, q, am, code2, scale2, offset = proj[i * _NF4_PROJ:(i + 1) * _NF4_PROJ]
+    scale, p, bs = meta[i]
+    nb, nlb, na, nbm = need[i * _NF4_PROJ:i * _NF4_PROJ + 4]
+    absmax = _expand_absmax(am, code2, scale2, offset, q.shape[0], x2d.shape[1] // bs)
+    if _registered(backend, x2d.device):
+        dx, da, db = torch.ops.peftfast.nf4_lora_bwd(x2d, xa, dy2, q, absmax, a, b_mat, scale, p, seeds[i], bs, chunk,
+                                                     need_x, na, nbm)
+        dx, da, db = dx if need_x else None, da if na else None, db if nbm else None
+    else:
+        dx, da, db = _bwd(backend, x2d, xa, dy2, q, absmax, a, b_mat, scale, p, seeds[i], bs, chunk, need_x, na, nbm)
+    (gb,), (glb,) = _bias_grads([dy2], _dtypes([bias]), _dtypes([lbias]), [scale], [nb], [nlb])
+    return dx, (gb, glb, da, db, *([None] * 5))
+
+
+NF4Proj = tuple  # (qweight, absmax state, block_size, bias | None, lora_A, lora_B, scale, lora_bias | None, dropout_p)
+
+
+def nf4_lora_mlp(x: torch.Tensor, gate: NF4Proj, up: NF4Proj, down: NF4Proj, *, act: str = "silu",
+                 seeds: tuple[int | None, int | None, int | None] = (None, None, None), recompute: bool = False,
+                 backend: str = "auto", chunk: int = 0, name: str = "") -> torch.Tensor:
+    """``down(act(gate(x)) · up(x))`` with each projection a LoRA linear over an NF4 base (QLoRA's gated MLP).
+
+    Each projection is ``(qweight, absmax, block_size, bias, lora_A, lora_B, scale, lora_bias, dropout_p)`` as
+    :func:`nf4_lora_linear` takes them, run by the same kernels (no 16-bit copy of any W); dropout seeds are drawn
+    in gate, up, down order when not given, as the three layers called one by one draw theirs. Saved for backward:
+    x, g, u and the skinny ``drop(x)·Aᵀ`` products; never ``act(g)`` or the down projection's input
+    ``h = act(g)·u``, which the layers one by one keep (2·I values per token). ``recompute`` keeps neither g nor u
+    (and no gate/up products): backward runs the two gate/up NF4 GEMMs again with the same seeds.
+    """
+    from peftfast.ops.lora import draw_seed, seed_tensor
+    from peftfast.ops.mlp import GATE_ACTS
+
+    label = name or "nf4_lora_mlp"
+    if act not in GATE_ACTS:
+        raise ValueError(f"peftfast: {label}: unknown gate activation {act!r}; choose one of {list(GATE_ACTS)}")
+    projs = (gate, up, down)
     be = resolve_backend(backend, x.device)
     if be == "cpp" and not have_ops():
-        be = "torch"  # a peftfast._C built before the NF4 ops: the ATen path keeps the same contract
-    if be == "cpp" or (be == "triton" and x.device.type == "cuda" and have_ops()):
-        # the registered op (C++ on CPU, Triton for the CUDA key): autograd registered once, the seed a tensor, so
-        # torch.compile traces it as one node
-        from peftfast.ops.lora import seed_tensor
-
-        k = x.shape[-1]
-        absmax_full = _expand_absmax(am, code2, scale2, offset, n, k // block_size)
-        y, _ = torch.ops.peftfast.nf4_lora_fwd(x.reshape(-1, k), qweight, absmax_full, bias, lora_bias, lora_a,
-                                               lora_b, float(scale), float(dropout_p),
-                                               seed_tensor(seed, x.device, float(dropout_p)), int(block_size),
-                                               int(chunk))
-        return y.view(*x.shape[:-1], n)
-    if dropout_p > 0.0 and seed is None:
-        seed = draw_seed(x.device)
-    return _NF4LoRAFunction.apply(x, bias, lora_bias, lora_a, lora_b, qweight, am, code2, scale2, offset,
-                                  float(scale), float(dropout_p), int(seed or 0), int(block_size), be, int(chunk))
+        be = "torch"
+    flat, meta, seed_args = [], [], []
+    registered = _registered(be, x.device)
+    for what, (q, absmax, bs, bias, a, b_mat, scale, lbias, p), seed in zip(("gate", "up", "down"), projs, seeds):
+        k = q.shape[1] * 2 if q.dim() == 2 else 0
+        xin = x if what != "down" else x.new_empty((0, k))  # only its features, dtype and device are checked
+        am, code2, scale2, offset = _check_args(xin, q, absmax, bs, a, b_mat, p, f"{label} {what}")
+        flat += [bias, lbias, a, b_mat, q, am, code2, scale2, offset]
+        if registered:  # drawn as the layers' registered ops draw theirs: a traced tensor op, no .item()
+            seed_args.append(seed_tensor(seed, x.device, float(p)))
+        else:
+            seed_args.append(int(seed) if seed is not None else draw_seed(x.device) if p > 0.0 else 0)
+        meta.append((float(scale), float(p), int(bs)))
+    if gate[0].shape[0] != up[0].shape[0] or down[0].shape[1] * 2 != gate[0].shape[0]:
+        raise ValueError(f"peftfast: {label}: NF4 widths do not chain: gate {gate[0].shape[0]}, up {up[0].shape[0]}, "
+                         f"down input {down[0].shape[1] * 2}")
+    return _NF4LoRAMLPFunction.apply(x, act, tuple(meta), be, int(chunk), bool(recompute), *flat, *seed_args)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -559,4 +695,4 @@ if have_ops():
 
 
 __all__ = ["NF4_CODE", "dequantize_absmax", "dequantize_nf4", "double_quantize", "nf4_code", "nf4_lora_linear",
-           "quantize_nf4"]
+           "nf4_lora_mlp", "quantize_nf4"]

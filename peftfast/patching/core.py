@@ -26,7 +26,7 @@ RECOMPUTE: dict[str, str] = {
     "norms": "rebuild the fused blocks' norm outputs (element-wise)",
     "attn": "also rerun the RoPE attentions' q/k/v projections and RoPE (the attention keeps no q, k, v, the q/k/v "
             "LoRA projections no x·Aᵀ)",
-    "mlp": "also run the fused MLPs' gate/up GEMM again",
+    "mlp": "also run the fused MLPs' gate/up GEMM again (frozen MLPs too)",
 }
 
 # children of one parent that PEFT-targeted models feed the same input (q/k/v, gate/up, BERT's query/key/value)
@@ -154,7 +154,9 @@ def patch(model: nn.Module, *, backend: str = "auto", group_siblings: bool = Tru
     ``state_dict``, optimizer references and ``save_pretrained`` are untouched. Calling it again re-applies the
     options. Layers that cannot
     be fused are left alone with a reason in ``peftfast.report(model)``. With ``fuse_mlp``, gated MLPs whose three
-    projections are patched run as one LoRA-MLP op that does not keep the activation output or the down input;
+    projections are patched run as one LoRA-MLP op that does not keep the activation output or the down input, and
+    those of plain frozen ``nn.Linear`` projections (the base of a model tuned elsewhere) as a frozen-MLP op that
+    keeps g and u only;
     with ``fuse_rope``, RoPE attention modules rotate q and k in one fused op; with ``fuse_attention`` the model's
     attention runs on peftfast's fused kernel (``"peftfast"`` attention implementation: padding, packing, GQA,
     prefix keys); with ``fuse_norms``, RMSNorms (and, for CUDA models, LayerNorms) run on fused norm kernels that
@@ -189,6 +191,7 @@ def patch(model: nn.Module, *, backend: str = "auto", group_siblings: bool = Tru
         rep.entries.append(PatchEntry(name=name, kind="lora", patched=reason is None, reason=reason,
                                       nf4=nf4_mod.is_nf4_lora(mod)))
     _form_groups(patched, rep)
+    frozen_mlps: list[tuple[str, nn.Module]] = []
     for name, mod in model.named_modules():
         if not mlp_mod.is_gated_mlp(mod):
             if type(mod).__name__.endswith("MLP") and any(_is_peft_layer(c) for c in mod.children()):
@@ -198,11 +201,13 @@ def patch(model: nn.Module, *, backend: str = "auto", group_siblings: bool = Tru
                                                      "is not fused as a block"))
             continue
         if not any(_is_peft_layer(getattr(mod, p)) for p in ("gate_proj", "up_proj", "down_proj")):
+            frozen_mlps.append((name, mod))  # fused below if the model is tuned elsewhere
             continue
         reason = mlp_mod.why_not(mod) if fuse_mlp else "fuse_mlp=False"
-        if reason is None and any(nf4_mod.is_nf4_lora(getattr(mod, p)) for p in ("gate_proj", "up_proj", "down_proj")):
-            reason = "NF4 base weights: gate/up/down run one by one on the fused NF4 LoRA op"
-        if reason is None and not group_siblings:
+        nf4 = [nf4_mod.is_nf4_lora(getattr(mod, p)) for p in ("gate_proj", "up_proj", "down_proj")]
+        if reason is None and any(nf4) and not all(nf4):
+            reason = "gate/up/down mix NF4 and other base weights: they run one by one"
+        if reason is None and not any(nf4) and not group_siblings:
             reason = "group_siblings=False (the fused MLP groups gate and up)"
         _apply(rep, mlp_mod, "mlp", name, mod, reason, backend, recompute=recompute == "mlp")
     # the frozen base of any tuned model trains through the same norms, RoPE and attention: LoRA layers, PEFT prompt
@@ -211,6 +216,12 @@ def patch(model: nn.Module, *, backend: str = "auto", group_siblings: bool = Tru
     from peftfast.patching.adapters import adapter_names
 
     tuned = bool(rep.entries) or isinstance(getattr(model, "peft_config", None), dict) or bool(adapter_names(model))
+    for name, mod in frozen_mlps:
+        if tuned:  # the MLPs of the frozen base: only the input gradient flows through them
+            reason = mlp_mod.why_not_frozen(mod) if fuse_mlp else "fuse_mlp=False"
+            _apply(rep, mlp_mod, "mlp", name, mod, reason, backend, recompute=recompute == "mlp", frozen=True)
+        else:
+            mlp_mod.uninstall(mod)
     if tuned:
         for name, mod in model.named_modules():
             if rope_mod.is_rope_attention(mod):
