@@ -1,7 +1,7 @@
 """Forward replacement for gated MLPs (Llama/Mistral/Qwen2/Qwen3/Gemma/Phi-3-style ``gate_proj``/``up_proj``/
 ``down_proj`` + ``act_fn``): one fused LoRA-MLP op where the three projections are patched PEFT LoRA layers (the
-NF4 LoRA-MLP op where their bases are NF4), one frozen-MLP op where all three are plain frozen ``nn.Linear`` (the base of a model tuned elsewhere: LoRA on the
-attention only, prompt learning, bottleneck adapters).
+NF4 LoRA-MLP op where their bases are NF4), one frozen-MLP op where all three are plain frozen ``nn.Linear`` (the
+base of a model tuned elsewhere: LoRA on the attention only, prompt learning, bottleneck adapters).
 
 Calls the fused op cannot serve exactly (a disabled or merged adapter, several active adapters, autocast, extra
 arguments, unequal gate/up ranks; for a frozen MLP, projections that now train or carry hooks) run the module's

@@ -31,6 +31,7 @@ from collections.abc import Sequence
 import torch
 
 from peftfast import _ext
+from peftfast.ops import _direct
 from peftfast.ops._backend import resolve_backend
 from peftfast.ops.recompute import LowRankSlot, deposit_low_rank, low_rank_slot
 
@@ -598,11 +599,12 @@ def lora_linear_group(
                 [float(s) for s in scales], float(dropout_p), seed_tensor(seed, x.device, float(dropout_p)),
                 bool(keep_xa))
         if slot is None:
-            ys, xa = torch.ops.peftfast.lora_group_fwd(*args)
+            ys, xa = _direct.call(torch.ops.peftfast.lora_group_fwd.default, _fwd_setup, _fwd_backward, args, (n, -1))
         else:
             _next.slot = slot  # for _fwd_setup, which saves no xa then
             try:
-                ys, xa = torch.ops.peftfast.lora_group_fwd(*args)
+                ys, xa = _direct.call(torch.ops.peftfast.lora_group_fwd.default, _fwd_setup, _fwd_backward, args,
+                                      (n, -1))
             finally:
                 _next.slot = None
         deposit_low_rank(xa)
