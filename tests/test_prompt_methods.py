@@ -2,10 +2,11 @@
 
 These models have no LoRA layers: ``patch`` leaves their parameters and PEFT's prompt encoders alone and fuses the
 frozen base they train through: the attention on peftfast's fused kernel (prefix keys, padding), and for Llama the
-RoPE, RMSNorms and residual-add blocks (BERT's LayerNorms stay ATen's off CUDA, with that reason): the same losses
-and gradients as PEFT before patching and after ``unpatch``, and a ``report`` that says exactly that. Tiny random-weight
-Llama (``CAUSAL_LM``) and BERT (``SEQ_CLS``) in fp32, dropout off, a padded batch. A LoRA model on q/v (query/value)
-of the same families is the control: there ``patch`` does act, quietly, and the comparison still holds.
+RoPE, RMSNorms, frozen MLPs and residual-add blocks (BERT's LayerNorms stay ATen's off CUDA, with that reason): the
+same losses and gradients as PEFT before patching and after ``unpatch``, and a ``report`` that says exactly that. Tiny
+random-weight Llama (``CAUSAL_LM``) and BERT (``SEQ_CLS``) in fp32, dropout off, a padded batch. A LoRA model on
+q/v (query/value) of the same families is the control: there ``patch`` does act, quietly, and the comparison still
+holds.
 """
 
 from __future__ import annotations
@@ -139,7 +140,8 @@ def test_patch_keeps_losses_and_gradients(family, method):
     runtime = rep.module_runtime(model)
     assert runtime and all(r["fused"] > 0 and not r["fallbacks"] for r in runtime.values()), runtime
     fused = {e.kind for e in rep.modules if e.patched}
-    assert fused == ({"attention", "rope", "norm", "block"} if family == "llama" else {"attention"}), rep.format()
+    assert fused == ({"attention", "rope", "norm", "block", "mlp"} if family == "llama" else {"attention"}), \
+        rep.format()
 
     peftfast.unpatch(model)
     assert model.get_base_model().config._attn_implementation == "eager"
@@ -162,8 +164,9 @@ def test_report_on_prompt_models(family, method):
     assert rep.backend == "torch"
     assert rep.runtime(model) == {}
     if family == "llama":
-        assert rep.summary() == ("peftfast: patched 0 LoRA layer(s) (0 sibling group(s)), skipped 0; fused 2/2 rope, "
-                                 "1/1 attention, 5/5 norm, 2/2 block, 0/1 loss; backend=torch, recompute=norms")
+        assert rep.summary() == ("peftfast: patched 0 LoRA layer(s) (0 sibling group(s)), skipped 0; fused 2/2 mlp, "
+                                 "2/2 rope, 1/1 attention, 5/5 norm, 2/2 block, 0/1 loss; backend=torch, "
+                                 "recompute=norms")
     else:  # nothing but the attention: each LayerNorm is listed with its reason
         assert rep.summary() == ("peftfast: patched 0 LoRA layer(s) (0 sibling group(s)), skipped 0; "
                                  "fused 1/1 attention, 0/5 norm, 0/1 loss; backend=torch")
@@ -180,14 +183,14 @@ def test_report_on_prompt_models(family, method):
 
 def test_patch_warns_once_per_call_when_nothing_is_patched(recwarn):
     model = prompt_model("llama", "prompt")
-    off = dict(fuse_attention=False, fuse_rope=False, fuse_norms=False)
+    off = dict(fuse_attention=False, fuse_rope=False, fuse_norms=False, fuse_mlp=False)
     peftfast.patch(model, **off)
     peftfast.patch(model, **off)
     assert [str(w.message) for w in recwarn.list if issubclass(w.category, UserWarning)] == [
         "peftfast.patch: nothing in the model could be fused (peftfast.report(model) gives each reason); returning "
         "it unchanged"] * 2
     assert {e.reason for e in peftfast.report(model).modules} == {
-        "fuse_rope=False", "fuse_attention=False", "fuse_norms=False",
+        "fuse_rope=False", "fuse_attention=False", "fuse_norms=False", "fuse_mlp=False",
         "fuse_loss=False (opt-in: training calls return logits=None)"}
 
 
