@@ -250,3 +250,74 @@ def test_extension_built_against_another_torch_is_refused(monkeypatch):
     monkeypatch.setattr(_ext, "build_info", lambda: {"torch": "1.0.0", "cuda": "0"})
     why = _ext._load()
     assert why is not None and "built against torch 1.0.0" in why and torch.__version__ in why and "rebuild" in why
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# eager calls through peftfast.ops._direct: the registered autograd, without torch.library's per-call wrapper
+# ----------------------------------------------------------------------------------------------------------------
+def _node(y: torch.Tensor) -> str:
+    """The autograd node that made ``y``, past the views the public op takes of its outputs."""
+    fn = y.grad_fn
+    while type(fn).__name__ == "ViewBackward0":
+        fn = fn.next_functions[0][0]
+    return type(fn).__name__
+
+
+@needs_ext
+@pytest.mark.parametrize("x_grad,need", [(True, "all"), (False, "B only"), (True, "none")])
+def test_direct_call_equals_the_registered_op(x_grad, need):
+    """``lora_linear_group`` runs ``lora_group_fwd`` through ``_direct`` (one plain autograd.Function); the op
+    called through the dispatcher's autograd kernel gives the same outputs, gradients and saved tensors, with
+    ``needs_input_grad`` per Tensor[] argument (here: only some members' B, or only x)."""
+    from peftfast.ops.lora import _no_none, seed_tensor
+
+    x, ws, bs, as_, bms, scales = _group()
+    x.requires_grad_(x_grad)
+    for t in [*bs, *as_, *bms]:
+        t.requires_grad_(need == "all")
+    if need == "B only":
+        bms[1].requires_grad_(True)
+    leaves = [t for t in [x, *bs, *as_, *bms] if t.requires_grad]
+    dys = [torch.randn(37, w.shape[0]) for w in ws]
+
+    def run(direct):
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+            if direct:
+                ys = lora_linear_group(x, ws, bs, as_, bms, scales, dropout_p=0.25, seed=9, backend="cpp")
+            else:
+                ys, _ = torch.ops.peftfast.lora_group_fwd(x, list(ws), _no_none(bs, x), _no_none([None] * 3, x),
+                                                          list(as_), list(bms), scales, 0.25,
+                                                          seed_tensor(9, x.device, 0.25))
+        grads = torch.autograd.grad(ys, leaves, dys) if leaves else ()
+        return [y.detach() for y in ys], list(grads), saved, _node(ys[0]) if leaves else None
+
+    got, ref = run(True), run(False)
+    assert all(torch.equal(a, b) for a, b in zip(got[0], ref[0]))
+    assert len(got[1]) == len(leaves) and all(torch.equal(a, b) for a, b in zip(got[1], ref[1]))
+    assert got[2] == ref[2]  # the same saved tensors (the registered setup_context runs in both)
+    if leaves:
+        assert got[3] == "_DirectBackward" and ref[3].startswith("GeneratedBackwardFor_peftfast_lora_group_fwd")
+
+
+@needs_ext
+def test_direct_call_is_seen_by_dispatch_modes_and_steps_aside_without_grad():
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Seen(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    x, ws, bs, as_, bms, scales = _group(ns=(24,))
+    with Seen() as seen:
+        (y,) = lora_linear_group(x, ws, bs, as_, bms, scales[:1], backend="cpp")
+    assert "peftfast.lora_group_fwd.default" in seen.ops
+    assert _node(y) == "_DirectBackward"
+    with torch.no_grad():
+        (y,) = lora_linear_group(x, ws, bs, as_, bms, scales[:1], backend="cpp")
+    assert y.grad_fn is None

@@ -16,6 +16,7 @@ import weakref
 import torch
 import triton
 
+from peftfast.ops import _direct
 from peftfast.ops._backend import interpreting, resolve_backend
 from peftfast.ops._counters import launching
 
@@ -487,9 +488,9 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
         from peftfast.ops.lora import seed_tensor
 
         seed_t = seed_tensor(seed, q.device, float(dropout_p))
-    out, _ = _fwd_op(q, k, v, qseg, kseg, bool(causal), scale, None if softcap is None else float(softcap),
-                     None if window is None else int(window), float(dropout_p), seed_t,
-                     "triton" if be == "triton" else "torch")
+    args = (q, k, v, qseg, kseg, bool(causal), scale, None if softcap is None else float(softcap),
+            None if window is None else int(window), float(dropout_p), seed_t, "triton" if be == "triton" else "torch")
+    out, _ = _direct.call(torch.ops.peftfast.flash_attn_fwd.default, _setup, _backward, args, (-1, -1))
     return out
 
 

@@ -32,6 +32,7 @@ import functools
 import torch
 
 from peftfast import _ext
+from peftfast.ops import _direct
 from peftfast.ops._backend import interpreting, resolve_backend
 from peftfast.ops.lora import _bias_grads, _dtypes
 
@@ -454,10 +455,9 @@ def nf4_lora_linear(
 
         k = x.shape[-1]
         absmax_full = _expand_absmax(am, code2, scale2, offset, n, k // block_size)
-        y, _ = torch.ops.peftfast.nf4_lora_fwd(x.reshape(-1, k), qweight, absmax_full, bias, lora_bias, lora_a,
-                                               lora_b, float(scale), float(dropout_p),
-                                               seed_tensor(seed, x.device, float(dropout_p)), int(block_size),
-                                               int(chunk))
+        args = (x.reshape(-1, k), qweight, absmax_full, bias, lora_bias, lora_a, lora_b, float(scale),
+                float(dropout_p), seed_tensor(seed, x.device, float(dropout_p)), int(block_size), int(chunk))
+        y, _ = _direct.call(torch.ops.peftfast.nf4_lora_fwd.default, _nf4_setup, _nf4_backward, args, (-1, -1))
         return y.view(*x.shape[:-1], n)
     if dropout_p > 0.0 and seed is None:
         seed = draw_seed(x.device)
@@ -627,6 +627,27 @@ def nf4_lora_mlp(x: torch.Tensor, gate: NF4Proj, up: NF4Proj, down: NF4Proj, *, 
 # ----------------------------------------------------------------------------------------------------------------
 # fake kernels and autograd of the C++ ops
 # ----------------------------------------------------------------------------------------------------------------
+def _nf4_setup(ctx, inputs, output):
+    x, qweight, absmax, bias, lora_bias, lora_a, lora_b, scale, p, seed, block_size, chunk = inputs
+    ctx.mark_non_differentiable(output[1])
+    ctx.save_for_backward(x, output[1], qweight, absmax, lora_a, lora_b, seed)
+    ctx.meta = (scale, p, block_size, chunk, None if bias is None else bias.dtype,
+                None if lora_bias is None else lora_bias.dtype)
+
+
+def _nf4_backward(ctx, dy, _dxa):
+    x, xa, qweight, absmax, lora_a, lora_b, seed = ctx.saved_tensors
+    scale, p, block_size, chunk, bias_dtype, lbias_dtype = ctx.meta
+    need = ctx.needs_input_grad
+    # the kernels take dy with any strides (ATen GEMMs on CPU, strided loads in Triton)
+    dx, da, db = torch.ops.peftfast.nf4_lora_bwd(x, xa, dy, qweight, absmax, lora_a, lora_b,
+                                                 scale, p, seed, block_size, chunk, need[0], need[5], need[6])
+    (gb,), (glb,) = _bias_grads([dy], [bias_dtype], [lbias_dtype], [scale], [bias_dtype is not None and need[3]],
+                                [lbias_dtype is not None and need[4]])
+    return (dx if need[0] else None, None, None, gb, glb, da if need[5] else None, db if need[6] else None,
+            None, None, None, None, None)
+
+
 def _register() -> None:
     lib = "peftfast::"
 
@@ -651,26 +672,7 @@ def _register() -> None:
         db = xa.new_empty(lora_b.shape) if need_b else xa.new_empty((0,))
         return dx, da, db
 
-    def setup(ctx, inputs, output):
-        x, qweight, absmax, bias, lora_bias, lora_a, lora_b, scale, p, seed, block_size, chunk = inputs
-        ctx.mark_non_differentiable(output[1])
-        ctx.save_for_backward(x, output[1], qweight, absmax, lora_a, lora_b, seed)
-        ctx.meta = (scale, p, block_size, chunk, None if bias is None else bias.dtype,
-                    None if lora_bias is None else lora_bias.dtype)
-
-    def backward(ctx, dy, _dxa):
-        x, xa, qweight, absmax, lora_a, lora_b, seed = ctx.saved_tensors
-        scale, p, block_size, chunk, bias_dtype, lbias_dtype = ctx.meta
-        need = ctx.needs_input_grad
-        # the kernels take dy with any strides (ATen GEMMs on CPU, strided loads in Triton)
-        dx, da, db = torch.ops.peftfast.nf4_lora_bwd(x, xa, dy, qweight, absmax, lora_a, lora_b,
-                                                     scale, p, seed, block_size, chunk, need[0], need[5], need[6])
-        (gb,), (glb,) = _bias_grads([dy], [bias_dtype], [lbias_dtype], [scale], [bias_dtype is not None and need[3]],
-                                    [lbias_dtype is not None and need[4]])
-        return (dx if need[0] else None, None, None, gb, glb, da if need[5] else None, db if need[6] else None,
-                None, None, None, None, None)
-
-    torch.library.register_autograd(lib + "nf4_lora_fwd", backward, setup_context=setup)
+    torch.library.register_autograd(lib + "nf4_lora_fwd", _nf4_backward, setup_context=_nf4_setup)
 
     def fwd_cuda(x, qweight, absmax, bias, lora_bias, lora_a, lora_b, scale, p, seed, block_size, chunk):
         return _fwd("triton", x, qweight, absmax, bias, lora_bias, lora_a, lora_b, scale, p, int(seed.item()),

@@ -12,6 +12,7 @@ import torch
 import triton
 
 from peftfast import _ext
+from peftfast.ops import _direct
 from peftfast.ops._backend import interpreting, resolve_backend
 from peftfast.ops._counters import launching
 
@@ -160,7 +161,8 @@ def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
         raise ValueError(f"{where}: batch/sequence sizes of q {tuple(q.shape)}, k {tuple(k.shape)} and cos "
                          f"{tuple(cos.shape)} do not match")
     be = resolve_backend(backend, q.device)
-    return _rope_op(q, k, cos, sin, unsqueeze_dim, False, be if be in ("triton", "cpp") else "torch")
+    return _direct.call(torch.ops.peftfast.rope.default, _setup, _backward,
+                        (q, k, cos, sin, unsqueeze_dim, False, be if be in ("triton", "cpp") else "torch"), (-1, -1))
 
 
 __all__ = ["rope"]
