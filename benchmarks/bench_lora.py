@@ -40,8 +40,9 @@ def _patch(model, method: str) -> None:
     peftfast.patch(model, backend=backend, recompute=recompute or "norms")
 
 
-def layer_counts(method: str, dropout: float, tokens: int = 32) -> dict:
-    """Saved hidden-vector equivalents per token and work ops of one decoder layer, fwd+bwd."""
+def layer_counts(method: str, dropout: float, tokens: int = 32, targets: str = "all-linear") -> dict:
+    """Saved hidden-vector equivalents per token and work ops of one decoder layer, fwd+bwd. ``targets``:
+    ``all-linear`` or ``q,v`` (PEFT's default Llama targets: the MLP stays a frozen base module)."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -52,8 +53,9 @@ def layer_counts(method: str, dropout: float, tokens: int = 32) -> dict:
     cfg = LlamaConfig(vocab_size=256, hidden_size=1024, intermediate_size=3584, num_hidden_layers=1,
                       num_attention_heads=8, num_key_value_heads=2, attn_implementation="sdpa")
     torch.manual_seed(0)
+    tm = "all-linear" if targets == "all-linear" else [f"{t}_proj" for t in targets.split(",")]
     model = get_peft_model(LlamaForCausalLM(cfg).to(dtype),
-                           LoraConfig(r=16, lora_alpha=32, lora_dropout=dropout, target_modules="all-linear"))
+                           LoraConfig(r=16, lora_alpha=32, lora_dropout=dropout, target_modules=tm))
     if method != "peft":
         _patch(model, method)
     model.train()
@@ -72,8 +74,9 @@ def layer_counts(method: str, dropout: float, tokens: int = 32) -> dict:
 
     saved, ops = count_work_ops(fwd_bwd)
     elt = torch.finfo(dtype).bits // 8
-    return {"method": method, "dropout": dropout, "hvec_per_token": saved.total / (tokens * cfg.hidden_size * elt),
-            "work_ops": ops.total, "triton_launches": dict(ops.launches)}
+    return {"method": method, "dropout": dropout, "targets": targets,
+            "hvec_per_token": saved.total / (tokens * cfg.hidden_size * elt), "work_ops": ops.total,
+            "triton_launches": dict(ops.launches)}
 
 
 def cpu_step_times(dropout: float = 0.05, tokens: int = 512, steps: int = 12, warmup: int = 3) -> list[dict]:
@@ -140,11 +143,15 @@ def run_cpu(out_path: str) -> list[dict]:
         res = subprocess.run([sys.executable, "-c", code], cwd=HERE, env=env, capture_output=True, text=True,
                              check=True)
         rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
-    peft = {r["dropout"]: r for r in rows if r["method"] == "peft"}
-    print(f"{'method':<17}{'dropout':>8}{'saved hvec/token':>18}{'vs PEFT':>9}{'work ops':>10}{'vs PEFT':>9}  launches")
+    # LoRA on q and v only: the MLP is a frozen base module (patch runs it on the frozen-MLP op)
+    for method in ("peft", "peftfast-torch") + (("peftfast-cpp", "peftfast-cpp:mlp") if _ext.available() else ()):
+        rows.append(layer_counts(method, 0.05, targets="q,v"))
+    peft = {(r["dropout"], r["targets"]): r for r in rows if r["method"] == "peft"}
+    print(f"{'method':<17}{'targets':>11}{'dropout':>8}{'saved hvec/token':>18}{'vs PEFT':>9}{'work ops':>10}"
+          f"{'vs PEFT':>9}  launches")
     for r in rows:
-        base = peft[r["dropout"]]
-        print(f"{r['method']:<17}{r['dropout']:>8}{r['hvec_per_token']:>18.1f}"
+        base = peft[r["dropout"], r["targets"]]
+        print(f"{r['method']:<17}{r['targets']:>11}{r['dropout']:>8}{r['hvec_per_token']:>18.1f}"
               f"{r['hvec_per_token'] / base['hvec_per_token']:>8.2f}x{r['work_ops']:>10}"
               f"{r['work_ops'] / base['work_ops']:>8.2f}x  {sum(r['triton_launches'].values())}")
     print(f"issue's PEFT figures for this shape: {PEFT_REFERENCE['0.05']['hvec']} hvec/token at dropout 0.05, "

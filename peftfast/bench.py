@@ -196,6 +196,7 @@ class BenchConfig:
     steps: int = 5
     rank: int = 16
     dropout: float = 0.05
+    targets: str = "all-linear"  # LoRA target modules (lora/qlora): all-linear or comma-separated module names
     seq_len: int | None = None
     batch_size: int | str | None = None  # an int, "auto" (CUDA only) or None (the preset's)
     layers: int | None = None
@@ -339,6 +340,10 @@ def resolve(cfg: BenchConfig) -> Setup:
         raise BenchError(f"--rank must be in 1..256, got {cfg.rank}")
     if not 0.0 <= cfg.dropout < 1.0:
         raise BenchError(f"--dropout must be in [0, 1), got {cfg.dropout}")
+    if cfg.targets != "all-linear" and cfg.method not in ("lora", "qlora"):
+        raise BenchError(f"--targets applies to --method lora and qlora, not {cfg.method}")
+    if not _target_list(cfg.targets) and cfg.targets != "all-linear":
+        raise BenchError("--targets needs all-linear or module names, e.g. q_proj,v_proj")
     if cfg.num_virtual_tokens < 1:
         raise BenchError(f"--num-virtual-tokens must be at least 1, got {cfg.num_virtual_tokens}")
     unknown = [b for b in cfg.baselines if b not in BASELINES]
@@ -539,18 +544,26 @@ def _wrap(model, setup: Setup, cfg: BenchConfig):
     if cfg.method == "prefix":
         method = PrefixTuningConfig(task_type=task, num_virtual_tokens=cfg.num_virtual_tokens)
     else:
+        targets = "all-linear" if cfg.targets == "all-linear" else _target_list(cfg.targets)
         method = LoraConfig(r=cfg.rank, lora_alpha=2 * cfg.rank, lora_dropout=cfg.dropout,
-                            target_modules="all-linear", task_type=task)
+                            target_modules=targets, task_type=task)
     with warnings.catch_warnings():
         # PEFT reads transformers' deprecated ``is_gradient_checkpointing``: a FutureWarning per model built that
         # would break the progress line, about code that is neither the user's nor ours
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
-        model = get_peft_model(model, method)
+        try:
+            model = get_peft_model(model, method)
+        except ValueError as exc:  # e.g. --targets naming modules the model does not have
+            raise BenchError(f"PEFT refused the adapter: {_one_line(exc)}") from None
     if cfg.method == "prefix":
         return model
     if cfg.method == "qlora":  # NF4 base weights (block 64); PEFT's own forward dequantizes them per call
         peftfast.quantize_base(model)
     return model
+
+
+def _target_list(targets: str) -> list[str]:
+    return [t.strip() for t in targets.split(",") if t.strip()] if targets != "all-linear" else []
 
 
 def _skip_reason(name: str, setup: Setup, cfg: BenchConfig) -> str | None:
@@ -610,7 +623,8 @@ def _build_unsloth(setup: Setup, cfg: BenchConfig):  # pragma: no cover - needs 
                                                      load_in_4bit=False)
     model = FastLanguageModel.get_peft_model(
         model, r=cfg.rank, lora_alpha=2 * cfg.rank, lora_dropout=cfg.dropout,
-        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        target_modules=_target_list(cfg.targets) or ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                     "down_proj"],
         use_gradient_checkpointing=cfg.grad_ckpt, random_state=cfg.seed)
     model.train()
     return model, model
@@ -1018,8 +1032,9 @@ def format_table(res: dict) -> str:
     line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
     cfg = res["config"]
     depth = f"{res['layers']} layers" + (f" of {res['full_layers']}" if res["layers"] != res["full_layers"] else "")
-    what = {"lora": f"LoRA r={cfg['rank']} dropout={cfg['dropout']}", "adapter": f"adapters h={cfg['rank']}",
-            "qlora": f"QLoRA (NF4 base) r={cfg['rank']} dropout={cfg['dropout']}",
+    on = "" if cfg.get("targets", "all-linear") == "all-linear" else f" on {cfg['targets']}"
+    what = {"lora": f"LoRA r={cfg['rank']}{on} dropout={cfg['dropout']}", "adapter": f"adapters h={cfg['rank']}",
+            "qlora": f"QLoRA (NF4 base) r={cfg['rank']}{on} dropout={cfg['dropout']}",
             "prefix": f"prefix tuning ({cfg['num_virtual_tokens']} virtual tokens)"}[cfg["method"]]
     extras = "".join([", packed" if cfg["packed"] else "", ", padded" if cfg.get("padded") else "",
                       ", grad-ckpt" if cfg["grad_ckpt"] else ""])

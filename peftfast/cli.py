@@ -55,6 +55,9 @@ def _parser() -> argparse.ArgumentParser:
                         "from peftfast.quantize_base)")
     b.add_argument("--rank", type=int, default=16, help="LoRA rank; adapter bottleneck size")
     b.add_argument("--dropout", type=float, default=0.05, help="LoRA dropout")
+    b.add_argument("--targets", default="all-linear",
+                   help="LoRA target modules for lora/qlora: all-linear (default) or comma-separated names, e.g. "
+                        "q_proj,v_proj (the MLPs then stay frozen base modules)")
     b.add_argument("--num-virtual-tokens", type=int, default=16, help="prefix length for --method prefix")
     b.add_argument("--seq-len", type=int, default=None)
     b.add_argument("--batch-size", type=_batch_size, default=None,
@@ -129,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     from peftfast.bench import BenchConfig, BenchError, format_table, run_bench, write_outputs
 
     cfg = BenchConfig(model=args.model, method=args.method, steps=args.steps, rank=args.rank, dropout=args.dropout,
+                      targets=args.targets,
                       seq_len=args.seq_len, batch_size=args.batch_size, layers=args.layers, packed=args.packed,
                       padded=args.padded, grad_ckpt=args.grad_ckpt, fuse_loss=args.fuse_loss, recompute=args.recompute,
                       baselines=tuple(b.strip() for b in args.baselines.split(",") if b),

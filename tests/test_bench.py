@@ -349,6 +349,17 @@ def test_other_methods_match_their_reference(tmp_path, method, reference):
         assert "PREFIX_TUNING" in res["report"]
 
 
+def test_attention_only_targets_fuse_the_frozen_mlps(tmp_path):
+    """``--targets q_proj,v_proj``: PEFT's default Llama targets; the MLPs are frozen base modules that patch runs
+    on the frozen-MLP op, and the run says which targets it used."""
+    res, out = run(tmp_path, "--targets", "q_proj,v_proj", *FAST, "--dropout", "0")
+    peft, fast = res["results"]
+    assert res["config"]["targets"] == "q_proj,v_proj" and "LoRA r=16 on q_proj,v_proj" in out
+    assert "patched 2 LoRA layer(s) (1 sibling group(s))" in res["report"] and "1/1 mlp" in res["report"]
+    assert fast["max_rel_loss_diff_vs_peft"] < 1e-5
+    assert fast["saved_mb"] < peft["saved_mb"]
+
+
 def test_packed_batches_restart_positions_and_isolate_documents():
     """Rows of several documents (positions restart at 0, no label on a document's first token); the reference
     model sees each document alone: its logits equal those of the documents run one by one."""
@@ -508,6 +519,9 @@ def test_largest_fitting_batch_doubles_until_out_of_memory():
         (["bench", "--method", "prefix", "--grad-ckpt"], "--method prefix does not work with --grad-ckpt"),
         (["bench", "--model", "/no/such/dir"], "unknown preset '/no/such/dir'"),
         (["bench", "--recompute", "norms,attention"], "expected a comma-separated list of none, norms, attn, mlp"),
+        (["bench", "--targets", "foo_proj"], "PEFT refused the adapter: Target modules {'foo_proj'} not found"),
+        (["bench", "--method", "adapter", "--targets", "q_proj"], "--targets applies to --method lora and qlora"),
+        (["bench", "--targets", " , "], "--targets needs all-linear or module names"),
     ],
 )
 def test_bench_cli_bad_input_is_one_line(argv, message, capsys):
