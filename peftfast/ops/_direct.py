@@ -30,7 +30,7 @@ class _Direct(torch.autograd.Function):
             out = op(*args)
         setup(ctx, args, out)
         ctx.peftfast_direct = spec
-        return tuple(_flatten_out(out, out_sizes))
+        return tuple(_flatten(out if isinstance(out, tuple) else (out,), out_sizes))
 
     @staticmethod
     def backward(ctx, *grads):
@@ -66,14 +66,14 @@ def _group(flat, sizes) -> list:
     return out
 
 
-def _flatten_out(out, out_sizes) -> list:
-    outs = out if isinstance(out, tuple) else (out,)
+def _flatten(items, sizes) -> list:
+    """Inverse of :func:`_group`: one entry per item, a list's elements in its place."""
     flat: list = []
-    for size, o in zip(out_sizes, outs):
+    for size, item in zip(sizes, items):
         if size < 0:
-            flat.append(o)
+            flat.append(item)
         else:
-            flat.extend(o)
+            flat.extend(item)
     return flat
 
 
@@ -84,12 +84,6 @@ def call(op: torch._ops.OpOverload, setup: Callable, backward: Callable, args: t
     if torch.compiler.is_compiling() or not torch.is_grad_enabled():
         return op(*args)
     sizes = tuple(len(a) if isinstance(a, list) and a and isinstance(a[0], torch.Tensor) else -1 for a in args)
-    flat: list = []
-    for size, a in zip(sizes, args):
-        if size < 0:
-            flat.append(a)
-        else:
-            flat.extend(a)
-    outs = _Direct.apply((op, setup, backward, sizes, out_lists), *flat)
+    outs = _Direct.apply((op, setup, backward, sizes, out_lists), *_flatten(args, sizes))
     grouped = _group(outs, out_lists)
     return tuple(grouped) if len(out_lists) > 1 else grouped[0]
