@@ -16,6 +16,11 @@ BACKENDS = ["torch", "triton"]
 ACTS = {"silu": F.silu, "gelu": F.gelu, "gelu_tanh": lambda t: F.gelu(t, approximate="tanh")}
 
 
+def _cpp_or_skip(backend):
+    if backend == "cpp" and resolve_backend("auto", torch.device("cpu")) != "cpp":
+        pytest.skip("peftfast._C is not built")
+
+
 def _proj(n, k, r, dtype, bias, lbias, scale):
     w = (torch.randn(n, k) / k**0.5).to(dtype)
     b = torch.randn(n).to(dtype).requires_grad_() if bias else None
@@ -150,8 +155,7 @@ def _saved_shapes(fn, *projs) -> list[tuple]:
 def test_recompute_gives_the_same_values_and_keeps_only_x_and_the_down_products(backend):
     """recompute=True: backward runs the gate/up forward again (same seeds, same kernels), so outputs and every
     gradient are the same bits; g, u and x·[A_gate; A_up]ᵀ are not saved."""
-    if backend == "cpp" and resolve_backend("auto", torch.device("cpu")) != "cpp":
-        pytest.skip("peftfast._C is not built")
+    _cpp_or_skip(backend)
     m, k, i, r = 37, 40, 56, 8
     x, gate, up, down = _case(m, k, i, r, torch.float32, lbias=True)
     leaves = _tensors(x, gate, up, down)
@@ -392,11 +396,6 @@ def test_mlp_fallbacks_and_report():
 # ----------------------------------------------------------------------------------------------------------------
 # frozen gated MLP (the base of a model tuned elsewhere): frozen_mlp and its patch
 # ----------------------------------------------------------------------------------------------------------------
-def _cpp_or_skip(backend):
-    if backend == "cpp" and resolve_backend("auto", torch.device("cpu")) != "cpp":
-        pytest.skip("peftfast._C is not built")
-
-
 def _frozen_case(m, k, i, dtype, bias, noncontig=False):
     gen = torch.Generator().manual_seed(3)
 
