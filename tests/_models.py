@@ -321,3 +321,19 @@ class OpCalls(TorchDispatchMode):
 
     def count(self) -> collections.Counter:
         return collections.Counter(name for name, _ in self.calls)
+
+
+def saved_shapes(fn: Callable[[], object], exclude) -> list[tuple]:
+    """Shapes of what ``fn``'s graph saves for backward, tensors sharing a storage with ``exclude`` (parameters)
+    left out, sorted."""
+    skip = {t.untyped_storage().data_ptr() for t in exclude}
+    saved = []
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in skip:
+            saved.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sorted(saved)

@@ -4,7 +4,15 @@ model integration (SwiGLU Llama/Mistral/Qwen2, GeGLU Gemma)."""
 import pytest
 import torch
 import torch.nn.functional as F
-from _models import batch, clone, loss_and_grads, max_rel_err, peft_model, use_shared_seed_dropout
+from _models import (
+    batch,
+    clone,
+    loss_and_grads,
+    max_rel_err,
+    peft_model,
+    saved_shapes,
+    use_shared_seed_dropout,
+)
 
 import peftfast
 from peftfast.ops import _counters
@@ -138,17 +146,7 @@ def test_saves_input_preactivations_and_skinny_products_only(backend):
 
 def _saved_shapes(fn, *projs) -> list[tuple]:
     """Shapes of what ``fn``'s graph saves for backward, the projections' parameters excluded (sorted)."""
-    params = {t.untyped_storage().data_ptr() for p in projs for t in p if isinstance(t, torch.Tensor)}
-    saved = []
-
-    def pack(t):
-        if t.untyped_storage().data_ptr() not in params:
-            saved.append(tuple(t.shape))
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return sorted(saved)
+    return saved_shapes(fn, [t for p in projs for t in p if isinstance(t, torch.Tensor)])
 
 
 @pytest.mark.parametrize("backend", [*BACKENDS, "cpp"])

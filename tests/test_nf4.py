@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from _models import saved_shapes
 from torch import nn
 
 import peftfast
@@ -492,20 +493,6 @@ def _layerwise(x, gate, up, down, act, seeds, backend):
     return lin(fn(lin(x, gate, seeds[0])) * lin(x, up, seeds[1]), down, seeds[2])
 
 
-def _saved_shapes(fn, params) -> list[tuple]:
-    skip = {t.untyped_storage().data_ptr() for t in params}
-    saved = []
-
-    def pack(t):
-        if t.untyped_storage().data_ptr() not in skip:
-            saved.append(tuple(t.shape))
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return sorted(saved)
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("act,double,recompute", [("silu", False, False), ("gelu_tanh", True, True)])
 def test_nf4_lora_mlp_matches_the_layers_one_by_one(backend: str, act: str, double: bool, recompute: bool) -> None:
@@ -531,9 +518,9 @@ def test_nf4_lora_mlp_matches_the_layers_one_by_one(backend: str, act: str, doub
         assert a.shape == b.shape and (a - b).abs().max() <= 1e-5 * b.abs().max().clamp_min(1e-3), j
     params = [t for pr in (gate, up, down) for t in pr if isinstance(t, torch.Tensor)]
     params += [t for pr in (gate, up, down) if isinstance(pr[1], tuple) for t in pr[1]]
-    fused = _saved_shapes(lambda: O.nf4_lora_mlp(x, gate, up, down, act=act, seeds=seeds, recompute=recompute,
+    fused = saved_shapes(lambda: O.nf4_lora_mlp(x, gate, up, down, act=act, seeds=seeds, recompute=recompute,
                                                  backend=backend), params)
-    layers = _saved_shapes(lambda: _layerwise(x, gate, up, down, act, seeds, backend), params)
+    layers = saved_shapes(lambda: _layerwise(x, gate, up, down, act, seeds, backend), params)
     kept = [(m, k), (m, 5)] + ([] if recompute else [(m, 4), (m, 8), (m, i), (m, i)])
     assert [s for s in fused if s != (1,)] == sorted(kept)  # (1,): a registered op's seed tensor
     # the layers also keep act(g) and u for the product, h for the down projection; x once per layer on ATen

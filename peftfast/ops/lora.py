@@ -598,15 +598,11 @@ def lora_linear_group(
         args = (x2d, list(weights), _no_none(biases, x), _no_none(lora_biases, x), list(lora_as), list(lora_bs),
                 [float(s) for s in scales], float(dropout_p), seed_tensor(seed, x.device, float(dropout_p)),
                 bool(keep_xa))
-        if slot is None:
+        _next.slot = slot  # for _fwd_setup, which saves no xa when there is one
+        try:
             ys, xa = _direct.call(torch.ops.peftfast.lora_group_fwd.default, _fwd_setup, _fwd_backward, args, (n, -1))
-        else:
-            _next.slot = slot  # for _fwd_setup, which saves no xa then
-            try:
-                ys, xa = _direct.call(torch.ops.peftfast.lora_group_fwd.default, _fwd_setup, _fwd_backward, args,
-                                      (n, -1))
-            finally:
-                _next.slot = None
+        finally:
+            _next.slot = None
         deposit_low_rank(xa)
         return tuple(y.view(*x.shape[:-1], y.shape[-1]) for y in ys)
     if isinstance(seed, torch.Tensor):

@@ -448,7 +448,7 @@ def nf4_lora_linear(
     be = resolve_backend(backend, x.device)
     if be == "cpp" and not have_ops():
         be = "torch"  # a peftfast._C built before the NF4 ops: the ATen path keeps the same contract
-    if be == "cpp" or (be == "triton" and x.device.type == "cuda" and have_ops()):
+    if _registered(be, x.device):
         # the registered op (C++ on CPU, Triton for the CUDA key): autograd registered once, the seed a tensor, so
         # torch.compile traces it as one node
         from peftfast.ops.lora import seed_tensor
@@ -512,8 +512,9 @@ class _NF4LoRAMLPFunction(torch.autograd.Function):
 
         proj, seeds = flat[:3 * _NF4_PROJ], flat[3 * _NF4_PROJ:]
         x2d = x.reshape(-1, x.shape[-1])
-        (g, xa_g), (u, xa_u) = (_nf4_proj_fwd(backend, x2d, proj, meta, seeds, i, chunk) for i in (0, 1))
-        y, xa_d = _nf4_proj_fwd(backend, act_mul(g, u, act, backend), proj, meta, seeds, 2, chunk)
+        absmax = _absmaxes(proj, meta, x2d.shape[1])
+        (g, xa_g), (u, xa_u) = (_nf4_proj_fwd(backend, x2d, proj, absmax, meta, seeds, i, chunk) for i in (0, 1))
+        y, xa_d = _nf4_proj_fwd(backend, act_mul(g, u, act, backend), proj, absmax, meta, seeds, 2, chunk)
         tensor_seeds = [t for t in seeds if isinstance(t, torch.Tensor)]
         if recompute:
             ctx.save_for_backward(x2d, xa_d, *proj, *tensor_seeds)
@@ -533,18 +534,19 @@ class _NF4LoRAMLPFunction(torch.autograd.Function):
         else:
             (x2d, xa_g, xa_u, g, u, xa_d), rest = saved[:6], saved[6:]
         proj, seeds = rest[:3 * _NF4_PROJ], int_seeds or rest[3 * _NF4_PROJ:]
+        absmax = _absmaxes(proj, meta, x2d.shape[1])
         if recompute:
-            (g, xa_g), (u, xa_u) = (_nf4_proj_fwd(backend, x2d, proj, meta, seeds, i, chunk) for i in (0, 1))
+            (g, xa_g), (u, xa_u) = (_nf4_proj_fwd(backend, x2d, proj, absmax, meta, seeds, i, chunk) for i in (0, 1))
         need = ctx.needs_input_grad[6:]
         h = act_mul(g, u, act, backend)  # rebuilt, never saved
         dy2 = dy.reshape(-1, dy.shape[-1])
-        dh, grads_d = _nf4_proj_bwd(backend, h, xa_d, dy2, proj, meta, seeds, 2, chunk, True, need)
+        dh, grads_d = _nf4_proj_bwd(backend, h, xa_d, dy2, proj, absmax, meta, seeds, 2, chunk, True, need)
         del h
         dg, du = act_mul_backward(dh, g, u, act, backend)
         del dh, g, u
         need_x = ctx.needs_input_grad[0]
-        dx, grads_g = _nf4_proj_bwd(backend, x2d, xa_g, dg, proj, meta, seeds, 0, chunk, need_x, need)
-        dx_u, grads_u = _nf4_proj_bwd(backend, x2d, xa_u, du, proj, meta, seeds, 1, chunk, need_x, need)
+        dx, grads_g = _nf4_proj_bwd(backend, x2d, xa_g, dg, proj, absmax, meta, seeds, 0, chunk, need_x, need)
+        dx_u, grads_u = _nf4_proj_bwd(backend, x2d, xa_u, du, proj, absmax, meta, seeds, 1, chunk, need_x, need)
         if dx is not None:
             dx = dx.add_(dx_u).view(x_shape)
         return (dx, None, None, None, None, None, *grads_g, *grads_u, *grads_d, None, None, None)
@@ -555,28 +557,38 @@ def _registered(backend: str, device: torch.device) -> bool:
     return backend == "cpp" or (backend == "triton" and device.type == "cuda" and have_ops())
 
 
-def _nf4_proj_fwd(backend, x2d, proj, meta, seeds, i, chunk):
-    bias, lbias, a, b_mat, q, am, code2, scale2, offset = proj[i * _NF4_PROJ:(i + 1) * _NF4_PROJ]
+def _absmaxes(proj, meta, k: int) -> list[torch.Tensor]:
+    """The fp32 absmax [N, K/block] of gate, up and down (double-quantized ones expanded once per pass; the down
+    projection's K is the gate's N)."""
+    out = []
+    for i in range(3):
+        _, _, _, _, q, am, code2, scale2, offset = proj[i * _NF4_PROJ:(i + 1) * _NF4_PROJ]
+        kk = k if i < 2 else proj[4].shape[0]
+        out.append(_expand_absmax(am, code2, scale2, offset, q.shape[0], kk // meta[i][2]))
+    return out
+
+
+def _nf4_proj_fwd(backend, x2d, proj, absmax, meta, seeds, i, chunk):
+    bias, lbias, a, b_mat, q = proj[i * _NF4_PROJ:i * _NF4_PROJ + 5]
     scale, p, bs = meta[i]
-    absmax = _expand_absmax(am, code2, scale2, offset, q.shape[0], x2d.shape[1] // bs)
     if _registered(backend, x2d.device):
-        return tuple(torch.ops.peftfast.nf4_lora_fwd(x2d, q, absmax, bias, lbias, a, b_mat, scale, p, seeds[i], bs,
+        return tuple(torch.ops.peftfast.nf4_lora_fwd(x2d, q, absmax[i], bias, lbias, a, b_mat, scale, p, seeds[i], bs,
                                                      chunk))
-    return _fwd(backend, x2d, q, absmax, bias, lbias, a, b_mat, scale, p, seeds[i], bs, chunk)
+    return _fwd(backend, x2d, q, absmax[i], bias, lbias, a, b_mat, scale, p, seeds[i], bs, chunk)
 
 
-def _nf4_proj_bwd(backend, x2d, xa, dy2, proj, meta, seeds, i, chunk, need_x, need):
+def _nf4_proj_bwd(backend, x2d, xa, dy2, proj, absmax, meta, seeds, i, chunk, need_x, need):
     """(dx, grads of the projection's 9 flat inputs) of projection ``i``."""
-    bias, lbias, a, b_mat, q, am, code2, scale2, offset = proj[i * _NF4_PROJ:(i + 1) * _NF4_PROJ]
+    bias, lbias, a, b_mat, q = proj[i * _NF4_PROJ:i * _NF4_PROJ + 5]
     scale, p, bs = meta[i]
     nb, nlb, na, nbm = need[i * _NF4_PROJ:i * _NF4_PROJ + 4]
-    absmax = _expand_absmax(am, code2, scale2, offset, q.shape[0], x2d.shape[1] // bs)
     if _registered(backend, x2d.device):
-        dx, da, db = torch.ops.peftfast.nf4_lora_bwd(x2d, xa, dy2, q, absmax, a, b_mat, scale, p, seeds[i], bs, chunk,
-                                                     need_x, na, nbm)
+        dx, da, db = torch.ops.peftfast.nf4_lora_bwd(x2d, xa, dy2, q, absmax[i], a, b_mat, scale, p, seeds[i], bs,
+                                                     chunk, need_x, na, nbm)
         dx, da, db = dx if need_x else None, da if na else None, db if nbm else None
     else:
-        dx, da, db = _bwd(backend, x2d, xa, dy2, q, absmax, a, b_mat, scale, p, seeds[i], bs, chunk, need_x, na, nbm)
+        dx, da, db = _bwd(backend, x2d, xa, dy2, q, absmax[i], a, b_mat, scale, p, seeds[i], bs, chunk, need_x, na,
+                          nbm)
     (gb,), (glb,) = _bias_grads([dy2], _dtypes([bias]), _dtypes([lbias]), [scale], [nb], [nlb])
     return dx, (gb, glb, da, db, *([None] * 5))
 
