@@ -11,13 +11,13 @@ from _models import batch, clone, loss_and_grads, max_rel_err, peft_model, use_s
 import peftfast
 
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3", "gpt2", "bert", "roberta"]
-# block modules fused per family besides the attention implementation: gated MLPs, RoPE, RMSNorms (LayerNorm
-# families keep ATen's LayerNorm on CPU, with that reason in the report)
+# block modules fused per family besides the attention implementation: gated and two-layer MLPs, RoPE, RMSNorms
+# (LayerNorm families keep ATen's LayerNorm on CPU, with that reason in the report)
 EXPECTED_BLOCKS = {
     "llama": ("mlp", "rope", "norm", "block"), "mistral": ("mlp", "rope", "norm", "block"),
     "qwen2": ("mlp", "rope", "norm", "block"), "qwen3": ("mlp", "rope", "norm", "block"),
     "gemma": ("mlp", "rope", "norm", "block"), "gemma2": ("mlp", "rope", "norm"),
-    "gemma3": ("mlp", "rope", "norm"), "phi3": ("rope", "norm"), "gpt2": (), "bert": (), "roberta": (),
+    "gemma3": ("mlp", "rope", "norm"), "phi3": ("rope", "norm"), "gpt2": ("mlp",), "bert": ("mlp",), "roberta": ("mlp",),
 }
 CAUSAL_LMS = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3"]
 TOL = 2e-5
@@ -66,8 +66,8 @@ def test_patch_report(arch):
     assert model.get_base_model().config._attn_implementation == "peftfast"
     for e in rep.modules:
         assert e.patched or (e.reason and "\n" not in e.reason), text
-    # an MLP that holds LoRA layers but is not a gate/up/down MLP is reported with its reason, not skipped silently
-    if arch in ("phi3", "gpt2"):
+    # an MLP that holds LoRA layers but is neither a gate/up/down nor a two-layer MLP is reported with its reason
+    if arch == "phi3":
         unfused = [e for e in rep.modules if e.kind == "mlp" and not e.patched]
         assert len(unfused) == n_layers and all("not fused" in e.reason for e in unfused), text
     assert rep.summary().startswith(f"peftfast: patched {len(lora)} LoRA layer(s)")

@@ -167,11 +167,14 @@ def test_report_on_prompt_models(family, method):
         assert rep.summary() == ("peftfast: patched 0 LoRA layer(s) (0 sibling group(s)), skipped 0; fused 2/2 mlp, "
                                  "2/2 rope, 1/1 attention, 5/5 norm, 2/2 block, 0/1 loss; backend=torch, "
                                  "recompute=norms")
-    else:  # nothing but the attention: each LayerNorm is listed with its reason
+    else:  # nothing but the attention: each LayerNorm and two-layer MLP is listed with its reason
         assert rep.summary() == ("peftfast: patched 0 LoRA layer(s) (0 sibling group(s)), skipped 0; "
-                                 "fused 1/1 attention, 0/5 norm, 0/1 loss; backend=torch")
+                                 "fused 0/2 mlp, 1/1 attention, 0/5 norm, 0/1 loss; backend=torch")
         assert {e.reason for e in rep.modules if e.kind == "norm"} == {
             "nn.LayerNorm off CUDA: ATen's LayerNorm is already one fused op there"}
+        assert {e.reason for e in rep.modules if e.kind == "mlp"} == {
+            "nothing to drop: the frozen down projection keeps no input, and GELUActivation keeps only its input "
+            "already"}
     # the prompt-learning adapter is left to PEFT with a one-line reason, never silently
     (note,) = rep.notes
     assert note.startswith("adapter 'default' (") and "PEFT's own path" in note

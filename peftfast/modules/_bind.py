@@ -24,15 +24,16 @@ def zero3_partitioned(*params) -> bool:
     return any(p is not None and hasattr(p, "ds_id") for p in params)
 
 
-def bind_forward(module: nn.Module, state_attr: str, state, fn) -> None:
-    """Record ``state`` (which must have ``previous_forward``, filled here) and bind ``fn(module, ...)`` as forward.
+def bind_forward(module: nn.Module, state_attr: str, state, fn, method: str = "forward") -> None:
+    """Record ``state`` (which must have ``previous_forward``, filled here) and bind ``fn(module, ...)`` as
+    ``module.<method>`` (``forward``, or e.g. a BERT layer's ``feed_forward_chunk``).
 
     A ``functools.partial`` of a module-level function, not a closure or bound method: deepcopy and pickle carry it
     to the copied module.
     """
-    state.previous_forward = module.__dict__.get("forward")
+    state.previous_forward = module.__dict__.get(method)
     setattr(module, state_attr, state)
-    module.forward = functools.partial(fn, module)
+    setattr(module, method, functools.partial(fn, module))
 
 
 def call_original(module: nn.Module, state, *args, **kwargs):
@@ -42,13 +43,13 @@ def call_original(module: nn.Module, state, *args, **kwargs):
     return type(module).forward(module, *args, **kwargs)
 
 
-def unbind_forward(module: nn.Module, state_attr: str):
-    """Undo :func:`bind_forward`: the previous instance-level forward (or none) comes back. Returns the state."""
+def unbind_forward(module: nn.Module, state_attr: str, method: str = "forward"):
+    """Undo :func:`bind_forward`: the previous instance-level method (or none) comes back. Returns the state."""
     st = module.__dict__.pop(state_attr, None)
     if st is None:
         return None
     if st.previous_forward is not None:
-        module.forward = st.previous_forward
+        setattr(module, method, st.previous_forward)
     else:
-        module.__dict__.pop("forward", None)
+        module.__dict__.pop(method, None)
     return st

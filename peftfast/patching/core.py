@@ -11,6 +11,7 @@ from torch import nn
 from peftfast.modules import attention as attn_mod
 from peftfast.modules import block as block_mod
 from peftfast.modules import cross_entropy as ce_mod
+from peftfast.modules import dense_mlp as dense_mod
 from peftfast.modules import lora as lora_mod
 from peftfast.modules import mlp as mlp_mod
 from peftfast.modules import nf4 as nf4_mod
@@ -83,6 +84,9 @@ class PatchReport:
             mst = getattr(mod, "_peftfast_mlp", None)
             if isinstance(mst, mlp_mod.MLPState):
                 out[name] = {"fused": mst.fused_calls, "fallbacks": dict(mst.fallbacks), "deferred": dict(mst.deferred)}
+            dst = mod.__dict__.get("_peftfast_dense")
+            if isinstance(dst, dense_mod.DenseMLPState):
+                out[name] = {"fused": dst.fused_calls, "fallbacks": dict(dst.fallbacks), "deferred": {}}
             lst = mod.__dict__.get("_peftfast_loss")
             if isinstance(lst, ce_mod.LossState):
                 out[f"{name} (loss)"] = {"fused": lst.fused_calls, "fallbacks": dict(lst.fallbacks),
@@ -192,13 +196,16 @@ def patch(model: nn.Module, *, backend: str = "auto", group_siblings: bool = Tru
                                       nf4=nf4_mod.is_nf4_lora(mod)))
     _form_groups(patched, rep)
     frozen_mlps: list[tuple[str, nn.Module]] = []
+    dense_mlps: list[tuple[str, nn.Module]] = []
     for name, mod in model.named_modules():
         if not mlp_mod.is_gated_mlp(mod):
-            if type(mod).__name__.endswith("MLP") and any(_is_peft_layer(c) for c in mod.children()):
-                # e.g. Phi-3's fused gate_up_proj, GPT-2's c_fc/c_proj: its LoRA layers are fused one by one
+            if dense_mod.is_dense_mlp(mod):
+                dense_mlps.append((name, mod))  # two-layer MLPs (GPT-2, BERT, CLIP): below, once `tuned` is known
+            elif type(mod).__name__.endswith("MLP") and any(_is_peft_layer(c) for c in mod.children()):
+                # e.g. Phi-3's fused gate_up_proj: its LoRA layers are fused one by one
                 rep.modules.append(PatchEntry(name=name, kind="mlp", patched=False,
-                                              reason=f"{type(mod).__name__} layout (not gate_proj/up_proj/down_proj) "
-                                                     "is not fused as a block"))
+                                              reason=f"{type(mod).__name__} layout (not gate_proj/up_proj/down_proj "
+                                                     "nor a two-layer MLP) is not fused as a block"))
             continue
         if not any(_is_peft_layer(getattr(mod, p)) for p in ("gate_proj", "up_proj", "down_proj")):
             frozen_mlps.append((name, mod))  # fused below if the model is tuned elsewhere
@@ -222,6 +229,13 @@ def patch(model: nn.Module, *, backend: str = "auto", group_siblings: bool = Tru
             _apply(rep, mlp_mod, "mlp", name, mod, reason, backend, recompute=recompute == "mlp", frozen=True)
         else:
             mlp_mod.uninstall(mod)
+    for name, mod in dense_mlps:
+        if tuned:  # the activation keeps only its input; the down projection's copy of its output is rebuilt
+            rebuild = recompute != "none"
+            reason = dense_mod.why_not(mod, rebuild) if fuse_mlp else "fuse_mlp=False"
+            _apply(rep, dense_mod, "mlp", name, mod, reason, backend, rebuild=rebuild)
+        else:
+            dense_mod.uninstall(mod)
     if tuned:
         for name, mod in model.named_modules():
             if rope_mod.is_rope_attention(mod):
@@ -337,6 +351,7 @@ def unpatch(model: nn.Module) -> nn.Module:
         if getattr(mod, "_peftfast", None) is not None:
             lora_mod.uninstall(mod)
         mlp_mod.uninstall(mod)
+        dense_mod.uninstall(mod)
         rope_mod.uninstall(mod)
         block_mod.uninstall(mod)
         norm_mod.uninstall(mod)

@@ -1,0 +1,318 @@
+"""Forward replacements for two-layer MLPs, ``out = tail(down(act(up(x))))``, that keep only the pre-activation.
+
+Two forms, found by attribute names and confirmed by a probe of the class's own code:
+
+* one module (``mlp``): GPT-2 / GPT-Neo / GPTBigCode (``c_fc``, ``act``, ``c_proj``, tail ``dropout``), CLIP /
+  SigLIP / Phi-2 / ViT-style vision MLPs (``fc1``, ``activation_fn``, ``fc2``), GPT-NeoX (``dense_h_to_4h``,
+  ``act``, ``dense_4h_to_h``); the replacement is bound as the module's ``forward``;
+* a BERT-style layer (``ffn``): ``intermediate.dense`` + ``intermediate.intermediate_act_fn``, then ``output(h,
+  x)`` (dense, dropout, residual LayerNorm), as in BERT, RoBERTa, XLM-R, ELECTRA and their copies; the replacement
+  is bound as the layer's ``feed_forward_chunk``, which the layer's forward calls (chunked or not).
+
+The probe (at patch time, on the module itself): with each child swapped for a recording stub (distinct
+non-linear element-wise maps), the class's own code must call each stub once, in the order
+``up -> act -> down (-> tail)``, and return what that composition returns. No transformers source is copied or
+compared: a class that computes anything else fails the probe and keeps its forward, with the reason in the report.
+
+The projections and the tail run as modules (PEFT LoRA layers, patched or not, ``Conv1D``, hooks, ZeRO-3 gathering
+all as before); only the activation changes: :func:`peftfast.ops.dense_mlp.dense_act` keeps just its input, and
+the down projection's saved copy of ``h`` is rebuilt in backward (``recompute`` other than ``"none"``). Where
+neither pays (a frozen down projection keeps no input, and a one-op GELU keeps only its input already), the MLP is
+left alone with that reason.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from peftfast.modules._bind import bind_forward, unbind_forward
+from peftfast.modules._tally import Tallied, tally
+from peftfast.ops.dense_mlp import act_forward, dense_act
+from peftfast.ops.recompute import rebuilding
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where a two-layer MLP keeps its pieces: attribute names on the module (``kind="mlp"``), or on a BERT-style
+    layer's ``intermediate`` (up, act) and the layer's ``output`` (``kind="ffn"``, down = ``output.dense``)."""
+
+    kind: str
+    up: str
+    act: str
+    down: str
+    tail: str | None = None
+
+
+MLP_LAYOUTS = (
+    Layout("mlp", "c_fc", "act", "c_proj", "dropout"),
+    Layout("mlp", "c_fc", "act", "c_proj"),
+    Layout("mlp", "fc1", "activation_fn", "fc2"),
+    Layout("mlp", "dense_h_to_4h", "act", "dense_4h_to_h"),
+)
+FFN_LAYOUT = Layout("ffn", "dense", "intermediate_act_fn", "output")
+# the activation forms transformers computes as chains of element-wise ops, each keeping its operands
+_COMPOSITE = {"NewGELUActivation", "FastGELUActivation", "QuickGELUActivation"}
+
+
+def dense_activation(act) -> str | None:
+    """``gelu`` / ``gelu_tanh`` / ``silu`` / ``quick_gelu`` for the activations transformers' MLPs use, else None."""
+    name = type(act).__name__
+    if act is torch.nn.functional.gelu:
+        return "gelu"
+    if act is torch.nn.functional.silu:
+        return "silu"
+    if isinstance(act, nn.SiLU) or name == "SiLUActivation":
+        return "silu"
+    if isinstance(act, nn.GELU):
+        return "gelu_tanh" if act.approximate == "tanh" else "gelu"
+    if name in ("GELUTanh", "PytorchGELUTanh", "NewGELUActivation", "FastGELUActivation"):
+        return "gelu_tanh"  # the same tanh approximation, as one op or as transformers' chain of ops
+    if name == "GELUActivation":
+        inner = getattr(act, "act", None)
+        if inner is torch.nn.functional.gelu or getattr(inner, "__name__", "") == "_gelu_python":
+            return "gelu"
+    if name == "QuickGELUActivation":
+        return "quick_gelu"
+    return None
+
+
+def _composite(act) -> bool:
+    """The activation runs as several autograd ops (so keeps more than its input)."""
+    inner = getattr(act, "act", None)
+    return type(act).__name__ in _COMPOSITE or getattr(inner, "__name__", "") in ("_gelu_python", "_gelu_tanh_python")
+
+
+def layouts_of(module: nn.Module) -> list[Layout]:
+    """The two-layer MLP layouts whose attributes ``module`` has (not yet probed), most specific first."""
+    inter, out = getattr(module, "intermediate", None), getattr(module, "output", None)
+    if isinstance(inter, nn.Module) and isinstance(out, nn.Module) and hasattr(type(module), "feed_forward_chunk") \
+            and isinstance(getattr(inter, "dense", None), nn.Module) and hasattr(inter, "intermediate_act_fn") \
+            and isinstance(getattr(out, "dense", None), nn.Module):
+        return [FFN_LAYOUT]
+    return [lay for lay in MLP_LAYOUTS
+            if all(isinstance(getattr(module, a, None), nn.Module) for a in (lay.up, lay.down))
+            and hasattr(module, lay.act)
+            and (lay.tail is None or isinstance(getattr(module, lay.tail, None), nn.Module))]
+
+
+def _parts(module: nn.Module, lay: Layout) -> tuple[nn.Module, object, nn.Module, nn.Module]:
+    """(up, act, the module the activation output goes to, the projection that reads it)."""
+    if lay.kind == "ffn":
+        inter = module.intermediate
+        return inter.dense, inter.intermediate_act_fn, module.output, module.output.dense
+    down = getattr(module, lay.down)
+    return getattr(module, lay.up), getattr(module, lay.act), down, down
+
+
+@dataclass
+class DenseMLPState(Tallied):
+    name: str
+    layout: Layout
+    act: str  # one of peftfast.ops.dense_mlp.ACTS
+    act_type: type
+    rebuild: bool  # rebuild h in backward (patch(recompute=...) other than "none")
+    previous_forward: object | None
+    fused_calls: int = 0
+    fallbacks: Counter = field(default_factory=Counter)
+    deferred: Counter = field(default_factory=Counter)
+
+
+class _Stub(nn.Module):
+    """Stands in for one piece during the probe: a fixed non-linear element-wise map that records its calls."""
+
+    def __init__(self, tag: str, log: list, fn):
+        super().__init__()
+        self.tag, self.log, self.fn = tag, log, fn
+
+    def forward(self, x, *rest):
+        self.log.append((self.tag, x, rest))
+        return self.fn(x, *rest)
+
+
+_MAPS = {  # distinct maps, so that a different order or a missing piece changes the result
+    "up": lambda x: x * 1.5 + 0.25,
+    "act": lambda x: x * x + 0.5,
+    "down": lambda x: x * -0.75 + 1.0,
+    "tail": lambda x: x * 2.0 - 0.125,
+    "output": lambda h, res: h * 0.5 + res * 3.0,
+}
+
+
+def probe(module: nn.Module, lay: Layout) -> str | None:
+    """None when the class's own code computes ``tail(down(act(up(x))))`` (``output(act(up(x)), x)`` for a
+    BERT-style layer) with each piece called once, else why not (see the module docstring)."""
+    up = _parts(module, lay)[0]
+    w = next((p for p in up.parameters()), None)
+    dev, dt = (w.device, w.dtype) if w is not None and w.is_floating_point() else (torch.device("cpu"), torch.float32)
+    if dev.type == "meta":
+        return "meta-device weights (nothing to probe)"
+    x = torch.randn(2, 3, 4, generator=torch.Generator().manual_seed(0)).to(device=dev, dtype=torch.float32)
+    log: list = []
+    if lay.kind == "ffn":
+        owners = [(module.intermediate, "dense", "up"), (module.intermediate, "intermediate_act_fn", "act"),
+                  (module, "output", "output")]
+        run = functools.partial(type(module).feed_forward_chunk, module)
+        expect = _MAPS["output"](_MAPS["act"](_MAPS["up"](x)), x)
+        order = ["up", "act", "output"]
+    else:
+        owners = [(module, lay.up, "up"), (module, lay.act, "act"), (module, lay.down, "down")]
+        if lay.tail:
+            owners.append((module, lay.tail, "tail"))
+        run = functools.partial(type(module).forward, module)
+        expect = _MAPS["down"](_MAPS["act"](_MAPS["up"](x)))
+        if lay.tail:
+            expect = _MAPS["tail"](expect)
+        order = [o[2] for o in owners]
+    saved = [(owner, attr, owner._modules.get(attr), owner.__dict__.get(attr)) for owner, attr, _ in owners]
+    try:
+        for owner, attr, tag in owners:
+            owner.__dict__.pop(attr, None)
+            owner._modules[attr] = _Stub(tag, log, _MAPS[tag])
+        with torch.no_grad():
+            got = run(x)
+    except Exception as exc:  # the class's code does something a two-layer MLP does not
+        return f"probe failed: {type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}"
+    finally:
+        for owner, attr, mod, plain in saved:
+            if mod is not None:
+                owner._modules[attr] = mod
+            else:
+                owner._modules.pop(attr, None)
+                if plain is not None:
+                    owner.__dict__[attr] = plain
+    if [t for t, _, _ in log] != order:
+        return f"its code calls {'/'.join(t for t, _, _ in log) or 'nothing'}, not {' -> '.join(order)} once each"
+    if not isinstance(got, torch.Tensor) or got.shape != expect.shape or not torch.allclose(got, expect):
+        return "its code computes something else than a two-layer MLP"
+    return None
+
+
+def _layout_reason(module: nn.Module, lay: Layout, rebuild: bool) -> str | None:
+    _, act, _, down = _parts(module, lay)
+    if dense_activation(act) is None:
+        what = type(act).__name__ if isinstance(act, nn.Module) else getattr(act, "__name__", type(act).__name__)
+        return f"activation {what} is not GELU/SiLU/QuickGELU"
+    if isinstance(act, nn.Module) and (act._forward_hooks or act._forward_pre_hooks):
+        return "the activation has forward hooks"
+    if lay.kind == "ffn" and (module.intermediate._forward_hooks or module.intermediate._forward_pre_hooks):
+        return "intermediate has forward hooks"
+    method = _method(lay)
+    if method in module.__dict__ and not isinstance(module.__dict__.get("_peftfast_dense"), DenseMLPState):
+        return f"the module has an instance-level {method} of its own"
+    trains = any(p.requires_grad for p in down.parameters())
+    if not _composite(act) and not (rebuild and trains):
+        why = "recompute='none' keeps the down projection's input" if trains else \
+            "the frozen down projection keeps no input"
+        return f"nothing to drop: {why}, and {type(act).__name__} keeps only its input already"
+    return probe(module, lay)
+
+
+def find_layout(module: nn.Module, rebuild: bool = True) -> Layout | str:
+    """The first layout of ``module`` that runs on the replacement and keeps less for it, else a one-line reason
+    (that of the first candidate)."""
+    reasons = []
+    for lay in layouts_of(module):
+        why = _layout_reason(module, lay, rebuild)
+        if why is None:
+            return lay
+        reasons.append(why)
+    if not reasons:
+        return "not a two-layer MLP (c_fc/c_proj, fc1/fc2, dense_h_to_4h/dense_4h_to_h, or intermediate/output)"
+    return reasons[0]
+
+
+def is_dense_mlp(module: nn.Module) -> bool:
+    return bool(layouts_of(module))
+
+
+def why_not(module: nn.Module, rebuild: bool = True) -> str | None:
+    """None if this two-layer MLP runs on the replacement and keeps less for it, else a one-line reason."""
+    lay = find_layout(module, rebuild)
+    return lay if isinstance(lay, str) else None
+
+
+def _call_reason(module: nn.Module, st: DenseMLPState, act) -> str | None:
+    if type(act) is not st.act_type:
+        return f"the activation is now a {type(act).__name__}"
+    if isinstance(act, nn.Module) and (act._forward_hooks or act._forward_pre_hooks):
+        return "the activation has forward hooks"
+    return None
+
+
+def dense_mlp_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """Drop-in ``forward`` of a one-module two-layer MLP (bound by ``patch``)."""
+    st: DenseMLPState = self._peftfast_dense
+    lay = st.layout
+    act = getattr(self, lay.act)
+    reason = "extra forward arguments" if args or kwargs else _call_reason(self, st, act)
+    if reason is not None:
+        tally(st.tally_key, "fallbacks", reason)
+        if st.previous_forward is not None:
+            return st.previous_forward(x, *args, **kwargs)
+        return type(self).forward(self, x, *args, **kwargs)
+    tally(st.tally_key, "fused_calls")  # not `+= 1`: see peftfast.modules._tally
+    y = getattr(self, lay.up)(x)
+    out = _down(st, getattr(self, lay.down), y)
+    return getattr(self, lay.tail)(out) if lay.tail else out
+
+
+def dense_ffn_chunk(self: nn.Module, attention_output: torch.Tensor) -> torch.Tensor:
+    """Drop-in ``feed_forward_chunk`` of a BERT-style layer (bound by ``patch``)."""
+    st: DenseMLPState = self._peftfast_dense
+    inter = self.intermediate
+    act = inter.intermediate_act_fn
+    reason = _call_reason(self, st, act)
+    if reason is None and (inter._forward_hooks or inter._forward_pre_hooks):
+        reason = "intermediate has forward hooks"
+    if reason is not None:
+        tally(st.tally_key, "fallbacks", reason)
+        if st.previous_forward is not None:
+            return st.previous_forward(attention_output)
+        return type(self).feed_forward_chunk(self, attention_output)
+    tally(st.tally_key, "fused_calls")
+    return _down(st, self.output, inter.dense(attention_output), attention_output)
+
+
+def _down(st: DenseMLPState, down: nn.Module, y: torch.Tensor, *rest) -> torch.Tensor:
+    """``down(act(y), *rest)``: the activation keeps ``y``; what ``down`` saves of ``act(y)`` is rebuilt from it."""
+    h = dense_act(y, st.act)
+    if not st.rebuild:
+        return down(h, *rest)
+    return rebuilding(h, functools.partial(act_forward, act=st.act), (y,), down, h, *rest)
+
+
+def _method(lay: Layout) -> str:
+    return "feed_forward_chunk" if lay.kind == "ffn" else "forward"
+
+
+def install(module: nn.Module, name: str, backend: str, rebuild: bool = True) -> None:
+    """Bind the replacement (``why_not(module)`` must be None). ``backend`` is unused: the pieces are ATen ops and
+    the projections' own paths."""
+    st = module.__dict__.get("_peftfast_dense")
+    if isinstance(st, DenseMLPState):
+        uninstall(module)  # the layout found below may differ from the one bound before
+    lay = find_layout(module, rebuild)
+    if isinstance(lay, str):
+        raise ValueError(f"peftfast: {name}: {lay}")
+    act = _parts(module, lay)[1]
+    state = DenseMLPState(name=name, layout=lay, act=dense_activation(act), act_type=type(act), rebuild=rebuild,
+                          previous_forward=None)
+    bind_forward(module, "_peftfast_dense", state, dense_ffn_chunk if lay.kind == "ffn" else dense_mlp_forward,
+                 method=_method(lay))
+
+
+def uninstall(module: nn.Module) -> bool:
+    st = module.__dict__.get("_peftfast_dense")
+    if not isinstance(st, DenseMLPState):
+        return False
+    unbind_forward(module, "_peftfast_dense", method=_method(st.layout))
+    return True
+
+
+__all__ = ["DenseMLPState", "Layout", "dense_activation", "find_layout", "install", "is_dense_mlp", "layouts_of",
+           "probe", "uninstall", "why_not"]
