@@ -326,3 +326,25 @@ def test_fuse_mlp_false_and_repatch():
     assert len(states) == 2 and not any(s.rebuild for s in states)
     mlp = model.get_base_model().transformer.h[0].mlp
     assert mlp.forward.func is dense_mod.dense_mlp_forward and mlp.__dict__["_peftfast_dense"].previous_forward is None
+
+
+def test_torch_compile_without_graph_breaks():
+    """``torch.compile`` (aot_eager) of a patched BERT: one graph, no break, loss and gradients as eager (the
+    rebuild steps aside under the compiler, which picks what to save itself)."""
+    import torch._dynamo
+    from torch._dynamo.backends.debugging import ExplainWithBackend
+
+    model = peft_model("bert", lora_dropout=0.1)
+    peftfast.patch(model)
+    data = batch("bert")
+    eager_loss, eager_grads = loss_and_grads(model, data)
+    explain = ExplainWithBackend("aot_eager")
+    torch._dynamo.reset()
+    try:
+        loss, grads = loss_and_grads(model, data, call=torch.compile(model, backend=explain))
+        out = explain.output()
+    finally:
+        torch._dynamo.reset()
+    assert out.graph_break_count == 0 and out.graph_count == 1, [b.reason for b in out.break_reasons]
+    assert abs(loss.item() - eager_loss.item()) <= TOL * abs(eager_loss.item())
+    assert max(max_rel_err(grads[n], eager_grads[n]) for n in grads) <= TOL

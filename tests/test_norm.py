@@ -510,3 +510,54 @@ def test_bf16_model_torch_backend_is_bit_identical():
         install_norms(model, "triton")
         got = model(**data).logits
     assert _err(got, want.double()) < 2e-2
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the model's rebuild scope: norm outputs saved outside fused blocks (the next layer's q/k/v in BERT and GPT-2, the
+# attention and MLP of Gemma 2 / Phi-3 blocks, which stay unfused) are rebuilt in backward
+# ----------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("arch", ["bert", "gpt2", "gemma2", "phi3"])
+def test_scope_rebuilds_norm_outputs_outside_fused_blocks(arch):
+    from _models import clone, loss_and_grads, max_rel_err, use_shared_seed_dropout
+
+    import peftfast
+    from peftfast.bench import saved_activation_bytes
+    from peftfast.patching.core import _backbone
+
+    model = peft_model(arch, lora_dropout=0.1)
+    ref = clone(model)
+    peftfast.patch(model)
+    without = copy.deepcopy(model)  # the same patch, its norms registering with no scope around them
+    assert norm_mod.uninstall_scope(_backbone(without))
+    use_shared_seed_dropout(ref, model, 0.1)
+    data = batch(arch)
+    loss, grads = loss_and_grads(model, data)
+    ref_loss, ref_grads = loss_and_grads(ref, data)
+    assert abs(loss.item() - ref_loss.item()) <= 2e-5 * abs(ref_loss.item())
+    assert max(max_rel_err(grads[n], ref_grads[n]) for n in grads) <= 2e-5
+    totals = []
+    for m in (without, model):
+        torch.manual_seed(0)
+        totals.append(saved_activation_bytes(lambda m=m: m(**data).loss, [*m.parameters(), *m.buffers()])[1].total)
+    # per layer two norm outputs whose consumers keep them (q/k/v and the MLP input), less the first layer's input
+    # norm (it normalises the frozen embeddings: no gradient, so its input is not kept to rebuild from); the last
+    # norm feeds the head, outside the scope
+    hidden, layers = model.get_base_model().config.hidden_size, 2
+    assert totals[0] - totals[1] == (2 * layers - 1) * data["input_ids"].numel() * hidden * 4, totals
+
+
+def test_scope_is_off_with_recompute_none_and_removed_by_unpatch():
+    import peftfast
+    from peftfast.patching.core import _backbone
+
+    model = peft_model("bert")
+    peftfast.patch(model, recompute="none")
+    backbone = _backbone(model)
+    assert "_peftfast_scope" not in backbone.__dict__
+    norms = [e for e in peftfast.report(model).modules if e.kind == "norm"]
+    assert norms and all(not e.patched and "recompute='none' keeps its output" in e.reason for e in norms)
+    peftfast.patch(model)
+    assert "_peftfast_scope" in backbone.__dict__ and "forward" in backbone.__dict__
+    assert all(e.patched for e in peftfast.report(model).modules if e.kind == "norm")
+    peftfast.unpatch(model)
+    assert "_peftfast_scope" not in backbone.__dict__ and "forward" not in backbone.__dict__

@@ -13,6 +13,8 @@ from peftfast.bench import saved_activation_bytes
 from peftfast.ops.recompute import (
     capture,
     offered,
+    rebuild_scope,
+    rebuildable,
     rebuilding,
     rebuilding_offered,
     restored_rng,
@@ -359,3 +361,71 @@ def test_a_torch_without_the_hook_api_runs_the_region_as_is(monkeypatch):
     want = _run(False)
     got = _run(True)
     assert got[3] == 0 and all(torch.equal(a, b) for a, b in zip(want[:3], got[:3]))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# rebuild scopes: targets registered anywhere inside, saved by consumers further on
+# ----------------------------------------------------------------------------------------------------------------
+def _scoped(register: bool, modify: bool = False, scope: bool = True, outer=None):
+    x, w = _leaves()
+    calls = []
+
+    def again(src):
+        calls.append(1)
+        return _double(src)
+
+    def body():
+        y = _double(x)
+        if register:
+            rebuildable(y, again, (x,))
+        if modify:
+            y.add_(1.0)  # written after its registration: must be kept, not rebuilt from x
+        return _consumers(y, w)
+
+    def run():
+        return rebuild_scope(body) if scope else body()
+
+    if outer is not None:
+        with torch.autograd.graph.saved_tensors_hooks(*outer):
+            loss, total = run(), None
+    else:  # x, the recipe's source, is a leaf kept anyway (as a norm's input is by the norm)
+        loss, saved = saved_activation_bytes(run, [x, w])
+        total = saved.total
+    loss.backward()
+    return loss.detach(), x.grad, w.grad, len(calls), total
+
+
+def test_scope_rebuilds_registered_targets_with_identical_gradients():
+    ref = _scoped(register=False)
+    got = _scoped(register=True)
+    assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1]) and torch.equal(got[2], ref[2])
+    assert got[3] >= 1  # backward did rebuild
+    assert ref[4] - got[4] == 7 * 12 * 4  # y's bytes
+    assert ref[3] == 0
+
+
+def test_scope_keeps_targets_written_after_registration():
+    ref = _scoped(register=False, modify=True)
+    got = _scoped(register=True, modify=True)
+    assert torch.equal(got[1], ref[1]) and torch.equal(got[2], ref[2])
+    assert got[3] == 0 and got[4] == ref[4]
+
+
+def test_rebuildable_outside_a_scope_or_without_grad_is_a_no_op():
+    got = _scoped(register=True, scope=False)
+    assert got[3] == 0
+    with torch.no_grad():
+        rebuildable(torch.ones(3), lambda t: t, (torch.ones(3),))  # nothing to register, nothing raised
+
+
+def test_scope_nests_inside_save_on_cpu_style_hooks():
+    packed = []
+
+    def pack(t):
+        packed.append(tuple(t.shape))
+        return t
+
+    ref = _scoped(register=False)
+    got = _scoped(register=True, outer=(pack, lambda t: t))
+    assert torch.equal(got[1], ref[1]) and torch.equal(got[2], ref[2]) and got[3] >= 1
+    assert (7, 12) in packed  # the recipe's source went to the outer hooks

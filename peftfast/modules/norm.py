@@ -21,13 +21,15 @@ import textwrap
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from peftfast.modules._bind import bind_forward, unbind_forward
+from peftfast.modules._bind import bind_forward, call_original, unbind_forward
 from peftfast.ops.norm import SUPPORTED_DTYPES, layer_norm, rms_norm
+from peftfast.ops.recompute import rebuild_scope, rebuildable
 
-__all__ = ["NormState", "install", "is_norm", "layer_norm_forward", "rms_form", "rms_norm_forward", "uninstall",
-           "why_not"]
+__all__ = ["NormState", "ScopeState", "install", "install_scope", "is_norm", "layer_norm_forward", "rms_form",
+           "rms_norm_forward", "uninstall", "uninstall_scope", "why_not"]
 
 _EPS = "EPS"  # placeholder for ``self.eps`` / ``self.variance_epsilon`` in the canonical sources
 _ARG = "x"
@@ -90,6 +92,9 @@ class NormState:
     form: str | None  # the RMSNorm form; None for LayerNorm
     eps_attr: str
     previous_forward: object | None
+    # register the output with the model's rebuild scope: consumers outside a fused block (the next layer's q/k/v in
+    # BERT/GPT-2, an unfused block's attention or MLP) then keep no copy of it; backward reruns the norm
+    rebuild: bool = False
 
 
 class _Normaliser(ast.NodeTransformer):
@@ -250,7 +255,16 @@ def rms_norm_forward(module: nn.Module, *args, **kwargs) -> torch.Tensor:
     """
     x = _single_input(module, args, kwargs)
     st: NormState = module._peftfast_norm
-    return rms_norm(x, module.weight, getattr(module, st.eps_attr), form=st.form, backend=st.backend, name=st.name)
+    out = rms_norm(x, module.weight, getattr(module, st.eps_attr), form=st.form, backend=st.backend, name=st.name)
+    if st.rebuild:
+        _offer(module, x, out, rms_norm_forward)
+    return out
+
+
+def _offer(module: nn.Module, x: torch.Tensor, out: torch.Tensor, fn) -> None:
+    """Register ``out`` as rebuilt from ``x`` where the norm's backward keeps ``x`` anyway (some input trains)."""
+    if torch.is_grad_enabled() and (x.requires_grad or module.weight.requires_grad):
+        rebuildable(out, functools.partial(fn, module), (x,))
 
 
 def layer_norm_forward(module: nn.Module, *args, **kwargs) -> torch.Tensor:
@@ -258,16 +272,22 @@ def layer_norm_forward(module: nn.Module, *args, **kwargs) -> torch.Tensor:
     autocast runs layer_norm in fp32 there (CPU autocast leaves it alone); the statistics are fp32 either way."""
     x = _single_input(module, args, kwargs)
     st: NormState = module._peftfast_norm
-    out_dtype = torch.float32 if x.device.type == "cuda" and torch.is_autocast_enabled("cuda") else None
-    return layer_norm(x, module.weight, module.bias, module.eps, out_dtype=out_dtype, backend=st.backend,
-                      name=st.name)
+    if x.device.type != "cuda" and st.backend != "triton":  # ATen's LayerNorm is one fused op off CUDA already
+        out = F.layer_norm(x, module.normalized_shape, module.weight, module.bias, module.eps)
+    else:
+        out_dtype = torch.float32 if x.device.type == "cuda" and torch.is_autocast_enabled("cuda") else None
+        out = layer_norm(x, module.weight, module.bias, module.eps, out_dtype=out_dtype, backend=st.backend,
+                         name=st.name)
+    if st.rebuild:
+        _offer(module, x, out, layer_norm_forward)
+    return out
 
 
-def install(module: nn.Module, name: str, backend: str) -> None:
-    """Patch one module that ``why_not`` accepted (idempotent: a second call only updates the backend)."""
+def install(module: nn.Module, name: str, backend: str, rebuild: bool = False) -> None:
+    """Patch one module that ``why_not`` accepted (idempotent: a second call only updates the options)."""
     st = module.__dict__.get("_peftfast_norm")
     if isinstance(st, NormState):
-        st.backend = backend
+        st.backend, st.rebuild = backend, rebuild
         return
     if isinstance(module, nn.LayerNorm):
         kind, form, eps_attr, fn = "layer", None, "eps", layer_norm_forward
@@ -275,7 +295,7 @@ def install(module: nn.Module, name: str, backend: str) -> None:
         form, eps_attr = rms_form(module)
         kind, fn = "rms", rms_norm_forward
     bind_forward(module, "_peftfast_norm", NormState(name=name, backend=backend, kind=kind, form=form,
-                                                     eps_attr=eps_attr, previous_forward=None), fn)
+                                                     eps_attr=eps_attr, previous_forward=None, rebuild=rebuild), fn)
 
 
 def uninstall(module: nn.Module) -> bool:
@@ -283,4 +303,30 @@ def uninstall(module: nn.Module) -> bool:
     if not isinstance(module.__dict__.get("_peftfast_norm"), NormState):
         return False
     unbind_forward(module, "_peftfast_norm")
+    return True
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the model's rebuild scope: the norms above register their outputs with it
+# ----------------------------------------------------------------------------------------------------------------
+@dataclass
+class ScopeState:
+    previous_forward: object | None
+
+
+def scoped_forward(module: nn.Module, *args, **kwargs):
+    """The backbone's forward inside a rebuild scope (``peftfast.ops.recompute.rebuild_scope``)."""
+    return rebuild_scope(call_original, module, module._peftfast_scope, *args, **kwargs)
+
+
+def install_scope(backbone: nn.Module) -> None:
+    """Run ``backbone`` (a transformers model's decoder/encoder stack) inside a rebuild scope (idempotent)."""
+    if not isinstance(backbone.__dict__.get("_peftfast_scope"), ScopeState):
+        bind_forward(backbone, "_peftfast_scope", ScopeState(previous_forward=None), scoped_forward)
+
+
+def uninstall_scope(backbone: nn.Module) -> bool:
+    if not isinstance(backbone.__dict__.get("_peftfast_scope"), ScopeState):
+        return False
+    unbind_forward(backbone, "_peftfast_scope")
     return True

@@ -170,6 +170,77 @@ def rebuilding(target: torch.Tensor, rebuild: Callable[..., torch.Tensor], sourc
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# outputs made anywhere in a scope and saved by consumers further on (norm outputs of unfused blocks)
+# ----------------------------------------------------------------------------------------------------------------
+class _Target:
+    __slots__ = ("ref", "version", "dtype", "device", "rebuild", "sources", "shared")
+
+    def __init__(self, target: torch.Tensor, rebuild: Callable, sources: Sequence[torch.Tensor]):
+        self.ref, self.version = weakref.ref(target), target._version
+        self.dtype, self.device = target.dtype, target.device
+        self.rebuild, self.sources = rebuild, tuple(sources)
+        self.shared: _Shared | None = None
+
+
+class _Scope:
+    """One :func:`rebuild_scope`: its registered targets by storage, and the hooks it nests in."""
+
+    __slots__ = ("targets", "outer")
+
+    def __init__(self, outer: tuple[Callable, Callable] | None):
+        self.targets: dict[int, _Target] = {}
+        self.outer = outer if outer is not None else (None, None)
+
+    def pack(self, t: torch.Tensor):
+        tg = self.targets.get(t.untyped_storage().data_ptr()) if self.targets else None
+        # the same tensor (alive) or a view of it made since (views share the version counter), not written since
+        if tg is not None and tg.ref() is not None and t.dtype == tg.dtype and t.device == tg.device \
+                and t._version == tg.version:
+            if tg.shared is None:  # the first save: the sources go to the outer hooks now, once
+                tg.shared = _Shared(tg.rebuild, _packed_sources(tg.sources, self.outer[0]), self.outer[1],
+                                    _autocast_state(tg.device.type))
+            return _Recipe(tg.shared, t)
+        return _pass_on(t, self.outer[0])
+
+    def unpack(self, p):
+        return p.unpack() if isinstance(p, _Recipe) else _passed_back(p, self.outer[1])
+
+
+def rebuild_scope(fn: Callable[..., Any], *args, **kwargs) -> Any:
+    """``fn(*args, **kwargs)`` in a scope where what autograd saves of a tensor registered with :func:`rebuildable`
+    (after its registration, anywhere inside ``fn``) is not kept: backward runs the registered recipe instead.
+
+    For outputs whose consumers are not known where they are made: a LayerNorm's output feeds the next layer's
+    q/k/v (BERT, GPT-2), or an unfused block's attention. Steps aside where :func:`rebuilding` does; regions opened
+    inside (fused blocks, the two-layer MLPs, checkpointed layers) see the scope's hooks as their outer hooks.
+    """
+    reason, outer = _plan()
+    if reason is not None:
+        return fn(*args, **kwargs)
+    scope = _Scope(outer)
+    stack = _local.__dict__.setdefault("scopes", [])
+    stack.append(scope)
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(scope.pack, scope.unpack):
+            return fn(*args, **kwargs)
+    finally:
+        stack.pop()
+        scope.targets.clear()  # recipes already made keep their own sources
+
+
+def rebuildable(target: torch.Tensor, rebuild: Callable[..., torch.Tensor], sources: Sequence[torch.Tensor]) -> None:
+    """Inside a :func:`rebuild_scope`: saved views of ``target`` become ``rebuild(*sources)`` in backward (see
+    :func:`rebuilding` for what ``rebuild`` and ``sources`` must be). A no-op outside one, without grad, under
+    ``torch.compile`` and for targets that do not own their storage."""
+    if torch.compiler.is_compiling() or not torch.is_grad_enabled():  # first: Dynamo would trace the thread-local
+        return
+    stack = getattr(_local, "scopes", None)
+    if not stack or not _single_storage(target):
+        return
+    stack[-1].targets[target.untyped_storage().data_ptr()] = _Target(target, rebuild, sources)
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # tensors a callee offers (the fused attention's q, k, v)
 # ----------------------------------------------------------------------------------------------------------------
 _local = threading.local()  # .pending: regions waiting for their offer (innermost last); .capturing: a rerun is on
@@ -417,5 +488,5 @@ def capture(fn: Callable[..., Any], *args, **kwargs) -> tuple[torch.Tensor, ...]
     raise RuntimeError("peftfast: the backward rerun of the forward never reached the kernel that saved its tensors")
 
 
-__all__ = ["capture", "deposit_low_rank", "low_rank_slot", "offered", "rebuilding", "rebuilding_offered",
-           "restored_rng", "rng_state", "why_not_rebuild"]
+__all__ = ["capture", "deposit_low_rank", "low_rank_slot", "offered", "rebuild_scope", "rebuildable", "rebuilding",
+           "rebuilding_offered", "restored_rng", "rng_state", "why_not_rebuild"]

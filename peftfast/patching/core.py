@@ -24,7 +24,7 @@ logger = logging.getLogger("peftfast")
 # patch(recompute=...): what backward rebuilds instead of keeping, cheapest first (each includes the one before)
 RECOMPUTE: dict[str, str] = {
     "none": "keep every saved activation",
-    "norms": "rebuild the fused blocks' norm outputs (element-wise)",
+    "norms": "rebuild the fused norms' outputs and the two-layer MLPs' activation outputs (element-wise)",
     "attn": "also rerun the RoPE attentions' q/k/v projections and RoPE (the attention keeps no q, k, v, the q/k/v "
             "LoRA projections no x·Aᵀ)",
     "mlp": "also run the fused MLPs' gate/up GEMM again (frozen MLPs too)",
@@ -160,16 +160,20 @@ def patch(model: nn.Module, *, backend: str = "auto", group_siblings: bool = Tru
     be fused are left alone with a reason in ``peftfast.report(model)``. With ``fuse_mlp``, gated MLPs whose three
     projections are patched run as one LoRA-MLP op that does not keep the activation output or the down input, and
     those of plain frozen ``nn.Linear`` projections (the base of a model tuned elsewhere) as a frozen-MLP op that
-    keeps g and u only;
+    keeps g and u only; two-layer MLPs (GPT-2, BERT-family, CLIP-style, GPT-NeoX) keep only their pre-activation
+    (``peftfast.modules.dense_mlp``);
     with ``fuse_rope``, RoPE attention modules rotate q and k in one fused op; with ``fuse_attention`` the model's
     attention runs on peftfast's fused kernel (``"peftfast"`` attention implementation: padding, packing, GQA,
     prefix keys); with ``fuse_norms``, RMSNorms (and, for CUDA models, LayerNorms) run on fused norm kernels that
-    keep no fp32 copy of their input. ``fuse_loss`` (opt-in, because such calls then return ``logits=None``, which
+    keep no fp32 copy of their input (off CUDA, LayerNorms run ATen's op and are patched only for the rebuild).
+    ``fuse_loss`` (opt-in, because such calls then return ``logits=None``, which
     loops that read training logits, e.g. TRL's token accuracy, cannot take): a causal LM's labelled training calls
     compute the loss from the last hidden states by fused linear cross-entropy (LoRA on ``lm_head`` included)
     without materialising logits. ``recompute`` trades backward work for saved activations (``RECOMPUTE``):
-    ``"norms"`` (default) rebuilds each fused pre-norm block's two norm outputs in backward (two element-wise passes)
-    instead of keeping them for the projections that read them; ``"attn"`` also reruns each patched RoPE attention
+    ``"norms"`` (default) rebuilds each fused norm's output in backward (an element-wise pass) instead of keeping it
+    for the projections that read it, inside fused blocks and, through a rebuild scope around the layer stack,
+    wherever else it is saved (the next layer's q/k/v, unfused blocks), and each two-layer MLP's activation output;
+    ``"attn"`` also reruns each patched RoPE attention
     up to its kernel (q/k/v projections with the same dropout seeds, RoPE) so that the attention kernel keeps no q,
     k, v (one more GEMM of hidden·(q+k+v widths) per token), and the q/k/v LoRA projections take their
     ``dropout(x)·Aᵀ`` from that rerun instead of keeping it; ``"mlp"`` also runs each fused MLP's gate/up forward again
@@ -249,15 +253,19 @@ def patch(model: nn.Module, *, backend: str = "auto", group_siblings: bool = Tru
         attn_mod.uninstall(model)
         rep.modules.append(PatchEntry(name="attention implementation", kind="attention", patched=False,
                                       reason="fuse_attention=False"))
+    backbone = _backbone(model) if tuned else None
+    scoped = backbone is not None and fuse_norms and recompute != "none"
     if tuned:
         for name, mod in model.named_modules():
             if not norm_mod.is_norm(mod):
                 continue
             reason = norm_mod.why_not(mod) if fuse_norms else "fuse_norms=False"
             if reason is None and isinstance(mod, nn.LayerNorm) and mod.weight is not None \
-                    and mod.weight.device.type != "cuda" and backend != "triton":
-                reason = "nn.LayerNorm off CUDA: ATen's LayerNorm is already one fused op there"
-            _apply(rep, norm_mod, "norm", name, mod, reason, backend)
+                    and mod.weight.device.type != "cuda" and backend != "triton" and not scoped:
+                reason = ("nn.LayerNorm off CUDA: ATen's LayerNorm is already one fused op there (and "
+                          "recompute='none' keeps its output)" if backbone is not None else
+                          "nn.LayerNorm off CUDA: ATen's LayerNorm is already one fused op there")
+            _apply(rep, norm_mod, "norm", name, mod, reason, backend, rebuild=scoped)
         # the residual add before each pre-norm block's post-attention RMSNorm joins that norm's op
         for name, mod in model.named_modules():
             if block_mod.is_block(mod):
@@ -271,6 +279,12 @@ def patch(model: nn.Module, *, backend: str = "auto", group_siblings: bool = Tru
             ce_mod.uninstall(model)
         rep.modules.append(PatchEntry(name="loss (lm_head + cross-entropy)", kind="loss", patched=reason is None,
                                       reason=reason))
+    if scoped and any(e.kind == "norm" and e.patched for e in rep.modules):
+        # the fused norms' outputs are rebuilt wherever in the stack they are saved (the next layer's q/k/v, an
+        # unfused block's attention and MLP), not only inside fused blocks
+        norm_mod.install_scope(backbone)
+    elif backbone is not None:
+        norm_mod.uninstall_scope(backbone)
     if not tuned:  # e.g. its adapters were removed since an earlier patch: undo what that patch fused
         unpatch(model)
     rep.notes = _model_notes(model, any(e.kind == "attention" and e.patched for e in rep.modules))
@@ -288,6 +302,12 @@ def patch(model: nn.Module, *, backend: str = "auto", group_siblings: bool = Tru
     for n in rep.notes:
         logger.info("peftfast: %s", n)
     return model
+
+
+def _backbone(model: nn.Module) -> nn.Module | None:
+    """The decoder/encoder stack of a transformers model (``base_model``: GPT2Model in GPT2LMHeadModel), or None."""
+    inner = attn_mod.base_model_of(model)
+    return getattr(inner, "base_model", None) if inner is not None else None
 
 
 def _apply(rep: PatchReport, feature, kind: str, name: str, mod: nn.Module, reason: str | None, backend: str,
@@ -356,6 +376,9 @@ def unpatch(model: nn.Module) -> nn.Module:
         block_mod.uninstall(mod)
         norm_mod.uninstall(mod)
     attn_mod.uninstall(model)
+    backbone = _backbone(model)
+    if backbone is not None:
+        norm_mod.uninstall_scope(backbone)
     if ce_mod.causal_lm(model) is not None:
         ce_mod.uninstall(model)
     model.__dict__.pop("_peftfast_report", None)
