@@ -348,3 +348,61 @@ def test_torch_compile_without_graph_breaks():
     assert out.graph_break_count == 0 and out.graph_count == 1, [b.reason for b in out.break_reasons]
     assert abs(loss.item() - eager_loss.item()) <= TOL * abs(eager_loss.item())
     assert max(max_rel_err(grads[n], eager_grads[n]) for n in grads) <= TOL
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# an intermediate module alone (DeBERTa-v2: the layer calls intermediate and output inline), through the model's
+# rebuild scope
+# ----------------------------------------------------------------------------------------------------------------
+def _deberta(p: float = 0.1):
+    from transformers import DebertaV2Config, DebertaV2ForSequenceClassification
+
+    torch.manual_seed(0)
+    cfg = DebertaV2Config(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                          intermediate_size=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                          max_position_embeddings=64, num_labels=3)
+    model = get_peft_model(DebertaV2ForSequenceClassification(cfg), LoraConfig(
+        r=4, lora_alpha=8, lora_dropout=p, target_modules=["query_proj", "key_proj", "value_proj", "dense"]))
+    for m in model.modules():
+        if hasattr(m, "lora_B"):
+            for b in m.lora_B.values():
+                nn.init.normal_(b.weight, std=0.2)
+    model.train()
+    data = {"input_ids": torch.randint(2, 100, (2, 9), generator=torch.Generator().manual_seed(1)),
+            "labels": torch.tensor([0, 2])}
+    return model, data
+
+
+def test_deberta_intermediate_through_the_rebuild_scope():
+    model, data = _deberta()
+    ref = clone(model)
+    peftfast.patch(model)
+    off = clone(ref)
+    peftfast.patch(off, fuse_mlp=False)
+    rep = peftfast.report(model)
+    entries = _mlp_entries(model)
+    assert [e.name.rsplit(".", 2)[-2:] for e in entries] == [["0", "intermediate"], ["1", "intermediate"]]
+    assert all(e.patched for e in entries), rep.format()
+    # q/k/v share one grouped op; DeBERTa's disentangled attention is its own: reported, not claimed
+    assert {e.group for e in rep.entries if e.name.endswith("_proj")} == {
+        f"base_model.model.deberta.encoder.layer.{i}.attention.self.{{key_proj,query_proj,value_proj}}"
+        for i in range(2)}
+    (att,) = [e for e in rep.modules if e.kind == "attention"]
+    assert not att.patched and "computes its own attention" in att.reason
+    use_shared_seed_dropout(ref, model, 0.1)
+    loss, grads = loss_and_grads(model, data)
+    ref_loss, ref_grads = loss_and_grads(ref, data)
+    assert abs(loss.item() - ref_loss.item()) <= TOL * abs(ref_loss.item())
+    assert max(max_rel_err(grads[n], ref_grads[n]) for n in grads) <= TOL
+    totals = []
+    for m in (off, model):
+        torch.manual_seed(0)
+        totals.append(saved_activation_bytes(lambda m=m: m(**data).loss, _params(m))[1].total)
+    assert totals[0] - totals[1] == 2 * 18 * 64 * 4, totals  # output.dense's copy of h, per layer and token
+
+
+def test_intermediate_without_a_scope_is_reported():
+    model, _ = _deberta(0.0)
+    peftfast.patch(model, recompute="none")
+    entries = _mlp_entries(model)
+    assert entries and all(not e.patched and "no rebuild scope" in e.reason for e in entries), entries

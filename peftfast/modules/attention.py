@@ -224,6 +224,9 @@ def install(model: nn.Module, backend: str) -> str | None:
     inner = base_model_of(model)
     if inner is None:
         return "not a transformers model (no set_attn_implementation)"
+    if getattr(inner, "_supports_attention_backend", True) is False:
+        # transformers accepts the setting and warns, but such a model's attention never calls the implementation
+        return f"{type(inner).__name__} computes its own attention (not through transformers' AttentionInterface)"
     register()
     previous = inner.config._attn_implementation
     if previous != NAME:

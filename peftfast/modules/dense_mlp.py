@@ -7,7 +7,11 @@ Two forms, found by attribute names and confirmed by a probe of the class's own 
   ``act``, ``dense_4h_to_h``); the replacement is bound as the module's ``forward``;
 * a BERT-style layer (``ffn``): ``intermediate.dense`` + ``intermediate.intermediate_act_fn``, then ``output(h,
   x)`` (dense, dropout, residual LayerNorm), as in BERT, RoBERTa, XLM-R, ELECTRA and their copies; the replacement
-  is bound as the layer's ``feed_forward_chunk``, which the layer's forward calls (chunked or not).
+  is bound as the layer's ``feed_forward_chunk``, which the layer's forward calls (chunked or not);
+* an ``intermediate`` module alone (``intermediate``: DeBERTa, Swin, VideoMAE, ViLT, whose layers call it and
+  ``output`` inline): its ``forward`` registers ``h`` with the model's rebuild scope
+  (``peftfast.ops.recompute.rebuild_scope``, opened around the layer stack by ``patch``), so ``output.dense``
+  beside it keeps a recipe instead of ``h``.
 
 The probe (at patch time, on the module itself): with each child swapped for a recording stub (distinct
 non-linear element-wise maps), the class's own code must call each stub once, in the order
@@ -33,7 +37,7 @@ from torch import nn
 from peftfast.modules._bind import bind_forward, unbind_forward
 from peftfast.modules._tally import Tallied, tally
 from peftfast.ops.dense_mlp import act_forward, dense_act
-from peftfast.ops.recompute import rebuilding
+from peftfast.ops.recompute import rebuildable, rebuilding
 
 
 @dataclass(frozen=True)
@@ -55,6 +59,9 @@ MLP_LAYOUTS = (
     Layout("mlp", "dense_h_to_4h", "act", "dense_4h_to_h"),
 )
 FFN_LAYOUT = Layout("ffn", "dense", "intermediate_act_fn", "output")
+# an ``intermediate`` module alone (DeBERTa, Swin, VideoMAE, ViLT, YOLOS: the layer calls it and ``output`` inline):
+# its output is registered with the model's rebuild scope, and ``output.dense`` beside it keeps a recipe
+INTERMEDIATE_LAYOUT = Layout("intermediate", "dense", "intermediate_act_fn", "output.dense")
 # the activation forms transformers computes as chains of element-wise ops, each keeping its operands
 _COMPOSITE = {"NewGELUActivation", "FastGELUActivation", "QuickGELUActivation"}
 
@@ -94,14 +101,19 @@ def layouts_of(module: nn.Module) -> list[Layout]:
             and isinstance(getattr(inter, "dense", None), nn.Module) and hasattr(inter, "intermediate_act_fn") \
             and isinstance(getattr(out, "dense", None), nn.Module):
         return [FFN_LAYOUT]
+    if isinstance(getattr(module, "dense", None), nn.Module) and hasattr(module, "intermediate_act_fn"):
+        return [INTERMEDIATE_LAYOUT]
     return [lay for lay in MLP_LAYOUTS
             if all(isinstance(getattr(module, a, None), nn.Module) for a in (lay.up, lay.down))
             and hasattr(module, lay.act)
             and (lay.tail is None or isinstance(getattr(module, lay.tail, None), nn.Module))]
 
 
-def _parts(module: nn.Module, lay: Layout) -> tuple[nn.Module, object, nn.Module, nn.Module]:
-    """(up, act, the module the activation output goes to, the projection that reads it)."""
+def _parts(module: nn.Module, lay: Layout, consumer: nn.Module | None = None) -> tuple:
+    """(up, act, the module the activation output goes to, the projection that reads it); for an ``intermediate``
+    module the reader is ``consumer`` (its layer's ``output.dense``), called by the layer itself."""
+    if lay.kind == "intermediate":
+        return module.dense, module.intermediate_act_fn, None, consumer
     if lay.kind == "ffn":
         inter = module.intermediate
         return inter.dense, inter.intermediate_act_fn, module.output, module.output.dense
@@ -153,7 +165,12 @@ def probe(module: nn.Module, lay: Layout) -> str | None:
         return "meta-device weights (nothing to probe)"
     x = torch.randn(2, 3, 4, generator=torch.Generator().manual_seed(0)).to(device=dev, dtype=torch.float32)
     log: list = []
-    if lay.kind == "ffn":
+    if lay.kind == "intermediate":
+        owners = [(module, "dense", "up"), (module, "intermediate_act_fn", "act")]
+        run = functools.partial(type(module).forward, module)
+        expect = _MAPS["act"](_MAPS["up"](x))
+        order = ["up", "act"]
+    elif lay.kind == "ffn":
         owners = [(module.intermediate, "dense", "up"), (module.intermediate, "intermediate_act_fn", "act"),
                   (module, "output", "output")]
         run = functools.partial(type(module).feed_forward_chunk, module)
@@ -192,8 +209,9 @@ def probe(module: nn.Module, lay: Layout) -> str | None:
     return None
 
 
-def _layout_reason(module: nn.Module, lay: Layout, rebuild: bool) -> str | None:
-    _, act, _, down = _parts(module, lay)
+def _layout_reason(module: nn.Module, lay: Layout, rebuild: bool, consumer: nn.Module | None,
+                   scoped: bool) -> str | None:
+    _, act, _, down = _parts(module, lay, consumer)
     if dense_activation(act) is None:
         what = type(act).__name__ if isinstance(act, nn.Module) else getattr(act, "__name__", type(act).__name__)
         return f"activation {what} is not GELU/SiLU/QuickGELU"
@@ -204,20 +222,30 @@ def _layout_reason(module: nn.Module, lay: Layout, rebuild: bool) -> str | None:
     method = _method(lay)
     if method in module.__dict__ and not isinstance(module.__dict__.get("_peftfast_dense"), DenseMLPState):
         return f"the module has an instance-level {method} of its own"
+    if lay.kind == "intermediate":
+        if down is None:
+            return "no output.dense beside it in its layer (the reader of its output is unknown)"
+        rebuild = rebuild and scoped
     trains = any(p.requires_grad for p in down.parameters())
     if not _composite(act) and not (rebuild and trains):
-        why = "recompute='none' keeps the down projection's input" if trains else \
-            "the frozen down projection keeps no input"
+        if not trains:
+            why = "the frozen down projection keeps no input"
+        elif lay.kind == "intermediate" and scoped is False:
+            why = "output.dense keeps its input (no rebuild scope: recompute='none' or not in a transformers model)"
+        else:
+            why = "recompute='none' keeps the down projection's input"
         return f"nothing to drop: {why}, and {type(act).__name__} keeps only its input already"
     return probe(module, lay)
 
 
-def find_layout(module: nn.Module, rebuild: bool = True) -> Layout | str:
+def find_layout(module: nn.Module, rebuild: bool = True, consumer: nn.Module | None = None,
+                scoped: bool = False) -> Layout | str:
     """The first layout of ``module`` that runs on the replacement and keeps less for it, else a one-line reason
-    (that of the first candidate)."""
+    (that of the first candidate). ``consumer`` and ``scoped`` matter for an ``intermediate`` module only: the
+    projection that reads its output, and whether the model runs in a rebuild scope."""
     reasons = []
     for lay in layouts_of(module):
-        why = _layout_reason(module, lay, rebuild)
+        why = _layout_reason(module, lay, rebuild, consumer, scoped)
         if why is None:
             return lay
         reasons.append(why)
@@ -230,9 +258,10 @@ def is_dense_mlp(module: nn.Module) -> bool:
     return bool(layouts_of(module))
 
 
-def why_not(module: nn.Module, rebuild: bool = True) -> str | None:
+def why_not(module: nn.Module, rebuild: bool = True, consumer: nn.Module | None = None,
+            scoped: bool = False) -> str | None:
     """None if this two-layer MLP runs on the replacement and keeps less for it, else a one-line reason."""
-    lay = find_layout(module, rebuild)
+    lay = find_layout(module, rebuild, consumer, scoped)
     return lay if isinstance(lay, str) else None
 
 
@@ -278,6 +307,25 @@ def dense_ffn_chunk(self: nn.Module, attention_output: torch.Tensor) -> torch.Te
     return _down(st, self.output, inter.dense(attention_output), attention_output)
 
 
+def dense_intermediate_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """Drop-in ``forward`` of an ``intermediate`` module (``act(dense(x))``; bound by ``patch``): the activation
+    keeps its input only, and its output is registered with the model's rebuild scope for ``output.dense``."""
+    st: DenseMLPState = self._peftfast_dense
+    act = self.intermediate_act_fn
+    reason = "extra forward arguments" if args or kwargs else _call_reason(self, st, act)
+    if reason is not None:
+        tally(st.tally_key, "fallbacks", reason)
+        if st.previous_forward is not None:
+            return st.previous_forward(x, *args, **kwargs)
+        return type(self).forward(self, x, *args, **kwargs)
+    tally(st.tally_key, "fused_calls")
+    y = self.dense(x)
+    h = dense_act(y, st.act)
+    if st.rebuild:
+        rebuildable(h, functools.partial(act_forward, act=st.act), (y,))
+    return h
+
+
 def _down(st: DenseMLPState, down: nn.Module, y: torch.Tensor, *rest) -> torch.Tensor:
     """``down(act(y), *rest)``: the activation keeps ``y``; what ``down`` saves of ``act(y)`` is rebuilt from it."""
     h = dense_act(y, st.act)
@@ -290,20 +338,23 @@ def _method(lay: Layout) -> str:
     return "feed_forward_chunk" if lay.kind == "ffn" else "forward"
 
 
-def install(module: nn.Module, name: str, backend: str, rebuild: bool = True) -> None:
+def install(module: nn.Module, name: str, backend: str, rebuild: bool = True, consumer: nn.Module | None = None,
+            scoped: bool = False) -> None:
     """Bind the replacement (``why_not(module)`` must be None). ``backend`` is unused: the pieces are ATen ops and
     the projections' own paths."""
     st = module.__dict__.get("_peftfast_dense")
     if isinstance(st, DenseMLPState):
         uninstall(module)  # the layout found below may differ from the one bound before
-    lay = find_layout(module, rebuild)
+    lay = find_layout(module, rebuild, consumer, scoped)
     if isinstance(lay, str):
         raise ValueError(f"peftfast: {name}: {lay}")
-    act = _parts(module, lay)[1]
+    act = _parts(module, lay, consumer)[1]
+    if lay.kind == "intermediate":
+        rebuild = rebuild and scoped
     state = DenseMLPState(name=name, layout=lay, act=dense_activation(act), act_type=type(act), rebuild=rebuild,
                           previous_forward=None)
-    bind_forward(module, "_peftfast_dense", state, dense_ffn_chunk if lay.kind == "ffn" else dense_mlp_forward,
-                 method=_method(lay))
+    fn = {"ffn": dense_ffn_chunk, "intermediate": dense_intermediate_forward}.get(lay.kind, dense_mlp_forward)
+    bind_forward(module, "_peftfast_dense", state, fn, method=_method(lay))
 
 
 def uninstall(module: nn.Module) -> bool:

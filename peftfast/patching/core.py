@@ -35,6 +35,7 @@ SIBLING_SETS: tuple[frozenset[str], ...] = (
     frozenset({"q_proj", "k_proj", "v_proj"}),
     frozenset({"gate_proj", "up_proj"}),
     frozenset({"query", "key", "value"}),
+    frozenset({"query_proj", "key_proj", "value_proj"}),  # DeBERTa
     frozenset({"w1", "w3"}),
 )
 
@@ -233,11 +234,18 @@ def patch(model: nn.Module, *, backend: str = "auto", group_siblings: bool = Tru
             _apply(rep, mlp_mod, "mlp", name, mod, reason, backend, recompute=recompute == "mlp", frozen=True)
         else:
             mlp_mod.uninstall(mod)
+    backbone = _backbone(model) if tuned else None
+    scope_ok = backbone is not None and recompute != "none"  # outputs registered with a rebuild scope get rebuilt
     for name, mod in dense_mlps:
+        parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
+        if parent is not mod and dense_mod.layouts_of(parent) == [dense_mod.FFN_LAYOUT]:
+            continue  # a BERT-style layer's intermediate: its layer's entry stands for both
         if tuned:  # the activation keeps only its input; the down projection's copy of its output is rebuilt
             rebuild = recompute != "none"
-            reason = dense_mod.why_not(mod, rebuild) if fuse_mlp else "fuse_mlp=False"
-            _apply(rep, dense_mod, "mlp", name, mod, reason, backend, rebuild=rebuild)
+            consumer = getattr(getattr(parent, "output", None), "dense", None) if parent is not mod else None
+            reason = dense_mod.why_not(mod, rebuild, consumer, scope_ok) if fuse_mlp else "fuse_mlp=False"
+            _apply(rep, dense_mod, "mlp", name, mod, reason, backend, rebuild=rebuild, consumer=consumer,
+                   scoped=scope_ok)
         else:
             dense_mod.uninstall(mod)
     if tuned:
@@ -253,8 +261,7 @@ def patch(model: nn.Module, *, backend: str = "auto", group_siblings: bool = Tru
         attn_mod.uninstall(model)
         rep.modules.append(PatchEntry(name="attention implementation", kind="attention", patched=False,
                                       reason="fuse_attention=False"))
-    backbone = _backbone(model) if tuned else None
-    scoped = backbone is not None and fuse_norms and recompute != "none"
+    scoped = scope_ok and fuse_norms
     if tuned:
         for name, mod in model.named_modules():
             if not norm_mod.is_norm(mod):
@@ -279,7 +286,10 @@ def patch(model: nn.Module, *, backend: str = "auto", group_siblings: bool = Tru
             ce_mod.uninstall(model)
         rep.modules.append(PatchEntry(name="loss (lm_head + cross-entropy)", kind="loss", patched=reason is None,
                                       reason=reason))
-    if scoped and any(e.kind == "norm" and e.patched for e in rep.modules):
+    registrants = scoped and any(e.kind == "norm" and e.patched for e in rep.modules) or scope_ok and any(
+        isinstance(m.__dict__.get("_peftfast_dense"), dense_mod.DenseMLPState)
+        and m.__dict__["_peftfast_dense"].layout.kind == "intermediate" for m in model.modules())
+    if registrants:
         # the fused norms' outputs are rebuilt wherever in the stack they are saved (the next layer's q/k/v, an
         # unfused block's attention and MLP), not only inside fused blocks
         norm_mod.install_scope(backbone)
