@@ -273,6 +273,14 @@ def _call_reason(module: nn.Module, st: DenseMLPState, act) -> str | None:
     return None
 
 
+def _fall_back(self: nn.Module, st: DenseMLPState, reason: str, *args, **kwargs):
+    """Count the reason, then run what was bound before (the class's method when nothing was)."""
+    tally(st.tally_key, "fallbacks", reason)
+    if st.previous_forward is not None:
+        return st.previous_forward(*args, **kwargs)
+    return getattr(type(self), _method(st.layout))(self, *args, **kwargs)
+
+
 def dense_mlp_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     """Drop-in ``forward`` of a one-module two-layer MLP (bound by ``patch``)."""
     st: DenseMLPState = self._peftfast_dense
@@ -280,10 +288,7 @@ def dense_mlp_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs) -> torc
     act = getattr(self, lay.act)
     reason = "extra forward arguments" if args or kwargs else _call_reason(self, st, act)
     if reason is not None:
-        tally(st.tally_key, "fallbacks", reason)
-        if st.previous_forward is not None:
-            return st.previous_forward(x, *args, **kwargs)
-        return type(self).forward(self, x, *args, **kwargs)
+        return _fall_back(self, st, reason, x, *args, **kwargs)
     tally(st.tally_key, "fused_calls")  # not `+= 1`: see peftfast.modules._tally
     y = getattr(self, lay.up)(x)
     out = _down(st, getattr(self, lay.down), y)
@@ -299,10 +304,7 @@ def dense_ffn_chunk(self: nn.Module, attention_output: torch.Tensor) -> torch.Te
     if reason is None and (inter._forward_hooks or inter._forward_pre_hooks):
         reason = "intermediate has forward hooks"
     if reason is not None:
-        tally(st.tally_key, "fallbacks", reason)
-        if st.previous_forward is not None:
-            return st.previous_forward(attention_output)
-        return type(self).feed_forward_chunk(self, attention_output)
+        return _fall_back(self, st, reason, attention_output)
     tally(st.tally_key, "fused_calls")
     return _down(st, self.output, inter.dense(attention_output), attention_output)
 
@@ -314,10 +316,7 @@ def dense_intermediate_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs
     act = self.intermediate_act_fn
     reason = "extra forward arguments" if args or kwargs else _call_reason(self, st, act)
     if reason is not None:
-        tally(st.tally_key, "fallbacks", reason)
-        if st.previous_forward is not None:
-            return st.previous_forward(x, *args, **kwargs)
-        return type(self).forward(self, x, *args, **kwargs)
+        return _fall_back(self, st, reason, x, *args, **kwargs)
     tally(st.tally_key, "fused_calls")
     y = self.dense(x)
     h = dense_act(y, st.act)
