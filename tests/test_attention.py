@@ -560,3 +560,25 @@ def test_registered_ops_pass_opcheck(backend):
         dout = torch.randn_like(out)
         saved = [t.detach() for t in (q, k, v, out)]  # the backward op runs without autograd (once-differentiable)
         torch.library.opcheck(torch.ops.peftfast.flash_attn_bwd, (*saved, lse, dout, *args))
+
+
+def test_views_kept_alone_are_compacted_before_the_kernel_keeps_them():
+    """GPT-2's q is a view of the fused q|k|v projection while the KV cache hands back k and v as copies: the kernel
+    would keep the whole projection output for q. q is copied out densely, in the view's (sequence-major) order;
+    views that share one storage, and tensors without grad, are passed as they are."""
+    from peftfast.modules.attention import _compact
+
+    leaf = torch.randn(2, 7, 3 * 48, requires_grad=True)
+    qkv = leaf * 1.0
+    q, k, v = (t.view(2, 7, 3, 16).transpose(1, 2) for t in qkv.split(48, dim=2))
+    kc, vc = k.contiguous(), v.contiguous()  # as a cache returns them
+    cq, ck, cv = _compact(q, kc, vc)
+    assert ck is kc and cv is vc and torch.equal(cq, q)
+    assert cq.untyped_storage().nbytes() == q.numel() * 4  # only q's values are kept
+    assert cq.transpose(1, 2).is_contiguous()  # sequence-major, as the view was
+    cq.sum().backward()  # the copy stays in the graph: q's part of the projection gets the gradient
+    assert torch.equal(leaf.grad, torch.cat([torch.ones(2, 7, 48), torch.zeros(2, 7, 96)], dim=2))
+    shared = _compact(q, k, v)
+    assert all(a is b for a, b in zip(shared, (q, k, v)))  # one storage for all three: kept as is
+    with torch.no_grad():
+        assert _compact(q.detach(), kc.detach(), vc.detach())[0].untyped_storage().nbytes() == 2 * 7 * 144 * 4

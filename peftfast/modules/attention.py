@@ -176,6 +176,7 @@ def peftfast_attention_forward(module: nn.Module, query: torch.Tensor, key: torc
         return _fallback(module, query, key, value, attention_mask, dropout, scaling, causal, window, softcap, qseg,
                          kseg)
     tally(st.tally_key, "fused_calls")
+    query, key, value = _compact(query, key, value)
     # a fused block with recompute="attn" rebuilds q, k, v in backward rather than the kernel keeping them; only
     # without past keys (prefix tuning, a filled cache), which a rerun without the cache would not reproduce
     rebuildable = key.shape[-2] == query.shape[-2] and not torch.compiler.is_compiling()
@@ -185,6 +186,32 @@ def peftfast_attention_forward(module: nn.Module, query: torch.Tensor, key: torc
                               window=int(window) if window else None, qseg=qseg, kseg=kseg, dropout_p=float(dropout),
                               backend=getattr(module, "_peftfast_attn_backend", "auto"), name=type(module).__name__)
     return out, None
+
+
+def _compact(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """q, k, v with any of them copied out of a larger storage that the others do not share.
+
+    The kernel keeps q, k, v for backward, and a kept view keeps its whole storage: GPT-2's q is a view of the
+    fused q|k|v projection output, while its k and v come back from the KV cache as copies (transformers fills a
+    cache in training too unless ``use_cache=False``), so the view alone would keep 3 x hidden values per token for
+    a hidden's worth of q. Views that share one storage (no cache) are kept as they are: that storage is all of
+    q, k and v.
+    """
+    ptrs = [t.untyped_storage().data_ptr() for t in tensors]
+    out = []
+    for i, t in enumerate(tensors):
+        alone = ptrs.count(ptrs[i]) == 1
+        whole = t.untyped_storage().nbytes() == t.numel() * t.element_size()
+        out.append(_dense_copy(t) if alone and not whole and t.requires_grad else t)
+    return tuple(out)
+
+
+def _dense_copy(t: torch.Tensor) -> torch.Tensor:
+    """A dense copy of ``t`` with its dimensions laid out in the view's order (q of GPT-2 stays sequence-major,
+    so the attention output is too and reaches the output projection without another copy)."""
+    order = sorted(range(t.dim()), key=lambda d: -t.stride(d))
+    back = sorted(range(t.dim()), key=lambda d: order[d])
+    return t.permute(order).contiguous().permute(back)
 
 
 def padding_mask(*args, attention_mask: torch.Tensor | None = None, kv_length: int | None = None, **kwargs):
