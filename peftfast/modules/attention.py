@@ -197,6 +197,8 @@ def _compact(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     a hidden's worth of q. Views that share one storage (no cache) are kept as they are: that storage is all of
     q, k and v.
     """
+    if torch.compiler.is_compiling():  # storages are not traceable; the compiler picks what its graph saves anyway
+        return tensors
     ptrs = [t.untyped_storage().data_ptr() for t in tensors]
     out = []
     for i, t in enumerate(tensors):
