@@ -36,6 +36,7 @@ from torch import nn
 
 from peftfast.modules._bind import bind_forward, unbind_forward
 from peftfast.modules._tally import Tallied, tally
+from peftfast.modules.mlp import gate_activation
 from peftfast.ops.dense_mlp import act_forward, dense_act
 from peftfast.ops.recompute import rebuildable, rebuilding
 
@@ -67,22 +68,21 @@ _COMPOSITE = {"NewGELUActivation", "FastGELUActivation", "QuickGELUActivation"}
 
 
 def dense_activation(act) -> str | None:
-    """``gelu`` / ``gelu_tanh`` / ``silu`` / ``quick_gelu`` for the activations transformers' MLPs use, else None."""
-    name = type(act).__name__
+    """``gelu`` / ``gelu_tanh`` / ``silu`` / ``quick_gelu`` for the activations transformers' MLPs use, else None:
+    the gated MLPs' (:func:`peftfast.modules.mlp.gate_activation`), the functions themselves, and the forms
+    transformers computes as chains of ops."""
     if act is torch.nn.functional.gelu:
         return "gelu"
     if act is torch.nn.functional.silu:
         return "silu"
-    if isinstance(act, nn.SiLU) or name == "SiLUActivation":
-        return "silu"
-    if isinstance(act, nn.GELU):
-        return "gelu_tanh" if act.approximate == "tanh" else "gelu"
-    if name in ("GELUTanh", "PytorchGELUTanh", "NewGELUActivation", "FastGELUActivation"):
-        return "gelu_tanh"  # the same tanh approximation, as one op or as transformers' chain of ops
-    if name == "GELUActivation":
-        inner = getattr(act, "act", None)
-        if inner is torch.nn.functional.gelu or getattr(inner, "__name__", "") == "_gelu_python":
-            return "gelu"
+    known = gate_activation(act)
+    if known is not None:
+        return known
+    name = type(act).__name__
+    if name in ("NewGELUActivation", "FastGELUActivation"):
+        return "gelu_tanh"  # the same tanh approximation as transformers' chain of ops
+    if name == "GELUActivation" and getattr(getattr(act, "act", None), "__name__", "") == "_gelu_python":
+        return "gelu"
     if name == "QuickGELUActivation":
         return "quick_gelu"
     return None

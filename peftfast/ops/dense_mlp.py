@@ -21,7 +21,8 @@ Element-wise ATen ops on the fly need no kernel of their own: the saving is in w
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
+
+from peftfast.ops.mlp import GATE_ACTS, _act
 
 ACTS = ("gelu", "gelu_tanh", "silu", "quick_gelu")
 _QUICK = 1.702  # QuickGELU: y·sigmoid(1.702·y)
@@ -44,14 +45,10 @@ class _QuickGELUFunction(torch.autograd.Function):
 
 def act_forward(y: torch.Tensor, act: str) -> torch.Tensor:
     """``act(y)``, the same ops :func:`dense_act` runs (backward's rebuild of ``h``; no autograd needed)."""
-    if act == "gelu":
-        return F.gelu(y)
-    if act == "gelu_tanh":
-        return F.gelu(y, approximate="tanh")
-    if act == "silu":
-        return F.silu(y)
     if act == "quick_gelu":
         return y * torch.sigmoid(_QUICK * y)
+    if act in GATE_ACTS:  # the gated MLP's one-op activations
+        return _act(y, act)
     raise ValueError(f"peftfast.dense_act: unknown activation {act!r}; choose one of {ACTS}")
 
 
