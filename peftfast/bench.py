@@ -24,6 +24,7 @@ from __future__ import annotations
 import copy
 import csv
 import ctypes
+import functools
 import gc
 import json
 import os
@@ -983,10 +984,16 @@ def bench_versions() -> dict[str, str]:
 
 
 def git_commit() -> str:
+    """The short commit of the checkout this package runs from, with ``+dirty`` when tracked files differ from it
+    (the figures then belong to uncommitted code), or ``unknown``."""
     try:
         here = os.path.dirname(os.path.abspath(__file__))
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True,
-                              timeout=5).stdout.strip() or "unknown"
+        run = functools.partial(subprocess.run, cwd=here, capture_output=True, text=True, timeout=5)
+        sha = run(["git", "rev-parse", "--short", "HEAD"]).stdout.strip()
+        if not sha:
+            return "unknown"
+        dirty = run(["git", "status", "--porcelain", "--untracked-files=no"]).stdout.strip()
+        return sha + ("+dirty" if dirty else "")
     except Exception:
         return "unknown"
 

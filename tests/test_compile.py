@@ -189,3 +189,15 @@ def test_ops_chain_compiles_as_one_graph(backend):
     names = {str(n.target) for gm in explanation.graphs for n in gm.graph.nodes if n.op == "call_function"}
     assert {"peftfast.rope.default", "peftfast.flash_attn_fwd.default", "peftfast.fused_linear_ce.default",
             "peftfast.fused_linear_jsd.default"} <= names
+
+
+def test_masked_lm_loss_compiles_without_breaks_in_our_code():
+    """BERT's fused masked-LM loss under torch.compile: no row selection (a data-dependent shape), the fused loss as
+    one node, the same loss and gradients as eager (which selects the labelled rows)."""
+    model = peft_model("bert", r=4, lora_alpha=8)
+    data = batch("bert", seq=11, bsz=2)
+    peftfast.patch(model, fuse_loss=True)
+    explanation, _ = _compare(lambda **d: model(**d).loss, list(trainable(model).values()), **data)
+    assert _breaks_in_our_files(explanation) == []
+    fused, fallbacks = _counts(model)["base_model.model (loss)"]
+    assert fused >= 2 and fallbacks == 0

@@ -646,3 +646,164 @@ def test_uninstall_restores_exactly_and_deepcopy_pickle_work():
     install_loss(plain)
     uninstall_loss(plain)
     assert "forward" not in plain.__dict__
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# masked LMs: the head on the labelled rows only, the vocabulary projection inside the fused loss
+# ----------------------------------------------------------------------------------------------------------------
+_ENC = dict(vocab_size=M.VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
+            max_position_embeddings=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+_MLM_DECODER = {"BertForMaskedLM": "decoder", "RobertaForMaskedLM": "decoder", "XLMRobertaForMaskedLM": "decoder",
+                "CamembertForMaskedLM": "decoder", "DistilBertForMaskedLM": "vocab_projector",
+                "ElectraForMaskedLM": "generator_lm_head"}
+
+
+def _mlm(cls: str) -> torch.nn.Module:
+    import transformers
+
+    torch.manual_seed(0)
+    if cls == "DistilBertForMaskedLM":
+        cfg = transformers.DistilBertConfig(vocab_size=M.VOCAB, dim=32, n_layers=1, n_heads=4, hidden_dim=64,
+                                            max_position_embeddings=64, dropout=0.0, attention_dropout=0.0)
+    else:
+        name = cls.removesuffix("ForMaskedLM")
+        extra = dict(embedding_size=24) if name == "Electra" else {}  # a generator narrower than its encoder
+        cfg = getattr(transformers, f"{name}Config")(**_ENC, **extra)
+    model = getattr(transformers, cls)(cfg)
+    with torch.no_grad():  # non-zero biases everywhere (the decoder's bias goes into the fused loss)
+        for mod in model.modules():
+            if isinstance(getattr(mod, "bias", None), torch.nn.Parameter):
+                mod.bias.normal_(0.0, 0.1)
+    return model.train()
+
+
+def _mlm_batch(seed=0, every=3):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(2, M.VOCAB, (M.BATCH, M.SEQ), generator=g)
+    labels = torch.full_like(ids, -100)
+    labels[:, ::every] = ids[:, ::every]
+    return ids, labels
+
+
+def _peft_mlm(cls: str, decoder_lora: bool):
+    from peft import LoraConfig, get_peft_model
+
+    targets = "all-linear" if not decoder_lora else [_MLM_DECODER[cls], "dense", "query", "q_lin", "vocab_transform"]
+    model = get_peft_model(_mlm(cls), LoraConfig(r=4, lora_alpha=8, target_modules=targets, lora_dropout=0.0))
+    with torch.no_grad():
+        for layer in M.lora_layers(model):
+            for b in layer.lora_B.values():
+                b.weight.normal_(0.0, 0.2)
+    return model.train()
+
+
+@pytest.mark.parametrize("decoder_lora", [False, True], ids=["lora", "lora+decoder"])
+@pytest.mark.parametrize("cls", sorted(ce_mod.MASKED_LM))
+def test_masked_lm_matches_unpatched(cls, decoder_lora):
+    ref = _peft_mlm(cls, decoder_lora)
+    model = copy.deepcopy(ref)
+    assert install_loss(model, backend="torch") == (True, None)
+    ids, lab = _mlm_batch()
+    ref.zero_grad()
+    want = ref(input_ids=ids, labels=lab).loss
+    want.backward()
+    got = model(input_ids=ids, labels=lab)
+    got.loss.backward()
+    assert got.logits is None and got.loss.dtype == torch.float32
+    torch.testing.assert_close(got.loss, want, rtol=1e-5, atol=1e-6)
+    grads = _trainable(model)
+    assert any(_MLM_DECODER[cls] in n for n in grads) == decoder_lora
+    for n, p in _trainable(ref).items():
+        torch.testing.assert_close(grads[n].grad, p.grad, rtol=1e-4, atol=1e-6, msg=n)
+    assert loss_stats(model) == {"fused": 1, "no_labels": 0, "eval": 0, "fallbacks": {}}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_masked_lm_rows_memory_and_outputs(backend, monkeypatch):
+    ref = _peft_mlm("BertForMaskedLM", decoder_lora=True)
+    model = copy.deepcopy(ref)
+    install_loss(model, backend=backend)
+    ids, lab = _mlm_batch(every=4)
+    n_lab = int((lab != -100).sum())
+    params = list(model.parameters())
+    shapes = M.saved_shapes(lambda: model(input_ids=ids, labels=lab).loss, params)
+    ref_shapes = M.saved_shapes(lambda: ref(input_ids=ids, labels=lab).loss, list(ref.parameters()))
+    assert not any(s[-1:] == (M.VOCAB,) for s in shapes) and any(s[-1:] == (M.VOCAB,) for s in ref_shapes)
+    # the head's transform keeps only labelled rows: no [tokens, hidden] tensor after the encoder's last one
+    assert (n_lab, 32) in shapes
+    _, saved = saved_activation_bytes(lambda: model(input_ids=ids, labels=lab).loss, exclude=params)
+    _, ref_saved = saved_activation_bytes(lambda: ref(input_ids=ids, labels=lab).loss, exclude=list(ref.parameters()))
+    assert saved.total < ref_saved.total
+
+    # positional arguments and return_dict=False, as the class forward takes them
+    want = ref(input_ids=ids, labels=lab).loss
+    tup = model(ids, None, None, None, None, None, None, lab, return_dict=False)
+    assert isinstance(tup, tuple) and tup[0].shape == () and len(tup) == 1
+    torch.testing.assert_close(tup[0], want, rtol=1e-5, atol=1e-6)
+    # under torch.compile no rows are selected (a data-dependent shape): every row runs, unlabelled ones ignored
+    model.zero_grad()
+    ref.zero_grad()
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    got = model(input_ids=ids, labels=lab).loss
+    assert (ids.numel(), 32) in M.saved_shapes(lambda: model(input_ids=ids, labels=lab).loss, params)
+    monkeypatch.undo()
+    got.backward()
+    want.backward()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    for n, p in _trainable(ref).items():
+        torch.testing.assert_close(_trainable(model)[n].grad, p.grad, rtol=1e-4, atol=1e-6, msg=n)
+    # nothing labelled: NaN, as CrossEntropyLoss gives
+    none = torch.full_like(lab, -100)
+    assert model(input_ids=ids, labels=none).loss.isnan() and ref(input_ids=ids, labels=none).loss.isnan()
+    # no labels, or evaluation: the original forward with its logits
+    assert torch.equal(model(input_ids=ids).logits, ref(input_ids=ids).logits)
+    model.eval()
+    ref.eval()
+    assert model(input_ids=ids, labels=lab).logits is not None
+    install_loss(model, backend=backend, keep_logits=True)
+    out, r = model(input_ids=ids, labels=lab), ref(input_ids=ids, labels=lab)
+    torch.testing.assert_close(out.logits, r.logits)
+    torch.testing.assert_close(out.loss, r.loss, rtol=1e-5, atol=1e-6)
+    assert loss_stats(model) == {"fused": 7, "no_labels": 1, "eval": 1, "fallbacks": {}}
+
+
+def test_masked_lm_through_patch_with_fused_layers():
+    ref = M.peft_model("bert", lora_dropout=0.0)
+    model = copy.deepcopy(ref)
+    import peftfast
+
+    peftfast.patch(model, fuse_loss=True)
+    entry = next(e for e in peftfast.report(model).modules if e.kind == "loss")
+    assert entry.patched, entry.reason
+    data = M.batch("bert")
+    loss, grads = M.loss_and_grads(model, data)
+    want, ref_grads = M.loss_and_grads(ref, data)
+    torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-6)
+    for n, g in ref_grads.items():
+        torch.testing.assert_close(grads[n], g, rtol=1e-4, atol=1e-5, msg=n)
+    peftfast.unpatch(model)
+    assert "forward" not in model.get_base_model().__dict__
+
+
+def test_masked_lm_why_not_and_uninstall():
+    import transformers
+
+    distil = _mlm("DistilBertForMaskedLM")
+    distil.mlm_loss_fct = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
+    assert "mlm_loss_fct" in ce_mod.why_not(distil)
+    bert = _mlm("BertForMaskedLM")
+    bert.cls.forward = lambda x: bert.cls.predictions(x) * 2  # a head that is not transform → decoder
+    assert "probe" in install_loss(bert)[1] and "_peftfast_loss" not in bert.__dict__
+    bert = _mlm("BertForMaskedLM")
+    bert.cls.predictions.decoder = torch.nn.Linear(32, M.VOCAB + 1)
+    assert "vocab_size" in ce_mod.why_not(bert)
+    deberta = transformers.DebertaV2ForMaskedLM(transformers.DebertaV2Config(**_ENC))
+    assert "ForMaskedLM" in ce_mod.why_not(deberta) and "not a supported" in ce_mod.why_not(deberta)
+    roberta = _mlm("RobertaForMaskedLM")
+    assert "forward" not in roberta.__dict__
+    install_loss(roberta)
+    twin = pickle.loads(pickle.dumps(roberta))
+    ids, lab = _mlm_batch()
+    torch.testing.assert_close(twin(input_ids=ids, labels=lab).loss, roberta(input_ids=ids, labels=lab).loss)
+    uninstall_loss(roberta)
+    assert "forward" not in roberta.__dict__ and roberta(input_ids=ids, labels=lab).logits is not None

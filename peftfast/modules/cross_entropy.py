@@ -1,4 +1,5 @@
-"""Model-level fused loss: ``*ForCausalLM.forward`` that computes the loss from the last hidden states, no logits.
+"""Model-level fused loss: ``*ForCausalLM.forward`` (and ``*ForMaskedLM.forward``) that computes the loss from the
+last hidden states, no logits.
 
 ``install(model, config)`` binds ``fused_causal_lm_forward`` to the instance (``model.forward``, a picklable
 ``functools.partial``); ``uninstall`` restores exactly what was there. On a call with ``labels`` and
@@ -11,12 +12,23 @@ exactly, go to the original forward; the latter are counted with their reason.
 
 Semantics are ``ForCausalLMLoss``'s: labels shifted by one with ``ignore_index`` padding unless ``shift_labels``
 is passed, fp32 loss, mean over non-ignored tokens or ``sum / num_items_in_batch`` under gradient accumulation.
+
+Masked LMs (BERT, RoBERTa, XLM-R, CamemBERT, DistilBERT, ELECTRA's generator; ``MASKED_LM``) take
+``fused_masked_lm_forward``: their head is a per-position transform (dense → activation → LayerNorm) then a vocabulary
+projection, and their loss ``CrossEntropyLoss()`` over the labelled positions only; so the transform runs on the
+labelled rows alone (about 15% of the tokens in MLM training) and the projection goes into the fused cross-entropy.
+Same loss (fp32: the original computes it in the logits' dtype), gradients within rounding; the transform's FLOPs and
+saved tensors shrink with the labelled share, and the ``tokens × vocab`` logits (30522 per token for BERT, 40 hidden
+vectors at hidden 768) are never made. Under ``torch.compile`` the rows are not selected (a data-dependent shape):
+the transform runs on every row and the fused loss skips the unlabelled ones.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
+import sys
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -86,6 +98,7 @@ class LossState(Tallied):
     config: LossPatchConfig
     previous_forward: object | None
     params: tuple[str, ...] = _PARAMS  # the class forward's leading parameters (its cache argument's name)
+    kind: str = "causal"  # or "masked" (``MASKED_LM``)
     fused_calls: int = 0
     no_label_calls: int = 0
     eval_calls: int = 0  # labelled calls in eval mode: served by the original forward, which returns logits
@@ -197,19 +210,23 @@ def causal_lm(model: nn.Module) -> nn.Module:
 
 
 def why_not(model: nn.Module) -> str | None:
-    """None if ``model`` (a ``*ForCausalLM`` or a PEFT model around one) can take the fused loss, else a reason."""
+    """None if ``model`` (a ``*ForCausalLM`` or ``*ForMaskedLM``, or a PEFT model around one) can take the fused
+    loss, else a reason."""
     lm = causal_lm(model)
     name = type(lm).__name__
-    if name not in RECIPES:
-        return f"{name} is not a supported *ForCausalLM ({', '.join(sorted(RECIPES))})"
-    if not isinstance(getattr(lm, "model", None), nn.Module) or not isinstance(getattr(lm, "lm_head", None),
-                                                                               nn.Module):
-        return f"{name} has no .model decoder / .lm_head"
+    if name not in RECIPES and name not in MASKED_LM:
+        return (f"{name} is not a supported *ForCausalLM ({', '.join(sorted(RECIPES))}) or *ForMaskedLM "
+                f"({', '.join(sorted(MASKED_LM))})")
     inst = lm.__dict__.get("forward")
     if inst is not None and getattr(lm, "_peftfast_loss", None) is None:
         return "forward is already replaced on the instance (e.g. accelerate hooks)"
     if hasattr(lm, "_hf_hook"):
         return "model has accelerate hooks (device_map / offloading)"
+    if name in MASKED_LM:
+        return _why_not_masked(lm)
+    if not isinstance(getattr(lm, "model", None), nn.Module) or not isinstance(getattr(lm, "lm_head", None),
+                                                                               nn.Module):
+        return f"{name} has no .model decoder / .lm_head"
     if not _standard_loss(lm):
         return "model uses a custom loss_function"
     if _forward_params(type(lm)) is None:
@@ -323,8 +340,14 @@ def _loss(model, st: LossState, head: HeadTensors, hidden: torch.Tensor, labels:
     if shift_labels is None:
         labels = nn.functional.pad(labels, (0, 1), value=ignore_index)
         shift_labels = labels[..., 1:]
-    shift_labels = shift_labels.to(hidden.device)
     softcap, scale = RECIPES[type(model).__name__](model)
+    return _head_loss(st, head, hidden, shift_labels.to(hidden.device), ignore_index, softcap, scale,
+                      kwargs.get("num_items_in_batch"))
+
+
+def _head_loss(st: LossState, head: HeadTensors, hidden: torch.Tensor, labels: torch.Tensor, ignore_index: int,
+               softcap: float | None, scale: float, num_items) -> torch.Tensor | None:
+    """The fused cross-entropy of ``head(hidden)`` against ``labels`` (None when the dtypes rule it out)."""
     w, b, a, bm = head.weight, head.bias, head.lora_a, head.lora_b
     dev = hidden.device.type
     autocast = torch.is_autocast_enabled(dev)
@@ -343,10 +366,170 @@ def _loss(model, st: LossState, head: HeadTensors, hidden: torch.Tensor, labels:
         a, bm = a.to(w.dtype), bm.to(w.dtype)
     with torch.autocast(dev, enabled=False) if autocast else contextlib.nullcontext():
         return fused_linear_cross_entropy(
-            hidden, w, shift_labels, bias=b, lora_A=a, lora_B=bm, lora_scale=head.lora_scale,
-            ignore_index=ignore_index, softcap=softcap, logit_scale=scale,
-            num_items_in_batch=kwargs.get("num_items_in_batch"), backend=st.config.backend,
-            chunk_size=st.config.chunk_size)
+            hidden, w, labels, bias=b, lora_A=a, lora_B=bm, lora_scale=head.lora_scale,
+            ignore_index=ignore_index, softcap=softcap, logit_scale=scale, num_items_in_batch=num_items,
+            backend=st.config.backend, chunk_size=st.config.chunk_size)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# masked LMs
+# ----------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class MaskedHead:
+    """A masked LM's pieces: ``logits = decoder(transform(encoder(...)[0]))``; ``whole`` is the head module the
+    original forward calls (checked against transform → decoder by the install probe), None where the forward
+    calls the pieces itself."""
+
+    encoder: str
+    transform: Callable[[torch.Tensor], torch.Tensor]
+    decoder: nn.Module
+    whole: nn.Module | None = None
+
+
+def _act_of(head: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The ``gelu`` that a RoBERTa-style head's forward calls: the one its own module imported."""
+    return sys.modules[type(head).__module__].gelu
+
+
+def _bert_head(lm: nn.Module) -> MaskedHead:
+    pred = lm.cls.predictions
+    return MaskedHead("bert", pred.transform, pred.decoder, lm.cls)
+
+
+def _roberta_head(lm: nn.Module) -> MaskedHead:
+    h = lm.lm_head
+    act = _act_of(h)
+    return MaskedHead("roberta", lambda x: h.layer_norm(act(h.dense(x))), h.decoder, h)
+
+
+def _distilbert_head(lm: nn.Module) -> MaskedHead:
+    return MaskedHead("distilbert", lambda x: lm.vocab_layer_norm(lm.activation(lm.vocab_transform(x))),
+                      lm.vocab_projector)
+
+
+def _electra_head(lm: nn.Module) -> MaskedHead:
+    return MaskedHead("electra", lm.generator_predictions, lm.generator_lm_head)
+
+
+# classes whose forward is "encoder → head → CrossEntropyLoss()(logits.view(-1, V), labels.view(-1))"
+MASKED_LM: dict[str, Callable[[nn.Module], MaskedHead]] = {
+    "BertForMaskedLM": _bert_head, "RobertaForMaskedLM": _roberta_head, "XLMRobertaForMaskedLM": _roberta_head,
+    "CamembertForMaskedLM": _roberta_head, "DistilBertForMaskedLM": _distilbert_head,
+    "ElectraForMaskedLM": _electra_head,
+}
+
+
+@functools.cache
+def _masked_signature(cls: type) -> tuple[inspect.Signature, tuple[str, ...], str | None]:
+    """(signature, the encoder arguments, the ``**kwargs`` name) of ``cls.forward``."""
+    sig = inspect.signature(cls.forward)
+    params = list(sig.parameters.values())[1:]
+    var_kw = next((q.name for q in params if q.kind is q.VAR_KEYWORD), None)
+    named = tuple(q.name for q in params if q.kind is q.POSITIONAL_OR_KEYWORD and q.name != "labels")
+    return sig, named, var_kw
+
+
+def _masked_probe(head: MaskedHead) -> str | None:
+    """None when the head module computes exactly ``decoder(transform(x))`` on a random input (both calls under
+    one RNG seed, so LoRA dropout in the head draws the same masks), else why not."""
+    w = head.decoder.weight if isinstance(getattr(head.decoder, "weight", None), torch.Tensor) else None
+    if head.whole is None or w is None:
+        return None
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3, w.shape[1], generator=gen).to(device=w.device, dtype=w.dtype)
+    cuda = [w.device] if w.device.type == "cuda" else []
+    outs = []
+    with torch.no_grad():
+        for f in (head.whole, lambda t: head.decoder(head.transform(t))):
+            with torch.random.fork_rng(devices=cuda, device_type="cuda"):
+                torch.manual_seed(0)
+                outs.append(f(x))
+    if not isinstance(outs[0], torch.Tensor) or outs[0].shape != outs[1].shape or not torch.equal(*outs):
+        return f"{type(head.whole).__name__}.forward is not dense → activation → LayerNorm → decoder (probe)"
+    return None
+
+
+def _why_not_masked(lm: nn.Module) -> str | None:
+    name = type(lm).__name__
+    try:
+        head = MASKED_LM[name](lm)
+    except AttributeError as exc:
+        return f"{name} lacks the masked-LM head it should have ({exc})"
+    encoder = getattr(lm, head.encoder, None)
+    if not isinstance(encoder, nn.Module) or not isinstance(head.decoder, nn.Module):
+        return f"{name} has no .{head.encoder} encoder / decoder module"
+    sig, named, var_kw = _masked_signature(type(lm))
+    if "labels" not in sig.parameters:
+        return f"{name}.forward takes no labels"
+    enc_params = inspect.signature(type(encoder).forward).parameters
+    missing = [a for a in named if a not in enc_params]
+    if missing or "return_dict" in named:
+        return f"{name}.forward has arguments its encoder does not take by name ({', '.join(missing or named)})"
+    if name == "DistilBertForMaskedLM":
+        fn = getattr(lm, "mlm_loss_fct", None)
+        if type(fn) is not nn.CrossEntropyLoss or fn.weight is not None or fn.ignore_index != -100 or \
+                fn.reduction != "mean" or fn.label_smoothing != 0.0:
+            return "mlm_loss_fct is not a default nn.CrossEntropyLoss()"
+    ht = head_tensors(head.decoder, training=False)
+    if isinstance(ht, str):
+        return ht.replace("lm_head", "MLM decoder")
+    if ht.weight.shape[0] != lm.config.vocab_size:
+        return f"MLM decoder has {ht.weight.shape[0]} outputs but the loss uses vocab_size {lm.config.vocab_size}"
+    return _masked_probe(head)
+
+
+def fused_masked_lm_forward(model: nn.Module, *args, **kwargs):
+    """Drop-in ``forward`` for the ``MASKED_LM`` classes (bound to the instance by ``install``)."""
+    st: LossState = model._peftfast_loss
+    sig, named, var_kw = _masked_signature(type(model))
+    try:
+        bound = sig.bind(model, *args, **kwargs)
+    except TypeError:
+        return _original(model, st, args, kwargs)  # raises the original's own error
+    p = dict(bound.arguments)
+    p.pop(next(iter(sig.parameters)))
+    extra = dict(p.pop(var_kw, {})) if var_kw else {}
+    labels = p.pop("labels", None)
+    if labels is None:
+        tally(st.tally_key, "no_label_calls")
+        return _original(model, st, args, kwargs)
+    if not model.training and not st.config.keep_logits:
+        tally(st.tally_key, "eval_calls")
+        return _original(model, st, args, kwargs)
+    head = MASKED_LM[type(model).__name__](model)
+    ht = head_tensors(head.decoder, model.training)
+    if isinstance(ht, str):
+        tally(st.tally_key, "fallbacks", ht.replace("lm_head", "MLM decoder"))
+        return _original(model, st, args, kwargs)
+
+    return_dict = extra.pop("return_dict", None)
+    if return_dict is None:
+        return_dict = getattr(model.config, "return_dict", True)
+    outputs = getattr(model, head.encoder)(**p, return_dict=True, **extra)
+    hidden = outputs[0]
+    h = hidden.reshape(-1, hidden.shape[-1])
+    lab = labels.to(hidden.device).reshape(-1)
+    if not torch.compiler.is_compiling():
+        # the head is per position and the loss reads labelled rows only: transform just those (one sync to size
+        # them); with none labelled every row stays and the loss is NaN, as CrossEntropyLoss gives
+        rows = (lab != -100).nonzero().squeeze(1)
+        if 0 < rows.numel() < lab.numel():
+            h, lab = h.index_select(0, rows), lab.index_select(0, rows)
+    z = head.transform(h)
+    loss = _head_loss(st, ht, z, lab, -100, None, 1.0, None)
+    if loss is None:  # a dtype the fused op cannot take: finish as the original would, from these rows
+        tally(st.tally_key, "fallbacks", "hidden dtype differs from MLM decoder weight dtype")
+        loss = nn.functional.cross_entropy(head.decoder(z), lab)
+    else:
+        tally(st.tally_key, "fused_calls")
+    logits = None
+    if st.config.keep_logits:
+        with torch.no_grad():
+            logits = head.decoder(head.transform(hidden))
+    from transformers.modeling_outputs import MaskedLMOutput
+
+    out = MaskedLMOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions)
+    return out if return_dict else out.to_tuple()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -359,6 +542,10 @@ def install(model: nn.Module, config: LossPatchConfig) -> nn.Module:
     st = getattr(lm, "_peftfast_loss", None)
     if st is not None:
         st.config = config
+        return lm
+    if type(lm).__name__ in MASKED_LM:
+        st = LossState(config=config, previous_forward=None, kind="masked")
+        bind_forward(lm, "_peftfast_loss", st, fused_masked_lm_forward)
         return lm
     st = LossState(config=config, previous_forward=None, params=_forward_params(type(lm)) or _PARAMS)
     bind_forward(lm, "_peftfast_loss", st, fused_causal_lm_forward)
