@@ -17,6 +17,7 @@ processes with ``RANK``/``WORLD_SIZE``/``MASTER_ADDR=127.0.0.1``/a free port, as
 from __future__ import annotations
 
 import copy
+import inspect
 import os
 import socket
 import subprocess
@@ -106,14 +107,16 @@ def rows(n: int = 8, seq: int = 9) -> list[dict[str, torch.Tensor]]:
     return out
 
 
-def hf_train(model, out_dir, resume: str | None = None, **kw):
-    """Train with HF ``Trainer``; returns the trainer (loss per optimizer step in ``log_history``)."""
+def hf_train(model, out_dir, resume: str | None = None, train_dataset: list | None = None, **kw):
+    """Train with HF ``Trainer`` (on ``rows()`` by default); returns the trainer (loss per optimizer step in
+    ``log_history``)."""
     from transformers import Trainer, TrainingArguments
 
     args = dict(output_dir=str(out_dir), max_steps=4, per_device_train_batch_size=2, learning_rate=1e-2,
                 adam_epsilon=1e-4, report_to=[], use_cpu=True, save_strategy="no", logging_strategy="steps",
                 logging_steps=1, disable_tqdm=True, seed=5, data_seed=7)
-    trainer = Trainer(model=model, args=TrainingArguments(**{**args, **kw}), train_dataset=rows())
+    trainer = Trainer(model=model, args=TrainingArguments(**{**args, **kw}),
+                      train_dataset=rows() if train_dataset is None else train_dataset)
     trainer.train(resume_from_checkpoint=resume)
     return trainer
 
@@ -136,6 +139,41 @@ def test_trainer_gradient_accumulation_matches_peft(tmp_path):
     assert_losses_close(logged_losses(t_fast), logged_losses(t_ref))
     assert_same_training(weights(fast), weights(ref), init)
     assert fused_counts(fast) == {8}  # 4 steps x 2 micro-batches, every layer on the fused path
+
+
+def test_trainer_fused_causal_loss_matches_peft(tmp_path):
+    """``fuse_loss=True`` under ``Trainer``: the patched forward shows the original signature (Trainer keeps only the
+    batch columns it names: a bare ``(*args, **kwargs)`` lost ``input_ids``), accumulation 2, same training."""
+    from peftfast.patching.loss import loss_stats
+
+    ref = lora_llama()
+    init = weights(ref)
+    fast = peftfast.patch(copy.deepcopy(ref), fuse_loss=True)
+    lm = fast.get_base_model()
+    assert "forward" in lm.__dict__ and inspect.signature(lm.forward) == inspect.signature(ref.get_base_model().forward)
+    t_ref = hf_train(ref, tmp_path / "ref", gradient_accumulation_steps=2)
+    t_fast = hf_train(fast, tmp_path / "fast", gradient_accumulation_steps=2)
+    assert_losses_close(logged_losses(t_fast), logged_losses(t_ref))
+    assert_same_training(weights(fast), weights(ref), init)
+    assert loss_stats(fast) == {"fused": 8, "no_labels": 0, "eval": 0, "fallbacks": {}}
+
+
+def test_trainer_masked_lm_fused_loss_matches_peft(tmp_path):
+    """BERT masked-LM training (a third of the positions labelled) with ``fuse_loss=True``: batch 2 x accumulation 2,
+    four steps, the same losses and LoRA weights as unpatched PEFT, every training call on the fused loss."""
+    from peftfast.patching.loss import loss_stats
+
+    ref = peft_model("bert", r=4, lora_alpha=8)
+    init = weights(ref)
+    fast = peftfast.patch(copy.deepcopy(ref), fuse_loss=True)
+    data = rows()
+    for r in data:
+        r["labels"] = torch.where(torch.arange(r["labels"].numel()) % 3 == 0, r["labels"], -100)
+    t_ref = hf_train(ref, tmp_path / "ref", gradient_accumulation_steps=2, train_dataset=data)
+    t_fast = hf_train(fast, tmp_path / "fast", gradient_accumulation_steps=2, train_dataset=data)
+    assert_losses_close(logged_losses(t_fast), logged_losses(t_ref))
+    assert_same_training(weights(fast), weights(ref), init)
+    assert loss_stats(fast) == {"fused": 8, "no_labels": 0, "eval": 0, "fallbacks": {}}
 
 
 def test_trainer_gradient_checkpointing_matches_no_checkpointing(tmp_path):
@@ -294,6 +332,27 @@ def test_sft_trainer_patched_matches_peft(sft_data, tmp_path, mode):
     assert_losses_close(l_fast, l_ref)
     assert_same_training(w_fast, w_ref, init)
     assert fused_counts(trainer.model) == {3}
+
+
+def test_sft_trainer_own_fused_lm_head_is_named_in_the_report(sft_data, tmp_path):
+    """TRL 1.x binds its own chunked LM-head loss to the model's forward: ``fuse_loss=True`` steps aside and the
+    report says it is TRL's (older TRL leaves the forward alone and the fused loss is installed)."""
+    import trl.trainer.utils as trl_utils
+    from peft import LoraConfig
+    from trl import SFTConfig, SFTTrainer
+
+    tok, ds = sft_data
+    args = SFTConfig(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=4, bf16=False,
+                     report_to=[], use_cpu=True, save_strategy="no", max_length=32)
+    trainer = SFTTrainer(model=llama(vocab_size=128), args=args, train_dataset=ds, processing_class=tok,
+                         peft_config=LoraConfig(r=4, target_modules="all-linear"))
+    peftfast.patch(trainer.model, fuse_loss=True)
+    entry = next(e for e in peftfast.report(trainer.model).modules if e.kind == "loss")
+    if hasattr(trl_utils, "add_fused_lm_head"):
+        assert not entry.patched and "TRL's own" in entry.reason and "_fused_forward" in entry.reason
+    else:
+        assert entry.patched, entry.reason
+    assert fused_counts(trainer.model) == {0}  # the LoRA layers are patched all the same (no call yet)
 
 
 def test_sft_trainer_defaults_bf16_autocast_and_checkpointing(sft_data, tmp_path):

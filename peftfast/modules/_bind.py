@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 
 from torch import nn
 
@@ -33,7 +34,14 @@ def bind_forward(module: nn.Module, state_attr: str, state, fn, method: str = "f
     """
     state.previous_forward = module.__dict__.get(method)
     setattr(module, state_attr, state)
-    setattr(module, method, functools.partial(fn, module))
+    bound = functools.partial(fn, module)
+    try:
+        # what callers read off the forward stays the original's: HF Trainer keeps only the batch columns named in
+        # ``inspect.signature(model.forward)``, and a bare ``(*args, **kwargs)`` would make it drop ``input_ids``
+        bound.__signature__ = inspect.signature(getattr(module, method))
+    except (TypeError, ValueError):  # a callable without a signature: the partial's own
+        pass
+    setattr(module, method, bound)
 
 
 def call_original(module: nn.Module, state, *args, **kwargs):

@@ -209,6 +209,18 @@ def causal_lm(model: nn.Module) -> nn.Module:
     return model
 
 
+def _replaced_forward_reason(inst) -> str:
+    # the replacement copies the original's names (functools.wraps); its code object still tells where it is from
+    code = getattr(getattr(inst, "__func__", inst), "__code__", None)
+    parts = code.co_filename.replace("\\", "/").split("/") if code is not None else []
+    if "trl" in parts[:-1]:
+        # TRL's SFTTrainer (1.x) binds its own chunked LM-head loss to the model: the loss is already computed
+        # without the full logits, by TRL
+        name = getattr(code, "co_qualname", code.co_name)
+        return f"forward is TRL's own ({name} in trl/{parts[-1]}: SFTTrainer's chunked LM-head loss)"
+    return "forward is already replaced on the instance (e.g. accelerate hooks)"
+
+
 def why_not(model: nn.Module) -> str | None:
     """None if ``model`` (a ``*ForCausalLM`` or ``*ForMaskedLM``, or a PEFT model around one) can take the fused
     loss, else a reason."""
@@ -219,7 +231,7 @@ def why_not(model: nn.Module) -> str | None:
                 f"({', '.join(sorted(MASKED_LM))})")
     inst = lm.__dict__.get("forward")
     if inst is not None and getattr(lm, "_peftfast_loss", None) is None:
-        return "forward is already replaced on the instance (e.g. accelerate hooks)"
+        return _replaced_forward_reason(inst)
     if hasattr(lm, "_hf_hook"):
         return "model has accelerate hooks (device_map / offloading)"
     if name in MASKED_LM:
