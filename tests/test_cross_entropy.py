@@ -484,14 +484,15 @@ def test_model_loss_and_grads_match_unpatched(arch, backend):
 
 _RECIPE_EXTRA = {"Gemma": dict(head_dim=8), "Gemma2": dict(head_dim=8, final_logit_softcapping=5.0),
                  "Gemma3": dict(head_dim=8, final_logit_softcapping=5.0), "Cohere": dict(logit_scale=0.3),
-                 "Granite": dict(logits_scaling=4.0), "Qwen3": dict(head_dim=8), "Mistral": dict(head_dim=8)}
+                 "Granite": dict(logits_scaling=4.0), "Qwen3": dict(head_dim=8), "Mistral": dict(head_dim=8),
+                 "GPT2": dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)}
 
 
 @pytest.mark.parametrize("cls", sorted(ce_mod.RECIPES))
 def test_every_supported_class_matches_unpatched(cls):
     import transformers
 
-    name = cls.removesuffix("ForCausalLM")
+    name = cls.removesuffix("ForCausalLM").removesuffix("LMHeadModel")
     cfg_cls = getattr(transformers, "Gemma3TextConfig" if name == "Gemma3" else f"{name}Config")
     kw = dict(vocab_size=M.VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=64, attn_implementation="eager", pad_token_id=None,
@@ -611,7 +612,7 @@ def test_why_not_reasons():
     torch.manual_seed(0)
     dora = get_peft_model(M.llama(), LoraConfig(target_modules=["lm_head"], use_dora=True, r=4))
     assert "variant" in install_loss(dora)[1]
-    assert "not a supported" in ce_mod.why_not(M.gpt2())
+    assert "not a supported" in ce_mod.why_not(torch.nn.Linear(2, 2))
     llama = M.llama()
     llama.loss_function = lambda *a, **k: None
     assert "custom loss_function" in ce_mod.why_not(llama)
@@ -807,3 +808,41 @@ def test_masked_lm_why_not_and_uninstall():
     torch.testing.assert_close(twin(input_ids=ids, labels=lab).loss, roberta(input_ids=ids, labels=lab).loss)
     uninstall_loss(roberta)
     assert "forward" not in roberta.__dict__ and roberta(input_ids=ids, labels=lab).logits is not None
+
+
+def test_bound_causal_forward_gpt2_arguments_outputs_and_cache():
+    """GPT-2 (``transformer`` backbone, its own argument order, token_type_ids, cross-attention output class): the
+    fused forward binds the class's signature and hands every argument on by name, as the original does."""
+    from transformers import DynamicCache
+
+    ref = M.peft_model("gpt2", r=4, lora_alpha=8)
+    model = copy.deepcopy(ref)
+    assert install_loss(model, backend="torch") == (True, None)
+    assert model.get_base_model()._peftfast_loss.kind == "bound"
+    ids, lab = _batch()
+    tt = torch.ones_like(ids)  # token_type_ids go through the embedding: a lost argument changes the loss
+    want = ref(input_ids=ids, labels=lab, token_type_ids=tt)
+    got = model(ids, labels=lab, token_type_ids=tt)
+    assert type(got) is type(want) and got.logits is None
+    torch.testing.assert_close(got.loss, want.loss, rtol=1e-5, atol=1e-6)
+    got.loss.backward()
+    want.loss.backward()
+    for n, p in _trainable(ref).items():
+        torch.testing.assert_close(_trainable(model)[n].grad, p.grad, rtol=1e-4, atol=1e-6, msg=n)
+    tup = model(input_ids=ids, labels=lab, return_dict=False)
+    assert isinstance(tup, tuple) and tup[0].shape == ()
+    params = inspect.signature(type(ref.get_base_model()).forward).parameters
+    cache_name = next(n for n in ("cache", "past_key_values") if n in params)
+    c_got, c_want = DynamicCache(config=model.config), DynamicCache(config=ref.config)
+    out = model(input_ids=ids, labels=lab, use_cache=True, **{cache_name: c_got})
+    ref(input_ids=ids, labels=lab, use_cache=True, **{cache_name: c_want})
+    assert getattr(out, cache_name) is c_got and c_got.get_seq_length() == c_want.get_seq_length() > 0
+    model.eval()
+    ref.eval()
+    install_loss(model, backend="torch", keep_logits=True)
+    out, r = model(input_ids=ids, labels=lab), ref(input_ids=ids, labels=lab)
+    torch.testing.assert_close(out.logits, r.logits)
+    assert loss_stats(model) == {"fused": 4, "no_labels": 0, "eval": 0, "fallbacks": {}}
+    # served by the original (whose loss then reads the kept position's label only)
+    assert model(input_ids=ids, labels=lab[:, -1:], logits_to_keep=1).logits.shape[1] == 1
+    assert loss_stats(model)["fallbacks"] == {"logits_to_keep != 0": 1}

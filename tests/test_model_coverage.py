@@ -77,7 +77,7 @@ def test_patch_report(arch):
     assert not any("forward" in m.__dict__ for m in model.modules())
 
 
-@pytest.mark.parametrize("arch", CAUSAL_LMS)
+@pytest.mark.parametrize("arch", [*CAUSAL_LMS, "gpt2", "bert", "roberta"])
 def test_fused_loss_opt_in_matches_unpatched(arch):
     """``fuse_loss=True``: the loss comes from fused linear cross-entropy, with no logits, and matches."""
     model = peft_model(arch, target_modules="all-linear")

@@ -26,6 +26,7 @@ the transform runs on every row and the fused loss skips the unlabelled ones.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import inspect
 import sys
@@ -64,7 +65,15 @@ RECIPES: dict[str, Callable[[nn.Module], tuple[float | None, float]]] = {
     "Qwen3ForCausalLM": _plain, "GemmaForCausalLM": _plain, "Phi3ForCausalLM": _plain,
     "Gemma2ForCausalLM": _gemma_softcap, "Gemma3ForCausalLM": _gemma_softcap,
     "CohereForCausalLM": _cohere, "GraniteForCausalLM": _granite,
+    "PhiForCausalLM": _plain, "Olmo2ForCausalLM": _plain, "Starcoder2ForCausalLM": _plain,
+    "StableLmForCausalLM": _plain, "SmolLM3ForCausalLM": _plain,
+    # the same body with another backbone attribute and argument list: served through their own signature
+    "GPT2LMHeadModel": _plain, "GPTNeoXForCausalLM": _plain,
 }
+# RECIPES classes whose backbone is not ``.model`` (served by ``fused_bound_causal_forward``)
+BACKBONES: dict[str, str] = {"GPT2LMHeadModel": "transformer", "GPTNeoXForCausalLM": "gpt_neox"}
+# the output class, where not CausalLMOutputWithPast
+_OUTPUTS = {"GPT2LMHeadModel": "CausalLMOutputWithCrossAttentions"}
 _PARAMS = ("input_ids", "attention_mask", "position_ids", "past_key_values", "inputs_embeds", "labels", "use_cache",
            "logits_to_keep")
 # transformers 5.24 renamed the cache argument and output field ``past_key_values`` to ``cache`` (the old keyword is
@@ -98,7 +107,7 @@ class LossState(Tallied):
     config: LossPatchConfig
     previous_forward: object | None
     params: tuple[str, ...] = _PARAMS  # the class forward's leading parameters (its cache argument's name)
-    kind: str = "causal"  # or "masked" (``MASKED_LM``)
+    kind: str = "causal"  # "bound" (``BACKBONES``), "masked" (``MASKED_LM``)
     fused_calls: int = 0
     no_label_calls: int = 0
     eval_calls: int = 0  # labelled calls in eval mode: served by the original forward, which returns logits
@@ -236,12 +245,17 @@ def why_not(model: nn.Module) -> str | None:
         return "model has accelerate hooks (device_map / offloading)"
     if name in MASKED_LM:
         return _why_not_masked(lm)
-    if not isinstance(getattr(lm, "model", None), nn.Module) or not isinstance(getattr(lm, "lm_head", None),
-                                                                               nn.Module):
-        return f"{name} has no .model decoder / .lm_head"
+    backbone = BACKBONES.get(name, "model")
+    if not isinstance(getattr(lm, backbone, None), nn.Module) or not isinstance(getattr(lm, "lm_head", None),
+                                                                                 nn.Module):
+        return f"{name} has no .{backbone} decoder / .lm_head"
     if not _standard_loss(lm):
         return "model uses a custom loss_function"
-    if _forward_params(type(lm)) is None:
+    if name in BACKBONES:
+        why = _bound_reason(lm, getattr(lm, backbone), ("labels", "logits_to_keep"))
+        if why:
+            return why
+    elif _forward_params(type(lm)) is None:
         params = tuple(inspect.signature(type(lm).forward).parameters)[1:]
         return f"{name}.forward has an unexpected signature {params}"
     head = head_tensors(lm.lm_head, training=False)
@@ -332,6 +346,69 @@ def fused_causal_lm_forward(model: nn.Module, *args, **kwargs):
 
     out = CausalLMOutputWithPast(loss=loss, logits=logits, hidden_states=outputs.hidden_states,
                                  attentions=outputs.attentions, **{cache: getattr(outputs, cache)})
+    return out if return_dict else out.to_tuple()
+
+
+def _bind_call(model: nn.Module, skip: tuple[str, ...], args, kwargs) -> tuple[dict, dict] | None:
+    """(named arguments but ``skip`` kept in it, ``**kwargs``) of a call as the class forward binds it; None when it
+    does not bind (the original forward then raises its own error)."""
+    sig, _, var_kw = _signature_parts(type(model), skip)
+    try:
+        bound = sig.bind(model, *args, **kwargs)
+    except TypeError:
+        return None
+    p = dict(bound.arguments)
+    p.pop(next(iter(sig.parameters)))
+    return p, (dict(p.pop(var_kw, {})) if var_kw else {})
+
+
+def fused_bound_causal_forward(model: nn.Module, *args, **kwargs):
+    """Drop-in ``forward`` for the ``BACKBONES`` causal LMs (GPT-2, GPT-NeoX): their own argument list, bound by
+    their signature and handed on to the backbone by name, as their forward does."""
+    st: LossState = model._peftfast_loss
+    bound = _bind_call(model, ("labels", "logits_to_keep"), args, kwargs)
+    if bound is None:
+        return _original(model, st, args, kwargs)
+    p, extra = bound
+    labels, keep = p.pop("labels", None), p.pop("logits_to_keep", 0)
+    if labels is None:
+        tally(st.tally_key, "no_label_calls")
+        return _original(model, st, args, kwargs)
+    if not model.training and not st.config.keep_logits:
+        tally(st.tally_key, "eval_calls")
+        return _original(model, st, args, kwargs)
+    reason = _call_reason(model, {"logits_to_keep": keep})
+    head = None
+    if reason is None:
+        head = head_tensors(model.lm_head, model.training)
+        if isinstance(head, str):
+            reason = head
+    if reason is not None:
+        tally(st.tally_key, "fallbacks", reason)
+        return _original(model, st, args, kwargs)
+
+    return_dict = extra.pop("return_dict", None)
+    if return_dict is None:
+        return_dict = getattr(model.config, "return_dict", True)
+    name = type(model).__name__
+    outputs = getattr(model, BACKBONES[name])(**p, **extra)
+    hidden = outputs[0]
+    loss = _loss(model, st, head, hidden, labels, extra)
+    if loss is None:
+        tally(st.tally_key, "fallbacks", "hidden dtype differs from lm_head weight dtype")
+        loss = model.loss_function(_logits(model, hidden), labels, model.config.vocab_size, **extra)
+    else:
+        tally(st.tally_key, "fused_calls")
+    logits = None
+    if st.config.keep_logits:
+        with torch.no_grad():
+            logits = _logits(model, hidden)
+    import transformers.modeling_outputs as mo
+
+    out_cls = getattr(mo, _OUTPUTS.get(name, "CausalLMOutputWithPast"))
+    rest = {f.name: getattr(outputs, f.name, None) for f in dataclasses.fields(out_cls)
+            if f.name not in ("loss", "logits")}
+    out = out_cls(loss=loss, logits=logits, **rest)
     return out if return_dict else out.to_tuple()
 
 
@@ -432,13 +509,30 @@ MASKED_LM: dict[str, Callable[[nn.Module], MaskedHead]] = {
 
 
 @functools.cache
-def _masked_signature(cls: type) -> tuple[inspect.Signature, tuple[str, ...], str | None]:
-    """(signature, the encoder arguments, the ``**kwargs`` name) of ``cls.forward``."""
+def _signature_parts(cls: type, skip: tuple[str, ...] = ("labels",)) -> tuple[inspect.Signature, tuple[str, ...],
+                                                                             str | None]:
+    """(signature, the arguments handed on to the backbone: all named ones but ``skip``, the ``**kwargs`` name) of
+    ``cls.forward``."""
     sig = inspect.signature(cls.forward)
     params = list(sig.parameters.values())[1:]
     var_kw = next((q.name for q in params if q.kind is q.VAR_KEYWORD), None)
-    named = tuple(q.name for q in params if q.kind is q.POSITIONAL_OR_KEYWORD and q.name != "labels")
+    named = tuple(q.name for q in params if q.kind is q.POSITIONAL_OR_KEYWORD and q.name not in skip)
     return sig, named, var_kw
+
+
+def _bound_reason(lm: nn.Module, backbone: nn.Module, skip: tuple[str, ...]) -> str | None:
+    """None when ``lm.forward`` takes ``skip`` and hands every other named argument to a backbone that takes it by
+    that name, else why not."""
+    name = type(lm).__name__
+    sig, named, _ = _signature_parts(type(lm), skip)
+    absent = [a for a in skip if a not in sig.parameters]
+    if absent:
+        return f"{name}.forward takes no {', '.join(absent)}"
+    params = inspect.signature(type(backbone).forward).parameters
+    missing = [a for a in named if a not in params]
+    if missing or "return_dict" in named:
+        return f"{name}.forward has arguments its backbone does not take by name ({', '.join(missing or named)})"
+    return None
 
 
 def _masked_probe(head: MaskedHead) -> str | None:
@@ -470,13 +564,9 @@ def _why_not_masked(lm: nn.Module) -> str | None:
     encoder = getattr(lm, head.encoder, None)
     if not isinstance(encoder, nn.Module) or not isinstance(head.decoder, nn.Module):
         return f"{name} has no .{head.encoder} encoder / decoder module"
-    sig, named, var_kw = _masked_signature(type(lm))
-    if "labels" not in sig.parameters:
-        return f"{name}.forward takes no labels"
-    enc_params = inspect.signature(type(encoder).forward).parameters
-    missing = [a for a in named if a not in enc_params]
-    if missing or "return_dict" in named:
-        return f"{name}.forward has arguments its encoder does not take by name ({', '.join(missing or named)})"
+    why = _bound_reason(lm, encoder, ("labels",))
+    if why:
+        return why
     if name == "DistilBertForMaskedLM":
         fn = getattr(lm, "mlm_loss_fct", None)
         if type(fn) is not nn.CrossEntropyLoss or fn.weight is not None or fn.ignore_index != -100 or \
@@ -493,14 +583,10 @@ def _why_not_masked(lm: nn.Module) -> str | None:
 def fused_masked_lm_forward(model: nn.Module, *args, **kwargs):
     """Drop-in ``forward`` for the ``MASKED_LM`` classes (bound to the instance by ``install``)."""
     st: LossState = model._peftfast_loss
-    sig, named, var_kw = _masked_signature(type(model))
-    try:
-        bound = sig.bind(model, *args, **kwargs)
-    except TypeError:
+    bound = _bind_call(model, ("labels",), args, kwargs)
+    if bound is None:
         return _original(model, st, args, kwargs)  # raises the original's own error
-    p = dict(bound.arguments)
-    p.pop(next(iter(sig.parameters)))
-    extra = dict(p.pop(var_kw, {})) if var_kw else {}
+    p, extra = bound
     labels = p.pop("labels", None)
     if labels is None:
         tally(st.tally_key, "no_label_calls")
@@ -558,6 +644,10 @@ def install(model: nn.Module, config: LossPatchConfig) -> nn.Module:
     if type(lm).__name__ in MASKED_LM:
         st = LossState(config=config, previous_forward=None, kind="masked")
         bind_forward(lm, "_peftfast_loss", st, fused_masked_lm_forward)
+        return lm
+    if type(lm).__name__ in BACKBONES:
+        st = LossState(config=config, previous_forward=None, kind="bound")
+        bind_forward(lm, "_peftfast_loss", st, fused_bound_causal_forward)
         return lm
     st = LossState(config=config, previous_forward=None, params=_forward_params(type(lm)) or _PARAMS)
     bind_forward(lm, "_peftfast_loss", st, fused_causal_lm_forward)
