@@ -201,3 +201,14 @@ def test_masked_lm_loss_compiles_without_breaks_in_our_code():
     assert _breaks_in_our_files(explanation) == []
     fused, fallbacks = _counts(model)["base_model.model (loss)"]
     assert fused >= 2 and fallbacks == 0
+
+
+def test_bound_causal_loss_compiles_without_breaks_in_our_code():
+    """GPT-2's fused causal loss (its own argument list, bound by signature) under torch.compile."""
+    model = peft_model("gpt2", r=4, lora_alpha=8)
+    data = batch("gpt2", seq=11, bsz=2)
+    peftfast.patch(model, fuse_loss=True)
+    explanation, _ = _compare(lambda **d: model(**d).loss, list(trainable(model).values()), **data)
+    assert _breaks_in_our_files(explanation) == []
+    fused, fallbacks = _counts(model)["base_model.model (loss)"]
+    assert fused >= 2 and fallbacks == 0

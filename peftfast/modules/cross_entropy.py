@@ -108,6 +108,7 @@ class LossState(Tallied):
     previous_forward: object | None
     params: tuple[str, ...] = _PARAMS  # the class forward's leading parameters (its cache argument's name)
     kind: str = "causal"  # "bound" (``BACKBONES``), "masked" (``MASKED_LM``)
+    out_fields: tuple[str, ...] = ()  # "bound": the output fields besides loss and logits
     fused_calls: int = 0
     no_label_calls: int = 0
     eval_calls: int = 0  # labelled calls in eval mode: served by the original forward, which returns logits
@@ -362,6 +363,12 @@ def _bind_call(model: nn.Module, skip: tuple[str, ...], args, kwargs) -> tuple[d
     return p, (dict(p.pop(var_kw, {})) if var_kw else {})
 
 
+def _output_class(name: str) -> type:
+    import transformers.modeling_outputs as mo
+
+    return getattr(mo, _OUTPUTS.get(name, "CausalLMOutputWithPast"))
+
+
 def fused_bound_causal_forward(model: nn.Module, *args, **kwargs):
     """Drop-in ``forward`` for the ``BACKBONES`` causal LMs (GPT-2, GPT-NeoX): their own argument list, bound by
     their signature and handed on to the backbone by name, as their forward does."""
@@ -403,12 +410,8 @@ def fused_bound_causal_forward(model: nn.Module, *args, **kwargs):
     if st.config.keep_logits:
         with torch.no_grad():
             logits = _logits(model, hidden)
-    import transformers.modeling_outputs as mo
-
-    out_cls = getattr(mo, _OUTPUTS.get(name, "CausalLMOutputWithPast"))
-    rest = {f.name: getattr(outputs, f.name, None) for f in dataclasses.fields(out_cls)
-            if f.name not in ("loss", "logits")}
-    out = out_cls(loss=loss, logits=logits, **rest)
+    out_cls = _output_class(name)
+    out = out_cls(loss=loss, logits=logits, **{f: getattr(outputs, f, None) for f in st.out_fields})
     return out if return_dict else out.to_tuple()
 
 
@@ -646,7 +649,11 @@ def install(model: nn.Module, config: LossPatchConfig) -> nn.Module:
         bind_forward(lm, "_peftfast_loss", st, fused_masked_lm_forward)
         return lm
     if type(lm).__name__ in BACKBONES:
-        st = LossState(config=config, previous_forward=None, kind="bound")
+        # the output's other fields, copied from the backbone's output (read here: dataclass introspection is not
+        # traceable by torch.compile)
+        fields = tuple(f.name for f in dataclasses.fields(_output_class(type(lm).__name__))
+                       if f.name not in ("loss", "logits"))
+        st = LossState(config=config, previous_forward=None, kind="bound", out_fields=fields)
         bind_forward(lm, "_peftfast_loss", st, fused_bound_causal_forward)
         return lm
     st = LossState(config=config, previous_forward=None, params=_forward_params(type(lm)) or _PARAMS)
