@@ -638,3 +638,23 @@ def test_summary_table_is_regenerated_from_the_json(tmp_path):
     fresh = tmp_path / "NEW.md"  # no markers yet: a section is appended
     assert summarize.main([str(tmp_path / "results"), "--readme", str(fresh)]) == 0
     assert summarize.START in fresh.read_text() and "| peftfast |" in fresh.read_text()
+
+
+def test_git_commit_marks_uncommitted_tracked_changes(tmp_path, monkeypatch):
+    """The recorded commit says ``+dirty`` when tracked files differ from it (untracked files do not count), and
+    ``unknown`` outside a repository."""
+    def git(*args):
+        return subprocess.run(["git", "-C", str(tmp_path), *args], capture_output=True, text=True, check=True).stdout
+
+    src = tmp_path / "bench.py"
+    monkeypatch.setattr(bench, "__file__", str(src))
+    assert bench.git_commit() == "unknown"
+    git("init", "-q")
+    src.write_text("a = 1\n")
+    git("add", "bench.py")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "x")
+    sha = git("rev-parse", "--short", "HEAD").strip()
+    (tmp_path / "untracked.txt").write_text("x")
+    assert bench.git_commit() == sha
+    src.write_text("a = 2\n")
+    assert bench.git_commit() == sha + "+dirty"
