@@ -275,13 +275,35 @@ def _original(model: nn.Module, st: LossState, args, kwargs):
     return call_original(model, st, *args, **kwargs)
 
 
-def _call_reason(model: nn.Module, p: dict) -> str | None:
-    keep = p["logits_to_keep"]
+def _call_reason(model: nn.Module, keep) -> str | None:
     if isinstance(keep, torch.Tensor) or keep != 0:
         return "logits_to_keep != 0"
     if not _standard_loss(model):
         return "model uses a custom loss_function"
     return None
+
+
+def _serve(model: nn.Module, st: LossState, labels, keep, head: nn.Module) -> HeadTensors | None:
+    """The head's tensors when this call takes the fused loss, else None (counted: no labels, evaluation, or the
+    fallback's reason) and the original forward serves it. ``keep``: ``logits_to_keep`` (None: a masked LM, whose
+    forward has neither it nor ``loss_function``)."""
+    if labels is None:
+        tally(st.tally_key, "no_label_calls")
+        return None
+    if not model.training and not st.config.keep_logits:
+        # evaluation usually wants the logits (metrics, generation); there is no backward to save memory for
+        tally(st.tally_key, "eval_calls")
+        return None
+    reason = None if keep is None else _call_reason(model, keep)
+    ht = None
+    if reason is None:
+        ht = head_tensors(head, model.training)
+        if isinstance(ht, str):
+            reason = ht if keep is not None else ht.replace("lm_head", "MLM decoder")
+    if reason is not None:
+        tally(st.tally_key, "fallbacks", reason)
+        return None
+    return ht
 
 
 def fused_causal_lm_forward(model: nn.Module, *args, **kwargs):
@@ -307,21 +329,8 @@ def fused_causal_lm_forward(model: nn.Module, *args, **kwargs):
         else:
             rest[k] = v
     p.setdefault("logits_to_keep", 0)
-    if p.get("labels") is None:
-        tally(st.tally_key, "no_label_calls")
-        return _original(model, st, args, kwargs)
-    if not model.training and not st.config.keep_logits:
-        # evaluation usually wants the logits (metrics, generation); there is no backward to save memory for
-        tally(st.tally_key, "eval_calls")
-        return _original(model, st, args, kwargs)
-    reason = _call_reason(model, p)
-    head = None
-    if reason is None:
-        head = head_tensors(model.lm_head, model.training)
-        if isinstance(head, str):
-            reason = head
-    if reason is not None:
-        tally(st.tally_key, "fallbacks", reason)
+    head = _serve(model, st, p.get("labels"), p["logits_to_keep"], model.lm_head)
+    if head is None:
         return _original(model, st, args, kwargs)
 
     return_dict = rest.pop("return_dict", None)
@@ -377,21 +386,9 @@ def fused_bound_causal_forward(model: nn.Module, *args, **kwargs):
     if bound is None:
         return _original(model, st, args, kwargs)
     p, extra = bound
-    labels, keep = p.pop("labels", None), p.pop("logits_to_keep", 0)
-    if labels is None:
-        tally(st.tally_key, "no_label_calls")
-        return _original(model, st, args, kwargs)
-    if not model.training and not st.config.keep_logits:
-        tally(st.tally_key, "eval_calls")
-        return _original(model, st, args, kwargs)
-    reason = _call_reason(model, {"logits_to_keep": keep})
-    head = None
-    if reason is None:
-        head = head_tensors(model.lm_head, model.training)
-        if isinstance(head, str):
-            reason = head
-    if reason is not None:
-        tally(st.tally_key, "fallbacks", reason)
+    labels = p.pop("labels", None)
+    head = _serve(model, st, labels, p.pop("logits_to_keep", 0), model.lm_head)
+    if head is None:
         return _original(model, st, args, kwargs)
 
     return_dict = extra.pop("return_dict", None)
@@ -591,16 +588,9 @@ def fused_masked_lm_forward(model: nn.Module, *args, **kwargs):
         return _original(model, st, args, kwargs)  # raises the original's own error
     p, extra = bound
     labels = p.pop("labels", None)
-    if labels is None:
-        tally(st.tally_key, "no_label_calls")
-        return _original(model, st, args, kwargs)
-    if not model.training and not st.config.keep_logits:
-        tally(st.tally_key, "eval_calls")
-        return _original(model, st, args, kwargs)
     head = MASKED_LM[type(model).__name__](model)
-    ht = head_tensors(head.decoder, model.training)
-    if isinstance(ht, str):
-        tally(st.tally_key, "fallbacks", ht.replace("lm_head", "MLM decoder"))
+    ht = _serve(model, st, labels, None, head.decoder)
+    if ht is None:
         return _original(model, st, args, kwargs)
 
     return_dict = extra.pop("return_dict", None)
