@@ -5,7 +5,8 @@
       interior layer's bytes saved for backward (parameters excluded) are the difference between a 3-layer and a
       2-layer model, in hidden vectors per token: PEFT; patched with ``fuse_mlp=False, recompute="none"`` (LoRA,
       attention); ``recompute="none"`` (+ the two-layer MLP's one-op activation); the default (+ the activation
-      output and the norm outputs rebuilt in backward). Writes ``results/cpu-dense-mlp.json``.
+      output and the norm outputs rebuilt in backward); ``recompute="mlp"`` (+ no pre-activation: backward runs the
+      up projection again). Writes ``results/cpu-dense-mlp.json``.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ VARIANTS = {  # label -> patch kwargs (None: PEFT unpatched)
     "lora+attention": {"fuse_mlp": False, "recompute": "none"},
     "+ mlp activation": {"recompute": "none"},
     "+ rebuilds (default)": {},
+    "+ up rerun (recompute=mlp)": {"recompute": "mlp"},
 }
 
 

@@ -406,3 +406,79 @@ def test_intermediate_without_a_scope_is_reported():
     peftfast.patch(model, recompute="none")
     entries = _mlp_entries(model)
     assert entries and all(not e.patched and "no rebuild scope" in e.reason for e in entries), entries
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# recompute="mlp": the pre-activation is not kept either; backward runs the up projection again, once
+# ----------------------------------------------------------------------------------------------------------------
+def _up_fused_calls(model) -> list[int]:
+    rt = peftfast.report(model).runtime(model)
+    return [r["fused"] for n, r in rt.items() if n.endswith((".c_fc", "intermediate.dense"))]
+
+
+@pytest.mark.parametrize("p", [0.0, 0.1])
+@pytest.mark.parametrize("arch", ["gpt2", "bert"])
+def test_recompute_mlp_keeps_x_and_reruns_up_once(arch, p):
+    model = peft_model(arch, lora_dropout=p)
+    ref = clone(model)
+    norms = clone(model)
+    peftfast.patch(model, recompute="mlp")
+    peftfast.patch(norms, recompute="norms")
+    assert all(e.patched for e in _mlp_entries(model)) and all(st.rerun for st in (
+        m.__dict__["_peftfast_dense"] for m in model.modules() if "_peftfast_dense" in m.__dict__))
+    if p:
+        use_shared_seed_dropout(ref, model, p)
+    data = batch(arch)
+    loss, grads = loss_and_grads(model, data)
+    ref_loss, ref_grads = loss_and_grads(ref, data)
+    assert abs(loss.item() - ref_loss.item()) <= TOL * abs(ref_loss.item())
+    errs = {n: max_rel_err(grads[n], ref_grads[n]) for n in ref_grads}
+    assert max(errs.values()) <= TOL, max(errs.items(), key=lambda kv: kv[1])
+    # the up projection ran twice in the step: its forward and one rerun in backward (shared by the down
+    # projection's rebuild of h and the activation's backward)
+    assert _up_fused_calls(model) == [2, 2]
+    # the same RNG stream as recompute="norms" (the reruns fork it): the same losses and gradients, bit for bit
+    n_loss, n_grads = loss_and_grads(norms, data)
+    assert torch.equal(loss, n_loss) and all(torch.equal(grads[n], n_grads[n]) for n in n_grads)
+    # what is no longer kept: y = up(x), I per token and layer (x is the norm's output, rebuilt), and up's rank-r
+    # dropout(x)·Aᵀ (the forward ran it without grad)
+    got, before = [], []
+    for m, out in ((model, got), (norms, before)):
+        torch.manual_seed(0)
+        out.append(saved_activation_bytes(lambda m=m: m(**data).loss, _params(m))[1])
+    tokens, inter = data["input_ids"].numel(), 2 * 32 if arch == "bert" else 4 * 32
+    key = f"({data['input_ids'].shape[0]}, {data['input_ids'].shape[1]}, {inter}):float32"
+    assert before[0].by_shape[key] - got[0].by_shape.get(key, 0) == 2 * tokens * inter * 4
+    assert before[0].total - got[0].total >= 2 * tokens * (inter + 8) * 4
+
+
+def test_recompute_mlp_steps_aside_under_checkpointing_and_for_deberta_intermediate():
+    """Under gradient checkpointing the rerun steps aside (checkpointing keeps only block inputs); DeBERTa's lone
+    ``intermediate`` module reruns its dense projection and registers h with the rebuild scope."""
+    model = peft_model("gpt2")
+    ref = clone(model)
+    for m in (model, ref):
+        m.get_base_model().gradient_checkpointing_enable({"use_reentrant": False})
+    peftfast.patch(model, recompute="mlp")
+    data = batch("gpt2")
+    loss, grads = loss_and_grads(model, data)
+    ref_loss, ref_grads = loss_and_grads(ref, data)
+    assert abs(loss.item() - ref_loss.item()) <= TOL * abs(ref_loss.item())
+    assert max(max_rel_err(grads[n], ref_grads[n]) for n in grads) <= TOL
+    assert _up_fused_calls(model) == [2, 2]  # checkpointing's own rerun, not ours (which would make it 3)
+
+    model, data = _deberta()
+    ref = clone(model)
+    norms = clone(model)
+    peftfast.patch(model, recompute="mlp")
+    peftfast.patch(norms, recompute="norms")
+    use_shared_seed_dropout(ref, model, 0.1)
+    loss, grads = loss_and_grads(model, data)
+    ref_loss, ref_grads = loss_and_grads(ref, data)
+    assert abs(loss.item() - ref_loss.item()) <= TOL * abs(ref_loss.item())
+    assert max(max_rel_err(grads[n], ref_grads[n]) for n in grads) <= TOL
+    totals = []
+    for m in (norms, model):
+        torch.manual_seed(0)
+        totals.append(saved_activation_bytes(lambda m=m: m(**data).loss, _params(m))[1].total)
+    assert totals[0] - totals[1] >= 2 * 18 * 64 * 4, totals  # intermediate.dense's output y, per layer and token

@@ -37,8 +37,8 @@ from torch import nn
 from peftfast.modules._bind import bind_forward, unbind_forward
 from peftfast.modules._tally import Tallied, tally
 from peftfast.modules.mlp import gate_activation
-from peftfast.ops.dense_mlp import act_forward, dense_act
-from peftfast.ops.recompute import rebuildable, rebuilding
+from peftfast.ops.dense_mlp import act_forward, dense_act, up_act_rerun
+from peftfast.ops.recompute import rebuildable, rebuilding, why_not_rebuild
 
 
 @dataclass(frozen=True)
@@ -129,6 +129,7 @@ class DenseMLPState(Tallied):
     act_type: type
     rebuild: bool  # rebuild h in backward (patch(recompute=...) other than "none")
     previous_forward: object | None
+    rerun: bool = False  # keep x, not the pre-activation: backward runs up again (patch(recompute="mlp"))
     fused_calls: int = 0
     fallbacks: Counter = field(default_factory=Counter)
     deferred: Counter = field(default_factory=Counter)
@@ -210,7 +211,7 @@ def probe(module: nn.Module, lay: Layout) -> str | None:
 
 
 def _layout_reason(module: nn.Module, lay: Layout, rebuild: bool, consumer: nn.Module | None,
-                   scoped: bool) -> str | None:
+                   scoped: bool, rerun: bool = False) -> str | None:
     _, act, _, down = _parts(module, lay, consumer)
     if dense_activation(act) is None:
         what = type(act).__name__ if isinstance(act, nn.Module) else getattr(act, "__name__", type(act).__name__)
@@ -227,7 +228,7 @@ def _layout_reason(module: nn.Module, lay: Layout, rebuild: bool, consumer: nn.M
             return "no output.dense beside it in its layer (the reader of its output is unknown)"
         rebuild = rebuild and scoped
     trains = any(p.requires_grad for p in down.parameters())
-    if not _composite(act) and not (rebuild and trains):
+    if not _composite(act) and not (rebuild and trains) and not rerun:
         if not trains:
             why = "the frozen down projection keeps no input"
         elif lay.kind == "intermediate" and scoped is False:
@@ -239,13 +240,14 @@ def _layout_reason(module: nn.Module, lay: Layout, rebuild: bool, consumer: nn.M
 
 
 def find_layout(module: nn.Module, rebuild: bool = True, consumer: nn.Module | None = None,
-                scoped: bool = False) -> Layout | str:
+                scoped: bool = False, rerun: bool = False) -> Layout | str:
     """The first layout of ``module`` that runs on the replacement and keeps less for it, else a one-line reason
     (that of the first candidate). ``consumer`` and ``scoped`` matter for an ``intermediate`` module only: the
-    projection that reads its output, and whether the model runs in a rebuild scope."""
+    projection that reads its output, and whether the model runs in a rebuild scope; ``rerun``: the pre-activation
+    is not kept either (``recompute="mlp"``)."""
     reasons = []
     for lay in layouts_of(module):
-        why = _layout_reason(module, lay, rebuild, consumer, scoped)
+        why = _layout_reason(module, lay, rebuild, consumer, scoped, rerun)
         if why is None:
             return lay
         reasons.append(why)
@@ -259,9 +261,9 @@ def is_dense_mlp(module: nn.Module) -> bool:
 
 
 def why_not(module: nn.Module, rebuild: bool = True, consumer: nn.Module | None = None,
-            scoped: bool = False) -> str | None:
+            scoped: bool = False, rerun: bool = False) -> str | None:
     """None if this two-layer MLP runs on the replacement and keeps less for it, else a one-line reason."""
-    lay = find_layout(module, rebuild, consumer, scoped)
+    lay = find_layout(module, rebuild, consumer, scoped, rerun)
     return lay if isinstance(lay, str) else None
 
 
@@ -290,8 +292,7 @@ def dense_mlp_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs) -> torc
     if reason is not None:
         return _fall_back(self, st, reason, x, *args, **kwargs)
     tally(st.tally_key, "fused_calls")  # not `+= 1`: see peftfast.modules._tally
-    y = getattr(self, lay.up)(x)
-    out = _down(st, getattr(self, lay.down), y)
+    out = _down(st, getattr(self, lay.up), x, getattr(self, lay.down))
     return getattr(self, lay.tail)(out) if lay.tail else out
 
 
@@ -306,7 +307,7 @@ def dense_ffn_chunk(self: nn.Module, attention_output: torch.Tensor) -> torch.Te
     if reason is not None:
         return _fall_back(self, st, reason, attention_output)
     tally(st.tally_key, "fused_calls")
-    return _down(st, self.output, inter.dense(attention_output), attention_output)
+    return _down(st, inter.dense, attention_output, self.output, attention_output)
 
 
 def dense_intermediate_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -318,6 +319,10 @@ def dense_intermediate_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs
     if reason is not None:
         return _fall_back(self, st, reason, x, *args, **kwargs)
     tally(st.tally_key, "fused_calls")
+    if _reruns(st, self.dense, x):
+        h, rerun = up_act_rerun(self.dense, x, st.act)
+        rebuildable(h, rerun.rebuild_h, (x,))
+        return h
     y = self.dense(x)
     h = dense_act(y, st.act)
     if st.rebuild:
@@ -325,8 +330,20 @@ def dense_intermediate_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs
     return h
 
 
-def _down(st: DenseMLPState, down: nn.Module, y: torch.Tensor, *rest) -> torch.Tensor:
-    """``down(act(y), *rest)``: the activation keeps ``y``; what ``down`` saves of ``act(y)`` is rebuilt from it."""
+def _reruns(st: DenseMLPState, up: nn.Module, x: torch.Tensor) -> bool:
+    """This call keeps ``x`` and runs ``up`` again in backward: ``recompute="mlp"``, something upstream of ``h``
+    needs a gradient, and saved tensors can be rebuilt here (not under torch.compile or activation checkpointing)."""
+    return st.rerun and (x.requires_grad or any(p.requires_grad for p in up.parameters())) and \
+        why_not_rebuild() is None
+
+
+def _down(st: DenseMLPState, up: nn.Module, x: torch.Tensor, down: nn.Module, *rest) -> torch.Tensor:
+    """``down(act(up(x)), *rest)``: the activation keeps ``y = up(x)`` (with ``rerun``, ``x`` only), and what
+    ``down`` saves of ``act(y)`` is rebuilt from it."""
+    if _reruns(st, up, x):
+        h, rerun = up_act_rerun(up, x, st.act)
+        return rebuilding(h, rerun.rebuild_h, (x,), down, h, *rest)
+    y = up(x)
     h = dense_act(y, st.act)
     if not st.rebuild:
         return down(h, *rest)
@@ -338,20 +355,20 @@ def _method(lay: Layout) -> str:
 
 
 def install(module: nn.Module, name: str, backend: str, rebuild: bool = True, consumer: nn.Module | None = None,
-            scoped: bool = False) -> None:
+            scoped: bool = False, rerun: bool = False) -> None:
     """Bind the replacement (``why_not(module)`` must be None). ``backend`` is unused: the pieces are ATen ops and
     the projections' own paths."""
     st = module.__dict__.get("_peftfast_dense")
     if isinstance(st, DenseMLPState):
         uninstall(module)  # the layout found below may differ from the one bound before
-    lay = find_layout(module, rebuild, consumer, scoped)
+    lay = find_layout(module, rebuild, consumer, scoped, rerun)
     if isinstance(lay, str):
         raise ValueError(f"peftfast: {name}: {lay}")
     act = _parts(module, lay, consumer)[1]
     if lay.kind == "intermediate":
         rebuild = rebuild and scoped
     state = DenseMLPState(name=name, layout=lay, act=dense_activation(act), act_type=type(act), rebuild=rebuild,
-                          previous_forward=None)
+                          previous_forward=None, rerun=rerun)
     fn = {"ffn": dense_ffn_chunk, "intermediate": dense_intermediate_forward}.get(lay.kind, dense_mlp_forward)
     bind_forward(module, "_peftfast_dense", state, fn, method=_method(lay))
 

@@ -15,14 +15,26 @@ computation without autograd, which backward runs to rebuild ``h`` for the down 
 that keeps I values where eager PyTorch keeps 2·I (GELU, LoRA on the down projection) to 5·I (``gelu_new``). The
 composite forms and these differ by rounding only: they compute the same function.
 
+With ``recompute="mlp"`` (:func:`up_act_rerun`) not even ``y`` is kept: ``h = act(up(x))`` keeps ``x`` (which the
+norm before it rebuilds in turn, where it is a registered norm output) and backward runs ``up`` again, once, under
+the forward's RNG and autocast state (the same LoRA dropout masks, the same bits): the down projection's rebuild of
+``h`` makes that rerun with grad and leaves its graph to the rerun's own backward. ``up`` is any module (a PEFT LoRA
+layer, patched or not, ``Conv1D``): its parameter gradients come from a backward through the rerun, as reentrant
+activation checkpointing computes them. Per token and layer that keeps H values instead of I (4·H in BERT and
+GPT-2) for one more ``up`` GEMM in backward.
+
 Element-wise ATen ops on the fly need no kernel of their own: the saving is in what is kept, not in the launches.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
+from torch.autograd.function import once_differentiable
 
 from peftfast.ops.mlp import GATE_ACTS, _act
+from peftfast.ops.recompute import restored_rng, rng_state
 
 ACTS = ("gelu", "gelu_tanh", "silu", "quick_gelu")
 _QUICK = 1.702  # QuickGELU: y·sigmoid(1.702·y)
@@ -59,4 +71,62 @@ def dense_act(y: torch.Tensor, act: str) -> torch.Tensor:
     return act_forward(y, act)
 
 
-__all__ = ["ACTS", "act_forward", "dense_act"]
+class UpActRerun:
+    """``act(up(x))`` for backward to run again: the forward's RNG and autocast state, and the graph of the rerun
+    that the down projection's rebuild of ``h`` makes, which :class:`_UpActFunction`'s backward then uses, so that
+    ``up`` runs once in backward whoever asks first."""
+
+    __slots__ = ("up", "act", "rng", "autocast", "x_grad", "graph")
+
+    def __init__(self, up: Callable[[torch.Tensor], torch.Tensor], act: str, x: torch.Tensor):
+        dev = x.device.type
+        self.up, self.act = up, act
+        # as the forward saw it: a saved x that comes back rebuilt (a norm output's recipe) has no grad history
+        self.x_grad = x.requires_grad
+        self.rng = rng_state(x.device)  # before up's forward draws its dropout seeds
+        self.autocast = dev, torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev)
+        self.graph: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def run(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the leaf standing for ``x``, ``h``) with grad, as the forward computed ``h``."""
+        dev, enabled, dtype = self.autocast
+        xl = x.detach().requires_grad_(self.x_grad)
+        with torch.enable_grad(), restored_rng(self.rng), torch.autocast(dev, dtype=dtype, enabled=enabled):
+            return xl, act_forward(self.up(xl), self.act)
+
+    def rebuild_h(self, x: torch.Tensor) -> torch.Tensor:
+        """``h`` for the down projection's backward (a ``rebuilding`` recipe); keeps the rerun's graph."""
+        self.graph = self.run(x)
+        return self.graph[1].detach()
+
+
+class _UpActFunction(torch.autograd.Function):
+    """``act(up(x))`` keeping ``x`` only; backward reruns ``up`` (or takes the down projection's rerun)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, rerun: UpActRerun) -> torch.Tensor:
+        ctx.rerun = rerun
+        ctx.save_for_backward(x)
+        return act_forward(rerun.up(x), rerun.act)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dh: torch.Tensor):
+        rerun = ctx.rerun
+        (x,) = ctx.saved_tensors
+        xl, h = rerun.graph if rerun.graph is not None else rerun.run(x)
+        rerun.graph = None
+        # reentrant, as activation checkpointing's: up's parameters get their gradients from this inner backward
+        torch.autograd.backward(h, dh)
+        return (xl.grad if ctx.needs_input_grad[0] else None), None
+
+
+def up_act_rerun(up: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, act: str) -> tuple[torch.Tensor,
+                                                                                                UpActRerun]:
+    """``(h, rerun)``: ``h = act(up(x))`` keeping only ``x``, and what rebuilds ``h`` for the down projection
+    (``rerun.rebuild_h``). Call under grad mode, where ``x`` or ``up``'s parameters need gradients."""
+    rerun = UpActRerun(up, act, x)
+    return _UpActFunction.apply(x, rerun), rerun
+
+
+__all__ = ["ACTS", "UpActRerun", "act_forward", "dense_act", "up_act_rerun"]

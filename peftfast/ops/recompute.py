@@ -196,8 +196,9 @@ class _Scope:
         # the same tensor (alive) or a view of it made since (views share the version counter), not written since
         if tg is not None and tg.ref() is not None and t.dtype == tg.dtype and t.device == tg.device \
                 and t._version == tg.version:
-            if tg.shared is None:  # the first save: the sources go to the outer hooks now, once
-                tg.shared = _Shared(tg.rebuild, _packed_sources(tg.sources, self.outer[0]), self.outer[1],
+            if tg.shared is None:  # the first save: the sources are packed now, once, by this scope: a source
+                # that is a target itself (the norm output an up projection's rerun starts from) becomes its recipe
+                tg.shared = _Shared(tg.rebuild, [self.pack(s) for s in tg.sources], self.unpack,
                                     _autocast_state(tg.device.type))
             return _Recipe(tg.shared, t)
         return _pass_on(t, self.outer[0])

@@ -243,9 +243,10 @@ def patch(model: nn.Module, *, backend: str = "auto", group_siblings: bool = Tru
         if tuned:  # the activation keeps only its input; the down projection's copy of its output is rebuilt
             rebuild = recompute != "none"
             consumer = getattr(getattr(parent, "output", None), "dense", None) if parent is not mod else None
-            reason = dense_mod.why_not(mod, rebuild, consumer, scope_ok) if fuse_mlp else "fuse_mlp=False"
+            rerun = recompute == "mlp"
+            reason = dense_mod.why_not(mod, rebuild, consumer, scope_ok, rerun) if fuse_mlp else "fuse_mlp=False"
             _apply(rep, dense_mod, "mlp", name, mod, reason, backend, rebuild=rebuild, consumer=consumer,
-                   scoped=scope_ok)
+                   scoped=scope_ok, rerun=rerun)
         else:
             dense_mod.uninstall(mod)
     if tuned:
