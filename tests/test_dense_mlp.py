@@ -328,14 +328,15 @@ def test_fuse_mlp_false_and_repatch():
     assert mlp.forward.func is dense_mod.dense_mlp_forward and mlp.__dict__["_peftfast_dense"].previous_forward is None
 
 
-def test_torch_compile_without_graph_breaks():
+@pytest.mark.parametrize("recompute", ["norms", "mlp"])
+def test_torch_compile_without_graph_breaks(recompute):
     """``torch.compile`` (aot_eager) of a patched BERT: one graph, no break, loss and gradients as eager (the
-    rebuild steps aside under the compiler, which picks what to save itself)."""
+    rebuild and the up projection's rerun step aside under the compiler, which picks what to save itself)."""
     import torch._dynamo
     from torch._dynamo.backends.debugging import ExplainWithBackend
 
     model = peft_model("bert", lora_dropout=0.1)
-    peftfast.patch(model)
+    peftfast.patch(model, recompute=recompute)
     data = batch("bert")
     eager_loss, eager_grads = loss_and_grads(model, data)
     explain = ExplainWithBackend("aot_eager")

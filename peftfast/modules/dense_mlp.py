@@ -333,8 +333,8 @@ def dense_intermediate_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs
 def _reruns(st: DenseMLPState, up: nn.Module, x: torch.Tensor) -> bool:
     """This call keeps ``x`` and runs ``up`` again in backward: ``recompute="mlp"``, something upstream of ``h``
     needs a gradient, and saved tensors can be rebuilt here (not under torch.compile or activation checkpointing)."""
-    return st.rerun and (x.requires_grad or any(p.requires_grad for p in up.parameters())) and \
-        why_not_rebuild() is None
+    return st.rerun and why_not_rebuild() is None and \
+        (x.requires_grad or any(p.requires_grad for p in up.parameters()))
 
 
 def _down(st: DenseMLPState, up: nn.Module, x: torch.Tensor, down: nn.Module, *rest) -> torch.Tensor:
