@@ -495,6 +495,12 @@ def _dist_train(model, ids, reduce=None) -> list[float]:
     return losses
 
 
+def gpt2_rerun():
+    """A one-layer GPT-2 (r=4 all-linear LoRA) patched with ``recompute="mlp"``: backward reruns the MLP's up
+    projection and backpropagates through that rerun (reentrant, as activation checkpointing does)."""
+    return peftfast.patch(peft_model("gpt2", r=4, lora_alpha=8, model_kwargs={"layers": 1}), recompute="mlp")
+
+
 def _dist_worker(out_path: str) -> None:
     """One rank: DDP through ``Accelerator``, then FSDP2 (``fully_shard``) patched before and after sharding."""
     import torch.distributed as dist
@@ -506,16 +512,23 @@ def _dist_worker(out_path: str) -> None:
     shard = _dist_ids().chunk(world)[rank]
     res: dict = {"world": world, "distributed_type": str(acc.distributed_type), "backend": dist.get_backend()}
 
+    def ddp_train(model) -> tuple[str, list[float]]:
+        ddp, opt = acc.prepare(model, torch.optim.AdamW(trainable(model).values(), lr=1e-2, eps=1e-4))
+        losses = []
+        for _ in range(DIST_STEPS):
+            loss = ddp(input_ids=shard, labels=shard).loss
+            acc.backward(loss)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(acc.reduce(loss.detach(), "mean").item())
+        return type(ddp).__name__, losses
+
     model = lora_llama(layers=1, patch=True)
-    ddp, opt = acc.prepare(model, torch.optim.AdamW(trainable(model).values(), lr=1e-2, eps=1e-4))
-    losses = []
-    for _ in range(DIST_STEPS):
-        loss = ddp(input_ids=shard, labels=shard).loss
-        acc.backward(loss)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(acc.reduce(loss.detach(), "mean").item())
-    res["ddp"] = dict(wrapper=type(ddp).__name__, losses=losses, weights=weights(model), fused=fused_counts(model))
+    wrapper, losses = ddp_train(model)
+    res["ddp"] = dict(wrapper=wrapper, losses=losses, weights=weights(model), fused=fused_counts(model))
+    model = gpt2_rerun()
+    _, losses = ddp_train(model)
+    res["ddp_gpt2_rerun"] = dict(losses=losses, weights=weights(model), fused=fused_counts(model))
 
     def mean(t: torch.Tensor) -> float:
         dist.all_reduce(t)
@@ -579,6 +592,19 @@ def _run_ranks(tmp_path_factory, worker: str) -> dict:
 @pytest.fixture(scope="module")
 def dist_run(tmp_path_factory):
     return _run_ranks(tmp_path_factory, "_dist_worker")
+
+
+def test_ddp_with_the_up_projection_rerun_matches_single_process(dist_run):
+    """DDP's gradient hooks fire inside the reentrant backward of the two-layer MLP's up-projection rerun: the same
+    losses and weights as one process on the whole batch, every LoRA call fused."""
+    single = gpt2_rerun()
+    init = weights(single)
+    losses = _dist_train(single, _dist_ids())
+    run = dist_run["dist"]["ddp_gpt2_rerun"]
+    assert_losses_close(run["losses"], losses)
+    assert_same_training(run["weights"], weights(single), init)
+    # per step: each layer's forward, and the up projection (c_fc) once more in backward
+    assert run["fused"] == {DIST_STEPS, 2 * DIST_STEPS}
 
 
 def test_ddp_two_cpu_processes_matches_single_process(dist_run):
