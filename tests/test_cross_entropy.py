@@ -846,3 +846,24 @@ def test_bound_causal_forward_gpt2_arguments_outputs_and_cache():
     # served by the original (whose loss then reads the kept position's label only)
     assert model(input_ids=ids, labels=lab[:, -1:], logits_to_keep=1).logits.shape[1] == 1
     assert loss_stats(model)["fallbacks"] == {"logits_to_keep != 0": 1}
+
+
+def test_masked_lm_padding_token_types_and_autocast():
+    """BERT with a padded batch (attention_mask), token_type_ids and bf16 autocast: the fused masked-LM loss is at
+    most twice as far from the fp32 loss as the eager bf16 loss is (at least 1e-3 relative: both round in bf16)."""
+    ref = _peft_mlm("BertForMaskedLM", decoder_lora=True)
+    model = copy.deepcopy(ref)
+    install_loss(model, backend="torch")
+    ids, lab = _mlm_batch()
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    lab = lab.masked_fill(mask == 0, -100)
+    types = (torch.arange(M.SEQ) > 4).long().expand_as(ids)
+    kw = dict(input_ids=ids, labels=lab, attention_mask=mask, token_type_ids=types)
+    exact = ref(**kw).loss
+    torch.testing.assert_close(model(**kw).loss, exact, rtol=1e-5, atol=1e-6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, eager = model(**kw).loss, ref(**kw).loss
+    assert got.dtype == torch.float32
+    assert abs(got.item() - exact.item()) <= max(2 * abs(eager.item() - exact.item()), 1e-3 * exact.item())
+    assert loss_stats(model)["fused"] == 2
