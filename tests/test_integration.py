@@ -642,11 +642,15 @@ ADAPTER_ZERO_RUNS = {"adapter_zero2": 2, "adapter_zero3": 3}  # name: ZeRO stage
 
 
 def _ds_engine(model, params, stage: int, micro_batch: int):
-    """``deepspeed.initialize`` at ZeRO ``stage``; ZeRO-3 partitions every parameter (persistence threshold 0)."""
+    """``deepspeed.initialize`` at ZeRO ``stage``; ZeRO-3 partitions every parameter (persistence threshold 0) and
+    keeps none gathered beyond its module's forward and backward (no reuse distance, no live or prefetch budget: a
+    tiny model would otherwise stay gathered whole, hiding a read of a released shard)."""
     import deepspeed
 
+    zero = {"stage": stage, "stage3_param_persistence_threshold": 0, "stage3_max_reuse_distance": 0,
+            "stage3_max_live_parameters": 0, "stage3_prefetch_bucket_size": 0}
     config = {"train_micro_batch_size_per_gpu": micro_batch, "gradient_accumulation_steps": 1,
-              "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0}}
+              "zero_optimization": zero}
     engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(params, lr=1e-2, eps=1e-4),
                                       config=config)
     return engine
