@@ -374,6 +374,21 @@ def _deberta(p: float = 0.1):
     return model, data
 
 
+def _matches_and_saves(model, ref, before, data) -> list[int]:
+    """``model`` trains as ``ref`` (dropout 0.1 through shared seeds); returns the bytes ``before`` and ``model``
+    keep for backward."""
+    use_shared_seed_dropout(ref, model, 0.1)
+    loss, grads = loss_and_grads(model, data)
+    ref_loss, ref_grads = loss_and_grads(ref, data)
+    assert abs(loss.item() - ref_loss.item()) <= TOL * abs(ref_loss.item())
+    assert max(max_rel_err(grads[n], ref_grads[n]) for n in grads) <= TOL
+    totals = []
+    for m in (before, model):
+        torch.manual_seed(0)
+        totals.append(saved_activation_bytes(lambda m=m: m(**data).loss, _params(m))[1].total)
+    return totals
+
+
 def test_deberta_intermediate_through_the_rebuild_scope():
     model, data = _deberta()
     ref = clone(model)
@@ -390,15 +405,7 @@ def test_deberta_intermediate_through_the_rebuild_scope():
         for i in range(2)}
     (att,) = [e for e in rep.modules if e.kind == "attention"]
     assert not att.patched and "computes its own attention" in att.reason
-    use_shared_seed_dropout(ref, model, 0.1)
-    loss, grads = loss_and_grads(model, data)
-    ref_loss, ref_grads = loss_and_grads(ref, data)
-    assert abs(loss.item() - ref_loss.item()) <= TOL * abs(ref_loss.item())
-    assert max(max_rel_err(grads[n], ref_grads[n]) for n in grads) <= TOL
-    totals = []
-    for m in (off, model):
-        torch.manual_seed(0)
-        totals.append(saved_activation_bytes(lambda m=m: m(**data).loss, _params(m))[1].total)
+    totals = _matches_and_saves(model, ref, off, data)
     assert totals[0] - totals[1] == 2 * 18 * 64 * 4, totals  # output.dense's copy of h, per layer and token
 
 
@@ -473,13 +480,5 @@ def test_recompute_mlp_steps_aside_under_checkpointing_and_for_deberta_intermedi
     norms = clone(model)
     peftfast.patch(model, recompute="mlp")
     peftfast.patch(norms, recompute="norms")
-    use_shared_seed_dropout(ref, model, 0.1)
-    loss, grads = loss_and_grads(model, data)
-    ref_loss, ref_grads = loss_and_grads(ref, data)
-    assert abs(loss.item() - ref_loss.item()) <= TOL * abs(ref_loss.item())
-    assert max(max_rel_err(grads[n], ref_grads[n]) for n in grads) <= TOL
-    totals = []
-    for m in (norms, model):
-        torch.manual_seed(0)
-        totals.append(saved_activation_bytes(lambda m=m: m(**data).loss, _params(m))[1].total)
+    totals = _matches_and_saves(model, ref, norms, data)
     assert totals[0] - totals[1] >= 2 * 18 * 64 * 4, totals  # intermediate.dense's output y, per layer and token

@@ -339,19 +339,7 @@ def fused_causal_lm_forward(model: nn.Module, *args, **kwargs):
     outputs = model.model(input_ids=p.get("input_ids"), attention_mask=p.get("attention_mask"),
                           position_ids=p.get("position_ids"), inputs_embeds=p.get("inputs_embeds"),
                           use_cache=p.get("use_cache"), **{cache: p.get(cache)}, **rest)
-    hidden = outputs.last_hidden_state
-    loss = _loss(model, st, head, hidden, p["labels"], rest)
-    if loss is None:  # a dtype the fused op cannot take: finish as the original would, from these hidden states
-        tally(st.tally_key, "fallbacks", "hidden dtype differs from lm_head weight dtype")
-        logits = _logits(model, hidden)
-        vocab = model.vocab_size if type(model).__name__.startswith("Gemma") else model.config.vocab_size
-        loss = model.loss_function(logits, p["labels"], vocab, **rest)
-    else:
-        tally(st.tally_key, "fused_calls")
-        logits = None
-        if st.config.keep_logits:
-            with torch.no_grad():
-                logits = _logits(model, hidden)
+    loss, logits = _causal_loss(model, st, head, outputs.last_hidden_state, p["labels"], rest)
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
     out = CausalLMOutputWithPast(loss=loss, logits=logits, hidden_states=outputs.hidden_states,
@@ -396,20 +384,27 @@ def fused_bound_causal_forward(model: nn.Module, *args, **kwargs):
         return_dict = getattr(model.config, "return_dict", True)
     name = type(model).__name__
     outputs = getattr(model, BACKBONES[name])(**p, **extra)
-    hidden = outputs[0]
-    loss = _loss(model, st, head, hidden, labels, extra)
-    if loss is None:
-        tally(st.tally_key, "fallbacks", "hidden dtype differs from lm_head weight dtype")
-        loss = model.loss_function(_logits(model, hidden), labels, model.config.vocab_size, **extra)
-    else:
-        tally(st.tally_key, "fused_calls")
-    logits = None
-    if st.config.keep_logits:
-        with torch.no_grad():
-            logits = _logits(model, hidden)
+    loss, logits = _causal_loss(model, st, head, outputs[0], labels, extra)
     out_cls = _output_class(name)
     out = out_cls(loss=loss, logits=logits, **{f: getattr(outputs, f, None) for f in st.out_fields})
     return out if return_dict else out.to_tuple()
+
+
+def _causal_loss(model: nn.Module, st: LossState, head: HeadTensors, hidden: torch.Tensor, labels: torch.Tensor,
+                 kwargs: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(loss, logits): the fused loss, with detached logits under ``keep_logits``; where the dtypes rule the fused
+    op out, the logits and loss as the original forward computes them from these hidden states."""
+    loss = _loss(model, st, head, hidden, labels, kwargs)
+    if loss is None:
+        tally(st.tally_key, "fallbacks", "hidden dtype differs from lm_head weight dtype")
+        logits = _logits(model, hidden)
+        vocab = model.vocab_size if type(model).__name__.startswith("Gemma") else model.config.vocab_size
+        return model.loss_function(logits, labels, vocab, **kwargs), logits
+    tally(st.tally_key, "fused_calls")
+    if not st.config.keep_logits:
+        return loss, None
+    with torch.no_grad():
+        return loss, _logits(model, hidden)
 
 
 def _logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
