@@ -561,3 +561,29 @@ def test_scope_is_off_with_recompute_none_and_removed_by_unpatch():
     assert all(e.patched for e in peftfast.report(model).modules if e.kind == "norm")
     peftfast.unpatch(model)
     assert "_peftfast_scope" not in backbone.__dict__ and "forward" not in backbone.__dict__
+
+
+def test_no_rebuild_of_zero3_partitioned_norm_outputs():
+    """A norm whose weights DeepSpeed ZeRO-3 partitions (marked by ``ds_id``) registers no rebuild of its output:
+    the rebuild would run in a consumer's backward, where ZeRO-3 has not gathered the norm's weights. The consumers
+    then keep that output, exactly one hidden-wide tensor more, and the gradients stay those of the unpatched
+    model."""
+    import peftfast
+    from peftfast.bench import saved_activation_bytes
+
+    model = peft_model("gpt2")
+    ref = copy.deepcopy(model)
+    peftfast.patch(model)
+    data = batch("gpt2")
+    params = [*model.parameters(), *model.buffers()]
+    _, before = saved_activation_bytes(lambda: model(**data).loss, params)
+    ln = model.base_model.model.transformer.h[1].ln_1
+    ln.weight.ds_id = 3  # as deepspeed.initialize marks the parameters it partitions
+    _, after = saved_activation_bytes(lambda: model(**data).loss, params)
+    assert after.total - before.total == data["input_ids"].numel() * ln.weight.numel() * 4
+    for m in (model, ref):
+        m.zero_grad()
+        m(**data).loss.backward()
+    for (n, p), q in zip(model.named_parameters(), ref.parameters()):
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=n)

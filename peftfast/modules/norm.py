@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peftfast.modules._bind import bind_forward, call_original, unbind_forward
+from peftfast.modules._bind import bind_forward, call_original, unbind_forward, zero3_partitioned
 from peftfast.ops.norm import SUPPORTED_DTYPES, layer_norm, rms_norm
 from peftfast.ops.recompute import rebuild_scope, rebuildable
 
@@ -263,7 +263,9 @@ def rms_norm_forward(module: nn.Module, *args, **kwargs) -> torch.Tensor:
 
 def _offer(module: nn.Module, x: torch.Tensor, out: torch.Tensor, fn) -> None:
     """Register ``out`` as rebuilt from ``x`` where the norm's backward keeps ``x`` anyway (some input trains)."""
-    if torch.is_grad_enabled() and (x.requires_grad or module.weight.requires_grad):
+    # not under ZeRO-3: the rebuild runs in a consumer's backward, where the norm's own weights are not gathered
+    if torch.is_grad_enabled() and (x.requires_grad or module.weight.requires_grad) and \
+            not zero3_partitioned(module.weight, getattr(module, "bias", None)):
         rebuildable(out, functools.partial(fn, module), (x,))
 
 
