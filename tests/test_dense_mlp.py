@@ -460,6 +460,23 @@ def test_recompute_mlp_keeps_x_and_reruns_up_once(arch, p):
     assert before[0].total - got[0].total >= 2 * tokens * (inter + 8) * 4
 
 
+def test_recompute_mlp_steps_aside_for_zero3_partitioned_up_projections():
+    """Up projections whose parameters DeepSpeed ZeRO-3 partitions (marked by ``ds_id``) are not run again in
+    backward: the MLP keeps its pre-activation as with the default recompute."""
+    model = peft_model("gpt2")
+    peftfast.patch(model, recompute="mlp")
+    for p in model.base_model.model.transformer.h[0].mlp.c_fc.parameters():
+        p.ds_id = 1  # as deepspeed.initialize marks the parameters it partitions
+    data = batch("gpt2")
+    model(**data).loss.backward()
+    from peftfast.modules._bind import ZERO3_REASON
+
+    # layer 0's c_fc ran once, on PEFT's path (ZeRO-3 parameters), and was not rerun; layer 1's twice, fused
+    assert _up_fused_calls(model) == [0, 2]
+    rt = peftfast.report(model).runtime(model)
+    assert rt["base_model.model.transformer.h.0.mlp.c_fc"]["fallbacks"] == {ZERO3_REASON: 1}
+
+
 def test_recompute_mlp_steps_aside_under_checkpointing_and_for_deberta_intermediate():
     """Under gradient checkpointing the rerun steps aside (checkpointing keeps only block inputs); DeBERTa's lone
     ``intermediate`` module reruns its dense projection and registers h with the rebuild scope."""

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from peftfast.modules._bind import bind_forward, unbind_forward
+from peftfast.modules._bind import bind_forward, unbind_forward, zero3_partitioned
 from peftfast.modules._tally import Tallied, tally
 from peftfast.modules.mlp import gate_activation
 from peftfast.ops.dense_mlp import act_forward, dense_act, up_act_rerun
@@ -332,9 +332,12 @@ def dense_intermediate_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs
 
 def _reruns(st: DenseMLPState, up: nn.Module, x: torch.Tensor) -> bool:
     """This call keeps ``x`` and runs ``up`` again in backward: ``recompute="mlp"``, something upstream of ``h``
-    needs a gradient, and saved tensors can be rebuilt here (not under torch.compile or activation checkpointing)."""
-    return st.rerun and why_not_rebuild() is None and \
-        (x.requires_grad or any(p.requires_grad for p in up.parameters()))
+    needs a gradient, and saved tensors can be rebuilt here (not under torch.compile or activation checkpointing;
+    not with DeepSpeed ZeRO-3 parameters either, whose fetch order a module run inside backward would change)."""
+    if not st.rerun or why_not_rebuild() is not None:
+        return False
+    params = list(up.parameters())
+    return (x.requires_grad or any(p.requires_grad for p in params)) and not zero3_partitioned(*params)
 
 
 def _down(st: DenseMLPState, up: nn.Module, x: torch.Tensor, down: nn.Module, *rest) -> torch.Tensor:
