@@ -66,7 +66,14 @@ RECIPES: dict[str, Callable[[nn.Module], tuple[float | None, float]]] = {
     "Gemma2ForCausalLM": _gemma_softcap, "Gemma3ForCausalLM": _gemma_softcap,
     "CohereForCausalLM": _cohere, "GraniteForCausalLM": _granite,
     "PhiForCausalLM": _plain, "Olmo2ForCausalLM": _plain, "Starcoder2ForCausalLM": _plain,
-    "StableLmForCausalLM": _plain, "SmolLM3ForCausalLM": _plain,
+    "StableLmForCausalLM": _plain, "SmolLM3ForCausalLM": _plain, "MinistralForCausalLM": _plain,
+    "Ministral3ForCausalLM": _plain, "GlmForCausalLM": _plain, "Glm4ForCausalLM": _plain, "OlmoForCausalLM": _plain,
+    "Olmo3ForCausalLM": _plain, "Exaone4ForCausalLM": _plain, "NemotronForCausalLM": _plain,
+    "HeliumForCausalLM": _plain, "Qwen3_5ForCausalLM": _plain, "Ernie4_5ForCausalLM": _plain,
+    "SeedOssForCausalLM": _plain, "ArceeForCausalLM": _plain, "ApertusForCausalLM": _plain,
+    "HunYuanDenseV1ForCausalLM": _plain, "Jais2ForCausalLM": _plain, "PersimmonForCausalLM": _plain,
+    "DiffLlamaForCausalLM": _plain, "Cohere2ForCausalLM": _cohere, "VaultGemmaForCausalLM": _gemma_softcap,
+    "GraniteSWAForCausalLM": _granite,
     # the same body with another backbone attribute and argument list: served through their own signature
     "GPT2LMHeadModel": _plain, "GPTNeoXForCausalLM": _plain,
 }
@@ -219,6 +226,11 @@ def causal_lm(model: nn.Module) -> nn.Module:
     return model
 
 
+def _loss_vocab(lm: nn.Module) -> int:
+    """The vocabulary size the class's forward hands its loss (Gemma, Nemotron, VaultGemma: ``self.vocab_size``)."""
+    return lm.vocab_size if type(lm).__name__.startswith(("Gemma", "Nemotron", "VaultGemma")) else lm.config.vocab_size
+
+
 def _replaced_forward_reason(inst) -> str:
     # the replacement copies the original's names (functools.wraps); its code object still tells where it is from
     code = getattr(getattr(inst, "__func__", inst), "__code__", None)
@@ -262,7 +274,7 @@ def why_not(model: nn.Module) -> str | None:
     head = head_tensors(lm.lm_head, training=False)
     if isinstance(head, str):
         return head
-    vocab = lm.vocab_size if name.startswith("Gemma") else lm.config.vocab_size
+    vocab = _loss_vocab(lm)
     if head.weight.shape[0] != vocab:
         return f"lm_head has {head.weight.shape[0]} outputs but the loss uses vocab_size {vocab}"
     return None
@@ -398,8 +410,7 @@ def _causal_loss(model: nn.Module, st: LossState, head: HeadTensors, hidden: tor
     if loss is None:
         tally(st.tally_key, "fallbacks", "hidden dtype differs from lm_head weight dtype")
         logits = _logits(model, hidden)
-        vocab = model.vocab_size if type(model).__name__.startswith("Gemma") else model.config.vocab_size
-        return model.loss_function(logits, labels, vocab, **kwargs), logits
+        return model.loss_function(logits, labels, _loss_vocab(model), **kwargs), logits
     tally(st.tally_key, "fused_calls")
     if not st.config.keep_logits:
         return loss, None
