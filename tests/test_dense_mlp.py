@@ -92,6 +92,20 @@ def test_dense_activation_names(act, want):
 # ----------------------------------------------------------------------------------------------------------------
 # models: GPT-2 (c_fc/c_proj Conv1D, gelu_new), BERT and RoBERTa (intermediate/output, GELU)
 # ----------------------------------------------------------------------------------------------------------------
+def _trains_as(model, ref, data, p: float) -> tuple[torch.Tensor, dict]:
+    """``model``'s loss and the gradient of every trainable parameter match ``ref``'s (dropout ``p`` through shared
+    seeds); returns ``model``'s."""
+    if p:
+        use_shared_seed_dropout(ref, model, p)
+    loss, grads = loss_and_grads(model, data)
+    ref_loss, ref_grads = loss_and_grads(ref, data)
+    assert abs(loss.item() - ref_loss.item()) <= TOL * abs(ref_loss.item())
+    assert grads.keys() == ref_grads.keys()
+    errs = {n: max_rel_err(grads[n], ref_grads[n]) for n in grads}
+    assert max(errs.values()) <= TOL, max(errs.items(), key=lambda kv: kv[1])
+    return loss, grads
+
+
 @pytest.mark.parametrize("recompute", ["norms", "none"])
 @pytest.mark.parametrize("p", [0.0, 0.1])
 @pytest.mark.parametrize("arch", ["gpt2", "bert"])
@@ -107,15 +121,8 @@ def test_loss_gradients_and_saved_bytes_match_unpatched(arch, p, recompute):
     if not fused:
         assert all("recompute='none' keeps the down projection's input" in e.reason for e in entries)
         return
-    if p:
-        use_shared_seed_dropout(ref, model, p)
     data = batch(arch)
-    loss, grads = loss_and_grads(model, data)
-    ref_loss, ref_grads = loss_and_grads(ref, data)
-    assert abs(loss.item() - ref_loss.item()) <= TOL * abs(ref_loss.item())
-    assert grads.keys() == ref_grads.keys()
-    errs = {n: max_rel_err(grads[n], ref_grads[n]) for n in grads}
-    assert max(errs.values()) <= TOL, max(errs.items(), key=lambda kv: kv[1])
+    _trains_as(model, ref, data, p)
     for r in peftfast.report(model).module_runtime(model).values():
         assert r["fused"] > 0 and not r["fallbacks"], r
     # exactly the I-wide tensors the MLP no longer keeps, per layer and token: the down projection's input h
@@ -434,14 +441,8 @@ def test_recompute_mlp_keeps_x_and_reruns_up_once(arch, p):
     peftfast.patch(norms, recompute="norms")
     assert all(e.patched for e in _mlp_entries(model)) and all(st.rerun for st in (
         m.__dict__["_peftfast_dense"] for m in model.modules() if "_peftfast_dense" in m.__dict__))
-    if p:
-        use_shared_seed_dropout(ref, model, p)
     data = batch(arch)
-    loss, grads = loss_and_grads(model, data)
-    ref_loss, ref_grads = loss_and_grads(ref, data)
-    assert abs(loss.item() - ref_loss.item()) <= TOL * abs(ref_loss.item())
-    errs = {n: max_rel_err(grads[n], ref_grads[n]) for n in ref_grads}
-    assert max(errs.values()) <= TOL, max(errs.items(), key=lambda kv: kv[1])
+    loss, grads = _trains_as(model, ref, data, p)
     # the up projection ran twice in the step: its forward and one rerun in backward (shared by the down
     # projection's rebuild of h and the activation's backward)
     assert _up_fused_calls(model) == [2, 2]
