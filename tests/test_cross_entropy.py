@@ -512,6 +512,31 @@ def test_every_supported_class_matches_unpatched(cls):
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
     for n, g in grads.items():
         torch.testing.assert_close(g, ref_grads[n], rtol=1e-4, atol=1e-6, msg=n)
+    assert loss_stats(model) == {"fused": 1, "no_labels": 0, "eval": 0, "fallbacks": {}}  # not the original's loss
+
+
+def test_moe_router_auxiliary_loss_goes_to_the_original_forward():
+    """A mixture of experts asked for router logits adds the load-balancing loss: that call is the original
+    forward's (counted with the reason); without them the fused loss serves it, and its output has the MoE fields."""
+    import transformers
+
+    cfg = transformers.MixtralConfig(vocab_size=M.VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                     num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                                     max_position_embeddings=64, pad_token_id=None, bos_token_id=0, eos_token_id=1)
+    torch.manual_seed(0)
+    ref = transformers.MixtralForCausalLM(cfg).train()
+    model = copy.deepcopy(ref)
+    install_loss(model, backend="torch")
+    ids, lab = _batch()
+    got, want = model(input_ids=ids, labels=lab), ref(input_ids=ids, labels=lab)
+    assert type(got).__name__ == "MoeCausalLMOutputWithPast" and got.logits is None and got.aux_loss is None
+    torch.testing.assert_close(got.loss, want.loss, rtol=1e-5, atol=1e-6)
+    got = model(input_ids=ids, labels=lab, output_router_logits=True)
+    want = ref(input_ids=ids, labels=lab, output_router_logits=True)
+    assert got.aux_loss is not None and got.logits is not None
+    torch.testing.assert_close(got.loss, want.loss)
+    assert loss_stats(model) == {"fused": 1, "no_labels": 0, "eval": 0,
+                                 "fallbacks": {"output_router_logits (the router's auxiliary loss)": 1}}
 
 
 def test_model_output_shape_return_dict_keep_logits_and_shift_labels():

@@ -74,13 +74,18 @@ RECIPES: dict[str, Callable[[nn.Module], tuple[float | None, float]]] = {
     "HunYuanDenseV1ForCausalLM": _plain, "Jais2ForCausalLM": _plain, "PersimmonForCausalLM": _plain,
     "DiffLlamaForCausalLM": _plain, "Cohere2ForCausalLM": _cohere, "VaultGemmaForCausalLM": _gemma_softcap,
     "GraniteSWAForCausalLM": _granite,
-    # the same body with another backbone attribute and argument list: served through their own signature
+    # the same body with another backbone attribute or argument list: served through their own signature
     "GPT2LMHeadModel": _plain, "GPTNeoXForCausalLM": _plain,
+    # mixtures of experts: the same body, plus the router's load-balancing loss when router logits are requested
+    # (such calls go to the original forward)
+    **dict.fromkeys(_MOE := ("MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM", "OlmoeForCausalLM",
+                             "GptOssForCausalLM", "PhimoeForCausalLM"), _plain),
 }
-# RECIPES classes whose backbone is not ``.model`` (served by ``fused_bound_causal_forward``)
-BACKBONES: dict[str, str] = {"GPT2LMHeadModel": "transformer", "GPTNeoXForCausalLM": "gpt_neox"}
+# RECIPES classes served by ``fused_bound_causal_forward``: their backbone attribute
+BACKBONES: dict[str, str] = {"GPT2LMHeadModel": "transformer", "GPTNeoXForCausalLM": "gpt_neox",
+                             **dict.fromkeys(_MOE, "model")}
 # the output class, where not CausalLMOutputWithPast
-_OUTPUTS = {"GPT2LMHeadModel": "CausalLMOutputWithCrossAttentions"}
+_OUTPUTS = {"GPT2LMHeadModel": "CausalLMOutputWithCrossAttentions", **dict.fromkeys(_MOE, "MoeCausalLMOutputWithPast")}
 _PARAMS = ("input_ids", "attention_mask", "position_ids", "past_key_values", "inputs_embeds", "labels", "use_cache",
            "logits_to_keep")
 # transformers 5.24 renamed the cache argument and output field ``past_key_values`` to ``cache`` (the old keyword is
@@ -227,8 +232,11 @@ def causal_lm(model: nn.Module) -> nn.Module:
 
 
 def _loss_vocab(lm: nn.Module) -> int:
-    """The vocabulary size the class's forward hands its loss (Gemma, Nemotron, VaultGemma: ``self.vocab_size``)."""
-    return lm.vocab_size if type(lm).__name__.startswith(("Gemma", "Nemotron", "VaultGemma")) else lm.config.vocab_size
+    """The vocabulary size the class's forward hands its loss (``self.vocab_size`` for Gemma, Nemotron, VaultGemma
+    and the mixtures of experts)."""
+    name = type(lm).__name__
+    return lm.vocab_size if name.startswith(("Gemma", "Nemotron", "VaultGemma")) or name in _MOE else \
+        lm.config.vocab_size
 
 
 def _replaced_forward_reason(inst) -> str:
@@ -390,6 +398,15 @@ def fused_bound_causal_forward(model: nn.Module, *args, **kwargs):
     head = _serve(model, st, labels, p.pop("logits_to_keep", 0), model.lm_head)
     if head is None:
         return _original(model, st, args, kwargs)
+    if "output_router_logits" in p or hasattr(model.config, "output_router_logits"):
+        router = p.get("output_router_logits")
+        if router is None:
+            router = getattr(model.config, "output_router_logits", False)
+        if router:  # the loss then adds the router's load-balancing term, which the original forward computes
+            tally(st.tally_key, "fallbacks", "output_router_logits (the router's auxiliary loss)")
+            return _original(model, st, args, kwargs)
+        if "output_router_logits" in p:
+            p["output_router_logits"] = False  # resolved as the original forward resolves it
 
     return_dict = extra.pop("return_dict", None)
     if return_dict is None:
@@ -535,7 +552,9 @@ def _bound_reason(lm: nn.Module, backbone: nn.Module, skip: tuple[str, ...]) -> 
     if absent:
         return f"{name}.forward takes no {', '.join(absent)}"
     params = inspect.signature(type(backbone).forward).parameters
-    missing = [a for a in named if a not in params]
+    # output_router_logits: transformers' MoE backbones read it from **kwargs (their output-capturing decorators)
+    by_kwargs = {"output_router_logits"} if any(q.kind is q.VAR_KEYWORD for q in params.values()) else set()
+    missing = [a for a in named if a not in params and a not in by_kwargs]
     if missing or "return_dict" in named:
         return f"{name}.forward has arguments its backbone does not take by name ({', '.join(missing or named)})"
     return None
