@@ -130,10 +130,34 @@ def roberta(hidden: int = 32, layers: int = 2, **overrides) -> nn.Module:
     return RobertaForMaskedLM(RobertaConfig(**{**kw, **overrides}))
 
 
+def t5(hidden: int = 32, layers: int = 2, **overrides) -> nn.Module:
+    """T5ForConditionalGeneration (tied: the decoder output is rescaled by ``d_model ** -0.5`` before the head)."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    kw = dict(vocab_size=VOCAB, d_model=hidden, d_kv=8, d_ff=2 * hidden, num_layers=layers, num_heads=4,
+              dropout_rate=0.0, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+    return T5ForConditionalGeneration(T5Config(**{**kw, **overrides}))
+
+
+def bart(hidden: int = 32, layers: int = 2, **overrides) -> nn.Module:
+    """BartForConditionalGeneration (a random ``final_logits_bias`` buffer, added after the head)."""
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    kw = dict(vocab_size=VOCAB, d_model=hidden, encoder_layers=layers, decoder_layers=layers,
+              encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=2 * hidden,
+              decoder_ffn_dim=2 * hidden, max_position_embeddings=64, dropout=0.0, attention_dropout=0.0,
+              activation_dropout=0.0, pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=2)
+    model = BartForConditionalGeneration(BartConfig(**{**kw, **overrides}))
+    with torch.no_grad():
+        model.final_logits_bias.normal_(0.0, 0.5)
+    return model
+
+
 BUILDERS: dict[str, Callable[..., nn.Module]] = {
     "llama": llama, "mistral": mistral, "qwen2": qwen2, "qwen3": qwen3, "gemma": gemma, "gemma2": gemma2,
-    "gemma3": gemma3, "phi3": phi3, "gpt2": gpt2, "bert": bert, "roberta": roberta,
+    "gemma3": gemma3, "phi3": phi3, "gpt2": gpt2, "bert": bert, "roberta": roberta, "t5": t5, "bart": bart,
 }
+SEQ2SEQ_ARCHS = ("t5", "bart")
 
 
 def peft_model(arch: str, *, seed: int = 0, base_dtype: torch.dtype = torch.float32,
@@ -156,6 +180,8 @@ def peft_model(arch: str, *, seed: int = 0, base_dtype: torch.dtype = torch.floa
     cfg.update(lora_kwargs)
     if arch == "gpt2":
         cfg.setdefault("fan_in_fan_out", True)
+    if arch in SEQ2SEQ_ARCHS:
+        cfg.setdefault("task_type", "SEQ_2_SEQ_LM")
     model = get_peft_model(model, LoraConfig(**cfg))
     with torch.no_grad():
         for layer in lora_layers(model):
@@ -180,6 +206,9 @@ def batch(arch: str, *, seq: int = SEQ, bsz: int = BATCH, seed: int = 1) -> dict
     out = {"input_ids": ids, "labels": ids.clone()}
     if arch in ("bert", "roberta"):
         out["labels"][:, ::3] = -100
+    if arch in SEQ2SEQ_ARCHS:  # a target shorter than the source, padded at the end of one row
+        out["labels"] = torch.randint(2, VOCAB, (bsz, max(2, seq - 3)), generator=g)
+        out["labels"][0, -2:] = -100
     return out
 
 

@@ -192,11 +192,13 @@ def test_ops_chain_compiles_as_one_graph(backend):
 
 
 
-@pytest.mark.parametrize("arch", ["bert", "gpt2"])
+@pytest.mark.parametrize("arch", ["bert", "gpt2", "t5", "bart"])
 def test_other_fused_losses_compile_without_breaks_in_our_code(arch):
-    """BERT's fused masked-LM loss (no row selection under torch.compile: a data-dependent shape) and GPT-2's fused
-    causal loss (its own argument list, bound by signature): the same loss and gradients as eager, which for BERT
-    selects the labelled rows, no graph break in our files, every call fused."""
+    """BERT's fused masked-LM loss (no row selection under torch.compile: a data-dependent shape), GPT-2's fused
+    causal loss (its own argument list, bound by signature) and the encoder-decoder loss of T5 and BART (the head's
+    input taken by a pre-hook registered once at install: one registered per call would break the graph): the same
+    loss and gradients as eager, which for BERT selects the labelled rows, no graph break in our files, every call
+    fused."""
     model = peft_model(arch, r=4, lora_alpha=8)
     data = batch(arch, seq=11, bsz=2)
     peftfast.patch(model, fuse_loss=True)

@@ -8,6 +8,7 @@ for ``tl.dot`` on bf16 inputs: the Triton path is tested in fp32/fp16, bf16 on t
 
 import copy
 import inspect
+import math
 import pickle
 import warnings
 
@@ -898,3 +899,201 @@ def test_masked_lm_padding_token_types_and_autocast():
     assert got.dtype == torch.float32
     assert abs(got.item() - exact.item()) <= max(2 * abs(eager.item() - exact.item()), 1e-3 * exact.item())
     assert loss_stats(model)["fused"] == 2
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# encoder-decoder LMs
+# ----------------------------------------------------------------------------------------------------------------
+_S2S_SMALL = dict(vocab_size=M.VOCAB, d_model=32, max_position_embeddings=64, pad_token_id=1, bos_token_id=0,
+                  eos_token_id=2, decoder_start_token_id=2)
+_S2S_EXTRA = {"LED": dict(attention_window=4, max_encoder_position_embeddings=64, max_decoder_position_embeddings=64),
+              "BigBirdPegasus": dict(attention_type="original_full"), "Marian": dict(decoder_vocab_size=M.VOCAB)}
+
+
+def _s2s(cls: str) -> torch.nn.Module:
+    """A tiny random ``cls`` in training mode, its configs' own dropout on, biases and ``final_logits_bias``
+    random."""
+    import transformers
+
+    torch.manual_seed(0)
+    model_cls = getattr(transformers, cls)
+    name = model_cls.config_class.__name__.removesuffix("Config")
+    if "T5" in name:
+        cfg = model_cls.config_class(vocab_size=M.VOCAB, d_model=32, d_kv=8, d_ff=48, num_layers=1, num_heads=4,
+                                     pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+    else:
+        cfg = model_cls.config_class(**_S2S_SMALL, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
+                                     decoder_attention_heads=4, encoder_ffn_dim=40, decoder_ffn_dim=40,
+                                     **_S2S_EXTRA.get(name, {}))
+    model = model_cls(cfg)
+    with torch.no_grad():
+        for mod in model.modules():
+            if isinstance(getattr(mod, "bias", None), torch.nn.Parameter):
+                mod.bias.normal_(0.0, 0.1)
+        if isinstance(getattr(model, "final_logits_bias", None), torch.Tensor):
+            model.final_logits_bias.normal_(0.0, 0.5)
+    return model.train()
+
+
+def _peft_s2s(cls: str, head_lora: bool = True):
+    from peft import LoraConfig, get_peft_model
+
+    targets = ["q", "v", "q_proj", "v_proj", "query", "value"] + (["lm_head"] if head_lora else [])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PEFT's note on adapting a tied lm_head
+        model = get_peft_model(_s2s(cls), LoraConfig(r=4, lora_alpha=8, target_modules=targets, lora_dropout=0.0,
+                                                     lora_bias=head_lora, task_type="SEQ_2_SEQ_LM"))
+    with torch.no_grad():
+        for layer in M.lora_layers(model):
+            for b in layer.lora_B.values():
+                b.weight.normal_(0.0, 0.2)
+                if b.bias is not None:
+                    b.bias.normal_(0.0, 0.2)
+    return model.train()
+
+
+def _s2s_batch(seed=0, src=11, tgt=7):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, M.VOCAB, (M.BATCH, src), generator=g)
+    labels = torch.randint(3, M.VOCAB, (M.BATCH, tgt), generator=g)
+    labels[0, -3:] = -100  # a padded target
+    return ids, labels
+
+
+def _seeded(model, **kw):
+    torch.manual_seed(7)  # dropout: the fused call runs the class's own forward, drawing the same masks
+    return model(**kw)
+
+
+@pytest.mark.parametrize("cls", sorted(ce_mod.SEQ2SEQ))
+def test_seq2seq_matches_unpatched(cls):
+    """Every ``SEQ2SEQ`` class, PEFT LoRA (with LoRA bias) on attention and on ``lm_head``, dropout on: the same loss,
+    gradient of every trainable tensor and output fields (but the logits) as the unpatched model, on the fused
+    path."""
+    import transformers
+
+    if not hasattr(transformers, cls):
+        pytest.skip(f"{cls} is not in transformers {transformers.__version__}")
+    ref = _peft_s2s(cls)
+    model = copy.deepcopy(ref)
+    assert install_loss(model, backend="torch") == (True, None)
+    ids, lab = _s2s_batch()
+    want = _seeded(ref, input_ids=ids, labels=lab)
+    got = _seeded(model, input_ids=ids, labels=lab)
+    want.loss.backward()
+    got.loss.backward()
+    assert type(got) is type(want) and got.logits is None and got.loss.dtype == torch.float32
+    assert set(got.keys()) == set(want.keys()) - {"logits"}
+    torch.testing.assert_close(got.loss, want.loss, rtol=1e-5, atol=1e-6)
+    grads = _trainable(model)
+    assert any("lm_head" in n for n in grads)
+    for n, p in _trainable(ref).items():
+        torch.testing.assert_close(grads[n].grad, p.grad, rtol=1e-4, atol=1e-6, msg=n)
+    assert loss_stats(model) == {"fused": 1, "no_labels": 0, "eval": 0, "fallbacks": {}}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("cls", ["T5ForConditionalGeneration", "BartForConditionalGeneration"])
+def test_seq2seq_arguments_outputs_cache_and_memory(cls, backend):
+    from transformers import DynamicCache, EncoderDecoderCache
+
+    ref = _peft_s2s(cls)
+    model = copy.deepcopy(ref)
+    install_loss(model, backend=backend)
+    ids, lab = _s2s_batch()
+    kw = dict(input_ids=ids, labels=lab, attention_mask=torch.ones_like(ids))
+    kw["attention_mask"][1, -4:] = 0
+    # backend parity, and no tokens x vocab tensor kept for backward
+    want = _seeded(ref, **kw)
+    torch.testing.assert_close(_seeded(model, **kw).loss, want.loss, rtol=1e-5, atol=1e-6)
+    params = list(model.parameters())
+    shapes = M.saved_shapes(lambda: _seeded(model, **kw).loss, params)
+    logits_sized = lab.numel() * M.VOCAB  # a [tokens, vocab] tensor (the head's weight and bias rows are smaller)
+    assert not any(s[-1:] == (M.VOCAB,) and math.prod(s) >= logits_sized for s in shapes)
+    assert any(s[-1:] == (M.VOCAB,) and math.prod(s) >= logits_sized
+               for s in M.saved_shapes(lambda: _seeded(ref, **kw).loss, list(ref.parameters())))
+    _, saved = saved_activation_bytes(lambda: _seeded(model, **kw).loss, exclude=params)
+    _, ref_saved = saved_activation_bytes(lambda: _seeded(ref, **kw).loss, exclude=list(ref.parameters()))
+    assert saved.total < ref_saved.total
+
+    # decoder inputs given by the caller are used as given; return_dict=False
+    dec = torch.randint(3, M.VOCAB, lab.shape, generator=torch.Generator().manual_seed(5))
+    torch.testing.assert_close(_seeded(model, **kw, decoder_input_ids=dec).loss,
+                               _seeded(ref, **kw, decoder_input_ids=dec).loss, rtol=1e-5, atol=1e-6)
+    tup, ref_tup = _seeded(model, **kw, return_dict=False), _seeded(ref, **kw, return_dict=False)
+    assert isinstance(tup, tuple) and len(tup) == len(ref_tup) - 1 and tup[0].shape == ()  # no logits
+    torch.testing.assert_close(tup[0], ref_tup[0], rtol=1e-5, atol=1e-6)
+    assert torch.equal(tup[-1], ref_tup[-1])  # the encoder's last hidden state
+    # a cache: BART's forward switches it off with labels, T5's keeps filling it; the fused call does the same
+    name = next(n for n in ("cache", "past_key_values") if n in inspect.signature(type(ref.get_base_model()).forward)
+                .parameters)
+    caches = [EncoderDecoderCache(DynamicCache(), DynamicCache()) for _ in range(2)]
+    got = _seeded(model, **kw, use_cache=True, **{name: caches[0]})
+    want_c = _seeded(ref, **kw, use_cache=True, **{name: caches[1]})
+    assert (getattr(got, name) is None) == (getattr(want_c, name) is None)
+    assert caches[0].get_seq_length() == caches[1].get_seq_length()
+    torch.testing.assert_close(got.loss, want_c.loss, rtol=1e-5, atol=1e-6)
+    assert loss_stats(model) == {"fused": 6, "no_labels": 0, "eval": 0, "fallbacks": {}}
+
+    # no labels, or evaluation: the original forward and its logits; keep_logits: detached logits as well
+    dec_kw = dict(input_ids=ids, decoder_input_ids=dec)
+    assert torch.equal(_seeded(model, **dec_kw).logits, _seeded(ref, **dec_kw).logits)
+    model.eval()
+    ref.eval()
+    assert model(**kw).logits is not None
+    install_loss(model, backend=backend, keep_logits=True)
+    out, r = model(**kw), ref(**kw)
+    torch.testing.assert_close(out.logits, r.logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.loss, r.loss, rtol=1e-5, atol=1e-6)
+    assert not out.logits.requires_grad
+    assert loss_stats(model) == {"fused": 7, "no_labels": 1, "eval": 1, "fallbacks": {}}
+
+
+def test_seq2seq_why_not_head_replaced_pickle_and_uninstall():
+    lm = _s2s("BartForConditionalGeneration")
+    ids, lab = _s2s_batch()
+    lm.lm_head.register_forward_hook(lambda *a: None)
+    assert ce_mod.why_not(lm) == "lm_head has forward hooks"
+    marian = _s2s("MarianMTModel")
+    marian.config.decoder_vocab_size = M.VOCAB + 1
+    assert "decoder_vocab_size" in ce_mod.why_not(marian)
+
+    t5 = _s2s("T5ForConditionalGeneration")
+    assert "forward" not in t5.__dict__ and not t5.lm_head._forward_pre_hooks
+    install_loss(t5)
+    twin = pickle.loads(pickle.dumps(t5))  # its head's pre-hook serves its own state
+    torch.testing.assert_close(_seeded(twin, input_ids=ids, labels=lab).loss,
+                               _seeded(t5, input_ids=ids, labels=lab).loss)
+    assert loss_stats(twin)["fused"] == 1
+    twin.lm_head = torch.nn.Linear(32, M.VOCAB, bias=False)  # replaced after install: the original serves the call
+    assert twin(input_ids=ids, labels=lab).logits is not None
+    assert loss_stats(twin)["fallbacks"] == {"lm_head was replaced after the loss was patched": 1}
+    uninstall_loss(t5)
+    assert "forward" not in t5.__dict__ and not t5.lm_head._forward_pre_hooks
+    assert t5(input_ids=ids, labels=lab).logits is not None
+
+
+def test_seq2seq_bf16_autocast_and_through_patch():
+    """T5 through ``patch(fuse_loss=True)`` (fused LoRA layers and loss): the same loss and gradients as PEFT; under
+    bf16 autocast the fused loss is at most twice as far from the fp32 loss as the eager bf16 loss is (at least
+    1e-3 relative: both round in bf16); ``unpatch`` removes the head's pre-hook."""
+    import peftfast
+
+    ref = M.peft_model("t5", r=4, lora_alpha=8)
+    model = peftfast.patch(copy.deepcopy(ref), fuse_loss=True)
+    entry = next(e for e in peftfast.report(model).modules if e.kind == "loss")
+    assert entry.patched, entry.reason
+    data = M.batch("t5")
+    loss, grads = M.loss_and_grads(model, data)
+    want, ref_grads = M.loss_and_grads(ref, data)
+    torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-6)
+    for n, g in ref_grads.items():
+        torch.testing.assert_close(grads[n], g, rtol=1e-4, atol=1e-5, msg=n)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, eager = model(**data).loss, ref(**data).loss
+    assert got.dtype == torch.float32
+    assert abs(got.item() - want.item()) <= max(2 * abs(eager.item() - want.item()), 1e-3 * want.item())
+    assert ce_mod.stats(model)["fused"] == 2
+    peftfast.unpatch(model)
+    lm = model.get_base_model()
+    assert "forward" not in lm.__dict__ and not lm.lm_head._forward_pre_hooks

@@ -176,6 +176,27 @@ def test_trainer_masked_lm_fused_loss_matches_peft(tmp_path):
     assert loss_stats(fast) == {"fused": 8, "no_labels": 0, "eval": 0, "fallbacks": {}}
 
 
+@pytest.mark.parametrize("arch", ["t5", "bart"])
+def test_trainer_seq2seq_fused_loss_matches_peft(tmp_path, arch):
+    """T5 / BART (a ``PeftModelForSeq2SeqLM``) with ``fuse_loss=True``: targets shorter than the sources, one padded
+    position, batch 2 x accumulation 2, four steps: the same losses and LoRA weights as unpatched PEFT, every
+    training call on the fused loss."""
+    from peftfast.patching.loss import loss_stats
+
+    ref = peft_model(arch, r=4, lora_alpha=8)
+    init = weights(ref)
+    fast = peftfast.patch(copy.deepcopy(ref), fuse_loss=True)
+    data = rows()
+    for r in data:
+        r["labels"] = r["input_ids"][1:6].flip(0).clone()
+        r["labels"][-1] = -100
+    t_ref = hf_train(ref, tmp_path / "ref", gradient_accumulation_steps=2, train_dataset=data)
+    t_fast = hf_train(fast, tmp_path / "fast", gradient_accumulation_steps=2, train_dataset=data)
+    assert_losses_close(logged_losses(t_fast), logged_losses(t_ref))
+    assert_same_training(weights(fast), weights(ref), init)
+    assert loss_stats(fast) == {"fused": 8, "no_labels": 0, "eval": 0, "fallbacks": {}}
+
+
 def test_trainer_gradient_checkpointing_matches_no_checkpointing(tmp_path):
     """Non-reentrant checkpointing recomputes every block's forward on the fused path and, with dropout 0.1, the
     recompute regenerates the same masks (seeds come from torch's RNG, which checkpointing restores): the weights

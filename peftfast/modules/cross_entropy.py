@@ -21,6 +21,15 @@ Same loss (fp32: the original computes it in the logits' dtype), gradients withi
 saved tensors shrink with the labelled share, and the ``tokens × vocab`` logits (30522 per token for BERT, 40 hidden
 vectors at hidden 768) are never made. Under ``torch.compile`` the rows are not selected (a data-dependent shape):
 the transform runs on every row and the fused loss skips the unlabelled ones.
+
+Encoder-decoder LMs (T5, mT5, UMT5, LongT5, BART, mBART, Pegasus, Pegasus-X, Marian, Blenderbot, PLBart, M2M100 /
+NLLB, BigBird-Pegasus, MVP, LED; ``SEQ2SEQ``) take ``fused_seq2seq_forward``: their forward computes
+``lm_head(decoder output, rescaled as the class does) [+ final_logits_bias]`` and ``CrossEntropyLoss()`` against the
+unshifted labels. The replacement runs the class's own forward without labels (the decoder inputs shifted from the
+labels as it would shift them, the cache switched off where it would), while a pre-hook on ``lm_head`` takes its
+input and hands the head a single zero row instead: the head then returns its whole bias (``lm_head`` bias, LoRA
+bias, ``final_logits_bias``: whatever the class adds, with autograd to each), and the fused cross-entropy computes the
+loss from the taken input, the head's weight (and LoRA) and that bias. Every other output field is the original's.
 """
 
 from __future__ import annotations
@@ -119,8 +128,9 @@ class LossState(Tallied):
     config: LossPatchConfig
     previous_forward: object | None
     params: tuple[str, ...] = _PARAMS  # the class forward's leading parameters (its cache argument's name)
-    kind: str = "causal"  # "bound" (``BACKBONES``), "masked" (``MASKED_LM``)
+    kind: str = "causal"  # "bound" (``BACKBONES``), "masked" (``MASKED_LM``), "seq2seq" (``SEQ2SEQ``)
     out_fields: tuple[str, ...] = ()  # "bound": the output fields besides loss and logits
+    taken: list | None = None  # "seq2seq": the lm_head inputs of the fused call in progress
     fused_calls: int = 0
     no_label_calls: int = 0
     eval_calls: int = 0  # labelled calls in eval mode: served by the original forward, which returns logits
@@ -141,7 +151,9 @@ class HeadTensors:
 # eligibility
 # ----------------------------------------------------------------------------------------------------------------
 def _has_hooks(mod: nn.Module) -> bool:
-    return bool(mod._forward_hooks or mod._forward_pre_hooks or hasattr(mod, "_hf_hook"))
+    """Whether hooks other than the seq2seq path's own pre-hook (``_take_head_input``) run around ``mod``."""
+    pre = [h for h in mod._forward_pre_hooks.values() if not _is_take(h)]
+    return bool(mod._forward_hooks or pre or hasattr(mod, "_hf_hook"))
 
 
 def _peft_types():
@@ -256,9 +268,9 @@ def why_not(model: nn.Module) -> str | None:
     loss, else a reason."""
     lm = causal_lm(model)
     name = type(lm).__name__
-    if name not in RECIPES and name not in MASKED_LM:
-        return (f"{name} is not a supported *ForCausalLM ({', '.join(sorted(RECIPES))}) or *ForMaskedLM "
-                f"({', '.join(sorted(MASKED_LM))})")
+    if name not in RECIPES and name not in MASKED_LM and name not in SEQ2SEQ:
+        return (f"{name} is not a supported *ForCausalLM ({', '.join(sorted(RECIPES))}), *ForMaskedLM "
+                f"({', '.join(sorted(MASKED_LM))}) or encoder-decoder LM ({', '.join(sorted(SEQ2SEQ))})")
     inst = lm.__dict__.get("forward")
     if inst is not None and getattr(lm, "_peftfast_loss", None) is None:
         return _replaced_forward_reason(inst)
@@ -266,6 +278,8 @@ def why_not(model: nn.Module) -> str | None:
         return "model has accelerate hooks (device_map / offloading)"
     if name in MASKED_LM:
         return _why_not_masked(lm)
+    if name in SEQ2SEQ:
+        return _why_not_seq2seq(lm)
     backbone = BACKBONES.get(name, "model")
     if not isinstance(getattr(lm, backbone, None), nn.Module) or not isinstance(getattr(lm, "lm_head", None),
                                                                                  nn.Module):
@@ -319,7 +333,7 @@ def _serve(model: nn.Module, st: LossState, labels, keep, head: nn.Module) -> He
     if reason is None:
         ht = head_tensors(head, model.training)
         if isinstance(ht, str):
-            reason = ht if keep is not None else ht.replace("lm_head", "MLM decoder")
+            reason = ht if st.kind != "masked" else ht.replace("lm_head", "MLM decoder")
     if reason is not None:
         tally(st.tally_key, "fallbacks", reason)
         return None
@@ -649,6 +663,150 @@ def fused_masked_lm_forward(model: nn.Module, *args, **kwargs):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# encoder-decoder LMs
+# ----------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Seq2SeqRecipe:
+    """What a ``SEQ2SEQ`` class's forward does with ``labels`` besides the loss. ``shift``: how it makes the decoder
+    inputs from them ("t5": ``self._shift_right``; "start": its module's ``shift_tokens_right(labels, pad,
+    decoder_start)``; "pad": ``shift_tokens_right(labels, pad)``); ``no_cache``: whether labels switch ``use_cache``
+    off; ``vocab``: the config field the loss reshapes the logits by (None: the logits' own width)."""
+
+    shift: str
+    no_cache: bool
+    vocab: str | None = "vocab_size"
+
+
+_T5 = Seq2SeqRecipe("t5", False, None)
+_BART = Seq2SeqRecipe("start", True)
+# classes whose forward is "encoder-decoder → [rescale] → lm_head [+ final_logits_bias] → CrossEntropyLoss()(logits,
+# labels)" with decoder inputs shifted from the labels (bodies read in transformers 5.24; each tested against its
+# unpatched forward)
+SEQ2SEQ: dict[str, Seq2SeqRecipe] = {
+    **dict.fromkeys(("T5ForConditionalGeneration", "MT5ForConditionalGeneration", "UMT5ForConditionalGeneration",
+                     "LongT5ForConditionalGeneration"), _T5),
+    **dict.fromkeys(("BartForConditionalGeneration", "PegasusForConditionalGeneration",
+                     "PegasusXForConditionalGeneration", "BlenderbotForConditionalGeneration",
+                     "BlenderbotSmallForConditionalGeneration", "BigBirdPegasusForConditionalGeneration",
+                     "MvpForConditionalGeneration", "LEDForConditionalGeneration"), _BART),
+    "MarianMTModel": Seq2SeqRecipe("start", True, "decoder_vocab_size"),
+    "MBartForConditionalGeneration": Seq2SeqRecipe("pad", True),
+    "PLBartForConditionalGeneration": Seq2SeqRecipe("pad", False),
+    "M2M100ForConditionalGeneration": Seq2SeqRecipe("start", False),
+}
+
+
+def _decoder_inputs(lm: nn.Module, rec: Seq2SeqRecipe, labels: torch.Tensor) -> torch.Tensor:
+    """The decoder inputs the class's forward makes from ``labels``."""
+    if rec.shift == "t5":
+        return lm._shift_right(labels)
+    shift = sys.modules[type(lm).__module__].shift_tokens_right
+    cfg = lm.config
+    return shift(labels, cfg.pad_token_id, cfg.decoder_start_token_id) if rec.shift == "start" else \
+        shift(labels, cfg.pad_token_id)
+
+
+def _why_not_seq2seq(lm: nn.Module) -> str | None:
+    name = type(lm).__name__
+    rec = SEQ2SEQ[name]
+    if not isinstance(getattr(lm, "lm_head", None), nn.Module):
+        return f"{name} has no .lm_head"
+    params = inspect.signature(type(lm).forward).parameters
+    need = ("labels", "decoder_input_ids", "decoder_inputs_embeds") + (("use_cache",) if rec.no_cache else ())
+    missing = [a for a in need if a not in params]
+    if missing:
+        return f"{name}.forward takes no {', '.join(missing)}"
+    if rec.shift == "t5" and not callable(getattr(lm, "_shift_right", None)) or \
+            rec.shift != "t5" and not callable(getattr(sys.modules[type(lm).__module__], "shift_tokens_right", None)):
+        return f"{name}: its label shift ({rec.shift}) is not where the class keeps it"
+    ht = head_tensors(lm.lm_head, training=False)
+    if isinstance(ht, str):
+        return ht
+    vocab = getattr(lm.config, rec.vocab, None) if rec.vocab else ht.weight.shape[0]
+    if ht.weight.shape[0] != vocab:
+        return f"lm_head has {ht.weight.shape[0]} outputs but the loss uses {rec.vocab} {vocab}"
+    return None
+
+
+def _take_head_input(st: LossState, _mod: nn.Module, inputs: tuple):
+    """``lm_head`` pre-hook of a ``SEQ2SEQ`` model (registered once by ``install``; inert outside a fused call).
+
+    In a fused call it keeps the head's input for the loss and hands the head one zero row instead: the head's
+    output is then the whole bias the class adds (lm_head's, LoRA's, ``final_logits_bias``), with autograd to each.
+    """
+    if st.taken is None:
+        return None
+    st.taken.append(inputs[0])
+    return (inputs[0].new_zeros(1, inputs[0].shape[-1]),) + tuple(inputs[1:])
+
+
+def _is_take(hook) -> bool:
+    return isinstance(hook, functools.partial) and hook.func is _take_head_input
+
+
+def _own_hook(head: nn.Module) -> bool:
+    return any(_is_take(h) for h in head._forward_pre_hooks.values())
+
+
+def fused_seq2seq_forward(model: nn.Module, *args, **kwargs):
+    """Drop-in ``forward`` for the ``SEQ2SEQ`` classes (bound to the instance by ``install``)."""
+    st: LossState = model._peftfast_loss
+    bound = _bind_call(model, ("labels",), args, kwargs)
+    if bound is None:
+        return _original(model, st, args, kwargs)  # raises the original's own error
+    p, extra = bound
+    labels = p.pop("labels", None)
+    ht = _serve(model, st, labels, None, model.lm_head)
+    if ht is None:
+        return _original(model, st, args, kwargs)
+    if not _own_hook(model.lm_head):
+        tally(st.tally_key, "fallbacks", "lm_head was replaced after the loss was patched")
+        return _original(model, st, args, kwargs)
+
+    rec = SEQ2SEQ[type(model).__name__]
+    if p.get("decoder_input_ids") is None and p.get("decoder_inputs_embeds") is None:
+        p["decoder_input_ids"] = _decoder_inputs(model, rec, labels)
+    if rec.no_cache:
+        p["use_cache"] = False
+    where = p if "return_dict" in _signature_parts(type(model), ("labels",))[1] else extra
+    return_dict = where.pop("return_dict", None)
+    if return_dict is None:
+        return_dict = getattr(model.config, "return_dict", True)
+    where["return_dict"] = True
+
+    st.taken = []
+    try:
+        out = _original(model, st, (), {**p, **extra})
+        taken = st.taken
+    finally:
+        st.taken = None
+    bias = getattr(out, "logits", None)
+    if len(taken) != 1 or not isinstance(bias, torch.Tensor) or bias.shape != (1, ht.weight.shape[0]):
+        tally(st.tally_key, "fallbacks", "lm_head was not called once on the decoder output")
+        return _original(model, st, args, kwargs)
+    hidden = taken[0]
+    bias = bias.reshape(-1)
+    if not torch.is_autocast_enabled(hidden.device.type) and bias.dtype != ht.weight.dtype:
+        bias = bias.to(ht.weight.dtype)
+    head = HeadTensors(ht.weight, bias, ht.lora_a, ht.lora_b, ht.lora_scale)
+    loss = _head_loss(st, head, hidden, labels.to(hidden.device), -100, None, 1.0, None)
+    if loss is None:  # a dtype the fused op cannot take: the original serves the call
+        tally(st.tally_key, "fallbacks", "hidden dtype differs from lm_head weight dtype")
+        return _original(model, st, args, kwargs)
+    tally(st.tally_key, "fused_calls")
+    logits = None
+    if st.config.keep_logits:
+        with torch.no_grad():
+            logits = nn.functional.linear(hidden, head.weight, bias)
+            if head.lora_a is not None:
+                logits = logits + nn.functional.linear(nn.functional.linear(hidden, head.lora_a), head.lora_b) * \
+                    head.lora_scale
+    fields = {k: v for k, v in out.items() if k not in ("loss", "logits")}
+    out = type(out)(loss=loss, logits=logits, **fields)
+    return out if return_dict else out.to_tuple()
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # install / uninstall
 # ----------------------------------------------------------------------------------------------------------------
 def install(model: nn.Module, config: LossPatchConfig) -> nn.Module:
@@ -662,6 +820,12 @@ def install(model: nn.Module, config: LossPatchConfig) -> nn.Module:
     if type(lm).__name__ in MASKED_LM:
         st = LossState(config=config, previous_forward=None, kind="masked")
         bind_forward(lm, "_peftfast_loss", st, fused_masked_lm_forward)
+        return lm
+    if type(lm).__name__ in SEQ2SEQ:
+        st = LossState(config=config, previous_forward=None, kind="seq2seq")
+        bind_forward(lm, "_peftfast_loss", st, fused_seq2seq_forward)
+        # registered once, not per call: a hook registered inside a compiled forward breaks the graph
+        lm.lm_head.register_forward_pre_hook(functools.partial(_take_head_input, st))
         return lm
     if type(lm).__name__ in BACKBONES:
         # the output's other fields, copied from the backbone's output (read here: dataclass introspection is not
@@ -677,8 +841,12 @@ def install(model: nn.Module, config: LossPatchConfig) -> nn.Module:
 
 
 def uninstall(model: nn.Module) -> None:
-    """Restore the forward exactly as it was before ``install``."""
-    unbind_forward(causal_lm(model), "_peftfast_loss")
+    """Restore the forward exactly as it was before ``install`` (and remove the seq2seq head pre-hook)."""
+    lm = causal_lm(model)
+    if unbind_forward(lm, "_peftfast_loss") is not None and isinstance(getattr(lm, "lm_head", None), nn.Module):
+        hooks = lm.lm_head._forward_pre_hooks
+        for k in [k for k, h in hooks.items() if _is_take(h)]:
+            del hooks[k]
 
 
 def stats(model: nn.Module) -> dict | None:

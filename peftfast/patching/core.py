@@ -167,8 +167,8 @@ def patch(model: nn.Module, *, backend: str = "auto", group_siblings: bool = Tru
     attention runs on peftfast's fused kernel (``"peftfast"`` attention implementation: padding, packing, GQA,
     prefix keys); with ``fuse_norms``, RMSNorms (and, for CUDA models, LayerNorms) run on fused norm kernels that
     keep no fp32 copy of their input (off CUDA, LayerNorms run ATen's op and are patched only for the rebuild).
-    ``fuse_loss`` (opt-in, because such calls then return ``logits=None``, which
-    loops that read training logits, e.g. TRL's token accuracy, cannot take): a causal LM's labelled training calls
+    ``fuse_loss`` (opt-in, because such calls then return ``logits=None``, which loops that read training logits,
+    e.g. TRL's token accuracy, cannot take): the labelled training calls of a causal, masked or encoder-decoder LM
     compute the loss from the last hidden states by fused linear cross-entropy (LoRA on ``lm_head`` included)
     without materialising logits. ``recompute`` trades backward work for saved activations (``RECOMPUTE``):
     ``"norms"`` (default) rebuilds each fused norm's output in backward (an element-wise pass) instead of keeping it
