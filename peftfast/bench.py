@@ -178,6 +178,17 @@ PRESETS: dict[str, Preset] = {
         hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, vocab_size=30522,
         max_position_embeddings=512, type_vocab_size=2), 512, 8,
         "google-bert/bert-base-uncased (BertForMaskedLM: 109,514,298 parameters)"),
+    # encoder-decoder LMs: --seq-len is the source length, --target-len the target's (default a quarter of it)
+    "t5-base": Preset("T5Config", dict(
+        vocab_size=32128, d_model=768, d_kv=64, d_ff=3072, num_layers=12, num_decoder_layers=12, num_heads=12,
+        relative_attention_num_buckets=32, dropout_rate=0.1, feed_forward_proj="relu", decoder_start_token_id=0,
+        pad_token_id=0, eos_token_id=1), 512, 4, "google-t5/t5-base (T5ForConditionalGeneration: 222,903,552 "
+        "parameters)"),
+    "bart-base": Preset("BartConfig", dict(
+        vocab_size=50265, d_model=768, encoder_layers=6, decoder_layers=6, encoder_attention_heads=12,
+        decoder_attention_heads=12, encoder_ffn_dim=3072, decoder_ffn_dim=3072, max_position_embeddings=1024,
+        pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=2), 512, 4,
+        "facebook/bart-base (BartForConditionalGeneration: 139,420,416 parameters)"),
 }
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 METHODS = ("lora", "qlora", "adapter", "prefix")
@@ -199,6 +210,7 @@ class BenchConfig:
     dropout: float = 0.05
     targets: str = "all-linear"  # LoRA target modules (lora/qlora): all-linear or comma-separated module names
     seq_len: int | None = None
+    target_len: int | None = None  # encoder-decoder models: the target length (None: a quarter of seq_len, >= 2)
     batch_size: int | str | None = None  # an int, "auto" (CUDA only) or None (the preset's)
     layers: int | None = None
     packed: bool = False  # documents of 25-100% of seq_len packed per row (position_ids restart at 0)
@@ -246,11 +258,12 @@ class Setup:
     """What a run is built from, resolved once from the config."""
 
     hf: object  # the transformers config (depth already truncated)
-    kind: str  # "decoder" or "encoder"
+    kind: str  # "decoder", "encoder" or "seq2seq"
     name: str
     full_layers: int
     seq: int
     batch: int | str
+    target: int | None = None  # seq2seq: the target length
     estimate: dict = field(default_factory=dict)
     report: str = ""
     layer_counts: tuple | None = None  # meta-device counts at 1 and 2 layers (estimate_bytes)
@@ -296,17 +309,35 @@ def _one_line(exc: BaseException, limit: int = 300) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+# an encoder-decoder config's decoder depth (its num_hidden_layers is the encoder's)
+_DECODER_LAYERS = ("num_decoder_layers", "decoder_layers")
+
+
+def _set_layers(hf, layers: int) -> None:
+    """Cut ``hf`` to ``layers`` layers (per stack: an encoder-decoder's encoder and decoder alike)."""
+    hf.num_hidden_layers = layers
+    if isinstance(getattr(hf, "layer_types", None), list):  # per-layer attention kinds (Gemma 2, Qwen2, ...)
+        hf.layer_types = (hf.layer_types * layers)[:layers]
+    if getattr(hf, "is_encoder_decoder", False):
+        for name in _DECODER_LAYERS:
+            if isinstance(getattr(hf, name, None), int):
+                setattr(hf, name, layers)
+
+
 def _truncate(hf, layers: int | None) -> int:
     full = getattr(hf, "num_hidden_layers", None)
     if not isinstance(full, int) or full < 1:
         raise BenchError(f"config {type(hf).__name__} has no num_hidden_layers; it is not a transformer peftfast "
                          "bench can build")
+    if getattr(hf, "is_encoder_decoder", False):
+        dec = next((getattr(hf, n) for n in _DECODER_LAYERS if isinstance(getattr(hf, n, None), int)), full)
+        if dec != full:
+            raise BenchError(f"{type(hf).__name__} has {full} encoder and {dec} decoder layers: bench builds "
+                             "encoder-decoder models with equal depths")
     if layers is not None:
         if not 1 <= layers <= full:
             raise BenchError(f"--layers must be in 1..{full} for this model, got {layers}")
-        hf.num_hidden_layers = layers
-        if isinstance(getattr(hf, "layer_types", None), list):  # per-layer attention kinds (Gemma 2, Qwen2, ...)
-            hf.layer_types = hf.layer_types[:layers]
+        _set_layers(hf, layers)
     return full
 
 
@@ -323,8 +354,9 @@ def _check_shape(hf, kind: str, seq: int, batch: int | str) -> None:
     if seq < 2 or (isinstance(batch, int) and batch < 1):
         raise BenchError(f"impossible shape: batch {batch} x seq {seq}")
     max_pos = getattr(hf, "max_position_embeddings", None)
-    if kind == "encoder" and isinstance(max_pos, int) and seq > max_pos:
-        raise BenchError(f"impossible shape: seq {seq} > max_position_embeddings {max_pos} of this encoder")
+    if kind in ("encoder", "seq2seq") and isinstance(max_pos, int) and seq > max_pos:
+        raise BenchError(f"impossible shape: seq {seq} > max_position_embeddings {max_pos} of this "
+                         f"{'encoder' if kind == 'encoder' else 'encoder-decoder'}")
 
 
 def resolve(cfg: BenchConfig) -> Setup:
@@ -354,11 +386,26 @@ def resolve(cfg: BenchConfig) -> Setup:
         raise BenchError("--batch-size auto needs a CUDA GPU (it tries powers of two until out of memory); "
                          "give a number on CPU")
     hf, preset = _load_config(cfg.model)
-    kind = "encoder" if getattr(hf, "model_type", "") in ENCODER_TYPES else "decoder"
+    kind = "seq2seq" if getattr(hf, "is_encoder_decoder", False) else \
+        "encoder" if getattr(hf, "model_type", "") in ENCODER_TYPES else "decoder"
     full = _truncate(hf, cfg.layers)
     seq = cfg.seq_len or (preset.seq_len if preset else 128)
     batch = cfg.batch_size or (preset.batch_size if preset else 2)
     _check_shape(hf, kind, seq, batch)
+    target = None
+    if cfg.target_len is not None and kind != "seq2seq":
+        raise BenchError("--target-len applies to encoder-decoder models (T5, BART, ...) only")
+    if kind == "seq2seq":
+        target = cfg.target_len or max(2, seq // 4)
+        if target < 2:
+            raise BenchError(f"impossible shape: --target-len {target} (at least 2)")
+        _check_shape(hf, kind, target, batch)
+        for flag, on in (("--packed", cfg.packed), ("--padded", cfg.padded)):
+            if on:
+                raise BenchError(f"{flag} needs a decoder-only model (bench packs causal documents)")
+        if cfg.method not in ("lora", "qlora"):
+            raise BenchError(f"--method {cfg.method} is benchmarked on decoder or encoder models; encoder-decoder "
+                             "models take lora or qlora")
     if cfg.packed and cfg.padded:
         raise BenchError("--packed and --padded are two layouts of the same documents: choose one per run")
     if cfg.packed and kind == "encoder":
@@ -383,7 +430,8 @@ def resolve(cfg: BenchConfig) -> Setup:
         raise BenchError(f"{name} is a quantized checkpoint ({method}); bench loads full-precision weights and "
                          "quantizes them itself (--method qlora): give a full-precision checkpoint, or "
                          "--random-weights to use its shape only")
-    return Setup(hf=hf, kind=kind, name=name, full_layers=full, seq=seq, batch=batch, weights=weights)
+    return Setup(hf=hf, kind=kind, name=name, full_layers=full, seq=seq, batch=batch, weights=weights,
+                 target=target)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -407,23 +455,24 @@ def available_bytes(device: str) -> int | None:
 
 
 def _model_class(kind: str):
-    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoModelForSeq2SeqLM
 
-    return AutoModelForMaskedLM if kind == "encoder" else AutoModelForCausalLM
+    return {"encoder": AutoModelForMaskedLM, "seq2seq": AutoModelForSeq2SeqLM}.get(kind, AutoModelForCausalLM)
+
+
+_KIND_LM = {"encoder": "masked", "decoder": "causal", "seq2seq": "encoder-decoder"}
 
 
 def _meta_counts(setup: Setup, layers: int) -> tuple[int, int]:
     """(parameters, sum of in+out features of the linear layers) of the model cut to ``layers``, on the meta device."""
     hf = copy.deepcopy(setup.hf)
-    hf.num_hidden_layers = layers
-    if isinstance(getattr(hf, "layer_types", None), list):
-        hf.layer_types = (hf.layer_types * layers)[:layers]
+    _set_layers(hf, layers)
     try:
         with torch.device("meta"):
             model = _model_class(setup.kind).from_config(hf)
     except Exception as exc:  # an unsupported model type or a shape transformers rejects: bad input, one line
         raise BenchError(f"cannot build {setup.name} ({type(hf).__name__}) as a "
-                         f"{'masked' if setup.kind == 'encoder' else 'causal'} LM: {_one_line(exc)}") from None
+                         f"{_KIND_LM[setup.kind]} LM: {_one_line(exc)}") from None
     linear_io = sum(m.in_features + m.out_features for m in model.modules() if isinstance(m, torch.nn.Linear))
     return sum(p.numel() for p in model.parameters()), linear_io
 
@@ -444,11 +493,13 @@ def estimate_bytes(setup: Setup, cfg: BenchConfig, layers: int | None = None) ->
     n_params, linear_io = p1 + (n - 1) * (p2 - p1), l1 + (n - 1) * (l2 - l1)
     elt = torch.finfo(DTYPES[cfg.dtype]).bits // 8
     batch = setup.batch if isinstance(setup.batch, int) else 1
-    tokens, hidden = batch * setup.seq, setup.hf.hidden_size
+    # an encoder-decoder's layers see the source, its decoder's the target (and cross-attend to the source)
+    out_tokens = batch * (setup.target or setup.seq)
+    tokens, hidden = batch * setup.seq + (out_tokens if setup.target else 0), setup.hf.hidden_size
     act = tokens * n * hidden * elt * (4 if cfg.grad_ckpt else 64)
     if _attn_impl(setup.hf) == "eager":
         act += batch * setup.hf.num_attention_heads * setup.seq ** 2 * elt * 2 * (1 if cfg.grad_ckpt else n)
-    logits = tokens * getattr(setup.hf, "vocab_size", 0) * 4 * 3
+    logits = out_tokens * getattr(setup.hf, "vocab_size", 0) * 4 * 3
     parts = dict(weights=n_params * elt, training_state=linear_io * cfg.rank * 4 * 4, activations=act, logits=logits)
     parts["total"] = int(sum(parts.values()) * 1.15) + 256 * 2**20  # allocator slack, runtime
     parts["params"] = n_params
@@ -541,7 +592,7 @@ def _wrap(model, setup: Setup, cfg: BenchConfig):
         return model
     from peft import LoraConfig, PrefixTuningConfig, get_peft_model
 
-    task = "CAUSAL_LM" if setup.kind == "decoder" else None
+    task = {"decoder": "CAUSAL_LM", "seq2seq": "SEQ_2_SEQ_LM"}.get(setup.kind)
     if cfg.method == "prefix":
         method = PrefixTuningConfig(task_type=task, num_virtual_tokens=cfg.num_virtual_tokens)
     else:
@@ -585,6 +636,8 @@ def _skip_reason(name: str, setup: Setup, cfg: BenchConfig) -> str | None:
         return f"{name} is compared with --method lora only"
     if name == "unsloth" and setup.kind != "decoder":
         return "unsloth supports decoder models only"
+    if name == "liger" and setup.kind == "seq2seq":
+        return "liger-kernel has no encoder-decoder models"
     return None
 
 
@@ -637,9 +690,13 @@ def _doc_length(seq: int, gen: torch.Generator) -> int:
 
 
 def real_tokens(batch: dict[str, torch.Tensor]) -> int:
-    """Tokens of a batch that are not padding (what tokens/s counts)."""
+    """Tokens of a batch that are not padding (what tokens/s counts); an encoder-decoder batch's source and target
+    tokens both count."""
     mask = batch.get("attention_mask")
-    return int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+    n = int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+    if "decoder_input_ids" in batch:
+        n += batch["decoder_input_ids"].numel()
+    return n
 
 
 def make_batches(setup: Setup, cfg: BenchConfig, batch: int, n: int = 2) -> list[dict[str, torch.Tensor]]:
@@ -653,7 +710,13 @@ def make_batches(setup: Setup, cfg: BenchConfig, batch: int, n: int = 2) -> list
     for _ in range(n):
         ids = torch.randint(0, vocab, (batch, seq), generator=gen)
         b: dict[str, torch.Tensor] = {"input_ids": ids}
-        if setup.kind == "encoder":
+        if setup.kind == "seq2seq":
+            # a source and a shorter target, with the decoder inputs a seq2seq collator prepares (the labels shifted
+            # right after the decoder's start token)
+            b["labels"] = torch.randint(0, vocab, (batch, setup.target), generator=gen)
+            start = getattr(setup.hf, "decoder_start_token_id", None) or 0
+            b["decoder_input_ids"] = torch.cat([torch.full((batch, 1), start), b["labels"][:, :-1]], dim=1)
+        elif setup.kind == "encoder":
             masked = torch.rand(batch, seq, generator=gen) < 0.15
             masked[:, 0] = True  # at least one label per row
             b["labels"] = torch.where(masked, ids, torch.full_like(ids, -100))
@@ -881,7 +944,8 @@ def run_bench(cfg: BenchConfig, progress: Callable[[str], None] | None = None) -
         r.max_rel_loss_diff_vs_peft = max(abs(a - b) / max(abs(b), 1e-12) for a, b in zip(r.losses, base))
     return {
         "config": asdict(cfg), "model": setup.name, "kind": setup.kind, "layers": setup.hf.num_hidden_layers,
-        "full_layers": setup.full_layers, "seq_len": setup.seq, "batch_size": setup.batch,
+        "full_layers": setup.full_layers, "seq_len": setup.seq, "target_len": setup.target,
+        "batch_size": setup.batch,
         "weights": setup.weights or "random",
         "tokens_per_step": round(statistics.mean(tokens)), "reference": ref_label,
         "device": device_name(cfg.device),
@@ -892,7 +956,7 @@ def run_bench(cfg: BenchConfig, progress: Callable[[str], None] | None = None) -
 
 
 _DROPOUT_FIELDS = ("attention_dropout", "attention_probs_dropout_prob", "hidden_dropout_prob", "hidden_dropout",
-                   "attn_pdrop", "resid_pdrop", "embd_pdrop", "dropout")
+                   "attn_pdrop", "resid_pdrop", "embd_pdrop", "dropout", "dropout_rate", "activation_dropout")
 
 
 def model_dropout(hf) -> dict[str, float]:
@@ -1046,8 +1110,10 @@ def format_table(res: dict) -> str:
     extras = "".join([", packed" if cfg["packed"] else "", ", padded" if cfg.get("padded") else "",
                       ", grad-ckpt" if cfg["grad_ckpt"] else ""])
     weights = "random weights" if res.get("weights", "random") == "random" else f"weights from {res['weights']}"
+    shape = f"seq {res['seq_len']}" if not res.get("target_len") else \
+        f"(source {res['seq_len']} + target {res['target_len']})"
     title = (f"peftfast bench: {res['model']} ({depth}, {weights}) {what} {cfg['dtype']} on {res['device']}, "
-             f"batch {res['batch_size']} x seq {res['seq_len']}{extras} = {res['tokens_per_step']} tokens/step, "
+             f"batch {res['batch_size']} x {shape}{extras} = {res['tokens_per_step']} tokens/step, "
              f"{cfg['steps']} timed steps{' in turn' if res.get('interleaved') else ''}; commit {res['commit']}")
     lines = [title, line(head), line(["-" * w for w in widths]), *map(line, rows)]
     lines += [f"skipped {name}: {why}" for name, why in res["skipped"].items()]

@@ -59,7 +59,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="LoRA target modules for lora/qlora: all-linear (default) or comma-separated names, e.g. "
                         "q_proj,v_proj (the MLPs then stay frozen base modules)")
     b.add_argument("--num-virtual-tokens", type=int, default=16, help="prefix length for --method prefix")
-    b.add_argument("--seq-len", type=int, default=None)
+    b.add_argument("--seq-len", type=int, default=None, help="sequence length (encoder-decoder models: the source's)")
+    b.add_argument("--target-len", type=int, default=None,
+                   help="encoder-decoder models (t5-base, bart-base, ...): the target length (default: a quarter of "
+                        "--seq-len)")
     b.add_argument("--batch-size", type=_batch_size, default=None,
                    help="an integer, or auto: the largest power of two that fits (CUDA only)")
     b.add_argument("--packed", action="store_true",
@@ -132,8 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     from peftfast.bench import BenchConfig, BenchError, format_table, run_bench, write_outputs
 
     cfg = BenchConfig(model=args.model, method=args.method, steps=args.steps, rank=args.rank, dropout=args.dropout,
-                      targets=args.targets,
-                      seq_len=args.seq_len, batch_size=args.batch_size, layers=args.layers, packed=args.packed,
+                      targets=args.targets, seq_len=args.seq_len, target_len=args.target_len,
+                      batch_size=args.batch_size, layers=args.layers, packed=args.packed,
                       padded=args.padded, grad_ckpt=args.grad_ckpt, fuse_loss=args.fuse_loss, recompute=args.recompute,
                       baselines=tuple(b.strip() for b in args.baselines.split(",") if b),
                       dtype=args.dtype, backend=args.backend, device=args.device,

@@ -178,6 +178,7 @@ def test_bench_dropout_saves_less_than_peft(tmp_path):
 PUBLISHED = {  # total parameters of the published checkpoints the presets copy
     "llama-3.2-1b": 1_235_814_400, "llama-3-8b": 8_030_261_248, "mistral-7b": 7_241_732_096,
     "qwen2.5-7b": 7_615_616_512, "gemma-2-9b": 9_241_705_984, "bert-base": 109_514_298,
+    "t5-base": 222_903_552, "bart-base": 139_420_416,
 }
 
 
@@ -210,6 +211,32 @@ def test_big_preset_that_does_not_fit_is_refused_with_a_layers_hint(monkeypatch,
     monkeypatch.setattr(bench, "available_bytes", lambda device: 2**30)  # not even one layer (2 GiB embeddings)
     assert cli.main(["bench", "--model", "llama-3-8b", "--quiet"]) == 2
     assert "even --layers 1 needs about" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("arch", ["t5", "bart"])
+def test_encoder_decoder_models_train_with_the_fused_loss(tmp_path, arch):
+    """A local T5 / BART config: source and target batches (the target a quarter of --seq-len by default), both
+    stacks cut by --layers, tokens/s counting source and target, the fused seq2seq loss equal to PEFT's and keeping
+    less."""
+    from transformers import BartConfig, T5Config
+
+    cfg_dir = tmp_path / f"my-{arch}"
+    if arch == "t5":
+        T5Config(vocab_size=256, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, dropout_rate=0.0,
+                 decoder_start_token_id=0, pad_token_id=0, eos_token_id=1).save_pretrained(cfg_dir)
+    else:
+        BartConfig(vocab_size=256, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+                   decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64,
+                   dropout=0.0, attention_dropout=0.0, activation_dropout=0.0).save_pretrained(cfg_dir)
+    res, out = run(tmp_path / "out", "--model", str(cfg_dir), *FAST, "--dropout", "0", "--batch-size", "3")
+    assert res["kind"] == "seq2seq" and res["layers"] == 1 and res["full_layers"] == 2
+    assert res["seq_len"] == 16 and res["target_len"] == 4 and res["tokens_per_step"] == 3 * (16 + 4)
+    assert "batch 3 x (source 16 + target 4)" in out and "1/1 loss" in res["report"]
+    peft, fast = res["results"]
+    assert fast["max_rel_loss_diff_vs_peft"] < 1e-5 and fast["saved_mb"] < peft["saved_mb"]
+    setup = bench.resolve(BenchConfig(model=str(cfg_dir), layers=1, seq_len=16, target_len=6))
+    dec = setup.hf.num_decoder_layers if arch == "t5" else setup.hf.decoder_layers
+    assert setup.target == 6 and setup.hf.num_hidden_layers == dec == 1
 
 
 def test_local_config_directory_and_json_file(tmp_path, capsys):
@@ -522,6 +549,12 @@ def test_largest_fitting_batch_doubles_until_out_of_memory():
         (["bench", "--targets", "foo_proj"], "PEFT refused the adapter: Target modules {'foo_proj'} not found"),
         (["bench", "--method", "adapter", "--targets", "q_proj"], "--targets applies to --method lora and qlora"),
         (["bench", "--targets", " , "], "--targets needs all-linear or module names"),
+        (["bench", "--target-len", "8"], "--target-len applies to encoder-decoder models"),
+        (["bench", "--model", "t5-base", "--target-len", "1"], "impossible shape: --target-len 1"),
+        (["bench", "--model", "t5-base", "--packed"], "--packed needs a decoder-only model"),
+        (["bench", "--model", "bart-base", "--method", "adapter"], "encoder-decoder models take lora or qlora"),
+        (["bench", "--model", "bart-base", "--seq-len", "2048"],
+         "seq 2048 > max_position_embeddings 1024 of this encoder-decoder"),
     ],
 )
 def test_bench_cli_bad_input_is_one_line(argv, message, capsys):
@@ -544,10 +577,11 @@ def test_impossible_head_layout_is_one_line(tmp_path, capsys):
     assert cli.main(["bench", "--model", str(tmp_path / "mistral.json"), "--quiet"]) == 2
     err = capsys.readouterr().err.strip()
     assert "num_attention_heads 4 is not a multiple of num_key_value_heads 3" in err and "\n" not in err
-    (tmp_path / "t5.json").write_text(json.dumps({"model_type": "t5", "d_model": 32, "num_layers": 1}))
-    assert cli.main(["bench", "--model", str(tmp_path / "t5.json"), "--quiet"]) == 2
+    (tmp_path / "vit.json").write_text(json.dumps({"model_type": "vit", "hidden_size": 32, "num_hidden_layers": 1,
+                                                   "num_attention_heads": 4}))
+    assert cli.main(["bench", "--model", str(tmp_path / "vit.json"), "--quiet"]) == 2
     err = capsys.readouterr().err.strip()
-    assert "cannot build t5.json (T5Config) as a causal LM" in err and "\n" not in err
+    assert "cannot build vit.json (ViTConfig) as a causal LM" in err and "\n" not in err
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message; this machine has a GPU")

@@ -360,7 +360,8 @@ def test_recognised_forms():
                               ("qwen2", "Qwen2RMSNorm", "llama"), ("qwen3", "Qwen3RMSNorm", "llama"),
                               ("phi3", "Phi3RMSNorm", "llama"), ("gemma", "GemmaRMSNorm", "gemma"),
                               ("gemma2", "Gemma2RMSNorm", "gemma"), ("gemma3", "Gemma3RMSNorm", "gemma"),
-                              ("olmo2", "Olmo2RMSNorm", "olmo2")]:
+                              ("olmo2", "Olmo2RMSNorm", "olmo2"), ("t5", "T5LayerNorm", "t5"),
+                              ("mt5", "MT5LayerNorm", "t5"), ("longt5", "LongT5LayerNorm", "t5")]:
         mod = _hf(module, cls, 16)
         assert norm_mod.why_not(mod) is None, cls
         assert norm_mod.rms_form(mod)[0] == form, cls
@@ -371,7 +372,6 @@ def test_recognised_forms():
 def test_unknown_forms_are_skipped_with_a_reason():
     fused_forms = "not a formula peftfast fuses"
     cases = [
-        (_hf("t5", "T5LayerNorm", 16), fused_forms),  # casts to the weight's dtype, not the input's
         (_hf("gemma3n", "Gemma3nRMSNorm", 16), fused_forms),  # pow(-0.5), optional scale
         (_hf("qwen3_next", "Qwen3NextRMSNormGated", 16), "gate"),
         (ScaledRMSNorm(16), fused_forms),
@@ -510,6 +510,42 @@ def test_bf16_model_torch_backend_is_bit_identical():
         install_norms(model, "triton")
         got = model(**data).logits
     assert _err(got, want.double()) < 2e-2
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_t5_form_is_the_llama_form_when_dtypes_agree(backend, monkeypatch):
+    """T5LayerNorm casts to the weight's dtype: with input and weight in one dtype that is the llama form (the torch
+    backend's output bit-identical; gradients of the input and weight within rounding); a call that mixes dtypes runs
+    the module's own forward, whose output dtype follows the weight."""
+    from transformers.models.t5.modeling_t5 import T5LayerNorm
+
+    for dtype in (torch.float32, torch.bfloat16):
+        ref = T5LayerNorm(80, eps=1e-6).to(dtype)
+        with torch.no_grad():
+            ref.weight.normal_(1.0, 0.2)
+        mod = copy.deepcopy(ref)
+        assert install_norms(nn.Sequential(mod), backend) == [("0", None)] and mod._peftfast_norm.form == "t5"
+        x = torch.randn(3, 5, 80).to(dtype)
+        xs = [x.clone().requires_grad_(), x.clone().requires_grad_()]
+        got, want = mod(xs[0]), ref(xs[1])
+        g = torch.randn_like(want)
+        got.backward(g)
+        want.backward(g)
+        assert got.dtype == want.dtype == dtype
+        if backend == "torch":
+            assert torch.equal(got, want)
+        assert _err(got, want.double()) < 2 * torch.finfo(dtype).eps
+        assert _err(xs[0].grad, xs[1].grad.double()) < 8 * torch.finfo(dtype).eps
+        assert _err(mod.weight.grad, ref.weight.grad.double()) < 8 * torch.finfo(dtype).eps
+    for w_dtype, x_dtype in ((torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32)):
+        ref = T5LayerNorm(80).to(w_dtype)
+        mod = copy.deepcopy(ref)
+        install_norms(nn.Sequential(mod), backend)
+        x = torch.randn(4, 80).to(x_dtype)
+        monkeypatch.setattr(norm_mod, "rms_norm", None)  # the fused op must not run
+        out = mod(x)
+        monkeypatch.undo()
+        assert out.dtype == w_dtype and torch.equal(out, ref(x))
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -232,6 +232,8 @@ def why_not(module: nn.Module) -> str | None:
     nst = module.post_attention_layernorm.__dict__.get("_peftfast_norm")
     if nst is None or nst.kind != "rms":
         return "post_attention_layernorm is not a fused RMSNorm"
+    if nst.form == "t5":  # its output dtype follows the weight's: the fused add + norm keeps the input's
+        return "post_attention_layernorm has T5's form: the residual adds stay unfused"
     if zero3_partitioned(module.post_attention_layernorm.weight, module.input_layernorm.weight):
         return f"norm weights are {ZERO3_REASON}"
     sig = _signature(type(module))

@@ -7,8 +7,12 @@ annotations and the argument's name, the source of a form the fused op reproduce
     "llama"  LlamaRMSNorm and its copies (Mistral, Qwen2/3, Phi-3, ... 140 classes in transformers 5), Llama-4
     "gemma"  GemmaRMSNorm and its copies (Gemma 2/3, Qwen3-Next, ...)
     "olmo2"  Olmo2RMSNorm / GPT-OSS ``(weight * h).to(input_dtype)`` and Helium's ``weight.to(float32)`` spelling
+    "t5"     T5LayerNorm and its copies (mT5, UMT5, LongT5, Pix2Struct, ...): it casts the normalised input to the
+             weight's dtype where the llama form casts to the input's, so it is the llama form whenever input and
+             weight share a dtype (a bf16 model, or fp32 weights with an fp32 residual stream under autocast);
+             calls that mix dtypes run the module's own forward
 
-Anything else (T5's cast to the weight dtype, Gemma-3n's ``pow(-0.5)`` with an optional scale, norms with a gate
+Anything else (Gemma-3n's ``pow(-0.5)`` with an optional scale, norms with a gate
 argument or grouped statistics) is skipped with its reason rather than guessed.
 """
 
@@ -79,6 +83,14 @@ def forward(self, x):
 def _norm(self, x):
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.EPS)
 """),
+    "t5": ("""
+def forward(self, x):
+    variance = x.to(torch.float32).pow(2).mean(-1, keepdim=True)
+    x = x * torch.rsqrt(variance + self.EPS)
+    if self.weight.dtype in [torch.float16, torch.bfloat16]:
+        x = x.to(self.weight.dtype)
+    return self.weight * x
+""",),
 }
 
 
@@ -170,7 +182,7 @@ def _class_form(cls: type) -> tuple[str | None, str]:
         text, eps_attrs = _normalise(sources[:1])
         form = _CANONICAL.get(text)
     if form is None:
-        return None, "forward is not a formula peftfast fuses (the llama / gemma / olmo2 RMSNorm forms)"
+        return None, "forward is not a formula peftfast fuses (the llama / gemma / olmo2 / t5 RMSNorm forms)"
     if len(eps_attrs) != 1:
         return None, "forward reads both eps and variance_epsilon"
     return form, eps_attrs.pop()
@@ -255,7 +267,12 @@ def rms_norm_forward(module: nn.Module, *args, **kwargs) -> torch.Tensor:
     """
     x = _single_input(module, args, kwargs)
     st: NormState = module._peftfast_norm
-    out = rms_norm(x, module.weight, getattr(module, st.eps_attr), form=st.form, backend=st.backend, name=st.name)
+    form = st.form
+    if form == "t5":
+        if x.dtype != module.weight.dtype:  # T5's output dtype then follows the weight: its own forward keeps that
+            return call_original(module, st, x)
+        form = "llama"  # the same maths when the dtypes agree
+    out = rms_norm(x, module.weight, getattr(module, st.eps_attr), form=form, backend=st.backend, name=st.name)
     if st.rebuild:
         _offer(module, x, out, rms_norm_forward)
     return out
