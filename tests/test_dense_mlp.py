@@ -271,6 +271,18 @@ def test_probe_refuses_other_forwards(cls, why):
     assert not entry.patched and why in entry.reason and "\n" not in entry.reason, entry
 
 
+def test_bart_style_layer_with_inline_mlp_is_reported():
+    """BART's layers hold fc1 / activation_fn / fc2 beside their attention and compute them inline: named as such,
+    not as a failed probe."""
+    import _models as M
+
+    model = peftfast.patch(M.peft_model("bart", r=4, lora_alpha=8))
+    entries = _mlp_entries(model)
+    assert len(entries) == 4 and not any(e.patched for e in entries)
+    assert all("computes fc1 -> activation_fn -> fc2 inline in the whole layer's forward" in e.reason
+               for e in entries), entries
+
+
 def test_unsupported_activation_and_instance_forward_are_reported():
     model = _lora(ClipLikeMLP(act=nn.ReLU()))
     peftfast.patch(model)

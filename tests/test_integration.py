@@ -566,6 +566,15 @@ def _dist_worker(out_path: str) -> None:
         full = {n: p.full_tensor().detach() for n, p in trainable(model).items()}  # collective: every rank calls it
         res[order] = dict(wrapper=type(model).__name__, sharded=type(next(iter(trainable(model).values()))).__name__,
                           losses=losses, weights=full, fused=fused_counts(model))
+    # the two-layer MLP's up-projection rerun inside FSDP2's per-block gather (patched, then sharded)
+    model = gpt2_rerun()
+    for block in model.base_model.model.transformer.h:
+        fully_shard(block)
+    fully_shard(model)
+    losses = _dist_train(model, shard, reduce=mean)
+    full = {n: p.full_tensor().detach() for n, p in trainable(model).items()}
+    res["fsdp_gpt2_rerun"] = dict(wrapper=type(model).__name__, losses=losses, weights=full,
+                                  fused=fused_counts(model))
     if rank == 0:
         torch.save(res, out_path)
     dist.barrier()
@@ -615,13 +624,17 @@ def dist_run(tmp_path_factory):
     return _run_ranks(tmp_path_factory, "_dist_worker")
 
 
-def test_ddp_with_the_up_projection_rerun_matches_single_process(dist_run):
-    """DDP's gradient hooks fire inside the reentrant backward of the two-layer MLP's up-projection rerun: the same
-    losses and weights as one process on the whole batch, every LoRA call fused."""
+@pytest.mark.parametrize("wrapper", ["ddp", "fsdp"])
+def test_up_projection_rerun_under_ddp_and_fsdp2_matches_single_process(dist_run, wrapper):
+    """The two-layer MLP's up-projection rerun (``recompute="mlp"``) runs inside backward: DDP's gradient hooks fire
+    in that reentrant backward, and FSDP2 (``fully_shard`` per block and at the root) has the block's shards
+    gathered for it. The same losses and weights as one process on the whole batch, every LoRA call fused."""
     single = gpt2_rerun()
     init = weights(single)
     losses = _dist_train(single, _dist_ids())
-    run = dist_run["dist"]["ddp_gpt2_rerun"]
+    run = dist_run["dist"]["ddp_gpt2_rerun" if wrapper == "ddp" else "fsdp_gpt2_rerun"]
+    if wrapper == "fsdp":
+        assert run["wrapper"].startswith("FSDP")
     assert_losses_close(run["losses"], losses)
     assert_same_training(run["weights"], weights(single), init)
     # per step: each layer's forward, and the up projection (c_fc) once more in backward

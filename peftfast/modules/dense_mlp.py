@@ -212,6 +212,12 @@ def probe(module: nn.Module, lay: Layout) -> str | None:
 
 def _layout_reason(module: nn.Module, lay: Layout, rebuild: bool, consumer: nn.Module | None,
                    scoped: bool, rerun: bool = False) -> str | None:
+    if lay.kind == "mlp" and any(isinstance(getattr(module, a, None), nn.Module)
+                                 for a in ("self_attn", "attention", "attn", "encoder_attn")):
+        # BART-style layers (BART, mBART, Pegasus, Marian, Whisper, ...): their forward interleaves the MLP with the
+        # attention, dropout, residual adds and norms
+        return (f"{type(module).__name__} computes {lay.up} -> {lay.act} -> {lay.down} inline in the whole layer's "
+                "forward (beside its attention): not a two-layer MLP module to replace")
     _, act, _, down = _parts(module, lay, consumer)
     if dense_activation(act) is None:
         what = type(act).__name__ if isinstance(act, nn.Module) else getattr(act, "__name__", type(act).__name__)
