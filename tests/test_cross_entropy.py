@@ -904,8 +904,8 @@ def test_masked_lm_padding_token_types_and_autocast():
 # ----------------------------------------------------------------------------------------------------------------
 # encoder-decoder LMs
 # ----------------------------------------------------------------------------------------------------------------
-_S2S_SMALL = dict(vocab_size=M.VOCAB, d_model=32, max_position_embeddings=64, pad_token_id=1, bos_token_id=0,
-                  eos_token_id=2, decoder_start_token_id=2)
+_S2S_SMALL = dict(vocab_size=M.VOCAB, d_model=32, pad_token_id=1, bos_token_id=0, eos_token_id=2,
+                  decoder_start_token_id=2)
 _S2S_EXTRA = {"LED": dict(attention_window=4, max_encoder_position_embeddings=64, max_decoder_position_embeddings=64),
               "BigBirdPegasus": dict(attention_type="original_full"), "Marian": dict(decoder_vocab_size=M.VOCAB)}
 
@@ -921,10 +921,14 @@ def _s2s(cls: str) -> torch.nn.Module:
     if "T5" in name:
         cfg = model_cls.config_class(vocab_size=M.VOCAB, d_model=32, d_kv=8, d_ff=48, num_layers=1, num_heads=4,
                                      pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+    elif name == "Whisper":  # audio in: 8 mel bins, 16 frames (the encoder's convolutions halve them)
+        cfg = model_cls.config_class(**_S2S_SMALL, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
+                                     decoder_attention_heads=4, encoder_ffn_dim=40, decoder_ffn_dim=40,
+                                     num_mel_bins=8, max_source_positions=8, max_target_positions=16)
     else:
         cfg = model_cls.config_class(**_S2S_SMALL, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
                                      decoder_attention_heads=4, encoder_ffn_dim=40, decoder_ffn_dim=40,
-                                     **_S2S_EXTRA.get(name, {}))
+                                     max_position_embeddings=64, **_S2S_EXTRA.get(name, {}))
     model = model_cls(cfg)
     with torch.no_grad():
         for mod in model.modules():
@@ -938,11 +942,13 @@ def _s2s(cls: str) -> torch.nn.Module:
 def _peft_s2s(cls: str, head_lora: bool = True):
     from peft import LoraConfig, get_peft_model
 
-    targets = ["q", "v", "q_proj", "v_proj", "query", "value"] + (["lm_head"] if head_lora else [])
+    targets = ["q", "v", "q_proj", "v_proj", "query", "value"] + (["lm_head", "proj_out"] if head_lora else [])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # PEFT's note on adapting a tied lm_head
+        # Whisper takes input_features: PEFT's seq2seq wrapper would hand its decoder an input_ids as well
+        task = None if cls == "WhisperForConditionalGeneration" else "SEQ_2_SEQ_LM"
         model = get_peft_model(_s2s(cls), LoraConfig(r=4, lora_alpha=8, target_modules=targets, lora_dropout=0.0,
-                                                     lora_bias=head_lora, task_type="SEQ_2_SEQ_LM"))
+                                                     lora_bias=head_lora, task_type=task))
     with torch.no_grad():
         for layer in M.lora_layers(model):
             for b in layer.lora_B.values():
@@ -965,6 +971,14 @@ def _seeded(model, **kw):
     return model(**kw)
 
 
+def _s2s_source(cls: str, ids: torch.Tensor) -> dict:
+    """The encoder's input: token ids, or for Whisper log-mel features (8 bins x 16 frames, from the ids)."""
+    if cls == "WhisperForConditionalGeneration":
+        g = torch.Generator().manual_seed(int(ids.sum()))
+        return {"input_features": torch.randn(ids.shape[0], 8, 16, generator=g)}
+    return {"input_ids": ids}
+
+
 @pytest.mark.parametrize("cls", sorted(ce_mod.SEQ2SEQ))
 def test_seq2seq_matches_unpatched(cls):
     """Every ``SEQ2SEQ`` class, PEFT LoRA (with LoRA bias) on attention and on ``lm_head``, dropout on: the same loss,
@@ -978,15 +992,16 @@ def test_seq2seq_matches_unpatched(cls):
     model = copy.deepcopy(ref)
     assert install_loss(model, backend="torch") == (True, None)
     ids, lab = _s2s_batch()
-    want = _seeded(ref, input_ids=ids, labels=lab)
-    got = _seeded(model, input_ids=ids, labels=lab)
+    src = _s2s_source(cls, ids)
+    want = _seeded(ref, **src, labels=lab)
+    got = _seeded(model, **src, labels=lab)
     want.loss.backward()
     got.loss.backward()
     assert type(got) is type(want) and got.logits is None and got.loss.dtype == torch.float32
     assert set(got.keys()) == set(want.keys()) - {"logits"}
     torch.testing.assert_close(got.loss, want.loss, rtol=1e-5, atol=1e-6)
     grads = _trainable(model)
-    assert any("lm_head" in n for n in grads)
+    assert any(ce_mod.SEQ2SEQ[cls].head in n for n in grads)
     for n, p in _trainable(ref).items():
         torch.testing.assert_close(grads[n].grad, p.grad, rtol=1e-4, atol=1e-6, msg=n)
     assert loss_stats(model) == {"fused": 1, "no_labels": 0, "eval": 0, "fallbacks": {}}
@@ -1057,6 +1072,18 @@ def test_seq2seq_why_not_head_replaced_pickle_and_uninstall():
     marian = _s2s("MarianMTModel")
     marian.config.decoder_vocab_size = M.VOCAB + 1
     assert "decoder_vocab_size" in ce_mod.why_not(marian)
+    whisper = _s2s("WhisperForConditionalGeneration")
+    audio = _s2s_source("WhisperForConditionalGeneration", ids)
+    assert install_loss(whisper) == (True, None)
+    long = torch.randint(3, M.VOCAB, (2, 17))  # over max_target_positions: the class's own error
+    with pytest.raises(ValueError, match="cannot exceed"):
+        whisper(**audio, labels=long)
+    assert whisper(**audio, labels=lab).logits is None
+    whisper.proj_out.register_forward_hook(lambda *a: None)
+    assert ce_mod.why_not(whisper) == "proj_out has forward hooks"
+    assert whisper(**audio, labels=lab).logits is not None
+    assert loss_stats(whisper) == {"fused": 1, "no_labels": 0, "eval": 0,
+                                   "fallbacks": {"proj_out has forward hooks": 1}}
 
     t5 = _s2s("T5ForConditionalGeneration")
     assert "forward" not in t5.__dict__ and not t5.lm_head._forward_pre_hooks

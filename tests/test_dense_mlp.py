@@ -271,16 +271,35 @@ def test_probe_refuses_other_forwards(cls, why):
     assert not entry.patched and why in entry.reason and "\n" not in entry.reason, entry
 
 
-def test_bart_style_layer_with_inline_mlp_is_reported():
-    """BART's layers hold fc1 / activation_fn / fc2 beside their attention and compute them inline: named as such,
-    not as a failed probe."""
+def test_bart_style_layers_inline_mlp_keeps_the_pre_activation_only():
+    """BART's layers compute fc1 -> activation_fn -> fc2 inline beside their attention: the layer stays as it is, its
+    activation module keeps only its input and registers its output with the rebuild scope, so fc2's LoRA keeps a
+    recipe instead of a second intermediate-wide tensor. Same loss and gradients; recompute='none' says why not;
+    unpatch restores the activation modules."""
     import _models as M
 
-    model = peftfast.patch(M.peft_model("bart", r=4, lora_alpha=8))
+    ref = M.peft_model("bart", r=4, lora_alpha=8)
+    model = peftfast.patch(clone(ref))
     entries = _mlp_entries(model)
-    assert len(entries) == 4 and not any(e.patched for e in entries)
-    assert all("computes fc1 -> activation_fn -> fc2 inline in the whole layer's forward" in e.reason
-               for e in entries), entries
+    assert len(entries) == 4 and all(e.patched for e in entries), entries
+    data = M.batch("bart")
+    loss, grads = M.loss_and_grads(model, data)
+    want, ref_grads = M.loss_and_grads(ref, data)
+    assert max_rel_err(loss, want) <= TOL
+    assert max(max_rel_err(grads[n], ref_grads[n]) for n in ref_grads) <= TOL
+    rt = peftfast.report(model).module_runtime(model)
+    acts = {n: r for n, r in rt.items() if n.endswith("activation_fn")}
+    assert len(acts) == 4 and all(r["fused"] == 1 and not r["fallbacks"] for r in acts.values()), acts
+
+    def wide(m) -> int:  # the intermediate-wide (2 x hidden = 64) tensors kept for backward
+        _, sb = saved_activation_bytes(lambda: m(**data).loss, list(m.parameters()))
+        return sum(n for k, n in sb.by_shape.items() if k.split(":")[0].endswith(" 64)"))
+
+    assert 2 * wide(model) == wide(ref) > 0  # the pre-activation of each layer, not also the activation output
+    peftfast.unpatch(model)
+    assert not any("_peftfast_dense" in m.__dict__ or "forward" in m.__dict__ for m in model.modules())
+    lean = peftfast.patch(clone(ref), recompute="none")
+    assert all("fc2 keeps its input (no rebuild scope" in e.reason for e in _mlp_entries(lean))
 
 
 def test_unsupported_activation_and_instance_forward_are_reported():

@@ -23,8 +23,9 @@ vectors at hidden 768) are never made. Under ``torch.compile`` the rows are not 
 the transform runs on every row and the fused loss skips the unlabelled ones.
 
 Encoder-decoder LMs (T5, mT5, UMT5, LongT5, BART, mBART, Pegasus, Pegasus-X, Marian, Blenderbot, PLBart, M2M100 /
-NLLB, BigBird-Pegasus, MVP, LED; ``SEQ2SEQ``) take ``fused_seq2seq_forward``: their forward computes
-``lm_head(decoder output, rescaled as the class does) [+ final_logits_bias]`` and ``CrossEntropyLoss()`` against the
+NLLB, BigBird-Pegasus, MVP, LED, Whisper; ``SEQ2SEQ``) take ``fused_seq2seq_forward``: their forward computes
+``lm_head(decoder output, rescaled as the class does) [+ final_logits_bias]`` (Whisper's head is ``proj_out``) and
+``CrossEntropyLoss()`` against the
 unshifted labels. The replacement runs the class's own forward without labels (the decoder inputs shifted from the
 labels as it would shift them, the cache switched off where it would), while a pre-hook on ``lm_head`` takes its
 input and hands the head a single zero row instead: the head then returns its whole bias (``lm_head`` bias, LoRA
@@ -333,7 +334,8 @@ def _serve(model: nn.Module, st: LossState, labels, keep, head: nn.Module) -> He
     if reason is None:
         ht = head_tensors(head, model.training)
         if isinstance(ht, str):
-            reason = ht if st.kind != "masked" else ht.replace("lm_head", "MLM decoder")
+            reason = ht.replace("lm_head", "MLM decoder") if st.kind == "masked" else \
+                ht.replace("lm_head", SEQ2SEQ[type(model).__name__].head) if st.kind == "seq2seq" else ht
     if reason is not None:
         tally(st.tally_key, "fallbacks", reason)
         return None
@@ -670,11 +672,15 @@ class Seq2SeqRecipe:
     """What a ``SEQ2SEQ`` class's forward does with ``labels`` besides the loss. ``shift``: how it makes the decoder
     inputs from them ("t5": ``self._shift_right``; "start": its module's ``shift_tokens_right(labels, pad,
     decoder_start)``; "pad": ``shift_tokens_right(labels, pad)``); ``no_cache``: whether labels switch ``use_cache``
-    off; ``vocab``: the config field the loss reshapes the logits by (None: the logits' own width)."""
+    off; ``vocab``: the config field the loss reshapes the logits by (None: the logits' own width); ``head``: the
+    output projection's attribute; ``label_limit``: the attribute bounding the labels' length (the class raises
+    beyond it)."""
 
     shift: str
     no_cache: bool
     vocab: str | None = "vocab_size"
+    head: str = "lm_head"
+    label_limit: str | None = None
 
 
 _T5 = Seq2SeqRecipe("t5", False, None)
@@ -693,7 +699,14 @@ SEQ2SEQ: dict[str, Seq2SeqRecipe] = {
     "MBartForConditionalGeneration": Seq2SeqRecipe("pad", True),
     "PLBartForConditionalGeneration": Seq2SeqRecipe("pad", False),
     "M2M100ForConditionalGeneration": Seq2SeqRecipe("start", False),
+    "WhisperForConditionalGeneration": Seq2SeqRecipe("start", False, head="proj_out",
+                                                     label_limit="max_target_positions"),
 }
+
+
+def _seq2seq_head(lm: nn.Module) -> nn.Module | None:
+    head = getattr(lm, SEQ2SEQ[type(lm).__name__].head, None)
+    return head if isinstance(head, nn.Module) else None
 
 
 def _decoder_inputs(lm: nn.Module, rec: Seq2SeqRecipe, labels: torch.Tensor) -> torch.Tensor:
@@ -709,8 +722,9 @@ def _decoder_inputs(lm: nn.Module, rec: Seq2SeqRecipe, labels: torch.Tensor) -> 
 def _why_not_seq2seq(lm: nn.Module) -> str | None:
     name = type(lm).__name__
     rec = SEQ2SEQ[name]
-    if not isinstance(getattr(lm, "lm_head", None), nn.Module):
-        return f"{name} has no .lm_head"
+    head = _seq2seq_head(lm)
+    if head is None:
+        return f"{name} has no .{rec.head}"
     params = inspect.signature(type(lm).forward).parameters
     need = ("labels", "decoder_input_ids", "decoder_inputs_embeds") + (("use_cache",) if rec.no_cache else ())
     missing = [a for a in need if a not in params]
@@ -719,12 +733,14 @@ def _why_not_seq2seq(lm: nn.Module) -> str | None:
     if rec.shift == "t5" and not callable(getattr(lm, "_shift_right", None)) or \
             rec.shift != "t5" and not callable(getattr(sys.modules[type(lm).__module__], "shift_tokens_right", None)):
         return f"{name}: its label shift ({rec.shift}) is not where the class keeps it"
-    ht = head_tensors(lm.lm_head, training=False)
+    if rec.label_limit and not isinstance(getattr(lm, rec.label_limit, None), int):
+        return f"{name} has no {rec.label_limit}"
+    ht = head_tensors(head, training=False)
     if isinstance(ht, str):
-        return ht
+        return ht.replace("lm_head", rec.head)
     vocab = getattr(lm.config, rec.vocab, None) if rec.vocab else ht.weight.shape[0]
     if ht.weight.shape[0] != vocab:
-        return f"lm_head has {ht.weight.shape[0]} outputs but the loss uses {rec.vocab} {vocab}"
+        return f"{rec.head} has {ht.weight.shape[0]} outputs but the loss uses {rec.vocab} {vocab}"
     return None
 
 
@@ -756,14 +772,19 @@ def fused_seq2seq_forward(model: nn.Module, *args, **kwargs):
         return _original(model, st, args, kwargs)  # raises the original's own error
     p, extra = bound
     labels = p.pop("labels", None)
-    ht = _serve(model, st, labels, None, model.lm_head)
-    if ht is None:
-        return _original(model, st, args, kwargs)
-    if not _own_hook(model.lm_head):
-        tally(st.tally_key, "fallbacks", "lm_head was replaced after the loss was patched")
-        return _original(model, st, args, kwargs)
-
     rec = SEQ2SEQ[type(model).__name__]
+    head_mod = _seq2seq_head(model)
+    ht = _serve(model, st, labels, None, head_mod) if head_mod is not None else None
+    if ht is None:
+        if head_mod is None:
+            tally(st.tally_key, "fallbacks", f"{rec.head} is not a module")
+        return _original(model, st, args, kwargs)
+    if not _own_hook(head_mod):
+        tally(st.tally_key, "fallbacks", f"{rec.head} was replaced after the loss was patched")
+        return _original(model, st, args, kwargs)
+    if rec.label_limit and labels.shape[-1] > getattr(model, rec.label_limit):
+        return _original(model, st, args, kwargs)  # raises the class's own error
+
     if p.get("decoder_input_ids") is None and p.get("decoder_inputs_embeds") is None:
         p["decoder_input_ids"] = _decoder_inputs(model, rec, labels)
     if rec.no_cache:
@@ -782,7 +803,7 @@ def fused_seq2seq_forward(model: nn.Module, *args, **kwargs):
         st.taken = None
     bias = getattr(out, "logits", None)
     if len(taken) != 1 or not isinstance(bias, torch.Tensor) or bias.shape != (1, ht.weight.shape[0]):
-        tally(st.tally_key, "fallbacks", "lm_head was not called once on the decoder output")
+        tally(st.tally_key, "fallbacks", f"{rec.head} was not called once on the decoder output")
         return _original(model, st, args, kwargs)
     hidden = taken[0]
     bias = bias.reshape(-1)
@@ -791,7 +812,7 @@ def fused_seq2seq_forward(model: nn.Module, *args, **kwargs):
     head = HeadTensors(ht.weight, bias, ht.lora_a, ht.lora_b, ht.lora_scale)
     loss = _head_loss(st, head, hidden, labels.to(hidden.device), -100, None, 1.0, None)
     if loss is None:  # a dtype the fused op cannot take: the original serves the call
-        tally(st.tally_key, "fallbacks", "hidden dtype differs from lm_head weight dtype")
+        tally(st.tally_key, "fallbacks", f"hidden dtype differs from {rec.head} weight dtype")
         return _original(model, st, args, kwargs)
     tally(st.tally_key, "fused_calls")
     logits = None
@@ -825,7 +846,7 @@ def install(model: nn.Module, config: LossPatchConfig) -> nn.Module:
         st = LossState(config=config, previous_forward=None, kind="seq2seq")
         bind_forward(lm, "_peftfast_loss", st, fused_seq2seq_forward)
         # registered once, not per call: a hook registered inside a compiled forward breaks the graph
-        lm.lm_head.register_forward_pre_hook(functools.partial(_take_head_input, st))
+        _seq2seq_head(lm).register_forward_pre_hook(functools.partial(_take_head_input, st))
         return lm
     if type(lm).__name__ in BACKBONES:
         # the output's other fields, copied from the backbone's output (read here: dataclass introspection is not
@@ -843,8 +864,9 @@ def install(model: nn.Module, config: LossPatchConfig) -> nn.Module:
 def uninstall(model: nn.Module) -> None:
     """Restore the forward exactly as it was before ``install`` (and remove the seq2seq head pre-hook)."""
     lm = causal_lm(model)
-    if unbind_forward(lm, "_peftfast_loss") is not None and isinstance(getattr(lm, "lm_head", None), nn.Module):
-        hooks = lm.lm_head._forward_pre_hooks
+    head = _seq2seq_head(lm) if type(lm).__name__ in SEQ2SEQ else None
+    if unbind_forward(lm, "_peftfast_loss") is not None and head is not None:
+        hooks = head._forward_pre_hooks
         for k in [k for k, h in hooks.items() if _is_take(h)]:
             del hooks[k]
 

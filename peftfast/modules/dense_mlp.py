@@ -11,7 +11,13 @@ Two forms, found by attribute names and confirmed by a probe of the class's own 
 * an ``intermediate`` module alone (``intermediate``: DeBERTa, Swin, VideoMAE, ViLT, whose layers call it and
   ``output`` inline): its ``forward`` registers ``h`` with the model's rebuild scope
   (``peftfast.ops.recompute.rebuild_scope``, opened around the layer stack by ``patch``), so ``output.dense``
-  beside it keeps a recipe instead of ``h``.
+  beside it keeps a recipe instead of ``h``;
+* a whole layer that holds ``fc1`` / ``activation_fn`` / ``fc2`` beside its attention and computes them inline
+  (``inline``: BART, mBART, Pegasus, Marian, Blenderbot, M2M100, Whisper, ...): nothing of the layer is replaced; the
+  activation module's own ``forward`` becomes the same activation keeping only its input, with its output
+  registered with the rebuild scope, so ``fc2`` keeps a recipe instead of ``h``. No probe is needed: the layer's
+  code runs as before, and a rebuilt ``h`` is the activation of the kept input, bit for bit (the scope checks that
+  ``h`` was not modified in place).
 
 The probe (at patch time, on the module itself): with each child swapped for a recording stub (distinct
 non-linear element-wise maps), the class's own code must call each stub once, in the order
@@ -63,6 +69,8 @@ FFN_LAYOUT = Layout("ffn", "dense", "intermediate_act_fn", "output")
 # an ``intermediate`` module alone (DeBERTa, Swin, VideoMAE, ViLT, YOLOS: the layer calls it and ``output`` inline):
 # its output is registered with the model's rebuild scope, and ``output.dense`` beside it keeps a recipe
 INTERMEDIATE_LAYOUT = Layout("intermediate", "dense", "intermediate_act_fn", "output.dense")
+# the attribute names of a whole layer's attention: such a layer's fc1/activation_fn/fc2 are computed inline
+_ATTENTION = ("self_attn", "attention", "attn", "encoder_attn")
 # the activation forms transformers computes as chains of element-wise ops, each keeping its operands
 _COMPOSITE = {"NewGELUActivation", "FastGELUActivation", "QuickGELUActivation"}
 
@@ -103,10 +111,13 @@ def layouts_of(module: nn.Module) -> list[Layout]:
         return [FFN_LAYOUT]
     if isinstance(getattr(module, "dense", None), nn.Module) and hasattr(module, "intermediate_act_fn"):
         return [INTERMEDIATE_LAYOUT]
-    return [lay for lay in MLP_LAYOUTS
-            if all(isinstance(getattr(module, a, None), nn.Module) for a in (lay.up, lay.down))
-            and hasattr(module, lay.act)
-            and (lay.tail is None or isinstance(getattr(module, lay.tail, None), nn.Module))]
+    found = [lay for lay in MLP_LAYOUTS
+             if all(isinstance(getattr(module, a, None), nn.Module) for a in (lay.up, lay.down))
+             and hasattr(module, lay.act)
+             and (lay.tail is None or isinstance(getattr(module, lay.tail, None), nn.Module))]
+    if found and any(isinstance(getattr(module, a, None), nn.Module) for a in _ATTENTION):
+        return [Layout("inline", lay.up, lay.act, lay.down) for lay in found if lay.tail is None][:1]
+    return found
 
 
 def _parts(module: nn.Module, lay: Layout, consumer: nn.Module | None = None) -> tuple:
@@ -114,6 +125,9 @@ def _parts(module: nn.Module, lay: Layout, consumer: nn.Module | None = None) ->
     module the reader is ``consumer`` (its layer's ``output.dense``), called by the layer itself."""
     if lay.kind == "intermediate":
         return module.dense, module.intermediate_act_fn, None, consumer
+    if lay.kind == "inline":
+        down = getattr(module, lay.down)
+        return getattr(module, lay.up), getattr(module, lay.act), down, down
     if lay.kind == "ffn":
         inter = module.intermediate
         return inter.dense, inter.intermediate_act_fn, module.output, module.output.dense
@@ -212,12 +226,6 @@ def probe(module: nn.Module, lay: Layout) -> str | None:
 
 def _layout_reason(module: nn.Module, lay: Layout, rebuild: bool, consumer: nn.Module | None,
                    scoped: bool, rerun: bool = False) -> str | None:
-    if lay.kind == "mlp" and any(isinstance(getattr(module, a, None), nn.Module)
-                                 for a in ("self_attn", "attention", "attn", "encoder_attn")):
-        # BART-style layers (BART, mBART, Pegasus, Marian, Whisper, ...): their forward interleaves the MLP with the
-        # attention, dropout, residual adds and norms
-        return (f"{type(module).__name__} computes {lay.up} -> {lay.act} -> {lay.down} inline in the whole layer's "
-                "forward (beside its attention): not a two-layer MLP module to replace")
     _, act, _, down = _parts(module, lay, consumer)
     if dense_activation(act) is None:
         what = type(act).__name__ if isinstance(act, nn.Module) else getattr(act, "__name__", type(act).__name__)
@@ -226,10 +234,18 @@ def _layout_reason(module: nn.Module, lay: Layout, rebuild: bool, consumer: nn.M
         return "the activation has forward hooks"
     if lay.kind == "ffn" and (module.intermediate._forward_hooks or module.intermediate._forward_pre_hooks):
         return "intermediate has forward hooks"
+    if lay.kind == "inline":
+        if not isinstance(act, nn.Module):
+            return (f"{lay.act} is a function, not a module: the inline {lay.up} -> {lay.act} -> {lay.down} of "
+                    f"{type(module).__name__} has no forward to replace")
+        if "forward" in act.__dict__ and not isinstance(act.__dict__.get("_peftfast_dense"), DenseMLPState):
+            return f"{lay.act} has an instance-level forward of its own"
+        rerun = False  # the layer calls fc1 itself: nothing here can run it again in backward
     method = _method(lay)
-    if method in module.__dict__ and not isinstance(module.__dict__.get("_peftfast_dense"), DenseMLPState):
+    if lay.kind != "inline" and method in module.__dict__ and \
+            not isinstance(module.__dict__.get("_peftfast_dense"), DenseMLPState):
         return f"the module has an instance-level {method} of its own"
-    if lay.kind == "intermediate":
+    if lay.kind in ("intermediate", "inline"):
         if down is None:
             return "no output.dense beside it in its layer (the reader of its output is unknown)"
         rebuild = rebuild and scoped
@@ -237,12 +253,13 @@ def _layout_reason(module: nn.Module, lay: Layout, rebuild: bool, consumer: nn.M
     if not _composite(act) and not (rebuild and trains) and not rerun:
         if not trains:
             why = "the frozen down projection keeps no input"
-        elif lay.kind == "intermediate" and scoped is False:
-            why = "output.dense keeps its input (no rebuild scope: recompute='none' or not in a transformers model)"
+        elif lay.kind in ("intermediate", "inline") and scoped is False:
+            why = (f"{'output.dense' if lay.kind == 'intermediate' else lay.down} keeps its input (no rebuild scope: "
+                   "recompute='none' or not in a transformers model)")
         else:
             why = "recompute='none' keeps the down projection's input"
         return f"nothing to drop: {why}, and {type(act).__name__} keeps only its input already"
-    return probe(module, lay)
+    return None if lay.kind == "inline" else probe(module, lay)
 
 
 def find_layout(module: nn.Module, rebuild: bool = True, consumer: nn.Module | None = None,
@@ -336,6 +353,20 @@ def dense_intermediate_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs
     return h
 
 
+def dense_inline_act_forward(self: nn.Module, y: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """Drop-in ``forward`` of the activation module of an ``inline`` layer (bound by ``patch``): the same activation,
+    keeping ``y`` only, its output registered with the model's rebuild scope for the down projection."""
+    st: DenseMLPState = self._peftfast_dense
+    reason = "extra forward arguments" if args or kwargs else _call_reason(self, st, self)
+    if reason is not None:
+        return _fall_back(self, st, reason, y, *args, **kwargs)
+    tally(st.tally_key, "fused_calls")
+    h = dense_act(y, st.act)
+    if st.rebuild:
+        rebuildable(h, functools.partial(act_forward, act=st.act), (y,))
+    return h
+
+
 def _reruns(st: DenseMLPState, up: nn.Module, x: torch.Tensor) -> bool:
     """This call keeps ``x`` and runs ``up`` again in backward: ``recompute="mlp"``, something upstream of ``h``
     needs a gradient, and saved tensors can be rebuilt here (not under torch.compile or activation checkpointing;
@@ -367,25 +398,29 @@ def install(module: nn.Module, name: str, backend: str, rebuild: bool = True, co
             scoped: bool = False, rerun: bool = False) -> None:
     """Bind the replacement (``why_not(module)`` must be None). ``backend`` is unused: the pieces are ATen ops and
     the projections' own paths."""
-    st = module.__dict__.get("_peftfast_dense")
-    if isinstance(st, DenseMLPState):
-        uninstall(module)  # the layout found below may differ from the one bound before
+    uninstall(module)  # the layout found below may differ from the one bound before
     lay = find_layout(module, rebuild, consumer, scoped, rerun)
     if isinstance(lay, str):
         raise ValueError(f"peftfast: {name}: {lay}")
     act = _parts(module, lay, consumer)[1]
-    if lay.kind == "intermediate":
+    if lay.kind in ("intermediate", "inline"):
         rebuild = rebuild and scoped
     state = DenseMLPState(name=name, layout=lay, act=dense_activation(act), act_type=type(act), rebuild=rebuild,
-                          previous_forward=None, rerun=rerun)
+                          previous_forward=None, rerun=rerun and lay.kind != "inline")
+    if lay.kind == "inline":  # the layer stays as it is: its activation module is the one bound
+        bind_forward(act, "_peftfast_dense", state, dense_inline_act_forward)
+        return
     fn = {"ffn": dense_ffn_chunk, "intermediate": dense_intermediate_forward}.get(lay.kind, dense_mlp_forward)
     bind_forward(module, "_peftfast_dense", state, fn, method=_method(lay))
 
 
 def uninstall(module: nn.Module) -> bool:
+    """Restore what ``install`` bound on ``module`` (or, for an ``inline`` layer, on its activation module)."""
     st = module.__dict__.get("_peftfast_dense")
     if not isinstance(st, DenseMLPState):
-        return False
+        inline = [lay for lay in layouts_of(module) if lay.kind == "inline"]
+        act = getattr(module, inline[0].act, None) if inline else None
+        return isinstance(act, nn.Module) and uninstall(act)
     unbind_forward(module, "_peftfast_dense", method=_method(st.layout))
     return True
 

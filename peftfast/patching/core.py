@@ -289,7 +289,7 @@ def patch(model: nn.Module, *, backend: str = "auto", group_siblings: bool = Tru
                                       reason=reason))
     registrants = scoped and any(e.kind == "norm" and e.patched for e in rep.modules) or scope_ok and any(
         isinstance(m.__dict__.get("_peftfast_dense"), dense_mod.DenseMLPState)
-        and m.__dict__["_peftfast_dense"].layout.kind == "intermediate" for m in model.modules())
+        and m.__dict__["_peftfast_dense"].layout.kind in ("intermediate", "inline") for m in model.modules())
     if registrants:
         # the fused norms' outputs are rebuilt wherever in the stack they are saved (the next layer's q/k/v, an
         # unfused block's attention and MLP), not only inside fused blocks
