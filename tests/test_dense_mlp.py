@@ -302,6 +302,36 @@ def test_bart_style_layers_inline_mlp_keeps_the_pre_activation_only():
     assert all("fc2 keeps its input (no rebuild scope" in e.reason for e in _mlp_entries(lean))
 
 
+@pytest.mark.parametrize("ffn, kept", [("gated-gelu", (3, 7)), ("gelu", (1, 2))])
+def test_t5_feed_forward_activation_keeps_its_input_only(ffn, kept):
+    """T5's feed-forward modules (Flan-T5's gated ``gelu_new``, whose chain of ops keeps four copies; plain GELU): the
+    module's code runs as before, its activation keeps only its input and its output is rebuilt for whoever saved it
+    (the gating product, or ``wo``). Same loss and gradients; per layer ``kept`` = (patched, PEFT) intermediate-wide
+    tensors: wi_0's output, wi_1's and the product ``wo`` reads, instead of those, the activation's four and its
+    output; or GELU's input instead of its input and output."""
+    import _models as M
+
+    ref = M.peft_model("t5", r=4, lora_alpha=8, model_kwargs={"feed_forward_proj": ffn})
+    model = peftfast.patch(clone(ref))
+    entries = _mlp_entries(model)
+    assert len(entries) == 4 and all(e.patched for e in entries), entries
+    data = M.batch("t5")
+    loss, grads = M.loss_and_grads(model, data)
+    want, ref_grads = M.loss_and_grads(ref, data)
+    assert max_rel_err(loss, want) <= TOL
+    assert max(max_rel_err(grads[n], ref_grads[n]) for n in ref_grads) <= TOL
+
+    def wide(m) -> int:  # the d_ff-wide (2 x d_model = 64) tensors kept for backward
+        _, sb = saved_activation_bytes(lambda: m(**data).loss, list(m.parameters()))
+        return sum(n for k, n in sb.by_shape.items() if k.split(":")[0].endswith(" 64)"))
+
+    assert kept[1] * wide(model) == kept[0] * wide(ref) > 0
+    peftfast.unpatch(model)
+    assert not any("_peftfast_dense" in m.__dict__ or "forward" in m.__dict__ for m in model.modules())
+    relu = peftfast.patch(M.peft_model("t5", r=4, lora_alpha=8))  # T5 v1.0: ReLU keeps its output, fc2 reads it
+    assert all("activation ReLU is not GELU/SiLU/QuickGELU" in e.reason for e in _mlp_entries(relu))
+
+
 def test_unsupported_activation_and_instance_forward_are_reported():
     model = _lora(ClipLikeMLP(act=nn.ReLU()))
     peftfast.patch(model)

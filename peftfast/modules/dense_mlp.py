@@ -13,9 +13,11 @@ Two forms, found by attribute names and confirmed by a probe of the class's own 
   (``peftfast.ops.recompute.rebuild_scope``, opened around the layer stack by ``patch``), so ``output.dense``
   beside it keeps a recipe instead of ``h``;
 * a whole layer that holds ``fc1`` / ``activation_fn`` / ``fc2`` beside its attention and computes them inline
-  (``inline``: BART, mBART, Pegasus, Marian, Blenderbot, M2M100, Whisper, ...): nothing of the layer is replaced; the
-  activation module's own ``forward`` becomes the same activation keeping only its input, with its output
-  registered with the rebuild scope, so ``fc2`` keeps a recipe instead of ``h``. No probe is needed: the layer's
+  (``inline``: BART, mBART, Pegasus, Marian, Blenderbot, M2M100, Whisper, ...), or T5's feed-forward module
+  (``wi`` or ``wi_0``/``wi_1``, ``act``, dropout, ``wo``: T5, mT5, UMT5, LongT5, Flan-T5): nothing of the module
+  is replaced; the activation module's own ``forward`` becomes the same activation keeping only its input (T5
+  v1.1's ``gelu_new`` is a chain of ops that keeps four copies), with its output registered with the rebuild
+  scope, so whatever saves it (``fc2``; T5's gating product) keeps a recipe instead. No probe is needed: the layer's
   code runs as before, and a rebuilt ``h`` is the activation of the kept input, bit for bit (the scope checks that
   ``h`` was not modified in place).
 
@@ -117,6 +119,10 @@ def layouts_of(module: nn.Module) -> list[Layout]:
              and (lay.tail is None or isinstance(getattr(module, lay.tail, None), nn.Module))]
     if found and any(isinstance(getattr(module, a, None), nn.Module) for a in _ATTENTION):
         return [Layout("inline", lay.up, lay.act, lay.down) for lay in found if lay.tail is None][:1]
+    if not found and hasattr(module, "act") and isinstance(getattr(module, "wo", None), nn.Module):
+        # T5's DenseActDense (wi) and DenseGatedActDense (wi_0 through the activation, times wi_1)
+        up = next((a for a in ("wi_0", "wi") if isinstance(getattr(module, a, None), nn.Module)), None)
+        return [Layout("inline", up, "act", "wo")] if up else []
     return found
 
 
@@ -240,7 +246,7 @@ def _layout_reason(module: nn.Module, lay: Layout, rebuild: bool, consumer: nn.M
                     f"{type(module).__name__} has no forward to replace")
         if "forward" in act.__dict__ and not isinstance(act.__dict__.get("_peftfast_dense"), DenseMLPState):
             return f"{lay.act} has an instance-level forward of its own"
-        rerun = False  # the layer calls fc1 itself: nothing here can run it again in backward
+        rerun = False  # the module calls its up projection itself: nothing here can run it again in backward
     method = _method(lay)
     if lay.kind != "inline" and method in module.__dict__ and \
             not isinstance(module.__dict__.get("_peftfast_dense"), DenseMLPState):
