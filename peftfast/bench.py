@@ -1120,7 +1120,8 @@ def format_table(res: dict) -> str:
     if res.get("model_dropout"):
         probs = ", ".join(f"{k}={v:g}" for k, v in res["model_dropout"].items())
         lines.append(f"note: the model's own dropout ({probs}) draws its masks differently on each path (the fused "
-                     "attention from its own seeds), so the losses agree in distribution, not step by step")
+                     "attention and the LoRA dropout draw their own seeds, which moves the RNG stream the model's "
+                     "dropout reads), so the losses agree in distribution, not step by step")
     lines.append(res["report"])
     return "\n".join(lines)
 

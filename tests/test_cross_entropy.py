@@ -800,20 +800,28 @@ def test_masked_lm_rows_memory_and_outputs(backend, monkeypatch):
     assert loss_stats(model) == {"fused": 7, "no_labels": 1, "eval": 1, "fallbacks": {}}
 
 
-def test_masked_lm_through_patch_with_fused_layers():
-    ref = M.peft_model("bert", lora_dropout=0.0)
-    model = copy.deepcopy(ref)
+def _patched_loss_matches(ref, arch: str):
+    """(ref, its copy through ``patch(fuse_loss=True)``, batch, ref's loss): the loss entry patched, the same loss and
+    gradients."""
     import peftfast
 
-    peftfast.patch(model, fuse_loss=True)
+    model = peftfast.patch(copy.deepcopy(ref), fuse_loss=True)
     entry = next(e for e in peftfast.report(model).modules if e.kind == "loss")
     assert entry.patched, entry.reason
-    data = M.batch("bert")
+    data = M.batch(arch)
     loss, grads = M.loss_and_grads(model, data)
     want, ref_grads = M.loss_and_grads(ref, data)
     torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-6)
     for n, g in ref_grads.items():
         torch.testing.assert_close(grads[n], g, rtol=1e-4, atol=1e-5, msg=n)
+    return ref, model, data, want
+
+
+def test_masked_lm_through_patch_with_fused_layers():
+    ref = M.peft_model("bert", lora_dropout=0.0)
+    import peftfast
+
+    _, model, _, _ = _patched_loss_matches(ref, "bert")
     peftfast.unpatch(model)
     assert "forward" not in model.get_base_model().__dict__
 
@@ -1106,16 +1114,7 @@ def test_seq2seq_bf16_autocast_and_through_patch():
     1e-3 relative: both round in bf16); ``unpatch`` removes the head's pre-hook."""
     import peftfast
 
-    ref = M.peft_model("t5", r=4, lora_alpha=8)
-    model = peftfast.patch(copy.deepcopy(ref), fuse_loss=True)
-    entry = next(e for e in peftfast.report(model).modules if e.kind == "loss")
-    assert entry.patched, entry.reason
-    data = M.batch("t5")
-    loss, grads = M.loss_and_grads(model, data)
-    want, ref_grads = M.loss_and_grads(ref, data)
-    torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-6)
-    for n, g in ref_grads.items():
-        torch.testing.assert_close(grads[n], g, rtol=1e-4, atol=1e-5, msg=n)
+    ref, model, data, want = _patched_loss_matches(M.peft_model("t5", r=4, lora_alpha=8), "t5")
     with torch.autocast("cpu", dtype=torch.bfloat16):
         got, eager = model(**data).loss, ref(**data).loss
     assert got.dtype == torch.float32

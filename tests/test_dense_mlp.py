@@ -271,31 +271,39 @@ def test_probe_refuses_other_forwards(cls, why):
     assert not entry.patched and why in entry.reason and "\n" not in entry.reason, entry
 
 
+def _inline_patched(arch: str, **model_kwargs):
+    """(PEFT model, its patched copy, batch): four MLP entries all patched, the same loss and gradients."""
+    import _models as M
+
+    ref = M.peft_model(arch, r=4, lora_alpha=8, model_kwargs=model_kwargs)
+    model = peftfast.patch(clone(ref))
+    entries = _mlp_entries(model)
+    assert len(entries) == 4 and all(e.patched for e in entries), entries
+    data = M.batch(arch)
+    loss, grads = M.loss_and_grads(model, data)
+    want, ref_grads = M.loss_and_grads(ref, data)
+    assert max_rel_err(loss, want) <= TOL
+    assert max(max_rel_err(grads[n], ref_grads[n]) for n in ref_grads) <= TOL
+    return ref, model, data
+
+
+def _wide(model, data, width: int = 64) -> int:
+    """Bytes of the ``width``-wide (intermediate) tensors kept for backward."""
+    _, sb = saved_activation_bytes(lambda: model(**data).loss, list(model.parameters()))
+    return sum(n for k, n in sb.by_shape.items() if k.split(":")[0].endswith(f" {width})"))
+
+
 def test_bart_style_layers_inline_mlp_keeps_the_pre_activation_only():
     """BART's layers compute fc1 -> activation_fn -> fc2 inline beside their attention: the layer stays as it is, its
     activation module keeps only its input and registers its output with the rebuild scope, so fc2's LoRA keeps a
     recipe instead of a second intermediate-wide tensor. Same loss and gradients; recompute='none' says why not;
     unpatch restores the activation modules."""
-    import _models as M
-
-    ref = M.peft_model("bart", r=4, lora_alpha=8)
-    model = peftfast.patch(clone(ref))
-    entries = _mlp_entries(model)
-    assert len(entries) == 4 and all(e.patched for e in entries), entries
-    data = M.batch("bart")
-    loss, grads = M.loss_and_grads(model, data)
-    want, ref_grads = M.loss_and_grads(ref, data)
-    assert max_rel_err(loss, want) <= TOL
-    assert max(max_rel_err(grads[n], ref_grads[n]) for n in ref_grads) <= TOL
+    ref, model, data = _inline_patched("bart")
     rt = peftfast.report(model).module_runtime(model)
     acts = {n: r for n, r in rt.items() if n.endswith("activation_fn")}
     assert len(acts) == 4 and all(r["fused"] == 1 and not r["fallbacks"] for r in acts.values()), acts
 
-    def wide(m) -> int:  # the intermediate-wide (2 x hidden = 64) tensors kept for backward
-        _, sb = saved_activation_bytes(lambda: m(**data).loss, list(m.parameters()))
-        return sum(n for k, n in sb.by_shape.items() if k.split(":")[0].endswith(" 64)"))
-
-    assert 2 * wide(model) == wide(ref) > 0  # the pre-activation of each layer, not also the activation output
+    assert 2 * _wide(model, data) == _wide(ref, data) > 0  # each layer's pre-activation, not also its output
     peftfast.unpatch(model)
     assert not any("_peftfast_dense" in m.__dict__ or "forward" in m.__dict__ for m in model.modules())
     lean = peftfast.patch(clone(ref), recompute="none")
@@ -311,21 +319,8 @@ def test_t5_feed_forward_activation_keeps_its_input_only(ffn, kept):
     output; or GELU's input instead of its input and output."""
     import _models as M
 
-    ref = M.peft_model("t5", r=4, lora_alpha=8, model_kwargs={"feed_forward_proj": ffn})
-    model = peftfast.patch(clone(ref))
-    entries = _mlp_entries(model)
-    assert len(entries) == 4 and all(e.patched for e in entries), entries
-    data = M.batch("t5")
-    loss, grads = M.loss_and_grads(model, data)
-    want, ref_grads = M.loss_and_grads(ref, data)
-    assert max_rel_err(loss, want) <= TOL
-    assert max(max_rel_err(grads[n], ref_grads[n]) for n in ref_grads) <= TOL
-
-    def wide(m) -> int:  # the d_ff-wide (2 x d_model = 64) tensors kept for backward
-        _, sb = saved_activation_bytes(lambda: m(**data).loss, list(m.parameters()))
-        return sum(n for k, n in sb.by_shape.items() if k.split(":")[0].endswith(" 64)"))
-
-    assert kept[1] * wide(model) == kept[0] * wide(ref) > 0
+    ref, model, data = _inline_patched("t5", feed_forward_proj=ffn)
+    assert kept[1] * _wide(model, data) == kept[0] * _wide(ref, data) > 0  # d_ff = 2 x d_model = 64
     peftfast.unpatch(model)
     assert not any("_peftfast_dense" in m.__dict__ or "forward" in m.__dict__ for m in model.modules())
     relu = peftfast.patch(M.peft_model("t5", r=4, lora_alpha=8))  # T5 v1.0: ReLU keeps its output, fc2 reads it

@@ -396,6 +396,16 @@ def _bind_call(model: nn.Module, skip: tuple[str, ...], args, kwargs) -> tuple[d
     return p, (dict(p.pop(var_kw, {})) if var_kw else {})
 
 
+def _bind_labelled(model: nn.Module, args, kwargs) -> tuple[dict, dict, torch.Tensor | None] | None:
+    """(named arguments but ``labels``, ``**kwargs``, labels) of a call as the class forward binds it; None when it
+    does not bind."""
+    bound = _bind_call(model, ("labels",), args, kwargs)
+    if bound is None:
+        return None
+    p, extra = bound
+    return p, extra, p.pop("labels", None)
+
+
 def _output_class(name: str) -> type:
     import transformers.modeling_outputs as mo
 
@@ -624,11 +634,10 @@ def _why_not_masked(lm: nn.Module) -> str | None:
 def fused_masked_lm_forward(model: nn.Module, *args, **kwargs):
     """Drop-in ``forward`` for the ``MASKED_LM`` classes (bound to the instance by ``install``)."""
     st: LossState = model._peftfast_loss
-    bound = _bind_call(model, ("labels",), args, kwargs)
+    bound = _bind_labelled(model, args, kwargs)
     if bound is None:
         return _original(model, st, args, kwargs)  # raises the original's own error
-    p, extra = bound
-    labels = p.pop("labels", None)
+    p, extra, labels = bound
     head = MASKED_LM[type(model).__name__](model)
     ht = _serve(model, st, labels, None, head.decoder)
     if ht is None:
@@ -767,11 +776,10 @@ def _own_hook(head: nn.Module) -> bool:
 def fused_seq2seq_forward(model: nn.Module, *args, **kwargs):
     """Drop-in ``forward`` for the ``SEQ2SEQ`` classes (bound to the instance by ``install``)."""
     st: LossState = model._peftfast_loss
-    bound = _bind_call(model, ("labels",), args, kwargs)
+    bound = _bind_labelled(model, args, kwargs)
     if bound is None:
         return _original(model, st, args, kwargs)  # raises the original's own error
-    p, extra = bound
-    labels = p.pop("labels", None)
+    p, extra, labels = bound
     rec = SEQ2SEQ[type(model).__name__]
     head_mod = _seq2seq_head(model)
     ht = _serve(model, st, labels, None, head_mod) if head_mod is not None else None
