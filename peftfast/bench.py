@@ -460,7 +460,7 @@ def _model_class(kind: str):
     return {"encoder": AutoModelForMaskedLM, "seq2seq": AutoModelForSeq2SeqLM}.get(kind, AutoModelForCausalLM)
 
 
-_KIND_LM = {"encoder": "masked", "decoder": "causal", "seq2seq": "encoder-decoder"}
+_KIND_LM = {"encoder": "a masked", "decoder": "a causal", "seq2seq": "an encoder-decoder"}
 
 
 def _meta_counts(setup: Setup, layers: int) -> tuple[int, int]:
@@ -471,8 +471,8 @@ def _meta_counts(setup: Setup, layers: int) -> tuple[int, int]:
         with torch.device("meta"):
             model = _model_class(setup.kind).from_config(hf)
     except Exception as exc:  # an unsupported model type or a shape transformers rejects: bad input, one line
-        raise BenchError(f"cannot build {setup.name} ({type(hf).__name__}) as a "
-                         f"{_KIND_LM[setup.kind]} LM: {_one_line(exc)}") from None
+        raise BenchError(f"cannot build {setup.name} ({type(hf).__name__}) as {_KIND_LM[setup.kind]} LM: "
+                         f"{_one_line(exc)}") from None
     linear_io = sum(m.in_features + m.out_features for m in model.modules() if isinstance(m, torch.nn.Linear))
     return sum(p.numel() for p in model.parameters()), linear_io
 

@@ -577,6 +577,12 @@ def test_impossible_head_layout_is_one_line(tmp_path, capsys):
     assert cli.main(["bench", "--model", str(tmp_path / "mistral.json"), "--quiet"]) == 2
     err = capsys.readouterr().err.strip()
     assert "num_attention_heads 4 is not a multiple of num_key_value_heads 3" in err and "\n" not in err
+    (tmp_path / "whisper.json").write_text(json.dumps({"model_type": "whisper", "d_model": 32, "encoder_layers": 1,
+                                                       "decoder_layers": 1, "encoder_attention_heads": 4,
+                                                       "decoder_attention_heads": 4}))
+    assert cli.main(["bench", "--model", str(tmp_path / "whisper.json"), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "cannot build whisper.json (WhisperConfig) as an encoder-decoder LM" in err and "\n" not in err
     (tmp_path / "vit.json").write_text(json.dumps({"model_type": "vit", "hidden_size": 32, "num_hidden_layers": 1,
                                                    "num_attention_heads": 4}))
     assert cli.main(["bench", "--model", str(tmp_path / "vit.json"), "--quiet"]) == 2
