@@ -1123,3 +1123,22 @@ def test_seq2seq_bf16_autocast_and_through_patch():
     peftfast.unpatch(model)
     lm = model.get_base_model()
     assert "forward" not in lm.__dict__ and not lm.lm_head._forward_pre_hooks
+
+
+@pytest.mark.parametrize("method", ["prefix", "prompt"])
+@pytest.mark.parametrize("arch", ["t5", "bart"])
+def test_seq2seq_prompt_learning_through_patch(arch, method):
+    """PEFT prefix tuning (a cache of virtual keys in every layer) and prompt tuning (virtual input embeddings) on
+    T5 / BART with ``patch(fuse_loss=True)``: the class's own forward takes what PEFT hands it, and the fused loss
+    gives the same loss and gradients of the virtual tokens' encoder."""
+    from peft import PrefixTuningConfig, PromptTuningConfig, get_peft_model
+
+    import peftfast
+
+    torch.manual_seed(0)
+    cfg = (PrefixTuningConfig if method == "prefix" else PromptTuningConfig)(task_type="SEQ_2_SEQ_LM",
+                                                                              num_virtual_tokens=4)
+    ref = get_peft_model(M.BUILDERS[arch](), cfg).train()
+    _, model, _, _ = _patched_loss_matches(ref, arch)
+    assert ce_mod.stats(model) == {"fused": 1, "no_labels": 0, "eval": 0, "fallbacks": {}}
+    peftfast.unpatch(model)
