@@ -10,7 +10,8 @@ from _models import batch, clone, loss_and_grads, max_rel_err, peft_model, use_s
 
 import peftfast
 
-FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3", "gpt2", "bert", "roberta"]
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3", "gpt2", "bert", "roberta",
+            "t5", "bart"]
 # block modules fused per family besides the attention implementation: gated and two-layer MLPs, RoPE, norms (on
 # CPU LayerNorms run ATen's op, their outputs registered to be rebuilt where saved), residual-add blocks
 EXPECTED_BLOCKS = {
@@ -19,7 +20,11 @@ EXPECTED_BLOCKS = {
     "gemma": ("mlp", "rope", "norm", "block"), "gemma2": ("mlp", "rope", "norm"),
     "gemma3": ("mlp", "rope", "norm"), "phi3": ("rope", "norm"), "gpt2": ("mlp", "norm"),
     "bert": ("mlp", "norm"), "roberta": ("mlp", "norm"),
+    # encoder-decoders: T5 v1.0's ReLU MLP keeps nothing extra (not fused), BART's inline MLPs are
+    "t5": ("norm",), "bart": ("mlp", "norm"),
 }
+# families whose attention transformers computes itself (not through its AttentionInterface): the encoder-decoders
+OWN_ATTENTION = {"t5", "bart"}
 CAUSAL_LMS = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3"]
 TOL = 2e-5
 
@@ -56,14 +61,19 @@ def test_patch_report(arch):
     lora = {n for n, m in model.named_modules() if type(m).__name__ == "Linear" and hasattr(m, "lora_A")}
     assert {e.name for e in rep.entries} == lora and not rep.skipped, text
     fused_kinds = {e.kind for e in rep.modules if e.patched}
-    assert fused_kinds == {*EXPECTED_BLOCKS[arch], "attention"}, text
-    n_layers = 2
+    attention = set() if arch in OWN_ATTENTION else {"attention"}
+    assert fused_kinds == {*EXPECTED_BLOCKS[arch], *attention}, text
+    n_layers = 4 if arch in OWN_ATTENTION else 2  # the encoder-decoders: two layers in each stack
     for kind in ("mlp", "rope", "block"):
         if kind in EXPECTED_BLOCKS[arch]:
             assert sum(e.kind == kind and e.patched for e in rep.modules) == n_layers, text
     norms = [e for e in rep.modules if e.kind == "norm"]
     assert norms and all(e.patched for e in norms), text
-    assert model.get_base_model().config._attn_implementation == "peftfast"
+    if attention:
+        assert model.get_base_model().config._attn_implementation == "peftfast"
+    else:
+        (entry,) = [e for e in rep.modules if e.kind == "attention"]
+        assert "computes its own attention" in entry.reason, text
     for e in rep.modules:
         assert e.patched or (e.reason and "\n" not in e.reason), text
     # an MLP that holds LoRA layers but is neither a gate/up/down nor a two-layer MLP is reported with its reason
@@ -72,12 +82,13 @@ def test_patch_report(arch):
         assert len(unfused) == n_layers and all("not fused" in e.reason for e in unfused), text
     assert rep.summary().startswith(f"peftfast: patched {len(lora)} LoRA layer(s)")
     peftfast.unpatch(model)
-    assert model.get_base_model().config._attn_implementation == "eager"
+    if attention:  # restored to what the builder chose
+        assert model.get_base_model().config._attn_implementation == "eager"
     assert peftfast.report(model).entries == []
     assert not any("forward" in m.__dict__ for m in model.modules())
 
 
-@pytest.mark.parametrize("arch", [*CAUSAL_LMS, "gpt2", "bert", "roberta"])
+@pytest.mark.parametrize("arch", [*CAUSAL_LMS, "gpt2", "bert", "roberta", "t5", "bart"])
 def test_fused_loss_opt_in_matches_unpatched(arch):
     """``fuse_loss=True``: the loss comes from fused linear cross-entropy, with no logits, and matches."""
     model = peft_model(arch, target_modules="all-linear")

@@ -729,3 +729,65 @@ def test_no_warning_on_a_lora_model():
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         peftfast.patch(model)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# sibling groups whose members read different inputs
+# ----------------------------------------------------------------------------------------------------------------
+class _TwoInputAttention(nn.Module):
+    """q reads x, k and v read another tensor (a cross-attention under a name ``patch`` does not know)."""
+
+    def __init__(self):
+        super().__init__()
+        self.q_proj, self.k_proj, self.v_proj = (nn.Linear(16, 16) for _ in range(3))
+
+    def forward(self, x, memory):
+        return self.q_proj(x) * (self.k_proj(memory) + self.v_proj(memory)).mean(1, keepdim=True)
+
+
+class _TwoInputHolder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn = _TwoInputAttention()
+
+    def forward(self, x, memory):
+        return self.attn(x, memory)
+
+
+def test_group_whose_siblings_read_other_inputs_splits_at_the_first_miss(monkeypatch):
+    """The first call computes q, k and v from x, then k comes with another input: that grouped call's k/v went
+    unused, so the group splits for good and its members run one by one (the same outputs and gradients as PEFT
+    throughout). Cross-attention modules known by name (BART's encoder_attn) form no group at all."""
+    torch.manual_seed(0)
+    ref = get_peft_model(_TwoInputHolder(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj",
+                                                                                           "v_proj"]))
+    for m in ref.modules():
+        if hasattr(m, "lora_B"):
+            nn.init.normal_(m.lora_B["default"].weight, std=0.2)
+    model = peftfast.patch(copy.deepcopy(ref))
+    grp = model.base_model.model.attn.q_proj._peftfast.group
+    assert grp is not None and not grp.split
+    widths: list[int] = []
+    real_run = lora_mod._run
+    monkeypatch.setattr(lora_mod, "_run", lambda members, *a: widths.append(len(members)) or real_run(members, *a))
+    for step in range(2):
+        x, mem = torch.randn(2, 5, 16), torch.randn(2, 7, 16)
+        outs = []
+        for m in (model, ref):
+            m.zero_grad()
+            y = m(x, mem)
+            y.square().sum().backward()
+            outs.append((y.detach(), {n: p.grad.clone() for n, p in m.named_parameters() if p.requires_grad}))
+        torch.testing.assert_close(outs[0][0], outs[1][0])
+        for n, g in outs[1][1].items():
+            torch.testing.assert_close(outs[0][1][n], g, msg=n)
+        assert grp.split
+    # step 0: x for all three, then memory for all three (v takes its output); step 1: one by one
+    assert widths == [3, 3, 1, 1, 1]
+
+    import _models as M
+
+    bart = peftfast.patch(M.peft_model("bart", r=4, lora_alpha=8))
+    for name, mod in bart.named_modules():
+        if name.endswith(("q_proj", "k_proj", "v_proj")):
+            assert (mod._peftfast.group is None) == (".encoder_attn." in name), name

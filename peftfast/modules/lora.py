@@ -6,7 +6,9 @@ and is counted with its reason, which ``peftfast.report`` shows.
 
 Siblings that read the same input (q/k/v, gate/up, BERT's query/key/value) form a ``SiblingGroup``: the first
 member called with ``x`` runs all members in one grouped op (one pass over ``x`` for every ``A`` product, ``x``
-saved once) and hands the other outputs to the siblings when they are called with the same tensor.
+saved once) and hands the other outputs to the siblings when they are called with the same tensor. A group whose
+computed outputs go untaken (its siblings read other inputs, e.g. a cross-attention that ``patch`` did not recognise
+by name, or skip their call) splits for good at the first such miss: its members then run one by one.
 """
 
 from __future__ import annotations
@@ -75,6 +77,7 @@ class SiblingGroup:
         self._version = -1
         self._grad = False
         self._outs: list[torch.Tensor | None] = []
+        self.split = False  # set at the first outputs computed for siblings that never took them
 
     def take(self, index: int, x: torch.Tensor) -> torch.Tensor | None:
         if self._x is not x or _version(x) != self._version or torch.is_grad_enabled() != self._grad:
@@ -88,6 +91,8 @@ class SiblingGroup:
         return out
 
     def put(self, index: int, x: torch.Tensor, outs) -> torch.Tensor:
+        if any(o is not None for o in self._outs):  # the last grouped call's extra work went unused
+            self.split = True
         self._x, self._version, self._grad = x, _version(x), torch.is_grad_enabled()
         self._outs = list(outs)
         self._outs[index] = None
@@ -263,7 +268,7 @@ def fused_lora_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs) -> tor
         out = grp.take(st.index, x)
         if out is not None:
             return out
-        plans = _group_plans(grp, plan)
+        plans = _group_plans(grp, plan) if not grp.split else None
         if plans is not None:
             for m in grp.members:
                 if m is not self:

@@ -38,6 +38,9 @@ SIBLING_SETS: tuple[frozenset[str], ...] = (
     frozenset({"query_proj", "key_proj", "value_proj"}),  # DeBERTa
     frozenset({"w1", "w3"}),
 )
+# cross-attention modules (BART/Whisper ``encoder_attn``, T5 ``EncDecAttention``, BERT decoders' ``crossattention``):
+# their q reads the decoder's states and k/v the encoder's, so their siblings form no group
+CROSS_ATTENTION = frozenset({"encoder_attn", "EncDecAttention", "crossattention", "cross_attn", "cross_attention"})
 
 
 @dataclass
@@ -361,6 +364,8 @@ def _form_groups(patched: dict[str, nn.Module], rep: PatchReport) -> None:
         mod._peftfast.group = None
     entries = {e.name: e for e in rep.entries}
     for parent, children in by_parent.items():
+        if CROSS_ATTENTION.intersection(parent.split(".")):
+            continue
         for sibs in SIBLING_SETS:
             names = sorted(sibs & children.keys(), key=lambda n: (len(n), n))
             if len(names) < 2:
