@@ -80,6 +80,9 @@ def test_patch_report(arch):
     if arch == "phi3":
         unfused = [e for e in rep.modules if e.kind == "mlp" and not e.patched]
         assert len(unfused) == n_layers and all("not fused" in e.reason for e in unfused), text
+    if arch in OWN_ATTENTION:  # self-attention q/k/v grouped, cross-attention (q and k/v read other states) not
+        groups = {e.group for e in rep.entries if e.group}
+        assert len(groups) == 4 and not any("EncDecAttention" in g or "encoder_attn" in g for g in groups), text
     assert rep.summary().startswith(f"peftfast: patched {len(lora)} LoRA layer(s)")
     peftfast.unpatch(model)
     if attention:  # restored to what the builder chose

@@ -37,6 +37,8 @@ SIBLING_SETS: tuple[frozenset[str], ...] = (
     frozenset({"query", "key", "value"}),
     frozenset({"query_proj", "key_proj", "value_proj"}),  # DeBERTa
     frozenset({"w1", "w3"}),
+    frozenset({"q", "k", "v"}),  # T5's attention
+    frozenset({"wi_0", "wi_1"}),  # T5 v1.1's gated feed-forward (Flan-T5, mT5, UMT5)
 )
 # cross-attention modules (BART/Whisper ``encoder_attn``, T5 ``EncDecAttention``, BERT decoders' ``crossattention``):
 # their q reads the decoder's states and k/v the encoder's, so their siblings form no group
