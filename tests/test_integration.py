@@ -728,12 +728,19 @@ def _ds_worker(out_path: str) -> None:
         partitioned = all(hasattr(p, "ds_id") for p in model.parameters())
         with deepspeed.zero.GatheredParameters(params):  # ZeRO-3: the whole tensors on every rank (else a no-op)
             full = weights(model)
-        runtime, skipped = {}, {}
+        runtime, skipped, external = {}, {}, {}
         if recompute is not None:
             rep = peftfast.report(model)
             runtime = {**rep.runtime(model), **rep.module_runtime(model)}
             skipped = {e.name: e.reason for e in [*rep.skipped, *rep.modules] if e.reason}
-        res[name] = dict(losses=losses, weights=full, partitioned=partitioned, runtime=runtime, skipped=skipped)
+            # what each LoRA layer asked DeepSpeed to gather for it, and what is left of that after unpatch
+            mods = {n: m for n, m in model.named_modules()
+                    if hasattr(m, "_peftfast_mlp") or (hasattr(m, "_peftfast") and hasattr(m, "lora_A"))}
+            external = {n: len(getattr(m, "_external_params", {})) for n, m in mods.items()}
+            peftfast.unpatch(model)
+            external = {n: (k, len(getattr(mods[n], "_external_params", {}))) for n, k in external.items()}
+        res[name] = dict(losses=losses, weights=full, partitioned=partitioned, runtime=runtime, skipped=skipped,
+                         external=external)
         engine.destroy()
     for name, stage in ADAPTER_ZERO_RUNS.items():
         model = adapter_llama(fused=True)
@@ -769,11 +776,21 @@ def test_deepspeed_zero2_runs_fused_and_matches_single_process(zero_run):
     assert lora and all(r["fused"] == DIST_STEPS and not r["fallbacks"] for r in lora.values())
 
 
+_L0 = "base_model.model.model.layers.0."
+# (registered, left after unpatch) per module: each attention LoRA layer its base weight, A and B; the MLP its three
+# projections' (9); the projections themselves none, since the LoRA-MLP op runs them and they are never called
+_ZERO3_EXTERNAL = {**{f"{_L0}self_attn.{p}_proj": (3, 0) for p in "qkvo"}, f"{_L0}mlp": (9, 0),
+                   **{f"{_L0}mlp.{p}_proj": (0, 0) for p in ("gate", "up", "down")}}
+
+
 @pytest.mark.parametrize("name", ["zero3", "zero3_attn"])
-def test_deepspeed_zero3_steps_aside_and_trains_like_peft(zero_run, name):
-    """ZeRO-3 partitions the parameters and gathers each module's own around its forward and backward: the fused
-    LoRA layers, LoRA-MLPs, blocks and the q/k/v rerun of recompute="attn" step aside for the original forwards
-    (each call counted with the reason), so training is PEFT's under ZeRO-3, and that of one process."""
+def test_deepspeed_zero3_runs_fused_lora_and_trains_like_peft(zero_run, name):
+    """ZeRO-3 partitions the parameters and gathers each module's own around its forward and backward. Each fused
+    LoRA layer registers its children's parameters with DeepSpeed before DeepSpeed's first gathering for it (3 per
+    layer here: base weight, A, B), so DeepSpeed gathers them around the layer's own forward and backward and the
+    fused op serves every call, one layer at a time; what reads other modules' parameters (the LoRA-MLP op, the fused
+    block, the q/k/v rerun of recompute="attn") steps aside, each call counted with the reason. Training is that of
+    the unpatched model under ZeRO-3 and of one process; ``unpatch`` unregisters every external parameter."""
     from peftfast.modules._bind import ZERO3_REASON
 
     res = zero_run["dist"]
@@ -784,23 +801,109 @@ def test_deepspeed_zero3_steps_aside_and_trains_like_peft(zero_run, name):
     assert_same_training(run["weights"], zero_run["weights"], zero_run["init"])
     rt = run["runtime"]
     lora = {n: r for n, r in rt.items() if "base_only" in r}
-    assert len(lora) == 7 and all(r["fused"] == 0 and r["fallbacks"] == {ZERO3_REASON: DIST_STEPS}
-                                  for r in lora.values()), lora
+    assert len(lora) == 7 and all(r["fused"] == DIST_STEPS and not r["fallbacks"] for r in lora.values()), lora
+    mlp = next(r for n, r in rt.items() if n.endswith(".mlp"))
+    assert mlp["fused"] == DIST_STEPS and not mlp["fallbacks"], mlp
+    assert run["external"] == _ZERO3_EXTERNAL, run["external"]
     block = next(r for n, r in rt.items() if n.endswith("(block)"))
-    assert block["fused"] == 0 and block["fallbacks"] == {ZERO3_REASON: DIST_STEPS}
+    assert block["fused"] == 0 and block["fallbacks"] == {ZERO3_REASON: DIST_STEPS}, block
 
 
-def test_deepspeed_zero3_patch_after_initialize_skips_with_the_reason(zero_run):
-    """Patched after ``deepspeed.initialize`` (parameters already partitioned): the LoRA layers and blocks are
-    skipped at patch time, each with the ZeRO-3 reason, and training is unchanged."""
+def test_deepspeed_zero3_patch_after_initialize_runs_fused_lora(zero_run):
+    """Patched after ``deepspeed.initialize`` (parameters already partitioned, DeepSpeed's hooks in place): the LoRA
+    layers and the LoRA-MLP register their parameters at patch time and run fused; blocks are skipped with the ZeRO-3
+    reason; training is unchanged."""
     from peftfast.modules._bind import ZERO3_REASON
 
     run = zero_run["dist"]["zero3_after"]
     assert_losses_close(run["losses"], zero_run["dist"]["zero3_peft"]["losses"])
     assert_same_training(run["weights"], zero_run["weights"], zero_run["init"])
-    lora = {n: r for n, r in run["skipped"].items() if n.endswith("_proj")}
-    assert len(lora) == 7 and all(r == f"base weight: {ZERO3_REASON}" for r in lora.values()), lora
+    assert not {n for n in run["skipped"] if n.endswith("_proj")}, run["skipped"]
+    lora = {n: r for n, r in run["runtime"].items() if "base_only" in r}
+    assert len(lora) == 7 and all(r["fused"] == DIST_STEPS and not r["fallbacks"] for r in lora.values()), lora
+    # patched on partitioned parameters, every layer registers at patch time (the MLP's projections too, though the
+    # LoRA-MLP op runs them)
+    proj = {f"{_L0}mlp.{p}_proj": (3, 0) for p in ("gate", "up", "down")}
+    assert run["external"] == {**_ZERO3_EXTERNAL, **proj}, run["external"]
+    mlp = next(r for n, r in run["runtime"].items() if n.endswith(".mlp"))
+    assert mlp["fused"] == DIST_STEPS and not mlp["fallbacks"], mlp
     assert any(r == f"norm weights are {ZERO3_REASON}" for r in run["skipped"].values()), run["skipped"]
+
+
+def _mark_zero3(model) -> None:
+    """Give every parameter a ``ds_id``, the attribute by which peftfast tells a ZeRO-3 parameter (nothing is
+    partitioned: this checks the registration plumbing in one process)."""
+    for i, p in enumerate(model.parameters()):
+        p.ds_id = i
+
+
+def test_zero3_registration_plumbing_in_one_process():
+    """A LoRA layer whose parameters carry ``ds_id`` registers every one of them as a DeepSpeed external parameter at
+    its first call, before any other pre-hook, and the MLP its projections'; the sibling group then stays idle (each
+    member runs alone), the LoRA-MLP op still serves the MLP, the outputs are unchanged, and ``unpatch`` removes the
+    hooks and every registration. The hook is invisible to the LoRA-MLP's check for user hooks."""
+    pytest.importorskip("deepspeed")
+    from peftfast.modules import lora as lora_mod
+
+    ids = _dist_ids()[:2]
+    model = lora_llama(layers=1)
+    ref = model(input_ids=ids).logits
+    peftfast.patch(model)
+    q = model.base_model.model.model.layers[0].self_attn.q_proj
+    assert list(q._forward_pre_hooks.values())[0] is lora_mod._zero3_register_hook and not lora_mod.has_hooks(q)
+    model(input_ids=ids)
+    mlp = {n: r for n, r in peftfast.report(model).module_runtime(model).items() if n.endswith(".mlp")}
+    assert [r["fused"] for r in mlp.values()] == [1], mlp  # without ds_id the LoRA-MLP op runs
+    _mark_zero3(model)
+    assert not getattr(q, "_external_params", {})
+    out = model(input_ids=ids).logits
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    lora = {n: m for n, m in model.named_modules() if hasattr(m, "_peftfast") and hasattr(m, "lora_A")}
+    assert len(lora) == 7
+    # the attention's layers register their own parameters, the MLP its three projections' (which it runs itself)
+    owners = [m for n, m in model.named_modules() if n.endswith(("_proj", ".mlp")) and ".mlp." not in n]
+    assert len(owners) == 5
+    for m in owners:
+        assert {id(p) for p in m.parameters()} == set(m._external_params)
+    assert q._peftfast.group is not None and not q._peftfast.group._outs  # the group computed nothing
+    rt = peftfast.report(model).runtime(model)
+    assert all(r["fused"] == 2 and not r["fallbacks"] for n, r in rt.items() if n in lora), rt
+    mlp = {n: r for n, r in peftfast.report(model).module_runtime(model).items() if n.endswith(".mlp")}
+    assert [(r["fused"], r["fallbacks"]) for r in mlp.values()] == [(2, {})], mlp
+    peftfast.unpatch(model)
+    for m in owners:
+        assert not m._external_params and not m._forward_pre_hooks
+
+
+def test_zero3_frozen_mlp_registers_its_projections_in_one_process():
+    """The frozen-MLP op (the base of prompt tuning, adapters) under ZeRO-3: the MLP registers its three frozen
+    projections' weights and keeps serving the calls; outputs unchanged; ``unpatch`` undoes the registration."""
+    pytest.importorskip("deepspeed")
+    model = adapter_llama(fused=True)  # bottleneck adapters train; the base, its MLP included, is frozen
+    ids = _dist_ids()[:2]
+    ref = model(input_ids=ids).logits
+    peftfast.patch(model)
+    mlp = model.model.layers[0].mlp
+    _mark_zero3(model)
+    out = model(input_ids=ids).logits
+    out.sum().backward()
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert set(mlp._external_params) == {id(getattr(mlp, p).weight) for p in ("gate_proj", "up_proj", "down_proj")}
+    rt = {n: r for n, r in peftfast.report(model).module_runtime(model).items() if n.endswith(".mlp")}
+    assert [(r["fused"], r["fallbacks"]) for r in rt.values()] == [(1, {})], rt
+    peftfast.unpatch(model)
+    assert not mlp._external_params and not mlp._forward_pre_hooks
+
+
+def test_zero3_conv1d_lora_is_refused_with_the_reason():
+    """GPT-2's ``Conv1D`` bases under ZeRO-3: the fused op would save a transposed view of the gathered weight, so
+    the layer is skipped at patch time with the reason."""
+    pytest.importorskip("deepspeed")
+    model = peft_model("gpt2", r=4, lora_alpha=8, model_kwargs={"layers": 1})
+    _mark_zero3(model)
+    rep = peftfast.report(peftfast.patch(model))
+    reasons = {e.reason for e in rep.skipped if e.name.endswith(("c_attn", "c_proj", "c_fc"))}
+    assert reasons and all("nn.Linear bases only" in r for r in reasons), reasons
 
 
 @pytest.mark.parametrize("name", list(ADAPTER_ZERO_RUNS))

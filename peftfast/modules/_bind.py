@@ -25,6 +25,51 @@ def zero3_partitioned(*params) -> bool:
     return any(p is not None and hasattr(p, "ds_id") for p in params)
 
 
+def user_hooks(module: nn.Module, own=()) -> bool:
+    """Whether ``module`` has forward hooks other than ``own`` (peftfast's) and DeepSpeed ZeRO-3's gathering hooks.
+
+    DeepSpeed's are left to the ZeRO-3 checks: a fused path reads partitioned parameters only where the module that
+    runs it registered them (:func:`zero3_register`), which stands in for the hooks of the modules it skips.
+    """
+    for hooks in (module._forward_hooks, module._forward_pre_hooks):
+        for h in hooks.values():
+            if h not in own and not getattr(h, "__module__", "").startswith("deepspeed."):
+                return True
+    return False
+
+
+def first_param_partitioned(module: nn.Module | None) -> bool:
+    """Whether the first parameter of ``module`` (recursively) is ZeRO-3 partitioned: a per-call check."""
+    return module is not None and hasattr(next(module.parameters(), None), "ds_id")
+
+
+def zero3_register(module: nn.Module) -> list:
+    """Register every partitioned parameter of ``module`` (its children's included) as a DeepSpeed external
+    parameter of ``module``, so ZeRO-3 gathers them around its forward and backward; returns them.
+
+    Call it before DeepSpeed's own pre-hook of ``module`` (from a pre-hook registered with ``prepend=True``): then
+    the set ``module`` fetches is the same from DeepSpeed's first traced step on.
+    """
+    from deepspeed.runtime.zero.partition_parameters import register_external_parameter
+
+    params = [p for p in module.parameters() if hasattr(p, "ds_id")]
+    for p in params:
+        register_external_parameter(module, p)
+    return params
+
+
+def zero3_unregister(module: nn.Module, params) -> None:
+    """Undo :func:`zero3_register` (what DeepSpeed has since dropped is skipped)."""
+    if not params:
+        return
+    from deepspeed.runtime.zero.partition_parameters import unregister_external_parameter
+
+    ext = getattr(module, "_external_params", {})
+    for p in params:
+        if id(p) in ext:
+            unregister_external_parameter(module, p)
+
+
 def bind_forward(module: nn.Module, state_attr: str, state, fn, method: str = "forward") -> None:
     """Record ``state`` (which must have ``previous_forward``, filled here) and bind ``fn(module, ...)`` as
     ``module.<method>`` (``forward``, or e.g. a BERT layer's ``feed_forward_chunk``).

@@ -9,10 +9,18 @@ member called with ``x`` runs all members in one grouped op (one pass over ``x``
 saved once) and hands the other outputs to the siblings when they are called with the same tensor. A group whose
 computed outputs go untaken (its siblings read other inputs, e.g. a cross-attention that ``patch`` did not recognise
 by name, or skip their call) splits for good at the first such miss: its members then run one by one.
+
+Under DeepSpeed ZeRO-3 a layer's parameters live in its children (``base_layer``, ``lora_A``, ``lora_B``), each
+gathered by hooks around that child's own forward, which the fused path never calls. So ``install`` puts a forward
+pre-hook first in line on the layer: the first call that finds partitioned parameters registers every one of them as
+an external parameter of the layer, before DeepSpeed's own pre-hook runs, so DeepSpeed gathers them around the
+layer's forward and backward from the first traced step on (one fixed set per layer, the same every step). Each layer
+then runs alone: a sibling group or the LoRA-MLP op would read other modules' parameters.
 """
 
 from __future__ import annotations
 
+import importlib.util
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -20,7 +28,16 @@ import torch
 from torch import nn
 
 from peftfast.modules import nf4 as nf4_mod
-from peftfast.modules._bind import ZERO3_REASON, bind_forward, call_original, unbind_forward, zero3_partitioned
+from peftfast.modules._bind import (
+    ZERO3_REASON,
+    bind_forward,
+    call_original,
+    unbind_forward,
+    user_hooks,
+    zero3_partitioned,
+    zero3_register,
+    zero3_unregister,
+)
 from peftfast.modules._tally import Tallied, tally
 from peftfast.ops.lora import MAX_RANK, lora_linear_group
 
@@ -58,6 +75,8 @@ class LoRAState(Tallied):
     fused_calls: int = 0
     base_only_calls: int = 0
     fallbacks: Counter = field(default_factory=Counter)
+    zero3_params: list | None = None  # registered as DeepSpeed external parameters of the layer (ZeRO-3)
+    zero3_hook: object | None = None  # the handle of the pre-hook that registers them
 
 
 def _version(x: torch.Tensor) -> int | None:
@@ -112,6 +131,11 @@ def base_weight_nk(layer: nn.Module) -> torch.Tensor:
     return w.t() if getattr(layer, "fan_in_fan_out", False) else w
 
 
+def has_hooks(layer: nn.Module) -> bool:
+    """Whether a patched LoRA layer has forward hooks besides peftfast's own and DeepSpeed ZeRO-3's."""
+    return user_hooks(layer, own=(_zero3_register_hook,))
+
+
 def why_not(layer: nn.Module) -> str | None:
     """None if ``layer`` can run on the fused LoRA path, else a one-line reason."""
     cls = _peft_lora_linear_cls()
@@ -123,12 +147,14 @@ def why_not(layer: nn.Module) -> str | None:
         return nf4_mod.why_not_base(base)
     if type(base) not in _BASE_TYPES and not nf4:
         return f"base layer {type(base).__name__} is not nn.Linear or Conv1D (quantized or custom)"
-    if zero3_partitioned(base.weight):
-        return f"base weight: {ZERO3_REASON}"
-    if base._forward_hooks or base._forward_pre_hooks or hasattr(base, "_hf_hook"):
+    if zero3_partitioned(base.weight) and (nf4 or getattr(layer, "fan_in_fan_out", False)):
+        return f"base weight: {ZERO3_REASON}; the fused path gathers nn.Linear bases only"
+    if user_hooks(base) or hasattr(base, "_hf_hook"):
         return "base layer has forward hooks (e.g. accelerate offloading)"
     w = base.weight
-    if not isinstance(w, torch.Tensor) or w.is_meta or w.dim() != 2:
+    # a ZeRO-3 partitioned weight holds an empty shard between gatherings; its whole shape is ds_shape
+    dim = len(w.ds_shape) if zero3_partitioned(w) else w.dim() if isinstance(w, torch.Tensor) else -1
+    if not isinstance(w, torch.Tensor) or w.is_meta or dim != 2:
         return "base weight is not a materialised 2-D tensor"
     if w.requires_grad:
         return "base weight is trainable (the fused path trains only LoRA weights and biases)"
@@ -148,7 +174,7 @@ def why_not(layer: nn.Module) -> str | None:
         drop = layer.lora_dropout[name]
         if type(drop) not in (nn.Dropout, nn.Identity):
             return f"adapter {name!r}: dropout module {type(drop).__name__} is not nn.Dropout"
-        if a._forward_hooks or b._forward_hooks or a._forward_pre_hooks or b._forward_pre_hooks:
+        if user_hooks(a) or user_hooks(b):
             return f"adapter {name!r}: lora_A/lora_B have forward hooks"
     return None
 
@@ -161,8 +187,9 @@ class _Plan:
     lora_dtype: torch.dtype
 
 
-def _plan(layer: nn.Module, args: tuple, kwargs: dict) -> _Plan | str | None:
-    """The fused plan for this call, None for a base-only call, or a fallback reason."""
+def _plan(layer: nn.Module, args: tuple, kwargs: dict, gathered: bool = False) -> _Plan | str | None:
+    """The fused plan for this call, None for a base-only call, or a fallback reason (``gathered``: the caller's
+    module registered this layer's ZeRO-3 parameters, see ``zero3_register``)."""
     if args or kwargs:
         if "adapter_names" in kwargs:
             return "mixed-adapter batch (adapter_names=...)"
@@ -182,7 +209,9 @@ def _plan(layer: nn.Module, args: tuple, kwargs: dict) -> _Plan | str | None:
         return "base weight is trainable (the fused path trains only LoRA weights and biases)"
     a = layer.lora_A[name]
     if zero3_partitioned(w, a.weight, layer.lora_B[name].weight):
-        return ZERO3_REASON
+        st = getattr(layer, "_peftfast", None)
+        if not gathered and (st is None or st.zero3_params is None):  # DeepSpeed gathers nothing for the fused path
+            return ZERO3_REASON
     drop = layer.lora_dropout[name]
     p = float(drop.p) if isinstance(drop, nn.Dropout) and drop.training else 0.0
     return _Plan(name, a.out_features, p, a.weight.dtype)
@@ -264,7 +293,7 @@ def fused_lora_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs) -> tor
     # counted through tally: a plain `+= 1` makes Dynamo guard on the value and recompile on every call
     tally(st.tally_key, "fused_calls")
     grp = st.group
-    if grp is not None and st.config.group_siblings:
+    if grp is not None and st.config.group_siblings and st.zero3_params is None:
         out = grp.take(st.index, x)
         if out is not None:
             return out
@@ -278,17 +307,49 @@ def fused_lora_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs) -> tor
     return _run([self], [plan], x, st.config.backend, st.name)[0]
 
 
+_HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
+
+
+def _zero3_register_hook(layer: nn.Module, args) -> None:
+    """Forward pre-hook (first in line): register the layer's partitioned parameters with DeepSpeed once."""
+    # every call of every layer passes here where DeepSpeed is installed: plain dict reads, not module getattr
+    st = layer.__dict__.get("_peftfast")
+    if st is None or st.zero3_params is not None:
+        return
+    base = layer._modules.get("base_layer")
+    if base is None or not hasattr(base._parameters.get("weight"), "ds_id"):
+        return
+    if nf4_mod.is_nf4_base(layer.get_base_layer()) or getattr(layer, "fan_in_fan_out", False):
+        # Conv1D: the fused op would save a transposed view of the gathered weight, which outlives its gathering
+        return
+    st.zero3_params = zero3_register(layer)
+
+
+def _zero3_unregister(layer: nn.Module, st: LoRAState) -> None:
+    if st.zero3_hook is not None:
+        st.zero3_hook.remove()
+        st.zero3_hook = None
+    zero3_unregister(layer, st.zero3_params)
+    st.zero3_params = None
+
+
 def install(layer: nn.Module, name: str, config: LoRAPatchConfig) -> None:
     """Bind the fused forward to ``layer`` (idempotent: a second call only updates the config)."""
     st = getattr(layer, "_peftfast", None)
     if st is not None:
         st.config = config
         return
-    bind_forward(layer, "_peftfast", LoRAState(name=name, config=config, previous_forward=None), fused_lora_forward)
+    st = LoRAState(name=name, config=config, previous_forward=None)
+    bind_forward(layer, "_peftfast", st, fused_lora_forward)
+    if _HAS_DEEPSPEED:  # only where ZeRO-3 can partition the layer: a hook costs every call a little
+        st.zero3_hook = layer.register_forward_pre_hook(_zero3_register_hook, prepend=True)
+        _zero3_register_hook(layer, ())  # patched after deepspeed.initialize: register now
 
 
 def uninstall(layer: nn.Module) -> None:
     """Restore the layer's forward exactly as it was before ``install``."""
     st = unbind_forward(layer, "_peftfast")
+    if st is not None:
+        _zero3_unregister(layer, st)
     if st is not None and st.group is not None:
         st.group.clear()

@@ -18,7 +18,17 @@ from torch import nn
 
 from peftfast.modules import lora as lora_mod
 from peftfast.modules import nf4 as nf4_mod
-from peftfast.modules._bind import ZERO3_REASON, bind_forward, call_original, unbind_forward, zero3_partitioned
+from peftfast.modules._bind import (
+    ZERO3_REASON,
+    bind_forward,
+    call_original,
+    first_param_partitioned,
+    unbind_forward,
+    user_hooks,
+    zero3_partitioned,
+    zero3_register,
+    zero3_unregister,
+)
 from peftfast.modules._tally import Tallied, tally
 from peftfast.ops.mlp import frozen_mlp, lora_mlp
 from peftfast.ops.nf4 import nf4_lora_mlp
@@ -53,23 +63,24 @@ def why_not(module: nn.Module) -> str | None:
         return f"{', '.join(missing)} not patched fused LoRA layer(s)"
     if gate_activation(module.act_fn) is None:
         return f"activation {type(module.act_fn).__name__} is not SiLU/GELU"
-    if module._forward_hooks or module._forward_pre_hooks:
+    if user_hooks(module, own=(_zero3_register_hook,)):
         return "the MLP has forward hooks"
     return None
 
 
-def _frozen_reason(module: nn.Module) -> str | None:
-    """Why the projections of a gated MLP are not plain frozen linears the frozen-MLP op can read, or None."""
+def _frozen_reason(module: nn.Module, gathered: bool = True) -> str | None:
+    """Why the projections of a gated MLP are not plain frozen linears the frozen-MLP op can read, or None
+    (``gathered``: ZeRO-3 partitioned projections are gathered for the op; see ``_zero3_register_hook``)."""
     for p in _PROJ:
         layer = getattr(module, p)
         if not isinstance(layer, nn.Linear) or type(layer).forward is not nn.Linear.forward:
             return f"{p} is a {type(layer).__name__}, not a plain nn.Linear"
-        if layer._forward_hooks or layer._forward_pre_hooks:
+        if user_hooks(layer):
             return f"{p} has forward hooks"
         params = [layer.weight, layer.bias]
         if any(t is not None and t.requires_grad for t in params):
             return f"{p} trains (requires_grad): the frozen-MLP op computes no weight gradients"
-        if zero3_partitioned(*params):
+        if not gathered and zero3_partitioned(*params):
             return ZERO3_REASON
     if len({getattr(module, p).weight.dtype for p in _PROJ}) != 1:
         return "gate/up/down weights differ in dtype"
@@ -95,6 +106,8 @@ class MLPState(Tallied):
     fused_calls: int = 0
     fallbacks: Counter = field(default_factory=Counter)  # block-level reasons (the projections still run fused)
     deferred: Counter = field(default_factory=Counter)  # adapter states the LoRA layers themselves report
+    zero3_params: list | None = None  # the projections' parameters, registered with DeepSpeed on the MLP (ZeRO-3)
+    zero3_hook: object | None = None
 
 
 def _plan(module: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict):
@@ -107,14 +120,17 @@ def _plan(module: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict):
         return "fallback", "gate/up/down mix NF4 and other base weights"
     if not nf4[0] and torch.is_autocast_enabled(x.device.type):
         return "fallback", "autocast is on (the projections run one by one)"
+    z3 = first_param_partitioned(module.gate_proj)
+    if z3 and module.__dict__["_peftfast_mlp"].zero3_params is None:  # DeepSpeed gathers them for each projection
+        return "fallback", ZERO3_REASON
     plans = []
     for p in _PROJ:
         layer = getattr(module, p)
         if getattr(layer, "_peftfast", None) is None:
             return "fallback", f"{p} is no longer patched"
-        if layer._forward_hooks or layer._forward_pre_hooks:
+        if lora_mod.has_hooks(layer):
             return "defer", f"{p} has forward hooks (e.g. PEFT's mixed-adapter batch)"
-        pl = lora_mod._plan(layer, (), {})
+        pl = lora_mod._plan(layer, (), {}, gathered=z3)
         if pl is None:
             return "defer", f"{p}: adapter disabled, merged or inactive"
         if isinstance(pl, str):
@@ -195,7 +211,7 @@ def fused_mlp_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs) -> torc
 def frozen_mlp_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     """Drop-in ``forward`` for a gated MLP of frozen ``nn.Linear`` projections (bound by ``patch``)."""
     st: MLPState = self._peftfast_mlp
-    reason = "extra forward arguments" if args or kwargs else _frozen_reason(self)
+    reason = "extra forward arguments" if args or kwargs else _frozen_reason(self, st.zero3_params is not None)
     if reason is None and x.shape[-1] != self.gate_proj.in_features:
         reason = f"input has {x.shape[-1]} features, gate_proj expects {self.gate_proj.in_features}"
     if reason is not None:
@@ -228,10 +244,31 @@ def install(module: nn.Module, name: str, backend: str, recompute: bool = False,
     if st is not None:
         st.backend, st.recompute = backend, recompute
         return
-    bind_forward(module, "_peftfast_mlp", MLPState(name=name, backend=backend, previous_forward=None,
-                                                   recompute=recompute, frozen=frozen),
-                 frozen_mlp_forward if frozen else fused_mlp_forward)
+    st = MLPState(name=name, backend=backend, previous_forward=None, recompute=recompute, frozen=frozen)
+    bind_forward(module, "_peftfast_mlp", st, frozen_mlp_forward if frozen else fused_mlp_forward)
+    if lora_mod._HAS_DEEPSPEED:  # see _zero3_register_hook
+        st.zero3_hook = module.register_forward_pre_hook(_zero3_register_hook, prepend=True)
+        _zero3_register_hook(module, ())  # patched after deepspeed.initialize: register now
 
 
 def uninstall(module: nn.Module) -> None:
-    unbind_forward(module, "_peftfast_mlp")
+    st = unbind_forward(module, "_peftfast_mlp")
+    if st is not None:
+        if st.zero3_hook is not None:
+            st.zero3_hook.remove()
+        zero3_unregister(module, st.zero3_params)
+        st.zero3_hook = st.zero3_params = None
+
+
+def _zero3_register_hook(module: nn.Module, args) -> None:
+    """Forward pre-hook, first in line: under ZeRO-3, register the three projections' parameters as DeepSpeed
+    external parameters of the MLP once, before DeepSpeed's own pre-hook, so that the one op reading all three finds
+    them gathered in its forward and backward (as a LoRA layer does for its children)."""
+    st = module.__dict__.get("_peftfast_mlp")
+    if st is None or st.zero3_params is not None or not first_param_partitioned(module._modules.get("gate_proj")):
+        return
+    for p in _PROJ:
+        layer = getattr(module, p)
+        if getattr(layer, "fan_in_fan_out", False) or nf4_mod.is_nf4_lora(layer):
+            return  # a transposed view or NF4 state would outlive the gathering: the projections run one by one
+    st.zero3_params = zero3_register(module)
