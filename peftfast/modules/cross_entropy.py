@@ -152,8 +152,11 @@ class HeadTensors:
 # eligibility
 # ----------------------------------------------------------------------------------------------------------------
 def _has_hooks(mod: nn.Module) -> bool:
-    """Whether hooks other than the seq2seq path's own pre-hook (``_take_head_input``) run around ``mod``."""
-    pre = [h for h in mod._forward_pre_hooks.values() if not _is_take(h)]
+    """Whether hooks other than peftfast's own pre-hooks (the seq2seq path's ``_take_head_input``, a LoRA head's
+    ZeRO-3 registration) run around ``mod``."""
+    from peftfast.modules.lora import _zero3_register_hook
+
+    pre = [h for h in mod._forward_pre_hooks.values() if not _is_take(h) and h is not _zero3_register_hook]
     return bool(mod._forward_hooks or pre or hasattr(mod, "_hf_hook"))
 
 
