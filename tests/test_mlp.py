@@ -598,21 +598,25 @@ def test_frozen_mlp_compiles_without_breaks_in_its_code():
     assert rt["fused"] == 2 and not rt["fallbacks"]  # the eager call and the one traced
 
 
-def test_frozen_mlp_steps_aside_for_zero3_partitioned_weights():
-    """DeepSpeed ZeRO-3 gathers a module's parameters around its own forward only: the frozen-MLP op reads its
-    projections' weights directly, so partitioned ones (marked by ``ds_id``) are refused at patch time and fall
-    back per call when partitioned later, with the reason."""
-    from peftfast.modules._bind import ZERO3_REASON
-
+def test_frozen_mlp_registers_zero3_partitioned_weights():
+    """DeepSpeed ZeRO-3 gathers a module's parameters around its own forward only, and the frozen-MLP op reads its
+    projections' weights directly: once one is partitioned (marked by ``ds_id``), the MLP registers them as DeepSpeed
+    external parameters of its own at its next call (before DeepSpeed's pre-hook) and keeps running fused."""
+    pytest.importorskip("deepspeed")
     model = peft_model("llama", target_modules=["q_proj", "v_proj"])
     data = batch("llama")
     layers = model.base_model.model.model.layers
     peftfast.patch(model)
-    layers[1].mlp.down_proj.weight.ds_id = 7  # as deepspeed.initialize marks the parameters it partitions
+    mlp = layers[1].mlp
+    mlp.down_proj.weight.ds_id = 7  # as deepspeed.initialize marks the parameters it partitions
     model(**data)
     rt = peftfast.report(model).module_runtime(model)
-    assert rt["base_model.model.model.layers.1.mlp"]["fallbacks"] == {ZERO3_REASON: 1}
+    assert rt["base_model.model.model.layers.1.mlp"] == {"fused": 1, "fallbacks": {}, "deferred": {}}
     assert rt["base_model.model.model.layers.0.mlp"] == {"fused": 1, "fallbacks": {}, "deferred": {}}
+    assert set(mlp._external_params) == {id(mlp.down_proj.weight)}
+    assert not getattr(layers[0].mlp, "_external_params", {})
     peftfast.patch(model)
     reasons = {e.name: e.reason for e in peftfast.report(model).modules if e.kind == "mlp"}
-    assert reasons == {"base_model.model.model.layers.0.mlp": None, "base_model.model.model.layers.1.mlp": ZERO3_REASON}
+    assert reasons == {"base_model.model.model.layers.0.mlp": None, "base_model.model.model.layers.1.mlp": None}
+    peftfast.unpatch(model)
+    assert not mlp._external_params and not mlp._forward_pre_hooks

@@ -120,7 +120,7 @@ def _plan(module: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict):
         return "fallback", "gate/up/down mix NF4 and other base weights"
     if not nf4[0] and torch.is_autocast_enabled(x.device.type):
         return "fallback", "autocast is on (the projections run one by one)"
-    z3 = first_param_partitioned(module.gate_proj)
+    z3 = _partitioned(module)
     if z3 and module.__dict__["_peftfast_mlp"].zero3_params is None:  # DeepSpeed gathers them for each projection
         return "fallback", ZERO3_REASON
     plans = []
@@ -243,6 +243,7 @@ def install(module: nn.Module, name: str, backend: str, recompute: bool = False,
         st = None
     if st is not None:
         st.backend, st.recompute = backend, recompute
+        _zero3_register_hook(module, ())
         return
     st = MLPState(name=name, backend=backend, previous_forward=None, recompute=recompute, frozen=frozen)
     bind_forward(module, "_peftfast_mlp", st, frozen_mlp_forward if frozen else fused_mlp_forward)
@@ -260,12 +261,16 @@ def uninstall(module: nn.Module) -> None:
         st.zero3_hook = st.zero3_params = None
 
 
+def _partitioned(module: nn.Module) -> bool:
+    return any(first_param_partitioned(module._modules.get(p)) for p in _PROJ)
+
+
 def _zero3_register_hook(module: nn.Module, args) -> None:
     """Forward pre-hook, first in line: under ZeRO-3, register the three projections' parameters as DeepSpeed
     external parameters of the MLP once, before DeepSpeed's own pre-hook, so that the one op reading all three finds
     them gathered in its forward and backward (as a LoRA layer does for its children)."""
     st = module.__dict__.get("_peftfast_mlp")
-    if st is None or st.zero3_params is not None or not first_param_partitioned(module._modules.get("gate_proj")):
+    if st is None or st.zero3_params is not None or not _partitioned(module):
         return
     for p in _PROJ:
         layer = getattr(module, p)
