@@ -58,6 +58,14 @@ def zero3_register(module: nn.Module) -> list:
     return params
 
 
+def zero3_detach(module: nn.Module, state) -> None:
+    """Remove ``state.zero3_hook`` and undo the registration of ``state.zero3_params`` (a patched module's state)."""
+    if state.zero3_hook is not None:
+        state.zero3_hook.remove()
+    zero3_unregister(module, state.zero3_params)
+    state.zero3_hook = state.zero3_params = None
+
+
 def zero3_unregister(module: nn.Module, params) -> None:
     """Undo :func:`zero3_register` (what DeepSpeed has since dropped is skipped)."""
     if not params:

@@ -34,9 +34,9 @@ from peftfast.modules._bind import (
     call_original,
     unbind_forward,
     user_hooks,
+    zero3_detach,
     zero3_partitioned,
     zero3_register,
-    zero3_unregister,
 )
 from peftfast.modules._tally import Tallied, tally
 from peftfast.ops.lora import MAX_RANK, lora_linear_group
@@ -325,14 +325,6 @@ def _zero3_register_hook(layer: nn.Module, args) -> None:
     st.zero3_params = zero3_register(layer)
 
 
-def _zero3_unregister(layer: nn.Module, st: LoRAState) -> None:
-    if st.zero3_hook is not None:
-        st.zero3_hook.remove()
-        st.zero3_hook = None
-    zero3_unregister(layer, st.zero3_params)
-    st.zero3_params = None
-
-
 def install(layer: nn.Module, name: str, config: LoRAPatchConfig) -> None:
     """Bind the fused forward to ``layer`` (idempotent: a second call only updates the config)."""
     st = getattr(layer, "_peftfast", None)
@@ -350,6 +342,6 @@ def uninstall(layer: nn.Module) -> None:
     """Restore the layer's forward exactly as it was before ``install``."""
     st = unbind_forward(layer, "_peftfast")
     if st is not None:
-        _zero3_unregister(layer, st)
+        zero3_detach(layer, st)
     if st is not None and st.group is not None:
         st.group.clear()

@@ -25,9 +25,9 @@ from peftfast.modules._bind import (
     first_param_partitioned,
     unbind_forward,
     user_hooks,
+    zero3_detach,
     zero3_partitioned,
     zero3_register,
-    zero3_unregister,
 )
 from peftfast.modules._tally import Tallied, tally
 from peftfast.ops.mlp import frozen_mlp, lora_mlp
@@ -255,10 +255,7 @@ def install(module: nn.Module, name: str, backend: str, recompute: bool = False,
 def uninstall(module: nn.Module) -> None:
     st = unbind_forward(module, "_peftfast_mlp")
     if st is not None:
-        if st.zero3_hook is not None:
-            st.zero3_hook.remove()
-        zero3_unregister(module, st.zero3_params)
-        st.zero3_hook = st.zero3_params = None
+        zero3_detach(module, st)
 
 
 def _partitioned(module: nn.Module) -> bool:
