@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 from _attention_ref import reference_attention as _reference
-from _models import clone, peft_model
+from _models import clone, loss_and_grads, max_rel_err, peft_model
 
 import peftfast
 from peftfast import _ext
@@ -362,6 +362,137 @@ def test_padded_batch_matches_sdpa(arch):
     rt = peftfast.report(model).module_runtime(model)
     attn = {n: r for n, r in rt.items() if n.endswith("(attention)")}
     assert len(attn) == 2 and all(r["fused"] == 1 and not r["fallbacks"] for r in attn.values())
+
+
+@pytest.mark.parametrize("tgt", [6, 14], ids=["fewer-queries", "more-queries"])
+def test_encoder_decoder_padded_batch_matches_eager(tgt):
+    """BART (no ``_supports_attention_backend`` flag, yet its attention calls the interface): encoder, decoder and
+    cross-attention all fused; the source mask pads the cross-attention keys only, whichever stack is longer."""
+    model = peft_model("bart", lora_dropout=0.0)
+    ref = clone(model)
+    ref.get_base_model().set_attn_implementation("eager")
+    rep = peftfast.patch(model)
+    assert model.get_base_model().config._attn_implementation == "peftfast", rep.format(model)
+    cross = [n for n, m in model.named_modules() if m.__dict__.get("_peftfast_cross")]
+    assert cross and all(n.endswith("encoder_attn") for n in cross) and len(cross) == 2
+    ids, mask = _padded()
+    g = torch.Generator().manual_seed(4)
+    labels = torch.randint(2, 128, (3, tgt), generator=g)
+    dmask = torch.ones_like(labels)
+    dmask[1, tgt - 2:] = 0
+    labels = labels.masked_fill(dmask == 0, -100)
+    data = dict(input_ids=ids, attention_mask=mask, labels=labels, decoder_attention_mask=dmask)
+    out, want = model(**data), ref(**data)
+    keep = dmask.bool()
+    assert torch.allclose(out.logits[keep], want.logits[keep], atol=2e-5, rtol=1e-4)
+    out.loss.backward()
+    want.loss.backward()
+    for (n, p), (_, r) in zip(model.named_parameters(), ref.named_parameters()):
+        if p.requires_grad:
+            assert torch.allclose(p.grad, r.grad, atol=1e-5, rtol=1e-4), n
+    rt = peftfast.report(model).module_runtime(model)
+    attn = {n: r for n, r in rt.items() if n.endswith("(attention)")}
+    # two encoder self-attentions, two decoder self-attentions, two cross-attentions
+    assert len(attn) == 6 and all(r["fused"] == 1 and not r["fallbacks"] for r in attn.values()), attn
+    peftfast.unpatch(model)
+    assert not any("_peftfast_cross" in m.__dict__ for m in model.modules())
+
+
+def _unflagged(name: str):
+    """A tiny model of a family that never sets ``_supports_attention_backend`` (so inherits False) while its
+    attention calls transformers' interface: (model, batch, has cross-attention)."""
+    import transformers as tf
+
+    g = torch.Generator().manual_seed(6)
+    ids = torch.randint(3, 100, (2, 12), generator=g)
+    mask = torch.ones_like(ids)
+    mask[0, 9:] = 0
+    causal = dict(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100))
+    labels = torch.randint(3, 100, (2, 7), generator=g)
+    small = dict(vocab_size=100, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
+                 decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, pad_token_id=1,
+                 decoder_start_token_id=2, bos_token_id=0, eos_token_id=2)
+    if name == "whisper":
+        cfg = tf.WhisperConfig(**small, num_mel_bins=8, max_source_positions=10, max_target_positions=20)
+        return tf.WhisperForConditionalGeneration(cfg), dict(input_features=torch.randn(2, 8, 20, generator=g),
+                                                             labels=labels), True
+    if name == "marian":
+        cfg = tf.MarianConfig(**small, max_position_embeddings=64)
+        return tf.MarianMTModel(cfg), dict(input_ids=ids, attention_mask=mask, labels=labels), True
+    decoder = dict(vocab_size=100, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                   num_key_value_heads=2)
+    if name == "stablelm":
+        return tf.StableLmForCausalLM(tf.StableLmConfig(**decoder, num_hidden_layers=2)), causal, False
+    cls = getattr(tf, "Qwen3_5ForCausalLM", None)
+    if cls is None:
+        pytest.skip(f"transformers {tf.__version__} has no Qwen3.5")
+    # three Gated DeltaNet layers, then one full-attention layer (the one the fused attention serves)
+    cfg = tf.Qwen3_5TextConfig(**decoder, num_hidden_layers=4, head_dim=8, linear_num_key_heads=2,
+                               linear_num_value_heads=2, linear_key_head_dim=8, linear_value_head_dim=8)
+    return cls(cfg), causal, False
+
+
+@pytest.mark.parametrize("name", ["whisper", "marian", "stablelm", "qwen3_5"])
+def test_families_without_the_backend_flag_get_the_fused_attention(name):
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    base, data, has_cross = _unflagged(name)
+    assert base._supports_attention_backend is False  # what the probe of the model's own code stands in for
+    model = get_peft_model(base, LoraConfig(target_modules="all-linear", r=4, lora_alpha=8))
+    with torch.no_grad():
+        for m in model.modules():
+            for b in getattr(m, "lora_B", {}).values():
+                b.weight.normal_(0.0, 0.2)
+    model.train()
+    ref = clone(model)
+    ref.get_base_model().set_attn_implementation("eager")
+    peftfast.patch(model)
+    (entry,) = [e for e in peftfast.report(model).modules if e.kind == "attention"]
+    assert entry.patched, entry.reason
+    assert any(m.__dict__.get("_peftfast_cross") for m in model.modules()) == has_cross
+    loss, grads = loss_and_grads(model, data)
+    want, ref_grads = loss_and_grads(ref, data)
+    assert abs(loss.item() - want.item()) <= 2e-5 * abs(want.item())
+    errs = {n: max_rel_err(grads[n], ref_grads[n]) for n in grads}
+    assert max(errs.values()) <= 1e-4, max(errs.items(), key=lambda kv: kv[1])
+    rt = peftfast.report(model).module_runtime(model)
+    attn = [r for n, r in rt.items() if n.endswith("(attention)")]
+    assert attn and all(r["fused"] >= 1 and not r["fallbacks"] for r in attn), rt
+
+
+def test_models_that_compute_their_own_attention_are_refused_with_the_reason():
+    import transformers as tf
+
+    from peftfast.modules.attention import why_not
+
+    t5 = tf.T5ForConditionalGeneration(tf.T5Config(vocab_size=64, d_model=16, d_kv=4, d_ff=32, num_layers=1,
+                                                   num_heads=4, decoder_start_token_id=0))
+    assert "_supports_flash_attn=False" in why_not(t5)
+    deberta = tf.DebertaV2Model(tf.DebertaV2Config(vocab_size=64, hidden_size=16, num_hidden_layers=1,
+                                                   num_attention_heads=4, intermediate_size=32))
+    assert "computes its own attention" in why_not(deberta)  # no module of it calls the interface
+
+    class Declared(tf.LlamaForCausalLM):  # says so itself, whatever its code calls
+        _supports_attention_backend = False
+
+    cfg = tf.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2)
+    assert "computes its own attention" in why_not(Declared(cfg))
+    assert why_not(tf.LlamaForCausalLM(cfg)) is None
+
+
+def test_cross_attention_segment_ids_pad_keys_only():
+    from peftfast.modules.attention import cross_segment_ids
+
+    q, k = torch.zeros(2, 1, 3, 4), torch.zeros(2, 1, 5, 4)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    qseg, kseg, why = cross_segment_ids(q, k, mask, {})
+    assert why is None and qseg.tolist() == [[0, 0, 0], [0, 0, 0]]
+    assert kseg.tolist() == [[0, 0, 0, -1, -1], [0, 0, 0, 0, 0]]
+    assert cross_segment_ids(q, k, torch.ones(2, 5), {}) == (None, None, None)
+    assert "cu_seq_lens" in cross_segment_ids(q, k, None, {"cu_seq_lens_q": torch.tensor([0, 3])})[2]
+    assert "2-D [B, 5]" in cross_segment_ids(q, k, torch.ones(2, 3), {})[2]
 
 
 def test_packed_rows_match_each_document_alone():

@@ -11,6 +11,7 @@ kernel does not do fall back to SDPA with an explicit mask, counted per module w
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -119,8 +120,29 @@ def _segment_ids(query: torch.Tensor, key: torch.Tensor, attention_mask: torch.T
     return qseg.contiguous(), kseg.contiguous(), None
 
 
+def cross_segment_ids(query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None,
+                      kwargs: dict) -> tuple[torch.Tensor | None, torch.Tensor | None, str | None]:
+    """(qseg, kseg, reason) for cross-attention (decoder queries over encoder keys): the mask pads keys only.
+
+    Every query sees every key the encoder mask keeps, whatever its own position or padding, as eager attention
+    computes it (transformers' flash-attention path instead masks queries with the tail of the key mask).
+    """
+    if kwargs.get("cu_seq_lens_q") is not None or kwargs.get("cu_seq_lens_k") is not None:
+        return None, None, "packed sequences (cu_seq_lens) in cross-attention"
+    b, sq, sk = query.shape[0], query.shape[2], key.shape[2]
+    if attention_mask is None:
+        return None, None, None
+    if attention_mask.dim() != 2 or attention_mask.shape[0] != b or attention_mask.shape[1] != sk:
+        return None, None, f"attention mask of shape {tuple(attention_mask.shape)} (expected a 2-D [B, {sk}] mask)"
+    mask = attention_mask.bool()
+    if not torch.compiler.is_compiling() and bool(mask.all()):
+        return None, None, None
+    kseg = torch.where(mask, 0, -1).to(torch.int32).contiguous()
+    return torch.zeros((b, sq), dtype=torch.int32, device=query.device), kseg, None
+
+
 def _fallback(module, query, key, value, attention_mask, dropout, scaling, is_causal, window, softcap, qseg, kseg,
-              **kwargs):
+              cross=False, **kwargs):
     """SDPA with an explicit boolean mask expressing the same visibility (and the softcap when needed, eagerly)."""
     from peftfast.ops.attention import _allowed
 
@@ -131,7 +153,9 @@ def _fallback(module, query, key, value, attention_mask, dropout, scaling, is_ca
             attention_mask.dtype).min / 2
     else:
         if qseg is None and attention_mask is not None and attention_mask.dim() == 2:
-            qseg, kseg, _ = segment_ids(query, key, attention_mask, {})
+            # fewer keys than queries leaves no prefix to align: the mask can only pad keys, as in cross-attention
+            ids = cross_segment_ids if cross or sk < sq else segment_ids
+            qseg, kseg, _ = ids(query, key, attention_mask, {})
         mask = _allowed(0, sq, sq, sk, is_causal, window, qseg, kseg, query.device)
     k = key.repeat_interleave(hq // hk, 1) if hq != hk else key
     v = value.repeat_interleave(hq // hk, 1) if hq != hk else value
@@ -169,17 +193,23 @@ def peftfast_attention_forward(module: nn.Module, query: torch.Tensor, key: torc
     else:
         reason = check_inputs(query, key, value)
     qseg = kseg = None
-    if reason is None:
+    cross = module.__dict__.get("_peftfast_cross", False)
+    if reason is None and cross:
+        causal = False  # keys from another sequence: no order between them and the queries
+        qseg, kseg, reason = cross_segment_ids(query, key, attention_mask, kwargs)
+    elif reason is None and key.shape[-2] < query.shape[-2] and not causal:
+        reason = f"{key.shape[-2]} keys for {query.shape[-2]} queries in a module not known as cross-attention"
+    elif reason is None:
         qseg, kseg, reason = segment_ids(query, key, attention_mask, kwargs)
     if reason is not None:
         tally(st.tally_key, "fallbacks", reason)
         return _fallback(module, query, key, value, attention_mask, dropout, scaling, causal, window, softcap, qseg,
-                         kseg)
+                         kseg, cross)
     tally(st.tally_key, "fused_calls")
     query, key, value = _compact(query, key, value)
     # a fused block with recompute="attn" rebuilds q, k, v in backward rather than the kernel keeping them; only
     # without past keys (prefix tuning, a filled cache), which a rerun without the cache would not reproduce
-    rebuildable = key.shape[-2] == query.shape[-2] and not torch.compiler.is_compiling()
+    rebuildable = key.shape[-2] == query.shape[-2] and not cross and not torch.compiler.is_compiling()
     region = offered(query, key, value) if rebuildable else contextlib.nullcontext()
     with region:
         out = flash_attention(query, key, value, causal=causal, scale=scaling, softcap=softcap,
@@ -248,14 +278,64 @@ def base_model_of(model: nn.Module) -> nn.Module | None:
     return inner if hasattr(inner, "set_attn_implementation") else None
 
 
+# the attribute names transformers gives decoder cross-attention (BART, mBART, Marian, Pegasus, M2M100/NLLB,
+# Whisper, Speech2Text, Moonshine, MusicGen: encoder_attn; BERT-style decoders: crossattention; T5: EncDecAttention)
+_CROSS_NAMES = ("encoder_attn", "crossattention", "cross_attn", "cross_attention", "encdecattention",
+                "encoder_decoder_attention")
+
+
+def is_cross_attention(name: str) -> bool:
+    """The module at dotted ``name`` is a decoder's cross-attention (its keys come from the encoder)."""
+    return name.rsplit(".", 1)[-1].lower() in _CROSS_NAMES
+
+
+def _calls_interface(model: nn.Module) -> bool:
+    """Some module's ``forward`` reads transformers' ``ALL_ATTENTION_FUNCTIONS`` (a global name of its code)."""
+    seen = set()
+    for m in model.modules():
+        fwd = getattr(type(m), "forward", None)
+        if fwd is None or fwd in seen:
+            continue
+        seen.add(fwd)
+        code = getattr(inspect.unwrap(fwd), "__code__", None)
+        if code is not None and "ALL_ATTENTION_FUNCTIONS" in code.co_names:
+            return True
+    return False
+
+
+def why_not(inner: nn.Module) -> str | None:
+    """None when ``inner`` (a transformers ``PreTrainedModel``) computes its attention through transformers'
+    ``AttentionInterface`` with flash-style inputs, else the reason the peftfast attention would not serve it.
+
+    ``_supports_attention_backend`` is True on the classes transformers vouches for and False where a model
+    computes its own attention; the many that never set it (BART, Whisper, Marian, Qwen3.5, StableLM, ...) inherit
+    ``PreTrainedModel``'s False, so for those the model's own code decides: some attention module must call the
+    interface, and the model must accept flash attention (T5 adds a position bias to the scores, which declares
+    ``_supports_flash_attn = False``).
+    """
+    cls = type(inner)
+    name = cls.__name__
+    own = f"{name} computes its own attention (not through transformers' AttentionInterface)"
+    if getattr(cls, "_supports_attention_backend", False):
+        return None
+    declared = next((k for k in cls.__mro__ if "_supports_attention_backend" in vars(k)), None)
+    if declared is not None and declared.__name__ != "PreTrainedModel":
+        return own  # the model says so itself
+    if not _calls_interface(inner):
+        return own
+    if getattr(cls, "_supports_flash_attn", True) is False:
+        return f"{name} declares no flash-style attention (_supports_flash_attn=False: e.g. T5's position bias)"
+    return None
+
+
 def install(model: nn.Module, backend: str) -> str | None:
     """Switch the model to the peftfast attention; None on success, else the reason it stays as it is."""
     inner = base_model_of(model)
     if inner is None:
         return "not a transformers model (no set_attn_implementation)"
-    if getattr(inner, "_supports_attention_backend", True) is False:
-        # transformers accepts the setting and warns, but such a model's attention never calls the implementation
-        return f"{type(inner).__name__} computes its own attention (not through transformers' AttentionInterface)"
+    why = why_not(inner)
+    if why is not None:
+        return why
     register()
     previous = inner.config._attn_implementation
     if previous != NAME:
@@ -267,9 +347,11 @@ def install(model: nn.Module, backend: str) -> str | None:
     def attention_like(m: nn.Module) -> bool:
         return hasattr(m, "is_causal") or type(m).__name__.endswith("Attention")
 
-    for m in inner.modules():
+    for name, m in inner.named_modules():
         if attention_like(m):
             m.__dict__["_peftfast_attn_backend"] = backend
+            if is_cross_attention(name):
+                m.__dict__["_peftfast_cross"] = True
             # stats up front (outside any compiled region) for the modules the attention function is called with:
             # the innermost ones (BERT's BertAttention only wraps BertSelfAttention, which gets the calls)
             if not any(attention_like(c) for c in m.modules() if c is not m):
@@ -286,4 +368,5 @@ def uninstall(model: nn.Module) -> None:
         inner.set_attn_implementation(previous)
     for m in inner.modules():
         m.__dict__.pop("_peftfast_attn_backend", None)
+        m.__dict__.pop("_peftfast_cross", None)
         m.__dict__.pop("_peftfast_attn", None)
