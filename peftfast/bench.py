@@ -895,6 +895,14 @@ def _result(label: str, setup: Setup, cfg: BenchConfig, tokens: list[int], n_bat
 def run_bench(cfg: BenchConfig, progress: Callable[[str], None] | None = None) -> dict:
     """Train ``cfg.steps`` steps with the reference (PEFT, or eager adapters), with peftfast, and with each available
     baseline, from identical weights and data; returns the results (``format_table``/``write_outputs`` show them)."""
+    with warnings.catch_warnings():
+        # PEFT's prefix tuning hands transformers ``past_key_values``, which transformers 5 deprecates: a
+        # FutureWarning per forward, about code that is neither the user's nor ours, would break the progress line
+        warnings.filterwarnings("ignore", message="`past_key_values` is deprecated", category=FutureWarning)
+        return _run_bench(cfg, progress)
+
+
+def _run_bench(cfg: BenchConfig, progress: Callable[[str], None] | None) -> dict:
     import peftfast
 
     setup = resolve(cfg)

@@ -6,6 +6,8 @@ import pytest
 import torch
 from _attention_ref import reference_attention as _reference
 from _models import clone, loss_and_grads, max_rel_err, peft_model
+from torch import nn
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 import peftfast
 from peftfast import _ext
@@ -480,6 +482,33 @@ def test_models_that_compute_their_own_attention_are_refused_with_the_reason():
                          num_attention_heads=4, num_key_value_heads=2)
     assert "computes its own attention" in why_not(Declared(cfg))
     assert why_not(tf.LlamaForCausalLM(cfg)) is None
+
+
+def _attend(self, x):  # a helper an attention forward delegates the call of the interface to (a global name)
+    return ALL_ATTENTION_FUNCTIONS.get_interface("sdpa", None)
+
+
+def _own(self, x):
+    return x
+
+
+def test_the_interface_probe_reads_helpers_of_the_model_classes_only():
+    import transformers as tf
+
+    from peftfast.modules.attention import why_not
+
+    for helper, want in ((_attend, None), (_own, "computes its own attention")):
+        attn = type("FakeAttention", (nn.Module,), {"forward": lambda self, x: self._attend(x), "_attend": helper})
+        model_cls = type("FakeModel", (tf.PreTrainedModel,), {"config_class": tf.PretrainedConfig,
+                                                              "_supports_flash_attn": True})
+        for cls in (attn, model_cls):
+            cls.__module__ = "transformers.models.fake.modeling_fake"
+        model = model_cls(tf.PretrainedConfig())
+        model.attn = attn()
+        got = why_not(model)
+        assert got is None if want is None else want in got, got
+        attn.__module__ = "somewhere_else"  # a class outside transformers' model families is not read
+        assert "computes its own attention" in why_not(model)
 
 
 def test_cross_attention_segment_ids_pad_keys_only():

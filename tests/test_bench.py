@@ -364,7 +364,13 @@ def test_no_dropout_note_for_models_without_dropout(tmp_path):
 # ----------------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("method, reference", [("adapter", "eager"), ("prefix", "peft")])
 def test_other_methods_match_their_reference(tmp_path, method, reference):
-    res, out = run(tmp_path, "--method", method, *FAST, "--steps", "2")
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        res, out = run(tmp_path, "--method", method, *FAST, "--steps", "2")
+    # PEFT's prefix tuning passes transformers' deprecated past_key_values on every forward: not shown to the user
+    assert not [w for w in caught if "past_key_values" in str(w.message)]
     ref, fast = res["results"]
     assert (ref["method"], fast["method"], res["reference"]) == (reference, "peftfast", reference)
     assert fast["max_rel_loss_diff_vs_peft"] < 1e-5  # no LoRA dropout involved

@@ -290,16 +290,20 @@ def is_cross_attention(name: str) -> bool:
 
 
 def _calls_interface(model: nn.Module) -> bool:
-    """Some module's ``forward`` reads transformers' ``ALL_ATTENTION_FUNCTIONS`` (a global name of its code)."""
-    seen = set()
+    """Some method of a module class of ``model`` reads transformers' ``ALL_ATTENTION_FUNCTIONS`` (a global name
+    of its code: the forward itself, or a helper it delegates to); only the model families' own classes are read
+    (not PreTrainedModel, which names it to switch implementations, nor torch's or PEFT's)."""
+    seen: set[type] = set()
     for m in model.modules():
-        fwd = getattr(type(m), "forward", None)
-        if fwd is None or fwd in seen:
-            continue
-        seen.add(fwd)
-        code = getattr(inspect.unwrap(fwd), "__code__", None)
-        if code is not None and "ALL_ATTENTION_FUNCTIONS" in code.co_names:
-            return True
+        for cls in type(m).__mro__:
+            if cls in seen or not cls.__module__.startswith("transformers.models."):
+                continue
+            seen.add(cls)
+            for fn in vars(cls).values():
+                fn = getattr(fn, "__func__", fn)  # classmethods and staticmethods
+                code = getattr(inspect.unwrap(fn), "__code__", None) if callable(fn) else None
+                if code is not None and "ALL_ATTENTION_FUNCTIONS" in code.co_names:
+                    return True
     return False
 
 
