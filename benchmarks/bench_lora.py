@@ -9,7 +9,8 @@
       on values); ``peftfast-cpp:attn`` / ``peftfast-cpp:mlp`` are the C++ path with ``patch(recompute="attn")`` /
       ``"mlp"`` (the others use the default, ``"norms"``). Then one training step (fwd+bwd) of that layer at 512
       tokens in fp32, PEFT vs patched (cpp, cpp:attn, cpp:mlp and torch), interleaved in the same process: median
-      and p20/p80 over repeated steps.
+      and p20/p80 over repeated steps. Last, the host's cost per call: one small LoRA layer (8 tokens x 256
+      features, where the GEMMs take microseconds), PEFT vs patched, fwd+bwd and no-grad forward.
 --gpu (CUDA): fused LoRA linear fwd+bwd vs PEFT's lora.Linear vs a frozen nn.Linear on Llama-3-8B shapes, median
       and p20/p80 of ``triton.testing.do_bench``, TFLOP/s and peak memory, for both dense strategies.
 """
@@ -127,6 +128,67 @@ def cpu_step_times(dropout: float = 0.05, tokens: int = 512, steps: int = 12, wa
     return rows
 
 
+def host_overhead(tokens: int = 8, features: int = 256, rank: int = 16, rounds: int = 15,
+                  calls: int = 400) -> list[dict]:
+    """Per-call time of one LoRA layer at a shape where the arithmetic is negligible (``tokens`` x ``features``,
+    fp32, one thread): what a call costs the host beyond its GEMMs, which decides throughput wherever kernels are
+    short (small batches and models on a GPU, decoding). PEFT's ``lora.Linear`` vs the patched one (C++ kernels),
+    dropout 0 and 0.05, fwd+bwd and a no-grad forward; interleaved round by round, median and p20/p80 per call."""
+    import statistics
+    import time
+
+    import torch
+
+    import peftfast
+    from peftfast import _ext
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        layers = {}
+        for p in (0.0, 0.05):
+            for method in ("peft", "peftfast-cpp") if _ext.available() else ("peft",):
+                torch.manual_seed(0)
+                holder = torch.nn.Module()
+                holder.fc = torch.nn.Linear(features, features)
+                from peft import LoraConfig, get_peft_model
+
+                model = get_peft_model(holder, LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=p,
+                                                          target_modules=["fc"]))
+                if method != "peft":
+                    peftfast.patch(model, backend="cpp")
+                model.train()
+                layers[method, p] = model.base_model.model.fc
+        x = torch.randn(tokens, features, requires_grad=True)
+        dy = torch.randn(tokens, features)
+
+        def fwd_bwd(layer):
+            x.grad = None
+            layer(x).backward(dy)
+
+        def no_grad(layer):
+            with torch.no_grad():
+                layer(x)
+
+        times: dict[tuple, list[float]] = {}
+        for i in range(rounds + 2):
+            for key, layer in layers.items():
+                for mode, fn in (("fwd+bwd", fwd_bwd), ("no-grad fwd", no_grad)):
+                    t0 = time.perf_counter()
+                    for _ in range(calls):
+                        fn(layer)
+                    if i >= 2:  # two warm-up rounds
+                        times.setdefault((*key, mode), []).append((time.perf_counter() - t0) / calls * 1e6)
+    finally:
+        torch.set_num_threads(threads)
+    rows = []
+    for (method, p, mode), ts in times.items():
+        q = statistics.quantiles(ts, n=5)
+        rows.append({"method": method, "dropout": p, "mode": mode, "us_median": statistics.median(ts),
+                     "us_p20": q[0], "us_p80": q[3], "tokens": tokens, "features": features, "rank": rank})
+    return rows
+
+
 def run_cpu(out_path: str) -> list[dict]:
     from peftfast import _ext
 
@@ -163,11 +225,21 @@ def run_cpu(out_path: str) -> list[dict]:
     for r in steps:
         print(f"{r['method']:<17} median {r['step_ms_median']:8.1f} ms  p20 {r['step_ms_p20']:8.1f}  "
               f"p80 {r['step_ms_p80']:8.1f}  {r['step_ms_median'] / peft_ms:.2f}x PEFT")
+    overhead = host_overhead()
+    r0 = overhead[0]
+    print(f"\nper call of one LoRA layer, {r0['tokens']} tokens x {r0['features']} features, r={r0['rank']}, fp32, "
+          "1 thread (host overhead; interleaved)")
+    peft_us = {(r["dropout"], r["mode"]): r["us_median"] for r in overhead if r["method"] == "peft"}
+    for r in overhead:
+        ratio = r["us_median"] / peft_us[r["dropout"], r["mode"]]
+        print(f"{r['method']:<14} dropout {r['dropout']:<5} {r['mode']:<12} median {r['us_median']:7.1f} us  "
+              f"p20 {r['us_p20']:7.1f}  p80 {r['us_p80']:7.1f}  {ratio:.2f}x PEFT")
     os.makedirs(os.path.dirname(out_path), exist_ok=True)
     from peftfast.bench import _versions, git_commit
 
     with open(out_path, "w") as f:
-        json.dump({"rows": rows, "step_times": steps, "versions": _versions(), "commit": git_commit(),
+        json.dump({"rows": rows, "step_times": steps, "host_overhead": overhead, "versions": _versions(),
+                   "commit": git_commit(),
                    "shape": "llama hidden 1024, inter 3584, 8x128 heads, 2 kv heads, r=16 all-linear, 32 tokens"},
                   f, indent=2)
     print(f"wrote {out_path}")

@@ -93,14 +93,20 @@ std::tuple<Tensor, Tensor, std::vector<Tensor>> lora_group_bwd_cpu(
 
   Tensor g_cat;  // scale_i * dy_i B_i, [M, n*r] in the LoRA dtype
   if (need_x || need_a) {
-    g_cat = at::empty({m, n * r}, x.options().dtype(ldt));
-    for (int64_t i = 0; i < n; ++i) {
-      Tensor gi = g_cat.narrow(1, i * r, r);
-      const std::optional<Tensor> dy = grads.get(i);
-      if (dy.has_value())
-        gi.copy_(at::mm(dy->to(ldt), lora_bs[i]).mul_(scales[i]));
-      else
-        gi.zero_();
+    const std::optional<Tensor> dy0 = grads.get(0);
+    if (n == 1 && dy0.has_value()) {
+      // one member (most calls): the product itself, no [M, r] buffer to copy it into
+      g_cat = at::mm(dy0->to(ldt), lora_bs[0]).mul_(scales[0]);
+    } else {
+      g_cat = at::empty({m, n * r}, x.options().dtype(ldt));
+      for (int64_t i = 0; i < n; ++i) {
+        Tensor gi = g_cat.narrow(1, i * r, r);
+        const std::optional<Tensor> dy = grads.get(i);
+        if (dy.has_value())
+          gi.copy_(at::mm(dy->to(ldt), lora_bs[i]).mul_(scales[i]));
+        else
+          gi.zero_();
+      }
     }
   }
 
@@ -115,11 +121,12 @@ std::tuple<Tensor, Tensor, std::vector<Tensor>> lora_group_bwd_cpu(
     }
     if (p == 0.0) {
       Tensor a_cat = n == 1 ? lora_as[0] : at::cat(lora_as, 0);
-      Tensor low = at::mm(g_cat, a_cat);
-      if (!dense.defined())
-        dx = low.to(x.scalar_type());
-      else
-        dx = low.scalar_type() == dense.scalar_type() ? dense.add_(low) : dense.add_(low.to(dense.scalar_type()));
+      if (dense.defined() && g_cat.scalar_type() == dense.scalar_type()) {
+        dx = dense.addmm_(g_cat, a_cat);  // into the dense term: no [M, K] temporary, no extra pass over it
+      } else {
+        Tensor low = at::mm(g_cat, a_cat);
+        dx = dense.defined() ? dense.add_(low.to(dense.scalar_type())) : low.to(x.scalar_type());
+      }
     } else {
       dx = dense.defined() ? dense : at::zeros({m, k}, x.options());
     }

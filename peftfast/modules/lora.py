@@ -124,9 +124,19 @@ class SiblingGroup:
 # ----------------------------------------------------------------------------------------------------------------
 # eligibility
 # ----------------------------------------------------------------------------------------------------------------
+def base_of(layer: nn.Module) -> nn.Module:
+    """PEFT's ``get_base_layer()`` through the ``base_layer`` children themselves: every call of every patched layer
+    asks several times, and PEFT's ``hasattr`` loop goes through ``nn.Module.__getattr__`` (a raised and caught
+    AttributeError for the innermost layer)."""
+    base = layer
+    while (child := base._modules.get("base_layer")) is not None:
+        base = child
+    return base
+
+
 def base_weight_nk(layer: nn.Module) -> torch.Tensor:
     """The frozen base weight as an ``[out, in]`` view (GPT-2 ``Conv1D`` stores ``[in, out]``)."""
-    base = layer.get_base_layer()
+    base = base_of(layer)
     w = base.weight
     return w.t() if getattr(layer, "fan_in_fan_out", False) else w
 
@@ -196,7 +206,9 @@ def _plan(layer: nn.Module, args: tuple, kwargs: dict, gathered: bool = False) -
         return "extra forward arguments"
     if layer.disable_adapters or layer.merged:
         return None
-    active = [a for a in layer.active_adapters if a in layer.lora_A]
+    mods = layer._modules  # children read directly: this runs on every call (nn.Module.__getattr__ is slow)
+    lora_a = mods["lora_A"]
+    active = [a for a in layer.active_adapters if a in lora_a]
     if not active:
         return None
     if len(active) > 1:
@@ -204,15 +216,15 @@ def _plan(layer: nn.Module, args: tuple, kwargs: dict, gathered: bool = False) -
     name = active[0]
     if name in getattr(layer, "lora_variant", {}):
         return f"adapter {name!r} uses a LoRA variant"
-    w = layer.get_base_layer().weight
+    w = base_of(layer).weight
     if w.requires_grad:
         return "base weight is trainable (the fused path trains only LoRA weights and biases)"
-    a = layer.lora_A[name]
-    if zero3_partitioned(w, a.weight, layer.lora_B[name].weight):
+    a = lora_a[name]
+    if zero3_partitioned(w, a.weight, mods["lora_B"][name].weight):
         st = getattr(layer, "_peftfast", None)
         if not gathered and (st is None or st.zero3_params is None):  # DeepSpeed gathers nothing for the fused path
             return ZERO3_REASON
-    drop = layer.lora_dropout[name]
+    drop = mods["lora_dropout"][name]
     p = float(drop.p) if isinstance(drop, nn.Dropout) and drop.training else 0.0
     return _Plan(name, a.out_features, p, a.weight.dtype)
 
@@ -224,7 +236,7 @@ def _check_input(layer: nn.Module, x: torch.Tensor) -> None:
         raise ValueError(
             f"peftfast: {st.name}: input has {x.shape[-1]} features in its last dimension, expected {in_f}"
         )
-    w = layer.get_base_layer().weight
+    w = base_of(layer).weight
     if x.dtype != w.dtype and not torch.is_autocast_enabled(x.device.type):
         raise TypeError(f"peftfast: {st.name}: input dtype {x.dtype} does not match the base weight dtype {w.dtype}")
     if x.device != w.device:
@@ -232,10 +244,13 @@ def _check_input(layer: nn.Module, x: torch.Tensor) -> None:
 
 
 def _member_tensors(layer: nn.Module, plan: _Plan):
-    base = layer.get_base_layer()
-    a = layer.lora_A[plan.adapter]
-    b = layer.lora_B[plan.adapter]
-    return base_weight_nk(layer), base.bias, a.weight, b.weight, b.bias, float(layer.scaling[plan.adapter])
+    base = base_of(layer)
+    mods = layer._modules
+    a = mods["lora_A"][plan.adapter]
+    b = mods["lora_B"][plan.adapter]
+    w = base.weight
+    w = w.t() if getattr(layer, "fan_in_fan_out", False) else w
+    return w, base.bias, a.weight, b.weight, b.bias, float(layer.scaling[plan.adapter])
 
 
 def _run(layers: list[nn.Module], plans: list[_Plan], x: torch.Tensor, backend: str, name: str):
@@ -263,7 +278,7 @@ def _group_plans(group: SiblingGroup, plan: _Plan) -> list[_Plan] | None:
     plans = []
     for m in group.members:
         st = getattr(m, "_peftfast", None)
-        if st is None or nf4_mod.is_nf4_base(m.get_base_layer()):
+        if st is None or nf4_mod.is_nf4_base(base_of(m)):
             return None
         pl = _plan(m, (), {})
         if not isinstance(pl, _Plan) or (pl.rank, pl.p, pl.lora_dtype) != (plan.rank, plan.p, plan.lora_dtype):
@@ -282,7 +297,7 @@ def fused_lora_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs) -> tor
         else:
             tally(st.tally_key, "fallbacks", plan)
         return call_original(self, st, x, *args, **kwargs)
-    if nf4_mod.is_nf4_base(self.get_base_layer()):  # one layer at a time on the fused NF4 op (never grouped)
+    if nf4_mod.is_nf4_base(base_of(self)):  # one layer at a time on the fused NF4 op (never grouped)
         why = nf4_mod.call_reason(self, x)
         if why is not None:
             tally(st.tally_key, "fallbacks", why)
@@ -319,7 +334,7 @@ def _zero3_register_hook(layer: nn.Module, args) -> None:
     base = layer._modules.get("base_layer")
     if base is None or not hasattr(base._parameters.get("weight"), "ds_id"):
         return
-    if nf4_mod.is_nf4_base(layer.get_base_layer()) or getattr(layer, "fan_in_fan_out", False):
+    if nf4_mod.is_nf4_base(base_of(layer)) or getattr(layer, "fan_in_fan_out", False):
         # Conv1D: the fused op would save a transposed view of the gathered weight, which outlives its gathering
         return
     st.zero3_params = zero3_register(layer)

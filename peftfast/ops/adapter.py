@@ -18,6 +18,7 @@ import torch.nn.functional as F
 import triton
 
 from peftfast import _ext
+from peftfast.ops import _direct
 from peftfast.ops._backend import interpreting, resolve_backend
 from peftfast.ops._counters import launching
 
@@ -219,8 +220,8 @@ class _AdapterFunction(torch.autograd.Function):
         if ctx.backend == "triton":
             dz, a, dx, ds = _triton_backward(g2d, z, x2d, wd, wu, scale_t, ctx.act, ctx.sequential, need_dx, need_ds)
         elif ctx.backend == "cpp":
-            dz, a, dx, ds = torch.ops.peftfast.adapter_bwd(g2d, z, wd, wu, scale_t, ctx.act, ctx.sequential, need_dx,
-                                                           need_ds)
+            dz, a, dx, ds = _direct.undifferentiated(torch.ops.peftfast.adapter_bwd, g2d, z, wd, wu, scale_t, ctx.act,
+                                                     ctx.sequential, need_dx, need_ds)
             dx = dx if need_dx else None
             ds = ds if need_ds else None
         else:

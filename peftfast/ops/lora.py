@@ -381,8 +381,9 @@ def _registered_backward(x2d, xa, ws, b_dtypes, lb_dtypes, as_, bmats, scales, p
     """Backward through the registered op ``lora_group_bwd``; returns what :func:`group_backward` returns."""
     n = len(ws)
     need_b, need_lb, need_a, need_bm = (flat_need[i * n:(i + 1) * n] for i in range(1, 5))
-    dx, da, dbs = torch.ops.peftfast.lora_group_bwd(x2d, xa, list(dy2), ws, as_, bmats, list(scales), p, seed_t,
-                                                    bool(need_x), any(need_a), [int(b) for b in need_bm])
+    dx, da, dbs = _direct.undifferentiated(torch.ops.peftfast.lora_group_bwd, x2d, xa, list(dy2), ws, as_, bmats,
+                                           list(scales), p, seed_t, bool(need_x), any(need_a),
+                                           [int(b) for b in need_bm])
     rank = as_[0].shape[0]
     grad_a = [da[i * rank:(i + 1) * rank] if need_a[i] else None for i in range(n)]
     grad_bm = [dbs[i] if need_bm[i] and dy2[i] is not None else None for i in range(n)]

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 import triton
 
 from peftfast import _ext
+from peftfast.ops import _direct
 from peftfast.ops._backend import interpreting, resolve_backend
 from peftfast.ops._counters import launching
 from peftfast.ops.lora import (
@@ -65,7 +66,7 @@ def _register_cpp_ops() -> None:
 
     def backward(ctx, dh):
         g, u = ctx.saved_tensors
-        dg, du = torch.ops.peftfast.act_mul_bwd(dh, g, u, ctx.act)
+        dg, du = _direct.undifferentiated(torch.ops.peftfast.act_mul_bwd, dh, g, u, ctx.act)
         need = ctx.needs_input_grad
         return (dg if need[0] else None), (du if need[1] else None), None
 
@@ -104,7 +105,7 @@ def act_mul_backward(dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor, act: st
                      backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(dg, du) of ``h = act(g) · u``: ``dg = dh · u · act'(g)``, ``du = dh · act(g)`` in one pass."""
     if backend == "cpp":
-        return torch.ops.peftfast.act_mul_bwd(dh, g, u, act)
+        return _direct.undifferentiated(torch.ops.peftfast.act_mul_bwd, dh, g, u, act)
     if backend != "triton":
         a = _act(g, act)
         du = dh * a

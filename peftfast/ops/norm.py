@@ -31,6 +31,7 @@ import torch
 import triton
 
 from peftfast import _ext
+from peftfast.ops import _direct
 from peftfast.ops._backend import interpreting, resolve_backend
 from peftfast.ops._counters import launching
 
@@ -371,7 +372,8 @@ def _cpp_rms_backward(ctx, dy, dh, xs, weight, rstd, add_one, round_normed):
     if dy is None:  # only h was used downstream
         dx, dw = dh, None
     else:
-        dx, dw = torch.ops.peftfast.rms_norm_bwd(dy, xs, weight, rstd, dh, add_one, round_normed, need_dx, need[2])
+        dx, dw = _direct.undifferentiated(torch.ops.peftfast.rms_norm_bwd, dy, xs, weight, rstd, dh, add_one,
+                                          round_normed, need_dx, need[2])
         dx = dx if need_dx else None
         dw = dw if need[2] else None
     return (dx if need[0] else None, dx if ctx.has_res and need[1] else None, dw, None, None, None)
