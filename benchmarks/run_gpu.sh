@@ -64,6 +64,10 @@ if [[ " $parts " == *" bench "* ]]; then
       --out "$out/bench-llama-3-8b-padded" 2>&1 | tee "$out/bench-llama-3-8b-padded.log"
   python -m peftfast bench --model llama-3-8b --method qlora --batch-size auto --recompute norms "${common[@]}" \
       --out "$out/bench-llama-3-8b-qlora" 2>&1 | tee "$out/bench-llama-3-8b-qlora.log"
+  # speech: Whisper large-v3 on 30 s log-mel windows and 128-token transcripts (the encoder's window is fixed)
+  python -m peftfast bench --model whisper-large-v3 --batch-size auto --dtype bf16 --steps 10 --quiet \
+      --recompute norms --baselines peft,peft+compile --out "$out/bench-whisper-large-v3" \
+      2>&1 | tee "$out/bench-whisper-large-v3.log"
 fi
 # the summary table of benchmarks/README.md, regenerated from every bench.json of this run
 python benchmarks/summarize.py "$out" 2>&1 | tail -1

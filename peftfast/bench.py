@@ -189,12 +189,28 @@ PRESETS: dict[str, Preset] = {
         decoder_attention_heads=12, encoder_ffn_dim=3072, decoder_ffn_dim=3072, max_position_embeddings=1024,
         pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=2), 512, 4,
         "facebook/bart-base (BartForConditionalGeneration: 139,420,416 parameters)"),
+    # speech encoder-decoders: the source is a 30 s log-mel window (2 frames per encoder position, --seq-len fixed
+    # at the encoder's positions), the target transcript tokens (--target-len, default 128)
+    "whisper-small": Preset("WhisperConfig", dict(
+        vocab_size=51865, num_mel_bins=80, d_model=768, encoder_layers=12, decoder_layers=12,
+        encoder_attention_heads=12, decoder_attention_heads=12, encoder_ffn_dim=3072, decoder_ffn_dim=3072,
+        max_source_positions=1500, max_target_positions=448, pad_token_id=50257, bos_token_id=50257,
+        eos_token_id=50257, decoder_start_token_id=50258), 1500, 4,
+        "openai/whisper-small (WhisperForConditionalGeneration: 241,734,912 parameters)"),
+    "whisper-large-v3": Preset("WhisperConfig", dict(
+        vocab_size=51866, num_mel_bins=128, d_model=1280, encoder_layers=32, decoder_layers=32,
+        encoder_attention_heads=20, decoder_attention_heads=20, encoder_ffn_dim=5120, decoder_ffn_dim=5120,
+        max_source_positions=1500, max_target_positions=448, pad_token_id=50256, bos_token_id=50257,
+        eos_token_id=50257, decoder_start_token_id=50258), 1500, 4,
+        "openai/whisper-large-v3 (WhisperForConditionalGeneration: 1,543,490,560 parameters)"),
 }
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 METHODS = ("lora", "qlora", "adapter", "prefix")
 BASELINES = ("peft", "peft+compile", "liger", "unsloth")
 # model types trained as masked LMs; every other config is built as a causal LM
 ENCODER_TYPES = {"bert", "roberta", "xlm-roberta", "camembert", "distilbert", "electra", "deberta", "deberta-v2"}
+# encoder-decoders kinds: text (ids in, "seq2seq") and speech (log-mel features in, "speech")
+SEQ2SEQ_KINDS = ("seq2seq", "speech")
 
 
 class BenchError(ValueError):
@@ -258,12 +274,12 @@ class Setup:
     """What a run is built from, resolved once from the config."""
 
     hf: object  # the transformers config (depth already truncated)
-    kind: str  # "decoder", "encoder" or "seq2seq"
+    kind: str  # "decoder", "encoder", "seq2seq" or "speech" (an encoder-decoder over log-mel features)
     name: str
     full_layers: int
     seq: int
     batch: int | str
-    target: int | None = None  # seq2seq: the target length
+    target: int | None = None  # encoder-decoders: the target length
     estimate: dict = field(default_factory=dict)
     report: str = ""
     layer_counts: tuple | None = None  # meta-device counts at 1 and 2 layers (estimate_bytes)
@@ -354,7 +370,7 @@ def _check_shape(hf, kind: str, seq: int, batch: int | str) -> None:
     if seq < 2 or (isinstance(batch, int) and batch < 1):
         raise BenchError(f"impossible shape: batch {batch} x seq {seq}")
     max_pos = getattr(hf, "max_position_embeddings", None)
-    if kind in ("encoder", "seq2seq") and isinstance(max_pos, int) and seq > max_pos:
+    if kind in ("encoder", *SEQ2SEQ_KINDS) and isinstance(max_pos, int) and seq > max_pos:
         raise BenchError(f"impossible shape: seq {seq} > max_position_embeddings {max_pos} of this "
                          f"{'encoder' if kind == 'encoder' else 'encoder-decoder'}")
 
@@ -386,19 +402,32 @@ def resolve(cfg: BenchConfig) -> Setup:
         raise BenchError("--batch-size auto needs a CUDA GPU (it tries powers of two until out of memory); "
                          "give a number on CPU")
     hf, preset = _load_config(cfg.model)
-    kind = "seq2seq" if getattr(hf, "is_encoder_decoder", False) else \
+    kind = ("speech" if isinstance(getattr(hf, "num_mel_bins", None), int) else "seq2seq") \
+        if getattr(hf, "is_encoder_decoder", False) else \
         "encoder" if getattr(hf, "model_type", "") in ENCODER_TYPES else "decoder"
     full = _truncate(hf, cfg.layers)
     seq = cfg.seq_len or (preset.seq_len if preset else 128)
+    if kind == "speech":
+        # the encoder takes its whole window, 2 log-mel frames per position (30 s: 3000 frames, 1500 positions)
+        positions = getattr(hf, "max_source_positions", None)
+        if not isinstance(positions, int) or positions < 1:
+            raise BenchError(f"{type(hf).__name__} has no max_source_positions: bench cannot size its audio input")
+        if cfg.seq_len not in (None, positions):
+            raise BenchError(f"--seq-len {cfg.seq_len}: {type(hf).__name__}'s encoder takes a fixed window of "
+                             f"{positions} positions ({2 * positions} log-mel frames); omit --seq-len")
+        seq = positions
     batch = cfg.batch_size or (preset.batch_size if preset else 2)
     _check_shape(hf, kind, seq, batch)
     target = None
-    if cfg.target_len is not None and kind != "seq2seq":
-        raise BenchError("--target-len applies to encoder-decoder models (T5, BART, ...) only")
-    if kind == "seq2seq":
-        target = cfg.target_len or max(2, seq // 4)
+    if cfg.target_len is not None and kind not in SEQ2SEQ_KINDS:
+        raise BenchError("--target-len applies to encoder-decoder models (T5, BART, Whisper, ...) only")
+    if kind in SEQ2SEQ_KINDS:
+        target = cfg.target_len or (min(128, hf.max_target_positions) if kind == "speech" else max(2, seq // 4))
         if target < 2:
             raise BenchError(f"impossible shape: --target-len {target} (at least 2)")
+        max_target = getattr(hf, "max_target_positions", None)
+        if isinstance(max_target, int) and target > max_target:
+            raise BenchError(f"impossible shape: --target-len {target} > max_target_positions {max_target}")
         _check_shape(hf, kind, target, batch)
         for flag, on in (("--packed", cfg.packed), ("--padded", cfg.padded)):
             if on:
@@ -455,12 +484,19 @@ def available_bytes(device: str) -> int | None:
 
 
 def _model_class(kind: str):
-    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoModelForSeq2SeqLM
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoModelForMaskedLM,
+        AutoModelForSeq2SeqLM,
+        AutoModelForSpeechSeq2Seq,
+    )
 
-    return {"encoder": AutoModelForMaskedLM, "seq2seq": AutoModelForSeq2SeqLM}.get(kind, AutoModelForCausalLM)
+    return {"encoder": AutoModelForMaskedLM, "seq2seq": AutoModelForSeq2SeqLM,
+            "speech": AutoModelForSpeechSeq2Seq}.get(kind, AutoModelForCausalLM)
 
 
-_KIND_LM = {"encoder": "a masked", "decoder": "a causal", "seq2seq": "an encoder-decoder"}
+_KIND_LM = {"encoder": "a masked", "decoder": "a causal", "seq2seq": "an encoder-decoder",
+            "speech": "a speech encoder-decoder"}
 
 
 def _meta_counts(setup: Setup, layers: int) -> tuple[int, int]:
@@ -592,6 +628,7 @@ def _wrap(model, setup: Setup, cfg: BenchConfig):
         return model
     from peft import LoraConfig, PrefixTuningConfig, get_peft_model
 
+    # speech: no task type (PEFT's seq2seq wrapper hands the model input_ids, which Whisper does not take)
     task = {"decoder": "CAUSAL_LM", "seq2seq": "SEQ_2_SEQ_LM"}.get(setup.kind)
     if cfg.method == "prefix":
         method = PrefixTuningConfig(task_type=task, num_virtual_tokens=cfg.num_virtual_tokens)
@@ -636,7 +673,7 @@ def _skip_reason(name: str, setup: Setup, cfg: BenchConfig) -> str | None:
         return f"{name} is compared with --method lora only"
     if name == "unsloth" and setup.kind != "decoder":
         return "unsloth supports decoder models only"
-    if name == "liger" and setup.kind == "seq2seq":
+    if name == "liger" and setup.kind in SEQ2SEQ_KINDS:
         return "liger-kernel has no encoder-decoder models"
     return None
 
@@ -693,7 +730,10 @@ def real_tokens(batch: dict[str, torch.Tensor]) -> int:
     """Tokens of a batch that are not padding (what tokens/s counts); an encoder-decoder batch's source and target
     tokens both count."""
     mask = batch.get("attention_mask")
-    n = int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+    if "input_features" in batch:  # speech: one source token per encoder position (two log-mel frames)
+        n = batch["input_features"].shape[0] * (batch["input_features"].shape[-1] // 2)
+    else:
+        n = int(mask.sum()) if mask is not None else batch["input_ids"].numel()
     if "decoder_input_ids" in batch:
         n += batch["decoder_input_ids"].numel()
     return n
@@ -710,7 +750,10 @@ def make_batches(setup: Setup, cfg: BenchConfig, batch: int, n: int = 2) -> list
     for _ in range(n):
         ids = torch.randint(0, vocab, (batch, seq), generator=gen)
         b: dict[str, torch.Tensor] = {"input_ids": ids}
-        if setup.kind == "seq2seq":
+        if setup.kind == "speech":  # log-mel features of the whole window (what a feature extractor makes: ~[-1, 1])
+            feats = torch.randn(batch, setup.hf.num_mel_bins, 2 * seq, generator=gen).clamp_(-1.5, 1.5)
+            b = {"input_features": feats.to(DTYPES[cfg.dtype])}
+        if setup.kind in SEQ2SEQ_KINDS:
             # a source and a shorter target, with the decoder inputs a seq2seq collator prepares (the labels shifted
             # right after the decoder's start token)
             b["labels"] = torch.randint(0, vocab, (batch, setup.target), generator=gen)

@@ -59,10 +59,11 @@ def _parser() -> argparse.ArgumentParser:
                    help="LoRA target modules for lora/qlora: all-linear (default) or comma-separated names, e.g. "
                         "q_proj,v_proj (the MLPs then stay frozen base modules)")
     b.add_argument("--num-virtual-tokens", type=int, default=16, help="prefix length for --method prefix")
-    b.add_argument("--seq-len", type=int, default=None, help="sequence length (encoder-decoder models: the source's)")
+    b.add_argument("--seq-len", type=int, default=None,
+                   help="sequence length (encoder-decoder models: the source's; Whisper's is fixed)")
     b.add_argument("--target-len", type=int, default=None,
-                   help="encoder-decoder models (t5-base, bart-base, ...): the target length (default: a quarter of "
-                        "--seq-len)")
+                   help="encoder-decoder models (t5-base, bart-base, whisper-small, ...): the target length "
+                        "(default: a quarter of --seq-len; 128 for Whisper)")
     b.add_argument("--batch-size", type=_batch_size, default=None,
                    help="an integer, or auto: the largest power of two that fits (CUDA only)")
     b.add_argument("--packed", action="store_true",

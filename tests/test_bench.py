@@ -178,7 +178,8 @@ def test_bench_dropout_saves_less_than_peft(tmp_path):
 PUBLISHED = {  # total parameters of the published checkpoints the presets copy
     "llama-3.2-1b": 1_235_814_400, "llama-3-8b": 8_030_261_248, "mistral-7b": 7_241_732_096,
     "qwen2.5-7b": 7_615_616_512, "gemma-2-9b": 9_241_705_984, "bert-base": 109_514_298,
-    "t5-base": 222_903_552, "bart-base": 139_420_416,
+    "t5-base": 222_903_552, "bart-base": 139_420_416, "whisper-small": 241_734_912,
+    "whisper-large-v3": 1_543_490_560,
 }
 
 
@@ -237,6 +238,33 @@ def test_encoder_decoder_models_train_with_the_fused_loss(tmp_path, arch):
     setup = bench.resolve(BenchConfig(model=str(cfg_dir), layers=1, seq_len=16, target_len=6))
     dec = setup.hf.num_decoder_layers if arch == "t5" else setup.hf.decoder_layers
     assert setup.target == 6 and setup.hf.num_hidden_layers == dec == 1
+
+
+def test_speech_encoder_decoder_trains_on_log_mel_windows(tmp_path):
+    """A local Whisper config: the source is the encoder's whole log-mel window (2 frames per position, --seq-len
+    fixed), the target transcript tokens; tokens/s counts encoder positions and target tokens; the encoder, decoder
+    and cross-attention run on the fused attention and the loss on the fused loss, equal to PEFT's."""
+    from transformers import WhisperConfig
+
+    cfg_dir = tmp_path / "my-whisper"
+    WhisperConfig(vocab_size=200, num_mel_bins=16, d_model=32, encoder_layers=2, decoder_layers=2,
+                  encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64,
+                  max_source_positions=24, max_target_positions=16, pad_token_id=1, bos_token_id=0, eos_token_id=2,
+                  decoder_start_token_id=3).save_pretrained(cfg_dir)
+    fast_args = [a for a in FAST if a not in ("--seq-len", "16")]
+    res, out = run(tmp_path / "out", "--model", str(cfg_dir), *fast_args, "--dropout", "0", "--batch-size", "3")
+    assert res["kind"] == "speech" and res["layers"] == 1 and res["full_layers"] == 2
+    assert res["seq_len"] == 24 and res["target_len"] == 16 and res["tokens_per_step"] == 3 * (24 + 16)
+    assert "batch 3 x (source 24 + target 16)" in out
+    assert "1/1 attention" in res["report"] and "1/1 loss" in res["report"], res["report"]
+    peft, fast = res["results"]
+    assert fast["max_rel_loss_diff_vs_peft"] < 1e-5 and fast["saved_mb"] < peft["saved_mb"]
+    setup = bench.resolve(BenchConfig(model=str(cfg_dir), target_len=6))
+    batch = bench.make_batches(setup, BenchConfig(model=str(cfg_dir)), 2, n=1)[0]
+    assert batch["input_features"].shape == (2, 16, 48) and "input_ids" not in batch
+    assert batch["labels"].shape == batch["decoder_input_ids"].shape == (2, 6)
+    assert (batch["decoder_input_ids"][:, 0] == 3).all()  # the decoder's start token, then the shifted labels
+    assert bench.real_tokens(batch) == 2 * (24 + 6)
 
 
 def test_local_config_directory_and_json_file(tmp_path, capsys):
@@ -559,6 +587,11 @@ def test_largest_fitting_batch_doubles_until_out_of_memory():
         (["bench", "--model", "t5-base", "--target-len", "1"], "impossible shape: --target-len 1"),
         (["bench", "--model", "t5-base", "--packed"], "--packed needs a decoder-only model"),
         (["bench", "--model", "bart-base", "--method", "adapter"], "encoder-decoder models take lora or qlora"),
+        (["bench", "--model", "whisper-small", "--seq-len", "100"],
+         "--seq-len 100: WhisperConfig's encoder takes a fixed window of 1500 positions (3000 log-mel frames)"),
+        (["bench", "--model", "whisper-small", "--target-len", "500"],
+         "impossible shape: --target-len 500 > max_target_positions 448"),
+        (["bench", "--model", "whisper-small", "--method", "prefix"], "encoder-decoder models take lora or qlora"),
         (["bench", "--model", "bart-base", "--seq-len", "2048"],
          "seq 2048 > max_position_embeddings 1024 of this encoder-decoder"),
     ],
@@ -583,12 +616,13 @@ def test_impossible_head_layout_is_one_line(tmp_path, capsys):
     assert cli.main(["bench", "--model", str(tmp_path / "mistral.json"), "--quiet"]) == 2
     err = capsys.readouterr().err.strip()
     assert "num_attention_heads 4 is not a multiple of num_key_value_heads 3" in err and "\n" not in err
-    (tmp_path / "whisper.json").write_text(json.dumps({"model_type": "whisper", "d_model": 32, "encoder_layers": 1,
-                                                       "decoder_layers": 1, "encoder_attention_heads": 4,
-                                                       "decoder_attention_heads": 4}))
-    assert cli.main(["bench", "--model", str(tmp_path / "whisper.json"), "--quiet"]) == 2
+    # an encoder-decoder over speech features that is neither a text seq2seq LM nor log-mel based (no num_mel_bins)
+    (tmp_path / "s2t.json").write_text(json.dumps({"model_type": "speech_to_text", "d_model": 32,
+                                                   "encoder_layers": 1, "decoder_layers": 1,
+                                                   "encoder_attention_heads": 4, "decoder_attention_heads": 4}))
+    assert cli.main(["bench", "--model", str(tmp_path / "s2t.json"), "--quiet"]) == 2
     err = capsys.readouterr().err.strip()
-    assert "cannot build whisper.json (WhisperConfig) as an encoder-decoder LM" in err and "\n" not in err
+    assert "cannot build s2t.json (Speech2TextConfig) as an encoder-decoder LM" in err and "\n" not in err
     (tmp_path / "vit.json").write_text(json.dumps({"model_type": "vit", "hidden_size": 32, "num_hidden_layers": 1,
                                                    "num_attention_heads": 4}))
     assert cli.main(["bench", "--model", str(tmp_path / "vit.json"), "--quiet"]) == 2
