@@ -482,6 +482,118 @@ def test_models_that_compute_their_own_attention_are_refused_with_the_reason():
                          num_attention_heads=4, num_key_value_heads=2)
     assert "computes its own attention" in why_not(Declared(cfg))
     assert why_not(tf.LlamaForCausalLM(cfg)) is None
+    # flagged for the interface, yet its masks need more than the 2-D padding mask the flash builder gives
+    doge = _tiny_causal_lm("doge")
+    if doge is not None:
+        assert type(doge)._supports_attention_backend and "_supports_flash_attn=False" in why_not(doge)
+
+
+def _tiny_causal_lm(model_type: str):
+    """A two-layer random model of ``model_type`` with hidden 64 (None where transformers has no such family)."""
+    import transformers as tf
+
+    try:
+        cfg = tf.AutoConfig.for_model(model_type, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
+                                      max_position_embeddings=64)
+    except (KeyError, ValueError):
+        return None
+    torch.manual_seed(0)
+    return tf.AutoModelForCausalLM.from_config(cfg).float()
+
+
+def _lora_and_reference(base):
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(base, LoraConfig(target_modules="all-linear", r=4, lora_alpha=8))
+    with torch.no_grad():
+        for m in model.modules():
+            for b in getattr(m, "lora_B", {}).values():
+                b.weight.normal_(0.0, 0.2)
+    model.train()
+    ref = clone(model)
+    ref.get_base_model().set_attn_implementation("eager")
+    return model, ref
+
+
+@pytest.mark.parametrize("model_type", ["afmoe", "jetmoe"])
+def test_models_that_view_the_attention_output_get_a_dense_one(model_type):
+    """AFMoE and JetMoE ``.view()`` what the attention function returns, as transformers' own SDPA path makes it
+    ([B, S, H, D] in memory); from a head-major q, PyTorch's SDPA alone would not."""
+    base = _tiny_causal_lm(model_type)
+    if base is None:
+        pytest.skip(f"this transformers has no {model_type}")
+    model, ref = _lora_and_reference(base)
+    peftfast.patch(model)
+    ids, mask = _padded(vocab=100)
+    data = dict(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100))
+    loss, grads = loss_and_grads(model, data)
+    want, ref_grads = loss_and_grads(ref, data)
+    assert abs(loss.item() - want.item()) <= 2e-5 * abs(want.item())
+    assert max(max_rel_err(grads[n], ref_grads[n]) for n in grads) <= 1e-4
+    rt = peftfast.report(model).module_runtime(model)
+    attn = [r for n, r in rt.items() if n.endswith("(attention)")]
+    assert attn and all(r["fused"] >= 1 and not r["fallbacks"] for r in attn), rt
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp"] if _ext.available() else ["torch"])
+@pytest.mark.parametrize("seg", [False, True])
+def test_output_is_dense_whatever_the_query_layout(backend, seg):
+    q = torch.randn(2, 4, 12, 8)  # head-major, as after a q-norm on [B, H, S, D]
+    k, v = torch.randn(2, 2, 12, 8), torch.randn(2, 2, 12, 8)
+    qseg = kseg = None
+    if seg:
+        kseg = torch.zeros(2, 12, dtype=torch.int32)
+        kseg[0, 9:] = -1
+        qseg = kseg.clone()
+    out = flash_attention(q, k, v, causal=True, qseg=qseg, kseg=kseg, backend=backend)
+    assert out.shape == (2, 12, 4, 8) and out.is_contiguous()
+    assert out.view(2, 12, 32).shape == (2, 12, 32)
+
+
+def test_attention_sinks_are_refused_and_a_sink_fallback_is_exact():
+    """gpt-oss adds one learned logit per head to every softmax row (``s_aux``): patch keeps its attention, with
+    the reason; a call that reaches the fallback with sinks (or a position bias, a head mask, asked-for weights)
+    computes them as eager attention does."""
+    from peftfast.modules.attention import AttentionStats, peftfast_attention_forward
+
+    base = _tiny_causal_lm("gpt_oss")
+    if base is not None:
+        model, ref = _lora_and_reference(base)
+        peftfast.patch(model)
+        (entry,) = [e for e in peftfast.report(model).modules if e.kind == "attention"]
+        assert not entry.patched and "attention sinks" in entry.reason, entry.reason
+        ids, mask = _padded(vocab=100)
+        data = dict(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100))
+        assert abs(loss_and_grads(model, data)[0] - loss_and_grads(ref, data)[0]) <= 2e-5
+
+    g = torch.Generator().manual_seed(8)
+    b, h, s, d = 2, 4, 7, 8
+    q, k, v = (torch.randn(b, h, s, d, generator=g, dtype=torch.float64) for _ in range(3))
+    sinks = torch.randn(h, generator=g, dtype=torch.float64)
+    bias = torch.randn(1, h, s, s, generator=g, dtype=torch.float64)
+    head_mask = torch.rand(1, h, 1, 1, generator=g, dtype=torch.float64)
+    mask2d = torch.ones(b, s, dtype=torch.long)
+    mask2d[1, 5:] = 0
+    module = nn.Module()
+    module.__dict__["_peftfast_attn"] = AttentionStats()
+    module.is_causal = True
+    causal = torch.ones(s, s, dtype=torch.bool).tril()
+    keep = causal[None, None] & mask2d.bool()[:, None, None, :]
+    for kw in (dict(s_aux=sinks), dict(position_bias=bias), dict(head_mask=head_mask), dict(output_attentions=True)):
+        out, weights = peftfast_attention_forward(module, q, k, v, mask2d, scaling=0.3, **kw)
+        sc = q @ k.transpose(-1, -2) * 0.3 + kw.get("position_bias", 0)
+        sc = sc.masked_fill(~keep, float("-inf"))
+        if "s_aux" in kw:
+            sc = torch.cat([sc, sinks.view(1, h, 1, 1).expand(b, h, s, 1)], dim=-1)
+        p = torch.softmax(sc, dim=-1)[..., :s] * kw.get("head_mask", 1.0)
+        want = (p @ v).transpose(1, 2)
+        rows = mask2d.bool()  # padding queries see nothing here (0), eager's see the row's other keys: not compared
+        assert torch.allclose(out[rows], want[rows], atol=1e-10), kw
+        assert weights is not None
+        assert torch.allclose(weights.transpose(1, 2)[rows], p.transpose(1, 2)[rows], atol=1e-10)
+    text = str(dict(module._peftfast_attn.fallbacks))
+    assert "s_aux" in text and "position_bias" in text and "head_mask" in text and "output_attentions" in text
 
 
 def _attend(self, x):  # a helper an attention forward delegates the call of the interface to (a global name)

@@ -142,8 +142,10 @@ def cross_segment_ids(query: torch.Tensor, key: torch.Tensor, attention_mask: to
 
 
 def _fallback(module, query, key, value, attention_mask, dropout, scaling, is_causal, window, softcap, qseg, kseg,
-              cross=False, **kwargs):
-    """SDPA with an explicit boolean mask expressing the same visibility (and the softcap when needed, eagerly)."""
+              cross=False, sinks=None, position_bias=None, head_mask=None, want_weights=False):
+    """SDPA with an explicit boolean mask expressing the same visibility; computed op by op where SDPA cannot say
+    it: a softcap, attention sinks (``s_aux``: one learned logit per head that joins every row's softmax and is
+    then dropped, as gpt-oss computes it), an additive ``position_bias``, a ``head_mask``, or weights asked for."""
     from peftfast.ops.attention import _allowed
 
     b, hq, sq, d = query.shape
@@ -160,7 +162,7 @@ def _fallback(module, query, key, value, attention_mask, dropout, scaling, is_ca
     k = key.repeat_interleave(hq // hk, 1) if hq != hk else key
     v = value.repeat_interleave(hq // hk, 1) if hq != hk else value
     scale = scaling if scaling is not None else d**-0.5
-    if softcap is None:
+    if softcap is None and sinks is None and position_bias is None and head_mask is None and not want_weights:
         # an additive mask keeps fully masked (padding) rows finite, as transformers' own SDPA path does
         bias = torch.zeros(mask.shape, dtype=query.dtype, device=query.device).masked_fill(
             ~mask, torch.finfo(query.dtype).min)
@@ -169,9 +171,18 @@ def _fallback(module, query, key, value, attention_mask, dropout, scaling, is_ca
         weights = None
     else:
         s = torch.matmul(query, k.transpose(-1, -2)) * scale
-        s = softcap * torch.tanh(s / softcap)
+        if softcap is not None:
+            s = softcap * torch.tanh(s / softcap)
+        if position_bias is not None:
+            s = s + position_bias
         s = s.masked_fill(~mask, float("-inf"))
+        if sinks is not None:
+            s = torch.cat([s, sinks.reshape(1, -1, 1, 1).expand(b, hq, sq, 1).to(s.dtype)], dim=-1)
         weights = torch.softmax(s.float(), dim=-1).nan_to_num(0.0).to(query.dtype)
+        if sinks is not None:
+            weights = weights[..., :-1]
+        if head_mask is not None:
+            weights = weights * head_mask
         weights = torch.nn.functional.dropout(weights, p=dropout, training=dropout > 0)
         out = torch.matmul(weights, v)
     return out.transpose(1, 2).contiguous(), weights
@@ -203,8 +214,10 @@ def peftfast_attention_forward(module: nn.Module, query: torch.Tensor, key: torc
         qseg, kseg, reason = segment_ids(query, key, attention_mask, kwargs)
     if reason is not None:
         tally(st.tally_key, "fallbacks", reason)
+        sinks = kwargs.get("s_aux", kwargs.get("sinks"))
         return _fallback(module, query, key, value, attention_mask, dropout, scaling, causal, window, softcap, qseg,
-                         kseg, cross)
+                         kseg, cross, sinks=sinks, position_bias=kwargs.get("position_bias"),
+                         head_mask=kwargs.get("head_mask"), want_weights=bool(kwargs.get("output_attentions")))
     tally(st.tally_key, "fused_calls")
     query, key, value = _compact(query, key, value)
     # a fused block with recompute="attn" rebuilds q, k, v in backward rather than the kernel keeping them; only
@@ -320,15 +333,19 @@ def why_not(inner: nn.Module) -> str | None:
     cls = type(inner)
     name = cls.__name__
     own = f"{name} computes its own attention (not through transformers' AttentionInterface)"
-    if getattr(cls, "_supports_attention_backend", False):
-        return None
-    declared = next((k for k in cls.__mro__ if "_supports_attention_backend" in vars(k)), None)
-    if declared is not None and declared.__name__ != "PreTrainedModel":
-        return own  # the model says so itself
-    if not _calls_interface(inner):
-        return own
+    if not getattr(cls, "_supports_attention_backend", False):
+        declared = next((k for k in cls.__mro__ if "_supports_attention_backend" in vars(k)), None)
+        if declared is not None and declared.__name__ != "PreTrainedModel":
+            return own  # the model says so itself
+        if not _calls_interface(inner):
+            return own
     if getattr(cls, "_supports_flash_attn", True) is False:
-        return f"{name} declares no flash-style attention (_supports_flash_attn=False: e.g. T5's position bias)"
+        # the flash-attention mask builder, which the peftfast implementation uses, gives a 2-D padding mask only
+        return (f"{name} declares no flash-style attention (_supports_flash_attn=False: its scores or masks need "
+                "more than a padding mask, e.g. T5's position bias, Gemma 3's bidirectional image tokens)")
+    sinks = next((n for n, m in inner.named_modules() if isinstance(getattr(m, "sinks", None), torch.Tensor)), None)
+    if sinks is not None:
+        return f"{sinks} has attention sinks (learned per-head logits the fused kernel does not add)"
     return None
 
 

@@ -468,7 +468,9 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
         # and reads grouped K/V without repeating them (enable_gqa)
         out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=bool(causal) and sq > 1,
                                                                scale=scale, enable_gqa=q.shape[1] != k.shape[1])
-        return out.transpose(1, 2)
+        # SDPA's output follows q's layout: from a head-major q it is not [B, SQ, HQ, D] in memory, and models
+        # that .view() the attention output (AFMoE, JetMoE) need it to be, as transformers' own SDPA path returns
+        return out.transpose(1, 2).contiguous()
     if be == "cpp" and softcap is None and dropout_p == 0 and (sq <= _TORCH_CHUNK or sk != sq):
         # the default CPU path (no attention kernel of ours there): where the chunked torch backend has little to
         # skip (one chunk of queries, or prefix keys / a cache that every chunk sees), segments, bottom-right causal
@@ -480,7 +482,7 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
         mask, empty = _sdpa_mask(qseg, kseg, bool(causal), window, sq, sk, q.dtype, q.device)
         out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,
                                                                enable_gqa=q.shape[1] != k.shape[1])
-        return (out if empty is None else out.masked_fill(empty, 0)).transpose(1, 2)
+        return (out if empty is None else out.masked_fill(empty, 0)).transpose(1, 2).contiguous()
     qseg = None if qseg is None else qseg.to(torch.int32).contiguous()
     kseg = None if kseg is None else kseg.to(torch.int32).contiguous()
     seed_t = None
