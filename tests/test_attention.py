@@ -351,10 +351,15 @@ def test_padded_batch_matches_sdpa(arch):
     ref.get_base_model().set_attn_implementation("sdpa")
     peftfast.patch(model)
     ids, mask = _padded()
-    labels = ids.masked_fill(mask == 0, -100)
-    out = model(input_ids=ids, attention_mask=mask, labels=labels)
-    want = ref(input_ids=ids, attention_mask=mask, labels=labels)
-    keep = mask.bool()
+    attn = _matches_reference(model, ref, dict(input_ids=ids, attention_mask=mask,
+                                               labels=ids.masked_fill(mask == 0, -100)), mask.bool())
+    assert len(attn) == 2 and all(r["fused"] == 1 and not r["fallbacks"] for r in attn.values())
+
+
+def _matches_reference(model, ref, data: dict, keep: torch.Tensor) -> dict:
+    """The patched ``model`` gives ``ref``'s logits (where ``keep``) and gradients on ``data``; returns the attention
+    modules' runtime counts."""
+    out, want = model(**data), ref(**data)
     assert torch.allclose(out.logits[keep], want.logits[keep], atol=2e-5, rtol=1e-4)
     out.loss.backward()
     want.loss.backward()
@@ -362,8 +367,7 @@ def test_padded_batch_matches_sdpa(arch):
         if p.requires_grad:
             assert torch.allclose(p.grad, r.grad, atol=1e-5, rtol=1e-4), n
     rt = peftfast.report(model).module_runtime(model)
-    attn = {n: r for n, r in rt.items() if n.endswith("(attention)")}
-    assert len(attn) == 2 and all(r["fused"] == 1 and not r["fallbacks"] for r in attn.values())
+    return {n: r for n, r in rt.items() if n.endswith("(attention)")}
 
 
 @pytest.mark.parametrize("tgt", [6, 14], ids=["fewer-queries", "more-queries"])
@@ -384,16 +388,7 @@ def test_encoder_decoder_padded_batch_matches_eager(tgt):
     dmask[1, tgt - 2:] = 0
     labels = labels.masked_fill(dmask == 0, -100)
     data = dict(input_ids=ids, attention_mask=mask, labels=labels, decoder_attention_mask=dmask)
-    out, want = model(**data), ref(**data)
-    keep = dmask.bool()
-    assert torch.allclose(out.logits[keep], want.logits[keep], atol=2e-5, rtol=1e-4)
-    out.loss.backward()
-    want.loss.backward()
-    for (n, p), (_, r) in zip(model.named_parameters(), ref.named_parameters()):
-        if p.requires_grad:
-            assert torch.allclose(p.grad, r.grad, atol=1e-5, rtol=1e-4), n
-    rt = peftfast.report(model).module_runtime(model)
-    attn = {n: r for n, r in rt.items() if n.endswith("(attention)")}
+    attn = _matches_reference(model, ref, data, dmask.bool())
     # two encoder self-attentions, two decoder self-attentions, two cross-attentions
     assert len(attn) == 6 and all(r["fused"] == 1 and not r["fallbacks"] for r in attn.values()), attn
     peftfast.unpatch(model)
@@ -436,19 +431,10 @@ def _unflagged(name: str):
 
 @pytest.mark.parametrize("name", ["whisper", "marian", "stablelm", "qwen3_5"])
 def test_families_without_the_backend_flag_get_the_fused_attention(name):
-    from peft import LoraConfig, get_peft_model
-
     torch.manual_seed(0)
     base, data, has_cross = _unflagged(name)
     assert base._supports_attention_backend is False  # what the probe of the model's own code stands in for
-    model = get_peft_model(base, LoraConfig(target_modules="all-linear", r=4, lora_alpha=8))
-    with torch.no_grad():
-        for m in model.modules():
-            for b in getattr(m, "lora_B", {}).values():
-                b.weight.normal_(0.0, 0.2)
-    model.train()
-    ref = clone(model)
-    ref.get_base_model().set_attn_implementation("eager")
+    model, ref = _lora_and_reference(base)
     peftfast.patch(model)
     (entry,) = [e for e in peftfast.report(model).modules if e.kind == "attention"]
     assert entry.patched, entry.reason
