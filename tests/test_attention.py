@@ -537,21 +537,78 @@ def test_output_is_dense_whatever_the_query_layout(backend, seg):
     assert out.view(2, 12, 32).shape == (2, 12, 32)
 
 
-def test_attention_sinks_are_refused_and_a_sink_fallback_is_exact():
-    """gpt-oss adds one learned logit per head to every softmax row (``s_aux``): patch keeps its attention, with
-    the reason; a call that reaches the fallback with sinks (or a position bias, a head mask, asked-for weights)
-    computes them as eager attention does."""
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_log_sum_exp_is_differentiable_and_sinks_compose_with_it(backend):
+    """``return_lse``: the log-sum-exp's gradient reaches q and k (the backward's row term shifts by it), and
+    attention sinks, the output scaled by sigmoid(lse - sink), match a softmax over the keys and the sink column,
+    forward and every gradient (sinks included), against fp64; causal with padding."""
+    dt = torch.float16 if backend == "triton" else torch.float32  # the interpreter's bf16 tl.dot is broken
+    g = torch.Generator().manual_seed(11)
+    b, hq, hk, s, d = 2, 4, 2, 13, 16
+    q = torch.randn(b, s, hq, d, generator=g).transpose(1, 2)
+    k, v = torch.randn(b, hk, s, d, generator=g), torch.randn(b, hk, s, d, generator=g)
+    sinks = torch.randn(hq, generator=g)
+    kseg = torch.zeros(b, s, dtype=torch.int32)
+    kseg[1, 10:] = -1
+    qseg = kseg.clone()
+    qseg[qseg == -1] = -3
+    w_out, w_lse = torch.randn(b, s, hq, d, generator=g), torch.randn(b, hq, s, generator=g)
+    keep = torch.ones(s, s, dtype=torch.bool).tril()[None, None] & (kseg >= 0)[:, None, None, :]
+    rows = (qseg >= 0)  # [B, S]: rows that see keys
+
+    def run(q, k, v, sinks, ref):
+        if ref:
+            kk, vv = (t.repeat_interleave(hq // hk, 1) for t in (k, v))
+            sc = (q @ kk.transpose(-1, -2) * d**-0.5).masked_fill(~keep, float("-inf"))
+            lse = torch.logsumexp(sc, -1).masked_fill(~rows[:, None], 0.0)
+            p = torch.softmax(torch.cat([sc, sinks.view(1, hq, 1, 1).expand(b, hq, s, 1)], -1), -1)[..., :s]
+            out = (p.nan_to_num(0.0) @ vv).transpose(1, 2)
+        else:
+            o, lse = flash_attention(q, k, v, causal=True, qseg=qseg, kseg=kseg, backend=backend, return_lse=True)
+            out = o * torch.sigmoid(lse - sinks.view(1, -1, 1)).transpose(1, 2).unsqueeze(-1).to(o.dtype)
+        return out, lse
+
+    results = []
+    for ref, dtype in ((True, torch.float64), (False, dt)):
+        ins = [t.to(dtype if t is not sinks else torch.float64 if ref else torch.float32).requires_grad_()
+               for t in (q, k, v, sinks)]
+        out, lse = run(*ins, ref)
+        m = rows[:, :, None, None]
+        loss = (out.double() * w_out.double() * m).sum() + (lse.double() * w_lse.double() * rows[:, None]).sum()
+        loss.backward()
+        results.append([out.detach().double() * m, lse.detach().double() * rows[:, None],
+                        *(t.grad.double() for t in ins)])
+    tol = 2e-3 if dt == torch.float16 else 1e-4
+    for got, want in zip(results[1], results[0]):
+        assert torch.allclose(got, want, atol=tol, rtol=tol), (got - want).abs().max()
+
+
+def test_attention_sinks_run_fused_and_a_sink_fallback_is_exact():
+    """gpt-oss adds one learned logit per head to every softmax row (``s_aux``): its attention runs fused, the
+    loss and every gradient (the sinks' too) as eager attention's; a call that reaches the fallback with sinks (or a
+    position bias, a head mask, asked-for weights) computes them as eager attention does."""
     from peftfast.modules.attention import AttentionStats, peftfast_attention_forward
 
     base = _tiny_causal_lm("gpt_oss")
     if base is not None:
         model, ref = _lora_and_reference(base)
+        for m in (model, ref):  # the sinks (one logit per head) train here, to check their gradient
+            for n, p in m.named_parameters():
+                if n.endswith("sinks"):
+                    p.requires_grad_(True)
         peftfast.patch(model)
         (entry,) = [e for e in peftfast.report(model).modules if e.kind == "attention"]
-        assert not entry.patched and "attention sinks" in entry.reason, entry.reason
+        assert entry.patched, entry.reason
         ids, mask = _padded(vocab=100)
         data = dict(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100))
-        assert abs(loss_and_grads(model, data)[0] - loss_and_grads(ref, data)[0]) <= 2e-5
+        loss, grads = loss_and_grads(model, data)
+        want, ref_grads = loss_and_grads(ref, data)
+        assert abs(loss.item() - want.item()) <= 2e-5 * abs(want.item())
+        assert any(n.endswith("sinks") for n in grads)
+        assert max(max_rel_err(grads[n], ref_grads[n]) for n in grads) <= 1e-4
+        rt = peftfast.report(model).module_runtime(model)
+        attn = [r for n, r in rt.items() if n.endswith("(attention)")]
+        assert attn and all(r["fused"] >= 1 and not r["fallbacks"] for r in attn), rt
 
     g = torch.Generator().manual_seed(8)
     b, h, s, d = 2, 4, 7, 8
@@ -566,7 +623,8 @@ def test_attention_sinks_are_refused_and_a_sink_fallback_is_exact():
     module.is_causal = True
     causal = torch.ones(s, s, dtype=torch.bool).tril()
     keep = causal[None, None] & mask2d.bool()[:, None, None, :]
-    for kw in (dict(s_aux=sinks), dict(position_bias=bias), dict(head_mask=head_mask), dict(output_attentions=True)):
+    for kw in (dict(s_aux=sinks, output_attentions=True), dict(position_bias=bias), dict(head_mask=head_mask),
+               dict(output_attentions=True)):
         out, weights = peftfast_attention_forward(module, q, k, v, mask2d, scaling=0.3, **kw)
         sc = q @ k.transpose(-1, -2) * 0.3 + kw.get("position_bias", 0)
         sc = sc.masked_fill(~keep, float("-inf"))
@@ -579,7 +637,7 @@ def test_attention_sinks_are_refused_and_a_sink_fallback_is_exact():
         assert weights is not None
         assert torch.allclose(weights.transpose(1, 2)[rows], p.transpose(1, 2)[rows], atol=1e-10)
     text = str(dict(module._peftfast_attn.fallbacks))
-    assert "s_aux" in text and "position_bias" in text and "head_mask" in text and "output_attentions" in text
+    assert "position_bias" in text and "head_mask" in text and "output_attentions" in text
 
 
 def _attend(self, x):  # a helper an attention forward delegates the call of the interface to (a global name)
@@ -817,7 +875,8 @@ def test_registered_ops_pass_opcheck(backend):
         out, lse = torch.ops.peftfast.flash_attn_fwd(q, k, v, *args)
         dout = torch.randn_like(out)
         saved = [t.detach() for t in (q, k, v, out)]  # the backward op runs without autograd (once-differentiable)
-        torch.library.opcheck(torch.ops.peftfast.flash_attn_bwd, (*saved, lse, dout, *args))
+        for dlse in (None, torch.randn_like(lse)):
+            torch.library.opcheck(torch.ops.peftfast.flash_attn_bwd, (*saved, lse.detach(), dout, dlse, *args))
 
 
 def test_views_kept_alone_are_compacted_before_the_kernel_keeps_them():

@@ -23,7 +23,7 @@ from peftfast.ops.attention import ALL_SEGMENTS, check_inputs, flash_attention
 from peftfast.ops.recompute import offered
 
 NAME = "peftfast"
-_UNSUPPORTED_KWARGS = ("position_bias", "s_aux", "sinks", "cache", "head_mask")
+_UNSUPPORTED_KWARGS = ("position_bias", "cache", "head_mask")
 
 
 @dataclass
@@ -224,10 +224,19 @@ def peftfast_attention_forward(module: nn.Module, query: torch.Tensor, key: torc
     # without past keys (prefix tuning, a filled cache), which a rerun without the cache would not reproduce
     rebuildable = key.shape[-2] == query.shape[-2] and not cross and not torch.compiler.is_compiling()
     region = offered(query, key, value) if rebuildable else contextlib.nullcontext()
+    sinks = kwargs.get("s_aux", kwargs.get("sinks"))
     with region:
         out = flash_attention(query, key, value, causal=causal, scale=scaling, softcap=softcap,
                               window=int(window) if window else None, qseg=qseg, kseg=kseg, dropout_p=float(dropout),
-                              backend=getattr(module, "_peftfast_attn_backend", "auto"), name=type(module).__name__)
+                              backend=getattr(module, "_peftfast_attn_backend", "auto"), name=type(module).__name__,
+                              return_lse=sinks is not None)
+    if sinks is not None:
+        # a sink logit per head joins every row's softmax and is dropped: the kept weights shrink by
+        # exp(lse) / (exp(lse) + exp(sink)) = sigmoid(lse - sink); autograd carries it into lse's and the sinks'
+        # gradients (a row that sees no key stays 0, as in eager attention, where the sink takes all its weight)
+        out, lse = out
+        keep = torch.sigmoid(lse - sinks.reshape(1, -1, 1).to(lse.dtype))  # [B, H, S]
+        out = out * keep.transpose(1, 2).unsqueeze(-1).to(out.dtype)
     return out, None
 
 
@@ -343,9 +352,6 @@ def why_not(inner: nn.Module) -> str | None:
         # the flash-attention mask builder, which the peftfast implementation uses, gives a 2-D padding mask only
         return (f"{name} declares no flash-style attention (_supports_flash_attn=False: its scores or masks need "
                 "more than a padding mask, e.g. T5's position bias, Gemma 3's bidirectional image tokens)")
-    sinks = next((n for n, m in inner.named_modules() if isinstance(getattr(m, "sinks", None), torch.Tensor)), None)
-    if sinks is not None:
-        return f"{sinks} has attention sinks (learned per-head logits the fused kernel does not add)"
     return None
 
 

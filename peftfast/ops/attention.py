@@ -170,7 +170,7 @@ def _torch_forward(q, k, v, causal, scale, softcap, window, qseg, kseg, p, seed)
     return out, lse
 
 
-def _torch_backward(q, k, v, out, lse, dout, causal, scale, softcap, window, qseg, kseg, p, seed):
+def _torch_backward(q, k, v, out, lse, dout, dlse, causal, scale, softcap, window, qseg, kseg, p, seed):
     b, hq, sq, d = q.shape
     hk, sk = k.shape[1], k.shape[2]
     ct = torch.promote_types(q.dtype, torch.float32)
@@ -179,6 +179,8 @@ def _torch_backward(q, k, v, out, lse, dout, causal, scale, softcap, window, qse
     dk = torch.zeros(k.shape, device=k.device, dtype=ct)[:, :, None]
     dv = torch.zeros(v.shape, device=v.device, dtype=ct)[:, :, None]
     delta = (dout.to(ct) * out.to(ct)).sum(-1).transpose(1, 2)  # [B, HQ, SQ]
+    if dlse is not None:  # d lse_i / d s_ij = p_ij: a gradient of the log-sum-exp shifts each row's delta
+        delta = delta - dlse.to(ct)
     for i0, i1, lo, hi in _torch_chunks(sq, sk, causal, window, qseg, kseg, q.device):
         if lo == hi:
             dq[:, :, i0:i1] = 0
@@ -333,12 +335,13 @@ def _triton_forward(q, k, v, causal, scale, softcap, window, qseg, kseg, p, seed
     return out, lse
 
 
-def _triton_backward(q, k, v, out, lse, dout, causal, scale, softcap, window, qseg, kseg, p, seed):
+def _triton_backward(q, k, v, out, lse, dout, dlse, causal, scale, softcap, window, qseg, kseg, p, seed):
     from peftfast.kernels import attention as K
 
     b, hq, sq, d = q.shape
     hk, sk = k.shape[1], k.shape[2]
-    delta = (dout.float() * out.float()).sum(-1).transpose(1, 2).contiguous()  # [B, HQ, SQ]
+    delta = (dout.float() * out.float()).sum(-1).transpose(1, 2)  # [B, HQ, SQ]
+    delta = (delta if dlse is None else delta - dlse.float()).contiguous()  # see _torch_backward
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     seg_q = qseg if qseg is not None else lse
     seg_k = kseg if kseg is not None else lse
@@ -387,15 +390,15 @@ def _(q, k, v, qseg, kseg, causal, scale, softcap, window, p, seed, backend):
 
 
 @torch.library.custom_op("peftfast::flash_attn_bwd", mutates_args=(),
-                         schema=f"(Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor dout, {_SIG}) "
-                                "-> (Tensor, Tensor, Tensor)")
-def _bwd_op(q, k, v, out, lse, dout, qseg, kseg, causal, scale, softcap, window, p, seed, backend):
+                         schema=f"(Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor dout, Tensor? dlse, "
+                                f"{_SIG}) -> (Tensor, Tensor, Tensor)")
+def _bwd_op(q, k, v, out, lse, dout, dlse, qseg, kseg, causal, scale, softcap, window, p, seed, backend):
     bwd = _triton_backward if backend == "triton" else _torch_backward
-    return bwd(q, k, v, out, lse, dout, causal, scale, softcap, window, qseg, kseg, p, _seed_int(seed))
+    return bwd(q, k, v, out, lse, dout, dlse, causal, scale, softcap, window, qseg, kseg, p, _seed_int(seed))
 
 
 @_bwd_op.register_fake
-def _(q, k, v, out, lse, dout, qseg, kseg, causal, scale, softcap, window, p, seed, backend):
+def _(q, k, v, out, lse, dout, dlse, qseg, kseg, causal, scale, softcap, window, p, seed, backend):
     if backend == "triton":  # empty_like: the inputs' strides
         return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     return torch.empty_like(q), k.new_empty(k.shape), v.new_empty(v.shape)
@@ -406,13 +409,16 @@ def _setup(ctx, inputs, output) -> None:
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, qseg, kseg, meta[-2])
     ctx.meta = tuple(meta[:-2]) + (meta[-1],)
-    ctx.mark_non_differentiable(lse)
+    # lse stays differentiable: attention sinks rescale the output by a function of it (flash_attention, return_lse)
 
 
-def _backward(ctx, dout, _dlse):
+def _backward(ctx, dout, dlse):
     q, k, v, out, lse, qseg, kseg, seed = ctx.saved_tensors
     causal, scale, softcap, window, p, backend = ctx.meta
-    dq, dk, dv = _bwd_op(q, k, v, out, lse, dout, qseg, kseg, causal, scale, softcap, window, p, seed, backend)
+    if dout is None:  # only lse was used
+        dout = torch.zeros_like(out)
+    dq, dk, dv = _bwd_op(q, k, v, out, lse, dout, dlse, qseg, kseg, causal, scale, softcap, window, p, seed,
+                         backend)
     return dq, dk, dv, None, None, None, None, None, None, None, None, None
 
 
@@ -442,9 +448,11 @@ def check_inputs(q, k, v, qseg=None, kseg=None) -> str | None:
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
                     scale: float | None = None, softcap: float | None = None, window: int | None = None,
                     qseg: torch.Tensor | None = None, kseg: torch.Tensor | None = None, dropout_p: float = 0.0,
-                    seed: int | torch.Tensor | None = None, backend: str = "auto",
-                    name: str = "attention") -> torch.Tensor:
-    """Attention of q [B, HQ, SQ, D] over k/v [B, HK, SK, D] (HQ a multiple of HK); returns [B, SQ, HQ, D].
+                    seed: int | torch.Tensor | None = None, backend: str = "auto", name: str = "attention",
+                    return_lse: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Attention of q [B, HQ, SQ, D] over k/v [B, HK, SK, D] (HQ a multiple of HK); returns [B, SQ, HQ, D], and
+    with ``return_lse`` also each row's log-sum-exp [B, HQ, SQ] fp32 (0 for a row that sees no key), differentiable:
+    its gradient shifts the backward's row term (``Δ_i = rowsum(dO ⊙ O) − dlse_i``).
 
     ``causal`` aligns bottom-right (prefix keys / caches); ``window`` keeps keys within the last ``window``
     positions; ``softcap`` applies ``c·tanh(s/c)``; ``qseg``/``kseg`` int32 segment ids (see the kernels module:
@@ -463,7 +471,7 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
     scale = float(scale) if scale is not None else 1.0 / math.sqrt(q.shape[-1])
     sq, sk = q.shape[2], k.shape[2]
     if be != "triton" and qseg is None and softcap is None and window is None and dropout_p == 0 and \
-            (not causal or sq == sk):
+            (not causal or sq == sk) and not return_lse:
         # plain attention on the ATen path: PyTorch's fused SDPA kernel is one op, keeps O and the log-sum-exp,
         # and reads grouped K/V without repeating them (enable_gqa)
         out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=bool(causal) and sq > 1,
@@ -471,7 +479,7 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
         # SDPA's output follows q's layout: from a head-major q it is not [B, SQ, HQ, D] in memory, and models
         # that .view() the attention output (AFMoE, JetMoE) need it to be, as transformers' own SDPA path returns
         return out.transpose(1, 2).contiguous()
-    if be == "cpp" and softcap is None and dropout_p == 0 and (sq <= _TORCH_CHUNK or sk != sq):
+    if be == "cpp" and softcap is None and dropout_p == 0 and (sq <= _TORCH_CHUNK or sk != sq) and not return_lse:
         # the default CPU path (no attention kernel of ours there): where the chunked torch backend has little to
         # skip (one chunk of queries, or prefix keys / a cache that every chunk sees), segments, bottom-right causal
         # or a window run on PyTorch's fused SDPA with an additive mask, one per forward. Measured on 2 cores, fwd+bwd
@@ -492,8 +500,8 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
         seed_t = seed_tensor(seed, q.device, float(dropout_p))
     args = (q, k, v, qseg, kseg, bool(causal), scale, None if softcap is None else float(softcap),
             None if window is None else int(window), float(dropout_p), seed_t, "triton" if be == "triton" else "torch")
-    out, _ = _direct.call(torch.ops.peftfast.flash_attn_fwd.default, _setup, _backward, args, (-1, -1))
-    return out
+    out, lse = _direct.call(torch.ops.peftfast.flash_attn_fwd.default, _setup, _backward, args, (-1, -1))
+    return (out, lse) if return_lse else out
 
 
 __all__ = ["ALL_SEGMENTS", "MAX_HEAD_DIM", "check_inputs", "flash_attention"]
