@@ -472,6 +472,12 @@ def test_models_that_compute_their_own_attention_are_refused_with_the_reason():
     doge = _tiny_causal_lm("doge")
     if doge is not None:
         assert type(doge)._supports_attention_backend and "_supports_flash_attn=False" in why_not(doge)
+    # Pegasus-X calls the interface and takes flash attention, but its decoder self-attention keeps is_causal=False:
+    # causal through its 4-D mask only, it would see later tokens on the 2-D path
+    pegasus_x = tf.PegasusXForConditionalGeneration(tf.PegasusXConfig(
+        vocab_size=64, d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=32, decoder_ffn_dim=32, max_position_embeddings=64))
+    assert "model.decoder.layers.0.self_attn is a decoder self-attention with is_causal=False" in why_not(pegasus_x)
 
 
 def _tiny_causal_lm(model_type: str):

@@ -352,6 +352,12 @@ def why_not(inner: nn.Module) -> str | None:
         # the flash-attention mask builder, which the peftfast implementation uses, gives a 2-D padding mask only
         return (f"{name} declares no flash-style attention (_supports_flash_attn=False: its scores or masks need "
                 "more than a padding mask, e.g. T5's position bias, Gemma 3's bidirectional image tokens)")
+    for n, m in inner.named_modules():
+        # a decoder's self-attention left is_causal=False (Pegasus-X) is causal only through a 4-D mask, which the
+        # flash-style path never gets: it would attend to later tokens
+        if getattr(m, "is_decoder", False) is True and getattr(m, "is_causal", None) is False \
+                and not is_cross_attention(n):
+            return f"{n} is a decoder self-attention with is_causal=False (its causality lives in a 4-D mask)"
     return None
 
 
