@@ -244,13 +244,10 @@ def _check_input(layer: nn.Module, x: torch.Tensor) -> None:
 
 
 def _member_tensors(layer: nn.Module, plan: _Plan):
-    base = base_of(layer)
     mods = layer._modules
     a = mods["lora_A"][plan.adapter]
     b = mods["lora_B"][plan.adapter]
-    w = base.weight
-    w = w.t() if getattr(layer, "fan_in_fan_out", False) else w
-    return w, base.bias, a.weight, b.weight, b.bias, float(layer.scaling[plan.adapter])
+    return base_weight_nk(layer), base_of(layer).bias, a.weight, b.weight, b.bias, float(layer.scaling[plan.adapter])
 
 
 def _run(layers: list[nn.Module], plans: list[_Plan], x: torch.Tensor, backend: str, name: str):

@@ -81,11 +81,8 @@ def call(op: torch._ops.OpOverload, setup: Callable, backward: Callable, args: t
     """``op(*args)`` differentiable by ``setup``/``backward`` (those registered for it). ``args`` must give every
     schema argument (defaults included, as ``setup`` receives them); ``out_lists``: per output, its length if it is
     a Tensor[] (else -1). Returns what the op returns (lists as lists)."""
-    if torch.compiler.is_compiling():
-        return op(*args)
-    if not torch.is_grad_enabled():
-        with torch._C._AutoDispatchBelowAutograd():  # nothing to record: past the Python autograd kernel
-            return op(*args)
+    if torch.compiler.is_compiling() or not torch.is_grad_enabled():
+        return undifferentiated(op, *args)  # nothing to record: past the Python autograd kernel (eager)
     sizes = tuple(len(a) if isinstance(a, list) and a and isinstance(a[0], torch.Tensor) else -1 for a in args)
     outs = _Direct.apply((op, setup, backward, sizes, out_lists), *_flatten(args, sizes))
     grouped = _group(outs, out_lists)

@@ -409,7 +409,9 @@ def _setup(ctx, inputs, output) -> None:
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, qseg, kseg, meta[-2])
     ctx.meta = tuple(meta[:-2]) + (meta[-1],)
-    # lse stays differentiable: attention sinks rescale the output by a function of it (flash_attention, return_lse)
+    # lse stays differentiable (attention sinks rescale the output by a function of it: flash_attention,
+    # return_lse); unused, its gradient arrives as None, not as zeros the backward would subtract for nothing
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, dout, dlse):
