@@ -7,15 +7,22 @@
                                             (packed documents, padding: query -1 sees nothing, key -1 is never
                                             seen) or when the key id is -2 (prefix keys: seen by every query)
 
-    s = scale · q kᵀ;  s = c · tanh(s / c) with a softcap c;  masks: causal aligned bottom-right
+    bias [B|1, HQ|1, SQ|1, SK|1]            optional additive score bias (T5's relative position bias), any strides
+                                            (0 for a broadcast dimension); its gradient, when asked for, is dS
+                                            written by the dQ kernel to a dense fp32 [B, HQ, SQ, SK] buffer
+
+    s = scale · q kᵀ;  s = c · tanh(s / c) with a softcap c;  s = s + bias;  masks: causal aligned bottom-right
     (key j ≤ query i + SK − SQ), sliding window (key j > i + SK − SQ − W), segments;  p = softmax(s)
     with dropout: o = (p ⊙ keep / (1 − p_drop)) v, keep regenerated from (seed, b, h, i, j) by Philox
 
-    backward (FA2): Δ = rowsum(dO ⊙ O);  dP = dO vᵀ (dropout-masked);  dS = P ⊙ (dP − Δ) (⊙ softcap derivative)
+    backward (FA2): Δ = rowsum(dO ⊙ O);  dP = dO vᵀ (dropout-masked);  dS = P ⊙ (dP − Δ) (= dbias; then ⊙ softcap
+                    derivative)
                     dV = Pᵀ dO, dK = scale · dSᵀ q  per KV block, looping over the GROUP query heads that share it
                     dQ = scale · dS k               per query block: no atomics, deterministic
 
-Memory: forward keeps O and lse only (no S × S matrix, no repeated K/V for grouped-query attention). Fully
+Memory: forward keeps O and lse only (no S × S matrix, no repeated K/V for grouped-query attention; a bias is the
+caller's tensor, read per tile: T5 shares one [1, H, S, S] bias across its layers, where eager attention keeps the
+S × S probabilities, their dropout mask and the dropped copy per layer). Fully
 masked query rows give 0, not NaN. fp32 softmax statistics and accumulation; int64 offsets.
 
 Work: tiles outside the causal / window band are never visited; with segment ids, neither are tiles outside
@@ -34,15 +41,18 @@ def _tanh(x):
 
 
 @triton.jit
-def _scores(q, k_t, offs_m, offs_n, qs, kseg_row_ptr, SK, OFFSET, scale, softcap, window,
+def _scores(q, k_t, offs_m, offs_n, qs, kseg_row_ptr, bias_bh_ptr, sbm, sbn, SQ, SK, OFFSET, scale, softcap, window,
             IS_CAUSAL: tl.constexpr, HAS_SEG: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-            DOT_PRECISION: tl.constexpr):
+            HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Masked scores [BLOCK_M, BLOCK_N] (−inf where masked) and, with a softcap, tanh(raw / c) for backward."""
     s = tl.dot(q, k_t, input_precision=DOT_PRECISION) * scale
     t = s
     if HAS_SOFTCAP:
         t = _tanh(s / softcap)
         s = softcap * t
+    if HAS_BIAS:
+        s += tl.load(bias_bh_ptr + offs_m[:, None].to(tl.int64) * sbm + offs_n[None, :].to(tl.int64) * sbn,
+                     mask=(offs_m < SQ)[:, None] & (offs_n < SK)[None, :], other=0.0).to(tl.float32)
     ok = (offs_n < SK)[None, :]
     if IS_CAUSAL:
         ok = ok & (offs_n[None, :] <= offs_m[:, None] + OFFSET)
@@ -92,10 +102,11 @@ def _attn_fwd_kernel(
     v_ptr, svb, svh, svn, svd,
     o_ptr, sob, som, soh, sod,
     lse_ptr, qseg_ptr, kseg_ptr, krange_ptr,
+    bias_ptr, sbb, sbh, sbm, sbn,
     SQ, SK, HQ, GROUP, D, scale, softcap, window, seed, p_drop,
     IS_CAUSAL: tl.constexpr, HAS_SEG: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """Online-softmax forward for one (query block, batch·head); grid (cdiv(SQ, BLOCK_M), B·HQ)."""
     start_m = tl.program_id(0) * BLOCK_M
@@ -112,6 +123,7 @@ def _attn_fwd_kernel(
     k_base = k_ptr + b.to(tl.int64) * skb + hk.to(tl.int64) * skh
     v_base = v_ptr + b.to(tl.int64) * svb + hk.to(tl.int64) * svh
     kseg_row = kseg_ptr + b.to(tl.int64) * SK
+    bias_bh = bias_ptr + b.to(tl.int64) * sbb + h.to(tl.int64) * sbh
     qs = tl.zeros((BLOCK_M,), dtype=tl.int32)
     if HAS_SEG:
         qs = tl.load(qseg_ptr + b.to(tl.int64) * SQ + offs_m, mask=offs_m < SQ, other=-3)
@@ -126,8 +138,8 @@ def _attn_fwd_kernel(
         n_ok = offs_n < SK
         k_t = tl.load(k_base + offs_n[None, :].to(tl.int64) * skn + offs_d[:, None] * skd,
                       mask=n_ok[None, :] & d_ok[:, None], other=0.0)
-        s, _ = _scores(q, k_t, offs_m, offs_n, qs, kseg_row, SK, OFFSET, scale, softcap, window, IS_CAUSAL,
-                       HAS_SEG, HAS_WINDOW, HAS_SOFTCAP, DOT_PRECISION)
+        s, _ = _scores(q, k_t, offs_m, offs_n, qs, kseg_row, bias_bh, sbm, sbn, SQ, SK, OFFSET, scale, softcap, window,
+                       IS_CAUSAL, HAS_SEG, HAS_WINDOW, HAS_SOFTCAP, HAS_BIAS, DOT_PRECISION)
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.exp(s - m_safe[:, None])
@@ -156,10 +168,11 @@ def _attn_bwd_dkdv_kernel(
     dk_ptr, sdkb, sdkh, sdkn, sdkd,
     dv_ptr, sdvb, sdvh, sdvn, sdvd,
     lse_ptr, delta_ptr, qseg_ptr, kseg_ptr, qrange_ptr,
+    bias_ptr, sbb, sbh, sbm, sbn,
     SQ, SK, HQ, HK, GROUP, D, scale, softcap, window, seed, p_drop,
     IS_CAUSAL: tl.constexpr, HAS_SEG: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """dK, dV of one (key block, batch·kv head), summed over the GROUP query heads; grid (cdiv(SK, BLOCK_N), B·HK)."""
     start_n = tl.program_id(0) * BLOCK_N
@@ -194,6 +207,7 @@ def _attn_bwd_dkdv_kernel(
     for g in range(0, GROUP):
         h = hk * GROUP + g
         bh = b * HQ + h
+        bias_bh = bias_ptr + b.to(tl.int64) * sbb + h.to(tl.int64) * sbh
         for start_m in range(m_lo, m_hi, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
             m_ok = offs_m < SQ
@@ -207,8 +221,8 @@ def _attn_bwd_dkdv_kernel(
             qs = tl.zeros((BLOCK_M,), dtype=tl.int32)
             if HAS_SEG:
                 qs = tl.load(qseg_ptr + b.to(tl.int64) * SQ + offs_m, mask=m_ok, other=-3)
-            s, t = _scores(q, k_t, offs_m, offs_n, qs, kseg_row, SK, OFFSET, scale, softcap, window, IS_CAUSAL,
-                           HAS_SEG, HAS_WINDOW, HAS_SOFTCAP, DOT_PRECISION)
+            s, t = _scores(q, k_t, offs_m, offs_n, qs, kseg_row, bias_bh, sbm, sbn, SQ, SK, OFFSET, scale, softcap,
+                           window, IS_CAUSAL, HAS_SEG, HAS_WINDOW, HAS_SOFTCAP, HAS_BIAS, DOT_PRECISION)
             p = tl.exp(s - lse[:, None])
             dp = tl.dot(do, v_t, input_precision=DOT_PRECISION)
             if HAS_DROPOUT:
@@ -236,12 +250,14 @@ def _attn_bwd_dq_kernel(
     do_ptr, sdob, sdom, sdoh, sdod,
     dq_ptr, sdqb, sdqh, sdqm, sdqd,
     lse_ptr, delta_ptr, qseg_ptr, kseg_ptr, krange_ptr,
+    bias_ptr, sbb, sbh, sbm, sbn, dbias_ptr,
     SQ, SK, HQ, GROUP, D, scale, softcap, window, seed, p_drop,
     IS_CAUSAL: tl.constexpr, HAS_SEG: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DBIAS: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """dQ of one (query block, batch·head); grid (cdiv(SQ, BLOCK_M), B·HQ)."""
+    """dQ of one (query block, batch·head); grid (cdiv(SQ, BLOCK_M), B·HQ). With HAS_DBIAS also dS of the visited
+    tiles into dbias [B, HQ, SQ, SK] fp32 (zero-filled by the launcher: tiles never visited are fully masked)."""
     start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1)
     b = bh // HQ
@@ -265,6 +281,7 @@ def _attn_bwd_dq_kernel(
     k_base = k_ptr + b.to(tl.int64) * skb + hk.to(tl.int64) * skh
     v_base = v_ptr + b.to(tl.int64) * svb + hk.to(tl.int64) * svh
     kseg_row = kseg_ptr + b.to(tl.int64) * SK
+    bias_bh = bias_ptr + b.to(tl.int64) * sbb + h.to(tl.int64) * sbh
     dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     lo, hi = _kv_range(start_m, SQ, SK, OFFSET, window, IS_CAUSAL, HAS_WINDOW, BLOCK_M, BLOCK_N)
     if HAS_SEG:
@@ -276,13 +293,16 @@ def _attn_bwd_dq_kernel(
                     mask=n_ok[:, None] & d_ok[None, :], other=0.0)
         v_t = tl.load(v_base + offs_n[None, :].to(tl.int64) * svn + offs_d[:, None] * svd,
                       mask=n_ok[None, :] & d_ok[:, None], other=0.0)
-        s, t = _scores(q, tl.trans(k), offs_m, offs_n, qs, kseg_row, SK, OFFSET, scale, softcap, window, IS_CAUSAL,
-                       HAS_SEG, HAS_WINDOW, HAS_SOFTCAP, DOT_PRECISION)
+        s, t = _scores(q, tl.trans(k), offs_m, offs_n, qs, kseg_row, bias_bh, sbm, sbn, SQ, SK, OFFSET, scale,
+                       softcap, window, IS_CAUSAL, HAS_SEG, HAS_WINDOW, HAS_SOFTCAP, HAS_BIAS, DOT_PRECISION)
         p = tl.exp(s - lse[:, None])
         dp = tl.dot(do, v_t, input_precision=DOT_PRECISION)
         if HAS_DROPOUT:
             dp = tl.where(_keep(seed, bh, offs_m, offs_n, SQ, SK, p_drop), dp / (1.0 - p_drop), 0.0)
         ds = p * (dp - delta[:, None])
+        if HAS_DBIAS:  # the bias is added after the softcap: its gradient is dS before the softcap's derivative
+            tl.store(dbias_ptr + (bh.to(tl.int64) * SQ + offs_m[:, None].to(tl.int64)) * SK
+                     + offs_n[None, :].to(tl.int64), ds, mask=m_ok[:, None] & n_ok[None, :])
         if HAS_SOFTCAP:
             ds = ds * (1.0 - t * t)
         dq = tl.dot((ds * scale).to(k.dtype), k, dq, input_precision=DOT_PRECISION)

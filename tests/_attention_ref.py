@@ -3,16 +3,20 @@
 import torch
 
 
-def reference_attention(q, k, v, causal, scale, softcap, window, qseg, kseg, dtype=None):
-    """q [B, HQ, SQ, D], k/v [B, HK, SK, D] → [B, SQ, HQ, D], computed in ``dtype`` (default: the inputs')."""
+def reference_attention(q, k, v, causal, scale, softcap, window, qseg, kseg, dtype=None, bias=None):
+    """q [B, HQ, SQ, D], k/v [B, HK, SK, D] → [B, SQ, HQ, D], computed in ``dtype`` (default: the inputs'); ``bias``
+    is added to the (softcapped) scores."""
     if dtype is not None:
         q, k, v = (t.to(dtype) for t in (q, k, v))
+        bias = None if bias is None else bias.to(dtype)
     b, hq, sq, d = q.shape
     hk, sk = k.shape[1], k.shape[2]
     kk, vv = k.repeat_interleave(hq // hk, 1), v.repeat_interleave(hq // hk, 1)
     s = q @ kk.transpose(-1, -2) * scale
     if softcap:
         s = softcap * torch.tanh(s / softcap)
+    if bias is not None:
+        s = s + bias
     i = torch.arange(sq, device=q.device)[:, None] + sk - sq
     j = torch.arange(sk, device=q.device)[None]
     ok = torch.ones(sq, sk, dtype=torch.bool, device=q.device)

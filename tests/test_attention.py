@@ -116,6 +116,88 @@ def test_low_precision_within_twice_eager_error(backend, dtype):
     _check(backend, 2, 4, 2, 21, 21, 32, True, seg="padding", dtype=dtype)
 
 
+BIAS_SHAPES = {  # [B, HQ, SQ, SK] broadcast along each dimension in turn (T5: [1, H, SQ, SK])
+    "full": (2, 4, 13, 19), "per-head": (1, 4, 13, 19), "per-row": (2, 1, 13, 19), "per-key": (1, 4, 1, 19),
+    "per-query": (2, 4, 13, 1),
+}
+
+
+def _bias_case(backend, shape, seg, causal, softcap=None, dtype=torch.float32, grad=True, p=0.0):
+    """Output and the gradients of q, k, v (and the bias) of attention with an additive score bias, against fp64
+    (fp32 inputs) or within twice eager's error (low precision)."""
+    b, hq, hk, sq, sk, d = 2, 4, 2, 13, 19, 16
+    q, k, v, qseg, kseg = _make(b, hq, hk, sq, sk, d, dtype, seg)
+    gen = torch.Generator().manual_seed(21)
+    bias = (torch.randn(shape, generator=gen) * 2).to(dtype)
+    if shape[0] == 2 and shape[2] == sq and shape[3] == sk:  # a strided view, as T5's bias often is
+        bias = (torch.randn(shape[::-1], generator=gen) * 2).to(dtype).permute(3, 2, 1, 0).contiguous().transpose(
+            2, 3).contiguous().transpose(2, 3)
+    bias.requires_grad_(grad)
+    g = torch.randn(b, sq, hq, d, generator=gen).to(dtype)
+    leaves = [q, k, v] + ([bias] if grad else [])
+    got = _grads(lambda: flash_attention(q, k, v, causal=causal, softcap=softcap, qseg=qseg, kseg=kseg, bias=bias,
+                                         backend=backend, dropout_p=p, seed=5), leaves, g)
+    if p:
+        return got
+    scale = 1 / math.sqrt(d)
+    ref_in = [t.detach().double().requires_grad_() for t in leaves]
+    rb = ref_in[3] if grad else bias.double()
+    ref = _grads(lambda: _reference(*ref_in[:3], causal, scale, softcap, None, qseg, kseg, bias=rb), ref_in, g.double())
+    if dtype == torch.float32:
+        for a, r in zip(got, ref):
+            assert (a - r).abs().max() <= 2e-5 * r.abs().max().clamp_min(1.0)
+        return got
+    eager = _grads(lambda: _reference(q, k, v, causal, scale, softcap, None, qseg, kseg, bias=bias), leaves, g)
+    for a, e, r in zip(got, eager, ref):
+        assert (a - r).abs().max() <= 2 * (e - r).abs().max() + 1e-3
+    return got
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", BIAS_SHAPES.values(), ids=BIAS_SHAPES.keys())
+def test_score_bias_matches_reference_with_its_gradient(backend, shape):
+    """An additive score bias (T5's position bias), broadcast along any dimension: output and the gradients of q,
+    k, v and the bias (summed over its broadcast dimensions) against fp64; prefix keys, causal, a softcap."""
+    _bias_case(backend, shape, "prefix", True, softcap=8.0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("seg,causal", [("padding", False), ("packed", True), (None, False)])
+def test_score_bias_without_a_gradient(backend, seg, causal):
+    """A frozen bias (LoRA leaves T5's relative attention embedding frozen): no dS buffer, same results."""
+    _bias_case(backend, (1, 4, 13, 19), seg, causal, grad=False)
+
+
+@pytest.mark.parametrize("backend,dtype", [("triton", torch.float16), ("torch", torch.bfloat16)]
+                         + [("cpp", torch.bfloat16)] * _ext.available())
+def test_score_bias_low_precision_within_twice_eager_error(backend, dtype):
+    _bias_case(backend, (1, 4, 13, 19), "padding", True, dtype=dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_score_bias_with_dropout_is_the_same_draw_forward_and_backward(backend):
+    """With attention dropout the bias's gradient comes from the same mask as the output: two runs with one seed
+    agree bit for bit, and a finite-difference check along the bias in fp64 holds."""
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(0)  # the same q, k, v
+        runs.append(_bias_case(backend, (1, 4, 13, 19), "padding", True, p=0.25))
+    a, b = runs
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    if backend == "triton":
+        return  # fp64 tl.dot is not a thing; the torch and C++ backends share the kernels' maths
+    b_, hq, hk, sq, sk, d = 1, 2, 1, 5, 7, 8
+    q, k, v, qseg, kseg = _make(b_, hq, hk, sq, sk, d, torch.float64, "padding")
+    bias = torch.randn(1, hq, sq, sk, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(b_, sq, hq, d, dtype=torch.float64)
+
+    def f(bb):
+        return (flash_attention(q.detach(), k.detach(), v.detach(), qseg=qseg, kseg=kseg, bias=bb, backend=backend,
+                                dropout_p=0.3, seed=9) * w).sum()
+
+    assert torch.autograd.gradcheck(f, (bias,), eps=1e-6, atol=1e-6)
+
+
 def _visible(qseg: torch.Tensor, kseg: torch.Tensor) -> torch.Tensor:
     """[B, SQ, SK] bool: the kernels' segment rule (equal ids, or a prefix key)."""
     return (qseg[:, :, None] == kseg[:, None, :]) | (kseg[:, None, :] == ALL_SEGMENTS)
@@ -330,6 +412,10 @@ def test_bad_input_is_a_clear_error():
         flash_attention(q, k, v, qseg=torch.zeros(1, 3, dtype=torch.int32), kseg=torch.zeros(1, 4, dtype=torch.int32))
     with pytest.raises(ValueError, match="grouped heads"):
         flash_attention(q, torch.randn(1, 3, 4, 16), torch.randn(1, 3, 4, 16))
+    with pytest.raises(ValueError, match=r"layers.1.attn: score bias of shape \(1, 3, 4, 4\) does not broadcast"):
+        flash_attention(q, k, v, bias=torch.zeros(1, 3, 4, 4), name="layers.1.attn")
+    with pytest.raises(ValueError, match="score bias must be a floating tensor"):
+        flash_attention(q, k, v, bias=torch.zeros(1, 2, 4, 4, dtype=torch.long))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -395,6 +481,95 @@ def test_encoder_decoder_padded_batch_matches_eager(tgt):
     assert not any("_peftfast_cross" in m.__dict__ for m in model.modules())
 
 
+def _t5_family(name: str, **overrides):
+    import transformers as tf
+
+    kw = dict(vocab_size=100, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, dropout_rate=0.0,
+              pad_token_id=0, eos_token_id=1, decoder_start_token_id=0, **overrides)
+    cls, cfg = {"t5": ("T5ForConditionalGeneration", "T5Config"), "mt5": ("MT5ForConditionalGeneration", "MT5Config"),
+                "umt5": ("UMT5ForConditionalGeneration", "UMT5Config")}[name]
+    return getattr(tf, cls)(getattr(tf, cfg)(**kw))
+
+
+def _t5_batch(tgt: int) -> dict:
+    ids, mask = _padded(vocab=100)
+    g = torch.Generator().manual_seed(4)
+    labels = torch.randint(2, 100, (3, tgt), generator=g)
+    dmask = torch.ones_like(labels)
+    dmask[1, tgt - 2:] = 0
+    return dict(input_ids=ids, attention_mask=mask, labels=labels.masked_fill(dmask == 0, -100),
+                decoder_attention_mask=dmask)
+
+
+@pytest.mark.parametrize("tgt", [6, 14], ids=["fewer-queries", "more-queries"])
+@pytest.mark.parametrize("name", ["t5", "mt5", "umt5"])
+def test_t5_position_bias_runs_fused(name, tgt):
+    """T5, mT5 and UMT5 (one bias shared by all layers; UMT5: one per layer) declare no flash attention for their
+    position bias, which the kernel adds: encoder, decoder and cross-attention fused, padded source and target,
+    loss and every gradient as eager attention's."""
+    model, ref = _lora_and_reference(_t5_family(name))
+    peftfast.patch(model)
+    (entry,) = [e for e in peftfast.report(model).modules if e.kind == "attention"]
+    assert entry.patched, entry.reason
+    data = _t5_batch(tgt)
+    loss, grads = loss_and_grads(model, data)
+    want, ref_grads = loss_and_grads(ref, data)
+    assert abs(loss.item() - want.item()) <= 2e-5 * abs(want.item())
+    assert max(max_rel_err(grads[n], ref_grads[n]) for n in grads) <= 1e-4
+    rt = peftfast.report(model).module_runtime(model)
+    attn = {n: r for n, r in rt.items() if n.endswith("(attention)")}
+    assert len(attn) == 6 and all(r["fused"] == 1 and not r["fallbacks"] for r in attn.values()), attn
+
+
+def test_t5_trainable_position_bias_gets_its_gradient():
+    """With the relative attention embedding trained (PEFT ``modules_to_save`` or full fine-tuning) and gradient
+    checkpointing (which makes the cross-attention's zero bias require grad), the bias's gradient flows through the
+    fused kernel: the embedding's gradient equals eager's."""
+    base = _t5_family("t5")
+    model, ref = _lora_and_reference(base)
+    for m in (model, ref):
+        for n, p in m.named_parameters():
+            if "relative_attention_bias" in n:
+                p.requires_grad_(True)
+        m.get_base_model().gradient_checkpointing_enable()
+    peftfast.patch(model)
+    data = _t5_batch(9)
+    loss, grads = loss_and_grads(model, data)
+    want, ref_grads = loss_and_grads(ref, data)
+    assert abs(loss.item() - want.item()) <= 2e-5 * abs(want.item())
+    bias_grads = [n for n in grads if "relative_attention_bias" in n]
+    assert len(bias_grads) == 2  # encoder and decoder
+    assert max(max_rel_err(grads[n], ref_grads[n]) for n in grads) <= 1e-4
+    rt = peftfast.report(model).module_runtime(model)
+    attn = [r for n, r in rt.items() if n.endswith("(attention)")]
+    assert attn and all(r["fused"] >= 1 and not r["fallbacks"] for r in attn), rt
+
+
+def test_t5_keeps_no_score_matrix_per_layer():
+    """Eager T5 attention keeps S x S probabilities per layer; fused, the only S x S tensors kept are the position
+    biases, one storage [1, H, S, S] per stack shared by its layers."""
+    data = _t5_batch(9)  # source 11, target 9: scores are [.., 11, 11], [.., 9, 9] or [.., 9, 11]
+    scores = {}
+    for patched in (False, True):
+        torch.manual_seed(0)
+        model, _ = _lora_and_reference(_t5_family("t5"))
+        if patched:
+            peftfast.patch(model)
+        found = {}
+
+        def pack(t):
+            if t.dim() == 4 and t.shape[-2] in (9, 11) and t.shape[-1] in (9, 11):
+                found[t.untyped_storage().data_ptr()] = tuple(t.shape)
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = model(**data).loss  # noqa: F841 (the graph, and what it saved, stays alive)
+        scores[patched] = sorted(found.values())
+    assert len(scores[False]) >= 6 and any(s[0] == 3 for s in scores[False])  # eager: per layer, per batch row
+    # fused: the encoder's and the decoder's bias, and the cross-attention's zeros, each [1, H, SQ, SK]
+    assert len(scores[True]) <= 3 and all(s[0] == 1 for s in scores[True]), scores[True]
+
+
 def _unflagged(name: str):
     """A tiny model of a family that never sets ``_supports_attention_backend`` (so inherits False) while its
     attention calls transformers' interface: (model, batch, has cross-attention)."""
@@ -456,7 +631,7 @@ def test_models_that_compute_their_own_attention_are_refused_with_the_reason():
 
     t5 = tf.T5ForConditionalGeneration(tf.T5Config(vocab_size=64, d_model=16, d_kv=4, d_ff=32, num_layers=1,
                                                    num_heads=4, decoder_start_token_id=0))
-    assert "_supports_flash_attn=False" in why_not(t5)
+    assert type(t5)._supports_flash_attn is False and why_not(t5) is None  # its position bias: the kernel adds it
     deberta = tf.DebertaV2Model(tf.DebertaV2Config(vocab_size=64, hidden_size=16, num_hidden_layers=1,
                                                    num_attention_heads=4, intermediate_size=32))
     assert "computes its own attention" in why_not(deberta)  # no module of it calls the interface
@@ -629,8 +804,9 @@ def test_the_fallback_computes_sinks_position_bias_head_mask_and_weights_exactly
     module.is_causal = True
     causal = torch.ones(s, s, dtype=torch.bool).tril()
     keep = causal[None, None] & mask2d.bool()[:, None, None, :]
-    for kw in (dict(s_aux=sinks, output_attentions=True), dict(position_bias=bias), dict(head_mask=head_mask),
-               dict(output_attentions=True)):
+    # a position bias alone runs fused (test_position_bias_runs_fused): with weights asked for, the fallback adds it
+    for kw in (dict(s_aux=sinks, output_attentions=True), dict(position_bias=bias, output_attentions=True),
+               dict(head_mask=head_mask), dict(output_attentions=True)):
         out, weights = peftfast_attention_forward(module, q, k, v, mask2d, scaling=0.3, **kw)
         sc = q @ k.transpose(-1, -2) * 0.3 + kw.get("position_bias", 0)
         sc = sc.masked_fill(~keep, float("-inf"))
@@ -643,7 +819,7 @@ def test_the_fallback_computes_sinks_position_bias_head_mask_and_weights_exactly
         assert weights is not None
         assert torch.allclose(weights.transpose(1, 2)[rows], p.transpose(1, 2)[rows], atol=1e-10)
     text = str(dict(module._peftfast_attn.fallbacks))
-    assert "position_bias" in text and "head_mask" in text and "output_attentions" in text
+    assert "head_mask" in text and "output_attentions" in text
 
 
 def _attend(self, x):  # a helper an attention forward delegates the call of the interface to (a global name)
@@ -782,35 +958,48 @@ def _aot_plan() -> list[aot.Job]:
                         args["delta_ptr"] = "*fp32"
                     args.update(lse_ptr="*fp32", qseg_ptr="*i32", kseg_ptr="*i32", SQ=2048, SK=2048, HQ=16,
                                 GROUP=4, D=d, scale=0.125, softcap=1.0, window=0, seed=0, p_drop=0.0)
+                    # a T5-style bias [1, H, S, S]: no batch stride
+                    args.update(bias_ptr=p, sbb=0, sbh=2048 * 2048, sbm=2048, sbn=1)
+                    if kernel == "_attn_bwd_dq_kernel":
+                        args["dbias_ptr"] = "*fp32"
                     args["qrange_ptr" if kernel == "_attn_bwd_dkdv_kernel" else "krange_ptr"] = "*i32"
                     if kernel == "_attn_bwd_dkdv_kernel":
                         args["HK"] = 4
-                    tiles = _gpu_tiles(kernel, d)
-                    for flags in ({"IS_CAUSAL": True, "HAS_SEG": True, "HAS_WINDOW": False, "HAS_SOFTCAP": False,
-                                   "HAS_DROPOUT": False},
-                                  {"IS_CAUSAL": True, "HAS_SEG": False, "HAS_WINDOW": True, "HAS_SOFTCAP": True,
-                                   "HAS_DROPOUT": True}):
+                    off = {"HAS_BIAS": False, "HAS_DBIAS": False}
+                    for flags, variant in (
+                            ({"IS_CAUSAL": True, "HAS_SEG": True, "HAS_WINDOW": False, "HAS_SOFTCAP": False,
+                              "HAS_DROPOUT": False, **off}, "seg"),
+                            ({"IS_CAUSAL": True, "HAS_SEG": False, "HAS_WINDOW": True, "HAS_SOFTCAP": True,
+                              "HAS_DROPOUT": True, **off}, "window-softcap-dropout"),
+                            # T5: a position bias (trainable: dS stored), padding, attention dropout
+                            ({"IS_CAUSAL": False, "HAS_SEG": True, "HAS_WINDOW": False, "HAS_SOFTCAP": False,
+                              "HAS_DROPOUT": True, "HAS_BIAS": True, "HAS_DBIAS": True}, "seg-bias-dropout")):
+                        if kernel != "_attn_bwd_dq_kernel":
+                            flags = {f: v for f, v in flags.items() if f != "HAS_DBIAS"}
                         meta = {**flags, "BLOCK_D": d, "DOT_PRECISION": "tf32"}
-                        variant = "seg" if flags["HAS_SEG"] else "window-softcap-dropout"
+                        tiles = _gpu_tiles(kernel, d, flags["HAS_BIAS"])
                         jobs.append(aot.Job(kernel, f"D{d}-{variant}", dt, arch,
                                             {"BLOCK_M": tiles["BLOCK_M"], "BLOCK_N": tiles["BLOCK_N"]},
                                             tiles["num_warps"], tiles["num_stages"], meta, args))
     return jobs
 
 
-def _gpu_tiles(kernel: str, d: int) -> dict:
+def _gpu_tiles(kernel: str, d: int, has_bias: bool) -> dict:
     from unittest import mock
 
     from peftfast.ops import attention as A
 
     with mock.patch.object(A, "interpreting", lambda: False):
+        if kernel == "_attn_bwd_dkdv_kernel":
+            return A._dkdv_tiles(d, has_bias)
         return A._tiles(d) if kernel == "_attn_fwd_kernel" else A._bwd_tiles(d)
 
 
 AOT_PLAN = _aot_plan()
-# default tier: every kernel at head dim 128 and the forward at 64 and 256, in bf16 (about a minute cold on two
-# cores); fp16 and the backward kernels at 64 and 256 compile with ``-m slow``
-AOT_FAST = [j for j in AOT_PLAN if j.dtype == "bf16" and (j.kernel == "_attn_fwd_kernel" or "D128-" in j.variant)]
+# default tier: every kernel at head dim 128, the forward at 64 and 256, and T5's bias variant at its head dim 64,
+# in bf16 (about a minute cold on two cores); fp16 and the other backward kernels compile with ``-m slow``
+AOT_FAST = [j for j in AOT_PLAN if j.dtype == "bf16" and (j.kernel == "_attn_fwd_kernel" or "D128-" in j.variant
+                                                          or j.variant == "D64-seg-bias-dropout")]
 AOT_SLOW = [j for j in AOT_PLAN if j not in AOT_FAST]
 
 
@@ -886,14 +1075,20 @@ def test_registered_ops_pass_opcheck(backend):
     mask[1, 6:] = False
     qseg, kseg, _ = _segment_ids(q, k, mask, {}, traced=True)
     seed = torch.tensor([1234])
-    for args in ((None, None, True, 0.25, None, None, 0.0, None, backend),
-                 (qseg, kseg, True, 0.3, 5.0, 4, 0.2, seed, backend)):
+    bias = torch.randn(1, 4, 7, 9).requires_grad_()  # broadcast over the batch
+    for args in ((None, None, None, True, 0.25, None, None, 0.0, None, backend),
+                 (qseg, kseg, None, True, 0.3, 5.0, 4, 0.2, seed, backend),
+                 (qseg, kseg, bias, False, 0.3, None, None, 0.0, None, backend)):
         torch.library.opcheck(torch.ops.peftfast.flash_attn_fwd, (q, k, v, *args))
         out, lse = torch.ops.peftfast.flash_attn_fwd(q, k, v, *args)
         dout = torch.randn_like(out)
         saved = [t.detach() for t in (q, k, v, out)]  # the backward op runs without autograd (once-differentiable)
+        plain = [a.detach() if isinstance(a, torch.Tensor) else a for a in args]
         for dlse in (None, torch.randn_like(lse)):
-            torch.library.opcheck(torch.ops.peftfast.flash_attn_bwd, (*saved, lse.detach(), dout, dlse, *args))
+            torch.library.opcheck(torch.ops.peftfast.flash_attn_bwd, (*saved, lse.detach(), dout, dlse, *plain))
+        if args[2] is not None:
+            torch.library.opcheck(torch.ops.peftfast.flash_attn_bwd,
+                                  (*saved, lse.detach(), dout, None, *plain, True))
 
 
 def test_views_kept_alone_are_compacted_before_the_kernel_keeps_them():

@@ -50,3 +50,38 @@ def test_triton_attention_within_twice_torch_error(dtype, d, causal, softcap, wi
     low = run(lambda: _ref(q, k, v, causal, scale, softcap, window, qseg, kseg, dtype), [q, k, v])
     for a, e, r in zip(got, low, ref):
         assert (a - r).abs().max() <= 2 * (e - r).abs().max() + 1e-3
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("trainable", [False, True])
+def test_triton_attention_with_a_score_bias(dtype, d, trainable):
+    """T5's shape: a position bias [1, H, S, S] shared by the batch, padding; the bias's gradient when it trains."""
+    from peftfast.ops.attention import flash_attention
+
+    g = torch.Generator(device="cuda").manual_seed(1)
+    b, h, s = 2, 8, 515
+    q, k, v = (torch.randn(b, s, h, d, device="cuda", generator=g).transpose(1, 2).to(dtype).requires_grad_()
+               for _ in range(3))
+    bias = (torch.randn(1, h, s, s, device="cuda", generator=g) * 3).to(dtype).requires_grad_(trainable)
+    kseg = torch.zeros(b, s, dtype=torch.int32, device="cuda")
+    kseg[1, 400:] = -1
+    qseg = kseg.clone()
+    qseg[qseg == -1] = -3
+    dy = torch.randn(b, s, h, d, device="cuda", generator=g).to(dtype)
+    leaves = [q, k, v] + ([bias] if trainable else [])
+
+    def run(fn, ls):
+        for t in ls:
+            t.grad = None
+        o = fn()
+        o.backward(dy.to(o.dtype))
+        return [o.detach().float()] + [t.grad.float() for t in ls]
+
+    got = run(lambda: flash_attention(q, k, v, scale=1.0, qseg=qseg, kseg=kseg, bias=bias, backend="triton"), leaves)
+    rl = [t.detach().float().requires_grad_() for t in leaves]
+    rb = rl[3] if trainable else bias.detach().float()
+    ref = run(lambda: _ref(*rl[:3], False, 1.0, None, None, qseg, kseg, torch.float32, bias=rb), rl)
+    low = run(lambda: _ref(q, k, v, False, 1.0, None, None, qseg, kseg, dtype, bias=bias), leaves)
+    for a, e, r in zip(got, low, ref):
+        assert (a - r).abs().max() <= 2 * (e - r).abs().max() + 1e-3

@@ -23,8 +23,8 @@ EXPECTED_BLOCKS = {
     # encoder-decoders: T5 v1.0's ReLU MLP keeps nothing extra (not fused), BART's inline MLPs are
     "t5": ("norm",), "bart": ("mlp", "norm"),
 }
-# families whose attention the peftfast implementation does not serve: T5 adds a position bias to the scores
-OWN_ATTENTION = {"t5"}
+# families whose attention the peftfast implementation does not serve (T5 is served since its position bias is)
+OWN_ATTENTION: set[str] = set()
 ENCODER_DECODERS = {"t5", "bart"}
 CAUSAL_LMS = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3"]
 TOL = 2e-5

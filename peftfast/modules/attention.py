@@ -23,7 +23,11 @@ from peftfast.ops.attention import ALL_SEGMENTS, check_inputs, flash_attention
 from peftfast.ops.recompute import offered
 
 NAME = "peftfast"
-_UNSUPPORTED_KWARGS = ("position_bias", "cache", "head_mask")
+_UNSUPPORTED_KWARGS = ("cache", "head_mask")
+# families whose attention declares no flash support only because it adds a position bias to the scores, which the
+# kernel takes (each checked against eager attention, loss and gradients, padded source and target:
+# test_attention.py); the others that declare none need masks a padding mask cannot say (Gemma 3's image tokens)
+POSITION_BIAS_FAMILIES = frozenset({"t5", "mt5", "umt5"})
 
 
 @dataclass
@@ -202,7 +206,7 @@ def peftfast_attention_forward(module: nn.Module, query: torch.Tensor, key: torc
     elif any(kwargs.get(k) is not None for k in _UNSUPPORTED_KWARGS):
         reason = f"unsupported argument {next(k for k in _UNSUPPORTED_KWARGS if kwargs.get(k) is not None)}"
     else:
-        reason = check_inputs(query, key, value)
+        reason = check_inputs(query, key, value, bias=kwargs.get("position_bias"))
     qseg = kseg = None
     cross = module.__dict__.get("_peftfast_cross", False)
     if reason is None and cross:
@@ -229,7 +233,7 @@ def peftfast_attention_forward(module: nn.Module, query: torch.Tensor, key: torc
         out = flash_attention(query, key, value, causal=causal, scale=scaling, softcap=softcap,
                               window=int(window) if window else None, qseg=qseg, kseg=kseg, dropout_p=float(dropout),
                               backend=getattr(module, "_peftfast_attn_backend", "auto"), name=type(module).__name__,
-                              return_lse=sinks is not None)
+                              return_lse=sinks is not None, bias=kwargs.get("position_bias"))
     if sinks is not None:
         # a sink logit per head joins every row's softmax and is dropped: the kept weights shrink by
         # exp(lse) / (exp(lse) + exp(sink)) = sigmoid(lse - sink); autograd carries it into lse's and the sinks'
@@ -336,8 +340,8 @@ def why_not(inner: nn.Module) -> str | None:
     ``_supports_attention_backend`` is True on the classes transformers vouches for and False where a model
     computes its own attention; the many that never set it (BART, Whisper, Marian, Qwen3.5, StableLM, ...) inherit
     ``PreTrainedModel``'s False, so for those the model's own code decides: some attention module must call the
-    interface, and the model must accept flash attention (T5 adds a position bias to the scores, which declares
-    ``_supports_flash_attn = False``).
+    interface, and the model must accept flash attention; T5 and its copies (``POSITION_BIAS_FAMILIES``) declare
+    ``_supports_flash_attn = False`` for the position bias they add to the scores, which the kernel adds itself.
     """
     cls = type(inner)
     name = cls.__name__
@@ -348,10 +352,11 @@ def why_not(inner: nn.Module) -> str | None:
             return own  # the model says so itself
         if not _calls_interface(inner):
             return own
-    if getattr(cls, "_supports_flash_attn", True) is False:
+    model_type = getattr(getattr(inner, "config", None), "model_type", None)
+    if getattr(cls, "_supports_flash_attn", True) is False and model_type not in POSITION_BIAS_FAMILIES:
         # the flash-attention mask builder, which the peftfast implementation uses, gives a 2-D padding mask only
         return (f"{name} declares no flash-style attention (_supports_flash_attn=False: its scores or masks need "
-                "more than a padding mask, e.g. T5's position bias, Gemma 3's bidirectional image tokens)")
+                "more than a padding mask, e.g. Gemma 3's bidirectional image tokens, Doge's dynamic mask)")
     for n, m in inner.named_modules():
         # a decoder's self-attention left is_causal=False (Pegasus-X) is causal only through a 4-D mask, which the
         # flash-style path never gets: it would attend to later tokens

@@ -3,7 +3,9 @@
 Both backends keep the same contract: saved for backward are q, k, v (the model's own tensors: no repeated K/V for
 grouped-query attention), the output and the fp32 log-sum-exp per query; the S × S probabilities are rebuilt in
 backward (query chunks on the ATen path, tiles in Triton). Segment ids express padding, packed documents and
-prefix keys (see ``kernels/attention.py``). Both run as the registered ops ``torch.ops.peftfast.flash_attn_fwd`` /
+prefix keys (see ``kernels/attention.py``); an optional additive score bias (T5's relative position bias, broadcast
+over any dimension) is read per tile and kept as the caller's tensor (one for all of T5's layers), with its gradient
+where it needs one. Both run as the registered ops ``torch.ops.peftfast.flash_attn_fwd`` /
 ``flash_attn_bwd`` (fake kernels and autograd included), so ``torch.compile`` traces them without a break.
 """
 
@@ -92,13 +94,39 @@ def _view_of(storage_ref, dtype, shape, stride) -> torch.Tensor | None:
     return torch.empty(0, dtype=dtype, device=st.device).set_(st, 0, shape, stride)
 
 
-def _torch_scores(qc, k, scale, softcap):
+def _torch_scores(qc, k, scale, softcap, bias_chunk=None):
     s = torch.matmul(qc, k.transpose(-1, -2)) * scale
     t = None
     if softcap is not None:
         t = torch.tanh(s / softcap)
         s = softcap * t
+    if bias_chunk is not None:
+        s = s + bias_chunk
     return s, t
+
+
+def _bias_grouped(bias, b, hq, hk, sq, sk):
+    """The bias as a [B, HK, GROUP, SQ, SK] view (broadcast dimensions stay stride 0: nothing is copied)."""
+    return None if bias is None else bias.expand(b, hq, sq, sk).unflatten(1, (hk, hq // hk))
+
+
+def _bias_chunk(bg, i0, i1, lo, hi, ct):
+    return None if bg is None else bg[..., i0:i1, lo:hi].to(ct)
+
+
+def _add_dbias(dbias, ds, i0, i1, lo, hi) -> None:
+    """Add a chunk's dS [B, HQ, rows, keys] into ``dbias`` (the bias's shape): summed over its broadcast dims."""
+    dims = [d for d in range(4) if dbias.shape[d] == 1 and ds.shape[d] != 1]
+    part = ds.sum(dims, keepdim=True) if dims else ds
+    rows = slice(i0, i1) if dbias.shape[2] != 1 else slice(0, 1)
+    cols = slice(lo, hi) if dbias.shape[3] != 1 else slice(0, 1)
+    dbias[:, :, rows, cols] += part
+
+
+def _reduce_dbias(full: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """dS [B, HQ, SQ, SK] summed over the dimensions ``bias`` broadcasts, in its dtype."""
+    dims = [d for d in range(4) if bias.shape[d] == 1 and full.shape[d] != 1]
+    return (full.sum(dims, keepdim=True) if dims else full).to(bias.dtype)
 
 
 def _torch_keep(seed, b, hq, i0, i1, sk, p, device):
@@ -138,10 +166,11 @@ def _torch_chunks(sq, sk, causal, window, qseg, kseg, device):
     return out
 
 
-def _torch_forward(q, k, v, causal, scale, softcap, window, qseg, kseg, p, seed):
+def _torch_forward(q, k, v, causal, scale, softcap, window, qseg, kseg, p, seed, bias=None):
     b, hq, sq, d = q.shape
     hk, sk = k.shape[1], k.shape[2]
     ct = torch.promote_types(q.dtype, torch.float32)
+    bg = _bias_grouped(bias, b, hq, hk, sq, sk)
     out = torch.empty((b, sq, hq, d), device=q.device, dtype=q.dtype)
     lse = torch.empty((b, hq, sq), device=q.device, dtype=torch.float32)
     kf, vf = k.to(ct)[:, :, None], v.to(ct)[:, :, None]
@@ -151,7 +180,7 @@ def _torch_forward(q, k, v, causal, scale, softcap, window, qseg, kseg, p, seed)
             lse[:, :, i0:i1] = 0
             continue
         qc = _grouped(q[:, :, i0:i1].to(ct), hk)
-        s, _ = _torch_scores(qc, kf[..., lo:hi, :], scale, softcap)
+        s, _ = _torch_scores(qc, kf[..., lo:hi, :], scale, softcap, _bias_chunk(bg, i0, i1, lo, hi, ct))
         ok = _allowed(i0, i1, sq, sk, causal, window, qseg, kseg, q.device)[:, :, None, ..., lo:hi]
         s = s.masked_fill(~ok, float("-inf"))
         m = s.amax(-1, keepdim=True)
@@ -170,10 +199,13 @@ def _torch_forward(q, k, v, causal, scale, softcap, window, qseg, kseg, p, seed)
     return out, lse
 
 
-def _torch_backward(q, k, v, out, lse, dout, dlse, causal, scale, softcap, window, qseg, kseg, p, seed):
+def _torch_backward(q, k, v, out, lse, dout, dlse, causal, scale, softcap, window, qseg, kseg, p, seed, bias=None,
+                    need_dbias=False):
     b, hq, sq, d = q.shape
     hk, sk = k.shape[1], k.shape[2]
     ct = torch.promote_types(q.dtype, torch.float32)
+    bg = _bias_grouped(bias, b, hq, hk, sq, sk)
+    dbias = torch.zeros(bias.shape, dtype=ct, device=q.device) if need_dbias else None
     kf, vf = k.to(ct)[:, :, None], v.to(ct)[:, :, None]
     dq = torch.empty_like(q)
     dk = torch.zeros(k.shape, device=k.device, dtype=ct)[:, :, None]
@@ -187,7 +219,7 @@ def _torch_backward(q, k, v, out, lse, dout, dlse, causal, scale, softcap, windo
             continue
         qc = _grouped(q[:, :, i0:i1].to(ct), hk)
         kc, vc = kf[..., lo:hi, :], vf[..., lo:hi, :]
-        s, t = _torch_scores(qc, kc, scale, softcap)
+        s, t = _torch_scores(qc, kc, scale, softcap, _bias_chunk(bg, i0, i1, lo, hi, ct))
         ok = _allowed(i0, i1, sq, sk, causal, window, qseg, kseg, q.device)[:, :, None, ..., lo:hi]
         s = s.masked_fill(~ok, float("-inf"))
         pr = torch.exp(s - _grouped(lse[:, :, i0:i1, None].to(ct), hk))
@@ -200,12 +232,14 @@ def _torch_backward(q, k, v, out, lse, dout, dlse, causal, scale, softcap, windo
             dp = torch.where(keep, dp / (1 - p), torch.zeros_like(dp))
         dv[..., lo:hi, :] += torch.matmul(pd.transpose(-1, -2), doc).sum(2, keepdim=True)
         ds = pr * (dp - _grouped(delta[:, :, i0:i1, None], hk))
+        if dbias is not None:  # added after the softcap: dS before its derivative
+            _add_dbias(dbias, ds.reshape(b, hq, i1 - i0, hi - lo), i0, i1, lo, hi)
         if t is not None:
             ds = ds * (1 - t * t)
         ds = ds * scale
         dk[..., lo:hi, :] += torch.matmul(ds.transpose(-1, -2), qc).sum(2, keepdim=True)
         dq[:, :, i0:i1] = torch.matmul(ds, kc).reshape(b, hq, i1 - i0, d).to(q.dtype)
-    return dq, dk[:, :, 0].to(k.dtype), dv[:, :, 0].to(v.dtype)
+    return dq, dk[:, :, 0].to(k.dtype), dv[:, :, 0].to(v.dtype), None if dbias is None else dbias.to(bias.dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -228,13 +262,27 @@ def _bwd_tiles(d: int) -> dict:
     return dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)
 
 
+def _dkdv_tiles(d: int, has_bias: bool) -> dict:
+    """The dK/dV kernel's tiles: with a bias above head dim 64 it loads one more BLOCK_M x BLOCK_N tile per step,
+    which spilled 208 B per thread at 64 query rows (sm_90, D=128, with dropout); 32 rows spill none (AOT)."""
+    t = _bwd_tiles(d)
+    return dict(t, BLOCK_M=32) if has_bias and d > 64 and not interpreting() else t
+
+
 def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32 else "tf32"
 
 
-def _flags(causal, window, softcap, qseg, p):
+def _flags(causal, window, softcap, qseg, p, bias):
     return dict(IS_CAUSAL=causal, HAS_SEG=qseg is not None, HAS_WINDOW=window is not None,
-                HAS_SOFTCAP=softcap is not None, HAS_DROPOUT=p > 0)
+                HAS_SOFTCAP=softcap is not None, HAS_DROPOUT=p > 0, HAS_BIAS=bias is not None)
+
+
+def _bias_args(bias, dummy) -> tuple:
+    """(pointer, strides [B, H, SQ, SK]) of the bias for the kernels: stride 0 along broadcast dimensions."""
+    if bias is None:
+        return dummy, 0, 0, 0, 0
+    return (bias, *(bias.stride(i) if bias.shape[i] != 1 else 0 for i in range(4)))
 
 
 def _first_last(sorted_vals: torch.Tensor, order: torch.Tensor, vals: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -314,7 +362,7 @@ def query_ranges(qseg: torch.Tensor, kseg: torch.Tensor, block_n: int) -> torch.
     return _cached("queries", qseg, kseg, block_n, compute)
 
 
-def _triton_forward(q, k, v, causal, scale, softcap, window, qseg, kseg, p, seed):
+def _triton_forward(q, k, v, causal, scale, softcap, window, qseg, kseg, p, seed, bias=None):
     from peftfast.kernels import attention as K
 
     b, hq, sq, d = q.shape
@@ -329,13 +377,14 @@ def _triton_forward(q, k, v, causal, scale, softcap, window, qseg, kseg, p, seed
     with launching("_attn_fwd_kernel"):
         K._attn_fwd_kernel[grid](
             q, *q.stride(), k, *k.stride(), v, *v.stride(), out, *out.stride(), lse, seg_q, seg_k, kr,
-            sq, sk, hq, hq // hk, d, scale, softcap or 1.0, window or 0, seed, p,
-            **_flags(causal, window, softcap, qseg, p), BLOCK_D=max(16, triton.next_power_of_2(d)),
+            *_bias_args(bias, lse), sq, sk, hq, hq // hk, d, scale, softcap or 1.0, window or 0, seed, p,
+            **_flags(causal, window, softcap, qseg, p, bias), BLOCK_D=max(16, triton.next_power_of_2(d)),
             DOT_PRECISION=_precision(q.dtype), **t)
     return out, lse
 
 
-def _triton_backward(q, k, v, out, lse, dout, dlse, causal, scale, softcap, window, qseg, kseg, p, seed):
+def _triton_backward(q, k, v, out, lse, dout, dlse, causal, scale, softcap, window, qseg, kseg, p, seed, bias=None,
+                     need_dbias=False):
     from peftfast.kernels import attention as K
 
     b, hq, sq, d = q.shape
@@ -345,21 +394,26 @@ def _triton_backward(q, k, v, out, lse, dout, dlse, causal, scale, softcap, wind
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     seg_q = qseg if qseg is not None else lse
     seg_k = kseg if kseg is not None else lse
+    # dS of every pair, summed over the bias's broadcast dimensions afterwards: B·HQ·SQ·SK fp32 for the backward's
+    # duration (what eager attention keeps per layer from its forward on), only where the bias needs a gradient
+    dbias = torch.zeros((b, hq, sq, sk), device=q.device, dtype=torch.float32) if need_dbias else None
     t = _bwd_tiles(d)
     kr = key_ranges(qseg, kseg, t["BLOCK_M"]) if qseg is not None else lse
     qr = query_ranges(qseg, kseg, t["BLOCK_N"]) if qseg is not None else lse
-    common = dict(**_flags(causal, window, softcap, qseg, p), BLOCK_D=max(16, triton.next_power_of_2(d)),
-                  DOT_PRECISION=_precision(q.dtype), **t)
+    common = dict(**_flags(causal, window, softcap, qseg, p, bias), BLOCK_D=max(16, triton.next_power_of_2(d)),
+                  DOT_PRECISION=_precision(q.dtype))
     scal = (scale, softcap or 1.0, window or 0, seed, p)
     with launching("_attn_bwd_dkdv_kernel"):
         K._attn_bwd_dkdv_kernel[(triton.cdiv(sk, t["BLOCK_N"]), b * hk)](
             q, *q.stride(), k, *k.stride(), v, *v.stride(), dout, *dout.stride(), dk, *dk.stride(), dv, *dv.stride(),
-            lse, delta, seg_q, seg_k, qr, sq, sk, hq, hk, hq // hk, d, *scal, **common)
+            lse, delta, seg_q, seg_k, qr, *_bias_args(bias, lse), sq, sk, hq, hk, hq // hk, d, *scal, **common,
+            **_dkdv_tiles(d, bias is not None))
     with launching("_attn_bwd_dq_kernel"):
         K._attn_bwd_dq_kernel[(triton.cdiv(sq, t["BLOCK_M"]), b * hq)](
             q, *q.stride(), k, *k.stride(), v, *v.stride(), dout, *dout.stride(), dq, *dq.stride(),
-            lse, delta, seg_q, seg_k, kr, sq, sk, hq, hq // hk, d, *scal, **common)
-    return dq, dk, dv
+            lse, delta, seg_q, seg_k, kr, *_bias_args(bias, lse), dbias if need_dbias else lse, sq, sk, hq,
+            hq // hk, d, *scal, HAS_DBIAS=need_dbias, **common, **t)
+    return dq, dk, dv, _reduce_dbias(dbias, bias) if need_dbias else None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -368,8 +422,8 @@ def _triton_backward(q, k, v, out, lse, dout, dlse, causal, scale, softcap, wind
 # Registered ops (not a Python autograd.Function), so torch.compile traces them as single nodes with the fake
 # kernels below. The dropout seed is a one-element int64 CPU tensor: drawn as a tensor op, it needs no ``.item()``
 # in traced code.
-_SIG = ("Tensor? qseg, Tensor? kseg, bool causal, float scale, float? softcap, int? window, float p, Tensor? seed, "
-        "str backend")
+_SIG = ("Tensor? qseg, Tensor? kseg, Tensor? bias, bool causal, float scale, float? softcap, int? window, float p, "
+        "Tensor? seed, str backend")
 
 
 def _seed_int(seed: torch.Tensor | None) -> int:
@@ -378,36 +432,42 @@ def _seed_int(seed: torch.Tensor | None) -> int:
 
 @torch.library.custom_op("peftfast::flash_attn_fwd", mutates_args=(),
                          schema=f"(Tensor q, Tensor k, Tensor v, {_SIG}) -> (Tensor, Tensor)")
-def _fwd_op(q, k, v, qseg, kseg, causal, scale, softcap, window, p, seed, backend):
+def _fwd_op(q, k, v, qseg, kseg, bias, causal, scale, softcap, window, p, seed, backend):
     fwd = _triton_forward if backend == "triton" else _torch_forward
-    return fwd(q, k, v, causal, scale, softcap, window, qseg, kseg, p, _seed_int(seed))
+    return fwd(q, k, v, causal, scale, softcap, window, qseg, kseg, p, _seed_int(seed), bias)
 
 
 @_fwd_op.register_fake
-def _(q, k, v, qseg, kseg, causal, scale, softcap, window, p, seed, backend):
+def _(q, k, v, qseg, kseg, bias, causal, scale, softcap, window, p, seed, backend):
     b, hq, sq, d = q.shape
     return q.new_empty((b, sq, hq, d)), q.new_empty((b, hq, sq), dtype=torch.float32)
 
 
 @torch.library.custom_op("peftfast::flash_attn_bwd", mutates_args=(),
                          schema=f"(Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor dout, Tensor? dlse, "
-                                f"{_SIG}) -> (Tensor, Tensor, Tensor)")
-def _bwd_op(q, k, v, out, lse, dout, dlse, qseg, kseg, causal, scale, softcap, window, p, seed, backend):
+                                f"{_SIG}, bool need_dbias=False) -> (Tensor, Tensor, Tensor, Tensor)")
+def _bwd_op(q, k, v, out, lse, dout, dlse, qseg, kseg, bias, causal, scale, softcap, window, p, seed, backend,
+            need_dbias=False):
+    """(dq, dk, dv, dbias): dbias in the bias's shape where ``need_dbias``, else an empty tensor."""
     bwd = _triton_backward if backend == "triton" else _torch_backward
-    return bwd(q, k, v, out, lse, dout, dlse, causal, scale, softcap, window, qseg, kseg, p, _seed_int(seed))
+    dq, dk, dv, dbias = bwd(q, k, v, out, lse, dout, dlse, causal, scale, softcap, window, qseg, kseg, p,
+                            _seed_int(seed), bias, bool(need_dbias and bias is not None))
+    return dq, dk, dv, dbias if dbias is not None else q.new_empty((0,))
 
 
 @_bwd_op.register_fake
-def _(q, k, v, out, lse, dout, dlse, qseg, kseg, causal, scale, softcap, window, p, seed, backend):
+def _(q, k, v, out, lse, dout, dlse, qseg, kseg, bias, causal, scale, softcap, window, p, seed, backend,
+      need_dbias=False):
+    dbias = bias.new_empty(bias.shape) if need_dbias and bias is not None else q.new_empty((0,))
     if backend == "triton":  # empty_like: the inputs' strides
-        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    return torch.empty_like(q), k.new_empty(k.shape), v.new_empty(v.shape)
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dbias
+    return torch.empty_like(q), k.new_empty(k.shape), v.new_empty(v.shape), dbias
 
 
 def _setup(ctx, inputs, output) -> None:
-    q, k, v, qseg, kseg, *meta = inputs
+    q, k, v, qseg, kseg, bias, *meta = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, qseg, kseg, meta[-2])
+    ctx.save_for_backward(q, k, v, out, lse, qseg, kseg, bias, meta[-2])
     ctx.meta = tuple(meta[:-2]) + (meta[-1],)
     # lse stays differentiable (attention sinks rescale the output by a function of it: flash_attention,
     # return_lse); unused, its gradient arrives as None, not as zeros the backward would subtract for nothing
@@ -415,19 +475,20 @@ def _setup(ctx, inputs, output) -> None:
 
 
 def _backward(ctx, dout, dlse):
-    q, k, v, out, lse, qseg, kseg, seed = ctx.saved_tensors
+    q, k, v, out, lse, qseg, kseg, bias, seed = ctx.saved_tensors
     causal, scale, softcap, window, p, backend = ctx.meta
     if dout is None:  # only lse was used
         dout = torch.zeros_like(out)
-    dq, dk, dv = _bwd_op(q, k, v, out, lse, dout, dlse, qseg, kseg, causal, scale, softcap, window, p, seed,
-                         backend)
-    return dq, dk, dv, None, None, None, None, None, None, None, None, None
+    need_dbias = bias is not None and bool(ctx.needs_input_grad[5])
+    dq, dk, dv, dbias = _bwd_op(q, k, v, out, lse, dout, dlse, qseg, kseg, bias, causal, scale, softcap, window, p,
+                                seed, backend, need_dbias)
+    return dq, dk, dv, None, None, dbias if need_dbias else None, None, None, None, None, None, None, None
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup)
 
 
-def check_inputs(q, k, v, qseg=None, kseg=None) -> str | None:
+def check_inputs(q, k, v, qseg=None, kseg=None, bias=None) -> str | None:
     """None if the fused op can take these tensors, else a one-line reason (the integration falls back on it)."""
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         return f"q/k/v must be 4-D [B, H, S, D], got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
@@ -444,6 +505,12 @@ def check_inputs(q, k, v, qseg=None, kseg=None) -> str | None:
         return "query and key segment ids must be given together"
     if qseg is not None and (qseg.shape != (b, sq) or kseg.shape != (b, k.shape[2])):
         return f"segment ids {tuple(qseg.shape)}, {tuple(kseg.shape)} do not match [B, SQ], [B, SK]"
+    if bias is not None:
+        full = (b, hq, sq, k.shape[2])
+        if bias.dim() != 4 or any(n not in (1, f) for n, f in zip(bias.shape, full)):
+            return f"score bias of shape {tuple(bias.shape)} does not broadcast to [B, HQ, SQ, SK] = {full}"
+        if not bias.is_floating_point() or bias.device != q.device:
+            return f"score bias must be a floating tensor on {q.device} (got {bias.dtype} on {bias.device})"
     return None
 
 
@@ -451,7 +518,8 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
                     scale: float | None = None, softcap: float | None = None, window: int | None = None,
                     qseg: torch.Tensor | None = None, kseg: torch.Tensor | None = None, dropout_p: float = 0.0,
                     seed: int | torch.Tensor | None = None, backend: str = "auto", name: str = "attention",
-                    return_lse: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+                    return_lse: bool = False, bias: torch.Tensor | None = None
+                    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Attention of q [B, HQ, SQ, D] over k/v [B, HK, SK, D] (HQ a multiple of HK); returns [B, SQ, HQ, D], and
     with ``return_lse`` also each row's log-sum-exp [B, HQ, SQ] fp32 (0 for a row that sees no key), differentiable:
     its gradient shifts the backward's row term (``Δ_i = rowsum(dO ⊙ O) − dlse_i``).
@@ -460,9 +528,11 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
     positions; ``softcap`` applies ``c·tanh(s/c)``; ``qseg``/``kseg`` int32 segment ids (see the kernels module:
     -1 padding, -2 prefix keys visible to all); ``dropout_p`` drops attention probabilities with a mask rebuilt
     from ``seed`` (an int or a one-element int64 CPU tensor; drawn from torch's RNG when None) in backward. Runs as
-    ``torch.ops.peftfast.flash_attn_fwd`` / ``flash_attn_bwd``.
+    ``torch.ops.peftfast.flash_attn_fwd`` / ``flash_attn_bwd``. ``bias`` is added to the (softcapped) scores
+    before masking and softmax (T5's position bias); it broadcasts to [B, HQ, SQ, SK] along any dimension of size 1,
+    and gets a gradient when it requires one.
     """
-    reason = check_inputs(q, k, v, qseg, kseg)
+    reason = check_inputs(q, k, v, qseg, kseg, bias)
     if reason is not None:
         raise ValueError(f"peftfast: {name}: {reason}")
     if not 0.0 <= dropout_p < 1.0:
@@ -473,7 +543,7 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
     scale = float(scale) if scale is not None else 1.0 / math.sqrt(q.shape[-1])
     sq, sk = q.shape[2], k.shape[2]
     if be != "triton" and qseg is None and softcap is None and window is None and dropout_p == 0 and \
-            (not causal or sq == sk) and not return_lse:
+            (not causal or sq == sk) and not return_lse and bias is None:
         # plain attention on the ATen path: PyTorch's fused SDPA kernel is one op, keeps O and the log-sum-exp,
         # and reads grouped K/V without repeating them (enable_gqa)
         out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=bool(causal) and sq > 1,
@@ -481,7 +551,8 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
         # SDPA's output follows q's layout: from a head-major q it is not [B, SQ, HQ, D] in memory, and models
         # that .view() the attention output (AFMoE, JetMoE) need it to be, as transformers' own SDPA path returns
         return out.transpose(1, 2).contiguous()
-    if be == "cpp" and softcap is None and dropout_p == 0 and (sq <= _TORCH_CHUNK or sk != sq) and not return_lse:
+    if be == "cpp" and softcap is None and dropout_p == 0 and (sq <= _TORCH_CHUNK or sk != sq) and not return_lse \
+            and bias is None:
         # the default CPU path (no attention kernel of ours there): where the chunked torch backend has little to
         # skip (one chunk of queries, or prefix keys / a cache that every chunk sees), segments, bottom-right causal
         # or a window run on PyTorch's fused SDPA with an additive mask, one per forward. Measured on 2 cores, fwd+bwd
@@ -500,7 +571,7 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
         from peftfast.ops.lora import seed_tensor
 
         seed_t = seed_tensor(seed, q.device, float(dropout_p))
-    args = (q, k, v, qseg, kseg, bool(causal), scale, None if softcap is None else float(softcap),
+    args = (q, k, v, qseg, kseg, bias, bool(causal), scale, None if softcap is None else float(softcap),
             None if window is None else int(window), float(dropout_p), seed_t, "triton" if be == "triton" else "torch")
     out, lse = _direct.call(torch.ops.peftfast.flash_attn_fwd.default, _setup, _backward, args, (-1, -1))
     return (out, lse) if return_lse else out
