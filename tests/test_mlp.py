@@ -620,3 +620,229 @@ def test_frozen_mlp_registers_zero3_partitioned_weights():
     assert reasons == {"base_model.model.model.layers.0.mlp": None, "base_model.model.model.layers.1.mlp": None}
     peftfast.unpatch(model)
     assert not mlp._external_params and not mlp._forward_pre_hooks
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# packed gated MLP (one gate_up_proj: Phi-3, GLM): lora_packed_mlp and its patch
+# ----------------------------------------------------------------------------------------------------------------
+def _packed_case(m, k, i, r, dtype, *, bias=True, lbias=False):
+    x = torch.randn(m, k).to(dtype).requires_grad_()
+    return x, _proj(2 * i, k, r, dtype, bias, lbias, 2.0), _proj(k, i, r, dtype, bias, lbias, 1.5)
+
+
+def _packed_reference(x, gate_up, down, act, masks, p, p_d, dtype):
+    mgu, md = masks if masks is not None else (None, None)
+    g, u = _lin(x, gate_up, mgu, p, dtype).chunk(2, dim=-1)
+    return _lin(ACTS[act](g) * u, down, md, p_d, dtype)
+
+
+def _check_packed(backend, act, x, gate_up, down, *, p=0.0, p_d=0.0, tol=None, dtype=torch.float32,
+                  recompute=False):
+    from peftfast.ops.mlp import lora_packed_mlp
+
+    m, k = x.shape
+    i = gate_up[0].shape[0] // 2
+    seed, dseed = 77, 78
+    masks = None
+    if p or p_d:  # one mask over x for the whole gate_up adapter, as PEFT's one dropout module draws it
+        masks = (dropout_keep_mask(seed, 1, m, k, p, device=x.device, backend=backend)[0] if p else None,
+                 dropout_keep_mask(dseed, 1, m, i, p_d, device=x.device, backend=backend)[0] if p_d else None)
+    leaves = _tensors(x, gate_up, down)
+    dy = torch.randn(m, k).to(dtype)
+    got = _grads(lambda: lora_packed_mlp(x, gate_up, down, act=act, dropout_p=p, down_dropout_p=p_d, seed=seed,
+                                         down_seed=dseed, recompute=recompute, backend=backend), leaves, dy)
+    ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
+    it = iter(ref_leaves)
+    rx = next(it)
+    rgu, rd = _double(gate_up, it), _double(down, it)
+    for rp, pr in ((rgu, gate_up), (rd, down)):
+        rp[0] = pr[0].double()
+    ref = _grads(lambda: _packed_reference(rx, rgu, rd, act, masks, p, p_d, torch.float64), ref_leaves, dy.double())
+    if tol is None:
+        eager = _grads(lambda: _packed_reference(x, gate_up, down, act, masks, p, p_d, dtype), leaves, dy)
+    for j, (a, r) in enumerate(zip(got, ref)):
+        scale = r.abs().max().clamp_min(1e-6)
+        err = ((a - r).abs().max() / scale).item()
+        bound = tol if tol is not None else 2 * ((eager[j] - r).abs().max() / scale).item() + 2e-3
+        assert err <= bound, (j, err, bound)
+    return got
+
+
+@pytest.mark.parametrize("backend", [*BACKENDS, "cpp"])
+@pytest.mark.parametrize("act", list(ACTS))
+@pytest.mark.parametrize("m,k,i,r,p,p_d,bias,lbias", [
+    (37, 40, 56, 8, 0.0, 0.0, True, False),
+    (19, 24, 40, 4, 0.3, 0.2, False, True),
+])
+def test_packed_fp32_parity(backend, act, m, k, i, r, p, p_d, bias, lbias):
+    """``down(act(g)·u)`` of ``[g | u] = gate_up(x)``: output and the gradients of x and every LoRA weight and bias
+    against fp64, with one dropout mask over x for the packed adapter and its own for the down projection."""
+    _cpp_or_skip(backend)
+    x, gate_up, down = _packed_case(m, k, i, r, torch.float32, bias=bias, lbias=lbias)
+    _check_packed(backend, act, x, gate_up, down, p=p, p_d=p_d, tol=3e-5)
+
+
+@pytest.mark.parametrize("backend,dtype", [("triton", torch.float16), ("torch", torch.bfloat16),
+                                           ("cpp", torch.bfloat16)])
+def test_packed_low_precision_within_twice_eager_error(backend, dtype):
+    _cpp_or_skip(backend)
+    x, gate_up, down = _packed_case(37, 40, 56, 8, dtype)
+    _check_packed(backend, "silu", x, gate_up, down, p=0.1, p_d=0.1, dtype=dtype)
+
+
+@pytest.mark.parametrize("backend", [*BACKENDS, "cpp"])
+def test_packed_saves_x_gate_up_and_skinny_products_and_recompute_keeps_x(backend):
+    """Kept: x, ``[g | u]`` (one tensor: the halves are views of it) and the two rank-r products; never act(g), h
+    or a dropout copy. With ``recompute`` the gate_up output and its product go too, for the same bits."""
+    from peftfast.ops.mlp import lora_packed_mlp
+
+    _cpp_or_skip(backend)
+    m, k, i, r = 37, 40, 56, 8
+    x, gate_up, down = _packed_case(m, k, i, r, torch.float32, lbias=True)
+    leaves = _tensors(x, gate_up, down)
+    dy = torch.randn(m, k)
+    runs = {}
+    for recompute in (False, True):
+        def fn(recompute=recompute):
+            return lora_packed_mlp(x, gate_up, down, act="gelu", dropout_p=0.2, down_dropout_p=0.3, seed=5,
+                                   down_seed=6, recompute=recompute, backend=backend)
+
+        shapes = [s for s in _saved_shapes(fn, gate_up, down) if s != (1,)]  # the C++ ops' seed tensors
+        runs[recompute] = _grads(fn, leaves, dy), shapes
+    (kept, saved_kept), (again, saved_again) = runs[False], runs[True]
+    assert saved_kept == sorted([(m, k), (m, r), (m, 2 * i), (m, r)])
+    assert saved_again == sorted([(m, k), (m, r)])
+    assert all(torch.equal(a, b) for a, b in zip(kept, again))
+
+
+def test_packed_bad_input():
+    from peftfast.ops.mlp import lora_packed_mlp
+
+    x, gate_up, down = _packed_case(5, 8, 6, 2, torch.float32)
+    odd = [torch.randn(11, 8), None, *gate_up[2:]]
+    odd[3] = torch.randn(11, 2)
+    with pytest.raises(ValueError, match="layers.0.mlp: gate_up has 11 outputs"):
+        lora_packed_mlp(x, odd, down, name="layers.0.mlp")
+    with pytest.raises(ValueError, match="unknown gate activation"):
+        lora_packed_mlp(x, gate_up, down, act="relu")
+    with pytest.raises(ValueError, match="down.*input has 6 features"):
+        lora_packed_mlp(x, gate_up, [torch.randn(8, 5), None, torch.randn(2, 5), torch.randn(8, 2), 1.0, None])
+
+
+def _glm(hidden: int = 32, layers: int = 2):
+    from transformers import GlmConfig, GlmForCausalLM
+
+    return GlmForCausalLM(GlmConfig(vocab_size=128, hidden_size=hidden, intermediate_size=2 * hidden,
+                                    num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                                    head_dim=8, max_position_embeddings=64, pad_token_id=0))
+
+
+@pytest.mark.parametrize("arch", ["phi3", "glm"])
+@pytest.mark.parametrize("p", [0.0, 0.1])
+def test_packed_model_parity(arch, p):
+    """Phi-3 and GLM (one ``gate_up_proj``): the MLP runs as one packed op, loss and every gradient as PEFT's, with
+    LoRA dropout replayed from the fused path's seeds."""
+    from peft import LoraConfig, get_peft_model
+
+    if arch == "phi3":
+        model = peft_model("phi3", lora_dropout=p)
+    else:
+        torch.manual_seed(0)
+        model = get_peft_model(_glm(), LoraConfig(target_modules="all-linear", r=8, lora_alpha=16, lora_dropout=p))
+        with torch.no_grad():
+            for m in model.modules():
+                for b in getattr(m, "lora_B", {}).values():
+                    b.weight.normal_(0.0, 0.2)
+        model.train()
+    ref = clone(model)
+    peftfast.patch(model)
+    rep = peftfast.report(model)
+    mlps = [e for e in rep.modules if e.kind == "mlp"]
+    assert len(mlps) == 2 and all(e.patched for e in mlps), rep.format()
+    if p:
+        use_shared_seed_dropout(ref, model, p)
+    data = batch("llama")
+    loss, grads = loss_and_grads(model, data)
+    ref_loss, ref_grads = loss_and_grads(ref, data)
+    assert abs(loss.item() - ref_loss.item()) <= 1e-5 * abs(ref_loss.item())
+    assert grads.keys() == ref_grads.keys()
+    assert max(max_rel_err(grads[n], ref_grads[n]) for n in grads) <= 1e-5
+    rt = rep.module_runtime(model)
+    assert all(r["fused"] == 1 and not r["fallbacks"] for n, r in rt.items() if n.endswith(".mlp")), rt
+    # the projections count their calls as fused inside the block op
+    assert all(r["fused"] == 1 for n, r in rep.runtime(model).items() if "gate_up_proj" in n or "down_proj" in n)
+
+
+def test_packed_mlp_saves_less_than_layerwise_and_peft():
+    from peftfast.bench import saved_activation_bytes
+
+    model = peft_model("phi3", lora_dropout=0.1, model_kwargs=dict(hidden=64, layers=1))
+    params = [*model.parameters()]
+    sizes = {}
+    for label in ("peft", "layers", "mlp"):
+        if label == "layers":
+            peftfast.patch(model, fuse_mlp=False)
+        elif label == "mlp":
+            peftfast.patch(model)
+        mlp = model.base_model.model.model.layers[0].mlp
+        h = torch.randn(1, 16, 64, requires_grad=True)
+        _, saved = saved_activation_bytes(lambda: mlp(h * 1), exclude=params)
+        sizes[label] = saved.total
+    m, hidden, inter, r = 16, 64, 128, 8
+    seed_bytes = 8 * 2 if resolve_backend("auto", h.device) == "cpp" else 0
+    # packed op: x, [g | u], two skinny products; layer-wise keeps act(g) and h (the down projection's input) too,
+    # and the registered LoRA op's 8-byte seed tensor per layer (the packed op keeps its seeds as integers)
+    assert sizes["mlp"] == 4 * (m * hidden + 2 * m * inter + 2 * m * r)
+    assert sizes["layers"] - sizes["mlp"] == 4 * 2 * m * inter + seed_bytes
+    assert sizes["peft"] > sizes["layers"]
+
+
+def test_packed_mlp_probe_refuses_another_formula_and_unpatch_restores():
+    """The probe runs the class's own code: a packed MLP computing ``act(up) · gate`` keeps its forward, with the
+    reason in the report; an unchanged one is fused, and ``unpatch`` restores its forward."""
+    from torch import nn
+
+    from peftfast.modules.mlp import why_not_packed
+
+    model = peft_model("phi3")
+    mlp = model.base_model.model.model.layers[0].mlp
+
+    class Swapped(type(mlp)):
+        def forward(self, x):
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+            return self.down_proj(self.activation_fn(up) * gate)
+
+    peftfast.patch(model)
+    assert why_not_packed(mlp) is None
+    mlp.__class__ = Swapped
+    assert "computes something else" in why_not_packed(mlp)
+    peftfast.patch(model)
+    (entry,) = [e for e in peftfast.report(model).modules if e.name.endswith("layers.0.mlp")]
+    assert not entry.patched and "computes something else" in entry.reason
+    assert isinstance(mlp.gate_up_proj, nn.Module) and "forward" not in mlp.__dict__
+    peftfast.unpatch(model)
+    assert not any("forward" in m.__dict__ for m in model.modules() if type(m).__name__ == "Phi3MLP")
+
+
+def test_an_mlp_of_another_layout_is_reported_with_its_reason():
+    """An MLP holding LoRA layers that is neither gate/up/down, gate_up/down nor a two-layer MLP keeps its forward
+    (its LoRA layers fused one by one), with the reason in the report."""
+    from peft import LoraConfig, get_peft_model
+    from torch import nn
+
+    class ThreeWayMLP(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8)
+
+        def forward(self, x):
+            return self.c(torch.relu(self.a(x)) + self.b(x))
+
+    holder = nn.Module()
+    holder.mlp = ThreeWayMLP()
+    model = get_peft_model(holder, LoraConfig(r=2, target_modules=["a", "b", "c"]))
+    peftfast.patch(model)
+    rep = peftfast.report(model)
+    (entry,) = [e for e in rep.modules if e.kind == "mlp"]
+    assert not entry.patched and "ThreeWayMLP layout" in entry.reason and "not fused as a block" in entry.reason
+    assert all(e.patched for e in rep.entries)

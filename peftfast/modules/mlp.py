@@ -1,7 +1,12 @@
-"""Forward replacement for gated MLPs (Llama/Mistral/Qwen2/Qwen3/Gemma/Phi-3-style ``gate_proj``/``up_proj``/
+"""Forward replacement for gated MLPs (Llama/Mistral/Qwen2/Qwen3/Gemma-style ``gate_proj``/``up_proj``/
 ``down_proj`` + ``act_fn``): one fused LoRA-MLP op where the three projections are patched PEFT LoRA layers (the
 NF4 LoRA-MLP op where their bases are NF4), one frozen-MLP op where all three are plain frozen ``nn.Linear`` (the
 base of a model tuned elsewhere: LoRA on the attention only, prompt learning, bottleneck adapters).
+
+Packed gated MLPs (Phi-3, GLM, GLM-4: one ``gate_up_proj`` of width 2·I, chunked into gate and up, then
+``down_proj``) run the packed LoRA-MLP op where both projections are patched LoRA layers. Which classes compute
+``down(act(gate) · up)`` from ``[gate | up] = gate_up(x)`` is decided by a probe of the class's own code (its
+children swapped for recording stubs, as for the two-layer MLPs of ``peftfast.modules.dense_mlp``), not by name.
 
 Calls the fused op cannot serve exactly (a disabled or merged adapter, several active adapters, autocast, extra
 arguments, unequal gate/up ranks; for a frozen MLP, projections that now train or carry hooks) run the module's
@@ -30,10 +35,12 @@ from peftfast.modules._bind import (
     zero3_register,
 )
 from peftfast.modules._tally import Tallied, tally
-from peftfast.ops.mlp import frozen_mlp, lora_mlp
+from peftfast.ops.mlp import frozen_mlp, lora_mlp, lora_packed_mlp
 from peftfast.ops.nf4 import nf4_lora_mlp
 
 _PROJ = ("gate_proj", "up_proj", "down_proj")
+_PACKED = ("gate_up_proj", "down_proj")
+_ACT_ATTRS = ("activation_fn", "act_fn")
 
 
 def gate_activation(act: nn.Module) -> str | None:
@@ -66,6 +73,73 @@ def why_not(module: nn.Module) -> str | None:
     if user_hooks(module, own=(_zero3_register_hook,)):
         return "the MLP has forward hooks"
     return None
+
+
+def _packed_act_attr(module: nn.Module) -> str | None:
+    return next((a for a in _ACT_ATTRS if isinstance(getattr(module, a, None), nn.Module)), None)
+
+
+def is_packed_gated_mlp(module: nn.Module) -> bool:
+    """``gate_up_proj`` + ``down_proj`` + an activation module (the probe confirms what the code computes)."""
+    return (all(isinstance(getattr(module, p, None), nn.Module) for p in _PACKED)
+            and _packed_act_attr(module) is not None and not is_gated_mlp(module))
+
+
+class _Stub(nn.Module):
+    def __init__(self, tag: str, log: list, fn):
+        super().__init__()
+        self.tag, self.log, self.fn = tag, log, fn
+
+    def forward(self, x, *rest):
+        self.log.append(self.tag)
+        return self.fn(x)
+
+
+def probe_packed(module: nn.Module) -> str | None:
+    """None when the class's own code computes ``down(act(g) · u)`` from ``[g | u] = gate_up(x)`` (the first half
+    the gate), each child called once, in that order; else why not. The children are swapped for stubs, distinct
+    non-linear element-wise maps (gate_up: two of them side by side), so another order, another split or another
+    formula changes the result."""
+    act_attr = _packed_act_attr(module)
+    maps = {"gate_up_proj": lambda x: torch.cat([x * 1.5 + 0.25, x * x - 0.5], dim=-1),
+            act_attr: lambda x: x * x + 0.75, "down_proj": lambda x: x * -0.5 + 1.0}
+    x = torch.randn(2, 3, 4, generator=torch.Generator().manual_seed(0))
+    gu = maps["gate_up_proj"](x)
+    expect = maps["down_proj"](maps[act_attr](gu[..., :4]) * gu[..., 4:])
+    log: list = []
+    saved = {a: module._modules.get(a) for a in maps}
+    try:
+        for a, fn in maps.items():
+            module._modules[a] = _Stub(a, log, fn)
+        with torch.no_grad():
+            got = type(module).forward(module, x)
+    except Exception as exc:  # the class's code does something a packed gated MLP does not
+        return f"probe failed: {type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}"
+    finally:
+        for a, m in saved.items():
+            module._modules[a] = m
+    if log != ["gate_up_proj", act_attr, "down_proj"]:
+        return f"its code calls {'/'.join(log) or 'nothing'}, not gate_up_proj -> {act_attr} -> down_proj once each"
+    if not isinstance(got, torch.Tensor) or got.shape != expect.shape or not torch.allclose(got, expect):
+        return "its code computes something else than down(act(gate) * up) of [gate | up] = gate_up_proj(x)"
+    return None
+
+
+def why_not_packed(module: nn.Module) -> str | None:
+    """None if this packed gated MLP can run as one packed LoRA-MLP op (both projections patched), else why not."""
+    if not is_packed_gated_mlp(module):
+        return "not a packed gated MLP (gate_up_proj + activation + down_proj)"
+    missing = [p for p in _PACKED if getattr(getattr(module, p), "_peftfast", None) is None]
+    if missing:
+        return f"{', '.join(missing)} not patched fused LoRA layer(s) (a frozen packed MLP is not fused)"
+    if any(nf4_mod.is_nf4_lora(getattr(module, p)) for p in _PACKED):
+        return "NF4 bases: the packed projections run one by one on the NF4 op"
+    act = getattr(module, _packed_act_attr(module))
+    if gate_activation(act) is None:
+        return f"activation {type(act).__name__} is not SiLU/GELU"
+    if user_hooks(module, own=(_zero3_register_hook,)):
+        return "the MLP has forward hooks"
+    return probe_packed(module)
 
 
 def _frozen_reason(module: nn.Module, gathered: bool = True) -> str | None:
@@ -103,6 +177,7 @@ class MLPState(Tallied):
     previous_forward: object | None
     recompute: bool = False  # backward runs the gate/up forward again instead of keeping g and u
     frozen: bool = False  # plain frozen projections (the frozen-MLP op), not patched LoRA layers
+    packed: bool = False  # one gate_up_proj (Phi-3, GLM): the packed LoRA-MLP op
     fused_calls: int = 0
     fallbacks: Counter = field(default_factory=Counter)  # block-level reasons (the projections still run fused)
     deferred: Counter = field(default_factory=Counter)  # adapter states the LoRA layers themselves report
@@ -110,12 +185,13 @@ class MLPState(Tallied):
     zero3_hook: object | None = None
 
 
-def _plan(module: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict):
-    """The three projections' plans, or (kind, reason): kind "fallback" is a block-level reason, "defer" an
-    adapter state (disabled, merged, several active) that the projections handle and report themselves."""
+def _plan(module: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict, projs: tuple = _PROJ):
+    """The projections' plans (``projs``: the three of a gated MLP, or gate_up/down of a packed one), or (kind,
+    reason): kind "fallback" is a block-level reason, "defer" an adapter state (disabled, merged, several active)
+    that the projections handle and report themselves."""
     if args or kwargs:
         return "fallback", "extra forward arguments"
-    nf4 = [nf4_mod.is_nf4_lora(getattr(module, p)) for p in _PROJ]
+    nf4 = [nf4_mod.is_nf4_lora(getattr(module, p)) for p in projs]
     if any(nf4) and not all(nf4):
         return "fallback", "gate/up/down mix NF4 and other base weights"
     if not nf4[0] and torch.is_autocast_enabled(x.device.type):
@@ -124,7 +200,7 @@ def _plan(module: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict):
     if z3 and module.__dict__["_peftfast_mlp"].zero3_params is None:  # DeepSpeed gathers them for each projection
         return "fallback", ZERO3_REASON
     plans = []
-    for p in _PROJ:
+    for p in projs:
         layer = getattr(module, p)
         if getattr(layer, "_peftfast", None) is None:
             return "fallback", f"{p} is no longer patched"
@@ -138,7 +214,7 @@ def _plan(module: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict):
         if nf4[0] and (why := _nf4_call_reason(layer, x)) is not None:
             return "defer", f"{p}: {why}"
         plans.append(pl)
-    if nf4[0]:  # three NF4 LoRA ops chained: ranks and dropout may differ, no sibling group
+    if nf4[0] or projs is _PACKED:  # NF4: three NF4 LoRA ops chained; packed: no sibling group to agree with
         return plans
     g, u, d = plans
     if (g.rank, g.p, g.lora_dtype) != (u.rank, u.p, u.lora_dtype):
@@ -208,6 +284,25 @@ def fused_mlp_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs) -> torc
                     name=st.name)
 
 
+def packed_mlp_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """Drop-in ``forward`` for a packed gated MLP (``gate_up_proj``, Phi-3 / GLM) whose projections are patched
+    LoRA layers (bound by ``patch``)."""
+    st: MLPState = self._peftfast_mlp
+    plans = _plan(self, x, args, kwargs, _PACKED)
+    if isinstance(plans, tuple):
+        kind, reason = plans
+        tally(st.tally_key, "fallbacks" if kind == "fallback" else "deferred", reason)
+        return call_original(self, st, x, *args, **kwargs)
+    lora_mod._check_input(self.gate_up_proj, x)
+    tally(st.tally_key, "fused_calls")
+    for p in _PACKED:
+        tally(getattr(self, p)._peftfast.tally_key, "fused_calls")
+    gate_up, down = (_proj(getattr(self, n), pl) for n, pl in zip(_PACKED, plans))
+    act = gate_activation(getattr(self, _packed_act_attr(self)))
+    return lora_packed_mlp(x, gate_up, down, act=act, dropout_p=plans[0].p, down_dropout_p=plans[1].p,
+                           recompute=st.recompute, backend=st.backend, name=st.name)
+
+
 def frozen_mlp_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     """Drop-in ``forward`` for a gated MLP of frozen ``nn.Linear`` projections (bound by ``patch``)."""
     st: MLPState = self._peftfast_mlp
@@ -236,17 +331,20 @@ def frozen_mlp_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs) -> tor
     return out
 
 
-def install(module: nn.Module, name: str, backend: str, recompute: bool = False, frozen: bool = False) -> None:
+def install(module: nn.Module, name: str, backend: str, recompute: bool = False, frozen: bool = False,
+            packed: bool = False) -> None:
     st = getattr(module, "_peftfast_mlp", None)
-    if st is not None and st.frozen != frozen:  # its projections gained or lost LoRA since the last patch
+    if st is not None and (st.frozen, st.packed) != (frozen, packed):  # its projections gained or lost LoRA
         uninstall(module)
         st = None
     if st is not None:
         st.backend, st.recompute = backend, recompute
         _zero3_register_hook(module, ())
         return
-    st = MLPState(name=name, backend=backend, previous_forward=None, recompute=recompute, frozen=frozen)
-    bind_forward(module, "_peftfast_mlp", st, frozen_mlp_forward if frozen else fused_mlp_forward)
+    st = MLPState(name=name, backend=backend, previous_forward=None, recompute=recompute, frozen=frozen,
+                  packed=packed)
+    forward = packed_mlp_forward if packed else frozen_mlp_forward if frozen else fused_mlp_forward
+    bind_forward(module, "_peftfast_mlp", st, forward)
     if lora_mod._HAS_DEEPSPEED:  # see _zero3_register_hook
         st.zero3_hook = module.register_forward_pre_hook(_zero3_register_hook, prepend=True)
         _zero3_register_hook(module, ())  # patched after deepspeed.initialize: register now
@@ -258,8 +356,12 @@ def uninstall(module: nn.Module) -> None:
         zero3_detach(module, st)
 
 
+def _projs_of(module: nn.Module) -> tuple:
+    return _PACKED if "gate_up_proj" in module._modules else _PROJ
+
+
 def _partitioned(module: nn.Module) -> bool:
-    return any(first_param_partitioned(module._modules.get(p)) for p in _PROJ)
+    return any(first_param_partitioned(module._modules.get(p)) for p in _projs_of(module))
 
 
 def _zero3_register_hook(module: nn.Module, args) -> None:
@@ -269,7 +371,7 @@ def _zero3_register_hook(module: nn.Module, args) -> None:
     st = module.__dict__.get("_peftfast_mlp")
     if st is None or st.zero3_params is not None or not _partitioned(module):
         return
-    for p in _PROJ:
+    for p in _projs_of(module):
         layer = getattr(module, p)
         if getattr(layer, "fan_in_fan_out", False) or nf4_mod.is_nf4_lora(layer):
             return  # a transposed view or NF4 state would outlive the gathering: the projections run one by one

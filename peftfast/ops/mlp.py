@@ -395,4 +395,88 @@ def lora_mlp(x: torch.Tensor, gate: Sequence, up: Sequence, down: Sequence, *, a
                                   float(p_d), seed, down_seed, be, gate_segment, bool(recompute), *flat)
 
 
-__all__ = ["GATE_ACTS", "act_mul", "act_mul_backward", "frozen_mlp", "lora_mlp"]
+class _PackedLoRAMLPFunction(torch.autograd.Function):
+    """``down(act(g) · u)`` with ``[g | u] = gate_up(x)`` one LoRA linear of width 2·I (Phi-3, GLM). ``flat`` =
+    the gate_up projection's W, b, bB, A, B, then the down projection's. Saves x, ``y = [g | u]`` (the halves are
+    views of it) and the two skinny LoRA products; with ``recompute`` only x and the down product (backward runs the
+    gate_up forward again: same seed, same kernels, same values). ``h = act(g)·u`` is rebuilt, never kept."""
+
+    @staticmethod
+    def forward(ctx, x, act, s_gu, s_d, p_gu, p_d, seed_gu, seed_d, backend, recompute, *flat):
+        x2d = x.reshape(-1, x.shape[-1])
+        y, xa_gu = _packed_gate_up(x2d, s_gu, p_gu, seed_gu, backend, flat[:5])
+        inter = y.shape[1] // 2
+        h = act_mul(y[:, :inter], y[:, inter:], act, backend)
+        (out,), xa_d = group_forward(h, s_d, p_d, seed_d, backend, 1, flat[5:])
+        del h
+        if recompute:
+            ctx.save_for_backward(x2d, xa_d, *flat)
+        else:
+            ctx.save_for_backward(x2d, xa_gu, y, xa_d, *flat)
+        ctx.meta = (act, s_gu, s_d, p_gu, p_d, seed_gu, seed_d, backend, x.shape, recompute)
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx, dout):
+        act, s_gu, s_d, p_gu, p_d, seed_gu, seed_d, backend, x_shape, recompute = ctx.meta
+        if recompute:
+            x2d, xa_d, *flat = ctx.saved_tensors
+            y, xa_gu = _packed_gate_up(x2d, s_gu, p_gu, seed_gu, backend, flat[:5])
+        else:
+            x2d, xa_gu, y, xa_d, *flat = ctx.saved_tensors
+        inter = y.shape[1] // 2
+        g, u = y[:, :inter], y[:, inter:]
+        h = act_mul(g, u, act, backend)  # rebuilt, never saved
+        need = ctx.needs_input_grad
+        flat_need = need[10:]
+        dout2 = dout.reshape(x2d.shape[0], -1)
+        dh, grads_d = group_backward(h, xa_d, flat[5:], s_d, p_d, seed_d, backend, 1, True, flat_need[5:], [dout2])
+        del h
+        dg, du = act_mul_backward(dh, g, u, act, backend)
+        del dh, g, u, y
+        dy = torch.cat([dg, du], dim=1)
+        del dg, du
+        dx, grads_gu = group_backward(x2d, xa_gu, flat[:5], s_gu, p_gu, seed_gu, backend, 1, need[0],
+                                      flat_need[:5], [dy])
+        return (None if dx is None else dx.view(x_shape), *([None] * 9), *grads_gu, *grads_d)
+
+
+def _packed_gate_up(x2d, s_gu, p_gu, seed_gu, backend, flat_gu):
+    (y,), xa = group_forward(x2d, s_gu, p_gu, seed_gu, backend, 1, flat_gu)
+    return y, xa
+
+
+def lora_packed_mlp(x: torch.Tensor, gate_up: Sequence, down: Sequence, *, act: str = "silu",
+                    dropout_p: float = 0.0, down_dropout_p: float | None = None, seed: int | None = None,
+                    down_seed: int | None = None, recompute: bool = False, backend: str = "auto",
+                    name: str = "") -> torch.Tensor:
+    """``down(act(g) · u)`` where ``[g | u] = gate_up(x)`` (the first half the gate, as Phi-3 and GLM chunk it) and
+    each projection is ``(W, b, A, B, scale, lora_bias)`` of a LoRA linear (gate_up: one adapter over the 2·I
+    outputs, one dropout mask, as PEFT applies it to the packed layer).
+
+    Keeps x, ``[g | u]`` and the rank-r products, where eager autograd with PEFT keeps ``[g | u]``, ``act(g)``,
+    ``h = act(g)·u`` (or, with dropout, its dropped copy and mask) as well: per token I values fewer, 2·I with
+    dropout. ``recompute`` keeps x alone for one more gate_up GEMM in backward.
+    """
+    label = name or "lora_packed_mlp"
+    if act not in GATE_ACTS:
+        raise ValueError(f"peftfast: {label}: unknown gate activation {act!r}; choose one of {list(GATE_ACTS)}")
+    p_d = dropout_p if down_dropout_p is None else down_dropout_p
+    (wgu, bgu, agu, bmgu, sgu, lbgu), (wd, bd, ad, bmd, sd, lbd) = gate_up, down
+    _check_group(x, [wgu], [bgu], [agu], [bmgu], [sgu], [lbgu], dropout_p, f"{label} gate_up")
+    if wgu.shape[0] % 2:
+        raise ValueError(f"peftfast: {label}: gate_up has {wgu.shape[0]} outputs, not an even 2 x intermediate")
+    h_like = x.new_empty((1, wgu.shape[0] // 2))
+    _check_group(h_like, [wd], [bd], [ad], [bmd], [sd], [lbd], p_d, f"{label} down")
+    be = resolve_backend(backend, x.device)
+    if be == "cpp":
+        seed, down_seed = seed_tensor(seed, x.device, dropout_p), seed_tensor(down_seed, x.device, p_d)
+    else:
+        seed = int(seed) if seed is not None else draw_seed(x.device) if dropout_p > 0.0 else 0
+        down_seed = int(down_seed) if down_seed is not None else draw_seed(x.device) if p_d > 0.0 else 0
+    return _PackedLoRAMLPFunction.apply(x, act, (float(sgu),), (float(sd),), float(dropout_p), float(p_d), seed,
+                                        down_seed, be, bool(recompute), wgu, bgu, lbgu, agu, bmgu, wd, bd, lbd, ad,
+                                        bmd)
+
+
+__all__ = ["GATE_ACTS", "act_mul", "act_mul_backward", "frozen_mlp", "lora_mlp", "lora_packed_mlp"]
