@@ -64,6 +64,9 @@ if [[ " $parts " == *" bench "* ]]; then
       --out "$out/bench-llama-3-8b-padded" 2>&1 | tee "$out/bench-llama-3-8b-padded.log"
   python -m peftfast bench --model llama-3-8b --method qlora --batch-size auto --recompute norms "${common[@]}" \
       --out "$out/bench-llama-3-8b-qlora" 2>&1 | tee "$out/bench-llama-3-8b-qlora.log"
+  # packed projections: Phi-3-mini's qkv_proj and gate_up_proj (the packed LoRA-MLP op)
+  python -m peftfast bench --model phi-3-mini --batch-size auto --recompute norms "${common[@]}" \
+      --out "$out/bench-phi-3-mini" 2>&1 | tee "$out/bench-phi-3-mini.log"
   # speech: Whisper large-v3 on 30 s log-mel windows and 128-token transcripts (the encoder's window is fixed)
   python -m peftfast bench --model whisper-large-v3 --batch-size auto --dtype bf16 --steps 10 --quiet \
       --recompute norms --baselines peft,peft+compile --out "$out/bench-whisper-large-v3" \

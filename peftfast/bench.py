@@ -169,6 +169,12 @@ PRESETS: dict[str, Preset] = {
         hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
         vocab_size=152064, max_position_embeddings=131072, rope_theta=1000000.0, rms_norm_eps=1e-6,
         tie_word_embeddings=False), 1024, 2, "Qwen/Qwen2.5-7B (7,615,616,512 parameters)"),
+    # one packed gate_up_proj and one qkv_proj per layer (the packed LoRA-MLP op)
+    "phi-3-mini": Preset("Phi3Config", dict(
+        hidden_size=3072, intermediate_size=8192, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
+        vocab_size=32064, max_position_embeddings=4096, original_max_position_embeddings=4096, rope_theta=10000.0,
+        rms_norm_eps=1e-5, sliding_window=2047, tie_word_embeddings=False, pad_token_id=32000, bos_token_id=1,
+        eos_token_id=32000), 1024, 2, "microsoft/Phi-3-mini-4k-instruct (3,821,079,552 parameters)"),
     "gemma-2-9b": Preset("Gemma2Config", dict(
         hidden_size=3584, intermediate_size=14336, num_hidden_layers=42, num_attention_heads=16, num_key_value_heads=8,
         head_dim=256, vocab_size=256000, max_position_embeddings=8192, sliding_window=4096, query_pre_attn_scalar=256,

@@ -177,7 +177,7 @@ def test_bench_dropout_saves_less_than_peft(tmp_path):
 # ----------------------------------------------------------------------------------------------------------------
 PUBLISHED = {  # total parameters of the published checkpoints the presets copy
     "llama-3.2-1b": 1_235_814_400, "llama-3-8b": 8_030_261_248, "mistral-7b": 7_241_732_096,
-    "qwen2.5-7b": 7_615_616_512, "gemma-2-9b": 9_241_705_984, "bert-base": 109_514_298,
+    "qwen2.5-7b": 7_615_616_512, "phi-3-mini": 3_821_079_552, "gemma-2-9b": 9_241_705_984, "bert-base": 109_514_298,
     "t5-base": 222_903_552, "bart-base": 139_420_416, "whisper-small": 241_734_912,
     "whisper-large-v3": 1_543_490_560,
 }
