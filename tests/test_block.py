@@ -151,13 +151,12 @@ def test_attn_rebuild_keeps_gradients_bit_for_bit(arch, kind):
     assert got["attn"][3] == got["norms"][3] and all(got["attn"][3].values())  # one fused call each, per setting
 
 
-def test_attn_rebuild_with_dora_layers_left_to_peft():
-    """DoRA layers run on PEFT's own path (the fused LoRA op refuses them), the attention and RoPE on peftfast's:
-    the rerun goes through PEFT's DoRA projections (same dropout under the restored RNG), bit for bit, and the
-    attention keeps no q, k, v. The DoRA projections keep their own products (their per-call weight norms are
-    discarded branches, which the saved-bytes count leaves out, so the difference is exact). With dropout they
-    keep dropout copies of their input, never the input itself, so under "norms" nothing needs layer 0's norm
-    output; the rerun does, and keeps what rebuilds it: the embedding output (one hidden vector per token)."""
+def test_attn_rebuild_with_dora_layers():
+    """DoRA layers run layer by layer on the fused DoRA path (no sibling group, no block op): the rerun goes through
+    them (the same dropout masks from the restored RNG), bit for bit, and the attention keeps no q, k, v. The DoRA
+    projections keep their own products (the weight norms keep nothing). With dropout they keep their dropped
+    input and mask, never the input itself, so under "norms" nothing needs layer 0's norm output; the rerun does,
+    and keeps what rebuilds it: the embedding output (one hidden vector per token)."""
     model = peft_model("llama", use_dora=True, lora_dropout=0.1)
     data = batch("llama")
     params = [*model.parameters(), *model.buffers()]
@@ -168,7 +167,7 @@ def test_attn_rebuild_with_dora_layers_left_to_peft():
         torch.manual_seed(0)
         _, saved = saved_activation_bytes(lambda: model(**data).loss, exclude=params)
         got[setting] = loss, grads, saved.total
-    assert peftfast.report(model).summary().startswith("peftfast: patched 0 LoRA layer(s)")
+    assert peftfast.report(model).summary().startswith("peftfast: patched 14 LoRA layer(s)")
     assert torch.equal(got["attn"][0], got["norms"][0])
     assert all(torch.equal(got["attn"][1][n], g) for n, g in got["norms"][1].items())
     cfg = model.config

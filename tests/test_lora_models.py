@@ -268,3 +268,24 @@ def test_triton_backend_end_to_end():
     # one grouped call each for q/k/v and gate/up, one call each for o_proj and down_proj
     assert launches["_lora_down_kernel"] >= 4 and launches["_lora_gemm_kernel"] >= 4
     assert launches["_lora_da_kernel"] >= 4, launches
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "bert"])
+@pytest.mark.parametrize("p", [0.0, 0.1])
+def test_dora_model_parity(arch, p):
+    """DoRA adapters on every linear layer (``use_dora=True``): each runs on the fused DoRA path (no layer left to
+    PEFT, no fallback), loss and every gradient (magnitudes included) as PEFT's, with dropout replayed."""
+    model = peft_model(arch, lora_dropout=p, use_dora=True)
+    ref = clone(model)
+    peftfast.patch(model)
+    rep = peftfast.report(model)
+    assert rep.patched and not rep.skipped, rep.format()
+    if p:
+        use_shared_seed_dropout(ref, model, p)
+    data = batch(arch)
+    loss, grads = loss_and_grads(model, data)
+    ref_loss, ref_grads = loss_and_grads(ref, data)
+    assert abs(loss.item() - ref_loss.item()) <= 2e-5 * abs(ref_loss.item())
+    assert grads.keys() == ref_grads.keys() and any("lora_magnitude_vector" in n for n in grads)
+    assert max(max_rel_err(grads[n], ref_grads[n]) for n in grads) <= 2e-5
+    assert all(r["fused"] >= 1 and not r["fallbacks"] for r in rep.runtime(model).values())

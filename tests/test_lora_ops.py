@@ -301,3 +301,132 @@ def test_unknown_backend():
     with pytest.raises(ValueError, match="unknown backend"):
         lora_linear(torch.randn(2, 4), torch.randn(3, 4), None, torch.randn(1, 4), torch.randn(3, 1), 1.0,
                     backend="cuda-magic")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# DoRA: PEFT's weight-decomposed LoRA on the fused op
+# ----------------------------------------------------------------------------------------------------------------
+def _peft_dora(k, n, r, dtype, *, p=0.0, bias=True, fan_in_fan_out=False, lora_dtype=None, seed=0):
+    """A PEFT DoRA linear (magnitude initialised from the weight norm, then moved off it, LoRA B non-zero)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(seed)
+    holder = torch.nn.Module()
+    holder.fc = Conv1D(n, k) if fan_in_fan_out else torch.nn.Linear(k, n, bias=bias)
+    holder.fc.weight.data.normal_(0.0, k**-0.5)
+    model = get_peft_model(holder, LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=p, target_modules=["fc"],
+                                              use_dora=True, fan_in_fan_out=fan_in_fan_out))
+    layer = model.base_model.model.fc
+    with torch.no_grad():
+        layer.lora_B["default"].weight.normal_(0.0, 0.3)
+        layer.lora_magnitude_vector["default"].weight.mul_(torch.rand(n) + 0.5)
+    model.to(dtype)
+    if lora_dtype is not None:
+        for name, prm in model.named_parameters():
+            if "lora_" in name:
+                prm.data = prm.data.to(lora_dtype)
+    return model.train()
+
+
+def _dora_leaves(model):
+    return {n: prm for n, prm in model.named_parameters() if prm.requires_grad}
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_dora_weight_norm_without_forming_b_a(dtype):
+    """‖W + s·B A‖ per output row from rank-r products equals the norm of the formed matrix (fp64), and in low
+    precision errs no more than twice what PEFT's formed-matrix norm in that dtype does."""
+    from peftfast.ops.lora import dora_weight_norm
+
+    g = torch.Generator().manual_seed(3)
+    n, k, r, s = 37, 80, 6, 1.7
+    w, a, b = torch.randn(n, k, generator=g), torch.randn(r, k, generator=g) * 0.2, torch.randn(n, r, generator=g)
+    ref = torch.linalg.norm(w.double() + s * b.double() @ a.double(), dim=1)
+    got = dora_weight_norm(w.to(dtype), a.to(dtype), b.to(dtype), s).double()
+    assert not got.requires_grad
+    if dtype == torch.float64:
+        assert torch.allclose(got, ref, rtol=1e-12)
+        return
+    peft = torch.linalg.norm(w.to(dtype) + s * (b.to(dtype) @ a.to(dtype)), dim=1).double()
+    assert (got - ref).abs().max() <= 2 * (peft - ref).abs().max() + 1e-6 * ref.abs().max()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("p,bias,fan_in_fan_out", [(0.0, True, False), (0.0, False, True), (0.25, True, False),
+                                                   (0.25, False, True)])
+def test_dora_layer_matches_peft(backend, p, bias, fan_in_fan_out):
+    """A patched DoRA layer gives PEFT's output and the gradients of the input, the base bias, LoRA A and B and the
+    DoRA magnitude (fp32; with dropout, PEFT's dropout replaying the fused path's masks), odd shapes, 3-D input."""
+    from _models import clone, use_shared_seed_dropout
+
+    import peftfast
+
+    model = _peft_dora(80, 37, 5, torch.float32, p=p, bias=bias, fan_in_fan_out=fan_in_fan_out)
+    ref = clone(model)
+    peftfast.patch(model, backend=backend)
+    assert peftfast.report(model).entries[0].patched
+    if p:
+        use_shared_seed_dropout(ref, model, p, backend=backend)
+    x = torch.randn(2, 19, 80)
+    dy = torch.randn(2, 19, 37)
+    outs = []
+    for m in (model, ref):
+        xi = x.clone().requires_grad_()
+        torch.manual_seed(7)
+        y = m.base_model.model.fc(xi)
+        y.backward(dy)
+        outs.append([y.detach(), xi.grad] + [prm.grad for prm in _dora_leaves(m).values()])
+    assert len(outs[0]) == 2 + 3 and all(t is not None for t in outs[0])  # y, dx, then A, B, magnitude
+    for got, want in zip(*outs):
+        assert torch.allclose(got, want, atol=2e-5 * want.abs().max().item(), rtol=1e-4), (got - want).abs().max()
+    rt = peftfast.report(model).runtime(model)
+    assert all(r["fused"] == 1 and not r["fallbacks"] for r in rt.values()), rt
+
+
+@pytest.mark.parametrize("backend,dtype,lora_dtype", [("torch", torch.bfloat16, None),
+                                                      ("torch", torch.bfloat16, torch.float32),
+                                                      pytest.param("cpp", torch.bfloat16, torch.float32,
+                                                                   marks=CPP.marks),
+                                                      ("triton", torch.float16, None)])
+def test_dora_low_precision_within_twice_peft_error(backend, dtype, lora_dtype):
+    """bf16/fp16 bases, LoRA weights in the same dtype or in fp32 (PEFT's default over a bf16 base): the patched
+    layer's output and gradients err against fp64 no more than twice what PEFT's own DoRA forward does."""
+    import peftfast
+
+    model = _peft_dora(64, 48, 8, dtype, lora_dtype=lora_dtype)
+    exact = _peft_dora(64, 48, 8, torch.float64)
+    peft = _peft_dora(64, 48, 8, dtype, lora_dtype=lora_dtype)
+    peftfast.patch(model, backend=backend)
+    x = torch.randn(37, 64)
+    dy = torch.randn(37, 48)
+    res = []
+    for m, dt in ((exact, torch.float64), (model, dtype), (peft, dtype)):
+        xi = x.to(dt).requires_grad_()
+        y = m.base_model.model.fc(xi)
+        y.backward(dy.to(y.dtype))
+        res.append([y.detach().double(), xi.grad.double()] + [prm.grad.double() for prm in _dora_leaves(m).values()])
+    for r, got, eager in zip(*res):
+        assert (got - r).abs().max() <= 2 * (eager - r).abs().max() + 1e-3 * r.abs().max(), (
+            (got - r).abs().max(), (eager - r).abs().max())
+
+
+def test_dora_saves_less_than_peft():
+    """Without dropout the patched DoRA layer keeps x, the rank-r product and one [M, N] output (for the magnitude's
+    gradient); PEFT keeps its base and LoRA outputs and the LoRA chain's inputs besides."""
+    import peftfast
+    from peftfast.bench import saved_activation_bytes
+
+    m, k, n, r = 16, 64, 96, 8
+    sizes = {}
+    for label in ("peft", "peftfast"):
+        model = _peft_dora(k, n, r, torch.float32)
+        if label == "peftfast":
+            peftfast.patch(model)
+        x = torch.randn(m, k, requires_grad=True)
+        _, saved = saved_activation_bytes(lambda: model.base_model.model.fc(x * 1),
+                                          exclude=[*model.parameters()])
+        sizes[label] = saved.total
+    small = 4 * 2 * n + 8  # the weight norm and mag (N each), the registered op's seed
+    assert sizes["peftfast"] <= 4 * (m * k + m * r + m * n) + small
+    assert sizes["peft"] >= sizes["peftfast"] + 4 * m * n

@@ -295,10 +295,11 @@ def test_unknown_backend_raises_before_touching_the_model():
 # report: what was patched, what was skipped and why, runtime fallbacks
 # ----------------------------------------------------------------------------------------------------------------
 def test_report_lists_layers_and_skips_with_reasons(ids):
-    # embed_tokens gets a lora.Embedding; an inactive DoRA adapter on down_proj makes those layers ineligible;
-    # layer 0's o_proj has a trainable base weight
+    # embed_tokens gets a lora.Embedding; an inactive aLoRA adapter (a LoRA variant not fused) on down_proj makes
+    # those layers ineligible; layer 0's o_proj has a trainable base weight
     model = lora_llama(targets=[*TARGETS, "embed_tokens"])
-    add_adapter(model, "dora", use_dora=True, target_modules=["down_proj"])
+    add_adapter(model, "alora", alora_invocation_tokens=[1, 2], target_modules=["down_proj"],
+                task_type="CAUSAL_LM")
     lora_layers(model)[f"{LAYER}.0.self_attn.o_proj"].base_layer.weight.requires_grad_(True)
     ref = logits(model, ids)
     peftfast.patch(model)
@@ -312,7 +313,7 @@ def test_report_lists_layers_and_skips_with_reasons(ids):
                             f"{LAYER}.0.mlp.down_proj", f"{LAYER}.1.mlp.down_proj"}
     assert "Embedding" in skipped["base_model.model.model.embed_tokens"]
     assert "trainable" in skipped[f"{LAYER}.0.self_attn.o_proj"]
-    assert "DoRA" in skipped[f"{LAYER}.0.mlp.down_proj"]
+    assert "ALoraLinearVariant" in skipped[f"{LAYER}.0.mlp.down_proj"]
     for text in (str(rep), rep.format(model)):
         lines = [ln for ln in text.splitlines() if ln.strip().startswith("skipped")]
         assert len(lines) == 4
@@ -325,18 +326,19 @@ def test_report_lists_layers_and_skips_with_reasons(ids):
     assert all(r["fallbacks"] == {} for r in rep.runtime(model).values())
 
 
-def test_dora_model_is_skipped_entirely(ids):
+def test_dora_model_runs_fused_layer_by_layer(ids):
+    """DoRA layers run on the fused DoRA path, one by one: no sibling group, and the MLP stays unfused with the
+    reason (its three projections each carry a norm and a magnitude); attention, RoPE, norms, blocks fused."""
     model = lora_llama(layers=1, use_dora=True)
     ref = logits(model, ids)
     peftfast.patch(model)
     rep = peftfast.report(model)
-    assert len(rep.skipped) == 7 and not rep.patched
-    assert all("DoRA" in e.reason for e in rep.skipped)
-    assert all("forward" not in m.__dict__ for m in lora_layers(model).values())
-    # the layers are PEFT's own; attention, RoPE, norms and the block's residual add are still fused (same maths,
-    # other rounding)
+    assert len(rep.patched) == 7 and not rep.skipped and not any(e.group for e in rep.entries)
+    (mlp,) = [e for e in rep.modules if e.kind == "mlp"]
+    assert not mlp.patched and "DoRA" in mlp.reason
     assert {e.kind for e in rep.modules if e.patched} == {"attention", "rope", "norm", "block"}
     close(logits(model, ids), ref)
+    assert fused_calls(model) == 7
 
 
 def test_layer_that_became_ineligible_is_unpatched_by_a_second_patch(ids):

@@ -39,7 +39,7 @@ from peftfast.modules._bind import (
     zero3_register,
 )
 from peftfast.modules._tally import Tallied, tally
-from peftfast.ops.lora import MAX_RANK, lora_linear_group
+from peftfast.ops.lora import MAX_RANK, dora_linear, lora_linear_group
 
 try:  # transformers is a dependency, but keep the module importable without it
     from transformers.pytorch_utils import Conv1D as _HFConv1D
@@ -53,6 +53,29 @@ def _peft_lora_linear_cls():
     from peft.tuners.lora.layer import Linear
 
     return Linear
+
+
+def _is_dora(variant) -> bool:
+    """PEFT's DoRA variant of a linear layer, exactly (its subclasses and other variants compute something else)."""
+    try:
+        from peft.tuners.lora.variants import DoraLinearVariant
+    except ImportError:  # pragma: no cover - an older PEFT
+        return False
+    return type(variant) is DoraLinearVariant or variant is DoraLinearVariant
+
+
+def _dora_reason(layer: nn.Module, name: str) -> str | None:
+    """Why adapter ``name`` of ``layer`` (a DoRA adapter) cannot run on the fused DoRA path, or None."""
+    mag = getattr(layer, "lora_magnitude_vector", {})
+    dora = mag[name] if name in mag else None
+    if dora is None or type(dora).__name__ != "DoraLinearLayer" or not isinstance(getattr(dora, "weight", None),
+                                                                                  torch.Tensor):
+        return f"adapter {name!r}: DoRA without PEFT's DoraLinearLayer magnitude"
+    if layer.lora_B[name].bias is not None:
+        return f"adapter {name!r}: DoRA with a LoRA bias (lora_bias=True)"
+    if getattr(layer, "ephemeral_gpu_offload", False):
+        return f"adapter {name!r}: DoRA with ephemeral_gpu_offload"
+    return None
 
 
 @dataclass
@@ -168,11 +191,19 @@ def why_not(layer: nn.Module) -> str | None:
         return "base weight is not a materialised 2-D tensor"
     if w.requires_grad:
         return "base weight is trainable (the fused path trains only LoRA weights and biases)"
-    if getattr(layer, "lora_variant", None):
-        names = ", ".join(sorted(f"{k}: {type(v).__name__}" for k, v in layer.lora_variant.items()))
-        return f"LoRA variant ({names}; e.g. DoRA) is not fused"
-    if any(getattr(layer, "use_dora", {}).values()):
-        return "DoRA is not fused"
+    variants = getattr(layer, "lora_variant", None) or {}
+    others = {k: v for k, v in variants.items() if not _is_dora(v)}
+    if others:
+        names = ", ".join(sorted(f"{k}: {type(v).__name__}" for k, v in others.items()))
+        return f"LoRA variant ({names}) is not fused"
+    if nf4 and variants:
+        return "DoRA over an NF4 base is not fused"
+    for name in variants:
+        why = _dora_reason(layer, name)
+        if why is not None:
+            return why
+    if any(v for k, v in getattr(layer, "use_dora", {}).items() if k not in variants):
+        return "DoRA flagged without PEFT's DoRA variant (an older PEFT) is not fused"
     for name, a in layer.lora_A.items():
         b = layer.lora_B[name]
         if type(a) is not nn.Linear or type(b) is not nn.Linear:
@@ -195,6 +226,7 @@ class _Plan:
     rank: int
     p: float
     lora_dtype: torch.dtype
+    dora: bool = False  # PEFT's DoRA variant: runs alone on dora_linear (no sibling group, no block op)
 
 
 def _plan(layer: nn.Module, args: tuple, kwargs: dict, gathered: bool = False) -> _Plan | str | None:
@@ -214,7 +246,9 @@ def _plan(layer: nn.Module, args: tuple, kwargs: dict, gathered: bool = False) -
     if len(active) > 1:
         return f"{len(active)} active adapters (the fused path serves one)"
     name = active[0]
-    if name in getattr(layer, "lora_variant", {}):
+    variant = getattr(layer, "lora_variant", {}).get(name)
+    dora = variant is not None
+    if dora and (not _is_dora(variant) or _dora_reason(layer, name) is not None):
         return f"adapter {name!r} uses a LoRA variant"
     w = base_of(layer).weight
     if w.requires_grad:
@@ -226,7 +260,9 @@ def _plan(layer: nn.Module, args: tuple, kwargs: dict, gathered: bool = False) -
             return ZERO3_REASON
     drop = mods["lora_dropout"][name]
     p = float(drop.p) if isinstance(drop, nn.Dropout) and drop.training else 0.0
-    return _Plan(name, a.out_features, p, a.weight.dtype)
+    if dora and not layer.training:
+        p = 0.0  # PEFT's DoRA reuses the base output outside training, whatever its dropout module
+    return _Plan(name, a.out_features, p, a.weight.dtype, dora)
 
 
 def _check_input(layer: nn.Module, x: torch.Tensor) -> None:
@@ -270,6 +306,16 @@ def _run(layers: list[nn.Module], plans: list[_Plan], x: torch.Tensor, backend: 
                              backend=backend, name=name)
 
 
+def _run_dora(layer: nn.Module, plan: _Plan, x: torch.Tensor, st: LoRAState) -> torch.Tensor:
+    mods = layer._modules
+    a, b = mods["lora_A"][plan.adapter], mods["lora_B"][plan.adapter]
+    mag = mods["lora_magnitude_vector"][plan.adapter].weight
+    out = dora_linear(x, base_weight_nk(layer), base_of(layer).bias, a.weight, b.weight,
+                      float(layer.scaling[plan.adapter]), mag, dropout_p=plan.p, backend=st.config.backend,
+                      name=st.name)
+    return out
+
+
 def _group_plans(group: SiblingGroup, plan: _Plan) -> list[_Plan] | None:
     """Plans of every sibling when all can run together with ``plan``; else None."""
     plans = []
@@ -278,7 +324,8 @@ def _group_plans(group: SiblingGroup, plan: _Plan) -> list[_Plan] | None:
         if st is None or nf4_mod.is_nf4_base(base_of(m)):
             return None
         pl = _plan(m, (), {})
-        if not isinstance(pl, _Plan) or (pl.rank, pl.p, pl.lora_dtype) != (plan.rank, plan.p, plan.lora_dtype):
+        if not isinstance(pl, _Plan) or pl.dora or \
+                (pl.rank, pl.p, pl.lora_dtype) != (plan.rank, plan.p, plan.lora_dtype):
             return None
         plans.append(pl)
     return plans
@@ -302,6 +349,12 @@ def fused_lora_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs) -> tor
         tally(st.tally_key, "fused_calls")
         return nf4_mod.run_lora(self, plan.adapter, plan.p, x, st.config.backend, st.name)
     _check_input(self, x)
+    if plan.dora:
+        if torch.is_autocast_enabled(x.device.type):
+            tally(st.tally_key, "fallbacks", "DoRA under autocast")
+            return call_original(self, st, x, *args, **kwargs)
+        tally(st.tally_key, "fused_calls")
+        return _run_dora(self, plan, x, st)
     # counted through tally: a plain `+= 1` makes Dynamo guard on the value and recompile on every call
     tally(st.tally_key, "fused_calls")
     grp = st.group

@@ -68,6 +68,9 @@ def why_not(module: nn.Module) -> str | None:
     missing = [p for p in _PROJ if getattr(getattr(module, p), "_peftfast", None) is None]
     if missing:
         return f"{', '.join(missing)} not patched fused LoRA layer(s)"
+    dora = [p for p in _PROJ if getattr(getattr(module, p), "lora_variant", None)]
+    if dora:
+        return f"{', '.join(dora)} carry DoRA adapters (fused layer by layer)"
     if gate_activation(module.act_fn) is None:
         return f"activation {type(module.act_fn).__name__} is not SiLU/GELU"
     if user_hooks(module, own=(_zero3_register_hook,)):
@@ -132,6 +135,9 @@ def why_not_packed(module: nn.Module) -> str | None:
     missing = [p for p in _PACKED if getattr(getattr(module, p), "_peftfast", None) is None]
     if missing:
         return f"{', '.join(missing)} not patched fused LoRA layer(s) (a frozen packed MLP is not fused)"
+    dora = [p for p in _PACKED if getattr(getattr(module, p), "lora_variant", None)]
+    if dora:
+        return f"{', '.join(dora)} carry DoRA adapters (fused layer by layer)"
     if any(nf4_mod.is_nf4_lora(getattr(module, p)) for p in _PACKED):
         return "NF4 bases: the packed projections run one by one on the NF4 op"
     act = getattr(module, _packed_act_attr(module))
@@ -211,6 +217,8 @@ def _plan(module: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict, projs: 
             return "defer", f"{p}: adapter disabled, merged or inactive"
         if isinstance(pl, str):
             return "defer", f"{p}: {pl}"
+        if pl.dora:
+            return "defer", f"{p}: DoRA adapter (runs layer by layer)"
         if nf4[0] and (why := _nf4_call_reason(layer, x)) is not None:
             return "defer", f"{p}: {why}"
         plans.append(pl)

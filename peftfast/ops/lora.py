@@ -634,4 +634,74 @@ def lora_linear(
                              dropout_p=dropout_p, seed=seed, backend=backend, name=name)[0]
 
 
-__all__ = ["MAX_RANK", "draw_seed", "dropout_keep_mask", "lora_linear", "lora_linear_group", "seed_tensor"]
+# ----------------------------------------------------------------------------------------------------------------
+# DoRA (weight-decomposed LoRA) on the fused LoRA op
+# ----------------------------------------------------------------------------------------------------------------
+def dora_weight_norm(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float) -> torch.Tensor:
+    """‖W_n + s·(B A)_n‖ for each output row n (fp32, or fp64 for fp64 inputs; no gradient), from rank-r products
+    only: ``‖W_n‖² + 2s·(W Aᵀ)_n·B_n + s²·B_n (A Aᵀ) B_nᵀ``.
+
+    ``weight`` is ``[N, K]``. PEFT forms ``B A`` through an identity matrix (a K × K ``eye`` and two GEMMs) and then
+    ``W + s·B A``: two ``[N, K]`` temporaries and a pass over each, per layer and call. Here: one ``[N, r]`` GEMM,
+    an ``[r, r]`` one and a row-norm pass over W; nothing ``[N, K]`` is allocated.
+    """
+    with torch.no_grad():
+        ct = torch.promote_types(torch.promote_types(weight.dtype, lora_a.dtype), torch.float32)
+        a, b = lora_a.to(ct), lora_b.to(ct)
+        w_sq = torch.linalg.vector_norm(weight, dim=1, dtype=ct).square()
+        wa = torch.mm(weight, lora_a.t().to(weight.dtype)).to(ct) if weight.dtype != ct else torch.mm(weight, a.t())
+        cross = (wa * b).sum(1)
+        quad = (torch.mm(b, torch.mm(a, a.t())) * b).sum(1)
+        return (w_sq + (2.0 * scale) * cross + (scale * scale) * quad).clamp_min_(0.0).sqrt_()
+
+
+def dora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
+                lora_b: torch.Tensor, scale: float, magnitude: torch.Tensor, *, dropout_p: float = 0.0,
+                seed: int | torch.Tensor | None = None, backend: str = "auto", name: str = "") -> torch.Tensor:
+    """PEFT's DoRA linear: ``m/‖W + s·B A‖`` (the norm detached, as the paper and PEFT treat it) rescales the LoRA
+    linear's output, ``y = base(x) + (mag − 1)·(x_d Wᵀ) + mag·s·(x_d Aᵀ Bᵀ)`` with ``x_d`` the dropped input.
+
+    Without dropout (``x_d = x``) that is ``y = mag ⊙ (x Wᵀ + s·x Aᵀ Bᵀ) + b``: one fused LoRA call (x and the
+    rank-r product kept, as for LoRA) and one scaling, which keeps its input for the magnitude's gradient, where PEFT
+    keeps both the base and the LoRA output. With dropout the base GEMM of the dropped input is needed as PEFT
+    computes it: the same ops, the mask regenerated from ``seed`` (the fused LoRA op's Philox or torch stream), so
+    only the norm differs. ``weight`` is ``[N, K]`` (pass ``W.t()`` for ``fan_in_fan_out``).
+    """
+    where = f"peftfast: {name}: " if name else "peftfast: "
+    n = weight.shape[0]
+    if magnitude.shape != (n,):
+        raise ValueError(f"{where}DoRA magnitude has shape {tuple(magnitude.shape)}, expected ({n},)")
+    if magnitude.device != x.device:
+        raise ValueError(f"{where}DoRA magnitude is on {magnitude.device}, the input on {x.device}")
+    norm = dora_weight_norm(weight, lora_a, lora_b, scale)
+    mag = magnitude / norm.to(magnitude.dtype)
+    if dropout_p == 0.0:
+        z = lora_linear(x, weight, None, lora_a, lora_b, scale, backend=backend, name=name)
+        y = z * mag.to(torch.promote_types(z.dtype, mag.dtype))
+        if bias is not None:
+            y = y + bias
+        return y.to(x.dtype)
+    _check_group(x, [weight], [bias], [lora_a], [lora_b], [scale], [None], dropout_p, name)
+    be = resolve_backend(backend, x.device)
+    x2d = x.reshape(-1, x.shape[-1])
+    m, k = x2d.shape
+    if be == "cpp":  # the seed stays a tensor (drawn as a traced op under torch.compile: no .item())
+        keep = torch.ops.peftfast.dropout_keep_mask(x2d.new_empty((0,)), seed_tensor(seed, x.device, dropout_p),
+                                                    1, m, k, float(dropout_p))
+    else:
+        if isinstance(seed, torch.Tensor):
+            seed = int(seed.reshape(-1)[0].item())
+        seed = draw_seed(x.device) if seed is None else int(seed)
+        keep = dropout_keep_mask(seed, 1, m, k, dropout_p, device=x.device, backend=be)
+    xd = x2d * keep[0] * (1.0 / (1.0 - dropout_p))
+    lt = lora_a.dtype
+    base = torch.nn.functional.linear(x2d, weight, bias)
+    dense_d = torch.nn.functional.linear(xd, weight)
+    low = torch.nn.functional.linear(torch.nn.functional.linear(xd.to(lt), lora_a), lora_b)
+    ct = torch.promote_types(base.dtype, mag.dtype)
+    y = base + (mag.to(ct) - 1) * dense_d + (mag.to(ct) * scale) * low
+    return y.to(x.dtype).view(*x.shape[:-1], n)
+
+
+__all__ = ["MAX_RANK", "dora_linear", "dora_weight_norm", "draw_seed", "dropout_keep_mask", "lora_linear",
+           "lora_linear_group", "seed_tensor"]

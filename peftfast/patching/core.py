@@ -361,7 +361,8 @@ def _model_notes(model: nn.Module, attention_fused: bool) -> list[str]:
 def _form_groups(patched: dict[str, nn.Module], rep: PatchReport) -> None:
     by_parent: dict[str, dict[str, nn.Module]] = {}
     for name, mod in patched.items():
-        if nf4_mod.is_nf4_lora(mod):  # NF4 layers run one by one (no grouped NF4 op)
+        if nf4_mod.is_nf4_lora(mod) or getattr(mod, "lora_variant", None):
+            # NF4 layers run one by one (no grouped NF4 op), and so do DoRA layers (a norm and magnitude each)
             mod._peftfast.group = None
             continue
         parent, _, leaf = name.rpartition(".")
