@@ -211,7 +211,8 @@ PRESETS: dict[str, Preset] = {
         "openai/whisper-large-v3 (WhisperForConditionalGeneration: 1,543,490,560 parameters)"),
 }
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-METHODS = ("lora", "qlora", "adapter", "prefix")
+METHODS = ("lora", "qlora", "dora", "adapter", "prefix")
+LORA_METHODS = ("lora", "qlora", "dora")  # PEFT LoRA adapters (dora: use_dora=True)
 BASELINES = ("peft", "peft+compile", "liger", "unsloth")
 # model types trained as masked LMs; every other config is built as a causal LM
 ENCODER_TYPES = {"bert", "roberta", "xlm-roberta", "camembert", "distilbert", "electra", "deberta", "deberta-v2"}
@@ -395,8 +396,8 @@ def resolve(cfg: BenchConfig) -> Setup:
         raise BenchError(f"--rank must be in 1..256, got {cfg.rank}")
     if not 0.0 <= cfg.dropout < 1.0:
         raise BenchError(f"--dropout must be in [0, 1), got {cfg.dropout}")
-    if cfg.targets != "all-linear" and cfg.method not in ("lora", "qlora"):
-        raise BenchError(f"--targets applies to --method lora and qlora, not {cfg.method}")
+    if cfg.targets != "all-linear" and cfg.method not in LORA_METHODS:
+        raise BenchError(f"--targets applies to --method lora, qlora and dora, not {cfg.method}")
     if not _target_list(cfg.targets) and cfg.targets != "all-linear":
         raise BenchError("--targets needs all-linear or module names, e.g. q_proj,v_proj")
     if cfg.num_virtual_tokens < 1:
@@ -438,9 +439,9 @@ def resolve(cfg: BenchConfig) -> Setup:
         for flag, on in (("--packed", cfg.packed), ("--padded", cfg.padded)):
             if on:
                 raise BenchError(f"{flag} needs a decoder-only model (bench packs causal documents)")
-        if cfg.method not in ("lora", "qlora"):
+        if cfg.method not in LORA_METHODS:
             raise BenchError(f"--method {cfg.method} is benchmarked on decoder or encoder models; encoder-decoder "
-                             "models take lora or qlora")
+                             "models take lora, qlora or dora")
     if cfg.packed and cfg.padded:
         raise BenchError("--packed and --padded are two layouts of the same documents: choose one per run")
     if cfg.packed and kind == "encoder":
@@ -641,7 +642,7 @@ def _wrap(model, setup: Setup, cfg: BenchConfig):
     else:
         targets = "all-linear" if cfg.targets == "all-linear" else _target_list(cfg.targets)
         method = LoraConfig(r=cfg.rank, lora_alpha=2 * cfg.rank, lora_dropout=cfg.dropout,
-                            target_modules=targets, task_type=task)
+                            target_modules=targets, task_type=task, use_dora=cfg.method == "dora")
     with warnings.catch_warnings():
         # PEFT reads transformers' deprecated ``is_gradient_checkpointing``: a FutureWarning per model built that
         # would break the progress line, about code that is neither the user's nor ours
@@ -964,7 +965,7 @@ def _run_bench(cfg: BenchConfig, progress: Callable[[str], None] | None) -> dict
     ref_label = "eager" if cfg.method == "adapter" else "peft"
     plan = [("reference", ref_label, None)]
     # recompute settings only change LoRA models' fused blocks: adapters and prefix tuning get one row
-    settings = cfg.recompute if cfg.method in ("lora", "qlora") else cfg.recompute[:1]
+    settings = cfg.recompute if cfg.method in LORA_METHODS else cfg.recompute[:1]
     plan += [("peftfast", "peftfast" if i == 0 else f"peftfast recompute={r}", r) for i, r in enumerate(settings)]
     skipped: dict[str, str] = {}
     for b in cfg.baselines:
@@ -1163,6 +1164,7 @@ def format_table(res: dict) -> str:
     on = "" if cfg.get("targets", "all-linear") == "all-linear" else f" on {cfg['targets']}"
     what = {"lora": f"LoRA r={cfg['rank']}{on} dropout={cfg['dropout']}", "adapter": f"adapters h={cfg['rank']}",
             "qlora": f"QLoRA (NF4 base) r={cfg['rank']}{on} dropout={cfg['dropout']}",
+            "dora": f"DoRA r={cfg['rank']}{on} dropout={cfg['dropout']}",
             "prefix": f"prefix tuning ({cfg['num_virtual_tokens']} virtual tokens)"}[cfg["method"]]
     extras = "".join([", packed" if cfg["packed"] else "", ", padded" if cfg.get("padded") else "",
                       ", grad-ckpt" if cfg["grad_ckpt"] else ""])

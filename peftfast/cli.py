@@ -50,9 +50,9 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--layers", type=int, default=None, help="keep only the first N layers (run big presets on "
                                                             "small machines)")
     b.add_argument("--method", default="lora",
-                   help=f"{', '.join(METHODS)} (lora: PEFT LoRA on all linear layers; adapter: "
-                        "peftfast.add_adapters; prefix: PEFT prefix tuning; qlora: LoRA over NF4 base weights "
-                        "from peftfast.quantize_base)")
+                   help=f"{', '.join(METHODS)} (lora: PEFT LoRA on all linear layers; dora: the same with "
+                        "use_dora=True; adapter: peftfast.add_adapters; prefix: PEFT prefix tuning; qlora: LoRA over "
+                        "NF4 base weights from peftfast.quantize_base)")
     b.add_argument("--rank", type=int, default=16, help="LoRA rank; adapter bottleneck size")
     b.add_argument("--dropout", type=float, default=0.05, help="LoRA dropout")
     b.add_argument("--targets", default="all-linear",
