@@ -10,9 +10,12 @@
       ``"mlp"`` (the others use the default, ``"norms"``). Then one training step (fwd+bwd) of that layer at 512
       tokens in fp32, PEFT vs patched (cpp, cpp:attn, cpp:mlp and torch), interleaved in the same process: median
       and p20/p80 over repeated steps. Last, the host's cost per call: one small LoRA layer (8 tokens x 256
-      features, where the GEMMs take microseconds), PEFT vs patched, fwd+bwd and no-grad forward.
+      features, where the GEMMs take microseconds), PEFT vs patched, fwd+bwd and no-grad forward. And DoRA
+      (``use_dora=True``): one 1024 -> 3584 layer at 512 tokens, fp32, PEFT's DoRA vs the patched one, fwd+bwd time
+      (interleaved) and bytes saved for backward, dropout 0 and 0.05.
 --gpu (CUDA): fused LoRA linear fwd+bwd vs PEFT's lora.Linear vs a frozen nn.Linear on Llama-3-8B shapes, median
-      and p20/p80 of ``triton.testing.do_bench``, TFLOP/s and peak memory, for both dense strategies.
+      and p20/p80 of ``triton.testing.do_bench``, TFLOP/s and peak memory, for both dense strategies; DoRA layers
+      (PEFT vs patched) on the same shapes in bf16.
 """
 
 from __future__ import annotations
@@ -189,6 +192,74 @@ def host_overhead(tokens: int = 8, features: int = 256, rank: int = 16, rounds: 
     return rows
 
 
+def dora_layer(k: int = 1024, n: int = 3584, tokens: int = 512, rank: int = 16, rounds: int = 12,
+               device: str = "cpu", dtype_name: str = "fp32") -> list[dict]:
+    """PEFT's DoRA linear vs the patched one (one layer, ``use_dora=True``), dropout 0 and 0.05: fwd+bwd time
+    (interleaved round by round; CUDA: ``triton.testing.do_bench``) and bytes saved for backward."""
+    import statistics
+    import time
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    import peftfast
+    from peftfast.bench import saved_activation_bytes
+
+    dt = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
+    rows = []
+    for p in (0.0, 0.05):
+        layers = {}
+        for method in ("peft", "peftfast"):
+            torch.manual_seed(0)
+            holder = torch.nn.Module()
+            holder.fc = torch.nn.Linear(k, n, bias=False)
+            model = get_peft_model(holder, LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=p,
+                                                      target_modules=["fc"], use_dora=True))
+            model.to(device=device, dtype=dt).train()
+            if method == "peftfast":
+                peftfast.patch(model)
+            layers[method] = (model, model.base_model.model.fc)
+        x = torch.randn(tokens, k, device=device, dtype=dt, requires_grad=True)
+        dy = torch.randn(tokens, n, device=device, dtype=dt)
+
+        def step(layer):
+            x.grad = None
+            layer(x).backward(dy)
+
+        times: dict[str, list[float]] = {m: [] for m in layers}
+        if device == "cuda":
+            import triton.testing
+
+            for m, (_, layer) in layers.items():
+                times[m] = [triton.testing.do_bench(functools.partial(step, layer))]
+        else:
+            for i in range(rounds + 2):
+                for m, (_, layer) in layers.items():
+                    t0 = time.perf_counter()
+                    step(layer)
+                    if i >= 2:
+                        times[m].append((time.perf_counter() - t0) * 1e3)
+        for m, (model, layer) in layers.items():
+            _, saved = saved_activation_bytes(lambda layer=layer: layer(x), exclude=[*model.parameters()])
+            ts = times[m]
+            q = statistics.quantiles(ts, n=5) if len(ts) > 1 else [ts[0]] * 4
+            rows.append({"method": m, "dropout": p, "ms_median": statistics.median(ts), "ms_p20": q[0],
+                         "ms_p80": q[3], "saved_mb": saved.total / 2**20, "shape": f"{k}->{n}", "tokens": tokens,
+                         "rank": rank, "dtype": dtype_name, "device": device})
+    return rows
+
+
+def _print_dora(rows: list[dict]) -> None:
+    r0 = rows[0]
+    print(f"\nDoRA layer {r0['shape']}, {r0['tokens']} tokens, r={r0['rank']}, {r0['dtype']} on {r0['device']}: "
+          "fwd+bwd and bytes saved")
+    for r in rows:
+        base = next(b for b in rows if b["method"] == "peft" and b["dropout"] == r["dropout"])
+        print(f"{r['method']:<10} dropout {r['dropout']:<5} median {r['ms_median']:8.2f} ms  p20 {r['ms_p20']:8.2f}  "
+              f"p80 {r['ms_p80']:8.2f}  {r['ms_median'] / base['ms_median']:.2f}x PEFT   saved "
+              f"{r['saved_mb']:7.2f} MB  {r['saved_mb'] / base['saved_mb']:.2f}x")
+
+
 def run_cpu(out_path: str) -> list[dict]:
     from peftfast import _ext
 
@@ -234,11 +305,13 @@ def run_cpu(out_path: str) -> list[dict]:
         ratio = r["us_median"] / peft_us[r["dropout"], r["mode"]]
         print(f"{r['method']:<14} dropout {r['dropout']:<5} {r['mode']:<12} median {r['us_median']:7.1f} us  "
               f"p20 {r['us_p20']:7.1f}  p80 {r['us_p80']:7.1f}  {ratio:.2f}x PEFT")
+    dora = dora_layer()
+    _print_dora(dora)
     os.makedirs(os.path.dirname(out_path), exist_ok=True)
     from peftfast.bench import _versions, git_commit
 
     with open(out_path, "w") as f:
-        json.dump({"rows": rows, "step_times": steps, "host_overhead": overhead, "versions": _versions(),
+        json.dump({"rows": rows, "step_times": steps, "host_overhead": overhead, "dora": dora, "versions": _versions(),
                    "commit": git_commit(),
                    "shape": "llama hidden 1024, inter 3584, 8x128 heads, 2 kv heads, r=16 all-linear, 32 tokens"},
                   f, indent=2)
@@ -302,13 +375,15 @@ def run_gpu(out_dir: str | None, tokens: int = 8192) -> list[dict]:
                     print(f"{k:>5}->{n:<6} r={r:<3} p={p:<4} {name:<22} {med:8.3f} ms  "
                           f"{flops / med / 1e9:6.1f} TFLOP/s")
                 os.environ.pop("PEFTFAST_LORA_GEMM", None)
+    dora = [row for k, n in SHAPES_8B for row in dora_layer(k, n, tokens=tokens, device=dev, dtype_name="bf16")]
+    _print_dora(dora)
     name = torch.cuda.get_device_name().replace(" ", "-")
     out_dir = out_dir or os.path.join(HERE, "results", f"{datetime.date.today()}-{name}")
     os.makedirs(out_dir, exist_ok=True)
     meta = {"device": torch.cuda.get_device_name(), "capability": torch.cuda.get_device_capability(),
             "versions": _versions(), "commit": git_commit(), "tokens": tokens, "peftfast": peftfast.__version__}
     with open(os.path.join(out_dir, "lora_linear.json"), "w") as f:
-        json.dump({"meta": meta, "rows": rows}, f, indent=2)
+        json.dump({"meta": meta, "rows": rows, "dora": dora}, f, indent=2)
     _plot(rows, os.path.join(out_dir, "lora_linear.png"), meta)
     return rows
 

@@ -145,3 +145,42 @@ def test_recompute_settings_keep_gradients_bit_for_bit_on_gpu():
     for setting in ("norms", "attn", "mlp"):
         assert torch.equal(got[setting][0], got["none"][0])
         assert all(torch.equal(got[setting][1][n], g) for n, g in got["none"][1].items()), setting
+
+
+@pytest.mark.parametrize("lora_dtype", [torch.bfloat16, torch.float32])
+def test_dora_layer_within_twice_peft_error(lora_dtype):
+    """A patched DoRA layer (bf16 base; adapters in bf16 or PEFT's default fp32) on the Triton path: output and the
+    gradients of x, A, B and the magnitude err against an fp64 PEFT layer no more than twice PEFT's own."""
+    from peft import LoraConfig, get_peft_model
+
+    import peftfast
+
+    def build(dtype, ldt, patch):
+        torch.manual_seed(0)
+        holder = torch.nn.Module()
+        holder.fc = torch.nn.Linear(4096, 1024, bias=False)
+        model = get_peft_model(holder, LoraConfig(r=16, lora_alpha=32, target_modules=["fc"], use_dora=True))
+        with torch.no_grad():
+            model.base_model.model.fc.lora_B["default"].weight.normal_(0.0, 0.02)
+        model.to(device=DEV, dtype=dtype)
+        for name, prm in model.named_parameters():
+            if "lora_" in name:
+                prm.data = prm.data.to(ldt)
+        if patch:
+            peftfast.patch(model)
+        return model.train().base_model.model.fc
+
+    g = torch.Generator(device=DEV).manual_seed(1)
+    x = torch.randn(777, 4096, device=DEV, generator=g)
+    dy = torch.randn(777, 1024, device=DEV, generator=g)
+    res = []
+    for layer, dt in ((build(torch.float64, torch.float64, False), torch.float64),
+                      (build(torch.bfloat16, lora_dtype, True), torch.bfloat16),
+                      (build(torch.bfloat16, lora_dtype, False), torch.bfloat16)):
+        xi = x.to(dt).requires_grad_()
+        y = layer(xi)
+        y.backward(dy.to(y.dtype))
+        res.append([y.detach().double(), xi.grad.double()]
+                   + [prm.grad.double() for prm in layer.parameters() if prm.requires_grad])
+    for r, got, eager in zip(*res):
+        assert (got - r).abs().max() <= 2 * (eager - r).abs().max() + 1e-3 * r.abs().max()
