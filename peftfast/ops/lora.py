@@ -663,9 +663,10 @@ def dora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 
     Without dropout (``x_d = x``) that is ``y = mag ⊙ (x Wᵀ + s·x Aᵀ Bᵀ) + b``: one fused LoRA call (x and the
     rank-r product kept, as for LoRA) and one scaling, which keeps its input for the magnitude's gradient, where PEFT
-    keeps both the base and the LoRA output. With dropout the base GEMM of the dropped input is needed as PEFT
-    computes it: the same ops, the mask regenerated from ``seed`` (the fused LoRA op's Philox or torch stream), so
-    only the norm differs. ``weight`` is ``[N, K]`` (pass ``W.t()`` for ``fan_in_fan_out``).
+    keeps both the base and the LoRA output. With dropout the base GEMM of the dropped input is needed, as PEFT
+    computes it: ``y = base(x) + (mag − 1)·z_d + s·x_d Aᵀ Bᵀ`` with ``z_d`` the fused LoRA linear of ``x_d`` (one
+    ``[M, N]`` kept where PEFT keeps two), the mask regenerated from ``seed`` (the fused LoRA op's Philox or torch
+    stream). ``weight`` is ``[N, K]`` (pass ``W.t()`` for ``fan_in_fan_out``).
     """
     where = f"peftfast: {name}: " if name else "peftfast: "
     n = weight.shape[0]
@@ -694,12 +695,14 @@ def dora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
         seed = draw_seed(x.device) if seed is None else int(seed)
         keep = dropout_keep_mask(seed, 1, m, k, dropout_p, device=x.device, backend=be)
     xd = x2d * keep[0] * (1.0 / (1.0 - dropout_p))
-    lt = lora_a.dtype
+    # base(x) + (mag - 1)·(x_d Wᵀ) + mag·s·low(x_d) = base(x) + (mag - 1)·z_d + s·low(x_d), z_d = x_d Wᵀ + s·low(x_d)
+    # the fused LoRA linear of x_d: one [M, N] tensor kept for the magnitude's gradient instead of two, and the
+    # rank-r term low(x_d) = (x_d Aᵀ) Bᵀ again (two skinny GEMMs)
+    z_d = lora_linear(xd, weight, None, lora_a, lora_b, scale, backend=backend, name=name)
+    low = torch.nn.functional.linear(torch.nn.functional.linear(xd.to(lora_a.dtype), lora_a), lora_b)
     base = torch.nn.functional.linear(x2d, weight, bias)
-    dense_d = torch.nn.functional.linear(xd, weight)
-    low = torch.nn.functional.linear(torch.nn.functional.linear(xd.to(lt), lora_a), lora_b)
-    ct = torch.promote_types(base.dtype, mag.dtype)
-    y = base + (mag.to(ct) - 1) * dense_d + (mag.to(ct) * scale) * low
+    ct = torch.promote_types(torch.promote_types(base.dtype, mag.dtype), low.dtype)
+    y = base + (mag.to(ct) - 1) * z_d + scale * low
     return y.to(x.dtype).view(*x.shape[:-1], n)
 
 
