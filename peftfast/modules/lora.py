@@ -254,7 +254,8 @@ def _plan(layer: nn.Module, args: tuple, kwargs: dict, gathered: bool = False) -
     if w.requires_grad:
         return "base weight is trainable (the fused path trains only LoRA weights and biases)"
     a = lora_a[name]
-    if zero3_partitioned(w, a.weight, mods["lora_B"][name].weight):
+    extra = (mods["lora_magnitude_vector"][name].weight,) if dora else ()
+    if zero3_partitioned(w, a.weight, mods["lora_B"][name].weight, *extra):
         st = getattr(layer, "_peftfast", None)
         if not gathered and (st is None or st.zero3_params is None):  # DeepSpeed gathers nothing for the fused path
             return ZERO3_REASON
