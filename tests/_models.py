@@ -101,6 +101,14 @@ def phi3(hidden: int = 32, layers: int = 2, **overrides) -> nn.Module:
     return Phi3ForCausalLM(Phi3Config(**{**kw, **overrides}))
 
 
+def glm(hidden: int = 32, layers: int = 2, **overrides) -> nn.Module:
+    """GlmForCausalLM (packed gate_up_proj, interleaved partial RoPE)."""
+    from transformers import GlmConfig, GlmForCausalLM
+
+    kw = {**_decoder_kwargs(hidden, layers), "head_dim": hidden // 4, "pad_token_id": 0}
+    return GlmForCausalLM(GlmConfig(**{**kw, **overrides}))
+
+
 def gpt2(hidden: int = 32, layers: int = 2, **overrides) -> nn.Module:
     """GPT2LMHeadModel (``Conv1D`` layers store ``[in, out]`` weights: PEFT sets ``fan_in_fan_out``)."""
     from transformers import GPT2Config, GPT2LMHeadModel
@@ -155,7 +163,7 @@ def bart(hidden: int = 32, layers: int = 2, **overrides) -> nn.Module:
 
 BUILDERS: dict[str, Callable[..., nn.Module]] = {
     "llama": llama, "mistral": mistral, "qwen2": qwen2, "qwen3": qwen3, "gemma": gemma, "gemma2": gemma2,
-    "gemma3": gemma3, "phi3": phi3, "gpt2": gpt2, "bert": bert, "roberta": roberta, "t5": t5, "bart": bart,
+    "gemma3": gemma3, "phi3": phi3, "glm": glm, "gpt2": gpt2, "bert": bert, "roberta": roberta, "t5": t5, "bart": bart,
 }
 SEQ2SEQ_ARCHS = ("t5", "bart")
 

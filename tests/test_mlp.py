@@ -342,10 +342,12 @@ def test_model_parity_with_fused_mlp(arch, p):
                if n.endswith(".mlp"))
 
 
-def test_fused_mlp_saves_less_than_layerwise_and_peft():
+def _mlp_saved_bytes(arch: str) -> tuple[dict[str, int], torch.Tensor]:
+    """Bytes one MLP (hidden 64, 16 tokens, LoRA dropout 0.1) keeps for backward: PEFT, patched with the MLP left
+    to its layers (``fuse_mlp=False``), and patched."""
     from peftfast.bench import saved_activation_bytes
 
-    model = peft_model("llama", lora_dropout=0.1, model_kwargs=dict(hidden=64, layers=1))
+    model = peft_model(arch, lora_dropout=0.1, model_kwargs=dict(hidden=64, layers=1))
     params = [*model.parameters()]
     sizes = {}
     for label in ("peft", "layers", "mlp"):
@@ -357,6 +359,11 @@ def test_fused_mlp_saves_less_than_layerwise_and_peft():
         h = torch.randn(1, 16, 64, requires_grad=True)
         _, saved = saved_activation_bytes(lambda: mlp(h * 1), exclude=params)
         sizes[label] = saved.total
+    return sizes, h
+
+
+def test_fused_mlp_saves_less_than_layerwise_and_peft():
+    sizes, h = _mlp_saved_bytes("llama")
     m, hidden, inter, r = 16, 64, 128, 8
     elt = 4
     # fused MLP: x, g, u (+ skinny products); layer-wise also keeps act(g) and h; PEFT adds dropout copies
@@ -729,31 +736,12 @@ def test_packed_bad_input():
         lora_packed_mlp(x, gate_up, [torch.randn(8, 5), None, torch.randn(2, 5), torch.randn(8, 2), 1.0, None])
 
 
-def _glm(hidden: int = 32, layers: int = 2):
-    from transformers import GlmConfig, GlmForCausalLM
-
-    return GlmForCausalLM(GlmConfig(vocab_size=128, hidden_size=hidden, intermediate_size=2 * hidden,
-                                    num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                                    head_dim=8, max_position_embeddings=64, pad_token_id=0))
-
-
 @pytest.mark.parametrize("arch", ["phi3", "glm"])
 @pytest.mark.parametrize("p", [0.0, 0.1])
 def test_packed_model_parity(arch, p):
     """Phi-3 and GLM (one ``gate_up_proj``): the MLP runs as one packed op, loss and every gradient as PEFT's, with
     LoRA dropout replayed from the fused path's seeds."""
-    from peft import LoraConfig, get_peft_model
-
-    if arch == "phi3":
-        model = peft_model("phi3", lora_dropout=p)
-    else:
-        torch.manual_seed(0)
-        model = get_peft_model(_glm(), LoraConfig(target_modules="all-linear", r=8, lora_alpha=16, lora_dropout=p))
-        with torch.no_grad():
-            for m in model.modules():
-                for b in getattr(m, "lora_B", {}).values():
-                    b.weight.normal_(0.0, 0.2)
-        model.train()
+    model = peft_model(arch, lora_dropout=p)
     ref = clone(model)
     peftfast.patch(model)
     rep = peftfast.report(model)
@@ -774,20 +762,7 @@ def test_packed_model_parity(arch, p):
 
 
 def test_packed_mlp_saves_less_than_layerwise_and_peft():
-    from peftfast.bench import saved_activation_bytes
-
-    model = peft_model("phi3", lora_dropout=0.1, model_kwargs=dict(hidden=64, layers=1))
-    params = [*model.parameters()]
-    sizes = {}
-    for label in ("peft", "layers", "mlp"):
-        if label == "layers":
-            peftfast.patch(model, fuse_mlp=False)
-        elif label == "mlp":
-            peftfast.patch(model)
-        mlp = model.base_model.model.model.layers[0].mlp
-        h = torch.randn(1, 16, 64, requires_grad=True)
-        _, saved = saved_activation_bytes(lambda: mlp(h * 1), exclude=params)
-        sizes[label] = saved.total
+    sizes, h = _mlp_saved_bytes("phi3")
     m, hidden, inter, r = 16, 64, 128, 8
     seed_bytes = 8 * 2 if resolve_backend("auto", h.device) == "cpp" else 0
     # packed op: x, [g | u], two skinny products; layer-wise keeps act(g) and h (the down projection's input) too,

@@ -61,16 +61,24 @@ def is_gated_mlp(module: nn.Module) -> bool:
     return all(isinstance(getattr(module, p, None), nn.Module) for p in _PROJ) and hasattr(module, "act_fn")
 
 
+def _projections_reason(module: nn.Module, projs: tuple, unpatched_note: str = "") -> str | None:
+    """Why these projections cannot run inside one MLP op: not patched LoRA layers, or DoRA adapters."""
+    missing = [p for p in projs if getattr(getattr(module, p), "_peftfast", None) is None]
+    if missing:
+        return f"{', '.join(missing)} not patched fused LoRA layer(s){unpatched_note}"
+    dora = [p for p in projs if getattr(getattr(module, p), "lora_variant", None)]
+    if dora:
+        return f"{', '.join(dora)} carry DoRA adapters (fused layer by layer)"
+    return None
+
+
 def why_not(module: nn.Module) -> str | None:
     """None if this gated MLP can run as one fused LoRA-MLP op (its projections already patched), else why not."""
     if not is_gated_mlp(module):
         return "not a gated MLP (gate_proj/up_proj/down_proj + act_fn)"
-    missing = [p for p in _PROJ if getattr(getattr(module, p), "_peftfast", None) is None]
-    if missing:
-        return f"{', '.join(missing)} not patched fused LoRA layer(s)"
-    dora = [p for p in _PROJ if getattr(getattr(module, p), "lora_variant", None)]
-    if dora:
-        return f"{', '.join(dora)} carry DoRA adapters (fused layer by layer)"
+    why = _projections_reason(module, _PROJ)
+    if why is not None:
+        return why
     if gate_activation(module.act_fn) is None:
         return f"activation {type(module.act_fn).__name__} is not SiLU/GELU"
     if user_hooks(module, own=(_zero3_register_hook,)):
@@ -132,12 +140,9 @@ def why_not_packed(module: nn.Module) -> str | None:
     """None if this packed gated MLP can run as one packed LoRA-MLP op (both projections patched), else why not."""
     if not is_packed_gated_mlp(module):
         return "not a packed gated MLP (gate_up_proj + activation + down_proj)"
-    missing = [p for p in _PACKED if getattr(getattr(module, p), "_peftfast", None) is None]
-    if missing:
-        return f"{', '.join(missing)} not patched fused LoRA layer(s) (a frozen packed MLP is not fused)"
-    dora = [p for p in _PACKED if getattr(getattr(module, p), "lora_variant", None)]
-    if dora:
-        return f"{', '.join(dora)} carry DoRA adapters (fused layer by layer)"
+    why = _projections_reason(module, _PACKED, " (a frozen packed MLP is not fused)")
+    if why is not None:
+        return why
     if any(nf4_mod.is_nf4_lora(getattr(module, p)) for p in _PACKED):
         return "NF4 bases: the packed projections run one by one on the NF4 op"
     act = getattr(module, _packed_act_attr(module))

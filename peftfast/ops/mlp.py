@@ -355,6 +355,15 @@ def frozen_mlp(x: torch.Tensor, gate: Sequence, up: Sequence, down: Sequence, *,
     return _FrozenMLPFunction.apply(x, wg, bg, wu, bu, wd, bd, act, be, bool(recompute))
 
 
+def _seeds(seed, down_seed, p: float, p_d: float, backend: str, device: torch.device) -> tuple:
+    """The gate/up (or gate_up) and down projections' dropout seeds, drawn in that order where not given. On the
+    registered-op path (cpp) they stay tensors: no ``.item()``, so ``torch.compile`` traces straight through."""
+    if backend == "cpp":
+        return seed_tensor(seed, device, p), seed_tensor(down_seed, device, p_d)
+    seed = int(seed) if seed is not None else draw_seed(device) if p > 0.0 else 0
+    return seed, int(down_seed) if down_seed is not None else draw_seed(device) if p_d > 0.0 else 0
+
+
 LoRAProj = tuple  # (weight [N, K], bias | None, lora_A [r, K], lora_B [N, r], scale, lora_bias | None)
 
 
@@ -381,12 +390,7 @@ def lora_mlp(x: torch.Tensor, gate: Sequence, up: Sequence, down: Sequence, *, a
     h_like = x.new_empty((1, wg.shape[0]))
     _check_group(h_like, [wd], [bd], [ad], [bmd], [sd], [lbd], p_d, f"{name} down")
     be = resolve_backend(backend, x.device)
-    if be == "cpp":
-        # seeds stay tensors on the registered-op path: no .item(), so torch.compile traces straight through
-        seed, down_seed = seed_tensor(seed, x.device, dropout_p), seed_tensor(down_seed, x.device, p_d)
-    else:
-        seed = int(seed) if seed is not None else draw_seed(x.device) if dropout_p > 0.0 else 0
-        down_seed = int(down_seed) if down_seed is not None else draw_seed(x.device) if p_d > 0.0 else 0
+    seed, down_seed = _seeds(seed, down_seed, dropout_p, p_d, be, x.device)
     if gate_segment not in (0, 1):
         raise ValueError(f"peftfast: {name}: gate_segment must be 0 or 1")
     first, second = ((wg, bg, lbg, ag, bmg, sg), (wu, bu, lbu, au, bmu, su))[:: 1 if gate_segment == 0 else -1]
@@ -469,11 +473,7 @@ def lora_packed_mlp(x: torch.Tensor, gate_up: Sequence, down: Sequence, *, act: 
     h_like = x.new_empty((1, wgu.shape[0] // 2))
     _check_group(h_like, [wd], [bd], [ad], [bmd], [sd], [lbd], p_d, f"{label} down")
     be = resolve_backend(backend, x.device)
-    if be == "cpp":
-        seed, down_seed = seed_tensor(seed, x.device, dropout_p), seed_tensor(down_seed, x.device, p_d)
-    else:
-        seed = int(seed) if seed is not None else draw_seed(x.device) if dropout_p > 0.0 else 0
-        down_seed = int(down_seed) if down_seed is not None else draw_seed(x.device) if p_d > 0.0 else 0
+    seed, down_seed = _seeds(seed, down_seed, dropout_p, p_d, be, x.device)
     return _PackedLoRAMLPFunction.apply(x, act, (float(sgu),), (float(sd),), float(dropout_p), float(p_d), seed,
                                         down_seed, be, bool(recompute), wgu, bgu, lbgu, agu, bmgu, wd, bd, lbd, ad,
                                         bmd)
