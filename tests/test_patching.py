@@ -436,12 +436,19 @@ def test_switching_to_another_single_adapter_stays_fused(ids):
     assert all(r["fallbacks"] == {} for r in peftfast.report(model).runtime(model).values())
 
 
-def test_dora_adapter_activated_after_patch_falls_back(ids):
+def test_dora_adapter_activated_after_patch_runs_fused(ids):
+    """A DoRA adapter added and activated after ``patch`` runs on the fused DoRA path of the layer patched for
+    plain LoRA (the plan is made per call), with PEFT's outputs; under autocast it falls back, with the reason."""
     model = lora_llama(layers=1)
     peftfast.patch(model)
     add_adapter(model, "dora", use_dora=True, target_modules=["o_proj"])
     model.base_model.set_adapter("dora")
     got = logits(model, ids)
+    o_proj = f"{LAYER}.0.self_attn.o_proj"
+    assert peftfast.report(model).runtime(model)[o_proj]["fused"] == 1
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits(model, ids)
+    assert peftfast.report(model).runtime(model)[o_proj]["fallbacks"] == {"DoRA under autocast": 1}
     peftfast.unpatch(model)
     close(got, logits(model, ids))
 

@@ -311,10 +311,9 @@ def _run_dora(layer: nn.Module, plan: _Plan, x: torch.Tensor, st: LoRAState) -> 
     mods = layer._modules
     a, b = mods["lora_A"][plan.adapter], mods["lora_B"][plan.adapter]
     mag = mods["lora_magnitude_vector"][plan.adapter].weight
-    out = dora_linear(x, base_weight_nk(layer), base_of(layer).bias, a.weight, b.weight,
-                      float(layer.scaling[plan.adapter]), mag, dropout_p=plan.p, backend=st.config.backend,
-                      name=st.name)
-    return out
+    return dora_linear(x, base_weight_nk(layer), base_of(layer).bias, a.weight, b.weight,
+                       float(layer.scaling[plan.adapter]), mag, dropout_p=plan.p, backend=st.config.backend,
+                       name=st.name)
 
 
 def _group_plans(group: SiblingGroup, plan: _Plan) -> list[_Plan] | None:
@@ -342,7 +341,12 @@ def fused_lora_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs) -> tor
         else:
             tally(st.tally_key, "fallbacks", plan)
         return call_original(self, st, x, *args, **kwargs)
-    if nf4_mod.is_nf4_base(base_of(self)):  # one layer at a time on the fused NF4 op (never grouped)
+    nf4 = nf4_mod.is_nf4_base(base_of(self))
+    if plan.dora and (nf4 or torch.is_autocast_enabled(x.device.type)):
+        # a DoRA adapter added after patch on an NF4 layer (patch refuses that pair), or autocast: PEFT's forward
+        tally(st.tally_key, "fallbacks", "DoRA over an NF4 base" if nf4 else "DoRA under autocast")
+        return call_original(self, st, x, *args, **kwargs)
+    if nf4:  # one layer at a time on the fused NF4 op (never grouped)
         why = nf4_mod.call_reason(self, x)
         if why is not None:
             tally(st.tally_key, "fallbacks", why)
@@ -351,9 +355,6 @@ def fused_lora_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs) -> tor
         return nf4_mod.run_lora(self, plan.adapter, plan.p, x, st.config.backend, st.name)
     _check_input(self, x)
     if plan.dora:
-        if torch.is_autocast_enabled(x.device.type):
-            tally(st.tally_key, "fallbacks", "DoRA under autocast")
-            return call_original(self, st, x, *args, **kwargs)
         tally(st.tally_key, "fused_calls")
         return _run_dora(self, plan, x, st)
     # counted through tally: a plain `+= 1` makes Dynamo guard on the value and recompile on every call
