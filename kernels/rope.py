@@ -4,10 +4,13 @@
     k   [B, HK, S, D]
     cos, sin [B or 1, S, R]   R = rotary dim ≤ D (R < D: Phi-3 partial rotary; the rest passes through)
 
-    forward   out[:h]  = x[:h]·cos[:h] − x[h:R]·sin[:h]            h = R / 2 (rotate-half convention)
-              out[h:R] = x[h:R]·cos[h:R] + x[:h]·sin[h:R]
-              out[R:]  = x[R:]
-    backward  the transpose: dx[:h] = dy[:h]·cos[:h] + dy[h:R]·sin[h:R], dx[h:R] = dy[h:R]·cos[h:R] − dy[:h]·sin[:h]
+    forward   out[a] = x[a]·cos[ca] − x[b]·sin[ca],  out[b] = x[b]·cos[cb] + x[a]·sin[cb]   for each pair i < R/2
+              out[R:] = x[R:]
+    backward  the transpose: dx[a] = dy[a]·cos[ca] + dy[b]·sin[cb], dx[b] = dy[b]·cos[cb] − dy[a]·sin[ca]
+
+    the pairs (LAYOUT): 0 rotate-half (Llama, most families)     a = i,  b = i + R/2,  ca = a,  cb = b
+                        1 interleaved, cos interleaved (Cohere)  a = 2i, b = 2i + 1,   ca = a,  cb = b
+                        2 interleaved, cos halved (GLM: cos[:R/2] repeated in pairs)   ca = cb = i
 
 cos/sin come from the model's rotary module, so position_ids (packed sequences) and every RoPE scaling scheme are
 honoured as the model computes them. Nothing of q or k is saved for backward (only cos and sin, which the model
@@ -19,24 +22,34 @@ import triton.language as tl
 
 
 @triton.jit
+def _pair_offsets(offs_i, HALF, LAYOUT: tl.constexpr):
+    """Element offsets (a, b) of pair i within the rotary dims."""
+    if LAYOUT == 0:
+        return offs_i, offs_i + HALF
+    return 2 * offs_i, 2 * offs_i + 1
+
+
+@triton.jit
 def _rope_rows(x_ptr, sxb, sxh, sxs, sxd, o_ptr, sob, soh, sos, sod, c_ptr, s_ptr, b, s, heads, offs_h, HALF, ROT,
-               D, cos1, cos2, sin1, sin2, BACKWARD: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_D: tl.constexpr):
+               D, cos1, cos2, sin1, sin2, BACKWARD: tl.constexpr, LAYOUT: tl.constexpr, BLOCK_HALF: tl.constexpr,
+               BLOCK_D: tl.constexpr):
     h_ok = offs_h < heads
     offs_i = tl.arange(0, BLOCK_HALF)
     i_ok = offs_i < HALF
     m = h_ok[:, None] & i_ok[None, :]
     base_x = x_ptr + b.to(tl.int64) * sxb + s.to(tl.int64) * sxs + offs_h[:, None].to(tl.int64) * sxh
     base_o = o_ptr + b.to(tl.int64) * sob + s.to(tl.int64) * sos + offs_h[:, None].to(tl.int64) * soh
-    x1 = tl.load(base_x + offs_i[None, :] * sxd, mask=m, other=0.0).to(tl.float32)
-    x2 = tl.load(base_x + (offs_i[None, :] + HALF) * sxd, mask=m, other=0.0).to(tl.float32)
+    off1, off2 = _pair_offsets(offs_i, HALF, LAYOUT)
+    x1 = tl.load(base_x + off1[None, :] * sxd, mask=m, other=0.0).to(tl.float32)
+    x2 = tl.load(base_x + off2[None, :] * sxd, mask=m, other=0.0).to(tl.float32)
     if BACKWARD:
         y1 = x1 * cos1 + x2 * sin2
         y2 = x2 * cos2 - x1 * sin1
     else:
         y1 = x1 * cos1 - x2 * sin1
         y2 = x2 * cos2 + x1 * sin2
-    tl.store(base_o + offs_i[None, :] * sod, y1.to(o_ptr.dtype.element_ty), mask=m)
-    tl.store(base_o + (offs_i[None, :] + HALF) * sod, y2.to(o_ptr.dtype.element_ty), mask=m)
+    tl.store(base_o + off1[None, :] * sod, y1.to(o_ptr.dtype.element_ty), mask=m)
+    tl.store(base_o + off2[None, :] * sod, y2.to(o_ptr.dtype.element_ty), mask=m)
     if ROT < D:
         offs_p = ROT + tl.arange(0, BLOCK_D)
         pm = h_ok[:, None] & (offs_p[None, :] < D)
@@ -53,7 +66,8 @@ def _rope_kernel(
     cos_ptr, scb, scs, scd,
     sin_ptr, ssb, sss, ssd,
     S, HQ, HK, ROT, D,
-    BACKWARD: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_D: tl.constexpr,
+    BACKWARD: tl.constexpr, LAYOUT: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     """One (batch, position) row and BLOCK_H heads per program; grid (B * S, cdiv(HQ, BLOCK_H) + cdiv(HK, BLOCK_H)).
 
@@ -68,16 +82,20 @@ def _rope_kernel(
     i_ok = offs_i < HALF
     cb = cos_ptr + b.to(tl.int64) * scb + s.to(tl.int64) * scs
     sb = sin_ptr + b.to(tl.int64) * ssb + s.to(tl.int64) * sss
-    cos1 = tl.load(cb + offs_i * scd, mask=i_ok, other=0.0).to(tl.float32)[None, :]
-    cos2 = tl.load(cb + (offs_i + HALF) * scd, mask=i_ok, other=0.0).to(tl.float32)[None, :]
-    sin1 = tl.load(sb + offs_i * ssd, mask=i_ok, other=0.0).to(tl.float32)[None, :]
-    sin2 = tl.load(sb + (offs_i + HALF) * ssd, mask=i_ok, other=0.0).to(tl.float32)[None, :]
+    c1, c2 = _pair_offsets(offs_i, HALF, LAYOUT)
+    if LAYOUT == 2:
+        c1 = offs_i
+        c2 = offs_i
+    cos1 = tl.load(cb + c1 * scd, mask=i_ok, other=0.0).to(tl.float32)[None, :]
+    cos2 = tl.load(cb + c2 * scd, mask=i_ok, other=0.0).to(tl.float32)[None, :]
+    sin1 = tl.load(sb + c1 * ssd, mask=i_ok, other=0.0).to(tl.float32)[None, :]
+    sin2 = tl.load(sb + c2 * ssd, mask=i_ok, other=0.0).to(tl.float32)[None, :]
     q_blocks = tl.cdiv(HQ, BLOCK_H)
     if hb < q_blocks:
         offs_h = hb * BLOCK_H + tl.arange(0, BLOCK_H)
         _rope_rows(q_ptr, sqb, sqh, sqs, sqd, qo_ptr, sqob, sqoh, sqos, sqod, cos_ptr, sin_ptr, b, s, HQ, offs_h,
-                   HALF, ROT, D, cos1, cos2, sin1, sin2, BACKWARD, BLOCK_HALF, BLOCK_D)
+                   HALF, ROT, D, cos1, cos2, sin1, sin2, BACKWARD, LAYOUT, BLOCK_HALF, BLOCK_D)
     else:
         offs_h = (hb - q_blocks) * BLOCK_H + tl.arange(0, BLOCK_H)
         _rope_rows(k_ptr, skb, skh, sks, skd, ko_ptr, skob, skoh, skos, skod, cos_ptr, sin_ptr, b, s, HK, offs_h,
-                   HALF, ROT, D, cos1, cos2, sin1, sin2, BACKWARD, BLOCK_HALF, BLOCK_D)
+                   HALF, ROT, D, cos1, cos2, sin1, sin2, BACKWARD, LAYOUT, BLOCK_HALF, BLOCK_D)

@@ -121,7 +121,7 @@ def _layouts(kind: str, data: dict) -> dict:
     return data
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma", "mistral", "gemma2", "phi3"])
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma", "mistral", "gemma2", "phi3", "glm"])
 @pytest.mark.parametrize("kind", ["plain", "cache", "packed", "padded"])
 def test_attn_rebuild_keeps_gradients_bit_for_bit(arch, kind):
     """recompute="attn" reruns the attention's inputs in backward, whatever the batch layout (a cache the forward

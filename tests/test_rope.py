@@ -5,6 +5,8 @@ import types
 
 import pytest
 import torch
+from transformers.models.cohere.modeling_cohere import apply_rotary_pos_emb as cohere_rope
+from transformers.models.glm.modeling_glm import apply_rotary_pos_emb as glm_rope
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb as llama_rope
 from transformers.models.phi3.modeling_phi3 import apply_rotary_pos_emb as phi3_rope
 
@@ -56,6 +58,52 @@ def test_fp32_matches_transformers_in_fp64(backend, b, hq, hk, s, d, rot, layout
     for a, w in zip(got, want):
         assert a.shape == w.shape
         assert torch.allclose(a, w, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("ref_fn,layout,rot,unsqueeze", [
+    (cohere_rope, "pairs", 16, 1), (glm_rope, "pairs_half_cos", 8, 1), (glm_rope, "pairs_half_cos", 16, 2),
+], ids=["cohere", "glm-partial", "glm-seq-major"])
+def test_interleaved_layouts_match_transformers_in_fp64(backend, ref_fn, layout, rot, unsqueeze):
+    """Interleaved pairs (2i, 2i+1): Cohere's (cos interleaved as the model builds it) and GLM's (cos halved then
+    repeated in pairs, partial rotary): output and the gradients of q and k against the model's own function in
+    fp64, with cos/sin tables that are not repeated, so that every entry the formula reads is checked."""
+    g = torch.Generator().manual_seed(5)
+    d = 16
+    src = torch.randn(2, 7, 4, d, generator=g), torch.randn(2, 7, 2, d, generator=g)
+    q, k = ((t.transpose(1, 2) if unsqueeze == 1 else t).clone().requires_grad_() for t in src)
+    cos, sin = torch.randn(2, 7, rot, generator=g), torch.randn(2, 7, rot, generator=g)
+    got = _run(lambda: rope(q, k, cos, sin, unsqueeze_dim=unsqueeze, backend=backend, layout=layout), q, k)
+    rq, rk = (t.detach().double().requires_grad_() for t in (q, k))
+    want = _run(lambda: ref_fn(rq, rk, cos.double(), sin.double(), unsqueeze_dim=unsqueeze), rq, rk)
+    for a, w in zip(got, want):
+        assert a.shape == w.shape
+        assert torch.allclose(a, w, atol=1e-5, rtol=0), (a - w).abs().max()
+
+
+def test_probe_finds_each_family_layout():
+    assert rope_mod._probe(llama_rope) is None and rope_mod._layout(llama_rope) == "half"
+    assert rope_mod._probe(cohere_rope) is None and rope_mod._layout(cohere_rope) == "pairs"
+    assert rope_mod._probe(glm_rope) is None and rope_mod._layout(glm_rope) == "pairs_half_cos"
+
+
+@pytest.mark.parametrize("arch", ["glm"])
+def test_interleaved_rope_model_runs_fused(arch):
+    """GLM (interleaved pairs, partial rotary): RoPE fused in every layer, loss and gradients as unpatched."""
+    from _models import batch, clone, loss_and_grads, max_rel_err, peft_model
+
+    model = peft_model(arch)
+    ref = clone(model)
+    peftfast.patch(model)
+    ropes = [e for e in peftfast.report(model).modules if e.kind == "rope"]
+    assert len(ropes) == 2 and all(e.patched for e in ropes)
+    data = batch(arch)
+    loss, grads = loss_and_grads(model, data)
+    want, ref_grads = loss_and_grads(ref, data)
+    assert abs(loss.item() - want.item()) <= 2e-5 * abs(want.item())
+    assert max(max_rel_err(grads[n], ref_grads[n]) for n in grads) <= 2e-5
+    rt = peftfast.report(model).module_runtime(model)
+    assert [r["fused"] for n, r in rt.items() if n.endswith("(rope)")] == [1, 1]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -302,9 +350,10 @@ def test_outputs_keep_the_projections_sequence_major_layout(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_registered_op_passes_opcheck(backend):
-    for layout, cos_batch, backward in ((1, None, False), (2, 1, True)):
+    for layout, cos_batch, backward, pairs in ((1, None, False, "half"), (2, 1, True, "half"),
+                                               (1, None, True, "pairs"), (2, 1, False, "pairs_half_cos")):
         q, k, cos, sin = _inputs(2, 4, 2, 5, 12, 8, torch.float32, layout=layout, cos_batch=cos_batch)
-        torch.library.opcheck(torch.ops.peftfast.rope, (q, k, cos, sin, layout, backward, backend))
+        torch.library.opcheck(torch.ops.peftfast.rope, (q, k, cos, sin, layout, backward, backend, pairs))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -323,11 +372,15 @@ def _plan() -> list[aot.Job]:
                 for pre, c in (("cos", "c"), ("sin", "s")):
                     args.update({f"{pre}_ptr": p, f"s{c}b": 0, f"s{c}s": rot, f"s{c}d": 1})
                 args.update(S=4096, HQ=32, HK=8, ROT=rot, D=d)
-                for backward in (False, True):
-                    meta = {"BACKWARD": backward, "BLOCK_HALF": rot // 2 if rot // 2 & (rot // 2 - 1) == 0 else 64,
-                            "BLOCK_D": 64, "DOT_PRECISION": "tf32"}
-                    jobs.append(aot.Job("_rope_kernel", f"D{d}-R{rot}-{'bwd' if backward else 'fwd'}", dt, arch,
-                                        {"BLOCK_H": 16}, 4, 1, meta, args))
+                # rotate-half everywhere; the interleaved layouts (Cohere, GLM) at their shapes
+                layouts = (0,) + ((1,) if rot == d == 128 else (2,) if rot < d else ())
+                for layout in layouts:
+                    for backward in (False, True):
+                        meta = {"BACKWARD": backward, "LAYOUT": layout,
+                                "BLOCK_HALF": rot // 2 if rot // 2 & (rot // 2 - 1) == 0 else 64, "BLOCK_D": 64,
+                                "DOT_PRECISION": "tf32"}
+                        variant = f"D{d}-R{rot}-{'bwd' if backward else 'fwd'}" + (f"-L{layout}" if layout else "")
+                        jobs.append(aot.Job("_rope_kernel", variant, dt, arch, {"BLOCK_H": 16}, 4, 1, meta, args))
     return jobs
 
 

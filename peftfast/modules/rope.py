@@ -6,8 +6,9 @@ the modeling module at install, removed at uninstall), bound to the fused op: th
 replaced, so other instances, models and threads see the original, nothing of transformers' source is copied, and
 ``torch.compile`` traces the call like any other (no lock, no global swapped during the call). Where another
 instance-level ``forward`` was installed first (e.g. accelerate hooks) the global is swapped around the call under a
-lock instead (eager only). ``why_not`` probes the model's function numerically against the fused op once, so a
-transformers release that changes the maths is refused with a reason rather than silently mis-fused.
+lock instead (eager only). ``why_not`` probes the model's function numerically against the fused op once, in each
+of its pair layouts (rotate-half; Cohere's and GLM's interleaved pairs), and the layout that matches is the one the
+patched calls use; a transformers release that changes the maths is refused with a reason rather than mis-fused.
 
 With ``patch(recompute="attn")`` the patched forward is also where backward reruns the attention up to its kernel
 (``peftfast.ops.recompute.rebuilding_offered``): from the module's input, under the forward's RNG state, without
@@ -34,11 +35,11 @@ from torch import nn
 from peftfast.modules._bind import CACHE_KWARGS, bind_forward, unbind_forward, zero3_partitioned
 from peftfast.modules._tally import Tallied, muted, tally
 from peftfast.ops.recompute import capture, rebuilding_offered, restored_rng, rng_state, why_not_rebuild
-from peftfast.ops.rope import rope
+from peftfast.ops.rope import LAYOUTS, rope
 
 _GLOBAL = "apply_rotary_pos_emb"
 _lock = threading.RLock()
-_probed: dict[int, str | None] = {}
+_probed: dict[int, tuple[str | None, str]] = {}  # id of a model's function -> (reason, pair layout)
 
 
 def _module_of(attn: nn.Module):
@@ -46,28 +47,45 @@ def _module_of(attn: nn.Module):
 
 
 def _probe(fn) -> str | None:
-    """None if ``fn`` (the model's apply_rotary_pos_emb) computes what the fused op does on a random probe."""
+    """None if ``fn`` (the model's apply_rotary_pos_emb) computes what the fused op does, in one of its pair
+    layouts (``peftfast.ops.rope.LAYOUTS``: rotate-half, Cohere's interleaved pairs, GLM's), on a random probe."""
     key = id(fn)
     if key not in _probed:
-        g = torch.Generator().manual_seed(0)
-        q, k = torch.randn(2, 3, 5, 8, generator=g, dtype=torch.float64), torch.randn(2, 1, 5, 8, generator=g,
-                                                                                        dtype=torch.float64)
+        _probed[key] = _probe_layouts(fn)
+    return _probed[key][0]
+
+
+def _layout(fn) -> str:
+    """The pair layout ``fn`` was found to compute (rotate-half where the probe found none)."""
+    _probe(fn)
+    return _probed[id(fn)][1]
+
+
+def _probe_layouts(fn) -> tuple[str | None, str]:
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(2, 3, 5, 8, generator=g, dtype=torch.float64), torch.randn(2, 1, 5, 8, generator=g,
+                                                                                    dtype=torch.float64)
+    tables = {rot: (torch.randn(2, 5, rot, generator=g, dtype=torch.float64),
+                    torch.randn(2, 5, rot, generator=g, dtype=torch.float64)) for rot in (8, 4)}
+    first = None
+    for layout in LAYOUTS:
         reason = None
-        for rot in (8, 4):
-            cos, sin = torch.randn(2, 5, rot, generator=g, dtype=torch.float64), torch.randn(2, 5, rot, generator=g,
-                                                                                               dtype=torch.float64)
+        for rot, (cos, sin) in tables.items():
             try:
                 want = fn(q, k, cos, sin)
             except Exception as exc:  # e.g. a form without partial rotary: accept if the full-width probe matched
                 if rot == 8:
-                    reason = f"{_GLOBAL} raised on a probe ({type(exc).__name__})"
+                    return f"{_GLOBAL} raised on a probe ({type(exc).__name__})", "half"
                 break
-            got = rope(q, k, cos, sin, backend="torch")
+            got = rope(q, k, cos, sin, backend="torch", layout=layout)
             if not all(torch.allclose(a, b, atol=1e-12) for a, b in zip(got, want)):
-                reason = f"{_GLOBAL} computes something else than the rotate-half RoPE (rotary dim {rot})"
+                reason = (f"{_GLOBAL} computes something else than the rotate-half or interleaved RoPE (rotary dim "
+                          f"{rot})")
                 break
-        _probed[key] = reason
-    return _probed[key]
+        if reason is None:
+            return None, layout
+        first = first or reason
+    return first, "half"
 
 
 def _unfused(fn):
@@ -105,7 +123,7 @@ class RoPEState(Tallied):
         return state
 
 
-def _fused(q, k, cos, sin, *args, original, key: int, backend: str, name: str, **kwargs):
+def _fused(q, k, cos, sin, *args, original, key: int, backend: str, name: str, layout: str = "half", **kwargs):
     unsqueeze_dim = kwargs.pop("unsqueeze_dim", 1)
     if len(args) == 1 and isinstance(args[0], int) and not kwargs:
         unsqueeze_dim, args = args[0], ()
@@ -113,7 +131,8 @@ def _fused(q, k, cos, sin, *args, original, key: int, backend: str, name: str, *
         tally(key, "fallbacks", "unexpected apply_rotary_pos_emb arguments")
         return original(q, k, cos, sin, *args, unsqueeze_dim=unsqueeze_dim, **kwargs)
     tally(key, "fused_calls")
-    return rope(q, k, cos.to(q.dtype), sin.to(q.dtype), unsqueeze_dim=unsqueeze_dim, backend=backend, name=name)
+    return rope(q, k, cos.to(q.dtype), sin.to(q.dtype), unsqueeze_dim=unsqueeze_dim, backend=backend, name=name,
+                layout=layout)
 
 
 def _alias(key: int) -> str:
@@ -152,8 +171,9 @@ def _rebind(st: RoPEState):
     if new is None:
         return None, None
     g = vars(mod)
-    g[alias] = functools.partial(_fused, original=_unfused(g[_GLOBAL]), key=st.tally_key, backend=st.backend,
-                                 name=st.name)
+    original = _unfused(g[_GLOBAL])
+    g[alias] = functools.partial(_fused, original=original, key=st.tally_key, backend=st.backend, name=st.name,
+                                 layout=_layout(original))
     release = weakref.finalize(st, _drop_alias, g, alias)
     return new, release
 
@@ -203,8 +223,9 @@ def _cell_holds(cell: types.CellType, obj) -> bool:
 def _refresh_alias(st: RoPEState) -> None:
     """Re-point the alias at the current backend/name (a changed alias fails Dynamo's guard: recompiled, not stale)."""
     g = vars(sys.modules[st.owner.__module__])  # not forward.__globals__: a decorator's module for a wrapped forward
-    g[_alias(st.tally_key)] = functools.partial(_fused, original=_unfused(g[_GLOBAL]), key=st.tally_key,
-                                                backend=st.backend, name=st.name)
+    original = _unfused(g[_GLOBAL])
+    g[_alias(st.tally_key)] = functools.partial(_fused, original=original, key=st.tally_key, backend=st.backend,
+                                                name=st.name, layout=_layout(original))
 
 
 def fused_rope_attention_forward(self: nn.Module, *args, **kwargs):
@@ -246,7 +267,7 @@ def _rope_forward(self: nn.Module, *args, **kwargs):
     with _lock:
         original = getattr(mod, _GLOBAL)
         setattr(mod, _GLOBAL, functools.partial(_fused, original=original, key=st.tally_key, backend=st.backend,
-                                                name=st.name))
+                                                name=st.name, layout=_layout(original)))
     try:
         return forward(*args, **kwargs)
     finally:
