@@ -39,25 +39,30 @@ def _gate_act_grad(g, ACT: tl.constexpr):
 
 
 @triton.jit
-def _act_mul_fwd_kernel(g_ptr, u_ptr, h_ptr, numel, ACT: tl.constexpr, BLOCK: tl.constexpr):
-    """``h = act(g) · u`` over contiguous [M, I] tensors; grid (cdiv(numel, BLOCK),)."""
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    ok = offs < numel
-    g = tl.load(g_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-    u = tl.load(u_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-    tl.store(h_ptr + offs, (_gate_act(g, ACT) * u).to(h_ptr.dtype.element_ty), mask=ok)
+def _act_mul_fwd_kernel(g_ptr, sg, u_ptr, su, h_ptr, sh, cols, ACT: tl.constexpr, BLOCK: tl.constexpr):
+    """``h = act(g) · u`` over [M, I] rows; each tensor has its own row stride (unit column stride), so the
+    halves of a packed ``[g | u]`` are read in place; grid (M, cdiv(I, BLOCK))."""
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < cols
+    g = tl.load(g_ptr + row * sg + offs, mask=ok, other=0.0).to(tl.float32)
+    u = tl.load(u_ptr + row * su + offs, mask=ok, other=0.0).to(tl.float32)
+    tl.store(h_ptr + row * sh + offs, (_gate_act(g, ACT) * u).to(h_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.jit
-def _act_mul_bwd_kernel(dh_ptr, g_ptr, u_ptr, dg_ptr, du_ptr, numel, ACT: tl.constexpr, BLOCK: tl.constexpr):
-    """``dg = dh · u · act'(g)``, ``du = dh · act(g)``; reads dh, g, u once, writes dg and du."""
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    ok = offs < numel
-    dh = tl.load(dh_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-    g = tl.load(g_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-    u = tl.load(u_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-    tl.store(dg_ptr + offs, (dh * u * _gate_act_grad(g, ACT)).to(dg_ptr.dtype.element_ty), mask=ok)
-    tl.store(du_ptr + offs, (dh * _gate_act(g, ACT)).to(du_ptr.dtype.element_ty), mask=ok)
+def _act_mul_bwd_kernel(dh_ptr, sdh, g_ptr, sg, u_ptr, su, dg_ptr, sdg, du_ptr, sdu, cols, ACT: tl.constexpr,
+                        BLOCK: tl.constexpr):
+    """``dg = dh · u · act'(g)``, ``du = dh · act(g)``; reads dh, g, u once, writes dg and du (row-strided, as the
+    forward; dg and du may be the halves of one packed gradient); grid (M, cdiv(I, BLOCK))."""
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < cols
+    dh = tl.load(dh_ptr + row * sdh + offs, mask=ok, other=0.0).to(tl.float32)
+    g = tl.load(g_ptr + row * sg + offs, mask=ok, other=0.0).to(tl.float32)
+    u = tl.load(u_ptr + row * su + offs, mask=ok, other=0.0).to(tl.float32)
+    tl.store(dg_ptr + row * sdg + offs, (dh * u * _gate_act_grad(g, ACT)).to(dg_ptr.dtype.element_ty), mask=ok)
+    tl.store(du_ptr + row * sdu + offs, (dh * _gate_act(g, ACT)).to(du_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.jit

@@ -801,3 +801,24 @@ def test_an_mlp_of_another_layout_is_reported_with_its_reason():
     (entry,) = [e for e in rep.modules if e.kind == "mlp"]
     assert not entry.patched and "ThreeWayMLP layout" in entry.reason and "not fused as a block" in entry.reason
     assert all(e.patched for e in rep.entries)
+
+
+@pytest.mark.parametrize("act", list(ACTS))
+def test_triton_act_mul_reads_and_writes_packed_halves_in_place(act):
+    """The packed MLP's ``[g | u]`` halves (row stride 2·I) go to the Triton activation kernels as they are, and the
+    backward writes dg and du straight into the halves of one ``[M, 2·I]`` gradient: the values of the contiguous
+    case, no copy."""
+    from peftfast.ops.mlp import act_mul, act_mul_backward
+
+    g_ = torch.Generator().manual_seed(2)
+    y, dh = torch.randn(37, 80, generator=g_), torch.randn(37, 40, generator=g_)
+    g, u = y[:, :40], y[:, 40:]
+    assert not g.is_contiguous()
+    h = act_mul(g, u, act, "triton")
+    assert torch.equal(h, act_mul(g.contiguous(), u.contiguous(), act, "triton"))
+    assert torch.allclose(h, act_mul(g, u, act, "torch"), atol=1e-6)
+    dy = torch.full((37, 80), float("nan"))
+    dg, du = act_mul_backward(dh, g, u, act, "triton", out=(dy[:, :40], dy[:, 40:]))
+    assert dg.data_ptr() == dy.data_ptr() and du.data_ptr() == dy[:, 40:].data_ptr()
+    want = act_mul_backward(dh, g.contiguous(), u.contiguous(), act, "torch")
+    assert torch.allclose(dy, torch.cat(want, dim=1), atol=1e-6)

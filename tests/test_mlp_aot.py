@@ -16,8 +16,10 @@ def _plan() -> list[aot.Job]:
         for dt in ("bf16", "fp16", "fp32"):
             for act in M.GATE_ACTS.values():
                 p = "*" + dt
-                fwd = dict(g_ptr=p, u_ptr=p, h_ptr=p, numel=2**33)  # > 2**31 elements: int64 offsets
-                bwd = dict(dh_ptr=p, g_ptr=p, u_ptr=p, dg_ptr=p, du_ptr=p, numel=2**33)
+                # a packed [g | u] of 2**20 rows x 2 x 14336: row offsets pass 2**31 elements (int64 rows)
+                fwd = dict(g_ptr=p, sg=28672, u_ptr=p, su=28672, h_ptr=p, sh=14336, cols=14336)
+                bwd = dict(dh_ptr=p, sdh=14336, g_ptr=p, sg=28672, u_ptr=p, su=28672, dg_ptr=p, sdg=28672, du_ptr=p,
+                           sdu=28672, cols=14336)
                 for kernel, args in (("_act_mul_fwd_kernel", fwd), ("_act_mul_bwd_kernel", bwd)):
                     jobs.append(aot.Job(kernel, f"act{act}", dt, arch, {"BLOCK": M._BLOCK}, 4, 1,
                                         {"ACT": act, "DOT_PRECISION": "tf32"}, args))

@@ -84,28 +84,44 @@ if _ext.available():
     _register_cpp_ops()
 
 
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as [M, I] rows with a unit column stride (a view where possible: the halves of a packed [g | u] are)."""
+    t2 = t.reshape(-1, t.shape[-1]) if t.dim() != 2 else t
+    return t2 if t2.shape[-1] <= 1 or t2.stride(-1) == 1 else t2.contiguous()
+
+
+def _act_grid(m: int, cols: int) -> tuple[int, int]:
+    return m, triton.cdiv(max(cols, 1), _BLOCK)
+
+
 def act_mul(g: torch.Tensor, u: torch.Tensor, act: str, backend: str) -> torch.Tensor:
-    """``act(g) · u`` (g, u [..., I] of one dtype); backend ``cpp`` runs the C++ kernel, differentiable."""
+    """``act(g) · u`` (g, u [..., I] of one dtype); backend ``cpp`` runs the C++ kernel, differentiable. Row-strided
+    g and u (the halves of a packed gate/up output) are read in place."""
     if backend == "cpp":
         return torch.ops.peftfast.act_mul_fwd(g, u, act)
     if backend != "triton":
         return _act(g, act) * u
     from peftfast.kernels import mlp as K
 
-    g, u = g.contiguous(), u.contiguous()
-    h = torch.empty_like(g)
-    n = g.numel()
-    with launching("_act_mul_fwd_kernel"):
-        K._act_mul_fwd_kernel[(triton.cdiv(n, _BLOCK),)](g, u, h, n, ACT=GATE_ACTS[act], BLOCK=_BLOCK,
-                                                         num_warps=4 if not interpreting() else 1)
+    g2, u2 = _rows(g), _rows(u)
+    m, cols = g2.shape
+    h = torch.empty(g.shape, device=g.device, dtype=g.dtype)
+    if h.numel():
+        with launching("_act_mul_fwd_kernel"):
+            K._act_mul_fwd_kernel[_act_grid(m, cols)](g2, g2.stride(0), u2, u2.stride(0), h, cols, cols,
+                                                      ACT=GATE_ACTS[act], BLOCK=_BLOCK,
+                                                      num_warps=4 if not interpreting() else 1)
     return h
 
 
-def act_mul_backward(dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor, act: str,
-                     backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(dg, du) of ``h = act(g) · u``: ``dg = dh · u · act'(g)``, ``du = dh · act(g)`` in one pass."""
+def act_mul_backward(dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor, act: str, backend: str,
+                     out: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dg, du) of ``h = act(g) · u``: ``dg = dh · u · act'(g)``, ``du = dh · act(g)`` in one pass. ``out``: two
+    [M, I] row-strided views to write them into (the Triton kernel writes there directly: the halves of one
+    packed gradient; other backends copy)."""
     if backend == "cpp":
-        return _direct.undifferentiated(torch.ops.peftfast.act_mul_bwd, dh, g, u, act)
+        dg, du = _direct.undifferentiated(torch.ops.peftfast.act_mul_bwd, dh, g, u, act)
+        return _into(out, dg, du)
     if backend != "triton":
         a = _act(g, act)
         du = dh * a
@@ -114,16 +130,33 @@ def act_mul_backward(dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor, act: st
             dg = torch.ops.aten.silu_backward(dgu, g)
         else:
             dg = torch.ops.aten.gelu_backward(dgu, g, approximate="tanh" if act == "gelu_tanh" else "none")
-        return dg, du
+        return _into(out, dg, du)
     from peftfast.kernels import mlp as K
 
-    dh, g, u = dh.contiguous(), g.contiguous(), u.contiguous()
-    dg, du = torch.empty_like(g), torch.empty_like(u)
-    n = g.numel()
-    with launching("_act_mul_bwd_kernel"):
-        K._act_mul_bwd_kernel[(triton.cdiv(n, _BLOCK),)](dh, g, u, dg, du, n, ACT=GATE_ACTS[act], BLOCK=_BLOCK,
-                                                         num_warps=4 if not interpreting() else 1)
-    return dg, du
+    dh2, g2, u2 = _rows(dh), _rows(g), _rows(u)
+    m, cols = g2.shape
+    if out is not None and all(t.dim() == 2 and (t.shape[-1] <= 1 or t.stride(-1) == 1) for t in out):
+        dg, du = out
+    else:
+        dg, du = torch.empty(g.shape, device=g.device, dtype=g.dtype), torch.empty(u.shape, device=u.device,
+                                                                                   dtype=u.dtype)
+    dg2, du2 = _rows(dg), _rows(du)
+    if g2.numel():
+        with launching("_act_mul_bwd_kernel"):
+            K._act_mul_bwd_kernel[_act_grid(m, cols)](dh2, dh2.stride(0), g2, g2.stride(0), u2, u2.stride(0), dg2,
+                                                      dg2.stride(0), du2, du2.stride(0), cols, ACT=GATE_ACTS[act],
+                                                      BLOCK=_BLOCK, num_warps=4 if not interpreting() else 1)
+    return _into(out, dg, du)
+
+
+def _into(out, dg: torch.Tensor, du: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dg, du), copied into ``out`` where given and not already there."""
+    if out is None:
+        return dg, du
+    for dst, src in zip(out, (dg, du)):
+        if dst is not src:
+            dst.copy_(src)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -436,10 +469,9 @@ class _PackedLoRAMLPFunction(torch.autograd.Function):
         dout2 = dout.reshape(x2d.shape[0], -1)
         dh, grads_d = group_backward(h, xa_d, flat[5:], s_d, p_d, seed_d, backend, 1, True, flat_need[5:], [dout2])
         del h
-        dg, du = act_mul_backward(dh, g, u, act, backend)
+        dy = torch.empty((x2d.shape[0], 2 * inter), device=dh.device, dtype=y.dtype)
+        act_mul_backward(dh, g, u, act, backend, out=(dy[:, :inter], dy[:, inter:]))  # written in place (Triton)
         del dh, g, u, y
-        dy = torch.cat([dg, du], dim=1)
-        del dg, du
         dx, grads_gu = group_backward(x2d, xa_gu, flat[:5], s_gu, p_gu, seed_gu, backend, 1, need[0],
                                       flat_need[:5], [dy])
         return (None if dx is None else dx.view(x_shape), *([None] * 9), *grads_gu, *grads_d)
