@@ -1,18 +1,12 @@
 """Fused Adapter on a real GPU (``PEFTFAST_GPU_TESTS=1 python -m pytest -m gpu``): compiled kernels vs fp64 and
 the eager error in the same dtype."""
 
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F
+from _gpu import GPU_MARKS
 
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
-    pytest.mark.skipif(os.environ.get("PEFTFAST_GPU_TESTS") != "1",
-                       reason="set PEFTFAST_GPU_TESTS=1 (interpreter off)"),
-]
+pytestmark = GPU_MARKS
 ACTS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu}
 
 

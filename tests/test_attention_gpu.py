@@ -2,18 +2,13 @@
 fp32 reference, error ≤ 2x that of PyTorch's own computation in the same dtype."""
 
 import math
-import os
 
 import pytest
 import torch
 from _attention_ref import reference_attention as _ref
+from _gpu import GPU_MARKS
 
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
-    pytest.mark.skipif(os.environ.get("PEFTFAST_GPU_TESTS") != "1",
-                       reason="set PEFTFAST_GPU_TESTS=1 (interpreter off)"),
-]
+pytestmark = GPU_MARKS
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -3,18 +3,12 @@
 Run with ``PEFTFAST_GPU_TESTS=1 python -m pytest -m gpu`` (``benchmarks/run_gpu.sh``); the interpreter is off then.
 """
 
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F
+from _gpu import GPU_MARKS
 
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
-    pytest.mark.skipif(os.environ.get("PEFTFAST_GPU_TESTS") != "1",
-                       reason="set PEFTFAST_GPU_TESTS=1 (interpreter off)"),
-]
+pytestmark = GPU_MARKS
 
 DEV = "cuda"
 

@@ -1,20 +1,14 @@
 """Fused RoPE on a real GPU (``PEFTFAST_GPU_TESTS=1 python -m pytest -m gpu``): the compiled kernel in each pair
 layout against the model's own function, error ≤ 2x that of the function in the same dtype (fp64 reference)."""
 
-import os
-
 import pytest
 import torch
+from _gpu import GPU_MARKS
 from transformers.models.cohere.modeling_cohere import apply_rotary_pos_emb as cohere_rope
 from transformers.models.glm.modeling_glm import apply_rotary_pos_emb as glm_rope
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb as llama_rope
 
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
-    pytest.mark.skipif(os.environ.get("PEFTFAST_GPU_TESTS") != "1",
-                       reason="set PEFTFAST_GPU_TESTS=1 (interpreter off)"),
-]
+pytestmark = GPU_MARKS
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
