@@ -114,19 +114,17 @@ def _bias_chunk(bg, i0, i1, lo, hi, ct):
     return None if bg is None else bg[..., i0:i1, lo:hi].to(ct)
 
 
+def _sum_to(ds: torch.Tensor, shape) -> torch.Tensor:
+    """``ds`` [B, HQ, rows, keys] summed over the dimensions where ``shape`` (a bias's) broadcasts."""
+    dims = [d for d in range(4) if shape[d] == 1 and ds.shape[d] != 1]
+    return ds.sum(dims, keepdim=True) if dims else ds
+
+
 def _add_dbias(dbias, ds, i0, i1, lo, hi) -> None:
     """Add a chunk's dS [B, HQ, rows, keys] into ``dbias`` (the bias's shape): summed over its broadcast dims."""
-    dims = [d for d in range(4) if dbias.shape[d] == 1 and ds.shape[d] != 1]
-    part = ds.sum(dims, keepdim=True) if dims else ds
     rows = slice(i0, i1) if dbias.shape[2] != 1 else slice(0, 1)
     cols = slice(lo, hi) if dbias.shape[3] != 1 else slice(0, 1)
-    dbias[:, :, rows, cols] += part
-
-
-def _reduce_dbias(full: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """dS [B, HQ, SQ, SK] summed over the dimensions ``bias`` broadcasts, in its dtype."""
-    dims = [d for d in range(4) if bias.shape[d] == 1 and full.shape[d] != 1]
-    return (full.sum(dims, keepdim=True) if dims else full).to(bias.dtype)
+    dbias[:, :, rows, cols] += _sum_to(ds, dbias.shape)
 
 
 def _torch_keep(seed, b, hq, i0, i1, sk, p, device):
@@ -413,7 +411,7 @@ def _triton_backward(q, k, v, out, lse, dout, dlse, causal, scale, softcap, wind
             q, *q.stride(), k, *k.stride(), v, *v.stride(), dout, *dout.stride(), dq, *dq.stride(),
             lse, delta, seg_q, seg_k, kr, *_bias_args(bias, lse), dbias if need_dbias else lse, sq, sk, hq,
             hq // hk, d, *scal, HAS_DBIAS=need_dbias, **common, **t)
-    return dq, dk, dv, _reduce_dbias(dbias, bias) if need_dbias else None
+    return dq, dk, dv, _sum_to(dbias, bias.shape).to(bias.dtype) if need_dbias else None
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -441,7 +441,7 @@ class _PackedLoRAMLPFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, act, s_gu, s_d, p_gu, p_d, seed_gu, seed_d, backend, recompute, *flat):
         x2d = x.reshape(-1, x.shape[-1])
-        y, xa_gu = _packed_gate_up(x2d, s_gu, p_gu, seed_gu, backend, flat[:5])
+        (y,), xa_gu = group_forward(x2d, s_gu, p_gu, seed_gu, backend, 1, flat[:5])
         inter = y.shape[1] // 2
         h = act_mul(y[:, :inter], y[:, inter:], act, backend)
         (out,), xa_d = group_forward(h, s_d, p_d, seed_d, backend, 1, flat[5:])
@@ -458,7 +458,7 @@ class _PackedLoRAMLPFunction(torch.autograd.Function):
         act, s_gu, s_d, p_gu, p_d, seed_gu, seed_d, backend, x_shape, recompute = ctx.meta
         if recompute:
             x2d, xa_d, *flat = ctx.saved_tensors
-            y, xa_gu = _packed_gate_up(x2d, s_gu, p_gu, seed_gu, backend, flat[:5])
+            (y,), xa_gu = group_forward(x2d, s_gu, p_gu, seed_gu, backend, 1, flat[:5])
         else:
             x2d, xa_gu, y, xa_d, *flat = ctx.saved_tensors
         inter = y.shape[1] // 2
@@ -475,11 +475,6 @@ class _PackedLoRAMLPFunction(torch.autograd.Function):
         dx, grads_gu = group_backward(x2d, xa_gu, flat[:5], s_gu, p_gu, seed_gu, backend, 1, need[0],
                                       flat_need[:5], [dy])
         return (None if dx is None else dx.view(x_shape), *([None] * 9), *grads_gu, *grads_d)
-
-
-def _packed_gate_up(x2d, s_gu, p_gu, seed_gu, backend, flat_gu):
-    (y,), xa = group_forward(x2d, s_gu, p_gu, seed_gu, backend, 1, flat_gu)
-    return y, xa
 
 
 def lora_packed_mlp(x: torch.Tensor, gate_up: Sequence, down: Sequence, *, act: str = "silu",
