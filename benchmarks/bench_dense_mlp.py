@@ -4,9 +4,10 @@
       PEFT LoRA r=16 on all linear layers, dropout 0.05, the models' own dropout off, fp32, 2 x 128 tokens. One
       interior layer's bytes saved for backward (parameters excluded) are the difference between a 3-layer and a
       2-layer model, in hidden vectors per token: PEFT; patched with ``fuse_mlp=False, recompute="none"`` (LoRA,
-      attention); ``recompute="none"`` (+ the two-layer MLP's one-op activation); the default (+ the activation
-      output and the norm outputs rebuilt in backward); ``recompute="mlp"`` (+ no pre-activation: backward runs the
-      up projection again). Writes ``results/cpu-dense-mlp.json``.
+      attention); ``recompute="none"`` (+ the two-layer MLP's one-op activation); ``recompute="norms"`` (+ the
+      activation output and the norm outputs rebuilt in backward); the default, ``recompute="up"`` (+ no
+      pre-activation: backward runs the up projection again; "attn" and "mlp" keep the same in these models, which
+      have no RoPE attention or gated MLP). Writes ``results/cpu-dense-mlp.json``.
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ VARIANTS = {  # label -> patch kwargs (None: PEFT unpatched)
     "peft": None,
     "lora+attention": {"fuse_mlp": False, "recompute": "none"},
     "+ mlp activation": {"recompute": "none"},
-    "+ rebuilds (default)": {},
-    "+ up rerun (recompute=mlp)": {"recompute": "mlp"},
+    "+ rebuilds (recompute=norms)": {"recompute": "norms"},
+    "+ up rerun (default, recompute=up)": {},
 }
 
 

@@ -6,11 +6,11 @@
       neither views nor bare allocations, plus Triton launches). The patched path is measured with the torch backend
       (ATen), with the C++ kernels of ``peftfast._C`` (cpp) and with the Triton kernels (run by the CPU interpreter
       in a subprocess; fp16 there, as the interpreter's bf16 ``tl.dot`` is broken; op and byte counts do not depend
-      on values); ``peftfast-cpp:attn`` / ``peftfast-cpp:mlp`` are the C++ path with ``patch(recompute="attn")`` /
-      ``"mlp"`` (the others use the default, ``"norms"``). Then one training step (fwd+bwd) of that layer at 512
-      tokens in fp32, PEFT vs patched (cpp, cpp:attn, cpp:mlp and torch), interleaved in the same process: median
-      and p20/p80 over repeated steps. Last, the host's cost per call: one small LoRA layer (8 tokens x 256
-      features, where the GEMMs take microseconds), PEFT vs patched, fwd+bwd and no-grad forward. And DoRA
+      on values); ``peftfast-cpp:norms`` / ``:attn`` / ``:mlp`` are the C++ path with ``patch(recompute="norms")`` /
+      ``"attn"`` / ``"mlp"`` (the others use the default, ``"up"``). Then one training step (fwd+bwd) of that layer at
+      512 tokens in fp32, PEFT vs patched (cpp, cpp:norms, cpp:attn, cpp:mlp and torch), interleaved in the same
+      process: median and p20/p80 over repeated steps. Last, the host's cost per call: one small LoRA layer (8 tokens x
+      256 features, where the GEMMs take microseconds), PEFT vs patched, fwd+bwd and no-grad forward. And DoRA
       (``use_dora=True``): one 1024 -> 3584 layer at 512 tokens, fp32, PEFT's DoRA vs the patched one, fwd+bwd time
       (interleaved) and bytes saved for backward, dropout 0 and 0.05.
 --gpu (CUDA): fused LoRA linear fwd+bwd vs PEFT's lora.Linear vs a frozen nn.Linear on Llama-3-8B shapes, median
@@ -37,11 +37,12 @@ PEFT_REFERENCE = {"0.05": {"hvec": 55, "ops": 235}, "0.0": {"hvec": 36, "ops": N
 # CPU: exact per-layer counts
 # ----------------------------------------------------------------------------------------------------------------
 def _patch(model, method: str) -> None:
-    """``peftfast-<backend>[:<recompute>]``: patch with that backend and recompute setting (default norms)."""
+    """``peftfast-<backend>[:<recompute>]``: patch with that backend and recompute setting (default: patch's)."""
     import peftfast
+    from peftfast.patching.core import DEFAULT_RECOMPUTE
 
     backend, _, recompute = method.removeprefix("peftfast-").partition(":")
-    peftfast.patch(model, backend=backend, recompute=recompute or "norms")
+    peftfast.patch(model, backend=backend, recompute=recompute or DEFAULT_RECOMPUTE)
 
 
 def layer_counts(method: str, dropout: float, tokens: int = 32, targets: str = "all-linear") -> dict:
@@ -97,7 +98,7 @@ def cpu_step_times(dropout: float = 0.05, tokens: int = 512, steps: int = 12, wa
 
     cfg = LlamaConfig(vocab_size=256, hidden_size=1024, intermediate_size=3584, num_hidden_layers=1,
                       num_attention_heads=8, num_key_value_heads=2, attn_implementation="sdpa")
-    cpp = ["peftfast-cpp", "peftfast-cpp:attn", "peftfast-cpp:mlp"]
+    cpp = ["peftfast-cpp", "peftfast-cpp:norms", "peftfast-cpp:attn", "peftfast-cpp:mlp"]
     methods = ["peft", "peftfast-torch"] + (cpp if _ext.available() else [])
     models, layers = {}, {}
     for m in methods:
@@ -269,6 +270,7 @@ def run_cpu(out_path: str) -> list[dict]:
         rows.append(layer_counts("peftfast-torch", dropout))
         if _ext.available():
             rows.append(layer_counts("peftfast-cpp", dropout))
+            rows.append(layer_counts("peftfast-cpp:norms", dropout))
             rows.append(layer_counts("peftfast-cpp:attn", dropout))
             rows.append(layer_counts("peftfast-cpp:mlp", dropout))
         env = {**os.environ, "TRITON_INTERPRET": "1"}

@@ -37,7 +37,7 @@ fi
 if [[ " $parts " == *" headline "* ]]; then
   start=$SECONDS
   timeout "$limit" python -m peftfast bench --model llama-3-8b --batch-size auto --dtype bf16 --seq-len 2048 \
-      --steps 5 --recompute norms --quiet --baselines peft,liger --out "$out/bench-llama-3-8b-headline" \
+      --steps 5 --recompute up,norms --quiet --baselines peft,liger --out "$out/bench-llama-3-8b-headline" \
       2>&1 | tee "$out/bench-llama-3-8b-headline.log"
   echo "headline: rc=${PIPESTATUS[0]} in $((SECONDS - start)) s" | tee -a "$out/parts.log"
 fi
@@ -58,18 +58,18 @@ if [[ " $parts " == *" bench "* ]]; then
       2>&1 | tee "$out/bench-llama-3-8b.log"
   # packing vs padding: documents of 25-100% of 2048 tokens, packed per row or one per row (real tokens counted)
   # (the patch default only: the recompute ladder is the first run's)
-  python -m peftfast bench --model llama-3-8b --batch-size auto --packed --recompute norms "${common[@]}" \
+  python -m peftfast bench --model llama-3-8b --batch-size auto --packed --recompute up "${common[@]}" \
       --out "$out/bench-llama-3-8b-packed" 2>&1 | tee "$out/bench-llama-3-8b-packed.log"
-  python -m peftfast bench --model llama-3-8b --batch-size auto --padded --recompute norms "${common[@]}" \
+  python -m peftfast bench --model llama-3-8b --batch-size auto --padded --recompute up "${common[@]}" \
       --out "$out/bench-llama-3-8b-padded" 2>&1 | tee "$out/bench-llama-3-8b-padded.log"
-  python -m peftfast bench --model llama-3-8b --method qlora --batch-size auto --recompute norms "${common[@]}" \
+  python -m peftfast bench --model llama-3-8b --method qlora --batch-size auto --recompute up "${common[@]}" \
       --out "$out/bench-llama-3-8b-qlora" 2>&1 | tee "$out/bench-llama-3-8b-qlora.log"
   # packed projections: Phi-3-mini's qkv_proj and gate_up_proj (the packed LoRA-MLP op)
-  python -m peftfast bench --model phi-3-mini --batch-size auto --recompute norms "${common[@]}" \
+  python -m peftfast bench --model phi-3-mini --batch-size auto --recompute up "${common[@]}" \
       --out "$out/bench-phi-3-mini" 2>&1 | tee "$out/bench-phi-3-mini.log"
   # speech: Whisper large-v3 on 30 s log-mel windows and 128-token transcripts (the encoder's window is fixed)
   python -m peftfast bench --model whisper-large-v3 --batch-size auto --dtype bf16 --steps 10 --quiet \
-      --recompute norms --baselines peft,peft+compile --out "$out/bench-whisper-large-v3" \
+      --recompute up --baselines peft,peft+compile --out "$out/bench-whisper-large-v3" \
       2>&1 | tee "$out/bench-whisper-large-v3.log"
 fi
 # the summary table of benchmarks/README.md, regenerated from every bench.json of this run

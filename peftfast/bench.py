@@ -43,6 +43,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from peftfast.ops import _counters
+from peftfast.patching.core import DEFAULT_RECOMPUTE
 
 _ALLOC_ONLY = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "empty_permuted"}
 _NO_WORK = {"detach", "alias", "lift_fresh", "_local_scalar_dense_noop"}
@@ -242,7 +243,7 @@ class BenchConfig:
     fuse_loss: bool = True  # patch(fuse_loss=True) for causal LMs: the loss never materialises the logits
     # patch(recompute=...) settings, one peftfast row each: the first is labelled "peftfast", the others
     # "peftfast recompute=<setting>"
-    recompute: tuple[str, ...] = ("norms", "attn", "mlp")
+    recompute: tuple[str, ...] = ("up", "norms", "attn", "mlp")
     baselines: tuple[str, ...] = ("peft",)
     dtype: str = "fp32"
     backend: str = "auto"
@@ -685,7 +686,7 @@ def _skip_reason(name: str, setup: Setup, cfg: BenchConfig) -> str | None:
     return None
 
 
-def _build(variant: str, setup: Setup, cfg: BenchConfig, recompute: str = "norms"):
+def _build(variant: str, setup: Setup, cfg: BenchConfig, recompute: str = DEFAULT_RECOMPUTE):
     """(module to call, module whose parameters train) for one variant (``recompute``: peftfast's setting)."""
     import peftfast
 
@@ -906,7 +907,7 @@ def _built(variant: str, label: str, setup: Setup, cfg: BenchConfig, progress, r
 
 
 def _run_variant(variant: str, label: str, setup: Setup, cfg: BenchConfig, batches, tokens: list[int], progress,
-                 recompute: str = "norms", steps: int | None = None) -> MethodResult:
+                 recompute: str = DEFAULT_RECOMPUTE, steps: int | None = None) -> MethodResult:
     """One variant's training run, alone in the process (its peak memory is its own); ``tokens[i]``: the real
     (unpadded) tokens of ``batches[i]``; ``steps``: timed steps (default ``cfg.steps``)."""
     model, owner = _built(variant, label, setup, cfg, progress, recompute)
@@ -986,7 +987,7 @@ def _run_bench(cfg: BenchConfig, progress: Callable[[str], None] | None) -> dict
         try:
             # interleaved: this pass measures memory and checks the variant runs; the timed steps come after
             results.append(_run_variant(variant, label, setup, cfg, batches, tokens, progress,
-                                        recompute or "norms", steps=1 if interleave else None))
+                                        recompute or DEFAULT_RECOMPUTE, steps=1 if interleave else None))
         except Exception as exc:
             if variant in ("reference", "peftfast"):
                 raise
@@ -1034,7 +1035,7 @@ def _interleaved(results: list[MethodResult], plan, setup: Setup, cfg: BenchConf
     times and losses of ``results`` (same order as ``plan``); memory stays from their runs alone."""
     trainers = []
     for variant, label, recompute in plan:
-        model, owner = _built(variant, label, setup, cfg, progress, recompute or "norms")
+        model, owner = _built(variant, label, setup, cfg, progress, recompute or DEFAULT_RECOMPUTE)
         trainers.append((owner, _Trainer(model, owner.parameters(), cfg.device)))
     for i in range(cfg.steps + 1):
         for _, tr in trainers:

@@ -230,7 +230,7 @@ def test_model_identity_at_init_and_fused_matches_eager(family, placement):
 
 @pytest.mark.parametrize("family", ["llama", "bert"])
 @pytest.mark.parametrize("placement", ["houlsby", "pfeiffer", "parallel"])
-@pytest.mark.parametrize("recompute", ["norms", "attn", "mlp"])
+@pytest.mark.parametrize("recompute", ["norms", "up", "mlp"])
 def test_patch_fuses_the_frozen_base_around_adapters(family, placement, recompute):
     """``patch`` on an adapter model (no LoRA) fuses the frozen base the adapters train through (attention; for
     Llama also RoPE, the RMSNorms, the frozen MLPs and the blocks' residual adds, around the adapters' hooks): the
@@ -253,9 +253,9 @@ def test_patch_fuses_the_frozen_base_around_adapters(family, placement, recomput
     rep = peftfast.report(model)
     fused = {e.kind for e in rep.modules if e.patched}
     # BERT: the attention, and its LayerNorms for the rebuild of their outputs (its MLPs are frozen with a one-op
-    # GELU: nothing to drop, with that reason, unless recompute="mlp" drops the pre-activation and reruns the up
-    # projection)
-    bert = {"attention", "norm", "mlp"} if recompute == "mlp" else {"attention", "norm"}
+    # GELU: nothing to drop, with that reason, unless recompute="up" or later drops the pre-activation and reruns the
+    # up projection)
+    bert = {"attention", "norm"} if recompute == "norms" else {"attention", "norm", "mlp"}
     assert fused == ({"attention", "rope", "norm", "block", "mlp"} if family == "llama" else bert), rep.format()
     assert any("patch fuses the frozen base around them" in n for n in rep.notes)
     loss, got = _loss_and_grads(model, ids)
@@ -266,7 +266,7 @@ def test_patch_fuses_the_frozen_base_around_adapters(family, placement, recomput
     runtime = rep.module_runtime(model)
     assert runtime and all(r["fused"] > 0 and not r["fallbacks"] for r in runtime.values()), runtime
     # less saved: BERT's eager attention keeps its probabilities; Llama's frozen MLPs keep g, act(g) and u eagerly,
-    # the frozen-MLP op g and u (recompute="mlp": nothing), and no block that an adapter hooks keeps more
+    # the frozen-MLP op g and u ("up": g; "mlp": nothing), and no block that an adapter hooks keeps more
     _, saved = saved_activation_bytes(lambda: _loss(model, ids), exclude=params)
     assert saved.total < ref_saved.total
     peftfast.unpatch(model)

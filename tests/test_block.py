@@ -60,20 +60,21 @@ def test_fusion_removes_two_ops_per_layer():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_recompute_settings_keep_gradients_bit_for_bit_and_save_exactly_less(backend, dtype):
     """recompute="norms" rebuilds both norm outputs per block (the q/k/v group and the MLP no longer keep them);
-    "attn" also reruns norm, projections and RoPE in backward, so the attention keeps no q, k, v (and the q/k/v
-    LoRA projections no x·Aᵀ: the rerun makes it again); "mlp" also drops
-    g, u and x·A_catᵀ. The rebuilt tensors are the same bits (same dropout seeds), so every gradient is too."""
+    "up" also drops u (the MLP runs the up projection again in backward); "attn" also reruns norm, projections and
+    RoPE in backward, so the attention keeps no q, k, v (and the q/k/v LoRA projections no x·Aᵀ: the rerun makes it
+    again); "mlp" also drops g and x·A_catᵀ. The rebuilt tensors are the same bits (same dropout seeds), so every
+    gradient is too."""
     model = peft_model("llama", lora_dropout=0.1, base_dtype=dtype)
     data = batch("llama")
     params = [*model.parameters(), *model.buffers()]
     got = {}
-    for setting in ("none", "norms", "attn", "mlp"):
+    for setting in ("none", "norms", "up", "attn", "mlp"):
         peftfast.patch(model, backend=backend, recompute=setting)
         loss, grads = loss_and_grads(model, data)
         torch.manual_seed(0)
         _, saved = saved_activation_bytes(lambda: model(**data).loss, exclude=params)
         got[setting] = loss, grads, saved.total
-    for setting in ("norms", "attn", "mlp"):
+    for setting in ("norms", "up", "attn", "mlp"):
         assert torch.equal(got[setting][0], got["none"][0])
         assert all(torch.equal(got[setting][1][n], g) for n, g in got["none"][1].items())
     cfg = model.config
@@ -85,8 +86,9 @@ def test_recompute_settings_keep_gradients_bit_for_bit_and_save_exactly_less(bac
     assert got["none"][2] - got["norms"][2] == (2 * layers - 1) * tokens * cfg.hidden_size * elt
     head = cfg.hidden_size // cfg.num_attention_heads
     qkv = (cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * head
-    assert got["norms"][2] - got["attn"][2] == layers * tokens * (qkv * elt + _attn_low_rank(model) * lora_elt)
-    assert got["attn"][2] - got["mlp"][2] == layers * tokens * (2 * cfg.intermediate_size * elt + 2 * r * lora_elt)
+    assert got["norms"][2] - got["up"][2] == layers * tokens * cfg.intermediate_size * elt
+    assert got["up"][2] - got["attn"][2] == layers * tokens * (qkv * elt + _attn_low_rank(model) * lora_elt)
+    assert got["attn"][2] - got["mlp"][2] == layers * tokens * (cfg.intermediate_size * elt + 2 * r * lora_elt)
 
 
 def _attn_low_rank(model) -> int:
@@ -124,16 +126,16 @@ def _layouts(kind: str, data: dict) -> dict:
 @pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma", "mistral", "gemma2", "phi3", "glm"])
 @pytest.mark.parametrize("kind", ["plain", "cache", "packed", "padded"])
 def test_attn_rebuild_keeps_gradients_bit_for_bit(arch, kind):
-    """recompute="attn" reruns the attention's inputs in backward, whatever the batch layout (a cache the forward
-    fills, packed documents, padding): the same loss and gradients bit for bit, q/k/v (and the q/k/v LoRA
-    projections' x·Aᵀ) not kept, and the rerun
-    counts no extra fused call. Gemma 2 (softcap, sliding window) and Phi-3 (one qkv_proj) keep unfused blocks:
-    the rerun lives in the attention module, so they drop q, k, v too."""
+    """recompute="attn" reruns the attention's inputs in backward, whatever the batch layout (a cache the forward fills,
+    packed documents, padding): against "up" (the setting before it), the same loss and gradients bit for bit, q/k/v
+    (and the q/k/v LoRA projections' x·Aᵀ) not kept, and the rerun counts no extra fused call. Gemma 2 (softcap, sliding
+    window) and Phi-3 (one qkv_proj) keep unfused blocks: the rerun lives in the attention module, so they drop q, k, v
+    too."""
     model = peft_model(arch, lora_dropout=0.1)
     data = _layouts(kind, batch(arch))
     params = [*model.parameters(), *model.buffers()]
     got = {}
-    for setting in ("norms", "attn"):
+    for setting in ("up", "attn"):
         peftfast.patch(model, recompute=setting)
         before = _calls(model)
         loss, grads = loss_and_grads(model, data)
@@ -141,14 +143,14 @@ def test_attn_rebuild_keeps_gradients_bit_for_bit(arch, kind):
         torch.manual_seed(0)
         _, saved = saved_activation_bytes(lambda: model(**data).loss, exclude=params)
         got[setting] = loss, grads, saved.total, runtime
-    assert torch.equal(got["attn"][0], got["norms"][0])
-    assert all(torch.equal(got["attn"][1][n], g) for n, g in got["norms"][1].items())
+    assert torch.equal(got["attn"][0], got["up"][0])
+    assert all(torch.equal(got["attn"][1][n], g) for n, g in got["up"][1].items())
     cfg = model.config
     head = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     qkv = (cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * head
     per_token = (qkv + _attn_low_rank(model)) * 4  # fp32 base and LoRA weights
-    assert got["norms"][2] - got["attn"][2] == cfg.num_hidden_layers * data["input_ids"].numel() * per_token
-    assert got["attn"][3] == got["norms"][3] and all(got["attn"][3].values())  # one fused call each, per setting
+    assert got["up"][2] - got["attn"][2] == cfg.num_hidden_layers * data["input_ids"].numel() * per_token
+    assert got["attn"][3] == got["up"][3] and all(got["attn"][3].values())  # one fused call each, per setting
 
 
 def test_attn_rebuild_with_dora_layers():
@@ -184,7 +186,7 @@ def test_attn_rebuild_on_the_triton_kernels_keeps_gradients_bit_for_bit():
     data = _layouts("padded", batch("llama"))
     got = {}
     params = [*model.parameters(), *model.buffers()]
-    for setting in ("norms", "attn"):
+    for setting in ("up", "attn"):
         peftfast.patch(model, backend="triton", recompute=setting)
         with _counters.count_launches() as launches:
             got[setting] = loss_and_grads(model, data)
@@ -193,10 +195,10 @@ def test_attn_rebuild_on_the_triton_kernels_keeps_gradients_bit_for_bit():
         got[setting] += (saved.total, sum(launches.values()))
     cfg = model.config
     qkv = (cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * (cfg.hidden_size // cfg.num_attention_heads)
-    assert got["norms"][2] - got["attn"][2] == data["input_ids"].numel() * (qkv + _attn_low_rank(model)) * 4
-    assert got["attn"][3] > got["norms"][3]  # the rerun's launches (forward kernels again)
-    assert torch.equal(got["attn"][0], got["norms"][0])
-    assert all(torch.equal(got["attn"][1][n], g) for n, g in got["norms"][1].items())
+    assert got["up"][2] - got["attn"][2] == data["input_ids"].numel() * (qkv + _attn_low_rank(model)) * 4
+    assert got["attn"][3] > got["up"][3]  # the rerun's launches (forward kernels again)
+    assert torch.equal(got["attn"][0], got["up"][0])
+    assert all(torch.equal(got["attn"][1][n], g) for n, g in got["up"][1].items())
 
 
 def test_attn_rebuild_steps_aside_under_gradient_checkpointing():

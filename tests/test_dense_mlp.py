@@ -170,7 +170,7 @@ def test_frozen_mlps_of_prompt_learning():
         model = get_peft_model(base, PrefixTuningConfig(task_type=task, num_virtual_tokens=3))
         model.train()
         ref = clone(model)
-        peftfast.patch(model)
+        peftfast.patch(model, recompute="norms")
         entries = _mlp_entries(model)
         assert len(entries) == 2 and all(e.patched == fused for e in entries), peftfast.report(model).format()
         if not fused:
@@ -188,6 +188,8 @@ def test_frozen_mlps_of_prompt_learning():
         wide = [s for s in shapes if s[-1] == 128]
         assert wide == [(2, 5, 128)], shapes  # the pre-activation only
         assert sum(s[-1] == 128 for s in ref_shapes) >= 3, ref_shapes
+        peftfast.patch(model)  # the default, recompute="up": not even the pre-activation (c_fc runs again)
+        assert not [s for s in saved_shapes(lambda: mlp(x), _params(model)) if s[-1] == 128]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -234,7 +236,7 @@ def _lora(mlp: nn.Module, **kw) -> nn.Module:
 def test_clip_style_quick_gelu_mlp(p):
     model = _lora(ClipLikeMLP(), lora_dropout=p)
     ref = clone(model)
-    peftfast.patch(model)
+    peftfast.patch(model, recompute="norms")  # the default ("up") also drops y: test_recompute_up_... below
     (entry,) = _mlp_entries(model)
     assert entry.patched, peftfast.report(model).format()
     if p:
@@ -455,7 +457,7 @@ def _matches_and_saves(model, ref, before, data) -> list[int]:
 def test_deberta_intermediate_through_the_rebuild_scope():
     model, data = _deberta()
     ref = clone(model)
-    peftfast.patch(model)
+    peftfast.patch(model, recompute="norms")  # "up" also reruns intermediate.dense (tested below)
     off = clone(ref)
     peftfast.patch(off, fuse_mlp=False)
     rep = peftfast.report(model)
@@ -480,20 +482,21 @@ def test_intermediate_without_a_scope_is_reported():
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# recompute="mlp": the pre-activation is not kept either; backward runs the up projection again, once
+# recompute="up" (and the settings after it): the pre-activation is not kept either; backward runs the up projection
+# again, once
 # ----------------------------------------------------------------------------------------------------------------
 def _up_fused_calls(model) -> list[int]:
     rt = peftfast.report(model).runtime(model)
     return [r["fused"] for n, r in rt.items() if n.endswith((".c_fc", "intermediate.dense"))]
 
 
-@pytest.mark.parametrize("p", [0.0, 0.1])
+@pytest.mark.parametrize("p,setting", [(0.0, "mlp"), (0.1, "mlp"), (0.1, "up")])
 @pytest.mark.parametrize("arch", ["gpt2", "bert"])
-def test_recompute_mlp_keeps_x_and_reruns_up_once(arch, p):
+def test_recompute_up_keeps_x_and_reruns_up_once(arch, p, setting):
     model = peft_model(arch, lora_dropout=p)
     ref = clone(model)
     norms = clone(model)
-    peftfast.patch(model, recompute="mlp")
+    peftfast.patch(model, recompute=setting)
     peftfast.patch(norms, recompute="norms")
     assert all(e.patched for e in _mlp_entries(model)) and all(st.rerun for st in (
         m.__dict__["_peftfast_dense"] for m in model.modules() if "_peftfast_dense" in m.__dict__))

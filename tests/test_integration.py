@@ -668,7 +668,7 @@ def test_fsdp2_two_cpu_processes_matches_single_process(dist_run, order):
 # 6. DeepSpeed ZeRO-2 and ZeRO-3 over two CPU (gloo) processes
 # ----------------------------------------------------------------------------------------------------------------
 ZERO_RUNS = {  # name: (ZeRO stage, patch(recompute=...) or None for the unpatched model, patched after initialize)
-    "zero2": (2, "norms", False), "zero3_peft": (3, None, False), "zero3": (3, "norms", False),
+    "zero2": (2, "norms", False), "zero3_peft": (3, None, False), "zero3": (3, "up", False),
     "zero3_attn": (3, "attn", False), "zero3_after": (3, "norms", True)}
 
 

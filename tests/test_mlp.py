@@ -150,26 +150,43 @@ def _saved_shapes(fn, *projs) -> list[tuple]:
 
 
 @pytest.mark.parametrize("backend", [*BACKENDS, "cpp"])
-def test_recompute_gives_the_same_values_and_keeps_only_x_and_the_down_products(backend):
-    """recompute=True: backward runs the gate/up forward again (same seeds, same kernels), so outputs and every
-    gradient are the same bits; g, u and x·[A_gate; A_up]ᵀ are not saved."""
+@pytest.mark.parametrize("gate_segment", [0, 1])
+def test_recompute_gives_the_same_values_and_keeps_less(backend, gate_segment):
+    """recompute="up": backward rebuilds u from x and the kept x·A_upᵀ, so u is not saved; "gate_up" (or True):
+    backward runs the gate/up forward again (same seeds, same kernels), so g, u and x·[A_gate; A_up]ᵀ are not saved.
+    Outputs and every gradient are those of the run that keeps everything: the same bits on the C++ and ATen paths
+    (the same ATen calls), within fp32 rounding on Triton (u from the plain LoRA GEMM, not the fused gate/up one)."""
     _cpp_or_skip(backend)
     m, k, i, r = 37, 40, 56, 8
     x, gate, up, down = _case(m, k, i, r, torch.float32, lbias=True)
+    up[5] = torch.randn(i).requires_grad_()  # a lora_bias on the rebuilt projection too
     leaves = _tensors(x, gate, up, down)
     dy = torch.randn(m, k)
     runs = {}
-    for recompute in (False, True):
+    for recompute in (False, "up", True):
         def fn(recompute=recompute):
             return lora_mlp(x, gate, up, down, act="gelu_tanh", dropout_p=0.2, down_dropout_p=0.3, seed=5,
-                            down_seed=6, gate_segment=1, recompute=recompute, backend=backend)
+                            down_seed=6, gate_segment=gate_segment, recompute=recompute, backend=backend)
 
         runs[recompute] = _grads(fn, leaves, dy), _saved_shapes(fn, gate, up, down)
-    (kept, saved_kept), (again, saved_again) = runs[False], runs[True]
-    assert all(torch.equal(a, b) for a, b in zip(kept, again))
-    for shape in [(m, 2 * r), (m, i), (m, i)]:
-        saved_kept.remove(shape)
-    assert saved_again == saved_kept
+    kept, saved_kept = runs[False]
+    for recompute, dropped in (("up", [(m, i)]), (True, [(m, 2 * r), (m, i), (m, i)])):
+        again, saved_again = runs[recompute]
+        if backend == "triton" and recompute == "up":
+            assert max(max_rel_err(b, a) for a, b in zip(kept, again)) <= 1e-6
+        else:
+            assert all(torch.equal(a, b) for a, b in zip(kept, again)), recompute
+        want = list(saved_kept)
+        for shape in dropped:
+            want.remove(shape)
+        assert saved_again == want, recompute
+
+
+def test_recompute_setting_is_checked():
+    x, gate, up, down = _case(5, 8, 12, 2, torch.float32)
+    with pytest.raises(ValueError, match=r"layers.0.mlp: unknown recompute 'gate'; choose one of \['none', 'up', "
+                                         r"'gate_up'\] or a bool"):
+        lora_mlp(x, gate, up, down, recompute="gate", name="layers.0.mlp")
 
 
 def test_triton_launches_with_recompute():
@@ -349,15 +366,17 @@ def test_model_parity_with_fused_mlp(arch, p):
 
 def _mlp_saved_bytes(arch: str) -> tuple[dict[str, int], torch.Tensor]:
     """Bytes one MLP (hidden 64, 16 tokens, LoRA dropout 0.1) keeps for backward: PEFT, patched with the MLP left
-    to its layers (``fuse_mlp=False``), and patched."""
+    to its layers (``fuse_mlp=False``), patched with ``recompute="norms"`` and patched (the default, "up")."""
     from peftfast.bench import saved_activation_bytes
 
     model = peft_model(arch, lora_dropout=0.1, model_kwargs=dict(hidden=64, layers=1))
     params = [*model.parameters()]
     sizes = {}
-    for label in ("peft", "layers", "mlp"):
+    for label in ("peft", "layers", "norms", "mlp"):
         if label == "layers":
             peftfast.patch(model, fuse_mlp=False)
+        elif label == "norms":
+            peftfast.patch(model, recompute="norms")
         elif label == "mlp":
             peftfast.patch(model)
         mlp = model.base_model.model.model.layers[0].mlp
@@ -371,11 +390,13 @@ def test_fused_mlp_saves_less_than_layerwise_and_peft():
     sizes, h = _mlp_saved_bytes("llama")
     m, hidden, inter, r = 16, 64, 128, 8
     elt = 4
-    # fused MLP: x, g, u (+ skinny products); layer-wise also keeps act(g) and h; PEFT adds dropout copies
-    assert sizes["mlp"] == elt * (m * hidden + 2 * m * inter + m * 3 * r)
+    # fused MLP: x, g, u (+ skinny products), by default (recompute="up") not u; layer-wise also keeps act(g) and
+    # h; PEFT adds dropout copies
+    assert sizes["norms"] == elt * (m * hidden + 2 * m * inter + m * 3 * r)
+    assert sizes["mlp"] == elt * (m * hidden + m * inter + m * 3 * r)
     # the registered LoRA op (backend cpp) also keeps its 8-byte dropout seed tensor: one per grouped call
     seed_bytes = 8 * 2 if resolve_backend("auto", h.device) == "cpp" else 0
-    assert sizes["layers"] - sizes["mlp"] == elt * 2 * m * inter + seed_bytes
+    assert sizes["layers"] - sizes["norms"] == elt * 2 * m * inter + seed_bytes
     assert sizes["peft"] > sizes["layers"]
 
 
@@ -436,7 +457,8 @@ def _frozen_run(fn, x, dy):
 
 @pytest.mark.parametrize("backend", [*BACKENDS, "cpp"])
 @pytest.mark.parametrize("act", list(ACTS))
-@pytest.mark.parametrize("bias,recompute,noncontig", [(True, False, False), (False, True, True), (True, True, False)])
+@pytest.mark.parametrize("bias,recompute,noncontig", [(True, False, False), (False, True, True), (True, True, False),
+                                                      (True, "up", True)])
 def test_frozen_mlp_fp32_parity(backend, act, bias, recompute, noncontig):
     """Output and input gradient against fp64 at odd shapes; no weight gets a gradient."""
     from peftfast.ops.mlp import frozen_mlp
@@ -468,8 +490,9 @@ def test_frozen_mlp_fp16_within_twice_eager_error(backend):
 
 
 @pytest.mark.parametrize("backend", [*BACKENDS, "cpp"])
-def test_frozen_mlp_saves_g_and_u_or_only_x(backend):
-    """Eager autograd keeps g, act(g) and u; the op keeps g and u, or with recompute x alone."""
+def test_frozen_mlp_saves_g_and_u_or_less(backend):
+    """Eager autograd keeps g, act(g) and u; the op keeps g and u, with recompute="up" x and g, with "gate_up" (or
+    True) x alone."""
     from peftfast.ops.mlp import frozen_mlp
 
     _cpp_or_skip(backend)
@@ -478,8 +501,11 @@ def test_frozen_mlp_saves_g_and_u_or_only_x(backend):
     assert _saved_shapes(lambda: _frozen_ref(x, gate, up, down, "silu", torch.float32), gate, up, down) == \
         [(m, i)] * 3
     assert _saved_shapes(lambda: frozen_mlp(x, gate, up, down, backend=backend), gate, up, down) == [(m, i)] * 2
-    assert _saved_shapes(lambda: frozen_mlp(x, gate, up, down, recompute=True, backend=backend),
-                         gate, up, down) == [(m, k)]
+    assert _saved_shapes(lambda: frozen_mlp(x, gate, up, down, recompute="up", backend=backend),
+                         gate, up, down) == [(m, k), (m, i)]
+    for recompute in (True, "gate_up"):
+        assert _saved_shapes(lambda: frozen_mlp(x, gate, up, down, recompute=recompute, backend=backend),
+                             gate, up, down) == [(m, k)]
 
 
 def test_frozen_mlp_bad_input():
@@ -703,9 +729,10 @@ def test_packed_low_precision_within_twice_eager_error(backend, dtype):
 
 
 @pytest.mark.parametrize("backend", [*BACKENDS, "cpp"])
-def test_packed_saves_x_gate_up_and_skinny_products_and_recompute_keeps_x(backend):
+def test_packed_saves_x_gate_up_and_skinny_products_and_recompute_keeps_less(backend):
     """Kept: x, ``[g | u]`` (one tensor: the halves are views of it) and the two rank-r products; never act(g), h
-    or a dropout copy. With ``recompute`` the gate_up output and its product go too, for the same bits."""
+    or a dropout copy. With ``recompute="up"`` g alone instead of ``[g | u]``; with ``"gate_up"`` the gate_up output
+    and its product go too; the same values either way."""
     from peftfast.ops.mlp import lora_packed_mlp
 
     _cpp_or_skip(backend)
@@ -714,17 +741,21 @@ def test_packed_saves_x_gate_up_and_skinny_products_and_recompute_keeps_x(backen
     leaves = _tensors(x, gate_up, down)
     dy = torch.randn(m, k)
     runs = {}
-    for recompute in (False, True):
+    for recompute in (False, "up", True):
         def fn(recompute=recompute):
             return lora_packed_mlp(x, gate_up, down, act="gelu", dropout_p=0.2, down_dropout_p=0.3, seed=5,
                                    down_seed=6, recompute=recompute, backend=backend)
 
         shapes = [s for s in _saved_shapes(fn, gate_up, down) if s != (1,)]  # the C++ ops' seed tensors
         runs[recompute] = _grads(fn, leaves, dy), shapes
-    (kept, saved_kept), (again, saved_again) = runs[False], runs[True]
+    (kept, saved_kept), (half, saved_half), (again, saved_again) = runs[False], runs["up"], runs[True]
     assert saved_kept == sorted([(m, k), (m, r), (m, 2 * i), (m, r)])
+    assert saved_half == sorted([(m, k), (m, r), (m, i), (m, r)])
     assert saved_again == sorted([(m, k), (m, r)])
     assert all(torch.equal(a, b) for a, b in zip(kept, again))
+    # u from a GEMM over the up rows of W alone: the same values up to fp32 rounding (bit-equal where the BLAS
+    # blocks the K loop alike)
+    assert max(max_rel_err(b, a) for a, b in zip(kept, half)) <= 1e-6
 
 
 def test_packed_bad_input():
@@ -747,8 +778,9 @@ def test_packed_mlp_saves_less_than_layerwise_and_peft():
     seed_bytes = 8 * 2 if resolve_backend("auto", h.device) == "cpp" else 0
     # packed op: x, [g | u], two skinny products; layer-wise keeps act(g) and h (the down projection's input) too,
     # and the registered LoRA op's 8-byte seed tensor per layer (the packed op keeps its seeds as integers)
-    assert sizes["mlp"] == 4 * (m * hidden + 2 * m * inter + 2 * m * r)
-    assert sizes["layers"] - sizes["mlp"] == 4 * 2 * m * inter + seed_bytes
+    assert sizes["norms"] == 4 * (m * hidden + 2 * m * inter + 2 * m * r)
+    assert sizes["mlp"] == 4 * (m * hidden + m * inter + 2 * m * r)  # the default, "up": g, a copy of [g | u]'s half
+    assert sizes["layers"] - sizes["norms"] == 4 * 2 * m * inter + seed_bytes
     assert sizes["peft"] > sizes["layers"]
 
 

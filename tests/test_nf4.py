@@ -494,11 +494,13 @@ def _layerwise(x, gate, up, down, act, seeds, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("act,double,recompute", [("silu", False, False), ("gelu_tanh", True, True)])
-def test_nf4_lora_mlp_matches_the_layers_one_by_one(backend: str, act: str, double: bool, recompute: bool) -> None:
+@pytest.mark.parametrize("act,double,recompute", [("silu", False, False), ("gelu_tanh", True, True),
+                                                   ("silu", True, "up")])
+def test_nf4_lora_mlp_matches_the_layers_one_by_one(backend: str, act: str, double: bool,
+                                                   recompute: bool | str) -> None:
     """Same seeds, same kernels: the op gives the layer-by-layer output and every gradient (x, biases, A, B, LoRA
-    biases; ranks and dropout differing per projection), and keeps neither act(g) nor h (with recompute, nor g, u
-    and the gate/up products)."""
+    biases; ranks and dropout differing per projection), and keeps neither act(g) nor h (with recompute="up", nor u
+    and the up product; with True, nor g, u and the gate/up products)."""
     torch.manual_seed(9)
     m, k, i = 37, 128, 192
     x = torch.randn(m, 2 * k)[:, ::2].requires_grad_()  # non-contiguous
@@ -521,12 +523,13 @@ def test_nf4_lora_mlp_matches_the_layers_one_by_one(backend: str, act: str, doub
     fused = saved_shapes(lambda: O.nf4_lora_mlp(x, gate, up, down, act=act, seeds=seeds, recompute=recompute,
                                                  backend=backend), params)
     layers = saved_shapes(lambda: _layerwise(x, gate, up, down, act, seeds, backend), params)
-    kept = [(m, k), (m, 5)] + ([] if recompute else [(m, 4), (m, 8), (m, i), (m, i)])
+    kept = [(m, k), (m, 5)] + {False: [(m, 4), (m, 8), (m, i), (m, i)], "up": [(m, 4), (m, i)], True: []}[recompute]
     assert [s for s in fused if s != (1,)] == sorted(kept)  # (1,): a registered op's seed tensor
     # the layers also keep act(g) and u for the product, h for the down projection; x once per layer on ATen
     for shape in [(m, i), (m, i)]:
         layers.remove(shape)
-    assert sum(math.prod(s) for s in layers) >= sum(math.prod(s) for s in fused) + (2 * m * i if recompute else 0)
+    fewer = {False: 0, "up": m * i, True: 2 * m * i}[recompute]
+    assert sum(math.prod(s) for s in layers) >= sum(math.prod(s) for s in fused) + fewer
 
 
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "torch"])
@@ -582,7 +585,7 @@ def test_nf4_lora_mlp_bad_input_names_the_projection() -> None:
         O.nf4_lora_mlp(x, gate, up, down, act="relu", name="blk.mlp")
 
 
-@pytest.mark.parametrize("recompute", ["norms", "mlp"])
+@pytest.mark.parametrize("recompute", ["norms", "up", "mlp"])
 def test_qlora_model_mlp_runs_as_one_op(recompute: str) -> None:
     """quantize_base + patch: each gated MLP runs on the NF4 LoRA-MLP op with the losses and gradients of its three
     NF4 layers one by one (dropout included: the seeds are drawn in the same order) and keeps less for backward;
@@ -612,7 +615,7 @@ def test_qlora_model_mlp_runs_as_one_op(recompute: str) -> None:
     saved = [saved_activation_bytes(lambda m=m: m(input_ids=ids, labels=ids).loss, exclude=params)[1].total
              for m in (model, ref)]
     inter = model.config.intermediate_size
-    assert saved[1] - saved[0] >= 4 * ids.numel() * inter * (4 if recompute == "mlp" else 2)
+    assert saved[1] - saved[0] >= 4 * ids.numel() * inter * {"norms": 2, "up": 3, "mlp": 4}[recompute]
     with torch.autocast("cpu", dtype=torch.bfloat16):
         torch.manual_seed(4)
         got = model(input_ids=ids).logits

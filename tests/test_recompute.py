@@ -328,7 +328,7 @@ def test_views_of_a_larger_storage_are_not_offered():
     assert calls == []
 
 
-@pytest.mark.parametrize("setting", ["none", "norms", "attn", "mlp"])
+@pytest.mark.parametrize("setting", ["none", "norms", "up", "attn", "mlp"])
 def test_patch_reports_the_setting(setting):
     from _models import peft_model
 
@@ -343,7 +343,8 @@ def test_patch_reports_the_setting(setting):
     assert all(b.rebuild_norms == (setting != "none") for b in blocks)
     ropes = [m._peftfast_rope for m in model.modules() if "_peftfast_rope" in m.__dict__]
     assert ropes and all(r.rebuild_qkv == (setting in ("attn", "mlp")) for r in ropes)
-    assert all(m.recompute == (setting == "mlp") for m in mlps)
+    want = {"none": "none", "norms": "none", "up": "up", "attn": "up", "mlp": "gate_up"}[setting]
+    assert all(m.recompute == want for m in mlps)
 
 
 def test_patch_rejects_an_unknown_setting():

@@ -149,7 +149,7 @@ class DenseMLPState(Tallied):
     act_type: type
     rebuild: bool  # rebuild h in backward (patch(recompute=...) other than "none")
     previous_forward: object | None
-    rerun: bool = False  # keep x, not the pre-activation: backward runs up again (patch(recompute="mlp"))
+    rerun: bool = False  # keep x, not the pre-activation: backward runs up again (recompute="up" or later)
     fused_calls: int = 0
     fallbacks: Counter = field(default_factory=Counter)
     deferred: Counter = field(default_factory=Counter)
@@ -273,7 +273,7 @@ def find_layout(module: nn.Module, rebuild: bool = True, consumer: nn.Module | N
     """The first layout of ``module`` that runs on the replacement and keeps less for it, else a one-line reason
     (that of the first candidate). ``consumer`` and ``scoped`` matter for an ``intermediate`` module only: the
     projection that reads its output, and whether the model runs in a rebuild scope; ``rerun``: the pre-activation
-    is not kept either (``recompute="mlp"``)."""
+    is not kept either (``recompute="up"`` or a later setting)."""
     reasons = []
     for lay in layouts_of(module):
         why = _layout_reason(module, lay, rebuild, consumer, scoped, rerun)
@@ -374,7 +374,7 @@ def dense_inline_act_forward(self: nn.Module, y: torch.Tensor, *args, **kwargs) 
 
 
 def _reruns(st: DenseMLPState, up: nn.Module, x: torch.Tensor) -> bool:
-    """This call keeps ``x`` and runs ``up`` again in backward: ``recompute="mlp"``, something upstream of ``h``
+    """This call keeps ``x`` and runs ``up`` again in backward: ``recompute="up"`` or later, something upstream of ``h``
     needs a gradient, and saved tensors can be rebuilt here (not under torch.compile or activation checkpointing;
     not with DeepSpeed ZeRO-3 parameters either, whose fetch order a module run inside backward would change)."""
     if not st.rerun or why_not_rebuild() is not None:

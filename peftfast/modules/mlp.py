@@ -186,7 +186,7 @@ class MLPState(Tallied):
     name: str
     backend: str
     previous_forward: object | None
-    recompute: bool = False  # backward runs the gate/up forward again instead of keeping g and u
+    recompute: str = "none"  # what backward rebuilds instead of keeping (peftfast.ops.mlp.MLP_RECOMPUTE)
     frozen: bool = False  # plain frozen projections (the frozen-MLP op), not patched LoRA layers
     packed: bool = False  # one gate_up_proj (Phi-3, GLM): the packed LoRA-MLP op
     fused_calls: int = 0
@@ -344,7 +344,7 @@ def frozen_mlp_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs) -> tor
     return out
 
 
-def install(module: nn.Module, name: str, backend: str, recompute: bool = False, frozen: bool = False,
+def install(module: nn.Module, name: str, backend: str, recompute: str = "none", frozen: bool = False,
             packed: bool = False) -> None:
     st = getattr(module, "_peftfast_mlp", None)
     if st is not None and (st.frozen, st.packed) != (frozen, packed):  # its projections gained or lost LoRA

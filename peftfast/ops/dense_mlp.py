@@ -15,8 +15,8 @@ computation without autograd, which backward runs to rebuild ``h`` for the down 
 that keeps I values where eager PyTorch keeps 2·I (GELU, LoRA on the down projection) to 5·I (``gelu_new``). The
 composite forms and these differ by rounding only: they compute the same function.
 
-With ``recompute="mlp"`` (:func:`up_act_rerun`) not even ``y`` is kept: ``h = act(up(x))`` keeps ``x`` (which the
-norm before it rebuilds in turn, where it is a registered norm output) and backward runs ``up`` again, once, under
+With ``recompute="up"`` or later (:func:`up_act_rerun`), not even ``y`` is kept: ``h = act(up(x))`` keeps ``x`` (which
+the norm before it rebuilds in turn, where it is a registered norm output) and backward runs ``up`` again, once, under
 the forward's RNG and autocast state (the same LoRA dropout masks, the same bits): the down projection's rebuild of
 ``h`` makes that rerun with grad and leaves its graph to the rerun's own backward. ``up`` is any module (a PEFT LoRA
 layer, patched or not, ``Conv1D``): its parameter gradients come from a backward through the rerun, as reentrant

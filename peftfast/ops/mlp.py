@@ -4,8 +4,11 @@ Saved for backward: the block input ``x`` (once for gate and up), the gate/up pr
 the skinny ``x·A_catᵀ`` / ``h·A_downᵀ`` products. The activation output ``act(g)`` and the down projection's input
 ``h = act(g)·u`` are never kept: backward rebuilds ``h`` from ``g`` and ``u`` (one element-wise pass). PEFT keeps
 ``g``, ``act(g)``, ``u``, ``h`` and, with dropout, a dropout copy of ``x`` per projection and of ``h``. With
-``recompute=True`` (``patch(recompute="mlp")``) g, u and ``x·A_catᵀ`` are not kept either: backward runs the gate/up
-forward again (2·I values per token fewer for one more gate/up GEMM; the same seed and kernels give the same values).
+``recompute`` trades backward GEMMs for saved values (:data:`MLP_RECOMPUTE`): ``"up"`` (``patch(recompute="up")``)
+keeps g but not u, which backward rebuilds from x and the kept skinny product (I values per token fewer for one
+dense GEMM of hidden·I per token); ``"gate_up"`` or ``True`` (``patch(recompute="mlp")``) keeps neither g, u nor
+``x·A_catᵀ``: backward runs the gate/up forward again (2·I values per token fewer for the gate/up GEMM pair; the same
+seed and kernels give the same values).
 
 Triton forward: one skinny launch for ``x·A_catᵀ``, then one GEMM launch (``_lora_gate_up_act_kernel``) that
 accumulates ``x·W_gᵀ`` and ``x·W_uᵀ`` from shared x tiles, adds both LoRA epilogues and writes g, u and
@@ -28,6 +31,7 @@ from peftfast.ops._counters import launching
 from peftfast.ops.lora import (
     _check_group,
     _dot_precision,
+    _TorchImpl,
     _TritonImpl,
     dense_strategy,
     draw_seed,
@@ -38,6 +42,20 @@ from peftfast.ops.lora import (
 
 GATE_ACTS = {"silu": 0, "gelu": 1, "gelu_tanh": 2}
 _BLOCK = 1024
+# what a gated-MLP op rebuilds in backward instead of keeping: nothing, the up projection's output u, or g and u
+MLP_RECOMPUTE = ("none", "up", "gate_up")
+
+
+def recompute_mode(recompute: bool | str | None, label: str) -> str:
+    """``recompute`` as one of :data:`MLP_RECOMPUTE` (``True`` is ``"gate_up"``, ``False``/``None`` ``"none"``)."""
+    if recompute is True:
+        return "gate_up"
+    if recompute is False or recompute is None:
+        return "none"
+    if isinstance(recompute, str) and recompute in MLP_RECOMPUTE:
+        return recompute
+    raise ValueError(f"peftfast: {label}: unknown recompute {recompute!r}; choose one of {list(MLP_RECOMPUTE)} "
+                     "or a bool")
 
 
 def _act(g: torch.Tensor, act: str) -> torch.Tensor:
@@ -264,8 +282,9 @@ def _triton_gate_up_forward(x2d, scales, p, seed, gate_segment, act, flat_gu):
 
 class _LoRAMLPFunction(torch.autograd.Function):
     """``flat`` = the gate/up group's Ws, bs, bBs, As, Bs (2 each, in segment order: ``gate_segment`` says where
-    the gate is), then the down projection's (1 each). With ``recompute``, g, u and ``x·A_catᵀ`` are not saved:
-    backward runs the same gate/up forward again (same seed, same kernels: the same values)."""
+    the gate is), then the down projection's (1 each). ``recompute`` (:data:`MLP_RECOMPUTE`): with ``"up"`` u is not
+    saved (backward rebuilds it from x and the kept ``x·A_upᵀ``); with ``"gate_up"``, g, u and ``x·A_catᵀ`` are not
+    saved: backward runs the same gate/up forward again (same seed, same kernels: the same values)."""
 
     @staticmethod
     def forward(ctx, x, act, s_gu, s_d, p_gu, p_d, seed_gu, seed_d, backend, gate_segment, recompute, *flat):
@@ -273,8 +292,10 @@ class _LoRAMLPFunction(torch.autograd.Function):
         x2d = x.reshape(-1, x.shape[-1])
         g, u, h, xa_gu = _gate_up(x2d, act, s_gu, p_gu, seed_gu, backend, gate_segment, flat_gu)
         (y,), xa_d = group_forward(h, s_d, p_d, seed_d, backend, 1, flat_d)
-        if recompute:
+        if recompute == "gate_up":
             ctx.save_for_backward(x2d, xa_d, *flat)
+        elif recompute == "up":
+            ctx.save_for_backward(x2d, xa_gu, g, xa_d, *flat)
         else:
             ctx.save_for_backward(x2d, xa_gu, g, u, xa_d, *flat)
         ctx.meta = (act, s_gu, s_d, p_gu, p_d, seed_gu, seed_d, backend, gate_segment, x.shape, recompute)
@@ -283,11 +304,18 @@ class _LoRAMLPFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         act, s_gu, s_d, p_gu, p_d, seed_gu, seed_d, backend, gate_segment, x_shape, recompute = ctx.meta
-        if recompute:
+        if recompute == "gate_up":
             x2d, xa_d, *flat = ctx.saved_tensors
             g, u, h, xa_gu = _gate_up(x2d, act, s_gu, p_gu, seed_gu, backend, gate_segment, flat[:10])
         else:
-            x2d, xa_gu, g, u, xa_d, *flat = ctx.saved_tensors
+            if recompute == "up":
+                x2d, xa_gu, g, xa_d, *flat = ctx.saved_tensors
+                us = 1 - gate_segment
+                rank = flat[6].shape[0]
+                u = _rebuild_proj(x2d, xa_gu[:, us * rank:(us + 1) * rank], flat[us], flat[2 + us], flat[4 + us],
+                                  flat[8 + us], s_gu[us], backend)
+            else:
+                x2d, xa_gu, g, u, xa_d, *flat = ctx.saved_tensors
             h = act_mul(g, u, act, backend)  # rebuilt, never saved
         flat_gu, flat_d = flat[:10], flat[10:]
         need = ctx.needs_input_grad
@@ -303,6 +331,13 @@ class _LoRAMLPFunction(torch.autograd.Function):
         return (None if dx is None else dx.view(x_shape), *([None] * 10), *grads_gu, *grads_d)
 
 
+def _rebuild_proj(x2d, xa_i, w, b, lbias, b_mat, scale, backend):
+    """One LoRA linear's output ``x·Wᵀ + b + s·(xa_i·Bᵀ + b_B)`` from the kept skinny product ``xa_i`` (its dropout
+    is in it), in backward: the same dense and low-rank terms as the forward, one GEMM of x's rows."""
+    impl = _TritonImpl if backend == "triton" else _TorchImpl  # cpp: the C++ forward's own ATen calls, same order
+    return impl.fwd(x2d, w, b, xa_i, b_mat, scale, lbias)
+
+
 def _gate_up(x2d, act, s_gu, p_gu, seed_gu, backend, gate_segment, flat_gu):
     """(g, u, h = act(g)·u, x·A_catᵀ) of the gate/up group: deterministic, so backward may run it again."""
     if backend == "triton" and dense_strategy() == "fused":
@@ -314,17 +349,19 @@ def _gate_up(x2d, act, s_gu, p_gu, seed_gu, backend, gate_segment, flat_gu):
 
 
 class _FrozenMLPFunction(torch.autograd.Function):
-    """``down(act(gate(x)) · up(x))`` over frozen projections: only ``dx`` flows back. Saves g and u (or, with
-    ``recompute``, x alone: backward runs the two GEMMs again), never ``act(g)`` or ``h``; the weights are the
-    modules' parameters, not copies."""
+    """``down(act(gate(x)) · up(x))`` over frozen projections: only ``dx`` flows back. Saves g and u (with
+    ``recompute="up"`` x and g: backward runs the up GEMM again; with ``"gate_up"`` x alone: both GEMMs), never
+    ``act(g)`` or ``h``; the weights are the modules' parameters, not copies."""
 
     @staticmethod
     def forward(ctx, x, wg, bg, wu, bu, wd, bd, act, backend, recompute):
         x2d = x.reshape(-1, x.shape[-1])
         g, u = F.linear(x2d, wg, bg), F.linear(x2d, wu, bu)
         y = F.linear(act_mul(g, u, act, backend), wd, bd)  # grad mode is off here: h is freed right after
-        if recompute:
+        if recompute == "gate_up":
             ctx.save_for_backward(x2d, wg, bg, wu, bu, wd)
+        elif recompute == "up":
+            ctx.save_for_backward(x2d, g, wg, wu, bu, wd)
         else:
             ctx.save_for_backward(g, u, wg, wu, wd)
         ctx.meta = (act, backend, recompute, x.shape)
@@ -335,9 +372,13 @@ class _FrozenMLPFunction(torch.autograd.Function):
         act, backend, recompute, x_shape = ctx.meta
         if not ctx.needs_input_grad[0]:
             return (None,) * 10
-        if recompute:
+        if recompute == "gate_up":
             x2d, wg, bg, wu, bu, wd = ctx.saved_tensors
             g, u = F.linear(x2d, wg, bg), F.linear(x2d, wu, bu)
+            del x2d
+        elif recompute == "up":
+            x2d, g, wg, wu, bu, wd = ctx.saved_tensors
+            u = F.linear(x2d, wu, bu)
             del x2d
         else:
             g, u, wg, wu, wd = ctx.saved_tensors
@@ -352,13 +393,14 @@ FrozenProj = tuple  # (weight [N, K], bias | None) of a frozen nn.Linear
 
 
 def frozen_mlp(x: torch.Tensor, gate: Sequence, up: Sequence, down: Sequence, *, act: str = "silu",
-               recompute: bool = False, backend: str = "auto", name: str = "") -> torch.Tensor:
+               recompute: bool | str = False, backend: str = "auto", name: str = "") -> torch.Tensor:
     """``down(act(gate(x)) · up(x))`` where each projection is ``(W, b)`` of a frozen linear (no LoRA on it).
 
     The frozen MLP of a model tuned elsewhere (prefix/prompt tuning, bottleneck adapters, LoRA on attention only):
     autograd's eager graph keeps g, ``act(g)`` and u (3·I values per token) for the input gradient; this op keeps
-    g and u (2·I), or with ``recompute`` nothing but x (which a fused block rebuilds from its norm input, so the
-    MLP then keeps nothing of its own) for one more gate/up GEMM pair in backward. The GEMMs are ATen's (cuBLAS,
+    g and u (2·I); with ``recompute="up"`` g and x (x is rebuilt from the norm input by a fused block) for one
+    more up GEMM in backward; with ``"gate_up"`` (or ``True``) nothing but x (the MLP then keeps nothing of its own)
+    for one more gate/up GEMM pair. The GEMMs are ATen's (cuBLAS,
     oneDNN); ``act(g)·u`` and its backward are one pass each on the ``cpp`` / ``triton`` backends. The weights
     must not require grad (no weight gradient is computed).
     """
@@ -384,8 +426,9 @@ def frozen_mlp(x: torch.Tensor, gate: Sequence, up: Sequence, down: Sequence, *,
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         raise ValueError(f"peftfast: {label}: projection weights require grad; frozen_mlp computes no weight "
                          "gradients (use lora_mlp, or the module's own forward)")
+    mode = recompute_mode(recompute, label)
     be = resolve_backend(backend, x.device)
-    return _FrozenMLPFunction.apply(x, wg, bg, wu, bu, wd, bd, act, be, bool(recompute))
+    return _FrozenMLPFunction.apply(x, wg, bg, wu, bu, wd, bd, act, be, mode)
 
 
 def _seeds(seed, down_seed, p: float, p_d: float, backend: str, device: torch.device) -> tuple:
@@ -402,15 +445,15 @@ LoRAProj = tuple  # (weight [N, K], bias | None, lora_A [r, K], lora_B [N, r], s
 
 def lora_mlp(x: torch.Tensor, gate: Sequence, up: Sequence, down: Sequence, *, act: str = "silu",
              dropout_p: float = 0.0, down_dropout_p: float | None = None, seed: int | None = None,
-             down_seed: int | None = None, gate_segment: int = 0, recompute: bool = False, backend: str = "auto",
-             name: str = "") -> torch.Tensor:
+             down_seed: int | None = None, gate_segment: int = 0, recompute: bool | str = False,
+             backend: str = "auto", name: str = "") -> torch.Tensor:
     """``down(act(gate(x)) · up(x))`` where each projection is ``(W, b, A, B, scale, lora_bias)`` of a LoRA linear.
 
     gate/up share a rank and a dropout probability (one grouped pass over ``x``); the down projection may have
     its own (``down_dropout_p``, default ``dropout_p``). ``act``: silu (SwiGLU), gelu or gelu_tanh (GeGLU).
     ``gate_segment`` (0 or 1) is the gate's dropout segment in the gate/up group, so the masks match those of the
-    same layers run as a sibling group. ``recompute`` keeps 2·I fewer values per token (g and u) for one more
-    gate/up GEMM in backward.
+    same layers run as a sibling group. ``recompute="up"`` keeps I fewer values per token (u) for one more dense
+    up GEMM in backward; ``"gate_up"`` (or ``True``) 2·I fewer (g and u) for one more gate/up GEMM pair.
     """
     if act not in GATE_ACTS:
         raise ValueError(f"peftfast: {name or 'lora_mlp'}: unknown gate activation {act!r}; "
@@ -422,6 +465,7 @@ def lora_mlp(x: torch.Tensor, gate: Sequence, up: Sequence, down: Sequence, *, a
         raise ValueError(f"peftfast: {name}: gate and up widths differ ({wg.shape[0]} and {wu.shape[0]})")
     h_like = x.new_empty((1, wg.shape[0]))
     _check_group(h_like, [wd], [bd], [ad], [bmd], [sd], [lbd], p_d, f"{name} down")
+    mode = recompute_mode(recompute, name or "lora_mlp")
     be = resolve_backend(backend, x.device)
     seed, down_seed = _seeds(seed, down_seed, dropout_p, p_d, be, x.device)
     if gate_segment not in (0, 1):
@@ -429,14 +473,16 @@ def lora_mlp(x: torch.Tensor, gate: Sequence, up: Sequence, down: Sequence, *, a
     first, second = ((wg, bg, lbg, ag, bmg, sg), (wu, bu, lbu, au, bmu, su))[:: 1 if gate_segment == 0 else -1]
     flat = [*(t for pair in zip(first[:5], second[:5]) for t in pair), wd, bd, lbd, ad, bmd]
     return _LoRAMLPFunction.apply(x, act, (float(first[5]), float(second[5])), (float(sd),), float(dropout_p),
-                                  float(p_d), seed, down_seed, be, gate_segment, bool(recompute), *flat)
+                                  float(p_d), seed, down_seed, be, gate_segment, mode, *flat)
 
 
 class _PackedLoRAMLPFunction(torch.autograd.Function):
     """``down(act(g) · u)`` with ``[g | u] = gate_up(x)`` one LoRA linear of width 2·I (Phi-3, GLM). ``flat`` =
     the gate_up projection's W, b, bB, A, B, then the down projection's. Saves x, ``y = [g | u]`` (the halves are
-    views of it) and the two skinny LoRA products; with ``recompute`` only x and the down product (backward runs the
-    gate_up forward again: same seed, same kernels, same values). ``h = act(g)·u`` is rebuilt, never kept."""
+    views of it) and the two skinny LoRA products; with ``recompute="up"`` g (a copy of the first half) instead of
+    y (backward rebuilds u from x, the lower half of W and the kept product); with ``"gate_up"`` only x and the down
+    product (backward runs the gate_up forward again: same seed, same kernels, same values). ``h = act(g)·u`` is
+    rebuilt, never kept."""
 
     @staticmethod
     def forward(ctx, x, act, s_gu, s_d, p_gu, p_d, seed_gu, seed_d, backend, recompute, *flat):
@@ -446,8 +492,10 @@ class _PackedLoRAMLPFunction(torch.autograd.Function):
         h = act_mul(y[:, :inter], y[:, inter:], act, backend)
         (out,), xa_d = group_forward(h, s_d, p_d, seed_d, backend, 1, flat[5:])
         del h
-        if recompute:
+        if recompute == "gate_up":
             ctx.save_for_backward(x2d, xa_d, *flat)
+        elif recompute == "up":
+            ctx.save_for_backward(x2d, xa_gu, y[:, :inter].clone(), xa_d, *flat)  # g alone, not all of y's storage
         else:
             ctx.save_for_backward(x2d, xa_gu, y, xa_d, *flat)
         ctx.meta = (act, s_gu, s_d, p_gu, p_d, seed_gu, seed_d, backend, x.shape, recompute)
@@ -456,22 +504,29 @@ class _PackedLoRAMLPFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout):
         act, s_gu, s_d, p_gu, p_d, seed_gu, seed_d, backend, x_shape, recompute = ctx.meta
-        if recompute:
-            x2d, xa_d, *flat = ctx.saved_tensors
-            (y,), xa_gu = group_forward(x2d, s_gu, p_gu, seed_gu, backend, 1, flat[:5])
+        if recompute == "up":
+            x2d, xa_gu, g, xa_d, *flat = ctx.saved_tensors
+            inter = g.shape[1]
+            w, b, lb, _, b_mat = flat[:5]
+            u = _rebuild_proj(x2d, xa_gu, w[inter:], None if b is None else b[inter:],
+                              None if lb is None else lb[inter:], b_mat[inter:], s_gu[0], backend)
         else:
-            x2d, xa_gu, y, xa_d, *flat = ctx.saved_tensors
-        inter = y.shape[1] // 2
-        g, u = y[:, :inter], y[:, inter:]
+            if recompute == "gate_up":
+                x2d, xa_d, *flat = ctx.saved_tensors
+                (y,), xa_gu = group_forward(x2d, s_gu, p_gu, seed_gu, backend, 1, flat[:5])
+            else:
+                x2d, xa_gu, y, xa_d, *flat = ctx.saved_tensors
+            inter = y.shape[1] // 2
+            g, u = y[:, :inter], y[:, inter:]
         h = act_mul(g, u, act, backend)  # rebuilt, never saved
         need = ctx.needs_input_grad
         flat_need = need[10:]
         dout2 = dout.reshape(x2d.shape[0], -1)
         dh, grads_d = group_backward(h, xa_d, flat[5:], s_d, p_d, seed_d, backend, 1, True, flat_need[5:], [dout2])
         del h
-        dy = torch.empty((x2d.shape[0], 2 * inter), device=dh.device, dtype=y.dtype)
+        dy = torch.empty((x2d.shape[0], 2 * inter), device=dh.device, dtype=g.dtype)
         act_mul_backward(dh, g, u, act, backend, out=(dy[:, :inter], dy[:, inter:]))  # written in place (Triton)
-        del dh, g, u, y
+        del dh, g, u
         dx, grads_gu = group_backward(x2d, xa_gu, flat[:5], s_gu, p_gu, seed_gu, backend, 1, need[0],
                                       flat_need[:5], [dy])
         return (None if dx is None else dx.view(x_shape), *([None] * 9), *grads_gu, *grads_d)
@@ -479,7 +534,7 @@ class _PackedLoRAMLPFunction(torch.autograd.Function):
 
 def lora_packed_mlp(x: torch.Tensor, gate_up: Sequence, down: Sequence, *, act: str = "silu",
                     dropout_p: float = 0.0, down_dropout_p: float | None = None, seed: int | None = None,
-                    down_seed: int | None = None, recompute: bool = False, backend: str = "auto",
+                    down_seed: int | None = None, recompute: bool | str = False, backend: str = "auto",
                     name: str = "") -> torch.Tensor:
     """``down(act(g) · u)`` where ``[g | u] = gate_up(x)`` (the first half the gate, as Phi-3 and GLM chunk it) and
     each projection is ``(W, b, A, B, scale, lora_bias)`` of a LoRA linear (gate_up: one adapter over the 2·I
@@ -487,7 +542,8 @@ def lora_packed_mlp(x: torch.Tensor, gate_up: Sequence, down: Sequence, *, act: 
 
     Keeps x, ``[g | u]`` and the rank-r products, where eager autograd with PEFT keeps ``[g | u]``, ``act(g)``,
     ``h = act(g)·u`` (or, with dropout, its dropped copy and mask) as well: per token I values fewer, 2·I with
-    dropout. ``recompute`` keeps x alone for one more gate_up GEMM in backward.
+    dropout. ``recompute="up"`` keeps g rather than ``[g | u]`` for one more GEMM over the up half of the weight in
+    backward; ``"gate_up"`` (or ``True``) keeps x alone for one more gate_up GEMM.
     """
     label = name or "lora_packed_mlp"
     if act not in GATE_ACTS:
@@ -499,11 +555,12 @@ def lora_packed_mlp(x: torch.Tensor, gate_up: Sequence, down: Sequence, *, act: 
         raise ValueError(f"peftfast: {label}: gate_up has {wgu.shape[0]} outputs, not an even 2 x intermediate")
     h_like = x.new_empty((1, wgu.shape[0] // 2))
     _check_group(h_like, [wd], [bd], [ad], [bmd], [sd], [lbd], p_d, f"{label} down")
+    mode = recompute_mode(recompute, label)
     be = resolve_backend(backend, x.device)
     seed, down_seed = _seeds(seed, down_seed, dropout_p, p_d, be, x.device)
     return _PackedLoRAMLPFunction.apply(x, act, (float(sgu),), (float(sd),), float(dropout_p), float(p_d), seed,
-                                        down_seed, be, bool(recompute), wgu, bgu, lbgu, agu, bmgu, wd, bd, lbd, ad,
+                                        down_seed, be, mode, wgu, bgu, lbgu, agu, bmgu, wd, bd, lbd, ad,
                                         bmd)
 
 
-__all__ = ["GATE_ACTS", "act_mul", "act_mul_backward", "frozen_mlp", "lora_mlp", "lora_packed_mlp"]
+__all__ = ["GATE_ACTS", "MLP_RECOMPUTE", "act_mul", "act_mul_backward", "frozen_mlp", "lora_mlp", "lora_packed_mlp"]

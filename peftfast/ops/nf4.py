@@ -516,8 +516,10 @@ class _NF4LoRAMLPFunction(torch.autograd.Function):
         (g, xa_g), (u, xa_u) = (_nf4_proj_fwd(backend, x2d, proj, absmax, meta, seeds, i, chunk) for i in (0, 1))
         y, xa_d = _nf4_proj_fwd(backend, act_mul(g, u, act, backend), proj, absmax, meta, seeds, 2, chunk)
         tensor_seeds = [t for t in seeds if isinstance(t, torch.Tensor)]
-        if recompute:
+        if recompute == "gate_up":
             ctx.save_for_backward(x2d, xa_d, *proj, *tensor_seeds)
+        elif recompute == "up":
+            ctx.save_for_backward(x2d, xa_g, g, xa_d, *proj, *tensor_seeds)
         else:
             ctx.save_for_backward(x2d, xa_g, xa_u, g, u, xa_d, *proj, *tensor_seeds)
         ctx.meta = (act, meta, backend, chunk, recompute, x.shape, None if tensor_seeds else seeds)
@@ -529,14 +531,18 @@ class _NF4LoRAMLPFunction(torch.autograd.Function):
 
         act, meta, backend, chunk, recompute, x_shape, int_seeds = ctx.meta
         saved = ctx.saved_tensors
-        if recompute:
+        if recompute == "gate_up":
             (x2d, xa_d), rest = saved[:2], saved[2:]
+        elif recompute == "up":
+            (x2d, xa_g, g, xa_d), rest = saved[:4], saved[4:]
         else:
             (x2d, xa_g, xa_u, g, u, xa_d), rest = saved[:6], saved[6:]
         proj, seeds = rest[:3 * _NF4_PROJ], int_seeds or rest[3 * _NF4_PROJ:]
         absmax = _absmaxes(proj, meta, x2d.shape[1])
-        if recompute:
+        if recompute == "gate_up":
             (g, xa_g), (u, xa_u) = (_nf4_proj_fwd(backend, x2d, proj, absmax, meta, seeds, i, chunk) for i in (0, 1))
+        elif recompute == "up":  # the up projection again, its dropout mask from the same seed (and its x·Aᵀ with it)
+            u, xa_u = _nf4_proj_fwd(backend, x2d, proj, absmax, meta, seeds, 1, chunk)
         need = ctx.needs_input_grad[6:]
         h = act_mul(g, u, act, backend)  # rebuilt, never saved
         dy2 = dy.reshape(-1, dy.shape[-1])
@@ -597,7 +603,7 @@ NF4Proj = tuple  # (qweight, absmax state, block_size, bias | None, lora_A, lora
 
 
 def nf4_lora_mlp(x: torch.Tensor, gate: NF4Proj, up: NF4Proj, down: NF4Proj, *, act: str = "silu",
-                 seeds: tuple[int | None, int | None, int | None] = (None, None, None), recompute: bool = False,
+                 seeds: tuple[int | None, int | None, int | None] = (None, None, None), recompute: bool | str = False,
                  backend: str = "auto", chunk: int = 0, name: str = "") -> torch.Tensor:
     """``down(act(gate(x)) · up(x))`` with each projection a LoRA linear over an NF4 base (QLoRA's gated MLP).
 
@@ -605,15 +611,17 @@ def nf4_lora_mlp(x: torch.Tensor, gate: NF4Proj, up: NF4Proj, down: NF4Proj, *, 
     :func:`nf4_lora_linear` takes them, run by the same kernels (no 16-bit copy of any W); dropout seeds are drawn
     in gate, up, down order when not given, as the three layers called one by one draw theirs. Saved for backward:
     x, g, u and the skinny ``drop(x)·Aᵀ`` products; never ``act(g)`` or the down projection's input
-    ``h = act(g)·u``, which the layers one by one keep (2·I values per token). ``recompute`` keeps neither g nor u
-    (and no gate/up products): backward runs the two gate/up NF4 GEMMs again with the same seeds.
+    ``h = act(g)·u``, which the layers one by one keep (2·I values per token). ``recompute="up"`` keeps g but not u
+    (nor the up product): backward runs the up NF4 GEMM again with the same seed; ``"gate_up"`` (or ``True``) keeps
+    neither g nor u (and no gate/up products): backward runs both gate/up NF4 GEMMs again.
     """
     from peftfast.ops.lora import draw_seed, seed_tensor
-    from peftfast.ops.mlp import GATE_ACTS
+    from peftfast.ops.mlp import GATE_ACTS, recompute_mode
 
     label = name or "nf4_lora_mlp"
     if act not in GATE_ACTS:
         raise ValueError(f"peftfast: {label}: unknown gate activation {act!r}; choose one of {list(GATE_ACTS)}")
+    mode = recompute_mode(recompute, label)
     projs = (gate, up, down)
     be = resolve_backend(backend, x.device)
     if be == "cpp" and not have_ops():
@@ -633,7 +641,7 @@ def nf4_lora_mlp(x: torch.Tensor, gate: NF4Proj, up: NF4Proj, down: NF4Proj, *, 
     if gate[0].shape[0] != up[0].shape[0] or down[0].shape[1] * 2 != gate[0].shape[0]:
         raise ValueError(f"peftfast: {label}: NF4 widths do not chain: gate {gate[0].shape[0]}, up {up[0].shape[0]}, "
                          f"down input {down[0].shape[1] * 2}")
-    return _NF4LoRAMLPFunction.apply(x, act, tuple(meta), be, int(chunk), bool(recompute), *flat, *seed_args)
+    return _NF4LoRAMLPFunction.apply(x, act, tuple(meta), be, int(chunk), mode, *flat, *seed_args)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -25,10 +25,27 @@ logger = logging.getLogger("peftfast")
 RECOMPUTE: dict[str, str] = {
     "none": "keep every saved activation",
     "norms": "rebuild the fused norms' outputs and the two-layer MLPs' activation outputs (element-wise)",
+    "up": "also run each fused MLP's up projection again (gated MLPs keep the gate's output, not the up's; two-layer "
+          "MLPs keep only their input)",
     "attn": "also rerun the RoPE attentions' q/k/v projections and RoPE (the attention keeps no q, k, v, the q/k/v "
             "LoRA projections no x·Aᵀ)",
     "mlp": "also run the fused MLPs' gate/up GEMM again (frozen MLPs too)",
 }
+# patch's default: the fastest setting that keeps at most about 0.3x of what eager PEFT keeps (the CPU bench's tiny
+# Llama: 0.28x at 1.1x PEFT's tokens/s; "norms" 0.37x at 1.2x); see the README's recompute section
+DEFAULT_RECOMPUTE = "up"
+
+
+def _at_least(recompute: str, level: str) -> bool:
+    """Whether the ``recompute`` setting includes ``level``'s rebuilds (the settings nest, cheapest first)."""
+    order = list(RECOMPUTE)
+    return order.index(recompute) >= order.index(level)
+
+
+def _mlp_recompute(recompute: str) -> str:
+    """What the fused gated-MLP ops rebuild at a ``recompute`` setting (``peftfast.ops.mlp.MLP_RECOMPUTE``)."""
+    return "gate_up" if _at_least(recompute, "mlp") else "up" if _at_least(recompute, "up") else "none"
+
 
 # children of one parent that PEFT-targeted models feed the same input (q/k/v, gate/up, BERT's query/key/value)
 SIBLING_SETS: tuple[frozenset[str], ...] = (
@@ -64,7 +81,7 @@ class PatchReport:
     modules: list[PatchEntry] = field(default_factory=list)
     backend: str = "auto"
     notes: list[str] = field(default_factory=list)  # model-level parts left alone, each with its reason
-    recompute: str = "norms"
+    recompute: str = DEFAULT_RECOMPUTE
 
     @property
     def patched(self) -> list[PatchEntry]:
@@ -156,7 +173,7 @@ def _is_peft_layer(mod: nn.Module) -> bool:
 
 def patch(model: nn.Module, *, backend: str = "auto", group_siblings: bool = True, fuse_mlp: bool = True,
           fuse_rope: bool = True, fuse_attention: bool = True, fuse_norms: bool = True,
-          fuse_loss: bool = False, recompute: str = "norms") -> nn.Module:
+          fuse_loss: bool = False, recompute: str = DEFAULT_RECOMPUTE) -> nn.Module:
     """Run every eligible PEFT LoRA ``Linear`` of ``model`` on peftfast's fused path, in place.
 
     Accepts a ``PeftModel`` (LoRA or prompt learning), any model holding PEFT LoRA layers, or a model with peftfast
@@ -175,16 +192,19 @@ def patch(model: nn.Module, *, backend: str = "auto", group_siblings: bool = Tru
     ``fuse_loss`` (opt-in, because such calls then return ``logits=None``, which loops that read training logits,
     e.g. TRL's token accuracy, cannot take): the labelled training calls of a causal, masked or encoder-decoder LM
     compute the loss from the last hidden states by fused linear cross-entropy (LoRA on ``lm_head`` included)
-    without materialising logits. ``recompute`` trades backward work for saved activations (``RECOMPUTE``):
-    ``"norms"`` (default) rebuilds each fused norm's output in backward (an element-wise pass) instead of keeping it
-    for the projections that read it, inside fused blocks and, through a rebuild scope around the layer stack,
-    wherever else it is saved (the next layer's q/k/v, unfused blocks), and each two-layer MLP's activation output;
-    ``"attn"`` also reruns each patched RoPE attention
-    up to its kernel (q/k/v projections with the same dropout seeds, RoPE) so that the attention kernel keeps no q,
-    k, v (one more GEMM of hidden·(q+k+v widths) per token), and the q/k/v LoRA projections take their
-    ``dropout(x)·Aᵀ`` from that rerun instead of keeping it; ``"mlp"`` also runs each fused MLP's gate/up forward again
-    instead of keeping the pre-activations (one more GEMM of 2·hidden·intermediate per token); ``"none"`` keeps
-    everything. Gradients are the same either way. Returns ``model``.
+    without materialising logits.
+    ``recompute`` trades backward work for saved activations (``RECOMPUTE``): ``"norms"`` rebuilds each fused norm's
+    output in backward (an element-wise pass) instead of keeping it for the projections that read it, inside fused
+    blocks and, through a rebuild scope around the layer stack, wherever else it is saved (the next layer's q/k/v,
+    unfused blocks), and each two-layer MLP's activation output; ``"up"`` (default) also runs each fused MLP's up
+    projection again in backward (one more GEMM of hidden·intermediate per token): gated MLPs keep the gate's output but
+    not the up's (intermediate values per token fewer), two-layer MLPs keep only their input; ``"attn"`` also reruns
+    each patched RoPE attention up to its kernel (q/k/v projections with the same dropout seeds, RoPE) so that the
+    attention kernel keeps no q, k, v (one more GEMM of hidden·(q+k+v widths) per token), and the q/k/v LoRA projections
+    take their ``dropout(x)·Aᵀ`` from that rerun instead of keeping it; ``"mlp"`` also runs each fused gated MLP's gate
+    projection again (g is not kept either: one more GEMM of hidden·intermediate per token); ``"none"`` keeps
+    everything. Gradients are the same either way (bit for bit on CPU; on Triton ``"up"`` rebuilds u with the LoRA GEMM
+    rather than the fused gate/up one: the same within rounding). Returns ``model``.
     """
     if backend not in BACKENDS:
         raise ValueError(f"peftfast.patch: unknown backend {backend!r}; choose one of {BACKENDS}")
@@ -214,7 +234,8 @@ def patch(model: nn.Module, *, backend: str = "auto", group_siblings: bool = Tru
             elif mlp_mod.is_packed_gated_mlp(mod) and any(_is_peft_layer(c) for c in mod.children()):
                 # Phi-3 / GLM: one gate_up_proj, chunked (the probe in why_not_packed checks the class's code)
                 reason = mlp_mod.why_not_packed(mod) if fuse_mlp else "fuse_mlp=False"
-                _apply(rep, mlp_mod, "mlp", name, mod, reason, backend, recompute=recompute == "mlp", packed=True)
+                _apply(rep, mlp_mod, "mlp", name, mod, reason, backend, recompute=_mlp_recompute(recompute),
+                       packed=True)
             elif type(mod).__name__.endswith("MLP") and any(_is_peft_layer(c) for c in mod.children()):
                 rep.modules.append(PatchEntry(name=name, kind="mlp", patched=False,
                                               reason=f"{type(mod).__name__} layout (not gate_proj/up_proj/down_proj, "
@@ -229,7 +250,7 @@ def patch(model: nn.Module, *, backend: str = "auto", group_siblings: bool = Tru
             reason = "gate/up/down mix NF4 and other base weights: they run one by one"
         if reason is None and not any(nf4) and not group_siblings:
             reason = "group_siblings=False (the fused MLP groups gate and up)"
-        _apply(rep, mlp_mod, "mlp", name, mod, reason, backend, recompute=recompute == "mlp")
+        _apply(rep, mlp_mod, "mlp", name, mod, reason, backend, recompute=_mlp_recompute(recompute))
     # the frozen base of any tuned model trains through the same norms, RoPE and attention: LoRA layers, PEFT prompt
     # learning and peftfast's bottleneck adapters all get them fused; a model with none of these is left unchanged
     # (with a warning below)
@@ -239,7 +260,7 @@ def patch(model: nn.Module, *, backend: str = "auto", group_siblings: bool = Tru
     for name, mod in frozen_mlps:
         if tuned:  # the MLPs of the frozen base: only the input gradient flows through them
             reason = mlp_mod.why_not_frozen(mod) if fuse_mlp else "fuse_mlp=False"
-            _apply(rep, mlp_mod, "mlp", name, mod, reason, backend, recompute=recompute == "mlp", frozen=True)
+            _apply(rep, mlp_mod, "mlp", name, mod, reason, backend, recompute=_mlp_recompute(recompute), frozen=True)
         else:
             mlp_mod.uninstall(mod)
     backbone = _backbone(model) if tuned else None
@@ -251,7 +272,7 @@ def patch(model: nn.Module, *, backend: str = "auto", group_siblings: bool = Tru
         if tuned:  # the activation keeps only its input; the down projection's copy of its output is rebuilt
             rebuild = recompute != "none"
             consumer = getattr(getattr(parent, "output", None), "dense", None) if parent is not mod else None
-            rerun = recompute == "mlp"
+            rerun = _at_least(recompute, "up")  # a two-layer MLP's up projection is all its MLP keeps
             reason = dense_mod.why_not(mod, rebuild, consumer, scope_ok, rerun) if fuse_mlp else "fuse_mlp=False"
             _apply(rep, dense_mod, "mlp", name, mod, reason, backend, rebuild=rebuild, consumer=consumer,
                    scoped=scope_ok, rerun=rerun)
@@ -261,7 +282,7 @@ def patch(model: nn.Module, *, backend: str = "auto", group_siblings: bool = Tru
         for name, mod in model.named_modules():
             if rope_mod.is_rope_attention(mod):
                 _apply(rep, rope_mod, "rope", name, mod, rope_mod.why_not(mod) if fuse_rope else "fuse_rope=False",
-                       backend, rebuild_qkv=recompute in ("attn", "mlp"))
+                       backend, rebuild_qkv=_at_least(recompute, "attn"))
     if fuse_attention and tuned and attn_mod.base_model_of(model) is not None:
         reason = attn_mod.install(model, backend)
         rep.modules.append(PatchEntry(name="attention implementation", kind="attention", patched=reason is None,
