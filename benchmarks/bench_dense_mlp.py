@@ -79,11 +79,11 @@ def run_cpu(out_path: str) -> list[dict]:
             layer = saved_bytes(arch, 3, kw) - saved_bytes(arch, 2, kw)
             rows.append({"model": arch, "variant": label, "patch": kw, "saved_bytes_per_layer": layer,
                          "saved_hvec_per_token_layer": layer / (tokens * hidden * 4)})
-    print(f"{'model':<10}{'variant':<24}{'hidden vectors / token / layer':>32}{'vs peft':>9}")
+    print(f"{'model':<10}{'variant':<36}{'hidden vectors / token / layer':>32}{'vs peft':>9}")
     for r in rows:
         base = next(b for b in rows if b["model"] == r["model"] and b["variant"] == "peft")
         r["ratio_vs_peft"] = r["saved_bytes_per_layer"] / base["saved_bytes_per_layer"]
-        print(f"{r['model']:<10}{r['variant']:<24}{r['saved_hvec_per_token_layer']:>32.2f}{r['ratio_vs_peft']:>8.3f}x")
+        print(f"{r['model']:<10}{r['variant']:<36}{r['saved_hvec_per_token_layer']:>32.2f}{r['ratio_vs_peft']:>8.3f}x")
     os.makedirs(os.path.dirname(out_path), exist_ok=True)
     with open(out_path, "w") as f:
         json.dump({"rows": rows, "versions": _versions(), "commit": git_commit(),
