@@ -109,6 +109,14 @@ def glm(hidden: int = 32, layers: int = 2, **overrides) -> nn.Module:
     return GlmForCausalLM(GlmConfig(**{**kw, **overrides}))
 
 
+def glm4(hidden: int = 32, layers: int = 2, **overrides) -> nn.Module:
+    """Glm4ForCausalLM (GLM's packed MLP and partial RoPE, sandwich norms around attention and MLP)."""
+    from transformers import Glm4Config, Glm4ForCausalLM
+
+    kw = {**_decoder_kwargs(hidden, layers), "head_dim": hidden // 4, "pad_token_id": 0}
+    return Glm4ForCausalLM(Glm4Config(**{**kw, **overrides}))
+
+
 def gpt2(hidden: int = 32, layers: int = 2, **overrides) -> nn.Module:
     """GPT2LMHeadModel (``Conv1D`` layers store ``[in, out]`` weights: PEFT sets ``fan_in_fan_out``)."""
     from transformers import GPT2Config, GPT2LMHeadModel
@@ -163,7 +171,8 @@ def bart(hidden: int = 32, layers: int = 2, **overrides) -> nn.Module:
 
 BUILDERS: dict[str, Callable[..., nn.Module]] = {
     "llama": llama, "mistral": mistral, "qwen2": qwen2, "qwen3": qwen3, "gemma": gemma, "gemma2": gemma2,
-    "gemma3": gemma3, "phi3": phi3, "glm": glm, "gpt2": gpt2, "bert": bert, "roberta": roberta, "t5": t5, "bart": bart,
+    "gemma3": gemma3, "phi3": phi3, "glm": glm, "glm4": glm4, "gpt2": gpt2, "bert": bert, "roberta": roberta, "t5": t5,
+    "bart": bart,
 }
 SEQ2SEQ_ARCHS = ("t5", "bart")
 

@@ -538,7 +538,7 @@ def test_real_presets_truncated_to_one_layer_train(tmp_path, preset):
     peft, fast, quick, mid, lean = res["results"]
     for row in (fast, quick, mid, lean):
         assert row["max_rel_loss_diff_vs_peft"] < 1e-4
-    # recompute="attn" reruns the RoPE attentions, in fused blocks or not (Gemma 2's stay unfused: extra norms)
+    # recompute="attn" reruns the RoPE attentions inside the fused blocks (Gemma 2's too: its sandwich-norm layout)
     assert lean["saved_mb"] < mid["saved_mb"] < fast["saved_mb"] < quick["saved_mb"] < peft["saved_mb"]
 
 

@@ -17,9 +17,11 @@ def _blocks(model):
     return [(e.name, e.patched, e.reason) for e in peftfast.report(model).modules if e.kind == "block"]
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma"])
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma", "phi3", "gemma2", "gemma3", "glm4"])
 @pytest.mark.parametrize("p", [0.0, 0.1])
 def test_fused_blocks_keep_losses_and_gradients(arch, p):
+    """Each layout (``block.LAYOUTS``): Llama's; Phi-3's residual dropouts; the sandwich norms of Gemma 2/3 and
+    GLM-4, around attention and MLP: the same loss and every LoRA gradient, one fused call per block."""
     model = peft_model(arch, lora_dropout=p)
     ref = clone(model)
     peftfast.patch(model)
@@ -262,11 +264,54 @@ def test_probe_refuses_a_block_that_computes_otherwise(cls, reason):
 
 
 def test_other_layouts_are_reported_with_their_reason():
-    model = peft_model("gemma2")
+    model = peft_model("llama")
+    for layer in model.base_model.model.model.layers:
+        layer.post_mlp_scale = torch.nn.Identity()  # a child no layout has
     peftfast.patch(model)
     blocks = _blocks(model)
-    assert blocks and all(not patched and "extra: post_feedforward_layernorm, pre_feedforward_layernorm" in why
-                          for _, patched, why in blocks), blocks
+    assert blocks and all(not patched and "extra: post_mlp_scale; missing: none" in why
+                          and "Phi-3, Gemma 2/3 and GLM-4 layouts" in why for _, patched, why in blocks), blocks
+
+
+def test_phi3_residual_dropout_draws_the_same_masks():
+    """Phi-3's resid_attn_dropout / resid_mlp_dropout active (p = 0.2, training): the fused block calls them as
+    modules in the class forward's order, so torch's RNG gives them the same masks: the same loss and gradients."""
+    model = peft_model("phi3", lora_dropout=0.0, model_kwargs=dict(resid_pdrop=0.2))
+    ref = clone(model)
+    peftfast.patch(model)
+    assert all(patched for _, patched, _ in _blocks(model))
+    data = batch("phi3")
+    loss, grads = loss_and_grads(model, data)
+    ref_loss, ref_grads = loss_and_grads(ref, data)
+    assert abs(loss.item() - ref_loss.item()) <= TOL * abs(ref_loss.item())
+    assert max(max_rel_err(grads[n], ref_grads[n]) for n in grads) <= TOL
+    torch.manual_seed(0)
+    other = model(**data).loss  # another draw: the dropouts do act
+    assert abs(other.item() - loss.item()) > 1e-4
+
+
+def test_probe_refuses_a_dropout_on_the_wrong_tensor():
+    """A Phi-3 block whose class applies the attention dropout to the residual instead of the attention output: the
+    probe's distinct stubs tell the two apart, and the block keeps its own forward with the reason."""
+    from transformers.models.phi3.modeling_phi3 import Phi3DecoderLayer
+
+    class Swapped(Phi3DecoderLayer):
+        def forward(self, hidden_states, attention_mask=None, position_ids=None, cache=None, use_cache=False,
+                    position_embeddings=None, **kwargs):
+            residual = hidden_states
+            h, _ = self.self_attn(hidden_states=self.input_layernorm(hidden_states), attention_mask=attention_mask,
+                                  position_ids=position_ids, cache=cache, use_cache=use_cache,
+                                  position_embeddings=position_embeddings, **kwargs)
+            h = self.resid_attn_dropout(residual) + h
+            residual = h
+            return residual + self.resid_mlp_dropout(self.mlp(self.post_attention_layernorm(h)))
+
+    model = peft_model("phi3")
+    for layer in model.base_model.model.model.layers:
+        layer.__class__ = Swapped
+    peftfast.patch(model)
+    assert all(not patched and "computes something else" in why for _, patched, why in _blocks(model)), \
+        _blocks(model)
 
 
 def test_norms_off_means_blocks_off():

@@ -10,15 +10,16 @@ from _models import batch, clone, loss_and_grads, max_rel_err, peft_model, use_s
 
 import peftfast
 
-FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3", "gpt2", "bert", "roberta",
-            "t5", "bart"]
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3", "glm4", "gpt2", "bert",
+            "roberta", "t5", "bart"]
 # block modules fused per family besides the attention implementation: gated and two-layer MLPs, RoPE, norms (on
 # CPU LayerNorms run ATen's op, their outputs registered to be rebuilt where saved), residual-add blocks
 EXPECTED_BLOCKS = {
     "llama": ("mlp", "rope", "norm", "block"), "mistral": ("mlp", "rope", "norm", "block"),
     "qwen2": ("mlp", "rope", "norm", "block"), "qwen3": ("mlp", "rope", "norm", "block"),
-    "gemma": ("mlp", "rope", "norm", "block"), "gemma2": ("mlp", "rope", "norm"),
-    "gemma3": ("mlp", "rope", "norm"), "phi3": ("mlp", "rope", "norm"), "gpt2": ("mlp", "norm"),
+    "gemma": ("mlp", "rope", "norm", "block"), "gemma2": ("mlp", "rope", "norm", "block"),
+    "gemma3": ("mlp", "rope", "norm", "block"), "phi3": ("mlp", "rope", "norm", "block"),
+    "glm4": ("mlp", "rope", "norm", "block"), "gpt2": ("mlp", "norm"),
     "bert": ("mlp", "norm"), "roberta": ("mlp", "norm"),
     # encoder-decoders: T5 v1.0's ReLU MLP keeps nothing extra (not fused), BART's inline MLPs are
     "t5": ("norm",), "bart": ("mlp", "norm"),
@@ -26,7 +27,7 @@ EXPECTED_BLOCKS = {
 # families whose attention the peftfast implementation does not serve (T5 is served since its position bias is)
 OWN_ATTENTION: set[str] = set()
 ENCODER_DECODERS = {"t5", "bart"}
-CAUSAL_LMS = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3"]
+CAUSAL_LMS = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3", "glm4"]
 TOL = 2e-5
 
 

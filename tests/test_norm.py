@@ -550,7 +550,8 @@ def test_t5_form_is_the_llama_form_when_dtypes_agree(backend, monkeypatch):
 
 # ----------------------------------------------------------------------------------------------------------------
 # the model's rebuild scope: norm outputs saved outside fused blocks (the next layer's q/k/v in BERT and GPT-2, the
-# attention and MLP of Gemma 2 / Phi-3 blocks, which stay unfused) are rebuilt in backward
+# attention and MLP of a decoder block left unfused: Gemma 2 / Phi-3 blocks here, their block forwards unbound) are
+# rebuilt in backward
 # ----------------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("arch", ["bert", "gpt2", "gemma2", "phi3"])
 def test_scope_rebuilds_norm_outputs_outside_fused_blocks(arch):
@@ -558,11 +559,14 @@ def test_scope_rebuilds_norm_outputs_outside_fused_blocks(arch):
 
     import peftfast
     from peftfast.bench import saved_activation_bytes
+    from peftfast.modules import block as block_mod
     from peftfast.patching.core import _backbone
 
     model = peft_model(arch, lora_dropout=0.1)
     ref = clone(model)
     peftfast.patch(model)
+    unbound = [block_mod.uninstall(m) for m in model.modules() if block_mod.is_block(m)]  # their own forwards
+    assert all(unbound) and bool(unbound) == (arch in ("gemma2", "phi3"))
     without = copy.deepcopy(model)  # the same patch, its norms registering with no scope around them
     assert norm_mod.uninstall_scope(_backbone(without))
     use_shared_seed_dropout(ref, model, 0.1)

@@ -1,17 +1,21 @@
-"""Pre-norm decoder blocks: the residual add before the post-attention RMSNorm runs inside that norm's op.
+"""Pre-norm decoder blocks: the residual add before the MLP's input RMSNorm runs inside that norm's op.
 
-A block of the Llama form computes ``r = x + attn(norm_in(x)); out = r + mlp(norm_post(r))``, eagerly as an add
+A block of the Llama form computes ``r = x + attn(norm_in(x)); out = r + mlp(norm_mlp(r))``, eagerly as an add
 that writes ``r`` and a norm that reads it back. With the norms fused (``patch(fuse_norms=True)``), the patched
 block forward calls ``add_rms_norm(attn_out, x)`` instead: one op (one kernel on a GPU) writes ``r`` and
-``norm_post(r)``, so each layer's forward saves a pass over the hidden states and an op; what is saved for backward
+``norm_mlp(r)``, so each layer's forward saves a pass over the hidden states and an op; what is saved for backward
 does not change (``r`` and the row statistics, as the fused norm keeps).
 
-Which blocks: modules whose children are exactly ``input_layernorm``, ``self_attn``, ``post_attention_layernorm``
-and ``mlp`` (Llama, Mistral, Qwen2/2.5/3, Gemma), whose post-attention norm is a fused RMSNorm, and whose class
-``forward`` passes a probe run at patch time: with the attention and the MLP swapped for recording stubs, the
-class's own forward and the fused one return the same tensor and hand the attention the same arguments. No
-transformers source is copied or compared: a change of the block in transformers fails the probe, and the block
-then keeps its own forward, with the reason in the report.
+Which blocks (``LAYOUTS``): modules whose children are exactly ``input_layernorm``, ``self_attn``, ``mlp`` and the
+named pieces of one layout: the Llama form (Llama, Mistral, Qwen2/2.5/3, Gemma, GLM) with ``post_attention_layernorm``
+before the MLP; Phi-3's, whose residual dropouts act on the attention and MLP outputs before each add
+(``r = x + f(attn(..))``, ``out = r + g(mlp(..))``); the sandwich norms of Gemma 2/3 and GLM-4, a norm on each output
+before its add. The MLP's input norm must be a fused RMSNorm; the class ``forward`` must pass a probe run at patch
+time: with the attention, the MLP and the output pieces swapped for recording stubs (distinct affine maps), the
+class's own forward and the fused one return the same tensor, call each piece once and hand the attention the same
+arguments. No transformers source is copied or compared: a change of the block in transformers fails the probe, and
+the block then keeps its own forward, with the reason in the report. The output pieces run as the modules they are
+(a dropout draws its mask from torch's RNG in the same order as the class forward; a norm runs its fused op).
 """
 
 from __future__ import annotations
@@ -37,7 +41,37 @@ from peftfast.modules.norm import rms_norm_forward
 from peftfast.ops.norm import add_rms_norm
 from peftfast.ops.recompute import rebuilding
 
-CHILDREN = frozenset({"input_layernorm", "self_attn", "post_attention_layernorm", "mlp"})
+CHILDREN = frozenset({"input_layernorm", "self_attn", "mlp"})
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Child names of one block layout: ``mlp_norm`` normalises the MLP's input (and joins the residual add);
+    ``attn_out`` / ``mlp_out`` (or None) act on the attention / MLP output before its residual add."""
+
+    mlp_norm: str
+    attn_out: str | None = None
+    mlp_out: str | None = None
+
+    def names(self) -> frozenset[str]:
+        return frozenset(n for n in (self.mlp_norm, self.attn_out, self.mlp_out) if n is not None)
+
+
+LAYOUTS = (
+    Layout("post_attention_layernorm"),  # Llama, Mistral, Qwen2/2.5/3, Gemma, GLM
+    Layout("post_attention_layernorm", "resid_attn_dropout", "resid_mlp_dropout"),  # Phi-3
+    Layout("pre_feedforward_layernorm", "post_attention_layernorm", "post_feedforward_layernorm"),  # Gemma 2/3
+    Layout("post_attention_layernorm", "post_self_attn_layernorm", "post_mlp_layernorm"),  # GLM-4
+)
+
+
+def layout_of(module: nn.Module) -> Layout | None:
+    """The layout whose children ``module`` has exactly (peftfast's adapters aside), or None."""
+    children = {n for n, _ in module.named_children()} - {"peftfast_adapters"}
+    for lay in LAYOUTS:
+        if children == CHILDREN | lay.names():
+            return lay
+    return None
 
 
 @dataclass
@@ -49,6 +83,7 @@ class BlockState(Tallied):
     previous_forward: object | None
     defaults: dict  # the class forward's keyword defaults, handed to the attention as the forward itself does
     required: tuple[str, ...]  # its parameters without a default (besides hidden_states)
+    layout: Layout = LAYOUTS[0]
     rebuild_norms: bool = True  # backward rebuilds the two norm outputs instead of their consumers keeping them
     fused_calls: int = 0
     fallbacks: Counter = field(default_factory=Counter)
@@ -89,10 +124,10 @@ def _checkpoints_class_forward(module: nn.Module) -> bool:
 def fused_block_forward(self: nn.Module, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     """Drop-in ``forward`` of a pre-norm decoder block (bound to the instance by ``patch``)."""
     st: BlockState = self._peftfast_block
-    post = self.post_attention_layernorm
+    post = self._modules[st.layout.mlp_norm]
     nst = post.__dict__.get("_peftfast_norm")
     if args or nst is None or nst.kind != "rms" or any(r not in kwargs for r in st.required):
-        tally(st.tally_key, "fallbacks", "positional arguments or the post-attention norm is not fused")
+        tally(st.tally_key, "fallbacks", "positional arguments or the MLP's input norm is not fused")
         return call_original(self, st, hidden_states, *args, **kwargs)
     if zero3_partitioned(post.weight, self.input_layernorm.weight):
         # the add+norm op reads the post-attention norm's weight outside its module, and the rebuilt norm outputs
@@ -116,7 +151,8 @@ def fused_block_forward(self: nn.Module, hidden_states: torch.Tensor, *args, **k
 
 def _fused_body(self: nn.Module, hidden_states: torch.Tensor, **kwargs) -> torch.Tensor:
     st: BlockState = self._peftfast_block
-    post = self.post_attention_layernorm
+    lay = st.layout
+    post = self._modules[lay.mlp_norm]
     nst = post._peftfast_norm
     residual = hidden_states
     h = self.input_layernorm(hidden_states)
@@ -130,18 +166,24 @@ def _fused_body(self: nn.Module, hidden_states: torch.Tensor, **kwargs) -> torch
         h = rebuilding(h, rebuild, (hidden_states,), self.self_attn, hidden_states=h, **attn_kwargs)[0]
     else:
         h = self.self_attn(hidden_states=h, **attn_kwargs)[0]
+    if lay.attn_out is not None:
+        h = self._modules[lay.attn_out](h)
+    mlp_out = self._modules[lay.mlp_out] if lay.mlp_out is not None else None
     if h.shape != residual.shape or h.dtype != residual.dtype:
         tally(st.tally_key, "fallbacks", "attention output and residual differ in shape or dtype")
         r = residual + h
-        return r + self.mlp(post(r))
+        m = self.mlp(post(r))
+        return r + (mlp_out(m) if mlp_out is not None else m)
     normed, r = add_rms_norm(h, residual, post.weight, getattr(post, nst.eps_attr), form=nst.form,
                              backend=nst.backend, name=nst.name)
     tally(st.tally_key, "fused_calls")
     if st.rebuild_norms:
         # likewise for the MLP's input, rebuilt from r (the norm op's saved input): add_rms_norm normalises the h it
         # writes exactly as the norm module's own rms_norm does
-        return r + rebuilding(normed, functools.partial(rms_norm_forward, post), (r,), self.mlp, normed)
-    return r + self.mlp(normed)
+        m = rebuilding(normed, functools.partial(rms_norm_forward, post), (r,), self.mlp, normed)
+    else:
+        m = self.mlp(normed)
+    return r + (mlp_out(m) if mlp_out is not None else m)
 
 
 class _Stub(nn.Module):
@@ -171,9 +213,9 @@ def _same_call(a, b) -> bool:
     return True
 
 
-def probe(module: nn.Module, defaults: dict, required: tuple[str, ...]) -> str | None:
+def probe(module: nn.Module, defaults: dict, required: tuple[str, ...], layout: Layout = LAYOUTS[0]) -> str | None:
     """None when the fused forward reproduces the class forward on ``module`` (see the module docstring)."""
-    post = module.post_attention_layernorm
+    post = module._modules[layout.mlp_norm]
     w = post.weight
     gen = torch.Generator(device="cpu").manual_seed(0)
     x = torch.randn(2, 3, w.shape[-1], generator=gen).to(device=w.device, dtype=w.dtype)
@@ -189,15 +231,19 @@ def probe(module: nn.Module, defaults: dict, required: tuple[str, ...]) -> str |
     had_state = "_peftfast_block" in module.__dict__
     if not had_state:  # the fused forward reads its state; a throwaway one for the probe
         module.__dict__["_peftfast_block"] = BlockState(name="probe", backend="auto", previous_forward=None,
-                                                        defaults=defaults, required=required)
+                                                        defaults=defaults, required=required, layout=layout)
     outs, calls = [], []
     try:
         for fn in (lambda: type(module).forward(module, x, **kwargs), lambda: fused_block_forward(module, x, **kwargs)):
             attn, mlp = _Stub(0.5, 0.25, True), _Stub(2.0, -1.0, False)
             module._modules["self_attn"], module._modules["mlp"] = attn, mlp
+            # the output pieces (dropouts, sandwich norms): distinct affine maps, so the probe sees where each acts
+            outer = {n: _Stub(mul, add, False) for n, mul, add in ((layout.attn_out, 1.5, 0.125),
+                                                                    (layout.mlp_out, 0.75, -0.5)) if n is not None}
+            module._modules.update(outer)
             with torch.no_grad():
                 outs.append(fn())
-            calls.append((attn.calls, mlp.calls))
+            calls.append((attn.calls, mlp.calls, [s.calls for s in outer.values()]))
     except Exception as exc:  # the class forward does something the fused one does not
         return f"probe failed: {type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}"
     finally:
@@ -211,9 +257,11 @@ def probe(module: nn.Module, defaults: dict, required: tuple[str, ...]) -> str |
     tol = 8 * torch.finfo(w.dtype).eps * max(1.0, ref.abs().max().item())
     if (ref.float() - got.float()).abs().max().item() > tol:
         return "the block's forward computes something else than r = x + attn(norm(x)); r + mlp(norm(r))"
-    (attn_ref, mlp_ref), (attn_got, mlp_got) = calls
+    (attn_ref, mlp_ref, outer_ref), (attn_got, mlp_got, outer_got) = calls
     if len(attn_ref) != 1 or len(attn_got) != 1 or len(mlp_ref) != 1 or len(mlp_got) != 1:
         return "the block calls its attention or MLP other than once"
+    if any(len(c) != 1 for c in (*outer_ref, *outer_got)):
+        return f"the block calls {layout.attn_out} or {layout.mlp_out} other than once"
     if not _same_call(attn_ref[0], attn_got[0]):
         return "the block hands its attention other arguments than all of its own"
     return None
@@ -223,23 +271,27 @@ def why_not(module: nn.Module) -> str | None:
     """None if the block can run fused, else a one-line reason (computed once per module; probes its class)."""
     # peftfast's bottleneck adapters live beside the sublayers and act through forward hooks on the attention and
     # the MLP, which the fused forward calls as modules (hooks included), as the class forward does
-    children = {n for n, _ in module.named_children()} - {"peftfast_adapters"}
-    if children != CHILDREN:
-        extra = ", ".join(sorted(children - CHILDREN)) or "none"
-        missing = ", ".join(sorted(CHILDREN - children)) or "none"
+    lay = layout_of(module)
+    if lay is None:
+        children = {n for n, _ in module.named_children()} - {"peftfast_adapters"}
+        base = CHILDREN | LAYOUTS[0].names()
+        extra = ", ".join(sorted(children - base)) or "none"
+        missing = ", ".join(sorted(base - children)) or "none"
         return (f"block layout differs from input_layernorm/self_attn/post_attention_layernorm/mlp (extra: {extra}; "
-                f"missing: {missing}): its residual adds stay unfused")
-    nst = module.post_attention_layernorm.__dict__.get("_peftfast_norm")
+                f"missing: {missing}) and from the Phi-3, Gemma 2/3 and GLM-4 layouts: its residual adds stay "
+                "unfused")
+    mlp_norm = module._modules[lay.mlp_norm]
+    nst = mlp_norm.__dict__.get("_peftfast_norm")
     if nst is None or nst.kind != "rms":
-        return "post_attention_layernorm is not a fused RMSNorm"
+        return f"{lay.mlp_norm} is not a fused RMSNorm"
     if nst.form == "t5":  # its output dtype follows the weight's: the fused add + norm keeps the input's
-        return "post_attention_layernorm has T5's form: the residual adds stay unfused"
-    if zero3_partitioned(module.post_attention_layernorm.weight, module.input_layernorm.weight):
+        return f"{lay.mlp_norm} has T5's form: the residual adds stay unfused"
+    if zero3_partitioned(mlp_norm.weight, module.input_layernorm.weight):
         return f"norm weights are {ZERO3_REASON}"
     sig = _signature(type(module))
     if isinstance(sig, str):
         return sig
-    return probe(module, *sig)
+    return probe(module, *sig, lay)
 
 
 def install(module: nn.Module, name: str, backend: str, rebuild_norms: bool = True) -> None:
@@ -249,7 +301,7 @@ def install(module: nn.Module, name: str, backend: str, rebuild_norms: bool = Tr
         return
     defaults, required = _signature(type(module))
     bind_forward(module, "_peftfast_block", BlockState(name=name, backend=backend, previous_forward=None,
-                                                       defaults=defaults, required=required,
+                                                       defaults=defaults, required=required, layout=layout_of(module),
                                                        rebuild_norms=rebuild_norms), fused_block_forward)
 
 
@@ -260,4 +312,5 @@ def uninstall(module: nn.Module) -> bool:
     return True
 
 
-__all__ = ["BlockState", "fused_block_forward", "install", "is_block", "probe", "uninstall", "why_not"]
+__all__ = ["LAYOUTS", "BlockState", "Layout", "fused_block_forward", "install", "is_block", "layout_of", "probe",
+           "uninstall", "why_not"]
