@@ -673,6 +673,9 @@ ZERO_RUNS = {  # name: (ZeRO stage, patch(recompute=...) or None for the unpatch
 
 
 ADAPTER_ZERO_RUNS = {"adapter_zero2": 2, "adapter_zero3": 3}  # name: ZeRO stage, fused bottleneck adapters
+# ZeRO-3, patched (the default recompute) and not, on the other fused paths: Phi-3's packed qkv_proj / gate_up_proj
+# (the packed LoRA-MLP op) in its fused block, and DoRA layers (the fused DoRA op)
+OTHER_ZERO3_RUNS = {"phi3": ("phi3", {}), "dora": ("llama", {"use_dora": True})}
 
 
 def _ds_engine(model, params, stage: int, micro_batch: int):
@@ -742,6 +745,24 @@ def _ds_worker(out_path: str) -> None:
         res[name] = dict(losses=losses, weights=full, partitioned=partitioned, runtime=runtime, skipped=skipped,
                          external=external)
         engine.destroy()
+    for name, (arch, lora_kwargs) in OTHER_ZERO3_RUNS.items():
+        for patched in (False, True):
+            model = peft_model(arch, r=4, lora_alpha=8, model_kwargs={"layers": 1}, **lora_kwargs)
+            init = weights(model)
+            if patched:
+                peftfast.patch(model)
+            params = list(trainable(model).values())
+            engine = _ds_engine(model, params, 3, len(shard))
+            losses = _ds_train(engine, shard)
+            with deepspeed.zero.GatheredParameters(params):
+                full = weights(model)
+            runtime = {}
+            if patched:
+                rep = peftfast.report(model)
+                runtime = {**rep.runtime(model), **rep.module_runtime(model)}
+            res[f"other_{name}_{'patched' if patched else 'peft'}"] = dict(losses=losses, weights=full, init=init,
+                                                                            runtime=runtime)
+            engine.destroy()
     for name, stage in ADAPTER_ZERO_RUNS.items():
         model = adapter_llama(fused=True)
         params = list(trainable(model).values())
@@ -807,6 +828,31 @@ def test_deepspeed_zero3_runs_fused_lora_and_trains_like_peft(zero_run, name):
     assert run["external"] == _ZERO3_EXTERNAL, run["external"]
     block = next(r for n, r in rt.items() if n.endswith("(block)"))
     assert block["fused"] == 0 and block["fallbacks"] == {ZERO3_REASON: DIST_STEPS}, block
+
+
+@pytest.mark.parametrize("name", list(OTHER_ZERO3_RUNS))
+def test_deepspeed_zero3_other_fused_paths_train_like_peft(zero_run, name):
+    """Under ZeRO-3 over two processes, Phi-3 (packed qkv_proj and gate_up_proj: the packed LoRA-MLP op, the fused
+    block) and DoRA layers train as the unpatched PEFT model does under ZeRO-3; every call is served, fused or
+    stepping aside with a counted reason (never silently), and the LoRA layers run fused."""
+    res = zero_run["dist"]
+    peft, run = res[f"other_{name}_peft"], res[f"other_{name}_patched"]
+    assert_losses_close(run["losses"], peft["losses"])
+    assert_same_training(run["weights"], peft["weights"], peft["init"])
+    lora = {n: r for n, r in run["runtime"].items() if "base_only" in r}
+    assert lora and all(r["fused"] == DIST_STEPS and not r["fallbacks"] for r in lora.values()), lora
+    from peftfast.modules._bind import ZERO3_REASON
+
+    rt = run["runtime"]
+    mlps = [r for n, r in rt.items() if n.endswith(".mlp")]
+    if name == "phi3":  # the packed LoRA-MLP op registers its projections' parameters and runs every call
+        assert mlps and all(r["fused"] == DIST_STEPS and not r["fallbacks"] for r in mlps), rt
+    else:  # DoRA projections run one by one (refused as a block at patch time, with the reason)
+        assert not mlps, rt
+    blocks = [r for n, r in rt.items() if n.endswith("(block)")]
+    assert blocks and all(r["fused"] == 0 and r["fallbacks"] == {ZERO3_REASON: DIST_STEPS} for r in blocks), rt
+    attention = [r for n, r in rt.items() if n.endswith(("(attention)", "(rope)"))]
+    assert attention and all(r["fused"] == DIST_STEPS and not r["fallbacks"] for r in attention), rt
 
 
 def test_deepspeed_zero3_patch_after_initialize_runs_fused_lora(zero_run):
