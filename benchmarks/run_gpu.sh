@@ -37,7 +37,7 @@ fi
 if [[ " $parts " == *" headline "* ]]; then
   start=$SECONDS
   timeout "$limit" python -m peftfast bench --model llama-3-8b --batch-size auto --dtype bf16 --seq-len 2048 \
-      --steps 5 --recompute up,norms --quiet --baselines peft,liger --out "$out/bench-llama-3-8b-headline" \
+      --steps 5 --recompute up --quiet --baselines peft,liger --out "$out/bench-llama-3-8b-headline" \
       2>&1 | tee "$out/bench-llama-3-8b-headline.log"
   echo "headline: rc=${PIPESTATUS[0]} in $((SECONDS - start)) s" | tee -a "$out/parts.log"
 fi
