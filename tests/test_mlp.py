@@ -199,6 +199,17 @@ def test_triton_launches_with_recompute():
                          "_lora_gemm_kernel": 2, "_lora_da_kernel": 5}
 
 
+def test_triton_launches_with_recompute_up():
+    x, gate, up, down = _case(37, 40, 56, 8, torch.float32)
+    y = lora_mlp(x, gate, up, down, dropout_p=0.1, recompute="up", backend="triton")
+    with _counters.count_launches() as bwd:
+        y.sum().backward()
+    # as without recompute, plus one GEMM launch: u = x·W_upᵀ with its LoRA epilogue from the kept x·A_upᵀ (no
+    # dropout mask drawn again, no x·Aᵀ launch)
+    assert dict(bwd) == {"_act_mul_fwd_kernel": 1, "_act_mul_bwd_kernel": 1, "_lora_down_kernel": 3,
+                         "_lora_gemm_kernel": 3, "_lora_da_kernel": 5}
+
+
 def test_triton_launches():
     x, gate, up, down = _case(37, 40, 56, 8, torch.float32)
     with _counters.count_launches() as fwd:
