@@ -833,8 +833,8 @@ def test_deepspeed_zero3_runs_fused_lora_and_trains_like_peft(zero_run, name):
 @pytest.mark.parametrize("name", list(OTHER_ZERO3_RUNS))
 def test_deepspeed_zero3_other_fused_paths_train_like_peft(zero_run, name):
     """Under ZeRO-3 over two processes, Phi-3 (packed qkv_proj and gate_up_proj: the packed LoRA-MLP op, the fused
-    block) and DoRA layers train as the unpatched PEFT model does under ZeRO-3; every call is served, fused or
-    stepping aside with a counted reason (never silently), and the LoRA layers run fused."""
+    block) and DoRA layers (the DoRA MLP op) train as the unpatched PEFT model does under ZeRO-3; every call is
+    served, fused or stepping aside with a counted reason (never silently), and the LoRA layers run fused."""
     res = zero_run["dist"]
     peft, run = res[f"other_{name}_peft"], res[f"other_{name}_patched"]
     assert_losses_close(run["losses"], peft["losses"])
@@ -844,11 +844,10 @@ def test_deepspeed_zero3_other_fused_paths_train_like_peft(zero_run, name):
     from peftfast.modules._bind import ZERO3_REASON
 
     rt = run["runtime"]
+    # the packed LoRA-MLP op (Phi-3) and the DoRA MLP op register their projections' parameters (the magnitudes
+    # too) and run every call
     mlps = [r for n, r in rt.items() if n.endswith(".mlp")]
-    if name == "phi3":  # the packed LoRA-MLP op registers its projections' parameters and runs every call
-        assert mlps and all(r["fused"] == DIST_STEPS and not r["fallbacks"] for r in mlps), rt
-    else:  # DoRA projections run one by one (refused as a block at patch time, with the reason)
-        assert not mlps, rt
+    assert mlps and all(r["fused"] == DIST_STEPS and not r["fallbacks"] for r in mlps), rt
     blocks = [r for n, r in rt.items() if n.endswith("(block)")]
     assert blocks and all(r["fused"] == 0 and r["fallbacks"] == {ZERO3_REASON: DIST_STEPS} for r in blocks), rt
     attention = [r for n, r in rt.items() if n.endswith(("(attention)", "(rope)"))]

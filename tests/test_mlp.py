@@ -865,3 +865,152 @@ def test_triton_act_mul_reads_and_writes_packed_halves_in_place(act):
     assert dg.data_ptr() == dy.data_ptr() and du.data_ptr() == dy[:, 40:].data_ptr()
     want = act_mul_backward(dh, g.contiguous(), u.contiguous(), act, "torch")
     assert torch.allclose(dy, torch.cat(want, dim=1), atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# DoRA gated MLP (dora_mlp): three DoRA linears without dropout and act(g)·u as one op
+# ----------------------------------------------------------------------------------------------------------------
+def _dora_proj(n, k, r, dtype, bias, scale, lora_dtype=None):
+    ldt = lora_dtype or dtype
+    w = (torch.randn(n, k) / k**0.5).to(dtype)
+    b = torch.randn(n).to(dtype).requires_grad_() if bias else None
+    a = (torch.randn(r, k) / k**0.5).to(ldt).requires_grad_()
+    bm = (torch.randn(n, r) * 0.3).to(ldt).requires_grad_()
+    mag = (torch.rand(n) + 0.5).to(ldt).requires_grad_()
+    return [w, b, a, bm, scale, mag]
+
+
+def _dora_case(m, k, i, r, dtype, lora_dtype=None):
+    torch.manual_seed(21)
+    x = torch.randn(m, k).to(dtype).requires_grad_()
+    return (x, _dora_proj(i, k, r, dtype, True, 2.0, lora_dtype), _dora_proj(i, k, r, dtype, False, 0.5, lora_dtype),
+            _dora_proj(k, i, r, dtype, True, 1.5, lora_dtype))
+
+
+def _dora_leaves(x, *projs):
+    return [x] + [t for p in projs for t in (p[1], p[2], p[3], p[5]) if t is not None]
+
+
+def _dora_layerwise(x, gate, up, down, act, dtype=None):
+    """The layers one by one on PEFT's DoRA maths (fp64 when ``dtype`` is float64): ``m/‖W + sBA‖ ⊙ (xWᵀ + s·xAᵀBᵀ)
+    + b`` per projection, the norm detached."""
+    def lin(t, p):
+        w, b, a, bm, s, mag = p
+        dt = dtype or t.dtype
+        w, a, bm = w.to(dt), a.to(dt), bm.to(dt)
+        norm = torch.linalg.norm(w + s * bm @ a, dim=1).detach()
+        z = t @ w.t() + s * (t @ a.t()) @ bm.t()
+        y = z * (mag.to(dt) / norm)
+        return y + b.to(dt) if b is not None else y
+
+    xx = x.to(dtype) if dtype is not None else x
+    return lin(ACTS[act](lin(xx, gate)) * lin(xx, up), down)
+
+
+@pytest.mark.parametrize("backend", [*BACKENDS, "cpp"])
+@pytest.mark.parametrize("recompute", ["none", "up", "gate_up"])
+def test_dora_mlp_fp32_parity(backend, recompute):
+    """Output and the gradients of x, the biases, A, B and the three magnitudes against fp64, odd shapes; every
+    recompute setting gives the same values."""
+    from peftfast.ops.mlp import dora_mlp
+
+    _cpp_or_skip(backend)
+    x, gate, up, down = _dora_case(37, 40, 56, 8, torch.float32)
+    leaves = _dora_leaves(x, gate, up, down)
+    dy = torch.randn(37, 40)
+    got = _grads(lambda: dora_mlp(x, gate, up, down, act="gelu_tanh", recompute=recompute, backend=backend), leaves,
+                 dy)
+    ref = _grads(lambda: _dora_layerwise(x, gate, up, down, "gelu_tanh", torch.float64), leaves, dy.double())
+    for j, (a, r) in enumerate(zip(got, ref)):
+        assert max_rel_err(a, r) <= 3e-5, j
+
+
+@pytest.mark.parametrize("backend,dtype,lora_dtype", [("torch", torch.bfloat16, torch.bfloat16),
+                                                      ("cpp", torch.bfloat16, torch.float32),
+                                                      ("triton", torch.float16, torch.float32)])
+def test_dora_mlp_low_precision_within_twice_eager_error(backend, dtype, lora_dtype):
+    """bf16 / fp16 bases, LoRA weights and magnitudes in the base dtype or fp32 (PEFT's autocast_adapter_dtype):
+    within twice the error of the same maths run eagerly in the base dtype, against fp64."""
+    from peftfast.ops.mlp import dora_mlp
+
+    _cpp_or_skip(backend)
+    x, gate, up, down = _dora_case(37, 40, 56, 8, dtype, lora_dtype)
+    leaves = _dora_leaves(x, gate, up, down)
+    dy = torch.randn(37, 40).to(dtype)
+    got = _grads(lambda: dora_mlp(x, gate, up, down, act="silu", backend=backend), leaves, dy)
+    eager = _grads(lambda: _dora_layerwise(x, gate, up, down, "silu", dtype), leaves, dy)
+    ref = _grads(lambda: _dora_layerwise(x, gate, up, down, "silu", torch.float64), leaves, dy.double())
+    for j, (a, e, r) in enumerate(zip(got, eager, ref)):
+        assert max_rel_err(a, r) <= 2 * max_rel_err(e, r) + 1e-3, j
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dora_mlp_saves_pre_scale_outputs_only(backend):
+    """Kept: x, the three rank-r products, z_g, z_u (I each; recompute="up": z_g only; "gate_up": neither) and z_d
+    (the down projection's pre-scale output), with the three [N] scales; never g, u, act(g) or h, which the layers
+    one by one keep besides."""
+    from peftfast.ops.lora import dora_linear
+    from peftfast.ops.mlp import dora_mlp
+
+    m, k, i, r = 37, 40, 56, 8
+    x, gate, up, down = _dora_case(m, k, i, r, torch.float32)
+    params = [t for p in (gate, up, down) for t in p if isinstance(t, torch.Tensor)]
+    scales = [(i,), (i,), (k,), (i,), (i,), (k,)]  # the norms and the magnitude/norm scales
+    for recompute, wide in (("none", [(m, i), (m, i)]), ("up", [(m, i)]), ("gate_up", [])):
+        saved = saved_shapes(lambda: dora_mlp(x, gate, up, down, recompute=recompute, backend=backend), params)
+        skinny = [(m, 2 * r)] if recompute != "gate_up" else []
+        assert saved == sorted([(m, k), (m, r), (m, k), *skinny, *wide, *scales]), (recompute, saved)
+
+    def layerwise():
+        def lin(t, p):
+            return dora_linear(t, p[0], p[1], p[2], p[3], p[4], p[5], backend=backend)
+        return lin(F.silu(lin(x, gate)) * lin(x, up), down)
+
+    one_by_one = saved_shapes(layerwise, params)
+    assert sum(s == (m, i) for s in one_by_one) >= 6  # z_g, g, z_u, u, act(g), h
+
+
+def test_dora_mlp_bad_input():
+    from peftfast.ops.mlp import dora_mlp
+
+    x, gate, up, down = _dora_case(5, 8, 12, 2, torch.float32)
+    with pytest.raises(ValueError, match=r"layers.0.mlp: up DoRA magnitude has shape \(3,\)"):
+        dora_mlp(x, gate, [*up[:5], torch.ones(3)], down, name="layers.0.mlp")
+    with pytest.raises(ValueError, match="layers.0.mlp: unknown gate activation 'relu'"):
+        dora_mlp(x, gate, up, down, act="relu", name="layers.0.mlp")
+    with pytest.raises(ValueError, match="layers.0.mlp gate/up: base weight 0 requires grad"):
+        dora_mlp(x, [gate[0].requires_grad_(), *gate[1:]], up, down, name="layers.0.mlp")
+
+
+@pytest.mark.parametrize("p", [0.0, 0.1])
+def test_dora_model_mlp_runs_as_one_op(p):
+    """A DoRA Llama (all linear layers): without dropout each MLP runs on the DoRA MLP op with PEFT's loss and
+    gradients and keeps less than its layers one by one; with dropout (the DoRA op's dropout form needs the base
+    output as well) the calls are deferred to the layers, counted with the reason, and still match."""
+    from peftfast.bench import saved_activation_bytes
+
+    model = peft_model("llama", use_dora=True, lora_dropout=p)
+    ref = clone(model)
+    peftfast.patch(model)
+    if p:
+        use_shared_seed_dropout(ref, model, p)
+    data = batch("llama")
+    loss, grads = loss_and_grads(model, data)
+    ref_loss, ref_grads = loss_and_grads(ref, data)
+    assert abs(loss.item() - ref_loss.item()) <= 1e-5 * abs(ref_loss.item())
+    assert grads.keys() == ref_grads.keys() and any("magnitude" in n for n in grads)
+    assert max(max_rel_err(grads[n], ref_grads[n]) for n in grads) <= 1e-5
+    runtime = peftfast.report(model).module_runtime(model)
+    mlps = [r for n, r in runtime.items() if n.endswith(".mlp")]
+    if p:
+        assert all(r["fused"] == 0 and r["deferred"] == {"DoRA adapters with dropout (they run layer by layer)": 1}
+                   for r in mlps), mlps
+        return
+    assert len(mlps) == 2 and all(r["fused"] == 1 and not r["fallbacks"] and not r["deferred"] for r in mlps)
+    params = [*model.parameters()]
+    fused = saved_activation_bytes(lambda: model(**data).loss, exclude=params)[1].total
+    peftfast.patch(model, fuse_mlp=False)
+    layers = saved_activation_bytes(lambda: model(**data).loss, exclude=params)[1].total
+    tokens, inter = data["input_ids"].numel(), model.config.intermediate_size
+    # per layer at least g, u, act(g) and h no longer kept, and (the default recompute="up") z_u
+    assert layers - fused >= 2 * 5 * tokens * inter * 4, (layers, fused)

@@ -327,18 +327,23 @@ def test_report_lists_layers_and_skips_with_reasons(ids):
 
 
 def test_dora_model_runs_fused_layer_by_layer(ids):
-    """DoRA layers run on the fused DoRA path, one by one: no sibling group, and the MLP stays unfused with the
-    reason (its three projections each carry a norm and a magnitude); attention, RoPE, norms, blocks fused."""
+    """DoRA layers run on the fused DoRA path: no sibling group; the MLP, all three projections DoRA without
+    dropout, on the DoRA MLP op; attention, RoPE, norms, blocks fused. An MLP mixing DoRA and plain LoRA projections
+    stays unfused with the reason."""
     model = lora_llama(layers=1, use_dora=True)
     ref = logits(model, ids)
     peftfast.patch(model)
     rep = peftfast.report(model)
     assert len(rep.patched) == 7 and not rep.skipped and not any(e.group for e in rep.entries)
-    (mlp,) = [e for e in rep.modules if e.kind == "mlp"]
-    assert not mlp.patched and "DoRA" in mlp.reason
-    assert {e.kind for e in rep.modules if e.patched} == {"attention", "rope", "norm", "block"}
+    assert {e.kind for e in rep.modules if e.patched} == {"attention", "rope", "norm", "block", "mlp"}
     close(logits(model, ids), ref)
     assert fused_calls(model) == 7
+    assert rep.module_runtime(model)[f"{LAYER}.0.mlp"] == {"fused": 1, "fallbacks": {}, "deferred": {}}
+    mixed = lora_llama(layers=1, use_dora=True, targets=["q_proj", "v_proj", "gate_proj", "up_proj"])
+    mixed.add_adapter("plain", LoraConfig(r=4, lora_alpha=8, target_modules=["down_proj"]))
+    peftfast.patch(mixed)
+    (mlp,) = [e for e in peftfast.report(mixed).modules if e.kind == "mlp"]
+    assert not mlp.patched and "DoRA" in mlp.reason, mlp
 
 
 def test_layer_that_became_ineligible_is_unpatched_by_a_second_patch(ids):

@@ -35,7 +35,7 @@ from peftfast.modules._bind import (
     zero3_register,
 )
 from peftfast.modules._tally import Tallied, tally
-from peftfast.ops.mlp import frozen_mlp, lora_mlp, lora_packed_mlp
+from peftfast.ops.mlp import dora_mlp, frozen_mlp, lora_mlp, lora_packed_mlp
 from peftfast.ops.nf4 import nf4_lora_mlp
 
 _PROJ = ("gate_proj", "up_proj", "down_proj")
@@ -61,13 +61,15 @@ def is_gated_mlp(module: nn.Module) -> bool:
     return all(isinstance(getattr(module, p, None), nn.Module) for p in _PROJ) and hasattr(module, "act_fn")
 
 
-def _projections_reason(module: nn.Module, projs: tuple, unpatched_note: str = "") -> str | None:
-    """Why these projections cannot run inside one MLP op: not patched LoRA layers, or DoRA adapters."""
+def _projections_reason(module: nn.Module, projs: tuple, dora_ok: bool = False,
+                        unpatched_note: str = "") -> str | None:
+    """Why these projections cannot run inside one MLP op: not patched LoRA layers, or DoRA adapters (on some of
+    them only, or on any where ``dora_ok`` is False: the packed MLP)."""
     missing = [p for p in projs if getattr(getattr(module, p), "_peftfast", None) is None]
     if missing:
         return f"{', '.join(missing)} not patched fused LoRA layer(s){unpatched_note}"
     dora = [p for p in projs if getattr(getattr(module, p), "lora_variant", None)]
-    if dora:
+    if dora and (not dora_ok or len(dora) != len(projs)):
         return f"{', '.join(dora)} carry DoRA adapters (fused layer by layer)"
     return None
 
@@ -76,7 +78,7 @@ def why_not(module: nn.Module) -> str | None:
     """None if this gated MLP can run as one fused LoRA-MLP op (its projections already patched), else why not."""
     if not is_gated_mlp(module):
         return "not a gated MLP (gate_proj/up_proj/down_proj + act_fn)"
-    why = _projections_reason(module, _PROJ)
+    why = _projections_reason(module, _PROJ, dora_ok=True)
     if why is not None:
         return why
     if gate_activation(module.act_fn) is None:
@@ -140,7 +142,7 @@ def why_not_packed(module: nn.Module) -> str | None:
     """None if this packed gated MLP can run as one packed LoRA-MLP op (both projections patched), else why not."""
     if not is_packed_gated_mlp(module):
         return "not a packed gated MLP (gate_up_proj + activation + down_proj)"
-    why = _projections_reason(module, _PACKED, " (a frozen packed MLP is not fused)")
+    why = _projections_reason(module, _PACKED, unpatched_note=" (a frozen packed MLP is not fused)")
     if why is not None:
         return why
     if any(nf4_mod.is_nf4_lora(getattr(module, p)) for p in _PACKED):
@@ -222,13 +224,18 @@ def _plan(module: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict, projs: 
             return "defer", f"{p}: adapter disabled, merged or inactive"
         if isinstance(pl, str):
             return "defer", f"{p}: {pl}"
-        if pl.dora:
+        if pl.dora and (nf4[0] or projs is _PACKED):
             return "defer", f"{p}: DoRA adapter (runs layer by layer)"
         if nf4[0] and (why := _nf4_call_reason(layer, x)) is not None:
             return "defer", f"{p}: {why}"
         plans.append(pl)
     if nf4[0] or projs is _PACKED:  # NF4: three NF4 LoRA ops chained; packed: no sibling group to agree with
         return plans
+    if any(pl.dora for pl in plans):  # the DoRA MLP op: all three DoRA, no dropout
+        if not all(pl.dora for pl in plans):
+            return "defer", "gate/up/down mix DoRA and plain LoRA adapters (they run layer by layer)"
+        if any(pl.p for pl in plans):
+            return "defer", "DoRA adapters with dropout (they run layer by layer)"
     g, u, d = plans
     if (g.rank, g.p, g.lora_dtype) != (u.rank, u.p, u.lora_dtype):
         return "fallback", "gate/up LoRA rank, dropout or dtype differ"
@@ -256,6 +263,13 @@ def _nf4_proj(layer: nn.Module, plan, dtype: torch.dtype | None) -> tuple:
     bias, aw, bw, lb = (t if t is None or dtype is None else t.to(dtype)
                         for t in (base.bias, a.weight, b.weight, b.bias))
     return q, am, bs, bias, aw, bw, float(layer.scaling[plan.adapter]), lb, plan.p
+
+
+def _dora_proj(layer: nn.Module, plan) -> tuple:
+    """``(W, b, A, B, scale, magnitude)`` of a DoRA projection, as :func:`peftfast.ops.mlp.dora_mlp` takes it (no LoRA
+    bias: the DoRA path refuses one at patch time)."""
+    w, b, a, bm, _, s = lora_mod._member_tensors(layer, plan)
+    return w, b, a, bm, s, layer.lora_magnitude_vector[plan.adapter].weight
 
 
 def _proj(layer: nn.Module, plan) -> tuple:
@@ -288,6 +302,10 @@ def fused_mlp_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs) -> torc
         with torch.autocast(dev, enabled=False):
             return nf4_lora_mlp(x if dt is None else x.to(dt), *projs, act=gate_activation(self.act_fn),
                                 recompute=st.recompute, backend=st.backend, name=st.name)
+    if plans[0].dora:  # all three DoRA without dropout (_plan): the DoRA MLP op
+        projs = [_dora_proj(getattr(self, n), pl) for n, pl in zip(_PROJ, plans)]
+        return dora_mlp(x, *projs, act=gate_activation(self.act_fn), recompute=st.recompute, backend=st.backend,
+                        name=st.name)
     gate, up, down = (_proj(getattr(self, n), pl) for n, pl in zip(_PROJ, plans))
     # the gate's dropout segment as in the layers' sibling group, so masks do not depend on fuse_mlp
     grp = self.gate_proj._peftfast.group

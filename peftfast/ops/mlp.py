@@ -563,4 +563,124 @@ def lora_packed_mlp(x: torch.Tensor, gate_up: Sequence, down: Sequence, *, act: 
                                         bmd)
 
 
-__all__ = ["GATE_ACTS", "MLP_RECOMPUTE", "act_mul", "act_mul_backward", "frozen_mlp", "lora_mlp", "lora_packed_mlp"]
+# ----------------------------------------------------------------------------------------------------------------
+# DoRA gated MLP: the three DoRA linears (no dropout) and act(g)·u as one op
+# ----------------------------------------------------------------------------------------------------------------
+def _dora_out(z: torch.Tensor, mag: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """``z ⊙ mag + b`` in the dtypes :func:`peftfast.ops.lora.dora_linear` uses (z's and mag's promoted), cast to the
+    input's dtype."""
+    y = z * mag.to(torch.promote_types(z.dtype, mag.dtype))
+    if bias is not None:
+        y = y + bias
+    return y.to(dtype)
+
+
+def _dora_grads(dy: torch.Tensor, z: torch.Tensor, mag: torch.Tensor, norm: torch.Tensor, magnitude: torch.Tensor,
+                bias: torch.Tensor | None, need_mag: bool, need_b: bool) -> tuple:
+    """(dz, dmagnitude, dbias) of ``y = (z ⊙ magnitude/‖·‖ + b)``, the norm detached (as PEFT and the paper treat
+    it): autograd's own steps for :func:`_dora_out`."""
+    ct = torch.promote_types(z.dtype, mag.dtype)
+    dyc = dy.to(ct)
+    dz = (dyc * mag.to(ct)).to(z.dtype)
+    dmag = (dyc * z.to(ct)).sum(0).to(magnitude.dtype) / norm.to(magnitude.dtype) if need_mag else None
+    db = dyc.sum(0).to(bias.dtype) if need_b and bias is not None else None
+    return dz, dmag, db
+
+
+class _DoRAMLPFunction(torch.autograd.Function):
+    """``down(act(gate(x)) · up(x))`` with a DoRA adapter (no dropout) on each projection: ``y_p = m_p ⊙ z_p + b_p``,
+    ``z_p = x Wᵀ + s·x Aᵀ Bᵀ``, ``m_p = magnitude_p / ‖W + s·B A‖`` (rows; detached). ``flat``: the gate/up group's
+    Ws, bs (None), bBs (None), As, Bs (gate first), then the down projection's. Saved: x, the rank-r products,
+    z_g, z_u (``recompute="up"``: z_g only, z_u rebuilt from x; ``"gate_up"``: neither) and z_d, with the three
+    ``[N]`` scales; g, u, ``act(g)`` and the down input h are rebuilt in backward (element-wise), where the layers one
+    by one keep z and y of each projection, act's input and output, u and h."""
+
+    @staticmethod
+    def forward(ctx, x, act, s_gu, s_d, backend, recompute, bg, bu, bd, mag_g, mag_u, mag_d, *flat):
+        from peftfast.ops.lora import dora_weight_norm
+
+        flat_gu, flat_d = flat[:10], flat[10:]
+        x2d = x.reshape(-1, x.shape[-1])
+        ws = (flat[0], flat[1], flat[10])
+        as_, bms = (flat[6], flat[7], flat[13]), (flat[8], flat[9], flat[14])
+        scales = (*s_gu, *s_d)
+        norms = [dora_weight_norm(w, a, b, sc) for w, a, b, sc in zip(ws, as_, bms, scales)]
+        mags = [m / n.to(m.dtype) for m, n in zip((mag_g, mag_u, mag_d), norms)]
+        (z_g, z_u), xa_gu = group_forward(x2d, s_gu, 0.0, 0, backend, 2, flat_gu)
+        g, u = _dora_out(z_g, mags[0], bg, x.dtype), _dora_out(z_u, mags[1], bu, x.dtype)
+        h = act_mul(g, u, act, backend)
+        del g, u
+        (z_d,), xa_d = group_forward(h, s_d, 0.0, 0, backend, 1, flat_d)
+        del h
+        y = _dora_out(z_d, mags[2], bd, x.dtype)
+        kept = {"gate_up": (), "up": (xa_gu, z_g), "none": (xa_gu, z_g, z_u)}[recompute]
+        ctx.save_for_backward(x2d, xa_d, z_d, bg, bu, bd, mag_g, mag_u, mag_d, *norms, *mags, *flat, *kept)
+        ctx.meta = (act, s_gu, s_d, backend, recompute, x.shape, x.dtype)
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, dy):
+        act, s_gu, s_d, backend, recompute, x_shape, x_dtype = ctx.meta
+        x2d, xa_d, z_d, bg, bu, bd, mag_g, mag_u, mag_d, *rest = ctx.saved_tensors
+        norms, mags, flat, kept = rest[:3], rest[3:6], rest[6:21], rest[21:]
+        flat_gu, flat_d = flat[:10], flat[10:]
+        if recompute == "gate_up":
+            (z_g, z_u), xa_gu = group_forward(x2d, s_gu, 0.0, 0, backend, 2, flat_gu)
+        elif recompute == "up":
+            xa_gu, z_g = kept
+            rank = flat[6].shape[0]
+            z_u = _rebuild_proj(x2d, xa_gu[:, rank:2 * rank], flat[1], None, None, flat[9], s_gu[1], backend)
+        else:
+            xa_gu, z_g, z_u = kept
+        need = ctx.needs_input_grad
+        dy2 = dy.reshape(x2d.shape[0], -1)
+        dz_d, dmag_d, db_d = _dora_grads(dy2, z_d, mags[2], norms[2], mag_d, bd, need[11], need[8])
+        del z_d
+        g, u = _dora_out(z_g, mags[0], bg, x_dtype), _dora_out(z_u, mags[1], bu, x_dtype)
+        h = act_mul(g, u, act, backend)  # rebuilt, never saved
+        flat_need = need[12:]
+        dh, grads_d = group_backward(h, xa_d, flat_d, s_d, 0.0, 0, backend, 1, True, flat_need[10:], [dz_d])
+        del h, dz_d
+        dg, du = act_mul_backward(dh, g, u, act, backend)
+        del dh, g, u
+        dz_g, dmag_g, db_g = _dora_grads(dg, z_g, mags[0], norms[0], mag_g, bg, need[9], need[6])
+        dz_u, dmag_u, db_u = _dora_grads(du, z_u, mags[1], norms[1], mag_u, bu, need[10], need[7])
+        del dg, du, z_g, z_u
+        dx, grads_gu = group_backward(x2d, xa_gu, flat_gu, s_gu, 0.0, 0, backend, 2, need[0], flat_need[:10],
+                                      [dz_g, dz_u])
+        return (None if dx is None else dx.view(x_shape), None, None, None, None, None, db_g, db_u, db_d, dmag_g,
+                dmag_u, dmag_d, *grads_gu, *grads_d)
+
+
+DoRAProj = tuple  # (weight [N, K], bias | None, lora_A [r, K], lora_B [N, r], scale, magnitude [N])
+
+
+def dora_mlp(x: torch.Tensor, gate: Sequence, up: Sequence, down: Sequence, *, act: str = "silu",
+             recompute: bool | str = False, backend: str = "auto", name: str = "") -> torch.Tensor:
+    """``down(act(gate(x)) · up(x))`` where each projection is ``(W, b, A, B, scale, magnitude)`` of a PEFT DoRA
+    linear without dropout: each output ``magnitude/‖W + s·B A‖ ⊙ (x Wᵀ + s·x Aᵀ Bᵀ) + b``, as
+    :func:`peftfast.ops.lora.dora_linear` computes it layer by layer, but as one op: per token it keeps the
+    pre-scale outputs of gate and up (I values each; ``recompute="up"`` the gate's alone, ``"gate_up"`` neither)
+    and of down, never g, u, ``act(g)`` or h, which the layers one by one keep besides (4·I values per token more).
+    gate and up share one grouped pass over x (their ranks must be equal); the weights stay frozen."""
+    label = name or "dora_mlp"
+    if act not in GATE_ACTS:
+        raise ValueError(f"peftfast: {label}: unknown gate activation {act!r}; choose one of {list(GATE_ACTS)}")
+    mode = recompute_mode(recompute, label)
+    (wg, bg, ag, bmg, sg, mg), (wu, bu, au, bmu, su, mu), (wd, bd, ad, bmd, sd, md) = gate, up, down
+    _check_group(x, [wg, wu], [bg, bu], [ag, au], [bmg, bmu], [sg, su], [None, None], 0.0, f"{label} gate/up")
+    if wg.shape[0] != wu.shape[0]:
+        raise ValueError(f"peftfast: {label}: gate and up widths differ ({wg.shape[0]} and {wu.shape[0]})")
+    _check_group(x.new_empty((1, wg.shape[0])), [wd], [bd], [ad], [bmd], [sd], [None], 0.0, f"{label} down")
+    for what, w, m in (("gate", wg, mg), ("up", wu, mu), ("down", wd, md)):
+        if m.shape != (w.shape[0],) or m.device != x.device:
+            raise ValueError(f"peftfast: {label}: {what} DoRA magnitude has shape {tuple(m.shape)} on {m.device}, "
+                             f"expected ({w.shape[0]},) on {x.device}")
+    be = resolve_backend(backend, x.device)
+    flat = [wg, wu, None, None, None, None, ag, au, bmg, bmu, wd, None, None, ad, bmd]
+    return _DoRAMLPFunction.apply(x, act, (float(sg), float(su)), (float(sd),), be, mode, bg, bu, bd, mg, mu, md,
+                                  *flat)
+
+
+__all__ = ["GATE_ACTS", "MLP_RECOMPUTE", "act_mul", "act_mul_backward", "dora_mlp", "frozen_mlp", "lora_mlp",
+           "lora_packed_mlp"]
