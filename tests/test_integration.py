@@ -615,7 +615,10 @@ def _run_ranks(tmp_path_factory, worker: str) -> dict:
     """The two-rank job's results, the single-process run over the full batch, and its initial weights."""
     out = tmp_path_factory.mktemp(worker) / "result.pt"
     ok, logs = _launch(out, worker)
-    if not ok and "Address already in use" in logs:  # the free port was taken between probing and binding
+    # retried once: the free port taken between probing and binding; or a rank aborting in C++ at teardown
+    # ("terminate called without an active exception", gloo's threads: seen once in a full-suite CI run of the
+    # DeepSpeed worker, never in standalone runs). A second failure fails with both ranks' exit codes and logs.
+    if not ok and ("Address already in use" in logs or "terminate called" in logs):
         ok, logs = _launch(out, worker)
     assert ok, logs
     single = lora_llama(layers=1, patch=True)
