@@ -655,6 +655,15 @@ def dora_weight_norm(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.T
         return (w_sq + (2.0 * scale) * cross + (scale * scale) * quad).clamp_min_(0.0).sqrt_()
 
 
+def _dora_out(z: torch.Tensor, mag: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """``z ⊙ mag + b`` of a DoRA linear without dropout (z's and mag's dtypes promoted, as PEFT's eager maths), cast
+    to the input's ``dtype``; shared by :func:`dora_linear` and the DoRA MLP op, whose backward mirrors it."""
+    y = z * mag.to(torch.promote_types(z.dtype, mag.dtype))
+    if bias is not None:
+        y = y + bias
+    return y.to(dtype)
+
+
 def dora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
                 lora_b: torch.Tensor, scale: float, magnitude: torch.Tensor, *, dropout_p: float = 0.0,
                 seed: int | torch.Tensor | None = None, backend: str = "auto", name: str = "") -> torch.Tensor:
@@ -678,10 +687,7 @@ def dora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     mag = magnitude / norm.to(magnitude.dtype)
     if dropout_p == 0.0:
         z = lora_linear(x, weight, None, lora_a, lora_b, scale, backend=backend, name=name)
-        y = z * mag.to(torch.promote_types(z.dtype, mag.dtype))
-        if bias is not None:
-            y = y + bias
-        return y.to(x.dtype)
+        return _dora_out(z, mag, bias, x.dtype)
     _check_group(x, [weight], [bias], [lora_a], [lora_b], [scale], [None], dropout_p, name)
     be = resolve_backend(backend, x.device)
     x2d = x.reshape(-1, x.shape[-1])

@@ -30,6 +30,7 @@ from peftfast.ops._backend import interpreting, resolve_backend
 from peftfast.ops._counters import launching
 from peftfast.ops.lora import (
     _check_group,
+    _dora_out,
     _dot_precision,
     _TorchImpl,
     _TritonImpl,
@@ -310,10 +311,7 @@ class _LoRAMLPFunction(torch.autograd.Function):
         else:
             if recompute == "up":
                 x2d, xa_gu, g, xa_d, *flat = ctx.saved_tensors
-                us = 1 - gate_segment
-                rank = flat[6].shape[0]
-                u = _rebuild_proj(x2d, xa_gu[:, us * rank:(us + 1) * rank], flat[us], flat[2 + us], flat[4 + us],
-                                  flat[8 + us], s_gu[us], backend)
+                u = _rebuild_member(x2d, xa_gu, flat[:10], s_gu, 1 - gate_segment, backend)
             else:
                 x2d, xa_gu, g, u, xa_d, *flat = ctx.saved_tensors
             h = act_mul(g, u, act, backend)  # rebuilt, never saved
@@ -336,6 +334,14 @@ def _rebuild_proj(x2d, xa_i, w, b, lbias, b_mat, scale, backend):
     is in it), in backward: the same dense and low-rank terms as the forward, one GEMM of x's rows."""
     impl = _TritonImpl if backend == "triton" else _TorchImpl  # cpp: the C++ forward's own ATen calls, same order
     return impl.fwd(x2d, w, b, xa_i, b_mat, scale, lbias)
+
+
+def _rebuild_member(x2d, xa, flat2, scales, i, backend):
+    """Member ``i`` of a two-member group's :func:`group_forward` (``flat2`` = its Ws, bs, bBs, As, Bs; ``xa`` the
+    kept ``x·A_catᵀ``), rebuilt by :func:`_rebuild_proj`."""
+    rank = flat2[6].shape[0]
+    return _rebuild_proj(x2d, xa[:, i * rank:(i + 1) * rank], flat2[i], flat2[2 + i], flat2[4 + i], flat2[8 + i],
+                         scales[i], backend)
 
 
 def _gate_up(x2d, act, s_gu, p_gu, seed_gu, backend, gate_segment, flat_gu):
@@ -566,15 +572,6 @@ def lora_packed_mlp(x: torch.Tensor, gate_up: Sequence, down: Sequence, *, act: 
 # ----------------------------------------------------------------------------------------------------------------
 # DoRA gated MLP: the three DoRA linears (no dropout) and act(g)·u as one op
 # ----------------------------------------------------------------------------------------------------------------
-def _dora_out(z: torch.Tensor, mag: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
-    """``z ⊙ mag + b`` in the dtypes :func:`peftfast.ops.lora.dora_linear` uses (z's and mag's promoted), cast to the
-    input's dtype."""
-    y = z * mag.to(torch.promote_types(z.dtype, mag.dtype))
-    if bias is not None:
-        y = y + bias
-    return y.to(dtype)
-
-
 def _dora_grads(dy: torch.Tensor, z: torch.Tensor, mag: torch.Tensor, norm: torch.Tensor, magnitude: torch.Tensor,
                 bias: torch.Tensor | None, need_mag: bool, need_b: bool) -> tuple:
     """(dz, dmagnitude, dbias) of ``y = (z ⊙ magnitude/‖·‖ + b)``, the norm detached (as PEFT and the paper treat
@@ -628,8 +625,7 @@ class _DoRAMLPFunction(torch.autograd.Function):
             (z_g, z_u), xa_gu = group_forward(x2d, s_gu, 0.0, 0, backend, 2, flat_gu)
         elif recompute == "up":
             xa_gu, z_g = kept
-            rank = flat[6].shape[0]
-            z_u = _rebuild_proj(x2d, xa_gu[:, rank:2 * rank], flat[1], None, None, flat[9], s_gu[1], backend)
+            z_u = _rebuild_member(x2d, xa_gu, flat_gu, s_gu, 1, backend)
         else:
             xa_gu, z_g, z_u = kept
         need = ctx.needs_input_grad
