@@ -3,10 +3,12 @@
 --cpu (any machine): bytes per parameter of NF4 storage (plain and double-quantized) measured on the quantized
       buffers of Llama-3-8B-shaped projections, and one LoRA layer step (fwd+bwd, median of repeats) at hidden 1024,
       bf16: PEFT over a bf16 nn.Linear, peftfast fused over bf16, PEFT over an NF4 base (dequantize + F.linear per
-      call) and peftfast's fused NF4 path (C++ when peftfast._C is built).
+      call) and peftfast's fused NF4 path (C++ when peftfast._C is built); QDoRA (DoRA over bitsandbytes NF4,
+      when it imports): PEFT vs patched, one layer, step time and bytes saved for backward.
 --gpu (CUDA): NF4 dequantize GB/s against the device's peak (spec sheet where known, else a measured copy), and
       fused NF4-LoRA linear fwd+bwd vs the bf16 fused LoRA linear vs PEFT over a bf16 nn.Linear vs PEFT over
-      bitsandbytes Linear4bit (when installed), on Llama-3-8B shapes: median and p20/p80 ms, peak memory.
+      bitsandbytes Linear4bit (when installed), on Llama-3-8B shapes: median and p20/p80 ms, peak memory; QDoRA
+      (PEFT's DoRA over bitsandbytes vs patched) on the q and gate shapes when bitsandbytes is installed.
 """
 
 from __future__ import annotations
@@ -78,15 +80,86 @@ def run_cpu(out_path: str) -> dict:
         ms = _median_ms(step, 7)
         steps.append({"method": name, "ms": ms})
         print(f"LoRA layer step (tokens {tokens}, hidden {hidden}, r {r}, bf16, CPU): {name:<15} {ms:8.2f} ms")
+    qdora = qdora_rows("cpu", torch.bfloat16, [(hidden, hidden)], tokens, r, reps=7)
     os.makedirs(os.path.dirname(out_path), exist_ok=True)
     from peftfast.bench import _versions, git_commit
 
-    res = {"storage": storage, "layer_step": steps, "versions": _versions(), "commit": git_commit(),
+    res = {"storage": storage, "layer_step": steps, "qdora": qdora, "versions": _versions(), "commit": git_commit(),
            "threads": torch.get_num_threads()}
     with open(out_path, "w") as f:
         json.dump(res, f, indent=2)
     print(f"wrote {out_path}")
     return res
+
+
+def _bnb_dora(k: int, n: int, r: int, p: float, dev: str, dt):
+    """PEFT's QDoRA layer: ``use_dora=True`` over a bitsandbytes NF4 ``Linear4bit`` [k -> n] (random weights),
+    in a holder module; lora_B and the magnitude moved off their initial values."""
+    import bitsandbytes as bnb
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    holder = torch.nn.Module()
+    holder.fc = bnb.nn.Linear4bit(k, n, bias=False, quant_type="nf4", compute_dtype=dt)
+    holder.fc.load_state_dict({"weight": (torch.randn(n, k) / k ** 0.5).to(dt)})
+    holder = holder.to(dev)  # bitsandbytes quantizes on the move
+    pm = get_peft_model(holder, LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=p, target_modules=["fc"],
+                                           use_dora=True))
+    layer = pm.base_model.model.fc
+    with torch.no_grad():
+        layer.lora_B["default"].weight.normal_(0.0, 0.01)
+        layer.lora_magnitude_vector["default"].weight.mul_(1.1)
+    return pm.train()
+
+
+def qdora_rows(dev: str, dt, shapes, tokens: int, r: int, reps: int = 7) -> list[dict]:
+    """QDoRA, one layer: PEFT over bitsandbytes ``Linear4bit`` (``use_dora=True``) vs the same model patched
+    (``nf4_dora_linear``), dropout 0 and 0.05: fwd+bwd ms (CPU: median of ``reps``; CUDA: do_bench median and
+    p20/p80, peak memory) and bytes saved for backward (both exact, the NF4 state excluded). Empty, with the reason
+    printed, where bitsandbytes does not import."""
+    import copy
+
+    import torch
+
+    import peftfast
+    from peftfast.bench import saved_activation_bytes
+
+    try:
+        import bitsandbytes  # noqa: F401
+    except Exception as exc:  # noqa: BLE001
+        print(f"QDoRA rows skipped: bitsandbytes does not import ({type(exc).__name__}: {exc})")
+        return []
+    rows = []
+    for k, n in shapes:
+        for p in (0.0, 0.05):
+            torch.manual_seed(0)
+            peft_model = _bnb_dora(k, n, r, p, dev, dt)
+            fused = copy.deepcopy(peft_model)
+            peftfast.patch(fused)
+            x = torch.randn(tokens, k, device=dev, dtype=dt, requires_grad=True)
+            dy = torch.randn(tokens, n, device=dev, dtype=dt)
+            for label, model in (("peft + bitsandbytes", peft_model), ("peftfast", fused)):
+                layer = model.base_model.model.fc
+                state = layer.get_base_layer().weight.quant_state
+                keep = [*model.parameters(), state.absmax] + ([state.state2.absmax] if state.nested else [])
+                _, saved = saved_activation_bytes(lambda layer=layer: layer(x * 1), exclude=keep)
+                step = functools.partial(backward_step, x, dy)(lambda layer=layer: layer(x))
+                row = {"kind": "qdora_step", "shape": f"{k}->{n}", "rank": r, "dropout": p, "method": label,
+                       "tokens": tokens, "saved_bytes": saved.total}
+                if dev == "cuda":
+                    import triton.testing
+
+                    step()
+                    torch.cuda.synchronize()
+                    torch.cuda.reset_peak_memory_stats()
+                    row["ms"], row["ms_p20"], row["ms_p80"] = triton.testing.do_bench(step, quantiles=[0.5, 0.2, 0.8])
+                    row["peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
+                else:
+                    row["ms"] = _median_ms(step, reps)
+                rows.append(row)
+                print(f"QDoRA {k:>5}->{n:<6} p={p:<4} {label:<20} {row['ms']:9.3f} ms  saved "
+                      f"{saved.total / 2**20:8.2f} MB")
+    return rows
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -171,6 +244,7 @@ def run_gpu(out_dir: str | None, tokens: int = 8192) -> list[dict]:
                          "peak_mb": torch.cuda.max_memory_allocated() / 2**20})
             print(f"{k:>5}->{n:<6} {label:<26} {med:8.3f} ms  {flops / med / 1e9:6.1f} TFLOP/s  "
                   f"peak {torch.cuda.max_memory_allocated() / 2**20:8.0f} MB")
+    rows += qdora_rows(dev, dt, SHAPES_8B[:1] + SHAPES_8B[2:3], tokens, r)
     out_dir = out_dir or os.path.join(HERE, "results", f"{datetime.date.today()}-{name.replace(' ', '-')}")
     os.makedirs(out_dir, exist_ok=True)
     meta = {"device": name, "capability": torch.cuda.get_device_capability(), "versions": _versions(),

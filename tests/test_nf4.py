@@ -639,3 +639,295 @@ def test_mlp_mixing_nf4_and_plain_bases_runs_layer_by_layer_with_reason() -> Non
     ids = torch.randint(0, 96, (2, 7))
     _loss_and_grads(model, ids)
     assert all(r["fused"] == 1 for n, r in peftfast.report(model).runtime(model).items() if ".mlp." in n)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# QDoRA: DoRA over an NF4 base (bitsandbytes Linear4bit, as PEFT's QDoRA runs it)
+# ----------------------------------------------------------------------------------------------------------------
+def _bnb_dora(k: int, n: int, r: int, *, p: float = 0.0, nested: bool = False, bias: bool = True,
+              dtype: torch.dtype = torch.float32, lora_dtype: torch.dtype | None = None, seed: int = 0):
+    """A PEFT DoRA adapter (``use_dora=True``) over one bitsandbytes NF4 ``Linear4bit`` [k -> n] on CPU, with a
+    non-zero lora_B and a magnitude moved off its initial ‖W‖ (else DoRA starts as the identity)."""
+    bnb = pytest.importorskip("bitsandbytes")
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = bnb.nn.Linear4bit(k, n, bias=bias, quant_type="nf4", compute_dtype=dtype,
+                                        compress_statistics=nested)
+            lin = nn.Linear(k, n, bias=bias)
+            if bias:
+                nn.init.normal_(lin.bias, std=0.2)
+            self.fc.load_state_dict(lin.to(dtype).state_dict())
+
+        def forward(self, x):
+            return self.fc(x)
+
+    model = get_peft_model(Net().to("cpu"), LoraConfig(r=r, lora_alpha=2 * r, target_modules=["fc"],
+                                                       lora_dropout=p, use_dora=True))
+    layer = model.base_model.model.fc
+    with torch.no_grad():
+        layer.lora_B["default"].weight.normal_(0.0, 0.2)
+        layer.lora_magnitude_vector["default"].weight.mul_(torch.rand(n) + 0.5)
+    if lora_dtype is not None:
+        for name, prm in model.named_parameters():
+            if "lora_" in name:
+                prm.data = prm.data.to(lora_dtype)
+    return model.train()
+
+
+def _dora_leaves(model) -> list[torch.Tensor]:
+    return [prm for prm in model.parameters() if prm.requires_grad]  # lora_A, lora_B, magnitude
+
+
+def _fp64_qdora(model, x: torch.Tensor, keep: torch.Tensor | None, p: float):
+    """PEFT's DoRA maths in fp64 on the dequantized NF4 weight of ``model``'s layer (``keep``: the dropout mask
+    the fused path drew, or None); returns y and the gradients of x, A, B and the magnitude for ``y.sum()``-free
+    use: the caller backpropagates."""
+    from peftfast.modules.nf4 import nf4_state
+
+    layer = model.base_model.model.fc
+    q, am, bs, _ = nf4_state(layer.get_base_layer())
+    if not isinstance(am, torch.Tensor):
+        am = O.dequantize_absmax(*am, (q.shape[0], q.shape[1] * 2 // bs))
+    w = O.dequantize_nf4(q, am, bs, torch.float32).double()
+    b0 = layer.get_base_layer().bias
+    a = layer.lora_A["default"].weight.detach().double().requires_grad_()
+    bm = layer.lora_B["default"].weight.detach().double().requires_grad_()
+    mag = layer.lora_magnitude_vector["default"].weight.detach().double().requires_grad_()
+    s = float(layer.scaling["default"])
+    x64 = x.detach().double().requires_grad_()
+    xd = x64 if keep is None else x64 * keep.view(x.shape).double() / (1 - p)
+    scale = mag / torch.linalg.norm(w + s * bm.detach() @ a.detach(), dim=1)
+    y = x64 @ w.t() + (scale - 1) * (xd @ w.t()) + scale * s * (xd @ a.t() @ bm.t())
+    if b0 is not None:
+        y = y + b0.detach().double()
+    return y, (x64, a, bm, mag)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("p,nested,bias", [(0.0, False, True), (0.0, True, False), (0.25, False, False),
+                                           (0.25, True, True)])
+def test_qdora_layer_matches_peft_over_bitsandbytes(backend: str, p: float, nested: bool, bias: bool) -> None:
+    """QDoRA on the fused NF4 op gives PEFT's output and the gradients of the input, LoRA A and B and the DoRA
+    magnitude (fp32, odd shapes, 3-D input; with dropout PEFT's dropout replays the fused path's mask), with plain
+    and double-quantized absmax; every call fused."""
+    from _models import clone, use_shared_seed_dropout
+
+    model = _bnb_dora(128, 37, 5, p=p, nested=nested, bias=bias)
+    ref = clone(model)
+    peftfast.patch(model, backend=backend)
+    entry = peftfast.report(model).entries[0]
+    assert entry.patched and entry.nf4, entry
+    if p:
+        use_shared_seed_dropout(ref, model, p, backend=backend)
+    x = torch.randn(2, 9, 128)
+    dy = torch.randn(2, 9, 37)
+    outs = []
+    for m in (model, ref):
+        xi = x.clone().requires_grad_()
+        torch.manual_seed(11)
+        y = m(xi)
+        y.backward(dy)
+        outs.append([y.detach(), xi.grad] + [prm.grad for prm in _dora_leaves(m)])
+    assert len(outs[0]) == 5 and all(t is not None for t in outs[0])
+    for got, want in zip(*outs):
+        assert torch.allclose(got, want, atol=2e-5 * want.abs().max().item(), rtol=1e-4), (got - want).abs().max()
+    rt = peftfast.report(model).runtime(model)
+    assert all(r["fused"] == 1 and not r["fallbacks"] for r in rt.values()), rt
+
+
+@pytest.mark.parametrize("backend,dtype,lora_dtype", [("torch", torch.bfloat16, torch.float32),
+                                                      pytest.param("cpp", torch.bfloat16, torch.float32,
+                                                                   marks=NEED_C),
+                                                      ("cpp", torch.bfloat16, None) if O.have_ops() else
+                                                      ("torch", torch.bfloat16, None),
+                                                      ("triton", torch.float16, None)])
+@pytest.mark.parametrize("p", [0.0, 0.2])
+def test_qdora_low_precision_within_twice_peft_error(backend: str, dtype: torch.dtype, lora_dtype, p: float) -> None:
+    """bf16/fp16 compute over NF4 (fp16 on the interpreter, whose bf16 dot is broken), LoRA weights in the compute
+    dtype or fp32: the patched layer's output and gradients err against fp64 maths on the same NF4 codes (and the
+    same dropout mask) no more than twice what PEFT's own QDoRA forward does."""
+    from _models import clone, use_shared_seed_dropout
+
+    model = _bnb_dora(128, 48, 8, p=p, dtype=dtype, lora_dtype=lora_dtype, seed=4)
+    peft = clone(model)
+    peftfast.patch(model, backend=backend)
+    if p:
+        use_shared_seed_dropout(peft, model, p, backend=backend)
+    x = torch.randn(37, 128)
+    dy = torch.randn(37, 48)
+    res = []
+    for m in (model, peft):
+        xi = x.to(dtype).requires_grad_()
+        torch.manual_seed(5)
+        y = m(xi)
+        y.backward(dy.to(y.dtype))
+        res.append([y.detach().double(), xi.grad.double()] + [prm.grad.double() for prm in _dora_leaves(m)])
+    torch.manual_seed(5)
+    keep = None
+    if p:  # the mask both drew: the patched layer's seed, drawn first from torch's RNG
+        from peftfast.ops.lora import draw_seed
+
+        keep = dropout_keep_mask(draw_seed(), 1, 37, 128, p, device="cpu", backend=backend)[0]
+    y64, leaves = _fp64_qdora(model, x.to(dtype), keep, p)
+    y64.backward(dy.double())
+    exact = [y64.detach()] + [t.grad for t in leaves]
+    assert peftfast.report(model).runtime(model)["base_model.model.fc"]["fused"] == 1
+    for r, got, eager in zip(exact, *res):
+        assert (got - r).abs().max() <= 2 * (eager - r).abs().max() + 1e-3 * r.abs().max(), (
+            (got - r).abs().max(), (eager - r).abs().max())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nf4_dora_weight_norm_by_row_chunks(backend: str) -> None:
+    """‖W + s·B A‖ per row from NF4 codes, a few rows dequantized at a time: the fp64 norm of the formed matrix,
+    whatever the chunk, and the same for double-quantized absmax as for its expanded fp32 form."""
+    g = torch.Generator().manual_seed(6)
+    n, k, r, s, bs = 37, 96, 6, 1.7, 32
+    q, am = O.quantize_nf4(torch.randn(n, k, generator=g), bs)
+    a, b = torch.randn(r, k, generator=g) * 0.2, torch.randn(n, r, generator=g)
+    ref = torch.linalg.norm(_ref_dequantize(q, am, bs) + s * b.double() @ a.double(), dim=1)
+    whole = O.nf4_dora_weight_norm(q, am, a, b, s, block_size=bs, backend=backend)
+    parts = O.nf4_dora_weight_norm(q, am, a, b, s, block_size=bs, backend=backend, chunk=5 * k)  # 5 rows: 8 chunks
+    assert whole.dtype == torch.float32 and not whole.requires_grad
+    assert torch.allclose(whole.double(), ref, rtol=1e-6) and torch.allclose(parts, whole, rtol=1e-6, atol=0)
+    dq = O.double_quantize(am)
+    am_back = O.dequantize_absmax(*dq, am.shape)
+    assert torch.equal(O.nf4_dora_weight_norm(q, dq, a, b, s, block_size=bs, backend=backend),
+                       O.nf4_dora_weight_norm(q, am_back, a, b, s, block_size=bs, backend=backend))
+
+
+@pytest.mark.parametrize("p", [0.0, 0.2])
+def test_qdora_saves_less_than_peft(p: float) -> None:
+    """Bytes kept for backward by one QDoRA layer, side by side with PEFT's over the same bitsandbytes layer.
+    Without dropout: x, the rank-r product and one [M, N] output (for the magnitude's gradient). With dropout:
+    besides, the dropped input (of the second NF4 GEMM), its rank-r product and its 1-byte mask, one [M, N] still;
+    PEFT keeps two [M, N] outputs and more M x K inputs."""
+    from peftfast.bench import saved_activation_bytes
+
+    m, k, n, r = 16, 128, 96, 8
+    sizes = {}
+    for label in ("peft", "peftfast"):
+        model = _bnb_dora(k, n, r, p=p)
+        if label == "peftfast":
+            peftfast.patch(model)
+        x = torch.randn(m, k, requires_grad=True)
+        state = model.base_model.model.fc.get_base_layer().weight.quant_state.absmax  # the NF4 scales, not activations
+        _, saved = saved_activation_bytes(lambda: model(x * 1), exclude=[*model.parameters(), state])
+        sizes[label] = saved.total
+    small = 4 * 2 * n + 8 * 2  # the weight norm and mag (N each), the ops' seeds
+    if p == 0.0:
+        assert sizes["peftfast"] <= 4 * (m * k + m * r + m * n) + small, sizes
+    else:
+        assert sizes["peftfast"] <= 4 * (2 * m * k + 2 * m * r + m * n) + m * k + small, sizes
+    assert sizes["peft"] >= sizes["peftfast"] + 4 * m * n, sizes
+
+
+def test_qdora_model_runs_every_layer_fused() -> None:
+    """A tiny Llama on bitsandbytes NF4 bases with DoRA adapters and dropout: the patched model's loss and every
+    trainable gradient match PEFT's (its dropout replaying the fused masks), every LoRA layer runs fused, and the MLP
+    op steps aside for the DoRA projections with the reason in the report."""
+    bnb = pytest.importorskip("bitsandbytes")
+    from _models import clone, use_shared_seed_dropout
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(12)
+    cfg = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+                      tie_word_embeddings=False, attn_implementation="eager")
+    base = LlamaForCausalLM(cfg)
+    for name, mod in list(base.model.layers.named_modules()):
+        for cname, child in list(mod.named_children()):
+            if type(child) is nn.Linear:
+                q4 = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
+                                       quant_type="nf4", compute_dtype=torch.float32)
+                q4.load_state_dict(child.state_dict())
+                setattr(mod, cname, q4)
+    base = base.to("cpu")  # bitsandbytes quantizes on the move
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, use_dora=True,
+                                            target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                            "up_proj", "down_proj"]))
+    for name, prm in model.named_parameters():
+        if "lora_B" in name:
+            nn.init.normal_(prm, std=0.1)
+    ref = clone(model)
+    peftfast.patch(model)
+    rep = peftfast.report(model)
+    assert len(rep.entries) == 7 and all(e.patched and e.nf4 for e in rep.entries)
+    use_shared_seed_dropout(ref, model, 0.1)
+    ids = torch.randint(0, 96, (2, 9))
+    torch.manual_seed(3)
+    l_pat, g_pat = _loss_and_grads(model, ids)
+    torch.manual_seed(3)
+    l_ref, g_ref = _loss_and_grads(ref, ids)
+    assert torch.allclose(l_pat, l_ref, rtol=1e-5, atol=1e-6)
+    assert g_pat.keys() == g_ref.keys() and any("magnitude" in k for k in g_pat)
+    for name in g_ref:
+        assert torch.allclose(g_pat[name], g_ref[name], rtol=1e-3, atol=1e-5 * g_ref[name].abs().max()), name
+    rt = peftfast.report(model).runtime(model)
+    lora_rt = {k: v for k, v in rt.items() if k.endswith("_proj")}
+    assert len(lora_rt) == 7 and all(v["fused"] == 1 and not v["fallbacks"] for v in lora_rt.values()), rt
+    mrt = peftfast.report(model).module_runtime(model)["base_model.model.model.layers.0.mlp"]
+    assert mrt["fused"] == 0 and mrt["deferred"] == {"gate_proj: DoRA adapter (runs layer by layer)": 1}, mrt
+    peftfast.unpatch(model)
+    torch.manual_seed(3)
+    l_back, _ = _loss_and_grads(model, ids)
+    assert torch.isfinite(l_back)
+
+
+def test_qdora_bad_input_and_quantize_base_refusal() -> None:
+    """A magnitude of the wrong shape names the op; quantize_base refuses DoRA layers (PEFT's DoRA forward cannot
+    read NF4Linear's codes), converting nothing."""
+    from peft import LoraConfig, get_peft_model
+
+    q, am = O.quantize_nf4(torch.randn(24, 64), 32)
+    x = torch.randn(3, 64)
+    a, b = torch.randn(4, 64), torch.randn(24, 4)
+    with pytest.raises(ValueError, match=r"peftfast: blk\.fc: DoRA magnitude has shape \(23,\)"):
+        O.nf4_dora_linear(x, q, am, None, a, b, 1.0, torch.ones(23), block_size=32, name="blk.fc")
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(64, 24)
+
+        def forward(self, x):
+            return self.fc(x)
+
+    model = get_peft_model(Net(), LoraConfig(r=4, target_modules=["fc"], use_dora=True))
+    with pytest.raises(ValueError, match="fc: DoRA adapter; PEFT's DoRA forward cannot read an NF4Linear base"):
+        peftfast.quantize_base(model, block_size=32)
+    assert type(model.base_model.model.fc.get_base_layer()) is nn.Linear
+
+
+def test_qdora_layer_compiles_as_one_graph() -> None:
+    """QDoRA with dropout under torch.compile: the seed is drawn as a tensor op and shared by the mask and the fused
+    NF4 op, the norm's row chunks are a traced loop: one graph, no break; the compiled (aot_eager) step gives the
+    eager step's output and gradients for the same RNG state."""
+    import torch._dynamo
+
+    model = _bnb_dora(128, 48, 4, p=0.2)
+    peftfast.patch(model)
+    x = torch.randn(2, 5, 128)
+    torch._dynamo.reset()
+    try:
+        exp = torch._dynamo.explain(model)(x)
+        assert exp.graph_count == 1 and exp.graph_break_count == 0, exp.break_reasons[:3]
+        compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+        res = []
+        for fn in (model, compiled):
+            model.zero_grad(set_to_none=True)
+            xi = x.clone().requires_grad_()
+            torch.manual_seed(4)
+            y = fn(xi)
+            y.pow(2).sum().backward()
+            res.append([y.detach(), xi.grad] + [prm.grad for prm in _dora_leaves(model)])
+    finally:
+        torch._dynamo.reset()
+    for got, want in zip(*res):
+        assert torch.allclose(got, want, rtol=1e-5, atol=1e-6)

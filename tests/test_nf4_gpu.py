@@ -51,3 +51,42 @@ def test_fused_nf4_lora_matches_dequantized_reference(m, k, n, p):
     for got, want in ((y, yr), (x.grad, xr.grad), (a.grad, ar.grad), (b.grad, br.grad)):
         err = ((got.double() - want).abs().max() / want.abs().max()).item()
         assert err < 2e-2, err  # bf16 operands, fp32 accumulation
+
+
+@pytest.mark.parametrize("p", [0.0, 0.1])
+@pytest.mark.parametrize("m, k, n", [(37, 128, 96), (1024, 4096, 1024)])
+def test_qdora_within_twice_eager_error(m, k, n, p):
+    """nf4_dora_linear on CUDA (Triton NF4 GEMMs, the norm from dequantized row chunks) against fp64 DoRA maths on
+    the dequantized W with the same dropout mask: output and the gradients of x, A, B and the magnitude err no more
+    than twice what the same maths in plain bf16 PyTorch (PEFT's eager QDoRA: W dequantized to bf16) does."""
+    from peftfast.ops.lora import dropout_keep_mask
+    from peftfast.ops.nf4 import nf4_dora_linear
+
+    g = torch.Generator(device=DEV).manual_seed(2)
+    q, am = quantize_nf4(torch.randn(n, k, device=DEV, generator=g) / k**0.5)
+    x0 = torch.randn(m, k, device=DEV, generator=g).bfloat16()
+    a0 = torch.randn(16, k, device=DEV, generator=g) / k**0.5
+    b0 = torch.randn(n, 16, device=DEV, generator=g) * 0.1
+    mag0 = torch.linalg.norm(dequantize_nf4(q, am, dtype=torch.float32), dim=1) * (1 + 0.2 * torch.rand(
+        n, device=DEV, generator=g))
+    dy = torch.randn(m, n, device=DEV, generator=g).bfloat16()
+    keep = dropout_keep_mask(5, 1, m, k, p, device=DEV, backend="triton")[0] if p else None
+
+    def maths(dt, wdt):
+        x, a, b, mag = (t.detach().to(dt).requires_grad_() for t in (x0, a0, b0, mag0))
+        w = dequantize_nf4(q, am, dtype=wdt).to(dt)
+        xd = x if keep is None else x * keep.to(dt) / (1 - p)
+        scale = mag / torch.linalg.norm(w + 2.0 * (b @ a).detach(), dim=1).detach()
+        y = F.linear(x, w) + (scale - 1) * F.linear(xd, w) + scale * 2.0 * F.linear(F.linear(xd, a), b)
+        y.backward(dy.to(dt))
+        return [y.detach().double(), x.grad.double(), a.grad.double(), b.grad.double(), mag.grad.double()]
+
+    exact = maths(torch.float64, torch.float32)
+    eager = maths(torch.bfloat16, torch.bfloat16)
+    x, a, b, mag = (t.detach().clone().requires_grad_() for t in (x0, a0, b0, mag0))
+    y = nf4_dora_linear(x, q, am, None, a, b, 2.0, mag, dropout_p=p, seed=5, backend="triton")
+    y.backward(dy)
+    ours = [y.detach().double(), x.grad.double(), a.grad.double(), b.grad.double(), mag.grad.double()]
+    for r, got, ref in zip(exact, ours, eager):
+        assert (got - r).abs().max() <= 2 * (ref - r).abs().max() + 1e-3 * r.abs().max(), (
+            (got - r).abs().max().item(), (ref - r).abs().max().item())

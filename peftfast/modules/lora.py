@@ -196,8 +196,6 @@ def why_not(layer: nn.Module) -> str | None:
     if others:
         names = ", ".join(sorted(f"{k}: {type(v).__name__}" for k, v in others.items()))
         return f"LoRA variant ({names}) is not fused"
-    if nf4 and variants:
-        return "DoRA over an NF4 base is not fused"
     for name in variants:
         why = _dora_reason(layer, name)
         if why is not None:
@@ -342,17 +340,17 @@ def fused_lora_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs) -> tor
             tally(st.tally_key, "fallbacks", plan)
         return call_original(self, st, x, *args, **kwargs)
     nf4 = nf4_mod.is_nf4_base(base_of(self))
-    if plan.dora and (nf4 or torch.is_autocast_enabled(x.device.type)):
-        # a DoRA adapter added after patch on an NF4 layer (patch refuses that pair), or autocast: PEFT's forward
-        tally(st.tally_key, "fallbacks", "DoRA over an NF4 base" if nf4 else "DoRA under autocast")
+    if plan.dora and torch.is_autocast_enabled(x.device.type):
+        tally(st.tally_key, "fallbacks", "DoRA under autocast")
         return call_original(self, st, x, *args, **kwargs)
-    if nf4:  # one layer at a time on the fused NF4 op (never grouped)
+    if nf4:  # one layer at a time on the fused NF4 ops (never grouped)
         why = nf4_mod.call_reason(self, x)
         if why is not None:
             tally(st.tally_key, "fallbacks", why)
             return call_original(self, st, x, *args, **kwargs)
         tally(st.tally_key, "fused_calls")
-        return nf4_mod.run_lora(self, plan.adapter, plan.p, x, st.config.backend, st.name)
+        run = nf4_mod.run_dora if plan.dora else nf4_mod.run_lora
+        return run(self, plan.adapter, plan.p, x, st.config.backend, st.name)
     _check_input(self, x)
     if plan.dora:
         tally(st.tally_key, "fused_calls")

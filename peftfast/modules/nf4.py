@@ -159,8 +159,7 @@ def call_reason(layer: nn.Module, x: torch.Tensor) -> str | None:
     return None
 
 
-def run_lora(layer: nn.Module, adapter: str, p: float, x: torch.Tensor, backend: str, name: str) -> torch.Tensor:
-    """PEFT's LoRA forward over an NF4 base on the fused NF4 op (one layer; no sibling grouping)."""
+def _checked_state(layer: nn.Module, x: torch.Tensor, name: str):
     base = layer.get_base_layer()
     q, am, bs, cdt = nf4_state(base)
     if x.shape[-1] != base.in_features:
@@ -168,8 +167,17 @@ def run_lora(layer: nn.Module, adapter: str, p: float, x: torch.Tensor, backend:
                          f"{base.in_features}")
     if x.device != q.device:
         raise ValueError(f"peftfast: {name}: input is on {x.device}, the layer on {q.device}")
+    bias = base.bias
+    if bias is not None and _is_bnb_4bit(base) and bias.dtype != x.dtype:
+        bias = bias.to(x.dtype)  # bitsandbytes adds its bias in the compute dtype (the input's: see call_reason)
+    return base, bias, q, am, bs, cdt
+
+
+def run_lora(layer: nn.Module, adapter: str, p: float, x: torch.Tensor, backend: str, name: str) -> torch.Tensor:
+    """PEFT's LoRA forward over an NF4 base on the fused NF4 op (one layer; no sibling grouping)."""
+    base, bias, q, am, bs, cdt = _checked_state(layer, x, name)
     a, b = layer.lora_A[adapter], layer.lora_B[adapter]
-    args = [x, base.bias, a.weight, b.weight, b.bias]
+    args = [x, bias, a.weight, b.weight, b.bias]
     dev = x.device.type
     if torch.is_autocast_enabled(dev):
         dt = torch.get_autocast_dtype(dev)
@@ -182,4 +190,16 @@ def run_lora(layer: nn.Module, adapter: str, p: float, x: torch.Tensor, backend:
                                        dropout_p=p, block_size=bs, backend=backend, name=name)
 
 
-__all__ = ["NF4Linear", "is_nf4_base", "is_nf4_lora", "run_lora", "why_not_base"]
+def run_dora(layer: nn.Module, adapter: str, p: float, x: torch.Tensor, backend: str, name: str) -> torch.Tensor:
+    """PEFT's DoRA forward over an NF4 base (QDoRA) on :func:`peftfast.ops.nf4.nf4_dora_linear` (one layer; the
+    caller leaves autocast to PEFT's forward, as for DoRA over a dense base)."""
+    base, bias, q, am, bs, cdt = _checked_state(layer, x, name)
+    if cdt is not None and x.dtype != cdt:
+        raise TypeError(f"peftfast: {name}: input dtype {x.dtype} does not match the NF4 base's compute dtype {cdt}")
+    a, b = layer.lora_A[adapter], layer.lora_B[adapter]
+    mag = layer.lora_magnitude_vector[adapter].weight
+    return nf4_ops.nf4_dora_linear(x, q, am, bias, a.weight, b.weight, float(layer.scaling[adapter]), mag,
+                                   dropout_p=p, block_size=bs, backend=backend, name=name)
+
+
+__all__ = ["NF4Linear", "is_nf4_base", "is_nf4_lora", "run_dora", "run_lora", "why_not_base"]

@@ -646,13 +646,33 @@ def dora_weight_norm(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.T
     an ``[r, r]`` one and a row-norm pass over W; nothing ``[N, K]`` is allocated.
     """
     with torch.no_grad():
-        ct = torch.promote_types(torch.promote_types(weight.dtype, lora_a.dtype), torch.float32)
-        a, b = lora_a.to(ct), lora_b.to(ct)
-        w_sq = torch.linalg.vector_norm(weight, dim=1, dtype=ct).square()
-        wa = torch.mm(weight, lora_a.t().to(weight.dtype)).to(ct) if weight.dtype != ct else torch.mm(weight, a.t())
-        cross = (wa * b).sum(1)
-        quad = (torch.mm(b, torch.mm(a, a.t())) * b).sum(1)
-        return (w_sq + (2.0 * scale) * cross + (scale * scale) * quad).clamp_min_(0.0).sqrt_()
+        ct = dora_norm_dtype(weight.dtype, lora_a.dtype)
+        return dora_norm_from(*dora_row_terms(weight, lora_a, ct), lora_a, lora_b, scale)
+
+
+def dora_norm_dtype(weight_dtype: torch.dtype, lora_dtype: torch.dtype) -> torch.dtype:
+    """The dtype DoRA's weight norm is accumulated in: fp32, or wider where W or the LoRA weights are."""
+    return torch.promote_types(torch.promote_types(weight_dtype, lora_dtype), torch.float32)
+
+
+def dora_row_terms(weight: torch.Tensor, lora_a: torch.Tensor, ct: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(‖W_n‖², W Aᵀ)`` in ``ct`` for the rows of ``weight`` [rows, K]: the only parts of DoRA's norm that read W,
+    so a quantized W can be dequantized a chunk of rows at a time."""
+    w_sq = torch.linalg.vector_norm(weight, dim=1, dtype=ct).square()
+    # the GEMM in W's dtype (fp32 accumulation inside), as PEFT's own forward multiplies by W
+    wa = torch.mm(weight, lora_a.t().to(weight.dtype)).to(ct)
+    return w_sq, wa
+
+
+def dora_norm_from(w_sq: torch.Tensor, wa: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
+                   scale: float) -> torch.Tensor:
+    """``‖W_n + s·(B A)_n‖`` from :func:`dora_row_terms` (in their dtype): ``‖W_n‖² + 2s·(W Aᵀ)_n·B_n + s²·B_n (A Aᵀ)
+    B_nᵀ``, clamped at 0 before the root."""
+    ct = w_sq.dtype
+    a, b = lora_a.to(ct), lora_b.to(ct)
+    cross = (wa * b).sum(1)
+    quad = (torch.mm(b, torch.mm(a, a.t())) * b).sum(1)
+    return (w_sq + (2.0 * scale) * cross + (scale * scale) * quad).clamp_min_(0.0).sqrt_()
 
 
 def _dora_out(z: torch.Tensor, mag: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:

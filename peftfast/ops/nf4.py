@@ -465,6 +465,96 @@ def nf4_lora_linear(
                                   float(scale), float(dropout_p), int(seed or 0), int(block_size), be, int(chunk))
 
 
+def _backend_for(backend: str, device: torch.device) -> str:
+    """What :func:`nf4_lora_linear` runs on for ``backend`` and ``device`` (an extension built before the NF4 ops:
+    the ATen path, same contract)."""
+    be = resolve_backend(backend, device)
+    return "torch" if be == "cpp" and not have_ops() else be
+
+
+def nf4_dora_weight_norm(qweight: torch.Tensor, absmax, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float, *,
+                         block_size: int = 64, dtype: torch.dtype = torch.float32, backend: str = "auto",
+                         chunk: int = 0) -> torch.Tensor:
+    """DoRA's ``‖W_n + s·(B A)_n‖`` per output row (no gradient) for an NF4 ``W`` as the fused GEMMs see it
+    (dequantized to ``dtype``, the compute dtype), a chunk of rows at a time: about ``chunk`` elements of W exist
+    in ``dtype`` at once (0: 2**21 on CPU, 2**24 on CUDA), where PEFT dequantizes the whole of W and forms
+    ``W + s·B A`` beside it (two ``[N, K]`` temporaries per layer and call). ``absmax``: fp32 ``[N, K/block_size]``
+    or the double-quantized ``(q2, code2, scale2, offset)``."""
+    from peftfast.ops.lora import dora_norm_dtype, dora_norm_from, dora_row_terms
+
+    n, k = qweight.shape[0], qweight.shape[1] * 2
+    am, code2, scale2, offset = _check_args(qweight.new_empty((0, k), dtype=dtype), qweight, absmax, block_size,
+                                            lora_a, lora_b, 0.0, "nf4_dora_weight_norm")
+    be = _backend_for(backend, qweight.device)
+    if chunk == 0 and qweight.device.type == "cuda":
+        chunk = 1 << 24  # 32 MB of bf16 at a time: a few launches per layer (PEFT forms two whole [N, K] copies)
+    with torch.no_grad():
+        am = _expand_absmax(am, code2, scale2, offset, n, k // block_size)
+        ct = dora_norm_dtype(dtype, lora_a.dtype)
+        w_sq = torch.empty((n,), dtype=ct, device=qweight.device)
+        wa = torch.empty((n, lora_a.shape[0]), dtype=ct, device=qweight.device)
+        rows = _chunk_rows(n, k, chunk)
+        for n0 in range(0, n, rows):
+            sl = slice(n0, min(n, n0 + rows))
+            wc = dequantize_nf4(qweight[sl], am[sl], block_size, dtype, backend=be)
+            w_sq[sl], wa[sl] = dora_row_terms(wc, lora_a, ct)
+        return dora_norm_from(w_sq, wa, lora_a, lora_b, scale)
+
+
+def nf4_dora_linear(x: torch.Tensor, qweight: torch.Tensor, absmax, bias: torch.Tensor | None, lora_a: torch.Tensor,
+                    lora_b: torch.Tensor, scale: float, magnitude: torch.Tensor, *, dropout_p: float = 0.0,
+                    seed: int | torch.Tensor | None = None, block_size: int = 64, backend: str = "auto",
+                    chunk: int = 0, name: str = "") -> torch.Tensor:
+    """QDoRA: PEFT's DoRA linear over an NF4 base, on the fused NF4 LoRA op (no 16-bit W is ever whole).
+
+    ``mag = m / ‖W + s·B A‖`` (the norm detached, as PEFT does; :func:`nf4_dora_weight_norm`). Without dropout
+    ``y = mag ⊙ (x Wᵀ + s·x Aᵀ Bᵀ) + b``: one fused NF4 LoRA call (x and the rank-r product kept) and one scaling
+    (its ``[M, N]`` input kept for the magnitude's gradient), where PEFT keeps the base and LoRA outputs and the
+    LoRA chain's inputs. With dropout (``x_d`` the dropped input) PEFT's ``base(x) + (mag − 1)·(x_d Wᵀ) +
+    mag·s·x_d Aᵀ Bᵀ`` is ``y₁ + (mag − 1)·z_d`` with ``y₁ = x Wᵀ + b + s·x_d Aᵀ Bᵀ`` (the fused op's own dropout,
+    whose mask this one replays from the same seed to form ``x_d``) and ``z_d = x_d Wᵀ + s·x_d Aᵀ Bᵀ`` (the fused
+    op on ``x_d``, no dropout): two NF4 GEMMs, as PEFT's, and one ``[M, N]`` kept where PEFT keeps two.
+    Shapes as :func:`nf4_lora_linear`; ``magnitude`` ``[N]``.
+    """
+    from peftfast.ops.lora import _dora_out, dropout_keep_mask, seed_tensor
+
+    where = f"peftfast: {name}: " if name else "peftfast: "
+    n, k = qweight.shape[0], qweight.shape[1] * 2
+    if magnitude.shape != (n,):
+        raise ValueError(f"{where}DoRA magnitude has shape {tuple(magnitude.shape)}, expected ({n},)")
+    if magnitude.device != x.device:
+        raise ValueError(f"{where}DoRA magnitude is on {magnitude.device}, the input on {x.device}")
+    _check_args(x, qweight, absmax, block_size, lora_a, lora_b, dropout_p, name or "nf4_dora_linear")
+    be = _backend_for(backend, x.device)
+    norm = nf4_dora_weight_norm(qweight, absmax, lora_a, lora_b, scale, block_size=block_size, dtype=x.dtype,
+                                backend=be, chunk=chunk)
+    mag = magnitude / norm.to(magnitude.dtype)
+    common = dict(block_size=block_size, backend=be, chunk=chunk, name=name)
+    if dropout_p == 0.0:
+        z = nf4_lora_linear(x, qweight, absmax, None, lora_a, lora_b, scale, **common)
+        return _dora_out(z, mag, bias, x.dtype)
+    x2d = x.reshape(-1, k)
+    m = x2d.shape[0]
+    # one seed for both the fused op's mask and x_d: the registered op's tensor seed (a traced op under compile),
+    # else an int for the autograd Function's path
+    if _registered(be, x.device):
+        seed = seed_tensor(seed, x.device, dropout_p)
+        keep = torch.ops.peftfast.dropout_keep_mask(x2d.new_empty((0,)), seed, 1, m, k, float(dropout_p))
+    else:
+        from peftfast.ops.lora import draw_seed
+
+        if isinstance(seed, torch.Tensor):
+            seed = int(seed.reshape(-1)[0].item())
+        seed = draw_seed(x.device) if seed is None else int(seed)
+        keep = dropout_keep_mask(seed, 1, m, k, dropout_p, device=x.device, backend=be)
+    xd = x2d * keep[0] * (1.0 / (1.0 - dropout_p))
+    y1 = nf4_lora_linear(x2d, qweight, absmax, bias, lora_a, lora_b, scale, dropout_p=dropout_p, seed=seed, **common)
+    z_d = nf4_lora_linear(xd, qweight, absmax, None, lora_a, lora_b, scale, **common)
+    ct = torch.promote_types(y1.dtype, mag.dtype)
+    y = y1.to(ct) + (mag.to(ct) - 1) * z_d
+    return y.to(x.dtype).view(*x.shape[:-1], n)
+
+
 def _check_args(x, qweight, absmax, block_size, lora_a, lora_b, dropout_p, name):
     """The checks of one NF4 LoRA projection (clear errors naming it); returns its absmax state's four parts."""
     from peftfast.ops.lora import MAX_RANK
@@ -716,5 +806,5 @@ if have_ops():
     _register()
 
 
-__all__ = ["NF4_CODE", "dequantize_absmax", "dequantize_nf4", "double_quantize", "nf4_code", "nf4_lora_linear",
-           "nf4_lora_mlp", "quantize_nf4"]
+__all__ = ["NF4_CODE", "dequantize_absmax", "dequantize_nf4", "double_quantize", "nf4_code", "nf4_dora_linear",
+           "nf4_dora_weight_norm", "nf4_lora_linear", "nf4_lora_mlp", "quantize_nf4"]

@@ -82,8 +82,9 @@ def quantize_base(model: nn.Module, bits: int = 4, *, double_quant: bool = False
     ``bits`` must be 4 (NF4); ``block_size``: elements per absmax (64 as QLoRA; 0.5625 byte/param), which must
     divide each layer's in_features; ``double_quant``: QLoRA's 8-bit absmax (about 0.5159 byte/param);
     ``skip``: layer names (or name suffixes) to leave in full precision. Raises ``ValueError`` naming the layer for
-    a base that is not a frozen, materialised ``nn.Linear``, one that is already quantized, a merged adapter or an
-    in_features not divisible into blocks; nothing is converted then. Returns an :class:`NF4Report`.
+    a base that is not a frozen, materialised ``nn.Linear``, one that is already quantized, a merged adapter, a DoRA
+    adapter (QDoRA goes through bitsandbytes' ``Linear4bit``, which PEFT's DoRA reads) or an in_features not
+    divisible into blocks; nothing is converted then. Returns an :class:`NF4Report`.
     """
     if bits != 4:
         raise ValueError(f"peftfast.quantize_base: bits={bits} is not supported (only 4-bit NF4)")
@@ -112,6 +113,12 @@ def quantize_base(model: nn.Module, bits: int = 4, *, double_quant: bool = False
             raise ValueError(f"{where}: in_features={base.in_features} is not divisible into blocks of {block_size}")
         if getattr(layer, "merged", False):
             raise ValueError(f"{where}: adapters are merged into the base weight; unmerge before quantizing")
+        if any(getattr(layer, "use_dora", {}).values()):
+            # PEFT's own DoRA forward reads module.weight as a float matrix: over NF4Linear's packed codes the model
+            # would run only while patched, and not at all after unpatch
+            raise ValueError(f"{where}: DoRA adapter; PEFT's DoRA forward cannot read an NF4Linear base. For QDoRA "
+                             "load the model 4-bit with bitsandbytes (BitsAndBytesConfig(load_in_4bit=True, "
+                             "bnb_4bit_quant_type='nf4')), which peftfast.patch runs fused")
         todo.append((name, layer, base))
     if not todo:
         raise ValueError("peftfast.quantize_base: the model has no PEFT LoRA layer over an nn.Linear to quantize")
