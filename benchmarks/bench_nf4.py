@@ -80,7 +80,7 @@ def run_cpu(out_path: str) -> dict:
         ms = _median_ms(step, 7)
         steps.append({"method": name, "ms": ms})
         print(f"LoRA layer step (tokens {tokens}, hidden {hidden}, r {r}, bf16, CPU): {name:<15} {ms:8.2f} ms")
-    qdora = qdora_rows("cpu", torch.bfloat16, [(hidden, hidden)], tokens, r, reps=7)
+    qdora = qdora_rows("cpu", torch.bfloat16, [(hidden, hidden)], tokens, r, reps=15)
     os.makedirs(os.path.dirname(out_path), exist_ok=True)
     from peftfast.bench import _versions, git_commit
 
@@ -114,9 +114,9 @@ def _bnb_dora(k: int, n: int, r: int, p: float, dev: str, dt):
 
 def qdora_rows(dev: str, dt, shapes, tokens: int, r: int, reps: int = 7) -> list[dict]:
     """QDoRA, one layer: PEFT over bitsandbytes ``Linear4bit`` (``use_dora=True``) vs the same model patched
-    (``nf4_dora_linear``), dropout 0 and 0.05: fwd+bwd ms (CPU: median of ``reps``; CUDA: do_bench median and
-    p20/p80, peak memory) and bytes saved for backward (both exact, the NF4 state excluded). Empty, with the reason
-    printed, where bitsandbytes does not import."""
+    (``nf4_dora_linear``), dropout 0 and 0.05: fwd+bwd ms (CPU: the two interleaved step by step, median and p20/p80
+    of ``reps``; CUDA: do_bench median and p20/p80, peak memory) and bytes saved for backward (exact, the NF4 state
+    excluded). Empty, with the reason printed, where bitsandbytes does not import."""
     import copy
 
     import torch
@@ -138,27 +138,39 @@ def qdora_rows(dev: str, dt, shapes, tokens: int, r: int, reps: int = 7) -> list
             peftfast.patch(fused)
             x = torch.randn(tokens, k, device=dev, dtype=dt, requires_grad=True)
             dy = torch.randn(tokens, n, device=dev, dtype=dt)
+            steps, got = {}, []
             for label, model in (("peft + bitsandbytes", peft_model), ("peftfast", fused)):
                 layer = model.base_model.model.fc
                 state = layer.get_base_layer().weight.quant_state
                 keep = [*model.parameters(), state.absmax] + ([state.state2.absmax] if state.nested else [])
                 _, saved = saved_activation_bytes(lambda layer=layer: layer(x * 1), exclude=keep)
-                step = functools.partial(backward_step, x, dy)(lambda layer=layer: layer(x))
-                row = {"kind": "qdora_step", "shape": f"{k}->{n}", "rank": r, "dropout": p, "method": label,
-                       "tokens": tokens, "saved_bytes": saved.total}
-                if dev == "cuda":
-                    import triton.testing
+                steps[label] = functools.partial(backward_step, x, dy)(lambda layer=layer: layer(x))
+                got.append({"kind": "qdora_step", "shape": f"{k}->{n}", "rank": r, "dropout": p, "method": label,
+                            "tokens": tokens, "saved_bytes": saved.total})
+            if dev == "cuda":
+                import triton.testing
 
+                for row, step in zip(got, steps.values()):
                     step()
                     torch.cuda.synchronize()
                     torch.cuda.reset_peak_memory_stats()
                     row["ms"], row["ms_p20"], row["ms_p80"] = triton.testing.do_bench(step, quantiles=[0.5, 0.2, 0.8])
                     row["peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
-                else:
-                    row["ms"] = _median_ms(step, reps)
-                rows.append(row)
-                print(f"QDoRA {k:>5}->{n:<6} p={p:<4} {label:<20} {row['ms']:9.3f} ms  saved "
-                      f"{saved.total / 2**20:8.2f} MB")
+            else:  # interleaved, step by step: a busy CPU's drift hits both alike
+                times = {label: [] for label in steps}
+                for i in range(reps + 1):
+                    for label, step in steps.items():
+                        t0 = time.perf_counter()
+                        step()
+                        if i:
+                            times[label].append((time.perf_counter() - t0) * 1e3)
+                for row in got:
+                    q = statistics.quantiles(times[row["method"]], n=5)
+                    row["ms"], row["ms_p20"], row["ms_p80"] = statistics.median(times[row["method"]]), q[0], q[3]
+            for row in got:
+                print(f"QDoRA {k:>5}->{n:<6} p={p:<4} {row['method']:<20} {row['ms']:9.3f} ms  saved "
+                      f"{row['saved_bytes'] / 2**20:8.2f} MB")
+            rows += got
     return rows
 
 
