@@ -20,6 +20,7 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from peftfast.modules.nf4 import is_nf4_lora
 from peftfast.ops._backend import resolve_backend
 from peftfast.ops.lora import _torch_keep_mask, draw_seed, dropout_keep_mask
 
@@ -347,6 +348,17 @@ def use_shared_seed_dropout(reference: nn.Module, patched: nn.Module, p: float, 
             ref.lora_dropout[adapter] = SharedSeedDropout(p, sg, st.index if sg is not None else 0, backend)
         n += 1
     assert n > 0, "the patched model has no patched layers"
+    for name, mod in patched.named_modules():
+        # a DoRA gated MLP on the DoRA MLP op draws one seed for gate and up (segments 0 and 1), as a sibling group
+        mst = mod.__dict__.get("_peftfast_mlp")
+        gate = getattr(mod, "gate_proj", None)
+        if mst is None or mst.frozen or mst.packed or not getattr(gate, "lora_variant", None) or is_nf4_lora(gate):
+            continue  # (DoRA projections over NF4 run layer by layer)
+        sg = _SeedGroup(2)
+        for index, proj in enumerate(("gate_proj", "up_proj")):
+            ref = ref_mods[f"{name}.{proj}"]
+            for adapter in list(ref.lora_dropout.keys()):
+                ref.lora_dropout[adapter] = SharedSeedDropout(p, sg, index, backend)
 
 
 def clone(model: nn.Module) -> nn.Module:

@@ -231,11 +231,8 @@ def _plan(module: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict, projs: 
         plans.append(pl)
     if nf4[0] or projs is _PACKED:  # NF4: three NF4 LoRA ops chained; packed: no sibling group to agree with
         return plans
-    if any(pl.dora for pl in plans):  # the DoRA MLP op: all three DoRA, no dropout
-        if not all(pl.dora for pl in plans):
-            return "defer", "gate/up/down mix DoRA and plain LoRA adapters (they run layer by layer)"
-        if any(pl.p for pl in plans):
-            return "defer", "DoRA adapters with dropout (they run layer by layer)"
+    if any(pl.dora for pl in plans) and not all(pl.dora for pl in plans):  # the DoRA MLP op: all three DoRA
+        return "defer", "gate/up/down mix DoRA and plain LoRA adapters (they run layer by layer)"
     g, u, d = plans
     if (g.rank, g.p, g.lora_dtype) != (u.rank, u.p, u.lora_dtype):
         return "fallback", "gate/up LoRA rank, dropout or dtype differ"
@@ -302,10 +299,10 @@ def fused_mlp_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs) -> torc
         with torch.autocast(dev, enabled=False):
             return nf4_lora_mlp(x if dt is None else x.to(dt), *projs, act=gate_activation(self.act_fn),
                                 recompute=st.recompute, backend=st.backend, name=st.name)
-    if plans[0].dora:  # all three DoRA without dropout (_plan): the DoRA MLP op
+    if plans[0].dora:  # all three DoRA (_plan): the DoRA MLP op, gate/up masks as segments 0 and 1 of one seed
         projs = [_dora_proj(getattr(self, n), pl) for n, pl in zip(_PROJ, plans)]
-        return dora_mlp(x, *projs, act=gate_activation(self.act_fn), recompute=st.recompute, backend=st.backend,
-                        name=st.name)
+        return dora_mlp(x, *projs, act=gate_activation(self.act_fn), dropout_p=plans[0].p, down_dropout_p=plans[2].p,
+                        recompute=st.recompute, backend=st.backend, name=st.name)
     gate, up, down = (_proj(getattr(self, n), pl) for n, pl in zip(_PROJ, plans))
     # the gate's dropout segment as in the layers' sibling group, so masks do not depend on fuse_mlp
     grp = self.gate_proj._peftfast.group

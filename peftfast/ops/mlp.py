@@ -36,6 +36,7 @@ from peftfast.ops.lora import (
     _TritonImpl,
     dense_strategy,
     draw_seed,
+    dropout_keep_mask,
     group_backward,
     group_forward,
     seed_tensor,
@@ -648,34 +649,184 @@ class _DoRAMLPFunction(torch.autograd.Function):
                 dmag_u, dmag_d, *grads_gu, *grads_d)
 
 
+def _keep_masks(seed, nseg: int, x2d: torch.Tensor, p: float, backend: str) -> torch.Tensor:
+    """The ``[nseg, M, K]`` boolean keep-masks that :func:`group_forward` draws for ``seed`` on ``backend`` (the
+    registered op's tensor seed on the cpp path), regenerated: a DoRA projection with dropout needs its dropped
+    input ``x_d`` itself, not only ``x_d Aᵀ``."""
+    m, k = x2d.shape
+    if backend == "cpp":
+        return torch.ops.peftfast.dropout_keep_mask(x2d.new_empty((0,)), seed, nseg, m, k, float(p))
+    return dropout_keep_mask(int(seed), nseg, m, k, p, device=x2d.device, backend=backend)
+
+
+def _dropped(x2d: torch.Tensor, keep: torch.Tensor, p: float) -> torch.Tensor:
+    return x2d * keep * (1.0 / (1.0 - p))
+
+
+def _dora_drop_out(y1: torch.Tensor, z: torch.Tensor, mag: torch.Tensor, bias: torch.Tensor | None,
+                   dtype: torch.dtype) -> torch.Tensor:
+    """PEFT's DoRA output with dropout, ``base(x) + (mag − 1)·(x_d Wᵀ) + mag·s·x_d Aᵀ Bᵀ``, as ``y₁ + b + (mag −
+    1)·z`` from ``y₁ = x Wᵀ + s·x_d Aᵀ Bᵀ`` (the grouped LoRA forward with its own dropout) and ``z = x_d Wᵀ +
+    s·x_d Aᵀ Bᵀ`` (z's, y₁'s and mag's dtypes promoted, as PEFT's eager maths), cast to ``dtype``."""
+    ct = torch.promote_types(torch.promote_types(y1.dtype, z.dtype), mag.dtype)
+    y = y1.to(ct) + (mag.to(ct) - 1) * z
+    if bias is not None:
+        y = y + bias
+    return y.to(dtype)
+
+
+def _dora_drop_grads(dy: torch.Tensor, z: torch.Tensor, mag: torch.Tensor, norm: torch.Tensor,
+                     magnitude: torch.Tensor, bias: torch.Tensor | None, need_mag: bool, need_b: bool) -> tuple:
+    """(dz, dmagnitude, dbias) of :func:`_dora_drop_out` (y₁'s gradient is ``dy`` itself), the norm detached."""
+    ct = torch.promote_types(torch.promote_types(z.dtype, mag.dtype), dy.dtype)
+    dyc = dy.to(ct)
+    dz = (dyc * (mag.to(ct) - 1)).to(z.dtype)
+    dmag = (dyc * z.to(ct)).sum(0).to(magnitude.dtype) / norm.to(magnitude.dtype) if need_mag else None
+    db = dyc.sum(0).to(bias.dtype) if need_b and bias is not None else None
+    return dz, dmag, db
+
+
+def _plus(a, b):
+    return b if a is None else a if b is None else a + b
+
+
+class _DoRADropoutMLPFunction(torch.autograd.Function):
+    """:class:`_DoRAMLPFunction` with LoRA dropout (PEFT's DoRA-with-dropout maths on each projection): ``out_p =
+    y₁ + b + (mag − 1)·z`` with ``y₁ = x Wᵀ + s·x_d Aᵀ Bᵀ`` from the grouped LoRA forward (its own masks: gate and
+    up segments 0 and 1 of one seed, down its own seed) and ``z = x_d Wᵀ + s·x_d Aᵀ Bᵀ``, ``x_d`` rebuilt from the
+    regenerated mask (never kept). Saved: x, the rank-r products, z of each projection (for the magnitudes'
+    gradients), and g and u (``recompute="up"``: g only, u rebuilt from x with one dense GEMM; ``"gate_up"``:
+    neither, the gate/up forward run again); h and the dropped inputs are rebuilt, where the layers one by one keep
+    each dropped input and its mask, g, ``act(g)``, u and h besides. ``flat`` as :class:`_DoRAMLPFunction`'s."""
+
+    @staticmethod
+    def forward(ctx, x, act, s_gu, s_d, p_gu, p_d, seed_gu, seed_d, backend, recompute, bg, bu, bd, mag_g, mag_u,
+                mag_d, *flat):
+        from peftfast.ops.lora import dora_weight_norm
+
+        flat_gu, flat_d = flat[:10], flat[10:]
+        x2d = x.reshape(-1, x.shape[-1])
+        ws, as_, bms = (flat[0], flat[1], flat[10]), (flat[6], flat[7], flat[13]), (flat[8], flat[9], flat[14])
+        norms = [dora_weight_norm(w, a, b, sc) for w, a, b, sc in zip(ws, as_, bms, (*s_gu, *s_d))]
+        mags = [m / n.to(m.dtype) for m, n in zip((mag_g, mag_u, mag_d), norms)]
+        r = as_[0].shape[0]
+        (y1_g, y1_u), xa_gu = group_forward(x2d, s_gu, p_gu, seed_gu, backend, 2, flat_gu)
+        keep = _keep_masks(seed_gu, 2, x2d, p_gu, backend)
+        z_g, z_u = (_rebuild_proj(_dropped(x2d, keep[i], p_gu), xa_gu[:, i * r:(i + 1) * r], ws[i], None, None,
+                                  bms[i], s_gu[i], backend) for i in (0, 1))
+        del keep
+        g, u = _dora_drop_out(y1_g, z_g, mags[0], bg, x.dtype), _dora_drop_out(y1_u, z_u, mags[1], bu, x.dtype)
+        del y1_g, y1_u
+        h = act_mul(g, u, act, backend)
+        (y1_d,), xa_d = group_forward(h, s_d, p_d, seed_d, backend, 1, flat_d)
+        z_d = _rebuild_proj(_dropped(h, _keep_masks(seed_d, 1, h, p_d, backend)[0], p_d), xa_d, ws[2], None, None,
+                            bms[2], s_d[0], backend)
+        del h
+        y = _dora_drop_out(y1_d, z_d, mags[2], bd, x.dtype)
+        kept = {"gate_up": (), "up": (g,), "none": (g, u)}[recompute]
+        ctx.save_for_backward(x2d, xa_gu, xa_d, z_g, z_u, z_d, bg, bu, bd, mag_g, mag_u, mag_d, *norms, *mags,
+                              *flat, *kept)
+        ctx.seeds = (seed_gu, seed_d)  # ints, or the cpp path's one-element CPU tensors (not activations)
+        ctx.meta = (act, s_gu, s_d, p_gu, p_d, backend, recompute, x.shape, x.dtype)
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, dy):
+        act, s_gu, s_d, p_gu, p_d, backend, recompute, x_shape, x_dtype = ctx.meta
+        seed_gu, seed_d = ctx.seeds
+        x2d, xa_gu, xa_d, z_g, z_u, z_d, bg, bu, bd, mag_g, mag_u, mag_d, *rest = ctx.saved_tensors
+        norms, mags, flat, kept = rest[:3], rest[3:6], rest[6:21], rest[21:]
+        flat_gu, flat_d = flat[:10], flat[10:]
+        r = flat[6].shape[0]
+        if recompute == "none":
+            g, u = kept
+        else:
+            if recompute == "up":
+                (g,) = kept
+                y1_u = _rebuild_member(x2d, xa_gu, flat_gu, s_gu, 1, backend)
+            else:
+                (y1_g, y1_u), _ = group_forward(x2d, s_gu, p_gu, seed_gu, backend, 2, flat_gu)
+                g = _dora_drop_out(y1_g, z_g, mags[0], bg, x_dtype)
+                del y1_g
+            u = _dora_drop_out(y1_u, z_u, mags[1], bu, x_dtype)
+            del y1_u
+        need = ctx.needs_input_grad
+        flat_need = need[16:]
+        dy2 = dy.reshape(x2d.shape[0], -1)
+        # down: y₁'s backward with its masked low-rank term, then z's on the dropped input, masked the same way
+        dz_d, dmag_d, db_d = _dora_drop_grads(dy2, z_d, mags[2], norms[2], mag_d, bd, need[15], need[12])
+        del z_d
+        h = act_mul(g, u, act, backend)
+        dh, grads_d = group_backward(h, xa_d, flat_d, s_d, p_d, seed_d, backend, 1, True, flat_need[10:], [dy2])
+        keep_d = _keep_masks(seed_d, 1, h, p_d, backend)[0]
+        dhd, grads_dd = group_backward(_dropped(h, keep_d, p_d), xa_d, flat_d, s_d, 0.0, 0, backend, 1, True,
+                                       flat_need[10:], [dz_d])
+        del h, dz_d
+        dh = dh + _dropped(dhd, keep_d, p_d).to(dh.dtype)
+        del dhd, keep_d
+        grads_d = [_plus(a, b) for a, b in zip(grads_d, grads_dd)]
+        dg, du = act_mul_backward(dh, g, u, act, backend)
+        del dh, g, u
+        dz_g, dmag_g, db_g = _dora_drop_grads(dg, z_g, mags[0], norms[0], mag_g, bg, need[13], need[10])
+        dz_u, dmag_u, db_u = _dora_drop_grads(du, z_u, mags[1], norms[1], mag_u, bu, need[14], need[11])
+        del z_g, z_u
+        dx, grads_gu = group_backward(x2d, xa_gu, flat_gu, s_gu, p_gu, seed_gu, backend, 2, need[0],
+                                      flat_need[:10], [dg, du])
+        del dg, du
+        grads_gu = list(grads_gu)
+        keep = _keep_masks(seed_gu, 2, x2d, p_gu, backend)
+        for i, dz in ((0, dz_g), (1, dz_u)):
+            flat_i = [flat_gu[i], None, None, flat_gu[6 + i], flat_gu[8 + i]]
+            need_i = [False, False, False, flat_need[6 + i], flat_need[8 + i]]
+            dxd, gi = group_backward(_dropped(x2d, keep[i], p_gu), xa_gu[:, i * r:(i + 1) * r].contiguous(), flat_i,
+                                     (s_gu[i],), 0.0, 0, backend, 1, need[0], need_i, [dz])
+            if dxd is not None:
+                dx = _plus(dx, _dropped(dxd, keep[i], p_gu).to(dxd.dtype))
+            grads_gu[6 + i] = _plus(grads_gu[6 + i], gi[3])
+            grads_gu[8 + i] = _plus(grads_gu[8 + i], gi[4])
+        return (None if dx is None or not need[0] else dx.view(x_shape), None, None, None, None, None, None, None,
+                None, None, db_g, db_u, db_d, dmag_g, dmag_u, dmag_d, *grads_gu, *grads_d)
+
+
 DoRAProj = tuple  # (weight [N, K], bias | None, lora_A [r, K], lora_B [N, r], scale, magnitude [N])
 
 
 def dora_mlp(x: torch.Tensor, gate: Sequence, up: Sequence, down: Sequence, *, act: str = "silu",
-             recompute: bool | str = False, backend: str = "auto", name: str = "") -> torch.Tensor:
+             dropout_p: float = 0.0, down_dropout_p: float | None = None, seed: int | torch.Tensor | None = None,
+             down_seed: int | torch.Tensor | None = None, recompute: bool | str = False, backend: str = "auto",
+             name: str = "") -> torch.Tensor:
     """``down(act(gate(x)) · up(x))`` where each projection is ``(W, b, A, B, scale, magnitude)`` of a PEFT DoRA
-    linear without dropout: each output ``magnitude/‖W + s·B A‖ ⊙ (x Wᵀ + s·x Aᵀ Bᵀ) + b``, as
+    linear: without dropout each output is ``magnitude/‖W + s·B A‖ ⊙ (x Wᵀ + s·x Aᵀ Bᵀ) + b``, as
     :func:`peftfast.ops.lora.dora_linear` computes it layer by layer, but as one op: per token it keeps the
     pre-scale outputs of gate and up (I values each; ``recompute="up"`` the gate's alone, ``"gate_up"`` neither)
     and of down, never g, u, ``act(g)`` or h, which the layers one by one keep besides (4·I values per token more).
-    gate and up share one grouped pass over x (their ranks must be equal); the weights stay frozen."""
+    With dropout (``dropout_p`` for gate/up, ``down_dropout_p`` for down, default the same; masks from ``seed``,
+    gate and up segments 0 and 1, and ``down_seed``) PEFT's ``base(x) + (mag − 1)·x_d Wᵀ + mag·s·x_d Aᵀ Bᵀ`` per
+    projection (:class:`_DoRADropoutMLPFunction`): it keeps z of each projection and g and u (``"up"``: g;
+    ``"gate_up"``: neither), never the dropped inputs, their masks, ``act(g)`` or h. gate and up share one grouped
+    pass over x (their ranks must be equal); the weights stay frozen."""
     label = name or "dora_mlp"
+    p_d = dropout_p if down_dropout_p is None else down_dropout_p
     if act not in GATE_ACTS:
         raise ValueError(f"peftfast: {label}: unknown gate activation {act!r}; choose one of {list(GATE_ACTS)}")
     mode = recompute_mode(recompute, label)
     (wg, bg, ag, bmg, sg, mg), (wu, bu, au, bmu, su, mu), (wd, bd, ad, bmd, sd, md) = gate, up, down
-    _check_group(x, [wg, wu], [bg, bu], [ag, au], [bmg, bmu], [sg, su], [None, None], 0.0, f"{label} gate/up")
+    _check_group(x, [wg, wu], [bg, bu], [ag, au], [bmg, bmu], [sg, su], [None, None], dropout_p, f"{label} gate/up")
     if wg.shape[0] != wu.shape[0]:
         raise ValueError(f"peftfast: {label}: gate and up widths differ ({wg.shape[0]} and {wu.shape[0]})")
-    _check_group(x.new_empty((1, wg.shape[0])), [wd], [bd], [ad], [bmd], [sd], [None], 0.0, f"{label} down")
+    _check_group(x.new_empty((1, wg.shape[0])), [wd], [bd], [ad], [bmd], [sd], [None], p_d, f"{label} down")
     for what, w, m in (("gate", wg, mg), ("up", wu, mu), ("down", wd, md)):
         if m.shape != (w.shape[0],) or m.device != x.device:
             raise ValueError(f"peftfast: {label}: {what} DoRA magnitude has shape {tuple(m.shape)} on {m.device}, "
                              f"expected ({w.shape[0]},) on {x.device}")
     be = resolve_backend(backend, x.device)
     flat = [wg, wu, None, None, None, None, ag, au, bmg, bmu, wd, None, None, ad, bmd]
-    return _DoRAMLPFunction.apply(x, act, (float(sg), float(su)), (float(sd),), be, mode, bg, bu, bd, mg, mu, md,
-                                  *flat)
+    if dropout_p == 0.0 and p_d == 0.0:
+        return _DoRAMLPFunction.apply(x, act, (float(sg), float(su)), (float(sd),), be, mode, bg, bu, bd, mg, mu, md,
+                                      *flat)
+    seed, down_seed = _seeds(seed, down_seed, dropout_p, p_d, be, x.device)
+    return _DoRADropoutMLPFunction.apply(x, act, (float(sg), float(su)), (float(sd),), float(dropout_p), float(p_d),
+                                         seed, down_seed, be, mode, bg, bu, bd, mg, mu, md, *flat)
 
 
 __all__ = ["GATE_ACTS", "MLP_RECOMPUTE", "act_mul", "act_mul_backward", "dora_mlp", "frozen_mlp", "lora_mlp",
