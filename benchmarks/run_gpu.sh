@@ -64,6 +64,9 @@ if [[ " $parts " == *" bench "* ]]; then
       --out "$out/bench-llama-3-8b-padded" 2>&1 | tee "$out/bench-llama-3-8b-padded.log"
   python -m peftfast bench --model llama-3-8b --method qlora --batch-size auto --recompute up "${common[@]}" \
       --out "$out/bench-llama-3-8b-qlora" 2>&1 | tee "$out/bench-llama-3-8b-qlora.log"
+  # DoRA with dropout (the DoRA MLP op) on the 1B shape: PEFT's DoRA forms W + s·B A per layer and call
+  python -m peftfast bench --model llama-3.2-1b --method dora --batch-size auto --recompute up "${common[@]}" \
+      --out "$out/bench-llama-3.2-1b-dora" 2>&1 | tee "$out/bench-llama-3.2-1b-dora.log"
   # packed projections: Phi-3-mini's qkv_proj and gate_up_proj (the packed LoRA-MLP op)
   python -m peftfast bench --model phi-3-mini --batch-size auto --recompute up "${common[@]}" \
       --out "$out/bench-phi-3-mini" 2>&1 | tee "$out/bench-phi-3-mini.log"
