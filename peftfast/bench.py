@@ -26,6 +26,7 @@ import csv
 import ctypes
 import functools
 import gc
+import importlib.util
 import json
 import os
 import shutil
@@ -212,8 +213,8 @@ PRESETS: dict[str, Preset] = {
         "openai/whisper-large-v3 (WhisperForConditionalGeneration: 1,543,490,560 parameters)"),
 }
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-METHODS = ("lora", "qlora", "dora", "adapter", "prefix")
-LORA_METHODS = ("lora", "qlora", "dora")  # PEFT LoRA adapters (dora: use_dora=True)
+METHODS = ("lora", "qlora", "dora", "qdora", "adapter", "prefix")
+LORA_METHODS = ("lora", "qlora", "dora", "qdora")  # PEFT LoRA adapters (dora, qdora: use_dora=True)
 BASELINES = ("peft", "peft+compile", "liger", "unsloth")
 # model types trained as masked LMs; every other config is built as a causal LM
 ENCODER_TYPES = {"bert", "roberta", "xlm-roberta", "camembert", "distilbert", "electra", "deberta", "deberta-v2"}
@@ -398,7 +399,7 @@ def resolve(cfg: BenchConfig) -> Setup:
     if not 0.0 <= cfg.dropout < 1.0:
         raise BenchError(f"--dropout must be in [0, 1), got {cfg.dropout}")
     if cfg.targets != "all-linear" and cfg.method not in LORA_METHODS:
-        raise BenchError(f"--targets applies to --method lora, qlora and dora, not {cfg.method}")
+        raise BenchError(f"--targets applies to --method lora, qlora, dora and qdora, not {cfg.method}")
     if not _target_list(cfg.targets) and cfg.targets != "all-linear":
         raise BenchError("--targets needs all-linear or module names, e.g. q_proj,v_proj")
     if cfg.num_virtual_tokens < 1:
@@ -406,6 +407,9 @@ def resolve(cfg: BenchConfig) -> Setup:
     unknown = [b for b in cfg.baselines if b not in BASELINES]
     if unknown:
         raise BenchError(f"unknown baseline {unknown[0]!r}; choose from: {', '.join(BASELINES)}")
+    if cfg.method == "qdora" and importlib.util.find_spec("bitsandbytes") is None:
+        raise BenchError("--method qdora needs bitsandbytes (PEFT's DoRA reads bitsandbytes' NF4 Linear4bit, not "
+                         "peftfast.quantize_base's layers): pip install bitsandbytes")
     if cfg.batch_size == "auto" and not cfg.device.startswith("cuda"):
         raise BenchError("--batch-size auto needs a CUDA GPU (it tries powers of two until out of memory); "
                          "give a number on CPU")
@@ -442,7 +446,7 @@ def resolve(cfg: BenchConfig) -> Setup:
                 raise BenchError(f"{flag} needs a decoder-only model (bench packs causal documents)")
         if cfg.method not in LORA_METHODS:
             raise BenchError(f"--method {cfg.method} is benchmarked on decoder or encoder models; encoder-decoder "
-                             "models take lora, qlora or dora")
+                             "models take lora, qlora, dora or qdora")
     if cfg.packed and cfg.padded:
         raise BenchError("--packed and --padded are two layouts of the same documents: choose one per run")
     if cfg.packed and kind == "encoder":
@@ -643,7 +647,9 @@ def _wrap(model, setup: Setup, cfg: BenchConfig):
     else:
         targets = "all-linear" if cfg.targets == "all-linear" else _target_list(cfg.targets)
         method = LoraConfig(r=cfg.rank, lora_alpha=2 * cfg.rank, lora_dropout=cfg.dropout,
-                            target_modules=targets, task_type=task, use_dora=cfg.method == "dora")
+                            target_modules=targets, task_type=task, use_dora=cfg.method in ("dora", "qdora"))
+        if cfg.method == "qdora":
+            _to_bnb_nf4(model, cfg)
     with warnings.catch_warnings():
         # PEFT reads transformers' deprecated ``is_gradient_checkpointing``: a FutureWarning per model built that
         # would break the progress line, about code that is neither the user's nor ours
@@ -657,6 +663,31 @@ def _wrap(model, setup: Setup, cfg: BenchConfig):
     if cfg.method == "qlora":  # NF4 base weights (block 64); PEFT's own forward dequantizes them per call
         peftfast.quantize_base(model)
     return model
+
+
+def _to_bnb_nf4(model, cfg: BenchConfig) -> None:
+    """QDoRA's base: every linear layer LoRA will target (all but the output head for all-linear, else those named
+    by ``--targets``) as a bitsandbytes NF4 ``Linear4bit`` (block 64, compute in ``--dtype``), quantized on the move
+    to the device, as ``from_pretrained(quantization_config=BitsAndBytesConfig(load_in_4bit=True,
+    bnb_4bit_quant_type="nf4"))`` would give."""
+    import bitsandbytes as bnb
+    import torch
+    from torch import nn
+
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    names = _target_list(cfg.targets)
+    for mod in list(model.modules()):
+        for child_name, child in list(mod.named_children()):
+            if type(child) is not nn.Linear or child is head or (names and child_name not in names):
+                continue
+            q4 = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
+                                   compute_dtype=child.weight.dtype, quant_type="nf4", quant_storage=torch.uint8,
+                                   device="meta")
+            q4.weight = bnb.nn.Params4bit(child.weight.detach().to("cpu"), requires_grad=False, quant_type="nf4",
+                                          quant_storage=torch.uint8)
+            if child.bias is not None:
+                q4.bias = nn.Parameter(child.bias.detach().clone(), requires_grad=False)
+            setattr(mod, child_name, q4.to(cfg.device))
 
 
 def _target_list(targets: str) -> list[str]:
@@ -1166,6 +1197,7 @@ def format_table(res: dict) -> str:
     what = {"lora": f"LoRA r={cfg['rank']}{on} dropout={cfg['dropout']}", "adapter": f"adapters h={cfg['rank']}",
             "qlora": f"QLoRA (NF4 base) r={cfg['rank']}{on} dropout={cfg['dropout']}",
             "dora": f"DoRA r={cfg['rank']}{on} dropout={cfg['dropout']}",
+            "qdora": f"QDoRA (bitsandbytes NF4 base) r={cfg['rank']}{on} dropout={cfg['dropout']}",
             "prefix": f"prefix tuning ({cfg['num_virtual_tokens']} virtual tokens)"}[cfg["method"]]
     extras = "".join([", packed" if cfg["packed"] else "", ", padded" if cfg.get("padded") else "",
                       ", grad-ckpt" if cfg["grad_ckpt"] else ""])

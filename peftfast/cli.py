@@ -52,12 +52,12 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--method", default="lora",
                    help=f"{', '.join(METHODS)} (lora: PEFT LoRA on all linear layers; dora: the same with "
                         "use_dora=True; adapter: peftfast.add_adapters; prefix: PEFT prefix tuning; qlora: LoRA over "
-                        "NF4 base weights from peftfast.quantize_base)")
+                        "NF4 base weights from peftfast.quantize_base; qdora: DoRA over bitsandbytes NF4 Linear4bit)")
     b.add_argument("--rank", type=int, default=16, help="LoRA rank; adapter bottleneck size")
     b.add_argument("--dropout", type=float, default=0.05, help="LoRA dropout")
     b.add_argument("--targets", default="all-linear",
-                   help="LoRA target modules for lora/qlora: all-linear (default) or comma-separated names, e.g. "
-                        "q_proj,v_proj (the MLPs then stay frozen base modules)")
+                   help="LoRA target modules for lora/qlora/dora/qdora: all-linear (default) or comma-separated names, "
+                        "e.g. q_proj,v_proj (the MLPs then stay frozen base modules)")
     b.add_argument("--num-virtual-tokens", type=int, default=16, help="prefix length for --method prefix")
     b.add_argument("--seq-len", type=int, default=None,
                    help="sequence length (encoder-decoder models: the source's; Whisper's is fixed)")

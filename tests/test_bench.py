@@ -586,18 +586,18 @@ def test_largest_fitting_batch_doubles_until_out_of_memory():
         (["bench", "--model", "/no/such/dir"], "unknown preset '/no/such/dir'"),
         (["bench", "--recompute", "norms,attention"], "expected a comma-separated list of none, norms, up, attn, mlp"),
         (["bench", "--targets", "foo_proj"], "PEFT refused the adapter: Target modules {'foo_proj'} not found"),
-        (["bench", "--method", "adapter", "--targets", "q_proj"], "--targets applies to --method lora, qlora and dora"),
+        (["bench", "--method", "adapter", "--targets", "q_proj"], "--targets applies to --method lora, qlora, dora and qdora"),
         (["bench", "--targets", " , "], "--targets needs all-linear or module names"),
         (["bench", "--target-len", "8"], "--target-len applies to encoder-decoder models"),
         (["bench", "--model", "t5-base", "--target-len", "1"], "impossible shape: --target-len 1"),
         (["bench", "--model", "t5-base", "--packed"], "--packed needs a decoder-only model"),
-        (["bench", "--model", "bart-base", "--method", "adapter"], "encoder-decoder models take lora, qlora or dora"),
+        (["bench", "--model", "bart-base", "--method", "adapter"], "encoder-decoder models take lora, qlora, dora or qdora"),
         (["bench", "--model", "whisper-small", "--seq-len", "100"],
          "--seq-len 100: WhisperConfig's encoder takes a fixed window of 1500 positions (3000 log-mel frames)"),
         (["bench", "--model", "whisper-small", "--target-len", "500"],
          "impossible shape: --target-len 500 > max_target_positions 448"),
         (["bench", "--model", "whisper-small", "--method", "prefix"],
-         "encoder-decoder models take lora, qlora or dora"),
+         "encoder-decoder models take lora, qlora, dora or qdora"),
         (["bench", "--model", "bart-base", "--seq-len", "2048"],
          "seq 2048 > max_position_embeddings 1024 of this encoder-decoder"),
     ],
@@ -682,6 +682,18 @@ def test_bench_dora_runs_every_layer_fused(tmp_path):
     assert "skipped 0" in data["report"] and "patched 7 LoRA layer(s) (0 sibling group(s))" in data["report"]
     assert rows["peftfast"]["max_rel_loss_diff_vs_peft"] < 1e-5
     assert rows["peftfast"]["saved_mb"] < rows["peft"]["saved_mb"]
+
+
+def test_bench_qdora_runs_every_layer_fused_over_bitsandbytes(tmp_path):
+    """--method qdora: PEFT DoRA over bitsandbytes NF4 Linear4bit (every linear but the head) on both sides; every
+    layer and the MLP fused, the same loss without dropout (the same NF4 codes), fewer bytes kept."""
+    data, out = run(tmp_path, *FAST, "--method", "qdora", "--dropout", "0")
+    rows = {r["method"]: r for r in data["results"]}
+    assert {"peft", "peftfast"} <= rows.keys() and "QDoRA (bitsandbytes NF4 base) r=16" in out
+    assert "skipped 0" in data["report"] and "7 over NF4 base weights" in data["report"]
+    assert "fused 1/1 mlp" in data["report"]
+    assert rows["peftfast"]["max_rel_loss_diff_vs_peft"] < 1e-5
+    assert rows["peftfast"]["saved_mb"] < 0.6 * rows["peft"]["saved_mb"]
 
 
 def test_gpu_bench_builds_peft_layers_through_get_peft_model():

@@ -827,10 +827,11 @@ def test_qdora_saves_less_than_peft(p: float) -> None:
     assert sizes["peft"] >= sizes["peftfast"] + 4 * m * n, sizes
 
 
-def test_qdora_model_runs_every_layer_fused() -> None:
-    """A tiny Llama on bitsandbytes NF4 bases with DoRA adapters and dropout: the patched model's loss and every
-    trainable gradient match PEFT's (its dropout replaying the fused masks), every LoRA layer runs fused, and the MLP
-    op steps aside for the DoRA projections with the reason in the report."""
+@pytest.mark.parametrize("p", [0.0, 0.1])
+def test_qdora_model_runs_every_layer_fused(p: float) -> None:
+    """A tiny Llama on bitsandbytes NF4 bases with DoRA adapters, without and with dropout: the patched model's loss
+    and every trainable gradient match PEFT's (its dropout replaying the fused masks), every LoRA layer runs fused
+    and the MLP on the QDoRA MLP op."""
     bnb = pytest.importorskip("bitsandbytes")
     from _models import clone, use_shared_seed_dropout
     from peft import LoraConfig, get_peft_model
@@ -849,7 +850,7 @@ def test_qdora_model_runs_every_layer_fused() -> None:
                 q4.load_state_dict(child.state_dict())
                 setattr(mod, cname, q4)
     base = base.to("cpu")  # bitsandbytes quantizes on the move
-    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, use_dora=True,
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, lora_dropout=p, use_dora=True,
                                             target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
                                                             "up_proj", "down_proj"]))
     for name, prm in model.named_parameters():
@@ -859,7 +860,8 @@ def test_qdora_model_runs_every_layer_fused() -> None:
     peftfast.patch(model)
     rep = peftfast.report(model)
     assert len(rep.entries) == 7 and all(e.patched and e.nf4 for e in rep.entries)
-    use_shared_seed_dropout(ref, model, 0.1)
+    if p:
+        use_shared_seed_dropout(ref, model, p)
     ids = torch.randint(0, 96, (2, 9))
     torch.manual_seed(3)
     l_pat, g_pat = _loss_and_grads(model, ids)
@@ -873,7 +875,7 @@ def test_qdora_model_runs_every_layer_fused() -> None:
     lora_rt = {k: v for k, v in rt.items() if k.endswith("_proj")}
     assert len(lora_rt) == 7 and all(v["fused"] == 1 and not v["fallbacks"] for v in lora_rt.values()), rt
     mrt = peftfast.report(model).module_runtime(model)["base_model.model.model.layers.0.mlp"]
-    assert mrt["fused"] == 0 and mrt["deferred"] == {"gate_proj: DoRA adapter (runs layer by layer)": 1}, mrt
+    assert mrt == {"fused": 1, "fallbacks": {}, "deferred": {}}, mrt
     peftfast.unpatch(model)
     torch.manual_seed(3)
     l_back, _ = _loss_and_grads(model, ids)
@@ -931,3 +933,96 @@ def test_qdora_layer_compiles_as_one_graph() -> None:
         torch._dynamo.reset()
     for got, want in zip(*res):
         assert torch.allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the QDoRA gated MLP: three DoRA projections over NF4 bases as one op
+# ----------------------------------------------------------------------------------------------------------------
+def _qdora_proj(n, k, r, *, bias, p, double=False, scale=0.5):
+    """(qweight, absmax, block, bias, A, B, scale, magnitude, p): the magnitude near ‖W_n‖ but not at it."""
+    w = torch.randn(n, k) * 0.2
+    q, am = O.quantize_nf4(w, 64)
+    absmax = O.double_quantize(am) if double else am
+    mag = (torch.linalg.norm(w, dim=1) * (torch.rand(n) * 0.4 + 0.8)).requires_grad_()
+    b = torch.randn(n).requires_grad_() if bias else None
+    return [q, absmax, 64, b, (torch.randn(r, k) * 0.1).requires_grad_(), (torch.randn(n, r) * 0.1).requires_grad_(),
+            scale, mag, p]
+
+
+def _qdora_leaves(x, *projs):
+    return [x] + [t for pr in projs for t in (pr[3], pr[4], pr[5], pr[7]) if t is not None]
+
+
+def _qdora_layerwise(x, gate, up, down, act, seeds, backend):
+    def lin(t, pr, seed):
+        q, am, bs, bias, a, b, s, mag, p = pr
+        return O.nf4_dora_linear(t, q, am, bias, a, b, s, mag, dropout_p=p, seed=seed, block_size=bs, backend=backend)
+
+    fn = {"silu": nn.functional.silu, "gelu_tanh": lambda t: nn.functional.gelu(t, approximate="tanh")}[act]
+    return lin(fn(lin(x, gate, seeds[0])) * lin(x, up, seeds[1]), down, seeds[2])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("ps,recompute,double", [((0.0, 0.0, 0.0), "none", False), ((0.0, 0.0, 0.0), "up", True),
+                                                 ((0.0, 0.0, 0.0), "gate_up", False),
+                                                 ((0.25, 0.1, 0.3), "none", True), ((0.25, 0.1, 0.3), "up", False),
+                                                 ((0.2, 0.2, 0.0), "gate_up", False)])
+def test_nf4_dora_mlp_matches_the_layers_one_by_one(backend, ps, recompute, double) -> None:
+    """Same seeds, same kernels: the QDoRA MLP op gives the output and every gradient (x, biases, A, B, magnitudes)
+    of three nf4_dora_linear layers one by one, without and with dropout, every recompute setting."""
+    torch.manual_seed(19)
+    m, k, i = 37, 128, 192
+    x = torch.randn(m, 2 * k)[:, ::2].requires_grad_()  # non-contiguous
+    gate = _qdora_proj(i, k, 4, bias=True, p=ps[0], double=double, scale=2.0)
+    up = _qdora_proj(i, k, 4, bias=False, p=ps[1], double=double)
+    down = _qdora_proj(k, i, 5, bias=True, p=ps[2], double=double, scale=1.5)
+    leaves = _qdora_leaves(x, gate, up, down)
+    dy = torch.randn(m, k)
+    seeds = (11, 12, 13)
+    runs = []
+    for fn in (lambda: O.nf4_dora_mlp(x, gate, up, down, act="gelu_tanh", seeds=seeds, recompute=recompute,
+                                      backend=backend, chunk=5000),
+               lambda: _qdora_layerwise(x, gate, up, down, "gelu_tanh", seeds, backend)):
+        y = fn()
+        runs.append((y, *torch.autograd.grad(y, leaves, dy)))
+    for j, (a, b) in enumerate(zip(*runs)):
+        assert a.shape == b.shape and (a - b).abs().max() <= 2e-5 * b.abs().max().clamp_min(1e-3), j
+
+
+@pytest.mark.parametrize("p", [0.0, 0.2])
+def test_nf4_dora_mlp_keeps_no_activation_or_dropped_input(p: float) -> None:
+    """Kept: x, the rank-r products, z of each projection and, with dropout, g and u (recompute="up": nothing of
+    up; "gate_up": nothing of gate and up); never act(g), h or a dropped input, which the layers keep."""
+    torch.manual_seed(20)
+    m, k, i = 37, 128, 192
+    x = torch.randn(m, k, requires_grad=True)
+    projs = (_qdora_proj(i, k, 4, bias=True, p=p), _qdora_proj(i, k, 4, bias=False, p=p),
+             _qdora_proj(k, i, 4, bias=True, p=p))
+    params = [t for pr in projs for t in pr if isinstance(t, torch.Tensor)]
+    scales = [(i,)] * 4 + [(k,)] * 2  # the norms and the magnitude/norm scales
+    sizes = {}
+    for recompute in ("none", "up", "gate_up"):
+        saved = [s for s in saved_shapes(lambda: O.nf4_dora_mlp(x, *projs, seeds=(1, 2, 3), recompute=recompute),
+                                         params) if s != (1,)]  # (1,): a registered op's seed tensor
+        per_proj = [(m, i), (m, 4)] + ([(m, i)] if p else [])
+        kept = {"none": per_proj * 2, "up": per_proj, "gate_up": []}[recompute]
+        assert saved == sorted([(m, k), (m, k), (m, 4), *kept, *scales]), (recompute, saved)
+        sizes[recompute] = sum(math.prod(s) for s in saved)
+    layers = [s for s in saved_shapes(lambda: _qdora_layerwise(x, *projs, "silu", (1, 2, 3), "auto"), params)
+              if s != (1,)]
+    # the layers keep g or its input for act, act(g) and u for the product, the down input h; with dropout each
+    # projection's dropped input (and its mask) besides
+    assert sum(math.prod(s) for s in layers) >= sizes["none"] + (3 * m * i if not p else 3 * m * i + 2 * m * k)
+
+
+def test_nf4_dora_mlp_bad_input() -> None:
+    torch.manual_seed(21)
+    x = torch.randn(5, 128)
+    gate, up, down = (_qdora_proj(192, 128, 4, bias=False, p=0.0), _qdora_proj(192, 128, 4, bias=False, p=0.0),
+                      _qdora_proj(128, 192, 4, bias=False, p=0.0))
+    with pytest.raises(ValueError, match=r"layers.0.mlp: up DoRA magnitude has shape \(3,\)"):
+        O.nf4_dora_mlp(x, gate, [*up[:7], torch.ones(3), 0.0], down, name="layers.0.mlp")
+    with pytest.raises(ValueError, match="layers.0.mlp: unknown gate activation 'relu'"):
+        O.nf4_dora_mlp(x, gate, up, down, act="relu", name="layers.0.mlp")
+    with pytest.raises(ValueError, match="layers.0.mlp down: input has 128 features, the NF4 weight 192|widths"):
+        O.nf4_dora_mlp(x, gate, up, _qdora_proj(128, 128, 4, bias=False, p=0.0), name="layers.0.mlp")

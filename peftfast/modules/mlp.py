@@ -36,7 +36,7 @@ from peftfast.modules._bind import (
 )
 from peftfast.modules._tally import Tallied, tally
 from peftfast.ops.mlp import dora_mlp, frozen_mlp, lora_mlp, lora_packed_mlp
-from peftfast.ops.nf4 import nf4_lora_mlp
+from peftfast.ops.nf4 import nf4_dora_mlp, nf4_lora_mlp
 
 _PROJ = ("gate_proj", "up_proj", "down_proj")
 _PACKED = ("gate_up_proj", "down_proj")
@@ -224,15 +224,18 @@ def _plan(module: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict, projs: 
             return "defer", f"{p}: adapter disabled, merged or inactive"
         if isinstance(pl, str):
             return "defer", f"{p}: {pl}"
-        if pl.dora and (nf4[0] or projs is _PACKED):
+        if pl.dora and projs is _PACKED:
             return "defer", f"{p}: DoRA adapter (runs layer by layer)"
         if nf4[0] and (why := _nf4_call_reason(layer, x)) is not None:
             return "defer", f"{p}: {why}"
         plans.append(pl)
+    if any(pl.dora for pl in plans):  # the DoRA MLP ops (dense or NF4): all three DoRA
+        if not all(pl.dora for pl in plans):
+            return "defer", "gate/up/down mix DoRA and plain LoRA adapters (they run layer by layer)"
+        if nf4[0] and torch.is_autocast_enabled(x.device.type):
+            return "defer", "DoRA under autocast (the layers run PEFT's forward)"
     if nf4[0] or projs is _PACKED:  # NF4: three NF4 LoRA ops chained; packed: no sibling group to agree with
         return plans
-    if any(pl.dora for pl in plans) and not all(pl.dora for pl in plans):  # the DoRA MLP op: all three DoRA
-        return "defer", "gate/up/down mix DoRA and plain LoRA adapters (they run layer by layer)"
     g, u, d = plans
     if (g.rank, g.p, g.lora_dtype) != (u.rank, u.p, u.lora_dtype):
         return "fallback", "gate/up LoRA rank, dropout or dtype differ"
@@ -255,11 +258,19 @@ def _nf4_proj(layer: nn.Module, plan, dtype: torch.dtype | None) -> tuple:
     """The projection as :func:`peftfast.ops.nf4.nf4_lora_mlp` takes it (float tensors cast to ``dtype`` when
     autocast is on, as the layer's own NF4 op does)."""
     base = layer.get_base_layer()
-    q, am, bs, _ = nf4_mod.nf4_state(base)
+    q, am, bs, cdt = nf4_mod.nf4_state(base)
     a, b = layer.lora_A[plan.adapter], layer.lora_B[plan.adapter]
     bias, aw, bw, lb = (t if t is None or dtype is None else t.to(dtype)
                         for t in (base.bias, a.weight, b.weight, b.bias))
+    if bias is not None and dtype is None and cdt is not None and bias.dtype != cdt:
+        bias = bias.to(cdt)  # bitsandbytes adds its bias in the compute dtype (the input's: see _nf4_call_reason)
     return q, am, bs, bias, aw, bw, float(layer.scaling[plan.adapter]), lb, plan.p
+
+
+def _nf4_dora_proj(layer: nn.Module, plan) -> tuple:
+    """A QDoRA projection as :func:`peftfast.ops.nf4.nf4_dora_mlp` takes it (no autocast: the MLP defers then)."""
+    q, am, bs, bias, aw, bw, scale, _, p = _nf4_proj(layer, plan, None)
+    return q, am, bs, bias, aw, bw, scale, layer.lora_magnitude_vector[plan.adapter].weight, p
 
 
 def _dora_proj(layer: nn.Module, plan) -> tuple:
@@ -292,6 +303,10 @@ def fused_mlp_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs) -> torc
     tally(st.tally_key, "fused_calls")  # not `+= 1`: see peftfast.modules._tally
     for p in _PROJ:  # the projections run fused too, inside the block op
         tally(getattr(self, p)._peftfast.tally_key, "fused_calls")
+    if nf4 and plans[0].dora:  # QDoRA: the NF4 DoRA MLP op
+        projs = [_nf4_dora_proj(getattr(self, n), pl) for n, pl in zip(_PROJ, plans)]
+        return nf4_dora_mlp(x, *projs, act=gate_activation(self.act_fn), recompute=st.recompute, backend=st.backend,
+                            name=st.name)
     if nf4:
         dev = x.device.type
         dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None

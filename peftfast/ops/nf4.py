@@ -735,6 +735,196 @@ def nf4_lora_mlp(x: torch.Tensor, gate: NF4Proj, up: NF4Proj, down: NF4Proj, *, 
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# QDoRA gated MLP: three DoRA projections over NF4 bases as one op
+# ----------------------------------------------------------------------------------------------------------------
+def _keep_mask(seed, x2d: torch.Tensor, p: float, backend: str) -> torch.Tensor:
+    """The ``[M, K]`` keep-mask the NF4 LoRA op draws for ``seed`` (segment 0), regenerated."""
+    from peftfast.ops.lora import dropout_keep_mask
+
+    m, k = x2d.shape
+    if _registered(backend, x2d.device):
+        return torch.ops.peftfast.dropout_keep_mask(x2d.new_empty((0,)), seed, 1, m, k, float(p))[0]
+    return dropout_keep_mask(int(seed), 1, m, k, p, device=x2d.device, backend=backend)[0]
+
+
+def _plain_fwd(backend, x2d, q, absmax, a, b_mat, scale, p, seed, bs, chunk):
+    """``(x Wᵀ + s·drop(x) Aᵀ Bᵀ, drop(x) Aᵀ)`` of one NF4 projection without biases."""
+    if _registered(backend, x2d.device):
+        return tuple(torch.ops.peftfast.nf4_lora_fwd(x2d, q, absmax, None, None, a, b_mat, scale, p, seed, bs, chunk))
+    return _fwd(backend, x2d, q, absmax, None, None, a, b_mat, scale, p, seed, bs, chunk)
+
+
+def _plain_bwd(backend, x2d, xa, dy, q, absmax, a, b_mat, scale, p, seed, bs, chunk, need_x, need_a, need_b):
+    if _registered(backend, x2d.device):
+        dx, da, db = torch.ops.peftfast.nf4_lora_bwd(x2d, xa, dy, q, absmax, a, b_mat, scale, p, seed, bs, chunk,
+                                                     need_x, need_a, need_b)
+        return dx if need_x else None, da if need_a else None, db if need_b else None
+    return _bwd(backend, x2d, xa, dy, q, absmax, a, b_mat, scale, p, seed, bs, chunk, need_x, need_a, need_b)
+
+
+def _qdora_proj_fwd(backend, xin, proj, absmax, mags, meta, seeds, i, chunk, dtype):
+    """(out, z, xa) of DoRA projection ``i`` over NF4: ``mag ⊙ z + b`` without dropout (z = x Wᵀ + s·x Aᵀ Bᵀ), else
+    PEFT's ``base(x) + (mag − 1)·x_d Wᵀ + mag·s·x_d Aᵀ Bᵀ`` as ``y₁ + b + (mag − 1)·z`` with y₁ the fused op's own
+    dropout and z the fused op on the dropped input (see :func:`nf4_dora_linear`)."""
+    from peftfast.ops.lora import _dora_out
+    from peftfast.ops.mlp import _dora_drop_out
+
+    bias, _, a, b_mat, q = proj[i * _NF4_PROJ:i * _NF4_PROJ + 5]
+    scale, p, bs = meta[i]
+    y1, xa = _plain_fwd(backend, xin, q, absmax[i], a, b_mat, scale, p, seeds[i], bs, chunk)
+    if p == 0.0:
+        return _dora_out(y1, mags[i], bias, dtype), y1, xa
+    xd = xin * _keep_mask(seeds[i], xin, p, backend) * (1.0 / (1.0 - p))
+    z, _ = _plain_fwd(backend, xd, q, absmax[i], a, b_mat, scale, 0.0, seeds[i], bs, chunk)
+    return _dora_drop_out(y1, z, mags[i], bias, dtype), z, xa
+
+
+def _qdora_proj_bwd(backend, xin, xa, z, dout, proj, absmax, norms, mags, meta, seeds, i, chunk, need_x, need):
+    """(dx, grads of the projection's 9 flat inputs) of :func:`_qdora_proj_fwd`'s projection ``i``."""
+    from peftfast.ops.mlp import _dora_drop_grads, _dora_grads, _plus
+
+    bias, magnitude, a, b_mat, q = proj[i * _NF4_PROJ:i * _NF4_PROJ + 5]
+    scale, p, bs = meta[i]
+    nb, nmag, na, nbm = need[i * _NF4_PROJ:i * _NF4_PROJ + 4]
+    if p == 0.0:
+        dz, dmag, db = _dora_grads(dout, z, mags[i], norms[i], magnitude, bias, nmag, nb)
+        dx, da, dbm = _plain_bwd(backend, xin, xa, dz, q, absmax[i], a, b_mat, scale, 0.0, seeds[i], bs, chunk,
+                                 need_x, na, nbm)
+        return dx, (db, dmag, da, dbm, *([None] * 5))
+    dz, dmag, db = _dora_drop_grads(dout, z, mags[i], norms[i], magnitude, bias, nmag, nb)
+    # y₁'s backward (its masked low-rank term), then z's on the dropped input, masked the same way
+    dx, da, dbm = _plain_bwd(backend, xin, xa, dout, q, absmax[i], a, b_mat, scale, p, seeds[i], bs, chunk, need_x,
+                             na, nbm)
+    keep = _keep_mask(seeds[i], xin, p, backend)
+    c = 1.0 / (1.0 - p)
+    dxd, da2, dbm2 = _plain_bwd(backend, xin * keep * c, xa, dz, q, absmax[i], a, b_mat, scale, 0.0, seeds[i], bs,
+                                chunk, need_x, na, nbm)
+    if dxd is not None:
+        dx = dx + (dxd * keep * c).to(dx.dtype)
+    return dx, (db, dmag, _plus(da, da2), _plus(dbm, dbm2), *([None] * 5))
+
+
+class _NF4DoRAMLPFunction(torch.autograd.Function):
+    """QDoRA gated MLP: ``down(act(gate(x)) · up(x))``, each projection a DoRA adapter over an NF4 base. ``flat``:
+    per projection ``bias, magnitude, A, B, qweight, absmax, code2, scale2, offset``, then the three seeds;
+    ``meta``: per projection ``(scale, p, block_size)``. Saved: x, the rank-r products, z of each projection (for
+    the magnitude's gradient; without dropout the output is rebuilt from it element-wise) and, with dropout, g and
+    u; a projection that ``recompute`` drops (``"up"``: up; ``"gate_up"``: both) keeps nothing and runs again in
+    backward from the same seed. ``act(g)``, h and the dropped inputs are never kept."""
+
+    @staticmethod
+    def forward(ctx, x, act, meta, backend, chunk, recompute, *flat):
+        from peftfast.ops.mlp import act_mul
+
+        proj, seeds = flat[:3 * _NF4_PROJ], flat[3 * _NF4_PROJ:]
+        x2d = x.reshape(-1, x.shape[-1])
+        absmax = _absmaxes(proj, meta, x2d.shape[1])
+        norms = []
+        for i in range(3):
+            _, _, a, b_mat, q = proj[i * _NF4_PROJ:i * _NF4_PROJ + 5]
+            norms.append(nf4_dora_weight_norm(q, absmax[i], a, b_mat, meta[i][0], block_size=meta[i][2],
+                                              dtype=x.dtype, backend=backend, chunk=chunk))
+        mags = [proj[i * _NF4_PROJ + 1] / norms[i].to(proj[i * _NF4_PROJ + 1].dtype) for i in range(3)]
+        g, z_g, xa_g = _qdora_proj_fwd(backend, x2d, proj, absmax, mags, meta, seeds, 0, chunk, x.dtype)
+        u, z_u, xa_u = _qdora_proj_fwd(backend, x2d, proj, absmax, mags, meta, seeds, 1, chunk, x.dtype)
+        y, z_d, xa_d = _qdora_proj_fwd(backend, act_mul(g, u, act, backend), proj, absmax, mags, meta, seeds, 2,
+                                       chunk, x.dtype)
+        dropped = {"none": (), "up": (1,), "gate_up": (0, 1)}[recompute]
+        kept = []
+        for i, (out, z, xa) in enumerate(((g, z_g, xa_g), (u, z_u, xa_u))):
+            if i not in dropped:
+                kept += [z, xa] + ([out] if meta[i][1] > 0.0 else [])
+        tensor_seeds = [t for t in seeds if isinstance(t, torch.Tensor)]
+        ctx.save_for_backward(x2d, z_d, xa_d, *norms, *mags, *proj, *tensor_seeds, *kept)
+        ctx.meta = (act, meta, backend, chunk, dropped, x.shape, x.dtype, None if tensor_seeds else seeds)
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, dy):
+        from peftfast.ops.lora import _dora_out
+        from peftfast.ops.mlp import act_mul, act_mul_backward
+
+        act, meta, backend, chunk, dropped, x_shape, x_dtype, int_seeds = ctx.meta
+        x2d, z_d, xa_d, *rest = ctx.saved_tensors
+        norms, mags, rest = rest[:3], rest[3:6], rest[6:]
+        proj, rest = rest[:3 * _NF4_PROJ], rest[3 * _NF4_PROJ:]
+        if int_seeds is None:
+            seeds, kept = rest[:3], list(rest[3:])
+        else:
+            seeds, kept = int_seeds, list(rest)
+        absmax = _absmaxes(proj, meta, x2d.shape[1])
+        gate_up = []
+        for i in (0, 1):
+            if i in dropped:
+                gate_up.append(_qdora_proj_fwd(backend, x2d, proj, absmax, mags, meta, seeds, i, chunk, x_dtype))
+                continue
+            z, xa = kept.pop(0), kept.pop(0)
+            out = kept.pop(0) if meta[i][1] > 0.0 else _dora_out(z, mags[i], proj[i * _NF4_PROJ], x_dtype)
+            gate_up.append((out, z, xa))
+        (g, z_g, xa_g), (u, z_u, xa_u) = gate_up
+        need = ctx.needs_input_grad[6:]
+        h = act_mul(g, u, act, backend)  # rebuilt, never saved
+        dy2 = dy.reshape(-1, dy.shape[-1])
+        dh, grads_d = _qdora_proj_bwd(backend, h, xa_d, z_d, dy2, proj, absmax, norms, mags, meta, seeds, 2, chunk,
+                                      True, need)
+        del h
+        dg, du = act_mul_backward(dh, g, u, act, backend)
+        del dh, g, u
+        need_x = ctx.needs_input_grad[0]
+        dx, grads_g = _qdora_proj_bwd(backend, x2d, xa_g, z_g, dg, proj, absmax, norms, mags, meta, seeds, 0, chunk,
+                                      need_x, need)
+        dx_u, grads_u = _qdora_proj_bwd(backend, x2d, xa_u, z_u, du, proj, absmax, norms, mags, meta, seeds, 1,
+                                        chunk, need_x, need)
+        if dx is not None:
+            dx = dx.add_(dx_u).view(x_shape)
+        return (dx, None, None, None, None, None, *grads_g, *grads_u, *grads_d, None, None, None)
+
+
+NF4DoRAProj = tuple  # (qweight, absmax state, block_size, bias | None, lora_A, lora_B, scale, magnitude, dropout_p)
+
+
+def nf4_dora_mlp(x: torch.Tensor, gate: NF4DoRAProj, up: NF4DoRAProj, down: NF4DoRAProj, *, act: str = "silu",
+                 seeds: tuple = (None, None, None), recompute: bool | str = False, backend: str = "auto",
+                 chunk: int = 0, name: str = "") -> torch.Tensor:
+    """QDoRA's gated MLP, ``down(act(gate(x)) · up(x))`` with each projection a PEFT DoRA linear over an NF4 base
+    (``(qweight, absmax, block_size, bias, lora_A, lora_B, scale, magnitude, dropout_p)``), as
+    :func:`nf4_dora_linear` computes each one (the same kernels, the same dropout masks for the same seeds, drawn
+    in gate, up, down order when not given), as one op: it keeps the projections' pre-scale outputs z (the
+    magnitudes' gradients need them) and, with dropout, g and u, never ``act(g)``, the down input h or a dropped
+    input, which the layers one by one keep (without dropout 4·I values per token fewer). ``recompute="up"`` keeps
+    nothing of the up projection (backward runs it again: one NF4 GEMM, two with dropout); ``"gate_up"`` (or
+    ``True``) nothing of gate and up."""
+    from peftfast.ops.lora import draw_seed, seed_tensor
+    from peftfast.ops.mlp import GATE_ACTS, recompute_mode
+
+    label = name or "nf4_dora_mlp"
+    if act not in GATE_ACTS:
+        raise ValueError(f"peftfast: {label}: unknown gate activation {act!r}; choose one of {list(GATE_ACTS)}")
+    mode = recompute_mode(recompute, label)
+    be = _backend_for(backend, x.device)
+    registered = _registered(be, x.device)
+    flat, meta, seed_args = [], [], []
+    for what, (q, absmax, bs, bias, a, b_mat, scale, mag, p), seed in zip(("gate", "up", "down"), (gate, up, down),
+                                                                           seeds):
+        k = q.shape[1] * 2 if q.dim() == 2 else 0
+        xin = x if what != "down" else x.new_empty((0, k))  # only its features, dtype and device are checked
+        am, code2, scale2, offset = _check_args(xin, q, absmax, bs, a, b_mat, p, f"{label} {what}")
+        if mag.shape != (q.shape[0],) or mag.device != x.device:
+            raise ValueError(f"peftfast: {label}: {what} DoRA magnitude has shape {tuple(mag.shape)} on {mag.device}, "
+                             f"expected ({q.shape[0]},) on {x.device}")
+        flat += [bias, mag, a, b_mat, q, am, code2, scale2, offset]
+        if registered:
+            seed_args.append(seed_tensor(seed, x.device, float(p)))
+        else:
+            seed_args.append(int(seed) if seed is not None else draw_seed(x.device) if p > 0.0 else 0)
+        meta.append((float(scale), float(p), int(bs)))
+    if gate[0].shape[0] != up[0].shape[0] or down[0].shape[1] * 2 != gate[0].shape[0]:
+        raise ValueError(f"peftfast: {label}: NF4 widths do not chain: gate {gate[0].shape[0]}, up {up[0].shape[0]}, "
+                         f"down input {down[0].shape[1] * 2}")
+    return _NF4DoRAMLPFunction.apply(x, act, tuple(meta), be, int(chunk), mode, *flat, *seed_args)
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # fake kernels and autograd of the C++ ops
 # ----------------------------------------------------------------------------------------------------------------
 def _nf4_setup(ctx, inputs, output):
@@ -807,4 +997,4 @@ if have_ops():
 
 
 __all__ = ["NF4_CODE", "dequantize_absmax", "dequantize_nf4", "double_quantize", "nf4_code", "nf4_dora_linear",
-           "nf4_dora_weight_norm", "nf4_lora_linear", "nf4_lora_mlp", "quantize_nf4"]
+           "nf4_dora_mlp", "nf4_dora_weight_norm", "nf4_lora_linear", "nf4_lora_mlp", "quantize_nf4"]
