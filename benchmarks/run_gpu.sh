@@ -64,6 +64,9 @@ if [[ " $parts " == *" bench "* ]]; then
       --out "$out/bench-llama-3-8b-padded" 2>&1 | tee "$out/bench-llama-3-8b-padded.log"
   python -m peftfast bench --model llama-3-8b --method qlora --batch-size auto --recompute up "${common[@]}" \
       --out "$out/bench-llama-3-8b-qlora" 2>&1 | tee "$out/bench-llama-3-8b-qlora.log"
+  # QDoRA: PEFT's DoRA over bitsandbytes NF4 vs patched (a one-line skip where bitsandbytes is not installed)
+  python -m peftfast bench --model llama-3-8b --method qdora --batch-size auto --recompute up "${common[@]}" \
+      --out "$out/bench-llama-3-8b-qdora" 2>&1 | tee "$out/bench-llama-3-8b-qdora.log"
   # DoRA with dropout (the DoRA MLP op) on the 1B shape: PEFT's DoRA forms W + s·B A per layer and call
   python -m peftfast bench --model llama-3.2-1b --method dora --batch-size auto --recompute up "${common[@]}" \
       --out "$out/bench-llama-3.2-1b-dora" 2>&1 | tee "$out/bench-llama-3.2-1b-dora.log"
