@@ -127,6 +127,29 @@ def gpt2(hidden: int = 32, layers: int = 2, **overrides) -> nn.Module:
     return GPT2LMHeadModel(GPT2Config(**{**kw, **overrides}))
 
 
+def gpt_neox(hidden: int = 32, layers: int = 2, **overrides) -> nn.Module:
+    """GPTNeoXForCausalLM (Pythia): parallel residual, so layer 0's MLP reads ``norm(embeddings)``, which needs no
+    gradient; a two-layer MLP (dense_h_to_4h/dense_4h_to_h), fused q/k/v, partial rotary."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    kw = dict(vocab_size=VOCAB, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
+              intermediate_size=2 * hidden, max_position_embeddings=64, attention_dropout=0.0, hidden_dropout=0.0,
+              bos_token_id=0, eos_token_id=1, tie_word_embeddings=False, attn_implementation="eager")
+    return GPTNeoXForCausalLM(GPTNeoXConfig(**{**kw, **overrides}))
+
+
+def phi(hidden: int = 32, layers: int = 2, **overrides) -> nn.Module:
+    """PhiForCausalLM (Phi-2): attention and a two-layer MLP (fc1/fc2) in parallel off one LayerNorm, partial
+    rotary, a dense output projection."""
+    from transformers import PhiConfig, PhiForCausalLM
+
+    kw = dict(vocab_size=VOCAB, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
+              num_key_value_heads=4, intermediate_size=2 * hidden, max_position_embeddings=64,
+              resid_pdrop=0.0, embd_pdrop=0.0, attention_dropout=0.0, bos_token_id=0, eos_token_id=1,
+              tie_word_embeddings=False, attn_implementation="eager")
+    return PhiForCausalLM(PhiConfig(**{**kw, **overrides}))
+
+
 def bert(hidden: int = 32, layers: int = 2, **overrides) -> nn.Module:
     """BertForMaskedLM (query/key/value form a sibling group)."""
     from transformers import BertConfig, BertForMaskedLM
@@ -173,7 +196,7 @@ def bart(hidden: int = 32, layers: int = 2, **overrides) -> nn.Module:
 BUILDERS: dict[str, Callable[..., nn.Module]] = {
     "llama": llama, "mistral": mistral, "qwen2": qwen2, "qwen3": qwen3, "gemma": gemma, "gemma2": gemma2,
     "gemma3": gemma3, "phi3": phi3, "glm": glm, "glm4": glm4, "gpt2": gpt2, "bert": bert, "roberta": roberta, "t5": t5,
-    "bart": bart,
+    "bart": bart, "gpt_neox": gpt_neox, "phi": phi,
 }
 SEQ2SEQ_ARCHS = ("t5", "bart")
 

@@ -160,7 +160,7 @@ def test_attn_rebuild_with_dora_layers():
     them (the same dropout masks from the restored RNG), bit for bit, and the attention keeps no q, k, v, nor the
     q/k/v DoRA layers' fused ``x_d·Aᵀ``. With dropout they keep their dropped input and mask, never the input
     itself, so under "norms" nothing needs layer 0's norm output; the rerun does, and keeps what rebuilds it: the
-    embedding output (one hidden vector per token)."""
+    embedding output (one hidden vector per token). The DoRA MLP op keeps u under "norms", not from "up" on."""
     model = peft_model("llama", use_dora=True, lora_dropout=0.1)
     data = batch("llama")
     params = [*model.parameters(), *model.buffers()]
@@ -177,8 +177,9 @@ def test_attn_rebuild_with_dora_layers():
     cfg = model.config
     qkv = (cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * (cfg.hidden_size // cfg.num_attention_heads)
     tokens = data["input_ids"].numel()
-    # per layer q, k, v and the q/k/v DoRA layers' fused x_d·Aᵀ (the rerun makes it on its way); less the embedding
-    per_layer = qkv + _attn_low_rank(model)
+    # per layer q, k, v, the q/k/v DoRA layers' fused x_d·Aᵀ (the rerun makes it on its way) and the MLP's u; less
+    # the embedding
+    per_layer = qkv + _attn_low_rank(model) + cfg.intermediate_size
     assert got["norms"][2] - got["attn"][2] == (cfg.num_hidden_layers * per_layer - cfg.hidden_size) * tokens * 4
 
 

@@ -136,6 +136,21 @@ def test_loss_gradients_and_saved_bytes_match_unpatched(arch, p, recompute):
     assert before.total - got.total == per * tokens * inter * layers * 4, (before.total, got.total)
 
 
+@pytest.mark.parametrize("recompute", ["up", "mlp"])
+@pytest.mark.parametrize("p", [0.0, 0.1])
+def test_up_rerun_trains_up_when_its_input_needs_no_gradient(recompute, p):
+    """LoRA on the MLPs alone (GPT-2's c_fc/c_proj): layer 0's MLP reads a tensor that needs no gradient (frozen
+    embeddings and attention), so the up projection's rerun is the only path to its LoRA weights; they get PEFT's
+    gradients, every layer fused (before, autograd saw an output needing no gradient and gave them none)."""
+    model = peft_model("gpt2", lora_dropout=p, target_modules=r".*\.mlp\.(c_fc|c_proj)")
+    ref = clone(model)
+    peftfast.patch(model, recompute=recompute)
+    assert all(e.patched for e in _mlp_entries(model)), peftfast.report(model).format()
+    _trains_as(model, ref, batch("gpt2"), p)
+    for r in peftfast.report(model).module_runtime(model).values():
+        assert r["fused"] > 0 and not r["fallbacks"], r
+
+
 def test_roberta_and_gradient_checkpointing_and_chunked_feed_forward():
     """RoBERTa (a copy of BERT's layer), under gradient checkpointing (the rebuild steps aside) and with
     ``chunk_size_feed_forward`` (the layer calls the chunk function once per chunk)."""

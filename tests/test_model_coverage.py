@@ -11,7 +11,7 @@ from _models import batch, clone, loss_and_grads, max_rel_err, peft_model, use_s
 import peftfast
 
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3", "glm4", "gpt2", "bert",
-            "roberta", "t5", "bart"]
+            "roberta", "t5", "bart", "gpt_neox", "phi"]
 # block modules fused per family besides the attention implementation: gated and two-layer MLPs, RoPE, norms (on
 # CPU LayerNorms run ATen's op, their outputs registered to be rebuilt where saved), residual-add blocks
 EXPECTED_BLOCKS = {
@@ -23,6 +23,8 @@ EXPECTED_BLOCKS = {
     "bert": ("mlp", "norm"), "roberta": ("mlp", "norm"),
     # encoder-decoders: T5 v1.0's ReLU MLP keeps nothing extra (not fused), BART's inline MLPs are
     "t5": ("norm",), "bart": ("mlp", "norm"),
+    # parallel residual (attention and MLP off the same input): the blocks' adds stay unfused
+    "gpt_neox": ("mlp", "norm"), "phi": ("mlp", "rope", "norm"),
 }
 # families whose attention the peftfast implementation does not serve (T5 is served since its position bias is)
 OWN_ATTENTION: set[str] = set()

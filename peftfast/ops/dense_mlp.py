@@ -76,11 +76,16 @@ class UpActRerun:
     that the down projection's rebuild of ``h`` makes, which :class:`_UpActFunction`'s backward then uses, so that
     ``up`` runs once in backward whoever asks first."""
 
-    __slots__ = ("up", "act", "rng", "autocast", "x_grad", "graph")
+    __slots__ = ("up", "act", "rng", "autocast", "x_grad", "graph", "params")
 
     def __init__(self, up: Callable[[torch.Tensor], torch.Tensor], act: str, x: torch.Tensor):
         dev = x.device.type
         self.up, self.act = up, act
+        # up's trainable parameters are the Function's inputs too: where x needs no gradient (the first MLP of a
+        # parallel-residual model such as GPT-NeoX or Phi-2, or one whose attention trains nothing) autograd would
+        # otherwise see an output that needs none, and up's LoRA weights would get no gradient at all
+        params = up.parameters() if isinstance(up, torch.nn.Module) else ()
+        self.params = tuple(p for p in params if p.requires_grad)
         # as the forward saw it: a saved x that comes back rebuilt (a norm output's recipe) has no grad history
         self.x_grad = x.requires_grad
         self.rng = rng_state(x.device)  # before up's forward draws its dropout seeds
@@ -101,10 +106,11 @@ class UpActRerun:
 
 
 class _UpActFunction(torch.autograd.Function):
-    """``act(up(x))`` keeping ``x`` only; backward reruns ``up`` (or takes the down projection's rerun)."""
+    """``act(up(x))`` keeping ``x`` only; backward reruns ``up`` (or takes the down projection's rerun). ``params``:
+    up's trainable parameters, whose gradients come back through this node (from the rerun's graph)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, rerun: UpActRerun) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, rerun: UpActRerun, *params: torch.Tensor) -> torch.Tensor:
         ctx.rerun = rerun
         ctx.save_for_backward(x)
         return act_forward(rerun.up(x), rerun.act)
@@ -116,9 +122,12 @@ class _UpActFunction(torch.autograd.Function):
         (x,) = ctx.saved_tensors
         xl, h = rerun.graph if rerun.graph is not None else rerun.run(x)
         rerun.graph = None
-        # reentrant, as activation checkpointing's: up's parameters get their gradients from this inner backward
-        torch.autograd.backward(h, dh)
-        return (xl.grad if ctx.needs_input_grad[0] else None), None
+        need = ctx.needs_input_grad
+        want_x = need[0] and xl.requires_grad
+        wanted = ([xl] if want_x else []) + [p for p, n in zip(rerun.params, need[2:]) if n]
+        grads = iter(torch.autograd.grad(h, wanted, dh, allow_unused=True) if wanted else ())
+        gx = next(grads) if want_x else None
+        return (gx, None, *(next(grads) if n else None for n in need[2:]))
 
 
 def up_act_rerun(up: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, act: str) -> tuple[torch.Tensor,
@@ -126,7 +135,7 @@ def up_act_rerun(up: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, ac
     """``(h, rerun)``: ``h = act(up(x))`` keeping only ``x``, and what rebuilds ``h`` for the down projection
     (``rerun.rebuild_h``). Call under grad mode, where ``x`` or ``up``'s parameters need gradients."""
     rerun = UpActRerun(up, act, x)
-    return _UpActFunction.apply(x, rerun), rerun
+    return _UpActFunction.apply(x, rerun, *rerun.params), rerun
 
 
 __all__ = ["ACTS", "UpActRerun", "act_forward", "dense_act", "up_act_rerun"]
