@@ -253,7 +253,8 @@ def test_extension_built_against_another_torch_is_refused(monkeypatch):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# eager calls through peftfast.ops._direct: the registered autograd, without torch.library's per-call wrapper
+# eager calls through _LoRAGroupOpFunction: the registered autograd's saved tensors and gradients, without
+# torch.library's per-call wrapper
 # ----------------------------------------------------------------------------------------------------------------
 def _node(y: torch.Tensor) -> str:
     """The autograd node that made ``y``, past the views the public op takes of its outputs."""
@@ -266,9 +267,9 @@ def _node(y: torch.Tensor) -> str:
 @needs_ext
 @pytest.mark.parametrize("x_grad,need", [(True, "all"), (False, "B only"), (True, "none")])
 def test_direct_call_equals_the_registered_op(x_grad, need):
-    """``lora_linear_group`` runs ``lora_group_fwd`` through ``_direct`` (one plain autograd.Function); the op
-    called through the dispatcher's autograd kernel gives the same outputs, gradients and saved tensors, with
-    ``needs_input_grad`` per Tensor[] argument (here: only some members' B, or only x)."""
+    """``lora_linear_group`` runs ``lora_group_fwd`` through one plain autograd.Function (``_LoRAGroupOpFunction``);
+    the op called through the dispatcher's autograd kernel gives the same outputs, gradients and saved tensors, with
+    ``needs_input_grad`` per member (here: only some members' B, or only x)."""
     from peftfast.ops.lora import _no_none, seed_tensor
 
     x, ws, bs, as_, bms, scales = _group()
@@ -297,7 +298,8 @@ def test_direct_call_equals_the_registered_op(x_grad, need):
     assert len(got[1]) == len(leaves) and all(torch.equal(a, b) for a, b in zip(got[1], ref[1]))
     assert got[2] == ref[2]  # the same saved tensors (the registered setup_context runs in both)
     if leaves:
-        assert got[3] == "_DirectBackward" and ref[3].startswith("GeneratedBackwardFor_peftfast_lora_group_fwd")
+        assert got[3] == "_LoRAGroupOpFunctionBackward"
+        assert ref[3].startswith("GeneratedBackwardFor_peftfast_lora_group_fwd")
 
 
 @needs_ext
@@ -317,7 +319,7 @@ def test_direct_call_is_seen_by_dispatch_modes_and_steps_aside_without_grad():
     with Seen() as seen:
         (y,) = lora_linear_group(x, ws, bs, as_, bms, scales[:1], backend="cpp")
     assert "peftfast.lora_group_fwd.default" in seen.ops
-    assert _node(y) == "_DirectBackward"
+    assert _node(y) == "_LoRAGroupOpFunctionBackward"
     with torch.no_grad():
         (y,) = lora_linear_group(x, ws, bs, as_, bms, scales[:1], backend="cpp")
     assert y.grad_fn is None

@@ -25,7 +25,6 @@ ops ``torch.ops.peftfast.lora_group_fwd`` / ``lora_group_bwd`` (fake kernels and
 from __future__ import annotations
 
 import os
-import threading
 from collections.abc import Sequence
 
 import torch
@@ -473,19 +472,15 @@ def _bwd_fake(x, xa, grads, weights, lora_as, lora_bs, scales, p, seed, need_x, 
     return dx, da, dbs
 
 
-_next = threading.local()  # .slot: the low-rank slot of the lora_group_fwd call now running (eager only)
-
-
 def _fwd_setup(ctx, inputs, output) -> None:
+    """The registered autograd of ``lora_group_fwd`` (what ``torch.compile`` traces; eager calls take
+    :class:`_LoRAGroupOpFunction`, the same saved tensors and gradients)."""
     x, weights, biases, lora_biases, lora_as, lora_bs, scales, p, seed, *_ = inputs
     xa = output[1]  # empty when not kept (keep_xa=False): lora_group_bwd rebuilds it
     ctx.meta = (len(weights), list(scales), float(p))
     ctx.bias_dtypes = (_dtypes(biases), _dtypes(lora_biases))  # bias gradients are sums of dy: dtypes suffice
     ctx.mark_non_differentiable(xa)
-    ctx.slot = None if torch.compiler.is_compiling() else getattr(_next, "slot", None)
-    if ctx.slot is not None:
-        ctx.slot.hold(xa)
-        xa = xa.new_empty((0,))
+    ctx.slot = None
     ctx.save_for_backward(x, xa, seed, *weights, *lora_as, *lora_bs)
 
 
@@ -498,6 +493,45 @@ def _fwd_backward(ctx, grad_ys, grad_xa):
     dx, grads = _registered_backward(x, xa, rest[:n], *ctx.bias_dtypes, rest[n:2 * n], rest[2 * n:], scales, p, seed,
                               need[0], flat_need, list(grad_ys))
     return dx, *(list(grads[i * n:(i + 1) * n]) for i in range(5)), None, None, None, None
+
+
+class _LoRAGroupOpFunction(torch.autograd.Function):
+    """Eager autograd of the registered ops ``lora_group_fwd`` / ``lora_group_bwd``: the same kernels, saved tensors
+    and gradients as their registered autograd (:func:`_fwd_setup`, :func:`_fwd_backward`), without the per-call
+    layers around it (``torch.library``'s Python autograd kernel, :mod:`peftfast.ops._direct`'s flattening), which
+    cost a small-shape call more than its GEMMs. The ops run below the Autograd key, so dispatch modes (op
+    counters, fake tensors) still see them. ``flat`` = Ws, bs, bBs, As, Bs (None for an absent bias); returns the n
+    outputs and ``xa`` (non-differentiable). ``slot``: a recompute region's low-rank slot, which holds ``xa``
+    instead of the saved tensors."""
+
+    @staticmethod
+    def forward(ctx, x2d, n, scales, p, seed, keep_xa, slot, *flat):
+        ws, bs, lbs, as_, bms = (list(flat[i * n:(i + 1) * n]) for i in range(5))
+        ctx.bias_dtypes = (_dtypes(bs), _dtypes(lbs))
+        with torch._C._AutoDispatchBelowAutograd():
+            ys, xa = torch.ops.peftfast.lora_group_fwd.default(x2d, ws, _no_none(bs, x2d), _no_none(lbs, x2d), as_,
+                                                                bms, scales, p, seed, keep_xa)
+        ctx.mark_non_differentiable(xa)
+        ctx.set_materialize_grads(False)  # an unused output's gradient stays None: the op skips its member
+        ctx.meta = (n, scales, p)
+        ctx.slot = slot
+        kept = xa
+        if slot is not None:
+            slot.hold(xa)
+            kept = xa.new_empty((0,))
+        ctx.save_for_backward(x2d, kept, seed, *ws, *as_, *bms)
+        return (*ys, xa)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        # with create_graph=True the backward op runs with its registered guard, which refuses a second backward
+        n, scales, p = ctx.meta
+        x, xa, seed, *rest = ctx.saved_tensors
+        xa = _from_slot(ctx.slot, xa)
+        need = ctx.needs_input_grad
+        dx, flat = _registered_backward(x, xa, rest[:n], *ctx.bias_dtypes, rest[n:2 * n], rest[2 * n:], scales, p,
+                                        seed, need[0], need[7:], list(grads[:n]))
+        return (dx, None, None, None, None, None, None, *flat)
 
 
 _LIB: torch.library.Library | None = None
@@ -596,14 +630,15 @@ def lora_linear_group(
     slot = low_rank_slot() if keep_xa else None
     if _use_registered_op(be, x.device):
         x2d = x.reshape(-1, x.shape[-1])
-        args = (x2d, list(weights), _no_none(biases, x), _no_none(lora_biases, x), list(lora_as), list(lora_bs),
-                [float(s) for s in scales], float(dropout_p), seed_tensor(seed, x.device, float(dropout_p)),
-                bool(keep_xa))
-        _next.slot = slot  # for _fwd_setup, which saves no xa when there is one
-        try:
-            ys, xa = _direct.call(torch.ops.peftfast.lora_group_fwd.default, _fwd_setup, _fwd_backward, args, (n, -1))
-        finally:
-            _next.slot = None
+        scales = [float(s) for s in scales]
+        seed_t = seed_tensor(seed, x.device, float(dropout_p))
+        if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            *ys, xa = _LoRAGroupOpFunction.apply(x2d, n, scales, float(dropout_p), seed_t, bool(keep_xa), slot,
+                                                 *weights, *biases, *lora_biases, *lora_as, *lora_bs)
+        else:  # nothing to record (no_grad), or the registered op for the compiler to trace
+            ys, xa = _direct.undifferentiated(torch.ops.peftfast.lora_group_fwd.default, x2d, list(weights),
+                                              _no_none(biases, x), _no_none(lora_biases, x), list(lora_as),
+                                              list(lora_bs), scales, float(dropout_p), seed_t, bool(keep_xa))
         deposit_low_rank(xa)
         return tuple(y.view(*x.shape[:-1], y.shape[-1]) for y in ys)
     if isinstance(seed, torch.Tensor):
