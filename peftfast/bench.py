@@ -222,6 +222,20 @@ ENCODER_TYPES = {"bert", "roberta", "xlm-roberta", "camembert", "distilbert", "e
 SEQ2SEQ_KINDS = ("seq2seq", "speech")
 
 
+def _is_encoder(hf) -> bool:
+    """A masked-LM encoder (BERT-like, ModernBERT, NomicBERT, ...): one of :data:`ENCODER_TYPES`, or a model type
+    transformers builds as a masked LM and not as a causal LM (BERT and RoBERTa are both, hence the list)."""
+    mt = getattr(hf, "model_type", "")
+    if mt in ENCODER_TYPES:
+        return True
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
+
+    return mt in MODEL_FOR_MASKED_LM_MAPPING_NAMES and mt not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+
 class BenchError(ValueError):
     """A bad ``peftfast bench`` request (reported as one line, exit code 2)."""
 
@@ -416,7 +430,7 @@ def resolve(cfg: BenchConfig) -> Setup:
     hf, preset = _load_config(cfg.model)
     kind = ("speech" if isinstance(getattr(hf, "num_mel_bins", None), int) else "seq2seq") \
         if getattr(hf, "is_encoder_decoder", False) else \
-        "encoder" if getattr(hf, "model_type", "") in ENCODER_TYPES else "decoder"
+        "encoder" if _is_encoder(hf) else "decoder"
     full = _truncate(hf, cfg.layers)
     seq = cfg.seq_len or (preset.seq_len if preset else 128)
     if kind == "speech":

@@ -170,6 +170,18 @@ def roberta(hidden: int = 32, layers: int = 2, **overrides) -> nn.Module:
     return RobertaForMaskedLM(RobertaConfig(**{**kw, **overrides}))
 
 
+def modernbert(hidden: int = 32, layers: int = 2, **overrides) -> nn.Module:
+    """ModernBertForMaskedLM: a packed GLU MLP (``Wi`` chunked into input and gate, ``act``, ``drop``, ``Wo``),
+    RoPE, pre-norm layers without biases."""
+    from transformers import ModernBertConfig, ModernBertForMaskedLM
+
+    kw = dict(vocab_size=VOCAB, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
+              intermediate_size=2 * hidden, max_position_embeddings=64, pad_token_id=0, bos_token_id=1,
+              eos_token_id=1, cls_token_id=1, sep_token_id=1, global_attn_every_n_layers=1,
+              attn_implementation="eager")
+    return ModernBertForMaskedLM(ModernBertConfig(**{**kw, **overrides}))
+
+
 def t5(hidden: int = 32, layers: int = 2, **overrides) -> nn.Module:
     """T5ForConditionalGeneration (tied: the decoder output is rescaled by ``d_model ** -0.5`` before the head)."""
     from transformers import T5Config, T5ForConditionalGeneration
@@ -196,7 +208,7 @@ def bart(hidden: int = 32, layers: int = 2, **overrides) -> nn.Module:
 BUILDERS: dict[str, Callable[..., nn.Module]] = {
     "llama": llama, "mistral": mistral, "qwen2": qwen2, "qwen3": qwen3, "gemma": gemma, "gemma2": gemma2,
     "gemma3": gemma3, "phi3": phi3, "glm": glm, "glm4": glm4, "gpt2": gpt2, "bert": bert, "roberta": roberta, "t5": t5,
-    "bart": bart, "gpt_neox": gpt_neox, "phi": phi,
+    "bart": bart, "gpt_neox": gpt_neox, "phi": phi, "modernbert": modernbert,
 }
 SEQ2SEQ_ARCHS = ("t5", "bart")
 
@@ -245,7 +257,7 @@ def batch(arch: str, *, seq: int = SEQ, bsz: int = BATCH, seed: int = 1) -> dict
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(2, VOCAB, (bsz, seq), generator=g)
     out = {"input_ids": ids, "labels": ids.clone()}
-    if arch in ("bert", "roberta"):
+    if arch in ("bert", "roberta", "modernbert"):
         out["labels"][:, ::3] = -100
     if arch in SEQ2SEQ_ARCHS:  # a target shorter than the source, padded at the end of one row
         out["labels"] = torch.randint(2, VOCAB, (bsz, max(2, seq - 3)), generator=g)

@@ -822,6 +822,34 @@ def test_packed_mlp_probe_refuses_another_formula_and_unpatch_restores():
     assert not any("forward" in m.__dict__ for m in model.modules() if type(m).__name__ == "Phi3MLP")
 
 
+@pytest.mark.parametrize("mlp_dropout", [0.0, 0.1])
+def test_modernbert_packed_mlp_runs_the_packed_op_unless_its_dropout_drops(mlp_dropout):
+    """ModernBERT's MLP (``Wo(drop(act(input) * gate))``, ``input, gate = Wi(x).chunk(2)``) is a packed gated MLP
+    under other names: fused, with PEFT's loss and gradients; with ``mlp_dropout`` > 0 in training its calls run the
+    class's forward, counted with the reason, and still match (the same RNG draws in the same order); in eval mode
+    the dropout drops nothing and the op serves them."""
+    model = peft_model("modernbert", model_kwargs=dict(mlp_dropout=mlp_dropout), lora_dropout=0.1)
+    ref = clone(model)
+    peftfast.patch(model)
+    entries = [e for e in peftfast.report(model).modules if e.kind == "mlp"]
+    assert len(entries) == 2 and all(e.patched for e in entries), peftfast.report(model).format()
+    use_shared_seed_dropout(ref, model, 0.1)
+    data = batch("modernbert")
+    loss, grads = loss_and_grads(model, data)
+    ref_loss, ref_grads = loss_and_grads(ref, data)
+    assert abs(loss.item() - ref_loss.item()) <= 1e-5 * abs(ref_loss.item())
+    assert max(max_rel_err(grads[n], ref_grads[n]) for n in grads) <= 2e-5
+    runtime = [r for n, r in peftfast.report(model).module_runtime(model).items() if n.endswith(".mlp")]
+    if mlp_dropout:
+        reason = "drop drops its input (p=0.1): the packed op has no dropout there"
+        assert all(r["fused"] == 0 and r["fallbacks"] == {reason: 1} for r in runtime), runtime
+        model.eval()
+        with torch.no_grad():
+            model(**data)
+        runtime = [r for n, r in peftfast.report(model).module_runtime(model).items() if n.endswith(".mlp")]
+    assert all(r["fused"] == 1 for r in runtime), runtime
+
+
 def test_an_mlp_of_another_layout_is_reported_with_its_reason():
     """An MLP holding LoRA layers that is neither gate/up/down, gate_up/down nor a two-layer MLP keeps its forward
     (its LoRA layers fused one by one), with the reason in the report."""

@@ -11,7 +11,7 @@ from _models import batch, clone, loss_and_grads, max_rel_err, peft_model, use_s
 import peftfast
 
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3", "glm4", "gpt2", "bert",
-            "roberta", "t5", "bart", "gpt_neox", "phi"]
+            "roberta", "t5", "bart", "gpt_neox", "phi", "modernbert"]
 # block modules fused per family besides the attention implementation: gated and two-layer MLPs, RoPE, norms (on
 # CPU LayerNorms run ATen's op, their outputs registered to be rebuilt where saved), residual-add blocks
 EXPECTED_BLOCKS = {
@@ -25,6 +25,7 @@ EXPECTED_BLOCKS = {
     "t5": ("norm",), "bart": ("mlp", "norm"),
     # parallel residual (attention and MLP off the same input): the blocks' adds stay unfused
     "gpt_neox": ("mlp", "norm"), "phi": ("mlp", "rope", "norm"),
+    "modernbert": ("mlp", "norm"),  # its packed GLU MLP (Wi/act/drop/Wo) on the packed LoRA-MLP op
 }
 # families whose attention the peftfast implementation does not serve (T5 is served since its position bias is)
 OWN_ATTENTION: set[str] = set()

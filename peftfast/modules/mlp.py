@@ -4,7 +4,8 @@ NF4 LoRA-MLP op where their bases are NF4), one frozen-MLP op where all three ar
 base of a model tuned elsewhere: LoRA on the attention only, prompt learning, bottleneck adapters).
 
 Packed gated MLPs (Phi-3, GLM, GLM-4: one ``gate_up_proj`` of width 2·I, chunked into gate and up, then
-``down_proj``) run the packed LoRA-MLP op where both projections are patched LoRA layers. Which classes compute
+``down_proj``; ModernBERT: ``Wi``, ``act``, ``drop``, ``Wo``) run the packed LoRA-MLP op where both projections are
+patched LoRA layers. Which classes compute
 ``down(act(gate) · up)`` from ``[gate | up] = gate_up(x)`` is decided by a probe of the class's own code (its
 children swapped for recording stubs, as for the two-layer MLPs of ``peftfast.modules.dense_mlp``), not by name.
 
@@ -39,8 +40,25 @@ from peftfast.ops.mlp import dora_mlp, frozen_mlp, lora_mlp, lora_packed_mlp
 from peftfast.ops.nf4 import nf4_dora_mlp, nf4_lora_mlp
 
 _PROJ = ("gate_proj", "up_proj", "down_proj")
-_PACKED = ("gate_up_proj", "down_proj")
-_ACT_ATTRS = ("activation_fn", "act_fn")
+
+
+@dataclass(frozen=True)
+class PackedLayout:
+    """The child names of a packed gated MLP: ``down(drop(act(g) · u))`` with ``[g | u] = gate_up(x)``; ``drop`` an
+    ``nn.Dropout`` on the down projection's input (fused while it drops nothing: p 0 or eval mode)."""
+
+    gate_up: str
+    down: str
+    acts: tuple[str, ...]
+    drop: str | None = None
+
+    @property
+    def projs(self) -> tuple[str, str]:
+        return self.gate_up, self.down
+
+
+PACKED_LAYOUTS = (PackedLayout("gate_up_proj", "down_proj", ("activation_fn", "act_fn")),  # Phi-3, GLM, GLM-4
+                  PackedLayout("Wi", "Wo", ("act",), "drop"))  # ModernBERT
 
 
 def gate_activation(act: nn.Module) -> str | None:
@@ -88,14 +106,26 @@ def why_not(module: nn.Module) -> str | None:
     return None
 
 
-def _packed_act_attr(module: nn.Module) -> str | None:
-    return next((a for a in _ACT_ATTRS if isinstance(getattr(module, a, None), nn.Module)), None)
+def packed_layout(module: nn.Module) -> PackedLayout | None:
+    """The first of :data:`PACKED_LAYOUTS` whose children ``module`` has (the probe confirms what its code
+    computes), else None."""
+    if is_gated_mlp(module):
+        return None
+    for lay in PACKED_LAYOUTS:
+        if all(isinstance(getattr(module, p, None), nn.Module) for p in lay.projs) and \
+                _act_attr(module, lay) is not None and \
+                (lay.drop is None or isinstance(getattr(module, lay.drop, None), nn.Module)):
+            return lay
+    return None
+
+
+def _act_attr(module: nn.Module, lay: PackedLayout) -> str | None:
+    return next((a for a in lay.acts if isinstance(getattr(module, a, None), nn.Module)), None)
 
 
 def is_packed_gated_mlp(module: nn.Module) -> bool:
-    """``gate_up_proj`` + ``down_proj`` + an activation module (the probe confirms what the code computes)."""
-    return (all(isinstance(getattr(module, p, None), nn.Module) for p in _PACKED)
-            and _packed_act_attr(module) is not None and not is_gated_mlp(module))
+    """A packed gated MLP by its children's names (:data:`PACKED_LAYOUTS`)."""
+    return packed_layout(module) is not None
 
 
 class _Stub(nn.Module):
@@ -110,15 +140,19 @@ class _Stub(nn.Module):
 
 def probe_packed(module: nn.Module) -> str | None:
     """None when the class's own code computes ``down(act(g) · u)`` from ``[g | u] = gate_up(x)`` (the first half
-    the gate), each child called once, in that order; else why not. The children are swapped for stubs, distinct
-    non-linear element-wise maps (gate_up: two of them side by side), so another order, another split or another
-    formula changes the result."""
-    act_attr = _packed_act_attr(module)
-    maps = {"gate_up_proj": lambda x: torch.cat([x * 1.5 + 0.25, x * x - 0.5], dim=-1),
-            act_attr: lambda x: x * x + 0.75, "down_proj": lambda x: x * -0.5 + 1.0}
+    the gate; with the layout's dropout between, as the identity it is while it drops nothing), each child called
+    once, in that order; else why not. The children are swapped for stubs, distinct non-linear element-wise maps
+    (gate_up: two of them side by side), so another order, another split or another formula changes the result."""
+    lay = packed_layout(module)
+    act_attr = _act_attr(module, lay)
+    maps = {lay.gate_up: lambda x: torch.cat([x * 1.5 + 0.25, x * x - 0.5], dim=-1),
+            act_attr: lambda x: x * x + 0.75}
+    if lay.drop is not None:
+        maps[lay.drop] = lambda x: x
+    maps[lay.down] = lambda x: x * -0.5 + 1.0
     x = torch.randn(2, 3, 4, generator=torch.Generator().manual_seed(0))
-    gu = maps["gate_up_proj"](x)
-    expect = maps["down_proj"](maps[act_attr](gu[..., :4]) * gu[..., 4:])
+    gu = maps[lay.gate_up](x)
+    expect = maps[lay.down](maps[act_attr](gu[..., :4]) * gu[..., 4:])
     log: list = []
     saved = {a: module._modules.get(a) for a in maps}
     try:
@@ -131,25 +165,29 @@ def probe_packed(module: nn.Module) -> str | None:
     finally:
         for a, m in saved.items():
             module._modules[a] = m
-    if log != ["gate_up_proj", act_attr, "down_proj"]:
-        return f"its code calls {'/'.join(log) or 'nothing'}, not gate_up_proj -> {act_attr} -> down_proj once each"
+    order = list(maps)
+    if log != order:
+        return f"its code calls {'/'.join(log) or 'nothing'}, not {' -> '.join(order)} once each"
     if not isinstance(got, torch.Tensor) or got.shape != expect.shape or not torch.allclose(got, expect):
-        return "its code computes something else than down(act(gate) * up) of [gate | up] = gate_up_proj(x)"
+        return f"its code computes something else than {lay.down}(act(gate) * up) of [gate | up] = {lay.gate_up}(x)"
     return None
 
 
 def why_not_packed(module: nn.Module) -> str | None:
     """None if this packed gated MLP can run as one packed LoRA-MLP op (both projections patched), else why not."""
-    if not is_packed_gated_mlp(module):
-        return "not a packed gated MLP (gate_up_proj + activation + down_proj)"
-    why = _projections_reason(module, _PACKED, unpatched_note=" (a frozen packed MLP is not fused)")
+    lay = packed_layout(module)
+    if lay is None:
+        return "not a packed gated MLP (gate_up_proj + activation + down_proj, or ModernBERT's Wi/act/drop/Wo)"
+    why = _projections_reason(module, lay.projs, unpatched_note=" (a frozen packed MLP is not fused)")
     if why is not None:
         return why
-    if any(nf4_mod.is_nf4_lora(getattr(module, p)) for p in _PACKED):
+    if any(nf4_mod.is_nf4_lora(getattr(module, p)) for p in lay.projs):
         return "NF4 bases: the packed projections run one by one on the NF4 op"
-    act = getattr(module, _packed_act_attr(module))
+    act = getattr(module, _act_attr(module, lay))
     if gate_activation(act) is None:
         return f"activation {type(act).__name__} is not SiLU/GELU"
+    if lay.drop is not None and type(getattr(module, lay.drop)) not in (nn.Dropout, nn.Identity):
+        return f"{lay.drop} is a {type(getattr(module, lay.drop)).__name__}, not nn.Dropout"
     if user_hooks(module, own=(_zero3_register_hook,)):
         return "the MLP has forward hooks"
     return probe_packed(module)
@@ -198,10 +236,11 @@ class MLPState(Tallied):
     zero3_hook: object | None = None
 
 
-def _plan(module: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict, projs: tuple = _PROJ):
-    """The projections' plans (``projs``: the three of a gated MLP, or gate_up/down of a packed one), or (kind,
-    reason): kind "fallback" is a block-level reason, "defer" an adapter state (disabled, merged, several active)
-    that the projections handle and report themselves."""
+def _plan(module: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict, projs: tuple = _PROJ,
+          packed: bool = False):
+    """The projections' plans (``projs``: the three of a gated MLP, or gate_up/down of a packed one, ``packed``), or
+    (kind, reason): kind "fallback" is a block-level reason, "defer" an adapter state (disabled, merged, several
+    active) that the projections handle and report themselves."""
     if args or kwargs:
         return "fallback", "extra forward arguments"
     nf4 = [nf4_mod.is_nf4_lora(getattr(module, p)) for p in projs]
@@ -224,7 +263,7 @@ def _plan(module: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict, projs: 
             return "defer", f"{p}: adapter disabled, merged or inactive"
         if isinstance(pl, str):
             return "defer", f"{p}: {pl}"
-        if pl.dora and projs is _PACKED:
+        if pl.dora and packed:
             return "defer", f"{p}: DoRA adapter (runs layer by layer)"
         if nf4[0] and (why := _nf4_call_reason(layer, x)) is not None:
             return "defer", f"{p}: {why}"
@@ -234,7 +273,7 @@ def _plan(module: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict, projs: 
             return "defer", "gate/up/down mix DoRA and plain LoRA adapters (they run layer by layer)"
         if nf4[0] and torch.is_autocast_enabled(x.device.type):
             return "defer", "DoRA under autocast (the layers run PEFT's forward)"
-    if nf4[0] or projs is _PACKED:  # NF4: three NF4 LoRA ops chained; packed: no sibling group to agree with
+    if nf4[0] or packed:  # NF4: three NF4 LoRA ops chained; packed: no sibling group to agree with
         return plans
     g, u, d = plans
     if (g.rank, g.p, g.lora_dtype) != (u.rank, u.p, u.lora_dtype):
@@ -328,20 +367,27 @@ def fused_mlp_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs) -> torc
 
 
 def packed_mlp_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    """Drop-in ``forward`` for a packed gated MLP (``gate_up_proj``, Phi-3 / GLM) whose projections are patched
-    LoRA layers (bound by ``patch``)."""
+    """Drop-in ``forward`` for a packed gated MLP (``gate_up_proj``, Phi-3 / GLM; ModernBERT's ``Wi``/``Wo``) whose
+    projections are patched LoRA layers (bound by ``patch``)."""
     st: MLPState = self._peftfast_mlp
-    plans = _plan(self, x, args, kwargs, _PACKED)
+    lay = packed_layout(self)
+    drop = getattr(self, lay.drop) if lay is not None and lay.drop is not None else None
+    if lay is None:
+        plans = ("fallback", "its packed projections were replaced")
+    elif isinstance(drop, nn.Dropout) and drop.training and drop.p > 0:
+        plans = ("fallback", f"{lay.drop} drops its input (p={drop.p}): the packed op has no dropout there")
+    else:
+        plans = _plan(self, x, args, kwargs, lay.projs, packed=True)
     if isinstance(plans, tuple):
         kind, reason = plans
         tally(st.tally_key, "fallbacks" if kind == "fallback" else "deferred", reason)
         return call_original(self, st, x, *args, **kwargs)
-    lora_mod._check_input(self.gate_up_proj, x)
+    lora_mod._check_input(getattr(self, lay.gate_up), x)
     tally(st.tally_key, "fused_calls")
-    for p in _PACKED:
+    for p in lay.projs:
         tally(getattr(self, p)._peftfast.tally_key, "fused_calls")
-    gate_up, down = (_proj(getattr(self, n), pl) for n, pl in zip(_PACKED, plans))
-    act = gate_activation(getattr(self, _packed_act_attr(self)))
+    gate_up, down = (_proj(getattr(self, n), pl) for n, pl in zip(lay.projs, plans))
+    act = gate_activation(getattr(self, _act_attr(self, lay)))
     return lora_packed_mlp(x, gate_up, down, act=act, dropout_p=plans[0].p, down_dropout_p=plans[1].p,
                            recompute=st.recompute, backend=st.backend, name=st.name)
 
@@ -400,7 +446,8 @@ def uninstall(module: nn.Module) -> None:
 
 
 def _projs_of(module: nn.Module) -> tuple:
-    return _PACKED if "gate_up_proj" in module._modules else _PROJ
+    lay = packed_layout(module)
+    return lay.projs if lay is not None else _PROJ
 
 
 def _partitioned(module: nn.Module) -> bool:

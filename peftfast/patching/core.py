@@ -232,14 +232,15 @@ def patch(model: nn.Module, *, backend: str = "auto", group_siblings: bool = Tru
             if dense_mod.is_dense_mlp(mod):
                 dense_mlps.append((name, mod))  # two-layer MLPs (GPT-2, BERT, CLIP): below, once `tuned` is known
             elif mlp_mod.is_packed_gated_mlp(mod) and any(_is_peft_layer(c) for c in mod.children()):
-                # Phi-3 / GLM: one gate_up_proj, chunked (the probe in why_not_packed checks the class's code)
+                # Phi-3 / GLM / ModernBERT: one gate_up projection, chunked (why_not_packed's probe checks the code)
                 reason = mlp_mod.why_not_packed(mod) if fuse_mlp else "fuse_mlp=False"
                 _apply(rep, mlp_mod, "mlp", name, mod, reason, backend, recompute=_mlp_recompute(recompute),
                        packed=True)
             elif type(mod).__name__.endswith("MLP") and any(_is_peft_layer(c) for c in mod.children()):
                 rep.modules.append(PatchEntry(name=name, kind="mlp", patched=False,
                                               reason=f"{type(mod).__name__} layout (not gate_proj/up_proj/down_proj, "
-                                                     "gate_up_proj nor a two-layer MLP) is not fused as a block"))
+                                                     "gate_up_proj, Wi/Wo nor a two-layer MLP) is not fused as a "
+                                                     "block"))
             continue
         if not any(_is_peft_layer(getattr(mod, p)) for p in ("gate_proj", "up_proj", "down_proj")):
             frozen_mlps.append((name, mod))  # fused below if the model is tuned elsewhere
