@@ -287,6 +287,20 @@ def test_local_config_directory_and_json_file(tmp_path, capsys):
     assert err.startswith("peftfast bench: cannot read a transformers config from") and "\n" not in err
 
 
+def test_local_modernbert_config_runs_as_a_masked_lm_encoder(tmp_path):
+    """A model type transformers builds as a masked LM and not as a causal LM (ModernBERT) is benchmarked as an
+    encoder, its packed MLP fused."""
+    from transformers import ModernBertConfig
+
+    cfg_dir = tmp_path / "my-modernbert"
+    ModernBertConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                     vocab_size=256, pad_token_id=0, bos_token_id=1, eos_token_id=2, cls_token_id=1,
+                     sep_token_id=2).save_pretrained(cfg_dir)
+    res, out = run(tmp_path / "out", "--model", str(cfg_dir), *FAST, "--dropout", "0")
+    assert res["kind"] == "encoder" and "fused 1/1 mlp" in res["report"], res["report"]
+    assert res["results"][1]["max_rel_loss_diff_vs_peft"] < 1e-5
+
+
 def _checkpoint(path, seed: int = 7):
     """A 2-layer Llama checkpoint (config + safetensors) with seeded random weights; returns its state dict."""
     from transformers import LlamaConfig, LlamaForCausalLM
