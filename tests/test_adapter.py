@@ -164,6 +164,16 @@ def _llama(cls=LlamaForCausalLM, cfg_cls=LlamaConfig):
                        num_attention_heads=4, num_key_value_heads=2))
 
 
+def _gpt_neox():
+    """GPT-NeoX: the attention child is ``attention`` and the residual parallel (attention and MLP off one input)."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    torch.manual_seed(0)
+    return GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=64, hidden_size=48, intermediate_size=96, num_hidden_layers=3,
+                                            num_attention_heads=4, max_position_embeddings=64, hidden_dropout=0.0,
+                                            attention_dropout=0.0))
+
+
 def _bert(cls=BertForSequenceClassification, cfg_cls=BertConfig):
     torch.manual_seed(0)
     return cls(cfg_cls(vocab_size=64, hidden_size=48, intermediate_size=96, num_hidden_layers=3,
@@ -196,6 +206,7 @@ FAMILIES = {
     "llama": lambda: _llama(),
     "mistral": lambda: _llama(MistralForCausalLM, MistralConfig),
     "qwen2": lambda: _llama(Qwen2ForCausalLM, Qwen2Config),
+    "gpt_neox": _gpt_neox,
     "bert": lambda: _bert(),
     "roberta": lambda: _bert(RobertaForSequenceClassification, RobertaConfig),
 }

@@ -42,8 +42,7 @@ class Block:
     def site_module(self, site: str) -> nn.Module:
         m = self.module
         if self.kind == "decoder":
-            attn = getattr(m, "self_attn", None) or getattr(m, "attn")
-            return attn if site == "attn" else m.mlp
+            return _decoder_attention(m) if site == "attn" else m.mlp
         return m.attention.output.dropout if site == "attn" else m.output.dropout
 
     def stash_module(self) -> tuple[nn.Module, int] | None:
@@ -51,11 +50,19 @@ class Block:
         return (self.module.output, 1) if self.kind == "encoder" else None
 
 
+_DECODER_ATTENTION = ("self_attn", "attn", "self_attention", "attention")  # Llama, GPT-2, Falcon/BLOOM, GPT-NeoX
+
+
+def _decoder_attention(m: nn.Module) -> nn.Module | None:
+    return next((a for a in map(m._modules.get, _DECODER_ATTENTION) if isinstance(a, nn.Module)), None)
+
+
 def find_blocks(model: nn.Module) -> list[Block]:
     """Transformer blocks in forward order, recognised by structure (not by class name)."""
     blocks = []
     for name, m in model.named_modules():
-        if (hasattr(m, "self_attn") or hasattr(m, "attn")) and hasattr(m, "mlp"):
+        if _decoder_attention(m) is not None and isinstance(m._modules.get("mlp"), nn.Module) and \
+                "intermediate" not in m._modules:
             blocks.append(Block(len(blocks), name, m, "decoder"))
         elif (hasattr(m, "attention") and hasattr(m, "intermediate") and hasattr(m, "output")
               and isinstance(getattr(getattr(m.attention, "output", None), "dropout", None), nn.Module)
