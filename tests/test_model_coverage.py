@@ -6,6 +6,7 @@ was not. A transformers release that renames a module or changes a formula fails
 """
 
 import pytest
+import torch
 from _models import batch, clone, loss_and_grads, max_rel_err, peft_model, use_shared_seed_dropout
 
 import peftfast
@@ -93,7 +94,8 @@ def test_patch_report(arch):
     assert not any("forward" in m.__dict__ for m in model.modules())
 
 
-@pytest.mark.parametrize("arch", [*CAUSAL_LMS, "gpt2", "bert", "roberta", "t5", "bart"])
+@pytest.mark.parametrize("arch", [*CAUSAL_LMS, "gpt2", "bert", "roberta", "t5", "bart", "gpt_neox", "phi",
+                                  "modernbert"])
 def test_fused_loss_opt_in_matches_unpatched(arch):
     """``fuse_loss=True``: the loss comes from fused linear cross-entropy, with no logits, and matches."""
     model = peft_model(arch, target_modules="all-linear")
@@ -110,3 +112,28 @@ def test_fused_loss_opt_in_matches_unpatched(arch):
     assert stats["fused"] >= 1 and not stats["fallbacks"]
     model.eval()
     assert model(**data).logits is not None  # evaluation keeps the logits
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_modernbert_fused_mlm_loss_honours_num_items_and_sparse_prediction(sparse):
+    """ModernBERT's masked-LM loss is the model's ``loss_function`` (ForMaskedLMLoss): the fused loss takes
+    ``num_items_in_batch`` as it does (sum / num_items under gradient accumulation), with ``sparse_prediction`` or
+    not; kept logits (``keep_logits``) are the original's, the labelled rows only when sparse."""
+    model = peft_model("modernbert", model_kwargs=dict(sparse_prediction=sparse))
+    ref = clone(model)
+    peftfast.patch(model, fuse_loss=True)
+    data = {**batch("modernbert"), "num_items_in_batch": torch.tensor(7)}
+    loss, grads = loss_and_grads(model, data)
+    ref_loss, ref_grads = loss_and_grads(ref, data)
+    mean_loss, _ = loss_and_grads(ref, batch("modernbert"))
+    assert abs(loss.item() - ref_loss.item()) <= TOL * abs(ref_loss.item()) and abs(loss - mean_loss) > 1e-2
+    assert max(max_rel_err(grads[n], ref_grads[n]) for n in grads) <= TOL
+    from peftfast.patching.loss import install_loss
+
+    assert install_loss(model, keep_logits=True) == (True, None)
+    with torch.no_grad():
+        torch.manual_seed(0)
+        got = model(**data).logits
+        torch.manual_seed(0)
+        want = ref(**data).logits
+    assert got.shape == want.shape and torch.allclose(got, want, rtol=1e-5, atol=1e-6)

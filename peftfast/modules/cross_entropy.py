@@ -525,6 +525,10 @@ class MaskedHead:
     transform: Callable[[torch.Tensor], torch.Tensor]
     decoder: nn.Module
     whole: nn.Module | None = None
+    # the loss is the model's ``loss_function`` (transformers' ForMaskedLMLoss: ``num_items_in_batch`` honoured)
+    # rather than a plain CrossEntropyLoss(); ``sparse``: the forward runs the head on labelled rows only
+    loss_function: bool = False
+    sparse: bool = False
 
 
 def _act_of(head: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -552,11 +556,16 @@ def _electra_head(lm: nn.Module) -> MaskedHead:
     return MaskedHead("electra", lm.generator_predictions, lm.generator_lm_head)
 
 
+def _modernbert_head(lm: nn.Module) -> MaskedHead:
+    # forward: model → [labelled rows if sparse_prediction] → decoder(head(·)) → loss_function(logits, labels, V)
+    return MaskedHead("model", lm.head, lm.decoder, loss_function=True, sparse=bool(lm.sparse_prediction))
+
+
 # classes whose forward is "encoder → head → CrossEntropyLoss()(logits.view(-1, V), labels.view(-1))"
 MASKED_LM: dict[str, Callable[[nn.Module], MaskedHead]] = {
     "BertForMaskedLM": _bert_head, "RobertaForMaskedLM": _roberta_head, "XLMRobertaForMaskedLM": _roberta_head,
     "CamembertForMaskedLM": _roberta_head, "DistilBertForMaskedLM": _distilbert_head,
-    "ElectraForMaskedLM": _electra_head,
+    "ElectraForMaskedLM": _electra_head, "ModernBertForMaskedLM": _modernbert_head,
 }
 
 
@@ -621,6 +630,15 @@ def _why_not_masked(lm: nn.Module) -> str | None:
     why = _bound_reason(lm, encoder, ("labels",))
     if why:
         return why
+    if head.loss_function:
+        try:
+            from transformers.loss.loss_utils import ForMaskedLMLoss
+        except Exception:  # pragma: no cover
+            ForMaskedLMLoss = None
+        if ForMaskedLMLoss is None or lm.loss_function is not ForMaskedLMLoss:
+            return "model uses a custom loss_function"
+        if head.sparse and getattr(lm, "sparse_pred_ignore_index", -100) != -100:
+            return f"sparse_pred_ignore_index {lm.sparse_pred_ignore_index} is not the loss's ignore index -100"
     if name == "DistilBertForMaskedLM":
         fn = getattr(lm, "mlm_loss_fct", None)
         if type(fn) is not nn.CrossEntropyLoss or fn.weight is not None or fn.ignore_index != -100 or \
@@ -660,16 +678,24 @@ def fused_masked_lm_forward(model: nn.Module, *args, **kwargs):
         if 0 < rows.numel() < lab.numel():
             h, lab = h.index_select(0, rows), lab.index_select(0, rows)
     z = head.transform(h)
-    loss = _head_loss(st, ht, z, lab, -100, None, 1.0, None)
+    # ForMaskedLMLoss: sum / num_items_in_batch where the trainer passes it (gradient accumulation), else the mean
+    num_items = extra.get("num_items_in_batch") if head.loss_function else None
+    loss = _head_loss(st, ht, z, lab, -100, None, 1.0, num_items)
     if loss is None:  # a dtype the fused op cannot take: finish as the original would, from these rows
         tally(st.tally_key, "fallbacks", "hidden dtype differs from MLM decoder weight dtype")
-        loss = nn.functional.cross_entropy(head.decoder(z), lab)
+        logits_z = head.decoder(z)
+        loss = model.loss_function(logits_z, lab, model.config.vocab_size, **extra) if head.loss_function else \
+            nn.functional.cross_entropy(logits_z, lab)
     else:
         tally(st.tally_key, "fused_calls")
     logits = None
     if st.config.keep_logits:
         with torch.no_grad():
-            logits = head.decoder(head.transform(hidden))
+            kept = hidden
+            if head.sparse:  # the original's logits: the labelled rows only
+                flat = hidden.reshape(-1, hidden.shape[-1])
+                kept = flat[labels.to(hidden.device).reshape(-1) != -100]
+            logits = head.decoder(head.transform(kept))
     from transformers.modeling_outputs import MaskedLMOutput
 
     out = MaskedLMOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions)
