@@ -688,7 +688,7 @@ _ENC = dict(vocab_size=M.VOCAB, hidden_size=32, num_hidden_layers=1, num_attenti
             max_position_embeddings=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
 _MLM_DECODER = {"BertForMaskedLM": "decoder", "RobertaForMaskedLM": "decoder", "XLMRobertaForMaskedLM": "decoder",
                 "CamembertForMaskedLM": "decoder", "DistilBertForMaskedLM": "vocab_projector",
-                "ElectraForMaskedLM": "generator_lm_head"}
+                "ElectraForMaskedLM": "generator_lm_head", "ModernBertForMaskedLM": "decoder"}
 
 
 def _mlm(cls: str) -> torch.nn.Module:
@@ -698,6 +698,11 @@ def _mlm(cls: str) -> torch.nn.Module:
     if cls == "DistilBertForMaskedLM":
         cfg = transformers.DistilBertConfig(vocab_size=M.VOCAB, dim=32, n_layers=1, n_heads=4, hidden_dim=64,
                                             max_position_embeddings=64, dropout=0.0, attention_dropout=0.0)
+    elif cls == "ModernBertForMaskedLM":  # its decoder has a bias, its dense layers none (the defaults)
+        cfg = transformers.ModernBertConfig(vocab_size=M.VOCAB, hidden_size=32, num_hidden_layers=1,
+                                            num_attention_heads=4, intermediate_size=64, max_position_embeddings=64,
+                                            pad_token_id=0, bos_token_id=1, eos_token_id=1, cls_token_id=1,
+                                            sep_token_id=1)
     else:
         name = cls.removesuffix("ForMaskedLM")
         extra = dict(embedding_size=24) if name == "Electra" else {}  # a generator narrower than its encoder
@@ -721,7 +726,8 @@ def _mlm_batch(seed=0, every=3):
 def _peft_mlm(cls: str, decoder_lora: bool):
     from peft import LoraConfig, get_peft_model
 
-    targets = "all-linear" if not decoder_lora else [_MLM_DECODER[cls], "dense", "query", "q_lin", "vocab_transform"]
+    targets = "all-linear" if not decoder_lora else [_MLM_DECODER[cls], "dense", "query", "q_lin", "vocab_transform",
+                                                     "Wqkv"]
     model = get_peft_model(_mlm(cls), LoraConfig(r=4, lora_alpha=8, target_modules=targets, lora_dropout=0.0))
     with torch.no_grad():
         for layer in M.lora_layers(model):
