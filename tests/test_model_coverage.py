@@ -25,8 +25,8 @@ EXPECTED_BLOCKS = {
     # encoder-decoders: T5 v1.0's ReLU MLP keeps nothing extra (not fused), BART's inline MLPs are
     "t5": ("norm",), "bart": ("mlp", "norm"),
     # parallel residual (attention and MLP off the same input): the blocks' adds stay unfused
-    "gpt_neox": ("mlp", "norm"), "phi": ("mlp", "rope", "norm"),
-    "modernbert": ("mlp", "norm"),  # its packed GLU MLP (Wi/act/drop/Wo) on the packed LoRA-MLP op
+    "gpt_neox": ("mlp", "rope", "norm"), "phi": ("mlp", "rope", "norm"),  # RoPE behind a packed query_key_value
+    "modernbert": ("mlp", "rope", "norm"),  # its packed GLU MLP (Wi/act/drop/Wo) on the packed LoRA-MLP op; Wqkv
 }
 # families whose attention the peftfast implementation does not serve (T5 is served since its position bias is)
 OWN_ATTENTION: set[str] = set()

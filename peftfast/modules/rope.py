@@ -297,6 +297,8 @@ def uninstall(attn: nn.Module) -> None:
 
 
 def is_rope_attention(module: nn.Module) -> bool:
-    """Attention modules of RoPE families: q/k projections and a modeling file with apply_rotary_pos_emb."""
-    has_proj = (hasattr(module, "q_proj") and hasattr(module, "k_proj")) or hasattr(module, "qkv_proj")
+    """Attention modules of RoPE families: q/k projections (or a packed one: Phi-3's ``qkv_proj``, GPT-NeoX's
+    ``query_key_value``, ModernBERT's ``Wqkv``) and a modeling file with apply_rotary_pos_emb."""
+    has_proj = (hasattr(module, "q_proj") and hasattr(module, "k_proj")) or \
+        any(hasattr(module, p) for p in ("qkv_proj", "query_key_value", "Wqkv"))
     return has_proj and getattr(_module_of(module), _GLOBAL, None) is not None
