@@ -137,3 +137,31 @@ def test_modernbert_fused_mlm_loss_honours_num_items_and_sparse_prediction(spars
         torch.manual_seed(0)
         want = ref(**data).logits
     assert got.shape == want.shape and torch.allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.1])
+def test_modernbert_local_layers_keep_their_bidirectional_window(p):
+    """ModernBERT's local layers attend within |i - j| <= local_attention / 2 on both sides. The kernels' window is
+    causal (keys before the query only), so those calls take the fallback, whose mask is symmetric for a
+    bidirectional window, counted with the reason; the global layers run the kernel. Loss and every gradient match
+    the unpatched model, padding included (padded positions unlabelled). Before, the local layers ran the kernel
+    with a one-sided window: wrong outputs."""
+    model = peft_model("modernbert", lora_dropout=p,
+                       model_kwargs=dict(global_attn_every_n_layers=2, local_attention=4, layers=3))
+    ref = clone(model)
+    peftfast.patch(model)
+    if p:
+        use_shared_seed_dropout(ref, model, p)
+    data = batch("modernbert", seq=16)
+    data["attention_mask"] = torch.ones_like(data["input_ids"])
+    data["attention_mask"][1, 12:] = 0
+    data["labels"][1, 12:] = -100
+    loss, grads = loss_and_grads(model, data)
+    ref_loss, ref_grads = loss_and_grads(ref, data)
+    assert abs(loss.item() - ref_loss.item()) <= TOL * abs(ref_loss.item())
+    assert max(max_rel_err(grads[n], ref_grads[n]) for n in grads) <= TOL
+    attn = {n: r for n, r in peftfast.report(model).module_runtime(model).items() if n.endswith("(attention)")}
+    local = [r for n, r in attn.items() if ".layers.1." in n]
+    assert local and all(r["fused"] == 0 and any("bidirectional sliding window" in k for k in r["fallbacks"])
+                         for r in local), attn
+    assert all(r["fused"] == 1 and not r["fallbacks"] for n, r in attn.items() if ".layers.1." not in n), attn

@@ -162,7 +162,14 @@ def _fallback(module, query, key, value, attention_mask, dropout, scaling, is_ca
             # fewer keys than queries leaves no prefix to align: the mask can only pad keys, as in cross-attention
             ids = cross_segment_ids if cross or sk < sq else segment_ids
             qseg, kseg, _ = ids(query, key, attention_mask, {})
-        mask = _allowed(0, sq, sq, sk, is_causal, window, qseg, kseg, query.device)
+        if window and not is_causal:
+            # transformers' bidirectional sliding window (ModernBERT's local layers): |i - j| <= window - 1, keys on
+            # both sides (the kernels' window, and _allowed's, bound the keys before the query only)
+            i = torch.arange(sq, device=query.device)[:, None] + (sk - sq)
+            j = torch.arange(sk, device=query.device)[None, :]
+            mask = _allowed(0, sq, sq, sk, False, None, qseg, kseg, query.device) & ((i - j).abs() < window)
+        else:
+            mask = _allowed(0, sq, sq, sk, is_causal, window, qseg, kseg, query.device)
     k = key.repeat_interleave(hq // hk, 1) if hq != hk else key
     v = value.repeat_interleave(hq // hk, 1) if hq != hk else value
     scale = scaling if scaling is not None else d**-0.5
@@ -203,6 +210,9 @@ def peftfast_attention_forward(module: nn.Module, query: torch.Tensor, key: torc
     reason = None
     if kwargs.get("output_attentions"):
         reason = "output_attentions=True (the fused kernel returns no weights)"
+    elif window and not causal:
+        # the kernels' window is one-sided (keys before the query); a bidirectional one also bounds the keys after
+        reason = "a bidirectional sliding window (e.g. ModernBERT's local layers): the kernels' window is causal"
     elif any(kwargs.get(k) is not None for k in _UNSUPPORTED_KWARGS):
         reason = f"unsupported argument {next(k for k in _UNSUPPORTED_KWARGS if kwargs.get(k) is not None)}"
     else:
