@@ -100,6 +100,21 @@ def dropout_keep_mask(seed: int, nseg: int, m: int, k: int, p: float, *, device,
     return out.bool()
 
 
+def seeded_keep_mask(seed: int | torch.Tensor | None, x2d: torch.Tensor, p: float, backend: str, *,
+                     tensor_seed: bool) -> tuple[int | torch.Tensor, torch.Tensor]:
+    """``(seed, keep)``: the seed drawn where None (``tensor_seed``: the registered ops' one-element tensor, a traced
+    op under ``torch.compile``; else an int) and the ``[M, K]`` keep-mask a fused op on ``x2d`` draws for it
+    (segment 0), for a caller that needs the dropped input itself (DoRA with dropout)."""
+    m, k = x2d.shape
+    if tensor_seed:
+        seed = seed_tensor(seed, x2d.device, p)
+        return seed, torch.ops.peftfast.dropout_keep_mask(x2d.new_empty((0,)), seed, 1, m, k, float(p))[0]
+    if isinstance(seed, torch.Tensor):
+        seed = int(seed.reshape(-1)[0].item())
+    seed = draw_seed(x2d.device) if seed is None else int(seed)
+    return seed, dropout_keep_mask(seed, 1, m, k, p, device=x2d.device, backend=backend)[0]
+
+
 def triton_cdiv(a: int, b: int) -> int:
     return (a + b - 1) // b
 
@@ -746,16 +761,8 @@ def dora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     _check_group(x, [weight], [bias], [lora_a], [lora_b], [scale], [None], dropout_p, name)
     be = resolve_backend(backend, x.device)
     x2d = x.reshape(-1, x.shape[-1])
-    m, k = x2d.shape
-    if be == "cpp":  # the seed stays a tensor (drawn as a traced op under torch.compile: no .item())
-        keep = torch.ops.peftfast.dropout_keep_mask(x2d.new_empty((0,)), seed_tensor(seed, x.device, dropout_p),
-                                                    1, m, k, float(dropout_p))
-    else:
-        if isinstance(seed, torch.Tensor):
-            seed = int(seed.reshape(-1)[0].item())
-        seed = draw_seed(x.device) if seed is None else int(seed)
-        keep = dropout_keep_mask(seed, 1, m, k, dropout_p, device=x.device, backend=be)
-    xd = x2d * keep[0] * (1.0 / (1.0 - dropout_p))
+    _, keep = seeded_keep_mask(seed, x2d, dropout_p, be, tensor_seed=be == "cpp")
+    xd = x2d * keep * (1.0 / (1.0 - dropout_p))
     # base(x) + (mag - 1)·(x_d Wᵀ) + mag·s·low(x_d) = base(x) + (mag - 1)·z_d + s·low(x_d), z_d = x_d Wᵀ + s·low(x_d)
     # the fused LoRA linear of x_d: one [M, N] tensor kept for the magnitude's gradient instead of two, and the
     # rank-r term low(x_d) = (x_d Aᵀ) Bᵀ again (two skinny GEMMs)

@@ -516,7 +516,7 @@ def nf4_dora_linear(x: torch.Tensor, qweight: torch.Tensor, absmax, bias: torch.
     op on ``x_d``, no dropout): two NF4 GEMMs, as PEFT's, and one ``[M, N]`` kept where PEFT keeps two.
     Shapes as :func:`nf4_lora_linear`; ``magnitude`` ``[N]``.
     """
-    from peftfast.ops.lora import _dora_out, dropout_keep_mask, seed_tensor
+    from peftfast.ops.lora import _dora_out, seeded_keep_mask
 
     where = f"peftfast: {name}: " if name else "peftfast: "
     n, k = qweight.shape[0], qweight.shape[1] * 2
@@ -534,20 +534,10 @@ def nf4_dora_linear(x: torch.Tensor, qweight: torch.Tensor, absmax, bias: torch.
         z = nf4_lora_linear(x, qweight, absmax, None, lora_a, lora_b, scale, **common)
         return _dora_out(z, mag, bias, x.dtype)
     x2d = x.reshape(-1, k)
-    m = x2d.shape[0]
     # one seed for both the fused op's mask and x_d: the registered op's tensor seed (a traced op under compile),
     # else an int for the autograd Function's path
-    if _registered(be, x.device):
-        seed = seed_tensor(seed, x.device, dropout_p)
-        keep = torch.ops.peftfast.dropout_keep_mask(x2d.new_empty((0,)), seed, 1, m, k, float(dropout_p))
-    else:
-        from peftfast.ops.lora import draw_seed
-
-        if isinstance(seed, torch.Tensor):
-            seed = int(seed.reshape(-1)[0].item())
-        seed = draw_seed(x.device) if seed is None else int(seed)
-        keep = dropout_keep_mask(seed, 1, m, k, dropout_p, device=x.device, backend=be)
-    xd = x2d * keep[0] * (1.0 / (1.0 - dropout_p))
+    seed, keep = seeded_keep_mask(seed, x2d, dropout_p, be, tensor_seed=_registered(be, x.device))
+    xd = x2d * keep * (1.0 / (1.0 - dropout_p))
     y1 = nf4_lora_linear(x2d, qweight, absmax, bias, lora_a, lora_b, scale, dropout_p=dropout_p, seed=seed, **common)
     z_d = nf4_lora_linear(xd, qweight, absmax, None, lora_a, lora_b, scale, **common)
     ct = torch.promote_types(y1.dtype, mag.dtype)
@@ -705,33 +695,44 @@ def nf4_lora_mlp(x: torch.Tensor, gate: NF4Proj, up: NF4Proj, down: NF4Proj, *, 
     (nor the up product): backward runs the up NF4 GEMM again with the same seed; ``"gate_up"`` (or ``True``) keeps
     neither g nor u (and no gate/up products): backward runs both gate/up NF4 GEMMs again.
     """
-    from peftfast.ops.lora import draw_seed, seed_tensor
     from peftfast.ops.mlp import GATE_ACTS, recompute_mode
 
     label = name or "nf4_lora_mlp"
     if act not in GATE_ACTS:
         raise ValueError(f"peftfast: {label}: unknown gate activation {act!r}; choose one of {list(GATE_ACTS)}")
     mode = recompute_mode(recompute, label)
-    projs = (gate, up, down)
-    be = resolve_backend(backend, x.device)
-    if be == "cpp" and not have_ops():
-        be = "torch"
-    flat, meta, seed_args = [], [], []
+    be = _backend_for(backend, x.device)
+    flat, meta, seed_args = _mlp_projections(x, label, (gate, up, down), seeds, be, dora=False)
+    return _NF4LoRAMLPFunction.apply(x, act, tuple(meta), be, int(chunk), mode, *flat, *seed_args)
+
+
+def _mlp_projections(x: torch.Tensor, label: str, projs: tuple, seeds: tuple, be: str, *, dora: bool):
+    """``(flat, meta, seeds)`` of an NF4 gated-MLP op's three projections, each checked with an error naming it.
+    The eighth entry of a projection is its LoRA bias, or with ``dora`` its DoRA magnitude (checked). Seeds are
+    drawn in gate, up, down order where not given, as the layers one by one draw theirs: on the registered ops' path
+    as traced tensor ops (no ``.item()``), else as ints."""
+    from peftfast.ops.lora import draw_seed, seed_tensor
+
     registered = _registered(be, x.device)
-    for what, (q, absmax, bs, bias, a, b_mat, scale, lbias, p), seed in zip(("gate", "up", "down"), projs, seeds):
+    flat, meta, seed_args = [], [], []
+    for what, (q, absmax, bs, bias, a, b_mat, scale, extra, p), seed in zip(("gate", "up", "down"), projs, seeds):
         k = q.shape[1] * 2 if q.dim() == 2 else 0
         xin = x if what != "down" else x.new_empty((0, k))  # only its features, dtype and device are checked
         am, code2, scale2, offset = _check_args(xin, q, absmax, bs, a, b_mat, p, f"{label} {what}")
-        flat += [bias, lbias, a, b_mat, q, am, code2, scale2, offset]
-        if registered:  # drawn as the layers' registered ops draw theirs: a traced tensor op, no .item()
+        if dora and (extra.shape != (q.shape[0],) or extra.device != x.device):
+            raise ValueError(f"peftfast: {label}: {what} DoRA magnitude has shape {tuple(extra.shape)} on "
+                             f"{extra.device}, expected ({q.shape[0]},) on {x.device}")
+        flat += [bias, extra, a, b_mat, q, am, code2, scale2, offset]
+        if registered:
             seed_args.append(seed_tensor(seed, x.device, float(p)))
         else:
             seed_args.append(int(seed) if seed is not None else draw_seed(x.device) if p > 0.0 else 0)
         meta.append((float(scale), float(p), int(bs)))
+    gate, up, down = projs
     if gate[0].shape[0] != up[0].shape[0] or down[0].shape[1] * 2 != gate[0].shape[0]:
         raise ValueError(f"peftfast: {label}: NF4 widths do not chain: gate {gate[0].shape[0]}, up {up[0].shape[0]}, "
                          f"down input {down[0].shape[1] * 2}")
-    return _NF4LoRAMLPFunction.apply(x, act, tuple(meta), be, int(chunk), mode, *flat, *seed_args)
+    return flat, meta, seed_args
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -894,7 +895,6 @@ def nf4_dora_mlp(x: torch.Tensor, gate: NF4DoRAProj, up: NF4DoRAProj, down: NF4D
     input, which the layers one by one keep (without dropout 4·I values per token fewer). ``recompute="up"`` keeps
     nothing of the up projection (backward runs it again: one NF4 GEMM, two with dropout); ``"gate_up"`` (or
     ``True``) nothing of gate and up."""
-    from peftfast.ops.lora import draw_seed, seed_tensor
     from peftfast.ops.mlp import GATE_ACTS, recompute_mode
 
     label = name or "nf4_dora_mlp"
@@ -902,25 +902,7 @@ def nf4_dora_mlp(x: torch.Tensor, gate: NF4DoRAProj, up: NF4DoRAProj, down: NF4D
         raise ValueError(f"peftfast: {label}: unknown gate activation {act!r}; choose one of {list(GATE_ACTS)}")
     mode = recompute_mode(recompute, label)
     be = _backend_for(backend, x.device)
-    registered = _registered(be, x.device)
-    flat, meta, seed_args = [], [], []
-    for what, (q, absmax, bs, bias, a, b_mat, scale, mag, p), seed in zip(("gate", "up", "down"), (gate, up, down),
-                                                                           seeds):
-        k = q.shape[1] * 2 if q.dim() == 2 else 0
-        xin = x if what != "down" else x.new_empty((0, k))  # only its features, dtype and device are checked
-        am, code2, scale2, offset = _check_args(xin, q, absmax, bs, a, b_mat, p, f"{label} {what}")
-        if mag.shape != (q.shape[0],) or mag.device != x.device:
-            raise ValueError(f"peftfast: {label}: {what} DoRA magnitude has shape {tuple(mag.shape)} on {mag.device}, "
-                             f"expected ({q.shape[0]},) on {x.device}")
-        flat += [bias, mag, a, b_mat, q, am, code2, scale2, offset]
-        if registered:
-            seed_args.append(seed_tensor(seed, x.device, float(p)))
-        else:
-            seed_args.append(int(seed) if seed is not None else draw_seed(x.device) if p > 0.0 else 0)
-        meta.append((float(scale), float(p), int(bs)))
-    if gate[0].shape[0] != up[0].shape[0] or down[0].shape[1] * 2 != gate[0].shape[0]:
-        raise ValueError(f"peftfast: {label}: NF4 widths do not chain: gate {gate[0].shape[0]}, up {up[0].shape[0]}, "
-                         f"down input {down[0].shape[1] * 2}")
+    flat, meta, seed_args = _mlp_projections(x, label, (gate, up, down), seeds, be, dora=True)
     return _NF4DoRAMLPFunction.apply(x, act, tuple(meta), be, int(chunk), mode, *flat, *seed_args)
 
 
