@@ -392,7 +392,7 @@ def test_bad_inputs_leave_the_model_untouched() -> None:
 @pytest.mark.parametrize("peft_bnb_class", [False, True])
 @pytest.mark.parametrize("nested", [False, True])
 def test_peft_over_bitsandbytes_linear4bit_runs_fused(nested: bool, peft_bnb_class: bool) -> None:
-    bnb = pytest.importorskip("bitsandbytes")
+    import bitsandbytes as bnb  # a dev dependency: missing, this fails rather than skips
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(9)
@@ -647,8 +647,9 @@ def test_mlp_mixing_nf4_and_plain_bases_runs_layer_by_layer_with_reason() -> Non
 def _bnb_dora(k: int, n: int, r: int, *, p: float = 0.0, nested: bool = False, bias: bool = True,
               dtype: torch.dtype = torch.float32, lora_dtype: torch.dtype | None = None, seed: int = 0):
     """A PEFT DoRA adapter (``use_dora=True``) over one bitsandbytes NF4 ``Linear4bit`` [k -> n] on CPU, with a
-    non-zero lora_B and a magnitude moved off its initial ‖W‖ (else DoRA starts as the identity)."""
-    bnb = pytest.importorskip("bitsandbytes")
+    non-zero lora_B and a magnitude moved off its initial ‖W‖ (else DoRA starts as the identity). bitsandbytes is a
+    dev dependency: a missing one fails here rather than skipping."""
+    import bitsandbytes as bnb
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(seed)
@@ -832,7 +833,7 @@ def test_qdora_model_runs_every_layer_fused(p: float) -> None:
     """A tiny Llama on bitsandbytes NF4 bases with DoRA adapters, without and with dropout: the patched model's loss
     and every trainable gradient match PEFT's (its dropout replaying the fused masks), every LoRA layer runs fused
     and the MLP on the QDoRA MLP op."""
-    bnb = pytest.importorskip("bitsandbytes")
+    import bitsandbytes as bnb
     from _models import clone, use_shared_seed_dropout
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
