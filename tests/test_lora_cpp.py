@@ -323,3 +323,14 @@ def test_direct_call_is_seen_by_dispatch_modes_and_steps_aside_without_grad():
     with torch.no_grad():
         (y,) = lora_linear_group(x, ws, bs, as_, bms, scales[:1], backend="cpp")
     assert y.grad_fn is None
+
+
+@needs_ext
+def test_registered_ops_that_cuda_paths_call_have_cuda_kernels():
+    """The Triton (CUDA) implementations registered for the C++-declared ops the CUDA paths call through the
+    dispatcher: the LoRA group, the NF4 LoRA linear, and the keep-mask that DoRA with dropout (QDoRA's NF4 path
+    included) rebuilds its dropped input from (it had none: such a call on CUDA would have failed)."""
+    import peftfast.ops.nf4  # noqa: F401  (registers the NF4 ops' CUDA implementations)
+
+    for op in ("lora_group_fwd", "lora_group_bwd", "dropout_keep_mask", "nf4_lora_fwd", "nf4_lora_bwd"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"peftfast::{op}", "CUDA"), op

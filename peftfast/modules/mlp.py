@@ -228,19 +228,23 @@ class MLPState(Tallied):
     previous_forward: object | None
     recompute: str = "none"  # what backward rebuilds instead of keeping (peftfast.ops.mlp.MLP_RECOMPUTE)
     frozen: bool = False  # plain frozen projections (the frozen-MLP op), not patched LoRA layers
-    packed: bool = False  # one gate_up_proj (Phi-3, GLM): the packed LoRA-MLP op
+    layout: PackedLayout | None = None  # a packed gated MLP's child names (the packed LoRA-MLP op), found at install
     fused_calls: int = 0
     fallbacks: Counter = field(default_factory=Counter)  # block-level reasons (the projections still run fused)
     deferred: Counter = field(default_factory=Counter)  # adapter states the LoRA layers themselves report
     zero3_params: list | None = None  # the projections' parameters, registered with DeepSpeed on the MLP (ZeRO-3)
     zero3_hook: object | None = None
 
+    @property
+    def packed(self) -> bool:
+        return self.layout is not None
 
-def _plan(module: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict, projs: tuple = _PROJ,
-          packed: bool = False):
-    """The projections' plans (``projs``: the three of a gated MLP, or gate_up/down of a packed one, ``packed``), or
-    (kind, reason): kind "fallback" is a block-level reason, "defer" an adapter state (disabled, merged, several
-    active) that the projections handle and report themselves."""
+
+def _plan(module: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict, projs: tuple = _PROJ):
+    """The projections' plans (``projs``: the three of a gated MLP, or gate_up/down of a packed one), or (kind,
+    reason): kind "fallback" is a block-level reason, "defer" an adapter state (disabled, merged, several active)
+    that the projections handle and report themselves."""
+    packed = len(projs) == 2
     if args or kwargs:
         return "fallback", "extra forward arguments"
     nf4 = [nf4_mod.is_nf4_lora(getattr(module, p)) for p in projs]
@@ -370,14 +374,14 @@ def packed_mlp_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs) -> tor
     """Drop-in ``forward`` for a packed gated MLP (``gate_up_proj``, Phi-3 / GLM; ModernBERT's ``Wi``/``Wo``) whose
     projections are patched LoRA layers (bound by ``patch``)."""
     st: MLPState = self._peftfast_mlp
-    lay = packed_layout(self)
-    drop = getattr(self, lay.drop) if lay is not None and lay.drop is not None else None
-    if lay is None:
-        plans = ("fallback", "its packed projections were replaced")
+    lay = st.layout
+    drop = self._modules.get(lay.drop) if lay.drop is not None else None
+    if any(p not in self._modules for p in lay.projs):
+        plans = ("fallback", "its packed projections were removed")
     elif isinstance(drop, nn.Dropout) and drop.training and drop.p > 0:
         plans = ("fallback", f"{lay.drop} drops its input (p={drop.p}): the packed op has no dropout there")
     else:
-        plans = _plan(self, x, args, kwargs, lay.projs, packed=True)
+        plans = _plan(self, x, args, kwargs, lay.projs)
     if isinstance(plans, tuple):
         kind, reason = plans
         tally(st.tally_key, "fallbacks" if kind == "fallback" else "deferred", reason)
@@ -431,7 +435,7 @@ def install(module: nn.Module, name: str, backend: str, recompute: str = "none",
         _zero3_register_hook(module, ())
         return
     st = MLPState(name=name, backend=backend, previous_forward=None, recompute=recompute, frozen=frozen,
-                  packed=packed)
+                  layout=packed_layout(module) if packed else None)
     forward = packed_mlp_forward if packed else frozen_mlp_forward if frozen else fused_mlp_forward
     bind_forward(module, "_peftfast_mlp", st, forward)
     if lora_mod._HAS_DEEPSPEED:  # see _zero3_register_hook
@@ -446,7 +450,8 @@ def uninstall(module: nn.Module) -> None:
 
 
 def _projs_of(module: nn.Module) -> tuple:
-    lay = packed_layout(module)
+    st = module.__dict__.get("_peftfast_mlp")
+    lay = st.layout if st is not None else packed_layout(module)
     return lay.projs if lay is not None else _PROJ
 
 

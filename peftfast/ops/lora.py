@@ -100,19 +100,28 @@ def dropout_keep_mask(seed: int, nseg: int, m: int, k: int, p: float, *, device,
     return out.bool()
 
 
+def regenerated_keep_masks(seed: int | torch.Tensor, nseg: int, x2d: torch.Tensor, p: float,
+                           backend: str) -> torch.Tensor:
+    """The ``[nseg, M, K]`` keep-masks a fused op on ``x2d`` drew for ``seed``, for a caller that needs the dropped
+    input itself (DoRA with dropout). The seed's form says which path drew them: the registered ops' one-element
+    tensor (read inside the op: no host sync, a traced op under ``torch.compile``), else an int."""
+    m, k = x2d.shape
+    if isinstance(seed, torch.Tensor):
+        return torch.ops.peftfast.dropout_keep_mask(x2d.new_empty((0,)), seed, nseg, m, k, float(p))
+    return dropout_keep_mask(seed, nseg, m, k, p, device=x2d.device, backend=backend)
+
+
 def seeded_keep_mask(seed: int | torch.Tensor | None, x2d: torch.Tensor, p: float, backend: str, *,
                      tensor_seed: bool) -> tuple[int | torch.Tensor, torch.Tensor]:
-    """``(seed, keep)``: the seed drawn where None (``tensor_seed``: the registered ops' one-element tensor, a traced
-    op under ``torch.compile``; else an int) and the ``[M, K]`` keep-mask a fused op on ``x2d`` draws for it
-    (segment 0), for a caller that needs the dropped input itself (DoRA with dropout)."""
-    m, k = x2d.shape
+    """``(seed, keep)``: the seed drawn where None, as a registered op's tensor (``tensor_seed``) or an int, and the
+    ``[M, K]`` keep-mask (segment 0) of :func:`regenerated_keep_masks`."""
     if tensor_seed:
         seed = seed_tensor(seed, x2d.device, p)
-        return seed, torch.ops.peftfast.dropout_keep_mask(x2d.new_empty((0,)), seed, 1, m, k, float(p))[0]
-    if isinstance(seed, torch.Tensor):
-        seed = int(seed.reshape(-1)[0].item())
-    seed = draw_seed(x2d.device) if seed is None else int(seed)
-    return seed, dropout_keep_mask(seed, 1, m, k, p, device=x2d.device, backend=backend)[0]
+    else:
+        if isinstance(seed, torch.Tensor):
+            seed = int(seed.reshape(-1)[0].item())
+        seed = draw_seed(x2d.device) if seed is None else int(seed)
+    return seed, regenerated_keep_masks(seed, 1, x2d, p, backend)[0]
 
 
 def triton_cdiv(a: int, b: int) -> int:
@@ -560,6 +569,9 @@ def _register() -> None:
     _LIB = torch.library.Library("peftfast", "IMPL")
     _LIB.impl("lora_group_fwd", _fwd_cuda, "CUDA")
     _LIB.impl("lora_group_bwd", _bwd_cuda, "CUDA")
+    # the Triton mask kernel (the masks the Triton LoRA kernels draw): DoRA with dropout rebuilds x_d through this op
+    _LIB.impl("dropout_keep_mask", lambda like, seed, nseg, m, k, p: dropout_keep_mask(
+        int(seed.item()), nseg, m, k, p, device=like.device, backend="triton"), "CUDA")
     torch.library.register_fake("peftfast::lora_group_fwd")(_fwd_fake)
     torch.library.register_fake("peftfast::lora_group_bwd")(_bwd_fake)
     torch.library.register_fake("peftfast::dropout_keep_mask")(

@@ -36,9 +36,9 @@ from peftfast.ops.lora import (
     _TritonImpl,
     dense_strategy,
     draw_seed,
-    dropout_keep_mask,
     group_backward,
     group_forward,
+    regenerated_keep_masks,
     seed_tensor,
 )
 
@@ -649,16 +649,6 @@ class _DoRAMLPFunction(torch.autograd.Function):
                 dmag_u, dmag_d, *grads_gu, *grads_d)
 
 
-def _keep_masks(seed, nseg: int, x2d: torch.Tensor, p: float, backend: str) -> torch.Tensor:
-    """The ``[nseg, M, K]`` boolean keep-masks that :func:`group_forward` draws for ``seed`` on ``backend`` (the
-    registered op's tensor seed on the cpp path), regenerated: a DoRA projection with dropout needs its dropped
-    input ``x_d`` itself, not only ``x_d Aᵀ``."""
-    m, k = x2d.shape
-    if backend == "cpp":
-        return torch.ops.peftfast.dropout_keep_mask(x2d.new_empty((0,)), seed, nseg, m, k, float(p))
-    return dropout_keep_mask(int(seed), nseg, m, k, p, device=x2d.device, backend=backend)
-
-
 def _dropped(x2d: torch.Tensor, keep: torch.Tensor, p: float) -> torch.Tensor:
     return x2d * keep * (1.0 / (1.0 - p))
 
@@ -711,7 +701,7 @@ class _DoRADropoutMLPFunction(torch.autograd.Function):
         mags = [m / n.to(m.dtype) for m, n in zip((mag_g, mag_u, mag_d), norms)]
         r = as_[0].shape[0]
         (y1_g, y1_u), xa_gu = group_forward(x2d, s_gu, p_gu, seed_gu, backend, 2, flat_gu)
-        keep = _keep_masks(seed_gu, 2, x2d, p_gu, backend)
+        keep = regenerated_keep_masks(seed_gu, 2, x2d, p_gu, backend)
         z_g, z_u = (_rebuild_proj(_dropped(x2d, keep[i], p_gu), xa_gu[:, i * r:(i + 1) * r], ws[i], None, None,
                                   bms[i], s_gu[i], backend) for i in (0, 1))
         del keep
@@ -719,8 +709,9 @@ class _DoRADropoutMLPFunction(torch.autograd.Function):
         del y1_g, y1_u
         h = act_mul(g, u, act, backend)
         (y1_d,), xa_d = group_forward(h, s_d, p_d, seed_d, backend, 1, flat_d)
-        z_d = _rebuild_proj(_dropped(h, _keep_masks(seed_d, 1, h, p_d, backend)[0], p_d), xa_d, ws[2], None, None,
-                            bms[2], s_d[0], backend)
+        keep_d = regenerated_keep_masks(seed_d, 1, h, p_d, backend)[0]
+        z_d = _rebuild_proj(_dropped(h, keep_d, p_d), xa_d, ws[2], None, None, bms[2], s_d[0], backend)
+        del keep_d
         del h
         y = _dora_drop_out(y1_d, z_d, mags[2], bd, x.dtype)
         kept = {"gate_up": (), "up": (g,), "none": (g, u)}[recompute]
@@ -758,7 +749,7 @@ class _DoRADropoutMLPFunction(torch.autograd.Function):
         del z_d
         h = act_mul(g, u, act, backend)
         dh, grads_d = group_backward(h, xa_d, flat_d, s_d, p_d, seed_d, backend, 1, True, flat_need[10:], [dy2])
-        keep_d = _keep_masks(seed_d, 1, h, p_d, backend)[0]
+        keep_d = regenerated_keep_masks(seed_d, 1, h, p_d, backend)[0]
         dhd, grads_dd = group_backward(_dropped(h, keep_d, p_d), xa_d, flat_d, s_d, 0.0, 0, backend, 1, True,
                                        flat_need[10:], [dz_d])
         del h, dz_d
@@ -774,7 +765,7 @@ class _DoRADropoutMLPFunction(torch.autograd.Function):
                                       flat_need[:10], [dg, du])
         del dg, du
         grads_gu = list(grads_gu)
-        keep = _keep_masks(seed_gu, 2, x2d, p_gu, backend)
+        keep = regenerated_keep_masks(seed_gu, 2, x2d, p_gu, backend)
         for i, dz in ((0, dz_g), (1, dz_u)):
             flat_i = [flat_gu[i], None, None, flat_gu[6 + i], flat_gu[8 + i]]
             need_i = [False, False, False, flat_need[6 + i], flat_need[8 + i]]

@@ -740,12 +740,9 @@ def _mlp_projections(x: torch.Tensor, label: str, projs: tuple, seeds: tuple, be
 # ----------------------------------------------------------------------------------------------------------------
 def _keep_mask(seed, x2d: torch.Tensor, p: float, backend: str) -> torch.Tensor:
     """The ``[M, K]`` keep-mask the NF4 LoRA op draws for ``seed`` (segment 0), regenerated."""
-    from peftfast.ops.lora import dropout_keep_mask
+    from peftfast.ops.lora import regenerated_keep_masks
 
-    m, k = x2d.shape
-    if _registered(backend, x2d.device):
-        return torch.ops.peftfast.dropout_keep_mask(x2d.new_empty((0,)), seed, 1, m, k, float(p))[0]
-    return dropout_keep_mask(int(seed), 1, m, k, p, device=x2d.device, backend=backend)[0]
+    return regenerated_keep_masks(seed, 1, x2d, p, backend)[0]
 
 
 def _plain_fwd(backend, x2d, q, absmax, a, b_mat, scale, p, seed, bs, chunk):
