@@ -667,13 +667,9 @@ def _dora_drop_out(y1: torch.Tensor, z: torch.Tensor, mag: torch.Tensor, bias: t
 
 def _dora_drop_grads(dy: torch.Tensor, z: torch.Tensor, mag: torch.Tensor, norm: torch.Tensor,
                      magnitude: torch.Tensor, bias: torch.Tensor | None, need_mag: bool, need_b: bool) -> tuple:
-    """(dz, dmagnitude, dbias) of :func:`_dora_drop_out` (y₁'s gradient is ``dy`` itself), the norm detached."""
-    ct = torch.promote_types(torch.promote_types(z.dtype, mag.dtype), dy.dtype)
-    dyc = dy.to(ct)
-    dz = (dyc * (mag.to(ct) - 1)).to(z.dtype)
-    dmag = (dyc * z.to(ct)).sum(0).to(magnitude.dtype) / norm.to(magnitude.dtype) if need_mag else None
-    db = dyc.sum(0).to(bias.dtype) if need_b and bias is not None else None
-    return dz, dmag, db
+    """(dz, dmagnitude, dbias) of :func:`_dora_drop_out` (y₁'s gradient is ``dy`` itself), the norm detached: those
+    of ``mag ⊙ z + b`` with ``mag − 1`` scaling z (the magnitude's and the bias's gradients do not depend on it)."""
+    return _dora_grads(dy, z, mag - 1, norm, magnitude, bias, need_mag, need_b)
 
 
 def _plus(a, b):
