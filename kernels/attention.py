@@ -12,7 +12,9 @@
                                             written by the dQ kernel to a dense fp32 [B, HQ, SQ, SK] buffer
 
     s = scale · q kᵀ;  s = c · tanh(s / c) with a softcap c;  s = s + bias;  masks: causal aligned bottom-right
-    (key j ≤ query i + SK − SQ), sliding window (key j > i + SK − SQ − W), segments;  p = softmax(s)
+    (key j ≤ query i + SK − SQ), sliding window (i' = i + SK − SQ: key j > i' − W before the query and
+    j < i' + WR after it; one-sided windows pass WR = SQ + SK, ModernBERT's bidirectional one WR = W), segments;
+    p = softmax(s)
     with dropout: o = (p ⊙ keep / (1 − p_drop)) v, keep regenerated from (seed, b, h, i, j) by Philox
 
     backward (FA2): Δ = rowsum(dO ⊙ O);  dP = dO vᵀ (dropout-masked);  dS = P ⊙ (dP − Δ) (= dbias; then ⊙ softcap
@@ -25,7 +27,8 @@ caller's tensor, read per tile: T5 shares one [1, H, S, S] bias across its layer
 S × S probabilities, their dropout mask and the dropped copy per layer). Fully
 masked query rows give 0, not NaN. fp32 softmax statistics and accumulation; int64 offsets.
 
-Work: tiles outside the causal / window band are never visited; with segment ids, neither are tiles outside
+Work: tiles outside the causal / window band (both sides of a bidirectional window) are never visited; with
+segment ids, neither are tiles outside
 krange [B, cdiv(SQ, BLOCK_M), 2] (per query block: the hull [lo, hi) of the key positions its queries can see) and
 qrange [B, cdiv(SK, BLOCK_N), 2] (per key block: the hull of the queries that can see it), which the launcher
 derives from the ids: packed rows skip the other documents' tiles, padded rows the padding's.
@@ -42,8 +45,8 @@ def _tanh(x):
 
 @triton.jit
 def _scores(q, k_t, offs_m, offs_n, qs, kseg_row_ptr, bias_bh_ptr, sbm, sbn, SQ, SK, OFFSET, scale, softcap, window,
-            IS_CAUSAL: tl.constexpr, HAS_SEG: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-            HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr):
+            window_right, IS_CAUSAL: tl.constexpr, HAS_SEG: tl.constexpr, HAS_WINDOW: tl.constexpr,
+            HAS_SOFTCAP: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Masked scores [BLOCK_M, BLOCK_N] (−inf where masked) and, with a softcap, tanh(raw / c) for backward."""
     s = tl.dot(q, k_t, input_precision=DOT_PRECISION) * scale
     t = s
@@ -58,6 +61,7 @@ def _scores(q, k_t, offs_m, offs_n, qs, kseg_row_ptr, bias_bh_ptr, sbm, sbn, SQ,
         ok = ok & (offs_n[None, :] <= offs_m[:, None] + OFFSET)
     if HAS_WINDOW:
         ok = ok & (offs_n[None, :] > offs_m[:, None] + OFFSET - window)
+        ok = ok & (offs_n[None, :] < offs_m[:, None] + OFFSET + window_right)
     if HAS_SEG:
         ks = tl.load(kseg_row_ptr + offs_n, mask=offs_n < SK, other=-1)
         ok = ok & ((ks[None, :] == qs[:, None]) | (ks[None, :] == -2))
@@ -71,7 +75,7 @@ def _keep(seed, bh, offs_m, offs_n, SQ, SK, p_drop):
 
 
 @triton.jit
-def _kv_range(start_m, SQ, SK, OFFSET, window, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+def _kv_range(start_m, SQ, SK, OFFSET, window, window_right, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Key blocks a query block can see (masked blocks outside it are skipped)."""
     lo = 0
@@ -81,6 +85,7 @@ def _kv_range(start_m, SQ, SK, OFFSET, window, IS_CAUSAL: tl.constexpr, HAS_WIND
     if HAS_WINDOW:
         lo = tl.maximum(0, start_m + OFFSET - window + 1)
         lo = (lo // BLOCK_N) * BLOCK_N
+        hi = tl.minimum(hi, start_m + BLOCK_M - 1 + OFFSET + window_right)
     return lo, hi
 
 
@@ -103,7 +108,7 @@ def _attn_fwd_kernel(
     o_ptr, sob, som, soh, sod,
     lse_ptr, qseg_ptr, kseg_ptr, krange_ptr,
     bias_ptr, sbb, sbh, sbm, sbn,
-    SQ, SK, HQ, GROUP, D, scale, softcap, window, seed, p_drop,
+    SQ, SK, HQ, GROUP, D, scale, softcap, window, window_right, seed, p_drop,
     IS_CAUSAL: tl.constexpr, HAS_SEG: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -130,7 +135,7 @@ def _attn_fwd_kernel(
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-    lo, hi = _kv_range(start_m, SQ, SK, OFFSET, window, IS_CAUSAL, HAS_WINDOW, BLOCK_M, BLOCK_N)
+    lo, hi = _kv_range(start_m, SQ, SK, OFFSET, window, window_right, IS_CAUSAL, HAS_WINDOW, BLOCK_M, BLOCK_N)
     if HAS_SEG:
         lo, hi = _segment_range(krange_ptr, b, lo, hi, BLOCK_N)
     for start_n in range(lo, hi, BLOCK_N):
@@ -139,7 +144,7 @@ def _attn_fwd_kernel(
         k_t = tl.load(k_base + offs_n[None, :].to(tl.int64) * skn + offs_d[:, None] * skd,
                       mask=n_ok[None, :] & d_ok[:, None], other=0.0)
         s, _ = _scores(q, k_t, offs_m, offs_n, qs, kseg_row, bias_bh, sbm, sbn, SQ, SK, OFFSET, scale, softcap, window,
-                       IS_CAUSAL, HAS_SEG, HAS_WINDOW, HAS_SOFTCAP, HAS_BIAS, DOT_PRECISION)
+                       window_right, IS_CAUSAL, HAS_SEG, HAS_WINDOW, HAS_SOFTCAP, HAS_BIAS, DOT_PRECISION)
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.exp(s - m_safe[:, None])
@@ -169,7 +174,7 @@ def _attn_bwd_dkdv_kernel(
     dv_ptr, sdvb, sdvh, sdvn, sdvd,
     lse_ptr, delta_ptr, qseg_ptr, kseg_ptr, qrange_ptr,
     bias_ptr, sbb, sbh, sbm, sbn,
-    SQ, SK, HQ, HK, GROUP, D, scale, softcap, window, seed, p_drop,
+    SQ, SK, HQ, HK, GROUP, D, scale, softcap, window, window_right, seed, p_drop,
     IS_CAUSAL: tl.constexpr, HAS_SEG: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -199,9 +204,10 @@ def _attn_bwd_dkdv_kernel(
     m_hi = SQ
     if IS_CAUSAL:
         m_lo = tl.maximum(0, start_n - OFFSET)
-        m_lo = (m_lo // BLOCK_M) * BLOCK_M
     if HAS_WINDOW:
         m_hi = tl.minimum(SQ, start_n + BLOCK_N - OFFSET + window)
+        m_lo = tl.maximum(m_lo, start_n - OFFSET - window_right + 1)
+    m_lo = (m_lo // BLOCK_M) * BLOCK_M
     if HAS_SEG:
         m_lo, m_hi = _segment_range(qrange_ptr, b, m_lo, m_hi, BLOCK_M)
     for g in range(0, GROUP):
@@ -222,7 +228,7 @@ def _attn_bwd_dkdv_kernel(
             if HAS_SEG:
                 qs = tl.load(qseg_ptr + b.to(tl.int64) * SQ + offs_m, mask=m_ok, other=-3)
             s, t = _scores(q, k_t, offs_m, offs_n, qs, kseg_row, bias_bh, sbm, sbn, SQ, SK, OFFSET, scale, softcap,
-                           window, IS_CAUSAL, HAS_SEG, HAS_WINDOW, HAS_SOFTCAP, HAS_BIAS, DOT_PRECISION)
+                           window, window_right, IS_CAUSAL, HAS_SEG, HAS_WINDOW, HAS_SOFTCAP, HAS_BIAS, DOT_PRECISION)
             p = tl.exp(s - lse[:, None])
             dp = tl.dot(do, v_t, input_precision=DOT_PRECISION)
             if HAS_DROPOUT:
@@ -251,7 +257,7 @@ def _attn_bwd_dq_kernel(
     dq_ptr, sdqb, sdqh, sdqm, sdqd,
     lse_ptr, delta_ptr, qseg_ptr, kseg_ptr, krange_ptr,
     bias_ptr, sbb, sbh, sbm, sbn, dbias_ptr,
-    SQ, SK, HQ, GROUP, D, scale, softcap, window, seed, p_drop,
+    SQ, SK, HQ, GROUP, D, scale, softcap, window, window_right, seed, p_drop,
     IS_CAUSAL: tl.constexpr, HAS_SEG: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DBIAS: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -283,7 +289,7 @@ def _attn_bwd_dq_kernel(
     kseg_row = kseg_ptr + b.to(tl.int64) * SK
     bias_bh = bias_ptr + b.to(tl.int64) * sbb + h.to(tl.int64) * sbh
     dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-    lo, hi = _kv_range(start_m, SQ, SK, OFFSET, window, IS_CAUSAL, HAS_WINDOW, BLOCK_M, BLOCK_N)
+    lo, hi = _kv_range(start_m, SQ, SK, OFFSET, window, window_right, IS_CAUSAL, HAS_WINDOW, BLOCK_M, BLOCK_N)
     if HAS_SEG:
         lo, hi = _segment_range(krange_ptr, b, lo, hi, BLOCK_N)
     for start_n in range(lo, hi, BLOCK_N):
@@ -294,7 +300,8 @@ def _attn_bwd_dq_kernel(
         v_t = tl.load(v_base + offs_n[None, :].to(tl.int64) * svn + offs_d[:, None] * svd,
                       mask=n_ok[None, :] & d_ok[:, None], other=0.0)
         s, t = _scores(q, tl.trans(k), offs_m, offs_n, qs, kseg_row, bias_bh, sbm, sbn, SQ, SK, OFFSET, scale,
-                       softcap, window, IS_CAUSAL, HAS_SEG, HAS_WINDOW, HAS_SOFTCAP, HAS_BIAS, DOT_PRECISION)
+                       softcap, window, window_right, IS_CAUSAL, HAS_SEG, HAS_WINDOW, HAS_SOFTCAP, HAS_BIAS,
+                       DOT_PRECISION)
         p = tl.exp(s - lse[:, None])
         dp = tl.dot(do, v_t, input_precision=DOT_PRECISION)
         if HAS_DROPOUT:

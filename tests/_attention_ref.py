@@ -3,9 +3,11 @@
 import torch
 
 
-def reference_attention(q, k, v, causal, scale, softcap, window, qseg, kseg, dtype=None, bias=None):
+def reference_attention(q, k, v, causal, scale, softcap, window, qseg, kseg, dtype=None, bias=None,
+                        window_right=None):
     """q [B, HQ, SQ, D], k/v [B, HK, SK, D] → [B, SQ, HQ, D], computed in ``dtype`` (default: the inputs'); ``bias``
-    is added to the (softcapped) scores."""
+    is added to the (softcapped) scores; ``window`` bounds the keys before the query (j > i - window),
+    ``window_right`` those after it (j < i + window_right)."""
     if dtype is not None:
         q, k, v = (t.to(dtype) for t in (q, k, v))
         bias = None if bias is None else bias.to(dtype)
@@ -24,6 +26,8 @@ def reference_attention(q, k, v, causal, scale, softcap, window, qseg, kseg, dty
         ok &= j <= i
     if window:
         ok &= j > i - window
+    if window_right:
+        ok &= j < i + window_right
     ok = ok[None, None]
     if qseg is not None:
         ok = ok & ((kseg[:, None, None, :] == qseg[:, None, :, None]) | (kseg[:, None, None, :] == -2))

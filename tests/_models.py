@@ -150,6 +150,18 @@ def phi(hidden: int = 32, layers: int = 2, **overrides) -> nn.Module:
     return PhiForCausalLM(PhiConfig(**{**kw, **overrides}))
 
 
+def falcon(hidden: int = 32, layers: int = 2, **overrides) -> nn.Module:
+    """FalconForCausalLM (Falcon-7B layout): ``FalconLinear`` projections (the bias added after the product), fused
+    query_key_value with multi-query attention, attention and a two-layer MLP in parallel off one LayerNorm."""
+    from transformers import FalconConfig, FalconForCausalLM
+
+    kw = dict(vocab_size=VOCAB, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
+              multi_query=True, parallel_attn=True, new_decoder_architecture=False, bias=True, alibi=False,
+              max_position_embeddings=64, attention_dropout=0.0, hidden_dropout=0.0, bos_token_id=0,
+              eos_token_id=1, tie_word_embeddings=False, attn_implementation="eager")
+    return FalconForCausalLM(FalconConfig(**{**kw, **overrides}))
+
+
 def bert(hidden: int = 32, layers: int = 2, **overrides) -> nn.Module:
     """BertForMaskedLM (query/key/value form a sibling group)."""
     from transformers import BertConfig, BertForMaskedLM
@@ -208,7 +220,7 @@ def bart(hidden: int = 32, layers: int = 2, **overrides) -> nn.Module:
 BUILDERS: dict[str, Callable[..., nn.Module]] = {
     "llama": llama, "mistral": mistral, "qwen2": qwen2, "qwen3": qwen3, "gemma": gemma, "gemma2": gemma2,
     "gemma3": gemma3, "phi3": phi3, "glm": glm, "glm4": glm4, "gpt2": gpt2, "bert": bert, "roberta": roberta, "t5": t5,
-    "bart": bart, "gpt_neox": gpt_neox, "phi": phi, "modernbert": modernbert,
+    "bart": bart, "gpt_neox": gpt_neox, "phi": phi, "falcon": falcon, "modernbert": modernbert,
 }
 SEQ2SEQ_ARCHS = ("t5", "bart")
 

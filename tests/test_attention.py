@@ -60,20 +60,28 @@ def _grads(fn, leaves, g):
     return [o.detach().double()] + [t.grad.double() for t in leaves]
 
 
+def _sides(window) -> dict:
+    """A case's window: an int bounds the keys before the query, (left, right) both sides (either may be None)."""
+    left, right = window if isinstance(window, tuple) else (window, None)
+    return dict(window=left, window_right=right)
+
+
 def _check(backend, b, hq, hk, sq, sk, d, causal, softcap=None, window=None, seg=None, dtype=torch.float32):
     q, k, v, qseg, kseg = _make(b, hq, hk, sq, sk, d, dtype, seg)
     scale = 1 / math.sqrt(d)
     g = torch.randn(b, sq, hq, d).to(dtype)
-    got = _grads(lambda: flash_attention(q, k, v, causal=causal, scale=scale, softcap=softcap, window=window,
-                                         qseg=qseg, kseg=kseg, backend=backend), [q, k, v], g)
+    w = _sides(window)
+    got = _grads(lambda: flash_attention(q, k, v, causal=causal, scale=scale, softcap=softcap, qseg=qseg, kseg=kseg,
+                                         backend=backend, **w), [q, k, v], g)
     rq, rk, rv = (t.detach().double().requires_grad_() for t in (q, k, v))
-    ref = _grads(lambda: _reference(rq, rk, rv, causal, scale, softcap, window, qseg, kseg), [rq, rk, rv],
-                 g.double())
+    ref = _grads(lambda: _reference(rq, rk, rv, causal, scale, softcap, w["window"], qseg, kseg,
+                                    window_right=w["window_right"]), [rq, rk, rv], g.double())
     if dtype == torch.float32:
         for a, r in zip(got, ref):
             assert (a - r).abs().max() <= 2e-5 * r.abs().max().clamp_min(1.0)
         return
-    eager = _grads(lambda: _reference(q, k, v, causal, scale, softcap, window, qseg, kseg), [q, k, v], g)
+    eager = _grads(lambda: _reference(q, k, v, causal, scale, softcap, w["window"], qseg, kseg,
+                                      window_right=w["window_right"]), [q, k, v], g)
     for a, e, r in zip(got, eager, ref):
         assert (a - r).abs().max() <= 2 * (e - r).abs().max() + 1e-3
 
@@ -93,6 +101,12 @@ CASES = [  # b, hq, hk, sq, sk, d, causal, softcap, window, seg
     (2, 2, 1, 97, 97, 16, True, None, None, "mixed"),
     (2, 2, 2, 83, 83, 16, False, None, None, "mixed"),  # bidirectional: later documents' tiles skipped too
     (1, 2, 1, 61, 61, 16, True, None, 9, "mixed"),
+    # bidirectional windows (ModernBERT's local layers: |i - j| < w), several tiles on each side of the band
+    (1, 2, 1, 53, 53, 16, False, None, (5, 5), None),
+    (2, 2, 2, 45, 45, 16, False, None, (9, 9), "mixed"),
+    (1, 2, 2, 29, 29, 32, False, 10.0, (4, 7), "padding"),  # asymmetric, softcap
+    (2, 2, 1, 9, 30, 16, False, None, (6, 3), "prefix"),  # fewer queries than keys: i' = i + 21
+    (1, 2, 2, 40, 40, 16, False, None, (None, 3), None),  # the keys after the query bounded only
 ]
 
 
@@ -278,6 +292,33 @@ def test_triton_kernels_skip_the_tiles_no_query_of_a_block_can_see(layout):
     _poisoned_halves(layout, "triton")
 
 
+@pytest.mark.parametrize("poisoned", ["after", "before"])
+def test_triton_kernels_skip_the_tiles_outside_a_bidirectional_window(poisoned):
+    """64 positions in 16-wide tiles, a window of 5 on both sides (|i - j| < 5). With the last tile's q, k, v NaN,
+    the outputs, dQ, dK and dV of the first tile stay finite and equal to a clean run's: its query block never
+    visits that tile's keys (after the band) forward or in dQ. With the first tile NaN, the same holds for the last
+    tile, whose key block never visits the first tile's queries (before the band) in dK/dV. Tiles in between see the
+    NaN legitimately and spread it to their neighbours' partial sums, so only the far tiles are checked."""
+    assert _tiles_in_interpreter() == 16
+    s = 64
+    bad, mine = (slice(48, 64), slice(0, 16)) if poisoned == "after" else (slice(0, 16), slice(48, 64))
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 2, s, 16, generator=g) for _ in range(3))
+    grad = torch.randn(1, s, 2, 16, generator=g)
+    kw = dict(causal=False, window=5, window_right=5, backend="triton")
+    clean = [t.clone().requires_grad_() for t in (q, k, v)]
+    want = _grads(lambda: flash_attention(*clean, **kw), clean, grad)
+    dirty = [t.clone() for t in (q, k, v)]
+    for t in dirty:
+        t[:, :, bad] = float("nan")
+    dirty = [t.requires_grad_() for t in dirty]
+    got = _grads(lambda: flash_attention(*dirty, **kw), dirty, grad)
+    pairs = [(got[0][:, mine], want[0][:, mine])] + [(a[:, :, mine], r[:, :, mine]) for a, r in zip(got[1:], want[1:])]
+    for a, r in pairs:
+        assert torch.isfinite(a).all()
+        assert (a - r).abs().max() <= 1e-6 * r.abs().max().clamp_min(1.0)
+
+
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c)))
 def test_aten_path_in_small_chunks_matches_reference(case, monkeypatch):
     """The ATen path over chunks of 8 query rows, each against only the keys it can see (causal, window and segment
@@ -286,7 +327,7 @@ def test_aten_path_in_small_chunks_matches_reference(case, monkeypatch):
     _check("torch", *case)
     b, hq, hk, sq, sk, d, causal, softcap, window, seg = case
     q, k, v, qseg, kseg = _make(b, hq, hk, sq, sk, d, torch.float32, seg)
-    kw = dict(causal=causal, softcap=softcap, window=window, qseg=qseg, kseg=kseg, dropout_p=0.2, seed=5,
+    kw = dict(causal=causal, softcap=softcap, **_sides(window), qseg=qseg, kseg=kseg, dropout_p=0.2, seed=5,
               backend="torch")
     g = torch.randn(b, sq, hq, d)
     skipping = _grads(lambda: flash_attention(q, k, v, **kw), [q, k, v], g)
@@ -957,7 +998,8 @@ def _aot_plan() -> list[aot.Job]:
                             args.update(dq_ptr=p, sdqb=strides["b"], sdqh=d, sdqm=16 * d, sdqd=1)
                         args["delta_ptr"] = "*fp32"
                     args.update(lse_ptr="*fp32", qseg_ptr="*i32", kseg_ptr="*i32", SQ=2048, SK=2048, HQ=16,
-                                GROUP=4, D=d, scale=0.125, softcap=1.0, window=0, seed=0, p_drop=0.0)
+                                GROUP=4, D=d, scale=0.125, softcap=1.0, window=0, window_right=0, seed=0,
+                                p_drop=0.0)
                     # a T5-style bias [1, H, S, S]: no batch stride
                     args.update(bias_ptr=p, sbb=0, sbh=2048 * 2048, sbm=2048, sbn=1)
                     if kernel == "_attn_bwd_dq_kernel":
@@ -971,6 +1013,9 @@ def _aot_plan() -> list[aot.Job]:
                               "HAS_DROPOUT": False, **off}, "seg"),
                             ({"IS_CAUSAL": True, "HAS_SEG": False, "HAS_WINDOW": True, "HAS_SOFTCAP": True,
                               "HAS_DROPOUT": True, **off}, "window-softcap-dropout"),
+                            # ModernBERT's local layers: a window on both sides of a non-causal query, padding
+                            ({"IS_CAUSAL": False, "HAS_SEG": True, "HAS_WINDOW": True, "HAS_SOFTCAP": False,
+                              "HAS_DROPOUT": False, **off}, "seg-bidirectional-window"),
                             # T5: a position bias (trainable: dS stored), padding, attention dropout
                             ({"IS_CAUSAL": False, "HAS_SEG": True, "HAS_WINDOW": False, "HAS_SOFTCAP": False,
                               "HAS_DROPOUT": True, "HAS_BIAS": True, "HAS_DBIAS": True}, "seg-bias-dropout")):
@@ -996,10 +1041,12 @@ def _gpu_tiles(kernel: str, d: int, has_bias: bool) -> dict:
 
 
 AOT_PLAN = _aot_plan()
-# default tier: every kernel at head dim 128, the forward at 64 and 256, and T5's bias variant at its head dim 64,
-# in bf16 (about a minute cold on two cores); fp16 and the other backward kernels compile with ``-m slow``
-AOT_FAST = [j for j in AOT_PLAN if j.dtype == "bf16" and (j.kernel == "_attn_fwd_kernel" or "D128-" in j.variant
-                                                          or j.variant == "D64-seg-bias-dropout")]
+# default tier: every kernel at head dim 128, the forward at 64 and 256, and T5's bias and ModernBERT's window variants
+# at their head dim 64 only, in bf16 (about a minute cold on two cores); the rest compiles with ``-m slow``
+_AT_64 = ("D64-seg-bias-dropout", "D64-seg-bidirectional-window")
+AOT_FAST = [j for j in AOT_PLAN if j.dtype == "bf16" and (
+    j.variant in _AT_64
+    or ("bidirectional" not in j.variant and (j.kernel == "_attn_fwd_kernel" or "D128-" in j.variant)))]
 AOT_SLOW = [j for j in AOT_PLAN if j not in AOT_FAST]
 
 
@@ -1076,9 +1123,10 @@ def test_registered_ops_pass_opcheck(backend):
     qseg, kseg, _ = _segment_ids(q, k, mask, {}, traced=True)
     seed = torch.tensor([1234])
     bias = torch.randn(1, 4, 7, 9).requires_grad_()  # broadcast over the batch
-    for args in ((None, None, None, True, 0.25, None, None, 0.0, None, backend),
-                 (qseg, kseg, None, True, 0.3, 5.0, 4, 0.2, seed, backend),
-                 (qseg, kseg, bias, False, 0.3, None, None, 0.0, None, backend)):
+    for args in ((None, None, None, True, 0.25, None, None, None, 0.0, None, backend),
+                 (qseg, kseg, None, True, 0.3, 5.0, 4, None, 0.2, seed, backend),
+                 (qseg, kseg, None, False, 0.3, None, 3, 2, 0.0, None, backend),  # a bidirectional window
+                 (qseg, kseg, bias, False, 0.3, None, None, None, 0.0, None, backend)):
         torch.library.opcheck(torch.ops.peftfast.flash_attn_fwd, (q, k, v, *args))
         out, lse = torch.ops.peftfast.flash_attn_fwd(q, k, v, *args)
         dout = torch.randn_like(out)

@@ -12,7 +12,7 @@ from _models import batch, clone, loss_and_grads, max_rel_err, peft_model, use_s
 import peftfast
 
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3", "glm4", "gpt2", "bert",
-            "roberta", "t5", "bart", "gpt_neox", "phi", "modernbert"]
+            "roberta", "t5", "bart", "gpt_neox", "phi", "falcon", "modernbert"]
 # block modules fused per family besides the attention implementation: gated and two-layer MLPs, RoPE, norms (on
 # CPU LayerNorms run ATen's op, their outputs registered to be rebuilt where saved), residual-add blocks
 EXPECTED_BLOCKS = {
@@ -26,6 +26,7 @@ EXPECTED_BLOCKS = {
     "t5": ("norm",), "bart": ("mlp", "norm"),
     # parallel residual (attention and MLP off the same input): the blocks' adds stay unfused
     "gpt_neox": ("mlp", "rope", "norm"), "phi": ("mlp", "rope", "norm"),  # RoPE behind a packed query_key_value
+    "falcon": ("mlp", "rope", "norm"),  # FalconLinear bases (bias added after the product) on the nn.Linear path
     "modernbert": ("mlp", "rope", "norm"),  # its packed GLU MLP (Wi/act/drop/Wo) on the packed LoRA-MLP op; Wqkv
 }
 # families whose attention the peftfast implementation does not serve (T5 is served since its position bias is)
@@ -95,7 +96,7 @@ def test_patch_report(arch):
 
 
 @pytest.mark.parametrize("arch", [*CAUSAL_LMS, "gpt2", "bert", "roberta", "t5", "bart", "gpt_neox", "phi",
-                                  "modernbert"])
+                                  "falcon", "modernbert"])
 def test_fused_loss_opt_in_matches_unpatched(arch):
     """``fuse_loss=True``: the loss comes from fused linear cross-entropy, with no logits, and matches."""
     model = peft_model(arch, target_modules="all-linear")
@@ -140,12 +141,11 @@ def test_modernbert_fused_mlm_loss_honours_num_items_and_sparse_prediction(spars
 
 
 @pytest.mark.parametrize("p", [0.0, 0.1])
-def test_modernbert_local_layers_keep_their_bidirectional_window(p):
-    """ModernBERT's local layers attend within |i - j| <= local_attention / 2 on both sides. The kernels' window is
-    causal (keys before the query only), so those calls take the fallback, whose mask is symmetric for a
-    bidirectional window, counted with the reason; the global layers run the kernel. Loss and every gradient match
-    the unpatched model, padding included (padded positions unlabelled). Before, the local layers ran the kernel
-    with a one-sided window: wrong outputs."""
+def test_modernbert_local_layers_run_the_kernel_with_their_bidirectional_window(p):
+    """ModernBERT's local layers attend within |i - j| <= local_attention / 2 on both sides: the kernels take the
+    window on both sides of a non-causal query (``window_right``). Loss and every gradient match the unpatched model,
+    padding included (padded positions unlabelled), and every layer, local and global, runs the kernel. With a
+    one-sided window (before a273729) the local layers attended to every later key: wrong outputs."""
     model = peft_model("modernbert", lora_dropout=p,
                        model_kwargs=dict(global_attn_every_n_layers=2, local_attention=4, layers=3))
     ref = clone(model)
@@ -161,7 +161,29 @@ def test_modernbert_local_layers_keep_their_bidirectional_window(p):
     assert abs(loss.item() - ref_loss.item()) <= TOL * abs(ref_loss.item())
     assert max(max_rel_err(grads[n], ref_grads[n]) for n in grads) <= TOL
     attn = {n: r for n, r in peftfast.report(model).module_runtime(model).items() if n.endswith("(attention)")}
-    local = [r for n, r in attn.items() if ".layers.1." in n]
-    assert local and all(r["fused"] == 0 and any("bidirectional sliding window" in k for k in r["fallbacks"])
-                         for r in local), attn
-    assert all(r["fused"] == 1 and not r["fallbacks"] for n, r in attn.items() if ".layers.1." not in n), attn
+    assert any(".layers.1." in n for n in attn) and len(attn) == 3, attn
+    assert all(r["fused"] == 1 and not r["fallbacks"] for r in attn.values()), attn
+
+
+@pytest.mark.parametrize("layout", [dict(new_decoder_architecture=True, num_kv_heads=2),
+                                    dict(parallel_attn=False, multi_query=False), dict(alibi=True)])
+def test_falcon_layouts_match_and_alibi_keeps_its_attention_with_the_reason(layout):
+    """Falcon-40B's grouped layout and the sequential one run fused and match; ALiBi Falcon (Falcon-RW) folds its
+    position bias into the 4-D mask, which the flash-style path drops: its attention stays the model's, with the
+    reason, while its LoRA layers, MLPs and norms are fused."""
+    model = peft_model("falcon", model_kwargs=layout, lora_dropout=0.1)
+    ref = clone(model)
+    peftfast.patch(model)
+    use_shared_seed_dropout(ref, model, 0.1)
+    data = batch("falcon")
+    loss, grads = loss_and_grads(model, data)
+    ref_loss, ref_grads = loss_and_grads(ref, data)
+    assert abs(loss.item() - ref_loss.item()) <= TOL * abs(ref_loss.item())
+    assert max(max_rel_err(grads[n], ref_grads[n]) for n in grads) <= TOL
+    rep = peftfast.report(model)
+    assert len(rep.patched) == 8 and not rep.skipped
+    (attn,) = [e for e in rep.modules if e.kind == "attention"]
+    if layout.get("alibi"):
+        assert not attn.patched and "ALiBi" in attn.reason and "config.alibi=True" in attn.reason
+    else:
+        assert attn.patched

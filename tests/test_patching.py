@@ -326,6 +326,42 @@ def test_report_lists_layers_and_skips_with_reasons(ids):
     assert all(r["fallbacks"] == {} for r in rep.runtime(model).values())
 
 
+def test_linear_subclasses_run_fused_only_where_their_forward_is_linear(ids):
+    """An nn.Linear subclass that only changes initialisation, or Falcon's FalconLinear (bias added after the
+    product), runs fused; one with another forward is skipped with the reason, and keeps its own forward."""
+    from transformers.models.falcon.modeling_falcon import FalconLinear
+
+    class InitOnly(nn.Linear):
+        pass
+
+    class Scaled(nn.Linear):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    model = lora_llama(layers=1)
+    layers = lora_layers(model)
+    swaps = {"q_proj": FalconLinear, "k_proj": InitOnly, "v_proj": Scaled}
+    for name, cls in swaps.items():
+        layer = layers[f"{LAYER}.0.self_attn.{name}"]
+        old = layer.base_layer
+        new = cls(old.in_features, old.out_features, bias=True)
+        with torch.no_grad():
+            new.weight.copy_(old.weight)
+            new.bias.normal_(0.0, 0.1)
+        new.requires_grad_(False)
+        layer.base_layer = new
+    ref = logits(model, ids)
+    peftfast.patch(model)
+    rep = peftfast.report(model)
+    skipped = {e.name: e.reason for e in rep.skipped}
+    assert set(skipped) == {f"{LAYER}.0.self_attn.v_proj"}
+    assert "base layer Scaled is not nn.Linear" in skipped[f"{LAYER}.0.self_attn.v_proj"]
+    close(logits(model, ids), ref)
+    runtime = rep.runtime(model)
+    for name in ("q_proj", "k_proj"):
+        assert runtime[f"{LAYER}.0.self_attn.{name}"]["fused"] > 0
+
+
 def test_dora_model_runs_fused_layer_by_layer(ids):
     """DoRA layers run on the fused DoRA path: no sibling group; the MLP, all three projections DoRA without
     dropout, on the DoRA MLP op; attention, RoPE, norms, blocks fused. An MLP mixing DoRA and plain LoRA projections

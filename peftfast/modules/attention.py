@@ -145,6 +145,12 @@ def cross_segment_ids(query: torch.Tensor, key: torch.Tensor, attention_mask: to
     return torch.zeros((b, sq), dtype=torch.int32, device=query.device), kseg, None
 
 
+def _window_right(window, causal: bool) -> int | None:
+    """transformers' sliding window bounds the keys on both sides of a non-causal query (ModernBERT's local layers:
+    |i - j| < window), the keys before it only in a causal layer (Mistral, Gemma 2)."""
+    return int(window) if window and not causal else None
+
+
 def _fallback(module, query, key, value, attention_mask, dropout, scaling, is_causal, window, softcap, qseg, kseg,
               cross=False, sinks=None, position_bias=None, head_mask=None, want_weights=False):
     """SDPA with an explicit boolean mask expressing the same visibility; computed op by op where SDPA cannot say
@@ -162,14 +168,8 @@ def _fallback(module, query, key, value, attention_mask, dropout, scaling, is_ca
             # fewer keys than queries leaves no prefix to align: the mask can only pad keys, as in cross-attention
             ids = cross_segment_ids if cross or sk < sq else segment_ids
             qseg, kseg, _ = ids(query, key, attention_mask, {})
-        if window and not is_causal:
-            # transformers' bidirectional sliding window (ModernBERT's local layers): |i - j| <= window - 1, keys on
-            # both sides (the kernels' window, and _allowed's, bound the keys before the query only)
-            i = torch.arange(sq, device=query.device)[:, None] + (sk - sq)
-            j = torch.arange(sk, device=query.device)[None, :]
-            mask = _allowed(0, sq, sq, sk, False, None, qseg, kseg, query.device) & ((i - j).abs() < window)
-        else:
-            mask = _allowed(0, sq, sq, sk, is_causal, window, qseg, kseg, query.device)
+        mask = _allowed(0, sq, sq, sk, is_causal, window or None, qseg, kseg, query.device,
+                        _window_right(window, is_causal))
     k = key.repeat_interleave(hq // hk, 1) if hq != hk else key
     v = value.repeat_interleave(hq // hk, 1) if hq != hk else value
     scale = scaling if scaling is not None else d**-0.5
@@ -210,9 +210,6 @@ def peftfast_attention_forward(module: nn.Module, query: torch.Tensor, key: torc
     reason = None
     if kwargs.get("output_attentions"):
         reason = "output_attentions=True (the fused kernel returns no weights)"
-    elif window and not causal:
-        # the kernels' window is one-sided (keys before the query); a bidirectional one also bounds the keys after
-        reason = "a bidirectional sliding window (e.g. ModernBERT's local layers): the kernels' window is causal"
     elif any(kwargs.get(k) is not None for k in _UNSUPPORTED_KWARGS):
         reason = f"unsupported argument {next(k for k in _UNSUPPORTED_KWARGS if kwargs.get(k) is not None)}"
     else:
@@ -241,7 +238,8 @@ def peftfast_attention_forward(module: nn.Module, query: torch.Tensor, key: torc
     sinks = kwargs.get("s_aux", kwargs.get("sinks"))
     with region:
         out = flash_attention(query, key, value, causal=causal, scale=scaling, softcap=softcap,
-                              window=int(window) if window else None, qseg=qseg, kseg=kseg, dropout_p=float(dropout),
+                              window=int(window) if window else None, window_right=_window_right(window, causal),
+                              qseg=qseg, kseg=kseg, dropout_p=float(dropout),
                               backend=getattr(module, "_peftfast_attn_backend", "auto"), name=type(module).__name__,
                               return_lse=sinks is not None, bias=kwargs.get("position_bias"))
     if sinks is not None:
@@ -367,6 +365,9 @@ def why_not(inner: nn.Module) -> str | None:
         # the flash-attention mask builder, which the peftfast implementation uses, gives a 2-D padding mask only
         return (f"{name} declares no flash-style attention (_supports_flash_attn=False: its scores or masks need "
                 "more than a padding mask, e.g. Gemma 3's bidirectional image tokens, Doge's dynamic mask)")
+    if getattr(getattr(inner, "config", None), "alibi", False) is True:
+        # Falcon-RW and the like fold their ALiBi bias into the 4-D mask, which the flash-style mask builder drops
+        return f"{name} adds ALiBi position biases through its 4-D attention mask (config.alibi=True)"
     for n, m in inner.named_modules():
         # a decoder's self-attention left is_causal=False (Pegasus-X) is causal only through a 4-D mask, which the
         # flash-style path never gets: it would attend to later tokens

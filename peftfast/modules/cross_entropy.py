@@ -85,7 +85,7 @@ RECIPES: dict[str, Callable[[nn.Module], tuple[float | None, float]]] = {
     "DiffLlamaForCausalLM": _plain, "Cohere2ForCausalLM": _cohere, "VaultGemmaForCausalLM": _gemma_softcap,
     "GraniteSWAForCausalLM": _granite,
     # the same body with another backbone attribute or argument list: served through their own signature
-    "GPT2LMHeadModel": _plain, "GPTNeoXForCausalLM": _plain,
+    "GPT2LMHeadModel": _plain, "GPTNeoXForCausalLM": _plain, "FalconForCausalLM": _plain,
     # mixtures of experts: the same body, plus the router's load-balancing loss when router logits are requested
     # (such calls go to the original forward)
     **dict.fromkeys(_MOE := ("MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM", "OlmoeForCausalLM",
@@ -93,9 +93,12 @@ RECIPES: dict[str, Callable[[nn.Module], tuple[float | None, float]]] = {
 }
 # RECIPES classes served by ``fused_bound_causal_forward``: their backbone attribute
 BACKBONES: dict[str, str] = {"GPT2LMHeadModel": "transformer", "GPTNeoXForCausalLM": "gpt_neox",
+                             "FalconForCausalLM": "transformer",
                              **dict.fromkeys(_MOE, "model")}
 # the output class, where not CausalLMOutputWithPast
-_OUTPUTS = {"GPT2LMHeadModel": "CausalLMOutputWithCrossAttentions", **dict.fromkeys(_MOE, "MoeCausalLMOutputWithPast")}
+_OUTPUTS = {"GPT2LMHeadModel": "CausalLMOutputWithCrossAttentions",
+            "FalconForCausalLM": "CausalLMOutputWithCrossAttentions",
+            **dict.fromkeys(_MOE, "MoeCausalLMOutputWithPast")}
 _PARAMS = ("input_ids", "attention_mask", "position_ids", "past_key_values", "inputs_embeds", "labels", "use_cache",
            "logits_to_keep")
 # transformers 5.24 renamed the cache argument and output field ``past_key_values`` to ``cache`` (the old keyword is
@@ -416,7 +419,7 @@ def _output_class(name: str) -> type:
 
 
 def fused_bound_causal_forward(model: nn.Module, *args, **kwargs):
-    """Drop-in ``forward`` for the ``BACKBONES`` causal LMs (GPT-2, GPT-NeoX): their own argument list, bound by
+    """Drop-in ``forward`` for the ``BACKBONES`` causal LMs (GPT-2, GPT-NeoX, Falcon): their own argument list, bound by
     their signature and handed on to the backbone by name, as their forward does."""
     st: LossState = model._peftfast_loss
     bound = _bind_call(model, ("labels", "logits_to_keep"), args, kwargs)
@@ -437,11 +440,12 @@ def fused_bound_causal_forward(model: nn.Module, *args, **kwargs):
         if "output_router_logits" in p:
             p["output_router_logits"] = False  # resolved as the original forward resolves it
 
-    return_dict = extra.pop("return_dict", None)
+    named_rd = "return_dict" in p  # Falcon names it and hands it on: its backbone then returns the output class
+    return_dict = p.pop("return_dict", None) if named_rd else extra.pop("return_dict", None)
     if return_dict is None:
         return_dict = getattr(model.config, "return_dict", True)
     name = type(model).__name__
-    outputs = getattr(model, BACKBONES[name])(**p, **extra)
+    outputs = getattr(model, BACKBONES[name])(**p, **extra, **({"return_dict": True} if named_rd else {}))
     loss, logits = _causal_loss(model, st, head, outputs[0], labels, extra)
     out_cls = _output_class(name)
     out = out_cls(loss=loss, logits=logits, **{f: getattr(outputs, f, None) for f in st.out_fields})
@@ -593,7 +597,7 @@ def _bound_reason(lm: nn.Module, backbone: nn.Module, skip: tuple[str, ...]) -> 
     # output_router_logits: transformers' MoE backbones read it from **kwargs (their output-capturing decorators)
     by_kwargs = {"output_router_logits"} if any(q.kind is q.VAR_KEYWORD for q in params.values()) else set()
     missing = [a for a in named if a not in params and a not in by_kwargs]
-    if missing or "return_dict" in named:
+    if missing or ("return_dict" in named and "return_dict" not in params):
         return f"{name}.forward has arguments its backbone does not take by name ({', '.join(missing or named)})"
     return None
 

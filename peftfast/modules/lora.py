@@ -49,6 +49,21 @@ except Exception:  # pragma: no cover
     _BASE_TYPES = (nn.Linear,)
 
 
+def _linear_equivalent(base: nn.Module) -> bool:
+    """Subclasses of nn.Linear that only change initialisation (ESMFold's) or whose forward computes ``x Wᵀ + b``
+    in another order (Falcon's ``FalconLinear``: the bias added after the product) run as nn.Linear: the fused op's
+    result differs from theirs by the rounding of one addition, as nn.Linear's own does."""
+    cls = type(base)
+    if not isinstance(base, nn.Linear):
+        return False
+    if cls.forward is nn.Linear.forward:
+        return True
+    return f"{cls.__module__}.{cls.__qualname__}" in _LINEAR_FORWARDS
+
+
+_LINEAR_FORWARDS = frozenset({"transformers.models.falcon.modeling_falcon.FalconLinear"})
+
+
 def _peft_lora_linear_cls():
     from peft.tuners.lora.layer import Linear
 
@@ -178,7 +193,7 @@ def why_not(layer: nn.Module) -> str | None:
     base = layer.get_base_layer()
     if nf4 and nf4_mod.why_not_base(base) is not None:
         return nf4_mod.why_not_base(base)
-    if type(base) not in _BASE_TYPES and not nf4:
+    if type(base) not in _BASE_TYPES and not nf4 and not _linear_equivalent(base):
         return f"base layer {type(base).__name__} is not nn.Linear or Conv1D (quantized or custom)"
     if zero3_partitioned(base.weight) and (nf4 or getattr(layer, "fan_in_fan_out", False)):
         return f"base weight: {ZERO3_REASON}; the fused path gathers nn.Linear bases only"

@@ -30,7 +30,7 @@ _TORCH_CHUNK = 128
 # ----------------------------------------------------------------------------------------------------------------
 # ATen backend (chunked over queries; never the whole S × S matrix)
 # ----------------------------------------------------------------------------------------------------------------
-def _allowed(i0, i1, sq, sk, causal, window, qseg, kseg, device):
+def _allowed(i0, i1, sq, sk, causal, window, qseg, kseg, device, window_right=None):
     """Bool [B or 1, 1, i1 - i0, SK] of visible keys for query rows i0..i1."""
     i = torch.arange(i0, i1, device=device)[:, None] + (sk - sq)
     j = torch.arange(sk, device=device)[None, :]
@@ -39,6 +39,8 @@ def _allowed(i0, i1, sq, sk, causal, window, qseg, kseg, device):
         ok &= j <= i
     if window is not None:
         ok &= j > i - window
+    if window_right is not None:
+        ok &= j < i + window_right
     ok = ok[None, None]
     if qseg is not None:
         qs = qseg[:, i0:i1].long()[:, None, :, None]
@@ -56,13 +58,13 @@ def _same(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
     return a.shape == b.shape and a.device == b.device and bool(torch.equal(a, b))
 
 
-def _sdpa_mask(qseg, kseg, causal: bool, window, sq: int, sk: int, dtype, device):
+def _sdpa_mask(qseg, kseg, causal: bool, window, sq: int, sk: int, dtype, device, window_right=None):
     """(additive mask [B or 1, 1, SQ, SK] of 0 / -inf in ``dtype``, bool [B or 1, 1, SQ, 1] of the query rows that
     see no key, or None when there is none). Such a row attends to key 0 in the mask, so that SDPA yields no NaN,
     and the caller zeroes its output (and with it its gradients), as the kernels output 0 there. The layers of one
     forward get the same segments: they share one mask (kept once for backward, however many layers save it), found
     by content and held weakly, so that none outlives the graphs that saved it."""
-    key = (causal, window, sq, sk, dtype, device)
+    key = (causal, window, window_right, sq, sk, dtype, device)
     compiling = torch.compiler.is_compiling()
     last = None if compiling else getattr(_SHARED, "mask", None)
     if last is not None and last[0] == key and _same(last[1], qseg) and _same(last[2], kseg):
@@ -70,7 +72,7 @@ def _sdpa_mask(qseg, kseg, causal: bool, window, sq: int, sk: int, dtype, device
         empty = None if last[4] is None else _view_of(*last[4])
         if mask is not None and (empty is not None or last[4] is None):
             return mask, empty
-    ok = _allowed(0, sq, sq, sk, causal, window, qseg, kseg, device)
+    ok = _allowed(0, sq, sq, sk, causal, window, qseg, kseg, device, window_right)
     empty = ~ok.any(-1, keepdim=True)
     if not compiling and not bool(empty.any()):
         empty = None  # every row sees a key (e.g. prefix tuning): nothing to zero
@@ -140,7 +142,7 @@ def _grouped(q, hk):
     return q.view(b, hk, hq // hk, s, d)
 
 
-def _torch_chunks(sq, sk, causal, window, qseg, kseg, device):
+def _torch_chunks(sq, sk, causal, window, qseg, kseg, device, window_right=None):
     """(i0, i1, lo, hi) per chunk of query rows: the keys [lo, hi) any of them can see. Causal and window bounds
     always; on CPU also the segment hull over the batch (``key_ranges``, read on the host: free there, a sync on a
     GPU). Keys outside are all masked, so the chunk's scores, exponentials and products skip them (for long causal
@@ -158,13 +160,15 @@ def _torch_chunks(sq, sk, causal, window, qseg, kseg, device):
             hi = min(hi, i1 + shift)
         if window is not None:
             lo = max(lo, i0 + shift - window + 1)
+        if window_right is not None:
+            hi = min(hi, i1 - 1 + shift + window_right)
         if hull is not None:
             lo, hi = max(lo, hull[n][0]), min(hi, hull[n][1])
         out.append((i0, i1, lo, max(lo, hi)))
     return out
 
 
-def _torch_forward(q, k, v, causal, scale, softcap, window, qseg, kseg, p, seed, bias=None):
+def _torch_forward(q, k, v, causal, scale, softcap, window, qseg, kseg, p, seed, bias=None, window_right=None):
     b, hq, sq, d = q.shape
     hk, sk = k.shape[1], k.shape[2]
     ct = torch.promote_types(q.dtype, torch.float32)
@@ -172,14 +176,14 @@ def _torch_forward(q, k, v, causal, scale, softcap, window, qseg, kseg, p, seed,
     out = torch.empty((b, sq, hq, d), device=q.device, dtype=q.dtype)
     lse = torch.empty((b, hq, sq), device=q.device, dtype=torch.float32)
     kf, vf = k.to(ct)[:, :, None], v.to(ct)[:, :, None]
-    for i0, i1, lo, hi in _torch_chunks(sq, sk, causal, window, qseg, kseg, q.device):
+    for i0, i1, lo, hi in _torch_chunks(sq, sk, causal, window, qseg, kseg, q.device, window_right):
         if lo == hi:  # rows that see no key: output 0, log-sum-exp 0
             out[:, i0:i1] = 0
             lse[:, :, i0:i1] = 0
             continue
         qc = _grouped(q[:, :, i0:i1].to(ct), hk)
         s, _ = _torch_scores(qc, kf[..., lo:hi, :], scale, softcap, _bias_chunk(bg, i0, i1, lo, hi, ct))
-        ok = _allowed(i0, i1, sq, sk, causal, window, qseg, kseg, q.device)[:, :, None, ..., lo:hi]
+        ok = _allowed(i0, i1, sq, sk, causal, window, qseg, kseg, q.device, window_right)[:, :, None, ..., lo:hi]
         s = s.masked_fill(~ok, float("-inf"))
         m = s.amax(-1, keepdim=True)
         m = torch.where(torch.isinf(m), torch.zeros_like(m), m)
@@ -198,7 +202,7 @@ def _torch_forward(q, k, v, causal, scale, softcap, window, qseg, kseg, p, seed,
 
 
 def _torch_backward(q, k, v, out, lse, dout, dlse, causal, scale, softcap, window, qseg, kseg, p, seed, bias=None,
-                    need_dbias=False):
+                    need_dbias=False, window_right=None):
     b, hq, sq, d = q.shape
     hk, sk = k.shape[1], k.shape[2]
     ct = torch.promote_types(q.dtype, torch.float32)
@@ -211,14 +215,14 @@ def _torch_backward(q, k, v, out, lse, dout, dlse, causal, scale, softcap, windo
     delta = (dout.to(ct) * out.to(ct)).sum(-1).transpose(1, 2)  # [B, HQ, SQ]
     if dlse is not None:  # d lse_i / d s_ij = p_ij: a gradient of the log-sum-exp shifts each row's delta
         delta = delta - dlse.to(ct)
-    for i0, i1, lo, hi in _torch_chunks(sq, sk, causal, window, qseg, kseg, q.device):
+    for i0, i1, lo, hi in _torch_chunks(sq, sk, causal, window, qseg, kseg, q.device, window_right):
         if lo == hi:
             dq[:, :, i0:i1] = 0
             continue
         qc = _grouped(q[:, :, i0:i1].to(ct), hk)
         kc, vc = kf[..., lo:hi, :], vf[..., lo:hi, :]
         s, t = _torch_scores(qc, kc, scale, softcap, _bias_chunk(bg, i0, i1, lo, hi, ct))
-        ok = _allowed(i0, i1, sq, sk, causal, window, qseg, kseg, q.device)[:, :, None, ..., lo:hi]
+        ok = _allowed(i0, i1, sq, sk, causal, window, qseg, kseg, q.device, window_right)[:, :, None, ..., lo:hi]
         s = s.masked_fill(~ok, float("-inf"))
         pr = torch.exp(s - _grouped(lse[:, :, i0:i1, None].to(ct), hk))
         doc = _grouped(dout[:, i0:i1].transpose(1, 2).to(ct), hk)
@@ -271,8 +275,8 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32 else "tf32"
 
 
-def _flags(causal, window, softcap, qseg, p, bias):
-    return dict(IS_CAUSAL=causal, HAS_SEG=qseg is not None, HAS_WINDOW=window is not None,
+def _flags(causal, window, softcap, qseg, p, bias, window_right=None):
+    return dict(IS_CAUSAL=causal, HAS_SEG=qseg is not None, HAS_WINDOW=window is not None or window_right is not None,
                 HAS_SOFTCAP=softcap is not None, HAS_DROPOUT=p > 0, HAS_BIAS=bias is not None)
 
 
@@ -360,7 +364,12 @@ def query_ranges(qseg: torch.Tensor, kseg: torch.Tensor, block_n: int) -> torch.
     return _cached("queries", qseg, kseg, block_n, compute)
 
 
-def _triton_forward(q, k, v, causal, scale, softcap, window, qseg, kseg, p, seed, bias=None):
+def _window_args(window, window_right, sq: int, sk: int) -> tuple[int, int]:
+    """The kernels' (window, window_right): an unbounded side as sq + sk, which no key offset reaches."""
+    return (sq + sk if window is None else window), (sq + sk if window_right is None else window_right)
+
+
+def _triton_forward(q, k, v, causal, scale, softcap, window, qseg, kseg, p, seed, bias=None, window_right=None):
     from peftfast.kernels import attention as K
 
     b, hq, sq, d = q.shape
@@ -375,14 +384,15 @@ def _triton_forward(q, k, v, causal, scale, softcap, window, qseg, kseg, p, seed
     with launching("_attn_fwd_kernel"):
         K._attn_fwd_kernel[grid](
             q, *q.stride(), k, *k.stride(), v, *v.stride(), out, *out.stride(), lse, seg_q, seg_k, kr,
-            *_bias_args(bias, lse), sq, sk, hq, hq // hk, d, scale, softcap or 1.0, window or 0, seed, p,
-            **_flags(causal, window, softcap, qseg, p, bias), BLOCK_D=max(16, triton.next_power_of_2(d)),
+            *_bias_args(bias, lse), sq, sk, hq, hq // hk, d, scale, softcap or 1.0,
+            *_window_args(window, window_right, sq, sk), seed, p,
+            **_flags(causal, window, softcap, qseg, p, bias, window_right), BLOCK_D=max(16, triton.next_power_of_2(d)),
             DOT_PRECISION=_precision(q.dtype), **t)
     return out, lse
 
 
 def _triton_backward(q, k, v, out, lse, dout, dlse, causal, scale, softcap, window, qseg, kseg, p, seed, bias=None,
-                     need_dbias=False):
+                     need_dbias=False, window_right=None):
     from peftfast.kernels import attention as K
 
     b, hq, sq, d = q.shape
@@ -398,9 +408,9 @@ def _triton_backward(q, k, v, out, lse, dout, dlse, causal, scale, softcap, wind
     t = _bwd_tiles(d)
     kr = key_ranges(qseg, kseg, t["BLOCK_M"]) if qseg is not None else lse
     qr = query_ranges(qseg, kseg, t["BLOCK_N"]) if qseg is not None else lse
-    common = dict(**_flags(causal, window, softcap, qseg, p, bias), BLOCK_D=max(16, triton.next_power_of_2(d)),
-                  DOT_PRECISION=_precision(q.dtype))
-    scal = (scale, softcap or 1.0, window or 0, seed, p)
+    common = dict(**_flags(causal, window, softcap, qseg, p, bias, window_right),
+                  BLOCK_D=max(16, triton.next_power_of_2(d)), DOT_PRECISION=_precision(q.dtype))
+    scal = (scale, softcap or 1.0, *_window_args(window, window_right, sq, sk), seed, p)
     with launching("_attn_bwd_dkdv_kernel"):
         K._attn_bwd_dkdv_kernel[(triton.cdiv(sk, t["BLOCK_N"]), b * hk)](
             q, *q.stride(), k, *k.stride(), v, *v.stride(), dout, *dout.stride(), dk, *dk.stride(), dv, *dv.stride(),
@@ -420,8 +430,8 @@ def _triton_backward(q, k, v, out, lse, dout, dlse, causal, scale, softcap, wind
 # Registered ops (not a Python autograd.Function), so torch.compile traces them as single nodes with the fake
 # kernels below. The dropout seed is a one-element int64 CPU tensor: drawn as a tensor op, it needs no ``.item()``
 # in traced code.
-_SIG = ("Tensor? qseg, Tensor? kseg, Tensor? bias, bool causal, float scale, float? softcap, int? window, float p, "
-        "Tensor? seed, str backend")
+_SIG = ("Tensor? qseg, Tensor? kseg, Tensor? bias, bool causal, float scale, float? softcap, int? window, "
+        "int? window_right, float p, Tensor? seed, str backend")
 
 
 def _seed_int(seed: torch.Tensor | None) -> int:
@@ -430,13 +440,13 @@ def _seed_int(seed: torch.Tensor | None) -> int:
 
 @torch.library.custom_op("peftfast::flash_attn_fwd", mutates_args=(),
                          schema=f"(Tensor q, Tensor k, Tensor v, {_SIG}) -> (Tensor, Tensor)")
-def _fwd_op(q, k, v, qseg, kseg, bias, causal, scale, softcap, window, p, seed, backend):
+def _fwd_op(q, k, v, qseg, kseg, bias, causal, scale, softcap, window, window_right, p, seed, backend):
     fwd = _triton_forward if backend == "triton" else _torch_forward
-    return fwd(q, k, v, causal, scale, softcap, window, qseg, kseg, p, _seed_int(seed), bias)
+    return fwd(q, k, v, causal, scale, softcap, window, qseg, kseg, p, _seed_int(seed), bias, window_right)
 
 
 @_fwd_op.register_fake
-def _(q, k, v, qseg, kseg, bias, causal, scale, softcap, window, p, seed, backend):
+def _(q, k, v, qseg, kseg, bias, causal, scale, softcap, window, window_right, p, seed, backend):
     b, hq, sq, d = q.shape
     return q.new_empty((b, sq, hq, d)), q.new_empty((b, hq, sq), dtype=torch.float32)
 
@@ -444,18 +454,18 @@ def _(q, k, v, qseg, kseg, bias, causal, scale, softcap, window, p, seed, backen
 @torch.library.custom_op("peftfast::flash_attn_bwd", mutates_args=(),
                          schema=f"(Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor dout, Tensor? dlse, "
                                 f"{_SIG}, bool need_dbias=False) -> (Tensor, Tensor, Tensor, Tensor)")
-def _bwd_op(q, k, v, out, lse, dout, dlse, qseg, kseg, bias, causal, scale, softcap, window, p, seed, backend,
-            need_dbias=False):
+def _bwd_op(q, k, v, out, lse, dout, dlse, qseg, kseg, bias, causal, scale, softcap, window, window_right, p, seed,
+            backend, need_dbias=False):
     """(dq, dk, dv, dbias): dbias in the bias's shape where ``need_dbias``, else an empty tensor."""
     bwd = _triton_backward if backend == "triton" else _torch_backward
     dq, dk, dv, dbias = bwd(q, k, v, out, lse, dout, dlse, causal, scale, softcap, window, qseg, kseg, p,
-                            _seed_int(seed), bias, bool(need_dbias and bias is not None))
+                            _seed_int(seed), bias, bool(need_dbias and bias is not None), window_right)
     return dq, dk, dv, dbias if dbias is not None else q.new_empty((0,))
 
 
 @_bwd_op.register_fake
-def _(q, k, v, out, lse, dout, dlse, qseg, kseg, bias, causal, scale, softcap, window, p, seed, backend,
-      need_dbias=False):
+def _(q, k, v, out, lse, dout, dlse, qseg, kseg, bias, causal, scale, softcap, window, window_right, p, seed,
+      backend, need_dbias=False):
     dbias = bias.new_empty(bias.shape) if need_dbias and bias is not None else q.new_empty((0,))
     if backend == "triton":  # empty_like: the inputs' strides
         return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dbias
@@ -474,13 +484,13 @@ def _setup(ctx, inputs, output) -> None:
 
 def _backward(ctx, dout, dlse):
     q, k, v, out, lse, qseg, kseg, bias, seed = ctx.saved_tensors
-    causal, scale, softcap, window, p, backend = ctx.meta
+    causal, scale, softcap, window, window_right, p, backend = ctx.meta
     if dout is None:  # only lse was used
         dout = torch.zeros_like(out)
     need_dbias = bias is not None and bool(ctx.needs_input_grad[5])
-    dq, dk, dv, dbias = _bwd_op(q, k, v, out, lse, dout, dlse, qseg, kseg, bias, causal, scale, softcap, window, p,
-                                seed, backend, need_dbias)
-    return dq, dk, dv, None, None, dbias if need_dbias else None, None, None, None, None, None, None, None
+    dq, dk, dv, dbias = _bwd_op(q, k, v, out, lse, dout, dlse, qseg, kseg, bias, causal, scale, softcap, window,
+                                window_right, p, seed, backend, need_dbias)
+    return dq, dk, dv, None, None, dbias if need_dbias else None, None, None, None, None, None, None, None, None
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup)
@@ -516,14 +526,16 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
                     scale: float | None = None, softcap: float | None = None, window: int | None = None,
                     qseg: torch.Tensor | None = None, kseg: torch.Tensor | None = None, dropout_p: float = 0.0,
                     seed: int | torch.Tensor | None = None, backend: str = "auto", name: str = "attention",
-                    return_lse: bool = False, bias: torch.Tensor | None = None
+                    return_lse: bool = False, bias: torch.Tensor | None = None, window_right: int | None = None
                     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Attention of q [B, HQ, SQ, D] over k/v [B, HK, SK, D] (HQ a multiple of HK); returns [B, SQ, HQ, D], and
     with ``return_lse`` also each row's log-sum-exp [B, HQ, SQ] fp32 (0 for a row that sees no key), differentiable:
     its gradient shifts the backward's row term (``Δ_i = rowsum(dO ⊙ O) − dlse_i``).
 
     ``causal`` aligns bottom-right (prefix keys / caches); ``window`` keeps keys within the last ``window``
-    positions; ``softcap`` applies ``c·tanh(s/c)``; ``qseg``/``kseg`` int32 segment ids (see the kernels module:
+    positions (key j > i' − window, i' = i + SK − SQ the query's key position), ``window_right`` those within the
+    next ones (j < i' + window_right; ModernBERT's bidirectional window |i' − j| < w is ``window=w,
+    window_right=w``); ``softcap`` applies ``c·tanh(s/c)``; ``qseg``/``kseg`` int32 segment ids (see the kernels module:
     -1 padding, -2 prefix keys visible to all); ``dropout_p`` drops attention probabilities with a mask rebuilt
     from ``seed`` (an int or a one-element int64 CPU tensor; drawn from torch's RNG when None) in backward. Runs as
     ``torch.ops.peftfast.flash_attn_fwd`` / ``flash_attn_bwd``. ``bias`` is added to the (softcapped) scores
@@ -535,12 +547,14 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
         raise ValueError(f"peftfast: {name}: {reason}")
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"peftfast: {name}: dropout probability must be in [0, 1), got {dropout_p}")
-    if window is not None and window < 1:
-        raise ValueError(f"peftfast: {name}: window must be positive, got {window}")
+    for what, w in (("window", window), ("window_right", window_right)):
+        if w is not None and w < 1:
+            raise ValueError(f"peftfast: {name}: {what} must be positive, got {w}")
     be = resolve_backend(backend, q.device)
     scale = float(scale) if scale is not None else 1.0 / math.sqrt(q.shape[-1])
     sq, sk = q.shape[2], k.shape[2]
-    if be != "triton" and qseg is None and softcap is None and window is None and dropout_p == 0 and \
+    windowed = window is not None or window_right is not None
+    if be != "triton" and qseg is None and softcap is None and not windowed and dropout_p == 0 and \
             (not causal or sq == sk) and not return_lse and bias is None:
         # plain attention on the ATen path: PyTorch's fused SDPA kernel is one op, keeps O and the log-sum-exp,
         # and reads grouped K/V without repeating them (enable_gqa)
@@ -558,7 +572,7 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
         # tokens of three packed documents, where the chunked path skips the other documents' keys, so longer
         # equal-length q/k stay chunked. The chunked path is also the reference: skipping, it keeps even non-finite
         # values in keys no query of a chunk can see out of the output.
-        mask, empty = _sdpa_mask(qseg, kseg, bool(causal), window, sq, sk, q.dtype, q.device)
+        mask, empty = _sdpa_mask(qseg, kseg, bool(causal), window, sq, sk, q.dtype, q.device, window_right)
         out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,
                                                                enable_gqa=q.shape[1] != k.shape[1])
         return (out if empty is None else out.masked_fill(empty, 0)).transpose(1, 2).contiguous()
@@ -570,7 +584,8 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
 
         seed_t = seed_tensor(seed, q.device, float(dropout_p))
     args = (q, k, v, qseg, kseg, bias, bool(causal), scale, None if softcap is None else float(softcap),
-            None if window is None else int(window), float(dropout_p), seed_t, "triton" if be == "triton" else "torch")
+            None if window is None else int(window), None if window_right is None else int(window_right),
+            float(dropout_p), seed_t, "triton" if be == "triton" else "torch")
     out, lse = _direct.call(torch.ops.peftfast.flash_attn_fwd.default, _setup, _backward, args, (-1, -1))
     return (out, lse) if return_lse else out
 
