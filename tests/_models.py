@@ -162,6 +162,20 @@ def falcon(hidden: int = 32, layers: int = 2, **overrides) -> nn.Module:
     return FalconForCausalLM(FalconConfig(**{**kw, **overrides}))
 
 
+def t5gemma(hidden: int = 32, layers: int = 2, **overrides) -> nn.Module:
+    """T5GemmaForConditionalGeneration: a Gemma 2 encoder-decoder; the encoder's local layers use a bidirectional
+    sliding window (eager: |i - j| <= sliding_window), the decoder's a causal one; softcapped attention logits."""
+    from transformers import T5GemmaConfig, T5GemmaForConditionalGeneration
+
+    stack = dict(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                 num_attention_heads=4, num_key_value_heads=2, head_dim=hidden // 4, sliding_window=3,
+                 layer_types=["sliding_attention", "full_attention"][:layers], attention_dropout=0.0,
+                 dropout_rate=0.0, attn_implementation="eager")
+    stack.update(overrides)
+    return T5GemmaForConditionalGeneration(T5GemmaConfig(encoder=stack, decoder=dict(stack), vocab_size=VOCAB,
+                                                         dropout_rate=0.0, attention_dropout=0.0))
+
+
 def bert(hidden: int = 32, layers: int = 2, **overrides) -> nn.Module:
     """BertForMaskedLM (query/key/value form a sibling group)."""
     from transformers import BertConfig, BertForMaskedLM
@@ -220,9 +234,9 @@ def bart(hidden: int = 32, layers: int = 2, **overrides) -> nn.Module:
 BUILDERS: dict[str, Callable[..., nn.Module]] = {
     "llama": llama, "mistral": mistral, "qwen2": qwen2, "qwen3": qwen3, "gemma": gemma, "gemma2": gemma2,
     "gemma3": gemma3, "phi3": phi3, "glm": glm, "glm4": glm4, "gpt2": gpt2, "bert": bert, "roberta": roberta, "t5": t5,
-    "bart": bart, "gpt_neox": gpt_neox, "phi": phi, "falcon": falcon, "modernbert": modernbert,
+    "bart": bart, "gpt_neox": gpt_neox, "phi": phi, "falcon": falcon, "t5gemma": t5gemma, "modernbert": modernbert,
 }
-SEQ2SEQ_ARCHS = ("t5", "bart")
+SEQ2SEQ_ARCHS = ("t5", "bart", "t5gemma")
 
 
 def peft_model(arch: str, *, seed: int = 0, base_dtype: torch.dtype = torch.float32,

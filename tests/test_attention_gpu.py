@@ -14,7 +14,8 @@ pytestmark = GPU_MARKS
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("d", [64, 80, 128, 256])
 @pytest.mark.parametrize("causal,softcap,window,seg", [(True, None, None, None), (False, None, None, None),
-                                                       (True, 30.0, 128, None), (True, None, None, "padding")])
+                                                       (True, 30.0, 128, None), (True, None, None, "padding"),
+                                                       (False, None, (65, 65), "padding")])  # ModernBERT local
 def test_triton_attention_within_twice_torch_error(dtype, d, causal, softcap, window, seg):
     from peftfast.ops.attention import flash_attention
 
@@ -30,6 +31,7 @@ def test_triton_attention_within_twice_torch_error(dtype, d, causal, softcap, wi
         qseg[qseg == -1] = -3
     scale = 1 / math.sqrt(d)
     dy = torch.randn(b, s, hq, d, device="cuda", generator=g).to(dtype)
+    window, right = window if isinstance(window, tuple) else (window, None)
 
     def run(fn, leaves):
         for t in leaves:
@@ -39,10 +41,11 @@ def test_triton_attention_within_twice_torch_error(dtype, d, causal, softcap, wi
         return [o.detach().float()] + [t.grad.float() for t in leaves]
 
     got = run(lambda: flash_attention(q, k, v, causal=causal, scale=scale, softcap=softcap, window=window,
-                                      qseg=qseg, kseg=kseg, backend="triton"), [q, k, v])
+                                      window_right=right, qseg=qseg, kseg=kseg, backend="triton"), [q, k, v])
     rl = [t.detach().float().requires_grad_() for t in (q, k, v)]
-    ref = run(lambda: _ref(*rl, causal, scale, softcap, window, qseg, kseg, torch.float32), rl)
-    low = run(lambda: _ref(q, k, v, causal, scale, softcap, window, qseg, kseg, dtype), [q, k, v])
+    ref = run(lambda: _ref(*rl, causal, scale, softcap, window, qseg, kseg, torch.float32, window_right=right), rl)
+    low = run(lambda: _ref(q, k, v, causal, scale, softcap, window, qseg, kseg, dtype, window_right=right),
+              [q, k, v])
     for a, e, r in zip(got, low, ref):
         assert (a - r).abs().max() <= 2 * (e - r).abs().max() + 1e-3
 

@@ -165,6 +165,42 @@ def test_modernbert_local_layers_run_the_kernel_with_their_bidirectional_window(
     assert all(r["fused"] == 1 and not r["fallbacks"] for r in attn.values()), attn
 
 
+@pytest.mark.parametrize("p", [0.0, 0.1])
+@pytest.mark.parametrize("arch", ["t5gemma", "gemma3-bidirectional"])
+def test_bidirectional_windows_keep_each_models_eager_bound(arch, p):
+    """Non-causal sliding windows run the kernel with each model's eager bound: T5Gemma's encoder builds its mask
+    with transformers' bidirectional window builder (|i - j| <= sliding_window) but hands the attention function
+    ``sliding_window`` itself, one less than the flash-style window that builder means (ModernBERT hands it plus
+    one); Gemma 3 with bidirectional attention (EmbeddingGemma) masks |i - j| < sliding_window and says so. Both
+    match their unpatched loss and gradients with padding, every call fused (before, T5Gemma's local layers took the
+    fallback with the flash-style window: wrong by one key on each side)."""
+    name, kw = ("gemma3", dict(use_bidirectional_attention=True, sliding_window=3)) if arch != "t5gemma" \
+        else ("t5gemma", {})
+    model = peft_model(name, lora_dropout=p, model_kwargs=kw)
+    ref = clone(model)
+    peftfast.patch(model)
+    if p:
+        use_shared_seed_dropout(ref, model, p)
+    data = batch(name, seq=14)
+    data["attention_mask"] = torch.ones_like(data["input_ids"])
+    data["attention_mask"][1, 10:] = 0
+    if name == "gemma3":
+        data["labels"][1, 10:] = -100
+    loss, grads = loss_and_grads(model, data)
+    ref_loss, ref_grads = loss_and_grads(ref, data)
+    assert abs(loss.item() - ref_loss.item()) <= TOL * abs(ref_loss.item())
+    assert max(max_rel_err(grads[n], ref_grads[n]) for n in grads) <= TOL
+    attn = {n: r for n, r in peftfast.report(model).module_runtime(model).items() if n.endswith("(attention)")}
+    assert len(attn) == (6 if name == "t5gemma" else 2), attn
+    assert all(r["fused"] == 1 and not r["fallbacks"] for r in attn.values()), attn
+    bounds = {n: m.__dict__.get("_peftfast_bidir_window") for n, m in model.named_modules()
+              if "_peftfast_bidir_window" in m.__dict__}
+    if name == "t5gemma":  # the encoder's two self-attentions (the full layer's is never handed a window)
+        assert bounds == {f"base_model.model.model.encoder.layers.{i}.self_attn": 4 for i in (0, 1)}, bounds
+    else:
+        assert bounds == {}, bounds
+
+
 @pytest.mark.parametrize("layout", [dict(new_decoder_architecture=True, num_kv_heads=2),
                                     dict(parallel_attn=False, multi_query=False), dict(alibi=True)])
 def test_falcon_layouts_match_and_alibi_keeps_its_attention_with_the_reason(layout):

@@ -151,6 +151,21 @@ def _window_right(window, causal: bool) -> int | None:
     return int(window) if window and not causal else None
 
 
+def _inclusive_window_stacks(inner: nn.Module) -> list[str]:
+    """Names of the modules whose own code builds transformers' bidirectional sliding-window mask
+    (``create_bidirectional_sliding_window_mask``): eager attention below them sees |i - j| <= config.sliding_window.
+    The window their layers hand the attention function is not always that plus one, the flash-style window: ModernBERT
+    passes ``sliding_window + 1``, T5Gemma's encoder ``sliding_window`` itself, so eager and flash attention differ
+    there by one key on each side. The eager mask is what a user's model computed before the patch: it is kept."""
+    out = []
+    for name, m in inner.named_modules():
+        fn = getattr(type(m), "forward", None)
+        code = getattr(inspect.unwrap(fn), "__code__", None) if callable(fn) else None
+        if code is not None and "create_bidirectional_sliding_window_mask" in code.co_names:
+            out.append(name)
+    return out
+
+
 def _fallback(module, query, key, value, attention_mask, dropout, scaling, is_causal, window, softcap, qseg, kseg,
               cross=False, sinks=None, position_bias=None, head_mask=None, want_weights=False):
     """SDPA with an explicit boolean mask expressing the same visibility; computed op by op where SDPA cannot say
@@ -206,6 +221,8 @@ def peftfast_attention_forward(module: nn.Module, query: torch.Tensor, key: torc
     st = _stats(module)
     causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
     window = kwargs.get("sliding_window")
+    if window and not causal:
+        window = module.__dict__.get("_peftfast_bidir_window", window)  # see _inclusive_window_stacks
     softcap = kwargs.get("softcap")
     reason = None
     if kwargs.get("output_attentions"):
@@ -396,9 +413,14 @@ def install(model: nn.Module, backend: str) -> str | None:
     def attention_like(m: nn.Module) -> bool:
         return hasattr(m, "is_causal") or type(m).__name__.endswith("Attention")
 
+    inclusive = _inclusive_window_stacks(inner)
     for name, m in inner.named_modules():
         if attention_like(m):
             m.__dict__["_peftfast_attn_backend"] = backend
+            stack = next((s for s in inclusive if name.startswith(s + ".") or not s), None)
+            sw = getattr(getattr(m, "config", None), "sliding_window", None)
+            if stack is not None and isinstance(sw, int) and sw > 0 and not getattr(m, "is_causal", False):
+                m.__dict__["_peftfast_bidir_window"] = sw + 1
             if is_cross_attention(name):
                 m.__dict__["_peftfast_cross"] = True
             # stats up front (outside any compiled region) for the modules the attention function is called with:
@@ -417,5 +439,6 @@ def uninstall(model: nn.Module) -> None:
         inner.set_attn_implementation(previous)
     for m in inner.modules():
         m.__dict__.pop("_peftfast_attn_backend", None)
+        m.__dict__.pop("_peftfast_bidir_window", None)
         m.__dict__.pop("_peftfast_cross", None)
         m.__dict__.pop("_peftfast_attn", None)
