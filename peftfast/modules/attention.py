@@ -154,9 +154,11 @@ def _window_right(window, causal: bool) -> int | None:
 def _inclusive_window_stacks(inner: nn.Module) -> list[str]:
     """Names of the modules whose own code builds transformers' bidirectional sliding-window mask
     (``create_bidirectional_sliding_window_mask``): eager attention below them sees |i - j| <= config.sliding_window.
-    The window their layers hand the attention function is not always that plus one, the flash-style window: ModernBERT
-    passes ``sliding_window + 1``, T5Gemma's encoder ``sliding_window`` itself, so eager and flash attention differ
-    there by one key on each side. The eager mask is what a user's model computed before the patch: it is kept."""
+    Most layers hand the attention function that plus one, the flash-style window (ModernBERT, UltraBERT,
+    EmbeddingGemma 2), but T5Gemma's encoder hands ``sliding_window`` itself, so its eager and flash attention differ
+    by one key on each side. The eager mask is what the model computed before the patch: a layer handed exactly
+    its config's ``sliding_window`` gets one more (the value is recorded per layer; one handed anything else, e.g. a
+    per-layer window, keeps it)."""
     out = []
     for name, m in inner.named_modules():
         fn = getattr(type(m), "forward", None)
@@ -221,8 +223,8 @@ def peftfast_attention_forward(module: nn.Module, query: torch.Tensor, key: torc
     st = _stats(module)
     causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
     window = kwargs.get("sliding_window")
-    if window and not causal:
-        window = module.__dict__.get("_peftfast_bidir_window", window)  # see _inclusive_window_stacks
+    if window and not causal and window == module.__dict__.get("_peftfast_bidir_window"):
+        window += 1  # handed the mask builder's bound itself (T5Gemma): see _inclusive_window_stacks
     softcap = kwargs.get("softcap")
     reason = None
     if kwargs.get("output_attentions"):
@@ -420,7 +422,7 @@ def install(model: nn.Module, backend: str) -> str | None:
             stack = next((s for s in inclusive if name.startswith(s + ".") or not s), None)
             sw = getattr(getattr(m, "config", None), "sliding_window", None)
             if stack is not None and isinstance(sw, int) and sw > 0 and not getattr(m, "is_causal", False):
-                m.__dict__["_peftfast_bidir_window"] = sw + 1
+                m.__dict__["_peftfast_bidir_window"] = sw
             if is_cross_attention(name):
                 m.__dict__["_peftfast_cross"] = True
             # stats up front (outside any compiled region) for the modules the attention function is called with:
