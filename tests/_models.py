@@ -176,6 +176,31 @@ def t5gemma(hidden: int = 32, layers: int = 2, **overrides) -> nn.Module:
                                                          dropout_rate=0.0, attention_dropout=0.0))
 
 
+def _t5_like(hidden: int, layers: int) -> dict:
+    return dict(vocab_size=VOCAB, d_model=hidden, d_kv=hidden // 4, d_ff=2 * hidden, num_layers=layers,
+                num_decoder_layers=layers, num_heads=4, dropout_rate=0.0, relative_attention_num_buckets=8,
+                decoder_start_token_id=0, pad_token_id=0, attn_implementation="eager")
+
+
+def switch(hidden: int = 32, layers: int = 2, **overrides) -> nn.Module:
+    """SwitchTransformersForConditionalGeneration: T5's position bias, every second feed-forward a mixture of four
+    experts; its encoder hands the attention function a ``[B, 1, 1, S]`` extended padding mask it builds itself."""
+    from transformers import SwitchTransformersConfig, SwitchTransformersForConditionalGeneration
+
+    kw = dict(_t5_like(hidden, layers), num_experts=4, expert_capacity=64, encoder_sparse_step=2,
+              decoder_sparse_step=2, router_jitter_noise=0.0)
+    return SwitchTransformersForConditionalGeneration(SwitchTransformersConfig(**{**kw, **overrides}))
+
+
+def longt5(hidden: int = 32, layers: int = 2, **overrides) -> nn.Module:
+    """LongT5ForConditionalGeneration: its encoder computes its own local or transient-global attention, its
+    decoder T5's (position bias, through the attention interface)."""
+    from transformers import LongT5Config, LongT5ForConditionalGeneration
+
+    kw = dict(_t5_like(hidden, layers), local_radius=3, global_block_size=4, encoder_attention_type="local")
+    return LongT5ForConditionalGeneration(LongT5Config(**{**kw, **overrides}))
+
+
 def bert(hidden: int = 32, layers: int = 2, **overrides) -> nn.Module:
     """BertForMaskedLM (query/key/value form a sibling group)."""
     from transformers import BertConfig, BertForMaskedLM
@@ -234,9 +259,10 @@ def bart(hidden: int = 32, layers: int = 2, **overrides) -> nn.Module:
 BUILDERS: dict[str, Callable[..., nn.Module]] = {
     "llama": llama, "mistral": mistral, "qwen2": qwen2, "qwen3": qwen3, "gemma": gemma, "gemma2": gemma2,
     "gemma3": gemma3, "phi3": phi3, "glm": glm, "glm4": glm4, "gpt2": gpt2, "bert": bert, "roberta": roberta, "t5": t5,
-    "bart": bart, "gpt_neox": gpt_neox, "phi": phi, "falcon": falcon, "t5gemma": t5gemma, "modernbert": modernbert,
+    "bart": bart, "gpt_neox": gpt_neox, "phi": phi, "falcon": falcon, "t5gemma": t5gemma, "switch": switch,
+    "longt5": longt5, "modernbert": modernbert,
 }
-SEQ2SEQ_ARCHS = ("t5", "bart", "t5gemma")
+SEQ2SEQ_ARCHS = ("t5", "bart", "t5gemma", "switch", "longt5")
 
 
 def peft_model(arch: str, *, seed: int = 0, base_dtype: torch.dtype = torch.float32,

@@ -1159,3 +1159,25 @@ def test_views_kept_alone_are_compacted_before_the_kernel_keeps_them():
     assert all(a is b for a, b in zip(shared, (q, k, v)))  # one storage for all three: kept as is
     with torch.no_grad():
         assert _compact(q.detach(), kc.detach(), vc.detach())[0].untyped_storage().nbytes() == 2 * 7 * 144 * 4
+
+
+def test_key_padding_reads_extended_masks_only_when_they_pad_keys():
+    """A ``[B, 1, 1, SK]`` mask (the extended mask older code builds) pads keys alone: bool (True kept) and additive
+    (0 kept, the dtype's minimum masked, a ``[1, 1, 1, SK]`` one broadcast over the batch) become the 2-D mask;
+    an additive one that also biases kept keys, a query-dependent 4-D mask, or one seen while tracing is refused with
+    the reason (those calls take the fallback, which applies it as given)."""
+    from peftfast.modules.attention import key_padding
+
+    keep = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    additive = (~keep).float()[:, None, None, :] * torch.finfo(torch.float32).min
+    for m in (keep, keep[:, None, None, :], additive):
+        got, why = key_padding(m, 2, 5)
+        assert why is None and torch.equal(got, keep)
+    got, why = key_padding(additive[:1], 2, 5)
+    assert why is None and torch.equal(got, keep[:1].expand(2, 5))
+    biased = additive.clone()
+    biased[1, 0, 0, 2] = 0.5
+    assert "values other than 0 and -inf" in key_padding(biased, 2, 5)[1]
+    assert "traced" in key_padding(additive, 2, 5, traced=True)[1]
+    assert "expected a 2-D" in key_padding(additive.expand(2, 1, 3, 5), 2, 5)[1]
+    assert key_padding(None, 2, 5) == (None, None)

@@ -201,6 +201,34 @@ def test_bidirectional_windows_keep_each_models_eager_bound(arch, p):
         assert bounds == {}, bounds
 
 
+@pytest.mark.parametrize("p", [0.0, 0.1])
+@pytest.mark.parametrize("arch,encoder", [("switch", None), ("longt5", "local"), ("longt5", "transient-global")])
+def test_t5_relatives_run_the_kernel_with_their_position_bias(arch, encoder, p):
+    """SwitchTransformers and LongT5 add T5's position bias to the scores, which the kernel takes (the families
+    declare no flash attention for that alone). Switch's encoder hands over a ``[B, 1, 1, S]`` extended padding mask
+    of its own making, read as the key-padding mask it is; LongT5's encoder computes its own local or
+    transient-global attention, which stays its own and is not listed, while its decoder's self- and
+    cross-attention run the kernel. Loss and every gradient match the unpatched model, source padded."""
+    # LoRA on the attention projections: with a few tokens some of Switch's experts see none, and get no gradient
+    model = peft_model(arch, lora_dropout=p, target_modules=["q", "k", "v", "o"],
+                       model_kwargs={} if encoder is None else dict(encoder_attention_type=encoder))
+    ref = clone(model)
+    peftfast.patch(model)
+    if p:
+        use_shared_seed_dropout(ref, model, p)
+    data = batch(arch, seq=13)
+    data["attention_mask"] = torch.ones_like(data["input_ids"])
+    data["attention_mask"][1, 10:] = 0
+    loss, grads = loss_and_grads(model, data)
+    ref_loss, ref_grads = loss_and_grads(ref, data)
+    assert abs(loss.item() - ref_loss.item()) <= TOL * abs(ref_loss.item())
+    assert max(max_rel_err(grads[n], ref_grads[n]) for n in grads) <= TOL
+    attn = {n: r for n, r in peftfast.report(model).module_runtime(model).items() if n.endswith("(attention)")}
+    assert len(attn) == (6 if arch == "switch" else 4), attn
+    assert any(".encoder." in n for n in attn) == (arch == "switch"), attn
+    assert all(r["fused"] == 1 and not r["fallbacks"] for r in attn.values()), attn
+
+
 @pytest.mark.parametrize("layout", [dict(new_decoder_architecture=True, num_kv_heads=2),
                                     dict(parallel_attn=False, multi_query=False), dict(alibi=True)])
 def test_falcon_layouts_match_and_alibi_keeps_its_attention_with_the_reason(layout):

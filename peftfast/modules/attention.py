@@ -11,6 +11,7 @@ kernel does not do fall back to SDPA with an explicit mask, counted per module w
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 from collections import Counter
 from dataclasses import dataclass, field
@@ -27,7 +28,7 @@ _UNSUPPORTED_KWARGS = ("cache", "head_mask")
 # families whose attention declares no flash support only because it adds a position bias to the scores, which the
 # kernel takes (each checked against eager attention, loss and gradients, padded source and target:
 # test_attention.py); the others that declare none need masks a padding mask cannot say (Gemma 3's image tokens)
-POSITION_BIAS_FAMILIES = frozenset({"t5", "mt5", "umt5"})
+POSITION_BIAS_FAMILIES = frozenset({"t5", "mt5", "umt5", "switch_transformers", "longt5"})
 
 
 @dataclass
@@ -104,11 +105,10 @@ def _segment_ids(query: torch.Tensor, key: torch.Tensor, attention_mask: torch.T
             seg = _segments_from_positions(pos.expand(b, -1))
             if not traced and not bool(seg[:, -1].any()):
                 seg = None  # no row restarts: one document per row
-    mask = attention_mask
+    mask, why = key_padding(attention_mask, b, sk, traced)
+    if why is not None:
+        return None, None, why
     if mask is not None:
-        if mask.dim() != 2 or mask.shape[0] != b or mask.shape[1] != sk:
-            return None, None, f"attention mask of shape {tuple(mask.shape)} (expected a 2-D [B, {sk}] mask)"
-        mask = mask.bool()
         if not traced and bool(mask.all()):
             mask = None
     if seg is None and mask is None:
@@ -124,6 +124,30 @@ def _segment_ids(query: torch.Tensor, key: torch.Tensor, attention_mask: torch.T
     return qseg.contiguous(), kseg.contiguous(), None
 
 
+def key_padding(mask: torch.Tensor | None, b: int, sk: int, traced: bool = False
+                ) -> tuple[torch.Tensor | None, str | None]:
+    """(bool [B, SK] of the keys kept, or None; reason): the 2-D padding mask the flash-style mask builder gives, or
+    a key-padding mask some models still build themselves as ``[B, 1, 1, SK]`` (SwitchTransformers' encoder: the
+    extended mask, 0 kept, the dtype's minimum masked; or bool, True kept), broadcast over heads and queries, so it
+    says no more than a 2-D one. An additive one is taken only where its kept entries are exactly 0 (a bias
+    would be lost otherwise), which is read on the host, so not under ``torch.compile``."""
+    if mask is None:
+        return None, None
+    shape = tuple(mask.shape)
+    if mask.dim() == 4 and shape[1:3] == (1, 1) and shape[0] in (1, b) and shape[3] == sk:
+        if mask.dtype == torch.bool:
+            return mask[:, 0, 0].expand(b, sk), None
+        if not mask.is_floating_point() or traced:
+            return None, f"attention mask of shape {shape} ({mask.dtype}{', traced' if traced else ''})"
+        keep = mask[:, 0, 0] > torch.finfo(mask.dtype).min / 2
+        if bool((mask[:, 0, 0][keep] != 0).any()):
+            return None, f"additive attention mask of shape {shape} with values other than 0 and -inf"
+        return keep.expand(b, sk), None
+    if mask.dim() != 2 or shape[0] != b or shape[1] != sk:
+        return None, f"attention mask of shape {shape} (expected a 2-D [B, {sk}] mask)"
+    return mask.bool(), None
+
+
 def cross_segment_ids(query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None,
                       kwargs: dict) -> tuple[torch.Tensor | None, torch.Tensor | None, str | None]:
     """(qseg, kseg, reason) for cross-attention (decoder queries over encoder keys): the mask pads keys only.
@@ -134,11 +158,11 @@ def cross_segment_ids(query: torch.Tensor, key: torch.Tensor, attention_mask: to
     if kwargs.get("cu_seq_lens_q") is not None or kwargs.get("cu_seq_lens_k") is not None:
         return None, None, "packed sequences (cu_seq_lens) in cross-attention"
     b, sq, sk = query.shape[0], query.shape[2], key.shape[2]
-    if attention_mask is None:
+    mask, why = key_padding(attention_mask, b, sk, torch.compiler.is_compiling())
+    if why is not None:
+        return None, None, why
+    if mask is None:
         return None, None, None
-    if attention_mask.dim() != 2 or attention_mask.shape[0] != b or attention_mask.shape[1] != sk:
-        return None, None, f"attention mask of shape {tuple(attention_mask.shape)} (expected a 2-D [B, {sk}] mask)"
-    mask = attention_mask.bool()
     if not torch.compiler.is_compiling() and bool(mask.all()):
         return None, None, None
     kseg = torch.where(mask, 0, -1).to(torch.int32).contiguous()
@@ -346,17 +370,20 @@ def _calls_interface(model: nn.Module) -> bool:
     """Some method of a module class of ``model`` reads transformers' ``ALL_ATTENTION_FUNCTIONS`` (a global name
     of its code: the forward itself, or a helper it delegates to); only the model families' own classes are read
     (not PreTrainedModel, which names it to switch implementations, nor torch's or PEFT's)."""
-    seen: set[type] = set()
-    for m in model.modules():
-        for cls in type(m).__mro__:
-            if cls in seen or not cls.__module__.startswith("transformers.models."):
-                continue
-            seen.add(cls)
-            for fn in vars(cls).values():
-                fn = getattr(fn, "__func__", fn)  # classmethods and staticmethods
-                code = getattr(inspect.unwrap(fn), "__code__", None) if callable(fn) else None
-                if code is not None and "ALL_ATTENTION_FUNCTIONS" in code.co_names:
-                    return True
+    return any(_class_calls_interface(type(m)) for m in model.modules())
+
+
+@functools.cache
+def _class_calls_interface(cls: type) -> bool:
+    """A method of ``cls`` or of a transformers class it inherits from reads ``ALL_ATTENTION_FUNCTIONS``."""
+    for k in cls.__mro__:
+        if not k.__module__.startswith("transformers.models."):
+            continue
+        for fn in vars(k).values():
+            fn = getattr(fn, "__func__", fn)  # classmethods and staticmethods
+            code = getattr(inspect.unwrap(fn), "__code__", None) if callable(fn) else None
+            if code is not None and "ALL_ATTENTION_FUNCTIONS" in code.co_names:
+                return True
     return False
 
 
@@ -427,7 +454,8 @@ def install(model: nn.Module, backend: str) -> str | None:
                 m.__dict__["_peftfast_cross"] = True
             # stats up front (outside any compiled region) for the modules the attention function is called with:
             # the innermost ones (BERT's BertAttention only wraps BertSelfAttention, which gets the calls)
-            if not any(attention_like(c) for c in m.modules() if c is not m):
+            # (not those that compute their own, as LongT5's local encoder attention: they never call it)
+            if not any(attention_like(c) for c in m.modules() if c is not m) and _class_calls_interface(type(m)):
                 m.__dict__.setdefault("_peftfast_attn", AttentionStats())
     return None
 
