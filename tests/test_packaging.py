@@ -1,5 +1,6 @@
 """Both install modes work: editable (the test environment itself) and a regular wheel install."""
 
+import importlib.machinery
 import os
 import pathlib
 import subprocess
@@ -49,9 +50,18 @@ def test_repository_kernels_dir_does_not_shadow_the_pypi_kernels_package(tmp_pat
     our kernels/ first: it hands over to an installed ``kernels``, and where there is none it stays an empty module
     without ``__file__`` (transformers' sign of a shadowing directory) whose submodules cannot be imported."""
     code = ("import kernels, importlib.util; print(kernels.__file__); "
-            "print(importlib.util.find_spec('kernels.lora') is None if kernels.__file__ is None else kernels.real())")
+            "print(importlib.util.find_spec('kernels.lora') is None if kernels.__file__ is None else "
+            "getattr(kernels, 'real', lambda: 'pypi')())")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, check=True)
+    # the PyPI package may be installed (bitsandbytes 0.50 pulls it in): then it is what ``import kernels`` gives
+    installed = importlib.machinery.PathFinder.find_spec(
+        "kernels", [p for p in sys.path if pathlib.Path(p or os.curdir).resolve() != pathlib.Path(ROOT).resolve()])
+    want = ["None", "True"] if installed is None else [installed.origin, "pypi"]
+    assert out.stdout.split() == want, out.stderr
+    # without site-packages (``-S``) there is no installed one: the empty stand-in
+    out = subprocess.run([sys.executable, "-S", "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                         check=True)
     assert out.stdout.split() == ["None", "True"], out.stderr
     fake = tmp_path / "site" / "kernels"
     fake.mkdir(parents=True)
