@@ -47,6 +47,11 @@ TORCH_LIBRARY(peftfast, m) {
   m.def(
       "lora_group_bwd(Tensor x, Tensor xa, Tensor?[] grads, Tensor[] weights, Tensor[] lora_as, Tensor[] lora_bs, "
       "float[] scales, float p, Tensor seed, bool need_x, bool need_a, int[] need_b) -> (Tensor, Tensor, Tensor[])");
+  // lora_group_fwd's outputs ys with autograd in C++ (csrc/lora_autograd.cpp): the eager training path on CPU, one
+  // dispatch a call and a C++ backward node; below autograd it is lora_group_fwd without xa
+  m.def(
+      "lora_group(Tensor x, Tensor[] weights, Tensor[] biases, Tensor[] lora_biases, Tensor[] lora_as, "
+      "Tensor[] lora_bs, float[] scales, float p, Tensor seed, bool keep_xa=True) -> Tensor[]");
   // the keep-masks [nseg, m, k] (bool) both backends regenerate for seed: Philox keyed by (seg*m + row)*k + col
   m.def("dropout_keep_mask(Tensor like, Tensor seed, int nseg, int m, int k, float p) -> Tensor");
 

@@ -261,15 +261,33 @@ def _node(y: torch.Tensor) -> str:
     fn = y.grad_fn
     while type(fn).__name__ == "ViewBackward0":
         fn = fn.next_functions[0][0]
-    return type(fn).__name__
+    return fn.name() if type(fn).__name__ == "CppFunction" else type(fn).__name__
+
+
+CPP_NODE = "torch::autograd::CppNode<peftfast::(anonymous namespace)::LoRAGroupFunction>"
+
+
+@pytest.fixture(params=["cpp-autograd", "python-function"])
+def eager_path(request, monkeypatch):
+    """The eager autograd of ``lora_linear_group`` on CPU: the C++ node of ``peftfast::lora_group`` (the default), or
+    the Python ``_LoRAGroupOpFunction`` (``PEFTFAST_CPP_AUTOGRAD=0``, and where a recompute region hands ``xa``
+    around); yields the node name expected."""
+    from peftfast.ops import lora as lora_ops
+
+    if request.param == "python-function":
+        monkeypatch.setattr(lora_ops, "_CPP_AUTOGRAD", False)
+        return "_LoRAGroupOpFunctionBackward"
+    assert lora_ops._CPP_AUTOGRAD
+    return CPP_NODE
 
 
 @needs_ext
 @pytest.mark.parametrize("x_grad,need", [(True, "all"), (False, "B only"), (True, "none")])
-def test_direct_call_equals_the_registered_op(x_grad, need):
-    """``lora_linear_group`` runs ``lora_group_fwd`` through one plain autograd.Function (``_LoRAGroupOpFunction``);
-    the op called through the dispatcher's autograd kernel gives the same outputs, gradients and saved tensors, with
-    ``needs_input_grad`` per member (here: only some members' B, or only x)."""
+def test_direct_call_equals_the_registered_op(x_grad, need, eager_path):
+    """``lora_linear_group`` runs ``lora_group_fwd`` / ``lora_group_bwd`` under one autograd node (the C++ one of
+    ``peftfast::lora_group``, or the Python ``_LoRAGroupOpFunction``); the op called through the dispatcher's
+    autograd kernel gives the same outputs, gradients and saved tensors, bit for bit, with ``needs_input_grad`` per
+    member (here: only some members' B, or only x)."""
     from peftfast.ops.lora import _no_none, seed_tensor
 
     x, ws, bs, as_, bms, scales = _group()
@@ -298,12 +316,12 @@ def test_direct_call_equals_the_registered_op(x_grad, need):
     assert len(got[1]) == len(leaves) and all(torch.equal(a, b) for a, b in zip(got[1], ref[1]))
     assert got[2] == ref[2]  # the same saved tensors (the registered setup_context runs in both)
     if leaves:
-        assert got[3] == "_LoRAGroupOpFunctionBackward"
+        assert got[3] == eager_path
         assert ref[3].startswith("GeneratedBackwardFor_peftfast_lora_group_fwd")
 
 
 @needs_ext
-def test_direct_call_is_seen_by_dispatch_modes_and_steps_aside_without_grad():
+def test_direct_call_is_seen_by_dispatch_modes_and_steps_aside_without_grad(eager_path):
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class Seen(TorchDispatchMode):
@@ -319,10 +337,61 @@ def test_direct_call_is_seen_by_dispatch_modes_and_steps_aside_without_grad():
     with Seen() as seen:
         (y,) = lora_linear_group(x, ws, bs, as_, bms, scales[:1], backend="cpp")
     assert "peftfast.lora_group_fwd.default" in seen.ops
-    assert _node(y) == "_LoRAGroupOpFunctionBackward"
+    assert _node(y) == eager_path
     with torch.no_grad():
         (y,) = lora_linear_group(x, ws, bs, as_, bms, scales[:1], backend="cpp")
     assert y.grad_fn is None
+
+
+@needs_ext
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_opcheck_lora_group(p):
+    """``peftfast::lora_group``: autograd in C++, below it ``lora_group_fwd``'s outputs (fake kernel included)."""
+    x, ws, bs, as_, bms, sc = _group()
+    x.requires_grad_()
+    e = x.new_empty(0)
+    lbs = [e, torch.randn(24, requires_grad=True), e]
+    for keep in (True, False):
+        torch.library.opcheck(torch.ops.peftfast.lora_group.default,
+                              (x, ws, [bs[0], e, bs[2]], lbs, as_, bms, sc, p, torch.tensor([7]), keep))
+
+
+@needs_ext
+@pytest.mark.parametrize("p", [0.0, 0.3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpp_autograd_equals_the_python_function(p, dtype):
+    """The C++ node and the Python Function: the same outputs and every gradient, bit for bit: trainable base and
+    LoRA biases, one member's output unused (its gradient None: no dB, no bias gradients for it), ``xa`` not kept
+    (rebuilt in backward), a bf16 base with fp32 LoRA weights as PEFT's autocast_adapter_dtype leaves them."""
+    from peftfast.ops import lora as lora_ops
+
+    def run(cpp: bool):
+        x, ws, bs, as_, bms, sc = _group(dtype=dtype, seed=3)
+        x.requires_grad_()
+        as_ = [a.detach().float().requires_grad_() for a in as_]
+        bms = [b.detach().float().requires_grad_() for b in bms]
+        g = torch.Generator().manual_seed(5)
+        lbs = [None, torch.randn(24, generator=g).requires_grad_(), torch.randn(24, generator=g).requires_grad_()]
+        leaves = [x, *bs, lbs[1], lbs[2], *as_, *bms]
+        before = lora_ops._CPP_AUTOGRAD
+        lora_ops._CPP_AUTOGRAD = cpp
+        try:
+            ys = lora_linear_group(x, ws, bs, as_, bms, sc, lora_biases=lbs, dropout_p=p, seed=11, backend="cpp",
+                                   keep_xa=False)
+        finally:
+            lora_ops._CPP_AUTOGRAD = before
+        loss = ys[0].float().square().sum() + ys[2].float().sin().sum()  # ys[1] unused
+        grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+        return [y.detach() for y in ys], grads, _node(ys[0])
+
+    (ys_c, g_c, node_c), (ys_p, g_p, node_p) = run(True), run(False)
+    assert node_c == CPP_NODE and node_p == "_LoRAGroupOpFunctionBackward"
+    assert all(torch.equal(a, b) for a, b in zip(ys_c, ys_p))
+    assert len(g_c) == len(g_p)
+    for a, b in zip(g_c, g_p):
+        assert (a is None) == (b is None) and (a is None or (a.dtype == b.dtype and torch.equal(a, b)))
+    assert g_c[2] is None and g_c[4] is None and g_c[10] is None  # member 1's bias, LoRA bias and B: output unused
+    assert g_c[7] is not None  # its A still gets the (zero) rows of the stacked dA
 
 
 @needs_ext

@@ -32,7 +32,7 @@ import torch
 from peftfast import _ext
 from peftfast.ops import _direct
 from peftfast.ops._backend import resolve_backend
-from peftfast.ops.recompute import LowRankSlot, deposit_low_rank, low_rank_slot
+from peftfast.ops.recompute import LowRankSlot, capturing, deposit_low_rank, low_rank_slot
 
 MAX_RANK = 256
 _MAX_IN_PER_LAUNCH = 3  # dense inputs one dx launch sums (q/k/v)
@@ -559,6 +559,9 @@ class _LoRAGroupOpFunction(torch.autograd.Function):
 
 
 _LIB: torch.library.Library | None = None
+# the C++ autograd of peftfast::lora_group on the CPU path; PEFTFAST_CPP_AUTOGRAD=0 runs the Python Function instead
+_CPP_AUTOGRAD = os.environ.get("PEFTFAST_CPP_AUTOGRAD", "1") != "0" and _ext.available() and \
+    hasattr(torch.ops.peftfast, "lora_group")
 
 
 def _register() -> None:
@@ -659,6 +662,14 @@ def lora_linear_group(
         x2d = x.reshape(-1, x.shape[-1])
         scales = [float(s) for s in scales]
         seed_t = seed_tensor(seed, x.device, float(dropout_p))
+        if torch.is_grad_enabled() and not torch.compiler.is_compiling() and slot is None and be == "cpp" and \
+                _CPP_AUTOGRAD and not capturing():
+            # the C++ autograd node (csrc/lora_autograd.cpp): same kernels, saved tensors and gradients, no Python
+            # per call in forward or backward; a recompute region's slot or rerun needs xa handed over: below
+            ys = torch.ops.peftfast.lora_group.default(x2d, list(weights), _no_none(biases, x2d),
+                                                       _no_none(lora_biases, x2d), list(lora_as), list(lora_bs),
+                                                       scales, float(dropout_p), seed_t, bool(keep_xa))
+            return tuple(y.view(*x.shape[:-1], y.shape[-1]) for y in ys)
         if torch.is_grad_enabled() and not torch.compiler.is_compiling():
             *ys, xa = _LoRAGroupOpFunction.apply(x2d, n, scales, float(dropout_p), seed_t, bool(keep_xa), slot,
                                                  *weights, *biases, *lora_biases, *lora_as, *lora_bs)

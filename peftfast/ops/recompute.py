@@ -423,6 +423,11 @@ def low_rank_slot() -> LowRankSlot | None:
     return slot
 
 
+def capturing() -> bool:
+    """A region's backward rerun is running (its LoRA projections hand their products over: ``deposit_low_rank``)."""
+    return getattr(_local, "capturing", False)
+
+
 def deposit_low_rank(xa: torch.Tensor) -> None:
     """In a region's rerun, hand ``xa`` to the slot the forward's projection at this point of the order took."""
     if torch.compiler.is_compiling():
@@ -489,5 +494,5 @@ def capture(fn: Callable[..., Any], *args, **kwargs) -> tuple[torch.Tensor, ...]
     raise RuntimeError("peftfast: the backward rerun of the forward never reached the kernel that saved its tensors")
 
 
-__all__ = ["capture", "deposit_low_rank", "low_rank_slot", "offered", "rebuild_scope", "rebuildable", "rebuilding",
-           "rebuilding_offered", "restored_rng", "rng_state", "why_not_rebuild"]
+__all__ = ["capture", "capturing", "deposit_low_rank", "low_rank_slot", "offered", "rebuild_scope", "rebuildable",
+           "rebuilding", "rebuilding_offered", "restored_rng", "rng_state", "why_not_rebuild"]
