@@ -47,7 +47,7 @@ def test_cuda_sources_were_compiled():
 
 @needs_ext
 def test_schemas_declared_once_in_cpp():
-    for name in ("lora_group_fwd", "lora_group_bwd", "dropout_keep_mask", "build_info"):
+    for name in ("lora_group_fwd", "lora_group_bwd", "lora_group", "dropout_keep_mask", "build_info"):
         op = getattr(torch.ops.peftfast, name).default
         assert op._schema.name == f"peftfast::{name}"
 

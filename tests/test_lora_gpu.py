@@ -239,3 +239,25 @@ def test_dora_mlp_within_twice_eager_error(p, recompute):
     for j, (r_, got, ref) in enumerate(zip(exact, ours, eager)):
         assert (got - r_).abs().max() <= 2 * (ref - r_).abs().max() + 1e-3 * r_.abs().max(), (
             j, (got - r_).abs().max().item(), (ref - r_).abs().max().item())
+
+
+@pytest.mark.parametrize("p", [0.0, 0.1])
+def test_cpp_autograd_node_equals_the_python_function_on_gpu(p, monkeypatch):
+    """On CUDA the eager call runs ``peftfast::lora_group``'s C++ autograd node around the Triton-backed
+    ``lora_group_fwd`` / ``lora_group_bwd``: outputs and every gradient equal the Python Function's bit for bit."""
+    from peftfast.ops import lora as lora_ops
+    from peftfast.ops.lora import lora_linear_group
+
+    def run(cpp):
+        monkeypatch.setattr(lora_ops, "_CPP_AUTOGRAD", cpp)
+        x, ws, bs, as_, bms, scales, dys = _case(77, 96, (64, 32), 8, torch.bfloat16, True, torch.float32)
+        ys = lora_linear_group(x, ws, bs, as_, bms, scales, dropout_p=p, seed=5, backend="triton")
+        name = ys[0].grad_fn.next_functions[0][0].name() if ys[0].grad_fn.name() == "ViewBackward0" else \
+            ys[0].grad_fn.name()
+        leaves = [x, *bs, *as_, *bms]
+        return [y.detach() for y in ys], torch.autograd.grad(ys, leaves, dys), name
+
+    (yc, gc, nc), (yp, gp, np_) = run(True), run(False)
+    assert "LoRAGroupFunction" in nc and "_LoRAGroupOpFunction" in np_
+    assert all(torch.equal(a, b) for a, b in zip(yc, yp))
+    assert all(torch.equal(a, b) for a, b in zip(gc, gp))

@@ -373,9 +373,14 @@ def _calls_interface(model: nn.Module) -> bool:
     return any(_class_calls_interface(type(m)) for m in model.modules())
 
 
-@functools.cache
 def _class_calls_interface(cls: type) -> bool:
     """A method of ``cls`` or of a transformers class it inherits from reads ``ALL_ATTENTION_FUNCTIONS``."""
+    return _reads_interface(cls, tuple(k.__module__ for k in cls.__mro__))
+
+
+@functools.cache
+def _reads_interface(cls: type, modules: tuple[str, ...]) -> bool:
+    """(cached per class and the modules its bases say they come from)"""
     for k in cls.__mro__:
         if not k.__module__.startswith("transformers.models."):
             continue

@@ -559,7 +559,8 @@ class _LoRAGroupOpFunction(torch.autograd.Function):
 
 
 _LIB: torch.library.Library | None = None
-# the C++ autograd of peftfast::lora_group on the CPU path; PEFTFAST_CPP_AUTOGRAD=0 runs the Python Function instead
+# the C++ autograd of peftfast::lora_group for eager training calls (CPU kernels, or the Triton ones registered for
+# CUDA); PEFTFAST_CPP_AUTOGRAD=0 runs the Python Function instead
 _CPP_AUTOGRAD = os.environ.get("PEFTFAST_CPP_AUTOGRAD", "1") != "0" and _ext.available() and \
     hasattr(torch.ops.peftfast, "lora_group")
 
@@ -662,8 +663,8 @@ def lora_linear_group(
         x2d = x.reshape(-1, x.shape[-1])
         scales = [float(s) for s in scales]
         seed_t = seed_tensor(seed, x.device, float(dropout_p))
-        if torch.is_grad_enabled() and not torch.compiler.is_compiling() and slot is None and be == "cpp" and \
-                _CPP_AUTOGRAD and not capturing():
+        if torch.is_grad_enabled() and not torch.compiler.is_compiling() and slot is None and _CPP_AUTOGRAD and \
+                not capturing():
             # the C++ autograd node (csrc/lora_autograd.cpp): same kernels, saved tensors and gradients, no Python
             # per call in forward or backward; a recompute region's slot or rerun needs xa handed over: below
             ys = torch.ops.peftfast.lora_group.default(x2d, list(weights), _no_none(biases, x2d),
