@@ -459,6 +459,19 @@ def _use_registered_op(backend: str, device: torch.device) -> bool:
     return backend == "triton" and device.type == "cuda" and _ext.available()
 
 
+_ZERO_SEED = torch.zeros((1,), dtype=torch.int64)
+_EMPTIES: dict[tuple, torch.Tensor] = {}
+
+
+def _empty(like: torch.Tensor) -> torch.Tensor:
+    """One shared empty tensor per dtype and device for absent biases (eager C++ path; never written or saved)."""
+    key = (like.dtype, like.device)
+    t = _EMPTIES.get(key)
+    if t is None:
+        t = _EMPTIES[key] = like.new_empty((0,))
+    return t
+
+
 def _no_none(ts, like: torch.Tensor) -> list[torch.Tensor]:
     """Absent biases as empty tensors: the ops take ``Tensor[]`` (autograd does not flow through ``Tensor?[]``)."""
     return [like.new_empty((0,)) if t is None else t for t in ts]
@@ -660,26 +673,37 @@ def lora_linear_group(
     # inside a recompute="attn" region: the rerun makes xa again, so nothing keeps it
     slot = low_rank_slot() if keep_xa else None
     if _use_registered_op(be, x.device):
-        x2d = x.reshape(-1, x.shape[-1])
+        x2d = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
         scales = [float(s) for s in scales]
-        seed_t = seed_tensor(seed, x.device, float(dropout_p))
+        eager = not torch.compiler.is_compiling()
+        # no dropout in eager mode: one constant (never written) for the unused seed, not a tensor made per call
+        seed_t = _ZERO_SEED if seed is None and dropout_p == 0.0 and eager else \
+            seed_tensor(seed, x.device, float(dropout_p))
         if torch.is_grad_enabled() and not torch.compiler.is_compiling() and slot is None and _CPP_AUTOGRAD and \
                 not capturing():
             # the C++ autograd node (csrc/lora_autograd.cpp): same kernels, saved tensors and gradients, no Python
             # per call in forward or backward; a recompute region's slot or rerun needs xa handed over: below
-            ys = torch.ops.peftfast.lora_group.default(x2d, list(weights), _no_none(biases, x2d),
-                                                       _no_none(lora_biases, x2d), list(lora_as), list(lora_bs),
-                                                       scales, float(dropout_p), seed_t, bool(keep_xa))
-            return tuple(y.view(*x.shape[:-1], y.shape[-1]) for y in ys)
+            empty = _empty(x2d)
+            ys = torch.ops.peftfast.lora_group.default(x2d, list(weights), [empty if t is None else t for t in biases],
+                                                       [empty if t is None else t for t in lora_biases],
+                                                       list(lora_as), list(lora_bs), scales, float(dropout_p), seed_t,
+                                                       bool(keep_xa))
+            return tuple(ys) if x.dim() == 2 else tuple(y.view(*x.shape[:-1], y.shape[-1]) for y in ys)
         if torch.is_grad_enabled() and not torch.compiler.is_compiling():
             *ys, xa = _LoRAGroupOpFunction.apply(x2d, n, scales, float(dropout_p), seed_t, bool(keep_xa), slot,
                                                  *weights, *biases, *lora_biases, *lora_as, *lora_bs)
         else:  # nothing to record (no_grad), or the registered op for the compiler to trace
-            ys, xa = _direct.undifferentiated(torch.ops.peftfast.lora_group_fwd.default, x2d, list(weights),
-                                              _no_none(biases, x), _no_none(lora_biases, x), list(lora_as),
-                                              list(lora_bs), scales, float(dropout_p), seed_t, bool(keep_xa))
+            if eager:
+                empty = _empty(x2d)
+                bs_ = [empty if t is None else t for t in biases]
+                lbs_ = [empty if t is None else t for t in lora_biases]
+            else:
+                bs_, lbs_ = _no_none(biases, x), _no_none(lora_biases, x)
+            ys, xa = _direct.undifferentiated(torch.ops.peftfast.lora_group_fwd.default, x2d, list(weights), bs_,
+                                              lbs_, list(lora_as), list(lora_bs), scales, float(dropout_p), seed_t,
+                                              bool(keep_xa))
         deposit_low_rank(xa)
-        return tuple(y.view(*x.shape[:-1], y.shape[-1]) for y in ys)
+        return tuple(ys) if x.dim() == 2 else tuple(y.view(*x.shape[:-1], y.shape[-1]) for y in ys)
     if isinstance(seed, torch.Tensor):
         seed = int(seed.item())
     if dropout_p > 0.0 and seed is None:

@@ -412,9 +412,9 @@ class LowRankSlot:
 def low_rank_slot() -> LowRankSlot | None:
     """A slot for the ``dropout(x)·Aᵀ`` of the LoRA projection about to run (in grad mode) when a
     ``rebuilding_offered`` region is waiting for its offer; None elsewhere (the projection saves it as usual)."""
-    if torch.compiler.is_compiling() or not torch.is_grad_enabled() or getattr(_local, "capturing", False):
-        return None
     stack = getattr(_local, "pending", None)
+    if not stack or torch.compiler.is_compiling() or not torch.is_grad_enabled() or getattr(_local, "capturing", False):
+        return None
     group = stack[-1] if stack else None
     if group is None:
         return None
