@@ -191,7 +191,8 @@ class _AdapterFunction(torch.autograd.Function):
         if backend == "triton":
             out, z = _triton_forward(x2d, res2d, wd, bd, wu, bu, scale_t, act)
         elif backend == "cpp":
-            out, z = torch.ops.peftfast.adapter_fwd(x2d, None if res is None else res2d, wd, bd, wu, bu, scale_t, act)
+            out, z = _direct.undifferentiated(torch.ops.peftfast.adapter_fwd,
+                                              x2d, None if res is None else res2d, wd, bd, wu, bu, scale_t, act)
         else:
             z = F.linear(x2d, wd, bd)
             a = _act(z, act)

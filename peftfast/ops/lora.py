@@ -90,8 +90,9 @@ def dropout_keep_mask(seed: int, nseg: int, m: int, k: int, p: float, *, device,
     if backend == "torch":
         return torch.stack([_torch_keep_mask(seed, s, (m, k), p, device, torch.float32) for s in range(nseg)]).bool()
     if backend == "cpp":
-        return torch.ops.peftfast.dropout_keep_mask(torch.empty(0, device=device), seed_tensor(seed, device, p),
-                                                    nseg, m, k, p)
+        return _direct.undifferentiated(torch.ops.peftfast.dropout_keep_mask,
+                                        torch.empty(0, device=device), seed_tensor(seed, device, p),
+                                        nseg, m, k, p)
     from peftfast.kernels import lora as K
 
     out = torch.empty((nseg, m, k), dtype=torch.int8, device=device)
@@ -107,7 +108,8 @@ def regenerated_keep_masks(seed: int | torch.Tensor, nseg: int, x2d: torch.Tenso
     tensor (read inside the op: no host sync, a traced op under ``torch.compile``), else an int."""
     m, k = x2d.shape
     if isinstance(seed, torch.Tensor):
-        return torch.ops.peftfast.dropout_keep_mask(x2d.new_empty((0,)), seed, nseg, m, k, float(p))
+        return _direct.undifferentiated(torch.ops.peftfast.dropout_keep_mask,
+                                        x2d.new_empty((0,)), seed, nseg, m, k, float(p))
     return dropout_keep_mask(seed, nseg, m, k, p, device=x2d.device, backend=backend)
 
 
@@ -323,8 +325,9 @@ def group_forward(x2d: torch.Tensor, scales, p: float, seed: int, backend: str, 
     """
     ws, bs, lbs, as_, bmats = (flat[i * n:(i + 1) * n] for i in range(5))
     if backend == "cpp":
-        ys, xa = torch.ops.peftfast.lora_group_fwd(x2d, ws, _no_none(bs, x2d), _no_none(lbs, x2d), as_, bmats,
-                                                   list(scales), p, seed_tensor(seed, x2d.device, p))
+        ys, xa = _direct.undifferentiated(torch.ops.peftfast.lora_group_fwd,
+                                          x2d, ws, _no_none(bs, x2d), _no_none(lbs, x2d), as_, bmats,
+                                          list(scales), p, seed_tensor(seed, x2d.device, p))
         return list(ys), xa
     rank = as_[0].shape[0]
     impl = _IMPLS[backend]
@@ -546,8 +549,9 @@ class _LoRAGroupOpFunction(torch.autograd.Function):
         ws, bs, lbs, as_, bms = (list(flat[i * n:(i + 1) * n]) for i in range(5))
         ctx.bias_dtypes = (_dtypes(bs), _dtypes(lbs))
         with torch._C._AutoDispatchBelowAutograd():
-            ys, xa = torch.ops.peftfast.lora_group_fwd.default(x2d, ws, _no_none(bs, x2d), _no_none(lbs, x2d), as_,
-                                                                bms, scales, p, seed, keep_xa)
+            ys, xa = _direct.undifferentiated(torch.ops.peftfast.lora_group_fwd.default,
+                                              x2d, ws, _no_none(bs, x2d), _no_none(lbs, x2d), as_,
+                                              bms, scales, p, seed, keep_xa)
         ctx.mark_non_differentiable(xa)
         ctx.set_materialize_grads(False)  # an unused output's gradient stays None: the op skips its member
         ctx.meta = (n, scales, p)

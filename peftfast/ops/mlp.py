@@ -118,7 +118,7 @@ def act_mul(g: torch.Tensor, u: torch.Tensor, act: str, backend: str) -> torch.T
     """``act(g) · u`` (g, u [..., I] of one dtype); backend ``cpp`` runs the C++ kernel, differentiable. Row-strided
     g and u (the halves of a packed gate/up output) are read in place."""
     if backend == "cpp":
-        return torch.ops.peftfast.act_mul_fwd(g, u, act)
+        return _direct.undifferentiated(torch.ops.peftfast.act_mul_fwd, g, u, act)
     if backend != "triton":
         return _act(g, act) * u
     from peftfast.kernels import mlp as K

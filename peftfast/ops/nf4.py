@@ -113,7 +113,7 @@ def quantize_nf4(w: torch.Tensor, block_size: int = 64, *, backend: str = "auto"
         raise ValueError(f"peftfast: quantize_nf4: expected a 2-D floating weight, got {w.dtype} {tuple(w.shape)}")
     _check_block(block_size, w.shape[1], "quantize_nf4")
     if backend == "auto" and _cpp_ok(w.device) or backend == "cpp":
-        return tuple(torch.ops.peftfast.nf4_quantize(w.detach(), block_size))
+        return tuple(_direct.undifferentiated(torch.ops.peftfast.nf4_quantize, w.detach(), block_size))
     return _quantize_torch(w, block_size)
 
 
@@ -134,7 +134,7 @@ def dequantize_nf4(qweight: torch.Tensor, absmax: torch.Tensor, block_size: int 
     if backend == "auto":
         backend = "cpp" if _cpp_ok(qweight.device) else "triton" if qweight.device.type == "cuda" else "torch"
     if backend == "cpp":
-        return torch.ops.peftfast.nf4_dequantize(qweight, absmax, block_size, dtype)
+        return _direct.undifferentiated(torch.ops.peftfast.nf4_dequantize, qweight, absmax, block_size, dtype)
     if backend == "triton":
         return _triton_dequantize(qweight, absmax, block_size, dtype)
     return _dequantize_torch(qweight, absmax, block_size, dtype)
@@ -332,8 +332,9 @@ def _chunk_rows(total: int, per_row: int, chunk: int, multiple: int = 1) -> int:
 def _fwd(backend, x2d, q, absmax, bias, lbias, a, b_mat, scale, p, seed, bs, chunk):
     r = a.shape[0]
     if backend == "cpp":
-        return tuple(torch.ops.peftfast.nf4_lora_fwd(x2d, q, absmax, bias, lbias, a, b_mat, scale, p,
-                                                     torch.tensor([seed], dtype=torch.int64), bs, chunk))
+        return tuple(_direct.undifferentiated(torch.ops.peftfast.nf4_lora_fwd,
+                                              x2d, q, absmax, bias, lbias, a, b_mat, scale, p,
+                                              torch.tensor([seed], dtype=torch.int64), bs, chunk))
     impl = _lora_impl(backend)
     xa = impl.down(x2d, a, r, 1, p, seed, 1.0)
     if backend == "triton":
@@ -351,9 +352,10 @@ def _fwd(backend, x2d, q, absmax, bias, lbias, a, b_mat, scale, p, seed, bs, chu
 
 def _bwd(backend, x2d, xa, dy, q, absmax, a, b_mat, scale, p, seed, bs, chunk, need_x, need_a, need_b):
     if backend == "cpp":
-        dx, da, db = torch.ops.peftfast.nf4_lora_bwd(x2d, xa, dy, q, absmax, a, b_mat, scale, p,
-                                                     torch.tensor([seed], dtype=torch.int64), bs, chunk, need_x,
-                                                     need_a, need_b)
+        dx, da, db = _direct.undifferentiated(torch.ops.peftfast.nf4_lora_bwd,
+                                              x2d, xa, dy, q, absmax, a, b_mat, scale, p,
+                                              torch.tensor([seed], dtype=torch.int64), bs, chunk, need_x,
+                                              need_a, need_b)
         return dx if need_x else None, da if need_a else None, db if need_b else None
     from peftfast.ops import lora as L
 
@@ -658,8 +660,9 @@ def _nf4_proj_fwd(backend, x2d, proj, absmax, meta, seeds, i, chunk):
     bias, lbias, a, b_mat, q = proj[i * _NF4_PROJ:i * _NF4_PROJ + 5]
     scale, p, bs = meta[i]
     if _registered(backend, x2d.device):
-        return tuple(torch.ops.peftfast.nf4_lora_fwd(x2d, q, absmax[i], bias, lbias, a, b_mat, scale, p, seeds[i], bs,
-                                                     chunk))
+        return tuple(_direct.undifferentiated(torch.ops.peftfast.nf4_lora_fwd,
+                                              x2d, q, absmax[i], bias, lbias, a, b_mat, scale, p, seeds[i], bs,
+                                              chunk))
     return _fwd(backend, x2d, q, absmax[i], bias, lbias, a, b_mat, scale, p, seeds[i], bs, chunk)
 
 
@@ -669,8 +672,9 @@ def _nf4_proj_bwd(backend, x2d, xa, dy2, proj, absmax, meta, seeds, i, chunk, ne
     scale, p, bs = meta[i]
     nb, nlb, na, nbm = need[i * _NF4_PROJ:i * _NF4_PROJ + 4]
     if _registered(backend, x2d.device):
-        dx, da, db = torch.ops.peftfast.nf4_lora_bwd(x2d, xa, dy2, q, absmax[i], a, b_mat, scale, p, seeds[i], bs,
-                                                     chunk, need_x, na, nbm)
+        dx, da, db = _direct.undifferentiated(torch.ops.peftfast.nf4_lora_bwd,
+                                              x2d, xa, dy2, q, absmax[i], a, b_mat, scale, p, seeds[i], bs,
+                                              chunk, need_x, na, nbm)
         dx, da, db = dx if need_x else None, da if na else None, db if nbm else None
     else:
         dx, da, db = _bwd(backend, x2d, xa, dy2, q, absmax[i], a, b_mat, scale, p, seeds[i], bs, chunk, need_x, na,
@@ -748,14 +752,16 @@ def _keep_mask(seed, x2d: torch.Tensor, p: float, backend: str) -> torch.Tensor:
 def _plain_fwd(backend, x2d, q, absmax, a, b_mat, scale, p, seed, bs, chunk):
     """``(x Wᵀ + s·drop(x) Aᵀ Bᵀ, drop(x) Aᵀ)`` of one NF4 projection without biases."""
     if _registered(backend, x2d.device):
-        return tuple(torch.ops.peftfast.nf4_lora_fwd(x2d, q, absmax, None, None, a, b_mat, scale, p, seed, bs, chunk))
+        return tuple(_direct.undifferentiated(torch.ops.peftfast.nf4_lora_fwd,
+                                              x2d, q, absmax, None, None, a, b_mat, scale, p, seed, bs, chunk))
     return _fwd(backend, x2d, q, absmax, None, None, a, b_mat, scale, p, seed, bs, chunk)
 
 
 def _plain_bwd(backend, x2d, xa, dy, q, absmax, a, b_mat, scale, p, seed, bs, chunk, need_x, need_a, need_b):
     if _registered(backend, x2d.device):
-        dx, da, db = torch.ops.peftfast.nf4_lora_bwd(x2d, xa, dy, q, absmax, a, b_mat, scale, p, seed, bs, chunk,
-                                                     need_x, need_a, need_b)
+        dx, da, db = _direct.undifferentiated(torch.ops.peftfast.nf4_lora_bwd,
+                                              x2d, xa, dy, q, absmax, a, b_mat, scale, p, seed, bs, chunk,
+                                              need_x, need_a, need_b)
         return dx if need_x else None, da if need_a else None, db if need_b else None
     return _bwd(backend, x2d, xa, dy, q, absmax, a, b_mat, scale, p, seed, bs, chunk, need_x, need_a, need_b)
 
@@ -919,7 +925,7 @@ def _nf4_backward(ctx, dy, _dxa):
     scale, p, block_size, chunk, bias_dtype, lbias_dtype = ctx.meta
     need = ctx.needs_input_grad
     # the kernels take dy with any strides (ATen GEMMs on CPU, strided loads in Triton)
-    dx, da, db = torch.ops.peftfast.nf4_lora_bwd(x, xa, dy, qweight, absmax, lora_a, lora_b,
+    dx, da, db = _direct.undifferentiated(torch.ops.peftfast.nf4_lora_bwd, x, xa, dy, qweight, absmax, lora_a, lora_b,
                                                  scale, p, seed, block_size, chunk, need[0], need[5], need[6])
     (gb,), (glb,) = _bias_grads([dy], [bias_dtype], [lbias_dtype], [scale], [bias_dtype is not None and need[3]],
                                 [lbias_dtype is not None and need[4]])

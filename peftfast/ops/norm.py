@@ -312,7 +312,8 @@ class _RMSNormFunction(torch.autograd.Function):
         out_dtype = torch.promote_types(x.dtype, weight.dtype) if mixed else x.dtype
         if backend == "cpp":
             # the C++ op takes [..., N] with any strides: x itself is saved (no copy, whatever its layout)
-            y, h, rstd = torch.ops.peftfast.rms_norm_fwd(x, residual, weight, eps, add_one, round_normed)
+            y, h, rstd = _direct.undifferentiated(torch.ops.peftfast.rms_norm_fwd,
+                                                  x, residual, weight, eps, add_one, round_normed)
             h = h if residual is not None else None
             ctx.save_for_backward(h if h is not None else x, weight, rstd)
             ctx.form, ctx.backend, ctx.lead, ctx.has_res = form, backend, lead, residual is not None

@@ -90,7 +90,7 @@ def _apply(q, k, cos, sin, unsqueeze_dim: int, backward: bool, backend: str, lay
     if backend == "triton":
         return _launch(q, k, cos, sin, unsqueeze_dim, backward, layout)
     if backend == "cpp" and layout == "half":  # csrc/rope.cpp: one pass, the torch backend's maths and layouts
-        qo, ko = torch.ops.peftfast.rope_rotate(
+        qo, ko = _direct.undifferentiated(torch.ops.peftfast.rope_rotate, 
             _as_bhsd(q, unsqueeze_dim), _as_bhsd(k, unsqueeze_dim), cos, sin, backward,
             unsqueeze_dim == 2 or _seq_major(q, 1), unsqueeze_dim == 2 or _seq_major(k, 1))
         return _as_bhsd(qo, unsqueeze_dim), _as_bhsd(ko, unsqueeze_dim)
