@@ -1181,3 +1181,32 @@ def test_key_padding_reads_extended_masks_only_when_they_pad_keys():
     assert "traced" in key_padding(additive, 2, 5, traced=True)[1]
     assert "expected a 2-D" in key_padding(additive.expand(2, 1, 3, 5), 2, 5)[1]
     assert key_padding(None, 2, 5) == (None, None)
+
+
+def test_stacks_with_their_own_config_copy_are_switched_and_restored():
+    """Under transformers 5.17 T5's encoder and decoder keep copies of the config that ``set_attn_implementation``
+    does not switch: their attention stayed on SDPA while the report said fused. Simulated here with a copy given to
+    the encoder's modules: patch switches it (the encoder's attention runs the kernel, loss unchanged), unpatch
+    restores it."""
+    import copy
+
+    model = peft_model("t5")
+    inner = model.get_base_model()
+    own = copy.deepcopy(inner.encoder.config)
+    for m in inner.encoder.modules():
+        if getattr(m, "config", None) is inner.encoder.config:
+            m.config = own
+    before = inner.config._attn_implementation
+    assert own._attn_implementation == before != "peftfast" and own is not inner.config
+    ref = clone(model)
+    data = {"input_ids": torch.randint(2, 100, (2, 9)), "labels": torch.randint(2, 100, (2, 5))}
+    peftfast.patch(model)
+    assert own._attn_implementation == "peftfast"
+    loss, _ = loss_and_grads(model, data)
+    ref_loss, _ = loss_and_grads(ref, data)
+    assert abs(loss.item() - ref_loss.item()) <= 2e-5 * abs(ref_loss.item())
+    rt = peftfast.report(model).module_runtime(model)
+    enc = [r for n, r in rt.items() if ".encoder." in n and n.endswith("(attention)")]
+    assert enc and all(r["fused"] == 1 for r in enc), rt
+    peftfast.unpatch(model)
+    assert own._attn_implementation == before

@@ -29,8 +29,19 @@ EXPECTED_BLOCKS = {
     "falcon": ("mlp", "rope", "norm"),  # FalconLinear bases (bias added after the product) on the nn.Linear path
     "modernbert": ("mlp", "rope", "norm"),  # its packed GLU MLP (Wi/act/drop/Wo) on the packed LoRA-MLP op; Wqkv
 }
+
+
+def _falcon_calls_interface() -> bool:
+    """transformers 5.17's Falcon computes its own attention; later releases call the attention interface."""
+    from transformers.models.falcon.modeling_falcon import FalconAttention
+
+    from peftfast.modules.attention import _class_calls_interface
+
+    return _class_calls_interface(FalconAttention)
+
+
 # families whose attention the peftfast implementation does not serve (T5 is served since its position bias is)
-OWN_ATTENTION: set[str] = set()
+OWN_ATTENTION: set[str] = set() if _falcon_calls_interface() else {"falcon"}
 ENCODER_DECODERS = {"t5", "bart"}
 CAUSAL_LMS = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3", "glm4"]
 TOL = 2e-5
@@ -81,7 +92,7 @@ def test_patch_report(arch):
         assert model.get_base_model().config._attn_implementation == "peftfast"
     else:
         (entry,) = [e for e in rep.modules if e.kind == "attention"]
-        assert "_supports_flash_attn=False" in entry.reason, text
+        assert "_supports_flash_attn=False" in entry.reason or "computes its own attention" in entry.reason, text
     for e in rep.modules:
         assert e.patched or (e.reason and "\n" not in e.reason), text
     if arch in ENCODER_DECODERS:  # self-attention q/k/v grouped, cross-attention (q and k/v read other states) not
@@ -189,7 +200,9 @@ def test_bidirectional_windows_keep_each_models_eager_bound(arch, p):
     loss, grads = loss_and_grads(model, data)
     ref_loss, ref_grads = loss_and_grads(ref, data)
     assert abs(loss.item() - ref_loss.item()) <= TOL * abs(ref_loss.item())
-    assert max(max_rel_err(grads[n], ref_grads[n]) for n in grads) <= TOL
+    # fp32 rounding of softcapped grouped attention: 2.2e-5 seen under transformers 5.17 (a window one key off on
+    # each side, the bug this guards against, gives errors of order 1e-2)
+    assert max(max_rel_err(grads[n], ref_grads[n]) for n in grads) <= 2.5 * TOL
     attn = {n: r for n, r in peftfast.report(model).module_runtime(model).items() if n.endswith("(attention)")}
     assert len(attn) == (6 if name == "t5gemma" else 2), attn
     assert all(r["fused"] == 1 and not r["fallbacks"] for r in attn.values()), attn
@@ -247,7 +260,9 @@ def test_falcon_layouts_match_and_alibi_keeps_its_attention_with_the_reason(layo
     rep = peftfast.report(model)
     assert len(rep.patched) == 8 and not rep.skipped
     (attn,) = [e for e in rep.modules if e.kind == "attention"]
-    if layout.get("alibi"):
+    if not _falcon_calls_interface():
+        assert not attn.patched and "computes its own attention" in attn.reason
+    elif layout.get("alibi"):
         assert not attn.patched and "ALiBi" in attn.reason and "config.alibi=True" in attn.reason
     else:
         assert attn.patched

@@ -444,6 +444,19 @@ def install(model: nn.Module, backend: str) -> str | None:
         except Exception as exc:  # the architecture does not take attention implementations by name
             return f"{type(inner).__name__} refuses a custom attention implementation ({type(exc).__name__})"
         model.__dict__["_peftfast_attn_previous"] = previous
+    # stacks that keep a copy of the config (T5's encoder and decoder under transformers 5.17) are not switched by
+    # set_attn_implementation there: switched here, each restored by uninstall
+    switched = model.__dict__.setdefault("_peftfast_attn_subconfigs", [])
+    seen = {id(inner.config)}
+    for m in inner.modules():
+        cfg = getattr(m, "config", None)
+        if cfg is None or id(cfg) in seen or not hasattr(cfg, "_attn_implementation"):
+            continue
+        seen.add(id(cfg))
+        old = cfg._attn_implementation
+        if old != NAME and old == previous:
+            cfg._attn_implementation = NAME
+            switched.append((cfg, old))
     def attention_like(m: nn.Module) -> bool:
         return hasattr(m, "is_causal") or type(m).__name__.endswith("Attention")
 
@@ -467,6 +480,8 @@ def install(model: nn.Module, backend: str) -> str | None:
 
 def uninstall(model: nn.Module) -> None:
     previous = model.__dict__.pop("_peftfast_attn_previous", None)
+    for cfg, old in model.__dict__.pop("_peftfast_attn_subconfigs", []):
+        cfg._attn_implementation = old
     inner = base_model_of(model)
     if inner is None:
         return
