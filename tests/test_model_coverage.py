@@ -151,6 +151,27 @@ def test_modernbert_fused_mlm_loss_honours_num_items_and_sparse_prediction(spars
     assert got.shape == want.shape and torch.allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
+def _padded_parity(model, arch: str, p: float, *, seq: int, pad_from: int, unlabelled: bool, tol: float = TOL
+                   ) -> dict[str, dict]:
+    """Patch ``model`` and match its loss and every gradient against an unpatched clone (dropout masks replayed) on a
+    batch whose second row is padded from ``pad_from`` (unlabelled there too where ``unlabelled``); returns the
+    attention modules' runtime stats."""
+    ref = clone(model)
+    peftfast.patch(model)
+    if p:
+        use_shared_seed_dropout(ref, model, p)
+    data = batch(arch, seq=seq)
+    data["attention_mask"] = torch.ones_like(data["input_ids"])
+    data["attention_mask"][1, pad_from:] = 0
+    if unlabelled:
+        data["labels"][1, pad_from:] = -100
+    loss, grads = loss_and_grads(model, data)
+    ref_loss, ref_grads = loss_and_grads(ref, data)
+    assert abs(loss.item() - ref_loss.item()) <= TOL * abs(ref_loss.item())
+    assert max(max_rel_err(grads[n], ref_grads[n]) for n in grads) <= tol
+    return {n: r for n, r in peftfast.report(model).module_runtime(model).items() if n.endswith("(attention)")}
+
+
 @pytest.mark.parametrize("p", [0.0, 0.1])
 def test_modernbert_local_layers_run_the_kernel_with_their_bidirectional_window(p):
     """ModernBERT's local layers attend within |i - j| <= local_attention / 2 on both sides: the kernels take the
@@ -159,19 +180,7 @@ def test_modernbert_local_layers_run_the_kernel_with_their_bidirectional_window(
     one-sided window (before a273729) the local layers attended to every later key: wrong outputs."""
     model = peft_model("modernbert", lora_dropout=p,
                        model_kwargs=dict(global_attn_every_n_layers=2, local_attention=4, layers=3))
-    ref = clone(model)
-    peftfast.patch(model)
-    if p:
-        use_shared_seed_dropout(ref, model, p)
-    data = batch("modernbert", seq=16)
-    data["attention_mask"] = torch.ones_like(data["input_ids"])
-    data["attention_mask"][1, 12:] = 0
-    data["labels"][1, 12:] = -100
-    loss, grads = loss_and_grads(model, data)
-    ref_loss, ref_grads = loss_and_grads(ref, data)
-    assert abs(loss.item() - ref_loss.item()) <= TOL * abs(ref_loss.item())
-    assert max(max_rel_err(grads[n], ref_grads[n]) for n in grads) <= TOL
-    attn = {n: r for n, r in peftfast.report(model).module_runtime(model).items() if n.endswith("(attention)")}
+    attn = _padded_parity(model, "modernbert", p, seq=16, pad_from=12, unlabelled=True)
     assert any(".layers.1." in n for n in attn) and len(attn) == 3, attn
     assert all(r["fused"] == 1 and not r["fallbacks"] for r in attn.values()), attn
 
@@ -188,22 +197,9 @@ def test_bidirectional_windows_keep_each_models_eager_bound(arch, p):
     name, kw = ("gemma3", dict(use_bidirectional_attention=True, sliding_window=3)) if arch != "t5gemma" \
         else ("t5gemma", {})
     model = peft_model(name, lora_dropout=p, model_kwargs=kw)
-    ref = clone(model)
-    peftfast.patch(model)
-    if p:
-        use_shared_seed_dropout(ref, model, p)
-    data = batch(name, seq=14)
-    data["attention_mask"] = torch.ones_like(data["input_ids"])
-    data["attention_mask"][1, 10:] = 0
-    if name == "gemma3":
-        data["labels"][1, 10:] = -100
-    loss, grads = loss_and_grads(model, data)
-    ref_loss, ref_grads = loss_and_grads(ref, data)
-    assert abs(loss.item() - ref_loss.item()) <= TOL * abs(ref_loss.item())
     # fp32 rounding of softcapped grouped attention: 2.2e-5 seen under transformers 5.17 (a window one key off on
     # each side, the bug this guards against, gives errors of order 1e-2)
-    assert max(max_rel_err(grads[n], ref_grads[n]) for n in grads) <= 2.5 * TOL
-    attn = {n: r for n, r in peftfast.report(model).module_runtime(model).items() if n.endswith("(attention)")}
+    attn = _padded_parity(model, name, p, seq=14, pad_from=10, unlabelled=name == "gemma3", tol=2.5 * TOL)
     assert len(attn) == (6 if name == "t5gemma" else 2), attn
     assert all(r["fused"] == 1 and not r["fallbacks"] for r in attn.values()), attn
     bounds = {n: m.__dict__.get("_peftfast_bidir_window") for n, m in model.named_modules()
@@ -225,18 +221,7 @@ def test_t5_relatives_run_the_kernel_with_their_position_bias(arch, encoder, p):
     # LoRA on the attention projections: with a few tokens some of Switch's experts see none, and get no gradient
     model = peft_model(arch, lora_dropout=p, target_modules=["q", "k", "v", "o"],
                        model_kwargs={} if encoder is None else dict(encoder_attention_type=encoder))
-    ref = clone(model)
-    peftfast.patch(model)
-    if p:
-        use_shared_seed_dropout(ref, model, p)
-    data = batch(arch, seq=13)
-    data["attention_mask"] = torch.ones_like(data["input_ids"])
-    data["attention_mask"][1, 10:] = 0
-    loss, grads = loss_and_grads(model, data)
-    ref_loss, ref_grads = loss_and_grads(ref, data)
-    assert abs(loss.item() - ref_loss.item()) <= TOL * abs(ref_loss.item())
-    assert max(max_rel_err(grads[n], ref_grads[n]) for n in grads) <= TOL
-    attn = {n: r for n, r in peftfast.report(model).module_runtime(model).items() if n.endswith("(attention)")}
+    attn = _padded_parity(model, arch, p, seq=13, pad_from=10, unlabelled=False)
     assert len(attn) == (6 if arch == "switch" else 4), attn
     assert any(".encoder." in n for n in attn) == (arch == "switch"), attn
     assert all(r["fused"] == 1 and not r["fallbacks"] for r in attn.values()), attn
