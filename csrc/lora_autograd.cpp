@@ -9,6 +9,7 @@
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
+#include <optional>
 #include <tuple>
 #include <vector>
 
@@ -107,11 +108,10 @@ struct LoRAGroupFunction : public torch::autograd::Function<LoRAGroupFunction> {
     }
     Tensor dx, da;
     std::vector<Tensor> dbs;
-    if (at::GradMode::is_enabled()) {
+    {
       // create_graph=True: through the op's registered autograd, whose node refuses a second backward clearly
-      std::tie(dx, da, dbs) = call_bwd(x, xa, dys, ws, as, bms, scales, p, seed, need_x, need_a, need_b);
-    } else {
-      at::AutoDispatchBelowADInplaceOrView guard;
+      std::optional<at::AutoDispatchBelowADInplaceOrView> below;
+      if (!at::GradMode::is_enabled()) below.emplace();
       std::tie(dx, da, dbs) = call_bwd(x, xa, dys, ws, as, bms, scales, p, seed, need_x, need_a, need_b);
     }
     variable_list out(5 * n + 5);  // + scales, p, seed, keep_xa: no gradient

@@ -466,18 +466,22 @@ _ZERO_SEED = torch.zeros((1,), dtype=torch.int64)
 _EMPTIES: dict[tuple, torch.Tensor] = {}
 
 
-def _empty(like: torch.Tensor) -> torch.Tensor:
-    """One shared empty tensor per dtype and device for absent biases (eager C++ path; never written or saved)."""
-    key = (like.dtype, like.device)
-    t = _EMPTIES.get(key)
-    if t is None:
-        t = _EMPTIES[key] = like.new_empty((0,))
-    return t
-
-
 def _no_none(ts, like: torch.Tensor) -> list[torch.Tensor]:
-    """Absent biases as empty tensors: the ops take ``Tensor[]`` (autograd does not flow through ``Tensor?[]``)."""
-    return [like.new_empty((0,)) if t is None else t for t in ts]
+    """Absent biases as empty tensors: the ops take ``Tensor[]`` (autograd does not flow through ``Tensor?[]``).
+    Eager calls share one per dtype and device (never written or saved: no tensor made per call); traced ones get
+    their own."""
+    if torch.compiler.is_compiling():
+        return [like.new_empty((0,)) if t is None else t for t in ts]
+    key = (like.dtype, like.device)
+    empty = _EMPTIES.get(key)
+    if empty is None:
+        empty = _EMPTIES[key] = like.new_empty((0,))
+    return [empty if t is None else t for t in ts]
+
+
+def _shaped(ys, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The group's [M, N_i] outputs in ``x``'s leading shape."""
+    return tuple(ys) if x.dim() == 2 else tuple(y.view(*x.shape[:-1], y.shape[-1]) for y in ys)
 
 
 def _or_none(ts) -> list:
@@ -549,9 +553,8 @@ class _LoRAGroupOpFunction(torch.autograd.Function):
         ws, bs, lbs, as_, bms = (list(flat[i * n:(i + 1) * n]) for i in range(5))
         ctx.bias_dtypes = (_dtypes(bs), _dtypes(lbs))
         with torch._C._AutoDispatchBelowAutograd():
-            ys, xa = _direct.undifferentiated(torch.ops.peftfast.lora_group_fwd.default,
-                                              x2d, ws, _no_none(bs, x2d), _no_none(lbs, x2d), as_,
-                                              bms, scales, p, seed, keep_xa)
+            ys, xa = torch.ops.peftfast.lora_group_fwd.default(x2d, ws, _no_none(bs, x2d), _no_none(lbs, x2d), as_,
+                                                                bms, scales, p, seed, keep_xa)
         ctx.mark_non_differentiable(xa)
         ctx.set_materialize_grads(False)  # an unused output's gradient stays None: the op skips its member
         ctx.meta = (n, scales, p)
@@ -683,31 +686,22 @@ def lora_linear_group(
         # no dropout in eager mode: one constant (never written) for the unused seed, not a tensor made per call
         seed_t = _ZERO_SEED if seed is None and dropout_p == 0.0 and eager else \
             seed_tensor(seed, x.device, float(dropout_p))
-        if torch.is_grad_enabled() and not torch.compiler.is_compiling() and slot is None and _CPP_AUTOGRAD and \
-                not capturing():
+        train = torch.is_grad_enabled() and eager
+        if train and slot is None and _CPP_AUTOGRAD and not capturing():
             # the C++ autograd node (csrc/lora_autograd.cpp): same kernels, saved tensors and gradients, no Python
             # per call in forward or backward; a recompute region's slot or rerun needs xa handed over: below
-            empty = _empty(x2d)
-            ys = torch.ops.peftfast.lora_group.default(x2d, list(weights), [empty if t is None else t for t in biases],
-                                                       [empty if t is None else t for t in lora_biases],
-                                                       list(lora_as), list(lora_bs), scales, float(dropout_p), seed_t,
-                                                       bool(keep_xa))
-            return tuple(ys) if x.dim() == 2 else tuple(y.view(*x.shape[:-1], y.shape[-1]) for y in ys)
-        if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            return _shaped(torch.ops.peftfast.lora_group.default(
+                x2d, list(weights), _no_none(biases, x2d), _no_none(lora_biases, x2d), list(lora_as), list(lora_bs),
+                scales, float(dropout_p), seed_t, bool(keep_xa)), x)
+        if train:
             *ys, xa = _LoRAGroupOpFunction.apply(x2d, n, scales, float(dropout_p), seed_t, bool(keep_xa), slot,
                                                  *weights, *biases, *lora_biases, *lora_as, *lora_bs)
         else:  # nothing to record (no_grad), or the registered op for the compiler to trace
-            if eager:
-                empty = _empty(x2d)
-                bs_ = [empty if t is None else t for t in biases]
-                lbs_ = [empty if t is None else t for t in lora_biases]
-            else:
-                bs_, lbs_ = _no_none(biases, x), _no_none(lora_biases, x)
-            ys, xa = _direct.undifferentiated(torch.ops.peftfast.lora_group_fwd.default, x2d, list(weights), bs_,
-                                              lbs_, list(lora_as), list(lora_bs), scales, float(dropout_p), seed_t,
-                                              bool(keep_xa))
+            ys, xa = _direct.undifferentiated(torch.ops.peftfast.lora_group_fwd.default, x2d, list(weights),
+                                              _no_none(biases, x2d), _no_none(lora_biases, x2d), list(lora_as),
+                                              list(lora_bs), scales, float(dropout_p), seed_t, bool(keep_xa))
         deposit_low_rank(xa)
-        return tuple(ys) if x.dim() == 2 else tuple(y.view(*x.shape[:-1], y.shape[-1]) for y in ys)
+        return _shaped(ys, x)
     if isinstance(seed, torch.Tensor):
         seed = int(seed.item())
     if dropout_p > 0.0 and seed is None:

@@ -415,7 +415,7 @@ def low_rank_slot() -> LowRankSlot | None:
     stack = getattr(_local, "pending", None)
     if not stack or torch.compiler.is_compiling() or not torch.is_grad_enabled() or getattr(_local, "capturing", False):
         return None
-    group = stack[-1] if stack else None
+    group = stack[-1]
     if group is None:
         return None
     slot = LowRankSlot()
