@@ -19,3 +19,12 @@ import torch  # noqa: E402
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(autouse=True)
+def _rebuild_tiny_tensors(monkeypatch):
+    """Tests run tiny shapes, under ``MIN_REBUILD_BYTES``: every region rebuilds in them, so the rebuild paths stay
+    tested (``test_recompute`` checks the threshold itself at its real value)."""
+    from peftfast.ops import recompute
+
+    monkeypatch.setattr(recompute, "MIN_REBUILD_BYTES", 0)

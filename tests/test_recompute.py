@@ -10,6 +10,7 @@ from torch.utils.checkpoint import checkpoint
 
 from peftfast import _ext
 from peftfast.bench import saved_activation_bytes
+from peftfast.ops import recompute
 from peftfast.ops.recompute import (
     capture,
     offered,
@@ -430,3 +431,78 @@ def test_scope_nests_inside_save_on_cpu_style_hooks():
     got = _scoped(register=True, outer=(pack, lambda t: t))
     assert torch.equal(got[1], ref[1]) and torch.equal(got[2], ref[2]) and got[3] >= 1
     assert (7, 12) in packed  # the recipe's source went to the outer hooks
+
+
+# ---- the size threshold: small targets are kept (the hooks' host time outweighs their bytes) ----
+def test_regions_rebuild_from_the_threshold_up(monkeypatch):
+    """``rebuilding``, ``rebuildable`` and ``rebuilding_offered`` rebuild a target (or from sources) of at least
+    ``MIN_REBUILD_BYTES`` and keep a smaller one, with the same gradients either way."""
+    y_bytes = 7 * 12 * 4  # _leaves' x, and so y
+    want = _run(False)
+    for limit, rebuilt in ((y_bytes, True), (y_bytes + 1, False)):
+        monkeypatch.setattr(recompute, "MIN_REBUILD_BYTES", limit)
+        got = _run(True)
+        assert all(torch.equal(a, b) for a, b in zip(want[:3], got[:3]))
+        assert (got[3] >= 1) is rebuilt
+        ref, scoped = _scoped(register=False), _scoped(register=True)
+        assert all(torch.equal(a, b) for a, b in zip(ref[:3], scoped[:3]))
+        assert (scoped[3] >= 1) is rebuilt and (ref[4] - scoped[4] == y_bytes) is rebuilt
+    want = _offered_run(False)
+    for limit, rebuilt in ((9 * 6 * 4, True), (9 * 6 * 4 + 1, False)):  # the source x of _offered_run
+        monkeypatch.setattr(recompute, "MIN_REBUILD_BYTES", limit)
+        got = _offered_run(True)
+        assert all(torch.equal(a, b) for a, b in zip(want[:3], got[:3]))
+        assert (got[3] == 1) is rebuilt
+
+
+@pytest.mark.parametrize("arch", ["llama", "bert", "gpt2"])
+def test_a_model_too_small_to_rebuild_saves_what_recompute_none_does(arch, monkeypatch):
+    """Under the threshold every region of a patched model steps aside (the backbone's scope, fused blocks, the
+    MLPs' up reruns): the same saved bytes as ``recompute="none"`` and the same gradients; at 0 it saves less."""
+    from _models import batch, loss_and_grads, peft_model
+
+    import peftfast
+
+    data = batch(arch)
+
+    def run(setting: str, limit: int):
+        monkeypatch.setattr(recompute, "MIN_REBUILD_BYTES", limit)
+        model = peftfast.patch(peft_model(arch), recompute=setting)
+        _, saved = saved_activation_bytes(lambda: model(**data).loss, list(model.parameters()))
+        return saved.total, loss_and_grads(model, data)
+
+    big = 1 << 40
+    none, (loss, grads) = run("none", big)
+    small, (loss_s, grads_s) = run("up", big)
+    rebuilt, (loss_r, grads_r) = run("up", 0)
+    assert small == none and rebuilt < none, (none, small, rebuilt)
+    for got_loss, got in ((loss_s, grads_s), (loss_r, grads_r)):
+        assert torch.equal(got_loss, loss)
+        assert all(torch.equal(got[n], grads[n]) for n in grads)
+
+
+def test_the_backbone_scope_opens_only_where_its_hidden_states_reach_the_threshold(monkeypatch):
+    """The scope's size comes from ``input_ids`` and the embedding table (or from ``inputs_embeds``); an input it
+    cannot size (Whisper's features) opens the scope as before."""
+    from _models import batch, peft_model
+
+    import peftfast
+    from peftfast.modules import norm as norm_mod
+
+    model = peftfast.patch(peft_model("llama"), recompute="up")
+    backbone = next(m for m in model.modules() if "_peftfast_scope" in m.__dict__)
+    ids = batch("llama")["input_ids"]
+    hidden_bytes = ids.numel() * 32 * 4  # llama(hidden=32), fp32
+    embeds = torch.zeros(*ids.shape, 32)
+    opened = []
+    real = norm_mod.rebuild_scope
+    monkeypatch.setattr(norm_mod, "rebuild_scope", lambda fn, *a, **k: opened.append(1) or real(fn, *a, **k))
+    for limit, small in ((hidden_bytes, False), (hidden_bytes + 1, True)):
+        monkeypatch.setattr(recompute, "MIN_REBUILD_BYTES", limit)
+        assert norm_mod._small_stack(backbone, (), {"input_ids": ids}) is small
+        assert norm_mod._small_stack(backbone, (ids,), {}) is small
+        assert norm_mod._small_stack(backbone, (), {"input_ids": None, "inputs_embeds": embeds}) is small
+        assert norm_mod._small_stack(backbone, (embeds,), {}) is False  # a float input: not sized
+        opened.clear()
+        model(**batch("llama")).loss.backward()
+        assert len(opened) == (0 if small else 1)

@@ -46,7 +46,7 @@ from peftfast.modules._bind import bind_forward, unbind_forward, zero3_partition
 from peftfast.modules._tally import Tallied, tally
 from peftfast.modules.mlp import gate_activation
 from peftfast.ops.dense_mlp import act_forward, dense_act, up_act_rerun
-from peftfast.ops.recompute import rebuildable, rebuilding, why_not_rebuild
+from peftfast.ops.recompute import rebuildable, rebuilding, why_not_rebuild, worth_rebuilding
 
 
 @dataclass(frozen=True)
@@ -376,8 +376,9 @@ def dense_inline_act_forward(self: nn.Module, y: torch.Tensor, *args, **kwargs) 
 def _reruns(st: DenseMLPState, up: nn.Module, x: torch.Tensor) -> bool:
     """This call keeps ``x`` and runs ``up`` again in backward: ``recompute="up"`` or later, something upstream of ``h``
     needs a gradient, and saved tensors can be rebuilt here (not under torch.compile or activation checkpointing;
-    not with DeepSpeed ZeRO-3 parameters either, whose fetch order a module run inside backward would change)."""
-    if not st.rerun or why_not_rebuild() is not None:
+    not with DeepSpeed ZeRO-3 parameters either, whose fetch order a module run inside backward would change), and
+    ``x`` is not small (``worth_rebuilding``)."""
+    if not st.rerun or why_not_rebuild() is not None or not worth_rebuilding(x):
         return False
     params = list(up.parameters())
     return (x.requires_grad or any(p.requires_grad for p in params)) and not zero3_partitioned(*params)

@@ -38,6 +38,7 @@ from peftfast.modules._bind import (
 from peftfast.modules._tally import Tallied, tally
 from peftfast.ops.mlp import dora_mlp, frozen_mlp, lora_mlp, lora_packed_mlp
 from peftfast.ops.nf4 import nf4_dora_mlp, nf4_lora_mlp
+from peftfast.ops.recompute import worth_rebuilding
 
 _PROJ = ("gate_proj", "up_proj", "down_proj")
 
@@ -348,25 +349,25 @@ def fused_mlp_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs) -> torc
         tally(getattr(self, p)._peftfast.tally_key, "fused_calls")
     if nf4 and plans[0].dora:  # QDoRA: the NF4 DoRA MLP op
         projs = [_nf4_dora_proj(getattr(self, n), pl) for n, pl in zip(_PROJ, plans)]
-        return nf4_dora_mlp(x, *projs, act=gate_activation(self.act_fn), recompute=st.recompute, backend=st.backend,
-                            name=st.name)
+        return nf4_dora_mlp(x, *projs, act=gate_activation(self.act_fn), recompute=_recompute(st, x),
+                            backend=st.backend, name=st.name)
     if nf4:
         dev = x.device.type
         dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
         projs = [_nf4_proj(getattr(self, n), pl, dt) for n, pl in zip(_PROJ, plans)]
         with torch.autocast(dev, enabled=False):
             return nf4_lora_mlp(x if dt is None else x.to(dt), *projs, act=gate_activation(self.act_fn),
-                                recompute=st.recompute, backend=st.backend, name=st.name)
+                                recompute=_recompute(st, x), backend=st.backend, name=st.name)
     if plans[0].dora:  # all three DoRA (_plan): the DoRA MLP op, gate/up masks as segments 0 and 1 of one seed
         projs = [_dora_proj(getattr(self, n), pl) for n, pl in zip(_PROJ, plans)]
         return dora_mlp(x, *projs, act=gate_activation(self.act_fn), dropout_p=plans[0].p, down_dropout_p=plans[2].p,
-                        recompute=st.recompute, backend=st.backend, name=st.name)
+                        recompute=_recompute(st, x), backend=st.backend, name=st.name)
     gate, up, down = (_proj(getattr(self, n), pl) for n, pl in zip(_PROJ, plans))
     # the gate's dropout segment as in the layers' sibling group, so masks do not depend on fuse_mlp
     grp = self.gate_proj._peftfast.group
     seg = self.gate_proj._peftfast.index if grp is not None and self.up_proj in grp.members else 0
     return lora_mlp(x, gate, up, down, act=gate_activation(self.act_fn), dropout_p=plans[0].p,
-                    down_dropout_p=plans[2].p, gate_segment=seg, recompute=st.recompute, backend=st.backend,
+                    down_dropout_p=plans[2].p, gate_segment=seg, recompute=_recompute(st, x), backend=st.backend,
                     name=st.name)
 
 
@@ -393,7 +394,14 @@ def packed_mlp_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs) -> tor
     gate_up, down = (_proj(getattr(self, n), pl) for n, pl in zip(lay.projs, plans))
     act = gate_activation(getattr(self, _act_attr(self, lay)))
     return lora_packed_mlp(x, gate_up, down, act=act, dropout_p=plans[0].p, down_dropout_p=plans[1].p,
-                           recompute=st.recompute, backend=st.backend, name=st.name)
+                           recompute=_recompute(st, x), backend=st.backend, name=st.name)
+
+
+def _recompute(st: MLPState, x: torch.Tensor) -> str:
+    """The MLP's recompute mode for this call: none where its input is small (``worth_rebuilding``)."""
+    if st.recompute == "none" or torch.compiler.is_compiling() or worth_rebuilding(x):
+        return st.recompute
+    return "none"
 
 
 def frozen_mlp_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -414,12 +422,12 @@ def frozen_mlp_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs) -> tor
         x = x.to(dt)
         projs = [(w.to(dt), b.to(dt) if b is not None else None) for w, b in projs]
         with torch.autocast(dev, enabled=False):
-            out = frozen_mlp(x, *projs, act=act, recompute=st.recompute, backend=st.backend, name=st.name)
+            out = frozen_mlp(x, *projs, act=act, recompute=_recompute(st, x), backend=st.backend, name=st.name)
     elif x.dtype != projs[0][0].dtype:
         tally(st.tally_key, "fallbacks", f"input dtype {x.dtype} differs from the weights' {projs[0][0].dtype}")
         return call_original(self, st, x)
     else:
-        out = frozen_mlp(x, *projs, act=act, recompute=st.recompute, backend=st.backend, name=st.name)
+        out = frozen_mlp(x, *projs, act=act, recompute=_recompute(st, x), backend=st.backend, name=st.name)
     tally(st.tally_key, "fused_calls")
     return out
 

@@ -30,7 +30,7 @@ from torch import nn
 
 from peftfast.modules._bind import bind_forward, call_original, unbind_forward, zero3_partitioned
 from peftfast.ops.norm import SUPPORTED_DTYPES, layer_norm, rms_norm
-from peftfast.ops.recompute import rebuild_scope, rebuildable
+from peftfast.ops.recompute import rebuild_scope, rebuildable, worth_rebuilding
 
 __all__ = ["NormState", "ScopeState", "install", "install_scope", "is_norm", "layer_norm_forward", "rms_form",
            "rms_norm_forward", "uninstall", "uninstall_scope", "why_not"]
@@ -334,8 +334,30 @@ class ScopeState:
 
 
 def scoped_forward(module: nn.Module, *args, **kwargs):
-    """The backbone's forward inside a rebuild scope (``peftfast.ops.recompute.rebuild_scope``)."""
+    """The backbone's forward inside a rebuild scope (``peftfast.ops.recompute.rebuild_scope``), unless its hidden
+    states are known to be too small to rebuild (the scope's hooks would cost every saved tensor a Python call)."""
+    if not torch.compiler.is_compiling() and _small_stack(module, args, kwargs):
+        return call_original(module, module._peftfast_scope, *args, **kwargs)
     return rebuild_scope(call_original, module, module._peftfast_scope, *args, **kwargs)
+
+
+def _small_stack(module: nn.Module, args: tuple, kwargs: dict) -> bool:
+    """Whether the stack's hidden states hold fewer than ``MIN_REBUILD_BYTES`` (``worth_rebuilding``): read from
+    ``inputs_embeds``, or from ``input_ids`` and the input embedding's width and dtype; False where neither tells."""
+    emb = kwargs.get("inputs_embeds")
+    if isinstance(emb, torch.Tensor):
+        return not worth_rebuilding(emb)
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    if not isinstance(ids, torch.Tensor) or ids.is_floating_point():
+        return False
+    try:
+        table = module.get_input_embeddings()
+    except (AttributeError, NotImplementedError):
+        return False
+    w = getattr(table, "weight", None)
+    if not isinstance(table, nn.Embedding) or not isinstance(w, torch.Tensor) or w.dim() != 2:
+        return False  # a ZeRO-3 shard, or no plain table: not known
+    return not worth_rebuilding(ids.numel() * w.shape[1] * w.element_size())
 
 
 def install_scope(backbone: nn.Module) -> None:

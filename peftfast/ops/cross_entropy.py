@@ -39,6 +39,7 @@ from dataclasses import dataclass
 import torch
 import triton
 
+from peftfast.ops import _direct
 from peftfast.ops._backend import interpreting, resolve_backend
 from peftfast.ops._counters import launching
 
@@ -545,9 +546,10 @@ def fused_linear_cross_entropy(
     num_items = num_items_in_batch
     if num_items is not None and not isinstance(num_items, torch.Tensor):
         num_items = torch.tensor(num_items)
-    return _ce_op(h2, weight, bias, lora_A, lora_B, lab, num_items, float(lora_scale), int(ignore_index),
-                  float(label_smoothing), None if softcap is None else float(softcap), float(logit_scale),
-                  "triton" if be == "triton" else "torch", int(chunk), reduction, need)[0]
+    args = (h2, weight, bias, lora_A, lora_B, lab, num_items, float(lora_scale), int(ignore_index),
+            float(label_smoothing), None if softcap is None else float(softcap), float(logit_scale),
+            "triton" if be == "triton" else "torch", int(chunk), reduction, need)
+    return _direct.call(torch.ops.peftfast.fused_linear_ce.default, _ce_setup, _ce_backward, args, (-1,) * 7)[0]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -742,5 +744,6 @@ def fused_linear_jsd(
     chunk = chunk_size or default_chunk_size(n, max(hs.shape[1], ht.shape[1]), 2 * v)
     grad_on = torch.is_grad_enabled()
     need = [grad_on and t.requires_grad for t in (hs, student_weight, ht, wt)]
-    return _jsd_op(hs, student_weight, ht, wt, lab, float(beta), float(temperature), int(ignore_index),
-                   "triton" if be == "triton" else "torch", int(chunk), bool(scale_t2), need)[0]
+    args = (hs, student_weight, ht, wt, lab, float(beta), float(temperature), int(ignore_index),
+            "triton" if be == "triton" else "torch", int(chunk), bool(scale_t2), need)
+    return _direct.call(torch.ops.peftfast.fused_linear_jsd.default, _jsd_setup, _jsd_backward, args, (-1,) * 6)[0]

@@ -10,10 +10,11 @@ and layer for two element-wise norm passes in backward.
 ``rebuild`` must reproduce ``target`` exactly (the same deterministic op on the same inputs): the consumers'
 gradients are then bit-for-bit those of the saved tensor. The region nests inside other saved-tensor hooks (e.g.
 ``save_on_cpu`` or a memory counter): tensors it does not rebuild, and the recipe's sources, go through the outer
-hooks. It steps aside, running the region as is, where rebuilding would not pay or not be sound: under
-``torch.compile`` (the compiler picks what to save and recompute), inside activation checkpointing (only the
-region's inputs are kept there already, and checkpointing's own hooks must see every saved tensor), without grad
-mode, and where saved-tensor hooks are disabled.
+hooks. It steps aside, running the region as is, where rebuilding would not pay or not be sound: for targets
+under :data:`MIN_REBUILD_BYTES` (a few tokens: the hooks' host time outweighs the bytes), under ``torch.compile``
+(the compiler picks what to save and recompute), inside activation checkpointing (only the region's inputs are kept
+there already, and checkpointing's own hooks must see every saved tensor), without grad mode, and where
+saved-tensor hooks are disabled.
 
 ``rebuilding_offered(rebuild, sources, fn)`` does the same for tensors that only a callee knows: the q, k, v a
 fused attention hands its kernel (after the projections, the RoPE and the layout changes of the model's own
@@ -42,6 +43,13 @@ from typing import Any
 import torch
 
 _CHECKPOINT_MODULE = "torch.utils.checkpoint"
+
+# Below this size a region keeps its tensors as they are. What rebuilding saves is the target's bytes; what it costs
+# does not shrink with them: the region's saved-tensor hooks make a Python call for every tensor saved inside it, each
+# way, and backward runs the recipe (one more op, or a GEMM for the MLP's up projection). On CPU that is 0.1-0.3 ms per
+# layer and step, more than a whole layer of a 16-token step takes there; on a GPU the same host time is what a
+# small step waits on. 64 KiB is 16 tokens of a 1024-wide fp32 model, 8 of a 4096-wide bf16 one.
+MIN_REBUILD_BYTES = 64 * 1024
 
 
 def _outer_hooks() -> tuple[Callable, Callable] | None | str:
@@ -135,6 +143,13 @@ def _plan() -> tuple[str | None, tuple[Callable, Callable] | None]:
     return (outer, None) if isinstance(outer, str) else (None, outer)
 
 
+def worth_rebuilding(t: torch.Tensor | int) -> bool:
+    """Whether a region that rebuilds ``t``, or rebuilds from it, pays: ``t`` (a tensor, or a number of bytes)
+    holds at least :data:`MIN_REBUILD_BYTES` (read at each call)."""
+    n = t if isinstance(t, int) else t.numel() * t.element_size()
+    return n >= MIN_REBUILD_BYTES
+
+
 def why_not_rebuild() -> str | None:
     """None when a ``rebuilding`` region would rebuild here, else why it runs as is."""
     return _plan()[0]
@@ -148,7 +163,7 @@ def rebuilding(target: torch.Tensor, rebuild: Callable[..., torch.Tensor], sourc
     must return a tensor equal to ``target`` (same shape, dtype, values). Returns ``fn``'s result.
     """
     reason, outer = _plan()
-    if reason is not None or not _single_storage(target):
+    if reason is not None or not _single_storage(target) or not worth_rebuilding(target):
         return fn(*args, **kwargs)
     outer_pack, outer_unpack = outer if outer is not None else (None, None)
     storage, dtype = target.untyped_storage().data_ptr(), target.dtype
@@ -236,7 +251,7 @@ def rebuildable(target: torch.Tensor, rebuild: Callable[..., torch.Tensor], sour
     if torch.compiler.is_compiling() or not torch.is_grad_enabled():  # first: Dynamo would trace the thread-local
         return
     stack = getattr(_local, "scopes", None)
-    if not stack or not _single_storage(target):
+    if not stack or not _single_storage(target) or not worth_rebuilding(target):
         return
     stack[-1].targets[target.untyped_storage().data_ptr()] = _Target(target, rebuild, sources)
 
@@ -361,8 +376,9 @@ def rebuilding_offered(rebuild: Callable[..., tuple[torch.Tensor, ...]], sources
     """``fn(*args, **kwargs)``, where what a kernel saves of the tensors offered to it (``offered``) inside ``fn``
     is not kept: backward gets them from ``rebuild(*sources)`` (run under ``no_grad``; it must return the offered
     tensors' values, in order, e.g. by rerunning ``fn``'s forward in :func:`capture`). ``sources`` must be kept by
-    the graph anyway. The first ``offered`` inside ``fn`` takes the region; later ones run as is."""
-    if _plan()[0] is not None:
+    the graph anyway. The first ``offered`` inside ``fn`` takes the region; later ones run as is. Runs as is where
+    the sources are small (:func:`worth_rebuilding`: the offered tensors are about their size)."""
+    if _plan()[0] is not None or not all(worth_rebuilding(s) for s in sources):
         return fn(*args, **kwargs)
     stack = _local.__dict__.setdefault("pending", [])
     group = _Group(rebuild, sources)
@@ -494,5 +510,6 @@ def capture(fn: Callable[..., Any], *args, **kwargs) -> tuple[torch.Tensor, ...]
     raise RuntimeError("peftfast: the backward rerun of the forward never reached the kernel that saved its tensors")
 
 
-__all__ = ["capture", "capturing", "deposit_low_rank", "low_rank_slot", "offered", "rebuild_scope", "rebuildable",
-           "rebuilding", "rebuilding_offered", "restored_rng", "rng_state", "why_not_rebuild"]
+__all__ = ["MIN_REBUILD_BYTES", "capture", "capturing", "deposit_low_rank", "low_rank_slot", "offered", "rebuild_scope",
+           "rebuildable", "rebuilding", "rebuilding_offered", "restored_rng", "rng_state", "why_not_rebuild",
+           "worth_rebuilding"]
