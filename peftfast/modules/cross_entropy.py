@@ -45,6 +45,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+import transformers.modeling_outputs as _model_outputs
 from torch import nn
 
 from peftfast.modules._bind import bind_forward, call_original, unbind_forward, zero3_partitioned
@@ -413,9 +414,8 @@ def _bind_labelled(model: nn.Module, args, kwargs) -> tuple[dict, dict, torch.Te
 
 
 def _output_class(name: str) -> type:
-    import transformers.modeling_outputs as mo
-
-    return getattr(mo, _OUTPUTS.get(name, "CausalLMOutputWithPast"))
+    # imported with the module: an import inside a compiled forward is a graph break under torch < 2.12's Dynamo
+    return getattr(_model_outputs, _OUTPUTS.get(name, "CausalLMOutputWithPast"))
 
 
 def fused_bound_causal_forward(model: nn.Module, *args, **kwargs):
@@ -809,6 +809,7 @@ def _own_hook(head: nn.Module) -> bool:
 def fused_seq2seq_forward(model: nn.Module, *args, **kwargs):
     """Drop-in ``forward`` for the ``SEQ2SEQ`` classes (bound to the instance by ``install``)."""
     st: LossState = model._peftfast_loss
+    st.taken = None  # what a compiled call that raised left behind: the head hook must be inert outside a fused call
     bound = _bind_labelled(model, args, kwargs)
     if bound is None:
         return _original(model, st, args, kwargs)  # raises the original's own error
@@ -837,11 +838,17 @@ def fused_seq2seq_forward(model: nn.Module, *args, **kwargs):
     where["return_dict"] = True
 
     st.taken = []
-    try:
+    if torch.compiler.is_compiling():
+        # no try block: torch < 2.12's Dynamo cannot resume inside one after a graph break in the model's own code
+        # (a call that raises leaves the list, which the next call's entry clears)
         out = _original(model, st, (), {**p, **extra})
-        taken = st.taken
-    finally:
-        st.taken = None
+        taken, st.taken = st.taken, None
+    else:
+        try:
+            out = _original(model, st, (), {**p, **extra})
+            taken = st.taken
+        finally:
+            st.taken = None
     bias = getattr(out, "logits", None)
     if len(taken) != 1 or not isinstance(bias, torch.Tensor) or bias.shape != (1, ht.weight.shape[0]):
         tally(st.tally_key, "fallbacks", f"{rec.head} was not called once on the decoder output")

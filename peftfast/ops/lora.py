@@ -536,7 +536,9 @@ def _fwd_backward(ctx, grad_ys, grad_xa):
     flat_need = [flag for i in range(1, 6) for flag in need[i]]
     dx, grads = _registered_backward(x, xa, rest[:n], *ctx.bias_dtypes, rest[n:2 * n], rest[2 * n:], scales, p, seed,
                               need[0], flat_need, list(grad_ys))
-    return dx, *(list(grads[i * n:(i + 1) * n]) for i in range(5)), None, None, None, None
+    # one entry per input the op was called with: keep_xa, when left to its default, is not one (torch < 2.12
+    # rejects a longer return)
+    return dx, *(list(grads[i * n:(i + 1) * n]) for i in range(5)), *([None] * (len(need) - 6))
 
 
 class _LoRAGroupOpFunction(torch.autograd.Function):
