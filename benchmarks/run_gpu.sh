@@ -10,6 +10,10 @@
 #   smoke                 the fused LoRA and attention GPU tests, stopping at the first failure
 #   headline              peftfast bench, llama-3-8b, LoRA r=16 all linears, dropout 0.05, bf16, seq 2048, the largest
 #                         batch PEFT fits, against PEFT and Liger: the issue's first target
+# The baselines the machine lacks come as wheels in .whl/ (git-ignored), installed here without dependencies or an
+# index: before the lease, `pip download --no-deps -d .whl liger-kernel bitsandbytes` (about 44 MB: Liger 0.8.5 and
+# bitsandbytes 0.50.2 import and patch under the machine's torch 2.11 / transformers 5.17, checked on CPU), then
+# `carry: [".whl"]` on the device tool.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 gpu=$(python -c "import torch; print(torch.cuda.get_device_name().replace(' ', '-'))") || { echo "no CUDA GPU"; exit 2; }
@@ -21,6 +25,11 @@ if ! pip install --no-deps --no-build-isolation -e . >"$out/install.log" 2>&1; t
   echo "peftfast._C did not build (install.log); installing without it" | tee -a "$out/parts.log"
   PEFTFAST_BUILD_EXT=0 pip install --no-deps --no-build-isolation -e . >>"$out/install.log" 2>&1 \
     || { tail -20 "$out/install.log"; exit 1; }
+fi
+if compgen -G ".whl/*.whl" >/dev/null; then
+  pip install --no-deps --no-index .whl/*.whl >"$out/wheels.log" 2>&1 \
+    && echo "installed carried wheels: $(cd .whl && ls *.whl | tr '\n' ' ')" | tee -a "$out/parts.log" \
+    || { tail -5 "$out/wheels.log"; echo "carried wheels did not install (wheels.log)" | tee -a "$out/parts.log"; }
 fi
 python -m peftfast info | tee "$out/info.txt"
 parts=${RUN_GPU_PARTS:-tests kernels bench}  # e.g. RUN_GPU_PARTS=bench on a second call where one call is capped
