@@ -1148,3 +1148,35 @@ def test_seq2seq_prompt_learning_through_patch(arch, method):
     _, model, _, _ = _patched_loss_matches(ref, arch)
     assert ce_mod.stats(model) == {"fused": 1, "no_labels": 0, "eval": 0, "fallbacks": {}}
     peftfast.unpatch(model)
+
+
+def test_seq2seq_compiled_path_takes_the_head_input_without_a_try_block(monkeypatch):
+    """The branch ``torch.compile`` traces (no ``try`` block, which Dynamo before torch 2.12 cannot resume in after a
+    graph break in the model's own code): the same loss and gradients as the eager branch; a call that raises there
+    leaves the head hook armed, and the next call disarms it before the head runs unfused."""
+    ref = _peft_s2s("BartForConditionalGeneration")
+    model = copy.deepcopy(ref)
+    assert install_loss(model, backend="torch") == (True, None)
+    ids, lab = _s2s_batch()
+    want = _seeded(model, input_ids=ids, labels=lab).loss
+    want.backward()
+    want_grads = {n: p.grad.clone() for n, p in _trainable(model).items()}
+    model.zero_grad(set_to_none=True)
+    monkeypatch.setattr(ce_mod.torch.compiler, "is_compiling", lambda: True)
+    got = _seeded(model, input_ids=ids, labels=lab).loss
+    got.backward()
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    for n, p in _trainable(model).items():
+        torch.testing.assert_close(p.grad, want_grads[n], rtol=0, atol=0, msg=n)
+    st = model.base_model.model._peftfast_loss
+    assert st.taken is None
+    with pytest.raises(Exception):
+        model(input_ids=ids[:, :0], labels=lab)  # no source tokens: the class's own forward raises inside the call
+    assert st.taken is not None  # armed: what the compiled branch leaves
+    monkeypatch.undo()
+    model.eval(), ref.eval()  # dropout off: the two forwards compare exactly
+    with torch.no_grad():  # an unlabelled call takes the class's own forward: its head must see the real input
+        out = model(input_ids=ids, decoder_input_ids=lab.clamp(min=0))
+    assert st.taken is None and out.logits.shape == (*lab.shape, ref.base_model.model.config.vocab_size)
+    with torch.no_grad():
+        torch.testing.assert_close(out.logits, ref(input_ids=ids, decoder_input_ids=lab.clamp(min=0)).logits)

@@ -394,3 +394,33 @@ def test_registered_ops_that_cuda_paths_call_have_cuda_kernels():
 
     for op in ("lora_group_fwd", "lora_group_bwd", "dropout_keep_mask", "nf4_lora_fwd", "nf4_lora_bwd"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"peftfast::{op}", "CUDA"), op
+
+
+@needs_ext
+@pytest.mark.parametrize("keep_xa", [None, True])
+def test_registered_backward_returns_one_gradient_per_input_passed(keep_xa):
+    """``lora_group_fwd``'s registered autograd gets the inputs the call passed: ``keep_xa`` left to its default is
+    not one of them, and torch < 2.12 rejects a backward that returns more entries than there are inputs (opcheck and
+    every compiled LoRA call failed under torch 2.11; later versions forgive it)."""
+    from peftfast.ops import lora as L
+
+    class Ctx:
+        def save_for_backward(self, *ts):
+            self.saved_tensors = ts
+
+        def mark_non_differentiable(self, *ts):
+            pass
+
+    x, ws, bs, as_, bms, sc = _group(m=9, k=16)
+    e = x.new_empty(0)
+    inputs = (x, ws, [b.detach() for b in bs], [e, e, e], [a.detach() for a in as_], [b.detach() for b in bms],
+              sc, 0.0, torch.tensor([3]))
+    if keep_xa is not None:
+        inputs = (*inputs, keep_xa)
+    ys, xa = torch.ops.peftfast.lora_group_fwd(*inputs)
+    ctx = Ctx()
+    L._fwd_setup(ctx, inputs, (ys, xa))
+    ctx.needs_input_grad = (True, *([[True] * 3] * 5), *([False] * (len(inputs) - 6)))
+    grads = L._fwd_backward(ctx, [torch.ones_like(y) for y in ys], None)
+    assert len(grads) == len(inputs)
+    assert grads[0].shape == x.shape and all(len(g) == 3 for g in grads[1:6])
