@@ -14,6 +14,7 @@ from peftfast.modules import cross_entropy as ce_mod
 from peftfast.modules import dense_mlp as dense_mod
 from peftfast.modules import lora as lora_mod
 from peftfast.modules import mlp as mlp_mod
+from peftfast.modules import moe as moe_mod
 from peftfast.modules import nf4 as nf4_mod
 from peftfast.modules import norm as norm_mod
 from peftfast.modules import rope as rope_mod
@@ -65,7 +66,7 @@ CROSS_ATTENTION = frozenset({"encoder_attn", "EncDecAttention", "crossattention"
 @dataclass
 class PatchEntry:
     name: str
-    kind: str  # "lora" for PEFT layers; "mlp", "rope", "attention", "norm", "block", "loss" for fused modules
+    kind: str  # "lora" for PEFT layers; "mlp", "experts", "rope", "attention", "norm", "block", "loss" for modules
     patched: bool
     reason: str | None = None
     group: str | None = None
@@ -107,6 +108,9 @@ class PatchReport:
             mst = getattr(mod, "_peftfast_mlp", None)
             if isinstance(mst, mlp_mod.MLPState):
                 out[name] = {"fused": mst.fused_calls, "fallbacks": dict(mst.fallbacks), "deferred": dict(mst.deferred)}
+            est = mod.__dict__.get("_peftfast_moe")
+            if isinstance(est, moe_mod.ExpertsState):
+                out[name] = {"fused": est.fused_calls, "fallbacks": dict(est.fallbacks), "deferred": {}}
             dst = mod.__dict__.get("_peftfast_dense")
             if isinstance(dst, dense_mod.DenseMLPState):
                 out[name] = {"fused": dst.fused_calls, "fallbacks": dict(dst.fallbacks), "deferred": {}}
@@ -135,7 +139,7 @@ class PatchReport:
                      f"{sum(e.kind == k for e in self.modules)} {k}" for k in kinds]
             blocks = "; fused " + ", ".join(parts)
         # the setting matters only where a fused block or MLP runs
-        rec = f", recompute={self.recompute}" if any(e.patched and e.kind in ("block", "mlp")
+        rec = f", recompute={self.recompute}" if any(e.patched and e.kind in ("block", "mlp", "experts")
                                                       for e in self.modules) else ""
         nf4 = sum(e.nf4 for e in self.patched)
         nf4 = f", {nf4} over NF4 base weights" if nf4 else ""
@@ -214,7 +218,7 @@ def patch(model: nn.Module, *, backend: str = "auto", group_siblings: bool = Tru
     rep = PatchReport(backend=backend, recompute=recompute)
     patched: dict[str, nn.Module] = {}
     for name, mod in model.named_modules():
-        if not _is_peft_layer(mod):
+        if not _is_peft_layer(mod) or moe_mod.is_param_wrapper(mod):
             continue
         reason = lora_mod.why_not(mod)
         if reason is None:
@@ -225,6 +229,9 @@ def patch(model: nn.Module, *, backend: str = "auto", group_siblings: bool = Tru
         rep.entries.append(PatchEntry(name=name, kind="lora", patched=reason is None, reason=reason,
                                       nf4=nf4_mod.is_nf4_lora(mod)))
     _form_groups(patched, rep)
+    for name, mod in moe_mod.roots(model):  # LoRA on expert stacks (target_parameters): one op per experts module
+        _apply(rep, moe_mod, "experts", name, mod, moe_mod.why_not(mod) if fuse_mlp else "fuse_mlp=False", backend,
+               recompute=_at_least(recompute, "up"))
     frozen_mlps: list[tuple[str, nn.Module]] = []
     dense_mlps: list[tuple[str, nn.Module]] = []
     for name, mod in model.named_modules():
@@ -257,7 +264,8 @@ def patch(model: nn.Module, *, backend: str = "auto", group_siblings: bool = Tru
     # (with a warning below)
     from peftfast.patching.adapters import adapter_names
 
-    tuned = bool(rep.entries) or isinstance(getattr(model, "peft_config", None), dict) or bool(adapter_names(model))
+    tuned = (bool(rep.entries) or any(e.kind == "experts" for e in rep.modules)
+             or isinstance(getattr(model, "peft_config", None), dict) or bool(adapter_names(model)))
     for name, mod in frozen_mlps:
         if tuned:  # the MLPs of the frozen base: only the input gradient flows through them
             reason = mlp_mod.why_not_frozen(mod) if fuse_mlp else "fuse_mlp=False"
@@ -415,6 +423,7 @@ def unpatch(model: nn.Module) -> nn.Module:
         if getattr(mod, "_peftfast", None) is not None:
             lora_mod.uninstall(mod)
         mlp_mod.uninstall(mod)
+        moe_mod.uninstall(mod)
         dense_mod.uninstall(mod)
         rope_mod.uninstall(mod)
         block_mod.uninstall(mod)

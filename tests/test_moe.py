@@ -1,0 +1,426 @@
+"""LoRA on mixture-of-experts stacks (PEFT ``target_parameters``): the experts op and the patched MoE models.
+
+The op is checked against an fp64 reference that merges ``W + s·B·A`` per expert as PEFT does, on odd shapes with an
+expert no token picks, both weight layouts, with and without the gate/up rerun, every backend's activation kernel,
+and the gradient of every input (routing weights and base stacks included). Low precision must stay within 2x the
+error PEFT's own merged-weight path makes on the same inputs. Patched Mixtral, Qwen2/Qwen3-MoE, OLMoE, DeepSeek-V3 and
+PhiMoE give PEFT's loss and gradients, save no merged stack and less in all, and fall back (counted) where the op
+cannot serve a call.
+"""
+
+import copy
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+import transformers
+from _models import max_rel_err, saved_shapes
+from peft import LoraConfig, get_peft_model
+
+import peftfast
+from peftfast.modules import moe as moe_mod
+from peftfast.ops._backend import resolve_backend
+from peftfast.ops.moe import ExpertStack, experts_lora
+
+ACTS = {"silu": F.silu, "gelu": F.gelu, "gelu_tanh": lambda t: F.gelu(t, approximate="tanh")}
+
+
+def _stack(e, n_in, n_out, r, dtype, transposed, lora=True, scale=1.0):
+    w = torch.randn(e, n_in, n_out) if transposed else torch.randn(e, n_out, n_in)
+    w = (w / n_in**0.5).to(dtype)
+    if not lora:
+        return ExpertStack(w)
+    a = (torch.randn(e * r, n_in) / n_in**0.5).to(dtype).requires_grad_()
+    b = (torch.randn(n_out, r * e) * 0.3).to(dtype).requires_grad_()
+    return ExpertStack(w, a, b, scale)
+
+
+def _case(t=17, h=12, i=10, e=5, k=2, r=3, dtype=torch.float32, transposed=False, lora=(True, True)):
+    """Tokens routed to experts 0..e-2 only: the last expert gets no rows."""
+    x = torch.randn(t, h).to(dtype).requires_grad_()
+    idx = torch.stack([torch.randperm(e - 1)[:k] for _ in range(t)])
+    wts = torch.softmax(torch.randn(t, k), -1).to(dtype).requires_grad_()
+    gu = _stack(e, h, 2 * i, r, dtype, transposed, lora[0], 0.7)
+    dn = _stack(e, i, h, r, dtype, transposed, lora[1], 1.3)
+    return x, idx, wts, gu, dn
+
+
+def _merged(st: ExpertStack, e: int, transposed: bool, dtype) -> torch.Tensor:
+    """PEFT's parametrized stack as [E, out, in]: W + s·B_e·A_e, in ``dtype``."""
+    w = st.weight.to(dtype)
+    w = w.transpose(1, 2) if transposed else w
+    if st.lora_a is None:
+        return w
+    r = st.lora_a.shape[0] // e
+    a = st.lora_a.to(dtype).view(e, r, -1)
+    b = st.lora_b.to(dtype).view(st.lora_b.shape[0], r, e).permute(2, 0, 1)
+    return w + st.scaling * (b @ a)
+
+
+def _reference(x, idx, wts, gu, dn, act="silu", transposed=False, dtype=torch.float64):
+    """Every (token, expert) pair on its own, on merged weights in ``dtype``."""
+    e = gu.weight.shape[0]
+    wg, wd = _merged(gu, e, transposed, dtype), _merged(dn, e, transposed, dtype)
+    xs, ws = x.to(dtype), wts.to(dtype)
+    inter = wd.shape[2]
+    out = torch.zeros_like(xs)
+    for j in range(idx.shape[1]):
+        h = torch.einsum("th,toh->to", xs, wg[idx[:, j]])
+        a = ACTS[act](h[:, :inter]) * h[:, inter:]
+        out = out + ws[:, j, None] * torch.einsum("ti,thi->th", a, wd[idx[:, j]])
+    return out
+
+
+def _leaves(x, wts, gu, dn):
+    return [t for t in (x, wts, gu.weight, gu.lora_a, gu.lora_b, dn.weight, dn.lora_a, dn.lora_b)
+            if t is not None and t.requires_grad]
+
+
+def _grads(y, leaves, dy):
+    return torch.autograd.grad(y, leaves, dy)
+
+
+def _backend_or_skip(backend):
+    if backend == "cpp" and resolve_backend("auto", torch.device("cpu")) != "cpp":
+        pytest.skip("peftfast._C is not built")
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp", "triton"])
+@pytest.mark.parametrize("act", ["silu", "gelu_tanh"])
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("recompute", [False, True])
+def test_matches_fp64_merged_reference_with_every_gradient(backend, act, transposed, recompute):
+    _backend_or_skip(backend)
+    x, idx, wts, gu, dn = _case(transposed=transposed)
+    gu.weight.requires_grad_(), dn.weight.requires_grad_()  # trainable base stacks get their gradients too
+    leaves = _leaves(x, wts, gu, dn)
+    y = experts_lora(x, idx, wts, gu, dn, act=act, transposed=transposed, recompute=recompute, backend=backend)
+    ref = _reference(x, idx, wts, gu, dn, act, transposed)
+    dy = torch.randn_like(ref)
+    assert y.dtype == x.dtype and y.shape == x.shape
+    assert max_rel_err(y, ref) < 2e-6
+    got, want = _grads(y, leaves, dy.float()), _grads(ref, leaves, dy)
+    assert len(got) == 8
+    for g, w in zip(got, want):
+        assert g.shape == w.shape and g.dtype == torch.float32
+        assert max_rel_err(g, w) < 5e-6
+    # the expert no token picked gets exactly zero gradient, the others do not
+    da_gu = got[3].view(5, 3, -1)
+    assert da_gu[4].abs().max() == 0 and da_gu[:4].abs().amax(dim=(1, 2)).min() > 0
+
+
+@pytest.mark.parametrize("lora", [(True, False), (False, True)])
+def test_one_stack_without_lora(lora):
+    x, idx, wts, gu, dn = _case(lora=lora)
+    leaves = _leaves(x, wts, gu, dn)
+    y = experts_lora(x, idx, wts, gu, dn)
+    ref = _reference(x, idx, wts, gu, dn)
+    dy = torch.randn_like(ref)
+    assert max_rel_err(y, ref) < 2e-6
+    for g, w in zip(_grads(y, leaves, dy.float()), _grads(ref, leaves, dy)):
+        assert max_rel_err(g, w) < 5e-6
+
+
+def test_strided_inputs_and_routing():
+    x, idx, wts, gu, dn = _case(t=13)
+    x_wide = torch.randn(13, 30).requires_grad_()
+    xs = x_wide[:, 3:15]  # row stride 30
+    idx_t = idx.t().contiguous().t()  # column-major routing
+    wts_t = wts.detach().t().contiguous().t().requires_grad_()
+    y = experts_lora(xs, idx_t, wts_t, gu, dn, backend="torch")
+    ref = _reference(xs, idx, wts_t, gu, dn)
+    dy = torch.randn_like(ref)
+    assert max_rel_err(y, ref) < 2e-6
+    leaves = [x_wide, wts_t, gu.lora_a, gu.lora_b, dn.lora_a, dn.lora_b]
+    for g, w in zip(_grads(y, leaves, dy.float()), _grads(ref, leaves, dy)):
+        assert max_rel_err(g, w) < 5e-6
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_within_twice_peft_merged_error(dtype):
+    """PEFT computes on W + s·B·A merged in the stack dtype; the op keeps the factors apart. Both against fp64."""
+    torch.manual_seed(3)
+    x, idx, wts, gu, dn = _case(t=33, h=64, i=48, e=6, k=2, r=8, dtype=dtype)
+    leaves = _leaves(x, wts, gu, dn)
+    y = experts_lora(x, idx, wts, gu, dn, backend="torch")
+    peft_y = _reference(x, idx, wts, gu, dn, dtype=dtype)  # PEFT's merged-weight path in low precision
+    ref = _reference(x, idx, wts, gu, dn)
+    dy = torch.randn_like(ref)
+    assert y.dtype == dtype
+    assert max_rel_err(y, ref) <= 2 * max_rel_err(peft_y, ref) + 1e-3
+    got = _grads(y, leaves, dy.to(dtype))
+    peft_g = _grads(peft_y, leaves, dy.to(dtype))
+    for g, p, w in zip(got, peft_g, _grads(ref, leaves, dy)):
+        assert g.dtype == dtype
+        assert max_rel_err(g, w) <= 2 * max_rel_err(p, w) + 1e-3
+
+
+def test_bad_input_names_the_module_and_the_problem():
+    x, idx, wts, gu, dn = _case()
+    with pytest.raises(ValueError, match=r"peftfast: layer3\.experts: top_k_index holds expert id 7"):
+        experts_lora(x, idx.clone().fill_(7), wts, gu, dn, name="layer3.experts")
+    with pytest.raises(ValueError, match="must be \\[17, 12\\]|input must be"):
+        experts_lora(x[:, :5], idx, wts, gu, dn)
+    with pytest.raises(ValueError, match="do not form a gated MLP"):
+        experts_lora(x, idx, wts, gu, ExpertStack(dn.weight[:, :, :4]))
+    with pytest.raises(ValueError, match="do not fit 5 experts"):
+        experts_lora(x, idx, wts, ExpertStack(gu.weight, gu.lora_a[:-1], gu.lora_b[:, :-1]), dn)
+    with pytest.raises(ValueError, match="activation 'relu'"):
+        experts_lora(x, idx, wts, gu, dn, act="relu")
+    with pytest.raises(ValueError, match="must both be"):
+        experts_lora(x, idx[:, :1], wts, gu, dn)
+
+
+def test_recompute_keeps_no_gate_up_output():
+    """Saved for backward: without the rerun, h [S, 2I]; with it, only the input and int routing (no [S, ·] float
+    tensor); never a stack-sized tensor besides the parameters themselves."""
+    x, idx, wts, gu, dn = _case(t=21, h=16, i=12, e=4, k=2, r=2)
+    s = 21 * 2
+    params = [gu.weight, dn.weight, gu.lora_a, gu.lora_b, dn.lora_a, dn.lora_b]
+    kept = saved_shapes(lambda: experts_lora(x, idx, wts, gu, dn, recompute=False), params)
+    rerun = saved_shapes(lambda: experts_lora(x, idx, wts, gu, dn, recompute=True), params)
+    assert (s, 24) in kept and (s, 24) not in rerun
+    assert sorted(set(rerun)) == [(21, 16), (s,)]  # sorted rows' tokens, permutation, weights; the input
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# patched models
+# ----------------------------------------------------------------------------------------------------------------
+_COMMON = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+MOE = {
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM",
+                dict(intermediate_size=48, num_local_experts=4, num_experts_per_tok=2)),
+    "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM",
+                  dict(intermediate_size=48, moe_intermediate_size=24, shared_expert_intermediate_size=40,
+                       num_experts=4, num_experts_per_tok=2)),
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM",
+                  dict(intermediate_size=48, moe_intermediate_size=24, num_experts=4, num_experts_per_tok=2,
+                       head_dim=8)),
+    "olmoe": ("OlmoeConfig", "OlmoeForCausalLM",
+              dict(intermediate_size=24, num_experts=4, num_experts_per_tok=2, eos_token_id=None, pad_token_id=0)),
+    "deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM",
+                    dict(intermediate_size=48, moe_intermediate_size=24, n_routed_experts=4, num_experts_per_tok=2,
+                         n_group=1, topk_group=1, first_k_dense_replace=1, q_lora_rank=16, kv_lora_rank=16,
+                         qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=8)),
+    "phimoe": ("PhimoeConfig", "PhimoeForCausalLM",
+               dict(intermediate_size=48, num_local_experts=4, num_experts_per_tok=2)),
+}
+STACKS = ["experts.gate_up_proj", "experts.down_proj"]
+
+
+def _moe_base(arch, *, impl=None, seed=0, **cfg_kw):
+    cfg_name, cls_name, kw = MOE[arch]
+    torch.manual_seed(seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cfg = getattr(transformers, cfg_name)(**{**_COMMON, **kw, **cfg_kw})
+        if impl is not None:
+            cfg._experts_implementation = impl
+        return getattr(transformers, cls_name)(cfg)
+
+
+def _moe_model(arch, *, impl=None, targets=STACKS, modules=("q_proj", "v_proj", "o_proj"), seed=0, **cfg_kw):
+    model = _moe_base(arch, impl=impl, seed=seed, **cfg_kw)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=list(modules),
+                                              target_parameters=list(targets), init_lora_weights=False))
+    return pm.train()
+
+
+def _loss_and_grads(model, ids, seed=5):
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)  # PhiMoE's router samples in training mode
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _ids(seed=1):
+    return torch.randint(2, 64, (2, 11), generator=torch.Generator().manual_seed(seed))
+
+
+def _experts_entries(model):
+    return [e for e in peftfast.report(model).modules if e.kind == "experts"]
+
+
+@pytest.mark.parametrize("arch", list(MOE))
+def test_patched_moe_models_match_peft(arch):
+    model = _moe_model(arch)
+    ref = copy.deepcopy(model)
+    peftfast.patch(model)
+    entries = _experts_entries(model)
+    n_moe = 1 if arch == "deepseek_v3" else 2  # DeepSeek's first layer is dense
+    assert len(entries) == n_moe and all(e.patched for e in entries), entries
+    assert not [e for e in peftfast.report(model).entries if "ParamWrapper" in (e.reason or "")]
+    ids = _ids()
+    loss, grads = _loss_and_grads(model, ids)
+    ref_loss, ref_grads = _loss_and_grads(ref, ids)
+    assert torch.allclose(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    assert grads.keys() == ref_grads.keys() and any("lora_A" in n and "experts" in n for n in grads)
+    for n in grads:
+        assert max_rel_err(grads[n], ref_grads[n]) < 2e-5, n
+    runtime = peftfast.report(model).module_runtime(model)
+    assert [runtime[e.name]["fused"] for e in entries] == [1] * n_moe
+
+
+@pytest.mark.parametrize("impl", ["eager", "grouped_mm", "batched_mm"])
+def test_every_transformers_experts_implementation_is_matched(impl):
+    model = _moe_model("qwen3_moe", impl=impl)
+    ref = copy.deepcopy(model)
+    peftfast.patch(model)
+    assert all(e.patched for e in _experts_entries(model))
+    ids = _ids(2)
+    loss, grads = _loss_and_grads(model, ids)
+    ref_loss, ref_grads = _loss_and_grads(ref, ids)
+    assert torch.allclose(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    for n in grads:
+        assert max_rel_err(grads[n], ref_grads[n]) < 2e-5, n
+
+
+@pytest.mark.parametrize("targets", [["experts.gate_up_proj"], ["experts.down_proj"],
+                                     ["experts.down_proj", "experts.gate_up_proj"]])
+def test_one_or_both_stacks_in_either_order(targets):
+    model = _moe_model("mixtral", targets=targets)
+    ref = copy.deepcopy(model)
+    peftfast.patch(model)
+    assert all(e.patched for e in _experts_entries(model)) and len(_experts_entries(model)) == 2
+    ids = _ids(3)
+    loss, grads = _loss_and_grads(model, ids)
+    ref_loss, ref_grads = _loss_and_grads(ref, ids)
+    assert torch.allclose(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    for n in grads:
+        assert max_rel_err(grads[n], ref_grads[n]) < 2e-5, n
+
+
+def test_saves_no_merged_stack_and_less_than_peft():
+    model = _moe_model("qwen3_moe", num_experts=8, moe_intermediate_size=40)
+    ref = copy.deepcopy(model)
+    peftfast.patch(model)
+    ids = _ids(4)
+    stack = 8 * 80 * 32  # one gate_up stack's elements
+    numel = {}
+    for label, m in (("patched", model), ("peft", ref)):
+        shapes = saved_shapes(lambda m=m: m(input_ids=ids, labels=ids).loss.backward(), list(m.parameters()))
+        numel[label] = [torch.Size(s).numel() for s in shapes]
+    assert stack in numel["peft"]  # PEFT keeps the merged gate_up stack of each layer
+    assert max(numel["patched"]) < 8 * 40 * 32  # nothing stack-sized at all
+    assert sum(numel["patched"]) < 0.6 * sum(numel["peft"])
+
+
+def test_runtime_fallbacks_are_counted_and_match():
+    model = _moe_model("mixtral")
+    ref = copy.deepcopy(model)
+    peftfast.patch(model)
+    name = _experts_entries(model)[0].name
+    ids = _ids(5)
+    with model.disable_adapter(), ref.disable_adapter(), torch.no_grad():  # nothing trains: a forward only
+        torch.manual_seed(0)
+        loss = model(input_ids=ids, labels=ids).loss
+        torch.manual_seed(0)
+        ref_loss = ref(input_ids=ids, labels=ids).loss
+    assert torch.allclose(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    fallbacks = peftfast.report(model).module_runtime(model)[name]["fallbacks"]
+    assert fallbacks == {"adapters disabled or merged": 1}
+    # a second adapter made active alongside the first: PEFT adds both deltas; the op steps aside
+    model = _moe_model("mixtral")
+    model.add_adapter("other", LoraConfig(r=2, target_modules=["q_proj"], target_parameters=STACKS,
+                                          init_lora_weights=False))
+    model.base_model.set_adapter(["default", "other"])
+    ref = copy.deepcopy(model)
+    peftfast.patch(model)
+    loss, grads = _loss_and_grads(model, ids)
+    ref_loss, ref_grads = _loss_and_grads(ref, ids)
+    assert torch.allclose(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    for n in grads:
+        assert max_rel_err(grads[n], ref_grads[n]) < 2e-5, n
+    fallbacks = peftfast.report(model).module_runtime(model)[name]["fallbacks"]
+    assert any("2 active adapters" in k for k in fallbacks)
+
+
+def test_autocast_bf16_matches_peft_within_its_own_error():
+    model = _moe_model("qwen3_moe", modules=("q_proj",))
+    ref = copy.deepcopy(model)
+    exact = copy.deepcopy(model).double()
+    exact.get_base_model().config._experts_implementation = "eager"  # grouped_mm takes no fp64
+    peftfast.patch(model)
+    ids = _ids(6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, grads = _loss_and_grads(model, ids)
+        ref_loss, ref_grads = _loss_and_grads(ref, ids)
+    want_loss, want = _loss_and_grads(exact, ids)
+    runtime = peftfast.report(model).module_runtime(model)
+    assert [runtime[e.name] for e in _experts_entries(model)] == [{"fused": 1, "fallbacks": {}, "deferred": {}}] * 2
+    assert abs(loss.double() - want_loss) <= 2 * abs(ref_loss.double() - want_loss) + 2e-3
+    for n in want:
+        if "experts" in n:
+            assert max_rel_err(grads[n], want[n]) <= 2 * max_rel_err(ref_grads[n], want[n]) + 1e-3, n
+
+
+def test_unpatch_restores_peft_forward_and_state_dict_is_untouched(tmp_path):
+    model = _moe_model("olmoe")
+    keys = {k: v.clone() for k, v in model.state_dict().items()}
+    peftfast.patch(model)
+    root = model.get_submodule(_experts_entries(model)[0].name)
+    assert "forward" in root.__dict__ and "_peftfast_moe" in root.__dict__
+    assert model.state_dict().keys() == keys.keys()
+    model.save_pretrained(tmp_path)
+    peftfast.unpatch(model)
+    assert "forward" not in root.__dict__ and "_peftfast_moe" not in root.__dict__
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, keys[k]), k
+    from peft import PeftModel
+
+    base = _moe_base("olmoe")  # the same seed: the same base; the adapters come from disk
+    reloaded = PeftModel.from_pretrained(base, tmp_path).train()
+    ids = _ids(7)
+    model.eval()
+    reloaded.eval()
+    with torch.no_grad():
+        assert torch.allclose(model(input_ids=ids).logits, reloaded(input_ids=ids).logits, atol=1e-5)
+
+
+def test_probe_rejects_a_class_computing_something_else():
+    model = _moe_model("mixtral")
+    root = model.get_submodule("base_model.model.model.layers.0.mlp.experts")
+    base = moe_mod.chain(root)[1]
+    original = type(base)
+
+    class Doubled(original):
+        def forward(self, hidden_states, top_k_index, top_k_weights):
+            return 2 * original.forward(self, hidden_states, top_k_index, top_k_weights)
+
+    base.__class__ = Doubled
+    try:
+        assert "computes something else" in moe_mod.why_not(root)
+    finally:
+        base.__class__ = original
+    assert moe_mod.why_not(root) is None
+
+
+def test_unsupported_layouts_are_skipped_with_a_reason():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cfg = transformers.GptOssConfig(**_COMMON, intermediate_size=32, num_local_experts=4, num_experts_per_tok=2,
+                                        head_dim=8)
+        model = get_peft_model(transformers.GptOssForCausalLM(cfg),
+                               LoraConfig(r=4, target_modules=["q_proj"], target_parameters=STACKS))
+    peftfast.patch(model)
+    entries = _experts_entries(model)
+    assert len(entries) == 2 and all(not e.patched for e in entries)
+    assert entries[0].reason == "GptOssExperts: expert biases are not fused"
+    # a stack other than gate_up/down (the router's weight) leaves the whole chain on PEFT's path
+    model = _moe_model("mixtral", targets=["experts.gate_up_proj", "gate.weight"])
+    peftfast.patch(model)
+    reasons = {e.name: e.reason for e in peftfast.report(model).modules if e.kind == "experts"}
+    assert any("only gate_up_proj/down_proj" in (r or "") for r in reasons.values()), reasons
+    assert any(e.patched for e in _experts_entries(model))
+
+
+def test_fuse_mlp_false_leaves_experts_on_peft():
+    model = _moe_model("mixtral")
+    peftfast.patch(model, fuse_mlp=False)
+    assert [e.reason for e in _experts_entries(model)] == ["fuse_mlp=False"] * 2
+    root = model.get_submodule(_experts_entries(model)[0].name)
+    assert "_peftfast_moe" not in root.__dict__
