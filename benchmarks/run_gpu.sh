@@ -55,7 +55,7 @@ if [[ " $parts " == *" tests "* ]]; then
   tests_rc=${PIPESTATUS[0]}
 fi
 if [[ " $parts " == *" kernels "* ]]; then
-  for b in lora adapter attention norm cross_entropy nf4; do
+  for b in lora adapter attention norm cross_entropy nf4 moe; do
     python "benchmarks/bench_$b.py" --gpu --out "$out" 2>&1 | tee "$out/bench_$b.log"
   done
 fi
