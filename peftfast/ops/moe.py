@@ -19,9 +19,16 @@ GEMMs again from x instead, so the op keeps no activation of its own beyond int 
 are always recomputed (S·r each). The routing weights get their gradient ``Σ a·(dy·W_d + s_d·(dy·B_d)·A_d)`` without
 keeping the down projection's output.
 
-Rows are grouped by expert with one host read of the per-expert counts per call (transformers' eager experts loop
-syncs the same way); the per-expert products are GEMMs on views, the gated activation runs on the backend's fused
-kernel (``act_mul``). A grouped-GEMM kernel would remove the per-expert launches on GPU; see the README's gaps.
+Two implementations, the same saved activations and gradients:
+
+* ``backend="triton"`` (CUDA; the interpreter on CPU): rows sorted by expert, then one grouped-GEMM launch per
+  product for all experts (``peftfast.kernels.moe``), the hidden states gathered inside the kernel, the low-rank
+  term in the GEMM's epilogue, per-expert factor gradients reduced by a grouped kernel. No host sync: the tile map
+  is built on the device. Tokens' k expert rows are summed without atomics (deterministic).
+* the others (``cpp``/``torch``, CPU): one host read of the per-expert row counts, then GEMMs on each expert's rows
+  (views of the stacks), as transformers' eager experts loop does.
+
+The gated activation runs on the backend's fused kernel (``act_mul``).
 """
 
 from __future__ import annotations
@@ -29,7 +36,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import triton
 
+from peftfast.ops._backend import interpreting
+from peftfast.ops._counters import launching
+from peftfast.ops.lora import _dot_precision
 from peftfast.ops.mlp import GATE_ACTS, act_mul, act_mul_backward
 
 
@@ -195,6 +206,190 @@ def _gate_up(xe, w_gu, A_gu, B_gu, s_gu, e, transposed):
     return h
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# triton backend: grouped GEMMs over expert-sorted rows (peftfast.kernels.moe), one launch per product, no host sync
+# ----------------------------------------------------------------------------------------------------------------
+def _block_m() -> int:
+    return 16 if interpreting() else 64
+
+
+def _tile_map(counts: torch.Tensor, rows: int, bm: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """(expert, first row, end row) of each ``bm``-row tile over expert-sorted rows, from per-expert ``counts`` on the
+    device; the tile count is bounded on the host by ``cdiv(rows, bm) + E`` (spare tiles get expert -1)."""
+    e = counts.numel()
+    tiles = (counts + bm - 1) // bm
+    cum = torch.cumsum(tiles, 0)
+    n = triton.cdiv(rows, bm) + e
+    i = torch.arange(n, device=counts.device)
+    ex = torch.searchsorted(cum, i, right=True)
+    exc = ex.clamp(max=e - 1)
+    starts = torch.cumsum(counts, 0) - counts
+    row0 = starts[exc] + (i - (cum - tiles)[exc]) * bm
+    end = starts[exc] + counts[exc]
+    return torch.where(ex < e, ex, -1), row0, end, n
+
+
+def _pow2_tile(n: int, cap: int) -> int:
+    return min(cap, max(16, triton.next_power_of_2(n)))
+
+
+def _gemm_config(n: int, dtype: torch.dtype) -> dict:
+    if interpreting():
+        return dict(BLOCK_N=_pow2_tile(n, 32), BLOCK_K=32, num_warps=1, num_stages=1)
+    wide = dtype == torch.float32
+    return dict(BLOCK_N=_pow2_tile(n, 64 if wide else 128), BLOCK_K=32 if wide else 64, num_warps=4,
+                num_stages=3)
+
+
+def _wgrad_config(i: int, n: int) -> dict:
+    if interpreting():
+        return dict(BLOCK_M=16, BLOCK_I=_pow2_tile(i, 32), BLOCK_N=_pow2_tile(n, 32), num_warps=1, num_stages=1)
+    return dict(BLOCK_M=32, BLOCK_I=_pow2_tile(i, 64), BLOCK_N=_pow2_tile(n, 64), num_warps=4, num_stages=3)
+
+
+def _gg(x: torch.Tensor, gather: torch.Tensor | None, w3: torch.Tensor, tmap, out_dtype: torch.dtype,
+        lora: tuple | None = None) -> torch.Tensor:
+    """Grouped ``x[src]·w3[e]ᵀ (+ s·L·R3[e]ᵀ)``: w3 [E, N, K] and R3 [E, N, r] as any-strided views, L [S, r]."""
+    from peftfast.kernels import moe as K
+
+    expert, row0, end, n_tiles = tmap
+    rows = gather.numel() if gather is not None else x.shape[0]
+    n, k = w3.shape[1], w3.shape[2]
+    out = torch.empty(rows, n, device=x.device, dtype=out_dtype)
+    if rows == 0 or n == 0:
+        return out
+    lo, r3, scale = lora if lora is not None else (None, None, 0.0)
+    cfg = _gemm_config(n, x.dtype)
+    warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
+    prec = _dot_precision(x.dtype)
+    with launching("_moe_grouped_gemm_kernel"):
+        K._moe_grouped_gemm_kernel[(n_tiles, triton.cdiv(n, cfg["BLOCK_N"]))](
+            x, x.stride(0), x.stride(1), gather if gather is not None else expert,
+            w3, w3.stride(0), w3.stride(1), w3.stride(2),
+            lo if lo is not None else x, *(lo.stride() if lo is not None else (0, 0)),
+            r3 if r3 is not None else w3, *(r3.stride() if r3 is not None else (0, 0, 0)),
+            out, out.stride(0), out.stride(1), expert, row0, end, n, k, lo.shape[1] if lo is not None else 0,
+            float(scale), GATHER=gather is not None, HAS_LORA=lo is not None, BLOCK_M=_block_m(), BLOCK_R=16,
+            DOT_PRECISION=prec, LORA_PRECISION=prec, num_warps=warps, num_stages=stages, **cfg)
+    return out
+
+
+def _wgrad(p: torch.Tensor, q: torch.Tensor, gather: torch.Tensor | None, bounds: torch.Tensor,
+           scale: float = 1.0) -> torch.Tensor:
+    """Per expert ``scale · P[rows]ᵀ · Q[src(rows)]`` -> [E, I, N] fp32 (P [S, I], Q [S or T, N])."""
+    from peftfast.kernels import moe as K
+
+    e = bounds.numel() - 1
+    i, n = p.shape[1], q.shape[1]
+    out = torch.empty(e, i, n, device=p.device, dtype=torch.float32)
+    cfg = _wgrad_config(i, n)
+    warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
+    with launching("_moe_grouped_wgrad_kernel"):
+        K._moe_grouped_wgrad_kernel[(e, triton.cdiv(i, cfg["BLOCK_I"]), triton.cdiv(n, cfg["BLOCK_N"]))](
+            p, p.stride(0), p.stride(1), q, q.stride(0), q.stride(1), gather if gather is not None else bounds,
+            bounds, out, out.stride(0), out.stride(1), out.stride(2), i, n, float(scale), GATHER=gather is not None,
+            DOT_PRECISION=_dot_precision(q.dtype), num_warps=warps, num_stages=stages, **cfg)
+    return out
+
+
+def _nk(w: torch.Tensor, transposed: bool) -> torch.Tensor:
+    """A base stack as [E, out, in] (a view)."""
+    return w.transpose(1, 2) if transposed else w
+
+
+def _unsort(rows: torch.Tensor, perm: torch.Tensor, tokens: int) -> torch.Tensor:
+    """Sum of each token's k expert rows (fp32), deterministic: no atomics."""
+    flat = torch.empty(rows.shape, device=rows.device, dtype=torch.float32)
+    flat[perm] = rows.float()
+    return flat.view(tokens, -1, rows.shape[1]).sum(1)
+
+
+class _ExpertsLoRAGroupedFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, top_k_index, top_k_weights, w_gu, a_gu, b_gu, w_d, a_d, b_d, s_gu, s_d, act, transposed,
+                recompute, cdt, backend, name):
+        n_exp = w_gu.shape[0]
+        k = top_k_index.shape[-1]
+        ids = top_k_index.reshape(-1)
+        _, perm = torch.sort(ids, stable=True)
+        tok = perm // k
+        counts = torch.zeros(n_exp, device=x.device, dtype=torch.int64).index_add_(0, ids, torch.ones_like(ids))
+        bounds = torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])
+        tmap = _tile_map(counts, ids.numel(), _block_m())
+        w_sorted = top_k_weights.reshape(-1)[perm]
+        xc = x.to(cdt)
+        A_gu, B_gu = _factors(a_gu, b_gu, n_exp, cdt)
+        A_d, B_d = _factors(a_d, b_d, n_exp, cdt)
+        h = _gate_up_grouped(xc, tok, w_gu, A_gu, B_gu, s_gu, transposed, tmap, cdt)
+        inter = h.shape[1] // 2
+        a = act_mul(h[:, :inter], h[:, inter:], act, backend)
+        lora_d = (_gg(a, None, A_d, tmap, cdt), B_d, s_d) if A_d is not None else None
+        p = _gg(a, None, _nk(w_d, transposed), tmap, torch.float32, lora_d)
+        out = _unsort(p * w_sorted[:, None].float(), perm, x.shape[0])
+        ctx.meta = (s_gu, s_d, act, transposed, cdt, backend, inter, tmap)
+        ctx.save_for_backward(x, tok, perm, bounds, w_sorted, w_gu, a_gu, b_gu, w_d, a_d, b_d,
+                              None if recompute else h)
+        return out.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, dy):
+        s_gu, s_d, act, transposed, cdt, backend, inter, tmap = ctx.meta
+        x, tok, perm, bounds, w_sorted, w_gu, a_gu, b_gu, w_d, a_d, b_d, h = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        n_exp = w_gu.shape[0]
+        A_gu, B_gu = _factors(a_gu, b_gu, n_exp, cdt)
+        A_d, B_d = _factors(a_d, b_d, n_exp, cdt)
+        xc, dyc = x.to(cdt), dy.to(cdt)
+        if h is None:
+            h = _gate_up_grouped(xc, tok, w_gu, A_gu, B_gu, s_gu, transposed, tmap, cdt)
+        g, u = h[:, :inter], h[:, inter:]
+        a = act_mul(g, u, act, backend)
+        # gd = dy·W_d[e] + s_d·(dy·B_d[e])·A_d[e]: the routing weight's gradient and, times w, the activation's
+        dyb = _gg(dyc, tok, B_d.transpose(1, 2), tmap, cdt) if A_d is not None else None
+        lora_d = (dyb, A_d.transpose(1, 2), s_d) if A_d is not None else None
+        gd = _gg(dyc, tok, _nk(w_d, transposed).transpose(1, 2), tmap, torch.float32, lora_d)
+        d_tkw = None
+        if need[2]:
+            d_tkw = torch.empty(w_sorted.shape, device=x.device, dtype=torch.float32)
+            d_tkw[perm] = (a.float() * gd).sum(-1)
+            d_tkw = d_tkw.view(x.shape[0], -1).to(w_sorted.dtype)
+        w_col = w_sorted[:, None].to(torch.float32)
+        da_d = db_d = dw_d = None
+        if (A_d is not None and (need[7] or need[8])) or need[6]:
+            dyw = (dyc.index_select(0, tok).float() * w_col).to(cdt)
+            if A_d is not None and (need[7] or need[8]):
+                db3 = _wgrad(dyw, _gg(a, None, A_d, tmap, cdt), None, bounds, s_d)  # [E, H, r]
+                da3 = _wgrad((dyb.float() * w_col).to(cdt), a, None, bounds, s_d)  # [E, r, I]
+                da_d, db_d = _raw_grads(da3, db3)
+            if need[6]:
+                dw = _wgrad(dyw, a, None, bounds)  # [E, H, I]
+                dw_d = dw.transpose(1, 2) if transposed else dw
+        dh = torch.empty(h.shape, device=x.device, dtype=cdt)
+        act_mul_backward((gd * w_col).to(cdt), g, u, act, backend, out=(dh[:, :inter], dh[:, inter:]))
+        dhb = _gg(dh, None, B_gu.transpose(1, 2), tmap, cdt) if A_gu is not None else None
+        dx = None
+        if need[0]:
+            lora_gu = (dhb, A_gu.transpose(1, 2), s_gu) if A_gu is not None else None
+            dx_g = _gg(dh, None, _nk(w_gu, transposed).transpose(1, 2), tmap, torch.float32, lora_gu)
+            dx = _unsort(dx_g, perm, x.shape[0])
+        da_gu = db_gu = dw_gu = None
+        if A_gu is not None and (need[4] or need[5]):
+            db3 = _wgrad(dh, _gg(xc, tok, A_gu, tmap, cdt), None, bounds, s_gu)  # [E, 2I, r]
+            da3 = _wgrad(dhb, xc, tok, bounds, s_gu)  # [E, r, H]
+            da_gu, db_gu = _raw_grads(da3, db3)
+        if need[3]:
+            dw = _wgrad(dh, xc, tok, bounds)  # [E, 2I, H]
+            dw_gu = dw.transpose(1, 2) if transposed else dw
+        return (_cast(dx, x), None, _cast(d_tkw, w_sorted), _cast(dw_gu, w_gu), _cast(da_gu, a_gu),
+                _cast(db_gu, b_gu), _cast(dw_d, w_d), _cast(da_d, a_d), _cast(db_d, b_d),
+                None, None, None, None, None, None, None, None)
+
+
+def _gate_up_grouped(xc, tok, w_gu, A_gu, B_gu, s_gu, transposed, tmap, cdt):
+    lora = (_gg(xc, tok, A_gu, tmap, cdt), B_gu, s_gu) if A_gu is not None else None
+    return _gg(xc, tok, _nk(w_gu, transposed), tmap, cdt, lora)
+
+
 def experts_lora(x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, gate_up: ExpertStack,
                  down: ExpertStack, *, act: str = "silu", transposed: bool = False, recompute: bool = True,
                  compute_dtype: torch.dtype | None = None, backend: str = "torch",
@@ -232,7 +427,8 @@ def experts_lora(x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torc
             if r_a != r_b or r_a % n_exp or st.lora_a.shape[1] != n_in or st.lora_b.shape[0] != n_out:
                 raise ValueError(f"peftfast: {name}: {label} LoRA factors {tuple(st.lora_a.shape)} / "
                                  f"{tuple(st.lora_b.shape)} do not fit {n_exp} experts of {n_in} -> {n_out}")
-    return _ExpertsLoRAFunction.apply(
+    fn = _ExpertsLoRAGroupedFunction if backend == "triton" else _ExpertsLoRAFunction
+    return fn.apply(
         x, top_k_index, top_k_weights, w_gu, gate_up.lora_a, gate_up.lora_b, w_d, down.lora_a, down.lora_b,
         float(gate_up.scaling), float(down.scaling), act, transposed, recompute, compute_dtype or w_gu.dtype, backend,
         name)

@@ -302,7 +302,7 @@ def _resource_usage(cubin: bytes) -> dict[str, int]:
     return usage
 
 
-KERNEL_MODULES = ("lora", "adapter", "mlp", "norm", "cross_entropy", "rope", "attention", "nf4")
+KERNEL_MODULES = ("lora", "adapter", "mlp", "norm", "cross_entropy", "rope", "attention", "nf4", "moe")
 
 
 def kernel_function(name: str) -> Any:

@@ -1,0 +1,113 @@
+"""Triton kernels for LoRA on mixture-of-experts stacks: grouped GEMMs over rows sorted by expert, one launch each.
+
+The rows routed to the experts (S = tokens · top-k) are sorted by expert; expert e owns rows
+``bounds[e]:bounds[e+1]``. A tile map (built on the device, no host sync) gives each M tile of ``BLOCK_M`` rows one
+expert: ``tile_expert[t]`` (-1: no tile), its first row and its end row, so no tile straddles two experts.
+
+``_moe_grouped_gemm_kernel``, for each tile of expert e and rows m::
+
+    out[m, n] = Σ_k x[src(m), k] · W[e, n, k]  (+ scale · Σ_j L[m, j] · R[e, n, j])
+
+``src(m) = gather[m]`` (the token of sorted row m: the gather of the hidden states is never written out) or m.
+W, R: any strides, so one kernel serves x·W_guᵀ, a·W_dᵀ, dy·W_d, dh·W_gu and both LoRA factor products, with PEFT's
+[out, r·E] ``lora_B`` read in place. The low-rank term joins the fp32 accumulator in the epilogue: the output is
+written once, and no merged W + s·B·A (E·N·K) is ever formed.
+
+``_moe_grouped_wgrad_kernel``, per expert e: ``out[e, i, n] = scale · Σ_{m of e} P[m, i] · Q[src(m), n]`` (fp32),
+the per-expert weight gradients (LoRA factors; base stacks that train), reduced over the expert's rows in
+``BLOCK_M`` steps; grid (E, cdiv(NI, BLOCK_I), cdiv(N, BLOCK_N)). W may be stored in another dtype than x (fp32
+stacks under autocast): each tile is cast on load, so the stack is never copied whole.
+
+Row offsets are int64 (S · K passes 2**31 at 128 experts, top-8 and long batches).
+"""
+
+import triton
+import triton.language as tl
+
+from peftfast.kernels.lora import _lowrank_tile
+
+
+@triton.jit
+def _moe_grouped_gemm_kernel(
+    x_ptr, stride_xm, stride_xk,
+    gather_ptr,
+    w_ptr, stride_we, stride_wn, stride_wk,
+    l_ptr, stride_lm, stride_lr,
+    r_ptr, stride_re, stride_rn, stride_rr,
+    out_ptr, stride_om, stride_on,
+    tile_expert_ptr, tile_row_ptr, tile_end_ptr,
+    N, K, RANK, scale,
+    GATHER: tl.constexpr, HAS_LORA: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, LORA_PRECISION: tl.constexpr,
+):
+    """Grouped ``x·W[e]ᵀ (+ scale·L·R[e]ᵀ)`` over expert-sorted rows; grid (tiles, cdiv(N, BLOCK_N))."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    e = tl.load(tile_expert_ptr + pid_m)
+    if e < 0:
+        return
+    e = e.to(tl.int64)
+    row0 = tl.load(tile_row_ptr + pid_m).to(tl.int64)
+    row_end = tl.load(tile_end_ptr + pid_m).to(tl.int64)
+    offs_m = row0 + tl.arange(0, BLOCK_M).to(tl.int64)
+    m_ok = offs_m < row_end
+    if GATHER:
+        src = tl.load(gather_ptr + offs_m, mask=m_ok, other=0).to(tl.int64)
+    else:
+        src = offs_m
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    w_base = w_ptr + e * stride_we
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = offs_k < K
+        xt = tl.load(x_ptr + src[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                     mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        wt = tl.load(w_base + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn,
+                     mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        acc = tl.dot(xt, wt.to(xt.dtype), acc, input_precision=DOT_PRECISION)
+    if HAS_LORA:
+        if scale != 0.0:
+            # (acc / s + L·Rᵀ) · s: the low-rank product accumulates into the live tile (no second fp32 tile)
+            acc = _lowrank_tile(acc * (1.0 / scale), l_ptr, stride_lm, stride_lr, r_ptr + e * stride_re, stride_rn,
+                                stride_rr, offs_m, offs_n, row_end, N, 0, RANK, BLOCK_R, LORA_PRECISION) * scale
+    tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on,
+             acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _moe_grouped_wgrad_kernel(
+    p_ptr, stride_pm, stride_pi,
+    q_ptr, stride_qm, stride_qn,
+    gather_ptr, bounds_ptr,
+    out_ptr, stride_oe, stride_oi, stride_on,
+    NI, N, scale,
+    GATHER: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """``out[e] = scale · P[rows of e]ᵀ · Q[src(rows of e)]`` [I, N] per expert; grid (E, cdiv(I, BLOCK_I),
+    cdiv(N, BLOCK_N)). An expert without rows writes zeros."""
+    e = tl.program_id(0).to(tl.int64)
+    start = tl.load(bounds_ptr + e).to(tl.int64)
+    end = tl.load(bounds_ptr + e + 1).to(tl.int64)
+    offs_i = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
+    offs_n = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
+    i_ok = offs_i < NI
+    n_ok = offs_n < N
+    acc = tl.zeros((BLOCK_I, BLOCK_N), dtype=tl.float32)
+    for m0 in range(start, end, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M).to(tl.int64)
+        m_ok = offs_m < end
+        pt = tl.load(p_ptr + offs_m[None, :] * stride_pm + offs_i[:, None] * stride_pi,
+                     mask=i_ok[:, None] & m_ok[None, :], other=0.0)
+        if GATHER:
+            src = tl.load(gather_ptr + offs_m, mask=m_ok, other=0).to(tl.int64)
+        else:
+            src = offs_m
+        qt = tl.load(q_ptr + src[:, None] * stride_qm + offs_n[None, :] * stride_qn,
+                     mask=m_ok[:, None] & n_ok[None, :], other=0.0)
+        acc = tl.dot(pt.to(qt.dtype), qt, acc, input_precision=DOT_PRECISION)
+    tl.store(out_ptr + e * stride_oe + offs_i[:, None] * stride_oi + offs_n[None, :] * stride_on,
+             (acc * scale).to(out_ptr.dtype.element_ty), mask=i_ok[:, None] & n_ok[None, :])
