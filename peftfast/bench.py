@@ -182,6 +182,22 @@ PRESETS: dict[str, Preset] = {
         head_dim=256, vocab_size=256000, max_position_embeddings=8192, sliding_window=4096, query_pre_attn_scalar=256,
         attn_logit_softcapping=50.0, final_logit_softcapping=30.0, hidden_activation="gelu_pytorch_tanh",
         rms_norm_eps=1e-6, tie_word_embeddings=True), 1024, 2, "google/gemma-2-9b (9,241,705,984 parameters)"),
+    # mixtures of experts: LoRA on the attention's linears and on the expert stacks (target_parameters), which
+    # PEFT adapts only without LoRA dropout (--dropout 0)
+    "tiny-moe": Preset("Qwen3MoeConfig", dict(hidden_size=256, intermediate_size=704, moe_intermediate_size=128,
+                                              num_experts=16, num_experts_per_tok=4, num_hidden_layers=4,
+                                              num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+                                              vocab_size=1024, max_position_embeddings=4096), 128, 2, "built-in"),
+    "qwen3-30b-a3b": Preset("Qwen3MoeConfig", dict(
+        hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768, num_hidden_layers=48,
+        num_attention_heads=32, num_key_value_heads=4, head_dim=128, num_experts=128, num_experts_per_tok=8,
+        norm_topk_prob=True, vocab_size=151936, max_position_embeddings=40960, rope_theta=1000000.0,
+        rms_norm_eps=1e-6, tie_word_embeddings=False), 1024, 2, "Qwen/Qwen3-30B-A3B (30,532,122,624 parameters)"),
+    "mixtral-8x7b": Preset("MixtralConfig", dict(
+        hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+        num_local_experts=8, num_experts_per_tok=2, vocab_size=32000, max_position_embeddings=32768,
+        rope_theta=1000000.0, rms_norm_eps=1e-5, tie_word_embeddings=False), 1024, 2,
+        "mistralai/Mixtral-8x7B-v0.1 (46,702,792,704 parameters)"),
     "bert-base": Preset("BertConfig", dict(
         hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, vocab_size=30522,
         max_position_embeddings=512, type_vocab_size=2), 512, 8,
@@ -307,6 +323,7 @@ class Setup:
     report: str = ""
     layer_counts: tuple | None = None  # meta-device counts at 1 and 2 layers (estimate_bytes)
     weights: str | None = None  # a local checkpoint directory whose weights every variant loads (None: random init)
+    notes: list[str] = field(default_factory=list)  # what the run left out, with the reason (printed as notes)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -660,14 +677,23 @@ def _wrap(model, setup: Setup, cfg: BenchConfig):
         method = PrefixTuningConfig(task_type=task, num_virtual_tokens=cfg.num_virtual_tokens)
     else:
         targets = "all-linear" if cfg.targets == "all-linear" else _target_list(cfg.targets)
+        stacks = _expert_stacks(model, setup, cfg)
+        if targets == "all-linear" and not stacks and setup.notes:
+            # PEFT's all-linear also wraps MoE parameters (expert stacks, routers), which refuse LoRA dropout: name
+            # the linear layers instead
+            targets = _linear_leaves(model)
         method = LoraConfig(r=cfg.rank, lora_alpha=2 * cfg.rank, lora_dropout=cfg.dropout,
-                            target_modules=targets, task_type=task, use_dora=cfg.method in ("dora", "qdora"))
+                            target_modules=targets, task_type=task, use_dora=cfg.method in ("dora", "qdora"),
+                            **({"target_parameters": stacks} if stacks else {}))
         if cfg.method == "qdora":
             _to_bnb_nf4(model, cfg)
     with warnings.catch_warnings():
         # PEFT reads transformers' deprecated ``is_gradient_checkpointing``: a FutureWarning per model built that
         # would break the progress line, about code that is neither the user's nor ours
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+        # and, for nested expert-stack wrappers, about its own internal per-parameter rank patterns
+        warnings.filterwarnings("ignore", message="The following (rank|alpha)_pattern keys did not match",
+                                category=RuntimeWarning)
         try:
             model = get_peft_model(model, method)
         except ValueError as exc:  # e.g. --targets naming modules the model does not have
@@ -677,6 +703,41 @@ def _wrap(model, setup: Setup, cfg: BenchConfig):
     if cfg.method == "qlora":  # NF4 base weights (block 64); PEFT's own forward dequantizes them per call
         peftfast.quantize_base(model)
     return model
+
+
+def _expert_stacks(model, setup: Setup, cfg: BenchConfig) -> list[str]:
+    """The mixture-of-experts stacks (3-D ``gate_up_proj`` / ``down_proj`` parameters, as ``experts.gate_up_proj``)
+    that ``--targets all-linear`` adapts through PEFT's ``target_parameters``; none where PEFT cannot (LoRA dropout,
+    DoRA, NF4 bases), which adds a note saying so."""
+    found = sorted({f"{name.rpartition('.')[2]}.{p}" for name, mod in model.named_modules() if name
+                    for p in ("gate_up_proj", "down_proj")
+                    if isinstance(mod._parameters.get(p), torch.Tensor) and mod._parameters[p].dim() == 3})
+    if not found or cfg.targets != "all-linear":
+        return []
+    from peft import LoraConfig
+
+    why = None
+    if "target_parameters" not in getattr(LoraConfig, "__dataclass_fields__", {}):
+        why = "this PEFT has no LoraConfig(target_parameters=...) (PEFT >= 0.17 adapts expert stacks)"
+    elif cfg.method != "lora":
+        why = f"--method {cfg.method}: PEFT adapts expert stacks with plain LoRA only"
+    elif cfg.dropout:
+        why = f"PEFT adapts expert stacks only without LoRA dropout (--dropout {cfg.dropout:g}; pass --dropout 0)"
+    if why is None:
+        return found
+    note = f"expert stacks ({', '.join(found)}) stay frozen: {why}"
+    if note not in setup.notes:
+        setup.notes.append(note)
+    return []
+
+
+def _linear_leaves(model) -> list[str]:
+    """The child names of every ``nn.Linear`` but the output head: what ``all-linear`` means for PEFT's modules."""
+    from torch import nn
+
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return sorted({name.rpartition(".")[2] for name, mod in model.named_modules()
+                   if isinstance(mod, nn.Linear) and mod is not head})
 
 
 def _to_bnb_nf4(model, cfg: BenchConfig) -> None:
@@ -1054,6 +1115,7 @@ def _run_bench(cfg: BenchConfig, progress: Callable[[str], None] | None) -> dict
         "tokens_per_step": round(statistics.mean(tokens)), "reference": ref_label,
         "device": device_name(cfg.device),
         "versions": bench_versions(), "commit": git_commit(), "report": setup.report, "skipped": skipped,
+        "notes": list(setup.notes),
         "memory_estimate": setup.estimate, "peftfast_version": peftfast.__version__, "interleaved": interleave,
         "model_dropout": model_dropout(setup.hf), "results": [asdict(r) for r in results],
     }
@@ -1223,6 +1285,7 @@ def format_table(res: dict) -> str:
              f"{cfg['steps']} timed steps{' in turn' if res.get('interleaved') else ''}; commit {res['commit']}")
     lines = [title, line(head), line(["-" * w for w in widths]), *map(line, rows)]
     lines += [f"skipped {name}: {why}" for name, why in res["skipped"].items()]
+    lines += [f"note: {n}" for n in res.get("notes", [])]
     if res.get("model_dropout"):
         probs = ", ".join(f"{k}={v:g}" for k, v in res["model_dropout"].items())
         lines.append(f"note: the model's own dropout ({probs}) draws its masks differently on each path (the fused "

@@ -164,6 +164,20 @@ def test_variants_that_do_not_fit_together_run_one_after_the_other(tmp_path, mon
     assert not res["interleaved"] and "in turn" not in out and len(res["results"]) == 4
 
 
+def test_moe_preset_adapts_the_expert_stacks_without_dropout(tmp_path):
+    """--dropout 0: LoRA on the attention and on the expert stacks (PEFT target_parameters), the experts on the
+    experts op (no merged stack kept); with LoRA dropout PEFT cannot adapt the stacks: they stay frozen, with a note."""
+    res, out = run(tmp_path, "--model", "tiny-moe", "--dropout", "0", *FAST)
+    peft, fast = res["results"]
+    assert "fused 1/1 experts" in res["report"] and not res["notes"]
+    assert fast["saved_mb"] < 0.5 * peft["saved_mb"]
+    assert fast["max_rel_loss_diff_vs_peft"] < 1e-5
+    res, out = run(tmp_path, "--model", "tiny-moe", *FAST)
+    assert res["notes"] == ["expert stacks (experts.down_proj, experts.gate_up_proj) stay frozen: PEFT adapts expert "
+                            "stacks only without LoRA dropout (--dropout 0.05; pass --dropout 0)"]
+    assert "note: expert stacks" in out and "experts" not in res["report"].split(";")[1]
+
+
 def test_bench_dropout_saves_less_than_peft(tmp_path):
     assert cli.main(["bench", "--steps", "1", "--seq-len", "16", "--dropout", "0.1", "--recompute", "none",
                      "--quiet", "--out", str(tmp_path)]) == 0
@@ -180,7 +194,7 @@ PUBLISHED = {  # total parameters of the published checkpoints the presets copy
     "llama-3.2-1b": 1_235_814_400, "llama-3-8b": 8_030_261_248, "mistral-7b": 7_241_732_096,
     "qwen2.5-7b": 7_615_616_512, "phi-3-mini": 3_821_079_552, "gemma-2-9b": 9_241_705_984, "bert-base": 109_514_298,
     "t5-base": 222_903_552, "bart-base": 139_420_416, "whisper-small": 241_734_912,
-    "whisper-large-v3": 1_543_490_560,
+    "whisper-large-v3": 1_543_490_560, "qwen3-30b-a3b": 30_532_122_624, "mixtral-8x7b": 46_702_792_704,
 }
 
 

@@ -83,6 +83,14 @@ def roots(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return out
 
 
+def is_experts(mod: nn.Module) -> bool:
+    """Whether this wrapper chain adapts an experts module (a gate_up_proj/down_proj stack), not another parameter
+    (a router's weight: PEFT's own path, reported among the LoRA layers)."""
+    wrappers, base = chain(mod)
+    return any(w.parameter_name in STACKS for w in wrappers) or any(
+        isinstance(getattr(base, p, None), torch.Tensor) for p in STACKS)
+
+
 def _flag(base: nn.Module, attr: str, default: bool) -> bool:
     return bool(getattr(base, attr, default))
 

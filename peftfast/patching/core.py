@@ -230,6 +230,13 @@ def patch(model: nn.Module, *, backend: str = "auto", group_siblings: bool = Tru
                                       nf4=nf4_mod.is_nf4_lora(mod)))
     _form_groups(patched, rep)
     for name, mod in moe_mod.roots(model):  # LoRA on expert stacks (target_parameters): one op per experts module
+        if not moe_mod.is_experts(mod):  # a bare parameter elsewhere (a router's weight) stays on PEFT's path
+            wrappers, base = moe_mod.chain(mod)
+            wrapped = f"{type(base).__name__}.{'/'.join(w.parameter_name for w in wrappers)}"
+            rep.entries.append(PatchEntry(name=name, kind="lora", patched=False,
+                                          reason=f"PEFT ParamWrapper on {wrapped}: LoRA on a bare parameter other "
+                                                 "than an expert stack runs PEFT's own path"))
+            continue
         _apply(rep, moe_mod, "experts", name, mod, moe_mod.why_not(mod) if fuse_mlp else "fuse_mlp=False", backend,
                recompute=_at_least(recompute, "up"))
     frozen_mlps: list[tuple[str, nn.Module]] = []
