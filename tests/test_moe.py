@@ -206,7 +206,7 @@ def test_recompute_keeps_no_gate_up_output():
     kept = saved_shapes(lambda: experts_lora(x, idx, wts, gu, dn, recompute=False), params)
     rerun = saved_shapes(lambda: experts_lora(x, idx, wts, gu, dn, recompute=True), params)
     assert (s, 24) in kept and (s, 24) not in rerun
-    assert sorted(set(rerun)) == [(21, 16), (s,)]  # sorted rows' tokens, permutation, weights; the input
+    assert sorted(set(rerun)) == [(5,), (21, 16), (s,)]  # expert bounds; the input; sorted tokens, permutation, weights
 
 
 # ----------------------------------------------------------------------------------------------------------------

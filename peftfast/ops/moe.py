@@ -74,136 +74,8 @@ def _raw_grads(da3: torch.Tensor | None, db3: torch.Tensor | None):
     return da3.reshape(e * r, n_in), db3.permute(1, 2, 0).reshape(db3.shape[1], r * e)
 
 
-def _w_t(w: torch.Tensor, e: int, transposed: bool, dtype: torch.dtype) -> torch.Tensor:
-    """Expert ``e``'s base weight as [in, out] in ``dtype`` (a view when it has that dtype: the stack is never cast
-    whole, so autocast over fp32 stacks keeps no cast copy)."""
-    return (w[e] if transposed else w[e].t()).to(dtype)
-
-
-class _ExpertsLoRAFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, top_k_index, top_k_weights, w_gu, a_gu, b_gu, w_d, a_d, b_d, s_gu, s_d, act, transposed,
-                recompute, compute_dtype, backend, name):
-        n_exp = w_gu.shape[0]
-        k = top_k_index.shape[-1]
-        ids = top_k_index.reshape(-1)
-        ids_sorted, perm = torch.sort(ids, stable=True)
-        tok = perm // k
-        counts = torch.bincount(ids_sorted, minlength=n_exp).tolist()  # the one host sync
-        if len(counts) > n_exp:
-            raise ValueError(f"peftfast: {name}: top_k_index holds expert id {len(counts) - 1}, but there are only "
-                             f"{n_exp} experts")
-        w_sorted = top_k_weights.reshape(-1)[perm]
-        xc = x.to(compute_dtype)
-        A_gu, B_gu = _factors(a_gu, b_gu, n_exp, compute_dtype)
-        A_d, B_d = _factors(a_d, b_d, n_exp, compute_dtype)
-        acc = torch.promote_types(compute_dtype, torch.float32)
-        out = torch.zeros(x.shape, device=x.device, dtype=acc)
-        inter = w_d.shape[1] if transposed else w_d.shape[2]
-        h_all = None if recompute else torch.empty(ids.numel(), 2 * inter, device=x.device, dtype=compute_dtype)
-        s0 = 0
-        for e, n in enumerate(counts):
-            if not n:
-                continue
-            rows = slice(s0, s0 + n)
-            s0 += n
-            t = tok[rows]
-            xe = xc.index_select(0, t)
-            h = _gate_up(xe, w_gu, A_gu, B_gu, s_gu, e, transposed)
-            if h_all is not None:
-                h_all[rows] = h
-            a = act_mul(h[:, :inter], h[:, inter:], act, backend)
-            p = a @ _w_t(w_d, e, transposed, compute_dtype)
-            if A_d is not None:
-                p.addmm_(a @ A_d[e].t(), B_d[e].t(), alpha=s_d)
-            out.index_add_(0, t, (p * w_sorted[rows, None]).to(acc))
-        ctx.meta = (counts, s_gu, s_d, act, transposed, compute_dtype, backend, inter)
-        ctx.save_for_backward(x, tok, perm, w_sorted, w_gu, a_gu, b_gu, w_d, a_d, b_d, h_all)
-        return out.to(x.dtype)
-
-    @staticmethod
-    def backward(ctx, dy):
-        counts, s_gu, s_d, act, transposed, cdt, backend, inter = ctx.meta
-        x, tok, perm, w_sorted, w_gu, a_gu, b_gu, w_d, a_d, b_d, h_all = ctx.saved_tensors
-        need = ctx.needs_input_grad
-        n_exp = w_gu.shape[0]
-        A_gu, B_gu = _factors(a_gu, b_gu, n_exp, cdt)
-        A_d, B_d = _factors(a_d, b_d, n_exp, cdt)
-        xc, dyc = x.to(cdt), dy.to(cdt)
-        wc = w_sorted.to(cdt)
-        acc = torch.promote_types(cdt, torch.float32)
-        dx = torch.zeros(x.shape, device=x.device, dtype=acc) if need[0] else None
-        dw_sorted = torch.zeros(w_sorted.shape, device=x.device, dtype=acc) if need[2] else None
-        dW_gu = torch.zeros_like(w_gu, dtype=acc) if need[3] else None
-        dW_d = torch.zeros_like(w_d, dtype=acc) if need[6] else None
-        lora_gu = A_gu is not None and (need[4] or need[5])
-        lora_d = A_d is not None and (need[7] or need[8])
-        dA_gu = torch.zeros(A_gu.shape, device=x.device, dtype=acc) if lora_gu else None
-        dB_gu = torch.zeros(B_gu.shape, device=x.device, dtype=acc) if lora_gu else None
-        dA_d = torch.zeros(A_d.shape, device=x.device, dtype=acc) if lora_d else None
-        dB_d = torch.zeros(B_d.shape, device=x.device, dtype=acc) if lora_d else None
-        s0 = 0
-        for e, n in enumerate(counts):
-            if not n:
-                continue
-            rows = slice(s0, s0 + n)
-            s0 += n
-            t = tok[rows]
-            xe = xc.index_select(0, t)
-            h = _gate_up(xe, w_gu, A_gu, B_gu, s_gu, e, transposed) if h_all is None else h_all[rows]
-            g, u = h[:, :inter], h[:, inter:]
-            a = act_mul(g, u, act, backend)
-            dye = dyc.index_select(0, t)
-            w_e = wc[rows, None]
-            wd_t = _w_t(w_d, e, transposed, cdt)  # [I, H]
-            gd = dye @ wd_t.t()
-            dyb = None
-            if A_d is not None:
-                dyb = dye @ B_d[e]
-                gd.addmm_(dyb, A_d[e], alpha=s_d)
-            if dw_sorted is not None:
-                dw_sorted[rows] = (a.to(acc) * gd.to(acc)).sum(-1)
-            dyw = dye * w_e
-            if lora_d:
-                dB_d[e] = s_d * (dyw.t() @ (a @ A_d[e].t())).to(acc)
-                dA_d[e] = s_d * ((dyb * w_e).t() @ a).to(acc)
-            if dW_d is not None:
-                dW_d[e] = (a.t() @ dyw if transposed else dyw.t() @ a).to(acc)
-            dg, du = act_mul_backward(gd * w_e, g, u, act, backend)
-            dh = torch.cat((dg, du), dim=-1)
-            wgu_t = _w_t(w_gu, e, transposed, cdt)  # [H, 2I]
-            dhb = dh @ B_gu[e] if A_gu is not None else None
-            if dx is not None:
-                dxe = dh @ wgu_t.t()
-                if dhb is not None:
-                    dxe.addmm_(dhb, A_gu[e], alpha=s_gu)
-                dx.index_add_(0, t, dxe.to(acc))
-            if lora_gu:
-                dB_gu[e] = s_gu * (dh.t() @ (xe @ A_gu[e].t())).to(acc)
-                dA_gu[e] = s_gu * (dhb.t() @ xe).to(acc)
-            if dW_gu is not None:
-                dW_gu[e] = (xe.t() @ dh if transposed else dh.t() @ xe).to(acc)
-        d_tkw = None
-        if dw_sorted is not None:
-            d_tkw = torch.empty_like(dw_sorted)
-            d_tkw[perm] = dw_sorted
-            d_tkw = d_tkw.view(x.shape[0], -1)
-        da_gu, db_gu = _raw_grads(dA_gu, dB_gu)
-        da_d, db_d = _raw_grads(dA_d, dB_d)
-        return (_cast(dx, x), None, _cast(d_tkw, w_sorted), _cast(dW_gu, w_gu), _cast(da_gu, a_gu),
-                _cast(db_gu, b_gu), _cast(dW_d, w_d), _cast(da_d, a_d), _cast(db_d, b_d),
-                None, None, None, None, None, None, None, None)
-
-
 def _cast(g: torch.Tensor | None, like: torch.Tensor | None) -> torch.Tensor | None:
     return None if g is None or like is None else g.to(like.dtype)
-
-
-def _gate_up(xe, w_gu, A_gu, B_gu, s_gu, e, transposed):
-    h = xe @ _w_t(w_gu, e, transposed, xe.dtype)
-    if A_gu is not None:
-        h.addmm_(xe @ A_gu[e].t(), B_gu[e].t(), alpha=s_gu)
-    return h
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -247,8 +119,8 @@ def _wgrad_config(i: int, n: int) -> dict:
     return dict(BLOCK_M=32, BLOCK_I=_pow2_tile(i, 64), BLOCK_N=_pow2_tile(n, 64), num_warps=4, num_stages=3)
 
 
-def _gg(x: torch.Tensor, gather: torch.Tensor | None, w3: torch.Tensor, tmap, out_dtype: torch.dtype,
-        lora: tuple | None = None) -> torch.Tensor:
+def _gg_triton(x: torch.Tensor, gather: torch.Tensor | None, w3: torch.Tensor, tmap, out_dtype: torch.dtype,
+               lora: tuple | None = None) -> torch.Tensor:
     """Grouped ``x[src]·w3[e]ᵀ (+ s·L·R3[e]ᵀ)``: w3 [E, N, K] and R3 [E, N, r] as any-strided views, L [S, r]."""
     from peftfast.kernels import moe as K
 
@@ -274,8 +146,8 @@ def _gg(x: torch.Tensor, gather: torch.Tensor | None, w3: torch.Tensor, tmap, ou
     return out
 
 
-def _wgrad(p: torch.Tensor, q: torch.Tensor, gather: torch.Tensor | None, bounds: torch.Tensor,
-           scale: float = 1.0) -> torch.Tensor:
+def _wgrad_triton(p: torch.Tensor, q: torch.Tensor, gather: torch.Tensor | None, bounds: torch.Tensor,
+                  scale: float = 1.0) -> torch.Tensor:
     """Per expert ``scale · P[rows]ᵀ · Q[src(rows)]`` -> [E, I, N] fp32 (P [S, I], Q [S or T, N])."""
     from peftfast.kernels import moe as K
 
@@ -292,19 +164,88 @@ def _wgrad(p: torch.Tensor, q: torch.Tensor, gather: torch.Tensor | None, bounds
     return out
 
 
+def _gg_loop(x: torch.Tensor, gather: torch.Tensor | None, w3: torch.Tensor, counts: list[int],
+             out_dtype: torch.dtype, lora: tuple | None = None) -> torch.Tensor:
+    """:func:`_gg_triton` as one GEMM (and one low-rank update) per expert with rows, on views of the stacks."""
+    xs = x.index_select(0, gather) if gather is not None else x
+    out = torch.empty(xs.shape[0], w3.shape[1], device=x.device, dtype=xs.dtype)
+    s0 = 0
+    for e, n in enumerate(counts):
+        if not n:
+            continue
+        rows = slice(s0, s0 + n)
+        s0 += n
+        torch.mm(xs[rows], w3[e].t().to(xs.dtype), out=out[rows])
+        if lora is not None:
+            out[rows].addmm_(lora[0][rows], lora[1][e].t(), alpha=lora[2])
+    return out.to(out_dtype)
+
+
+def _wgrad_loop(p: torch.Tensor, q: torch.Tensor, gather: torch.Tensor | None, counts: list[int],
+                scale: float = 1.0) -> torch.Tensor:
+    """:func:`_wgrad_triton` as one GEMM per expert with rows (experts without rows: zeros)."""
+    qs = q.index_select(0, gather) if gather is not None else q
+    acc = torch.promote_types(q.dtype, torch.float32)
+    out = torch.zeros(len(counts), p.shape[1], q.shape[1], device=p.device, dtype=acc)
+    s0 = 0
+    for e, n in enumerate(counts):
+        if not n:
+            continue
+        rows = slice(s0, s0 + n)
+        s0 += n
+        if qs.dtype == acc:
+            torch.mm(p[rows].t().to(acc), qs[rows], out=out[e])
+        else:
+            out[e] = (p[rows].t().to(qs.dtype) @ qs[rows]).to(acc)
+    return out.mul_(scale) if scale != 1.0 else out
+
+
+class _Groups:
+    """Rows sorted by expert, and the grouped products over them: the Triton kernels (a tile map built on the
+    device: no host sync) or, on the other backends, one GEMM per expert (the counts read on the host once)."""
+
+    def __init__(self, ids: torch.Tensor, n_exp: int, triton_path: bool, name: str):
+        self.triton = triton_path
+        if triton_path:
+            counts = torch.zeros(n_exp, device=ids.device, dtype=torch.int64).index_add_(0, ids, torch.ones_like(ids))
+            self.tmap = _tile_map(counts, ids.numel(), _block_m())
+        else:
+            counts = torch.bincount(ids, minlength=n_exp)
+            self.counts = counts.tolist()  # the one host sync
+            if len(self.counts) > n_exp:
+                raise ValueError(f"peftfast: {name}: top_k_index holds expert id {len(self.counts) - 1}, but there "
+                                 f"are only {n_exp} experts")
+        self.bounds = torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])
+
+    def rows(self, t: torch.Tensor, tok: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(tensor, gather) for the products: the kernels gather rows as they load them; the per-expert GEMMs
+        read one gathered copy, made once here rather than in each product."""
+        return (t, tok) if self.triton else (t.index_select(0, tok), None)
+
+    def gg(self, x, gather, w3, out_dtype, lora=None) -> torch.Tensor:
+        if self.triton:
+            return _gg_triton(x, gather, w3, self.tmap, out_dtype, lora)
+        return _gg_loop(x, gather, w3, self.counts, out_dtype, lora)
+
+    def wgrad(self, p, q, gather, scale: float = 1.0) -> torch.Tensor:
+        if self.triton:
+            return _wgrad_triton(p, q, gather, self.bounds, scale)
+        return _wgrad_loop(p, q, gather, self.counts, scale)
+
+
 def _nk(w: torch.Tensor, transposed: bool) -> torch.Tensor:
     """A base stack as [E, out, in] (a view)."""
     return w.transpose(1, 2) if transposed else w
 
 
-def _unsort(rows: torch.Tensor, perm: torch.Tensor, tokens: int) -> torch.Tensor:
-    """Sum of each token's k expert rows (fp32), deterministic: no atomics."""
-    flat = torch.empty(rows.shape, device=rows.device, dtype=torch.float32)
-    flat[perm] = rows.float()
+def _unsort(rows: torch.Tensor, perm: torch.Tensor, tokens: int, acc: torch.dtype) -> torch.Tensor:
+    """Sum of each token's k expert rows (in ``acc``), deterministic: no atomics."""
+    flat = torch.empty(rows.shape, device=rows.device, dtype=acc)
+    flat[perm] = rows.to(acc)
     return flat.view(tokens, -1, rows.shape[1]).sum(1)
 
 
-class _ExpertsLoRAGroupedFunction(torch.autograd.Function):
+class _ExpertsLoRAFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, top_k_index, top_k_weights, w_gu, a_gu, b_gu, w_d, a_d, b_d, s_gu, s_d, act, transposed,
                 recompute, cdt, backend, name):
@@ -313,82 +254,83 @@ class _ExpertsLoRAGroupedFunction(torch.autograd.Function):
         ids = top_k_index.reshape(-1)
         _, perm = torch.sort(ids, stable=True)
         tok = perm // k
-        counts = torch.zeros(n_exp, device=x.device, dtype=torch.int64).index_add_(0, ids, torch.ones_like(ids))
-        bounds = torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])
-        tmap = _tile_map(counts, ids.numel(), _block_m())
+        grp = _Groups(ids, n_exp, backend == "triton", name)
+        acc = torch.promote_types(cdt, torch.float32)
         w_sorted = top_k_weights.reshape(-1)[perm]
         xc = x.to(cdt)
         A_gu, B_gu = _factors(a_gu, b_gu, n_exp, cdt)
         A_d, B_d = _factors(a_d, b_d, n_exp, cdt)
-        h = _gate_up_grouped(xc, tok, w_gu, A_gu, B_gu, s_gu, transposed, tmap, cdt)
+        h = _gate_up(grp, *grp.rows(xc, tok), w_gu, A_gu, B_gu, s_gu, transposed, cdt)
         inter = h.shape[1] // 2
         a = act_mul(h[:, :inter], h[:, inter:], act, backend)
-        lora_d = (_gg(a, None, A_d, tmap, cdt), B_d, s_d) if A_d is not None else None
-        p = _gg(a, None, _nk(w_d, transposed), tmap, torch.float32, lora_d)
-        out = _unsort(p * w_sorted[:, None].float(), perm, x.shape[0])
-        ctx.meta = (s_gu, s_d, act, transposed, cdt, backend, inter, tmap)
-        ctx.save_for_backward(x, tok, perm, bounds, w_sorted, w_gu, a_gu, b_gu, w_d, a_d, b_d,
+        lora_d = (grp.gg(a, None, A_d, cdt), B_d, s_d) if A_d is not None else None
+        p = grp.gg(a, None, _nk(w_d, transposed), acc, lora_d)
+        out = _unsort(p * w_sorted[:, None].to(acc), perm, x.shape[0], acc)
+        ctx.meta = (s_gu, s_d, act, transposed, cdt, backend, inter, grp)
+        ctx.save_for_backward(x, tok, perm, grp.bounds, w_sorted, w_gu, a_gu, b_gu, w_d, a_d, b_d,
                               None if recompute else h)
         return out.to(x.dtype)
 
     @staticmethod
     def backward(ctx, dy):
-        s_gu, s_d, act, transposed, cdt, backend, inter, tmap = ctx.meta
-        x, tok, perm, bounds, w_sorted, w_gu, a_gu, b_gu, w_d, a_d, b_d, h = ctx.saved_tensors
+        s_gu, s_d, act, transposed, cdt, backend, inter, grp = ctx.meta
+        x, tok, perm, _, w_sorted, w_gu, a_gu, b_gu, w_d, a_d, b_d, h = ctx.saved_tensors
         need = ctx.needs_input_grad
         n_exp = w_gu.shape[0]
+        acc = torch.promote_types(cdt, torch.float32)
         A_gu, B_gu = _factors(a_gu, b_gu, n_exp, cdt)
         A_d, B_d = _factors(a_d, b_d, n_exp, cdt)
-        xc, dyc = x.to(cdt), dy.to(cdt)
+        xs, x_gather = grp.rows(x.to(cdt), tok)
+        dys, dy_gather = grp.rows(dy.to(cdt), tok)
         if h is None:
-            h = _gate_up_grouped(xc, tok, w_gu, A_gu, B_gu, s_gu, transposed, tmap, cdt)
+            h = _gate_up(grp, xs, x_gather, w_gu, A_gu, B_gu, s_gu, transposed, cdt)
         g, u = h[:, :inter], h[:, inter:]
         a = act_mul(g, u, act, backend)
         # gd = dy·W_d[e] + s_d·(dy·B_d[e])·A_d[e]: the routing weight's gradient and, times w, the activation's
-        dyb = _gg(dyc, tok, B_d.transpose(1, 2), tmap, cdt) if A_d is not None else None
+        dyb = grp.gg(dys, dy_gather, B_d.transpose(1, 2), cdt) if A_d is not None else None
         lora_d = (dyb, A_d.transpose(1, 2), s_d) if A_d is not None else None
-        gd = _gg(dyc, tok, _nk(w_d, transposed).transpose(1, 2), tmap, torch.float32, lora_d)
+        gd = grp.gg(dys, dy_gather, _nk(w_d, transposed).transpose(1, 2), acc, lora_d)
         d_tkw = None
         if need[2]:
-            d_tkw = torch.empty(w_sorted.shape, device=x.device, dtype=torch.float32)
-            d_tkw[perm] = (a.float() * gd).sum(-1)
+            d_tkw = torch.empty(w_sorted.shape, device=x.device, dtype=acc)
+            d_tkw[perm] = (a.to(acc) * gd).sum(-1)
             d_tkw = d_tkw.view(x.shape[0], -1).to(w_sorted.dtype)
-        w_col = w_sorted[:, None].to(torch.float32)
+        w_col = w_sorted[:, None].to(acc)
         da_d = db_d = dw_d = None
         if (A_d is not None and (need[7] or need[8])) or need[6]:
-            dyw = (dyc.index_select(0, tok).float() * w_col).to(cdt)
+            dy_rows = dys.index_select(0, dy_gather) if dy_gather is not None else dys
+            dyw = (dy_rows.to(acc) * w_col).to(cdt)
             if A_d is not None and (need[7] or need[8]):
-                db3 = _wgrad(dyw, _gg(a, None, A_d, tmap, cdt), None, bounds, s_d)  # [E, H, r]
-                da3 = _wgrad((dyb.float() * w_col).to(cdt), a, None, bounds, s_d)  # [E, r, I]
+                db3 = grp.wgrad(dyw, grp.gg(a, None, A_d, cdt), None, s_d)  # [E, H, r]
+                da3 = grp.wgrad((dyb.to(acc) * w_col).to(cdt), a, None, s_d)  # [E, r, I]
                 da_d, db_d = _raw_grads(da3, db3)
             if need[6]:
-                dw = _wgrad(dyw, a, None, bounds)  # [E, H, I]
+                dw = grp.wgrad(dyw, a, None)  # [E, H, I]
                 dw_d = dw.transpose(1, 2) if transposed else dw
         dh = torch.empty(h.shape, device=x.device, dtype=cdt)
         act_mul_backward((gd * w_col).to(cdt), g, u, act, backend, out=(dh[:, :inter], dh[:, inter:]))
-        dhb = _gg(dh, None, B_gu.transpose(1, 2), tmap, cdt) if A_gu is not None else None
+        dhb = grp.gg(dh, None, B_gu.transpose(1, 2), cdt) if A_gu is not None else None
         dx = None
         if need[0]:
             lora_gu = (dhb, A_gu.transpose(1, 2), s_gu) if A_gu is not None else None
-            dx_g = _gg(dh, None, _nk(w_gu, transposed).transpose(1, 2), tmap, torch.float32, lora_gu)
-            dx = _unsort(dx_g, perm, x.shape[0])
+            dx = _unsort(grp.gg(dh, None, _nk(w_gu, transposed).transpose(1, 2), acc, lora_gu), perm, x.shape[0],
+                         acc)
         da_gu = db_gu = dw_gu = None
         if A_gu is not None and (need[4] or need[5]):
-            db3 = _wgrad(dh, _gg(xc, tok, A_gu, tmap, cdt), None, bounds, s_gu)  # [E, 2I, r]
-            da3 = _wgrad(dhb, xc, tok, bounds, s_gu)  # [E, r, H]
+            db3 = grp.wgrad(dh, grp.gg(xs, x_gather, A_gu, cdt), None, s_gu)  # [E, 2I, r]
+            da3 = grp.wgrad(dhb, xs, x_gather, s_gu)  # [E, r, H]
             da_gu, db_gu = _raw_grads(da3, db3)
         if need[3]:
-            dw = _wgrad(dh, xc, tok, bounds)  # [E, 2I, H]
+            dw = grp.wgrad(dh, xs, x_gather)  # [E, 2I, H]
             dw_gu = dw.transpose(1, 2) if transposed else dw
         return (_cast(dx, x), None, _cast(d_tkw, w_sorted), _cast(dw_gu, w_gu), _cast(da_gu, a_gu),
                 _cast(db_gu, b_gu), _cast(dw_d, w_d), _cast(da_d, a_d), _cast(db_d, b_d),
                 None, None, None, None, None, None, None, None)
 
 
-def _gate_up_grouped(xc, tok, w_gu, A_gu, B_gu, s_gu, transposed, tmap, cdt):
-    lora = (_gg(xc, tok, A_gu, tmap, cdt), B_gu, s_gu) if A_gu is not None else None
-    return _gg(xc, tok, _nk(w_gu, transposed), tmap, cdt, lora)
-
+def _gate_up(grp, xs, gather, w_gu, A_gu, B_gu, s_gu, transposed, cdt):
+    lora = (grp.gg(xs, gather, A_gu, cdt), B_gu, s_gu) if A_gu is not None else None
+    return grp.gg(xs, gather, _nk(w_gu, transposed), cdt, lora)
 
 def experts_lora(x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, gate_up: ExpertStack,
                  down: ExpertStack, *, act: str = "silu", transposed: bool = False, recompute: bool = True,
@@ -427,8 +369,7 @@ def experts_lora(x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torc
             if r_a != r_b or r_a % n_exp or st.lora_a.shape[1] != n_in or st.lora_b.shape[0] != n_out:
                 raise ValueError(f"peftfast: {name}: {label} LoRA factors {tuple(st.lora_a.shape)} / "
                                  f"{tuple(st.lora_b.shape)} do not fit {n_exp} experts of {n_in} -> {n_out}")
-    fn = _ExpertsLoRAGroupedFunction if backend == "triton" else _ExpertsLoRAFunction
-    return fn.apply(
+    return _ExpertsLoRAFunction.apply(
         x, top_k_index, top_k_weights, w_gu, gate_up.lora_a, gate_up.lora_b, w_d, down.lora_a, down.lora_b,
         float(gate_up.scaling), float(down.scaling), act, transposed, recompute, compute_dtype or w_gu.dtype, backend,
         name)
