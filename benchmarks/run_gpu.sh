@@ -82,6 +82,10 @@ if [[ " $parts " == *" bench "* ]]; then
   # packed projections: Phi-3-mini's qkv_proj and gate_up_proj (the packed LoRA-MLP op)
   python -m peftfast bench --model phi-3-mini --batch-size auto --recompute up "${common[@]}" \
       --out "$out/bench-phi-3-mini" 2>&1 | tee "$out/bench-phi-3-mini.log"
+  # mixture of experts: Qwen3-30B-A3B's shapes cut to 8 of 48 layers, LoRA on the attention and the expert stacks
+  # (PEFT takes no LoRA dropout there), PEFT's merged stacks vs the experts op's grouped kernels
+  python -m peftfast bench --model qwen3-30b-a3b --layers 8 --dropout 0 --batch-size auto --recompute up \
+      "${common[@]}" --out "$out/bench-qwen3-30b-a3b" 2>&1 | tee "$out/bench-qwen3-30b-a3b.log"
   # speech: Whisper large-v3 on 30 s log-mel windows and 128-token transcripts (the encoder's window is fixed)
   python -m peftfast bench --model whisper-large-v3 --batch-size auto --dtype bf16 --steps 10 --quiet \
       --recompute up --baselines peft,peft+compile --out "$out/bench-whisper-large-v3" \

@@ -336,6 +336,22 @@ def test_one_or_both_stacks_in_either_order(targets):
         assert max_rel_err(grads[n], ref_grads[n]) < 2e-5, n
 
 
+def test_gradient_checkpointing_reruns_the_op_and_matches_peft():
+    model = _moe_model("mixtral")
+    ref = copy.deepcopy(model)
+    for m in (model, ref):
+        m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    peftfast.patch(model)
+    ids = _ids(9)
+    loss, grads = _loss_and_grads(model, ids)
+    ref_loss, ref_grads = _loss_and_grads(ref, ids)
+    assert torch.allclose(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    for n in grads:
+        assert max_rel_err(grads[n], ref_grads[n]) < 2e-5, n
+    runtime = peftfast.report(model).module_runtime(model)
+    assert all(runtime[e.name]["fused"] >= 1 for e in _experts_entries(model))
+
+
 def test_saves_no_merged_stack_and_less_than_peft():
     model = _moe_model("qwen3_moe", num_experts=8, moe_intermediate_size=40)
     ref = copy.deepcopy(model)
