@@ -266,6 +266,17 @@ def _ids(seed=1):
     return torch.randint(2, 64, (2, 11), generator=torch.Generator().manual_seed(seed))
 
 
+def _assert_matches(model, ref, ids):
+    """The patched ``model`` gives ``ref``'s (PEFT's) loss and every trainable gradient (fp32)."""
+    loss, grads = _loss_and_grads(model, ids)
+    ref_loss, ref_grads = _loss_and_grads(ref, ids)
+    assert torch.allclose(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    assert grads.keys() == ref_grads.keys()
+    for n in grads:
+        assert max_rel_err(grads[n], ref_grads[n]) < 2e-5, n
+    return grads
+
+
 def _experts_entries(model):
     return [e for e in peftfast.report(model).modules if e.kind == "experts"]
 
@@ -279,13 +290,8 @@ def test_patched_moe_models_match_peft(arch):
     n_moe = 1 if arch == "deepseek_v3" else 2  # DeepSeek's first layer is dense
     assert len(entries) == n_moe and all(e.patched for e in entries), entries
     assert not [e for e in peftfast.report(model).entries if "ParamWrapper" in (e.reason or "")]
-    ids = _ids()
-    loss, grads = _loss_and_grads(model, ids)
-    ref_loss, ref_grads = _loss_and_grads(ref, ids)
-    assert torch.allclose(loss, ref_loss, rtol=1e-5, atol=1e-6)
-    assert grads.keys() == ref_grads.keys() and any("lora_A" in n and "experts" in n for n in grads)
-    for n in grads:
-        assert max_rel_err(grads[n], ref_grads[n]) < 2e-5, n
+    grads = _assert_matches(model, ref, _ids())
+    assert any("lora_A" in n and "experts" in n for n in grads)
     runtime = peftfast.report(model).module_runtime(model)
     assert [runtime[e.name]["fused"] for e in entries] == [1] * n_moe
 
@@ -297,14 +303,9 @@ def test_patched_model_on_the_triton_backend_runs_the_grouped_kernels():
     model = _moe_model("qwen3_moe")
     ref = copy.deepcopy(model)
     peftfast.patch(model, backend="triton")
-    ids = _ids(8)
     with _counters.count_launches() as launches:
-        loss, grads = _loss_and_grads(model, ids)
-    ref_loss, ref_grads = _loss_and_grads(ref, ids)
+        _assert_matches(model, ref, _ids(8))
     assert launches["_moe_grouped_gemm_kernel"] == 2 * 12 and launches["_moe_grouped_wgrad_kernel"] == 2 * 4
-    assert torch.allclose(loss, ref_loss, rtol=1e-5, atol=1e-6)
-    for n in grads:
-        assert max_rel_err(grads[n], ref_grads[n]) < 2e-5, n
 
 
 @pytest.mark.parametrize("impl", ["eager", "grouped_mm", "batched_mm"])
@@ -314,11 +315,7 @@ def test_every_transformers_experts_implementation_is_matched(impl):
     peftfast.patch(model)
     assert all(e.patched for e in _experts_entries(model))
     ids = _ids(2)
-    loss, grads = _loss_and_grads(model, ids)
-    ref_loss, ref_grads = _loss_and_grads(ref, ids)
-    assert torch.allclose(loss, ref_loss, rtol=1e-5, atol=1e-6)
-    for n in grads:
-        assert max_rel_err(grads[n], ref_grads[n]) < 2e-5, n
+    _assert_matches(model, ref, ids)
 
 
 @pytest.mark.parametrize("targets", [["experts.gate_up_proj"], ["experts.down_proj"],
@@ -329,11 +326,7 @@ def test_one_or_both_stacks_in_either_order(targets):
     peftfast.patch(model)
     assert all(e.patched for e in _experts_entries(model)) and len(_experts_entries(model)) == 2
     ids = _ids(3)
-    loss, grads = _loss_and_grads(model, ids)
-    ref_loss, ref_grads = _loss_and_grads(ref, ids)
-    assert torch.allclose(loss, ref_loss, rtol=1e-5, atol=1e-6)
-    for n in grads:
-        assert max_rel_err(grads[n], ref_grads[n]) < 2e-5, n
+    _assert_matches(model, ref, ids)
 
 
 def test_gradient_checkpointing_reruns_the_op_and_matches_peft():
@@ -343,11 +336,7 @@ def test_gradient_checkpointing_reruns_the_op_and_matches_peft():
         m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     peftfast.patch(model)
     ids = _ids(9)
-    loss, grads = _loss_and_grads(model, ids)
-    ref_loss, ref_grads = _loss_and_grads(ref, ids)
-    assert torch.allclose(loss, ref_loss, rtol=1e-5, atol=1e-6)
-    for n in grads:
-        assert max_rel_err(grads[n], ref_grads[n]) < 2e-5, n
+    _assert_matches(model, ref, ids)
     runtime = peftfast.report(model).module_runtime(model)
     assert all(runtime[e.name]["fused"] >= 1 for e in _experts_entries(model))
 
@@ -388,11 +377,7 @@ def test_runtime_fallbacks_are_counted_and_match():
     model.base_model.set_adapter(["default", "other"])
     ref = copy.deepcopy(model)
     peftfast.patch(model)
-    loss, grads = _loss_and_grads(model, ids)
-    ref_loss, ref_grads = _loss_and_grads(ref, ids)
-    assert torch.allclose(loss, ref_loss, rtol=1e-5, atol=1e-6)
-    for n in grads:
-        assert max_rel_err(grads[n], ref_grads[n]) < 2e-5, n
+    _assert_matches(model, ref, ids)
     fallbacks = peftfast.report(model).module_runtime(model)[name]["fallbacks"]
     assert any("2 active adapters" in k for k in fallbacks)
 

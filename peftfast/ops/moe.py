@@ -164,17 +164,21 @@ def _wgrad_triton(p: torch.Tensor, q: torch.Tensor, gather: torch.Tensor | None,
     return out
 
 
+def _expert_rows(counts: list[int]):
+    """(expert, slice of its sorted rows) for each expert that got rows."""
+    s0 = 0
+    for e, n in enumerate(counts):
+        if n:
+            yield e, slice(s0, s0 + n)
+            s0 += n
+
+
 def _gg_loop(x: torch.Tensor, gather: torch.Tensor | None, w3: torch.Tensor, counts: list[int],
              out_dtype: torch.dtype, lora: tuple | None = None) -> torch.Tensor:
     """:func:`_gg_triton` as one GEMM (and one low-rank update) per expert with rows, on views of the stacks."""
     xs = x.index_select(0, gather) if gather is not None else x
     out = torch.empty(xs.shape[0], w3.shape[1], device=x.device, dtype=xs.dtype)
-    s0 = 0
-    for e, n in enumerate(counts):
-        if not n:
-            continue
-        rows = slice(s0, s0 + n)
-        s0 += n
+    for e, rows in _expert_rows(counts):
         torch.mm(xs[rows], w3[e].t().to(xs.dtype), out=out[rows])
         if lora is not None:
             out[rows].addmm_(lora[0][rows], lora[1][e].t(), alpha=lora[2])
@@ -187,12 +191,7 @@ def _wgrad_loop(p: torch.Tensor, q: torch.Tensor, gather: torch.Tensor | None, c
     qs = q.index_select(0, gather) if gather is not None else q
     acc = torch.promote_types(q.dtype, torch.float32)
     out = torch.zeros(len(counts), p.shape[1], q.shape[1], device=p.device, dtype=acc)
-    s0 = 0
-    for e, n in enumerate(counts):
-        if not n:
-            continue
-        rows = slice(s0, s0 + n)
-        s0 += n
+    for e, rows in _expert_rows(counts):
         if qs.dtype == acc:
             torch.mm(p[rows].t().to(acc), qs[rows], out=out[e])
         else:
