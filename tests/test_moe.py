@@ -110,6 +110,22 @@ def test_matches_fp64_merged_reference_with_every_gradient(backend, act, transpo
     assert da_gu[4].abs().max() == 0 and da_gu[:4].abs().amax(dim=(1, 2)).min() > 0
 
 
+@pytest.mark.parametrize("backend", ["torch", "cpp", "triton"])
+@pytest.mark.parametrize("keep_h", [False, True])
+def test_registered_ops_pass_opcheck(backend, keep_h):
+    """peftfast::moe_experts_fwd / _bwd: schema, fake kernels, autograd registration, dynamic-shape tracing."""
+    _backend_or_skip(backend)
+    x, idx, wts, gu, dn = _case(t=9, h=8, i=6, e=3, k=2, r=2)
+    meta = (0.7, 1.3, "silu", False, torch.float32, backend, "experts")
+    fwd_args = (x, idx, wts, gu.weight, gu.lora_a, gu.lora_b, dn.weight, dn.lora_a, dn.lora_b, *meta, keep_h)
+    torch.library.opcheck(torch.ops.peftfast.moe_experts_fwd.default, fwd_args)
+    _, perm, h = torch.ops.peftfast.moe_experts_fwd(*[a.detach() if torch.is_tensor(a) else a for a in fwd_args])
+    bwd_args = (torch.randn(9, 8), x.detach(), idx, perm, wts.detach(), gu.weight, gu.lora_a.detach(),
+                gu.lora_b.detach(), dn.weight, dn.lora_a.detach(), dn.lora_b.detach(), *meta, h,
+                [True, True, False, True, True, False, True, True])
+    torch.library.opcheck(torch.ops.peftfast.moe_experts_bwd.default, bwd_args)
+
+
 @pytest.mark.parametrize("lora", [(True, False), (False, True)])
 def test_one_stack_without_lora(lora):
     x, idx, wts, gu, dn = _case(lora=lora)
@@ -198,15 +214,15 @@ def test_bad_input_names_the_module_and_the_problem():
 
 
 def test_recompute_keeps_no_gate_up_output():
-    """Saved for backward: without the rerun, h [S, 2I]; with it, only the input and int routing (no [S, ·] float
-    tensor); never a stack-sized tensor besides the parameters themselves."""
+    """Saved for backward: without the rerun, h [S, 2I]; with it, only the input and the router's outputs (its int
+    choice and its weights) and the sorting permutation; never a stack-sized tensor besides the parameters."""
     x, idx, wts, gu, dn = _case(t=21, h=16, i=12, e=4, k=2, r=2)
     s = 21 * 2
     params = [gu.weight, dn.weight, gu.lora_a, gu.lora_b, dn.lora_a, dn.lora_b]
     kept = saved_shapes(lambda: experts_lora(x, idx, wts, gu, dn, recompute=False), params)
     rerun = saved_shapes(lambda: experts_lora(x, idx, wts, gu, dn, recompute=True), params)
     assert (s, 24) in kept and (s, 24) not in rerun
-    assert sorted(set(rerun)) == [(5,), (21, 16), (s,)]  # expert bounds; the input; sorted tokens, permutation, weights
+    assert sorted(set(rerun)) == [(0,), (21, 2), (21, 16), (s,)]  # no h; the router's outputs; the input; perm
 
 
 # ----------------------------------------------------------------------------------------------------------------

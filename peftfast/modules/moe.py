@@ -11,7 +11,8 @@ LoRA factors in place and keeps no merged weight (and, at ``recompute`` "up" or 
 Which classes compute ``Σ_k w·down(act(gate)·up)`` over ``[gate | up] = gate_up(x)`` is decided by a probe of the
 class's own forward (its configured experts implementation) against the op on the module's weights, not by name.
 Calls the op cannot serve exactly (adapters disabled or merged, several active adapters on one stack, extra
-arguments, ``torch.compile``, which cannot trace the per-expert host loop) run PEFT's forward and are counted.
+arguments) run PEFT's forward and are counted. Under ``torch.compile`` the op is one traced node (registered with
+fake kernels; the CPU path's per-expert host read stays inside it).
 """
 
 from __future__ import annotations
@@ -238,8 +239,6 @@ def _forward(self: nn.Module, hidden_states=None, top_k_index=None, top_k_weight
     why = None
     if args or kwargs or hidden_states is None or top_k_index is None or top_k_weights is None:
         why = "extra forward arguments"
-    elif torch.compiler.is_compiling():
-        why = "torch.compile (the op groups rows by expert on the host)"
     wrappers, base = chain(self)
     stacks = {}
     if why is None:

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 import torch
 import triton
 
+from peftfast.ops import _direct
 from peftfast.ops._backend import interpreting
 from peftfast.ops._counters import launching
 from peftfast.ops.lora import _dot_precision
@@ -72,10 +73,6 @@ def _raw_grads(da3: torch.Tensor | None, db3: torch.Tensor | None):
         return None, None
     e, r, n_in = da3.shape
     return da3.reshape(e * r, n_in), db3.permute(1, 2, 0).reshape(db3.shape[1], r * e)
-
-
-def _cast(g: torch.Tensor | None, like: torch.Tensor | None) -> torch.Tensor | None:
-    return None if g is None or like is None else g.to(like.dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -244,92 +241,160 @@ def _unsort(rows: torch.Tensor, perm: torch.Tensor, tokens: int, acc: torch.dtyp
     return flat.view(tokens, -1, rows.shape[1]).sum(1)
 
 
-class _ExpertsLoRAFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, top_k_index, top_k_weights, w_gu, a_gu, b_gu, w_d, a_d, b_d, s_gu, s_d, act, transposed,
-                recompute, cdt, backend, name):
-        n_exp = w_gu.shape[0]
-        k = top_k_index.shape[-1]
-        ids = top_k_index.reshape(-1)
-        _, perm = torch.sort(ids, stable=True)
-        tok = perm // k
-        grp = _Groups(ids, n_exp, backend == "triton", name)
-        acc = torch.promote_types(cdt, torch.float32)
-        w_sorted = top_k_weights.reshape(-1)[perm]
-        xc = x.to(cdt)
-        A_gu, B_gu = _factors(a_gu, b_gu, n_exp, cdt)
-        A_d, B_d = _factors(a_d, b_d, n_exp, cdt)
-        h = _gate_up(grp, *grp.rows(xc, tok), w_gu, A_gu, B_gu, s_gu, transposed, cdt)
-        inter = h.shape[1] // 2
-        a = act_mul(h[:, :inter], h[:, inter:], act, backend)
-        lora_d = (grp.gg(a, None, A_d, cdt), B_d, s_d) if A_d is not None else None
-        p = grp.gg(a, None, _nk(w_d, transposed), acc, lora_d)
-        out = _unsort(p * w_sorted[:, None].to(acc), perm, x.shape[0], acc)
-        ctx.meta = (s_gu, s_d, act, transposed, cdt, backend, inter, grp)
-        ctx.save_for_backward(x, tok, perm, grp.bounds, w_sorted, w_gu, a_gu, b_gu, w_d, a_d, b_d,
-                              None if recompute else h)
-        return out.to(x.dtype)
+# ----------------------------------------------------------------------------------------------------------------
+# registered ops: torch.compile traces them as single nodes with their fake kernels (the per-expert host read of the
+# CPU path stays inside the op); eager calls go through peftfast.ops._direct
+# ----------------------------------------------------------------------------------------------------------------
+_SIG = ("Tensor w_gu, Tensor? a_gu, Tensor? b_gu, Tensor w_d, Tensor? a_d, Tensor? b_d, float s_gu, float s_d, "
+        "str act, bool transposed, ScalarType cdt, str backend, str name")
 
-    @staticmethod
-    def backward(ctx, dy):
-        s_gu, s_d, act, transposed, cdt, backend, inter, grp = ctx.meta
-        x, tok, perm, _, w_sorted, w_gu, a_gu, b_gu, w_d, a_d, b_d, h = ctx.saved_tensors
-        need = ctx.needs_input_grad
-        n_exp = w_gu.shape[0]
-        acc = torch.promote_types(cdt, torch.float32)
-        A_gu, B_gu = _factors(a_gu, b_gu, n_exp, cdt)
-        A_d, B_d = _factors(a_d, b_d, n_exp, cdt)
-        xs, x_gather = grp.rows(x.to(cdt), tok)
-        dys, dy_gather = grp.rows(dy.to(cdt), tok)
-        if h is None:
-            h = _gate_up(grp, xs, x_gather, w_gu, A_gu, B_gu, s_gu, transposed, cdt)
-        g, u = h[:, :inter], h[:, inter:]
-        a = act_mul(g, u, act, backend)
-        # gd = dy·W_d[e] + s_d·(dy·B_d[e])·A_d[e]: the routing weight's gradient and, times w, the activation's
-        dyb = grp.gg(dys, dy_gather, B_d.transpose(1, 2), cdt) if A_d is not None else None
-        lora_d = (dyb, A_d.transpose(1, 2), s_d) if A_d is not None else None
-        gd = grp.gg(dys, dy_gather, _nk(w_d, transposed).transpose(1, 2), acc, lora_d)
-        d_tkw = None
-        if need[2]:
-            d_tkw = torch.empty(w_sorted.shape, device=x.device, dtype=acc)
-            d_tkw[perm] = (a.to(acc) * gd).sum(-1)
-            d_tkw = d_tkw.view(x.shape[0], -1).to(w_sorted.dtype)
-        w_col = w_sorted[:, None].to(acc)
-        da_d = db_d = dw_d = None
-        if (A_d is not None and (need[7] or need[8])) or need[6]:
-            dy_rows = dys.index_select(0, dy_gather) if dy_gather is not None else dys
-            dyw = (dy_rows.to(acc) * w_col).to(cdt)
-            if A_d is not None and (need[7] or need[8]):
-                db3 = grp.wgrad(dyw, grp.gg(a, None, A_d, cdt), None, s_d)  # [E, H, r]
-                da3 = grp.wgrad((dyb.to(acc) * w_col).to(cdt), a, None, s_d)  # [E, r, I]
-                da_d, db_d = _raw_grads(da3, db3)
-            if need[6]:
-                dw = grp.wgrad(dyw, a, None)  # [E, H, I]
-                dw_d = dw.transpose(1, 2) if transposed else dw
-        dh = torch.empty(h.shape, device=x.device, dtype=cdt)
-        act_mul_backward((gd * w_col).to(cdt), g, u, act, backend, out=(dh[:, :inter], dh[:, inter:]))
-        dhb = grp.gg(dh, None, B_gu.transpose(1, 2), cdt) if A_gu is not None else None
-        dx = None
-        if need[0]:
-            lora_gu = (dhb, A_gu.transpose(1, 2), s_gu) if A_gu is not None else None
-            dx = _unsort(grp.gg(dh, None, _nk(w_gu, transposed).transpose(1, 2), acc, lora_gu), perm, x.shape[0],
-                         acc)
-        da_gu = db_gu = dw_gu = None
-        if A_gu is not None and (need[4] or need[5]):
-            db3 = grp.wgrad(dh, grp.gg(xs, x_gather, A_gu, cdt), None, s_gu)  # [E, 2I, r]
-            da3 = grp.wgrad(dhb, xs, x_gather, s_gu)  # [E, r, H]
-            da_gu, db_gu = _raw_grads(da3, db3)
-        if need[3]:
-            dw = grp.wgrad(dh, xs, x_gather)  # [E, 2I, H]
-            dw_gu = dw.transpose(1, 2) if transposed else dw
-        return (_cast(dx, x), None, _cast(d_tkw, w_sorted), _cast(dw_gu, w_gu), _cast(da_gu, a_gu),
-                _cast(db_gu, b_gu), _cast(dw_d, w_d), _cast(da_d, a_d), _cast(db_d, b_d),
-                None, None, None, None, None, None, None, None)
+
+def _sorted_rows(top_k_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(flat expert ids, perm sorting them stably, each sorted row's token)."""
+    ids = top_k_index.reshape(-1)
+    perm = torch.sort(ids, stable=True)[1]
+    return ids, perm, perm // top_k_index.shape[-1]
+
+
+@torch.library.custom_op("peftfast::moe_experts_fwd", mutates_args=(),
+                         schema=f"(Tensor x, Tensor top_k_index, Tensor top_k_weights, {_SIG}, bool keep_h) "
+                                "-> (Tensor, Tensor, Tensor)")
+def _fwd_op(x, top_k_index, top_k_weights, w_gu, a_gu, b_gu, w_d, a_d, b_d, s_gu, s_d, act, transposed, cdt,
+            backend, name, keep_h):
+    """(y [T, H], perm [S], h [S, 2I] where ``keep_h``, else empty)."""
+    n_exp = w_gu.shape[0]
+    ids, perm, tok = _sorted_rows(top_k_index)
+    grp = _Groups(ids, n_exp, backend == "triton", name)
+    acc = torch.promote_types(cdt, torch.float32)
+    A_gu, B_gu = _factors(a_gu, b_gu, n_exp, cdt)
+    A_d, B_d = _factors(a_d, b_d, n_exp, cdt)
+    h = _gate_up(grp, *grp.rows(x.to(cdt), tok), w_gu, A_gu, B_gu, s_gu, transposed, cdt)
+    inter = h.shape[1] // 2
+    a = act_mul(h[:, :inter], h[:, inter:], act, backend)
+    lora_d = (grp.gg(a, None, A_d, cdt), B_d, s_d) if A_d is not None else None
+    p = grp.gg(a, None, _nk(w_d, transposed), acc, lora_d)
+    out = _unsort(p * top_k_weights.reshape(-1)[perm, None].to(acc), perm, x.shape[0], acc)
+    return out.to(x.dtype), perm, h if keep_h else h.new_empty((0,))
+
+
+@_fwd_op.register_fake
+def _(x, top_k_index, top_k_weights, w_gu, a_gu, b_gu, w_d, a_d, b_d, s_gu, s_d, act, transposed, cdt, backend,
+      name, keep_h):
+    s = top_k_index.numel()
+    two_i = w_gu.shape[2] if transposed else w_gu.shape[1]
+    return (x.new_empty(x.shape), top_k_index.new_empty((s,)),
+            x.new_empty((s, two_i) if keep_h else (0,), dtype=cdt))
+
+
+@torch.library.custom_op("peftfast::moe_experts_bwd", mutates_args=(),
+                         schema=f"(Tensor dy, Tensor x, Tensor top_k_index, Tensor perm, Tensor top_k_weights, "
+                                f"{_SIG}, Tensor h, bool[] needs) "
+                                "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
+def _bwd_op(dy, x, top_k_index, perm, top_k_weights, w_gu, a_gu, b_gu, w_d, a_d, b_d, s_gu, s_d, act, transposed,
+            cdt, backend, name, h, needs):
+    """Gradients of (x, top_k_weights, w_gu, a_gu, b_gu, w_d, a_d, b_d) in their dtypes; an empty tensor for one
+    ``needs`` does not ask for (or a factor that is absent)."""
+    need_x, need_w, need_wgu, need_agu, need_bgu, need_wd, need_ad, need_bd = needs
+    n_exp = w_gu.shape[0]
+    acc = torch.promote_types(cdt, torch.float32)
+    tok = perm // top_k_index.shape[-1]
+    grp = _Groups(top_k_index.reshape(-1), n_exp, backend == "triton", name)
+    w_sorted = top_k_weights.reshape(-1)[perm]
+    A_gu, B_gu = _factors(a_gu, b_gu, n_exp, cdt)
+    A_d, B_d = _factors(a_d, b_d, n_exp, cdt)
+    xs, x_gather = grp.rows(x.to(cdt), tok)
+    dys, dy_gather = grp.rows(dy.to(cdt), tok)
+    if h.numel() == 0:
+        h = _gate_up(grp, xs, x_gather, w_gu, A_gu, B_gu, s_gu, transposed, cdt)
+    inter = h.shape[1] // 2
+    g, u = h[:, :inter], h[:, inter:]
+    a = act_mul(g, u, act, backend)
+    # gd = dy·W_d[e] + s_d·(dy·B_d[e])·A_d[e]: the routing weight's gradient and, times w, the activation's
+    dyb = grp.gg(dys, dy_gather, B_d.transpose(1, 2), cdt) if A_d is not None else None
+    lora_d = (dyb, A_d.transpose(1, 2), s_d) if A_d is not None else None
+    gd = grp.gg(dys, dy_gather, _nk(w_d, transposed).transpose(1, 2), acc, lora_d)
+    d_tkw = None
+    if need_w:
+        d_tkw = torch.empty(w_sorted.shape, device=x.device, dtype=acc)
+        d_tkw[perm] = (a.to(acc) * gd).sum(-1)
+        d_tkw = d_tkw.view(top_k_weights.shape)
+    w_col = w_sorted[:, None].to(acc)
+    da_d = db_d = dw_d = None
+    lora_d_grads = A_d is not None and (need_ad or need_bd)
+    if lora_d_grads or need_wd:
+        dy_rows = dys.index_select(0, dy_gather) if dy_gather is not None else dys
+        dyw = (dy_rows.to(acc) * w_col).to(cdt)
+        if lora_d_grads:
+            db3 = grp.wgrad(dyw, grp.gg(a, None, A_d, cdt), None, s_d)  # [E, H, r]
+            da3 = grp.wgrad((dyb.to(acc) * w_col).to(cdt), a, None, s_d)  # [E, r, I]
+            da_d, db_d = _raw_grads(da3, db3)
+        if need_wd:
+            dw = grp.wgrad(dyw, a, None)  # [E, H, I]
+            dw_d = dw.transpose(1, 2) if transposed else dw
+    dh = torch.empty(h.shape, device=x.device, dtype=cdt)
+    act_mul_backward((gd * w_col).to(cdt), g, u, act, backend, out=(dh[:, :inter], dh[:, inter:]))
+    dhb = grp.gg(dh, None, B_gu.transpose(1, 2), cdt) if A_gu is not None else None
+    dx = None
+    if need_x:
+        lora_gu = (dhb, A_gu.transpose(1, 2), s_gu) if A_gu is not None else None
+        dx = _unsort(grp.gg(dh, None, _nk(w_gu, transposed).transpose(1, 2), acc, lora_gu), perm, x.shape[0], acc)
+    da_gu = db_gu = dw_gu = None
+    if A_gu is not None and (need_agu or need_bgu):
+        db3 = grp.wgrad(dh, grp.gg(xs, x_gather, A_gu, cdt), None, s_gu)  # [E, 2I, r]
+        da3 = grp.wgrad(dhb, xs, x_gather, s_gu)  # [E, r, H]
+        da_gu, db_gu = _raw_grads(da3, db3)
+    if need_wgu:
+        dw = grp.wgrad(dh, xs, x_gather)  # [E, 2I, H]
+        dw_gu = dw.transpose(1, 2) if transposed else dw
+    grads = (dx, d_tkw, dw_gu, da_gu, db_gu, dw_d, da_d, db_d)
+    likes = (x, top_k_weights, w_gu, a_gu, b_gu, w_d, a_d, b_d)
+    return tuple(g.to(like.dtype) if g is not None and like is not None else x.new_empty((0,))
+                 for g, like in zip(grads, likes))
+
+
+@_bwd_op.register_fake
+def _(dy, x, top_k_index, perm, top_k_weights, w_gu, a_gu, b_gu, w_d, a_d, b_d, s_gu, s_d, act, transposed, cdt,
+      backend, name, h, needs):
+    likes = (x, top_k_weights, w_gu, a_gu, b_gu, w_d, a_d, b_d)
+    return tuple(like.new_empty(like.shape) if need and like is not None else x.new_empty((0,))
+                 for need, like in zip(needs, likes))
+
+
+def _setup(ctx, inputs, output) -> None:
+    x, top_k_index, top_k_weights, w_gu, a_gu, b_gu, w_d, a_d, b_d, *meta, keep_h = inputs
+    _, perm, h = output
+    ctx.save_for_backward(x, top_k_index, perm, top_k_weights, w_gu, a_gu, b_gu, w_d, a_d, b_d, h)
+    ctx.meta = tuple(meta)
+    ctx.set_materialize_grads(False)
+
+
+def _backward(ctx, dy, _dperm, _dh):
+    x, top_k_index, perm, top_k_weights, w_gu, a_gu, b_gu, w_d, a_d, b_d, h = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    needs = [bool(need[0]), bool(need[2]), bool(need[3]), a_gu is not None and bool(need[4]),
+             b_gu is not None and bool(need[5]), bool(need[6]), a_d is not None and bool(need[7]),
+             b_d is not None and bool(need[8])]
+    if dy is None or not any(needs):
+        return (None,) * 17
+    grads = _bwd_op(dy, x, top_k_index, perm, top_k_weights, w_gu, a_gu, b_gu, w_d, a_d, b_d, *ctx.meta, h, needs)
+    dx, d_tkw, dw_gu, da_gu, db_gu, dw_d, da_d, db_d = (g if n else None for g, n in zip(grads, needs))
+    return (dx, None, d_tkw, dw_gu, da_gu, db_gu, dw_d, da_d, db_d, *(None,) * 8)
+
+
+_fwd_op.register_autograd(_backward, setup_context=_setup)
+
+
+def _no_double_backward(ctx, *grads):
+    raise RuntimeError("peftfast: the MoE experts backward is not differentiable (double backward)")
+
+
+_bwd_op.register_autograd(_no_double_backward, setup_context=lambda ctx, inputs, output: None)
 
 
 def _gate_up(grp, xs, gather, w_gu, A_gu, B_gu, s_gu, transposed, cdt):
     lora = (grp.gg(xs, gather, A_gu, cdt), B_gu, s_gu) if A_gu is not None else None
     return grp.gg(xs, gather, _nk(w_gu, transposed), cdt, lora)
+
 
 def experts_lora(x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, gate_up: ExpertStack,
                  down: ExpertStack, *, act: str = "silu", transposed: bool = False, recompute: bool = True,
@@ -368,10 +433,10 @@ def experts_lora(x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torc
             if r_a != r_b or r_a % n_exp or st.lora_a.shape[1] != n_in or st.lora_b.shape[0] != n_out:
                 raise ValueError(f"peftfast: {name}: {label} LoRA factors {tuple(st.lora_a.shape)} / "
                                  f"{tuple(st.lora_b.shape)} do not fit {n_exp} experts of {n_in} -> {n_out}")
-    return _ExpertsLoRAFunction.apply(
-        x, top_k_index, top_k_weights, w_gu, gate_up.lora_a, gate_up.lora_b, w_d, down.lora_a, down.lora_b,
-        float(gate_up.scaling), float(down.scaling), act, transposed, recompute, compute_dtype or w_gu.dtype, backend,
-        name)
+    args = (x, top_k_index, top_k_weights, w_gu, gate_up.lora_a, gate_up.lora_b, w_d, down.lora_a, down.lora_b,
+            float(gate_up.scaling), float(down.scaling), act, transposed, compute_dtype or w_gu.dtype, backend, name,
+            not recompute)
+    return _direct.call(torch.ops.peftfast.moe_experts_fwd.default, _setup, _backward, args, (-1, -1, -1))[0]
 
 
 __all__ = ["ExpertStack", "experts_lora"]
