@@ -1,6 +1,6 @@
 """The MoE experts' grouped Triton kernels compile for sm_80 and sm_90 (no GPU needed), with the configurations the
 launcher picks on a GPU for Qwen3-30B-A3B's expert shapes (hidden 2048, expert intermediate 768, 128 experts, r=16),
-use tensor cores and fit shared memory."""
+fit shared memory without spilling, and use tensor cores (none under fp32 ``ieee`` products)."""
 
 from unittest import mock
 
@@ -39,24 +39,27 @@ WGRADS = [("dB", 2 * _I, _R, False), ("dA", _R, _H, True), ("dW", _H, _I, False)
 
 
 def _plan() -> list[aot.Job]:
+    """16-bit dtypes; fp32 with TF32 (torch's allow_tf32) and with IEEE products (the launcher's default for fp32,
+    as torch's own matmul: no tensor cores)."""
+    import torch
+
     jobs = []
     for arch in aot.ARCHS:
-        for dt, torch_dt in (("bf16", "bfloat16"), ("fp16", "float16"), ("fp32", "float32")):
-            import torch
-
+        for dt, torch_dt, prec in (("bf16", torch.bfloat16, "tf32"), ("fp16", torch.float16, "tf32"),
+                                   ("fp32", torch.float32, "tf32"), ("fp32", torch.float32, "ieee")):
             p = "*" + dt
             for variant, n, k, gather, lora in GEMMS:
-                cfg = _gpu_config(M._gemm_config, n, getattr(torch, torch_dt))
+                cfg = _gpu_config(M._gemm_config, n, torch_dt)
                 warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
                 tiles = {"BLOCK_M": 64, **cfg}
-                meta = dict(GATHER=gather, HAS_LORA=lora, BLOCK_R=16, DOT_PRECISION="tf32", LORA_PRECISION="tf32")
-                jobs.append(aot.Job("_moe_grouped_gemm_kernel", variant, dt, arch, tiles, warps, stages, meta,
-                                    _gemm_args(p, n, k)))
+                meta = dict(GATHER=gather, HAS_LORA=lora, BLOCK_R=16, DOT_PRECISION=prec, LORA_PRECISION=prec)
+                jobs.append(aot.Job("_moe_grouped_gemm_kernel", f"{variant}-{prec}", dt, arch, tiles, warps, stages,
+                                    meta, _gemm_args(p, n, k)))
             for variant, ni, n, gather in WGRADS:
-                cfg = _gpu_config(M._wgrad_config, ni, n)
+                cfg = _gpu_config(M._wgrad_config, ni, n, torch_dt)
                 warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
-                jobs.append(aot.Job("_moe_grouped_wgrad_kernel", variant, dt, arch, cfg, warps, stages,
-                                    dict(GATHER=gather, DOT_PRECISION="tf32"), _wgrad_args(p, ni, n)))
+                jobs.append(aot.Job("_moe_grouped_wgrad_kernel", f"{variant}-{prec}", dt, arch, cfg, warps, stages,
+                                    dict(GATHER=gather, DOT_PRECISION=prec), _wgrad_args(p, ni, n)))
     return jobs
 
 
@@ -74,11 +77,14 @@ def test_moe_kernels_compile_with_tensor_cores(job: aot.Job, results: dict[str, 
     assert res["error"] is None, res["error"]
     assert res["ptx_target"] == ("sm_90a" if job.arch == 90 else f"sm_{job.arch}")
     assert res["shared"] <= HW_SMEM[job.arch], (job.key, res["shared"])
-    assert res["mma_sync"] or res["wgmma"], f"{job.key}: no tensor-core instruction in the PTX"
-    if job.arch == 90 and job.kernel == "_moe_grouped_gemm_kernel" and job.variant != "rank":
-        assert res["wgmma"], f"{job.key}: a 64-row tile with 4 warps should use wgmma on sm_90"
     if "stack_bytes" in res:
         assert res["stack_bytes"] == 0, f"{job.key} spills {res['stack_bytes']} B a thread"
+    if job.meta["DOT_PRECISION"] == "ieee":  # fp32 products exact to IEEE: tensor cores would round to TF32
+        assert not res["mma_sync"] and not res["wgmma"], f"{job.key}: tensor cores under ieee"
+        return
+    assert res["mma_sync"] or res["wgmma"], f"{job.key}: no tensor-core instruction in the PTX"
+    if job.arch == 90 and job.kernel == "_moe_grouped_gemm_kernel" and not job.variant.startswith("rank"):
+        assert res["wgmma"], f"{job.key}: a 64-row tile with 4 warps should use wgmma on sm_90"
 
 
 def test_launcher_configs_are_the_planned_ones() -> None:
@@ -87,7 +93,8 @@ def test_launcher_configs_are_the_planned_ones() -> None:
 
     assert _gpu_config(M._gemm_config, 2 * _I, torch.bfloat16)["BLOCK_N"] == 128
     assert _gpu_config(M._gemm_config, _R, torch.bfloat16)["BLOCK_N"] == 16
-    assert _gpu_config(M._wgrad_config, _R, _H)["BLOCK_I"] == 16
+    assert _gpu_config(M._wgrad_config, _R, _H, torch.bfloat16)["BLOCK_I"] == 16
+    assert _gpu_config(M._wgrad_config, _H, _I, torch.float32)["BLOCK_N"] == 32
     assert M._block_m() == 16  # the interpreter's (these tests run with TRITON_INTERPRET=1)
     with mock.patch.object(M, "interpreting", lambda: False):
         assert M._block_m() == 64

@@ -110,10 +110,11 @@ def _gemm_config(n: int, dtype: torch.dtype) -> dict:
                 num_stages=3)
 
 
-def _wgrad_config(i: int, n: int) -> dict:
+def _wgrad_config(i: int, n: int, dtype: torch.dtype) -> dict:
     if interpreting():
         return dict(BLOCK_M=16, BLOCK_I=_pow2_tile(i, 32), BLOCK_N=_pow2_tile(n, 32), num_warps=1, num_stages=1)
-    return dict(BLOCK_M=32, BLOCK_I=_pow2_tile(i, 64), BLOCK_N=_pow2_tile(n, 64), num_warps=4, num_stages=3)
+    cap = 32 if dtype == torch.float32 else 64  # fp32 IEEE products (FMA) spill registers on sm_80 at 64 x 64
+    return dict(BLOCK_M=32, BLOCK_I=_pow2_tile(i, cap), BLOCK_N=_pow2_tile(n, cap), num_warps=4, num_stages=3)
 
 
 def _gg_triton(x: torch.Tensor, gather: torch.Tensor | None, w3: torch.Tensor, tmap, out_dtype: torch.dtype,
@@ -151,7 +152,7 @@ def _wgrad_triton(p: torch.Tensor, q: torch.Tensor, gather: torch.Tensor | None,
     e = bounds.numel() - 1
     i, n = p.shape[1], q.shape[1]
     out = torch.empty(e, i, n, device=p.device, dtype=torch.float32)
-    cfg = _wgrad_config(i, n)
+    cfg = _wgrad_config(i, n, q.dtype)
     warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
     with launching("_moe_grouped_wgrad_kernel"):
         K._moe_grouped_wgrad_kernel[(e, triton.cdiv(i, cfg["BLOCK_I"]), triton.cdiv(n, cfg["BLOCK_N"]))](
