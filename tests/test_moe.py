@@ -201,6 +201,8 @@ def test_bad_input_names_the_module_and_the_problem():
     x, idx, wts, gu, dn = _case()
     with pytest.raises(ValueError, match=r"peftfast: layer3\.experts: top_k_index holds expert id 7"):
         experts_lora(x, idx.clone().fill_(7), wts, gu, dn, name="layer3.experts")
+    with pytest.raises(RuntimeError, match=r"peftfast: layer3\.experts: top_k_index holds an expert id outside"):
+        experts_lora(x, idx.clone().fill_(7), wts, gu, dn, name="layer3.experts", backend="triton")
     with pytest.raises(ValueError, match="must be \\[17, 12\\]|input must be"):
         experts_lora(x[:, :5], idx, wts, gu, dn)
     with pytest.raises(ValueError, match="do not form a gated MLP"):

@@ -204,6 +204,9 @@ class _Groups:
     def __init__(self, ids: torch.Tensor, n_exp: int, triton_path: bool, name: str):
         self.triton = triton_path
         if triton_path:
+            # checked on the device (no host sync): a CUDA device-side assert carrying this message, an error on CPU
+            torch._assert_async(((ids >= 0) & (ids < n_exp)).all(),
+                                f"peftfast: {name}: top_k_index holds an expert id outside [0, {n_exp})")
             counts = torch.zeros(n_exp, device=ids.device, dtype=torch.int64).index_add_(0, ids, torch.ones_like(ids))
             self.tmap = _tile_map(counts, ids.numel(), _block_m())
         else:
