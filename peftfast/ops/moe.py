@@ -76,7 +76,8 @@ def _raw_grads(da3: torch.Tensor | None, db3: torch.Tensor | None):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# triton backend: grouped GEMMs over expert-sorted rows (peftfast.kernels.moe), one launch per product, no host sync
+# grouped products over expert-sorted rows: Triton kernels (peftfast.kernels.moe; one launch each, no host sync) or
+# one GEMM per expert (other backends)
 # ----------------------------------------------------------------------------------------------------------------
 def _block_m() -> int:
     return 16 if interpreting() else 64
