@@ -481,6 +481,20 @@ def test_unsupported_layouts_are_skipped_with_a_reason():
     assert len(_experts_entries(model)) == 2 and all(e.patched for e in _experts_entries(model))
 
 
+def test_patch_again_reapplies_the_options():
+    model = _moe_model("mixtral")
+    ref = copy.deepcopy(model)
+    peftfast.patch(model)
+    root = model.get_submodule(_experts_entries(model)[0].name)
+    assert root.__dict__["_peftfast_moe"].recompute is True
+    peftfast.patch(model, recompute="none")
+    assert root.__dict__["_peftfast_moe"].recompute is False
+    peftfast.patch(model, fuse_mlp=False)
+    assert "_peftfast_moe" not in root.__dict__ and "forward" not in root.__dict__
+    peftfast.patch(model)
+    _assert_matches(model, ref, _ids(11))
+
+
 def test_fuse_mlp_false_leaves_experts_on_peft():
     model = _moe_model("mixtral")
     peftfast.patch(model, fuse_mlp=False)
