@@ -119,8 +119,9 @@ def test_registered_ops_pass_opcheck(backend, keep_h):
     meta = (0.7, 1.3, "silu", False, torch.float32, backend, "experts")
     fwd_args = (x, idx, wts, gu.weight, gu.lora_a, gu.lora_b, dn.weight, dn.lora_a, dn.lora_b, *meta, keep_h)
     torch.library.opcheck(torch.ops.peftfast.moe_experts_fwd.default, fwd_args)
-    _, perm, h = torch.ops.peftfast.moe_experts_fwd(*[a.detach() if torch.is_tensor(a) else a for a in fwd_args])
-    bwd_args = (torch.randn(9, 8), x.detach(), idx, perm, wts.detach(), gu.weight, gu.lora_a.detach(),
+    _, perm, counts, h = torch.ops.peftfast.moe_experts_fwd(*[a.detach() if torch.is_tensor(a) else a
+                                                              for a in fwd_args])
+    bwd_args = (torch.randn(9, 8), x.detach(), perm, counts, wts.detach(), gu.weight, gu.lora_a.detach(),
                 gu.lora_b.detach(), dn.weight, dn.lora_a.detach(), dn.lora_b.detach(), *meta, h,
                 [True, True, False, True, True, False, True, True])
     torch.library.opcheck(torch.ops.peftfast.moe_experts_bwd.default, bwd_args)
@@ -216,15 +217,16 @@ def test_bad_input_names_the_module_and_the_problem():
 
 
 def test_recompute_keeps_no_gate_up_output():
-    """Saved for backward: without the rerun, h [S, 2I]; with it, only the input and the router's outputs (its int
-    choice and its weights) and the sorting permutation; never a stack-sized tensor besides the parameters."""
+    """Saved for backward: without the rerun, h [S, 2I]; with it, only the input, the routing weights, the sorting
+    permutation and the rows per expert; never a stack-sized tensor besides the parameters."""
     x, idx, wts, gu, dn = _case(t=21, h=16, i=12, e=4, k=2, r=2)
     s = 21 * 2
     params = [gu.weight, dn.weight, gu.lora_a, gu.lora_b, dn.lora_a, dn.lora_b]
     kept = saved_shapes(lambda: experts_lora(x, idx, wts, gu, dn, recompute=False), params)
     rerun = saved_shapes(lambda: experts_lora(x, idx, wts, gu, dn, recompute=True), params)
     assert (s, 24) in kept and (s, 24) not in rerun
-    assert sorted(set(rerun)) == [(0,), (21, 2), (21, 16), (s,)]  # no h; the router's outputs; the input; perm
+    assert sorted(set(rerun)) == [(0,), (4,), (21, 2), (21, 16), (s,)]  # no h; rows per expert; routing weights;
+    # the input; the sort
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ fake kernels; the CPU path's per-expert host read stays inside it).
 
 from __future__ import annotations
 
+import functools
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -51,6 +52,7 @@ class ExpertsState(Tallied):
     fallbacks: Counter = field(default_factory=Counter)
 
 
+@functools.cache
 def _wrapper_cls():
     try:
         from peft.tuners.lora.layer import ParamWrapper

@@ -202,21 +202,27 @@ class _Groups:
     """Rows sorted by expert, and the grouped products over them: the Triton kernels (a tile map built on the
     device: no host sync) or, on the other backends, one GEMM per expert (the counts read on the host once)."""
 
-    def __init__(self, ids: torch.Tensor, n_exp: int, triton_path: bool, name: str):
+    def __init__(self, counts: torch.Tensor, rows: int, triton_path: bool):
         self.triton = triton_path
         if triton_path:
-            # checked on the device (no host sync): a CUDA device-side assert carrying this message, an error on CPU
+            self.tmap = _tile_map(counts, rows, _block_m())
+            self.bounds = torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])
+        else:
+            self.counts = counts.tolist()  # the one host sync of this path
+
+    @staticmethod
+    def count(ids: torch.Tensor, n_exp: int, triton_path: bool, name: str) -> torch.Tensor:
+        """Rows per expert [E] int64, expert ids checked: on the Triton path on the device (no host sync: a CUDA
+        device-side assert carrying the message), on the others on the host."""
+        if triton_path:
             torch._assert_async(((ids >= 0) & (ids < n_exp)).all(),
                                 f"peftfast: {name}: top_k_index holds an expert id outside [0, {n_exp})")
-            counts = torch.zeros(n_exp, device=ids.device, dtype=torch.int64).index_add_(0, ids, torch.ones_like(ids))
-            self.tmap = _tile_map(counts, ids.numel(), _block_m())
-        else:
-            counts = torch.bincount(ids, minlength=n_exp)
-            self.counts = counts.tolist()  # the one host sync
-            if len(self.counts) > n_exp:
-                raise ValueError(f"peftfast: {name}: top_k_index holds expert id {len(self.counts) - 1}, but there "
-                                 f"are only {n_exp} experts")
-        self.bounds = torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])
+            return torch.zeros(n_exp, device=ids.device, dtype=torch.int64).index_add_(0, ids, torch.ones_like(ids))
+        counts = torch.bincount(ids, minlength=n_exp)
+        if counts.numel() > n_exp:
+            raise ValueError(f"peftfast: {name}: top_k_index holds expert id {counts.numel() - 1}, but there are only "
+                             f"{n_exp} experts")
+        return counts
 
     def rows(self, t: torch.Tensor, tok: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(tensor, gather) for the products: the kernels gather rows as they load them; the per-expert GEMMs
@@ -263,13 +269,15 @@ def _sorted_rows(top_k_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
 
 @torch.library.custom_op("peftfast::moe_experts_fwd", mutates_args=(),
                          schema=f"(Tensor x, Tensor top_k_index, Tensor top_k_weights, {_SIG}, bool keep_h) "
-                                "-> (Tensor, Tensor, Tensor)")
+                                "-> (Tensor, Tensor, Tensor, Tensor)")
 def _fwd_op(x, top_k_index, top_k_weights, w_gu, a_gu, b_gu, w_d, a_d, b_d, s_gu, s_d, act, transposed, cdt,
             backend, name, keep_h):
-    """(y [T, H], perm [S], h [S, 2I] where ``keep_h``, else empty)."""
+    """(y [T, H], perm [S], rows per expert [E], h [S, 2I] where ``keep_h``, else empty): backward reuses the
+    sort and the counts."""
     n_exp = w_gu.shape[0]
     ids, perm, tok = _sorted_rows(top_k_index)
-    grp = _Groups(ids, n_exp, backend == "triton", name)
+    counts = _Groups.count(ids, n_exp, backend == "triton", name)
+    grp = _Groups(counts, ids.numel(), backend == "triton")
     acc = torch.promote_types(cdt, torch.float32)
     A_gu, B_gu = _factors(a_gu, b_gu, n_exp, cdt)
     A_d, B_d = _factors(a_d, b_d, n_exp, cdt)
@@ -278,8 +286,8 @@ def _fwd_op(x, top_k_index, top_k_weights, w_gu, a_gu, b_gu, w_d, a_d, b_d, s_gu
     a = act_mul(h[:, :inter], h[:, inter:], act, backend)
     lora_d = (grp.gg(a, None, A_d, cdt), B_d, s_d) if A_d is not None else None
     p = grp.gg(a, None, _nk(w_d, transposed), acc, lora_d)
-    out = _unsort(p * top_k_weights.reshape(-1)[perm, None].to(acc), perm, x.shape[0], acc)
-    return out.to(x.dtype), perm, h if keep_h else h.new_empty((0,))
+    out = _unsort(p.mul_(top_k_weights.reshape(-1)[perm, None].to(acc)), perm, x.shape[0], acc)  # p: ours
+    return out.to(x.dtype), perm, counts, h if keep_h else h.new_empty((0,))
 
 
 @_fwd_op.register_fake
@@ -287,23 +295,23 @@ def _(x, top_k_index, top_k_weights, w_gu, a_gu, b_gu, w_d, a_d, b_d, s_gu, s_d,
       name, keep_h):
     s = top_k_index.numel()
     two_i = w_gu.shape[2] if transposed else w_gu.shape[1]
-    return (x.new_empty(x.shape), top_k_index.new_empty((s,)),
+    return (x.new_empty(x.shape), top_k_index.new_empty((s,)), top_k_index.new_empty((w_gu.shape[0],)),
             x.new_empty((s, two_i) if keep_h else (0,), dtype=cdt))
 
 
 @torch.library.custom_op("peftfast::moe_experts_bwd", mutates_args=(),
-                         schema=f"(Tensor dy, Tensor x, Tensor top_k_index, Tensor perm, Tensor top_k_weights, "
+                         schema=f"(Tensor dy, Tensor x, Tensor perm, Tensor counts, Tensor top_k_weights, "
                                 f"{_SIG}, Tensor h, bool[] needs) "
                                 "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
-def _bwd_op(dy, x, top_k_index, perm, top_k_weights, w_gu, a_gu, b_gu, w_d, a_d, b_d, s_gu, s_d, act, transposed,
+def _bwd_op(dy, x, perm, counts, top_k_weights, w_gu, a_gu, b_gu, w_d, a_d, b_d, s_gu, s_d, act, transposed,
             cdt, backend, name, h, needs):
     """Gradients of (x, top_k_weights, w_gu, a_gu, b_gu, w_d, a_d, b_d) in their dtypes; an empty tensor for one
     ``needs`` does not ask for (or a factor that is absent)."""
     need_x, need_w, need_wgu, need_agu, need_bgu, need_wd, need_ad, need_bd = needs
     n_exp = w_gu.shape[0]
     acc = torch.promote_types(cdt, torch.float32)
-    tok = perm // top_k_index.shape[-1]
-    grp = _Groups(top_k_index.reshape(-1), n_exp, backend == "triton", name)
+    tok = perm // top_k_weights.shape[-1]
+    grp = _Groups(counts, perm.numel(), backend == "triton")
     w_sorted = top_k_weights.reshape(-1)[perm]
     A_gu, B_gu = _factors(a_gu, b_gu, n_exp, cdt)
     A_d, B_d = _factors(a_d, b_d, n_exp, cdt)
@@ -337,7 +345,7 @@ def _bwd_op(dy, x, top_k_index, perm, top_k_weights, w_gu, a_gu, b_gu, w_d, a_d,
             dw = grp.wgrad(dyw, a, None)  # [E, H, I]
             dw_d = dw.transpose(1, 2) if transposed else dw
     dh = torch.empty(h.shape, device=x.device, dtype=cdt)
-    act_mul_backward((gd * w_col).to(cdt), g, u, act, backend, out=(dh[:, :inter], dh[:, inter:]))
+    act_mul_backward(gd.mul_(w_col).to(cdt), g, u, act, backend, out=(dh[:, :inter], dh[:, inter:]))  # gd: ours
     dhb = grp.gg(dh, None, B_gu.transpose(1, 2), cdt) if A_gu is not None else None
     dx = None
     if need_x:
@@ -358,7 +366,7 @@ def _bwd_op(dy, x, top_k_index, perm, top_k_weights, w_gu, a_gu, b_gu, w_d, a_d,
 
 
 @_bwd_op.register_fake
-def _(dy, x, top_k_index, perm, top_k_weights, w_gu, a_gu, b_gu, w_d, a_d, b_d, s_gu, s_d, act, transposed, cdt,
+def _(dy, x, perm, counts, top_k_weights, w_gu, a_gu, b_gu, w_d, a_d, b_d, s_gu, s_d, act, transposed, cdt,
       backend, name, h, needs):
     likes = (x, top_k_weights, w_gu, a_gu, b_gu, w_d, a_d, b_d)
     return tuple(like.new_empty(like.shape) if need and like is not None else x.new_empty((0,))
@@ -367,21 +375,21 @@ def _(dy, x, top_k_index, perm, top_k_weights, w_gu, a_gu, b_gu, w_d, a_d, b_d, 
 
 def _setup(ctx, inputs, output) -> None:
     x, top_k_index, top_k_weights, w_gu, a_gu, b_gu, w_d, a_d, b_d, *meta, keep_h = inputs
-    _, perm, h = output
-    ctx.save_for_backward(x, top_k_index, perm, top_k_weights, w_gu, a_gu, b_gu, w_d, a_d, b_d, h)
+    _, perm, counts, h = output
+    ctx.save_for_backward(x, perm, counts, top_k_weights, w_gu, a_gu, b_gu, w_d, a_d, b_d, h)
     ctx.meta = tuple(meta)
     ctx.set_materialize_grads(False)
 
 
-def _backward(ctx, dy, _dperm, _dh):
-    x, top_k_index, perm, top_k_weights, w_gu, a_gu, b_gu, w_d, a_d, b_d, h = ctx.saved_tensors
+def _backward(ctx, dy, _dperm, _dcounts, _dh):
+    x, perm, counts, top_k_weights, w_gu, a_gu, b_gu, w_d, a_d, b_d, h = ctx.saved_tensors
     need = ctx.needs_input_grad
     needs = [bool(need[0]), bool(need[2]), bool(need[3]), a_gu is not None and bool(need[4]),
              b_gu is not None and bool(need[5]), bool(need[6]), a_d is not None and bool(need[7]),
              b_d is not None and bool(need[8])]
     if dy is None or not any(needs):
         return (None,) * 17
-    grads = _bwd_op(dy, x, top_k_index, perm, top_k_weights, w_gu, a_gu, b_gu, w_d, a_d, b_d, *ctx.meta, h, needs)
+    grads = _bwd_op(dy, x, perm, counts, top_k_weights, w_gu, a_gu, b_gu, w_d, a_d, b_d, *ctx.meta, h, needs)
     dx, d_tkw, dw_gu, da_gu, db_gu, dw_d, da_d, db_d = (g if n else None for g, n in zip(grads, needs))
     return (dx, None, d_tkw, dw_gu, da_gu, db_gu, dw_d, da_d, db_d, *(None,) * 8)
 
@@ -441,7 +449,7 @@ def experts_lora(x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torc
     args = (x, top_k_index, top_k_weights, w_gu, gate_up.lora_a, gate_up.lora_b, w_d, down.lora_a, down.lora_b,
             float(gate_up.scaling), float(down.scaling), act, transposed, compute_dtype or w_gu.dtype, backend, name,
             not recompute)
-    return _direct.call(torch.ops.peftfast.moe_experts_fwd.default, _setup, _backward, args, (-1, -1, -1))[0]
+    return _direct.call(torch.ops.peftfast.moe_experts_fwd.default, _setup, _backward, args, (-1, -1, -1, -1))[0]
 
 
 __all__ = ["ExpertStack", "experts_lora"]
