@@ -677,11 +677,14 @@ def _wrap(model, setup: Setup, cfg: BenchConfig):
         method = PrefixTuningConfig(task_type=task, num_virtual_tokens=cfg.num_virtual_tokens)
     else:
         targets = "all-linear" if cfg.targets == "all-linear" else _target_list(cfg.targets)
-        stacks = _expert_stacks(model, setup, cfg)
-        if targets == "all-linear" and not stacks and setup.notes:
-            # PEFT's all-linear also wraps MoE parameters (expert stacks, routers), which refuse LoRA dropout: name
-            # the linear layers instead
-            targets = _linear_leaves(model)
+        stacks, why = _expert_stacks(model, cfg)
+        if why is not None:
+            note = f"expert stacks ({', '.join(stacks)}) stay frozen: {why}"
+            if note not in setup.notes:
+                setup.notes.append(note)
+            # PEFT's all-linear also wraps MoE parameters (expert stacks, routers), which refuse LoRA dropout and
+            # DoRA: name the linear layers instead
+            stacks, targets = [], _linear_leaves(model)
         method = LoraConfig(r=cfg.rank, lora_alpha=2 * cfg.rank, lora_dropout=cfg.dropout,
                             target_modules=targets, task_type=task, use_dora=cfg.method in ("dora", "qdora"),
                             **({"target_parameters": stacks} if stacks else {}))
@@ -705,15 +708,15 @@ def _wrap(model, setup: Setup, cfg: BenchConfig):
     return model
 
 
-def _expert_stacks(model, setup: Setup, cfg: BenchConfig) -> list[str]:
+def _expert_stacks(model, cfg: BenchConfig) -> tuple[list[str], str | None]:
     """The mixture-of-experts stacks (3-D ``gate_up_proj`` / ``down_proj`` parameters, as ``experts.gate_up_proj``)
-    that ``--targets all-linear`` adapts through PEFT's ``target_parameters``; none where PEFT cannot (LoRA dropout,
-    DoRA, NF4 bases), which adds a note saying so."""
+    that ``--targets all-linear`` adapts through PEFT's ``target_parameters``, and why PEFT cannot adapt them here
+    (LoRA dropout, DoRA, NF4 bases), or None."""
     found = sorted({f"{name.rpartition('.')[2]}.{p}" for name, mod in model.named_modules() if name
                     for p in ("gate_up_proj", "down_proj")
                     if isinstance(mod._parameters.get(p), torch.Tensor) and mod._parameters[p].dim() == 3})
     if not found or cfg.targets != "all-linear":
-        return []
+        return [], None
     from peft import LoraConfig
 
     why = None
@@ -723,12 +726,7 @@ def _expert_stacks(model, setup: Setup, cfg: BenchConfig) -> list[str]:
         why = f"--method {cfg.method}: PEFT adapts expert stacks with plain LoRA only"
     elif cfg.dropout:
         why = f"PEFT adapts expert stacks only without LoRA dropout (--dropout {cfg.dropout:g}; pass --dropout 0)"
-    if why is None:
-        return found
-    note = f"expert stacks ({', '.join(found)}) stay frozen: {why}"
-    if note not in setup.notes:
-        setup.notes.append(note)
-    return []
+    return found, why
 
 
 def _linear_leaves(model) -> list[str]:
