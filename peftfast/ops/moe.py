@@ -15,9 +15,9 @@ Qwen3-30B-A3B in bf16), and one ``baddbmm`` of E·out·r·in multiply-adds each 
 with PEFT's factor layouts read in place (``lora_A.weight`` [E·r, in] is [E, r, in]; ``lora_B.weight`` [out, r·E] is
 [out, r, E]). Nothing of size E·out·in is formed. Backward keeps the input (which the caller holds anyway), the routing
 and, unless ``recompute``, the gate/up output h [S, 2I] (S = tokens·top-k); with ``recompute`` it runs the gate/up
-GEMMs again from x instead, so the op keeps no activation of its own beyond int routing indices. The rank-r products
-are always recomputed (S·r each). The routing weights get their gradient ``Σ a·(dy·W_d + s_d·(dy·B_d)·A_d)`` without
-keeping the down projection's output.
+GEMMs again from x instead, so the op keeps no activation of its own beyond the routing weights and int sort
+indices. The rank-r products are always recomputed (S·r each). The routing weights get their gradient
+``Σ a·(dy·W_d + s_d·(dy·B_d)·A_d)`` without keeping the down projection's output.
 
 Two implementations, the same saved activations and gradients:
 
