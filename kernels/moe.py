@@ -6,7 +6,7 @@ expert: ``tile_expert[t]`` (-1: no tile), its first row and its end row, so no t
 
 ``_moe_grouped_gemm_kernel``, for each tile of expert e and rows m::
 
-    out[m, n] = Σ_k x[src(m), k] · W[e, n, k]  (+ scale · Σ_j L[m, j] · R[e, n, j])
+    out[m, n] = Σ_k x[src(m), k] · W[e, n, k]  (+ scale · Σ_j L[m, j] · R[e, n, j])  (+ bias[e, n])
 
 ``src(m) = gather[m]`` (the token of sorted row m: the gather of the hidden states is never written out) or m.
 W, R: any strides, so one kernel serves x·W_guᵀ, a·W_dᵀ, dy·W_d, dh·W_gu and both LoRA factor products, with PEFT's
@@ -15,8 +15,19 @@ written once, and no merged W + s·B·A (E·N·K) is ever formed.
 
 ``_moe_grouped_wgrad_kernel``, per expert e: ``out[e, i, n] = scale · Σ_{m of e} P[m, i] · Q[src(m), n]`` (fp32),
 the per-expert weight gradients (LoRA factors; base stacks that train), reduced over the expert's rows in
-``BLOCK_M`` steps; grid (E, cdiv(NI, BLOCK_I), cdiv(N, BLOCK_N)). W may be stored in another dtype than x (fp32
-stacks under autocast): each tile is cast on load, so the stack is never copied whole.
+``BLOCK_M`` steps; grid (E, cdiv(NI, BLOCK_I), cdiv(N, BLOCK_N)). With P a stride-0 column of ones it is the
+per-expert bias gradient (a column sum over the expert's rows, deterministic). W may be stored in another dtype
+than x (fp32 stacks under autocast): each tile is cast on load, so the stack is never copied whole.
+
+``_moe_glu_fwd_kernel`` / ``_moe_glu_bwd_kernel``: the gated activation between the two GEMMs where the MLP kernels'
+``act_mul`` does not serve it: gate and up read with any column stride (gpt-oss interleaves them: ``h[:, 0::2]``,
+``h[:, 1::2]``, read in place) and gpt-oss's clamped SwiGLU (ACT 3)::
+
+    g' = min(g, limit),  u' = clamp(u, -limit, limit),  a = (u' + 1) · g' · σ(alpha · g')
+    dg = da · (u' + 1) · (σ + alpha · g' · σ · (1 - σ)) · [g <= limit],   du = da · g' · σ · [|u| <= limit]
+
+(ACT 0-2: silu, gelu, gelu-tanh times u, as ``peftfast.kernels.mlp``). Element-wise in fp32; dg and du are written
+into the gradient of h in its own layout, so no de-interleaved copy of h or of its gradient exists.
 
 Row offsets are int64 (S · K passes 2**31 at 128 experts, top-8 and long batches).
 """
@@ -25,6 +36,7 @@ import triton
 import triton.language as tl
 
 from peftfast.kernels.lora import _lowrank_tile
+from peftfast.kernels.mlp import _gate_act, _gate_act_grad
 
 
 @triton.jit
@@ -34,14 +46,15 @@ def _moe_grouped_gemm_kernel(
     w_ptr, stride_we, stride_wn, stride_wk,
     l_ptr, stride_lm, stride_lr,
     r_ptr, stride_re, stride_rn, stride_rr,
+    bias_ptr, stride_be, stride_bn,
     out_ptr, stride_om, stride_on,
     tile_expert_ptr, tile_row_ptr, tile_end_ptr,
     N, K, RANK, scale,
-    GATHER: tl.constexpr, HAS_LORA: tl.constexpr,
+    GATHER: tl.constexpr, HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     DOT_PRECISION: tl.constexpr, LORA_PRECISION: tl.constexpr,
 ):
-    """Grouped ``x·W[e]ᵀ (+ scale·L·R[e]ᵀ)`` over expert-sorted rows; grid (tiles, cdiv(N, BLOCK_N))."""
+    """Grouped ``x·W[e]ᵀ (+ scale·L·R[e]ᵀ) (+ bias[e])`` over expert-sorted rows; grid (tiles, cdiv(N, BLOCK_N))."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     e = tl.load(tile_expert_ptr + pid_m)
@@ -73,6 +86,8 @@ def _moe_grouped_gemm_kernel(
             # (acc / s + L·Rᵀ) · s: the low-rank product accumulates into the live tile (no second fp32 tile)
             acc = _lowrank_tile(acc * (1.0 / scale), l_ptr, stride_lm, stride_lr, r_ptr + e * stride_re, stride_rn,
                                 stride_rr, offs_m, offs_n, row_end, N, 0, RANK, BLOCK_R, LORA_PRECISION) * scale
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + e * stride_be + offs_n * stride_bn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on,
              acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
@@ -111,3 +126,54 @@ def _moe_grouped_wgrad_kernel(
         acc = tl.dot(pt.to(qt.dtype), qt, acc, input_precision=DOT_PRECISION)
     tl.store(out_ptr + e * stride_oe + offs_i[:, None] * stride_oi + offs_n[None, :] * stride_on,
              (acc * scale).to(out_ptr.dtype.element_ty), mask=i_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _glu(g, u, alpha, limit, ACT: tl.constexpr):
+    if ACT == 3:
+        gc = tl.minimum(g, limit)
+        uc = tl.minimum(tl.maximum(u, -limit), limit)
+        return (uc + 1.0) * (gc / (1.0 + tl.exp(-alpha * gc)))
+    else:
+        return _gate_act(g, ACT) * u
+
+
+@triton.jit
+def _moe_glu_fwd_kernel(
+    g_ptr, stride_gm, stride_gc, u_ptr, stride_um, stride_uc, a_ptr, stride_am,
+    cols, alpha, limit, ACT: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """``a = glu(g, u)`` [M, I] with g, u at any strides; grid (M, cdiv(I, BLOCK))."""
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < cols
+    g = tl.load(g_ptr + row * stride_gm + offs * stride_gc, mask=ok, other=0.0).to(tl.float32)
+    u = tl.load(u_ptr + row * stride_um + offs * stride_uc, mask=ok, other=0.0).to(tl.float32)
+    tl.store(a_ptr + row * stride_am + offs, _glu(g, u, alpha, limit, ACT).to(a_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _moe_glu_bwd_kernel(
+    da_ptr, stride_dam, g_ptr, stride_gm, stride_gc, u_ptr, stride_um, stride_uc,
+    dg_ptr, stride_dgm, stride_dgc, du_ptr, stride_dum, stride_duc,
+    cols, alpha, limit, ACT: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """(dg, du) of ``a = glu(g, u)``, written at any strides (the gate and up columns of one dh); grid as the
+    forward."""
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < cols
+    da = tl.load(da_ptr + row * stride_dam + offs, mask=ok, other=0.0).to(tl.float32)
+    g = tl.load(g_ptr + row * stride_gm + offs * stride_gc, mask=ok, other=0.0).to(tl.float32)
+    u = tl.load(u_ptr + row * stride_um + offs * stride_uc, mask=ok, other=0.0).to(tl.float32)
+    if ACT == 3:
+        gc = tl.minimum(g, limit)
+        uc = tl.minimum(tl.maximum(u, -limit), limit)
+        sig = 1.0 / (1.0 + tl.exp(-alpha * gc))
+        dg = tl.where(g <= limit, da * (uc + 1.0) * (sig + alpha * gc * sig * (1.0 - sig)), 0.0)
+        du = tl.where((u >= -limit) & (u <= limit), da * gc * sig, 0.0)
+    else:
+        dg = da * u * _gate_act_grad(g, ACT)
+        du = da * _gate_act(g, ACT)
+    tl.store(dg_ptr + row * stride_dgm + offs * stride_dgc, dg.to(dg_ptr.dtype.element_ty), mask=ok)
+    tl.store(du_ptr + row * stride_dum + offs * stride_duc, du.to(du_ptr.dtype.element_ty), mask=ok)

@@ -193,6 +193,15 @@ PRESETS: dict[str, Preset] = {
         num_attention_heads=32, num_key_value_heads=4, head_dim=128, num_experts=128, num_experts_per_tok=8,
         norm_topk_prob=True, vocab_size=151936, max_position_embeddings=40960, rope_theta=1000000.0,
         rms_norm_eps=1e-6, tie_word_embeddings=False), 1024, 2, "Qwen/Qwen3-30B-A3B (30,532,122,624 parameters)"),
+    # biased, transposed expert stacks with gpt-oss's interleaved clamped SwiGLU; attention sinks; YaRN RoPE
+    "gpt-oss-20b": Preset("GptOssConfig", dict(
+        hidden_size=2880, intermediate_size=2880, num_hidden_layers=24, num_attention_heads=64, num_key_value_heads=8,
+        head_dim=64, num_local_experts=32, num_experts_per_tok=4, vocab_size=201088, sliding_window=128,
+        max_position_embeddings=131072, rope_theta=150000.0, attention_bias=True, rms_norm_eps=1e-5,
+        tie_word_embeddings=False, rope_scaling={"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0,
+                                                 "beta_slow": 1.0, "truncate": False,
+                                                 "original_max_position_embeddings": 4096}), 1024, 2,
+        "openai/gpt-oss-20b (20,914,757,184 parameters)"),
     "mixtral-8x7b": Preset("MixtralConfig", dict(
         hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
         num_local_experts=8, num_experts_per_tok=2, vocab_size=32000, max_position_embeddings=32768,
@@ -576,7 +585,7 @@ def estimate_bytes(setup: Setup, cfg: BenchConfig, layers: int | None = None) ->
     out_tokens = batch * (setup.target or setup.seq)
     tokens, hidden = batch * setup.seq + (out_tokens if setup.target else 0), setup.hf.hidden_size
     act = tokens * n * hidden * elt * (4 if cfg.grad_ckpt else 64)
-    if _attn_impl(setup.hf) == "eager":
+    if _attn_impl(setup.hf, setup.kind) == "eager":
         act += batch * setup.hf.num_attention_heads * setup.seq ** 2 * elt * 2 * (1 if cfg.grad_ckpt else n)
     logits = out_tokens * getattr(setup.hf, "vocab_size", 0) * 4 * 3
     parts = dict(weights=n_params * elt, training_state=linear_io * cfg.rank * 4 * 4, activations=act, logits=logits)
@@ -620,9 +629,16 @@ def largest_fitting_batch(try_batch: Callable[[int], None], limit: int = 4096) -
 # ----------------------------------------------------------------------------------------------------------------
 # models and data
 # ----------------------------------------------------------------------------------------------------------------
-def _attn_impl(hf) -> str:
-    # SDPA has no logit softcapping (Gemma 2): transformers' eager path is the reference there
-    return "eager" if getattr(hf, "attn_logit_softcapping", None) else "sdpa"
+def _attn_impl(hf, kind: str = "decoder") -> str:
+    """The baselines' attention: SDPA where the model class takes it; transformers' eager path where SDPA has no
+    logit softcapping (Gemma 2) or the class has no SDPA path at all (gpt-oss: attention sinks)."""
+    if getattr(hf, "attn_logit_softcapping", None):
+        return "eager"
+    try:
+        cls = _model_class(kind)._model_mapping[type(hf)]
+    except Exception:  # a config the auto class does not map: from_config says so itself
+        return "sdpa"
+    return "sdpa" if getattr(cls, "_supports_sdpa", True) else "eager"
 
 
 def _base_model(setup: Setup, cfg: BenchConfig):
@@ -632,7 +648,7 @@ def _base_model(setup: Setup, cfg: BenchConfig):
     else:
         with torch.device(cfg.device):
             model = _model_class(setup.kind).from_config(copy.deepcopy(setup.hf), dtype=DTYPES[cfg.dtype],
-                                                          attn_implementation=_attn_impl(setup.hf))
+                                                          attn_implementation=_attn_impl(setup.hf, setup.kind))
     model.config.use_cache = False
     if cfg.grad_ckpt:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -651,7 +667,7 @@ def _load_checkpoint(setup: Setup, cfg: BenchConfig):
     try:
         return _model_class(setup.kind).from_pretrained(
             setup.weights, config=copy.deepcopy(setup.hf), dtype=DTYPES[cfg.dtype], local_files_only=True,
-            attn_implementation=_attn_impl(setup.hf), device_map=cfg.device)
+            attn_implementation=_attn_impl(setup.hf, setup.kind), device_map=cfg.device)
     except Exception as exc:  # a broken or foreign checkpoint: bad input, one line
         raise BenchError(f"cannot load the weights of {setup.weights}: {_one_line(exc)} (--random-weights uses its "
                          "shape only)") from None

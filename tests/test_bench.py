@@ -195,6 +195,7 @@ PUBLISHED = {  # total parameters of the published checkpoints the presets copy
     "qwen2.5-7b": 7_615_616_512, "phi-3-mini": 3_821_079_552, "gemma-2-9b": 9_241_705_984, "bert-base": 109_514_298,
     "t5-base": 222_903_552, "bart-base": 139_420_416, "whisper-small": 241_734_912,
     "whisper-large-v3": 1_543_490_560, "qwen3-30b-a3b": 30_532_122_624, "mixtral-8x7b": 46_702_792_704,
+    "gpt-oss-20b": 20_914_757_184,
 }
 
 

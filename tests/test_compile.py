@@ -238,17 +238,21 @@ def test_moe_experts_compile_without_breaks_in_our_code():
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_moe_experts_op_compiles_as_one_node(backend):
+@pytest.mark.parametrize("gpt_oss", [False, True])
+def test_moe_experts_op_compiles_as_one_node(backend, gpt_oss):
     """The experts op alone, both paths (Triton: the grouped kernels in the interpreter, inside the registered op):
-    one graph, no break, no recompile, eager's output and gradients."""
-    from test_moe import _case
+    one graph, no break, no recompile, eager's output and gradients; also gpt-oss's (trainable biases, transposed
+    stacks, interleaved clamped SwiGLU)."""
+    from test_moe import GATES, _case, _leaves
 
     from peftfast.ops.moe import experts_lora
 
-    x, idx, wts, gu, dn = _case(t=13)
-    leaves = [x, wts, gu.lora_a, gu.lora_b, dn.lora_a, dn.lora_b]
+    x, idx, wts, gu, dn = _case(t=13, transposed=gpt_oss, bias=gpt_oss)
+    leaves = _leaves(x, wts, gu, dn)
+    gate = GATES["gpt_oss"] if gpt_oss else "silu"
     explanation, recompiles = _compare(
-        lambda: experts_lora(x, idx, wts, gu, dn, backend=backend).square().sum(), leaves)
+        lambda: experts_lora(x, idx, wts, gu, dn, act=gate, transposed=gpt_oss, backend=backend).square().sum(),
+        leaves)
     assert explanation.graph_break_count == 0 and explanation.graph_count == 1 and not recompiles
 
 

@@ -21,29 +21,45 @@ from peft import LoraConfig, get_peft_model
 import peftfast
 from peftfast.modules import moe as moe_mod
 from peftfast.ops._backend import resolve_backend
-from peftfast.ops.moe import ExpertStack, experts_lora
+from peftfast.ops.moe import ExpertGate, ExpertStack, experts_lora
 
 ACTS = {"silu": F.silu, "gelu": F.gelu, "gelu_tanh": lambda t: F.gelu(t, approximate="tanh")}
 
 
-def _stack(e, n_in, n_out, r, dtype, transposed, lora=True, scale=1.0):
+def _stack(e, n_in, n_out, r, dtype, transposed, lora=True, scale=1.0, bias=False):
     w = torch.randn(e, n_in, n_out) if transposed else torch.randn(e, n_out, n_in)
     w = (w / n_in**0.5).to(dtype)
+    c = (torch.randn(e, n_out) * 0.5).to(dtype).requires_grad_() if bias else None
     if not lora:
-        return ExpertStack(w)
+        return ExpertStack(w, bias=c)
     a = (torch.randn(e * r, n_in) / n_in**0.5).to(dtype).requires_grad_()
     b = (torch.randn(n_out, r * e) * 0.3).to(dtype).requires_grad_()
-    return ExpertStack(w, a, b, scale)
+    return ExpertStack(w, a, b, scale, c)
 
 
-def _case(t=17, h=12, i=10, e=5, k=2, r=3, dtype=torch.float32, transposed=False, lora=(True, True)):
+def _case(t=17, h=12, i=10, e=5, k=2, r=3, dtype=torch.float32, transposed=False, lora=(True, True), bias=False):
     """Tokens routed to experts 0..e-2 only: the last expert gets no rows."""
     x = torch.randn(t, h).to(dtype).requires_grad_()
     idx = torch.stack([torch.randperm(e - 1)[:k] for _ in range(t)])
     wts = torch.softmax(torch.randn(t, k), -1).to(dtype).requires_grad_()
-    gu = _stack(e, h, 2 * i, r, dtype, transposed, lora[0], 0.7)
-    dn = _stack(e, i, h, r, dtype, transposed, lora[1], 1.3)
+    gu = _stack(e, h, 2 * i, r, dtype, transposed, lora[0], 0.7, bias)
+    dn = _stack(e, i, h, r, dtype, transposed, lora[1], 1.3, bias)
     return x, idx, wts, gu, dn
+
+
+# gpt-oss's gate (interleaved, clamped SwiGLU), the OpenAI privacy filter's (the same on [gate | up] halves) and a
+# plain SiLU gate on interleaved columns; a small limit so both clamps bite on these inputs
+GATES = {"gpt_oss": ExpertGate("clamped_swiglu", interleaved=True, alpha=1.702, limit=0.8),
+         "clamped_halves": ExpertGate("clamped_swiglu", alpha=1.3, limit=0.6),
+         "silu_interleaved": ExpertGate("silu", interleaved=True)}
+
+
+def _glu_ref(h, gate: ExpertGate):
+    g, u = (h[:, 0::2], h[:, 1::2]) if gate.interleaved else h.chunk(2, dim=-1)
+    if gate.act != "clamped_swiglu":
+        return ACTS[gate.act](g) * u
+    g, u = g.clamp(max=gate.limit), u.clamp(-gate.limit, gate.limit)
+    return (u + 1) * (g * torch.sigmoid(g * gate.alpha))
 
 
 def _merged(st: ExpertStack, e: int, transposed: bool, dtype) -> torch.Tensor:
@@ -61,19 +77,23 @@ def _merged(st: ExpertStack, e: int, transposed: bool, dtype) -> torch.Tensor:
 def _reference(x, idx, wts, gu, dn, act="silu", transposed=False, dtype=torch.float64):
     """Every (token, expert) pair on its own, on merged weights in ``dtype``."""
     e = gu.weight.shape[0]
+    gate = act if isinstance(act, ExpertGate) else ExpertGate(act)
     wg, wd = _merged(gu, e, transposed, dtype), _merged(dn, e, transposed, dtype)
     xs, ws = x.to(dtype), wts.to(dtype)
-    inter = wd.shape[2]
     out = torch.zeros_like(xs)
     for j in range(idx.shape[1]):
         h = torch.einsum("th,toh->to", xs, wg[idx[:, j]])
-        a = ACTS[act](h[:, :inter]) * h[:, inter:]
-        out = out + ws[:, j, None] * torch.einsum("ti,thi->th", a, wd[idx[:, j]])
+        if gu.bias is not None:
+            h = h + gu.bias.to(dtype)[idx[:, j]]
+        o = torch.einsum("ti,thi->th", _glu_ref(h, gate), wd[idx[:, j]])
+        if dn.bias is not None:
+            o = o + dn.bias.to(dtype)[idx[:, j]]
+        out = out + ws[:, j, None] * o
     return out
 
 
 def _leaves(x, wts, gu, dn):
-    return [t for t in (x, wts, gu.weight, gu.lora_a, gu.lora_b, dn.weight, dn.lora_a, dn.lora_b)
+    return [t for t in (x, wts, gu.weight, gu.lora_a, gu.lora_b, gu.bias, dn.weight, dn.lora_a, dn.lora_b, dn.bias)
             if t is not None and t.requires_grad]
 
 
@@ -111,19 +131,53 @@ def test_matches_fp64_merged_reference_with_every_gradient(backend, act, transpo
 
 
 @pytest.mark.parametrize("backend", ["torch", "cpp", "triton"])
-@pytest.mark.parametrize("keep_h", [False, True])
-def test_registered_ops_pass_opcheck(backend, keep_h):
-    """peftfast::moe_experts_fwd / _bwd: schema, fake kernels, autograd registration, dynamic-shape tracing."""
+@pytest.mark.parametrize("gate", list(GATES))
+@pytest.mark.parametrize("recompute", [False, True])
+def test_biases_and_other_gates_match_fp64_with_every_gradient(backend, gate, recompute):
+    """gpt-oss's experts: biases on both stacks, transposed [E, in, out] stacks, interleaved gate/up columns and the
+    clamped SwiGLU (gradients cut where either clamp holds); trainable biases and stacks get their gradients."""
     _backend_or_skip(backend)
-    x, idx, wts, gu, dn = _case(t=9, h=8, i=6, e=3, k=2, r=2)
-    meta = (0.7, 1.3, "silu", False, torch.float32, backend, "experts")
-    fwd_args = (x, idx, wts, gu.weight, gu.lora_a, gu.lora_b, dn.weight, dn.lora_a, dn.lora_b, *meta, keep_h)
+    torch.manual_seed(11)
+    x, idx, wts, gu, dn = _case(transposed=True, bias=True)
+    gu.weight.requires_grad_(), dn.weight.requires_grad_()
+    leaves = _leaves(x, wts, gu, dn)
+    assert len(leaves) == 10
+    g = GATES[gate]
+    y = experts_lora(x, idx, wts, gu, dn, act=g, transposed=True, recompute=recompute, backend=backend)
+    ref = _reference(x, idx, wts, gu, dn, g, transposed=True)
+    if g.act == "clamped_swiglu":  # the inputs reach both clamps, so their masks are exercised
+        h = torch.einsum("th,the->te", x.detach(), gu.weight.detach()[idx[:, 0]]) + gu.bias.detach()[idx[:, 0]]
+        gh, uh = (h[:, 0::2], h[:, 1::2]) if g.interleaved else h.chunk(2, dim=-1)
+        assert (gh > g.limit).any() and (uh.abs() > g.limit).any() and (uh.abs() < g.limit).any()
+    dy = torch.randn_like(ref)
+    assert max_rel_err(y, ref) < 2e-6
+    got, want = _grads(y, leaves, dy.float()), _grads(ref, leaves, dy)
+    for got_g, want_g in zip(got, want):
+        assert got_g.shape == want_g.shape and got_g.dtype == torch.float32
+        assert max_rel_err(got_g, want_g) < 5e-6
+    # the expert no token picked: zero bias gradients, the others not
+    for db in (got[5], got[9]):
+        assert db[4].abs().max() == 0 and db[:4].abs().amax(dim=1).min() > 0
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp", "triton"])
+@pytest.mark.parametrize("keep_h", [False, True])
+@pytest.mark.parametrize("gpt_oss", [False, True])
+def test_registered_ops_pass_opcheck(backend, keep_h, gpt_oss):
+    """peftfast::moe_experts_fwd / _bwd: schema, fake kernels, autograd registration, dynamic-shape tracing; also
+    with gpt-oss's biases, transposed stacks and interleaved clamped SwiGLU."""
+    _backend_or_skip(backend)
+    x, idx, wts, gu, dn = _case(t=9, h=8, i=6, e=3, k=2, r=2, transposed=gpt_oss, bias=gpt_oss)
+    g = GATES["gpt_oss"] if gpt_oss else ExpertGate()
+    meta = (0.7, 1.3, g.act, g.alpha, g.limit, g.interleaved, gpt_oss, torch.float32, backend, "experts")
+    stacks = (gu.weight, gu.lora_a, gu.lora_b, gu.bias, dn.weight, dn.lora_a, dn.lora_b, dn.bias)
+    fwd_args = (x, idx, wts, *stacks, *meta, keep_h)
     torch.library.opcheck(torch.ops.peftfast.moe_experts_fwd.default, fwd_args)
     _, perm, counts, h = torch.ops.peftfast.moe_experts_fwd(*[a.detach() if torch.is_tensor(a) else a
                                                               for a in fwd_args])
-    bwd_args = (torch.randn(9, 8), x.detach(), perm, counts, wts.detach(), gu.weight, gu.lora_a.detach(),
-                gu.lora_b.detach(), dn.weight, dn.lora_a.detach(), dn.lora_b.detach(), *meta, h,
-                [True, True, False, True, True, False, True, True])
+    bwd_args = (torch.randn(9, 8), x.detach(), perm, counts, wts.detach(),
+                *[t.detach() if t is not None else None for t in stacks], *meta, h,
+                [True, True, False, True, True, gpt_oss, False, True, True, gpt_oss])
     torch.library.opcheck(torch.ops.peftfast.moe_experts_bwd.default, bwd_args)
 
 
@@ -156,14 +210,19 @@ def test_strided_inputs_and_routing():
 
 @pytest.mark.parametrize("backend,dtype", [("torch", torch.float16), ("torch", torch.bfloat16),
                                            ("triton", torch.float16)])  # the interpreter's bf16 tl.dot is broken
-def test_low_precision_within_twice_peft_merged_error(backend, dtype):
-    """PEFT computes on W + s·B·A merged in the stack dtype; the op keeps the factors apart. Both against fp64."""
+@pytest.mark.parametrize("gpt_oss", [False, True])
+def test_low_precision_within_twice_peft_merged_error(backend, dtype, gpt_oss):
+    """PEFT computes on W + s·B·A merged in the stack dtype; the op keeps the factors apart. Both against fp64; also
+    gpt-oss's experts (biases, transposed stacks, interleaved clamped SwiGLU) at gpt-oss's own limit, 7: where a
+    16-bit h lands on the other side of a clamp than the fp64 one, either path's gradient jumps there by O(1), so a
+    limit inside the bulk of h would compare chance flips, not rounding (the fp32 tests check the clamps)."""
     torch.manual_seed(3)
-    x, idx, wts, gu, dn = _case(t=33, h=64, i=48, e=6, k=2, r=8, dtype=dtype)
+    x, idx, wts, gu, dn = _case(t=33, h=64, i=48, e=6, k=2, r=8, dtype=dtype, transposed=gpt_oss, bias=gpt_oss)
+    gate = ExpertGate("clamped_swiglu", interleaved=True, alpha=1.702, limit=7.0) if gpt_oss else "silu"
     leaves = _leaves(x, wts, gu, dn)
-    y = experts_lora(x, idx, wts, gu, dn, backend=backend)
-    peft_y = _reference(x, idx, wts, gu, dn, dtype=dtype)  # PEFT's merged-weight path in low precision
-    ref = _reference(x, idx, wts, gu, dn)
+    y = experts_lora(x, idx, wts, gu, dn, act=gate, transposed=gpt_oss, backend=backend)
+    peft_y = _reference(x, idx, wts, gu, dn, gate, gpt_oss, dtype=dtype)  # PEFT's merged path in low precision
+    ref = _reference(x, idx, wts, gu, dn, gate, gpt_oss)
     dy = torch.randn_like(ref)
     assert y.dtype == dtype
     assert max_rel_err(y, ref) <= 2 * max_rel_err(peft_y, ref) + 1e-3
@@ -250,6 +309,9 @@ MOE = {
                          qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=8)),
     "phimoe": ("PhimoeConfig", "PhimoeForCausalLM",
                dict(intermediate_size=48, num_local_experts=4, num_experts_per_tok=2)),
+    # biases, transposed stacks, interleaved gate/up, clamped SwiGLU: a limit the random hidden states pass
+    "gpt_oss": ("GptOssConfig", "GptOssForCausalLM",
+                dict(intermediate_size=24, num_local_experts=4, num_experts_per_tok=2, head_dim=8, swiglu_limit=0.05)),
 }
 STACKS = ["experts.gate_up_proj", "experts.down_proj"]
 
@@ -316,16 +378,57 @@ def test_patched_moe_models_match_peft(arch):
     assert [runtime[e.name]["fused"] for e in entries] == [1] * n_moe
 
 
-def test_patched_model_on_the_triton_backend_runs_the_grouped_kernels():
-    """The whole model on the Triton backend (interpreter): the experts through the grouped kernels."""
+@pytest.mark.parametrize("arch", ["qwen3_moe", "gpt_oss"])
+def test_patched_model_on_the_triton_backend_runs_the_grouped_kernels(arch):
+    """The whole model on the Triton backend (interpreter): the experts through the grouped kernels; gpt-oss's
+    biases in their epilogue and its interleaved clamped SwiGLU through the strided activation kernels."""
     from peftfast.ops import _counters
 
-    model = _moe_model("qwen3_moe")
+    model = _moe_model(arch) if arch != "gpt_oss" else _gpt_oss()
     ref = copy.deepcopy(model)
     peftfast.patch(model, backend="triton")
     with _counters.count_launches() as launches:
         _assert_matches(model, ref, _ids(8))
-    assert launches["_moe_grouped_gemm_kernel"] == 2 * 12 and launches["_moe_grouped_wgrad_kernel"] == 2 * 4
+    # per layer: 4 grouped GEMMs forward, 8 backward (the gate/up rerun included), 4 factor gradients; gpt-oss adds
+    # one width-1 product (dy·b_d, the routing weights' bias term) and runs its gate on the strided kernels
+    oss = arch == "gpt_oss"
+    assert launches["_moe_grouped_gemm_kernel"] == 2 * (12 + oss) and launches["_moe_grouped_wgrad_kernel"] == 2 * 4
+    assert launches["_moe_glu_fwd_kernel"] == 2 * 2 * oss and launches["_moe_glu_bwd_kernel"] == 2 * oss
+    assert launches["_act_mul_fwd_kernel"] == 2 * 2 * (not oss)
+
+
+def _gpt_oss(impl=None, trainable_biases=False, **cfg_kw):
+    """A tiny gpt-oss under PEFT with random expert biases (its init zeroes them), optionally trainable."""
+    model = _moe_model("gpt_oss", impl=impl, **cfg_kw)
+    gen = torch.Generator().manual_seed(4)
+    for n, p in model.named_parameters():
+        if n.endswith("_proj_bias"):
+            with torch.no_grad():
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+            p.requires_grad_(trainable_biases)
+    return model
+
+
+@pytest.mark.parametrize("impl", ["eager", "grouped_mm", "batched_mm"])
+def test_gpt_oss_experts_match_peft_with_biases_and_clamps(impl):
+    """gpt-oss: transposed stacks, biases (trainable here), interleaved gate/up and the clamped SwiGLU, found by the
+    probe under each transformers experts implementation; PEFT's loss and every gradient, the biases' included."""
+    model = _gpt_oss(impl, trainable_biases=True)
+    ref = copy.deepcopy(model)
+    seen = []
+    for mod in ref.modules():
+        if type(mod).__name__ == "GptOssExperts":
+            mod._apply_gate = lambda h, f=mod._apply_gate: (seen.append(h.detach()), f(h))[1]
+    peftfast.patch(model)
+    entries = _experts_entries(model)
+    assert len(entries) == 2 and all(e.patched for e in entries)
+    st = model.get_submodule(entries[0].name).__dict__["_peftfast_moe"]
+    assert st.gate == ExpertGate("clamped_swiglu", interleaved=True, alpha=1.702, limit=0.05) and st.transposed
+    grads = _assert_matches(model, ref, _ids(12))
+    assert sum("_proj_bias" in n for n in grads) == 4
+    h = torch.cat(seen)  # PEFT's own gate inputs: both clamps bite, and not everywhere
+    g, u = h[:, 0::2], h[:, 1::2]
+    assert (g > 0.05).any() and (g < 0.05).any() and (u.abs() > 0.05).any() and (u.abs() < 0.05).any()
 
 
 @pytest.mark.parametrize("impl", ["eager", "grouped_mm", "batched_mm"])
@@ -402,8 +505,11 @@ def test_runtime_fallbacks_are_counted_and_match():
     assert any("2 active adapters" in k for k in fallbacks)
 
 
-def test_autocast_bf16_matches_peft_within_its_own_error():
-    model = _moe_model("qwen3_moe", modules=("q_proj",))
+@pytest.mark.parametrize("arch", ["qwen3_moe", "gpt_oss"])
+def test_autocast_bf16_matches_peft_within_its_own_error(arch):
+    # gpt-oss at its own clamp limit: a limit inside the bulk of h compares chance clamp flips of the low-precision
+    # paths, not their rounding (see test_low_precision_within_twice_peft_merged_error)
+    model = _moe_model(arch, modules=("q_proj",)) if arch != "gpt_oss" else _gpt_oss(swiglu_limit=7.0)
     ref = copy.deepcopy(model)
     exact = copy.deepcopy(model).double()
     exact.get_base_model().config._experts_implementation = "eager"  # grouped_mm takes no fp64
@@ -463,16 +569,40 @@ def test_probe_rejects_a_class_computing_something_else():
 
 
 def test_unsupported_layouts_are_skipped_with_a_reason():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        cfg = transformers.GptOssConfig(**_COMMON, intermediate_size=32, num_local_experts=4, num_experts_per_tok=2,
-                                        head_dim=8)
-        model = get_peft_model(transformers.GptOssForCausalLM(cfg),
-                               LoraConfig(r=4, target_modules=["q_proj"], target_parameters=STACKS))
-    peftfast.patch(model)
-    entries = _experts_entries(model)
-    assert len(entries) == 2 and all(not e.patched for e in entries)
-    assert entries[0].reason == "GptOssExperts: expert biases are not fused"
+    model = _gpt_oss()
+    root = model.get_submodule("base_model.model.model.layers.0.mlp.experts")
+    base = moe_mod.chain(root)[1]
+    original = type(base)
+
+    class NoPlusOne(original):  # alpha/limit present, but not gpt-oss's maths: the probe must tell
+        def _apply_gate(self, gate_up):
+            g, u = gate_up[..., ::2].clamp(max=self.limit), gate_up[..., 1::2].clamp(-self.limit, self.limit)
+            return u * g * torch.sigmoid(g * self.alpha)
+
+    class ReluGate(original):
+        def _apply_gate(self, gate_up):
+            return torch.relu(gate_up[..., ::2]) * gate_up[..., 1::2]
+
+    try:
+        base.__class__ = NoPlusOne
+        assert moe_mod.why_not(root) == ("NoPlusOne's forward computes something else than Σ w·down(glu(gate_up)) "
+                                         "(biases included)")
+        base.__class__ = ReluGate
+        assert moe_mod.why_not(root) == ("ReluGate's forward computes something else than Σ w·down(glu(gate_up)) "
+                                         "(biases included)")
+        alpha, base.alpha = base.alpha, None  # no numeric alpha/limit: no gate to try
+        assert moe_mod.why_not(root) == ("ReluGate: its own _apply_gate is neither act(gate)·up nor a clamped SwiGLU "
+                                         "with alpha/limit")
+        base.__class__, base.alpha = original, alpha
+        base.has_post_expert_norm = True
+        peftfast.patch(model)
+        entries = _experts_entries(model)
+        assert len(entries) == 2 and [e.patched for e in entries] == [False, True]
+        assert entries[0].reason == "GptOssExperts: a norm after each expert is not fused"
+    finally:
+        base.__class__, base.alpha = original, 1.702
+        base.has_post_expert_norm = False
+    assert moe_mod.why_not(root) is None
     # a stack other than gate_up/down (the router's weight) leaves the whole chain on PEFT's path
     model = _moe_model("mixtral", targets=["experts.gate_up_proj", "gate.weight"])
     peftfast.patch(model)

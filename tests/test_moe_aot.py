@@ -1,6 +1,8 @@
 """The MoE experts' grouped Triton kernels compile for sm_80 and sm_90 (no GPU needed), with the configurations the
-launcher picks on a GPU for Qwen3-30B-A3B's expert shapes (hidden 2048, expert intermediate 768, 128 experts, r=16),
-fit shared memory without spilling, and use tensor cores (none under fp32 ``ieee`` products)."""
+launcher picks on a GPU for Qwen3-30B-A3B's expert shapes (hidden 2048, expert intermediate 768, 128 experts, r=16)
+and gpt-oss-20b's (hidden and intermediate 2880, 32 experts, transposed stacks with biases, the interleaved clamped
+SwiGLU), fit shared memory without spilling, and use tensor cores (none under fp32 ``ieee`` products, and none in the
+element-wise gate kernels)."""
 
 from unittest import mock
 
@@ -11,6 +13,7 @@ from peftfast.testing import aot
 
 HW_SMEM = {80: 163 * 1024, 90: 227 * 1024}
 _S, _H, _I, _E, _R = 32768, 2048, 768, 128, 16  # 4096 tokens x top-8
+_OSS_H, _OSS_E = 2880, 32  # gpt-oss-20b: hidden = expert intermediate
 
 
 def _gpu_config(fn, *args) -> dict:
@@ -18,24 +21,45 @@ def _gpu_config(fn, *args) -> dict:
         return fn(*args)
 
 
-def _gemm_args(p: str, n: int, k: int) -> dict:
-    """x [S or T, k], w3 [E, n, k] (row-major expert stacks), L [S, r], PEFT's lora_B read as [E, n, r]."""
-    return dict(x_ptr=p, stride_xm=k, stride_xk=1, gather_ptr="*i64", w_ptr=p, stride_we=n * k, stride_wn=k,
-                stride_wk=1, l_ptr=p, stride_lm=_R, stride_lr=1, r_ptr=p, stride_re=1, stride_rn=_R * _E,
-                stride_rr=_E, out_ptr=p, stride_om=n, stride_on=1, tile_expert_ptr="*i64", tile_row_ptr="*i64",
-                tile_end_ptr="*i64", N=n, K=k, RANK=_R, scale=2.0)
+def _gemm_args(p: str, n: int, k: int, e: int = _E, transposed: bool = False) -> dict:
+    """x [S or T, k], w3 [E, n, k] (a view of [E, k, n] stacks when ``transposed``), L [S, r], PEFT's lora_B read as
+    [E, n, r], a bias [E, n]."""
+    wn, wk = (1, n) if transposed else (k, 1)
+    return dict(x_ptr=p, stride_xm=k, stride_xk=1, gather_ptr="*i64", w_ptr=p, stride_we=n * k, stride_wn=wn,
+                stride_wk=wk, l_ptr=p, stride_lm=_R, stride_lr=1, r_ptr=p, stride_re=1, stride_rn=_R * e,
+                stride_rr=e, bias_ptr=p, stride_be=n, stride_bn=1, out_ptr=p, stride_om=n, stride_on=1,
+                tile_expert_ptr="*i64", tile_row_ptr="*i64", tile_end_ptr="*i64", N=n, K=k, RANK=_R, scale=2.0)
 
 
-def _wgrad_args(p: str, ni: int, n: int) -> dict:
-    return dict(p_ptr=p, stride_pm=ni, stride_pi=1, q_ptr=p, stride_qm=n, stride_qn=1, gather_ptr="*i64",
+def _wgrad_args(p: str, ni: int, n: int, ones: bool = False) -> dict:
+    """P [S, ni] (a stride-0 column of ones for the bias gradients), Q [S, n]."""
+    pm, pi = (0, 0) if ones else (ni, 1)
+    return dict(p_ptr=p, stride_pm=pm, stride_pi=pi, q_ptr=p, stride_qm=n, stride_qn=1, gather_ptr="*i64",
                 bounds_ptr="*i64", out_ptr="*fp32", stride_oe=ni * n, stride_oi=n, stride_on=1, NI=ni, N=n, scale=2.0)
 
 
-# (variant, N, K, GATHER, HAS_LORA): the gate/up GEMM, the down GEMM, a rank-r product (x·A_guᵀ, dy·B_d)
-GEMMS = [("gate_up", 2 * _I, _H, True, True), ("down", _H, _I, False, True), ("rank", _R, _H, True, False),
-         ("dx", _H, 2 * _I, False, True)]
-# (variant, NI, N, GATHER): dB_gu [E, 2I, r], dA_gu [E, r, H] (x gathered), a trainable down stack [E, H, I]
-WGRADS = [("dB", 2 * _I, _R, False), ("dA", _R, _H, True), ("dW", _H, _I, False)]
+def _glu_args(p: str, fwd: bool) -> dict:
+    """gpt-oss's gate and up: the even and odd columns of h [S, 2I]; dg and du likewise into dh."""
+    i = _OSS_H
+    gu = dict(g_ptr=p, stride_gm=2 * i, stride_gc=2, u_ptr=p, stride_um=2 * i, stride_uc=2, cols=i, alpha=1.702,
+              limit=7.0)
+    if fwd:
+        return dict(**gu, a_ptr=p, stride_am=i)
+    return dict(da_ptr=p, stride_dam=i, **gu, dg_ptr=p, stride_dgm=2 * i, stride_dgc=2, du_ptr=p, stride_dum=2 * i,
+                stride_duc=2)
+
+
+# (variant, N, K, GATHER, HAS_LORA, HAS_BIAS, experts, transposed): the gate/up GEMM, the down GEMM, a rank-r product
+# (x·A_guᵀ, dy·B_d), dx; gpt-oss's biased gate/up and down on transposed stacks, and its width-1 dy·b_d product
+GEMMS = [("gate_up", 2 * _I, _H, True, True, False, _E, False), ("down", _H, _I, False, True, False, _E, False),
+         ("rank", _R, _H, True, False, False, _E, False), ("dx", _H, 2 * _I, False, True, False, _E, False),
+         ("oss_gate_up", 2 * _OSS_H, _OSS_H, True, True, True, _OSS_E, True),
+         ("oss_down", _OSS_H, _OSS_H, False, True, True, _OSS_E, True),
+         ("oss_dy_bias", 1, _OSS_H, True, False, False, _OSS_E, False)]
+# (variant, NI, N, GATHER, ones): dB_gu [E, 2I, r], dA_gu [E, r, H] (x gathered), a trainable down stack [E, H, I],
+# a trainable gate/up bias (the column sums of dh)
+WGRADS = [("dB", 2 * _I, _R, False, False), ("dA", _R, _H, True, False), ("dW", _H, _I, False, False),
+          ("oss_dbias", 1, 2 * _OSS_H, False, True)]
 
 
 def _plan() -> list[aot.Job]:
@@ -48,18 +72,23 @@ def _plan() -> list[aot.Job]:
         for dt, torch_dt, prec in (("bf16", torch.bfloat16, "tf32"), ("fp16", torch.float16, "tf32"),
                                    ("fp32", torch.float32, "tf32"), ("fp32", torch.float32, "ieee")):
             p = "*" + dt
-            for variant, n, k, gather, lora in GEMMS:
+            for variant, n, k, gather, lora, bias, e, transposed in GEMMS:
                 cfg = _gpu_config(M._gemm_config, n, torch_dt)
                 warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
                 tiles = {"BLOCK_M": 64, **cfg}
-                meta = dict(GATHER=gather, HAS_LORA=lora, BLOCK_R=16, DOT_PRECISION=prec, LORA_PRECISION=prec)
+                meta = dict(GATHER=gather, HAS_LORA=lora, HAS_BIAS=bias, BLOCK_R=16, DOT_PRECISION=prec,
+                            LORA_PRECISION=prec)
                 jobs.append(aot.Job("_moe_grouped_gemm_kernel", f"{variant}-{prec}", dt, arch, tiles, warps, stages,
-                                    meta, _gemm_args(p, n, k)))
-            for variant, ni, n, gather in WGRADS:
+                                    meta, _gemm_args(p, n, k, e, transposed)))
+            for variant, ni, n, gather, ones in WGRADS:
                 cfg = _gpu_config(M._wgrad_config, ni, n, torch_dt)
                 warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
                 jobs.append(aot.Job("_moe_grouped_wgrad_kernel", f"{variant}-{prec}", dt, arch, cfg, warps, stages,
-                                    dict(GATHER=gather, DOT_PRECISION=prec), _wgrad_args(p, ni, n)))
+                                    dict(GATHER=gather, DOT_PRECISION=prec), _wgrad_args(p, ni, n, ones)))
+            if prec == "tf32":
+                for fwd in (True, False):
+                    jobs.append(aot.Job(f"_moe_glu_{'fwd' if fwd else 'bwd'}_kernel", "oss", dt, arch, {}, 4, 1,
+                                        dict(ACT=M.GLU_ACTS["clamped_swiglu"], BLOCK=1024), _glu_args(p, fwd)))
     return jobs
 
 
@@ -71,7 +100,7 @@ def results() -> dict[str, dict]:
     return {r["key"]: r for r in aot.run(PLAN)}
 
 
-@pytest.mark.parametrize("job", PLAN, ids=lambda j: f"{j.kernel[12:-7]}-{j.variant}-{j.dtype}-sm{j.arch}")
+@pytest.mark.parametrize("job", PLAN, ids=lambda j: f"{j.kernel[5:-7]}-{j.variant}-{j.dtype}-sm{j.arch}")
 def test_moe_kernels_compile_with_tensor_cores(job: aot.Job, results: dict[str, dict]) -> None:
     res = results[job.key]
     assert res["error"] is None, res["error"]
@@ -79,11 +108,15 @@ def test_moe_kernels_compile_with_tensor_cores(job: aot.Job, results: dict[str, 
     assert res["shared"] <= HW_SMEM[job.arch], (job.key, res["shared"])
     if "stack_bytes" in res:
         assert res["stack_bytes"] == 0, f"{job.key} spills {res['stack_bytes']} B a thread"
+    if job.kernel.startswith("_moe_glu"):  # element-wise
+        assert not res["mma_sync"] and not res["wgmma"]
+        return
     if job.meta["DOT_PRECISION"] == "ieee":  # fp32 products exact to IEEE: tensor cores would round to TF32
         assert not res["mma_sync"] and not res["wgmma"], f"{job.key}: tensor cores under ieee"
         return
     assert res["mma_sync"] or res["wgmma"], f"{job.key}: no tensor-core instruction in the PTX"
-    if job.arch == 90 and job.kernel == "_moe_grouped_gemm_kernel" and not job.variant.startswith("rank"):
+    if (job.arch == 90 and job.kernel == "_moe_grouped_gemm_kernel"
+            and not job.variant.startswith(("rank", "oss_dy_bias"))):
         assert res["wgmma"], f"{job.key}: a 64-row tile with 4 warps should use wgmma on sm_90"
 
 

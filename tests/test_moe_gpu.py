@@ -1,16 +1,17 @@
 """LoRA on expert stacks on a real GPU (``PEFTFAST_GPU_TESTS=1 python -m pytest -m gpu``): the experts op (the Triton
-gated-activation kernel) vs fp64, within twice the error of PEFT's merged-weight path in the same dtype, and a
-patched bf16 Qwen3-MoE against PEFT with transformers' grouped_mm experts."""
+gated-activation kernel) vs fp64, within twice the error of PEFT's merged-weight path in the same dtype (also with
+gpt-oss's biases, transposed stacks and interleaved clamped SwiGLU), and patched bf16 Qwen3-MoE and gpt-oss against
+PEFT with transformers' grouped_mm experts."""
 
 import copy
 
 import pytest
 import torch
 from _gpu import GPU_MARKS
-from test_moe import _case, _grads, _leaves, _loss_and_grads, _moe_model, _reference
+from test_moe import _case, _gpt_oss, _grads, _leaves, _loss_and_grads, _moe_model, _reference
 
 import peftfast
-from peftfast.ops.moe import ExpertStack, experts_lora
+from peftfast.ops.moe import ExpertGate, ExpertStack, experts_lora
 
 pytestmark = GPU_MARKS
 
@@ -22,20 +23,24 @@ def _to_cuda(case):
         return None if t is None else t.detach().cuda().requires_grad_(t.requires_grad)
 
     def stack(st):
-        return ExpertStack(st.weight.cuda(), leaf(st.lora_a), leaf(st.lora_b), st.scaling)
+        return ExpertStack(st.weight.cuda(), leaf(st.lora_a), leaf(st.lora_b), st.scaling, leaf(st.bias))
 
     return leaf(x), idx.cuda(), leaf(wts), stack(gu), stack(dn)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("recompute", [False, True])
-def test_experts_op_within_twice_merged_error(dtype, recompute):
+@pytest.mark.parametrize("gpt_oss", [False, True])
+def test_experts_op_within_twice_merged_error(dtype, recompute, gpt_oss):
     torch.manual_seed(0)
-    x, idx, wts, gu, dn = _to_cuda(_case(t=1031, h=512, i=384, e=16, k=4, r=16, dtype=dtype))
+    x, idx, wts, gu, dn = _to_cuda(_case(t=1031, h=512, i=384, e=16, k=4, r=16, dtype=dtype, transposed=gpt_oss,
+                                         bias=gpt_oss))
+    # gpt-oss's own limit: one inside the bulk of h would compare chance clamp flips, not rounding
+    gate = ExpertGate("clamped_swiglu", interleaved=True, alpha=1.702, limit=7.0) if gpt_oss else "silu"
     leaves = _leaves(x, wts, gu, dn)
-    y = experts_lora(x, idx, wts, gu, dn, recompute=recompute, backend="triton")
-    merged = _reference(x, idx, wts, gu, dn, dtype=dtype)
-    ref = _reference(x, idx, wts, gu, dn)
+    y = experts_lora(x, idx, wts, gu, dn, act=gate, transposed=gpt_oss, recompute=recompute, backend="triton")
+    merged = _reference(x, idx, wts, gu, dn, gate, gpt_oss, dtype=dtype)
+    ref = _reference(x, idx, wts, gu, dn, gate, gpt_oss)
     dy = torch.randn_like(ref)
 
     def err(a, b):
@@ -46,8 +51,12 @@ def test_experts_op_within_twice_merged_error(dtype, recompute):
         assert err(g, w) <= 2 * err(p, w) + 1e-6
 
 
-def test_patched_bf16_qwen3_moe_matches_peft_grouped_mm():
-    model = _moe_model("qwen3_moe", impl="grouped_mm", hidden_size=64, moe_intermediate_size=32).cuda()
+@pytest.mark.parametrize("arch", ["qwen3_moe", "gpt_oss"])
+def test_patched_bf16_moe_matches_peft_grouped_mm(arch):
+    if arch == "gpt_oss":
+        model = _gpt_oss("grouped_mm", swiglu_limit=7.0).cuda()
+    else:
+        model = _moe_model("qwen3_moe", impl="grouped_mm", hidden_size=64, moe_intermediate_size=32).cuda()
     exact = copy.deepcopy(model).double()
     exact.get_base_model().config._experts_implementation = "eager"
     ref = copy.deepcopy(model).to(torch.bfloat16)

@@ -8,8 +8,11 @@ merged copy of the whole stack per projection and layer, kept by the experts' ma
 
 The outermost wrapper's forward is replaced by :func:`peftfast.ops.moe.experts_lora`, which reads the stacks and the
 LoRA factors in place and keeps no merged weight (and, at ``recompute`` "up" or above, no gate/up output either).
-Which classes compute ``Σ_k w·down(act(gate)·up)`` over ``[gate | up] = gate_up(x)`` is decided by a probe of the
-class's own forward (its configured experts implementation) against the op on the module's weights, not by name.
+Which classes compute ``Σ_k w·(down(glu(gate_up(x) + b_gu)) + b_d)`` is decided by a probe of the class's own forward
+(its configured experts implementation) against the op on the module's weights, not by name. The gate is
+``act(gate)·up`` over ``[gate | up]`` halves for classes with transformers' default ``_apply_gate``; for a class with
+its own, gpt-oss's clamped SwiGLU (``alpha``/``limit`` attributes) on interleaved or halved columns, whichever the
+probe finds the class computing (gpt-oss; the OpenAI privacy filter). Expert biases are read in place.
 Calls the op cannot serve exactly (adapters disabled or merged, several active adapters on one stack, extra
 arguments) run PEFT's forward and are counted. Under ``torch.compile`` the op is one traced node (registered with
 fake kernels; the CPU path's per-expert host read stays inside it).
@@ -35,7 +38,7 @@ from peftfast.modules._bind import (
 from peftfast.modules._tally import Tallied, tally
 from peftfast.modules.mlp import gate_activation
 from peftfast.ops._backend import resolve_backend
-from peftfast.ops.moe import ExpertStack, experts_lora
+from peftfast.ops.moe import ExpertGate, ExpertStack, experts_lora
 
 STACKS = ("gate_up_proj", "down_proj")
 
@@ -46,7 +49,7 @@ class ExpertsState(Tallied):
     backend: str
     previous_forward: object | None
     recompute: bool = True  # backward runs the gate/up GEMMs again instead of keeping their output
-    act: str = "silu"
+    gate: ExpertGate = field(default_factory=ExpertGate)
     transposed: bool = False
     fused_calls: int = 0
     fallbacks: Counter = field(default_factory=Counter)
@@ -121,24 +124,49 @@ def _layout(base: nn.Module) -> str | None:
         return f"expert stacks: {ZERO3_REASON}"
     if gu.dim() != 3 or dn.dim() != 3:
         return f"{cls}: gate_up_proj {tuple(gu.shape)} / down_proj {tuple(dn.shape)} are not 3-D expert stacks"
-    if _flag(base, "has_bias", False) or getattr(base, "gate_up_proj_bias", None) is not None:
-        return f"{cls}: expert biases are not fused"
+    transposed = _flag(base, "is_transposed", False)
+    for p, w in (("gate_up_proj", gu), ("down_proj", dn)):
+        b = _bias(base, p)
+        want = (w.shape[0], w.shape[2] if transposed else w.shape[1])
+        if b is not None and (not isinstance(b, torch.Tensor) or tuple(b.shape) != want):
+            return f"{cls}: {p}_bias is not an [E, out] = {want} tensor"
+        if b is not None and (b.dtype != w.dtype or b.device != w.device or zero3_partitioned(b)):
+            return f"{cls}: {p}_bias differs from its stack in dtype or device, or is partitioned"
+    if _flag(base, "has_bias", False) and (_bias(base, "gate_up_proj") is None or _bias(base, "down_proj") is None):
+        return f"{cls}: has_bias without gate_up_proj_bias/down_proj_bias tensors"
     if not _flag(base, "has_gate", True):
         return f"{cls}: ungated experts are not fused"
-    if not _flag(base, "is_concatenated", True):
-        return f"{cls}: interleaved gate/up columns are not fused"
     if _flag(base, "has_post_expert_norm", False):
         return f"{cls}: a norm after each expert is not fused"
     if _flag(base, "_is_expert_parallel", False):
         return f"{cls}: expert parallelism (sentinel expert ids) is not fused"
-    if not _apply_gate_is_default(base):
-        return f"{cls}: its own _apply_gate (e.g. a clamped or biased SwiGLU) is not fused"
-    act = getattr(base, "act_fn", None)
-    if act is None or gate_activation(act) is None:
-        return f"{cls}: activation {type(act).__name__} is not SiLU/GELU"
+    if not _gates(base):
+        if _apply_gate_is_default(base):
+            act = getattr(base, "act_fn", None)
+            return f"{cls}: activation {type(act).__name__} is not SiLU/GELU"
+        return f"{cls}: its own _apply_gate is neither act(gate)·up nor a clamped SwiGLU with alpha/limit"
     if len({gu.dtype, dn.dtype}) != 1 or gu.device != dn.device:
         return f"{cls}: gate_up_proj and down_proj differ in dtype or device"
     return None
+
+
+def _bias(base: nn.Module, stack: str) -> torch.Tensor | None:
+    return getattr(base, f"{stack}_bias", None)
+
+
+def _gates(base: nn.Module) -> list[ExpertGate]:
+    """The gates the op could compute for this class, most likely first; the probe keeps the one its forward
+    computes. transformers' default ``_apply_gate`` is ``act_fn(gate)·up`` over halves; an own one with numeric
+    ``alpha`` and ``limit`` (gpt-oss's clamped SwiGLU) may interleave or halve the columns."""
+    if _apply_gate_is_default(base):
+        act = gate_activation(getattr(base, "act_fn", None)) if getattr(base, "act_fn", None) is not None else None
+        return [ExpertGate(act)] if act is not None else []
+    alpha, limit = getattr(base, "alpha", None), getattr(base, "limit", None)
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (alpha, limit)):
+        return []
+    interleaved = not _flag(base, "is_concatenated", True)
+    return [ExpertGate("clamped_swiglu", interleaved=il, alpha=float(alpha), limit=float(limit))
+            for il in (interleaved, not interleaved)]
 
 
 def _adapter_reason(w: nn.Module) -> str | None:
@@ -175,36 +203,49 @@ def why_not(mod: nn.Module) -> str | None:
         why = _adapter_reason(w)
         if why is not None:
             return why
-    return probe(base)
+    found = probe(base)
+    return found if isinstance(found, str) else None
 
 
-def probe(base: nn.Module) -> str | None:
-    """None when the class's own forward (its configured experts implementation) computes
-    ``Σ_k w_k · down(act(gate) · up)`` with ``[gate | up] = gate_up(x)`` on the module's own stacks, as
-    :func:`experts_lora` does; else why not. Three tokens, two routed experts each: a few expert products."""
-    gu = base.gate_up_proj
+def probe(base: nn.Module) -> ExpertGate | str:
+    """The :class:`ExpertGate` with which the class's own forward (its configured experts implementation) computes
+    ``Σ_k w_k · (down(glu(gate_up(x) + b_gu)) + b_d)`` on the module's own stacks and biases, as :func:`experts_lora`
+    does; else why not. Four tokens, two routed experts each: a few expert products. For a clamped gate the last
+    token is scaled so that its gate/up outputs pass the limit: the probe then tells the clamps (and the column
+    layout) apart."""
+    gu, dn = base.gate_up_proj, base.down_proj
     e = gu.shape[0]
     transposed = _flag(base, "is_transposed", False)
     hid = gu.shape[1] if transposed else gu.shape[2]
     gen = torch.Generator(device="cpu").manual_seed(0)
     k = min(2, e)
-    x = torch.randn(3, hid, generator=gen).to(device=gu.device, dtype=gu.dtype)
-    idx = torch.stack([torch.randperm(e, generator=gen)[:k] for _ in range(3)]).to(gu.device)
-    wts = torch.rand(3, k, generator=gen).to(device=gu.device, dtype=gu.dtype)
-    try:
-        with torch.no_grad():
-            want = type(base).forward(base, x, idx, wts)
-            got = experts_lora(x, idx, wts, ExpertStack(gu), ExpertStack(base.down_proj),
-                               act=gate_activation(base.act_fn), transposed=transposed, backend="torch")
-    except Exception as exc:  # the class's code does something else (another signature or layout)
-        return f"probe failed: {type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}"
-    if not isinstance(want, torch.Tensor) or want.shape != got.shape:
-        return f"{type(base).__name__}'s forward returns another shape than Σ w·down(act(gate)·up)"
-    scale = want.float().abs().max().clamp_min(1e-30)
-    tol = 1e-4 if gu.dtype in (torch.float32, torch.float64) else 3e-2
-    if ((want.float() - got.float()).abs().max() / scale).item() > tol:
-        return f"{type(base).__name__}'s forward computes something else than Σ w·down(act(gate)·up)"
-    return None
+    x = torch.randn(4, hid, generator=gen).to(device=gu.device, dtype=gu.dtype)
+    idx = torch.stack([torch.randperm(e, generator=gen)[:k] for _ in range(4)]).to(gu.device)
+    wts = torch.rand(4, k, generator=gen).to(device=gu.device, dtype=gu.dtype)
+    stacks = ExpertStack(gu, bias=_bias(base, "gate_up_proj")), ExpertStack(dn, bias=_bias(base, "down_proj"))
+    cls = type(base).__name__
+    why = f"{cls}'s forward computes something else than Σ w·down(glu(gate_up)) (biases included)"
+    for gate in _gates(base):
+        xp = x
+        if gate.act == "clamped_swiglu":
+            with torch.no_grad():
+                w = gu[idx[-1, 0]]
+                h = (x[-1:].float() @ (w.float() if transposed else w.float().t())).abs().max()
+            if h > 0:
+                xp = torch.cat([x[:-1], x[-1:] * (4 * gate.limit / h).to(x.dtype)])
+        try:
+            with torch.no_grad():
+                want = type(base).forward(base, xp, idx, wts)
+                got = experts_lora(xp, idx, wts, *stacks, act=gate, transposed=transposed, backend="torch")
+        except Exception as exc:  # the class's code does something else (another signature or layout)
+            return f"probe failed: {type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}"
+        if not isinstance(want, torch.Tensor) or want.shape != got.shape:
+            return f"{cls}'s forward returns another shape than Σ w·down(glu(gate_up))"
+        scale = want.float().abs().max().clamp_min(1e-30)
+        tol = 1e-4 if gu.dtype in (torch.float32, torch.float64) else 3e-2
+        if ((want.float() - got.float()).abs().max() / scale).item() <= tol:
+            return gate
+    return why
 
 
 def install(mod: nn.Module, name: str, backend: str, *, recompute: bool = True) -> None:
@@ -213,8 +254,11 @@ def install(mod: nn.Module, name: str, backend: str, *, recompute: bool = True) 
     if st is not None:
         st.backend, st.recompute = backend, recompute
         return
-    st = ExpertsState(name=name, backend=backend, previous_forward=None, recompute=recompute,
-                      act=gate_activation(base.act_fn), transposed=_flag(base, "is_transposed", False))
+    gate = probe(base)
+    if isinstance(gate, str):
+        raise ValueError(f"peftfast: {name}: {gate}")  # why_not said yes: the module changed in between
+    st = ExpertsState(name=name, backend=backend, previous_forward=None, recompute=recompute, gate=gate,
+                      transposed=_flag(base, "is_transposed", False))
     bind_forward(mod, "_peftfast_moe", st, _forward)
 
 
@@ -255,7 +299,7 @@ def _forward(self: nn.Module, hidden_states=None, top_k_index=None, top_k_weight
     if why is not None:
         tally(st.tally_key, "fallbacks", why)
         return call_original(self, st, hidden_states, top_k_index, top_k_weights, *args, **kwargs)
-    gu, dn = (ExpertStack(getattr(base, p), *(stacks.get(p) or ())) for p in STACKS)
+    gu, dn = (ExpertStack(getattr(base, p), *(stacks.get(p) or ()), bias=_bias(base, p)) for p in STACKS)
     hid = hidden_states.shape[-1]
     dev = hidden_states.device
     cdt = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else gu.weight.dtype
@@ -268,7 +312,7 @@ def _forward(self: nn.Module, hidden_states=None, top_k_index=None, top_k_weight
     tally(st.tally_key, "fused_calls")
     with torch.autocast(dev.type, enabled=False):
         out = experts_lora(hidden_states.reshape(-1, hid), top_k_index.reshape(-1, top_k_index.shape[-1]),
-                           top_k_weights.reshape(-1, top_k_weights.shape[-1]), gu, dn, act=st.act,
+                           top_k_weights.reshape(-1, top_k_weights.shape[-1]), gu, dn, act=st.gate,
                            transposed=st.transposed, recompute=st.recompute, compute_dtype=cdt,
                            backend=backend, name=st.name)
     return out.reshape(hidden_states.shape)

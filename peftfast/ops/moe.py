@@ -57,6 +57,25 @@ class ExpertStack:
     lora_a: torch.Tensor | None = None
     lora_b: torch.Tensor | None = None
     scaling: float = 1.0
+    bias: torch.Tensor | None = None  # [E, out] (gpt-oss), added after the low-rank term
+
+
+GLU_ACTS = {**GATE_ACTS, "clamped_swiglu": 3}
+
+
+@dataclass(frozen=True)
+class ExpertGate:
+    """How the gate/up output h [S, 2I] becomes the down projection's input a [S, I].
+
+    ``act``: ``silu``/``gelu``/``gelu_tanh`` give ``act(g) · u``; ``clamped_swiglu`` is gpt-oss's
+    ``(clamp(u, ±limit) + 1) · g' · σ(alpha · g')`` with ``g' = min(g, limit)``. ``interleaved``: gate and up
+    alternate column by column (``h[:, 0::2]``, ``h[:, 1::2]``: gpt-oss) instead of ``[gate | up]`` halves.
+    """
+
+    act: str = "silu"
+    interleaved: bool = False
+    alpha: float = 1.702
+    limit: float = 7.0
 
 
 def _factors(a: torch.Tensor | None, b: torch.Tensor | None, e: int, dtype: torch.dtype):
@@ -119,8 +138,9 @@ def _wgrad_config(i: int, n: int, dtype: torch.dtype) -> dict:
 
 
 def _gg_triton(x: torch.Tensor, gather: torch.Tensor | None, w3: torch.Tensor, tmap, out_dtype: torch.dtype,
-               lora: tuple | None = None) -> torch.Tensor:
-    """Grouped ``x[src]·w3[e]ᵀ (+ s·L·R3[e]ᵀ)``: w3 [E, N, K] and R3 [E, N, r] as any-strided views, L [S, r]."""
+               lora: tuple | None = None, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Grouped ``x[src]·w3[e]ᵀ (+ s·L·R3[e]ᵀ) (+ bias[e])``: w3 [E, N, K] and R3 [E, N, r] as any-strided views,
+    L [S, r], bias [E, N]."""
     from peftfast.kernels import moe as K
 
     expert, row0, end, n_tiles = tmap
@@ -139,8 +159,10 @@ def _gg_triton(x: torch.Tensor, gather: torch.Tensor | None, w3: torch.Tensor, t
             w3, w3.stride(0), w3.stride(1), w3.stride(2),
             lo if lo is not None else x, *(lo.stride() if lo is not None else (0, 0)),
             r3 if r3 is not None else w3, *(r3.stride() if r3 is not None else (0, 0, 0)),
+            bias if bias is not None else w3, *(bias.stride() if bias is not None else (0, 0)),
             out, out.stride(0), out.stride(1), expert, row0, end, n, k, lo.shape[1] if lo is not None else 0,
-            float(scale), GATHER=gather is not None, HAS_LORA=lo is not None, BLOCK_M=_block_m(), BLOCK_R=16,
+            float(scale), GATHER=gather is not None, HAS_LORA=lo is not None, HAS_BIAS=bias is not None,
+            BLOCK_M=_block_m(), BLOCK_R=16,
             DOT_PRECISION=prec, LORA_PRECISION=prec, num_warps=warps, num_stages=stages, **cfg)
     return out
 
@@ -173,12 +195,15 @@ def _expert_rows(counts: list[int]):
 
 
 def _gg_loop(x: torch.Tensor, gather: torch.Tensor | None, w3: torch.Tensor, counts: list[int],
-             out_dtype: torch.dtype, lora: tuple | None = None) -> torch.Tensor:
+             out_dtype: torch.dtype, lora: tuple | None = None, bias: torch.Tensor | None = None) -> torch.Tensor:
     """:func:`_gg_triton` as one GEMM (and one low-rank update) per expert with rows, on views of the stacks."""
     xs = x.index_select(0, gather) if gather is not None else x
     out = torch.empty(xs.shape[0], w3.shape[1], device=x.device, dtype=xs.dtype)
     for e, rows in _expert_rows(counts):
-        torch.mm(xs[rows], w3[e].t().to(xs.dtype), out=out[rows])
+        if bias is not None:
+            torch.addmm(bias[e].to(xs.dtype), xs[rows], w3[e].t().to(xs.dtype), out=out[rows])
+        else:
+            torch.mm(xs[rows], w3[e].t().to(xs.dtype), out=out[rows])
         if lora is not None:
             out[rows].addmm_(lora[0][rows], lora[1][e].t(), alpha=lora[2])
     return out.to(out_dtype)
@@ -229,10 +254,16 @@ class _Groups:
         read one gathered copy, made once here rather than in each product."""
         return (t, tok) if self.triton else (t.index_select(0, tok), None)
 
-    def gg(self, x, gather, w3, out_dtype, lora=None) -> torch.Tensor:
+    def gg(self, x, gather, w3, out_dtype, lora=None, bias=None) -> torch.Tensor:
         if self.triton:
-            return _gg_triton(x, gather, w3, self.tmap, out_dtype, lora)
-        return _gg_loop(x, gather, w3, self.counts, out_dtype, lora)
+            return _gg_triton(x, gather, w3, self.tmap, out_dtype, lora, bias)
+        return _gg_loop(x, gather, w3, self.counts, out_dtype, lora, bias)
+
+    def column_sums(self, q: torch.Tensor) -> torch.Tensor:
+        """Per expert, the sum of its rows of ``q`` [S, N] -> [E, N] fp32 (a bias gradient): the weight-gradient
+        reduction against a stride-0 column of ones, so no atomics and no [S, N] copy."""
+        ones = torch.ones(1, 1, device=q.device, dtype=q.dtype).expand(q.shape[0], 1)
+        return self.wgrad(ones, q, None)[:, 0]
 
     def wgrad(self, p, q, gather, scale: float = 1.0) -> torch.Tensor:
         if self.triton:
@@ -253,11 +284,72 @@ def _unsort(rows: torch.Tensor, perm: torch.Tensor, tokens: int, acc: torch.dtyp
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# the gated activation: the MLP kernels' act_mul for [gate | up] halves; otherwise (interleaved columns, gpt-oss's
+# clamped SwiGLU) peftfast.kernels.moe's strided kernels on Triton, the same maths in torch ops elsewhere
+# ----------------------------------------------------------------------------------------------------------------
+def _split(h: torch.Tensor, interleaved: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    inter = h.shape[1] // 2
+    return (h[:, 0::2], h[:, 1::2]) if interleaved else (h[:, :inter], h[:, inter:])
+
+
+def _glu_launch(kernel: str, grid_rows: int, cols: int, *args, act: str, alpha: float, limit: float) -> None:
+    from peftfast.kernels import moe as K
+
+    block = 1024
+    if grid_rows and cols:
+        with launching(kernel):
+            getattr(K, kernel)[(grid_rows, triton.cdiv(cols, block))](
+                *args, cols, float(alpha), float(limit), ACT=GLU_ACTS[act], BLOCK=block,
+                num_warps=1 if interpreting() else 4)
+
+
+def _glu(h: torch.Tensor, act: str, alpha: float, limit: float, interleaved: bool, backend: str) -> torch.Tensor:
+    """The down projection's input a [S, I] from h [S, 2I]."""
+    g, u = _split(h, interleaved)
+    if act in GATE_ACTS and not interleaved:
+        return act_mul(g, u, act, backend)
+    if backend == "triton":
+        a = torch.empty(g.shape, device=h.device, dtype=h.dtype)
+        _glu_launch("_moe_glu_fwd_kernel", g.shape[0], g.shape[1], g, *g.stride(), u, *u.stride(), a, a.stride(0),
+                    act=act, alpha=alpha, limit=limit)
+        return a
+    if act in GATE_ACTS:
+        return act_mul(g, u, act, "torch")
+    # gpt-oss's own order of operations, in h's dtype, so low precision rounds as the model does
+    gc = g.clamp(max=limit)
+    return (u.clamp(-limit, limit) + 1) * (gc * torch.sigmoid(gc * alpha))
+
+
+def _glu_backward(da: torch.Tensor, h: torch.Tensor, act: str, alpha: float, limit: float, interleaved: bool,
+                  backend: str) -> torch.Tensor:
+    """The gradient of h [S, 2I] (h's dtype and layout) from that of a [S, I]."""
+    dh = torch.empty(h.shape, device=h.device, dtype=h.dtype)
+    g, u = _split(h, interleaved)
+    dg, du = _split(dh, interleaved)
+    if act in GATE_ACTS and not interleaved:
+        act_mul_backward(da, g, u, act, backend, out=(dg, du))
+    elif backend == "triton":
+        _glu_launch("_moe_glu_bwd_kernel", g.shape[0], g.shape[1], da, da.stride(0), g, *g.stride(), u, *u.stride(),
+                    dg, *dg.stride(), du, *du.stride(), act=act, alpha=alpha, limit=limit)
+    elif act in GATE_ACTS:
+        act_mul_backward(da, g, u, act, "torch", out=(dg, du))
+    else:
+        d32, g32, u32 = da.float(), g.float(), u.float()
+        gc, uc = g32.clamp(max=limit), u32.clamp(-limit, limit)
+        sig = torch.sigmoid(alpha * gc)
+        dg.copy_(torch.where(g32 <= limit, d32 * (uc + 1) * (sig + alpha * gc * sig * (1 - sig)), 0.0))
+        du.copy_(torch.where((u32 >= -limit) & (u32 <= limit), d32 * gc * sig, 0.0))
+    return dh
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # registered ops: torch.compile traces them as single nodes with their fake kernels (the per-expert host read of the
 # CPU path stays inside the op); eager calls go through peftfast.ops._direct
 # ----------------------------------------------------------------------------------------------------------------
-_SIG = ("Tensor w_gu, Tensor? a_gu, Tensor? b_gu, Tensor w_d, Tensor? a_d, Tensor? b_d, float s_gu, float s_d, "
-        "str act, bool transposed, ScalarType cdt, str backend, str name")
+_SIG = ("Tensor w_gu, Tensor? a_gu, Tensor? b_gu, Tensor? bias_gu, Tensor w_d, Tensor? a_d, Tensor? b_d, "
+        "Tensor? bias_d, float s_gu, float s_d, str act, float alpha, float limit, bool interleaved, bool transposed, "
+        "ScalarType cdt, str backend, str name")
+_N_META = 10  # the floats/strs/bools of _SIG, from s_gu on
 
 
 def _sorted_rows(top_k_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -270,8 +362,8 @@ def _sorted_rows(top_k_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
 @torch.library.custom_op("peftfast::moe_experts_fwd", mutates_args=(),
                          schema=f"(Tensor x, Tensor top_k_index, Tensor top_k_weights, {_SIG}, bool keep_h) "
                                 "-> (Tensor, Tensor, Tensor, Tensor)")
-def _fwd_op(x, top_k_index, top_k_weights, w_gu, a_gu, b_gu, w_d, a_d, b_d, s_gu, s_d, act, transposed, cdt,
-            backend, name, keep_h):
+def _fwd_op(x, top_k_index, top_k_weights, w_gu, a_gu, b_gu, bias_gu, w_d, a_d, b_d, bias_d, s_gu, s_d, act, alpha,
+            limit, interleaved, transposed, cdt, backend, name, keep_h):
     """(y [T, H], perm [S], rows per expert [E], h [S, 2I] where ``keep_h``, else empty): backward reuses the
     sort and the counts."""
     n_exp = w_gu.shape[0]
@@ -281,18 +373,17 @@ def _fwd_op(x, top_k_index, top_k_weights, w_gu, a_gu, b_gu, w_d, a_d, b_d, s_gu
     acc = torch.promote_types(cdt, torch.float32)
     A_gu, B_gu = _factors(a_gu, b_gu, n_exp, cdt)
     A_d, B_d = _factors(a_d, b_d, n_exp, cdt)
-    h = _gate_up(grp, *grp.rows(x.to(cdt), tok), w_gu, A_gu, B_gu, s_gu, transposed, cdt)
-    inter = h.shape[1] // 2
-    a = act_mul(h[:, :inter], h[:, inter:], act, backend)
+    h = _gate_up(grp, *grp.rows(x.to(cdt), tok), w_gu, A_gu, B_gu, s_gu, bias_gu, transposed, cdt)
+    a = _glu(h, act, alpha, limit, interleaved, backend)
     lora_d = (grp.gg(a, None, A_d, cdt), B_d, s_d) if A_d is not None else None
-    p = grp.gg(a, None, _nk(w_d, transposed), acc, lora_d)
+    p = grp.gg(a, None, _nk(w_d, transposed), acc, lora_d, bias_d)
     out = _unsort(p.mul_(top_k_weights.reshape(-1)[perm, None].to(acc)), perm, x.shape[0], acc)  # p: ours
     return out.to(x.dtype), perm, counts, h if keep_h else h.new_empty((0,))
 
 
 @_fwd_op.register_fake
-def _(x, top_k_index, top_k_weights, w_gu, a_gu, b_gu, w_d, a_d, b_d, s_gu, s_d, act, transposed, cdt, backend,
-      name, keep_h):
+def _(x, top_k_index, top_k_weights, w_gu, a_gu, b_gu, bias_gu, w_d, a_d, b_d, bias_d, s_gu, s_d, act, alpha, limit,
+      interleaved, transposed, cdt, backend, name, keep_h):
     s = top_k_index.numel()
     two_i = w_gu.shape[2] if transposed else w_gu.shape[1]
     return (x.new_empty(x.shape), top_k_index.new_empty((s,)), top_k_index.new_empty((w_gu.shape[0],)),
@@ -302,12 +393,12 @@ def _(x, top_k_index, top_k_weights, w_gu, a_gu, b_gu, w_d, a_d, b_d, s_gu, s_d,
 @torch.library.custom_op("peftfast::moe_experts_bwd", mutates_args=(),
                          schema=f"(Tensor dy, Tensor x, Tensor perm, Tensor counts, Tensor top_k_weights, "
                                 f"{_SIG}, Tensor h, bool[] needs) "
-                                "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
-def _bwd_op(dy, x, perm, counts, top_k_weights, w_gu, a_gu, b_gu, w_d, a_d, b_d, s_gu, s_d, act, transposed,
-            cdt, backend, name, h, needs):
-    """Gradients of (x, top_k_weights, w_gu, a_gu, b_gu, w_d, a_d, b_d) in their dtypes; an empty tensor for one
-    ``needs`` does not ask for (or a factor that is absent)."""
-    need_x, need_w, need_wgu, need_agu, need_bgu, need_wd, need_ad, need_bd = needs
+                                "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
+def _bwd_op(dy, x, perm, counts, top_k_weights, w_gu, a_gu, b_gu, bias_gu, w_d, a_d, b_d, bias_d, s_gu, s_d, act,
+            alpha, limit, interleaved, transposed, cdt, backend, name, h, needs):
+    """Gradients of (x, top_k_weights, w_gu, a_gu, b_gu, bias_gu, w_d, a_d, b_d, bias_d) in their dtypes; an empty
+    tensor for one ``needs`` does not ask for (or an absent factor or bias)."""
+    need_x, need_w, need_wgu, need_agu, need_bgu, need_cgu, need_wd, need_ad, need_bd, need_cd = needs
     n_exp = w_gu.shape[0]
     acc = torch.promote_types(cdt, torch.float32)
     tok = perm // top_k_weights.shape[-1]
@@ -318,10 +409,8 @@ def _bwd_op(dy, x, perm, counts, top_k_weights, w_gu, a_gu, b_gu, w_d, a_d, b_d,
     xs, x_gather = grp.rows(x.to(cdt), tok)
     dys, dy_gather = grp.rows(dy.to(cdt), tok)
     if h.numel() == 0:
-        h = _gate_up(grp, xs, x_gather, w_gu, A_gu, B_gu, s_gu, transposed, cdt)
-    inter = h.shape[1] // 2
-    g, u = h[:, :inter], h[:, inter:]
-    a = act_mul(g, u, act, backend)
+        h = _gate_up(grp, xs, x_gather, w_gu, A_gu, B_gu, s_gu, bias_gu, transposed, cdt)
+    a = _glu(h, act, alpha, limit, interleaved, backend)
     # gd = dy·W_d[e] + s_d·(dy·B_d[e])·A_d[e]: the routing weight's gradient and, times w, the activation's
     dyb = grp.gg(dys, dy_gather, B_d.transpose(1, 2), cdt) if A_d is not None else None
     lora_d = (dyb, A_d.transpose(1, 2), s_d) if A_d is not None else None
@@ -329,12 +418,15 @@ def _bwd_op(dy, x, perm, counts, top_k_weights, w_gu, a_gu, b_gu, w_d, a_d, b_d,
     d_tkw = None
     if need_w:
         d_tkw = torch.empty(w_sorted.shape, device=x.device, dtype=acc)
-        d_tkw[perm] = (a.to(acc) * gd).sum(-1)
+        dw_rows = (a.to(acc) * gd).sum(-1)
+        if bias_d is not None:  # + dy·bias_d[e], one grouped product with an output width of 1
+            dw_rows += grp.gg(dys, dy_gather, bias_d[:, None, :], acc)[:, 0]
+        d_tkw[perm] = dw_rows
         d_tkw = d_tkw.view(top_k_weights.shape)
     w_col = w_sorted[:, None].to(acc)
-    da_d = db_d = dw_d = None
+    da_d = db_d = dw_d = dc_d = None
     lora_d_grads = A_d is not None and (need_ad or need_bd)
-    if lora_d_grads or need_wd:
+    if lora_d_grads or need_wd or need_cd:
         dy_rows = dys.index_select(0, dy_gather) if dy_gather is not None else dys
         dyw = (dy_rows.to(acc) * w_col).to(cdt)
         if lora_d_grads:
@@ -344,8 +436,9 @@ def _bwd_op(dy, x, perm, counts, top_k_weights, w_gu, a_gu, b_gu, w_d, a_d, b_d,
         if need_wd:
             dw = grp.wgrad(dyw, a, None)  # [E, H, I]
             dw_d = dw.transpose(1, 2) if transposed else dw
-    dh = torch.empty(h.shape, device=x.device, dtype=cdt)
-    act_mul_backward(gd.mul_(w_col).to(cdt), g, u, act, backend, out=(dh[:, :inter], dh[:, inter:]))  # gd: ours
+        if need_cd:
+            dc_d = grp.column_sums(dyw)
+    dh = _glu_backward(gd.mul_(w_col).to(cdt), h, act, alpha, limit, interleaved, backend)  # gd: ours
     dhb = grp.gg(dh, None, B_gu.transpose(1, 2), cdt) if A_gu is not None else None
     dx = None
     if need_x:
@@ -359,39 +452,44 @@ def _bwd_op(dy, x, perm, counts, top_k_weights, w_gu, a_gu, b_gu, w_d, a_d, b_d,
     if need_wgu:
         dw = grp.wgrad(dh, xs, x_gather)  # [E, 2I, H]
         dw_gu = dw.transpose(1, 2) if transposed else dw
-    grads = (dx, d_tkw, dw_gu, da_gu, db_gu, dw_d, da_d, db_d)
-    likes = (x, top_k_weights, w_gu, a_gu, b_gu, w_d, a_d, b_d)
+    dc_gu = grp.column_sums(dh) if need_cgu else None
+    grads = (dx, d_tkw, dw_gu, da_gu, db_gu, dc_gu, dw_d, da_d, db_d, dc_d)
+    likes = (x, top_k_weights, w_gu, a_gu, b_gu, bias_gu, w_d, a_d, b_d, bias_d)
     return tuple(g.to(like.dtype) if g is not None and like is not None else x.new_empty((0,))
                  for g, like in zip(grads, likes))
 
 
 @_bwd_op.register_fake
-def _(dy, x, perm, counts, top_k_weights, w_gu, a_gu, b_gu, w_d, a_d, b_d, s_gu, s_d, act, transposed, cdt,
-      backend, name, h, needs):
-    likes = (x, top_k_weights, w_gu, a_gu, b_gu, w_d, a_d, b_d)
+def _(dy, x, perm, counts, top_k_weights, w_gu, a_gu, b_gu, bias_gu, w_d, a_d, b_d, bias_d, s_gu, s_d, act, alpha,
+      limit, interleaved, transposed, cdt, backend, name, h, needs):
+    likes = (x, top_k_weights, w_gu, a_gu, b_gu, bias_gu, w_d, a_d, b_d, bias_d)
     return tuple(like.new_empty(like.shape) if need and like is not None else x.new_empty((0,))
                  for need, like in zip(needs, likes))
 
 
+_GRAD_INPUTS = (0, 2, 3, 4, 5, 6, 7, 8, 9, 10)  # x, top_k_weights, then the 8 stack tensors: what backward serves
+
+
 def _setup(ctx, inputs, output) -> None:
-    x, top_k_index, top_k_weights, w_gu, a_gu, b_gu, w_d, a_d, b_d, *meta, keep_h = inputs
+    x, top_k_index, top_k_weights, *stacks = inputs[:11]
     _, perm, counts, h = output
-    ctx.save_for_backward(x, perm, counts, top_k_weights, w_gu, a_gu, b_gu, w_d, a_d, b_d, h)
-    ctx.meta = tuple(meta)
+    ctx.save_for_backward(x, perm, counts, top_k_weights, *stacks, h)
+    ctx.meta = tuple(inputs[11:-1])
     ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, dy, _dperm, _dcounts, _dh):
-    x, perm, counts, top_k_weights, w_gu, a_gu, b_gu, w_d, a_d, b_d, h = ctx.saved_tensors
-    need = ctx.needs_input_grad
-    needs = [bool(need[0]), bool(need[2]), bool(need[3]), a_gu is not None and bool(need[4]),
-             b_gu is not None and bool(need[5]), bool(need[6]), a_d is not None and bool(need[7]),
-             b_d is not None and bool(need[8])]
+    x, perm, counts, top_k_weights, *stacks, h = ctx.saved_tensors
+    present = (x, top_k_weights, *stacks)
+    needs = [t is not None and bool(ctx.needs_input_grad[i]) for i, t in zip(_GRAD_INPUTS, present)]
+    n_in = 11 + _N_META + 1
     if dy is None or not any(needs):
-        return (None,) * 17
-    grads = _bwd_op(dy, x, perm, counts, top_k_weights, w_gu, a_gu, b_gu, w_d, a_d, b_d, *ctx.meta, h, needs)
-    dx, d_tkw, dw_gu, da_gu, db_gu, dw_d, da_d, db_d = (g if n else None for g, n in zip(grads, needs))
-    return (dx, None, d_tkw, dw_gu, da_gu, db_gu, dw_d, da_d, db_d, *(None,) * 8)
+        return (None,) * n_in
+    grads = _bwd_op(dy, x, perm, counts, top_k_weights, *stacks, *ctx.meta, h, needs)
+    out = [None] * n_in
+    for i, g, n in zip(_GRAD_INPUTS, grads, needs):
+        out[i] = g if n else None
+    return tuple(out)
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup)
@@ -404,26 +502,28 @@ def _no_double_backward(ctx, *grads):
 _bwd_op.register_autograd(_no_double_backward, setup_context=lambda ctx, inputs, output: None)
 
 
-def _gate_up(grp, xs, gather, w_gu, A_gu, B_gu, s_gu, transposed, cdt):
+def _gate_up(grp, xs, gather, w_gu, A_gu, B_gu, s_gu, bias_gu, transposed, cdt):
     lora = (grp.gg(xs, gather, A_gu, cdt), B_gu, s_gu) if A_gu is not None else None
-    return grp.gg(xs, gather, _nk(w_gu, transposed), cdt, lora)
+    return grp.gg(xs, gather, _nk(w_gu, transposed), cdt, lora, bias_gu)
 
 
 def experts_lora(x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, gate_up: ExpertStack,
-                 down: ExpertStack, *, act: str = "silu", transposed: bool = False, recompute: bool = True,
+                 down: ExpertStack, *, act: str | ExpertGate = "silu", transposed: bool = False, recompute: bool = True,
                  compute_dtype: torch.dtype | None = None, backend: str = "torch",
                  name: str = "experts") -> torch.Tensor:
     """A mixture-of-experts block's experts with LoRA on their stacked weights: [T, H] -> [T, H].
 
     ``top_k_index`` [T, k] (expert ids in ``[0, E)``) and ``top_k_weights`` [T, k] are the router's choice, as
-    transformers' experts modules take them. ``act``: one of ``silu``/``gelu``/``gelu_tanh`` applied to the first
-    half of the gate/up output, times the second. Computes in ``compute_dtype`` (default the base weights' dtype;
-    autocast callers pass the autocast dtype), returns ``x``'s dtype. Gradients for x, the routing weights, the LoRA
-    factors and (if they require grad) the base stacks.
+    transformers' experts modules take them. ``act``: a :class:`ExpertGate`, or one of ``silu``/``gelu``/``gelu_tanh``
+    (``act(gate) · up`` over ``[gate | up]`` halves). Stacks may carry biases [E, out] (gpt-oss). Computes in
+    ``compute_dtype`` (default the base weights' dtype; autocast callers pass the autocast dtype), returns ``x``'s
+    dtype. Gradients for x, the routing weights, the LoRA factors and (if they require grad) the base stacks and
+    biases.
     """
+    gate = act if isinstance(act, ExpertGate) else ExpertGate(act)
     w_gu, w_d = gate_up.weight, down.weight
-    if act not in GATE_ACTS:
-        raise ValueError(f"peftfast: {name}: activation {act!r} is not one of {sorted(GATE_ACTS)}")
+    if gate.act not in GLU_ACTS:
+        raise ValueError(f"peftfast: {name}: activation {gate.act!r} is not one of {sorted(GLU_ACTS)}")
     if w_gu.dim() != 3 or w_d.dim() != 3 or w_gu.shape[0] != w_d.shape[0]:
         raise ValueError(f"peftfast: {name}: expert stacks must be 3-D with one expert count, got "
                          f"{tuple(w_gu.shape)} and {tuple(w_d.shape)}")
@@ -446,10 +546,14 @@ def experts_lora(x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torc
             if r_a != r_b or r_a % n_exp or st.lora_a.shape[1] != n_in or st.lora_b.shape[0] != n_out:
                 raise ValueError(f"peftfast: {name}: {label} LoRA factors {tuple(st.lora_a.shape)} / "
                                  f"{tuple(st.lora_b.shape)} do not fit {n_exp} experts of {n_in} -> {n_out}")
-    args = (x, top_k_index, top_k_weights, w_gu, gate_up.lora_a, gate_up.lora_b, w_d, down.lora_a, down.lora_b,
-            float(gate_up.scaling), float(down.scaling), act, transposed, compute_dtype or w_gu.dtype, backend, name,
+        if st.bias is not None and tuple(st.bias.shape) != (n_exp, n_out):
+            raise ValueError(f"peftfast: {name}: {label} bias has shape {tuple(st.bias.shape)}, expected "
+                             f"{(n_exp, n_out)}")
+    args = (x, top_k_index, top_k_weights, w_gu, gate_up.lora_a, gate_up.lora_b, gate_up.bias, w_d, down.lora_a,
+            down.lora_b, down.bias, float(gate_up.scaling), float(down.scaling), gate.act, float(gate.alpha),
+            float(gate.limit), bool(gate.interleaved), transposed, compute_dtype or w_gu.dtype, backend, name,
             not recompute)
     return _direct.call(torch.ops.peftfast.moe_experts_fwd.default, _setup, _backward, args, (-1, -1, -1, -1))[0]
 
 
-__all__ = ["ExpertStack", "experts_lora"]
+__all__ = ["ExpertGate", "ExpertStack", "experts_lora"]
