@@ -86,6 +86,9 @@ if [[ " $parts " == *" bench "* ]]; then
   # (PEFT takes no LoRA dropout there), PEFT's merged stacks vs the experts op's grouped kernels
   python -m peftfast bench --model qwen3-30b-a3b --layers 8 --dropout 0 --batch-size auto --recompute up \
       "${common[@]}" --out "$out/bench-qwen3-30b-a3b" 2>&1 | tee "$out/bench-qwen3-30b-a3b.log"
+  # gpt-oss-20b's shapes cut to 8 of 24 layers: biased expert stacks, interleaved clamped SwiGLU, attention sinks
+  python -m peftfast bench --model gpt-oss-20b --layers 8 --dropout 0 --batch-size auto --recompute up \
+      "${common[@]}" --out "$out/bench-gpt-oss-20b" 2>&1 | tee "$out/bench-gpt-oss-20b.log"
   # speech: Whisper large-v3 on 30 s log-mel windows and 128-token transcripts (the encoder's window is fixed)
   python -m peftfast bench --model whisper-large-v3 --batch-size auto --dtype bf16 --steps 10 --quiet \
       --recompute up --baselines peft,peft+compile --out "$out/bench-whisper-large-v3" \

@@ -7,6 +7,7 @@ import pytest
 import torch
 from transformers.models.cohere.modeling_cohere import apply_rotary_pos_emb as cohere_rope
 from transformers.models.glm.modeling_glm import apply_rotary_pos_emb as glm_rope
+from transformers.models.gpt_oss.modeling_gpt_oss import apply_rotary_pos_emb as gpt_oss_rope
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb as llama_rope
 from transformers.models.phi3.modeling_phi3 import apply_rotary_pos_emb as phi3_rope
 
@@ -85,6 +86,35 @@ def test_probe_finds_each_family_layout():
     assert rope_mod._probe(llama_rope) is None and rope_mod._layout(llama_rope) == "half"
     assert rope_mod._probe(cohere_rope) is None and rope_mod._layout(cohere_rope) == "pairs"
     assert rope_mod._probe(glm_rope) is None and rope_mod._layout(glm_rope) == "pairs_half_cos"
+    assert rope_mod._probe(gpt_oss_rope) is None and rope_mod._layout(gpt_oss_rope) == "half_table"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("unsqueeze", [1, 2])
+def test_half_width_tables_match_gpt_oss_in_fp64(backend, unsqueeze):
+    """gpt-oss passes cos/sin at half the head width (``x1·c - x2·s | x2·c + x1·s``): the patched call widens them to
+    rotate-half's ``[c | c]``. Output and the gradients of q and k against gpt-oss's own function in fp64; a table
+    of another width falls back to it, counted."""
+    import functools
+
+    g = torch.Generator().manual_seed(6)
+    d = 16
+    src = torch.randn(2, 7, 4, d, generator=g), torch.randn(2, 7, 2, d, generator=g)
+    q, k = ((t.transpose(1, 2) if unsqueeze == 1 else t).clone().requires_grad_() for t in src)
+    cos, sin = torch.randn(2, 7, d // 2, generator=g), torch.randn(2, 7, d // 2, generator=g)
+    st = rope_mod.RoPEState(name="t", backend=backend, previous_forward=None)
+    fused = functools.partial(rope_mod._fused, original=gpt_oss_rope, key=st.tally_key, backend=backend, name="t",
+                              layout="half_table")
+    got = _run(lambda: fused(q, k, cos, sin, unsqueeze_dim=unsqueeze), q, k)
+    rq, rk = (t.detach().double().requires_grad_() for t in (q, k))
+    want = _run(lambda: gpt_oss_rope(rq, rk, cos.double(), sin.double(), unsqueeze_dim=unsqueeze), rq, rk)
+    for a, w in zip(got, want):
+        assert a.shape == w.shape
+        assert torch.allclose(a, w, atol=1e-5, rtol=0), (a - w).abs().max()
+    assert st.fused_calls == 1 and not st.fallbacks
+    with pytest.raises(RuntimeError):  # a full-width table: gpt-oss's own function is called, and refuses it
+        fused(q, k, torch.cat([cos, cos], -1), torch.cat([sin, sin], -1), unsqueeze_dim=unsqueeze)
+    assert st.fallbacks == {"unexpected apply_rotary_pos_emb arguments": 1}
 
 
 @pytest.mark.parametrize("arch", ["glm"])

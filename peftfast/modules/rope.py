@@ -7,8 +7,10 @@ replaced, so other instances, models and threads see the original, nothing of tr
 ``torch.compile`` traces the call like any other (no lock, no global swapped during the call). Where another
 instance-level ``forward`` was installed first (e.g. accelerate hooks) the global is swapped around the call under a
 lock instead (eager only). ``why_not`` probes the model's function numerically against the fused op once, in each
-of its pair layouts (rotate-half; Cohere's and GLM's interleaved pairs), and the layout that matches is the one the
-patched calls use; a transformers release that changes the maths is refused with a reason rather than mis-fused.
+of its pair layouts (rotate-half; Cohere's and GLM's interleaved pairs; gpt-oss's rotate-half with half-width
+``cos``/``sin`` tables, which the patched call widens to the rotate-half tables, ``[c | c]``, a B·S·D copy per
+layer), and the layout that matches is the one the patched calls use; a transformers release that changes the maths
+is refused with a reason rather than mis-fused.
 
 With ``patch(recompute="attn")`` the patched forward is also where backward reruns the attention up to its kernel
 (``peftfast.ops.recompute.rebuilding_offered``): from the module's input, under the forward's RNG state, without
@@ -61,6 +63,13 @@ def _layout(fn) -> str:
     return _probed[id(fn)][1]
 
 
+HALF_TABLE = "half_table"  # rotate-half, cos/sin given at half the head width (gpt-oss)
+
+
+def _widen(t: torch.Tensor) -> torch.Tensor:
+    return torch.cat([t, t], dim=-1)
+
+
 def _probe_layouts(fn) -> tuple[str | None, str]:
     g = torch.Generator().manual_seed(0)
     q, k = torch.randn(2, 3, 5, 8, generator=g, dtype=torch.float64), torch.randn(2, 1, 5, 8, generator=g,
@@ -75,7 +84,8 @@ def _probe_layouts(fn) -> tuple[str | None, str]:
                 want = fn(q, k, cos, sin)
             except Exception as exc:  # e.g. a form without partial rotary: accept if the full-width probe matched
                 if rot == 8:
-                    return f"{_GLOBAL} raised on a probe ({type(exc).__name__})", "half"
+                    return _probe_half_table(fn, q, k, *tables[4]) or (
+                        f"{_GLOBAL} raised on a probe ({type(exc).__name__})", "half")
                 break
             got = rope(q, k, cos, sin, backend="torch", layout=layout)
             if not all(torch.allclose(a, b, atol=1e-12) for a, b in zip(got, want)):
@@ -86,6 +96,17 @@ def _probe_layouts(fn) -> tuple[str | None, str]:
             return None, layout
         first = first or reason
     return first, "half"
+
+
+def _probe_half_table(fn, q, k, cos, sin) -> tuple[None, str] | None:
+    """(None, HALF_TABLE) when ``fn`` takes half-width tables and computes rotate-half with ``[c | c]``, ``[s | s]``
+    (gpt-oss: ``x1·c - x2·s | x2·c + x1·s``), else None."""
+    try:
+        want = fn(q, k, cos, sin)
+    except Exception:
+        return None
+    got = rope(q, k, _widen(cos), _widen(sin), backend="torch", layout="half")
+    return (None, HALF_TABLE) if all(torch.allclose(a, b, atol=1e-12) for a, b in zip(got, want)) else None
 
 
 def _unfused(fn):
@@ -127,10 +148,13 @@ def _fused(q, k, cos, sin, *args, original, key: int, backend: str, name: str, l
     unsqueeze_dim = kwargs.pop("unsqueeze_dim", 1)
     if len(args) == 1 and isinstance(args[0], int) and not kwargs:
         unsqueeze_dim, args = args[0], ()
-    if args or kwargs or cos.dim() != 3 or q.dim() != 4 or unsqueeze_dim not in (1, 2):
+    if args or kwargs or cos.dim() != 3 or q.dim() != 4 or unsqueeze_dim not in (1, 2) or (
+            layout == HALF_TABLE and 2 * cos.shape[-1] != q.shape[-1]):
         tally(key, "fallbacks", "unexpected apply_rotary_pos_emb arguments")
         return original(q, k, cos, sin, *args, unsqueeze_dim=unsqueeze_dim, **kwargs)
     tally(key, "fused_calls")
+    if layout == HALF_TABLE:
+        cos, sin, layout = _widen(cos), _widen(sin), "half"
     return rope(q, k, cos.to(q.dtype), sin.to(q.dtype), unsqueeze_dim=unsqueeze_dim, backend=backend, name=name,
                 layout=layout)
 
