@@ -25,14 +25,17 @@ Two implementations, the same saved activations and gradients:
   product for all experts (``peftfast.kernels.moe``), the hidden states gathered inside the kernel, the low-rank
   term in the GEMM's epilogue, per-expert factor gradients reduced by a grouped kernel. No host sync: the tile map
   is built on the device. Tokens' k expert rows are summed without atomics (deterministic).
-* the others (``cpp``/``torch``, CPU): one host read of the per-expert row counts, then GEMMs on each expert's rows
-  (views of the stacks), as transformers' eager experts loop does.
+* the others (``cpp``/``torch``, CPU): one host read of the per-expert row counts, then one ``torch._grouped_mm``
+  per product over all experts (CPU grouped GEMMs: fp32/bf16/fp16 operands whose strides are multiples of 16 bytes,
+  as real model widths give), or where that does not apply one GEMM per expert on views of the stacks, as
+  transformers' eager experts loop does.
 
 The gated activation runs on the backend's fused kernel (``act_mul``).
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -185,6 +188,46 @@ def _wgrad_triton(p: torch.Tensor, q: torch.Tensor, gather: torch.Tensor | None,
     return out
 
 
+_GMM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _gmm_operand(t: torch.Tensor) -> bool:
+    """Whether ``torch._grouped_mm`` takes ``t`` as it is: row- or column-major matrices, 16-byte strides."""
+    if t.dtype not in _GMM_DTYPES or t.numel() == 0:
+        return False
+    if t.stride(-1) != 1 and t.stride(-2) != 1:
+        return False
+    return all(s * t.element_size() % 16 == 0 for s, n in zip(t.stride(), t.shape) if s != 1 and n > 1)
+
+
+@functools.cache
+def _cpu_grouped_mm() -> bool:
+    """Whether this torch runs ``torch._grouped_mm`` on CPU tensors (2-D x 3-D and 2-D x 2-D with offsets)."""
+    fn = getattr(torch, "_grouped_mm", None)
+    if fn is None:
+        return False
+    try:
+        a, offs = torch.ones(4, 4), torch.tensor([1, 4], dtype=torch.int32)
+        return (torch.equal(fn(a, torch.ones(2, 4, 4), offs=offs), torch.full((4, 4), 4.0))
+                and torch.equal(fn(a.t(), a, offs=offs)[1], torch.full((4, 4), 3.0)))
+    except Exception:  # a torch without CPU grouped GEMMs: the per-expert loop
+        return False
+
+
+def _gmm_rhs(w3: torch.Tensor) -> torch.Tensor:
+    """``w3`` [E, N, K] as grouped_mm's [E, K, N] operand. Base stacks are row- or column-major views already; a
+    view that is neither, PEFT's ``lora_B`` read as [E, N, r] (expert stride 1), is copied: E·N·r elements."""
+    b = w3.transpose(1, 2)
+    return b if b.stride(-1) == 1 or b.stride(-2) == 1 else b.contiguous()
+
+
+def _gmm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor | None) -> torch.Tensor | None:
+    """``torch._grouped_mm(a, b, offs)`` where it applies (else None: the caller loops over experts)."""
+    if offs is None or a.dtype != b.dtype or not (_gmm_operand(a) and _gmm_operand(b)):
+        return None
+    return torch._grouped_mm(a, b, offs=offs)
+
+
 def _expert_rows(counts: list[int]):
     """(expert, slice of its sorted rows) for each expert that got rows."""
     s0 = 0
@@ -195,9 +238,23 @@ def _expert_rows(counts: list[int]):
 
 
 def _gg_loop(x: torch.Tensor, gather: torch.Tensor | None, w3: torch.Tensor, counts: list[int],
-             out_dtype: torch.dtype, lora: tuple | None = None, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """:func:`_gg_triton` as one GEMM (and one low-rank update) per expert with rows, on views of the stacks."""
+             out_dtype: torch.dtype, lora: tuple | None = None, bias: torch.Tensor | None = None,
+             offs: torch.Tensor | None = None, ids: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`_gg_triton` as one grouped GEMM per product (``offs``: the experts' cumulative row counts, int32;
+    ``ids``: each sorted row's expert), or where that does not apply one GEMM (and one low-rank update) per expert
+    with rows, on views of the stacks."""
     xs = x.index_select(0, gather) if gather is not None else x
+    out = _gmm(xs, _gmm_rhs(w3), offs) if offs is not None else None
+    if out is not None:
+        if lora is not None:
+            lo, r3, scale = lora
+            low = _gmm(lo, _gmm_rhs(r3), offs)
+            if low is None:
+                low = _gg_loop(lo, None, r3, counts, lo.dtype)
+            out.add_(low, alpha=scale)
+        if bias is not None:
+            out.add_(bias.to(out.dtype).index_select(0, ids))
+        return out.to(out_dtype)
     out = torch.empty(xs.shape[0], w3.shape[1], device=x.device, dtype=xs.dtype)
     for e, rows in _expert_rows(counts):
         if bias is not None:
@@ -210,10 +267,15 @@ def _gg_loop(x: torch.Tensor, gather: torch.Tensor | None, w3: torch.Tensor, cou
 
 
 def _wgrad_loop(p: torch.Tensor, q: torch.Tensor, gather: torch.Tensor | None, counts: list[int],
-                scale: float = 1.0) -> torch.Tensor:
-    """:func:`_wgrad_triton` as one GEMM per expert with rows (experts without rows: zeros)."""
+                scale: float = 1.0, offs: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`_wgrad_triton` as one grouped GEMM, or where that does not apply one GEMM per expert with rows
+    (experts without rows: zeros)."""
     qs = q.index_select(0, gather) if gather is not None else q
     acc = torch.promote_types(q.dtype, torch.float32)
+    out = _gmm(p.t(), qs, offs)
+    if out is not None:
+        out = out.to(acc)
+        return out.mul_(scale) if scale != 1.0 else out
     out = torch.zeros(len(counts), p.shape[1], q.shape[1], device=p.device, dtype=acc)
     for e, rows in _expert_rows(counts):
         if qs.dtype == acc:
@@ -234,6 +296,9 @@ class _Groups:
             self.bounds = torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])
         else:
             self.counts = counts.tolist()  # the one host sync of this path
+            grouped = _cpu_grouped_mm() and counts.device.type == "cpu"
+            self.offs = torch.cumsum(counts, 0).to(torch.int32) if grouped else None
+            self.ids = torch.repeat_interleave(torch.arange(counts.numel()), counts) if grouped else None
 
     @staticmethod
     def count(ids: torch.Tensor, n_exp: int, triton_path: bool, name: str) -> torch.Tensor:
@@ -257,18 +322,21 @@ class _Groups:
     def gg(self, x, gather, w3, out_dtype, lora=None, bias=None) -> torch.Tensor:
         if self.triton:
             return _gg_triton(x, gather, w3, self.tmap, out_dtype, lora, bias)
-        return _gg_loop(x, gather, w3, self.counts, out_dtype, lora, bias)
+        return _gg_loop(x, gather, w3, self.counts, out_dtype, lora, bias, self.offs, self.ids)
 
     def column_sums(self, q: torch.Tensor) -> torch.Tensor:
         """Per expert, the sum of its rows of ``q`` [S, N] -> [E, N] fp32 (a bias gradient): the weight-gradient
         reduction against a stride-0 column of ones, so no atomics and no [S, N] copy."""
+        if not self.triton and self.ids is not None:  # CPU: in order, so deterministic too
+            acc = torch.promote_types(q.dtype, torch.float32)
+            return torch.zeros(len(self.counts), q.shape[1], dtype=acc).index_add_(0, self.ids, q.to(acc))
         ones = torch.ones(1, 1, device=q.device, dtype=q.dtype).expand(q.shape[0], 1)
         return self.wgrad(ones, q, None)[:, 0]
 
     def wgrad(self, p, q, gather, scale: float = 1.0) -> torch.Tensor:
         if self.triton:
             return _wgrad_triton(p, q, gather, self.bounds, scale)
-        return _wgrad_loop(p, q, gather, self.counts, scale)
+        return _wgrad_loop(p, q, gather, self.counts, scale, self.offs)
 
 
 def _nk(w: torch.Tensor, transposed: bool) -> torch.Tensor:
