@@ -411,6 +411,41 @@ def test_patched_moe_models_match_peft(arch):
     assert [runtime[e.name]["fused"] for e in entries] == [1] * n_moe
 
 
+# more families whose experts classes take transformers' experts interface: a tiny config from the fields each
+# config class has (the same small widths for all), LoRA on q/o and both stacks
+MORE_FAMILIES = ["afmoe", "cohere2_moe", "deepseek_v2", "ernie4_5_moe", "exaone_moe", "flex_olmo", "glm4_moe",
+                 "granitemoe", "hunyuan_v1_moe", "minimax", "minimax_m2", "solar_open"]
+_SMALL = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+              head_dim=8, intermediate_size=48, moe_intermediate_size=24, num_experts=4, num_local_experts=4,
+              n_routed_experts=4, num_experts_per_tok=2, n_group=1, topk_group=1, first_k_dense_replace=0,
+              shared_expert_intermediate_size=24, q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=4,
+              qk_nope_head_dim=4, v_head_dim=8, max_position_embeddings=128, pad_token_id=0, eos_token_id=None,
+              bos_token_id=None, decoder_sparse_step=1, mlp_only_layers=[], moe_layer_freq=1, layer_types=None)
+
+
+@pytest.mark.parametrize("family", MORE_FAMILIES)
+def test_more_moe_families_match_peft(family):
+    from transformers import CONFIG_MAPPING, AutoModelForCausalLM
+
+    cfg_cls = CONFIG_MAPPING[family]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        known = cfg_cls().to_dict()
+        cfg = cfg_cls(**{k: v for k, v in _SMALL.items() if k in known})
+        torch.manual_seed(0)
+        base = AutoModelForCausalLM.from_config(cfg)
+        model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "o_proj"],
+                                                target_parameters=STACKS, init_lora_weights=False)).train()
+    ref = copy.deepcopy(model)
+    peftfast.patch(model)
+    entries = _experts_entries(model)
+    assert entries and all(e.patched for e in entries), [(e.name, e.reason) for e in entries]
+    grads = _assert_matches(model, ref, _ids(13))
+    assert any("experts" in n and "lora_A" in n for n in grads)
+    runtime = peftfast.report(model).module_runtime(model)
+    assert [runtime[e.name]["fused"] for e in entries] == [1] * len(entries)
+
+
 @pytest.mark.parametrize("arch", ["qwen3_moe", "gpt_oss"])
 def test_patched_model_on_the_triton_backend_runs_the_grouped_kernels(arch):
     """The whole model on the Triton backend (interpreter): the experts through the grouped kernels; gpt-oss's
