@@ -501,6 +501,20 @@ def test_gpt_oss_experts_match_peft_with_biases_and_clamps(impl):
     assert (g > 0.05).any() and (g < 0.05).any() and (u.abs() > 0.05).any() and (u.abs() < 0.05).any()
 
 
+@pytest.mark.parametrize("arch", ["mixtral", "gpt_oss"])
+def test_router_aux_loss_matches_peft(arch):
+    """With ``output_router_logits`` the loss adds the routers' load-balancing term (their logits come from the MoE
+    block, not the experts): the same loss and gradients, the experts still fused."""
+    kw = dict(output_router_logits=True, router_aux_loss_coef=0.1)
+    model = _gpt_oss(**kw) if arch == "gpt_oss" else _moe_model(arch, **kw)
+    ref = copy.deepcopy(model)
+    peftfast.patch(model)
+    assert all(e.patched for e in _experts_entries(model))
+    _assert_matches(model, ref, _ids(3))
+    out = model(input_ids=_ids(3), labels=_ids(3))
+    assert out.aux_loss is not None and out.aux_loss.requires_grad
+
+
 @pytest.mark.parametrize("impl", ["eager", "grouped_mm", "batched_mm"])
 def test_every_transformers_experts_implementation_is_matched(impl):
     model = _moe_model("qwen3_moe", impl=impl)
