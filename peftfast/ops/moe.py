@@ -8,9 +8,13 @@ Qwen3-30B-A3B in bf16), and one ``baddbmm`` of E·out·r·in multiply-adds each 
 
 :func:`experts_lora` computes, for the rows routed to each expert ``e`` (token ``t`` with routing weight ``w``)::
 
-    h = x_t·W_gu[e]ᵀ + s_gu·(x_t·A_gu[e]ᵀ)·B_gu[e]ᵀ          [2I]
-    a = act(h[:I]) · h[I:]                                    [I]
-    y_t += w · (a·W_d[e]ᵀ + s_d·(a·A_d[e]ᵀ)·B_d[e]ᵀ)          [H]
+    h = x_t·W_gu[e]ᵀ + s_gu·(x_t·A_gu[e]ᵀ)·B_gu[e]ᵀ (+ b_gu[e])          [2I]
+    a = act(h[:I]) · h[I:]                                                [I]
+    y_t += w · (a·W_d[e]ᵀ + s_d·(a·A_d[e]ᵀ)·B_d[e]ᵀ (+ b_d[e]))          [H]
+
+or, for gpt-oss (:class:`ExpertGate`), gate and up interleaved (``h[0::2]``, ``h[1::2]``) and the clamped SwiGLU
+``a = (clamp(u, ±limit) + 1) · g'·σ(alpha·g')`` with ``g' = min(g, limit)``; the expert biases are gpt-oss's too
+(their gradients, where they train, are per-expert column sums; the routing weights' gradient gains ``dy·b_d``).
 
 with PEFT's factor layouts read in place (``lora_A.weight`` [E·r, in] is [E, r, in]; ``lora_B.weight`` [out, r·E] is
 [out, r, E]). Nothing of size E·out·in is formed. Backward keeps the input (which the caller holds anyway), the routing
@@ -30,7 +34,9 @@ Two implementations, the same saved activations and gradients:
   as real model widths give), or where that does not apply one GEMM per expert on views of the stacks, as
   transformers' eager experts loop does.
 
-The gated activation runs on the backend's fused kernel (``act_mul``).
+The gated activation runs on the backend's fused kernel (``act_mul``) for ``act(g)·u`` on halves; otherwise on
+``peftfast.kernels.moe``'s strided element-wise kernels (Triton) or the same maths in torch ops (CPU), reading gate
+and up in place at their column stride.
 """
 
 from __future__ import annotations
