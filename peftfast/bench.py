@@ -641,6 +641,16 @@ def _attn_impl(hf, kind: str = "decoder") -> str:
     return "sdpa" if getattr(cls, "_supports_sdpa", True) else "eager"
 
 
+def _checkpoint_activations(model) -> None:
+    """HF gradient checkpointing, non-reentrant: ``activation_checkpointing_enable`` where transformers has it (5.2x
+    deprecates ``gradient_checkpointing_enable`` with a FutureWarning), the older name elsewhere (5.17)."""
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def _base_model(setup: Setup, cfg: BenchConfig):
     torch.manual_seed(cfg.seed)  # every variant starts from the same weights (and the same LoRA initialisation)
     if setup.weights:
@@ -651,7 +661,7 @@ def _base_model(setup: Setup, cfg: BenchConfig):
                                                           attn_implementation=_attn_impl(setup.hf, setup.kind))
     model.config.use_cache = False
     if cfg.grad_ckpt:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        _checkpoint_activations(model)
     return model
 
 

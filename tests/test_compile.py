@@ -221,12 +221,13 @@ def test_packed_mlp_compiles_without_breaks_in_our_code():
     assert len(mlps) == 2 and all(r["fused"] >= 2 and not r["fallbacks"] for r in mlps), rt
 
 
-def test_moe_experts_compile_without_breaks_in_our_code():
-    """LoRA on Qwen3-MoE expert stacks under torch.compile: the experts op is one traced node (the CPU path's
-    per-expert host read inside it), the same loss and gradients as eager, every experts call fused."""
-    from test_moe import _ids, _moe_model
+@pytest.mark.parametrize("arch", ["qwen3_moe", "gpt_oss"])
+def test_moe_experts_compile_without_breaks_in_our_code(arch):
+    """LoRA on Qwen3-MoE's and gpt-oss's expert stacks under torch.compile: the experts op is one traced node (the
+    CPU path's per-expert host read inside it), the same loss and gradients as eager, every experts call fused."""
+    from test_moe import _gpt_oss, _ids, _moe_model
 
-    model = _moe_model("qwen3_moe", modules=("q_proj",))
+    model = _moe_model("qwen3_moe", modules=("q_proj",)) if arch == "qwen3_moe" else _gpt_oss(trainable_biases=True)
     peftfast.patch(model, fuse_norms=False, fuse_attention=False, fuse_rope=False)
     ids = _ids(10)
     explanation, _ = _compare(lambda **d: model(**d).loss, list(trainable(model).values()), input_ids=ids,

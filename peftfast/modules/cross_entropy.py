@@ -573,16 +573,22 @@ MASKED_LM: dict[str, Callable[[nn.Module], MaskedHead]] = {
 }
 
 
-@functools.cache
+_SIGNATURES: dict = {}  # (class, skip) -> parts: a plain dict, not a functools cache, which Dynamo would trace
+# through with a warning in every compiled forward
+
+
 def _signature_parts(cls: type, skip: tuple[str, ...] = ("labels",)) -> tuple[inspect.Signature, tuple[str, ...],
                                                                              str | None]:
     """(signature, the arguments handed on to the backbone: all named ones but ``skip``, the ``**kwargs`` name) of
     ``cls.forward``."""
-    sig = inspect.signature(cls.forward)
-    params = list(sig.parameters.values())[1:]
-    var_kw = next((q.name for q in params if q.kind is q.VAR_KEYWORD), None)
-    named = tuple(q.name for q in params if q.kind is q.POSITIONAL_OR_KEYWORD and q.name not in skip)
-    return sig, named, var_kw
+    key = (cls, skip)
+    if key not in _SIGNATURES:
+        sig = inspect.signature(cls.forward)
+        params = list(sig.parameters.values())[1:]
+        var_kw = next((q.name for q in params if q.kind is q.VAR_KEYWORD), None)
+        named = tuple(q.name for q in params if q.kind is q.POSITIONAL_OR_KEYWORD and q.name not in skip)
+        _SIGNATURES[key] = sig, named, var_kw
+    return _SIGNATURES[key]
 
 
 def _bound_reason(lm: nn.Module, backbone: nn.Module, skip: tuple[str, ...]) -> str | None:

@@ -20,7 +20,6 @@ fake kernels; the CPU path's per-expert host read stays inside it).
 
 from __future__ import annotations
 
-import functools
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -55,13 +54,18 @@ class ExpertsState(Tallied):
     fallbacks: Counter = field(default_factory=Counter)
 
 
-@functools.cache
+_WRAPPER_CLS: list = []  # PEFT's ParamWrapper (or None), looked up once; a plain global, which Dynamo reads as a
+# constant, where a functools.cache wrapper would be traced through with a warning on every compiled forward
+
+
 def _wrapper_cls():
-    try:
-        from peft.tuners.lora.layer import ParamWrapper
-    except Exception:  # an older PEFT without target_parameters
-        return None
-    return ParamWrapper
+    if not _WRAPPER_CLS:
+        try:
+            from peft.tuners.lora.layer import ParamWrapper
+        except Exception:  # an older PEFT without target_parameters
+            ParamWrapper = None
+        _WRAPPER_CLS.append(ParamWrapper)
+    return _WRAPPER_CLS[0]
 
 
 def is_param_wrapper(mod: nn.Module) -> bool:

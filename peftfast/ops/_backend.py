@@ -3,7 +3,6 @@ CPU when the extension is built, ATen (``torch``) elsewhere. An op without a C++
 
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
@@ -18,16 +17,22 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-@functools.lru_cache(maxsize=1)
+_TRITON: list = []  # the answer, once: a plain global, which Dynamo reads as a constant where a functools cache
+# wrapper would be traced through (with a warning) in every compiled forward that resolves a backend
+
+
 def triton_available() -> str | None:
     """None when Triton imports, else the reason it does not."""
-    try:
-        import triton  # noqa: F401
+    if not _TRITON:
+        try:
+            import triton  # noqa: F401
 
-        import peftfast.kernels.lora  # noqa: F401
-    except Exception as exc:  # pragma: no cover - depends on the install
-        return f"triton unavailable: {type(exc).__name__}: {exc}"
-    return None
+            import peftfast.kernels.lora  # noqa: F401
+        except Exception as exc:  # pragma: no cover - depends on the install
+            _TRITON.append(f"triton unavailable: {type(exc).__name__}: {exc}")
+        else:
+            _TRITON.append(None)
+    return _TRITON[0]
 
 
 def resolve_backend(requested: str, device: torch.device) -> str:
