@@ -331,8 +331,9 @@ class _Groups:
         return _gg_loop(x, gather, w3, self.counts, out_dtype, lora, bias, self.offs, self.ids)
 
     def column_sums(self, q: torch.Tensor) -> torch.Tensor:
-        """Per expert, the sum of its rows of ``q`` [S, N] -> [E, N] fp32 (a bias gradient): the weight-gradient
-        reduction against a stride-0 column of ones, so no atomics and no [S, N] copy."""
+        """Per expert, the sum of its rows of ``q`` [S, N] -> [E, N] fp32 (a bias gradient), deterministic: on
+        Triton the weight-gradient reduction against a stride-0 column of ones (no atomics, no [S, N] copy); on CPU
+        an in-order ``index_add_`` over the sorted rows' experts (the per-expert loop without grouped GEMMs)."""
         if not self.triton and self.ids is not None:  # CPU: in order, so deterministic too
             acc = torch.promote_types(q.dtype, torch.float32)
             return torch.zeros(len(self.counts), q.shape[1], dtype=acc).index_add_(0, self.ids, q.to(acc))
