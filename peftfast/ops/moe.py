@@ -333,7 +333,8 @@ class _Groups:
     def column_sums(self, q: torch.Tensor) -> torch.Tensor:
         """Per expert, the sum of its rows of ``q`` [S, N] -> [E, N] fp32 (a bias gradient), deterministic: on
         Triton the weight-gradient reduction against a stride-0 column of ones (no atomics, no [S, N] copy); on CPU
-        an in-order ``index_add_`` over the sorted rows' experts (the per-expert loop without grouped GEMMs)."""
+        an in-order ``index_add_`` over the sorted rows' experts (where torch has no CPU grouped GEMMs, the
+        per-expert loop against the column of ones)."""
         if not self.triton and self.ids is not None:  # CPU: in order, so deterministic too
             acc = torch.promote_types(q.dtype, torch.float32)
             return torch.zeros(len(self.counts), q.shape[1], dtype=acc).index_add_(0, self.ids, q.to(acc))
