@@ -188,6 +188,11 @@ PRESETS: dict[str, Preset] = {
                                               num_experts=16, num_experts_per_tok=4, num_hidden_layers=4,
                                               num_attention_heads=4, num_key_value_heads=2, head_dim=64,
                                               vocab_size=1024, max_position_embeddings=4096), 128, 2, "built-in"),
+    "tiny-gpt-oss": Preset("GptOssConfig", dict(hidden_size=256, intermediate_size=256, num_local_experts=16,
+                                                num_experts_per_tok=4, num_hidden_layers=4, num_attention_heads=4,
+                                                num_key_value_heads=2, head_dim=64, vocab_size=1024,
+                                                sliding_window=64, max_position_embeddings=4096), 128, 2,
+                           "built-in"),
     "qwen3-30b-a3b": Preset("Qwen3MoeConfig", dict(
         hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768, num_hidden_layers=48,
         num_attention_heads=32, num_key_value_heads=4, head_dim=128, num_experts=128, num_experts_per_tok=8,

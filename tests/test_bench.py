@@ -178,17 +178,14 @@ def test_moe_preset_adapts_the_expert_stacks_without_dropout(tmp_path):
     assert "note: expert stacks" in out and "experts" not in res["report"].split(";")[1]
 
 
-def test_gpt_oss_config_runs_with_eager_baselines_and_fused_experts(tmp_path):
-    """A local gpt-oss config (transformers gives it no SDPA path: the baselines run its eager attention, sinks
-    included): the biased, interleaved, clamped expert stacks adapted and fused, its RoPE and attention fused."""
+def test_gpt_oss_runs_with_eager_baselines_and_fused_experts(tmp_path):
+    """gpt-oss (transformers gives it no SDPA path: the baselines run its eager attention, sinks included): the
+    biased, interleaved, clamped expert stacks adapted and fused, its RoPE and attention fused."""
     import transformers
 
-    cfg = transformers.GptOssConfig(vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                    num_key_value_heads=2, head_dim=16, intermediate_size=64, num_local_experts=4,
-                                    num_experts_per_tok=2)
-    cfg.save_pretrained(tmp_path / "oss")
-    assert bench._attn_impl(cfg) == "eager" and bench._attn_impl(transformers.LlamaConfig()) == "sdpa"
-    res, _ = run(tmp_path / "out", "--model", str(tmp_path / "oss"), "--dropout", "0", *FAST)
+    assert bench._attn_impl(transformers.GptOssConfig()) == "eager"
+    assert bench._attn_impl(transformers.LlamaConfig()) == "sdpa"
+    res, _ = run(tmp_path, "--model", "tiny-gpt-oss", "--dropout", "0", *FAST)
     peft, fast = res["results"]
     report = res["report"]
     assert "fused 1/1 experts" in report and "1/1 rope" in report and "1/1 attention" in report, report
