@@ -249,13 +249,33 @@ class _DropsAnArgument(LlamaDecoderLayer):
         return residual + self.mlp(self.post_attention_layernorm(h))
 
 
+class _PairDoubled(LlamaDecoderLayer):
+    """Unpacks its MLP's output as gpt-oss does (``hidden, router_scores``) but adds twice the hidden part: neither
+    the plain form nor the pair form of the probe matches."""
+
+    def forward(self, hidden_states, attention_mask=None, position_ids=None, past_key_values=None, use_cache=False,
+                position_embeddings=None, **kwargs):
+        residual = hidden_states
+        h = self.input_layernorm(hidden_states)
+        h, _ = self.self_attn(hidden_states=h, attention_mask=attention_mask, position_ids=position_ids,
+                              past_key_values=past_key_values, use_cache=use_cache,
+                              position_embeddings=position_embeddings, **kwargs)
+        h = residual + h
+        m, _ = self.mlp(self.post_attention_layernorm(h))
+        return h + 2 * m
+
+
 @pytest.mark.parametrize("cls, reason", [(_ScaledResidual, "computes something else"),
-                                         (_DropsAnArgument, "other arguments")])
+                                         (_DropsAnArgument, "other arguments"),
+                                         (_PairDoubled, "computes something else")])
 def test_probe_refuses_a_block_that_computes_otherwise(cls, reason):
     model = peft_model("llama")
     for m in model.modules():
         if type(m) is LlamaDecoderLayer:
             m.__class__ = cls
+    if cls is _PairDoubled:  # an MLP that returns a pair, as gpt-oss's does
+        for layer in model.base_model.model.model.layers:
+            layer.mlp.register_forward_hook(lambda mod, args, out: (out, None))
     ref = clone(model)
     peftfast.patch(model)
     blocks = _blocks(model)

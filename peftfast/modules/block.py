@@ -13,7 +13,9 @@ before the MLP; Phi-3's, whose residual dropouts act on the attention and MLP ou
 before its add. The MLP's input norm must be a fused RMSNorm; the class ``forward`` must pass a probe run at patch
 time: with the attention, the MLP and the output pieces swapped for recording stubs (distinct affine maps), the
 class's own forward and the fused one return the same tensor, call each piece once and hand the attention the same
-arguments. No transformers source is copied or compared: a change of the block in transformers fails the probe, and
+arguments. An MLP that returns a pair whose first item the block adds (gpt-oss's ``hidden, router_scores``) is
+probed as such when the plain form does not match, and the fused forward takes that item. No transformers source is
+copied or compared: a change of the block in transformers fails the probe, and
 the block then keeps its own forward, with the reason in the report. The output pieces run as the modules they are
 (a dropout draws its mask from torch's RNG in the same order as the class forward; a norm runs its fused op).
 """
@@ -85,6 +87,7 @@ class BlockState(Tallied):
     required: tuple[str, ...]  # its parameters without a default (besides hidden_states)
     layout: Layout = LAYOUTS[0]
     rebuild_norms: bool = True  # backward rebuilds the two norm outputs instead of their consumers keeping them
+    mlp_pair: bool = False  # the MLP returns (hidden, extra), and the block adds the first (gpt-oss)
     fused_calls: int = 0
     fallbacks: Counter = field(default_factory=Counter)
 
@@ -173,6 +176,7 @@ def _fused_body(self: nn.Module, hidden_states: torch.Tensor, **kwargs) -> torch
         tally(st.tally_key, "fallbacks", "attention output and residual differ in shape or dtype")
         r = residual + h
         m = self.mlp(post(r))
+        m = m[0] if st.mlp_pair else m
         return r + (mlp_out(m) if mlp_out is not None else m)
     normed, r = add_rms_norm(h, residual, post.weight, getattr(post, nst.eps_attr), form=nst.form,
                              backend=nst.backend, name=nst.name)
@@ -183,6 +187,7 @@ def _fused_body(self: nn.Module, hidden_states: torch.Tensor, **kwargs) -> torch
         m = rebuilding(normed, functools.partial(rms_norm_forward, post), (r,), self.mlp, normed)
     else:
         m = self.mlp(normed)
+    m = m[0] if st.mlp_pair else m
     return r + (mlp_out(m) if mlp_out is not None else m)
 
 
@@ -213,8 +218,10 @@ def _same_call(a, b) -> bool:
     return True
 
 
-def probe(module: nn.Module, defaults: dict, required: tuple[str, ...], layout: Layout = LAYOUTS[0]) -> str | None:
-    """None when the fused forward reproduces the class forward on ``module`` (see the module docstring)."""
+def probe(module: nn.Module, defaults: dict, required: tuple[str, ...], layout: Layout = LAYOUTS[0],
+          mlp_pair: bool = False) -> str | None:
+    """None when the fused forward reproduces the class forward on ``module`` (see the module docstring), the MLP
+    returning a ``(hidden, None)`` pair where ``mlp_pair``."""
     post = module._modules[layout.mlp_norm]
     w = post.weight
     gen = torch.Generator(device="cpu").manual_seed(0)
@@ -232,10 +239,12 @@ def probe(module: nn.Module, defaults: dict, required: tuple[str, ...], layout: 
     if not had_state:  # the fused forward reads its state; a throwaway one for the probe
         module.__dict__["_peftfast_block"] = BlockState(name="probe", backend="auto", previous_forward=None,
                                                         defaults=defaults, required=required, layout=layout)
+    st = module.__dict__["_peftfast_block"]
+    pair_before, st.mlp_pair = st.mlp_pair, mlp_pair
     outs, calls = [], []
     try:
         for fn in (lambda: type(module).forward(module, x, **kwargs), lambda: fused_block_forward(module, x, **kwargs)):
-            attn, mlp = _Stub(0.5, 0.25, True), _Stub(2.0, -1.0, False)
+            attn, mlp = _Stub(0.5, 0.25, True), _Stub(2.0, -1.0, mlp_pair)
             module._modules["self_attn"], module._modules["mlp"] = attn, mlp
             # the output pieces (dropouts, sandwich norms): distinct affine maps, so the probe sees where each acts
             outer = {n: _Stub(mul, add, False) for n, mul, add in ((layout.attn_out, 1.5, 0.125),
@@ -249,6 +258,7 @@ def probe(module: nn.Module, defaults: dict, required: tuple[str, ...], layout: 
     finally:
         module._modules.clear()
         module._modules.update(saved)
+        st.mlp_pair = pair_before
         if not had_state:
             module.__dict__.pop("_peftfast_block", None)
     ref, got = outs
@@ -291,7 +301,17 @@ def why_not(module: nn.Module) -> str | None:
     sig = _signature(type(module))
     if isinstance(sig, str):
         return sig
-    return probe(module, *sig, lay)
+    found = _mlp_form(module, sig, lay)
+    return found if isinstance(found, str) else None
+
+
+def _mlp_form(module: nn.Module, sig: tuple[dict, tuple[str, ...]], lay: Layout) -> bool | str:
+    """Whether the block's MLP is probed to return a pair (False: a tensor), or why neither form matches (the plain
+    form's reason)."""
+    why = probe(module, *sig, lay)
+    if why is None:
+        return False
+    return True if probe(module, *sig, lay, mlp_pair=True) is None else why
 
 
 def install(module: nn.Module, name: str, backend: str, rebuild_norms: bool = True) -> None:
@@ -300,9 +320,12 @@ def install(module: nn.Module, name: str, backend: str, rebuild_norms: bool = Tr
         st.backend, st.rebuild_norms = backend, rebuild_norms
         return
     defaults, required = _signature(type(module))
+    lay = layout_of(module)
     bind_forward(module, "_peftfast_block", BlockState(name=name, backend=backend, previous_forward=None,
-                                                       defaults=defaults, required=required, layout=layout_of(module),
-                                                       rebuild_norms=rebuild_norms), fused_block_forward)
+                                                       defaults=defaults, required=required, layout=lay,
+                                                       rebuild_norms=rebuild_norms,
+                                                       mlp_pair=_mlp_form(module, (defaults, required), lay) is True),
+                 fused_block_forward)
 
 
 def uninstall(module: nn.Module) -> bool:
