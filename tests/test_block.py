@@ -225,17 +225,22 @@ def test_unpatch_restores_the_block_forward():
     assert "forward" not in layer.__dict__ and "_peftfast_block" not in layer.__dict__
 
 
+def _attend(layer, hidden_states, attention_mask, position_ids, past_key_values, use_cache, position_embeddings,
+            **kwargs):
+    """The attention sublayer's output, its every argument handed on (as LlamaDecoderLayer's forward does)."""
+    h = layer.input_layernorm(hidden_states)
+    return layer.self_attn(hidden_states=h, attention_mask=attention_mask, position_ids=position_ids,
+                           past_key_values=past_key_values, use_cache=use_cache,
+                           position_embeddings=position_embeddings, **kwargs)[0]
+
+
 class _ScaledResidual(LlamaDecoderLayer):
     def forward(self, hidden_states, attention_mask=None, position_ids=None, past_key_values=None, use_cache=False,
                 position_embeddings=None, **kwargs):
-        residual = hidden_states
-        h = self.input_layernorm(hidden_states)
-        h, _ = self.self_attn(hidden_states=h, attention_mask=attention_mask, position_ids=position_ids,
-                              past_key_values=past_key_values, use_cache=use_cache,
-                              position_embeddings=position_embeddings, **kwargs)
-        h = residual + 0.5 * h  # not the form the fused forward computes
-        residual = h
-        return residual + self.mlp(self.post_attention_layernorm(h))
+        h = _attend(self, hidden_states, attention_mask, position_ids, past_key_values, use_cache,
+                    position_embeddings, **kwargs)
+        h = hidden_states + 0.5 * h  # not the form the fused forward computes
+        return h + self.mlp(self.post_attention_layernorm(h))
 
 
 class _DropsAnArgument(LlamaDecoderLayer):
@@ -255,12 +260,8 @@ class _PairDoubled(LlamaDecoderLayer):
 
     def forward(self, hidden_states, attention_mask=None, position_ids=None, past_key_values=None, use_cache=False,
                 position_embeddings=None, **kwargs):
-        residual = hidden_states
-        h = self.input_layernorm(hidden_states)
-        h, _ = self.self_attn(hidden_states=h, attention_mask=attention_mask, position_ids=position_ids,
-                              past_key_values=past_key_values, use_cache=use_cache,
-                              position_embeddings=position_embeddings, **kwargs)
-        h = residual + h
+        h = hidden_states + _attend(self, hidden_states, attention_mask, position_ids, past_key_values, use_cache,
+                                    position_embeddings, **kwargs)
         m, _ = self.mlp(self.post_attention_layernorm(h))
         return h + 2 * m
 
