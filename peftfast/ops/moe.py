@@ -304,7 +304,7 @@ class _Groups:
             self.counts = counts.tolist()  # the one host sync of this path
             grouped = _cpu_grouped_mm() and counts.device.type == "cpu"
             self.offs = torch.cumsum(counts, 0).to(torch.int32) if grouped else None
-            self.ids = torch.repeat_interleave(torch.arange(counts.numel()), counts) if grouped else None
+            self._counts_t = counts
 
     @staticmethod
     def count(ids: torch.Tensor, n_exp: int, triton_path: bool, name: str) -> torch.Tensor:
@@ -328,14 +328,20 @@ class _Groups:
     def gg(self, x, gather, w3, out_dtype, lora=None, bias=None) -> torch.Tensor:
         if self.triton:
             return _gg_triton(x, gather, w3, self.tmap, out_dtype, lora, bias)
-        return _gg_loop(x, gather, w3, self.counts, out_dtype, lora, bias, self.offs, self.ids)
+        return _gg_loop(x, gather, w3, self.counts, out_dtype, lora, bias, self.offs,
+                        self.ids if bias is not None else None)
+
+    @functools.cached_property
+    def ids(self) -> torch.Tensor | None:
+        """Each sorted row's expert (CPU grouped path), made only where biases need it."""
+        return None if self.offs is None else torch.repeat_interleave(torch.arange(len(self.counts)), self._counts_t)
 
     def column_sums(self, q: torch.Tensor) -> torch.Tensor:
         """Per expert, the sum of its rows of ``q`` [S, N] -> [E, N] fp32 (a bias gradient), deterministic: on
         Triton the weight-gradient reduction against a stride-0 column of ones (no atomics, no [S, N] copy); on CPU
         an in-order ``index_add_`` over the sorted rows' experts (where torch has no CPU grouped GEMMs, the
         per-expert loop against the column of ones)."""
-        if not self.triton and self.ids is not None:  # CPU: in order, so deterministic too
+        if not self.triton and self.offs is not None:  # CPU: in order, so deterministic too
             acc = torch.promote_types(q.dtype, torch.float32)
             return torch.zeros(len(self.counts), q.shape[1], dtype=acc).index_add_(0, self.ids, q.to(acc))
         ones = torch.ones(1, 1, device=q.device, dtype=q.dtype).expand(q.shape[0], 1)
