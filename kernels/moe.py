@@ -27,7 +27,12 @@ than x (fp32 stacks under autocast): each tile is cast on load, so the stack is 
     dg = da · (u' + 1) · (σ + alpha · g' · σ · (1 - σ)) · [g <= limit],   du = da · g' · σ · [|u| <= limit]
 
 (ACT 0-2: silu, gelu, gelu-tanh times u, as ``peftfast.kernels.mlp``). Element-wise in fp32; dg and du are written
-into the gradient of h in its own layout, so no de-interleaved copy of h or of its gradient exists.
+into the gradient of h in its own layout, so no de-interleaved copy of h or of its gradient exists. They serve the
+path that keeps h for backward (``recompute=False``).
+
+``_moe_gate_up_glu_kernel``: the gate/up GEMM with that activation in its epilogue (gate and up columns in two
+accumulators, either layout), writing a [S, I] and, where backward keeps it, h; in backward's rerun it takes the
+activation's upstream gradient too and writes a and dh, so h [S, 2I] is never written or read back in between.
 
 Row offsets are int64 (S · K passes 2**31 at 128 experts, top-8 and long batches).
 """
@@ -153,6 +158,21 @@ def _moe_glu_fwd_kernel(
 
 
 @triton.jit
+def _glu_grad(da, g, u, alpha, limit, ACT: tl.constexpr):
+    """(dg, du) of ``a = glu(g, u)`` for the upstream ``da`` (fp32 tiles)."""
+    if ACT == 3:
+        gc = tl.minimum(g, limit)
+        uc = tl.minimum(tl.maximum(u, -limit), limit)
+        sig = 1.0 / (1.0 + tl.exp(-alpha * gc))
+        dg = tl.where(g <= limit, da * (uc + 1.0) * (sig + alpha * gc * sig * (1.0 - sig)), 0.0)
+        du = tl.where((u >= -limit) & (u <= limit), da * gc * sig, 0.0)
+    else:
+        dg = da * u * _gate_act_grad(g, ACT)
+        du = da * _gate_act(g, ACT)
+    return dg, du
+
+
+@triton.jit
 def _moe_glu_bwd_kernel(
     da_ptr, stride_dam, g_ptr, stride_gm, stride_gc, u_ptr, stride_um, stride_uc,
     dg_ptr, stride_dgm, stride_dgc, du_ptr, stride_dum, stride_duc,
@@ -166,14 +186,136 @@ def _moe_glu_bwd_kernel(
     da = tl.load(da_ptr + row * stride_dam + offs, mask=ok, other=0.0).to(tl.float32)
     g = tl.load(g_ptr + row * stride_gm + offs * stride_gc, mask=ok, other=0.0).to(tl.float32)
     u = tl.load(u_ptr + row * stride_um + offs * stride_uc, mask=ok, other=0.0).to(tl.float32)
-    if ACT == 3:
-        gc = tl.minimum(g, limit)
-        uc = tl.minimum(tl.maximum(u, -limit), limit)
-        sig = 1.0 / (1.0 + tl.exp(-alpha * gc))
-        dg = tl.where(g <= limit, da * (uc + 1.0) * (sig + alpha * gc * sig * (1.0 - sig)), 0.0)
-        du = tl.where((u >= -limit) & (u <= limit), da * gc * sig, 0.0)
-    else:
-        dg = da * u * _gate_act_grad(g, ACT)
-        du = da * _gate_act(g, ACT)
+    dg, du = _glu_grad(da, g, u, alpha, limit, ACT)
     tl.store(dg_ptr + row * stride_dgm + offs * stride_dgc, dg.to(dg_ptr.dtype.element_ty), mask=ok)
     tl.store(du_ptr + row * stride_dum + offs * stride_duc, du.to(du_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _moe_gate_up_glu_kernel(
+    x_ptr, stride_xm, stride_xk,
+    gather_ptr,
+    w_ptr, stride_we, stride_wn, stride_wk,
+    l_ptr, stride_lm, stride_lr,
+    r_ptr, stride_re, stride_rn, stride_rr,
+    bias_ptr, stride_be, stride_bn,
+    gd_ptr, stride_gdm, stride_gdn, rw_ptr,
+    a_ptr, stride_am, stride_an,
+    h_ptr, stride_hm, stride_hn,
+    tile_expert_ptr, tile_row_ptr, tile_end_ptr,
+    INTER, K, RANK, scale, alpha, limit,
+    GATHER: tl.constexpr, HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr, INTERLEAVED: tl.constexpr,
+    ACT: tl.constexpr, STORE_H: tl.constexpr, GRAD: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, LORA_PRECISION: tl.constexpr,
+):
+    """The gate/up grouped GEMM with the activation in its epilogue; grid (tiles, cdiv(I, BLOCK_N)), I = ``INTER``.
+
+    For the tile's expert e and columns j of a, the gate and up columns of h are ``2j`` and ``2j + 1``
+    (``INTERLEAVED``: gpt-oss) or ``j`` and ``I + j`` (halves)::
+
+        g = x·W[e, gate]ᵀ + s·L·R[e, gate]ᵀ + bias[e, gate],   u likewise              (rounded to a's dtype)
+        a = glu(g, u)                                                                  [S, I]   (stored)
+        STORE_H: h[:, gate] = g, h[:, up] = u                                          (kept for backward)
+        GRAD:    da = round(gd · w_row);  dh[:, gate], dh[:, up] = ∂glu · da           (h_ptr is dh)
+
+    Halves: each K step loads the (gathered) x tile once for two MMAs into two fp32 accumulators. Interleaved: one
+    contiguous [BLOCK_K, 2·BLOCK_N] W tile (no strided loads) into one accumulator, whose columns are split into
+    gate and up in registers after the epilogue and joined back for the stores. Against a GEMM and then element-wise
+    kernels, the forward never writes h [S, 2I] unless backward keeps it nor reads it back (2·S·2I elements of
+    traffic and one launch fewer), and backward's rerun (``recompute``) writes a and dh with no h between (3·S·2I
+    elements and two launches fewer). g and u are rounded before ``glu`` as a stored h would be, so a and dh equal
+    the unfused path's up to the GEMM's fp32 rounding order; ``da`` is rounded to a's dtype as the unfused path rounds
+    ``gd · w``.
+    """
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    e = tl.load(tile_expert_ptr + pid_m)
+    if e < 0:
+        return
+    e = e.to(tl.int64)
+    row0 = tl.load(tile_row_ptr + pid_m).to(tl.int64)
+    row_end = tl.load(tile_end_ptr + pid_m).to(tl.int64)
+    offs_m = row0 + tl.arange(0, BLOCK_M).to(tl.int64)
+    m_ok = offs_m < row_end
+    if GATHER:
+        src = tl.load(gather_ptr + offs_m, mask=m_ok, other=0).to(tl.int64)
+    else:
+        src = offs_m
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < INTER
+    mask = m_ok[:, None] & n_ok[None, :]
+    w_base = w_ptr + e * stride_we
+    r_e = r_ptr + e * stride_re
+    b_e = bias_ptr + e * stride_be
+    h_rows = h_ptr + offs_m[:, None] * stride_hm
+    if INTERLEAVED:
+        # h columns [2·j0, 2·j0 + 2·BLOCK_N): gate and up alternate
+        offs_c = 2 * pid_n * BLOCK_N + tl.arange(0, 2 * BLOCK_N)
+        c_ok = offs_c < 2 * INTER
+        acc = tl.zeros((BLOCK_M, 2 * BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_ok = offs_k < K
+            xt = tl.load(x_ptr + src[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                         mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+            wt = tl.load(w_base + offs_k[:, None] * stride_wk + offs_c[None, :] * stride_wn,
+                         mask=k_ok[:, None] & c_ok[None, :], other=0.0)
+            acc = tl.dot(xt, wt.to(xt.dtype), acc, input_precision=DOT_PRECISION)
+        if HAS_LORA:
+            if scale != 0.0:
+                acc = _lowrank_tile(acc * (1.0 / scale), l_ptr, stride_lm, stride_lr, r_e, stride_rn, stride_rr,
+                                    offs_m, offs_c, row_end, 2 * INTER, 0, RANK, BLOCK_R, LORA_PRECISION) * scale
+        if HAS_BIAS:
+            acc += tl.load(b_e + offs_c * stride_bn, mask=c_ok, other=0.0).to(tl.float32)[None, :]
+        hq = acc.to(a_ptr.dtype.element_ty)
+        if STORE_H:
+            tl.store(h_rows + offs_c[None, :] * stride_hn, hq.to(h_ptr.dtype.element_ty),
+                     mask=m_ok[:, None] & c_ok[None, :])
+        g, u = tl.split(tl.reshape(hq.to(tl.float32), (BLOCK_M, BLOCK_N, 2)))
+    else:
+        col_u = offs_n + INTER
+        acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_ok = offs_k < K
+            xt = tl.load(x_ptr + src[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                         mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+            wg = tl.load(w_base + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn,
+                         mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            wu = tl.load(w_base + offs_k[:, None] * stride_wk + col_u[None, :] * stride_wn,
+                         mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            acc_g = tl.dot(xt, wg.to(xt.dtype), acc_g, input_precision=DOT_PRECISION)
+            acc_u = tl.dot(xt, wu.to(xt.dtype), acc_u, input_precision=DOT_PRECISION)
+        if HAS_LORA:
+            if scale != 0.0:
+                acc_g = _lowrank_tile(acc_g * (1.0 / scale), l_ptr, stride_lm, stride_lr, r_e, stride_rn, stride_rr,
+                                      offs_m, offs_n, row_end, 2 * INTER, 0, RANK, BLOCK_R, LORA_PRECISION) * scale
+                acc_u = _lowrank_tile(acc_u * (1.0 / scale), l_ptr, stride_lm, stride_lr, r_e, stride_rn, stride_rr,
+                                      offs_m, col_u, row_end, 2 * INTER, 0, RANK, BLOCK_R, LORA_PRECISION) * scale
+        if HAS_BIAS:
+            acc_g += tl.load(b_e + offs_n * stride_bn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+            acc_u += tl.load(b_e + col_u * stride_bn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        gq = acc_g.to(a_ptr.dtype.element_ty)
+        uq = acc_u.to(a_ptr.dtype.element_ty)
+        if STORE_H:
+            tl.store(h_rows + offs_n[None, :] * stride_hn, gq.to(h_ptr.dtype.element_ty), mask=mask)
+            tl.store(h_rows + col_u[None, :] * stride_hn, uq.to(h_ptr.dtype.element_ty), mask=mask)
+        g = gq.to(tl.float32)
+        u = uq.to(tl.float32)
+    a = _glu(g, u, alpha, limit, ACT)
+    tl.store(a_ptr + offs_m[:, None] * stride_am + offs_n[None, :] * stride_an, a.to(a_ptr.dtype.element_ty),
+             mask=mask)
+    if GRAD:
+        gd = tl.load(gd_ptr + offs_m[:, None] * stride_gdm + offs_n[None, :] * stride_gdn, mask=mask, other=0.0)
+        w_row = tl.load(rw_ptr + offs_m, mask=m_ok, other=0.0).to(tl.float32)
+        da = (gd.to(tl.float32) * w_row[:, None]).to(a_ptr.dtype.element_ty).to(tl.float32)
+        dg, du = _glu_grad(da, g, u, alpha, limit, ACT)
+        if INTERLEAVED:
+            dh = tl.reshape(tl.join(dg, du), (BLOCK_M, 2 * BLOCK_N))
+            tl.store(h_rows + offs_c[None, :] * stride_hn, dh.to(h_ptr.dtype.element_ty),
+                     mask=m_ok[:, None] & c_ok[None, :])
+        else:
+            tl.store(h_rows + offs_n[None, :] * stride_hn, dg.to(h_ptr.dtype.element_ty), mask=mask)
+            tl.store(h_rows + col_u[None, :] * stride_hn, du.to(h_ptr.dtype.element_ty), mask=mask)

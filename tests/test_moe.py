@@ -202,10 +202,11 @@ def test_cpu_grouped_gemms_match_fp64_and_the_per_expert_loop(monkeypatch, gpt_o
     n_fwd = len(calls)
     dy = torch.randn_like(y)
     got = _grads(y, leaves, dy)
-    # forward: x·A_guᵀ, gate/up and its low-rank term, a·A_dᵀ, down and its; backward: the gate/up rerun (3), dy·B_d,
-    # dy·W_d and its low-rank term, a·A_dᵀ, dh·B_gu, dx and its low-rank term, x·A_guᵀ, 4 factor and 2 stack
-    # gradients (gpt-oss also dy·b_d for the routing weights); not one per expert
-    assert (n_fwd, len(calls) - n_fwd) == (6, 17 + gpt_oss)
+    # forward: x·A_guᵀ, gate/up and its low-rank term, a·A_dᵀ, down and its; backward: x·A_guᵀ (once, for the rerun
+    # and the factor gradients), the gate/up rerun (2), dy·B_d, dy·W_d and its low-rank term, a·A_dᵀ, dh·B_gu, dx and
+    # its low-rank term, 4 factor and 2 stack gradients (gpt-oss also dy·b_d for the routing weights); not one per
+    # expert
+    assert (n_fwd, len(calls) - n_fwd) == (6, 16 + gpt_oss)
     monkeypatch.setattr(M, "_cpu_grouped_mm", lambda: False)
     y_loop = experts_lora(x, idx, wts, gu, dn, act=gate, transposed=gpt_oss, backend="torch")
     ref = _reference(x, idx, wts, gu, dn, gate, gpt_oss)
@@ -266,28 +267,80 @@ def test_low_precision_within_twice_peft_merged_error(backend, dtype, gpt_oss):
         assert max_rel_err(g, w) <= 2 * max_rel_err(p, w) + 1e-3
 
 
-@pytest.mark.parametrize("transposed", [False, True])
-def test_grouped_kernels_span_several_tiles_per_expert(transposed):
-    """The Triton path (interpreter): experts with several 16-row tiles and a partial last one, K and N over several
-    blocks, an expert without rows; one launch per product whatever the expert count, no host sync."""
+@pytest.mark.parametrize("transposed,gate", [(False, "silu"), (True, "silu"), (True, "gpt_oss"),
+                                              (False, "clamped_halves")])
+@pytest.mark.parametrize("recompute", [True, False])
+def test_grouped_kernels_span_several_tiles_per_expert(transposed, gate, recompute):
+    """The Triton path (interpreter): experts with several 16-row tiles and a partial last one, K and the gate/up
+    columns over several blocks, an expert without rows; one launch per product whatever the expert count, no host
+    sync; the activation in the gate/up GEMM's epilogue (forward, and backward's rerun), h written only where
+    backward keeps it."""
     from peftfast.ops import _counters
 
-    x, idx, wts, gu, dn = _case(t=61, h=40, i=36, e=4, k=2, r=3, transposed=transposed)
+    torch.manual_seed(5)
+    bias = gate != "silu"
+    g = GATES.get(gate, gate)
+    x, idx, wts, gu, dn = _case(t=61, h=40, i=36, e=4, k=2, r=3, transposed=transposed, bias=bias)
     idx = torch.stack([torch.randperm(3)[:2] for _ in range(61)])  # experts 0-2: about 40 rows each
     leaves = _leaves(x, wts, gu, dn)
     with _counters.count_launches() as fwd:
-        y = experts_lora(x, idx, wts, gu, dn, transposed=transposed, backend="triton")
-    ref = _reference(x, idx, wts, gu, dn, transposed=transposed)
+        y = experts_lora(x, idx, wts, gu, dn, act=g, transposed=transposed, recompute=recompute, backend="triton")
+    ref = _reference(x, idx, wts, gu, dn, g, transposed=transposed)
     dy = torch.randn_like(ref)
     assert max_rel_err(y, ref) < 2e-6
     with _counters.count_launches() as bwd:
         got = _grads(y, leaves, dy.float())
-    for g, w in zip(got, _grads(ref, leaves, dy)):
-        assert max_rel_err(g, w) < 5e-6
-    # forward: x·A_guᵀ, gate/up, a·A_dᵀ, down; backward: dy·B_d, dy·W_d, a·A_dᵀ, dh·B_gu, dh·W_gu, x·A_guᵀ and the
-    # gate/up rerun (2), plus the four factor gradients
-    assert fwd["_moe_grouped_gemm_kernel"] == 4 and fwd["_act_mul_fwd_kernel"] == 1
-    assert bwd["_moe_grouped_gemm_kernel"] == 8 and bwd["_moe_grouped_wgrad_kernel"] == 4
+    for got_g, w in zip(got, _grads(ref, leaves, dy)):
+        assert max_rel_err(got_g, w) < 5e-6
+    # forward: x·A_guᵀ, gate/up with the activation, a·A_dᵀ, down; backward: x·A_guᵀ (once: the rerun's and the
+    # factor gradients'), dy·B_d, dy·W_d, a·A_dᵀ, dh·B_gu, dh·W_gu (gated by the routing weights' dy·b_d with biases),
+    # the four factor gradients, and either the rerun with the activation's gradient in its epilogue or, where h
+    # was kept, the element-wise activation and its gradient
+    assert fwd["_moe_grouped_gemm_kernel"] == 3 and fwd["_moe_gate_up_glu_kernel"] == 1
+    assert bwd["_moe_grouped_gemm_kernel"] == 6 + bias and bwd["_moe_grouped_wgrad_kernel"] == 4 + 2 * bias
+    assert bwd["_moe_gate_up_glu_kernel"] == recompute
+    elementwise = (bwd["_act_mul_fwd_kernel"] + bwd["_moe_glu_fwd_kernel"],
+                   bwd["_act_mul_bwd_kernel"] + bwd["_moe_glu_bwd_kernel"])
+    assert elementwise == ((0, 0) if recompute else (1, 1))
+    assert sum(fwd[k] for k in ("_act_mul_fwd_kernel", "_moe_glu_fwd_kernel")) == 0
+
+
+@pytest.mark.parametrize("gate", ["silu", "gpt_oss"])
+def test_fused_activation_epilogue_matches_the_element_wise_kernels(monkeypatch, gate):
+    """The gate/up GEMM with the activation in its epilogue gives the unfused Triton path's a, h and dh (GEMM, then
+    the element-wise kernels on the stored h): the same rounding of g and u before the activation and of gd·w
+    before its gradient, in fp16."""
+    from peftfast.ops import moe as M
+
+    torch.manual_seed(6)
+    g = GATES.get(gate, ExpertGate(gate))
+    if gate == "gpt_oss":
+        g = ExpertGate("clamped_swiglu", interleaved=True, alpha=1.702, limit=1.5)  # clamps bite at this scale
+    x, idx, wts, gu, dn = _case(t=29, h=40, i=36, e=4, k=2, r=3, transposed=gate != "silu", bias=gate != "silu",
+                                dtype=torch.float16)
+    ids, perm, tok = M._sorted_rows(idx)
+    grp = M._Groups(M._Groups.count(ids, 4, True, "experts"), ids.numel(), True)
+    A, B = M._factors(gu.lora_a.detach(), gu.lora_b.detach(), 4, torch.float16)
+    xs, gather = grp.rows(x.detach(), tok)
+    xa = grp.gg(xs, gather, A, torch.float16)
+    args = (grp, xs, gather, gu.weight, xa, B, gu.scaling, gu.bias.detach() if gu.bias is not None else None,
+            gate != "silu", torch.float16)
+    gate_t = (g.act, g.alpha, g.limit, g.interleaved)
+    h = M._gate_up(*args)
+    a, h_kept = M._gate_up_glu(*args, gate_t, True)
+    a_only, no_h = M._gate_up_glu(*args, gate_t, False)
+    a_ref = M._glu(h, g.act, g.alpha, g.limit, g.interleaved, "triton")
+    assert no_h is None and torch.equal(a, a_only)
+    assert torch.equal(h_kept, h) and torch.equal(a, a_ref)
+    gd = torch.randn(a.shape, dtype=torch.float32)
+    w_sorted = wts.detach().reshape(-1)[perm]
+    a_bwd, dh = M._gate_up_glu(*args, gate_t, False, (gd, w_sorted))
+    dh_ref = M._glu_backward((gd * w_sorted[:, None].float()).half(), h, g.act, g.alpha, g.limit, g.interleaved,
+                             "triton")
+    assert torch.equal(a_bwd, a) and torch.equal(dh, dh_ref)
+    gc, uc = (h[:, 0::2], h[:, 1::2]) if g.interleaved else h.chunk(2, dim=-1)
+    if g.act == "clamped_swiglu":  # both clamps bite here, so the cut gradients are compared too
+        assert (gc > g.limit).any() and (uc.abs() > g.limit).any()
 
 
 def test_bad_input_names_the_module_and_the_problem():
@@ -464,7 +517,7 @@ def test_more_moe_families_match_peft(family):
 @pytest.mark.parametrize("arch", ["qwen3_moe", "gpt_oss"])
 def test_patched_model_on_the_triton_backend_runs_the_grouped_kernels(arch):
     """The whole model on the Triton backend (interpreter): the experts through the grouped kernels; gpt-oss's
-    biases in their epilogue and its interleaved clamped SwiGLU through the strided activation kernels."""
+    biases in their epilogue and its interleaved clamped SwiGLU in the gate/up GEMM's epilogue."""
     from peftfast.ops import _counters
 
     model = _moe_model(arch) if arch != "gpt_oss" else _gpt_oss()
@@ -472,12 +525,14 @@ def test_patched_model_on_the_triton_backend_runs_the_grouped_kernels(arch):
     peftfast.patch(model, backend="triton")
     with _counters.count_launches() as launches:
         _assert_matches(model, ref, _ids(8))
-    # per layer: 4 grouped GEMMs forward, 8 backward (the gate/up rerun included), 4 factor gradients; gpt-oss adds
-    # one width-1 product (dy·b_d, the routing weights' bias term) and runs its gate on the strided kernels
+    # per layer: 3 grouped GEMMs forward and 6 backward, 4 factor gradients, and the gate/up GEMM with the
+    # activation in its epilogue twice (forward, backward's rerun); gpt-oss adds one width-1 product (dy·b_d, the
+    # routing weights' bias term); no element-wise activation kernel runs
     oss = arch == "gpt_oss"
-    assert launches["_moe_grouped_gemm_kernel"] == 2 * (12 + oss) and launches["_moe_grouped_wgrad_kernel"] == 2 * 4
-    assert launches["_moe_glu_fwd_kernel"] == 2 * 2 * oss and launches["_moe_glu_bwd_kernel"] == 2 * oss
-    assert launches["_act_mul_fwd_kernel"] == 2 * 2 * (not oss)
+    assert launches["_moe_grouped_gemm_kernel"] == 2 * (9 + oss) and launches["_moe_grouped_wgrad_kernel"] == 2 * 4
+    assert launches["_moe_gate_up_glu_kernel"] == 2 * 2
+    elementwise = ("_moe_glu_fwd_kernel", "_moe_glu_bwd_kernel", "_act_mul_fwd_kernel", "_act_mul_bwd_kernel")
+    assert sum(launches[k] for k in elementwise) == 0
 
 
 def _gpt_oss(impl=None, trainable_biases=False, **cfg_kw):

@@ -1,8 +1,8 @@
-"""The MoE experts' grouped Triton kernels compile for sm_80 and sm_90 (no GPU needed), with the configurations the
-launcher picks on a GPU for Qwen3-30B-A3B's expert shapes (hidden 2048, expert intermediate 768, 128 experts, r=16)
-and gpt-oss-20b's (hidden and intermediate 2880, 32 experts, transposed stacks with biases, the interleaved clamped
-SwiGLU), fit shared memory without spilling, and use tensor cores (none under fp32 ``ieee`` products, and none in the
-element-wise gate kernels)."""
+"""The MoE experts' grouped Triton kernels (the gate/up GEMM with the activation in its epilogue included) compile
+for sm_80 and sm_90 (no GPU needed), with the configurations the launcher picks on a GPU for Qwen3-30B-A3B's expert
+shapes (hidden 2048, expert intermediate 768, 128 experts, r=16) and gpt-oss-20b's (hidden and intermediate 2880, 32
+experts, transposed stacks with biases, the interleaved clamped SwiGLU), fit shared memory without spilling, and use
+tensor cores (none under fp32 ``ieee`` products, and none in the element-wise gate kernels)."""
 
 from unittest import mock
 
@@ -49,6 +49,24 @@ def _glu_args(p: str, fwd: bool) -> dict:
                 stride_duc=2)
 
 
+def _glu_gemm_args(p: str, i: int, k: int, e: int, transposed: bool) -> dict:
+    """The gate/up GEMM with the activation in its epilogue: x [T, k] gathered, w3 [E, 2i, k] (a view of [E, k, 2i]
+    when ``transposed``), L [S, r], lora_B read as [E, 2i, r], a bias [E, 2i]; gd [S, i] fp32, the sorted routing
+    weights, a [S, i], h (or dh) [S, 2i]."""
+    wn, wk = (1, 2 * i) if transposed else (k, 1)
+    return dict(x_ptr=p, stride_xm=k, stride_xk=1, gather_ptr="*i64", w_ptr=p, stride_we=2 * i * k, stride_wn=wn,
+                stride_wk=wk, l_ptr=p, stride_lm=_R, stride_lr=1, r_ptr=p, stride_re=1, stride_rn=_R * e,
+                stride_rr=e, bias_ptr=p, stride_be=2 * i, stride_bn=1, gd_ptr="*fp32", stride_gdm=i, stride_gdn=1,
+                rw_ptr=p, a_ptr=p, stride_am=i, stride_an=1, h_ptr=p, stride_hm=2 * i, stride_hn=1,
+                tile_expert_ptr="*i64", tile_row_ptr="*i64", tile_end_ptr="*i64", INTER=i, K=k, RANK=_R, scale=2.0,
+                alpha=1.702, limit=7.0)
+
+
+# (variant, family, STORE_H, GRAD): the forward that keeps no h (the default), the one that keeps it
+# (``recompute=False``) and backward's rerun writing a and dh; Qwen3-MoE's SiLU on [gate | up] halves, gpt-oss's
+# interleaved clamped SwiGLU with biases on transposed stacks
+GLU_GEMMS = [(f"{fam}_{mode}", fam, mode == "keep", mode == "grad") for fam in ("qwen", "oss")
+             for mode in ("fwd", "keep", "grad")]
 # (variant, N, K, GATHER, HAS_LORA, HAS_BIAS, experts, transposed): the gate/up GEMM, the down GEMM, a rank-r product
 # (x·A_guᵀ, dy·B_d), dx; gpt-oss's biased gate/up and down on transposed stacks, and its width-1 dy·b_d product
 GEMMS = [("gate_up", 2 * _I, _H, True, True, False, _E, False), ("down", _H, _I, False, True, False, _E, False),
@@ -85,6 +103,17 @@ def _plan() -> list[aot.Job]:
                 warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
                 jobs.append(aot.Job("_moe_grouped_wgrad_kernel", f"{variant}-{prec}", dt, arch, cfg, warps, stages,
                                     dict(GATHER=gather, DOT_PRECISION=prec), _wgrad_args(p, ni, n, ones)))
+            for variant, fam, store_h, grad in GLU_GEMMS:
+                oss = fam == "oss"
+                i, k, e = (_OSS_H, _OSS_H, _OSS_E) if oss else (_I, _H, _E)
+                with mock.patch.object(M, "_dot_precision", lambda _dt, prec=prec: prec):
+                    cfg = _gpu_config(M._glu_gemm_config, i, torch_dt, grad)
+                warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
+                meta = dict(GATHER=True, HAS_LORA=True, HAS_BIAS=oss, INTERLEAVED=oss,
+                            ACT=M.GLU_ACTS["clamped_swiglu" if oss else "silu"], STORE_H=store_h, GRAD=grad,
+                            BLOCK_R=16, DOT_PRECISION=prec, LORA_PRECISION=prec)
+                jobs.append(aot.Job("_moe_gate_up_glu_kernel", f"{variant}-{prec}", dt, arch, {"BLOCK_M": 64, **cfg},
+                                    warps, stages, meta, _glu_gemm_args(p, i, k, e, oss)))
             if prec == "tf32":
                 for fwd in (True, False):
                     jobs.append(aot.Job(f"_moe_glu_{'fwd' if fwd else 'bwd'}_kernel", "oss", dt, arch, {}, 4, 1,
@@ -115,7 +144,7 @@ def test_moe_kernels_compile_with_tensor_cores(job: aot.Job, results: dict[str, 
         assert not res["mma_sync"] and not res["wgmma"], f"{job.key}: tensor cores under ieee"
         return
     assert res["mma_sync"] or res["wgmma"], f"{job.key}: no tensor-core instruction in the PTX"
-    if (job.arch == 90 and job.kernel == "_moe_grouped_gemm_kernel"
+    if (job.arch == 90 and job.kernel in ("_moe_grouped_gemm_kernel", "_moe_gate_up_glu_kernel")
             and not job.variant.startswith(("rank", "oss_dy_bias"))):
         assert res["wgmma"], f"{job.key}: a 64-row tile with 4 warps should use wgmma on sm_90"
 
@@ -125,6 +154,8 @@ def test_launcher_configs_are_the_planned_ones() -> None:
     import torch
 
     assert _gpu_config(M._gemm_config, 2 * _I, torch.bfloat16)["BLOCK_N"] == 128
+    assert _gpu_config(M._glu_gemm_config, _I, torch.bfloat16)["BLOCK_N"] == 64  # gate and up: 128 h columns
+    assert _gpu_config(M._glu_gemm_config, _I, torch.bfloat16, True)["num_warps"] == 8
     assert _gpu_config(M._gemm_config, _R, torch.bfloat16)["BLOCK_N"] == 16
     assert _gpu_config(M._wgrad_config, _R, _H, torch.bfloat16)["BLOCK_I"] == 16
     assert _gpu_config(M._wgrad_config, _H, _I, torch.float32)["BLOCK_N"] == 32

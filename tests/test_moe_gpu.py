@@ -1,7 +1,7 @@
 """LoRA on expert stacks on a real GPU (``PEFTFAST_GPU_TESTS=1 python -m pytest -m gpu``): the experts op (the Triton
-gated-activation kernel) vs fp64, within twice the error of PEFT's merged-weight path in the same dtype (also with
-gpt-oss's biases, transposed stacks and interleaved clamped SwiGLU), and patched bf16 Qwen3-MoE and gpt-oss against
-PEFT with transformers' grouped_mm experts."""
+grouped GEMMs, the activation in the gate/up GEMM's epilogue) vs fp64, within twice the error of PEFT's merged-weight
+path in the same dtype (also with gpt-oss's biases, transposed stacks and interleaved clamped SwiGLU), and patched bf16
+Qwen3-MoE and gpt-oss against PEFT with transformers' grouped_mm experts."""
 
 import copy
 

@@ -34,9 +34,11 @@ Two implementations, the same saved activations and gradients:
   as real model widths give), or where that does not apply one GEMM per expert on views of the stacks, as
   transformers' eager experts loop does.
 
-The gated activation runs on the backend's fused kernel (``act_mul``) for ``act(g)·u`` on halves; otherwise on
-``peftfast.kernels.moe``'s strided element-wise kernels (Triton) or the same maths in torch ops (CPU), reading gate
-and up in place at their column stride.
+On Triton the gated activation runs in the gate/up GEMM's epilogue (``_moe_gate_up_glu_kernel``, either column
+layout, any gate): the forward writes a and, only where backward keeps it, h; the backward rerun writes a and dh.
+Where h is kept, backward's activation runs on the backend's fused kernel (``act_mul``) for ``act(g)·u`` on halves;
+otherwise on ``peftfast.kernels.moe``'s strided element-wise kernels (Triton) or the same maths in torch ops (CPU),
+reading gate and up in place at their column stride.
 """
 
 from __future__ import annotations
@@ -174,6 +176,60 @@ def _gg_triton(x: torch.Tensor, gather: torch.Tensor | None, w3: torch.Tensor, t
             BLOCK_M=_block_m(), BLOCK_R=16,
             DOT_PRECISION=prec, LORA_PRECISION=prec, num_warps=warps, num_stages=stages, **cfg)
     return out
+
+
+def _glu_gemm_config(i: int, dtype: torch.dtype, grad: bool = False) -> dict:
+    """The fused gate/up + activation GEMM: gate and up tiles of BLOCK_N columns each, so half the plain GEMM's
+    BLOCK_N keeps its registers and shared memory per stage. Chosen by AOT compiles for sm_80/sm_90 without spills:
+    the backward epilogue (the activation's gradient beside a) takes 8 warps in 16-bit; fp32 ``ieee`` products (FMA,
+    no tensor cores) take 16 x 16 tiles."""
+    if interpreting():
+        return dict(BLOCK_N=_pow2_tile(i, 32), BLOCK_K=32, num_warps=1, num_stages=1)
+    if dtype != torch.float32:
+        return dict(BLOCK_N=_pow2_tile(i, 64), BLOCK_K=64, num_warps=8 if grad else 4, num_stages=3)
+    if _dot_precision(dtype) == "ieee":
+        return dict(BLOCK_N=16, BLOCK_K=16, num_warps=4, num_stages=3)
+    return dict(BLOCK_N=_pow2_tile(i, 32), BLOCK_K=32, num_warps=4, num_stages=3)
+
+
+def _gate_up_glu_triton(x: torch.Tensor, gather: torch.Tensor | None, w3: torch.Tensor, tmap, gate: tuple,
+                        lora: tuple | None, bias: torch.Tensor | None, keep_h: bool,
+                        grad: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One launch: (a [S, I], h [S, 2I] where ``keep_h``) for ``a = glu(x[src]·w3[e]ᵀ + s·L·R3[e]ᵀ + bias[e])``,
+    in x's dtype; with ``grad = (gd [S, I], w_sorted [S])`` it returns (a, dh) for ``da = gd·w`` instead.
+    ``gate``: (act, alpha, limit, interleaved)."""
+    from peftfast.kernels import moe as K
+
+    expert, row0, end, n_tiles = tmap
+    act, alpha, limit, interleaved = gate
+    rows = gather.numel() if gather is not None else x.shape[0]
+    two_i, k = w3.shape[1], w3.shape[2]
+    inter = two_i // 2
+    a = torch.empty(rows, inter, device=x.device, dtype=x.dtype)
+    h = torch.empty(rows, two_i, device=x.device, dtype=x.dtype) if keep_h or grad is not None else None
+    if rows == 0 or inter == 0:
+        return a, h
+    lo, r3, scale = lora if lora is not None else (None, None, 0.0)
+    gd, w_rows = grad if grad is not None else (None, None)
+    cfg = _glu_gemm_config(inter, x.dtype, grad is not None)
+    warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
+    prec = _dot_precision(x.dtype)
+    with launching("_moe_gate_up_glu_kernel"):
+        K._moe_gate_up_glu_kernel[(n_tiles, triton.cdiv(inter, cfg["BLOCK_N"]))](
+            x, x.stride(0), x.stride(1), gather if gather is not None else expert,
+            w3, w3.stride(0), w3.stride(1), w3.stride(2),
+            lo if lo is not None else x, *(lo.stride() if lo is not None else (0, 0)),
+            r3 if r3 is not None else w3, *(r3.stride() if r3 is not None else (0, 0, 0)),
+            bias if bias is not None else w3, *(bias.stride() if bias is not None else (0, 0)),
+            gd if gd is not None else a, *(gd.stride() if gd is not None else (0, 0)),
+            w_rows if w_rows is not None else a,
+            a, a.stride(0), a.stride(1), h if h is not None else a, *(h.stride() if h is not None else (0, 0)),
+            expert, row0, end, inter, k, lo.shape[1] if lo is not None else 0, float(scale), float(alpha),
+            float(limit), GATHER=gather is not None, HAS_LORA=lo is not None, HAS_BIAS=bias is not None,
+            INTERLEAVED=bool(interleaved), ACT=GLU_ACTS[act], STORE_H=keep_h and grad is None, GRAD=grad is not None,
+            BLOCK_M=_block_m(), BLOCK_R=16, DOT_PRECISION=prec, LORA_PRECISION=prec, num_warps=warps,
+            num_stages=stages, **cfg)
+    return a, h
 
 
 def _wgrad_triton(p: torch.Tensor, q: torch.Tensor, gather: torch.Tensor | None, bounds: torch.Tensor,
@@ -455,12 +511,18 @@ def _fwd_op(x, top_k_index, top_k_weights, w_gu, a_gu, b_gu, bias_gu, w_d, a_d, 
     acc = torch.promote_types(cdt, torch.float32)
     A_gu, B_gu = _factors(a_gu, b_gu, n_exp, cdt)
     A_d, B_d = _factors(a_d, b_d, n_exp, cdt)
-    h = _gate_up(grp, *grp.rows(x.to(cdt), tok), w_gu, A_gu, B_gu, s_gu, bias_gu, transposed, cdt)
-    a = _glu(h, act, alpha, limit, interleaved, backend)
+    xs, x_gather = grp.rows(x.to(cdt), tok)
+    xa = grp.gg(xs, x_gather, A_gu, cdt) if A_gu is not None else None  # x·A_guᵀ [S, r]
+    if grp.triton:  # the activation in the GEMM's epilogue: h is written only if backward keeps it
+        a, h = _gate_up_glu(grp, xs, x_gather, w_gu, xa, B_gu, s_gu, bias_gu, transposed, cdt,
+                            (act, alpha, limit, interleaved), keep_h)
+    else:
+        h = _gate_up(grp, xs, x_gather, w_gu, xa, B_gu, s_gu, bias_gu, transposed, cdt)
+        a = _glu(h, act, alpha, limit, interleaved, backend)
     lora_d = (grp.gg(a, None, A_d, cdt), B_d, s_d) if A_d is not None else None
     p = grp.gg(a, None, _nk(w_d, transposed), acc, lora_d, bias_d)
     out = _unsort(p.mul_(top_k_weights.reshape(-1)[perm, None].to(acc)), perm, x.shape[0], acc)  # p: ours
-    return out.to(x.dtype), perm, counts, h if keep_h else h.new_empty((0,))
+    return out.to(x.dtype), perm, counts, h if keep_h else a.new_empty((0,))
 
 
 @_fwd_op.register_fake
@@ -490,13 +552,22 @@ def _bwd_op(dy, x, perm, counts, top_k_weights, w_gu, a_gu, b_gu, bias_gu, w_d, 
     A_d, B_d = _factors(a_d, b_d, n_exp, cdt)
     xs, x_gather = grp.rows(x.to(cdt), tok)
     dys, dy_gather = grp.rows(dy.to(cdt), tok)
-    if h.numel() == 0:
-        h = _gate_up(grp, xs, x_gather, w_gu, A_gu, B_gu, s_gu, bias_gu, transposed, cdt)
-    a = _glu(h, act, alpha, limit, interleaved, backend)
+    # x·A_guᵀ once, for the gate/up rerun and the factor gradients
+    lora_gu_grads = A_gu is not None and (need_agu or need_bgu)
+    xa = grp.gg(xs, x_gather, A_gu, cdt) if A_gu is not None and (h.numel() == 0 or lora_gu_grads) else None
+    # the Triton rerun of the gate/up GEMM writes a and dh from its epilogue (gd first), never h
+    fused = grp.triton and h.numel() == 0
+    if not fused:
+        if h.numel() == 0:
+            h = _gate_up(grp, xs, x_gather, w_gu, xa, B_gu, s_gu, bias_gu, transposed, cdt)
+        a = _glu(h, act, alpha, limit, interleaved, backend)
     # gd = dy·W_d[e] + s_d·(dy·B_d[e])·A_d[e]: the routing weight's gradient and, times w, the activation's
     dyb = grp.gg(dys, dy_gather, B_d.transpose(1, 2), cdt) if A_d is not None else None
     lora_d = (dyb, A_d.transpose(1, 2), s_d) if A_d is not None else None
     gd = grp.gg(dys, dy_gather, _nk(w_d, transposed).transpose(1, 2), acc, lora_d)
+    if fused:
+        a, dh = _gate_up_glu(grp, xs, x_gather, w_gu, xa, B_gu, s_gu, bias_gu, transposed, cdt,
+                             (act, alpha, limit, interleaved), False, (gd, w_sorted))
     d_tkw = None
     if need_w:
         d_tkw = torch.empty(w_sorted.shape, device=x.device, dtype=acc)
@@ -520,15 +591,16 @@ def _bwd_op(dy, x, perm, counts, top_k_weights, w_gu, a_gu, b_gu, bias_gu, w_d, 
             dw_d = dw.transpose(1, 2) if transposed else dw
         if need_cd:
             dc_d = grp.column_sums(dyw)
-    dh = _glu_backward(gd.mul_(w_col).to(cdt), h, act, alpha, limit, interleaved, backend)  # gd: ours
+    if not fused:
+        dh = _glu_backward(gd.mul_(w_col).to(cdt), h, act, alpha, limit, interleaved, backend)  # gd: ours
     dhb = grp.gg(dh, None, B_gu.transpose(1, 2), cdt) if A_gu is not None else None
     dx = None
     if need_x:
         lora_gu = (dhb, A_gu.transpose(1, 2), s_gu) if A_gu is not None else None
         dx = _unsort(grp.gg(dh, None, _nk(w_gu, transposed).transpose(1, 2), acc, lora_gu), perm, x.shape[0], acc)
     da_gu = db_gu = dw_gu = None
-    if A_gu is not None and (need_agu or need_bgu):
-        db3 = grp.wgrad(dh, grp.gg(xs, x_gather, A_gu, cdt), None, s_gu)  # [E, 2I, r]
+    if lora_gu_grads:
+        db3 = grp.wgrad(dh, xa, None, s_gu)  # [E, 2I, r]
         da3 = grp.wgrad(dhb, xs, x_gather, s_gu)  # [E, r, H]
         da_gu, db_gu = _raw_grads(da3, db3)
     if need_wgu:
@@ -584,9 +656,16 @@ def _no_double_backward(ctx, *grads):
 _bwd_op.register_autograd(_no_double_backward, setup_context=lambda ctx, inputs, output: None)
 
 
-def _gate_up(grp, xs, gather, w_gu, A_gu, B_gu, s_gu, bias_gu, transposed, cdt):
-    lora = (grp.gg(xs, gather, A_gu, cdt), B_gu, s_gu) if A_gu is not None else None
+def _gate_up(grp, xs, gather, w_gu, xa, B_gu, s_gu, bias_gu, transposed, cdt):
+    """h = x[src]·W_gu[e]ᵀ + s·xa·B_gu[e]ᵀ + b_gu[e] (``xa``: x·A_guᵀ, or None without LoRA)."""
+    lora = (xa, B_gu, s_gu) if xa is not None else None
     return grp.gg(xs, gather, _nk(w_gu, transposed), cdt, lora, bias_gu)
+
+
+def _gate_up_glu(grp, xs, gather, w_gu, xa, B_gu, s_gu, bias_gu, transposed, cdt, gate, keep_h, grad=None):
+    """Triton: :func:`_gate_up` and the activation as one launch."""
+    lora = (xa, B_gu, s_gu) if xa is not None else None
+    return _gate_up_glu_triton(xs, gather, _nk(w_gu, transposed), grp.tmap, gate, lora, bias_gu, keep_h, grad)
 
 
 def experts_lora(x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, gate_up: ExpertStack,
