@@ -16,9 +16,13 @@ _S, _H, _I, _E, _R = 32768, 2048, 768, 128, 16  # 4096 tokens x top-8
 _OSS_H, _OSS_E = 2880, 32  # gpt-oss-20b: hidden = expert intermediate
 
 
-def _gpu_config(fn, *args) -> dict:
+def _gpu_config(fn, *args, prec: str | None = None) -> dict:
+    """The launcher's choice on a GPU (for fp32, under ``prec``: torch's allow_tf32 on or off)."""
     with mock.patch.object(M, "interpreting", lambda: False):
-        return fn(*args)
+        if prec is None:
+            return fn(*args)
+        with mock.patch.object(M, "_dot_precision", lambda _dt: prec):
+            return fn(*args)
 
 
 def _gemm_args(p: str, n: int, k: int, e: int = _E, transposed: bool = False) -> dict:
@@ -91,7 +95,7 @@ def _plan() -> list[aot.Job]:
                                    ("fp32", torch.float32, "tf32"), ("fp32", torch.float32, "ieee")):
             p = "*" + dt
             for variant, n, k, gather, lora, bias, e, transposed in GEMMS:
-                cfg = _gpu_config(M._gemm_config, n, torch_dt)
+                cfg = _gpu_config(M._gemm_config, n, torch_dt, prec=prec)
                 warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
                 tiles = {"BLOCK_M": 64, **cfg}
                 meta = dict(GATHER=gather, HAS_LORA=lora, HAS_BIAS=bias, BLOCK_R=16, DOT_PRECISION=prec,
@@ -106,8 +110,7 @@ def _plan() -> list[aot.Job]:
             for variant, fam, store_h, grad in GLU_GEMMS:
                 oss = fam == "oss"
                 i, k, e = (_OSS_H, _OSS_H, _OSS_E) if oss else (_I, _H, _E)
-                with mock.patch.object(M, "_dot_precision", lambda _dt, prec=prec: prec):
-                    cfg = _gpu_config(M._glu_gemm_config, i, torch_dt, grad)
+                cfg = _gpu_config(M._glu_gemm_config, i, torch_dt, grad, prec=prec)
                 warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
                 meta = dict(GATHER=True, HAS_LORA=True, HAS_BIAS=oss, INTERLEAVED=oss,
                             ACT=M.GLU_ACTS["clamped_swiglu" if oss else "silu"], STORE_H=store_h, GRAD=grad,

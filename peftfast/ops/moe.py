@@ -136,9 +136,11 @@ def _pow2_tile(n: int, cap: int) -> int:
 def _gemm_config(n: int, dtype: torch.dtype) -> dict:
     if interpreting():
         return dict(BLOCK_N=_pow2_tile(n, 32), BLOCK_K=32, num_warps=1, num_stages=1)
-    wide = dtype == torch.float32
-    return dict(BLOCK_N=_pow2_tile(n, 64 if wide else 128), BLOCK_K=32 if wide else 64, num_warps=4,
-                num_stages=3)
+    if dtype != torch.float32:
+        return dict(BLOCK_N=_pow2_tile(n, 128), BLOCK_K=64, num_warps=4, num_stages=3)
+    if _dot_precision(dtype) == "ieee":  # FMA products: 64-wide tiles spill under Triton 3.6 (AOT-checked)
+        return dict(BLOCK_N=_pow2_tile(n, 32), BLOCK_K=32, num_warps=4, num_stages=2)
+    return dict(BLOCK_N=_pow2_tile(n, 64), BLOCK_K=32, num_warps=4, num_stages=3)
 
 
 def _wgrad_config(i: int, n: int, dtype: torch.dtype) -> dict:
@@ -182,13 +184,14 @@ def _glu_gemm_config(i: int, dtype: torch.dtype, grad: bool = False) -> dict:
     """The fused gate/up + activation GEMM: gate and up tiles of BLOCK_N columns each, so half the plain GEMM's
     BLOCK_N keeps its registers and shared memory per stage. Chosen by AOT compiles for sm_80/sm_90 without spills:
     the backward epilogue (the activation's gradient beside a) takes 8 warps in 16-bit; fp32 ``ieee`` products (FMA,
-    no tensor cores) take 16 x 16 tiles."""
+    no tensor cores) take 8 warps, 16-deep K steps and two stages (smaller choices still spill a few bytes under
+    Triton 3.6 or 3.8)."""
     if interpreting():
         return dict(BLOCK_N=_pow2_tile(i, 32), BLOCK_K=32, num_warps=1, num_stages=1)
     if dtype != torch.float32:
         return dict(BLOCK_N=_pow2_tile(i, 64), BLOCK_K=64, num_warps=8 if grad else 4, num_stages=3)
     if _dot_precision(dtype) == "ieee":
-        return dict(BLOCK_N=16, BLOCK_K=16, num_warps=4, num_stages=3)
+        return dict(BLOCK_N=_pow2_tile(i, 32), BLOCK_K=16, num_warps=8, num_stages=2)
     return dict(BLOCK_N=_pow2_tile(i, 32), BLOCK_K=32, num_warps=4, num_stages=3)
 
 
