@@ -40,7 +40,11 @@ def test_fused_blocks_keep_losses_and_gradients(arch, p):
 
 
 def test_fusion_removes_two_ops_per_layer():
-    """The forward's add, and in backward the accumulation of r's two gradients (the op sums them itself)."""
+    """The forward's add, and in backward the accumulation of r's two gradients (the op sums them itself). Without
+    ``peftfast._C`` (not built, or built for another torch) the norm's ATen fallback runs the add and the sum as ops
+    of their own: the same count either way."""
+    from peftfast.ops._backend import resolve_backend
+
     model = peft_model("llama", lora_dropout=0.0)
     peftfast.patch(model, recompute="none")  # the norm rebuilds would add two ops per layer
     data = batch("llama")
@@ -55,7 +59,7 @@ def test_fusion_removes_two_ops_per_layer():
     for m in layers:
         block_mod.uninstall(m)
     unfused = ops()
-    assert unfused - fused == 2 * len(layers)
+    assert unfused - fused == (2 * len(layers) if resolve_backend("auto", torch.device("cpu")) == "cpp" else 0)
 
 
 @pytest.mark.parametrize("backend", ["auto", "torch"])

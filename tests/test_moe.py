@@ -538,6 +538,10 @@ def test_patched_model_on_the_triton_backend_runs_the_grouped_kernels(arch):
 def _gpt_oss(impl=None, trainable_biases=False, **cfg_kw):
     """A tiny gpt-oss under PEFT with random expert biases (its init zeroes them), optionally trainable."""
     model = _moe_model("gpt_oss", impl=impl, **cfg_kw)
+    limit = model.get_base_model().config.swiglu_limit
+    for mod in model.modules():
+        if type(mod).__name__ == "GptOssExperts":
+            mod.limit = limit  # transformers 5.17 (the GPU machine's) fixes 7.0 in __init__; later ones read the config
     gen = torch.Generator().manual_seed(4)
     for n, p in model.named_parameters():
         if n.endswith("_proj_bias"):
