@@ -117,6 +117,32 @@ def test_half_width_tables_match_gpt_oss_in_fp64(backend, unsqueeze):
     assert st.fallbacks == {"unexpected apply_rotary_pos_emb arguments": 1}
 
 
+def test_half_width_tables_are_widened_once_per_table():
+    """Each layer gets the same half-width tables: the widened ``[c | c]``, ``[s | s]`` are made on the first call
+    and reused (one copy kept for backward by all layers, not one each); a table written in place is widened anew."""
+    import functools
+
+    g = torch.Generator().manual_seed(7)
+    d = 16
+    q, k = torch.randn(2, 4, 7, d, generator=g).requires_grad_(), torch.randn(2, 2, 7, d, generator=g)
+    cos, sin = torch.randn(2, 7, d // 2, generator=g), torch.randn(2, 7, d // 2, generator=g)
+    st = rope_mod.RoPEState(name="t", backend="torch", previous_forward=None)
+    fused = functools.partial(rope_mod._fused, original=gpt_oss_rope, key=st.tally_key, backend="torch", name="t",
+                              layout="half_table")
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        outs = [fused(q, k, cos, sin) for _ in range(3)]
+    tables = [t for t in saved if t.shape == (2, 7, d)]
+    assert len(tables) == 6 and len({t.data_ptr() for t in tables}) == 2
+    sum(o[0].sum() for o in outs).backward()
+    want = gpt_oss_rope(q.detach(), k, cos, sin)
+    assert all(torch.allclose(a, w, atol=1e-6) for a, w in zip(outs[-1], want))
+    with torch.no_grad():
+        cos.mul_(-0.5)
+    got, want = fused(q.detach(), k, cos, sin), gpt_oss_rope(q.detach(), k, cos, sin)
+    assert all(torch.allclose(a, w, atol=1e-6) for a, w in zip(got, want))
+
+
 @pytest.mark.parametrize("arch", ["glm"])
 def test_interleaved_rope_model_runs_fused(arch):
     """GLM (interleaved pairs, partial rotary): RoPE fused in every layer, loss and gradients as unpatched."""

@@ -70,6 +70,20 @@ def _widen(t: torch.Tensor) -> torch.Tensor:
     return torch.cat([t, t], dim=-1)
 
 
+def _widened(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``[t | t]`` in ``dtype``, made once per table: a model's layers share one pair of half-width tables per
+    forward, so the layers after the first reuse (and keep for backward) the first one's copy instead of a B·S·D
+    copy each. The copy lives on the table (as long as it does) and is remade if the table is written to."""
+    if t.requires_grad or torch.compiler.is_compiling():  # compiled graphs share the one cat themselves
+        return _widen(t).to(dtype)
+    memo = t.__dict__.get("_peftfast_wide")
+    if memo is not None and memo[0] == t._version and memo[1].dtype == dtype:
+        return memo[1]
+    wide = _widen(t).to(dtype)
+    t.__dict__["_peftfast_wide"] = (t._version, wide)
+    return wide
+
+
 def _probe_layouts(fn) -> tuple[str | None, str]:
     g = torch.Generator().manual_seed(0)
     q, k = torch.randn(2, 3, 5, 8, generator=g, dtype=torch.float64), torch.randn(2, 1, 5, 8, generator=g,
@@ -154,7 +168,7 @@ def _fused(q, k, cos, sin, *args, original, key: int, backend: str, name: str, l
         return original(q, k, cos, sin, *args, unsqueeze_dim=unsqueeze_dim, **kwargs)
     tally(key, "fused_calls")
     if layout == HALF_TABLE:
-        cos, sin, layout = _widen(cos), _widen(sin), "half"
+        cos, sin, layout = _widened(cos, q.dtype), _widened(sin, q.dtype), "half"
     return rope(q, k, cos.to(q.dtype), sin.to(q.dtype), unsqueeze_dim=unsqueeze_dim, backend=backend, name=name,
                 layout=layout)
 
