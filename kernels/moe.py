@@ -32,7 +32,8 @@ path that keeps h for backward (``recompute=False``).
 
 ``_moe_gate_up_glu_kernel``: the gate/up GEMM with that activation in its epilogue (gate and up columns in two
 accumulators, either layout), writing a [S, I] and, where backward keeps it, h; in backward's rerun it takes the
-activation's upstream gradient too and writes a and dh, so h [S, 2I] is never written or read back in between.
+activation's upstream gradient too and writes a, dh and each row's part of the routing weights' ``Σ a·gd``, so h
+[S, 2I] is never written or read back in between, nor a read again for the routing gradient.
 
 Row offsets are int64 (S · K passes 2**31 at 128 experts, top-8 and long batches).
 """
@@ -200,12 +201,13 @@ def _moe_gate_up_glu_kernel(
     r_ptr, stride_re, stride_rn, stride_rr,
     bias_ptr, stride_be, stride_bn,
     gd_ptr, stride_gdm, stride_gdn, rw_ptr,
+    rp_ptr, stride_rpm, stride_rpn,
     a_ptr, stride_am, stride_an,
     h_ptr, stride_hm, stride_hn,
     tile_expert_ptr, tile_row_ptr, tile_end_ptr,
     INTER, K, RANK, scale, alpha, limit,
     GATHER: tl.constexpr, HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr, INTERLEAVED: tl.constexpr,
-    ACT: tl.constexpr, STORE_H: tl.constexpr, GRAD: tl.constexpr,
+    ACT: tl.constexpr, STORE_H: tl.constexpr, GRAD: tl.constexpr, ROUTE_GRAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     DOT_PRECISION: tl.constexpr, LORA_PRECISION: tl.constexpr,
 ):
@@ -218,6 +220,7 @@ def _moe_gate_up_glu_kernel(
         a = glu(g, u)                                                                  [S, I]   (stored)
         STORE_H: h[:, gate] = g, h[:, up] = u                                          (kept for backward)
         GRAD:    da = round(gd · w_row);  dh[:, gate], dh[:, up] = ∂glu · da           (h_ptr is dh)
+        ROUTE_GRAD: rp[m, pid_n] = Σ_j round(a)·gd    (this tile's part of the routing weight's gradient, fp32)
 
     Halves: each K step loads the (gathered) x tile once for two MMAs into two fp32 accumulators. Interleaved: one
     contiguous [BLOCK_K, 2·BLOCK_N] W tile (no strided loads) into one accumulator, whose columns are split into
@@ -312,6 +315,9 @@ def _moe_gate_up_glu_kernel(
         w_row = tl.load(rw_ptr + offs_m, mask=m_ok, other=0.0).to(tl.float32)
         da = (gd.to(tl.float32) * w_row[:, None]).to(a_ptr.dtype.element_ty).to(tl.float32)
         dg, du = _glu_grad(da, g, u, alpha, limit, ACT)
+        if ROUTE_GRAD:  # a as stored, so the sum is the one over the stored a and gd (masked gd is 0)
+            part = tl.sum(a.to(a_ptr.dtype.element_ty).to(tl.float32) * gd.to(tl.float32), axis=1)
+            tl.store(rp_ptr + offs_m * stride_rpm + pid_n * stride_rpn, part, mask=m_ok)
         if INTERLEAVED:
             dh = tl.reshape(tl.join(dg, du), (BLOCK_M, 2 * BLOCK_N))
             tl.store(h_rows + offs_c[None, :] * stride_hn, dh.to(h_ptr.dtype.element_ty),

@@ -309,7 +309,7 @@ def test_grouped_kernels_span_several_tiles_per_expert(transposed, gate, recompu
 def test_fused_activation_epilogue_matches_the_element_wise_kernels(monkeypatch, gate):
     """The gate/up GEMM with the activation in its epilogue gives the unfused Triton path's a, h and dh (GEMM, then
     the element-wise kernels on the stored h): the same rounding of g and u before the activation and of gd·w
-    before its gradient, in fp16."""
+    before its gradient, in fp16; and the routing weights' ``Σ a·gd`` per row. I = 36 spans two column blocks."""
     from peftfast.ops import moe as M
 
     torch.manual_seed(6)
@@ -327,17 +327,20 @@ def test_fused_activation_epilogue_matches_the_element_wise_kernels(monkeypatch,
             gate != "silu", torch.float16)
     gate_t = (g.act, g.alpha, g.limit, g.interleaved)
     h = M._gate_up(*args)
-    a, h_kept = M._gate_up_glu(*args, gate_t, True)
-    a_only, no_h = M._gate_up_glu(*args, gate_t, False)
+    a, h_kept, _ = M._gate_up_glu(*args, gate_t, True)
+    a_only, no_h, _ = M._gate_up_glu(*args, gate_t, False)
     a_ref = M._glu(h, g.act, g.alpha, g.limit, g.interleaved, "triton")
     assert no_h is None and torch.equal(a, a_only)
     assert torch.equal(h_kept, h) and torch.equal(a, a_ref)
     gd = torch.randn(a.shape, dtype=torch.float32)
     w_sorted = wts.detach().reshape(-1)[perm]
-    a_bwd, dh = M._gate_up_glu(*args, gate_t, False, (gd, w_sorted))
+    a_bwd, dh, dw_rows = M._gate_up_glu(*args, gate_t, False, (gd, w_sorted), True)
     dh_ref = M._glu_backward((gd * w_sorted[:, None].float()).half(), h, g.act, g.alpha, g.limit, g.interleaved,
                              "triton")
     assert torch.equal(a_bwd, a) and torch.equal(dh, dh_ref)
+    # the routing weights' Σ a·gd per row, from the same epilogue (summed per column block, then across blocks)
+    assert torch.allclose(dw_rows, (a.float() * gd).sum(-1), rtol=1e-5, atol=1e-5)
+    assert M._gate_up_glu(*args, gate_t, False, (gd, w_sorted))[2] is None
     gc, uc = (h[:, 0::2], h[:, 1::2]) if g.interleaved else h.chunk(2, dim=-1)
     if g.act == "clamped_swiglu":  # both clamps bite here, so the cut gradients are compared too
         assert (gc > g.limit).any() and (uc.abs() > g.limit).any()

@@ -56,12 +56,13 @@ def _glu_args(p: str, fwd: bool) -> dict:
 def _glu_gemm_args(p: str, i: int, k: int, e: int, transposed: bool) -> dict:
     """The gate/up GEMM with the activation in its epilogue: x [T, k] gathered, w3 [E, 2i, k] (a view of [E, k, 2i]
     when ``transposed``), L [S, r], lora_B read as [E, 2i, r], a bias [E, 2i]; gd [S, i] fp32, the sorted routing
-    weights, a [S, i], h (or dh) [S, 2i]."""
+    weights, the routing gradient's per-block parts [S, i / 64] fp32, a [S, i], h (or dh) [S, 2i]."""
     wn, wk = (1, 2 * i) if transposed else (k, 1)
     return dict(x_ptr=p, stride_xm=k, stride_xk=1, gather_ptr="*i64", w_ptr=p, stride_we=2 * i * k, stride_wn=wn,
                 stride_wk=wk, l_ptr=p, stride_lm=_R, stride_lr=1, r_ptr=p, stride_re=1, stride_rn=_R * e,
                 stride_rr=e, bias_ptr=p, stride_be=2 * i, stride_bn=1, gd_ptr="*fp32", stride_gdm=i, stride_gdn=1,
-                rw_ptr=p, a_ptr=p, stride_am=i, stride_an=1, h_ptr=p, stride_hm=2 * i, stride_hn=1,
+                rw_ptr=p, rp_ptr="*fp32", stride_rpm=i // 64, stride_rpn=1, a_ptr=p, stride_am=i, stride_an=1,
+                h_ptr=p, stride_hm=2 * i, stride_hn=1,
                 tile_expert_ptr="*i64", tile_row_ptr="*i64", tile_end_ptr="*i64", INTER=i, K=k, RANK=_R, scale=2.0,
                 alpha=1.702, limit=7.0)
 
@@ -114,7 +115,7 @@ def _plan() -> list[aot.Job]:
                 warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
                 meta = dict(GATHER=True, HAS_LORA=True, HAS_BIAS=oss, INTERLEAVED=oss,
                             ACT=M.GLU_ACTS["clamped_swiglu" if oss else "silu"], STORE_H=store_h, GRAD=grad,
-                            BLOCK_R=16, DOT_PRECISION=prec, LORA_PRECISION=prec)
+                            ROUTE_GRAD=grad, BLOCK_R=16, DOT_PRECISION=prec, LORA_PRECISION=prec)
                 jobs.append(aot.Job("_moe_gate_up_glu_kernel", f"{variant}-{prec}", dt, arch, {"BLOCK_M": 64, **cfg},
                                     warps, stages, meta, _glu_gemm_args(p, i, k, e, oss)))
             if prec == "tf32":

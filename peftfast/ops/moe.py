@@ -183,23 +183,24 @@ def _gg_triton(x: torch.Tensor, gather: torch.Tensor | None, w3: torch.Tensor, t
 def _glu_gemm_config(i: int, dtype: torch.dtype, grad: bool = False) -> dict:
     """The fused gate/up + activation GEMM: gate and up tiles of BLOCK_N columns each, so half the plain GEMM's
     BLOCK_N keeps its registers and shared memory per stage. Chosen by AOT compiles for sm_80/sm_90 without spills:
-    the backward epilogue (the activation's gradient beside a) takes 8 warps in 16-bit; fp32 ``ieee`` products (FMA,
-    no tensor cores) take 8 warps, 16-deep K steps and two stages (smaller choices still spill a few bytes under
-    Triton 3.6 or 3.8)."""
+    the backward epilogue (the activation's gradient and the routing weights' row sums beside a) takes 8 warps and
+    32-deep K steps in 16-bit; fp32 ``ieee`` products (FMA, no tensor cores) take 8 warps, 16-deep K steps and two
+    stages (smaller choices still spill a few bytes under Triton 3.6 or 3.8)."""
     if interpreting():
         return dict(BLOCK_N=_pow2_tile(i, 32), BLOCK_K=32, num_warps=1, num_stages=1)
     if dtype != torch.float32:
-        return dict(BLOCK_N=_pow2_tile(i, 64), BLOCK_K=64, num_warps=8 if grad else 4, num_stages=3)
+        return dict(BLOCK_N=_pow2_tile(i, 64), BLOCK_K=32 if grad else 64, num_warps=8 if grad else 4, num_stages=3)
     if _dot_precision(dtype) == "ieee":
         return dict(BLOCK_N=_pow2_tile(i, 32), BLOCK_K=16, num_warps=8, num_stages=2)
     return dict(BLOCK_N=_pow2_tile(i, 32), BLOCK_K=32, num_warps=4, num_stages=3)
 
 
 def _gate_up_glu_triton(x: torch.Tensor, gather: torch.Tensor | None, w3: torch.Tensor, tmap, gate: tuple,
-                        lora: tuple | None, bias: torch.Tensor | None, keep_h: bool,
-                        grad: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                        lora: tuple | None, bias: torch.Tensor | None, keep_h: bool, grad: tuple | None = None,
+                        route_grad: bool = False) -> tuple:
     """One launch: (a [S, I], h [S, 2I] where ``keep_h``) for ``a = glu(x[src]·w3[e]ᵀ + s·L·R3[e]ᵀ + bias[e])``,
-    in x's dtype; with ``grad = (gd [S, I], w_sorted [S])`` it returns (a, dh) for ``da = gd·w`` instead.
+    in x's dtype; with ``grad = (gd [S, I], w_sorted [S])`` it returns (a, dh) for ``da = gd·w`` instead, and with
+    ``route_grad`` also ``Σ_j a·gd`` per row [S] fp32 (summed over the kernel's column blocks), else None.
     ``gate``: (act, alpha, limit, interleaved)."""
     from peftfast.kernels import moe as K
 
@@ -210,29 +211,33 @@ def _gate_up_glu_triton(x: torch.Tensor, gather: torch.Tensor | None, w3: torch.
     inter = two_i // 2
     a = torch.empty(rows, inter, device=x.device, dtype=x.dtype)
     h = torch.empty(rows, two_i, device=x.device, dtype=x.dtype) if keep_h or grad is not None else None
+    cfg = _glu_gemm_config(inter, x.dtype, grad is not None)
+    route = grad is not None and route_grad
+    n_blocks = triton.cdiv(inter, cfg["BLOCK_N"])
+    parts = torch.empty(rows, n_blocks if route else 0, device=x.device, dtype=torch.float32)  # each written once
     if rows == 0 or inter == 0:
-        return a, h
+        return a, h, parts.sum(-1) if route else None
     lo, r3, scale = lora if lora is not None else (None, None, 0.0)
     gd, w_rows = grad if grad is not None else (None, None)
-    cfg = _glu_gemm_config(inter, x.dtype, grad is not None)
     warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
     prec = _dot_precision(x.dtype)
     with launching("_moe_gate_up_glu_kernel"):
-        K._moe_gate_up_glu_kernel[(n_tiles, triton.cdiv(inter, cfg["BLOCK_N"]))](
+        K._moe_gate_up_glu_kernel[(n_tiles, n_blocks)](
             x, x.stride(0), x.stride(1), gather if gather is not None else expert,
             w3, w3.stride(0), w3.stride(1), w3.stride(2),
             lo if lo is not None else x, *(lo.stride() if lo is not None else (0, 0)),
             r3 if r3 is not None else w3, *(r3.stride() if r3 is not None else (0, 0, 0)),
             bias if bias is not None else w3, *(bias.stride() if bias is not None else (0, 0)),
             gd if gd is not None else a, *(gd.stride() if gd is not None else (0, 0)),
-            w_rows if w_rows is not None else a,
+            w_rows if w_rows is not None else a, parts, *(parts.stride() if route else (0, 0)),
             a, a.stride(0), a.stride(1), h if h is not None else a, *(h.stride() if h is not None else (0, 0)),
             expert, row0, end, inter, k, lo.shape[1] if lo is not None else 0, float(scale), float(alpha),
             float(limit), GATHER=gather is not None, HAS_LORA=lo is not None, HAS_BIAS=bias is not None,
             INTERLEAVED=bool(interleaved), ACT=GLU_ACTS[act], STORE_H=keep_h and grad is None, GRAD=grad is not None,
+            ROUTE_GRAD=route,
             BLOCK_M=_block_m(), BLOCK_R=16, DOT_PRECISION=prec, LORA_PRECISION=prec, num_warps=warps,
             num_stages=stages, **cfg)
-    return a, h
+    return a, h, parts.sum(-1) if route else None
 
 
 def _wgrad_triton(p: torch.Tensor, q: torch.Tensor, gather: torch.Tensor | None, bounds: torch.Tensor,
@@ -517,7 +522,7 @@ def _fwd_op(x, top_k_index, top_k_weights, w_gu, a_gu, b_gu, bias_gu, w_d, a_d, 
     xs, x_gather = grp.rows(x.to(cdt), tok)
     xa = grp.gg(xs, x_gather, A_gu, cdt) if A_gu is not None else None  # x·A_guᵀ [S, r]
     if grp.triton:  # the activation in the GEMM's epilogue: h is written only if backward keeps it
-        a, h = _gate_up_glu(grp, xs, x_gather, w_gu, xa, B_gu, s_gu, bias_gu, transposed, cdt,
+        a, h, _ = _gate_up_glu(grp, xs, x_gather, w_gu, xa, B_gu, s_gu, bias_gu, transposed, cdt,
                             (act, alpha, limit, interleaved), keep_h)
     else:
         h = _gate_up(grp, xs, x_gather, w_gu, xa, B_gu, s_gu, bias_gu, transposed, cdt)
@@ -568,13 +573,13 @@ def _bwd_op(dy, x, perm, counts, top_k_weights, w_gu, a_gu, b_gu, bias_gu, w_d, 
     dyb = grp.gg(dys, dy_gather, B_d.transpose(1, 2), cdt) if A_d is not None else None
     lora_d = (dyb, A_d.transpose(1, 2), s_d) if A_d is not None else None
     gd = grp.gg(dys, dy_gather, _nk(w_d, transposed).transpose(1, 2), acc, lora_d)
-    if fused:
-        a, dh = _gate_up_glu(grp, xs, x_gather, w_gu, xa, B_gu, s_gu, bias_gu, transposed, cdt,
-                             (act, alpha, limit, interleaved), False, (gd, w_sorted))
+    if fused:  # and Σ a·gd per row, the routing weights' gradient, from the same epilogue
+        a, dh, dw_rows = _gate_up_glu(grp, xs, x_gather, w_gu, xa, B_gu, s_gu, bias_gu, transposed, cdt,
+                                      (act, alpha, limit, interleaved), False, (gd, w_sorted), need_w)
     d_tkw = None
     if need_w:
         d_tkw = torch.empty(w_sorted.shape, device=x.device, dtype=acc)
-        dw_rows = (a.to(acc) * gd).sum(-1)
+        dw_rows = dw_rows.to(acc) if fused else (a.to(acc) * gd).sum(-1)
         if bias_d is not None:  # + dy·bias_d[e], one grouped product with an output width of 1
             dw_rows += grp.gg(dys, dy_gather, bias_d[:, None, :], acc)[:, 0]
         d_tkw[perm] = dw_rows
@@ -665,10 +670,12 @@ def _gate_up(grp, xs, gather, w_gu, xa, B_gu, s_gu, bias_gu, transposed, cdt):
     return grp.gg(xs, gather, _nk(w_gu, transposed), cdt, lora, bias_gu)
 
 
-def _gate_up_glu(grp, xs, gather, w_gu, xa, B_gu, s_gu, bias_gu, transposed, cdt, gate, keep_h, grad=None):
+def _gate_up_glu(grp, xs, gather, w_gu, xa, B_gu, s_gu, bias_gu, transposed, cdt, gate, keep_h, grad=None,
+                 route_grad=False):
     """Triton: :func:`_gate_up` and the activation as one launch."""
     lora = (xa, B_gu, s_gu) if xa is not None else None
-    return _gate_up_glu_triton(xs, gather, _nk(w_gu, transposed), grp.tmap, gate, lora, bias_gu, keep_h, grad)
+    return _gate_up_glu_triton(xs, gather, _nk(w_gu, transposed), grp.tmap, gate, lora, bias_gu, keep_h, grad,
+                               route_grad)
 
 
 def experts_lora(x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, gate_up: ExpertStack,
