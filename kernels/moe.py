@@ -30,10 +30,11 @@ than x (fp32 stacks under autocast): each tile is cast on load, so the stack is 
 into the gradient of h in its own layout, so no de-interleaved copy of h or of its gradient exists. They serve the
 path that keeps h for backward (``recompute=False``).
 
-``_moe_gate_up_glu_kernel``: the gate/up GEMM with that activation in its epilogue (gate and up columns in two
-accumulators, either layout), writing a [S, I] and, where backward keeps it, h; in backward's rerun it takes the
-activation's upstream gradient too and writes a, dh and each row's part of the routing weights' ``Σ a·gd``, so h
-[S, 2I] is never written or read back in between, nor a read again for the routing gradient.
+``_moe_gate_up_glu_kernel``: the gate/up GEMM with that activation in its epilogue (halves: gate and up in two
+accumulators; interleaved: one twice as wide, split after the epilogue), writing a [S, I] and, where backward keeps
+it, h; in backward's rerun it takes the activation's upstream gradient too and writes a, dh and each row's part of
+the routing weights' ``Σ a·gd``, so h [S, 2I] is never written or read back in between, nor a read again for the
+routing gradient.
 
 Row offsets are int64 (S · K passes 2**31 at 128 experts, top-8 and long batches).
 """
