@@ -54,14 +54,19 @@ def _moe_grouped_gemm_kernel(
     l_ptr, stride_lm, stride_lr,
     r_ptr, stride_re, stride_rn, stride_rr,
     bias_ptr, stride_be, stride_bn,
+    rscale_ptr, scatter_ptr,
     out_ptr, stride_om, stride_on,
     tile_expert_ptr, tile_row_ptr, tile_end_ptr,
     N, K, RANK, scale,
     GATHER: tl.constexpr, HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr,
+    ROW_SCALE: tl.constexpr, SCATTER: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     DOT_PRECISION: tl.constexpr, LORA_PRECISION: tl.constexpr,
 ):
-    """Grouped ``x·W[e]ᵀ (+ scale·L·R[e]ᵀ) (+ bias[e])`` over expert-sorted rows; grid (tiles, cdiv(N, BLOCK_N))."""
+    """Grouped ``x·W[e]ᵀ (+ scale·L·R[e]ᵀ) (+ bias[e])`` over expert-sorted rows; grid (tiles, cdiv(N, BLOCK_N)).
+    ``ROW_SCALE``: each row times ``rscale[m]`` (the routing weight); ``SCATTER``: row m stored at ``scatter[m]``
+    (its token-major slot), so the down projection's and dx's rows land where the sum over top-k reads them, with
+    no scaled copy and no scatter copy of [S, N] in between."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     e = tl.load(tile_expert_ptr + pid_m)
@@ -95,7 +100,13 @@ def _moe_grouped_gemm_kernel(
                                 stride_rr, offs_m, offs_n, row_end, N, 0, RANK, BLOCK_R, LORA_PRECISION) * scale
     if HAS_BIAS:
         acc += tl.load(bias_ptr + e * stride_be + offs_n * stride_bn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on,
+    if ROW_SCALE:
+        acc *= tl.load(rscale_ptr + offs_m, mask=m_ok, other=0.0).to(tl.float32)[:, None]
+    if SCATTER:
+        dst = tl.load(scatter_ptr + offs_m, mask=m_ok, other=0).to(tl.int64)
+    else:
+        dst = offs_m
+    tl.store(out_ptr + dst[:, None] * stride_om + offs_n[None, :] * stride_on,
              acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 

@@ -25,13 +25,14 @@ def _gpu_config(fn, *args, prec: str | None = None) -> dict:
             return fn(*args)
 
 
-def _gemm_args(p: str, n: int, k: int, e: int = _E, transposed: bool = False) -> dict:
+def _gemm_args(p: str, n: int, k: int, e: int = _E, transposed: bool = False, out: str | None = None) -> dict:
     """x [S or T, k], w3 [E, n, k] (a view of [E, k, n] stacks when ``transposed``), L [S, r], PEFT's lora_B read as
-    [E, n, r], a bias [E, n]."""
+    [E, n, r], a bias [E, n], the routing weights [S], token-major slots [S], out [S, n] (``out``: another dtype)."""
     wn, wk = (1, n) if transposed else (k, 1)
     return dict(x_ptr=p, stride_xm=k, stride_xk=1, gather_ptr="*i64", w_ptr=p, stride_we=n * k, stride_wn=wn,
                 stride_wk=wk, l_ptr=p, stride_lm=_R, stride_lr=1, r_ptr=p, stride_re=1, stride_rn=_R * e,
-                stride_rr=e, bias_ptr=p, stride_be=n, stride_bn=1, out_ptr=p, stride_om=n, stride_on=1,
+                stride_rr=e, bias_ptr=p, stride_be=n, stride_bn=1, rscale_ptr=p, scatter_ptr="*i64", out_ptr=out or p,
+                stride_om=n, stride_on=1,
                 tile_expert_ptr="*i64", tile_row_ptr="*i64", tile_end_ptr="*i64", N=n, K=k, RANK=_R, scale=2.0)
 
 
@@ -99,10 +100,12 @@ def _plan() -> list[aot.Job]:
                 cfg = _gpu_config(M._gemm_config, n, torch_dt, prec=prec)
                 warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
                 tiles = {"BLOCK_M": 64, **cfg}
-                meta = dict(GATHER=gather, HAS_LORA=lora, HAS_BIAS=bias, BLOCK_R=16, DOT_PRECISION=prec,
+                # the down projection's rows scaled by their routing weights, it and dx stored in token-major slots
+                meta = dict(GATHER=gather, HAS_LORA=lora, HAS_BIAS=bias, ROW_SCALE=variant.endswith("down"),
+                            SCATTER=variant.endswith(("down", "dx")), BLOCK_R=16, DOT_PRECISION=prec,
                             LORA_PRECISION=prec)
                 jobs.append(aot.Job("_moe_grouped_gemm_kernel", f"{variant}-{prec}", dt, arch, tiles, warps, stages,
-                                    meta, _gemm_args(p, n, k, e, transposed)))
+                                    meta, _gemm_args(p, n, k, e, transposed, "*fp32" if meta["SCATTER"] else None)))
             for variant, ni, n, gather, ones in WGRADS:
                 cfg = _gpu_config(M._wgrad_config, ni, n, torch_dt)
                 warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")

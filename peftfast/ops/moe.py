@@ -151,9 +151,10 @@ def _wgrad_config(i: int, n: int, dtype: torch.dtype) -> dict:
 
 
 def _gg_triton(x: torch.Tensor, gather: torch.Tensor | None, w3: torch.Tensor, tmap, out_dtype: torch.dtype,
-               lora: tuple | None = None, bias: torch.Tensor | None = None) -> torch.Tensor:
+               lora: tuple | None = None, bias: torch.Tensor | None = None, row_scale: torch.Tensor | None = None,
+               scatter: torch.Tensor | None = None) -> torch.Tensor:
     """Grouped ``x[src]·w3[e]ᵀ (+ s·L·R3[e]ᵀ) (+ bias[e])``: w3 [E, N, K] and R3 [E, N, r] as any-strided views,
-    L [S, r], bias [E, N]."""
+    L [S, r], bias [E, N]; each row times ``row_scale`` [S] and stored at row ``scatter[m]`` where given."""
     from peftfast.kernels import moe as K
 
     expert, row0, end, n_tiles = tmap
@@ -173,9 +174,10 @@ def _gg_triton(x: torch.Tensor, gather: torch.Tensor | None, w3: torch.Tensor, t
             lo if lo is not None else x, *(lo.stride() if lo is not None else (0, 0)),
             r3 if r3 is not None else w3, *(r3.stride() if r3 is not None else (0, 0, 0)),
             bias if bias is not None else w3, *(bias.stride() if bias is not None else (0, 0)),
+            row_scale if row_scale is not None else expert, scatter if scatter is not None else expert,
             out, out.stride(0), out.stride(1), expert, row0, end, n, k, lo.shape[1] if lo is not None else 0,
             float(scale), GATHER=gather is not None, HAS_LORA=lo is not None, HAS_BIAS=bias is not None,
-            BLOCK_M=_block_m(), BLOCK_R=16,
+            ROW_SCALE=row_scale is not None, SCATTER=scatter is not None, BLOCK_M=_block_m(), BLOCK_R=16,
             DOT_PRECISION=prec, LORA_PRECISION=prec, num_warps=warps, num_stages=stages, **cfg)
     return out
 
@@ -411,6 +413,17 @@ class _Groups:
         ones = torch.ones(1, 1, device=q.device, dtype=q.dtype).expand(q.shape[0], 1)
         return self.wgrad(ones, q, None)[:, 0]
 
+    def gg_sum(self, x, gather, w3, acc, lora, perm, tokens: int, bias=None, row_scale=None) -> torch.Tensor:
+        """:meth:`gg` (times ``row_scale`` [S] per row) summed over each token's k rows -> [T, N] in ``acc``,
+        deterministic (no atomics). On Triton the GEMM scales and stores each row in its token's slot itself."""
+        if self.triton:
+            flat = _gg_triton(x, gather, w3, self.tmap, acc, lora, bias, row_scale, perm)
+            return flat.view(tokens, -1, flat.shape[1]).sum(1)
+        rows = self.gg(x, gather, w3, acc, lora, bias)
+        if row_scale is not None:
+            rows.mul_(row_scale[:, None].to(acc))
+        return _unsort(rows, perm, tokens, acc)
+
     def wgrad(self, p, q, gather, scale: float = 1.0) -> torch.Tensor:
         if self.triton:
             return _wgrad_triton(p, q, gather, self.bounds, scale)
@@ -528,8 +541,8 @@ def _fwd_op(x, top_k_index, top_k_weights, w_gu, a_gu, b_gu, bias_gu, w_d, a_d, 
         h = _gate_up(grp, xs, x_gather, w_gu, xa, B_gu, s_gu, bias_gu, transposed, cdt)
         a = _glu(h, act, alpha, limit, interleaved, backend)
     lora_d = (grp.gg(a, None, A_d, cdt), B_d, s_d) if A_d is not None else None
-    p = grp.gg(a, None, _nk(w_d, transposed), acc, lora_d, bias_d)
-    out = _unsort(p.mul_(top_k_weights.reshape(-1)[perm, None].to(acc)), perm, x.shape[0], acc)  # p: ours
+    out = grp.gg_sum(a, None, _nk(w_d, transposed), acc, lora_d, perm, x.shape[0], bias_d,
+                     top_k_weights.reshape(-1)[perm])
     return out.to(x.dtype), perm, counts, h if keep_h else a.new_empty((0,))
 
 
@@ -605,7 +618,7 @@ def _bwd_op(dy, x, perm, counts, top_k_weights, w_gu, a_gu, b_gu, bias_gu, w_d, 
     dx = None
     if need_x:
         lora_gu = (dhb, A_gu.transpose(1, 2), s_gu) if A_gu is not None else None
-        dx = _unsort(grp.gg(dh, None, _nk(w_gu, transposed).transpose(1, 2), acc, lora_gu), perm, x.shape[0], acc)
+        dx = grp.gg_sum(dh, None, _nk(w_gu, transposed).transpose(1, 2), acc, lora_gu, perm, x.shape[0])
     da_gu = db_gu = dw_gu = None
     if lora_gu_grads:
         db3 = grp.wgrad(dh, xa, None, s_gu)  # [E, 2I, r]
