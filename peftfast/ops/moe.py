@@ -28,7 +28,9 @@ Two implementations, the same saved activations and gradients:
 * ``backend="triton"`` (CUDA; the interpreter on CPU): rows sorted by expert, then one grouped-GEMM launch per
   product for all experts (``peftfast.kernels.moe``), the hidden states gathered inside the kernel, the low-rank
   term in the GEMM's epilogue, per-expert factor gradients reduced by a grouped kernel. No host sync: the tile map
-  is built on the device. Tokens' k expert rows are summed without atomics (deterministic).
+  is built on the device. The down projection's GEMM scales each row by its routing weight and, as dx's does,
+  stores it in its token's slot, so tokens' k expert rows are then summed as one reduction, without atomics
+  (deterministic) and with no scaled or scattered copy of the rows between.
 * the others (``cpp``/``torch``, CPU): one host read of the per-expert row counts, then one ``torch._grouped_mm``
   per product over all experts (CPU grouped GEMMs: fp32/bf16/fp16 operands whose strides are multiples of 16 bytes,
   as real model widths give), or where that does not apply one GEMM per expert on views of the stacks, as
