@@ -80,10 +80,11 @@ GEMMS = [("gate_up", 2 * _I, _H, True, True, False, _E, False), ("down", _H, _I,
          ("oss_gate_up", 2 * _OSS_H, _OSS_H, True, True, True, _OSS_E, True),
          ("oss_down", _OSS_H, _OSS_H, False, True, True, _OSS_E, True),
          ("oss_dy_bias", 1, _OSS_H, True, False, False, _OSS_E, False)]
-# (variant, NI, N, GATHER, ones): dB_gu [E, 2I, r], dA_gu [E, r, H] (x gathered), a trainable down stack [E, H, I],
-# a trainable gate/up bias (the column sums of dh)
-WGRADS = [("dB", 2 * _I, _R, False, False), ("dA", _R, _H, True, False), ("dW", _H, _I, False, False),
-          ("oss_dbias", 1, 2 * _OSS_H, False, True)]
+# (variant, NI, N, GATHER, ones): dB_gu [E, 2I, r], dA_gu [E, r, H] (x gathered; dB_d's [E, r, H] likewise, dy
+# gathered), a trainable down stack [E, I, H] (dy gathered), a trainable gate/up bias (the column sums of dh) and
+# down bias (the routing weights' column against dy, gathered)
+WGRADS = [("dB", 2 * _I, _R, False, False), ("dA", _R, _H, True, False), ("dW", _I, _H, True, False),
+          ("oss_dbias", 1, 2 * _OSS_H, False, True), ("oss_dbias_d", 1, _OSS_H, True, False)]
 
 
 def _plan() -> list[aot.Job]:

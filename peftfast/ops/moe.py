@@ -404,16 +404,24 @@ class _Groups:
         """Each sorted row's expert (CPU grouped path), made only where biases need it."""
         return None if self.offs is None else torch.repeat_interleave(torch.arange(len(self.counts)), self._counts_t)
 
-    def column_sums(self, q: torch.Tensor) -> torch.Tensor:
-        """Per expert, the sum of its rows of ``q`` [S, N] -> [E, N] fp32 (a bias gradient), deterministic: on
-        Triton the weight-gradient reduction against a stride-0 column of ones (no atomics, no [S, N] copy); on CPU
-        an in-order ``index_add_`` over the sorted rows' experts (where torch has no CPU grouped GEMMs, the
-        per-expert loop against the column of ones)."""
+    def column_sums(self, q: torch.Tensor, gather: torch.Tensor | None = None,
+                    weights: torch.Tensor | None = None) -> torch.Tensor:
+        """Per expert, the sum of its rows of ``q[src]`` [S, N] (each times ``weights`` [S] where given) -> [E, N]
+        fp32 (a bias gradient), deterministic: on Triton the weight-gradient reduction against a column of ones
+        (stride 0) or of the weights (no atomics, no [S, N] copy); on CPU an in-order ``index_add_`` over the sorted
+        rows' experts (where torch has no CPU grouped GEMMs, the per-expert loop against that column)."""
+        rows = gather.numel() if gather is not None else q.shape[0]
         if not self.triton and self.offs is not None:  # CPU: in order, so deterministic too
             acc = torch.promote_types(q.dtype, torch.float32)
-            return torch.zeros(len(self.counts), q.shape[1], dtype=acc).index_add_(0, self.ids, q.to(acc))
-        ones = torch.ones(1, 1, device=q.device, dtype=q.dtype).expand(q.shape[0], 1)
-        return self.wgrad(ones, q, None)[:, 0]
+            qs = (q.index_select(0, gather) if gather is not None else q).to(acc)
+            if weights is not None:
+                qs = qs * weights[:, None].to(acc)
+            return torch.zeros(len(self.counts), q.shape[1], dtype=acc).index_add_(0, self.ids, qs)
+        if weights is None:
+            col = torch.ones(1, 1, device=q.device, dtype=q.dtype).expand(rows, 1)
+        else:
+            col = weights[:, None].to(q.dtype)
+        return self.wgrad(col, q, gather)[:, 0]
 
     def gg_sum(self, x, gather, w3, acc, lora, perm, tokens: int, bias=None, row_scale=None) -> torch.Tensor:
         """:meth:`gg` (times ``row_scale`` [S] per row) summed over each token's k rows -> [T, N] in ``acc``,
@@ -603,17 +611,18 @@ def _bwd_op(dy, x, perm, counts, top_k_weights, w_gu, a_gu, b_gu, bias_gu, w_d, 
     da_d = db_d = dw_d = dc_d = None
     lora_d_grads = A_d is not None and (need_ad or need_bd)
     if lora_d_grads or need_wd or need_cd:
-        dy_rows = dys.index_select(0, dy_gather) if dy_gather is not None else dys
-        dyw = (dy_rows.to(acc) * w_col).to(cdt)
+        # the down projection's upstream gradient is w·dy: w goes into the other, narrower operand of each product
+        # and dy is read in place (gathered by the kernels on Triton), so no [S, H] copy of dy, gathered or scaled
         if lora_d_grads:
-            db3 = grp.wgrad(dyw, grp.gg(a, None, A_d, cdt), None, s_d)  # [E, H, r]
+            aw = (grp.gg(a, None, A_d, cdt).to(acc) * w_col).to(cdt)  # w·a·A_dᵀ [S, r]
+            db3 = grp.wgrad(aw, dys, dy_gather, s_d).transpose(1, 2)  # [E, H, r]
             da3 = grp.wgrad((dyb.to(acc) * w_col).to(cdt), a, None, s_d)  # [E, r, I]
             da_d, db_d = _raw_grads(da3, db3)
         if need_wd:
-            dw = grp.wgrad(dyw, a, None)  # [E, H, I]
-            dw_d = dw.transpose(1, 2) if transposed else dw
+            dw = grp.wgrad((a.to(acc) * w_col).to(cdt), dys, dy_gather)  # [E, I, H]
+            dw_d = dw if transposed else dw.transpose(1, 2)
         if need_cd:
-            dc_d = grp.column_sums(dyw)
+            dc_d = grp.column_sums(dys, dy_gather, w_sorted)
     if not fused:
         dh = _glu_backward(gd.mul_(w_col).to(cdt), h, act, alpha, limit, interleaved, backend)  # gd: ours
     dhb = grp.gg(dh, None, B_gu.transpose(1, 2), cdt) if A_gu is not None else None
