@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "dropout.h"
+#include "gemm.h"
 #include "philox.h"
 
 namespace peftfast {
@@ -96,14 +97,14 @@ std::tuple<Tensor, Tensor, std::vector<Tensor>> lora_group_bwd_cpu(
     const std::optional<Tensor> dy0 = grads.get(0);
     if (n == 1 && dy0.has_value()) {
       // one member (most calls): the product itself, no [M, r] buffer to copy it into
-      g_cat = at::mm(dy0->to(ldt), lora_bs[0]).mul_(scales[0]);
+      g_cat = scaled_mm(dy0->to(ldt), lora_bs[0], scales[0]);
     } else {
       g_cat = at::empty({m, n * r}, x.options().dtype(ldt));
       for (int64_t i = 0; i < n; ++i) {
         Tensor gi = g_cat.narrow(1, i * r, r);
         const std::optional<Tensor> dy = grads.get(i);
         if (dy.has_value())
-          gi.copy_(at::mm(dy->to(ldt), lora_bs[i]).mul_(scales[i]));
+          gi.copy_(scaled_mm(dy->to(ldt), lora_bs[i], scales[i]));
         else
           gi.zero_();
       }
@@ -174,7 +175,7 @@ std::tuple<Tensor, Tensor, std::vector<Tensor>> lora_group_bwd_cpu(
   for (int64_t i = 0; i < n; ++i) {
     const std::optional<Tensor> dy = grads.get(i);
     if (need_b[i] && dy.has_value())
-      dbs.push_back(at::mm(dy->t().to(ldt), xa_full.narrow(1, i * r, r)).mul_(scales[i]));
+      dbs.push_back(scaled_mm(dy->t().to(ldt), xa_full.narrow(1, i * r, r), scales[i]));
     else
       dbs.push_back(at::empty({0}, xa.options()));
   }

@@ -22,6 +22,7 @@
 #include <tuple>
 
 #include "dropout.h"
+#include "gemm.h"
 #include "simd.h"
 
 namespace peftfast {
@@ -197,7 +198,7 @@ std::tuple<Tensor, Tensor, Tensor> nf4_lora_bwd_cpu(const Tensor& x, const Tenso
   const double inv = p > 0.0 ? 1.0 / (1.0 - p) : 1.0;
   Tensor am = absmax.contiguous();
   Tensor g;  // scale * dy B, [M, r] in the LoRA dtype
-  if (need_x || need_a) g = at::mm(dy.to(ldt), b).mul_(scale);
+  if (need_x || need_a) g = scaled_mm(dy.to(ldt), b, scale);
 
   Tensor dx = at::empty({0}, x.options());
   if (need_x) {
@@ -244,7 +245,7 @@ std::tuple<Tensor, Tensor, Tensor> nf4_lora_bwd_cpu(const Tensor& x, const Tenso
       da = acc.mul_(inv).to(ldt);
     }
   }
-  Tensor db = need_b ? at::mm(dy.t().to(ldt), xa).mul_(scale) : at::empty({0}, xa.options());
+  Tensor db = need_b ? scaled_mm(dy.t().to(ldt), xa, scale) : at::empty({0}, xa.options());
   return {dx, da, db};
 }
 
