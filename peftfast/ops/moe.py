@@ -546,7 +546,7 @@ def _fwd_op(x, top_k_index, top_k_weights, w_gu, a_gu, b_gu, bias_gu, w_d, a_d, 
     xa = grp.gg(xs, x_gather, A_gu, cdt) if A_gu is not None else None  # x·A_guᵀ [S, r]
     if grp.triton:  # the activation in the GEMM's epilogue: h is written only if backward keeps it
         a, h, _ = _gate_up_glu(grp, xs, x_gather, w_gu, xa, B_gu, s_gu, bias_gu, transposed, cdt,
-                            (act, alpha, limit, interleaved), keep_h)
+                               (act, alpha, limit, interleaved), keep_h)
     else:
         h = _gate_up(grp, xs, x_gather, w_gu, xa, B_gu, s_gu, bias_gu, transposed, cdt)
         a = _glu(h, act, alpha, limit, interleaved, backend)
