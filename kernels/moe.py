@@ -47,6 +47,55 @@ from peftfast.kernels.mlp import _gate_act, _gate_act_grad
 
 
 @triton.jit
+def _tile_rows(tile_expert_ptr, tile_row_ptr, tile_end_ptr, gather_ptr, BLOCK_M: tl.constexpr, GATHER: tl.constexpr):
+    """This program's M tile (axis 0) of the tile map: (its expert, -1 for a spare tile; then, int64, its sorted rows'
+    offsets, which are in range, the end row, and their source rows: the gathered tokens or the rows themselves)."""
+    pid_m = tl.program_id(0)
+    e = tl.load(tile_expert_ptr + pid_m).to(tl.int64)
+    row0 = tl.load(tile_row_ptr + pid_m).to(tl.int64)
+    row_end = tl.load(tile_end_ptr + pid_m).to(tl.int64)
+    offs_m = row0 + tl.arange(0, BLOCK_M).to(tl.int64)
+    m_ok = offs_m < row_end
+    if GATHER:
+        src = tl.load(gather_ptr + offs_m, mask=m_ok, other=0).to(tl.int64)
+    else:
+        src = offs_m
+    return e, offs_m, m_ok, row_end, src
+
+
+@triton.jit
+def _expert_gemm_tile(x_ptr, stride_xm, stride_xk, src, m_ok, w_base, stride_wn, stride_wk, cols, c_ok, K,
+                      BLOCK_M: tl.constexpr, WIDTH: tl.constexpr, BLOCK_K: tl.constexpr,
+                      DOT_PRECISION: tl.constexpr):
+    """``x[src]·W_eᵀ`` for the tile's rows and ``WIDTH`` output columns ``cols`` of one expert, fp32."""
+    acc = tl.zeros((BLOCK_M, WIDTH), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = offs_k < K
+        xt = tl.load(x_ptr + src[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                     mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        wt = tl.load(w_base + offs_k[:, None] * stride_wk + cols[None, :] * stride_wn,
+                     mask=k_ok[:, None] & c_ok[None, :], other=0.0)
+        acc = tl.dot(xt, wt.to(xt.dtype), acc, input_precision=DOT_PRECISION)
+    return acc
+
+
+@triton.jit
+def _expert_epilogue(acc, l_ptr, stride_lm, stride_lr, r_e, stride_rn, stride_rr, b_e, stride_bn, scale, offs_m,
+                     row_end, cols, c_ok, N, RANK, HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr,
+                     BLOCK_R: tl.constexpr, LORA_PRECISION: tl.constexpr):
+    """``acc (+ scale·L·R_e[cols]ᵀ) (+ bias_e[cols])`` (N: R_e's row count, for its mask)."""
+    if HAS_LORA:
+        if scale != 0.0:
+            # (acc / s + L·Rᵀ) · s: the low-rank product accumulates into the live tile (no second fp32 tile)
+            acc = _lowrank_tile(acc * (1.0 / scale), l_ptr, stride_lm, stride_lr, r_e, stride_rn, stride_rr, offs_m,
+                                cols, row_end, N, 0, RANK, BLOCK_R, LORA_PRECISION) * scale
+    if HAS_BIAS:
+        acc += tl.load(b_e + cols * stride_bn, mask=c_ok, other=0.0).to(tl.float32)[None, :]
+    return acc
+
+
+@triton.jit
 def _moe_grouped_gemm_kernel(
     x_ptr, stride_xm, stride_xk,
     gather_ptr,
@@ -67,39 +116,17 @@ def _moe_grouped_gemm_kernel(
     ``ROW_SCALE``: each row times ``rscale[m]`` (the routing weight); ``SCATTER``: row m stored at ``scatter[m]``
     (its token-major slot), so the down projection's and dx's rows land where the sum over top-k reads them, with
     no scaled copy and no scatter copy of [S, N] in between."""
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    e = tl.load(tile_expert_ptr + pid_m)
-    if e < 0:
+    e, offs_m, m_ok, row_end, src = _tile_rows(tile_expert_ptr, tile_row_ptr, tile_end_ptr, gather_ptr, BLOCK_M,
+                                               GATHER)
+    if e < 0:  # a spare tile of the map
         return
-    e = e.to(tl.int64)
-    row0 = tl.load(tile_row_ptr + pid_m).to(tl.int64)
-    row_end = tl.load(tile_end_ptr + pid_m).to(tl.int64)
-    offs_m = row0 + tl.arange(0, BLOCK_M).to(tl.int64)
-    m_ok = offs_m < row_end
-    if GATHER:
-        src = tl.load(gather_ptr + offs_m, mask=m_ok, other=0).to(tl.int64)
-    else:
-        src = offs_m
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
-    w_base = w_ptr + e * stride_we
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_ok = offs_k < K
-        xt = tl.load(x_ptr + src[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-                     mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        wt = tl.load(w_base + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn,
-                     mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-        acc = tl.dot(xt, wt.to(xt.dtype), acc, input_precision=DOT_PRECISION)
-    if HAS_LORA:
-        if scale != 0.0:
-            # (acc / s + L·Rᵀ) · s: the low-rank product accumulates into the live tile (no second fp32 tile)
-            acc = _lowrank_tile(acc * (1.0 / scale), l_ptr, stride_lm, stride_lr, r_ptr + e * stride_re, stride_rn,
-                                stride_rr, offs_m, offs_n, row_end, N, 0, RANK, BLOCK_R, LORA_PRECISION) * scale
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + e * stride_be + offs_n * stride_bn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    acc = _expert_gemm_tile(x_ptr, stride_xm, stride_xk, src, m_ok, w_ptr + e * stride_we, stride_wn, stride_wk,
+                            offs_n, n_ok, K, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION)
+    acc = _expert_epilogue(acc, l_ptr, stride_lm, stride_lr, r_ptr + e * stride_re, stride_rn, stride_rr,
+                           bias_ptr + e * stride_be, stride_bn, scale, offs_m, row_end, offs_n, n_ok, N, RANK,
+                           HAS_LORA, HAS_BIAS, BLOCK_R, LORA_PRECISION)
     if ROW_SCALE:
         acc *= tl.load(rscale_ptr + offs_m, mask=m_ok, other=0.0).to(tl.float32)[:, None]
     if SCATTER:
@@ -243,20 +270,11 @@ def _moe_gate_up_glu_kernel(
     the unfused path's up to the GEMM's fp32 rounding order; ``da`` is rounded to a's dtype as the unfused path rounds
     ``gd · w``.
     """
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    e = tl.load(tile_expert_ptr + pid_m)
-    if e < 0:
+    e, offs_m, m_ok, row_end, src = _tile_rows(tile_expert_ptr, tile_row_ptr, tile_end_ptr, gather_ptr, BLOCK_M,
+                                               GATHER)
+    if e < 0:  # a spare tile of the map
         return
-    e = e.to(tl.int64)
-    row0 = tl.load(tile_row_ptr + pid_m).to(tl.int64)
-    row_end = tl.load(tile_end_ptr + pid_m).to(tl.int64)
-    offs_m = row0 + tl.arange(0, BLOCK_M).to(tl.int64)
-    m_ok = offs_m < row_end
-    if GATHER:
-        src = tl.load(gather_ptr + offs_m, mask=m_ok, other=0).to(tl.int64)
-    else:
-        src = offs_m
+    pid_n = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < INTER
     mask = m_ok[:, None] & n_ok[None, :]
@@ -268,21 +286,11 @@ def _moe_gate_up_glu_kernel(
         # h columns [2·j0, 2·j0 + 2·BLOCK_N): gate and up alternate
         offs_c = 2 * pid_n * BLOCK_N + tl.arange(0, 2 * BLOCK_N)
         c_ok = offs_c < 2 * INTER
-        acc = tl.zeros((BLOCK_M, 2 * BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            k_ok = offs_k < K
-            xt = tl.load(x_ptr + src[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-                         mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-            wt = tl.load(w_base + offs_k[:, None] * stride_wk + offs_c[None, :] * stride_wn,
-                         mask=k_ok[:, None] & c_ok[None, :], other=0.0)
-            acc = tl.dot(xt, wt.to(xt.dtype), acc, input_precision=DOT_PRECISION)
-        if HAS_LORA:
-            if scale != 0.0:
-                acc = _lowrank_tile(acc * (1.0 / scale), l_ptr, stride_lm, stride_lr, r_e, stride_rn, stride_rr,
-                                    offs_m, offs_c, row_end, 2 * INTER, 0, RANK, BLOCK_R, LORA_PRECISION) * scale
-        if HAS_BIAS:
-            acc += tl.load(b_e + offs_c * stride_bn, mask=c_ok, other=0.0).to(tl.float32)[None, :]
+        acc = _expert_gemm_tile(x_ptr, stride_xm, stride_xk, src, m_ok, w_base, stride_wn, stride_wk, offs_c, c_ok,
+                                K, BLOCK_M, 2 * BLOCK_N, BLOCK_K, DOT_PRECISION)
+        acc = _expert_epilogue(acc, l_ptr, stride_lm, stride_lr, r_e, stride_rn, stride_rr, b_e, stride_bn, scale,
+                               offs_m, row_end, offs_c, c_ok, 2 * INTER, RANK, HAS_LORA, HAS_BIAS, BLOCK_R,
+                               LORA_PRECISION)
         hq = acc.to(a_ptr.dtype.element_ty)
         if STORE_H:
             tl.store(h_rows + offs_c[None, :] * stride_hn, hq.to(h_ptr.dtype.element_ty),
@@ -303,15 +311,12 @@ def _moe_gate_up_glu_kernel(
                          mask=k_ok[:, None] & n_ok[None, :], other=0.0)
             acc_g = tl.dot(xt, wg.to(xt.dtype), acc_g, input_precision=DOT_PRECISION)
             acc_u = tl.dot(xt, wu.to(xt.dtype), acc_u, input_precision=DOT_PRECISION)
-        if HAS_LORA:
-            if scale != 0.0:
-                acc_g = _lowrank_tile(acc_g * (1.0 / scale), l_ptr, stride_lm, stride_lr, r_e, stride_rn, stride_rr,
-                                      offs_m, offs_n, row_end, 2 * INTER, 0, RANK, BLOCK_R, LORA_PRECISION) * scale
-                acc_u = _lowrank_tile(acc_u * (1.0 / scale), l_ptr, stride_lm, stride_lr, r_e, stride_rn, stride_rr,
-                                      offs_m, col_u, row_end, 2 * INTER, 0, RANK, BLOCK_R, LORA_PRECISION) * scale
-        if HAS_BIAS:
-            acc_g += tl.load(b_e + offs_n * stride_bn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-            acc_u += tl.load(b_e + col_u * stride_bn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        acc_g = _expert_epilogue(acc_g, l_ptr, stride_lm, stride_lr, r_e, stride_rn, stride_rr, b_e, stride_bn, scale,
+                                 offs_m, row_end, offs_n, n_ok, 2 * INTER, RANK, HAS_LORA, HAS_BIAS, BLOCK_R,
+                                 LORA_PRECISION)
+        acc_u = _expert_epilogue(acc_u, l_ptr, stride_lm, stride_lr, r_e, stride_rn, stride_rr, b_e, stride_bn, scale,
+                                 offs_m, row_end, col_u, n_ok, 2 * INTER, RANK, HAS_LORA, HAS_BIAS, BLOCK_R,
+                                 LORA_PRECISION)
         gq = acc_g.to(a_ptr.dtype.element_ty)
         uq = acc_u.to(a_ptr.dtype.element_ty)
         if STORE_H:
