@@ -218,7 +218,7 @@ def _gate_up_glu_triton(x: torch.Tensor, gather: torch.Tensor | None, w3: torch.
     cfg = _glu_gemm_config(inter, x.dtype, grad is not None)
     route = grad is not None and route_grad
     n_blocks = triton.cdiv(inter, cfg["BLOCK_N"])
-    parts = torch.empty(rows, n_blocks if route else 0, device=x.device, dtype=torch.float32)  # each written once
+    parts = torch.empty(rows, n_blocks, device=x.device, dtype=torch.float32) if route else None  # each written once
     if rows == 0 or inter == 0:
         return a, h, parts.sum(-1) if route else None
     lo, r3, scale = lora if lora is not None else (None, None, 0.0)
@@ -233,7 +233,7 @@ def _gate_up_glu_triton(x: torch.Tensor, gather: torch.Tensor | None, w3: torch.
             r3 if r3 is not None else w3, *(r3.stride() if r3 is not None else (0, 0, 0)),
             bias if bias is not None else w3, *(bias.stride() if bias is not None else (0, 0)),
             gd if gd is not None else a, *(gd.stride() if gd is not None else (0, 0)),
-            w_rows if w_rows is not None else a, parts, *(parts.stride() if route else (0, 0)),
+            w_rows if w_rows is not None else a, parts if route else a, *(parts.stride() if route else (0, 0)),
             a, a.stride(0), a.stride(1), h if h is not None else a, *(h.stride() if h is not None else (0, 0)),
             expert, row0, end, inter, k, lo.shape[1] if lo is not None else 0, float(scale), float(alpha),
             float(limit), GATHER=gather is not None, HAS_LORA=lo is not None, HAS_BIAS=bias is not None,
