@@ -675,9 +675,11 @@ def test_fsdp2_two_cpu_processes_matches_single_process(dist_run, order):
 # ----------------------------------------------------------------------------------------------------------------
 # 6. DeepSpeed ZeRO-2 and ZeRO-3 over two CPU (gloo) processes
 # ----------------------------------------------------------------------------------------------------------------
-ZERO_RUNS = {  # name: (ZeRO stage, patch(recompute=...) or None for the unpatched model, patched after initialize)
-    "zero2": (2, "norms", False), "zero3_peft": (3, None, False), "zero3": (3, "up", False),
-    "zero3_attn": (3, "attn", False), "zero3_after": (3, "norms", True)}
+# name: (ZeRO stage, patch(recompute=...) or None for the unpatched model, when patched: before or after
+# ``deepspeed.initialize``, or before it as if DeepSpeed were not imported yet)
+ZERO_RUNS = {
+    "zero2": (2, "norms", "before"), "zero3_peft": (3, None, "before"), "zero3": (3, "up", "before"),
+    "zero3_attn": (3, "attn", "before"), "zero3_after": (3, "norms", "after"), "zero3_unimported": (3, "up", "unseen")}
 
 
 ADAPTER_ZERO_RUNS = {"adapter_zero2": 2, "adapter_zero3": 3}  # name: ZeRO stage, fused bottleneck adapters
@@ -727,13 +729,16 @@ def _ds_worker(out_path: str) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     shard = _dist_ids().chunk(world)[rank]
     res: dict = {"world": world, "backend": dist.get_backend()}
-    for name, (stage, recompute, after) in ZERO_RUNS.items():
+    from unittest import mock
+
+    for name, (stage, recompute, when) in ZERO_RUNS.items():
         model = lora_llama(layers=1)
-        if recompute is not None and not after:
-            peftfast.patch(model, recompute=recompute)
+        if recompute is not None and when != "after":
+            with mock.patch("peftfast.modules._bind.deepspeed_imported", lambda: when != "unseen"):
+                peftfast.patch(model, recompute=recompute)
         params = list(trainable(model).values())
         engine = _ds_engine(model, params, stage, len(shard))
-        if recompute is not None and after:
+        if recompute is not None and when == "after":
             peftfast.patch(model, recompute=recompute)
         losses = _ds_train(engine, shard)
         partitioned = all(hasattr(p, "ds_id") for p in model.parameters())
@@ -883,6 +888,27 @@ def test_deepspeed_zero3_patch_after_initialize_runs_fused_lora(zero_run):
     assert any(r == f"norm weights are {ZERO3_REASON}" for r in run["skipped"].values()), run["skipped"]
 
 
+def test_deepspeed_zero3_patched_before_deepspeed_is_imported_registers_at_the_first_step(zero_run):
+    """Patched before DeepSpeed is imported (no registration pre-hook armed), then ``deepspeed.initialize``: the first
+    step runs the original forwards, each call counted with the ZeRO-3 reason, and registers the parameters; every
+    later step runs fused. Training is that of the unpatched model under ZeRO-3."""
+    from peftfast.modules._bind import ZERO3_REASON
+
+    run = zero_run["dist"]["zero3_unimported"]
+    assert run["partitioned"]
+    assert_losses_close(run["losses"], zero_run["dist"]["zero3_peft"]["losses"])
+    assert_same_training(run["weights"], zero_run["weights"], zero_run["init"])
+    once = {ZERO3_REASON: 1}
+    lora = {n: r for n, r in run["runtime"].items() if "base_only" in r}
+    assert len(lora) == 7 and all(r["fused"] == DIST_STEPS - 1 and r["fallbacks"] == once
+                                  for r in lora.values()), lora
+    mlp = next(r for n, r in run["runtime"].items() if n.endswith(".mlp"))
+    assert mlp["fused"] == DIST_STEPS - 1 and mlp["fallbacks"] == once, mlp
+    # the first step's MLP ran its projections, which registered their own parameters then
+    proj = {f"{_L0}mlp.{p}_proj": (3, 0) for p in ("gate", "up", "down")}
+    assert run["external"] == {**_ZERO3_EXTERNAL, **proj}, run["external"]
+
+
 def _mark_zero3(model) -> None:
     """Give every parameter a ``ds_id``, the attribute by which peftfast tells a ZeRO-3 parameter (nothing is
     partitioned: this checks the registration plumbing in one process)."""
@@ -921,11 +947,50 @@ def test_zero3_registration_plumbing_in_one_process():
     assert q._peftfast.group is not None and not q._peftfast.group._outs  # the group computed nothing
     rt = peftfast.report(model).runtime(model)
     assert all(r["fused"] == 2 and not r["fallbacks"] for n, r in rt.items() if n in lora), rt
+    assert not q._forward_pre_hooks  # registered for good: the hook removed itself
     mlp = {n: r for n, r in peftfast.report(model).module_runtime(model).items() if n.endswith(".mlp")}
     assert [(r["fused"], r["fallbacks"]) for r in mlp.values()] == [(2, {})], mlp
     peftfast.unpatch(model)
     for m in owners:
         assert not m._external_params and not m._forward_pre_hooks
+
+
+def test_zero3_patched_before_deepspeed_is_imported_registers_at_the_first_call(monkeypatch):
+    """Patched while DeepSpeed is not imported (nothing can be partitioned yet), no pre-hook is armed: a pre-hook puts
+    every call on ``nn.Module``'s slow path. The first call that finds ZeRO-3 parameters runs the original forward,
+    counted with its reason, and registers them; the fused path serves every later call, outputs unchanged, and
+    ``unpatch`` undoes every registration. Armed hooks remove themselves once they have registered."""
+    pytest.importorskip("deepspeed")
+    from peftfast.modules._bind import ZERO3_REASON
+
+    ids = _dist_ids()[:2]
+    model = lora_llama(layers=1)
+    ref = model(input_ids=ids).logits
+    with monkeypatch.context() as m:
+        m.delitem(sys.modules, "deepspeed")
+        peftfast.patch(model)
+    layer = model.base_model.model.model.layers[0]
+    lora = {n: m for n, m in model.named_modules() if hasattr(m, "_peftfast") and hasattr(m, "lora_A")}
+    assert len(lora) == 7 and not any(m._forward_pre_hooks for m in [*lora.values(), layer.mlp])
+    _mark_zero3(model)
+    torch.testing.assert_close(model(input_ids=ids).logits, ref, rtol=1e-5, atol=1e-5)
+    rep = peftfast.report(model)
+    rt, mlp = rep.runtime(model), next(r for n, r in rep.module_runtime(model).items() if n.endswith(".mlp"))
+    assert all(r["fused"] == 0 and r["fallbacks"] == {ZERO3_REASON: 1} for n, r in rt.items() if n in lora), rt
+    assert (mlp["fused"], mlp["fallbacks"]) == (0, {ZERO3_REASON: 1}), mlp
+    assert {id(p) for p in layer.mlp.parameters()} == set(layer.mlp._external_params)
+    assert {id(p) for p in layer.self_attn.q_proj.parameters()} == set(layer.self_attn.q_proj._external_params)
+    out = model(input_ids=ids).logits
+    out.sum().backward()
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    rep = peftfast.report(model)
+    rt, mlp = rep.runtime(model), next(r for n, r in rep.module_runtime(model).items() if n.endswith(".mlp"))
+    attn = [n for n in lora if ".self_attn." in n]
+    assert len(attn) == 4 and all(rt[n]["fused"] == 1 for n in attn), rt  # the MLP's projections run inside its op
+    assert (mlp["fused"], mlp["fallbacks"]) == (1, {ZERO3_REASON: 1}), mlp
+    peftfast.unpatch(model)
+    for m in [*lora.values(), layer.mlp]:
+        assert not getattr(m, "_external_params", {}) and not m._forward_pre_hooks
 
 
 def test_zero3_frozen_mlp_registers_its_projections_in_one_process():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import sys
 
 from torch import nn
 
@@ -22,7 +23,34 @@ def zero3_partitioned(*params) -> bool:
     block) or rebuilds a norm in backward would read an empty shard, so such calls step aside for the original
     forward, whose module calls trigger the hooks.
     """
+    if not deepspeed_imported():
+        return False
     return any(p is not None and hasattr(p, "ds_id") for p in params)
+
+
+def deepspeed_imported() -> bool:
+    """Whether DeepSpeed is imported: nothing else gives a parameter its ``ds_id``, so every per-call ZeRO-3 check
+    and hook can be skipped until it is."""
+    return "deepspeed" in sys.modules
+
+
+def arm_zero3(module: nn.Module, state, hook) -> None:
+    """Where DeepSpeed is imported, put ``hook`` (a ZeRO-3 registration pre-hook) first in line on ``module`` and run
+    it once now (patched after ``deepspeed.initialize``: it registers at once and removes itself). Patched before
+    DeepSpeed is imported, the module's forward calls the hook itself at its first call that finds partitioned
+    parameters: that call runs the original forward and the fused path serves the later ones."""
+    if deepspeed_imported() and state.zero3_hook is None and state.zero3_params is None:
+        state.zero3_hook = module.register_forward_pre_hook(hook, prepend=True)
+        hook(module, ())
+
+
+def zero3_registered(state, params: list) -> None:
+    """Keep the parameters ``params`` registered for ``state``'s module and remove its pre-hook: registered once for
+    good, the hook would only cost every later call of the module (a pre-hook takes ``nn.Module``'s slow call path)."""
+    state.zero3_params = params
+    if state.zero3_hook is not None:
+        state.zero3_hook.remove()  # safe inside the hook: nn.Module iterates a copy of its hooks
+        state.zero3_hook = None
 
 
 def user_hooks(module: nn.Module, own=()) -> bool:
@@ -40,7 +68,7 @@ def user_hooks(module: nn.Module, own=()) -> bool:
 
 def first_param_partitioned(module: nn.Module | None) -> bool:
     """Whether the first parameter of ``module`` (recursively) is ZeRO-3 partitioned: a per-call check."""
-    return module is not None and hasattr(next(module.parameters(), None), "ds_id")
+    return module is not None and deepspeed_imported() and hasattr(next(module.parameters(), None), "ds_id")
 
 
 def zero3_register(module: nn.Module) -> list:

@@ -11,16 +11,18 @@ computed outputs go untaken (its siblings read other inputs, e.g. a cross-attent
 by name, or skip their call) splits for good at the first such miss: its members then run one by one.
 
 Under DeepSpeed ZeRO-3 a layer's parameters live in its children (``base_layer``, ``lora_A``, ``lora_B``), each
-gathered by hooks around that child's own forward, which the fused path never calls. So ``install`` puts a forward
-pre-hook first in line on the layer: the first call that finds partitioned parameters registers every one of them as
-an external parameter of the layer, before DeepSpeed's own pre-hook runs, so DeepSpeed gathers them around the
-layer's forward and backward from the first traced step on (one fixed set per layer, the same every step). Each layer
-then runs alone: a sibling group or the LoRA-MLP op would read other modules' parameters.
+gathered by hooks around that child's own forward, which the fused path never calls. So where DeepSpeed is imported,
+``install`` puts a forward pre-hook first in line on the layer: the first call that finds partitioned parameters
+registers every one of them as an external parameter of the layer, before DeepSpeed's own pre-hook runs, so
+DeepSpeed gathers them around the layer's forward and backward from the first traced step on (one fixed set per
+layer, the same every step); the hook then removes itself. Patched before DeepSpeed is imported, the layer carries no
+hook (it would put every call on ``nn.Module``'s slow path): its first call that finds partitioned parameters runs
+PEFT's forward and registers them, and the fused path serves the later calls. Each layer then runs alone: a sibling
+group or the LoRA-MLP op would read other modules' parameters.
 """
 
 from __future__ import annotations
 
-import importlib.util
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -30,6 +32,7 @@ from torch import nn
 from peftfast.modules import nf4 as nf4_mod
 from peftfast.modules._bind import (
     ZERO3_REASON,
+    arm_zero3,
     bind_forward,
     call_original,
     unbind_forward,
@@ -37,6 +40,7 @@ from peftfast.modules._bind import (
     zero3_detach,
     zero3_partitioned,
     zero3_register,
+    zero3_registered,
 )
 from peftfast.modules._tally import Tallied, tally
 from peftfast.ops.lora import MAX_RANK, dora_linear, lora_linear_group
@@ -242,6 +246,15 @@ class _Plan:
     dora: bool = False  # PEFT's DoRA variant: runs alone on dora_linear (no sibling group, no block op)
 
 
+_PLANS: dict[tuple, _Plan] = {}  # one frozen plan per distinct value: none is built per call
+
+
+def _base_weight(base: nn.Module):
+    # _parameters read directly (nn.Module.__getattr__ is slow); a base whose weight is not a parameter: getattr
+    w = base._parameters.get("weight")
+    return w if w is not None else base.weight
+
+
 def _plan(layer: nn.Module, args: tuple, kwargs: dict, gathered: bool = False) -> _Plan | str | None:
     """The fused plan for this call, None for a base-only call, or a fallback reason (``gathered``: the caller's
     module registered this layer's ZeRO-3 parameters, see ``zero3_register``)."""
@@ -252,31 +265,43 @@ def _plan(layer: nn.Module, args: tuple, kwargs: dict, gathered: bool = False) -
     if layer.disable_adapters or layer.merged:
         return None
     mods = layer._modules  # children read directly: this runs on every call (nn.Module.__getattr__ is slow)
-    lora_a = mods["lora_A"]
-    active = [a for a in layer.active_adapters if a in lora_a]
-    if not active:
-        return None
-    if len(active) > 1:
-        return f"{len(active)} active adapters (the fused path serves one)"
-    name = active[0]
+    lora_a = mods["lora_A"]._modules
+    active = layer.active_adapters
+    if len(active) == 1:
+        name = active[0]
+        if name not in lora_a:
+            return None
+    else:
+        active = [a for a in active if a in lora_a]
+        if not active:
+            return None
+        if len(active) > 1:
+            return f"{len(active)} active adapters (the fused path serves one)"
+        name = active[0]
     variant = getattr(layer, "lora_variant", {}).get(name)
     dora = variant is not None
     if dora and (not _is_dora(variant) or _dora_reason(layer, name) is not None):
         return f"adapter {name!r} uses a LoRA variant"
-    w = base_of(layer).weight
+    w = _base_weight(base_of(layer))
     if w.requires_grad:
         return "base weight is trainable (the fused path trains only LoRA weights and biases)"
     a = lora_a[name]
-    extra = (mods["lora_magnitude_vector"][name].weight,) if dora else ()
-    if zero3_partitioned(w, a.weight, mods["lora_B"][name].weight, *extra):
+    aw = a._parameters["weight"]
+    if zero3_partitioned(
+            w, aw, mods["lora_B"]._modules[name]._parameters["weight"],
+            *((mods["lora_magnitude_vector"][name].weight,) if dora else ())):
         st = getattr(layer, "_peftfast", None)
         if not gathered and (st is None or st.zero3_params is None):  # DeepSpeed gathers nothing for the fused path
             return ZERO3_REASON
-    drop = mods["lora_dropout"][name]
-    p = float(drop.p) if isinstance(drop, nn.Dropout) and drop.training else 0.0
+    drop = mods["lora_dropout"]._modules[name]
+    p = float(drop.p) if drop.training and isinstance(drop, nn.Dropout) else 0.0
     if dora and not layer.training:
         p = 0.0  # PEFT's DoRA reuses the base output outside training, whatever its dropout module
-    return _Plan(name, a.out_features, p, a.weight.dtype, dora)
+    key = (name, aw.shape[0], p, aw.dtype, dora)
+    plan = _PLANS.get(key)
+    if plan is None:
+        plan = _PLANS[key] = _Plan(*key)
+    return plan
 
 
 def _check_input(layer: nn.Module, x: torch.Tensor) -> None:
@@ -295,13 +320,24 @@ def _check_input(layer: nn.Module, x: torch.Tensor) -> None:
 
 def _member_tensors(layer: nn.Module, plan: _Plan):
     mods = layer._modules
-    a = mods["lora_A"][plan.adapter]
-    b = mods["lora_B"][plan.adapter]
-    return base_weight_nk(layer), base_of(layer).bias, a.weight, b.weight, b.bias, float(layer.scaling[plan.adapter])
+    name = plan.adapter
+    a = mods["lora_A"]._modules[name]._parameters
+    b = mods["lora_B"]._modules[name]._parameters
+    base = base_of(layer)
+    w = _base_weight(base)
+    if getattr(layer, "fan_in_fan_out", False):
+        w = w.t()  # GPT-2 Conv1D stores [in, out]
+    params = base._parameters
+    bias = params["bias"] if "bias" in params else getattr(base, "bias", None)
+    return w, bias, a["weight"], b["weight"], b.get("bias"), float(layer.scaling[name])
 
 
 def _run(layers: list[nn.Module], plans: list[_Plan], x: torch.Tensor, backend: str, name: str):
-    ws, bs, as_, bms, lbs, scales = zip(*(_member_tensors(m, pl) for m, pl in zip(layers, plans)))
+    if len(layers) == 1:
+        w, b, a, bm, lb, s = _member_tensors(layers[0], plans[0])
+        ws, bs, as_, bms, lbs, scales = [w], [b], [a], [bm], [lb], [s]
+    else:
+        ws, bs, as_, bms, lbs, scales = zip(*(_member_tensors(m, pl) for m, pl in zip(layers, plans)))
     p = plans[0].p
     seed = None  # drawn by the op: a traced tensor op under torch.compile, no host round trip on CUDA
     dev = x.device.type
@@ -353,6 +389,8 @@ def fused_lora_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs) -> tor
             tally(st.tally_key, "base_only_calls")
         else:
             tally(st.tally_key, "fallbacks", plan)
+            if plan is ZERO3_REASON and st.zero3_hook is None:
+                _zero3_register_hook(self, ())  # patched before DeepSpeed was imported: from the next call on
         return call_original(self, st, x, *args, **kwargs)
     nf4 = nf4_mod.is_nf4_base(base_of(self))
     if plan.dora and torch.is_autocast_enabled(x.device.type):
@@ -387,12 +425,12 @@ def fused_lora_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs) -> tor
     return _run([self], [plan], x, st.config.backend, st.name)[0]
 
 
-_HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
 
 
 def _zero3_register_hook(layer: nn.Module, args) -> None:
-    """Forward pre-hook (first in line): register the layer's partitioned parameters with DeepSpeed once."""
-    # every call of every layer passes here where DeepSpeed is installed: plain dict reads, not module getattr
+    """Forward pre-hook (first in line, see ``arm_zero3``): register the layer's partitioned parameters with DeepSpeed
+    once, then remove itself."""
+    # every call of every layer passes here until then: plain dict reads, not module getattr
     st = layer.__dict__.get("_peftfast")
     if st is None or st.zero3_params is not None:
         return
@@ -402,7 +440,7 @@ def _zero3_register_hook(layer: nn.Module, args) -> None:
     if nf4_mod.is_nf4_base(base_of(layer)) or getattr(layer, "fan_in_fan_out", False):
         # Conv1D: the fused op would save a transposed view of the gathered weight, which outlives its gathering
         return
-    st.zero3_params = zero3_register(layer)
+    zero3_registered(st, zero3_register(layer))
 
 
 def install(layer: nn.Module, name: str, config: LoRAPatchConfig) -> None:
@@ -413,9 +451,7 @@ def install(layer: nn.Module, name: str, config: LoRAPatchConfig) -> None:
         return
     st = LoRAState(name=name, config=config, previous_forward=None)
     bind_forward(layer, "_peftfast", st, fused_lora_forward)
-    if _HAS_DEEPSPEED:  # only where ZeRO-3 can partition the layer: a hook costs every call a little
-        st.zero3_hook = layer.register_forward_pre_hook(_zero3_register_hook, prepend=True)
-        _zero3_register_hook(layer, ())  # patched after deepspeed.initialize: register now
+    arm_zero3(layer, st, _zero3_register_hook)
 
 
 def uninstall(layer: nn.Module) -> None:

@@ -26,6 +26,7 @@ from peftfast.modules import lora as lora_mod
 from peftfast.modules import nf4 as nf4_mod
 from peftfast.modules._bind import (
     ZERO3_REASON,
+    arm_zero3,
     bind_forward,
     call_original,
     first_param_partitioned,
@@ -34,6 +35,7 @@ from peftfast.modules._bind import (
     zero3_detach,
     zero3_partitioned,
     zero3_register,
+    zero3_registered,
 )
 from peftfast.modules._tally import Tallied, tally
 from peftfast.ops.mlp import dora_mlp, frozen_mlp, lora_mlp, lora_packed_mlp
@@ -339,6 +341,7 @@ def fused_mlp_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs) -> torc
             tally(st.tally_key, "fallbacks", reason)
         else:
             tally(st.tally_key, "deferred", reason)
+        _zero3_late(self, st, reason)
         return call_original(self, st, x, *args, **kwargs)
     nf4 = nf4_mod.is_nf4_lora(self.gate_proj)
     if not nf4:
@@ -386,6 +389,7 @@ def packed_mlp_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs) -> tor
     if isinstance(plans, tuple):
         kind, reason = plans
         tally(st.tally_key, "fallbacks" if kind == "fallback" else "deferred", reason)
+        _zero3_late(self, st, reason)
         return call_original(self, st, x, *args, **kwargs)
     lora_mod._check_input(getattr(self, lay.gate_up), x)
     tally(st.tally_key, "fused_calls")
@@ -412,6 +416,7 @@ def frozen_mlp_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs) -> tor
         reason = f"input has {x.shape[-1]} features, gate_proj expects {self.gate_proj.in_features}"
     if reason is not None:
         tally(st.tally_key, "fallbacks", reason)
+        _zero3_late(self, st, reason)
         return call_original(self, st, x, *args, **kwargs)
     projs = [(getattr(self, p).weight, getattr(self, p).bias) for p in _PROJ]
     act = gate_activation(self.act_fn)
@@ -446,9 +451,7 @@ def install(module: nn.Module, name: str, backend: str, recompute: str = "none",
                   layout=packed_layout(module) if packed else None)
     forward = packed_mlp_forward if packed else frozen_mlp_forward if frozen else fused_mlp_forward
     bind_forward(module, "_peftfast_mlp", st, forward)
-    if lora_mod._HAS_DEEPSPEED:  # see _zero3_register_hook
-        st.zero3_hook = module.register_forward_pre_hook(_zero3_register_hook, prepend=True)
-        _zero3_register_hook(module, ())  # patched after deepspeed.initialize: register now
+    arm_zero3(module, st, _zero3_register_hook)
 
 
 def uninstall(module: nn.Module) -> None:
@@ -467,10 +470,17 @@ def _partitioned(module: nn.Module) -> bool:
     return any(first_param_partitioned(module._modules.get(p)) for p in _projs_of(module))
 
 
+def _zero3_late(module: nn.Module, st: MLPState, reason: str) -> None:
+    """After a call that ZeRO-3 parameters sent to the original forward, where no pre-hook is armed (patched before
+    DeepSpeed was imported): register them now, for the later calls."""
+    if reason is ZERO3_REASON and st.zero3_hook is None:
+        _zero3_register_hook(module, ())
+
+
 def _zero3_register_hook(module: nn.Module, args) -> None:
-    """Forward pre-hook, first in line: under ZeRO-3, register the three projections' parameters as DeepSpeed
-    external parameters of the MLP once, before DeepSpeed's own pre-hook, so that the one op reading all three finds
-    them gathered in its forward and backward (as a LoRA layer does for its children)."""
+    """Forward pre-hook, first in line (``arm_zero3``): under ZeRO-3, register the three projections' parameters as
+    DeepSpeed external parameters of the MLP once, before DeepSpeed's own pre-hook, so that the one op reading all
+    three finds them gathered in its forward and backward (as a LoRA layer does for its children)."""
     st = module.__dict__.get("_peftfast_mlp")
     if st is None or st.zero3_params is not None or not _partitioned(module):
         return
@@ -478,4 +488,4 @@ def _zero3_register_hook(module: nn.Module, args) -> None:
         layer = getattr(module, p)
         if getattr(layer, "fan_in_fan_out", False) or nf4_mod.is_nf4_lora(layer):
             return  # a transposed view or NF4 state would outlive the gathering: the projections run one by one
-    st.zero3_params = zero3_register(module)
+    zero3_registered(st, zero3_register(module))

@@ -619,38 +619,46 @@ _register()
 # public entry points
 # ----------------------------------------------------------------------------------------------------------------
 def _check_group(x, weights, biases, lora_as, lora_bs, scales, lora_biases, dropout_p, name) -> None:
-    where = f"peftfast: {name}: " if name else "peftfast: "
+    # every eager call of every patched layer passes here: each property read once, the message built only to raise
+    def fail(exc, msg):
+        raise exc((f"peftfast: {name}: " if name else "peftfast: ") + msg)
+
     n = len(weights)
     if not (len(lora_as) == len(lora_bs) == len(scales) == n and n >= 1):
-        raise ValueError(f"{where}weights, lora_As, lora_Bs and scales must have the same non-zero length")
+        fail(ValueError, "weights, lora_As, lora_Bs and scales must have the same non-zero length")
     if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"{where}dropout probability must be in [0, 1), got {dropout_p}")
+        fail(ValueError, f"dropout probability must be in [0, 1), got {dropout_p}")
     k = x.shape[-1]
-    rank = lora_as[0].shape[0]
+    dt, dev = x.dtype, x.device
+    a0 = lora_as[0]
+    rank, adt = a0.shape[0], a0.dtype
     if not 1 <= rank <= MAX_RANK:
-        raise ValueError(f"{where}LoRA rank {rank} is outside 1..{MAX_RANK}")
+        fail(ValueError, f"LoRA rank {rank} is outside 1..{MAX_RANK}")
+    ashape = (rank, k)
     for i in range(n):
         w, a, b = weights[i], lora_as[i], lora_bs[i]
-        if w.dim() != 2 or w.shape[1] != k:
-            raise ValueError(f"{where}input has {k} features but base weight {i} has shape {tuple(w.shape)} "
+        ws = w.shape
+        if len(ws) != 2 or ws[1] != k:
+            fail(ValueError, f"input has {k} features but base weight {i} has shape {tuple(ws)} "
                              f"(expected [out_features, {k}])")
-        if a.shape != (rank, k):
-            raise ValueError(f"{where}lora_A {i} has shape {tuple(a.shape)}, expected ({rank}, {k})")
-        if b.shape != (w.shape[0], rank):
-            raise ValueError(f"{where}lora_B {i} has shape {tuple(b.shape)}, expected ({w.shape[0]}, {rank})")
-        if w.dtype != x.dtype:
-            raise TypeError(f"{where}input dtype {x.dtype} does not match base weight dtype {w.dtype}")
-        if a.dtype != lora_as[0].dtype or b.dtype != a.dtype:
-            raise TypeError(f"{where}lora_A/lora_B dtypes differ ({a.dtype}, {b.dtype})")
-        if biases[i] is not None and biases[i].shape != (w.shape[0],):
-            raise ValueError(f"{where}bias {i} has shape {tuple(biases[i].shape)}, expected ({w.shape[0]},)")
-        if lora_biases[i] is not None and lora_biases[i].shape != (w.shape[0],):
-            raise ValueError(f"{where}lora bias {i} has shape {tuple(lora_biases[i].shape)}")
+        if a.shape != ashape:
+            fail(ValueError, f"lora_A {i} has shape {tuple(a.shape)}, expected ({rank}, {k})")
+        if b.shape != (ws[0], rank):
+            fail(ValueError, f"lora_B {i} has shape {tuple(b.shape)}, expected ({ws[0]}, {rank})")
+        if w.dtype != dt:
+            fail(TypeError, f"input dtype {dt} does not match base weight dtype {w.dtype}")
+        if a.dtype != adt or b.dtype != adt:
+            fail(TypeError, f"lora_A/lora_B dtypes differ ({a.dtype}, {b.dtype})")
+        bias, lbias = biases[i], lora_biases[i]
+        if bias is not None and bias.shape != (ws[0],):
+            fail(ValueError, f"bias {i} has shape {tuple(bias.shape)}, expected ({ws[0]},)")
+        if lbias is not None and lbias.shape != (ws[0],):
+            fail(ValueError, f"lora bias {i} has shape {tuple(lbias.shape)}")
         for t in (w, a, b):
-            if t.device != x.device:
-                raise ValueError(f"{where}tensors are on different devices ({x.device} and {t.device})")
+            if t.device != dev:
+                fail(ValueError, f"tensors are on different devices ({dev} and {t.device})")
         if w.requires_grad:
-            raise ValueError(f"{where}base weight {i} requires grad; the fused path only trains LoRA and biases")
+            fail(ValueError, f"base weight {i} requires grad; the fused path only trains LoRA and biases")
 
 
 def lora_linear_group(
