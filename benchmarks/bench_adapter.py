@@ -54,8 +54,9 @@ def run_cpu(out_path: str) -> list[dict]:
     for r in rows:
         print(f"{r['method']:<14}{r['saved_hvec_per_token']:>18.3f}{r['work_ops_fwd_bwd']:>18}")
     os.makedirs(os.path.dirname(out_path), exist_ok=True)
+    commit = git_commit()  # before opening: a truncated tracked file would read as "+dirty"
     with open(out_path, "w") as f:
-        json.dump({"rows": rows, "versions": _versions(), "commit": git_commit(),
+        json.dump({"rows": rows, "versions": _versions(), "commit": commit,
                    "shape": "pfeiffer adapter, hidden 1024, bottleneck 64, gelu, 32 tokens"}, f, indent=2)
     return rows
 

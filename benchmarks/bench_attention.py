@@ -84,8 +84,9 @@ def run_cpu(out_path: str) -> list[dict]:
     for r in rows:
         print(f"{r['method']:<16}{r['saved_bytes_beyond_qkv'] / 1024:>26.1f}{r['work_ops_fwd_bwd']:>18}")
     os.makedirs(os.path.dirname(out_path), exist_ok=True)
+    commit = git_commit()  # before opening: a truncated tracked file would read as "+dirty"
     with open(out_path, "w") as f:
-        json.dump({"rows": rows, "versions": _versions(), "commit": git_commit(),
+        json.dump({"rows": rows, "versions": _versions(), "commit": commit,
                    "shape": "4 x 64 padded (25-100 %), 8 q heads / 2 kv heads of 128, causal"}, f, indent=2)
     return rows
 

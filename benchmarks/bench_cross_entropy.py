@@ -125,8 +125,9 @@ def run_cpu(out_path: str) -> list[dict]:
               f"{r['largest_tensor_bytes'] / 2**20:>12.2f}{r['largest_logits_equiv']:>18.3f}"
               f"{r['work_ops_fwd_bwd']:>13}")
     os.makedirs(os.path.dirname(out_path), exist_ok=True)
+    commit = git_commit()  # before opening: a truncated tracked file would read as "+dirty"
     with open(out_path, "w") as f:
-        json.dump({"rows": rows, "versions": _versions(), "commit": git_commit(),
+        json.dump({"rows": rows, "versions": _versions(), "commit": commit,
                    "shape": "2 x 128 tokens, hidden 256, vocab 4096, chunk 64 tokens, frozen head; "
                             "LoRA r=16 scale 2 on the head; bf16 (hf, fused-torch), fp16 (fused-triton in the "
                             "interpreter); logits-equivalents are bytes / (tokens * vocab * element size)"},

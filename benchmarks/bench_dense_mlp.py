@@ -85,8 +85,9 @@ def run_cpu(out_path: str) -> list[dict]:
         r["ratio_vs_peft"] = r["saved_bytes_per_layer"] / base["saved_bytes_per_layer"]
         print(f"{r['model']:<10}{r['variant']:<36}{r['saved_hvec_per_token_layer']:>32.2f}{r['ratio_vs_peft']:>8.3f}x")
     os.makedirs(os.path.dirname(out_path), exist_ok=True)
+    commit = git_commit()  # before opening: a truncated tracked file would read as "+dirty"
     with open(out_path, "w") as f:
-        json.dump({"rows": rows, "versions": _versions(), "commit": git_commit(),
+        json.dump({"rows": rows, "versions": _versions(), "commit": commit,
                    "shape": "hidden 768, intermediate 3072, 12 heads, 2 x 128 tokens, fp32, LoRA r=16 all linear, "
                             "dropout 0.05; one interior layer (3-layer minus 2-layer model)"}, f, indent=2)
     return rows

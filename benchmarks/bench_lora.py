@@ -312,9 +312,10 @@ def run_cpu(out_path: str) -> list[dict]:
     os.makedirs(os.path.dirname(out_path), exist_ok=True)
     from peftfast.bench import _versions, git_commit
 
+    commit = git_commit()  # before opening: a truncated tracked file would read as "+dirty"
     with open(out_path, "w") as f:
         json.dump({"rows": rows, "step_times": steps, "host_overhead": overhead, "dora": dora, "versions": _versions(),
-                   "commit": git_commit(),
+                   "commit": commit,
                    "shape": "llama hidden 1024, inter 3584, 8x128 heads, 2 kv heads, r=16 all-linear, 32 tokens"},
                   f, indent=2)
     print(f"wrote {out_path}")

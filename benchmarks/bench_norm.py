@@ -142,8 +142,9 @@ def run_cpu(out_path: str) -> list[dict]:
               f"{r['work_ops_fwd_bwd']:>18}")
     times = cpu_times()
     os.makedirs(os.path.dirname(out_path), exist_ok=True)
+    commit = git_commit()  # before opening: a truncated tracked file would read as "+dirty"
     with open(out_path, "w") as f:
-        json.dump({"rows": rows, "cpu_times": times, "versions": _versions(), "commit": git_commit(),
+        json.dump({"rows": rows, "cpu_times": times, "versions": _versions(), "commit": commit,
                    "shape": "hidden 1024, 32 tokens, bf16; LlamaRMSNorm / residual add + LlamaRMSNorm / nn.LayerNorm"},
                   f, indent=2)
     return rows
