@@ -36,6 +36,13 @@ it, h; in backward's rerun it takes the activation's upstream gradient too and w
 the routing weights' ``Σ a·gd``, so h [S, 2I] is never written or read back in between, nor a read again for the
 routing gradient.
 
+``_moe_route_kernel``: the routing prologue, one launch instead of some thirty small torch ops. From the rows'
+permutation ``perm`` that sorts the flat expert ids (stable) it writes each sorted row's token ``perm // top_k`` and
+routing weight ``w[perm]``, and (program 0) the per-expert counts, ``bounds`` and the tile map: tile t belongs to the
+first expert whose cumulative tile count passes t, its first row is ``bounds[e] + (t − first tile of e)·BLOCK_M``.
+In the forward the counts come from the sorted ids themselves (two binary searches per expert), with a flag saying
+whether every id is in ``[0, E)``; backward passes the forward's counts.
+
 Row offsets are int64 (S · K passes 2**31 at 128 experts, top-8 and long batches).
 """
 
@@ -342,3 +349,75 @@ def _moe_gate_up_glu_kernel(
         else:
             tl.store(h_rows + offs_n[None, :] * stride_hn, dg.to(h_ptr.dtype.element_ty), mask=mask)
             tl.store(h_rows + col_u[None, :] * stride_hn, du.to(h_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _lower_bound(sorted_ptr, n, target, steps):
+    """First index of each ``target`` lane in the ascending ``sorted[0:n]`` (n where all are below), vectorised
+    over the lanes; ``steps`` >= the bit length of n (a runtime bound: no recompile as n grows)."""
+    lo = tl.zeros(target.shape, dtype=tl.int64)
+    hi = lo + n
+    for _ in range(0, steps):
+        active = lo < hi
+        mid = (lo + hi) // 2
+        below = tl.load(sorted_ptr + mid, mask=active, other=0) < target
+        lo = tl.where(active & below, mid + 1, lo)
+        hi = tl.where(active & ~below, mid, hi)
+    return lo
+
+
+@triton.jit
+def _moe_route_kernel(
+    sorted_ptr, counts_ptr, perm_ptr, w_ptr, tok_ptr, ws_ptr,
+    tile_expert_ptr, tile_row_ptr, tile_end_ptr, bounds_ptr, ok_ptr,
+    S, E, NT, TOP_K, steps,
+    FROM_SORTED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr,
+    BLOCK_S: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    """The routing prologue over S = T·top_k rows and E experts; grid (max(1, cdiv(S, BLOCK_S)),).
+
+    Every program: ``tok[i] = perm[i] // TOP_K`` and ``ws[i] = w[perm[i]]`` for its BLOCK_S sorted rows. Program 0:
+    ``counts`` [E] (``FROM_SORTED``: written, from the sorted ids ``sorted[i] = ids[perm[i]]``, and ``ok`` = whether
+    they all lie in [0, E); else read), ``bounds`` [E + 1] (exclusive prefix sums, then S), and the tile map [NT]
+    (NT = cdiv(S, BLOCK_M) + E): expert (-1 for a spare tile), first row, end row. Expert e's tiles are
+    ``cum[e] − tiles[e] ≤ t < cum[e]`` with ``tiles = cdiv(counts, BLOCK_M)`` and ``cum`` their inclusive prefix sum,
+    so tile t's expert is the number of experts with ``cum[e] ≤ t``; E ≤ BLOCK_E lanes, tiles BLOCK_T at a time.
+    """
+    pid = tl.program_id(0)
+    offs = pid.to(tl.int64) * BLOCK_S + tl.arange(0, BLOCK_S)
+    s_ok = offs < S
+    p = tl.load(perm_ptr + offs, mask=s_ok, other=0).to(tl.int64)
+    tl.store(tok_ptr + offs, p // TOP_K, mask=s_ok)
+    tl.store(ws_ptr + offs, tl.load(w_ptr + p, mask=s_ok, other=0.0), mask=s_ok)
+    if pid == 0:
+        e = tl.arange(0, BLOCK_E)
+        e_ok = e < E
+        if FROM_SORTED:
+            first = _lower_bound(sorted_ptr, S, e, steps)
+            counts = _lower_bound(sorted_ptr, S, e + 1, steps) - first
+            tl.store(counts_ptr + e, counts, mask=e_ok)
+            ends = tl.load(sorted_ptr + tl.where(tl.arange(0, 2) == 0, 0, S - 1), mask=tl.arange(0, 2) < S,
+                           other=0)
+            ok = (tl.min(ends, 0) >= 0) & (tl.max(ends, 0) < E)
+            tl.store(ok_ptr, ok.to(tl.int64))
+        else:
+            counts = tl.load(counts_ptr + e, mask=e_ok, other=0).to(tl.int64)
+        counts = tl.where(e_ok, counts, 0)
+        starts = tl.cumsum(counts, 0) - counts
+        tl.store(bounds_ptr + e, starts, mask=e_ok)
+        tl.store(bounds_ptr + E, tl.sum(counts, 0))
+        tiles = (counts + BLOCK_M - 1) // BLOCK_M
+        cum = tl.cumsum(tiles, 0)
+        base = starts - (cum - tiles) * BLOCK_M  # tile t of expert e starts at row base[e] + t·BLOCK_M
+        end = starts + counts
+        for t0 in range(0, NT, BLOCK_T):
+            t = t0 + tl.arange(0, BLOCK_T).to(tl.int64)
+            ex = tl.sum(((cum[None, :] <= t[:, None]) & e_ok[None, :]).to(tl.int32), 1)
+            hit = e[None, :] == ex[:, None]  # one-hot over the experts (no lane for a spare tile's E)
+            spare = ex >= E
+            row0 = tl.sum(tl.where(hit, base[None, :], 0), 1) + t * BLOCK_M
+            row_end = tl.sum(tl.where(hit, end[None, :], 0), 1)
+            t_ok = t < NT
+            tl.store(tile_expert_ptr + t, tl.where(spare, -1, ex).to(tl.int64), mask=t_ok)
+            tl.store(tile_row_ptr + t, tl.where(spare, 0, row0), mask=t_ok)
+            tl.store(tile_end_ptr + t, tl.where(spare, 0, row_end), mask=t_ok)

@@ -297,12 +297,57 @@ def test_grouped_kernels_span_several_tiles_per_expert(transposed, gate, recompu
     # the four factor gradients, and either the rerun with the activation's gradient in its epilogue or, where h
     # was kept, the element-wise activation and its gradient
     assert fwd["_moe_grouped_gemm_kernel"] == 3 and fwd["_moe_gate_up_glu_kernel"] == 1
+    assert fwd["_moe_route_kernel"] == 1 and bwd["_moe_route_kernel"] == 1  # the routing prologue, each way
     assert bwd["_moe_grouped_gemm_kernel"] == 6 + bias and bwd["_moe_grouped_wgrad_kernel"] == 4 + 2 * bias
     assert bwd["_moe_gate_up_glu_kernel"] == recompute
     elementwise = (bwd["_act_mul_fwd_kernel"] + bwd["_moe_glu_fwd_kernel"],
                    bwd["_act_mul_bwd_kernel"] + bwd["_moe_glu_bwd_kernel"])
     assert elementwise == ((0, 0) if recompute else (1, 1))
     assert sum(fwd[k] for k in ("_act_mul_fwd_kernel", "_moe_glu_fwd_kernel")) == 0
+
+
+def _route_reference(ids: list[int], n_exp: int, bm: int) -> tuple[list, list, list]:
+    """Counts, bounds and the tile map (expert, first row, end row; spare tiles (-1, 0, 0)) in plain Python."""
+    counts = [sum(1 for i in ids if i == e) for e in range(n_exp)]
+    bounds = [sum(counts[:e]) for e in range(n_exp + 1)]
+    tiles = [(e, bounds[e] + t * bm, bounds[e + 1]) for e in range(n_exp) for t in range(-(-counts[e] // bm))]
+    return counts, bounds, tiles + [(-1, 0, 0)] * (-(-len(ids) // bm) + n_exp - len(tiles))
+
+
+@pytest.mark.parametrize("tokens,top_k,n_exp", [(700, 2, 5), (61, 3, 17), (1, 1, 3), (0, 2, 4), (300, 4, 40)])
+def test_routing_prologue_kernel_builds_the_tile_map(tokens, top_k, n_exp):
+    """The routing prologue (one launch, interpreter): from a stable sort of the ids, the counts, bounds and tile map
+    equal a plain-Python reference (experts without rows, S over two programs of 1024 rows, tile maps of several
+    steps, a single row, no rows), each sorted row's token and (bf16) routing weight bit for bit; from the counts
+    (backward) the same map; ids outside [0, E) are flagged, on either side."""
+    from peftfast.ops import _counters
+    from peftfast.ops import moe as M
+
+    torch.manual_seed(tokens)
+    live = max(1, n_exp - 2)  # the last experts get no rows
+    idx = torch.stack([torch.randperm(live)[:top_k] for _ in range(tokens)]) if tokens else \
+        torch.empty(0, top_k, dtype=torch.int64)
+    wts = torch.rand(tokens, top_k).to(torch.bfloat16)
+    ids = idx.reshape(-1)
+    sorted_ids, perm = torch.sort(ids, stable=True)
+    with _counters.count_launches() as launches:
+        tiles, bounds, counts, tok, w_sorted, ok = M._route_triton(perm, wts, n_exp, sorted_ids)
+    assert launches["_moe_route_kernel"] == 1
+    ref_counts, ref_bounds, ref_tiles = _route_reference(ids.tolist(), n_exp, M._block_m())
+    expert, row0, end, n_tiles = tiles
+    assert n_tiles == len(ref_tiles) and int(ok) == 1
+    assert counts.tolist() == ref_counts and bounds.tolist() == ref_bounds
+    assert list(zip(expert.tolist(), row0.tolist(), end.tolist())) == ref_tiles
+    assert torch.equal(tok, perm // top_k) and torch.equal(w_sorted, wts.reshape(-1)[perm])
+    again = M._route_triton(perm, wts, n_exp, counts=counts)
+    assert again[5] is None and again[2] is counts and torch.equal(again[1], bounds)
+    assert all(torch.equal(a, b) for a, b in zip(again[0][:3], tiles[:3]))
+    if tokens:
+        for bad in (-1, n_exp):
+            wrong = ids.clone()
+            wrong[len(wrong) // 2] = bad
+            sorted_bad, perm_bad = torch.sort(wrong, stable=True)
+            assert int(M._route_triton(perm_bad, wts, n_exp, sorted_bad)[5]) == 0
 
 
 @pytest.mark.parametrize("gate", ["silu", "gpt_oss"])
@@ -318,8 +363,7 @@ def test_fused_activation_epilogue_matches_the_element_wise_kernels(monkeypatch,
         g = ExpertGate("clamped_swiglu", interleaved=True, alpha=1.702, limit=1.5)  # clamps bite at this scale
     x, idx, wts, gu, dn = _case(t=29, h=40, i=36, e=4, k=2, r=3, transposed=gate != "silu", bias=gate != "silu",
                                 dtype=torch.float16)
-    ids, perm, tok = M._sorted_rows(idx)
-    grp = M._Groups(M._Groups.count(ids, 4, True, "experts"), ids.numel(), True)
+    grp, perm, _, tok, _ = M._Groups.route(wts.detach(), 4, True, "experts", idx)
     A, B = M._factors(gu.lora_a.detach(), gu.lora_b.detach(), 4, torch.float16)
     xs, gather = grp.rows(x.detach(), tok)
     xa = grp.gg(xs, gather, A, torch.float16)

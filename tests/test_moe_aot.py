@@ -87,6 +87,14 @@ WGRADS = [("dB", 2 * _I, _R, False, False), ("dA", _R, _H, True, False), ("dW", 
           ("oss_dbias", 1, 2 * _OSS_H, False, True), ("oss_dbias_d", 1, _OSS_H, True, False)]
 
 
+def _route_args(p: str, e: int) -> dict:
+    """The routing prologue over S rows and ``e`` experts: ids, counts, perm, tokens, maps and bounds int64."""
+    i64 = "*i64"
+    return dict(sorted_ptr=i64, counts_ptr=i64, perm_ptr=i64, w_ptr=p, tok_ptr=i64, ws_ptr=p, tile_expert_ptr=i64,
+                tile_row_ptr=i64, tile_end_ptr=i64, bounds_ptr=i64, ok_ptr=i64, S=_S, E=e, NT=_S // 64 + e, TOP_K=8,
+                steps=_S.bit_length() + 1)
+
+
 def _plan() -> list[aot.Job]:
     """16-bit dtypes; fp32 with TF32 (torch's allow_tf32) and with IEEE products (the launcher's default for fp32,
     as torch's own matmul: no tensor cores)."""
@@ -123,6 +131,15 @@ def _plan() -> list[aot.Job]:
                 jobs.append(aot.Job("_moe_gate_up_glu_kernel", f"{variant}-{prec}", dt, arch, {"BLOCK_M": 64, **cfg},
                                     warps, stages, meta, _glu_gemm_args(p, i, k, e, oss)))
             if prec == "tf32":
+                if dt == "bf16":  # the routing prologue: int64 ids, counts and maps; bf16 routing weights
+                    for e in (_OSS_E, _E, 512):
+                        block_e = max(16, 1 << (e - 1).bit_length())
+                        for from_sorted in (True, False):
+                            jobs.append(aot.Job("_moe_route_kernel", f"e{e}-{'fwd' if from_sorted else 'bwd'}", dt,
+                                                arch, {}, 4, 1,
+                                                dict(FROM_SORTED=from_sorted, BLOCK_M=64, BLOCK_E=block_e,
+                                                     BLOCK_S=M._ROUTE_BLOCK_S, BLOCK_T=M._route_block_t(block_e)),
+                                                _route_args(p, e)))
                 for fwd in (True, False):
                     jobs.append(aot.Job(f"_moe_glu_{'fwd' if fwd else 'bwd'}_kernel", "oss", dt, arch, {}, 4, 1,
                                         dict(ACT=M.GLU_ACTS["clamped_swiglu"], BLOCK=1024), _glu_args(p, fwd)))
@@ -145,7 +162,7 @@ def test_moe_kernels_compile_with_tensor_cores(job: aot.Job, results: dict[str, 
     assert res["shared"] <= HW_SMEM[job.arch], (job.key, res["shared"])
     if "stack_bytes" in res:
         assert res["stack_bytes"] == 0, f"{job.key} spills {res['stack_bytes']} B a thread"
-    if job.kernel.startswith("_moe_glu"):  # element-wise
+    if job.kernel.startswith(("_moe_glu", "_moe_route")):  # element-wise, and the routing prologue
         assert not res["mma_sync"] and not res["wgmma"]
         return
     if job.meta["DOT_PRECISION"] == "ieee":  # fp32 products exact to IEEE: tensor cores would round to TF32

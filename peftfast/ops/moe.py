@@ -115,20 +115,42 @@ def _block_m() -> int:
     return 16 if interpreting() else 64
 
 
-def _tile_map(counts: torch.Tensor, rows: int, bm: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
-    """(expert, first row, end row) of each ``bm``-row tile over expert-sorted rows, from per-expert ``counts`` on the
-    device; the tile count is bounded on the host by ``cdiv(rows, bm) + E`` (spare tiles get expert -1)."""
-    e = counts.numel()
-    tiles = (counts + bm - 1) // bm
-    cum = torch.cumsum(tiles, 0)
-    n = triton.cdiv(rows, bm) + e
-    i = torch.arange(n, device=counts.device)
-    ex = torch.searchsorted(cum, i, right=True)
-    exc = ex.clamp(max=e - 1)
-    starts = torch.cumsum(counts, 0) - counts
-    row0 = starts[exc] + (i - (cum - tiles)[exc]) * bm
-    end = starts[exc] + counts[exc]
-    return torch.where(ex < e, ex, -1), row0, end, n
+def _route_triton(perm: torch.Tensor, weights: torch.Tensor, n_exp: int, sorted_ids: torch.Tensor | None = None,
+                  counts: torch.Tensor | None = None) -> tuple:
+    """The routing prologue (``_moe_route_kernel``, one launch, no host sync) -> (tile map, bounds [E + 1], counts
+    [E], each sorted row's token and routing weight, the ids' range flag or None). ``sorted_ids``: the stably sorted
+    flat expert ids (``perm`` sorts them), from which the counts are made and checked; else the given ``counts``.
+    The tile map is ``(expert, first row, end row, tile count)``, its count bounded on the host by
+    ``cdiv(S, BLOCK_M) + E`` (spare tiles get expert -1)."""
+    from peftfast.kernels import moe as K
+
+    s, bm, dev = perm.numel(), _block_m(), perm.device
+    n_tiles = triton.cdiv(s, bm) + n_exp
+    from_sorted = counts is None
+    expert, row0, end = (torch.empty(n_tiles, device=dev, dtype=torch.int64) for _ in range(3))
+    bounds = torch.empty(n_exp + 1, device=dev, dtype=torch.int64)
+    if from_sorted:
+        counts = torch.empty(n_exp, device=dev, dtype=torch.int64)
+    ok = torch.empty(1, device=dev, dtype=torch.int64) if from_sorted else None
+    tok = torch.empty(s, device=dev, dtype=torch.int64)
+    w = weights.reshape(-1)
+    w_sorted = torch.empty(s, device=dev, dtype=w.dtype)
+    block_e = max(16, triton.next_power_of_2(n_exp))
+    with launching("_moe_route_kernel"):
+        K._moe_route_kernel[(max(1, triton.cdiv(s, _ROUTE_BLOCK_S)),)](
+            sorted_ids if from_sorted else perm, counts, perm, w, tok, w_sorted, expert, row0, end, bounds,
+            ok if from_sorted else bounds, s, n_exp, n_tiles, weights.shape[-1], s.bit_length() + 1,
+            FROM_SORTED=from_sorted, BLOCK_M=bm, BLOCK_E=block_e, BLOCK_S=_ROUTE_BLOCK_S,
+            BLOCK_T=_route_block_t(block_e), num_warps=4)
+    return (expert, row0, end, n_tiles), bounds, counts, tok, w_sorted, ok
+
+
+_ROUTE_BLOCK_S = 1024
+
+
+def _route_block_t(block_e: int) -> int:
+    """Tiles per step of the tile map: a [BLOCK_T, BLOCK_E] comparison of 4096 lanes (no spills at 512 experts)."""
+    return max(1, min(64, 4096 // block_e))
 
 
 def _pow2_tile(n: int, cap: int) -> int:
@@ -360,28 +382,44 @@ def _wgrad_loop(p: torch.Tensor, q: torch.Tensor, gather: torch.Tensor | None, c
 
 
 class _Groups:
-    """Rows sorted by expert, and the grouped products over them: the Triton kernels (a tile map built on the
-    device: no host sync) or, on the other backends, one GEMM per expert (the counts read on the host once)."""
+    """Rows sorted by expert, and the grouped products over them: the Triton kernels (their tile map built on the
+    device by the routing prologue: no host sync) or, on the other backends, one GEMM per expert (the counts read on
+    the host once). ``triton_tiles``: the prologue's (tile map, bounds)."""
 
-    def __init__(self, counts: torch.Tensor, rows: int, triton_path: bool):
-        self.triton = triton_path
-        if triton_path:
-            self.tmap = _tile_map(counts, rows, _block_m())
-            self.bounds = torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])
+    def __init__(self, counts: torch.Tensor, triton_tiles: tuple | None = None):
+        self.triton = triton_tiles is not None
+        if self.triton:
+            self.tmap, self.bounds = triton_tiles
         else:
             self.counts = counts.tolist()  # the one host sync of this path
             grouped = _cpu_grouped_mm() and counts.device.type == "cpu"
             self.offs = torch.cumsum(counts, 0).to(torch.int32) if grouped else None
             self._counts_t = counts
 
-    @staticmethod
-    def count(ids: torch.Tensor, n_exp: int, triton_path: bool, name: str) -> torch.Tensor:
-        """Rows per expert [E] int64, expert ids checked: on the Triton path on the device (no host sync: a CUDA
-        device-side assert carrying the message), on the others on the host."""
+    @classmethod
+    def route(cls, top_k_weights: torch.Tensor, n_exp: int, triton_path: bool, name: str,
+              top_k_index: torch.Tensor | None = None, perm: torch.Tensor | None = None,
+              counts: torch.Tensor | None = None) -> tuple:
+        """(groups, perm, counts, each sorted row's token, its routing weight) for the rows ``top_k_index`` [T, k]
+        routes (forward: sorted here, stably, expert ids checked), or for the forward's ``perm`` and ``counts``
+        (backward). Triton: the sort, then one routing-prologue launch (the ids checked on the device: a CUDA
+        device-side assert carrying the message); elsewhere torch ops, the counts read on the host once."""
+        k = top_k_weights.shape[-1]
+        sorted_ids = None
+        if perm is None:
+            sorted_ids, perm = torch.sort(top_k_index.reshape(-1), stable=True)
         if triton_path:
-            torch._assert_async(((ids >= 0) & (ids < n_exp)).all(),
-                                f"peftfast: {name}: top_k_index holds an expert id outside [0, {n_exp})")
-            return torch.zeros(n_exp, device=ids.device, dtype=torch.int64).index_add_(0, ids, torch.ones_like(ids))
+            tiles, bounds, counts, tok, w_sorted, ok = _route_triton(perm, top_k_weights, n_exp, sorted_ids, counts)
+            if ok is not None:
+                torch._assert_async(ok, f"peftfast: {name}: top_k_index holds an expert id outside [0, {n_exp})")
+            return cls(counts, (tiles, bounds)), perm, counts, tok, w_sorted
+        if counts is None:
+            counts = cls.count(top_k_index.reshape(-1), n_exp, name)
+        return cls(counts), perm, counts, perm // k, top_k_weights.reshape(-1)[perm]
+
+    @staticmethod
+    def count(ids: torch.Tensor, n_exp: int, name: str) -> torch.Tensor:
+        """Rows per expert [E] int64 (the torch path), expert ids checked on the host."""
         counts = torch.bincount(ids, minlength=n_exp)
         if counts.numel() > n_exp:
             raise ValueError(f"peftfast: {name}: top_k_index holds expert id {counts.numel() - 1}, but there are only "
@@ -521,13 +559,6 @@ _SIG = ("Tensor w_gu, Tensor? a_gu, Tensor? b_gu, Tensor? bias_gu, Tensor w_d, T
 _N_META = 10  # the floats/strs/bools of _SIG, from s_gu on
 
 
-def _sorted_rows(top_k_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(flat expert ids, perm sorting them stably, each sorted row's token)."""
-    ids = top_k_index.reshape(-1)
-    perm = torch.sort(ids, stable=True)[1]
-    return ids, perm, perm // top_k_index.shape[-1]
-
-
 @torch.library.custom_op("peftfast::moe_experts_fwd", mutates_args=(),
                          schema=f"(Tensor x, Tensor top_k_index, Tensor top_k_weights, {_SIG}, bool keep_h) "
                                 "-> (Tensor, Tensor, Tensor, Tensor)")
@@ -536,9 +567,7 @@ def _fwd_op(x, top_k_index, top_k_weights, w_gu, a_gu, b_gu, bias_gu, w_d, a_d, 
     """(y [T, H], perm [S], rows per expert [E], h [S, 2I] where ``keep_h``, else empty): backward reuses the
     sort and the counts."""
     n_exp = w_gu.shape[0]
-    ids, perm, tok = _sorted_rows(top_k_index)
-    counts = _Groups.count(ids, n_exp, backend == "triton", name)
-    grp = _Groups(counts, ids.numel(), backend == "triton")
+    grp, perm, counts, tok, w_sorted = _Groups.route(top_k_weights, n_exp, backend == "triton", name, top_k_index)
     acc = torch.promote_types(cdt, torch.float32)
     A_gu, B_gu = _factors(a_gu, b_gu, n_exp, cdt)
     A_d, B_d = _factors(a_d, b_d, n_exp, cdt)
@@ -551,8 +580,7 @@ def _fwd_op(x, top_k_index, top_k_weights, w_gu, a_gu, b_gu, bias_gu, w_d, a_d, 
         h = _gate_up(grp, xs, x_gather, w_gu, xa, B_gu, s_gu, bias_gu, transposed, cdt)
         a = _glu(h, act, alpha, limit, interleaved, backend)
     lora_d = (grp.gg(a, None, A_d, cdt), B_d, s_d) if A_d is not None else None
-    out = grp.gg_sum(a, None, _nk(w_d, transposed), acc, lora_d, perm, x.shape[0], bias_d,
-                     top_k_weights.reshape(-1)[perm])
+    out = grp.gg_sum(a, None, _nk(w_d, transposed), acc, lora_d, perm, x.shape[0], bias_d, w_sorted)
     return out.to(x.dtype), perm, counts, h if keep_h else a.new_empty((0,))
 
 
@@ -576,9 +604,8 @@ def _bwd_op(dy, x, perm, counts, top_k_weights, w_gu, a_gu, b_gu, bias_gu, w_d, 
     need_x, need_w, need_wgu, need_agu, need_bgu, need_cgu, need_wd, need_ad, need_bd, need_cd = needs
     n_exp = w_gu.shape[0]
     acc = torch.promote_types(cdt, torch.float32)
-    tok = perm // top_k_weights.shape[-1]
-    grp = _Groups(counts, perm.numel(), backend == "triton")
-    w_sorted = top_k_weights.reshape(-1)[perm]
+    grp, _, _, tok, w_sorted = _Groups.route(top_k_weights, n_exp, backend == "triton", name, perm=perm,
+                                             counts=counts)
     A_gu, B_gu = _factors(a_gu, b_gu, n_exp, cdt)
     A_d, B_d = _factors(a_d, b_d, n_exp, cdt)
     xs, x_gather = grp.rows(x.to(cdt), tok)
