@@ -35,6 +35,7 @@ from peftfast.modules._bind import (
     ZERO3_REASON,
     bind_forward,
     call_original,
+    deepspeed_imported,
     unbind_forward,
     zero3_partitioned,
 )
@@ -132,7 +133,7 @@ def fused_block_forward(self: nn.Module, hidden_states: torch.Tensor, *args, **k
     if args or nst is None or nst.kind != "rms" or any(r not in kwargs for r in st.required):
         tally(st.tally_key, "fallbacks", "positional arguments or the MLP's input norm is not fused")
         return call_original(self, st, hidden_states, *args, **kwargs)
-    if zero3_partitioned(post.weight, self.input_layernorm.weight):
+    if deepspeed_imported() and zero3_partitioned(post.weight, self._modules["input_layernorm"].weight):
         # the add+norm op reads the post-attention norm's weight outside its module, and the rebuilt norm outputs
         # read both norms' weights in backward, when ZeRO-3 has freed them
         tally(st.tally_key, "fallbacks", ZERO3_REASON)

@@ -311,7 +311,7 @@ def _check_input(layer: nn.Module, x: torch.Tensor) -> None:
         raise ValueError(
             f"peftfast: {st.name}: input has {x.shape[-1]} features in its last dimension, expected {in_f}"
         )
-    w = base_of(layer).weight
+    w = _base_weight(base_of(layer))
     if x.dtype != w.dtype and not torch.is_autocast_enabled(x.device.type):
         raise TypeError(f"peftfast: {st.name}: input dtype {x.dtype} does not match the base weight dtype {w.dtype}")
     if x.device != w.device:

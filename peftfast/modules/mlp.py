@@ -250,7 +250,8 @@ def _plan(module: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict, projs: 
     packed = len(projs) == 2
     if args or kwargs:
         return "fallback", "extra forward arguments"
-    nf4 = [nf4_mod.is_nf4_lora(getattr(module, p)) for p in projs]
+    mods = module._modules  # children read directly (nn.Module.__getattr__ is slow): this runs on every call
+    nf4 = [nf4_mod.is_nf4_lora(mods[p]) if p in mods else False for p in projs]
     if any(nf4) and not all(nf4):
         return "fallback", "gate/up/down mix NF4 and other base weights"
     if not nf4[0] and torch.is_autocast_enabled(x.device.type):
@@ -260,7 +261,7 @@ def _plan(module: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict, projs: 
         return "fallback", ZERO3_REASON
     plans = []
     for p in projs:
-        layer = getattr(module, p)
+        layer = mods[p] if p in mods else getattr(module, p)
         if getattr(layer, "_peftfast", None) is None:
             return "fallback", f"{p} is no longer patched"
         if lora_mod.has_hooks(layer):
@@ -343,13 +344,14 @@ def fused_mlp_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs) -> torc
             tally(st.tally_key, "deferred", reason)
         _zero3_late(self, st, reason)
         return call_original(self, st, x, *args, **kwargs)
-    nf4 = nf4_mod.is_nf4_lora(self.gate_proj)
+    mods = self._modules
+    nf4 = nf4_mod.is_nf4_lora(mods["gate_proj"])
     if not nf4:
         for p in ("gate_proj", "up_proj"):
-            lora_mod._check_input(getattr(self, p), x)
+            lora_mod._check_input(mods[p], x)
     tally(st.tally_key, "fused_calls")  # not `+= 1`: see peftfast.modules._tally
     for p in _PROJ:  # the projections run fused too, inside the block op
-        tally(getattr(self, p)._peftfast.tally_key, "fused_calls")
+        tally(mods[p]._peftfast.tally_key, "fused_calls")
     if nf4 and plans[0].dora:  # QDoRA: the NF4 DoRA MLP op
         projs = [_nf4_dora_proj(getattr(self, n), pl) for n, pl in zip(_PROJ, plans)]
         return nf4_dora_mlp(x, *projs, act=gate_activation(self.act_fn), recompute=_recompute(st, x),
@@ -365,10 +367,11 @@ def fused_mlp_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs) -> torc
         projs = [_dora_proj(getattr(self, n), pl) for n, pl in zip(_PROJ, plans)]
         return dora_mlp(x, *projs, act=gate_activation(self.act_fn), dropout_p=plans[0].p, down_dropout_p=plans[2].p,
                         recompute=_recompute(st, x), backend=st.backend, name=st.name)
-    gate, up, down = (_proj(getattr(self, n), pl) for n, pl in zip(_PROJ, plans))
+    gate, up, down = (_proj(mods[n], pl) for n, pl in zip(_PROJ, plans))
     # the gate's dropout segment as in the layers' sibling group, so masks do not depend on fuse_mlp
-    grp = self.gate_proj._peftfast.group
-    seg = self.gate_proj._peftfast.index if grp is not None and self.up_proj in grp.members else 0
+    gst = mods["gate_proj"]._peftfast
+    grp = gst.group
+    seg = gst.index if grp is not None and mods["up_proj"] in grp.members else 0
     return lora_mlp(x, gate, up, down, act=gate_activation(self.act_fn), dropout_p=plans[0].p,
                     down_dropout_p=plans[2].p, gate_segment=seg, recompute=_recompute(st, x), backend=st.backend,
                     name=st.name)

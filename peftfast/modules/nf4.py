@@ -111,7 +111,12 @@ def is_nf4_lora(layer: nn.Module) -> bool:
     cls = type(layer)
     peft_cls = (cls.__module__, cls.__name__) in (("peft.tuners.lora.layer", "Linear"),
                                                   ("peft.tuners.lora.bnb", "Linear4bit"))
-    return peft_cls and is_nf4_base(layer.get_base_layer())
+    if not peft_cls:
+        return False
+    base = layer  # PEFT's get_base_layer() walks hasattr through nn.Module.__getattr__: this runs on every MLP call
+    while (child := base._modules.get("base_layer")) is not None:
+        base = child
+    return is_nf4_base(base)
 
 
 def why_not_base(base: nn.Module) -> str | None:
