@@ -750,8 +750,8 @@ def _ds_worker(out_path: str) -> None:
             runtime = {**rep.runtime(model), **rep.module_runtime(model)}
             skipped = {e.name: e.reason for e in [*rep.skipped, *rep.modules] if e.reason}
             # what each LoRA layer asked DeepSpeed to gather for it, and what is left of that after unpatch
-            mods = {n: m for n, m in model.named_modules()
-                    if hasattr(m, "_peftfast_mlp") or (hasattr(m, "_peftfast") and hasattr(m, "lora_A"))}
+            mods = {n: m for n, m in model.named_modules() if hasattr(m, "_peftfast_mlp") or
+                    hasattr(m, "_peftfast_block") or (hasattr(m, "_peftfast") and hasattr(m, "lora_A"))}
             external = {n: len(getattr(m, "_external_params", {})) for n, m in mods.items()}
             peftfast.unpatch(model)
             external = {n: (k, len(getattr(mods[n], "_external_params", {}))) for n, k in external.items()}
@@ -812,9 +812,10 @@ def test_deepspeed_zero2_runs_fused_and_matches_single_process(zero_run):
 
 _L0 = "base_model.model.model.layers.0."
 # (registered, left after unpatch) per module: each attention LoRA layer its base weight, A and B; the MLP its three
-# projections' (9); the projections themselves none, since the LoRA-MLP op runs them and they are never called
+# projections' (9); the projections themselves none, since the LoRA-MLP op runs them and they are never called; the
+# fused block its two norm weights
 _ZERO3_EXTERNAL = {**{f"{_L0}self_attn.{p}_proj": (3, 0) for p in "qkvo"}, f"{_L0}mlp": (9, 0),
-                   **{f"{_L0}mlp.{p}_proj": (0, 0) for p in ("gate", "up", "down")}}
+                   **{f"{_L0}mlp.{p}_proj": (0, 0) for p in ("gate", "up", "down")}, _L0[:-1]: (2, 0)}
 
 
 @pytest.mark.parametrize("name", ["zero3", "zero3_attn"])
@@ -822,11 +823,9 @@ def test_deepspeed_zero3_runs_fused_lora_and_trains_like_peft(zero_run, name):
     """ZeRO-3 partitions the parameters and gathers each module's own around its forward and backward. Each fused
     LoRA layer registers its children's parameters with DeepSpeed before DeepSpeed's first gathering for it (3 per
     layer here: base weight, A, B), so DeepSpeed gathers them around the layer's own forward and backward and the
-    fused op serves every call, one layer at a time; what reads other modules' parameters (the LoRA-MLP op, the fused
-    block, the q/k/v rerun of recompute="attn") steps aside, each call counted with the reason. Training is that of
+    fused op serves every call, one layer at a time; the LoRA-MLP op and the fused block register what they read of
+    other modules (the projections' parameters, the two norm weights) and run every call too. Training is that of
     the unpatched model under ZeRO-3 and of one process; ``unpatch`` unregisters every external parameter."""
-    from peftfast.modules._bind import ZERO3_REASON
-
     res = zero_run["dist"]
     run, peft = res[name], res["zero3_peft"]
     assert run["partitioned"] and peft["partitioned"]
@@ -840,7 +839,7 @@ def test_deepspeed_zero3_runs_fused_lora_and_trains_like_peft(zero_run, name):
     assert mlp["fused"] == DIST_STEPS and not mlp["fallbacks"], mlp
     assert run["external"] == _ZERO3_EXTERNAL, run["external"]
     block = next(r for n, r in rt.items() if n.endswith("(block)"))
-    assert block["fused"] == 0 and block["fallbacks"] == {ZERO3_REASON: DIST_STEPS}, block
+    assert block["fused"] == DIST_STEPS and not block["fallbacks"], block  # its norm rebuilds included
 
 
 @pytest.mark.parametrize("name", list(OTHER_ZERO3_RUNS))
@@ -854,24 +853,22 @@ def test_deepspeed_zero3_other_fused_paths_train_like_peft(zero_run, name):
     assert_same_training(run["weights"], peft["weights"], peft["init"])
     lora = {n: r for n, r in run["runtime"].items() if "base_only" in r}
     assert lora and all(r["fused"] == DIST_STEPS and not r["fallbacks"] for r in lora.values()), lora
-    from peftfast.modules._bind import ZERO3_REASON
-
     rt = run["runtime"]
     # the packed LoRA-MLP op (Phi-3) and the DoRA MLP op register their projections' parameters (the magnitudes
     # too) and run every call
     mlps = [r for n, r in rt.items() if n.endswith(".mlp")]
     assert mlps and all(r["fused"] == DIST_STEPS and not r["fallbacks"] for r in mlps), rt
     blocks = [r for n, r in rt.items() if n.endswith("(block)")]
-    assert blocks and all(r["fused"] == 0 and r["fallbacks"] == {ZERO3_REASON: DIST_STEPS} for r in blocks), rt
+    assert blocks and all(r["fused"] == DIST_STEPS and not r["fallbacks"] for r in blocks), rt
     attention = [r for n, r in rt.items() if n.endswith(("(attention)", "(rope)"))]
     assert attention and all(r["fused"] == DIST_STEPS and not r["fallbacks"] for r in attention), rt
 
 
 def test_deepspeed_zero3_patch_after_initialize_runs_fused_lora(zero_run):
     """Patched after ``deepspeed.initialize`` (parameters already partitioned, DeepSpeed's hooks in place): the LoRA
-    layers and the LoRA-MLP register their parameters at patch time and run fused; blocks are skipped with the ZeRO-3
-    reason; training is unchanged."""
-    from peftfast.modules._bind import ZERO3_REASON
+    layers and the LoRA-MLP register their parameters at patch time and run fused; blocks, whose patch-time probe
+    needs the norm weights whole, are skipped with that reason; training is unchanged."""
+    from peftfast.modules.block import PARTITIONED_REASON
 
     run = zero_run["dist"]["zero3_after"]
     assert_losses_close(run["losses"], zero_run["dist"]["zero3_peft"]["losses"])
@@ -882,10 +879,11 @@ def test_deepspeed_zero3_patch_after_initialize_runs_fused_lora(zero_run):
     # patched on partitioned parameters, every layer registers at patch time (the MLP's projections too, though the
     # LoRA-MLP op runs them)
     proj = {f"{_L0}mlp.{p}_proj": (3, 0) for p in ("gate", "up", "down")}
-    assert run["external"] == {**_ZERO3_EXTERNAL, **proj}, run["external"]
+    unfused_block = {k: v for k, v in _ZERO3_EXTERNAL.items() if k != _L0[:-1]}
+    assert run["external"] == {**unfused_block, **proj}, run["external"]
     mlp = next(r for n, r in run["runtime"].items() if n.endswith(".mlp"))
     assert mlp["fused"] == DIST_STEPS and not mlp["fallbacks"], mlp
-    assert any(r == f"norm weights are {ZERO3_REASON}" for r in run["skipped"].values()), run["skipped"]
+    assert any(r == PARTITIONED_REASON for r in run["skipped"].values()), run["skipped"]
 
 
 def test_deepspeed_zero3_patched_before_deepspeed_is_imported_registers_at_the_first_step(zero_run):
@@ -904,6 +902,8 @@ def test_deepspeed_zero3_patched_before_deepspeed_is_imported_registers_at_the_f
                                   for r in lora.values()), lora
     mlp = next(r for n, r in run["runtime"].items() if n.endswith(".mlp"))
     assert mlp["fused"] == DIST_STEPS - 1 and mlp["fallbacks"] == once, mlp
+    block = next(r for n, r in run["runtime"].items() if n.endswith("(block)"))
+    assert block["fused"] == DIST_STEPS - 1 and block["fallbacks"] == once, block
     # the first step's MLP ran its projections, which registered their own parameters then
     proj = {f"{_L0}mlp.{p}_proj": (3, 0) for p in ("gate", "up", "down")}
     assert run["external"] == {**_ZERO3_EXTERNAL, **proj}, run["external"]
@@ -948,10 +948,16 @@ def test_zero3_registration_plumbing_in_one_process():
     rt = peftfast.report(model).runtime(model)
     assert all(r["fused"] == 2 and not r["fallbacks"] for n, r in rt.items() if n in lora), rt
     assert not q._forward_pre_hooks  # registered for good: the hook removed itself
+    # the fused block registers the two norm weights its add+norm op and its rebuilds read, and keeps running fused
+    block = model.base_model.model.model.layers[0]
+    norms = {id(block.input_layernorm.weight), id(block.post_attention_layernorm.weight)}
+    assert set(block._external_params) == norms and not block._forward_pre_hooks
+    fused = {n: r for n, r in peftfast.report(model).module_runtime(model).items() if n.endswith("(block)")}
+    assert [(r["fused"], r["fallbacks"]) for r in fused.values()] == [(2, {})], fused
     mlp = {n: r for n, r in peftfast.report(model).module_runtime(model).items() if n.endswith(".mlp")}
     assert [(r["fused"], r["fallbacks"]) for r in mlp.values()] == [(2, {})], mlp
     peftfast.unpatch(model)
-    for m in owners:
+    for m in [*owners, block]:
         assert not m._external_params and not m._forward_pre_hooks
 
 
@@ -988,8 +994,11 @@ def test_zero3_patched_before_deepspeed_is_imported_registers_at_the_first_call(
     attn = [n for n in lora if ".self_attn." in n]
     assert len(attn) == 4 and all(rt[n]["fused"] == 1 for n in attn), rt  # the MLP's projections run inside its op
     assert (mlp["fused"], mlp["fallbacks"]) == (1, {ZERO3_REASON: 1}), mlp
+    block = next(r for n, r in rep.module_runtime(model).items() if n.endswith("(block)"))
+    assert (block["fused"], block["fallbacks"]) == (1, {ZERO3_REASON: 1}), block
+    assert len(layer._external_params) == 2  # the block's two norm weights
     peftfast.unpatch(model)
-    for m in [*lora.values(), layer.mlp]:
+    for m in [*lora.values(), layer.mlp, layer]:
         assert not getattr(m, "_external_params", {}) and not m._forward_pre_hooks
 
 

@@ -78,9 +78,15 @@ def zero3_register(module: nn.Module) -> list:
     Call it before DeepSpeed's own pre-hook of ``module`` (from a pre-hook registered with ``prepend=True``): then
     the set ``module`` fetches is the same from DeepSpeed's first traced step on.
     """
+
+    return zero3_register_params(module, module.parameters())
+
+
+def zero3_register_params(module: nn.Module, params) -> list:
+    """:func:`zero3_register` for the given parameters only (e.g. a block's two norm weights, not its sublayers')."""
     from deepspeed.runtime.zero.partition_parameters import register_external_parameter
 
-    params = [p for p in module.parameters() if hasattr(p, "ds_id")]
+    params = [p for p in params if hasattr(p, "ds_id")]
     for p in params:
         register_external_parameter(module, p)
     return params

@@ -18,6 +18,11 @@ probed as such when the plain form does not match, and the fused forward takes t
 copied or compared: a change of the block in transformers fails the probe, and
 the block then keeps its own forward, with the reason in the report. The output pieces run as the modules they are
 (a dropout draws its mask from torch's RNG in the same order as the class forward; a norm runs its fused op).
+
+Under DeepSpeed ZeRO-3 the fused forward reads the two norm weights outside their modules (the add+norm op; the
+norms' rebuilds in backward), so the block registers those two as its own external parameters (a pre-hook first in
+line, or its first partitioned call where DeepSpeed was imported after ``patch``), and DeepSpeed gathers them around
+the block's forward and backward; the sublayers go on gathering their own.
 """
 
 from __future__ import annotations
@@ -33,11 +38,15 @@ from torch import nn
 from peftfast.modules._bind import (
     CACHE_KWARGS,
     ZERO3_REASON,
+    arm_zero3,
     bind_forward,
     call_original,
     deepspeed_imported,
     unbind_forward,
+    zero3_detach,
     zero3_partitioned,
+    zero3_register_params,
+    zero3_registered,
 )
 from peftfast.modules._tally import Tallied, tally
 from peftfast.modules.norm import rms_norm_forward
@@ -45,6 +54,8 @@ from peftfast.ops.norm import add_rms_norm
 from peftfast.ops.recompute import rebuilding
 
 CHILDREN = frozenset({"input_layernorm", "self_attn", "mlp"})
+PARTITIONED_REASON = ("norm weights are already DeepSpeed ZeRO-3 partitioned (the patch-time probe needs them whole): "
+                      "patch before deepspeed.initialize to fuse the block")
 
 
 @dataclass(frozen=True)
@@ -91,6 +102,8 @@ class BlockState(Tallied):
     mlp_pair: bool = False  # the MLP returns (hidden, extra), and the block adds the first (gpt-oss)
     fused_calls: int = 0
     fallbacks: Counter = field(default_factory=Counter)
+    zero3_params: list | None = None  # the two norm weights, registered with DeepSpeed on the block (ZeRO-3)
+    zero3_hook: object | None = None
 
 
 def is_block(module: nn.Module) -> bool:
@@ -133,10 +146,13 @@ def fused_block_forward(self: nn.Module, hidden_states: torch.Tensor, *args, **k
     if args or nst is None or nst.kind != "rms" or any(r not in kwargs for r in st.required):
         tally(st.tally_key, "fallbacks", "positional arguments or the MLP's input norm is not fused")
         return call_original(self, st, hidden_states, *args, **kwargs)
-    if deepspeed_imported() and zero3_partitioned(post.weight, self._modules["input_layernorm"].weight):
-        # the add+norm op reads the post-attention norm's weight outside its module, and the rebuilt norm outputs
-        # read both norms' weights in backward, when ZeRO-3 has freed them
+    if st.zero3_params is None and deepspeed_imported() and \
+            zero3_partitioned(post.weight, self._modules["input_layernorm"].weight):
+        # the add+norm op reads the MLP norm's weight outside its module, and the rebuilt norm outputs read both
+        # norms' weights in backward: ZeRO-3 gathers them for the block only once they are registered on it
         tally(st.tally_key, "fallbacks", ZERO3_REASON)
+        if st.zero3_hook is None:
+            _zero3_register_hook(self, ())  # patched before DeepSpeed was imported: from the next call on
         return call_original(self, st, hidden_states, *args, **kwargs)
     if getattr(self, "gradient_checkpointing", False) and self.training and torch.is_grad_enabled() and \
             _checkpoints_class_forward(self):
@@ -298,7 +314,7 @@ def why_not(module: nn.Module) -> str | None:
     if nst.form == "t5":  # its output dtype follows the weight's: the fused add + norm keeps the input's
         return f"{lay.mlp_norm} has T5's form: the residual adds stay unfused"
     if zero3_partitioned(mlp_norm.weight, module.input_layernorm.weight):
-        return f"norm weights are {ZERO3_REASON}"
+        return PARTITIONED_REASON
     sig = _signature(type(module))
     if isinstance(sig, str):
         return sig
@@ -327,12 +343,30 @@ def install(module: nn.Module, name: str, backend: str, rebuild_norms: bool = Tr
                                                        rebuild_norms=rebuild_norms,
                                                        mlp_pair=_mlp_form(module, (defaults, required), lay) is True),
                  fused_block_forward)
+    arm_zero3(module, module.__dict__["_peftfast_block"], _zero3_register_hook)
+
+
+def _zero3_register_hook(module: nn.Module, args) -> None:
+    """Forward pre-hook, first in line (``arm_zero3``): under ZeRO-3, register the two norm weights the fused
+    forward reads outside their modules (the add+norm op's, and both norms' in backward's rebuilds) as DeepSpeed
+    external parameters of the block, once, so DeepSpeed gathers them around the block's forward and backward. Only
+    those two: the sublayers keep gathering their own parameters around their own calls."""
+    st = module.__dict__.get("_peftfast_block")
+    if st is None or st.zero3_params is not None or not deepspeed_imported():
+        return
+    norms = [module._modules.get("input_layernorm"), module._modules.get(st.layout.mlp_norm)]
+    weights = [n._parameters.get("weight") for n in norms if n is not None]
+    if not any(hasattr(w, "ds_id") for w in weights):
+        return
+    zero3_registered(st, zero3_register_params(module, weights))
 
 
 def uninstall(module: nn.Module) -> bool:
-    if not isinstance(module.__dict__.get("_peftfast_block"), BlockState):
+    st = module.__dict__.get("_peftfast_block")
+    if not isinstance(st, BlockState):
         return False
     unbind_forward(module, "_peftfast_block")
+    zero3_detach(module, st)
     return True
 
 
