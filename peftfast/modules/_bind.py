@@ -44,6 +44,14 @@ def arm_zero3(module: nn.Module, state, hook) -> None:
         hook(module, ())
 
 
+def zero3_late(module: nn.Module, state, hook, reason: str) -> None:
+    """After a call that ZeRO-3 parameters sent to the original forward (``reason`` is ``ZERO3_REASON``) on a module
+    with no pre-hook armed (patched before DeepSpeed was imported): run ``hook`` now, registering them for the later
+    calls."""
+    if reason is ZERO3_REASON and state.zero3_hook is None and state.zero3_params is None:
+        hook(module, ())
+
+
 def zero3_registered(state, params: list) -> None:
     """Keep the parameters ``params`` registered for ``state``'s module and remove its pre-hook: registered once for
     good, the hook would only cost every later call of the module (a pre-hook takes ``nn.Module``'s slow call path)."""
@@ -78,7 +86,6 @@ def zero3_register(module: nn.Module) -> list:
     Call it before DeepSpeed's own pre-hook of ``module`` (from a pre-hook registered with ``prepend=True``): then
     the set ``module`` fetches is the same from DeepSpeed's first traced step on.
     """
-
     return zero3_register_params(module, module.parameters())
 
 

@@ -44,6 +44,7 @@ from peftfast.modules._bind import (
     deepspeed_imported,
     unbind_forward,
     zero3_detach,
+    zero3_late,
     zero3_partitioned,
     zero3_register_params,
     zero3_registered,
@@ -151,8 +152,7 @@ def fused_block_forward(self: nn.Module, hidden_states: torch.Tensor, *args, **k
         # the add+norm op reads the MLP norm's weight outside its module, and the rebuilt norm outputs read both
         # norms' weights in backward: ZeRO-3 gathers them for the block only once they are registered on it
         tally(st.tally_key, "fallbacks", ZERO3_REASON)
-        if st.zero3_hook is None:
-            _zero3_register_hook(self, ())  # patched before DeepSpeed was imported: from the next call on
+        zero3_late(self, st, _zero3_register_hook, ZERO3_REASON)
         return call_original(self, st, hidden_states, *args, **kwargs)
     if getattr(self, "gradient_checkpointing", False) and self.training and torch.is_grad_enabled() and \
             _checkpoints_class_forward(self):

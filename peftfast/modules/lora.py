@@ -38,6 +38,7 @@ from peftfast.modules._bind import (
     unbind_forward,
     user_hooks,
     zero3_detach,
+    zero3_late,
     zero3_partitioned,
     zero3_register,
     zero3_registered,
@@ -176,10 +177,16 @@ def base_of(layer: nn.Module) -> nn.Module:
     return base
 
 
-def base_weight_nk(layer: nn.Module) -> torch.Tensor:
-    """The frozen base weight as an ``[out, in]`` view (GPT-2 ``Conv1D`` stores ``[in, out]``)."""
-    base = base_of(layer)
-    w = base.weight
+def _base_weight(base: nn.Module):
+    # _parameters read directly (nn.Module.__getattr__ is slow); a base whose weight is not a parameter: getattr
+    w = base._parameters.get("weight")
+    return w if w is not None else base.weight
+
+
+def base_weight_nk(layer: nn.Module, base: nn.Module | None = None) -> torch.Tensor:
+    """The frozen base weight as an ``[out, in]`` view (GPT-2 ``Conv1D`` stores ``[in, out]``); ``base``: the
+    layer's base layer where the caller has it."""
+    w = _base_weight(base if base is not None else base_of(layer))
     return w.t() if getattr(layer, "fan_in_fan_out", False) else w
 
 
@@ -247,12 +254,6 @@ class _Plan:
 
 
 _PLANS: dict[tuple, _Plan] = {}  # one frozen plan per distinct value: none is built per call
-
-
-def _base_weight(base: nn.Module):
-    # _parameters read directly (nn.Module.__getattr__ is slow); a base whose weight is not a parameter: getattr
-    w = base._parameters.get("weight")
-    return w if w is not None else base.weight
 
 
 def _plan(layer: nn.Module, args: tuple, kwargs: dict, gathered: bool = False) -> _Plan | str | None:
@@ -324,12 +325,9 @@ def _member_tensors(layer: nn.Module, plan: _Plan):
     a = mods["lora_A"]._modules[name]._parameters
     b = mods["lora_B"]._modules[name]._parameters
     base = base_of(layer)
-    w = _base_weight(base)
-    if getattr(layer, "fan_in_fan_out", False):
-        w = w.t()  # GPT-2 Conv1D stores [in, out]
     params = base._parameters
     bias = params["bias"] if "bias" in params else getattr(base, "bias", None)
-    return w, bias, a["weight"], b["weight"], b.get("bias"), float(layer.scaling[name])
+    return base_weight_nk(layer, base), bias, a["weight"], b["weight"], b.get("bias"), float(layer.scaling[name])
 
 
 def _run(layers: list[nn.Module], plans: list[_Plan], x: torch.Tensor, backend: str, name: str):
@@ -389,8 +387,7 @@ def fused_lora_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs) -> tor
             tally(st.tally_key, "base_only_calls")
         else:
             tally(st.tally_key, "fallbacks", plan)
-            if plan is ZERO3_REASON and st.zero3_hook is None:
-                _zero3_register_hook(self, ())  # patched before DeepSpeed was imported: from the next call on
+            zero3_late(self, st, _zero3_register_hook, plan)
         return call_original(self, st, x, *args, **kwargs)
     nf4 = nf4_mod.is_nf4_base(base_of(self))
     if plan.dora and torch.is_autocast_enabled(x.device.type):
@@ -423,8 +420,6 @@ def fused_lora_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs) -> tor
             outs = _run(grp.members, plans, x, st.config.backend, st.name)
             return grp.put(st.index, x, outs)
     return _run([self], [plan], x, st.config.backend, st.name)[0]
-
-
 
 
 def _zero3_register_hook(layer: nn.Module, args) -> None:

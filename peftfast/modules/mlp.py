@@ -33,6 +33,7 @@ from peftfast.modules._bind import (
     unbind_forward,
     user_hooks,
     zero3_detach,
+    zero3_late,
     zero3_partitioned,
     zero3_register,
     zero3_registered,
@@ -342,7 +343,7 @@ def fused_mlp_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs) -> torc
             tally(st.tally_key, "fallbacks", reason)
         else:
             tally(st.tally_key, "deferred", reason)
-        _zero3_late(self, st, reason)
+        zero3_late(self, st, _zero3_register_hook, reason)
         return call_original(self, st, x, *args, **kwargs)
     mods = self._modules
     nf4 = nf4_mod.is_nf4_lora(mods["gate_proj"])
@@ -392,7 +393,7 @@ def packed_mlp_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs) -> tor
     if isinstance(plans, tuple):
         kind, reason = plans
         tally(st.tally_key, "fallbacks" if kind == "fallback" else "deferred", reason)
-        _zero3_late(self, st, reason)
+        zero3_late(self, st, _zero3_register_hook, reason)
         return call_original(self, st, x, *args, **kwargs)
     lora_mod._check_input(getattr(self, lay.gate_up), x)
     tally(st.tally_key, "fused_calls")
@@ -419,7 +420,7 @@ def frozen_mlp_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs) -> tor
         reason = f"input has {x.shape[-1]} features, gate_proj expects {self.gate_proj.in_features}"
     if reason is not None:
         tally(st.tally_key, "fallbacks", reason)
-        _zero3_late(self, st, reason)
+        zero3_late(self, st, _zero3_register_hook, reason)
         return call_original(self, st, x, *args, **kwargs)
     projs = [(getattr(self, p).weight, getattr(self, p).bias) for p in _PROJ]
     act = gate_activation(self.act_fn)
@@ -471,13 +472,6 @@ def _projs_of(module: nn.Module) -> tuple:
 
 def _partitioned(module: nn.Module) -> bool:
     return any(first_param_partitioned(module._modules.get(p)) for p in _projs_of(module))
-
-
-def _zero3_late(module: nn.Module, st: MLPState, reason: str) -> None:
-    """After a call that ZeRO-3 parameters sent to the original forward, where no pre-hook is armed (patched before
-    DeepSpeed was imported): register them now, for the later calls."""
-    if reason is ZERO3_REASON and st.zero3_hook is None:
-        _zero3_register_hook(module, ())
 
 
 def _zero3_register_hook(module: nn.Module, args) -> None:
