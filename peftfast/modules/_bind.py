@@ -14,6 +14,16 @@ CACHE_KWARGS = ("past_key_values", "past_key_value", "cache", "layer_past")
 ZERO3_REASON = "DeepSpeed ZeRO-3 parameters (each module's own hooks gather them: its original forward runs)"
 
 
+def base_of(layer: nn.Module) -> nn.Module:
+    """PEFT's ``get_base_layer()`` through the ``base_layer`` children themselves: every call of every patched layer
+    asks several times, and PEFT's ``hasattr`` loop goes through ``nn.Module.__getattr__`` (a raised and caught
+    AttributeError for the innermost layer)."""
+    base = layer
+    while (child := base._modules.get("base_layer")) is not None:
+        base = child
+    return base
+
+
 def zero3_partitioned(*params) -> bool:
     """Whether any of ``params`` is a DeepSpeed ZeRO-3 parameter (it carries ``ds_id`` once ``deepspeed.initialize``
     or ``zero.Init`` has partitioned it).

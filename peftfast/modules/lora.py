@@ -33,6 +33,7 @@ from peftfast.modules import nf4 as nf4_mod
 from peftfast.modules._bind import (
     ZERO3_REASON,
     arm_zero3,
+    base_of,
     bind_forward,
     call_original,
     unbind_forward,
@@ -167,16 +168,6 @@ class SiblingGroup:
 # ----------------------------------------------------------------------------------------------------------------
 # eligibility
 # ----------------------------------------------------------------------------------------------------------------
-def base_of(layer: nn.Module) -> nn.Module:
-    """PEFT's ``get_base_layer()`` through the ``base_layer`` children themselves: every call of every patched layer
-    asks several times, and PEFT's ``hasattr`` loop goes through ``nn.Module.__getattr__`` (a raised and caught
-    AttributeError for the innermost layer)."""
-    base = layer
-    while (child := base._modules.get("base_layer")) is not None:
-        base = child
-    return base
-
-
 def _base_weight(base: nn.Module):
     # _parameters read directly (nn.Module.__getattr__ is slow); a base whose weight is not a parameter: getattr
     w = base._parameters.get("weight")

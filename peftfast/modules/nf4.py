@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from peftfast.modules._bind import base_of
 from peftfast.ops import nf4 as nf4_ops
 
 
@@ -111,12 +112,7 @@ def is_nf4_lora(layer: nn.Module) -> bool:
     cls = type(layer)
     peft_cls = (cls.__module__, cls.__name__) in (("peft.tuners.lora.layer", "Linear"),
                                                   ("peft.tuners.lora.bnb", "Linear4bit"))
-    if not peft_cls:
-        return False
-    base = layer  # PEFT's get_base_layer() walks hasattr through nn.Module.__getattr__: this runs on every MLP call
-    while (child := base._modules.get("base_layer")) is not None:
-        base = child
-    return is_nf4_base(base)
+    return peft_cls and is_nf4_base(base_of(layer))
 
 
 def why_not_base(base: nn.Module) -> str | None:

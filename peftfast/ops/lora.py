@@ -618,47 +618,48 @@ _register()
 # ----------------------------------------------------------------------------------------------------------------
 # public entry points
 # ----------------------------------------------------------------------------------------------------------------
+def _fail(name: str, exc: type, msg: str):
+    raise exc((f"peftfast: {name}: " if name else "peftfast: ") + msg)
+
+
 def _check_group(x, weights, biases, lora_as, lora_bs, scales, lora_biases, dropout_p, name) -> None:
     # every eager call of every patched layer passes here: each property read once, the message built only to raise
-    def fail(exc, msg):
-        raise exc((f"peftfast: {name}: " if name else "peftfast: ") + msg)
-
     n = len(weights)
     if not (len(lora_as) == len(lora_bs) == len(scales) == n and n >= 1):
-        fail(ValueError, "weights, lora_As, lora_Bs and scales must have the same non-zero length")
+        _fail(name, ValueError, "weights, lora_As, lora_Bs and scales must have the same non-zero length")
     if not 0.0 <= dropout_p < 1.0:
-        fail(ValueError, f"dropout probability must be in [0, 1), got {dropout_p}")
+        _fail(name, ValueError, f"dropout probability must be in [0, 1), got {dropout_p}")
     k = x.shape[-1]
     dt, dev = x.dtype, x.device
     a0 = lora_as[0]
     rank, adt = a0.shape[0], a0.dtype
     if not 1 <= rank <= MAX_RANK:
-        fail(ValueError, f"LoRA rank {rank} is outside 1..{MAX_RANK}")
+        _fail(name, ValueError, f"LoRA rank {rank} is outside 1..{MAX_RANK}")
     ashape = (rank, k)
     for i in range(n):
         w, a, b = weights[i], lora_as[i], lora_bs[i]
         ws = w.shape
         if len(ws) != 2 or ws[1] != k:
-            fail(ValueError, f"input has {k} features but base weight {i} has shape {tuple(ws)} "
+            _fail(name, ValueError, f"input has {k} features but base weight {i} has shape {tuple(ws)} "
                              f"(expected [out_features, {k}])")
         if a.shape != ashape:
-            fail(ValueError, f"lora_A {i} has shape {tuple(a.shape)}, expected ({rank}, {k})")
+            _fail(name, ValueError, f"lora_A {i} has shape {tuple(a.shape)}, expected ({rank}, {k})")
         if b.shape != (ws[0], rank):
-            fail(ValueError, f"lora_B {i} has shape {tuple(b.shape)}, expected ({ws[0]}, {rank})")
+            _fail(name, ValueError, f"lora_B {i} has shape {tuple(b.shape)}, expected ({ws[0]}, {rank})")
         if w.dtype != dt:
-            fail(TypeError, f"input dtype {dt} does not match base weight dtype {w.dtype}")
+            _fail(name, TypeError, f"input dtype {dt} does not match base weight dtype {w.dtype}")
         if a.dtype != adt or b.dtype != adt:
-            fail(TypeError, f"lora_A/lora_B dtypes differ ({a.dtype}, {b.dtype})")
+            _fail(name, TypeError, f"lora_A/lora_B dtypes differ ({a.dtype}, {b.dtype})")
         bias, lbias = biases[i], lora_biases[i]
         if bias is not None and bias.shape != (ws[0],):
-            fail(ValueError, f"bias {i} has shape {tuple(bias.shape)}, expected ({ws[0]},)")
+            _fail(name, ValueError, f"bias {i} has shape {tuple(bias.shape)}, expected ({ws[0]},)")
         if lbias is not None and lbias.shape != (ws[0],):
-            fail(ValueError, f"lora bias {i} has shape {tuple(lbias.shape)}")
+            _fail(name, ValueError, f"lora bias {i} has shape {tuple(lbias.shape)}")
         for t in (w, a, b):
             if t.device != dev:
-                fail(ValueError, f"tensors are on different devices ({dev} and {t.device})")
+                _fail(name, ValueError, f"tensors are on different devices ({dev} and {t.device})")
         if w.requires_grad:
-            fail(ValueError, f"base weight {i} requires grad; the fused path only trains LoRA and biases")
+            _fail(name, ValueError, f"base weight {i} requires grad; the fused path only trains LoRA and biases")
 
 
 def lora_linear_group(
