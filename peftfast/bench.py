@@ -1100,9 +1100,8 @@ def _run_bench(cfg: BenchConfig, progress: Callable[[str], None] | None) -> dict
     tokens = [real_tokens(b) for b in batches]  # one host read per batch, outside every timed step
     ref_label = "eager" if cfg.method == "adapter" else "peft"
     plan = [("reference", ref_label, None)]
-    # recompute settings only change LoRA models' fused blocks: adapters and prefix tuning get one row
-    settings = cfg.recompute if cfg.method in LORA_METHODS else cfg.recompute[:1]
-    plan += [("peftfast", "peftfast" if i == 0 else f"peftfast recompute={r}", r) for i, r in enumerate(settings)]
+    # every method has rows per setting: adapters and prefix tuning keep frozen MLPs and blocks the settings change
+    plan += [("peftfast", "peftfast" if i == 0 else f"peftfast recompute={r}", r) for i, r in enumerate(cfg.recompute)]
     skipped: dict[str, str] = {}
     for b in cfg.baselines:
         if b == "peft":

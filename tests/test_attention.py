@@ -349,9 +349,10 @@ def test_aten_path_skips_the_keys_no_query_of_a_chunk_can_see(layout, monkeypatc
 
 
 @pytest.mark.skipif(not _ext.available(), reason=f"peftfast._C not built: {_ext.status()}")
-def test_cpu_sdpa_path_shares_one_mask_per_forward():
+def test_cpu_sdpa_path_shares_one_mask_per_forward(monkeypatch):
     """On the default CPU path the layers of a forward (same segments) share one additive mask: autograd keeps it
-    once, not once per layer; other segments get their own."""
+    once, not once per layer; other segments get their own. The cache holds a mask weakly (it lives as long as a
+    graph that saved it), a small one outright, so that the layers of a decode step (no grad) build it once."""
     from peftfast.bench import saved_activation_bytes
 
     q, k, v, qseg, kseg = _make(2, 2, 2, 13, 19, 16, torch.float32, "prefix")
@@ -372,12 +373,25 @@ def test_cpu_sdpa_path_shares_one_mask_per_forward():
     other[1][1, -3:] = -1  # padding: a different mask
     _, mixed = saved_activation_bytes(lambda: layers(1) + layers(1, other), exclude=[q, k, v])
     assert mixed.by_shape.get("(2, 1, 13, 19):float32") == 2 * mask_bytes
-    # held weakly: the mask lives as long as the graph that saved it, not until the next call
+    # a small mask (2 KB here) is held outright: without grad the second layer reuses the first one's
+    built = []
+    real_allowed = attn_ops._allowed
+    monkeypatch.setattr(attn_ops, "_allowed", lambda *a, **kw: built.append(1) or real_allowed(*a, **kw))
+    other = (other[0], other[1].clone())
+    other[1][0, -1] = -1
+    with torch.no_grad():
+        layers(3, other)
+    assert len(built) == 1 and isinstance(attn_ops._SHARED.mask[3], torch.Tensor)
+    # above HELD_MASK_BYTES, weakly: the mask lives as long as the graph that saved it, not until the next call
+    monkeypatch.setattr(attn_ops, "HELD_MASK_BYTES", mask_bytes - 1)
     out = layers(2)
     storage = attn_ops._SHARED.mask[3][0]
     assert storage() is not None
     del out
     assert storage() is None
+    with torch.no_grad():
+        layers(2, other)
+    assert len(built) == 4  # (one more for `layers(2)`) no mask outlives its layer: each no-grad layer builds one
 
 
 def _tiles_in_interpreter() -> int:

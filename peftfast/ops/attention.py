@@ -49,6 +49,8 @@ def _allowed(i0, i1, sq, sk, causal, window, qseg, kseg, device, window_right=No
     return ok
 
 
+# a mask this small outlives its layer (held by the cache below): 64 KiB is a 4-row decode step over 4096 keys in fp32
+HELD_MASK_BYTES = 64 * 1024
 _SHARED = threading.local()  # .mask: the last mask of _sdpa_mask (its key, and weak references), per thread
 
 
@@ -63,13 +65,14 @@ def _sdpa_mask(qseg, kseg, causal: bool, window, sq: int, sk: int, dtype, device
     see no key, or None when there is none). Such a row attends to key 0 in the mask, so that SDPA yields no NaN,
     and the caller zeroes its output (and with it its gradients), as the kernels output 0 there. The layers of one
     forward get the same segments: they share one mask (kept once for backward, however many layers save it), found
-    by content and held weakly, so that none outlives the graphs that saved it."""
+    by content and held weakly, so that none outlives the graphs that saved it; a small one (a decode step's) is held
+    outright, since in a forward without grad nothing else keeps it from one layer to the next."""
     key = (causal, window, window_right, sq, sk, dtype, device)
     compiling = torch.compiler.is_compiling()
     last = None if compiling else getattr(_SHARED, "mask", None)
     if last is not None and last[0] == key and _same(last[1], qseg) and _same(last[2], kseg):
-        mask = _view_of(*last[3])
-        empty = None if last[4] is None else _view_of(*last[4])
+        mask = _held(last[3])
+        empty = None if last[4] is None else _held(last[4])
         if mask is not None and (empty is not None or last[4] is None):
             return mask, empty
     ok = _allowed(0, sq, sq, sk, causal, window, qseg, kseg, device, window_right)
@@ -81,16 +84,21 @@ def _sdpa_mask(qseg, kseg, causal: bool, window, sq: int, sk: int, dtype, device
     mask = torch.zeros(ok.shape, dtype=dtype, device=device).masked_fill_(~ok, float("-inf"))
     if not compiling:
         # the storages, weakly: what autograd keeps (or a saved-tensor hook's alias of it) keeps them alive, so the
-        # mask lives as long as a graph that saved it (in a forward without grad, one layer), never longer
-        _SHARED.mask = (key, qseg, kseg, *(None if t is None else
+        # mask lives as long as a graph that saved it (in a forward without grad, one layer), never longer; up to
+        # HELD_MASK_BYTES outright (generation's decode steps run without grad, a mask per layer otherwise)
+        strong = mask.numel() * mask.element_size() <= HELD_MASK_BYTES
+        _SHARED.mask = (key, qseg, kseg, *(None if t is None else t if strong else
                                            (weakref.ref(t.untyped_storage()), t.dtype, t.shape, t.stride())
                                            for t in (mask, empty)))
     return mask, empty
 
 
-def _view_of(storage_ref, dtype, shape, stride) -> torch.Tensor | None:
-    """A tensor over a weakly held storage (None once it is gone)."""
-    st = storage_ref()
+def _held(entry) -> torch.Tensor | None:
+    """The tensor of a mask cache entry: itself, or a view of its weakly held storage (None once that is gone)."""
+    if isinstance(entry, torch.Tensor):
+        return entry
+    st, dtype, shape, stride = entry
+    st = st()
     if st is None:
         return None
     return torch.empty(0, dtype=dtype, device=st.device).set_(st, 0, shape, stride)

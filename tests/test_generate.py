@@ -1,0 +1,159 @@
+"""``generate`` on patched models: evaluation loops sample from the model they train, between training steps.
+
+A patched model must decode as the unpatched one does: the prompt's forward (left-padded rows, so per-row position
+offsets and masked keys), then one-token steps against a growing KV cache, where the attention sees more keys than
+queries and RoPE rotates at each row's own position. Greedy decoding and beam search (which reorders the cache) give
+the same tokens, and the logits of every step agree to fp32 rounding; the fused paths are asserted to have served
+those calls (counters, no fallbacks), so a silent fallback cannot pass. Encoder-decoder models decode through fused
+cross-attention over a padded source. A loop that trains, generates in eval mode and trains on matches the
+unpatched loop step for step, and ``unpatch`` gives the unpatched model's tokens back.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from _models import SEQ2SEQ_ARCHS, VOCAB, max_rel_err, peft_model, train_steps
+
+import peftfast
+
+NEW_TOKENS = 6
+LOGIT_TOL = 1e-5
+# decoder-only families through their fused blocks (Gemma 2: softcaps and a sliding window shorter than the
+# prompt; Qwen3: q/k norms; Phi-3: packed q/k/v and gate/up; GPT-2: Conv1D layers, learned positions) and
+# encoder-decoder ones (T5: relative position bias; BART: learned positions, final-logits bias)
+ARCHS = ["llama", "gemma2", "qwen3", "phi3", "gpt2", "t5", "bart"]
+
+
+def prompts(arch: str, seq: int = 7, bsz: int = 3) -> dict[str, torch.Tensor]:
+    """Token ids and the 2-D mask: decoder prompts padded on the left by 0, 3 and 1 tokens (the side generation
+    pads), sources of encoder-decoder models on the right."""
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(3, VOCAB, (bsz, seq), generator=g)
+    mask = torch.ones_like(ids)
+    for row, pad in enumerate((0, 3, 1)[:bsz]):
+        if pad:
+            if arch in SEQ2SEQ_ARCHS:
+                mask[row, -pad:] = 0
+            else:
+                mask[row, :pad] = 0
+        ids[mask == 0] = 0
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def generate(model, data: dict, **kwargs):
+    with torch.no_grad():
+        return model.generate(**data, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False,
+                              pad_token_id=0, output_logits=True, return_dict_in_generate=True, **kwargs)
+
+
+def assert_same_generation(got, want) -> None:
+    assert torch.equal(got.sequences, want.sequences), (got.sequences, want.sequences)
+    assert len(got.logits) == len(want.logits) == NEW_TOKENS
+    for step, (a, b) in enumerate(zip(got.logits, want.logits)):
+        err = max_rel_err(a, b)
+        assert err <= LOGIT_TOL, f"step {step}: logits differ by {err:.2e} (relative to their max)"
+
+
+def assert_fused_decoding(model, calls: int) -> None:
+    """Every LoRA layer ran fused ``calls`` times or more, every fused attention served its calls, nothing fell
+    back."""
+    rep = peftfast.report(model)
+    lora = rep.runtime(model)
+    assert lora and all(not r["fallbacks"] for r in lora.values()), lora
+    assert all(r["fused"] >= calls for r in lora.values()), {n: r["fused"] for n, r in lora.items()}
+    attention = {n: r for n, r in rep.module_runtime(model).items() if n.endswith("(attention)")}
+    assert attention and all(r["fused"] >= calls and not r["fallbacks"] for r in attention.values()), attention
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_greedy_generation_matches_unpatched(arch):
+    model = peft_model(arch, lora_dropout=0.1).eval()  # eval: dropout off, as generate runs it
+    data = prompts(arch)
+    want = generate(model, data)
+    peftfast.patch(model)
+    got = generate(model, data)
+    assert_same_generation(got, want)
+    # one forward per new token (decoder-only: the prompt's, then cached steps); the encoder's layers and the
+    # cross-attention's k/v projections run once
+    assert_fused_decoding(model, calls=1)
+    counts = {n: r["fused"] for n, r in peftfast.report(model).runtime(model).items()}
+    assert max(counts.values()) == NEW_TOKENS, counts
+    peftfast.unpatch(model)
+    assert_same_generation(generate(model, data), want)
+
+
+def test_beam_search_reorders_the_cache_as_unpatched():
+    model = peft_model("llama").eval()
+    data = prompts("llama")
+    want = generate(model, data, num_beams=3)
+    peftfast.patch(model)
+    got = generate(model, data, num_beams=3)
+    assert torch.equal(got.sequences, want.sequences), (got.sequences, want.sequences)
+    assert_fused_decoding(model, calls=NEW_TOKENS - 1)
+
+
+def test_generation_without_a_cache_matches_unpatched():
+    """``use_cache=False``: every step re-runs the whole padded sequence, through the training-shaped path."""
+    model = peft_model("qwen3").eval()
+    data = prompts("qwen3")
+    want = generate(model, data, use_cache=False)
+    peftfast.patch(model)
+    assert_same_generation(generate(model, data, use_cache=False), want)
+    assert_fused_decoding(model, calls=NEW_TOKENS)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_train_generate_train_matches_unpatched(dropout):
+    """The evaluation loop's pattern: steps in training mode, ``generate`` in eval mode, steps again. The fused
+    path's saved-tensor regions and dropout seeds must come out of ``generate`` as they went in."""
+    data = {k: v[:2] for k, v in prompts("llama").items()}
+    labels = data["input_ids"].masked_fill(data["attention_mask"] == 0, -100)
+    batch = {**data, "labels": labels}
+
+    def loop(model) -> tuple[list[float], torch.Tensor]:
+        first = train_steps(model, batch, steps=2, seed=3)
+        model.eval()
+        out = generate(model, data)
+        model.train()
+        return first + train_steps(model, batch, steps=2, seed=4), out
+
+    # SDPA, transformers' default: the left padding's last position predicts the first real token, and SDPA gives a
+    # query that sees no key a zero output, as the fused kernel does (eager attention averages the masked keys)
+    sdpa = {"attn_implementation": "sdpa"}
+    ref = peft_model("llama", lora_dropout=dropout, model_kwargs=sdpa)
+    fast = peft_model("llama", lora_dropout=dropout, model_kwargs=sdpa)
+    if dropout:  # the unpatched reference draws the fused path's masks (one seed stream for both)
+        from _models import use_shared_seed_dropout
+
+        peftfast.patch(fast)
+        use_shared_seed_dropout(ref, fast, dropout)
+    else:
+        peftfast.patch(fast)
+    want_losses, want_out = loop(ref)
+    got_losses, got_out = loop(fast)
+    for i, (a, b) in enumerate(zip(got_losses, want_losses)):
+        assert abs(a - b) <= 1e-5 * abs(b), f"step {i}: {a} vs {b}"
+    assert torch.equal(got_out.sequences, want_out.sequences)
+    assert_fused_decoding(fast, calls=4)
+
+
+def test_prefix_tuning_generation_matches_unpatched():
+    """PEFT prefix tuning through ``generate``. With transformers 5.17 the virtual tokens' keys sit ahead of the
+    prompt's in the cache; 5.24 and later prefer generate's own ``cache`` argument to the ``past_key_values`` PEFT
+    (0.21) passes and warn that they ignore it, so patched and unpatched models alike then decode without them
+    (a PEFT/transformers mismatch: training forwards still take the prefix)."""
+    from _models import llama
+    from peft import PrefixTuningConfig, get_peft_model
+
+    torch.manual_seed(0)
+    model = get_peft_model(llama(), PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
+    model.eval()
+    # unpadded prompts: PEFT (0.21) hands generate a mask that covers the virtual tokens while transformers (5.2x)
+    # may decode without them in the cache, and the two mask builders then read that mask differently
+    data = {k: v[:1] for k, v in prompts("llama").items()}
+    want = generate(model, data)
+    peftfast.patch(model)
+    assert_same_generation(generate(model, data), want)
+    attention = {n: r for n, r in peftfast.report(model).module_runtime(model).items() if n.endswith("(attention)")}
+    assert attention and all(r["fused"] >= NEW_TOKENS and not r["fallbacks"] for r in attention.values()), attention
