@@ -83,6 +83,44 @@ def test_greedy_generation_matches_unpatched(arch):
     assert_same_generation(generate(model, data), want)
 
 
+def _adapter_llama():
+    from _models import llama
+
+    torch.manual_seed(0)
+    model = llama()
+    peftfast.add_adapters(model)
+    with torch.no_grad():  # adapters start as the identity (zero up-projection), which would hide them
+        for name, p in model.named_parameters():
+            if "adapter" in name and p.dim() == 2:
+                p.normal_(0.0, 0.1)
+    return model
+
+
+METHODS = {
+    "dora": lambda: peft_model("llama", use_dora=True),
+    "nf4": lambda: peft_model("llama"),  # quantize_base below
+    "adapters": _adapter_llama,
+    "sliding-window": lambda: peft_model("mistral", model_kwargs={"sliding_window": 3}),
+}
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_generation_of_other_methods_matches_unpatched(method):
+    """DoRA, LoRA over NF4 base weights, bottleneck adapters, and a window shorter than the prompt (Mistral)."""
+    model = METHODS[method]().eval()
+    if method == "nf4":
+        peftfast.quantize_base(model, block_size=16)
+    data = prompts("llama")
+    want = generate(model, data)
+    peftfast.patch(model)
+    assert_same_generation(generate(model, data), want)
+    if method == "adapters":
+        attention = {n: r for n, r in peftfast.report(model).module_runtime(model).items() if "(attention)" in n}
+        assert attention and all(r["fused"] == NEW_TOKENS and not r["fallbacks"] for r in attention.values())
+    else:
+        assert_fused_decoding(model, calls=NEW_TOKENS)
+
+
 def test_beam_search_reorders_the_cache_as_unpatched():
     model = peft_model("llama").eval()
     data = prompts("llama")
