@@ -380,3 +380,36 @@ def test_gradient_checkpointing_still_checkpoints_fused_blocks(enable_first):
     assert calls and all(c == 2 for c in calls), calls  # forward + recompute
     assert abs(loss.item() - ck_loss.item()) <= TOL * abs(loss.item())
     assert max(max_rel_err(ck_grads[n], grads[n]) for n in grads) <= TOL
+
+
+class _AttnDropoutLayer(LlamaDecoderLayer):
+    """Llama's layer plus a dropout its own code applies to the attention output in training only."""
+
+    def forward(self, hidden_states, attention_mask=None, position_ids=None, cache=None, use_cache=False,
+                position_embeddings=None, **kwargs):
+        residual = hidden_states
+        h, _ = self.self_attn(hidden_states=self.input_layernorm(hidden_states), attention_mask=attention_mask,
+                              position_ids=position_ids, cache=cache, use_cache=use_cache,
+                              position_embeddings=position_embeddings, **kwargs)
+        h = residual + torch.nn.functional.dropout(h, p=0.25, training=self.training)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+def test_block_probe_runs_in_training_mode_too():
+    """A model patched in eval mode (as from_pretrained hands it over) whose layer drops out in training only: the
+    probe runs the class forward in both modes, so the block keeps it, with the training-mode reason, and training
+    matches the unpatched model draw for draw."""
+    model = peft_model("llama")
+    for layer in model.base_model.model.model.layers:
+        layer.__class__ = _AttnDropoutLayer
+    ref = clone(model)
+    model.eval()
+    peftfast.patch(model)
+    assert all(not patched and why == "in training mode, the block's forward computes something else than "
+               "r = x + attn(norm(x)); r + mlp(norm(r))" for _, patched, why in _blocks(model)), _blocks(model)
+    model.train()
+    data = batch("llama")
+    loss, grads = loss_and_grads(model, data)
+    ref_loss, ref_grads = loss_and_grads(ref, data)
+    assert abs(loss.item() - ref_loss.item()) <= 1e-5 * abs(ref_loss.item())
+    assert max(max_rel_err(grads[n], ref_grads[n]) for n in grads) <= 2e-5

@@ -574,3 +574,25 @@ def test_recompute_mlp_steps_aside_under_checkpointing_and_for_deberta_intermedi
     peftfast.patch(norms, recompute="norms")
     totals = _matches_and_saves(model, ref, norms, data)
     assert totals[0] - totals[1] >= 2 * 18 * 64 * 4, totals  # intermediate.dense's output y, per layer and token
+
+
+def test_probe_runs_the_class_code_in_training_mode_too():
+    """GPT-2's MLP with a dropout of its own code on the activation output (training only), patched in eval mode:
+    the probe's training-mode run refuses it, so it keeps its forward with that reason and trains as unpatched."""
+    from transformers.models.gpt2.modeling_gpt2 import GPT2MLP
+
+    class DroppedActivation(GPT2MLP):
+        def forward(self, hidden_states):
+            h = F.dropout(self.act(self.c_fc(hidden_states)), p=0.25, training=self.training)
+            return self.dropout(self.c_proj(h))
+
+    model = peft_model("gpt2")
+    for block in model.base_model.model.transformer.h:
+        block.mlp.__class__ = DroppedActivation
+    ref = clone(model)
+    model.eval()
+    peftfast.patch(model)
+    entries = [e for e in peftfast.report(model).modules if e.kind == "mlp"]
+    assert entries and all(not e.patched and e.reason.startswith("in training mode, ") for e in entries), entries
+    model.train()
+    _trains_as(model, ref, batch("gpt2"), 0.0)

@@ -13,6 +13,7 @@ from _models import (
     saved_shapes,
     use_shared_seed_dropout,
 )
+from torch import nn
 
 import peftfast
 from peftfast.ops import _counters
@@ -1132,3 +1133,72 @@ def test_dora_model_mlp_runs_as_one_op(p):
     # per layer at least g, u, act(g) and h no longer kept, and (the default recompute="up") z_u; with dropout u,
     # act(g) and the down projection's dropped input (I each), besides the gate/up dropped inputs and the masks
     assert layers - fused >= 2 * (3 if p else 5) * tokens * inter * 4, (layers, fused)
+
+
+class _OutputDropoutMLP(nn.Module):
+    """Llama's gated MLP plus a dropout its own code applies to the output in training (Seed-OSS's residual
+    dropout): the same children, another computation once trained."""
+
+    def forward(self, x):
+        out = self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+        return torch.nn.functional.dropout(out, p=0.25, training=self.training)
+
+
+class _SparseGateMLP(nn.Module):
+    """Gemma 3n-style: the gate is sparsified (its smaller half zeroed) before the activation, in either mode."""
+
+    def forward(self, x):
+        g = self.gate_proj(x)
+        g = g * (g >= g.median(dim=-1, keepdim=True).values)
+        return self.down_proj(self.act_fn(g) * self.up_proj(x))
+
+
+def _swap_mlps(model, cls) -> list:
+    mlps = [layer.mlp for layer in model.base_model.model.model.layers]
+    for mlp in mlps:
+        mlp.__class__ = type(cls.__name__, (cls, type(mlp)), {})
+    return mlps
+
+
+@pytest.mark.parametrize("targets", ["all-linear", "attention"])
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_gated_mlp_probe_runs_the_class_code_in_both_modes(targets, mode):
+    """Children named gate/up/down + act_fn are not enough: the class's code is probed in training and in eval mode
+    (the model's mode at patch time does not matter: from_pretrained hands models over in eval mode), for the
+    LoRA-MLP op and the frozen-MLP op alike. A dropout on the output in training keeps the class's forward, with
+    the training-mode reason, and training then matches the unpatched model draw for draw; the probe leaves the
+    user's RNG stream and every module's mode as they were."""
+    lora = {} if targets == "all-linear" else {"target_modules": ["q_proj", "v_proj"]}
+    model = peft_model("llama", **lora)
+    ref = clone(model)
+    _swap_mlps(model, _OutputDropoutMLP)
+    _swap_mlps(ref, _OutputDropoutMLP)
+    model.train(mode == "train")
+    modes = {n: m.training for n, m in model.named_modules()}
+    rng = torch.get_rng_state()
+    peftfast.patch(model)
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert {n: m.training for n, m in model.named_modules()} == modes
+    entries = [e for e in peftfast.report(model).modules if e.kind == "mlp"]
+    assert len(entries) == 2 and all(not e.patched for e in entries), peftfast.report(model).format()
+    assert all(e.reason == "in training mode, its code computes something else than "
+               "down_proj(act_fn(gate_proj(x)) * up_proj(x))" for e in entries), entries
+    model.train()
+    data = batch("llama")
+    loss, grads = loss_and_grads(model, data)
+    ref_loss, ref_grads = loss_and_grads(ref, data)
+    assert abs(loss.item() - ref_loss.item()) <= 1e-5 * abs(ref_loss.item())
+    assert max(max_rel_err(grads[n], ref_grads[n]) for n in grads) <= 2e-5
+
+
+def test_gated_mlp_probe_refuses_a_sparsified_gate():
+    model = peft_model("llama")
+    ref = clone(model)
+    _swap_mlps(model, _SparseGateMLP)
+    _swap_mlps(ref, _SparseGateMLP)
+    peftfast.patch(model)
+    entries = [e for e in peftfast.report(model).modules if e.kind == "mlp"]
+    assert entries and all(not e.patched and e.reason == "its code computes something else than "
+                           "down_proj(act_fn(gate_proj(x)) * up_proj(x))" for e in entries), entries
+    data = batch("llama")
+    assert max_rel_err(loss_and_grads(model, data)[0], loss_and_grads(ref, data)[0]) <= 1e-6

@@ -5,8 +5,13 @@ from __future__ import annotations
 import functools
 import inspect
 import sys
+from collections.abc import Callable
+from typing import TypeVar
 
+import torch
 from torch import nn
+
+_T = TypeVar("_T")
 
 # the names transformers gives a layer's cache argument ("cache": transformers >= 5.24)
 CACHE_KWARGS = ("past_key_values", "past_key_value", "cache", "layer_past")
@@ -22,6 +27,38 @@ def base_of(layer: nn.Module) -> nn.Module:
     while (child := base._modules.get("base_layer")) is not None:
         base = child
     return base
+
+
+def in_both_modes(module: nn.Module, probe: Callable[[], _T], device: torch.device | None = None) -> list[_T]:
+    """``probe()`` (a patch-time probe of ``module``'s class code) with ``module`` and its children in training
+    mode, then in eval mode (each restored after): its two results, training mode's first.
+
+    A dropout the class's own code applies (``F.dropout(..., training=self.training)``: Seed-OSS's residual
+    dropout) acts only in training mode, and ``from_pretrained`` hands models over in eval mode, so a probe in the
+    mode at hand could pass a forward that training would not reproduce. The CPU RNG (and ``device``'s, on CUDA)
+    is forked: what the probe draws leaves the user's streams alone."""
+    was = {m: m.training for m in module.modules()}
+    cuda = [device.index if device.index is not None else torch.cuda.current_device()] \
+        if device is not None and device.type == "cuda" else []
+    out = []
+    try:
+        with torch.random.fork_rng(devices=cuda, device_type="cuda"):
+            for mode in (True, False):
+                for m in was:  # the stubs a probe swaps in start in training mode: they never draw
+                    m.training = mode
+                out.append(probe())
+    finally:
+        for m, mode in was.items():
+            m.training = mode
+    return out
+
+
+def first_reason(reasons: list[str | None]) -> str | None:
+    """The reason of :func:`in_both_modes`' two results: eval mode's, else training mode's named as such; or None."""
+    train, evaluate = reasons
+    if evaluate is None and train is not None:
+        return f"in training mode, {train}"
+    return evaluate
 
 
 def zero3_partitioned(*params) -> bool:

@@ -42,6 +42,8 @@ from peftfast.modules._bind import (
     bind_forward,
     call_original,
     deepspeed_imported,
+    first_reason,
+    in_both_modes,
     unbind_forward,
     zero3_detach,
     zero3_late,
@@ -238,7 +240,13 @@ def _same_call(a, b) -> bool:
 def probe(module: nn.Module, defaults: dict, required: tuple[str, ...], layout: Layout = LAYOUTS[0],
           mlp_pair: bool = False) -> str | None:
     """None when the fused forward reproduces the class forward on ``module`` (see the module docstring), the MLP
-    returning a ``(hidden, None)`` pair where ``mlp_pair``."""
+    returning a ``(hidden, None)`` pair where ``mlp_pair``, in training mode and in eval mode."""
+    w = module._modules[layout.mlp_norm].weight
+    return first_reason(in_both_modes(module, lambda: _probe(module, defaults, required, layout, mlp_pair), w.device))
+
+
+def _probe(module: nn.Module, defaults: dict, required: tuple[str, ...], layout: Layout, mlp_pair: bool
+           ) -> str | None:
     post = module._modules[layout.mlp_norm]
     w = post.weight
     gen = torch.Generator(device="cpu").manual_seed(0)

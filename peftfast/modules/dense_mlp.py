@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from peftfast.modules._bind import bind_forward, unbind_forward, zero3_partitioned
+from peftfast.modules._bind import bind_forward, first_reason, in_both_modes, unbind_forward, zero3_partitioned
 from peftfast.modules._tally import Tallied, tally
 from peftfast.modules.mlp import gate_activation
 from peftfast.ops.dense_mlp import act_forward, dense_act, up_act_rerun
@@ -178,12 +178,17 @@ _MAPS = {  # distinct maps, so that a different order or a missing piece changes
 
 def probe(module: nn.Module, lay: Layout) -> str | None:
     """None when the class's own code computes ``tail(down(act(up(x))))`` (``output(act(up(x)), x)`` for a
-    BERT-style layer) with each piece called once, else why not (see the module docstring)."""
+    BERT-style layer) with each piece called once, in training mode and in eval mode, else why not (see the module
+    docstring)."""
     up = _parts(module, lay)[0]
     w = next((p for p in up.parameters()), None)
-    dev, dt = (w.device, w.dtype) if w is not None and w.is_floating_point() else (torch.device("cpu"), torch.float32)
+    dev = w.device if w is not None and w.is_floating_point() else torch.device("cpu")
     if dev.type == "meta":
         return "meta-device weights (nothing to probe)"
+    return first_reason(in_both_modes(module, lambda: _probe(module, lay, dev), dev))
+
+
+def _probe(module: nn.Module, lay: Layout, dev: torch.device) -> str | None:
     x = torch.randn(2, 3, 4, generator=torch.Generator().manual_seed(0)).to(device=dev, dtype=torch.float32)
     log: list = []
     if lay.kind == "intermediate":

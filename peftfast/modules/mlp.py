@@ -30,6 +30,8 @@ from peftfast.modules._bind import (
     bind_forward,
     call_original,
     first_param_partitioned,
+    first_reason,
+    in_both_modes,
     unbind_forward,
     user_hooks,
     zero3_detach,
@@ -107,7 +109,7 @@ def why_not(module: nn.Module) -> str | None:
         return f"activation {type(module.act_fn).__name__} is not SiLU/GELU"
     if user_hooks(module, own=(_zero3_register_hook,)):
         return "the MLP has forward hooks"
-    return None
+    return probe_gated(module)
 
 
 def packed_layout(module: nn.Module) -> PackedLayout | None:
@@ -142,11 +144,57 @@ class _Stub(nn.Module):
         return self.fn(x)
 
 
+def _run_stubbed(module: nn.Module, maps: dict, x: torch.Tensor, log: list):
+    """The class's own forward on ``x`` with the children named in ``maps`` swapped for recording stubs."""
+    saved = {a: module._modules.get(a) for a in maps}
+    try:
+        for a, fn in maps.items():
+            module._modules[a] = _Stub(a, log, fn)
+        with torch.no_grad():
+            return type(module).forward(module, x)
+    finally:
+        for a, m in saved.items():
+            module._modules[a] = m
+
+
+_GATED_MAPS = {"gate_proj": lambda x: x * 1.5 + 0.25, "up_proj": lambda x: x * x - 0.5,
+               "act_fn": lambda x: x * x + 0.75, "down_proj": lambda x: x * -0.5 + 1.0}
+
+
+def probe_gated(module: nn.Module) -> str | None:
+    """None when the class's own code computes ``down(act(gate(x)) · up(x))``, each child called once, in training
+    mode and in eval mode; else why not. Children named like Llama's do not make a Llama MLP: Seed-OSS drops out
+    the output in training, Gemma 3n sparsifies the gate before its activation. The children are swapped for
+    distinct non-linear element-wise stubs, so another formula changes the result."""
+    return first_reason(in_both_modes(module, lambda: _probe_gated(module)))
+
+
+def _probe_gated(module: nn.Module) -> str | None:
+    x = torch.randn(2, 3, 8, generator=torch.Generator().manual_seed(0))
+    m = _GATED_MAPS
+    expect = m["down_proj"](m["act_fn"](m["gate_proj"](x)) * m["up_proj"](x))
+    log: list = []
+    try:
+        got = _run_stubbed(module, m, x, log)
+    except Exception as exc:  # the class's code does something a gated MLP does not
+        return f"probe failed: {type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}"
+    if sorted(log) != sorted(m):
+        return f"its code calls {'/'.join(log) or 'nothing'}, not {', '.join(m)} once each"
+    if not isinstance(got, torch.Tensor) or got.shape != expect.shape or not torch.allclose(got, expect):
+        return "its code computes something else than down_proj(act_fn(gate_proj(x)) * up_proj(x))"
+    return None
+
+
 def probe_packed(module: nn.Module) -> str | None:
     """None when the class's own code computes ``down(act(g) · u)`` from ``[g | u] = gate_up(x)`` (the first half
     the gate; with the layout's dropout between, as the identity it is while it drops nothing), each child called
-    once, in that order; else why not. The children are swapped for stubs, distinct non-linear element-wise maps
-    (gate_up: two of them side by side), so another order, another split or another formula changes the result."""
+    once, in that order, in training mode and in eval mode; else why not. The children are swapped for stubs,
+    distinct non-linear element-wise maps (gate_up: two of them side by side), so another order, another split or
+    another formula changes the result."""
+    return first_reason(in_both_modes(module, lambda: _probe_packed(module)))
+
+
+def _probe_packed(module: nn.Module) -> str | None:
     lay = packed_layout(module)
     act_attr = _act_attr(module, lay)
     maps = {lay.gate_up: lambda x: torch.cat([x * 1.5 + 0.25, x * x - 0.5], dim=-1),
@@ -158,17 +206,10 @@ def probe_packed(module: nn.Module) -> str | None:
     gu = maps[lay.gate_up](x)
     expect = maps[lay.down](maps[act_attr](gu[..., :4]) * gu[..., 4:])
     log: list = []
-    saved = {a: module._modules.get(a) for a in maps}
     try:
-        for a, fn in maps.items():
-            module._modules[a] = _Stub(a, log, fn)
-        with torch.no_grad():
-            got = type(module).forward(module, x)
+        got = _run_stubbed(module, maps, x, log)
     except Exception as exc:  # the class's code does something a packed gated MLP does not
         return f"probe failed: {type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}"
-    finally:
-        for a, m in saved.items():
-            module._modules[a] = m
     order = list(maps)
     if log != order:
         return f"its code calls {'/'.join(log) or 'nothing'}, not {' -> '.join(order)} once each"
@@ -222,7 +263,7 @@ def why_not_frozen(module: nn.Module) -> str | None:
         return "not a gated MLP (gate_proj/up_proj/down_proj + act_fn)"
     if gate_activation(module.act_fn) is None:
         return f"activation {type(module.act_fn).__name__} is not SiLU/GELU"
-    return _frozen_reason(module)
+    return _frozen_reason(module) or probe_gated(module)
 
 
 @dataclass

@@ -30,6 +30,7 @@ from peftfast.modules._bind import (
     ZERO3_REASON,
     bind_forward,
     call_original,
+    in_both_modes,
     unbind_forward,
     user_hooks,
     zero3_partitioned,
@@ -212,6 +213,17 @@ def why_not(mod: nn.Module) -> str | None:
 
 
 def probe(base: nn.Module) -> ExpertGate | str:
+    """:func:`probe_mode` in training mode and in eval mode: the gate both find, or why not."""
+    train, evaluate = in_both_modes(base, lambda: probe_mode(base), base.gate_up_proj.device)
+    if isinstance(evaluate, str):
+        return evaluate
+    if train != evaluate:
+        return f"in training mode, {train}" if isinstance(train, str) else \
+            f"{type(base).__name__}'s forward computes another gate in training mode than in eval mode"
+    return evaluate
+
+
+def probe_mode(base: nn.Module) -> ExpertGate | str:
     """The :class:`ExpertGate` with which the class's own forward (its configured experts implementation) computes
     ``Σ_k w_k · (down(glu(gate_up(x) + b_gu)) + b_d)`` on the module's own stacks and biases, as :func:`experts_lora`
     does; else why not. Four tokens, two routed experts each: a few expert products. For a clamped gate the last
