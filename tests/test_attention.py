@@ -21,10 +21,10 @@ from peftfast.testing import aot
 BACKENDS = ["torch", "triton"] + (["cpp"] if _ext.available() else [])
 
 
-def _make(b, hq, hk, sq, sk, d, dtype, seg=None):
+def _make(b, hq, hk, sq, sk, d, dtype, seg=None, dv=None):
     q = torch.randn(b, sq, hq, d).transpose(1, 2).to(dtype).requires_grad_()  # the model's strided views
     k = torch.randn(b, sk, hk, d).transpose(1, 2).to(dtype).requires_grad_()
-    v = torch.randn(b, sk, hk, d).transpose(1, 2).to(dtype).requires_grad_()
+    v = torch.randn(b, sk, hk, dv or d).transpose(1, 2).to(dtype).requires_grad_()
     qseg = kseg = None
     if seg == "padding":
         kseg = torch.zeros(b, sk, dtype=torch.int32)
@@ -66,10 +66,10 @@ def _sides(window) -> dict:
     return dict(window=left, window_right=right)
 
 
-def _check(backend, b, hq, hk, sq, sk, d, causal, softcap=None, window=None, seg=None, dtype=torch.float32):
-    q, k, v, qseg, kseg = _make(b, hq, hk, sq, sk, d, dtype, seg)
+def _check(backend, b, hq, hk, sq, sk, d, causal, softcap=None, window=None, seg=None, dtype=torch.float32, dv=None):
+    q, k, v, qseg, kseg = _make(b, hq, hk, sq, sk, d, dtype, seg, dv)
     scale = 1 / math.sqrt(d)
-    g = torch.randn(b, sq, hq, d).to(dtype)
+    g = torch.randn(b, sq, hq, dv or d).to(dtype)
     w = _sides(window)
     got = _grads(lambda: flash_attention(q, k, v, causal=causal, scale=scale, softcap=softcap, qseg=qseg, kseg=kseg,
                                          backend=backend, **w), [q, k, v], g)
@@ -456,11 +456,36 @@ def test_saves_no_repeated_kv_and_launch_counts(backend):
         assert dict(bwd) == {"_attn_bwd_dkdv_kernel": 1, "_attn_bwd_dq_kernel": 1}
 
 
+MLA_CASES = [  # b, hq, hk, sq, sk, d, causal, softcap, window, seg, dv: value heads narrower than query/key heads
+    (2, 4, 4, 17, 17, 24, True, None, None, None, 16),  # DeepSeek's MLA: q/k 192 wide, v 128 (here 24 and 16)
+    (2, 4, 2, 23, 23, 16, True, None, None, "padding", 8),
+    (2, 2, 2, 13, 19, 16, True, None, None, "prefix", 8),
+    (1, 2, 1, 33, 33, 32, True, 20.0, 8, "packed", 16),
+    (2, 2, 2, 45, 45, 16, False, None, (9, 9), "mixed", 12),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", MLA_CASES)
+def test_value_heads_narrower_than_query_heads(backend, case):
+    """v [B, HK, SK, DV] with DV < D: the output is [B, SQ, HQ, DV], with q's, k's and v's gradients, on every path
+    (SDPA takes DV as it is; the kernels, with v padded to D)."""
+    *head, dv = case
+    _check(backend, *head, dv=dv)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_value_heads_narrower_than_query_heads_in_low_precision(backend):
+    _check(backend, 2, 4, 2, 23, 23, 24, True, seg="padding", dtype=torch.float16, dv=16)
+
+
 def test_bad_input_is_a_clear_error():
     q, k, v, _, _ = _make(1, 2, 1, 4, 4, 16, torch.float32)
     big = torch.randn(1, 2, 4, 272)
     with pytest.raises(ValueError, match="layers.0.attn: head dims.*at most 256"):
         flash_attention(big, big, big, name="layers.0.attn")
+    with pytest.raises(ValueError, match="head dims q 16, k 16, v 24: .* v at most theirs"):
+        flash_attention(q, k, torch.randn(1, 1, 4, 24))
     with pytest.raises(ValueError, match="dtypes differ"):
         flash_attention(q, k.double(), v)
     with pytest.raises(ValueError, match="segment ids"):
@@ -495,6 +520,36 @@ def test_padded_batch_matches_sdpa(arch):
     attn = _matches_reference(model, ref, dict(input_ids=ids, attention_mask=mask,
                                                labels=ids.masked_fill(mask == 0, -100)), mask.bool())
     assert len(attn) == 2 and all(r["fused"] == 1 and not r["fallbacks"] for r in attn.values())
+
+
+def test_multi_head_latent_attention_runs_fused():
+    """DeepSeek-V3's multi-head latent attention hands the attention function q/k heads (nope + rope dims) wider
+    than its v heads: fused, on a padded batch, with SDPA's logits and gradients; its two down-projections of the
+    hidden states run as one sibling group."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+    torch.manual_seed(0)
+    cfg = DeepseekV3Config(
+        vocab_size=128, hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4, n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1,
+        first_k_dense_replace=1, q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=16,
+        v_head_dim=16, n_group=1, topk_group=1, max_position_embeddings=64, attn_implementation="sdpa")
+    model = get_peft_model(DeepseekV3ForCausalLM(cfg), LoraConfig(r=4, target_modules="all-linear"))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.2)
+    ref = clone(model)
+    peftfast.patch(model)
+    ids, mask = _padded()
+    attn = _matches_reference(model, ref, dict(input_ids=ids, attention_mask=mask,
+                                               labels=ids.masked_fill(mask == 0, -100)), mask.bool())
+    assert len(attn) == 2 and all(r["fused"] == 1 and not r["fallbacks"] for r in attn.values()), attn
+    # the query's and the joint key/value down-projections read the same input: one sibling group per layer
+    groups = {e.group for e in peftfast.report(model).entries if e.group}
+    assert groups == {f"base_model.model.model.layers.{i}.self_attn.{{q_a_proj,kv_a_proj_with_mqa}}" for i in (0, 1)}
+    assert {r["fused"] for r in peftfast.report(model).runtime(model).values()} == {1}
 
 
 def _matches_reference(model, ref, data: dict, keep: torch.Tensor) -> dict:

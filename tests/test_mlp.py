@@ -1202,3 +1202,46 @@ def test_gated_mlp_probe_refuses_a_sparsified_gate():
                            "down_proj(act_fn(gate_proj(x)) * up_proj(x))" for e in entries), entries
     data = batch("llama")
     assert max_rel_err(loss_and_grads(model, data)[0], loss_and_grads(ref, data)[0]) <= 1e-6
+
+
+def test_gemma3n_sparse_gate_layers_keep_their_forward():
+    """Gemma 3n's MLPs are named like Llama's, but its first layers keep only the gate's top activations (a
+    Gaussian cut-off, ``activation_sparsity_pattern``) before the activation: those keep their forward, with the
+    probe's reason; the dense layers run on the op; loss and every gradient match the unpatched model."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import Gemma3nForCausalLM, Gemma3nTextConfig
+
+    cfg = Gemma3nTextConfig(
+        vocab_size=128, vocab_size_per_layer_input=128, hidden_size=32, hidden_size_per_layer_input=8,
+        intermediate_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+        layer_types=["sliding_attention", "full_attention"] * 2, num_kv_shared_layers=2, sliding_window=4,
+        activation_sparsity_pattern=[0.95, 0.95, 0.0, 0.0], laurel_rank=4, altup_num_inputs=2,
+        max_position_embeddings=64)
+    torch.manual_seed(0)
+    model = get_peft_model(Gemma3nForCausalLM(cfg), LoraConfig(r=4, target_modules="all-linear"))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.2)
+    ref = clone(model)
+    peftfast.patch(model)
+    mlps = {e.name.split(".")[-2]: e for e in peftfast.report(model).modules if e.kind == "mlp"}
+    assert {k: e.patched for k, e in mlps.items()} == {"0": False, "1": False, "2": True, "3": True}, mlps
+    assert mlps["0"].reason == "its code computes something else than down_proj(act_fn(gate_proj(x)) * up_proj(x))"
+    ids = torch.randint(3, 128, (2, 9), generator=torch.Generator().manual_seed(1))
+    data = {"input_ids": ids, "labels": ids}
+
+    def loss_and_grads_of(m):  # some LoRA layers (AltUp's correction) get no gradient on this path: not asserted
+        m.zero_grad(set_to_none=True)
+        loss = m(**data).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad for n, p in m.named_parameters() if p.grad is not None}
+
+    loss, grads = loss_and_grads_of(model)
+    ref_loss, ref_grads = loss_and_grads_of(ref)
+    assert grads.keys() == ref_grads.keys() and len(grads) > 50
+    assert abs(loss.item() - ref_loss.item()) <= 1e-5 * abs(ref_loss.item())
+    assert max(max_rel_err(grads[n], ref_grads[n]) for n in grads) <= 5e-5
+    runtime = peftfast.report(model).module_runtime(model)
+    assert [runtime.get(f"base_model.model.model.layers.{i}.mlp", {}).get("fused") for i in range(4)] == \
+        [None, None, 1, 1]

@@ -513,8 +513,9 @@ def check_inputs(q, k, v, qseg=None, kseg=None, bias=None) -> str | None:
     if not (q.device == k.device == v.device):
         return f"q/k/v devices differ ({q.device}, {k.device}, {v.device})"
     b, hq, sq, d = q.shape
-    if d > MAX_HEAD_DIM or k.shape[-1] != d or v.shape[-1] != d:
-        return f"head dims q {d}, k {k.shape[-1]}, v {v.shape[-1]}: must be equal and at most {MAX_HEAD_DIM}"
+    if d > MAX_HEAD_DIM or k.shape[-1] != d or v.shape[-1] > d:
+        return (f"head dims q {d}, k {k.shape[-1]}, v {v.shape[-1]}: q and k must be equal and at most "
+                f"{MAX_HEAD_DIM}, v at most theirs")
     if k.shape[:3] != v.shape[:3] or k.shape[0] != b or hq % k.shape[1]:
         return f"k/v shapes {tuple(k.shape)}, {tuple(v.shape)} do not fit q {tuple(q.shape)} (grouped heads)"
     if (qseg is None) != (kseg is None):
@@ -536,7 +537,8 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
                     seed: int | torch.Tensor | None = None, backend: str = "auto", name: str = "attention",
                     return_lse: bool = False, bias: torch.Tensor | None = None, window_right: int | None = None
                     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Attention of q [B, HQ, SQ, D] over k/v [B, HK, SK, D] (HQ a multiple of HK); returns [B, SQ, HQ, D], and
+    """Attention of q [B, HQ, SQ, D] over k [B, HK, SK, D] and v [B, HK, SK, DV] (HQ a multiple of HK; DV ≤ D:
+    multi-head latent attention, DeepSeek-V2/V3's, has D = 192 and DV = 128); returns [B, SQ, HQ, DV], and
     with ``return_lse`` also each row's log-sum-exp [B, HQ, SQ] fp32 (0 for a row that sees no key), differentiable:
     its gradient shifts the backward's row term (``Δ_i = rowsum(dO ⊙ O) − dlse_i``).
 
@@ -584,6 +586,11 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
         out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,
                                                                enable_gqa=q.shape[1] != k.shape[1])
         return (out if empty is None else out.masked_fill(empty, 0)).transpose(1, 2).contiguous()
+    dv = v.shape[-1]
+    if dv < q.shape[-1]:
+        # the kernels take one head dim: v is padded with zeros to q's, whose columns of the output are zeros and
+        # are dropped again (as transformers does for flash-attention 2); the kernel keeps the padded v and O
+        v = torch.nn.functional.pad(v, (0, q.shape[-1] - dv))
     qseg = None if qseg is None else qseg.to(torch.int32).contiguous()
     kseg = None if kseg is None else kseg.to(torch.int32).contiguous()
     seed_t = None
@@ -595,6 +602,8 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
             None if window is None else int(window), None if window_right is None else int(window_right),
             float(dropout_p), seed_t, "triton" if be == "triton" else "torch")
     out, lse = _direct.call(torch.ops.peftfast.flash_attn_fwd.default, _setup, _backward, args, (-1, -1))
+    if dv < q.shape[-1]:
+        out = out[..., :dv]
     return (out, lse) if return_lse else out
 
 

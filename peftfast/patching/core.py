@@ -57,6 +57,10 @@ SIBLING_SETS: tuple[frozenset[str], ...] = (
     frozenset({"w1", "w3"}),
     frozenset({"q", "k", "v"}),  # T5's attention
     frozenset({"wi_0", "wi_1"}),  # T5 v1.1's gated feed-forward (Flan-T5, mT5, UMT5)
+    # multi-head latent attention (DeepSeek-V2/V3, Kimi K2): the query's down-projection (or, without a query LoRA
+    # rank, its projection) and the joint key/value down-projection read the same hidden states
+    frozenset({"q_a_proj", "kv_a_proj_with_mqa"}),
+    frozenset({"q_proj", "kv_a_proj_with_mqa"}),
 )
 # cross-attention modules (BART/Whisper ``encoder_attn``, T5 ``EncDecAttention``, BERT decoders' ``crossattention``):
 # their q reads the decoder's states and k/v the encoder's, so their siblings form no group
