@@ -1204,10 +1204,12 @@ def test_gated_mlp_probe_refuses_a_sparsified_gate():
     assert max_rel_err(loss_and_grads(model, data)[0], loss_and_grads(ref, data)[0]) <= 1e-6
 
 
-def test_gemma3n_sparse_gate_layers_keep_their_forward():
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_gemma3n_sparse_gate_layers_keep_their_forward(backend):
     """Gemma 3n's MLPs are named like Llama's, but its first layers keep only the gate's top activations (a
     Gaussian cut-off, ``activation_sparsity_pattern``) before the activation: those keep their forward, with the
-    probe's reason; the dense layers run on the op; loss and every gradient match the unpatched model."""
+    probe's reason; the dense layers run on the op; loss and every gradient match the unpatched model. Its per-layer
+    projection is scaled in place (``*=``), which the ATen path's LoRA output must allow."""
     from peft import LoraConfig, get_peft_model
     from transformers import Gemma3nForCausalLM, Gemma3nTextConfig
 
@@ -1224,7 +1226,7 @@ def test_gemma3n_sparse_gate_layers_keep_their_forward():
             if "lora_B" in name:
                 p.normal_(0.0, 0.2)
     ref = clone(model)
-    peftfast.patch(model)
+    peftfast.patch(model, backend=backend)
     mlps = {e.name.split(".")[-2]: e for e in peftfast.report(model).modules if e.kind == "mlp"}
     assert {k: e.patched for k, e in mlps.items()} == {"0": False, "1": False, "2": True, "3": True}, mlps
     assert mlps["0"].reason == "its code computes something else than down_proj(act_fn(gate_proj(x)) * up_proj(x))"
@@ -1245,3 +1247,33 @@ def test_gemma3n_sparse_gate_layers_keep_their_forward():
     runtime = peftfast.report(model).module_runtime(model)
     assert [runtime.get(f"base_model.model.model.layers.{i}.mlp", {}).get("fused") for i in range(4)] == \
         [None, None, 1, 1]
+
+
+@pytest.mark.parametrize("backend", [*BACKENDS, "cpp"])
+@pytest.mark.parametrize("op", ["lora", "frozen", "packed", "dora"])
+def test_outputs_can_be_modified_in_place(op, backend):
+    """The ops' autograd Functions return tensors of their own, never views made inside the Function, which
+    autograd forbids modifying in place: a model may scale an MLP output with ``*=`` and backpropagate through it
+    (Gemma 3n does, on a projection)."""
+    from peftfast.ops.mlp import dora_mlp, frozen_mlp, lora_packed_mlp
+
+    _cpp_or_skip(backend)
+    torch.manual_seed(0)
+    if op == "frozen":
+        x, gate, up, down = _frozen_case(7, 16, 24, torch.float32, True)
+        run = lambda t: frozen_mlp(t, gate, up, down, backend=backend)  # noqa: E731
+    elif op == "packed":
+        x, gate_up, down = _packed_case(7, 16, 24, 4, torch.float32)
+        run = lambda t: lora_packed_mlp(t, gate_up, down, backend=backend)  # noqa: E731
+    elif op == "dora":
+        x, gate, up, down = _dora_case(7, 16, 24, 4, torch.float32)
+        run = lambda t: dora_mlp(t, gate, up, down, backend=backend)  # noqa: E731
+    else:
+        x, gate, up, down = _case(7, 16, 24, 4, torch.float32)
+        run = lambda t: lora_mlp(t, gate, up, down, backend=backend)  # noqa: E731
+    x3 = x.detach().view(1, *x.shape).requires_grad_()  # [B, S, K]: the output is reshaped back to x's dims
+    y = run(x3)
+    y.mul_(3.0).sum().backward()
+    want = x3.detach().clone().requires_grad_()
+    run(want).sum().backward()
+    assert max_rel_err(x3.grad, 3.0 * want.grad) <= 1e-6

@@ -21,6 +21,15 @@ from typing import Any
 import torch
 
 
+def out_view(t: torch.Tensor, *shape: int) -> torch.Tensor:
+    """``t.view(*shape)`` for an ``autograd.Function``'s forward to return, as a tensor autograd does not track as a
+    view. A view made inside a custom Function may not be modified in place (autograd raises: it could not rebase
+    the Function's backward), and models do modify projection outputs in place (Gemma 3n scales one with ``*=``).
+    The result has a version counter of its own: only for a tensor that nothing the Function saves aliases, or an
+    in-place change would reach backward unnoticed."""
+    return torch.ops.aten._unsafe_view.default(t, shape)
+
+
 class _Direct(torch.autograd.Function):
     @staticmethod
     def forward(ctx, spec, *flat):

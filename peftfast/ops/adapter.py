@@ -21,6 +21,7 @@ from peftfast import _ext
 from peftfast.ops import _direct
 from peftfast.ops._backend import interpreting, resolve_backend
 from peftfast.ops._counters import launching
+from peftfast.ops._direct import out_view
 
 ACTIVATIONS = {"relu": 0, "gelu": 1, "silu": 2, "gelu_tanh": 3}
 MAX_BOTTLENECK = 256
@@ -209,7 +210,7 @@ class _AdapterFunction(torch.autograd.Function):
         ctx.learned = isinstance(scale, torch.Tensor)
         ctx.scale_meta = (tuple(scale.shape), scale.dtype) if ctx.learned else None
         ctx.scale_value = None if ctx.learned else float(scale)
-        return out.view(*lead, wu.shape[0])
+        return out_view(out, *lead, wu.shape[0])
 
     @staticmethod
     def backward(ctx, grad):

@@ -32,6 +32,7 @@ import torch
 from peftfast import _ext
 from peftfast.ops import _direct
 from peftfast.ops._backend import resolve_backend
+from peftfast.ops._direct import out_view
 from peftfast.ops.recompute import LowRankSlot, capturing, deposit_low_rank, low_rank_slot
 
 MAX_RANK = 256
@@ -430,7 +431,7 @@ class _LoRAGroupFunction(torch.autograd.Function):
         ctx.save_for_backward(x2d, xa if keep_xa and slot is None else xa.new_empty((0,)), *flat)
         ctx.slot = slot
         ctx.meta = (scales, p, seed, backend, n, x.shape)
-        return tuple(y.view(*x.shape[:-1], y.shape[-1]) for y in ys)
+        return tuple(out_view(y, *x.shape[:-1], y.shape[-1]) for y in ys)
 
     @staticmethod
     def backward(ctx, *dys):

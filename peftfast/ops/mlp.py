@@ -28,6 +28,7 @@ from peftfast import _ext
 from peftfast.ops import _direct
 from peftfast.ops._backend import interpreting, resolve_backend
 from peftfast.ops._counters import launching
+from peftfast.ops._direct import out_view
 from peftfast.ops.lora import (
     _check_group,
     _dora_out,
@@ -301,7 +302,7 @@ class _LoRAMLPFunction(torch.autograd.Function):
         else:
             ctx.save_for_backward(x2d, xa_gu, g, u, xa_d, *flat)
         ctx.meta = (act, s_gu, s_d, p_gu, p_d, seed_gu, seed_d, backend, gate_segment, x.shape, recompute)
-        return y.view(*x.shape[:-1], y.shape[-1])
+        return out_view(y, *x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, dy):
@@ -372,7 +373,7 @@ class _FrozenMLPFunction(torch.autograd.Function):
         else:
             ctx.save_for_backward(g, u, wg, wu, wd)
         ctx.meta = (act, backend, recompute, x.shape)
-        return y.view(*x.shape[:-1], y.shape[-1])
+        return out_view(y, *x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, dy):
@@ -506,7 +507,7 @@ class _PackedLoRAMLPFunction(torch.autograd.Function):
         else:
             ctx.save_for_backward(x2d, xa_gu, y, xa_d, *flat)
         ctx.meta = (act, s_gu, s_d, p_gu, p_d, seed_gu, seed_d, backend, x.shape, recompute)
-        return out.view(*x.shape[:-1], out.shape[-1])
+        return out_view(out, *x.shape[:-1], out.shape[-1])
 
     @staticmethod
     def backward(ctx, dout):
@@ -614,7 +615,7 @@ class _DoRAMLPFunction(torch.autograd.Function):
         kept = {"gate_up": (), "up": (xa_gu, z_g), "none": (xa_gu, z_g, z_u)}[recompute]
         ctx.save_for_backward(x2d, xa_d, z_d, bg, bu, bd, mag_g, mag_u, mag_d, *norms, *mags, *flat, *kept)
         ctx.meta = (act, s_gu, s_d, backend, recompute, x.shape, x.dtype)
-        return y.view(*x.shape[:-1], y.shape[-1])
+        return out_view(y, *x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, dy):
@@ -715,7 +716,7 @@ class _DoRADropoutMLPFunction(torch.autograd.Function):
                               *flat, *kept)
         ctx.seeds = (seed_gu, seed_d)  # ints, or the cpp path's one-element CPU tensors (not activations)
         ctx.meta = (act, s_gu, s_d, p_gu, p_d, backend, recompute, x.shape, x.dtype)
-        return y.view(*x.shape[:-1], y.shape[-1])
+        return out_view(y, *x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, dy):

@@ -34,6 +34,7 @@ import torch
 from peftfast import _ext
 from peftfast.ops import _direct
 from peftfast.ops._backend import interpreting, resolve_backend
+from peftfast.ops._direct import out_view
 from peftfast.ops.lora import _bias_grads, _dtypes
 
 NF4_CODE = (
@@ -402,7 +403,7 @@ class _NF4LoRAFunction(torch.autograd.Function):
         y, xa = _fwd(backend, x2d, q, absmax, bias, lbias, a, b_mat, scale, p, seed, bs, chunk)
         ctx.save_for_backward(x2d, xa, bias, lbias, a, b_mat, q, am, code2, scale2, offset)
         ctx.meta = (scale, p, seed, bs, backend, chunk, x.shape)
-        return y.view(*x.shape[:-1], n)
+        return out_view(y, *x.shape[:-1], n)
 
     @staticmethod
     def backward(ctx, dy):
@@ -605,7 +606,7 @@ class _NF4LoRAMLPFunction(torch.autograd.Function):
         else:
             ctx.save_for_backward(x2d, xa_g, xa_u, g, u, xa_d, *proj, *tensor_seeds)
         ctx.meta = (act, meta, backend, chunk, recompute, x.shape, None if tensor_seeds else seeds)
-        return y.view(*x.shape[:-1], y.shape[-1])
+        return out_view(y, *x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, dy):
@@ -841,7 +842,7 @@ class _NF4DoRAMLPFunction(torch.autograd.Function):
         tensor_seeds = [t for t in seeds if isinstance(t, torch.Tensor)]
         ctx.save_for_backward(x2d, z_d, xa_d, *norms, *mags, *proj, *tensor_seeds, *kept)
         ctx.meta = (act, meta, backend, chunk, dropped, x.shape, x.dtype, None if tensor_seeds else seeds)
-        return y.view(*x.shape[:-1], y.shape[-1])
+        return out_view(y, *x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, dy):
