@@ -1277,3 +1277,58 @@ def test_outputs_can_be_modified_in_place(op, backend):
     want = x3.detach().clone().requires_grad_()
     run(want).sum().backward()
     assert max_rel_err(x3.grad, 3.0 * want.grad) <= 1e-6
+
+
+def _lfm2(**lora):
+    from peft import LoraConfig, get_peft_model
+    from transformers import Lfm2Config, Lfm2ForCausalLM
+
+    cfg = Lfm2Config(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=2, max_position_embeddings=64, layer_types=["conv", "full_attention"],
+                     block_auto_adjust_ff_dim=False)
+    torch.manual_seed(0)
+    model = get_peft_model(Lfm2ForCausalLM(cfg), LoraConfig(r=4, **lora))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.2)
+    return model
+
+
+@pytest.mark.parametrize("targets", ["all-linear", "attention"])
+@pytest.mark.parametrize("p", [0.0, 0.1])
+def test_lfm2_mlp_runs_on_the_op_with_its_functional_activation(targets, p):
+    """LFM2's MLP is ``w2(F.silu(w1(x)) * w3(x))``: no activation module, so the probe finds which activation its code
+    applies; with LoRA on w1/w3/w2 it runs the LoRA-MLP op (w1/w3 one sibling group), frozen (LoRA on the attention
+    only) the frozen-MLP op, with PEFT's loss and gradients, dropout included."""
+    lora = dict(target_modules="all-linear", lora_dropout=p) if targets == "all-linear" else \
+        dict(target_modules=["q_proj", "v_proj"], lora_dropout=p)
+    model = _lfm2(**lora)
+    ref = clone(model)
+    peftfast.patch(model)
+    mlps = [e for e in peftfast.report(model).modules if e.kind == "mlp"]
+    assert len(mlps) == 2 and all(e.patched for e in mlps), peftfast.report(model).format()
+    assert all(model.get_submodule(e.name)._peftfast_mlp.act == "silu" for e in mlps)
+    if p:
+        use_shared_seed_dropout(ref, model, p)
+    data = batch("llama")
+    loss, grads = loss_and_grads(model, data)
+    ref_loss, ref_grads = loss_and_grads(ref, data)
+    assert abs(loss.item() - ref_loss.item()) <= 1e-5 * abs(ref_loss.item())
+    assert max(max_rel_err(grads[n], ref_grads[n]) for n in grads) <= 5e-5  # fp32 rounding through the conv layer
+    runtime = {n: r for n, r in peftfast.report(model).module_runtime(model).items() if n.endswith("feed_forward")}
+    assert len(runtime) == 2 and all(r["fused"] == 1 and not r["fallbacks"] for r in runtime.values()), runtime
+
+
+def test_a_w1_w3_w2_mlp_of_another_activation_is_refused():
+    """Children named w1/w3/w2 with no activation module: the probe looks for SiLU/GELU between them and finds none
+    in a ReLU MLP, which keeps its forward with that reason."""
+    model = _lfm2(target_modules="all-linear")
+    mlps = [layer.feed_forward for layer in model.base_model.model.model.layers]
+    for mlp in mlps:
+        mlp.__class__ = type("ReluMLP", (type(mlp),), {"forward": lambda self, x: self.w2(F.relu(self.w1(x)) *
+                                                                                          self.w3(x))})
+    peftfast.patch(model)
+    entries = [e for e in peftfast.report(model).modules if e.kind == "mlp"]
+    assert entries and all(not e.patched and e.reason == "its code applies no SiLU/GELU between w1 and w3 that the "
+                           "probe finds" for e in entries), entries

@@ -1,7 +1,8 @@
 """Forward replacement for gated MLPs (Llama/Mistral/Qwen2/Qwen3/Gemma-style ``gate_proj``/``up_proj``/
-``down_proj`` + ``act_fn``): one fused LoRA-MLP op where the three projections are patched PEFT LoRA layers (the
-NF4 LoRA-MLP op where their bases are NF4), one frozen-MLP op where all three are plain frozen ``nn.Linear`` (the
-base of a model tuned elsewhere: LoRA on the attention only, prompt learning, bottleneck adapters).
+``down_proj`` + ``act_fn``; LFM2's ``w1``/``w3``/``w2`` around a functional SiLU): one fused LoRA-MLP op where the
+three projections are patched PEFT LoRA layers (the NF4 LoRA-MLP op where their bases are NF4), one frozen-MLP op
+where all three are plain frozen ``nn.Linear`` (the base of a model tuned elsewhere: LoRA on the attention only,
+prompt learning, bottleneck adapters).
 
 Packed gated MLPs (Phi-3, GLM, GLM-4: one ``gate_up_proj`` of width 2·I, chunked into gate and up, then
 ``down_proj``; ModernBERT: ``Wi``, ``act``, ``drop``, ``Wo``) run the packed LoRA-MLP op where both projections are
@@ -20,6 +21,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from peftfast.modules import lora as lora_mod
@@ -46,6 +48,27 @@ from peftfast.ops.nf4 import nf4_dora_mlp, nf4_lora_mlp
 from peftfast.ops.recompute import worth_rebuilding
 
 _PROJ = ("gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class GatedLayout:
+    """The child names of a gated MLP ``down(act(gate(x)) · up(x))``; ``act`` the activation module's attribute, or
+    None where the class's code applies a functional activation, which the probe finds (LFM2:
+    ``w2(F.silu(w1(x)) * w3(x))``)."""
+
+    gate: str
+    up: str
+    down: str
+    act: str | None
+
+    @property
+    def projs(self) -> tuple[str, str, str]:
+        return self.gate, self.up, self.down
+
+
+GATED_LAYOUTS = (GatedLayout("gate_proj", "up_proj", "down_proj", "act_fn"),  # Llama and most decoders
+                 GatedLayout("w1", "w3", "w2", None))  # LFM2
+_FUNCTIONAL_ACTS = {"silu": F.silu, "gelu": F.gelu, "gelu_tanh": lambda t: F.gelu(t, approximate="tanh")}
 
 
 @dataclass(frozen=True)
@@ -81,8 +104,30 @@ def gate_activation(act: nn.Module) -> str | None:
     return None
 
 
+def gated_layout(module: nn.Module) -> GatedLayout | None:
+    """The first of :data:`GATED_LAYOUTS` whose children ``module`` has (the probe confirms what its code computes)."""
+    mods = module._modules
+    for lay in GATED_LAYOUTS:
+        if all(isinstance(mods.get(p), nn.Module) for p in lay.projs) and (lay.act is None or hasattr(module, lay.act)):
+            return lay
+    return None
+
+
 def is_gated_mlp(module: nn.Module) -> bool:
-    return all(isinstance(getattr(module, p, None), nn.Module) for p in _PROJ) and hasattr(module, "act_fn")
+    return gated_layout(module) is not None
+
+
+def gated_projs(module: nn.Module) -> tuple[str, str, str]:
+    """The gate, up and down child names of a gated MLP (``is_gated_mlp``)."""
+    return gated_layout(module).projs
+
+
+def _gated_act(module: nn.Module, lay: GatedLayout) -> str | None:
+    """The activation of a gated MLP: its module's (``gate_activation``), or the functional one its probe found."""
+    if lay.act is not None:
+        return gate_activation(getattr(module, lay.act))
+    st = module.__dict__.get("_peftfast_mlp")
+    return st.act if st is not None and st.act is not None else _probe_functional_act(module, lay)
 
 
 def _projections_reason(module: nn.Module, projs: tuple, dora_ok: bool = False,
@@ -98,15 +143,25 @@ def _projections_reason(module: nn.Module, projs: tuple, dora_ok: bool = False,
     return None
 
 
+def _act_reason(module: nn.Module, lay: GatedLayout) -> str | None:
+    if lay.act is None:
+        return None if _probe_functional_act(module, lay) is not None else \
+            f"its code applies no SiLU/GELU between {lay.gate} and {lay.up} that the probe finds"
+    act = getattr(module, lay.act)
+    return None if gate_activation(act) is not None else f"activation {type(act).__name__} is not SiLU/GELU"
+
+
 def why_not(module: nn.Module) -> str | None:
     """None if this gated MLP can run as one fused LoRA-MLP op (its projections already patched), else why not."""
-    if not is_gated_mlp(module):
-        return "not a gated MLP (gate_proj/up_proj/down_proj + act_fn)"
-    why = _projections_reason(module, _PROJ, dora_ok=True)
+    lay = gated_layout(module)
+    if lay is None:
+        return "not a gated MLP (gate_proj/up_proj/down_proj + act_fn, or w1/w3/w2)"
+    why = _projections_reason(module, lay.projs, dora_ok=True)
     if why is not None:
         return why
-    if gate_activation(module.act_fn) is None:
-        return f"activation {type(module.act_fn).__name__} is not SiLU/GELU"
+    why = _act_reason(module, lay)
+    if why is not None:
+        return why
     if user_hooks(module, own=(_zero3_register_hook,)):
         return "the MLP has forward hooks"
     return probe_gated(module)
@@ -157,8 +212,8 @@ def _run_stubbed(module: nn.Module, maps: dict, x: torch.Tensor, log: list):
             module._modules[a] = m
 
 
-_GATED_MAPS = {"gate_proj": lambda x: x * 1.5 + 0.25, "up_proj": lambda x: x * x - 0.5,
-               "act_fn": lambda x: x * x + 0.75, "down_proj": lambda x: x * -0.5 + 1.0}
+_GATE_MAP, _UP_MAP, _ACT_MAP, _DOWN_MAP = (lambda x: x * 1.5 + 0.25, lambda x: x * x - 0.5, lambda x: x * x + 0.75,
+                                          lambda x: x * -0.5 + 1.0)
 
 
 def probe_gated(module: nn.Module) -> str | None:
@@ -166,22 +221,40 @@ def probe_gated(module: nn.Module) -> str | None:
     mode and in eval mode; else why not. Children named like Llama's do not make a Llama MLP: Seed-OSS drops out
     the output in training, Gemma 3n sparsifies the gate before its activation. The children are swapped for
     distinct non-linear element-wise stubs, so another formula changes the result."""
-    return first_reason(in_both_modes(module, lambda: _probe_gated(module)))
+    lay = gated_layout(module)
+    act = _gated_act(module, lay)
+    return first_reason(in_both_modes(module, lambda: _probe_gated(module, lay, act)))
 
 
-def _probe_gated(module: nn.Module) -> str | None:
+def _probe_functional_act(module: nn.Module, lay: GatedLayout) -> str | None:
+    """The functional activation (``silu`` / ``gelu`` / ``gelu_tanh``) with which the class's code computes
+    ``down(act(gate(x)) · up(x))`` (in eval mode), or None."""
+    found = in_both_modes(module, lambda: next((a for a in _FUNCTIONAL_ACTS if _probe_gated(module, lay, a) is None),
+                                               None))
+    return found[1] if found[0] == found[1] else None
+
+
+def _probe_gated(module: nn.Module, lay: GatedLayout, act: str | None) -> str | None:
     x = torch.randn(2, 3, 8, generator=torch.Generator().manual_seed(0))
-    m = _GATED_MAPS
-    expect = m["down_proj"](m["act_fn"](m["gate_proj"](x)) * m["up_proj"](x))
+    maps = {lay.gate: _GATE_MAP, lay.up: _UP_MAP, lay.down: _DOWN_MAP}
+    act_fn = _ACT_MAP
+    if lay.act is not None:
+        maps[lay.act] = _ACT_MAP
+    elif act is None:
+        return "no activation to probe"
+    else:
+        act_fn = _FUNCTIONAL_ACTS[act]
+    expect = _DOWN_MAP(act_fn(_GATE_MAP(x)) * _UP_MAP(x))
     log: list = []
     try:
-        got = _run_stubbed(module, m, x, log)
+        got = _run_stubbed(module, maps, x, log)
     except Exception as exc:  # the class's code does something a gated MLP does not
         return f"probe failed: {type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}"
-    if sorted(log) != sorted(m):
-        return f"its code calls {'/'.join(log) or 'nothing'}, not {', '.join(m)} once each"
+    if sorted(log) != sorted(maps):
+        return f"its code calls {'/'.join(log) or 'nothing'}, not {', '.join(maps)} once each"
     if not isinstance(got, torch.Tensor) or got.shape != expect.shape or not torch.allclose(got, expect):
-        return "its code computes something else than down_proj(act_fn(gate_proj(x)) * up_proj(x))"
+        act_name = lay.act or act
+        return f"its code computes something else than {lay.down}({act_name}({lay.gate}(x)) * {lay.up}(x))"
     return None
 
 
@@ -241,7 +314,8 @@ def why_not_packed(module: nn.Module) -> str | None:
 def _frozen_reason(module: nn.Module, gathered: bool = True) -> str | None:
     """Why the projections of a gated MLP are not plain frozen linears the frozen-MLP op can read, or None
     (``gathered``: ZeRO-3 partitioned projections are gathered for the op; see ``_zero3_register_hook``)."""
-    for p in _PROJ:
+    projs = gated_projs(module)
+    for p in projs:
         layer = getattr(module, p)
         if not isinstance(layer, nn.Linear) or type(layer).forward is not nn.Linear.forward:
             return f"{p} is a {type(layer).__name__}, not a plain nn.Linear"
@@ -252,18 +326,17 @@ def _frozen_reason(module: nn.Module, gathered: bool = True) -> str | None:
             return f"{p} trains (requires_grad): the frozen-MLP op computes no weight gradients"
         if not gathered and zero3_partitioned(*params):
             return ZERO3_REASON
-    if len({getattr(module, p).weight.dtype for p in _PROJ}) != 1:
+    if len({getattr(module, p).weight.dtype for p in projs}) != 1:
         return "gate/up/down weights differ in dtype"
     return None
 
 
 def why_not_frozen(module: nn.Module) -> str | None:
     """None if this gated MLP of frozen ``nn.Linear`` projections can run as one frozen-MLP op, else why not."""
-    if not is_gated_mlp(module):
-        return "not a gated MLP (gate_proj/up_proj/down_proj + act_fn)"
-    if gate_activation(module.act_fn) is None:
-        return f"activation {type(module.act_fn).__name__} is not SiLU/GELU"
-    return _frozen_reason(module) or probe_gated(module)
+    lay = gated_layout(module)
+    if lay is None:
+        return "not a gated MLP (gate_proj/up_proj/down_proj + act_fn, or w1/w3/w2)"
+    return _act_reason(module, lay) or _frozen_reason(module) or probe_gated(module)
 
 
 @dataclass
@@ -274,6 +347,8 @@ class MLPState(Tallied):
     recompute: str = "none"  # what backward rebuilds instead of keeping (peftfast.ops.mlp.MLP_RECOMPUTE)
     frozen: bool = False  # plain frozen projections (the frozen-MLP op), not patched LoRA layers
     layout: PackedLayout | None = None  # a packed gated MLP's child names (the packed LoRA-MLP op), found at install
+    gated: GatedLayout | None = None  # a gated MLP's child names, found at install
+    act: str | None = None  # a gated MLP's activation where its code applies a functional one (found at install)
     fused_calls: int = 0
     fallbacks: Counter = field(default_factory=Counter)  # block-level reasons (the projections still run fused)
     deferred: Counter = field(default_factory=Counter)  # adapter states the LoRA layers themselves report
@@ -328,7 +403,7 @@ def _plan(module: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict, projs: 
     g, u, d = plans
     if (g.rank, g.p, g.lora_dtype) != (u.rank, u.p, u.lora_dtype):
         return "fallback", "gate/up LoRA rank, dropout or dtype differ"
-    if not getattr(module.gate_proj._peftfast.config, "group_siblings", True):
+    if not getattr(mods[projs[0]]._peftfast.config, "group_siblings", True):
         return "fallback", "group_siblings=False"
     return plans
 
@@ -377,7 +452,10 @@ def _proj(layer: nn.Module, plan) -> tuple:
 def fused_mlp_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     """Drop-in ``forward`` for a gated MLP whose projections are patched LoRA layers (bound by ``patch``)."""
     st: MLPState = self._peftfast_mlp
-    plans = _plan(self, x, args, kwargs)
+    lay = st.gated
+    names = lay.projs
+    act = gate_activation(getattr(self, lay.act)) if lay.act is not None else st.act
+    plans = _plan(self, x, args, kwargs, names) if act is not None else ("fallback", "its activation changed")
     if isinstance(plans, tuple):
         kind, reason = plans
         if kind == "fallback":
@@ -387,34 +465,33 @@ def fused_mlp_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs) -> torc
         zero3_late(self, st, _zero3_register_hook, reason)
         return call_original(self, st, x, *args, **kwargs)
     mods = self._modules
-    nf4 = nf4_mod.is_nf4_lora(mods["gate_proj"])
+    nf4 = nf4_mod.is_nf4_lora(mods[lay.gate])
     if not nf4:
-        for p in ("gate_proj", "up_proj"):
+        for p in (lay.gate, lay.up):
             lora_mod._check_input(mods[p], x)
     tally(st.tally_key, "fused_calls")  # not `+= 1`: see peftfast.modules._tally
-    for p in _PROJ:  # the projections run fused too, inside the block op
+    for p in names:  # the projections run fused too, inside the block op
         tally(mods[p]._peftfast.tally_key, "fused_calls")
     if nf4 and plans[0].dora:  # QDoRA: the NF4 DoRA MLP op
-        projs = [_nf4_dora_proj(getattr(self, n), pl) for n, pl in zip(_PROJ, plans)]
-        return nf4_dora_mlp(x, *projs, act=gate_activation(self.act_fn), recompute=_recompute(st, x),
-                            backend=st.backend, name=st.name)
+        projs = [_nf4_dora_proj(mods[n], pl) for n, pl in zip(names, plans)]
+        return nf4_dora_mlp(x, *projs, act=act, recompute=_recompute(st, x), backend=st.backend, name=st.name)
     if nf4:
         dev = x.device.type
         dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
-        projs = [_nf4_proj(getattr(self, n), pl, dt) for n, pl in zip(_PROJ, plans)]
+        projs = [_nf4_proj(mods[n], pl, dt) for n, pl in zip(names, plans)]
         with torch.autocast(dev, enabled=False):
-            return nf4_lora_mlp(x if dt is None else x.to(dt), *projs, act=gate_activation(self.act_fn),
-                                recompute=_recompute(st, x), backend=st.backend, name=st.name)
+            return nf4_lora_mlp(x if dt is None else x.to(dt), *projs, act=act, recompute=_recompute(st, x),
+                                backend=st.backend, name=st.name)
     if plans[0].dora:  # all three DoRA (_plan): the DoRA MLP op, gate/up masks as segments 0 and 1 of one seed
-        projs = [_dora_proj(getattr(self, n), pl) for n, pl in zip(_PROJ, plans)]
-        return dora_mlp(x, *projs, act=gate_activation(self.act_fn), dropout_p=plans[0].p, down_dropout_p=plans[2].p,
+        projs = [_dora_proj(mods[n], pl) for n, pl in zip(names, plans)]
+        return dora_mlp(x, *projs, act=act, dropout_p=plans[0].p, down_dropout_p=plans[2].p,
                         recompute=_recompute(st, x), backend=st.backend, name=st.name)
-    gate, up, down = (_proj(mods[n], pl) for n, pl in zip(_PROJ, plans))
+    gate, up, down = (_proj(mods[n], pl) for n, pl in zip(names, plans))
     # the gate's dropout segment as in the layers' sibling group, so masks do not depend on fuse_mlp
-    gst = mods["gate_proj"]._peftfast
+    gst = mods[lay.gate]._peftfast
     grp = gst.group
-    seg = gst.index if grp is not None and mods["up_proj"] in grp.members else 0
-    return lora_mlp(x, gate, up, down, act=gate_activation(self.act_fn), dropout_p=plans[0].p,
+    seg = gst.index if grp is not None and mods[lay.up] in grp.members else 0
+    return lora_mlp(x, gate, up, down, act=act, dropout_p=plans[0].p,
                     down_dropout_p=plans[2].p, gate_segment=seg, recompute=_recompute(st, x), backend=st.backend,
                     name=st.name)
 
@@ -456,15 +533,19 @@ def _recompute(st: MLPState, x: torch.Tensor) -> str:
 def frozen_mlp_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     """Drop-in ``forward`` for a gated MLP of frozen ``nn.Linear`` projections (bound by ``patch``)."""
     st: MLPState = self._peftfast_mlp
+    lay = st.gated
+    act = gate_activation(getattr(self, lay.act)) if lay.act is not None else st.act
     reason = "extra forward arguments" if args or kwargs else _frozen_reason(self, st.zero3_params is not None)
-    if reason is None and x.shape[-1] != self.gate_proj.in_features:
-        reason = f"input has {x.shape[-1]} features, gate_proj expects {self.gate_proj.in_features}"
+    gate = self._modules[lay.gate]
+    if reason is None and act is None:
+        reason = "its activation changed"
+    if reason is None and x.shape[-1] != gate.in_features:
+        reason = f"input has {x.shape[-1]} features, {lay.gate} expects {gate.in_features}"
     if reason is not None:
         tally(st.tally_key, "fallbacks", reason)
         zero3_late(self, st, _zero3_register_hook, reason)
         return call_original(self, st, x, *args, **kwargs)
-    projs = [(getattr(self, p).weight, getattr(self, p).bias) for p in _PROJ]
-    act = gate_activation(self.act_fn)
+    projs = [(self._modules[p].weight, self._modules[p].bias) for p in lay.projs]
     dev = x.device.type
     if torch.is_autocast_enabled(dev):
         # what autocast does to each F.linear: every operand in the autocast dtype (act and mul then run in it too)
@@ -492,8 +573,10 @@ def install(module: nn.Module, name: str, backend: str, recompute: str = "none",
         st.backend, st.recompute = backend, recompute
         _zero3_register_hook(module, ())
         return
+    gated = None if packed else gated_layout(module)
     st = MLPState(name=name, backend=backend, previous_forward=None, recompute=recompute, frozen=frozen,
-                  layout=packed_layout(module) if packed else None)
+                  layout=packed_layout(module) if packed else None, gated=gated,
+                  act=_probe_functional_act(module, gated) if gated is not None and gated.act is None else None)
     forward = packed_mlp_forward if packed else frozen_mlp_forward if frozen else fused_mlp_forward
     bind_forward(module, "_peftfast_mlp", st, forward)
     arm_zero3(module, st, _zero3_register_hook)
@@ -507,7 +590,7 @@ def uninstall(module: nn.Module) -> None:
 
 def _projs_of(module: nn.Module) -> tuple:
     st = module.__dict__.get("_peftfast_mlp")
-    lay = st.layout if st is not None else packed_layout(module)
+    lay = (st.layout or st.gated) if st is not None else (packed_layout(module) or gated_layout(module))
     return lay.projs if lay is not None else _PROJ
 
 

@@ -260,11 +260,12 @@ def patch(model: nn.Module, *, backend: str = "auto", group_siblings: bool = Tru
                                                      "gate_up_proj, Wi/Wo nor a two-layer MLP) is not fused as a "
                                                      "block"))
             continue
-        if not any(_is_peft_layer(getattr(mod, p)) for p in ("gate_proj", "up_proj", "down_proj")):
+        projs = mlp_mod.gated_projs(mod)
+        if not any(_is_peft_layer(getattr(mod, p)) for p in projs):
             frozen_mlps.append((name, mod))  # fused below if the model is tuned elsewhere
             continue
         reason = mlp_mod.why_not(mod) if fuse_mlp else "fuse_mlp=False"
-        nf4 = [nf4_mod.is_nf4_lora(getattr(mod, p)) for p in ("gate_proj", "up_proj", "down_proj")]
+        nf4 = [nf4_mod.is_nf4_lora(getattr(mod, p)) for p in projs]
         if reason is None and any(nf4) and not all(nf4):
             reason = "gate/up/down mix NF4 and other base weights: they run one by one"
         if reason is None and not any(nf4) and not group_siblings:
