@@ -390,6 +390,59 @@ def test_sft_trainer_defaults_bf16_autocast_and_checkpointing(sft_data, tmp_path
     assert fused_counts(trainer.model) == {6}  # 3 forwards + 3 recomputes
 
 
+def grpo_run(sft_data, tmp_path, patch: bool):
+    """Three GRPOTrainer steps (TRL's LoRA wrapping, no vLLM): each step samples two completions per prompt with the
+    training model's own ``generate``, scores them, and takes a policy-gradient step. Returns (per-step logs, final
+    LoRA weights, initial LoRA weights, trainer)."""
+    from datasets import Dataset
+    from peft import LoraConfig
+    from trl import GRPOConfig, GRPOTrainer
+
+    tok, _ = sft_data
+    texts = ["the cat sat on", "a dog ran", "big red log and then", "the small mat"] * 2
+    prompts = Dataset.from_dict({"prompt": texts})
+
+    def reward(completions, **kwargs):
+        return [c.count("cat") + 0.1 * len(c.split()) + 0.05 * c.count("red") for c in completions]
+
+    torch.manual_seed(0)
+    model = llama(vocab_size=128)
+    with torch.no_grad():  # peaked next-token distributions: which tokens are sampled depends on the logits
+        model.lm_head.weight.mul_(40.0)
+    args = GRPOConfig(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=4, num_generations=2,
+                      max_completion_length=5, learning_rate=1e-2, adam_epsilon=1e-4, bf16=False, report_to=[],
+                      use_cpu=True, logging_steps=1, save_strategy="no", disable_tqdm=True, seed=1, data_seed=1,
+                      gradient_checkpointing=False)
+    trainer = GRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=prompts,
+                          processing_class=tok, peft_config=LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                                                                       init_lora_weights=False))
+    init = weights(trainer.model)
+    if patch:
+        peftfast.patch(trainer.model)
+    trainer.train()
+    logs = [{k: h[k] for k in ("grad_norm", "reward", "entropy")} for h in trainer.state.log_history if "loss" in h]
+    return logs, weights(trainer.model), init, trainer
+
+
+def test_grpo_trainer_generates_and_trains_as_unpatched(sft_data, tmp_path):
+    """TRL's ``GRPOTrainer`` without vLLM samples completions with the model it trains, then scores and trains on
+    them: on a patched model the same completions come out (same rewards), with the same entropies and gradient
+    norms, and the same LoRA weights after three steps; the fused layers served generation and training alike."""
+    pytest.importorskip("trl", reason="TRL is not installed (add trl and datasets to the dev extras)")
+    want, w_ref, init, _ = grpo_run(sft_data, tmp_path / "ref", patch=False)
+    got, w_fast, init_fast, trainer = grpo_run(sft_data, tmp_path / "fast", patch=True)
+    assert_same_weights(init_fast, init, tol=0.0)
+    assert len(got) == len(want) == 3
+    for step, (a, b) in enumerate(zip(got, want)):
+        assert a["reward"] == b["reward"], (step, a, b)  # the same sampled completions
+        assert abs(a["entropy"] - b["entropy"]) <= 1e-5 * abs(b["entropy"]), (step, a, b)
+        assert abs(a["grad_norm"] - b["grad_norm"]) <= 1e-4 * max(b["grad_norm"], 1e-3), (step, a, b)
+    assert any(b["grad_norm"] > 0 for b in want)  # a step that moved the weights
+    assert_same_weights(w_fast, w_ref, tol=1e-4)
+    counts = fused_counts(trainer.model)
+    assert min(counts) > 3 * 2, counts  # per step: generation's forwards, then the loss's
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # 3. plain PyTorch loop
 # ----------------------------------------------------------------------------------------------------------------
