@@ -141,6 +141,7 @@ class SiblingGroup:
         self._grad = False
         self._outs: list[torch.Tensor | None] = []
         self.split = False  # set at the first outputs computed for siblings that never took them
+        self.caller = None  # the state of the member whose call is computing the group (its plan is at hand)
 
     def take(self, index: int, x: torch.Tensor) -> torch.Tensor | None:
         if self._x is not x or _version(x) != self._version or torch.is_grad_enabled() != self._grad:
@@ -361,7 +362,7 @@ def _group_plans(group: SiblingGroup, plan: _Plan) -> list[_Plan] | None:
         st = getattr(m, "_peftfast", None)
         if st is None or nf4_mod.is_nf4_base(base_of(m)):
             return None
-        pl = _plan(m, (), {})
+        pl = plan if st is group.caller else _plan(m, (), {})
         if not isinstance(pl, _Plan) or pl.dora or \
                 (pl.rank, pl.p, pl.lora_dtype) != (plan.rank, plan.p, plan.lora_dtype):
             return None
@@ -372,6 +373,13 @@ def _group_plans(group: SiblingGroup, plan: _Plan) -> list[_Plan] | None:
 def fused_lora_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     """Drop-in ``forward`` for a PEFT ``lora.Linear`` (bound to the instance by ``patch``)."""
     st: LoRAState = self._peftfast
+    grp = st.group
+    if grp is not None and not args and not kwargs:
+        # a sibling's call computed this output for the same input moments ago, after checking every member's plan
+        out = grp.take(st.index, x)
+        if out is not None:
+            tally(st.tally_key, "fused_calls")
+            return out
     plan = _plan(self, args, kwargs)
     if plan is None or isinstance(plan, str):
         if plan is None:
@@ -398,11 +406,8 @@ def fused_lora_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs) -> tor
         return _run_dora(self, plan, x, st)
     # counted through tally: a plain `+= 1` makes Dynamo guard on the value and recompile on every call
     tally(st.tally_key, "fused_calls")
-    grp = st.group
     if grp is not None and st.config.group_siblings and st.zero3_params is None:
-        out = grp.take(st.index, x)
-        if out is not None:
-            return out
+        grp.caller = st
         plans = _group_plans(grp, plan) if not grp.split else None
         if plans is not None:
             for m in grp.members:
