@@ -627,3 +627,24 @@ def test_no_rebuild_of_zero3_partitioned_norm_outputs():
     for (n, p), q in zip(model.named_parameters(), ref.parameters()):
         if p.requires_grad:
             torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=n)
+
+
+@pytest.mark.parametrize("backend", [*BACKENDS, "cpp"])
+@pytest.mark.parametrize("op", ["rms", "layer"])
+def test_outputs_can_be_modified_in_place(backend, op):
+    """A norm's output is a tensor of its own, not a view made inside the op's autograd Function (which autograd
+    forbids modifying in place): a model may scale it with ``*=`` and backpropagate through it."""
+    from peftfast.ops._backend import resolve_backend
+
+    if backend == "cpp" and resolve_backend("auto", torch.device("cpu")) != "cpp":
+        pytest.skip("peftfast._C is not built")
+    w = _weight(48, torch.float32).requires_grad_()
+    run = (lambda a: rms_norm(a, w, EPS, backend=backend)) if op == "rms" else \
+        (lambda a: layer_norm(a, w, None, EPS, backend=backend))
+    x = _input("3d", torch.float32).detach().requires_grad_()
+    y = run(x)
+    y.mul_(3.0)
+    y.sum().backward()
+    want = x.detach().clone().requires_grad_()
+    run(want).sum().backward()
+    assert _err(x.grad, 3.0 * want.grad) <= 1e-6

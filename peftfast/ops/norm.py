@@ -34,6 +34,7 @@ from peftfast import _ext
 from peftfast.ops import _direct
 from peftfast.ops._backend import interpreting, resolve_backend
 from peftfast.ops._counters import launching
+from peftfast.ops._direct import out_view
 
 FORMS: dict[str, tuple[bool, bool]] = {"llama": (False, True), "gemma": (True, False), "olmo2": (False, False)}
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -333,7 +334,7 @@ class _RMSNormFunction(torch.autograd.Function):
             h2d = x2d + r2d if residual is not None else None
             y2d, rstd = _torch_rms_fwd(h2d if h2d is not None else x2d, weight, eps, add_one, round_normed,
                                        out_dtype)
-            y = y2d.view(*lead, n)
+            y = out_view(y2d, *lead, n)  # a view would refuse in-place changes (h stays one: it is saved)
             h = h2d.view(*lead, n) if h2d is not None else None
         # h is an output (the next residual) and kept by the graph anyway: saving it adds nothing
         ctx.save_for_backward(h if h is not None else x2d, weight, rstd)
@@ -394,7 +395,7 @@ class _LayerNormFunction(torch.autograd.Function):
                 _triton_ln_fwd(x2d, weight, bias, y.view(-1, n), mean, rstd, eps)
         else:
             y2d, mean, rstd = _torch_ln_fwd(x2d, weight, bias, eps, out_dtype)
-            y = y2d.view(*lead, n)
+            y = out_view(y2d, *lead, n)
         ctx.save_for_backward(x2d, weight, bias, mean, rstd)
         ctx.backend, ctx.lead = backend, lead
         ctx.set_materialize_grads(False)
