@@ -535,9 +535,13 @@ def test_recompute_up_keeps_x_and_reruns_up_once(arch, p, setting):
     assert before[0].total - got[0].total >= 2 * tokens * (inter + 8) * 4
 
 
-def test_recompute_mlp_steps_aside_for_zero3_partitioned_up_projections():
+def test_recompute_mlp_steps_aside_for_zero3_partitioned_up_projections(monkeypatch):
     """Up projections whose parameters DeepSpeed ZeRO-3 partitions (marked by ``ds_id``) are not run again in
     backward: the MLP keeps its pre-activation as with the default recompute."""
+    from peftfast.modules import _bind
+
+    # ZeRO-3 checks run only once DeepSpeed is imported (nothing else sets ds_id): as if it were, whatever ran before
+    monkeypatch.setattr(_bind, "deepspeed_imported", lambda: True)
     model = peft_model("gpt2")
     peftfast.patch(model, recompute="mlp")
     for p in model.base_model.model.transformer.h[0].mlp.c_fc.parameters():

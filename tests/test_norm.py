@@ -603,14 +603,17 @@ def test_scope_is_off_with_recompute_none_and_removed_by_unpatch():
     assert "_peftfast_scope" not in backbone.__dict__ and "forward" not in backbone.__dict__
 
 
-def test_no_rebuild_of_zero3_partitioned_norm_outputs():
+def test_no_rebuild_of_zero3_partitioned_norm_outputs(monkeypatch):
     """A norm whose weights DeepSpeed ZeRO-3 partitions (marked by ``ds_id``) registers no rebuild of its output:
     the rebuild would run in a consumer's backward, where ZeRO-3 has not gathered the norm's weights. The consumers
     then keep that output, exactly one hidden-wide tensor more, and the gradients stay those of the unpatched
     model."""
     import peftfast
     from peftfast.bench import saved_activation_bytes
+    from peftfast.modules import _bind
 
+    # ZeRO-3 checks run only once DeepSpeed is imported (nothing else sets ds_id): as if it were, whatever ran before
+    monkeypatch.setattr(_bind, "deepspeed_imported", lambda: True)
     model = peft_model("gpt2")
     ref = copy.deepcopy(model)
     peftfast.patch(model)
