@@ -1,7 +1,8 @@
 """Triton FlashAttention-style kernels (forward, dK/dV, dQ) for fine-tuning batches.
 
-    q [B, HQ, SQ, D], k/v [B, HK, SK, D]   any strides (the model's transposed views: no copies); HQ = GROUP * HK
-    o [B, SQ, HQ, D]                        written in the layout transformers' attention functions return
+    q [B, HQ, SQ, D], k [B, HK, SK, D]     any strides (the model's transposed views: no copies); HQ = GROUP * HK
+    v [B, HK, SK, DV]                       DV ≤ D (DeepSeek's multi-head latent attention: D = 192, DV = 128)
+    o [B, SQ, HQ, DV]                       written in the layout transformers' attention functions return
     lse [B, HQ, SQ] fp32                    log-sum-exp per query row: with o, all the backward needs
     qseg [B, SQ], kseg [B, SK] int32        optional segment ids: a query sees a key only when their ids are equal
                                             (packed documents, padding: query -1 sees nothing, key -1 is never
@@ -108,12 +109,13 @@ def _attn_fwd_kernel(
     o_ptr, sob, som, soh, sod,
     lse_ptr, qseg_ptr, kseg_ptr, krange_ptr,
     bias_ptr, sbb, sbh, sbm, sbn,
-    SQ, SK, HQ, GROUP, D, scale, softcap, window, window_right, seed, p_drop,
+    SQ, SK, HQ, GROUP, D, DV, scale, softcap, window, window_right, seed, p_drop,
     IS_CAUSAL: tl.constexpr, HAS_SEG: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, SAME_DV: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """Online-softmax forward for one (query block, batch·head); grid (cdiv(SQ, BLOCK_M), B·HQ)."""
+    """Online-softmax forward for one (query block, batch·head); grid (cdiv(SQ, BLOCK_M), B·HQ). q/k heads are D
+    wide, v/o heads DV (≤ D: multi-head latent attention's narrower values)."""
     start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1)
     b = bh // HQ
@@ -123,6 +125,12 @@ def _attn_fwd_kernel(
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
+    if SAME_DV:  # v as wide as q and k: their offsets and mask (separate ones cost the dK/dV kernel registers)
+        offs_dv = offs_d
+        dv_ok = d_ok
+    else:
+        offs_dv = tl.arange(0, BLOCK_DV)
+        dv_ok = offs_dv < DV
     q = tl.load(q_ptr + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh + offs_m[:, None].to(tl.int64) * sqm
                 + offs_d[None, :] * sqd, mask=(offs_m[:, None] < SQ) & d_ok[None, :], other=0.0)
     k_base = k_ptr + b.to(tl.int64) * skb + hk.to(tl.int64) * skh
@@ -134,7 +142,7 @@ def _attn_fwd_kernel(
         qs = tl.load(qseg_ptr + b.to(tl.int64) * SQ + offs_m, mask=offs_m < SQ, other=-3)
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_DV), dtype=tl.float32)
     lo, hi = _kv_range(start_m, SQ, SK, OFFSET, window, window_right, IS_CAUSAL, HAS_WINDOW, BLOCK_M, BLOCK_N)
     if HAS_SEG:
         lo, hi = _segment_range(krange_ptr, b, lo, hi, BLOCK_N)
@@ -152,8 +160,8 @@ def _attn_fwd_kernel(
         l_i = l_i * alpha + tl.sum(p, axis=1)
         if HAS_DROPOUT:
             p = tl.where(_keep(seed, bh, offs_m, offs_n, SQ, SK, p_drop), p / (1.0 - p_drop), 0.0)
-        v = tl.load(v_base + offs_n[:, None].to(tl.int64) * svn + offs_d[None, :] * svd,
-                    mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        v = tl.load(v_base + offs_n[:, None].to(tl.int64) * svn + offs_dv[None, :] * svd,
+                    mask=n_ok[:, None] & dv_ok[None, :], other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
     has = l_i > 0.0
@@ -161,7 +169,7 @@ def _attn_fwd_kernel(
     lse = tl.where(has, m_i + tl.log(tl.where(has, l_i, 1.0)), 0.0)
     tl.store(lse_ptr + bh.to(tl.int64) * SQ + offs_m, lse, mask=offs_m < SQ)
     tl.store(o_ptr + b.to(tl.int64) * sob + h.to(tl.int64) * soh + offs_m[:, None].to(tl.int64) * som
-             + offs_d[None, :] * sod, o.to(o_ptr.dtype.element_ty), mask=(offs_m[:, None] < SQ) & d_ok[None, :])
+             + offs_dv[None, :] * sod, o.to(o_ptr.dtype.element_ty), mask=(offs_m[:, None] < SQ) & dv_ok[None, :])
 
 
 @triton.jit
@@ -174,10 +182,10 @@ def _attn_bwd_dkdv_kernel(
     dv_ptr, sdvb, sdvh, sdvn, sdvd,
     lse_ptr, delta_ptr, qseg_ptr, kseg_ptr, qrange_ptr,
     bias_ptr, sbb, sbh, sbm, sbn,
-    SQ, SK, HQ, HK, GROUP, D, scale, softcap, window, window_right, seed, p_drop,
+    SQ, SK, HQ, HK, GROUP, D, DV, scale, softcap, window, window_right, seed, p_drop,
     IS_CAUSAL: tl.constexpr, HAS_SEG: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, SAME_DV: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """dK, dV of one (key block, batch·kv head), summed over the GROUP query heads; grid (cdiv(SK, BLOCK_N), B·HK)."""
     start_n = tl.program_id(0) * BLOCK_N
@@ -188,17 +196,22 @@ def _attn_bwd_dkdv_kernel(
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
+    if SAME_DV:  # v as wide as q and k: their offsets and mask (separate ones cost the dK/dV kernel registers)
+        offs_dv = offs_d
+        dv_ok = d_ok
+    else:
+        offs_dv = tl.arange(0, BLOCK_DV)
+        dv_ok = offs_dv < DV
     n_ok = offs_n < SK
-    kv_mask = n_ok[:, None] & d_ok[None, :]
     k = tl.load(k_ptr + b.to(tl.int64) * skb + hk.to(tl.int64) * skh + offs_n[:, None].to(tl.int64) * skn
-                + offs_d[None, :] * skd, mask=kv_mask, other=0.0)
+                + offs_d[None, :] * skd, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
     v = tl.load(v_ptr + b.to(tl.int64) * svb + hk.to(tl.int64) * svh + offs_n[:, None].to(tl.int64) * svn
-                + offs_d[None, :] * svd, mask=kv_mask, other=0.0)
+                + offs_dv[None, :] * svd, mask=n_ok[:, None] & dv_ok[None, :], other=0.0)
     k_t = tl.trans(k)
     v_t = tl.trans(v)
     kseg_row = kseg_ptr + b.to(tl.int64) * SK
     dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
-    dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    dv = tl.zeros((BLOCK_N, BLOCK_DV), dtype=tl.float32)
     # query rows that can see this key block
     m_lo = 0
     m_hi = SQ
@@ -220,8 +233,8 @@ def _attn_bwd_dkdv_kernel(
             q = tl.load(q_ptr + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh + offs_m[:, None].to(tl.int64) * sqm
                         + offs_d[None, :] * sqd, mask=m_ok[:, None] & d_ok[None, :], other=0.0)
             do = tl.load(do_ptr + b.to(tl.int64) * sdob + h.to(tl.int64) * sdoh
-                         + offs_m[:, None].to(tl.int64) * sdom + offs_d[None, :] * sdod,
-                         mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+                         + offs_m[:, None].to(tl.int64) * sdom + offs_dv[None, :] * sdod,
+                         mask=m_ok[:, None] & dv_ok[None, :], other=0.0)
             lse = tl.load(lse_ptr + bh.to(tl.int64) * SQ + offs_m, mask=m_ok, other=0.0)
             delta = tl.load(delta_ptr + bh.to(tl.int64) * SQ + offs_m, mask=m_ok, other=0.0)
             qs = tl.zeros((BLOCK_M,), dtype=tl.int32)
@@ -243,9 +256,9 @@ def _attn_bwd_dkdv_kernel(
                 ds = ds * (1.0 - t * t)
             dk = tl.dot(tl.trans((ds * scale).to(q.dtype)), q, dk, input_precision=DOT_PRECISION)
     tl.store(dk_ptr + b.to(tl.int64) * sdkb + hk.to(tl.int64) * sdkh + offs_n[:, None].to(tl.int64) * sdkn
-             + offs_d[None, :] * sdkd, dk.to(dk_ptr.dtype.element_ty), mask=kv_mask)
+             + offs_d[None, :] * sdkd, dk.to(dk_ptr.dtype.element_ty), mask=n_ok[:, None] & d_ok[None, :])
     tl.store(dv_ptr + b.to(tl.int64) * sdvb + hk.to(tl.int64) * sdvh + offs_n[:, None].to(tl.int64) * sdvn
-             + offs_d[None, :] * sdvd, dv.to(dv_ptr.dtype.element_ty), mask=kv_mask)
+             + offs_dv[None, :] * sdvd, dv.to(dv_ptr.dtype.element_ty), mask=n_ok[:, None] & dv_ok[None, :])
 
 
 @triton.jit
@@ -257,10 +270,11 @@ def _attn_bwd_dq_kernel(
     dq_ptr, sdqb, sdqh, sdqm, sdqd,
     lse_ptr, delta_ptr, qseg_ptr, kseg_ptr, krange_ptr,
     bias_ptr, sbb, sbh, sbm, sbn, dbias_ptr,
-    SQ, SK, HQ, GROUP, D, scale, softcap, window, window_right, seed, p_drop,
+    SQ, SK, HQ, GROUP, D, DV, scale, softcap, window, window_right, seed, p_drop,
     IS_CAUSAL: tl.constexpr, HAS_SEG: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DBIAS: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, SAME_DV: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     """dQ of one (query block, batch·head); grid (cdiv(SQ, BLOCK_M), B·HQ). With HAS_DBIAS also dS of the visited
     tiles into dbias [B, HQ, SQ, SK] fp32 (zero-filled by the launcher: tiles never visited are fully masked)."""
@@ -273,12 +287,18 @@ def _attn_bwd_dq_kernel(
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
+    if SAME_DV:  # v as wide as q and k: their offsets and mask (separate ones cost the dK/dV kernel registers)
+        offs_dv = offs_d
+        dv_ok = d_ok
+    else:
+        offs_dv = tl.arange(0, BLOCK_DV)
+        dv_ok = offs_dv < DV
     m_ok = offs_m < SQ
     qd_mask = m_ok[:, None] & d_ok[None, :]
     q = tl.load(q_ptr + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh + offs_m[:, None].to(tl.int64) * sqm
                 + offs_d[None, :] * sqd, mask=qd_mask, other=0.0)
     do = tl.load(do_ptr + b.to(tl.int64) * sdob + h.to(tl.int64) * sdoh + offs_m[:, None].to(tl.int64) * sdom
-                 + offs_d[None, :] * sdod, mask=qd_mask, other=0.0)
+                 + offs_dv[None, :] * sdod, mask=m_ok[:, None] & dv_ok[None, :], other=0.0)
     lse = tl.load(lse_ptr + bh.to(tl.int64) * SQ + offs_m, mask=m_ok, other=0.0)
     delta = tl.load(delta_ptr + bh.to(tl.int64) * SQ + offs_m, mask=m_ok, other=0.0)
     qs = tl.zeros((BLOCK_M,), dtype=tl.int32)
@@ -297,8 +317,8 @@ def _attn_bwd_dq_kernel(
         n_ok = offs_n < SK
         k = tl.load(k_base + offs_n[:, None].to(tl.int64) * skn + offs_d[None, :] * skd,
                     mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-        v_t = tl.load(v_base + offs_n[None, :].to(tl.int64) * svn + offs_d[:, None] * svd,
-                      mask=n_ok[None, :] & d_ok[:, None], other=0.0)
+        v_t = tl.load(v_base + offs_n[None, :].to(tl.int64) * svn + offs_dv[:, None] * svd,
+                      mask=n_ok[None, :] & dv_ok[:, None], other=0.0)
         s, t = _scores(q, tl.trans(k), offs_m, offs_n, qs, kseg_row, bias_bh, sbm, sbn, SQ, SK, OFFSET, scale,
                        softcap, window, window_right, IS_CAUSAL, HAS_SEG, HAS_WINDOW, HAS_SOFTCAP, HAS_BIAS,
                        DOT_PRECISION)

@@ -1047,28 +1047,29 @@ def _aot_plan() -> list[aot.Job]:
     jobs = []
     for arch in aot.ARCHS:
         for dt in ("bf16", "fp16"):
-            for d in (64, 128, 256):
+            # (block of q/k's head dim, of v's): equal, and multi-head latent attention's 192/128 (block 256/128)
+            for d, dv in ((64, 64), (128, 128), (256, 256), (256, 128)):
                 p = "*" + dt
-                strides = dict(b=16 * 2048 * d, h=d, s=16 * d, d=1)
+                head = f"D{d}" if dv == d else "D192-V128"
                 for kernel in ("_attn_fwd_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel"):
                     args = {}
-                    for pre in ("q", "k", "v"):
-                        args.update({f"{pre}_ptr": p, f"s{pre}b": strides["b"], f"s{pre}h": strides["h"],
-                                     f"s{pre}m" if pre == "q" else f"s{pre}n": strides["s"], f"s{pre}d": 1})
+                    for pre, w in (("q", d), ("k", d), ("v", dv)):
+                        args.update({f"{pre}_ptr": p, f"s{pre}b": 16 * 2048 * w, f"s{pre}h": w,
+                                     f"s{pre}m" if pre == "q" else f"s{pre}n": 16 * w, f"s{pre}d": 1})
                     if kernel == "_attn_fwd_kernel":
-                        args.update(o_ptr=p, sob=strides["b"], som=16 * d, soh=d, sod=1)
+                        args.update(o_ptr=p, sob=16 * 2048 * dv, som=16 * dv, soh=dv, sod=1)
                     else:
-                        args.update(do_ptr=p, sdob=strides["b"], sdom=16 * d, sdoh=d, sdod=1)
+                        args.update(do_ptr=p, sdob=16 * 2048 * dv, sdom=16 * dv, sdoh=dv, sdod=1)
                         if kernel == "_attn_bwd_dkdv_kernel":
-                            for pre in ("dk", "dv"):
-                                args.update({f"{pre}_ptr": p, f"s{pre}b": strides["b"], f"s{pre}h": d,
-                                             f"s{pre}n": 16 * d, f"s{pre}d": 1})
+                            for pre, w in (("dk", d), ("dv", dv)):
+                                args.update({f"{pre}_ptr": p, f"s{pre}b": 16 * 2048 * w, f"s{pre}h": w,
+                                             f"s{pre}n": 16 * w, f"s{pre}d": 1})
                         else:
-                            args.update(dq_ptr=p, sdqb=strides["b"], sdqh=d, sdqm=16 * d, sdqd=1)
+                            args.update(dq_ptr=p, sdqb=16 * 2048 * d, sdqh=d, sdqm=16 * d, sdqd=1)
                         args["delta_ptr"] = "*fp32"
                     args.update(lse_ptr="*fp32", qseg_ptr="*i32", kseg_ptr="*i32", SQ=2048, SK=2048, HQ=16,
-                                GROUP=4, D=d, scale=0.125, softcap=1.0, window=0, window_right=0, seed=0,
-                                p_drop=0.0)
+                                GROUP=4, D=192 if dv != d else d, DV=dv, scale=0.125, softcap=1.0, window=0,
+                                window_right=0, seed=0, p_drop=0.0)
                     # a T5-style bias [1, H, S, S]: no batch stride
                     args.update(bias_ptr=p, sbb=0, sbh=2048 * 2048, sbm=2048, sbn=1)
                     if kernel == "_attn_bwd_dq_kernel":
@@ -1077,7 +1078,7 @@ def _aot_plan() -> list[aot.Job]:
                     if kernel == "_attn_bwd_dkdv_kernel":
                         args["HK"] = 4
                     off = {"HAS_BIAS": False, "HAS_DBIAS": False}
-                    for flags, variant in (
+                    variants = (
                             ({"IS_CAUSAL": True, "HAS_SEG": True, "HAS_WINDOW": False, "HAS_SOFTCAP": False,
                               "HAS_DROPOUT": False, **off}, "seg"),
                             ({"IS_CAUSAL": True, "HAS_SEG": False, "HAS_WINDOW": True, "HAS_SOFTCAP": True,
@@ -1087,12 +1088,16 @@ def _aot_plan() -> list[aot.Job]:
                               "HAS_DROPOUT": False, **off}, "seg-bidirectional-window"),
                             # T5: a position bias (trainable: dS stored), padding, attention dropout
                             ({"IS_CAUSAL": False, "HAS_SEG": True, "HAS_WINDOW": False, "HAS_SOFTCAP": False,
-                              "HAS_DROPOUT": True, "HAS_BIAS": True, "HAS_DBIAS": True}, "seg-bias-dropout")):
+                              "HAS_DROPOUT": True, "HAS_BIAS": True, "HAS_DBIAS": True}, "seg-bias-dropout"))
+                    if dv != d:  # DeepSeek's layers: causal, padded or packed rows, attention dropout
+                        variants = (({"IS_CAUSAL": True, "HAS_SEG": True, "HAS_WINDOW": False, "HAS_SOFTCAP": False,
+                                      "HAS_DROPOUT": True, **off}, "seg-dropout"),)
+                    for flags, variant in variants:
                         if kernel != "_attn_bwd_dq_kernel":
                             flags = {f: v for f, v in flags.items() if f != "HAS_DBIAS"}
-                        meta = {**flags, "BLOCK_D": d, "DOT_PRECISION": "tf32"}
-                        tiles = _gpu_tiles(kernel, d, flags["HAS_BIAS"])
-                        jobs.append(aot.Job(kernel, f"D{d}-{variant}", dt, arch,
+                        meta = {**flags, "BLOCK_D": d, "BLOCK_DV": dv, "SAME_DV": dv == d, "DOT_PRECISION": "tf32"}
+                        tiles = _gpu_tiles(kernel, args["D"], flags["HAS_BIAS"])
+                        jobs.append(aot.Job(kernel, f"{head}-{variant}", dt, arch,
                                             {"BLOCK_M": tiles["BLOCK_M"], "BLOCK_N": tiles["BLOCK_N"]},
                                             tiles["num_warps"], tiles["num_stages"], meta, args))
     return jobs
@@ -1110,11 +1115,12 @@ def _gpu_tiles(kernel: str, d: int, has_bias: bool) -> dict:
 
 
 AOT_PLAN = _aot_plan()
-# default tier: every kernel at head dim 128, the forward at 64 and 256, and T5's bias and ModernBERT's window variants
-# at their head dim 64 only, in bf16 (about a minute cold on two cores); the rest compiles with ``-m slow``
+# default tier: every kernel at head dim 128 and at MLA's 192/128, the forward at 64 and 256, and T5's bias and
+# ModernBERT's window variants at their head dim 64 only, in bf16 (about a minute cold on two cores); the rest
+# compiles with ``-m slow``
 _AT_64 = ("D64-seg-bias-dropout", "D64-seg-bidirectional-window")
 AOT_FAST = [j for j in AOT_PLAN if j.dtype == "bf16" and (
-    j.variant in _AT_64
+    j.variant in _AT_64 or j.variant.startswith("D192-V128")
     or ("bidirectional" not in j.variant and (j.kernel == "_attn_fwd_kernel" or "D128-" in j.variant)))]
 AOT_SLOW = [j for j in AOT_PLAN if j not in AOT_FAST]
 

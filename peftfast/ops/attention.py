@@ -181,7 +181,7 @@ def _torch_forward(q, k, v, causal, scale, softcap, window, qseg, kseg, p, seed,
     hk, sk = k.shape[1], k.shape[2]
     ct = torch.promote_types(q.dtype, torch.float32)
     bg = _bias_grouped(bias, b, hq, hk, sq, sk)
-    out = torch.empty((b, sq, hq, d), device=q.device, dtype=q.dtype)
+    out = torch.empty((b, sq, hq, v.shape[-1]), device=q.device, dtype=q.dtype)
     lse = torch.empty((b, hq, sq), device=q.device, dtype=torch.float32)
     kf, vf = k.to(ct)[:, :, None], v.to(ct)[:, :, None]
     for i0, i1, lo, hi in _torch_chunks(sq, sk, causal, window, qseg, kseg, q.device, window_right):
@@ -202,7 +202,7 @@ def _torch_forward(q, k, v, causal, scale, softcap, window, qseg, kseg, p, seed,
         if p > 0:  # the mask of the whole key row, as without the skipping
             keep = _torch_keep(seed, b, hq, i0, i1, sk, p, q.device).view(b, hk, hq // hk, i1 - i0, sk)[..., lo:hi]
             pr = torch.where(keep, pr / (1 - p), torch.zeros_like(pr))
-        o = torch.matmul(pr, vf[..., lo:hi, :]).reshape(b, hq, i1 - i0, d)
+        o = torch.matmul(pr, vf[..., lo:hi, :]).reshape(b, hq, i1 - i0, v.shape[-1])
         out[:, i0:i1] = o.transpose(1, 2).to(q.dtype)
         ls = torch.where(has, m + torch.log(torch.where(has, denom, torch.ones_like(denom))), torch.zeros_like(m))
         lse[:, :, i0:i1] = ls.reshape(b, hq, i1 - i0).float()
@@ -377,12 +377,18 @@ def _window_args(window, window_right, sq: int, sk: int) -> tuple[int, int]:
     return (sq + sk if window is None else window), (sq + sk if window_right is None else window_right)
 
 
+def _head_blocks(d: int, dv: int) -> dict:
+    """The kernels' head-dim blocks: q/k's and v/o's (narrower values: multi-head latent attention)."""
+    return dict(BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_DV=max(16, triton.next_power_of_2(dv)),
+                SAME_DV=dv == d)
+
+
 def _triton_forward(q, k, v, causal, scale, softcap, window, qseg, kseg, p, seed, bias=None, window_right=None):
     from peftfast.kernels import attention as K
 
     b, hq, sq, d = q.shape
-    hk, sk = k.shape[1], k.shape[2]
-    out = torch.empty((b, sq, hq, d), device=q.device, dtype=q.dtype)
+    hk, sk, dv = k.shape[1], k.shape[2], v.shape[-1]
+    out = torch.empty((b, sq, hq, dv), device=q.device, dtype=q.dtype)
     lse = torch.empty((b, hq, sq), device=q.device, dtype=torch.float32)
     seg_q = qseg if qseg is not None else lse
     seg_k = kseg if kseg is not None else lse
@@ -392,9 +398,9 @@ def _triton_forward(q, k, v, causal, scale, softcap, window, qseg, kseg, p, seed
     with launching("_attn_fwd_kernel"):
         K._attn_fwd_kernel[grid](
             q, *q.stride(), k, *k.stride(), v, *v.stride(), out, *out.stride(), lse, seg_q, seg_k, kr,
-            *_bias_args(bias, lse), sq, sk, hq, hq // hk, d, scale, softcap or 1.0,
+            *_bias_args(bias, lse), sq, sk, hq, hq // hk, d, dv, scale, softcap or 1.0,
             *_window_args(window, window_right, sq, sk), seed, p,
-            **_flags(causal, window, softcap, qseg, p, bias, window_right), BLOCK_D=max(16, triton.next_power_of_2(d)),
+            **_flags(causal, window, softcap, qseg, p, bias, window_right), **_head_blocks(d, dv),
             DOT_PRECISION=_precision(q.dtype), **t)
     return out, lse
 
@@ -404,7 +410,7 @@ def _triton_backward(q, k, v, out, lse, dout, dlse, causal, scale, softcap, wind
     from peftfast.kernels import attention as K
 
     b, hq, sq, d = q.shape
-    hk, sk = k.shape[1], k.shape[2]
+    hk, sk, dv_dim = k.shape[1], k.shape[2], v.shape[-1]
     delta = (dout.float() * out.float()).sum(-1).transpose(1, 2)  # [B, HQ, SQ]
     delta = (delta if dlse is None else delta - dlse.float()).contiguous()  # see _torch_backward
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
@@ -416,19 +422,19 @@ def _triton_backward(q, k, v, out, lse, dout, dlse, causal, scale, softcap, wind
     t = _bwd_tiles(d)
     kr = key_ranges(qseg, kseg, t["BLOCK_M"]) if qseg is not None else lse
     qr = query_ranges(qseg, kseg, t["BLOCK_N"]) if qseg is not None else lse
-    common = dict(**_flags(causal, window, softcap, qseg, p, bias, window_right),
-                  BLOCK_D=max(16, triton.next_power_of_2(d)), DOT_PRECISION=_precision(q.dtype))
+    common = dict(**_flags(causal, window, softcap, qseg, p, bias, window_right), **_head_blocks(d, dv_dim),
+                  DOT_PRECISION=_precision(q.dtype))
     scal = (scale, softcap or 1.0, *_window_args(window, window_right, sq, sk), seed, p)
     with launching("_attn_bwd_dkdv_kernel"):
         K._attn_bwd_dkdv_kernel[(triton.cdiv(sk, t["BLOCK_N"]), b * hk)](
             q, *q.stride(), k, *k.stride(), v, *v.stride(), dout, *dout.stride(), dk, *dk.stride(), dv, *dv.stride(),
-            lse, delta, seg_q, seg_k, qr, *_bias_args(bias, lse), sq, sk, hq, hk, hq // hk, d, *scal, **common,
+            lse, delta, seg_q, seg_k, qr, *_bias_args(bias, lse), sq, sk, hq, hk, hq // hk, d, dv_dim, *scal, **common,
             **_dkdv_tiles(d, bias is not None))
     with launching("_attn_bwd_dq_kernel"):
         K._attn_bwd_dq_kernel[(triton.cdiv(sq, t["BLOCK_M"]), b * hq)](
             q, *q.stride(), k, *k.stride(), v, *v.stride(), dout, *dout.stride(), dq, *dq.stride(),
             lse, delta, seg_q, seg_k, kr, *_bias_args(bias, lse), dbias if need_dbias else lse, sq, sk, hq,
-            hq // hk, d, *scal, HAS_DBIAS=need_dbias, **common, **t)
+            hq // hk, d, dv_dim, *scal, HAS_DBIAS=need_dbias, **common, **t)
     return dq, dk, dv, _sum_to(dbias, bias.shape).to(bias.dtype) if need_dbias else None
 
 
@@ -455,8 +461,8 @@ def _fwd_op(q, k, v, qseg, kseg, bias, causal, scale, softcap, window, window_ri
 
 @_fwd_op.register_fake
 def _(q, k, v, qseg, kseg, bias, causal, scale, softcap, window, window_right, p, seed, backend):
-    b, hq, sq, d = q.shape
-    return q.new_empty((b, sq, hq, d)), q.new_empty((b, hq, sq), dtype=torch.float32)
+    b, hq, sq, _ = q.shape
+    return q.new_empty((b, sq, hq, v.shape[-1])), q.new_empty((b, hq, sq), dtype=torch.float32)
 
 
 @torch.library.custom_op("peftfast::flash_attn_bwd", mutates_args=(),
@@ -586,11 +592,6 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
         out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,
                                                                enable_gqa=q.shape[1] != k.shape[1])
         return (out if empty is None else out.masked_fill(empty, 0)).transpose(1, 2).contiguous()
-    dv = v.shape[-1]
-    if dv < q.shape[-1]:
-        # the kernels take one head dim: v is padded with zeros to q's, whose columns of the output are zeros and
-        # are dropped again (as transformers does for flash-attention 2); the kernel keeps the padded v and O
-        v = torch.nn.functional.pad(v, (0, q.shape[-1] - dv))
     qseg = None if qseg is None else qseg.to(torch.int32).contiguous()
     kseg = None if kseg is None else kseg.to(torch.int32).contiguous()
     seed_t = None
@@ -602,8 +603,6 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
             None if window is None else int(window), None if window_right is None else int(window_right),
             float(dropout_p), seed_t, "triton" if be == "triton" else "torch")
     out, lse = _direct.call(torch.ops.peftfast.flash_attn_fwd.default, _setup, _backward, args, (-1, -1))
-    if dv < q.shape[-1]:
-        out = out[..., :dv]
     return (out, lse) if return_lse else out
 
 
