@@ -6,8 +6,9 @@
       kernels in the CPU interpreter).
 --gpu (CUDA): forward and forward+backward TFLOP/s of the Triton kernel vs SDPA's flash / efficient / cuDNN
       backends, FlexAttention and flash-attn when installed; head dims 64 and 128, causal and not, S = 512..16k
-      with batch = 16k / S; then a padded batch (lengths uniform in 25-100 % of S) vs the same tokens packed,
-      against transformers' SDPA path with its mask. JSON + PNG.
+      with batch = 16k / S; multi-head latent attention (q/k heads 192, v heads 128) against v zero-padded and SDPA;
+      then a padded batch (lengths uniform in 25-100 % of S) vs the same tokens packed, against transformers' SDPA
+      path with its mask. JSON + PNG.
 """
 
 from __future__ import annotations
@@ -165,6 +166,39 @@ def run_gpu(out_dir: str | None) -> list[dict]:
                                  "fwdbwd_tflops": _tflops(b, hq, s, d, causal, both[0], True)})
                     print(f"d={d} causal={causal} S={s:<6} {name:<15} fwd {rows[-1]['fwd_tflops']:6.1f} "
                           f"fwd+bwd {rows[-1]['fwdbwd_tflops']:6.1f} TFLOP/s")
+    # multi-head latent attention (DeepSeek-V2/V3): q/k heads 192 wide, v heads 128; the kernels take v as it is,
+    # against v zero-padded to 192 and the output sliced back (what transformers does for flash-attention 2) and
+    # SDPA's backends (which of them take unequal head dims is the backend's business: refusals are recorded)
+    for s in (2048, 4096):
+        b = max(1, 16384 // s)
+        q = torch.randn(b, hq, s, 192, device=dev, dtype=dt, requires_grad=True)
+        k = torch.randn(b, hq, s, 192, device=dev, dtype=dt, requires_grad=True)
+        v = torch.randn(b, hq, s, 128, device=dev, dtype=dt, requires_grad=True)
+        mla = {"peftfast": lambda: flash_attention(q, k, v, causal=True, backend="triton"),
+               "peftfast v padded": lambda: flash_attention(q, k, F.pad(v, (0, 64)), causal=True,
+                                                            backend="triton")[..., :128]}
+        for name, be in candidates.items():
+            if be is not None:
+                def call(be=be):
+                    with sdpa_kernel(be):
+                        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+                mla[name] = call
+        for name, fn in mla.items():
+            try:
+                o = fn()
+                g = torch.randn_like(o)
+
+                def fb(fn=fn, g=g):
+                    q.grad = k.grad = v.grad = None
+                    fn().backward(g)
+                both = triton.testing.do_bench(fb, quantiles=[0.5, 0.2, 0.8])
+            except Exception as exc:
+                rows.append({"case": f"mla-{name}", "s": s, "error": str(exc)[:200]})
+                continue
+            flops = 2 * b * s * s * hq * (192 + 128) * 0.5 * 3.5
+            rows.append({"case": f"mla-{name}", "s": s, "b": b, "fwdbwd_ms": both[0],
+                         "fwdbwd_tflops": flops / both[0] / 1e9})
+            print(f"MLA 192/128 S={s:<6} {name:<18} fwd+bwd {both[0]:8.3f} ms {rows[-1]['fwdbwd_tflops']:6.1f} TFLOP/s")
     # padded vs packed against transformers' SDPA path with its 4-D mask
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
