@@ -361,7 +361,8 @@ def test_recognised_forms():
                               ("phi3", "Phi3RMSNorm", "llama"), ("gemma", "GemmaRMSNorm", "gemma"),
                               ("gemma2", "Gemma2RMSNorm", "gemma"), ("gemma3", "Gemma3RMSNorm", "gemma"),
                               ("olmo2", "Olmo2RMSNorm", "olmo2"), ("t5", "T5LayerNorm", "t5"),
-                              ("mt5", "MT5LayerNorm", "t5"), ("longt5", "LongT5LayerNorm", "t5")]:
+                              ("mt5", "MT5LayerNorm", "t5"), ("longt5", "LongT5LayerNorm", "t5"),
+                              ("cohere", "CohereLayerNorm", "cohere"), ("cohere2", "Cohere2LayerNorm", "cohere")]:
         mod = _hf(module, cls, 16)
         assert norm_mod.why_not(mod) is None, cls
         assert norm_mod.rms_form(mod)[0] == form, cls
@@ -651,3 +652,80 @@ def test_outputs_can_be_modified_in_place(backend, op):
     want = x.detach().clone().requires_grad_()
     run(want).sum().backward()
     assert _err(x.grad, 3.0 * want.grad) <= 1e-6
+
+
+
+def _cohere_norm(n: int, dtype: torch.dtype) -> nn.Module:
+    from transformers.models.cohere.modeling_cohere import CohereLayerNorm
+
+    mod = CohereLayerNorm(n, eps=EPS)
+    with torch.no_grad():
+        mod.weight.normal_(1.0, 0.3)
+    return mod.to(dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype, wdtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),
+                                           (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16)],
+                         ids=["fp32", "bf16-fp32-weight", "bf16", "fp16"])
+def test_cohere_layer_norm_runs_the_layer_norm_op(backend, dtype, wdtype):
+    """Cohere's LayerNorm (no bias; fp32 maths, the input's dtype out, whatever the weight's) on the layer-norm op:
+    within fp32 rounding of an fp64 reference (2x eager's error in 16 bits), input and weight gradients included;
+    the ATen path is bit-identical to the module; the op keeps the input and two fp32 row statistics where eager
+    keeps fp32 copies of the input."""
+    n = 48
+    ref_mod = _cohere_norm(n, wdtype)
+    mod = copy.deepcopy(ref_mod)
+    norm_mod.install(mod, "layers.0.input_layernorm", backend)
+    assert mod._peftfast_norm.kind == "layer" and mod._peftfast_norm.form == "cohere"
+    x = _input("3d", dtype)
+    gy = torch.randn(3, 7, n).to(dtype)
+    got = _run(lambda a, w: mod(a), [x, mod.weight], [gy])
+    eager = _run(lambda a, w: ref_mod(a), [x, ref_mod.weight], [gy])
+    x64 = x.detach().double().requires_grad_()
+    ref64 = copy.deepcopy(ref_mod).double()
+    ref = _run(lambda a, w: ref64(a), [x64, ref64.weight], [gy.double()])
+    assert mod(x).dtype == ref_mod(x).dtype == dtype
+    _compare(got, ref, eager, dtype if wdtype == dtype else torch.bfloat16, "cohere")
+    if backend == "torch":
+        assert torch.equal(mod(x), ref_mod(x))
+    _, saved = _saved(lambda: mod(x))
+    _, saved_eager = _saved(lambda: ref_mod(x))
+    fp32_rows = 2 * x.numel() // n * 4
+    assert sum(t.numel() * t.element_size() for t in saved if t is not mod.weight) == \
+        x.numel() * x.element_size() + fp32_rows
+    assert sum(t.numel() * t.element_size() for t in saved_eager if t is not ref_mod.weight) >= 2 * x.numel() * 4
+    assert norm_mod.uninstall(mod) and "forward" not in mod.__dict__
+
+
+def test_cohere_model_norms_fused():
+    """A Cohere model (parallel attention and MLP off one LayerNorm): its norms run fused, with the unpatched
+    model's loss and gradients; the query/key norms of ``use_qk_norm`` ([heads, head_dim] weights) stay unfused with
+    their reason; ``unpatch`` restores them."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import CohereConfig, CohereForCausalLM
+
+    import peftfast
+
+    torch.manual_seed(0)
+    cfg = CohereConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, use_qk_norm=True)
+    model = get_peft_model(CohereForCausalLM(cfg), LoraConfig(r=4, target_modules="all-linear"))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name or "layernorm" in name:
+                p.normal_(1.0 if "layernorm" in name else 0.0, 0.2)
+    ref = copy.deepcopy(model)
+    peftfast.patch(model)
+    norms = {e.name.removeprefix("base_model.model.model."): e for e in peftfast.report(model).modules if e.kind == "norm"}
+    fused = sorted(n for n, e in norms.items() if e.patched)
+    assert fused == ["layers.0.input_layernorm", "layers.1.input_layernorm", "norm"], norms
+    qk = [e for n, e in norms.items() if n.split(".")[-1] in ("q_norm", "k_norm")]
+    assert len(qk) == 4 and all(not e.patched and e.reason == "weight is not a 1-D tensor" for e in qk), qk
+    data = batch("llama")
+    loss, grads = _loss_grads(model, data)
+    ref_loss, ref_grads = _loss_grads(ref, data)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=0)
+    _assert_grads_close(grads, ref_grads)
+    peftfast.unpatch(model)
+    assert not any("_peftfast_norm" in m.__dict__ for m in model.modules())

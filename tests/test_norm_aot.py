@@ -16,8 +16,9 @@ def _rows(prefix: str, dt: str, n: int) -> dict:
     return {f"{prefix}_ptr": "*" + dt, f"stride_{prefix}m": n}
 
 
-def _args(kernel: str, dt: str, n: int) -> dict:
-    """Arguments as the launchers pass them for contiguous [M, n] tensors; every optional operand present."""
+def _args(kernel: str, dt: str, n: int, wdt: str | None = None) -> dict:
+    """Arguments as the launchers pass them for contiguous [M, n] tensors; every optional operand present
+    (``wdt``: the weight's dtype where it differs, Cohere's fp32 weight under a bf16 input)."""
     ptr = "*" + dt
     if kernel == "_rms_norm_fwd_kernel":
         return dict(**_rows("x", dt, n), r_ptr=ptr, stride_rm=n, h_ptr=ptr, stride_hm=n, w_ptr=ptr,
@@ -26,11 +27,12 @@ def _args(kernel: str, dt: str, n: int) -> dict:
         return dict(dy_ptr=ptr, stride_dym=n, **_rows("x", dt, n), w_ptr=ptr, rstd_ptr="*fp32", dh_ptr=ptr,
                     stride_dhm=n, dx_ptr=ptr, stride_dxm=n, dw_ptr="*fp32", stride_dwp=n, M=M, N=n,
                     rows_per_program=16)
+    wptr = "*" + (wdt or dt)
     if kernel == "_layer_norm_fwd_kernel":
-        return dict(**_rows("x", dt, n), w_ptr=ptr, b_ptr=ptr, **_rows("y", dt, n), mean_ptr="*fp32",
+        return dict(**_rows("x", dt, n), w_ptr=wptr, b_ptr=wptr, **_rows("y", dt, n), mean_ptr="*fp32",
                     rstd_ptr="*fp32", M=M, N=n, eps=1e-5)
     if kernel == "_layer_norm_bwd_kernel":
-        return dict(dy_ptr=ptr, stride_dym=n, **_rows("x", dt, n), w_ptr=ptr, mean_ptr="*fp32", rstd_ptr="*fp32",
+        return dict(dy_ptr=ptr, stride_dym=n, **_rows("x", dt, n), w_ptr=wptr, mean_ptr="*fp32", rstd_ptr="*fp32",
                     dx_ptr=ptr, stride_dxm=n, dw_ptr="*fp32", db_ptr="*fp32", stride_dwp=n, M=M, N=n,
                     rows_per_program=16)
     return dict(dy_ptr=ptr, stride_dym=n, **_rows("x", dt, n), mean_ptr="*fp32", rstd_ptr="*fp32",
@@ -45,9 +47,9 @@ def _meta(kernel: str, variant: str, cfg: N.NormConfig) -> dict:
         return dict(HAS_DH=True, NEED_DX=True, NEED_DW=not cfg.chunked, ADD_ONE=variant == "gemma",
                     ROUND_NORMED=variant == "llama", **rows)
     if kernel == "_layer_norm_fwd_kernel":
-        return dict(HAS_BIAS=True, **rows)
+        return dict(HAS_BIAS=variant != "cohere", **rows)
     if kernel == "_layer_norm_bwd_kernel":
-        return dict(NEED_DX=True, NEED_DW=not cfg.chunked, NEED_DB=not cfg.chunked, **rows)
+        return dict(NEED_DX=True, NEED_DW=not cfg.chunked, NEED_DB=not cfg.chunked and variant != "cohere", **rows)
     return dict(CENTER=variant == "layer", ROUND_NORMED=variant == "llama", NEED_DW=True,
                 NEED_DB=variant == "layer", BLOCK_M=N.DW_BLOCK_M, RNE_BF16=False)
 
@@ -67,6 +69,11 @@ def _plan() -> list[aot.Job]:
                     jobs.append(aot.Job(kernel, f"{variant}-N{n}", dt, arch, {"BLOCK_N": cfg.block_n},
                                         cfg.num_warps, cfg.num_stages, _meta(kernel, variant, cfg),
                                         _args(kernel, dt, n)))
+                if dt == "bf16" and n in (4096, 8192):  # Cohere's LayerNorm: no bias, an fp32 weight
+                    for kernel in ("_layer_norm_fwd_kernel", "_layer_norm_bwd_kernel"):
+                        jobs.append(aot.Job(kernel, f"cohere-N{n}", dt, arch, {"BLOCK_N": cfg.block_n},
+                                            cfg.num_warps, cfg.num_stages, _meta(kernel, "cohere", cfg),
+                                            _args(kernel, dt, n, wdt="fp32")))
                 if cfg.chunked:  # wide rows take their weight gradients from the column-parallel kernel
                     for variant in ("llama", "layer"):
                         jobs.append(aot.Job("_norm_dw_kernel", f"{variant}-N{n}", dt, arch,

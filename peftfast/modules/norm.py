@@ -11,6 +11,9 @@ annotations and the argument's name, the source of a form the fused op reproduce
              weight's dtype where the llama form casts to the input's, so it is the llama form whenever input and
              weight share a dtype (a bf16 model, or fp32 weights with an fp32 residual stream under autocast);
              calls that mix dtypes run the module's own forward
+    "cohere" CohereLayerNorm (Cohere, Cohere 2: Command R, Aya): a LayerNorm without bias computed in fp32 and cast
+             back to the input's dtype, which is what the layer-norm op computes (fp32 statistics, the weight upcast);
+             eager keeps fp32 copies of its input for backward, the op the input and two fp32 row statistics
 
 Anything else (Gemma-3n's ``pow(-0.5)`` with an optional scale, norms with a gate
 argument or grouped statistics) is skipped with its reason rather than guessed.
@@ -32,8 +35,8 @@ from peftfast.modules._bind import bind_forward, call_original, unbind_forward, 
 from peftfast.ops.norm import SUPPORTED_DTYPES, layer_norm, rms_norm
 from peftfast.ops.recompute import rebuild_scope, rebuildable, worth_rebuilding
 
-__all__ = ["NormState", "ScopeState", "install", "install_scope", "is_norm", "layer_norm_forward", "rms_form",
-           "rms_norm_forward", "uninstall", "uninstall_scope", "why_not"]
+__all__ = ["NormState", "ScopeState", "cohere_norm_forward", "install", "install_scope", "is_norm",
+           "layer_norm_forward", "rms_form", "rms_norm_forward", "uninstall", "uninstall_scope", "why_not"]
 
 _EPS = "EPS"  # placeholder for ``self.eps`` / ``self.variance_epsilon`` in the canonical sources
 _ARG = "x"
@@ -83,6 +86,17 @@ def forward(self, x):
 def _norm(self, x):
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.EPS)
 """),
+    # a LayerNorm without bias in fp32, cast back to the input's dtype: runs on the layer-norm op (kind "layer")
+    "cohere": ("""
+def forward(self, x):
+    input_dtype = x.dtype
+    x = x.to(torch.float32)
+    mean = x.mean(-1, keepdim=True)
+    variance = (x - mean).pow(2).mean(-1, keepdim=True)
+    x = (x - mean) * torch.rsqrt(variance + self.EPS)
+    x = self.weight.to(torch.float32) * x
+    return x.to(input_dtype)
+""",),
     "t5": ("""
 def forward(self, x):
     variance = x.to(torch.float32).pow(2).mean(-1, keepdim=True)
@@ -182,7 +196,8 @@ def _class_form(cls: type) -> tuple[str | None, str]:
         text, eps_attrs = _normalise(sources[:1])
         form = _CANONICAL.get(text)
     if form is None:
-        return None, "forward is not a formula peftfast fuses (the llama / gemma / olmo2 / t5 RMSNorm forms)"
+        return None, ("forward is not a formula peftfast fuses (the llama / gemma / olmo2 / t5 RMSNorm forms, Cohere's "
+                      "LayerNorm)")
     if len(eps_attrs) != 1:
         return None, "forward reads both eps and variance_epsilon"
     return form, eps_attrs.pop()
@@ -302,6 +317,19 @@ def layer_norm_forward(module: nn.Module, *args, **kwargs) -> torch.Tensor:
     return out
 
 
+def cohere_norm_forward(module: nn.Module, *args, **kwargs) -> torch.Tensor:
+    """Drop-in ``forward`` for a Cohere-form norm (a LayerNorm without bias over the last dim, fp32 maths, the
+    input's dtype out): the layer-norm op, which keeps the input and the row statistics only."""
+    x = _single_input(module, args, kwargs)
+    st: NormState = module._peftfast_norm
+    out = layer_norm(x, module.weight, None, getattr(module, st.eps_attr), out_dtype=x.dtype,
+                     backend="torch" if x.device.type != "cuda" and st.backend != "triton" else st.backend,
+                     name=st.name)
+    if st.rebuild:
+        _offer(module, x, out, cohere_norm_forward)
+    return out
+
+
 def install(module: nn.Module, name: str, backend: str, rebuild: bool = False) -> None:
     """Patch one module that ``why_not`` accepted (idempotent: a second call only updates the options)."""
     st = module.__dict__.get("_peftfast_norm")
@@ -312,7 +340,7 @@ def install(module: nn.Module, name: str, backend: str, rebuild: bool = False) -
         kind, form, eps_attr, fn = "layer", None, "eps", layer_norm_forward
     else:
         form, eps_attr = rms_form(module)
-        kind, fn = "rms", rms_norm_forward
+        kind, fn = ("layer", cohere_norm_forward) if form == "cohere" else ("rms", rms_norm_forward)
     bind_forward(module, "_peftfast_norm", NormState(name=name, backend=backend, kind=kind, form=form,
                                                      eps_attr=eps_attr, previous_forward=None, rebuild=rebuild), fn)
 
