@@ -102,6 +102,16 @@ def _segment_range(range_ptr, b, lo, hi, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _value_dims(offs_d, d_ok, DV, BLOCK_DV: tl.constexpr, SAME_DV: tl.constexpr):
+    """Offsets and mask of v's (and o's, dO's, dV's) head dim: q/k's own where v is as wide (separate ones cost the
+    dK/dV kernel registers it spilled)."""
+    if SAME_DV:
+        return offs_d, d_ok
+    offs_dv = tl.arange(0, BLOCK_DV)
+    return offs_dv, offs_dv < DV
+
+
+@triton.jit
 def _attn_fwd_kernel(
     q_ptr, sqb, sqh, sqm, sqd,
     k_ptr, skb, skh, skn, skd,
@@ -125,12 +135,7 @@ def _attn_fwd_kernel(
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
-    if SAME_DV:  # v as wide as q and k: their offsets and mask (separate ones cost the dK/dV kernel registers)
-        offs_dv = offs_d
-        dv_ok = d_ok
-    else:
-        offs_dv = tl.arange(0, BLOCK_DV)
-        dv_ok = offs_dv < DV
+    offs_dv, dv_ok = _value_dims(offs_d, d_ok, DV, BLOCK_DV, SAME_DV)
     q = tl.load(q_ptr + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh + offs_m[:, None].to(tl.int64) * sqm
                 + offs_d[None, :] * sqd, mask=(offs_m[:, None] < SQ) & d_ok[None, :], other=0.0)
     k_base = k_ptr + b.to(tl.int64) * skb + hk.to(tl.int64) * skh
@@ -196,12 +201,7 @@ def _attn_bwd_dkdv_kernel(
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
-    if SAME_DV:  # v as wide as q and k: their offsets and mask (separate ones cost the dK/dV kernel registers)
-        offs_dv = offs_d
-        dv_ok = d_ok
-    else:
-        offs_dv = tl.arange(0, BLOCK_DV)
-        dv_ok = offs_dv < DV
+    offs_dv, dv_ok = _value_dims(offs_d, d_ok, DV, BLOCK_DV, SAME_DV)
     n_ok = offs_n < SK
     k = tl.load(k_ptr + b.to(tl.int64) * skb + hk.to(tl.int64) * skh + offs_n[:, None].to(tl.int64) * skn
                 + offs_d[None, :] * skd, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
@@ -287,12 +287,7 @@ def _attn_bwd_dq_kernel(
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
-    if SAME_DV:  # v as wide as q and k: their offsets and mask (separate ones cost the dK/dV kernel registers)
-        offs_dv = offs_d
-        dv_ok = d_ok
-    else:
-        offs_dv = tl.arange(0, BLOCK_DV)
-        dv_ok = offs_dv < DV
+    offs_dv, dv_ok = _value_dims(offs_d, d_ok, DV, BLOCK_DV, SAME_DV)
     m_ok = offs_m < SQ
     qd_mask = m_ok[:, None] & d_ok[None, :]
     q = tl.load(q_ptr + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh + offs_m[:, None].to(tl.int64) * sqm

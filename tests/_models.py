@@ -359,6 +359,27 @@ def train_steps(model: nn.Module, data: dict, steps: int = 4, seed: int = 7, lr:
     return losses
 
 
+def assert_trains_as(model: nn.Module, ref: nn.Module, data: dict, grad_tol: float = 2e-5,
+                     loss_tol: float = 1e-5) -> None:
+    """``model``'s loss (relative ``loss_tol``) and every trainable gradient (``max_rel_err`` ≤ ``grad_tol``) match
+    ``ref``'s on ``data``."""
+    loss, grads = loss_and_grads(model, data)
+    ref_loss, ref_grads = loss_and_grads(ref, data)
+    assert abs(loss.item() - ref_loss.item()) <= loss_tol * abs(ref_loss.item()), (loss.item(), ref_loss.item())
+    assert grads.keys() == ref_grads.keys()
+    worst = max(grads, key=lambda n: max_rel_err(grads[n], ref_grads[n]))
+    assert max_rel_err(grads[worst], ref_grads[worst]) <= grad_tol, (worst, max_rel_err(grads[worst], ref_grads[worst]))
+
+
+def nonzero_lora_b(model: nn.Module, std: float = 0.2) -> nn.Module:
+    """Draw every LoRA ``B`` (PEFT starts them at zero, which would hide the LoRA term and ``A``'s gradient)."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, std)
+    return model
+
+
 def max_rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
     """max |got - want| / max |want| (in fp64)."""
     got, want = got.double(), want.double()

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 from _attention_ref import reference_attention as _reference
-from _models import clone, loss_and_grads, max_rel_err, peft_model
+from _models import clone, loss_and_grads, max_rel_err, nonzero_lora_b, peft_model
 from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
@@ -535,11 +535,7 @@ def test_multi_head_latent_attention_runs_fused():
         num_attention_heads=4, num_key_value_heads=4, n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1,
         first_k_dense_replace=1, q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=16,
         v_head_dim=16, n_group=1, topk_group=1, max_position_embeddings=64, attn_implementation="sdpa")
-    model = get_peft_model(DeepseekV3ForCausalLM(cfg), LoraConfig(r=4, target_modules="all-linear"))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0.0, 0.2)
+    model = nonzero_lora_b(get_peft_model(DeepseekV3ForCausalLM(cfg), LoraConfig(r=4, target_modules="all-linear")))
     ref = clone(model)
     peftfast.patch(model)
     ids, mask = _padded()

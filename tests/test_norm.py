@@ -717,7 +717,8 @@ def test_cohere_model_norms_fused():
                 p.normal_(1.0 if "layernorm" in name else 0.0, 0.2)
     ref = copy.deepcopy(model)
     peftfast.patch(model)
-    norms = {e.name.removeprefix("base_model.model.model."): e for e in peftfast.report(model).modules if e.kind == "norm"}
+    entries = peftfast.report(model).modules
+    norms = {e.name.removeprefix("base_model.model.model."): e for e in entries if e.kind == "norm"}
     fused = sorted(n for n, e in norms.items() if e.patched)
     assert fused == ["layers.0.input_layernorm", "layers.1.input_layernorm", "norm"], norms
     qk = [e for n, e in norms.items() if n.split(".")[-1] in ("q_norm", "k_norm")]
