@@ -228,7 +228,7 @@ def probe_gated(module: nn.Module) -> str | None:
 
 def _probe_functional_act(module: nn.Module, lay: GatedLayout) -> str | None:
     """The functional activation (``silu`` / ``gelu`` / ``gelu_tanh``) with which the class's code computes
-    ``down(act(gate(x)) · up(x))`` (in eval mode), or None."""
+    ``down(act(gate(x)) · up(x))``, the same in training and in eval mode; or None."""
     found = in_both_modes(module, lambda: next((a for a in _FUNCTIONAL_ACTS if _probe_gated(module, lay, a) is None),
                                                None))
     return found[1] if found[0] == found[1] else None
@@ -311,10 +311,11 @@ def why_not_packed(module: nn.Module) -> str | None:
     return probe_packed(module)
 
 
-def _frozen_reason(module: nn.Module, gathered: bool = True) -> str | None:
+def _frozen_reason(module: nn.Module, gathered: bool = True, projs: tuple | None = None) -> str | None:
     """Why the projections of a gated MLP are not plain frozen linears the frozen-MLP op can read, or None
-    (``gathered``: ZeRO-3 partitioned projections are gathered for the op; see ``_zero3_register_hook``)."""
-    projs = gated_projs(module)
+    (``gathered``: ZeRO-3 partitioned projections are gathered for the op; see ``_zero3_register_hook``; ``projs``:
+    their names where the caller has them)."""
+    projs = projs or gated_projs(module)
     for p in projs:
         layer = getattr(module, p)
         if not isinstance(layer, nn.Linear) or type(layer).forward is not nn.Linear.forward:
@@ -535,7 +536,8 @@ def frozen_mlp_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs) -> tor
     st: MLPState = self._peftfast_mlp
     lay = st.gated
     act = gate_activation(getattr(self, lay.act)) if lay.act is not None else st.act
-    reason = "extra forward arguments" if args or kwargs else _frozen_reason(self, st.zero3_params is not None)
+    reason = "extra forward arguments" if args or kwargs else \
+        _frozen_reason(self, st.zero3_params is not None, lay.projs)
     gate = self._modules[lay.gate]
     if reason is None and act is None:
         reason = "its activation changed"
