@@ -359,6 +359,14 @@ def train_steps(model: nn.Module, data: dict, steps: int = 4, seed: int = 7, lr:
     return losses
 
 
+def cpp_or_skip(backend: str) -> None:
+    """Skip a ``backend="cpp"`` case where ``peftfast._C`` is not built (CI builds it)."""
+    import pytest
+
+    if backend == "cpp" and resolve_backend("auto", torch.device("cpu")) != "cpp":
+        pytest.skip("peftfast._C is not built")
+
+
 def assert_trains_as(model: nn.Module, ref: nn.Module, data: dict, grad_tol: float = 2e-5,
                      loss_tol: float = 1e-5) -> None:
     """``model``'s loss (relative ``loss_tol``) and every trainable gradient (``max_rel_err`` ≤ ``grad_tol``) match

@@ -427,8 +427,8 @@ def grpo_run(sft_data, tmp_path, patch: bool):
 def test_grpo_trainer_generates_and_trains_as_unpatched(sft_data, tmp_path):
     """TRL's ``GRPOTrainer`` without vLLM samples completions with the model it trains, then scores and trains on
     them: on a patched model the same completions come out (same rewards), with the same entropies and gradient
-    norms, and the same LoRA weights after three steps; the fused layers served generation and training alike."""
-    pytest.importorskip("trl", reason="TRL is not installed (add trl and datasets to the dev extras)")
+    norms, and the same LoRA weights after three steps; the fused layers served generation and training alike
+    (``sft_data`` skips where TRL is not installed)."""
     want, w_ref, init, _ = grpo_run(sft_data, tmp_path / "ref", patch=False)
     got, w_fast, init_fast, trainer = grpo_run(sft_data, tmp_path / "fast", patch=True)
     assert_same_weights(init_fast, init, tol=0.0)

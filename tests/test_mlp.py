@@ -8,6 +8,7 @@ from _models import (
     assert_trains_as,
     batch,
     clone,
+    cpp_or_skip,
     loss_and_grads,
     max_rel_err,
     nonzero_lora_b,
@@ -25,11 +26,6 @@ from peftfast.ops.mlp import lora_mlp
 
 BACKENDS = ["torch", "triton"]
 ACTS = {"silu": F.silu, "gelu": F.gelu, "gelu_tanh": lambda t: F.gelu(t, approximate="tanh")}
-
-
-def _cpp_or_skip(backend):
-    if backend == "cpp" and resolve_backend("auto", torch.device("cpu")) != "cpp":
-        pytest.skip("peftfast._C is not built")
 
 
 def _proj(n, k, r, dtype, bias, lbias, scale):
@@ -159,7 +155,7 @@ def test_recompute_gives_the_same_values_and_keeps_less(backend, gate_segment):
     backward runs the gate/up forward again (same seeds, same kernels), so g, u and x·[A_gate; A_up]ᵀ are not saved.
     Outputs and every gradient are those of the run that keeps everything: the same bits on the C++ and ATen paths
     (the same ATen calls), within fp32 rounding on Triton (u from the plain LoRA GEMM, not the fused gate/up one)."""
-    _cpp_or_skip(backend)
+    cpp_or_skip(backend)
     m, k, i, r = 37, 40, 56, 8
     x, gate, up, down = _case(m, k, i, r, torch.float32, lbias=True)
     up[5] = torch.randn(i).requires_grad_()  # a lora_bias on the rebuilt projection too
@@ -477,7 +473,7 @@ def test_frozen_mlp_fp32_parity(backend, act, bias, recompute, noncontig):
     """Output and input gradient against fp64 at odd shapes; no weight gets a gradient."""
     from peftfast.ops.mlp import frozen_mlp
 
-    _cpp_or_skip(backend)
+    cpp_or_skip(backend)
     x, gate, up, down = _frozen_case(37, 40, 56, torch.float32, bias, noncontig)
     dy = torch.randn(37, 40)
     got = _frozen_run(lambda: frozen_mlp(x, gate, up, down, act=act, recompute=recompute, backend=backend), x, dy)
@@ -492,7 +488,7 @@ def test_frozen_mlp_fp32_parity(backend, act, bias, recompute, noncontig):
 def test_frozen_mlp_fp16_within_twice_eager_error(backend):
     from peftfast.ops.mlp import frozen_mlp
 
-    _cpp_or_skip(backend)
+    cpp_or_skip(backend)
     x, gate, up, down = _frozen_case(37, 80, 72, torch.float16, True)
     dy = torch.randn(37, 80).half()
     got = _frozen_run(lambda: frozen_mlp(x, gate, up, down, act="gelu_tanh", backend=backend), x, dy)
@@ -509,7 +505,7 @@ def test_frozen_mlp_saves_g_and_u_or_less(backend):
     True) x alone."""
     from peftfast.ops.mlp import frozen_mlp
 
-    _cpp_or_skip(backend)
+    cpp_or_skip(backend)
     m, k, i = 37, 40, 56
     x, gate, up, down = _frozen_case(m, k, i, torch.float32, True)
     assert _saved_shapes(lambda: _frozen_ref(x, gate, up, down, "silu", torch.float32), gate, up, down) == \
@@ -729,7 +725,7 @@ def _check_packed(backend, act, x, gate_up, down, *, p=0.0, p_d=0.0, tol=None, d
 def test_packed_fp32_parity(backend, act, m, k, i, r, p, p_d, bias, lbias):
     """``down(act(g)·u)`` of ``[g | u] = gate_up(x)``: output and the gradients of x and every LoRA weight and bias
     against fp64, with one dropout mask over x for the packed adapter and its own for the down projection."""
-    _cpp_or_skip(backend)
+    cpp_or_skip(backend)
     x, gate_up, down = _packed_case(m, k, i, r, torch.float32, bias=bias, lbias=lbias)
     _check_packed(backend, act, x, gate_up, down, p=p, p_d=p_d, tol=3e-5)
 
@@ -737,7 +733,7 @@ def test_packed_fp32_parity(backend, act, m, k, i, r, p, p_d, bias, lbias):
 @pytest.mark.parametrize("backend,dtype", [("triton", torch.float16), ("torch", torch.bfloat16),
                                            ("cpp", torch.bfloat16)])
 def test_packed_low_precision_within_twice_eager_error(backend, dtype):
-    _cpp_or_skip(backend)
+    cpp_or_skip(backend)
     x, gate_up, down = _packed_case(37, 40, 56, 8, dtype)
     _check_packed(backend, "silu", x, gate_up, down, p=0.1, p_d=0.1, dtype=dtype)
 
@@ -749,7 +745,7 @@ def test_packed_saves_x_gate_up_and_skinny_products_and_recompute_keeps_less(bac
     and its product go too; the same values either way."""
     from peftfast.ops.mlp import lora_packed_mlp
 
-    _cpp_or_skip(backend)
+    cpp_or_skip(backend)
     m, k, i, r = 37, 40, 56, 8
     x, gate_up, down = _packed_case(m, k, i, r, torch.float32, lbias=True)
     leaves = _tensors(x, gate_up, down)
@@ -945,7 +941,7 @@ def test_dora_mlp_fp32_parity(backend, recompute):
     recompute setting gives the same values."""
     from peftfast.ops.mlp import dora_mlp
 
-    _cpp_or_skip(backend)
+    cpp_or_skip(backend)
     x, gate, up, down = _dora_case(37, 40, 56, 8, torch.float32)
     leaves = _dora_leaves(x, gate, up, down)
     dy = torch.randn(37, 40)
@@ -964,7 +960,7 @@ def test_dora_mlp_low_precision_within_twice_eager_error(backend, dtype, lora_dt
     within twice the error of the same maths run eagerly in the base dtype, against fp64."""
     from peftfast.ops.mlp import dora_mlp
 
-    _cpp_or_skip(backend)
+    cpp_or_skip(backend)
     x, gate, up, down = _dora_case(37, 40, 56, 8, dtype, lora_dtype)
     leaves = _dora_leaves(x, gate, up, down)
     dy = torch.randn(37, 40).to(dtype)
@@ -1031,7 +1027,7 @@ def test_dora_mlp_dropout_fp32_parity(backend, recompute):
     every recompute setting gives the same values."""
     from peftfast.ops.mlp import dora_mlp
 
-    _cpp_or_skip(backend)
+    cpp_or_skip(backend)
     m, k, i, ps = 37, 40, 56, (0.25, 0.1)
     x, gate, up, down = _dora_case(m, k, i, 8, torch.float32)
     leaves = _dora_leaves(x, gate, up, down)
@@ -1054,7 +1050,7 @@ def test_dora_mlp_dropout_low_precision_within_twice_eager_error(backend, dtype,
     fp64, on the same masks."""
     from peftfast.ops.mlp import dora_mlp
 
-    _cpp_or_skip(backend)
+    cpp_or_skip(backend)
     m, k, i, ps = 37, 40, 56, (0.2, 0.2)
     x, gate, up, down = _dora_case(m, k, i, 8, dtype, lora_dtype)
     leaves = _dora_leaves(x, gate, up, down)
@@ -1251,7 +1247,7 @@ def test_outputs_can_be_modified_in_place(op, backend):
     (Gemma 3n does, on a projection)."""
     from peftfast.ops.mlp import dora_mlp, frozen_mlp, lora_packed_mlp
 
-    _cpp_or_skip(backend)
+    cpp_or_skip(backend)
     torch.manual_seed(0)
     if op == "frozen":
         x, gate, up, down = _frozen_case(7, 16, 24, torch.float32, True)

@@ -10,7 +10,7 @@ import types
 
 import pytest
 import torch
-from _models import BUILDERS, batch, peft_model
+from _models import BUILDERS, batch, cpp_or_skip, peft_model
 from _norm_cases import (
     DTYPES,
     EPS,
@@ -638,10 +638,7 @@ def test_no_rebuild_of_zero3_partitioned_norm_outputs(monkeypatch):
 def test_outputs_can_be_modified_in_place(backend, op):
     """A norm's output is a tensor of its own, not a view made inside the op's autograd Function (which autograd
     forbids modifying in place): a model may scale it with ``*=`` and backpropagate through it."""
-    from peftfast.ops._backend import resolve_backend
-
-    if backend == "cpp" and resolve_backend("auto", torch.device("cpu")) != "cpp":
-        pytest.skip("peftfast._C is not built")
+    cpp_or_skip(backend)
     w = _weight(48, torch.float32).requires_grad_()
     run = (lambda a: rms_norm(a, w, EPS, backend=backend)) if op == "rms" else \
         (lambda a: layer_norm(a, w, None, EPS, backend=backend))
