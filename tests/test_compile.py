@@ -12,6 +12,8 @@ from __future__ import annotations
 import logging
 import os
 import re
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -272,3 +274,35 @@ def test_dora_compiles_without_breaks_in_our_code():
     explanation, _ = _compare(lambda **d: model(**d).loss, list(trainable(model).values()), **data)
     assert _breaks_in_our_files(explanation) == []
     assert any("lora_magnitude_vector" in n for n in trainable(model))
+
+
+# what must hold where peftfast._C is not loaded, run in a process with PEFTFAST_DISABLE_EXT=1
+_WITHOUT_EXT = (
+    "tests/test_compile.py::test_patched_model_compiles_without_breaks_in_our_code",
+    "tests/test_compile.py::test_packed_mlp_compiles_without_breaks_in_our_code",
+    "tests/test_compile.py::test_dora_compiles_without_breaks_in_our_code",
+    "tests/test_nf4.py::test_nf4_model_compiles_without_graph_breaks_in_our_ops",
+    "tests/test_nf4.py::test_qdora_layer_compiles_as_one_graph",
+    "tests/test_integration.py::test_compile_matches_eager",
+    "tests/test_integration.py::test_compile_has_no_graph_breaks_in_our_ops",
+    "tests/test_lora.py::test_group_saves_x_once",
+    "tests/test_mlp.py::test_fused_mlp_saves_less_than_layerwise_and_peft",
+)
+
+
+def test_without_the_extension_the_seeded_ops_stay_registered_and_compile():
+    """Without ``peftfast._C`` (not built, or built against another torch) the seeded LoRA and NF4 ops' schemas are
+    defined in Python, the torch backend their CPU kernel: dropout seeds stay tensors, so the compile tests of the
+    LoRA, gated-MLP, DoRA, NF4 and QDoRA paths pass there too (before, the seed's ``.item()`` broke the graph in
+    each), and the saved tensors are the registered path's (x and x·Aᵀ, and the 8-byte seed)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PEFTFAST_DISABLE_EXT="1")
+    probe = subprocess.run([sys.executable, "-c", "import peftfast.ops.lora as L, peftfast.ops.nf4 as N; "
+                            "from peftfast import _ext; print(_ext.available(), L._ATEN_OPS, N._ATEN_OPS)"],
+                           env=env, capture_output=True, text=True, timeout=300, cwd=root)
+    assert probe.stdout.split() == ["False", "True", "True"], probe.stdout + probe.stderr[-2000:]
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *_WITHOUT_EXT], env=env,
+                         capture_output=True, text=True, timeout=1500, cwd=root)
+    tail = run.stdout[-4000:]
+    assert run.returncode == 0, tail
+    assert re.search(r"\b11 passed\b", tail) and "skipped" not in tail, tail

@@ -169,21 +169,22 @@ def test_cuda_key_implementation_matches_the_cpp_op(need):
     as_, bms = [a.detach() for a in as_], [b.detach() for b in bms]
     e = x.new_empty(0)
     seed = torch.tensor([11])
+    fwd_cuda, bwd_cuda = L._fwd_impl("triton"), L._bwd_impl("triton")
     fwd_args = (x, ws, [bs[0].detach(), e, e], [e, e, e], as_, bms, sc, 0.3, seed)
-    for got, want in zip(L._fwd_cuda(*fwd_args)[0], torch.ops.peftfast.lora_group_fwd(*fwd_args)[0]):
+    for got, want in zip(fwd_cuda(*fwd_args)[0], torch.ops.peftfast.lora_group_fwd(*fwd_args)[0]):
         torch.testing.assert_close(got, want, rtol=2e-4, atol=2e-4)
     xa = torch.ops.peftfast.lora_group_fwd(*fwd_args)[1]
     grads = [torch.randn(29, 50), None, torch.randn(29, 24)]
     bwd_args = (x, xa, grads, ws, as_, bms, sc, 0.3, seed, *need)
-    got, want = L._bwd_cuda(*bwd_args), torch.ops.peftfast.lora_group_bwd(*bwd_args)
+    got, want = bwd_cuda(*bwd_args), torch.ops.peftfast.lora_group_bwd(*bwd_args)
     for g, w in zip([got[0], got[1], *got[2]], [want[0], want[1], *want[2]]):
         assert g.shape == w.shape
         torch.testing.assert_close(g, w, rtol=2e-4, atol=2e-4)
     # keep_xa=False on both: an empty xa forward, rebuilt in backward
-    assert L._fwd_cuda(*fwd_args, False)[1].shape == (0,)
+    assert fwd_cuda(*fwd_args, False)[1].shape == (0,)
     assert torch.ops.peftfast.lora_group_fwd(*fwd_args, False)[1].shape == (0,)
-    kept = L._bwd_cuda(x, L._fwd_cuda(*fwd_args)[1], *bwd_args[2:])
-    got_e = L._bwd_cuda(x, xa.new_empty((0,)), *bwd_args[2:])
+    kept = bwd_cuda(x, fwd_cuda(*fwd_args)[1], *bwd_args[2:])
+    got_e = bwd_cuda(x, xa.new_empty((0,)), *bwd_args[2:])
     for g, w in zip([got_e[0], got_e[1], *got_e[2]], [kept[0], kept[1], *kept[2]]):
         assert torch.equal(g, w)
 

@@ -21,7 +21,7 @@ from torch import nn
 import peftfast
 from peftfast.ops import _counters
 from peftfast.ops._backend import resolve_backend
-from peftfast.ops.lora import dropout_keep_mask
+from peftfast.ops.lora import dropout_keep_mask, tensor_seeds
 from peftfast.ops.mlp import lora_mlp
 
 BACKENDS = ["torch", "triton"]
@@ -404,8 +404,8 @@ def test_fused_mlp_saves_less_than_layerwise_and_peft():
     # h; PEFT adds dropout copies
     assert sizes["norms"] == elt * (m * hidden + 2 * m * inter + m * 3 * r)
     assert sizes["mlp"] == elt * (m * hidden + m * inter + m * 3 * r)
-    # the registered LoRA op (backend cpp) also keeps its 8-byte dropout seed tensor: one per grouped call
-    seed_bytes = 8 * 2 if resolve_backend("auto", h.device) == "cpp" else 0
+    # the registered LoRA op (CPU path: tensor_seeds) also keeps its 8-byte dropout seed tensor: one per grouped call
+    seed_bytes = 8 * 2 if tensor_seeds(resolve_backend("auto", h.device), h.device) else 0
     assert sizes["layers"] - sizes["norms"] == elt * 2 * m * inter + seed_bytes
     assert sizes["peft"] > sizes["layers"]
 
@@ -785,7 +785,7 @@ def test_packed_bad_input():
 def test_packed_mlp_saves_less_than_layerwise_and_peft():
     sizes, h = _mlp_saved_bytes("phi3")
     m, hidden, inter, r = 16, 64, 128, 8
-    seed_bytes = 8 * 2 if resolve_backend("auto", h.device) == "cpp" else 0
+    seed_bytes = 8 * 2 if tensor_seeds(resolve_backend("auto", h.device), h.device) else 0
     # packed op: x, [g | u], two skinny products; layer-wise keeps act(g) and h (the down projection's input) too,
     # and the registered LoRA op's 8-byte seed tensor per layer (the packed op keeps its seeds as integers)
     assert sizes["norms"] == 4 * (m * hidden + 2 * m * inter + 2 * m * r)

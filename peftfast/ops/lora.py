@@ -17,9 +17,11 @@ fewer for one skinny GEMM). Either way the same bits. Backends share that contra
   epilogues over row chunks, with the Philox stream of the Triton kernels, so both drop the same elements;
 * ``torch``: ATen ops with a seeded torch generator, the fallback where neither is available.
 
-``cpp`` on CPU tensors and ``triton`` on CUDA tensors (when ``peftfast._C`` is loaded) run through the registered
-ops ``torch.ops.peftfast.lora_group_fwd`` / ``lora_group_bwd`` (fake kernels and autograd registered below), so
-``torch.compile`` traces them as single nodes; the other combinations use a Python ``autograd.Function``.
+``cpp`` on CPU tensors and ``triton`` on CUDA tensors run through the registered ops
+``torch.ops.peftfast.lora_group_fwd`` / ``lora_group_bwd`` (fake kernels and autograd registered below), so
+``torch.compile`` traces them as single nodes; without ``peftfast._C`` their schemas are defined here and ``torch``
+on CPU tensors is their CPU kernel. The other combinations (the reference ``torch`` backend beside ``_C``, Triton in
+the interpreter) use a Python ``autograd.Function``.
 """
 
 from __future__ import annotations
@@ -325,7 +327,7 @@ def group_forward(x2d: torch.Tensor, scales, p: float, seed: int, backend: str, 
     ``flat`` = Ws, bs, bBs, As, Bs. Backward needs only ``x2d`` and ``xa`` (plus the parameters).
     """
     ws, bs, lbs, as_, bmats = (flat[i * n:(i + 1) * n] for i in range(5))
-    if backend == "cpp":
+    if backend == "cpp" or isinstance(seed, torch.Tensor):  # a tensor seed: the registered op's (tensor_seeds)
         ys, xa = _direct.undifferentiated(torch.ops.peftfast.lora_group_fwd,
                                           x2d, ws, _no_none(bs, x2d), _no_none(lbs, x2d), as_, bmats,
                                           list(scales), p, seed_tensor(seed, x2d.device, p))
@@ -341,7 +343,7 @@ def group_forward(x2d: torch.Tensor, scales, p: float, seed: int, backend: str, 
 def group_backward(x2d, xa, flat, scales, p, seed, backend, n, need_x: bool, flat_need, dy2) -> tuple:
     """Backward of :func:`group_forward`: (grad of x2d or None, grads of ``flat`` in its order)."""
     ws, bs, lbs, as_, bmats = (flat[i * n:(i + 1) * n] for i in range(5))
-    if backend == "cpp":
+    if backend == "cpp" or isinstance(seed, torch.Tensor):
         return _registered_backward(x2d, xa, ws, _dtypes(bs), _dtypes(lbs), as_, bmats, scales, p,
                              seed_tensor(seed, x2d.device, p), need_x, flat_need, dy2)
     need_b = flat_need[n:2 * n]
@@ -457,10 +459,17 @@ def _from_slot(slot: LowRankSlot | None, xa: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------------------------
 # registered ops: peftfast::lora_group_fwd / lora_group_bwd (schemas in csrc/ops.cpp, CPU kernels in csrc/lora.cpp)
 # ----------------------------------------------------------------------------------------------------------------
+def tensor_seeds(backend: str, device: torch.device) -> bool:
+    """Whether ``backend`` on ``device`` runs the CPU kernel of the registered ops, which take the dropout seed as a
+    one-element tensor (drawn as a traced op under ``torch.compile``, read inside the op: no ``.item()`` in traced
+    code): ``cpp``, or ``torch`` on CPU where the ops are defined here without ``peftfast._C`` (:func:`_register`)."""
+    return backend == "cpp" or (backend == "torch" and device.type == "cpu" and _ATEN_OPS)
+
+
 def _use_registered_op(backend: str, device: torch.device) -> bool:
-    if backend == "cpp":
-        return True  # resolve_backend already checked that _C is loaded and the tensors are on CPU
-    return backend == "triton" and device.type == "cuda" and _ext.available()
+    # cpp: resolve_backend already checked that _C is loaded and the tensors are on CPU; the Triton CUDA kernels are
+    # registered for the CUDA key with or without _C
+    return tensor_seeds(backend, device) or (backend == "triton" and device.type == "cuda" and _LIB is not None)
 
 
 _ZERO_SEED = torch.zeros((1,), dtype=torch.int64)
@@ -489,18 +498,34 @@ def _or_none(ts) -> list:
     return [t if t.numel() else None for t in ts]
 
 
-def _fwd_cuda(x, weights, biases, lora_biases, lora_as, lora_bs, scales, p, seed, keep_xa=True):
-    n = len(weights)
-    ys, xa = group_forward(x, scales, p, int(seed.item()), "triton", n,
-                           [*weights, *_or_none(biases), *_or_none(lora_biases), *lora_as, *lora_bs])
-    return ys, xa if keep_xa else xa.new_empty((0,))
+def _fwd_impl(backend: str):
+    """The kernel of ``lora_group_fwd`` on ``backend``'s Python path (Triton for the CUDA key; torch for the CPU key
+    where ``peftfast._C`` is not loaded)."""
+
+    def fwd(x, weights, biases, lora_biases, lora_as, lora_bs, scales, p, seed, keep_xa=True):
+        ys, xa = group_forward(x, scales, p, int(seed.item()), backend, len(weights),
+                               [*weights, *_or_none(biases), *_or_none(lora_biases), *lora_as, *lora_bs])
+        return ys, xa if keep_xa else xa.new_empty((0,))
+
+    return fwd
 
 
-def _bwd_cuda(x, xa, grads, weights, lora_as, lora_bs, scales, p, seed, need_x, need_a, need_b):
-    gx, da, dbs = _impl_backward(_TritonImpl, x, xa, weights, lora_as, lora_bs, scales, p, int(seed.item()), need_x,
-                                 need_a, [bool(b) for b in need_b], list(grads))
-    return (gx if gx is not None else x.new_empty((0,)), da if da is not None else xa.new_empty((0,)),
-            [d if d is not None else xa.new_empty((0,)) for d in dbs])
+def _bwd_impl(backend: str):
+    """The kernel of ``lora_group_bwd`` on ``backend``'s Python path (see :func:`_fwd_impl`)."""
+
+    def bwd(x, xa, grads, weights, lora_as, lora_bs, scales, p, seed, need_x, need_a, need_b):
+        gx, da, dbs = _impl_backward(_IMPLS[backend], x, xa, weights, lora_as, lora_bs, scales, p, int(seed.item()),
+                                     need_x, need_a, [bool(b) for b in need_b], list(grads))
+        return (gx if gx is not None else x.new_empty((0,)), da if da is not None else xa.new_empty((0,)),
+                [d if d is not None else xa.new_empty((0,)) for d in dbs])
+
+    return bwd
+
+
+def _mask_impl(backend: str):
+    """The kernel of ``dropout_keep_mask`` on ``backend``'s Python path (see :func:`_fwd_impl`)."""
+    return lambda like, seed, nseg, m, k, p: dropout_keep_mask(int(seed.item()), nseg, m, k, p, device=like.device,
+                                                              backend=backend)
 
 
 def _fwd_fake(x, weights, biases, lora_biases, lora_as, lora_bs, scales, p, seed, keep_xa=True):
@@ -582,6 +607,16 @@ class _LoRAGroupOpFunction(torch.autograd.Function):
 
 
 _LIB: torch.library.Library | None = None
+# the ops' schemas were defined here (peftfast._C not loaded): their CPU kernel is the torch backend
+_ATEN_OPS = False
+# the schemas of csrc/ops.cpp, for a process without peftfast._C
+_SCHEMAS = (
+    "lora_group_fwd(Tensor x, Tensor[] weights, Tensor[] biases, Tensor[] lora_biases, Tensor[] lora_as, "
+    "Tensor[] lora_bs, float[] scales, float p, Tensor seed, bool keep_xa=True) -> (Tensor[], Tensor)",
+    "lora_group_bwd(Tensor x, Tensor xa, Tensor?[] grads, Tensor[] weights, Tensor[] lora_as, Tensor[] lora_bs, "
+    "float[] scales, float p, Tensor seed, bool need_x, bool need_a, int[] need_b) -> (Tensor, Tensor, Tensor[])",
+    "dropout_keep_mask(Tensor like, Tensor seed, int nseg, int m, int k, float p) -> Tensor",
+)
 # the C++ autograd of peftfast::lora_group for eager training calls (CPU kernels, or the Triton ones registered for
 # CUDA); PEFTFAST_CPP_AUTOGRAD=0 runs the Python Function instead
 _CPP_AUTOGRAD = os.environ.get("PEFTFAST_CPP_AUTOGRAD", "1") != "0" and _ext.available() and \
@@ -589,16 +624,26 @@ _CPP_AUTOGRAD = os.environ.get("PEFTFAST_CPP_AUTOGRAD", "1") != "0" and _ext.ava
 
 
 def _register() -> None:
-    """Fake kernels, autograd and the CUDA (Triton) implementation of the C++-declared LoRA ops."""
-    global _LIB
-    if not _ext.available() or _LIB is not None:
+    """Fake kernels, autograd and the CUDA (Triton) implementation of the LoRA ops. Without ``peftfast._C`` their
+    schemas are defined here, with the torch backend as the CPU kernel: the seeded paths keep one registered
+    boundary (and tensor seeds, so ``torch.compile`` traces them without a graph break) either way."""
+    global _LIB, _ATEN_OPS
+    if _LIB is not None:
         return
-    _LIB = torch.library.Library("peftfast", "IMPL")
-    _LIB.impl("lora_group_fwd", _fwd_cuda, "CUDA")
-    _LIB.impl("lora_group_bwd", _bwd_cuda, "CUDA")
+    if _ext.available():
+        _LIB = torch.library.Library("peftfast", "IMPL")
+    else:
+        _LIB = torch.library.Library("peftfast", "FRAGMENT")
+        for schema in _SCHEMAS:
+            _LIB.define(schema)
+        _LIB.impl("lora_group_fwd", _fwd_impl("torch"), "CPU")
+        _LIB.impl("lora_group_bwd", _bwd_impl("torch"), "CPU")
+        _LIB.impl("dropout_keep_mask", _mask_impl("torch"), "CPU")
+        _ATEN_OPS = True
+    _LIB.impl("lora_group_fwd", _fwd_impl("triton"), "CUDA")
+    _LIB.impl("lora_group_bwd", _bwd_impl("triton"), "CUDA")
     # the Triton mask kernel (the masks the Triton LoRA kernels draw): DoRA with dropout rebuilds x_d through this op
-    _LIB.impl("dropout_keep_mask", lambda like, seed, nseg, m, k, p: dropout_keep_mask(
-        int(seed.item()), nseg, m, k, p, device=like.device, backend="triton"), "CUDA")
+    _LIB.impl("dropout_keep_mask", _mask_impl("triton"), "CUDA")
     torch.library.register_fake("peftfast::lora_group_fwd")(_fwd_fake)
     torch.library.register_fake("peftfast::lora_group_bwd")(_bwd_fake)
     torch.library.register_fake("peftfast::dropout_keep_mask")(
@@ -819,7 +864,7 @@ def dora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     _check_group(x, [weight], [bias], [lora_a], [lora_b], [scale], [None], dropout_p, name)
     be = resolve_backend(backend, x.device)
     x2d = x.reshape(-1, x.shape[-1])
-    _, keep = seeded_keep_mask(seed, x2d, dropout_p, be, tensor_seed=be == "cpp")
+    _, keep = seeded_keep_mask(seed, x2d, dropout_p, be, tensor_seed=tensor_seeds(be, x.device))
     xd = x2d * keep * (1.0 / (1.0 - dropout_p))
     # base(x) + (mag - 1)·(x_d Wᵀ) + mag·s·low(x_d) = base(x) + (mag - 1)·z_d + s·low(x_d), z_d = x_d Wᵀ + s·low(x_d)
     # the fused LoRA linear of x_d: one [M, N] tensor kept for the magnitude's gradient instead of two, and the
@@ -833,4 +878,4 @@ def dora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 
 
 __all__ = ["MAX_RANK", "dora_linear", "dora_weight_norm", "draw_seed", "dropout_keep_mask", "lora_linear",
-           "lora_linear_group", "seed_tensor"]
+           "lora_linear_group", "seed_tensor", "tensor_seeds"]

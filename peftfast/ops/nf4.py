@@ -452,7 +452,7 @@ def nf4_lora_linear(
     if be == "cpp" and not have_ops():
         be = "torch"  # a peftfast._C built before the NF4 ops: the ATen path keeps the same contract
     if _registered(be, x.device):
-        # the registered op (C++ on CPU, Triton for the CUDA key): autograd registered once, the seed a tensor, so
+        # the registered op (C++ or ATen on CPU, Triton for CUDA): autograd registered once, the seed a tensor, so
         # torch.compile traces it as one node
         from peftfast.ops.lora import seed_tensor
 
@@ -642,8 +642,10 @@ class _NF4LoRAMLPFunction(torch.autograd.Function):
 
 
 def _registered(backend: str, device: torch.device) -> bool:
-    """Whether the MLP op runs its projections on the registered NF4 ops (tensor seeds: no graph break)."""
-    return backend == "cpp" or (backend == "triton" and device.type == "cuda" and have_ops())
+    """Whether the NF4 LoRA ops run on ``backend`` through their registered boundary (tensor seeds: no graph
+    break): ``cpp``, Triton on CUDA, and the torch backend on CPU where the schemas are defined here."""
+    return backend == "cpp" or (backend == "triton" and device.type == "cuda" and _CUDA_LIB is not None) or \
+        (backend == "torch" and device.type == "cpu" and _ATEN_OPS)
 
 
 def _absmaxes(proj, meta, k: int) -> list[torch.Tensor]:
@@ -934,17 +936,47 @@ def _nf4_backward(ctx, dy, _dxa):
             None, None, None, None, None)
 
 
-def _register() -> None:
+def _op_impls(backend: str):
+    """The kernels of ``nf4_lora_fwd`` / ``nf4_lora_bwd`` on ``backend``'s Python path: Triton for the CUDA key, the
+    torch backend for the CPU key where ``peftfast._C`` is not loaded."""
+
+    def fwd(x, qweight, absmax, bias, lora_bias, lora_a, lora_b, scale, p, seed, block_size, chunk):
+        return _fwd(backend, x, qweight, absmax, bias, lora_bias, lora_a, lora_b, scale, p, int(seed.item()),
+                    block_size, chunk)
+
+    def bwd(x, xa, dy, qweight, absmax, lora_a, lora_b, scale, p, seed, block_size, chunk, need_x, need_a, need_b):
+        dx, da, db = _bwd(backend, x, xa, dy, qweight, absmax, lora_a, lora_b, scale, p, int(seed.item()),
+                          block_size, chunk, need_x, need_a, need_b)
+        return (dx if dx is not None else x.new_empty((0,)), da if da is not None else xa.new_empty((0,)),
+                db if db is not None else xa.new_empty((0,)))
+
+    return fwd, bwd
+
+
+# the schemas of csrc/ops.cpp's fused NF4 LoRA ops, for a process without peftfast._C
+_SCHEMAS = (
+    "nf4_lora_fwd(Tensor x, Tensor qweight, Tensor absmax, Tensor? bias, Tensor? lora_bias, Tensor lora_a, "
+    "Tensor lora_b, float scale, float p, Tensor seed, int block_size, int chunk) -> (Tensor, Tensor)",
+    "nf4_lora_bwd(Tensor x, Tensor xa, Tensor dy, Tensor qweight, Tensor absmax, Tensor lora_a, Tensor lora_b, "
+    "float scale, float p, Tensor seed, int block_size, int chunk, bool need_x, bool need_a, bool need_b) -> "
+    "(Tensor, Tensor, Tensor)",
+)
+
+
+def _register(cpp: bool) -> None:
+    """Fake kernels and autograd of the NF4 ops, and the Triton kernels for the CUDA key; ``cpp``: the C++ ops
+    (quantize and dequantize too) are loaded, else only the LoRA ops' schemas, defined here."""
     lib = "peftfast::"
+    if cpp:
+        @torch.library.register_fake(lib + "nf4_quantize")
+        def _(w, block_size):
+            n, k = w.shape
+            return w.new_empty((n, k // 2), dtype=torch.uint8), w.new_empty((n, k // block_size),
+                                                                             dtype=torch.float32)
 
-    @torch.library.register_fake(lib + "nf4_quantize")
-    def _(w, block_size):
-        n, k = w.shape
-        return w.new_empty((n, k // 2), dtype=torch.uint8), w.new_empty((n, k // block_size), dtype=torch.float32)
-
-    @torch.library.register_fake(lib + "nf4_dequantize")
-    def _(qweight, absmax, block_size, dtype):
-        return qweight.new_empty((qweight.shape[0], qweight.shape[1] * 2), dtype=dtype)
+        @torch.library.register_fake(lib + "nf4_dequantize")
+        def _(qweight, absmax, block_size, dtype):
+            return qweight.new_empty((qweight.shape[0], qweight.shape[1] * 2), dtype=dtype)
 
     @torch.library.register_fake(lib + "nf4_lora_fwd")
     def _(x, qweight, absmax, bias, lora_bias, lora_a, lora_b, scale, p, seed, block_size, chunk):
@@ -959,27 +991,25 @@ def _register() -> None:
         return dx, da, db
 
     torch.library.register_autograd(lib + "nf4_lora_fwd", _nf4_backward, setup_context=_nf4_setup)
-
-    def fwd_cuda(x, qweight, absmax, bias, lora_bias, lora_a, lora_b, scale, p, seed, block_size, chunk):
-        return _fwd("triton", x, qweight, absmax, bias, lora_bias, lora_a, lora_b, scale, p, int(seed.item()),
-                    block_size, chunk)
-
-    def bwd_cuda(x, xa, dy, qweight, absmax, lora_a, lora_b, scale, p, seed, block_size, chunk, need_x, need_a,
-                 need_b):
-        dx, da, db = _bwd("triton", x, xa, dy, qweight, absmax, lora_a, lora_b, scale, p, int(seed.item()),
-                          block_size, chunk, need_x, need_a, need_b)
-        return (dx if dx is not None else x.new_empty((0,)), da if da is not None else xa.new_empty((0,)),
-                db if db is not None else xa.new_empty((0,)))
-
-    # the Triton kernels as the CUDA implementation of the C++-declared ops
+    fwd_cuda, bwd_cuda = _op_impls("triton")
     _CUDA_LIB.impl("nf4_lora_fwd", fwd_cuda, "CUDA")
     _CUDA_LIB.impl("nf4_lora_bwd", bwd_cuda, "CUDA")
 
 
 _CUDA_LIB: torch.library.Library | None = None
+_ATEN_OPS = False  # the LoRA ops' schemas defined here (no peftfast._C): the torch backend is their CPU kernel
 if have_ops():
     _CUDA_LIB = torch.library.Library("peftfast", "IMPL")
-    _register()
+    _register(cpp=True)
+elif not _ext.available():  # (a loaded _C built before the NF4 ops keeps its ATen path unregistered)
+    _CUDA_LIB = torch.library.Library("peftfast", "FRAGMENT")
+    for _schema in _SCHEMAS:
+        _CUDA_LIB.define(_schema)
+    _fwd_cpu, _bwd_cpu = _op_impls("torch")
+    _CUDA_LIB.impl("nf4_lora_fwd", _fwd_cpu, "CPU")
+    _CUDA_LIB.impl("nf4_lora_bwd", _bwd_cpu, "CPU")
+    _ATEN_OPS = True
+    _register(cpp=False)
 
 
 __all__ = ["NF4_CODE", "dequantize_absmax", "dequantize_nf4", "double_quantize", "nf4_code", "nf4_dora_linear",
