@@ -19,6 +19,7 @@ from _models import (
 from torch import nn
 
 import peftfast
+from peftfast.bench import count_work_ops
 from peftfast.ops import _counters
 from peftfast.ops._backend import resolve_backend
 from peftfast.ops.lora import dropout_keep_mask, tensor_seeds
@@ -220,6 +221,38 @@ def test_triton_launches():
     # h rebuilt once; down: G, dx GEMM, dA, dB; act backward; gate/up: 2 G, dx GEMM, one dA for both, 2 dB
     assert dict(bwd) == {"_act_mul_fwd_kernel": 1, "_act_mul_bwd_kernel": 1, "_lora_down_kernel": 3,
                          "_lora_gemm_kernel": 2, "_lora_da_kernel": 5}
+
+
+def test_triton_traced_seeds_take_the_registered_ops_with_the_same_values(monkeypatch):
+    """Under ``torch.compile`` the Triton backend's seeds are tensors (eager reads the CUDA generator's offset, which
+    Dynamo cannot trace) and its projections run on the registered LoRA ops, gate/up as one grouped op and then the
+    act · u kernel instead of the fused gate/up GEMM. Here with Dynamo's flag set by hand, the registered ops' CPU
+    kernels (C++, the Triton kernels' Philox masks) standing in for their CUDA ones: the same output and gradients as
+    the eager Triton path for the same seeds, through the routes named (the act · u forward kernel, no fused one)."""
+    cpp_or_skip("cpp")
+    x, gate, up, down = _case(37, 40, 56, 8, torch.float32)
+    leaves = _tensors(x, gate, up, down)
+    res = {}
+    for traced in (False, True):
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda traced=traced: traced)
+        for t in leaves:
+            t.grad = None
+
+        def step():
+            y = lora_mlp(x, gate, up, down, dropout_p=0.2, seed=123, down_seed=456, backend="triton")
+            y.square().sum().backward()
+            return y
+
+        y, count = count_work_ops(step)
+        res[traced] = [y.detach()] + [t.grad.clone() for t in leaves]
+        ops, launches = count.aten, count.launches
+        if traced:
+            assert dict(launches) == {"_act_mul_fwd_kernel": 2, "_act_mul_bwd_kernel": 1}, dict(launches)
+            assert ops["lora_group_fwd"] == 2 and ops["lora_group_bwd"] == 2, ops
+        else:
+            assert launches["_lora_gate_up_act_kernel"] == 1 and "lora_group_fwd" not in ops, ops
+    errs = [max_rel_err(got, want) for got, want in zip(res[True], res[False])]
+    assert max(errs) <= 2e-5, errs  # rounding only: other kernels (another mask: order 1)
 
 
 def test_triton_cublas_strategy_keeps_separate_activation(monkeypatch):

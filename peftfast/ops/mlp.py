@@ -349,7 +349,8 @@ def _rebuild_member(x2d, xa, flat2, scales, i, backend):
 
 def _gate_up(x2d, act, s_gu, p_gu, seed_gu, backend, gate_segment, flat_gu):
     """(g, u, h = act(g)·u, x·A_catᵀ) of the gate/up group: deterministic, so backward may run it again."""
-    if backend == "triton" and dense_strategy() == "fused":
+    if backend == "triton" and dense_strategy() == "fused" and not isinstance(seed_gu, torch.Tensor):
+        # (a tensor seed, under torch.compile: the registered grouped op below, then the act · u kernel)
         return _triton_gate_up_forward(x2d, s_gu, p_gu, seed_gu, gate_segment, act, flat_gu)
     # cuBLAS dense strategy, torch and cpp: grouped LoRA forward, then the element-wise act · u
     ys, xa_gu = group_forward(x2d, s_gu, p_gu, seed_gu, backend, 2, flat_gu)
@@ -443,8 +444,10 @@ def frozen_mlp(x: torch.Tensor, gate: Sequence, up: Sequence, down: Sequence, *,
 def _seeds(seed, down_seed, p: float, p_d: float, backend: str, device: torch.device) -> tuple:
     """The gate/up (or gate_up) and down projections' dropout seeds, drawn in that order where not given. On the
     registered ops' CPU path (:func:`~peftfast.ops.lora.tensor_seeds`) they stay tensors: no ``.item()``, so
-    ``torch.compile`` traces straight through."""
-    if tensor_seeds(backend, device):
+    ``torch.compile`` traces straight through. So do the Triton backend's under ``torch.compile``: its projections
+    then run on the registered LoRA ops (their CUDA kernels are the same Triton launches), where eager calls read
+    the device generator's offset, which Dynamo cannot trace."""
+    if tensor_seeds(backend, device) or (backend == "triton" and torch.compiler.is_compiling()):
         return seed_tensor(seed, device, p), seed_tensor(down_seed, device, p_d)
     seed = int(seed) if seed is not None else draw_seed(device) if p > 0.0 else 0
     return seed, int(down_seed) if down_seed is not None else draw_seed(device) if p_d > 0.0 else 0
