@@ -384,6 +384,41 @@ def test_dora_layer_matches_peft(backend, p, bias, fan_in_fan_out):
     assert all(r["fused"] == 1 and not r["fallbacks"] for r in rt.values()), rt
 
 
+def test_dora_triton_traced_seed_rebuilds_the_same_dropped_input(monkeypatch):
+    """DoRA with dropout on the Triton backend under ``torch.compile`` (Dynamo's flag set by hand) keeps its seed a
+    tensor and rebuilds the dropped input through the registered mask op (here its C++ CPU kernel, the Triton
+    kernels' Philox stream): the output and gradients of the eager Triton path with an int seed, and one
+    ``dropout_keep_mask`` op call, which the eager path does not make."""
+    from _models import cpp_or_skip, max_rel_err
+
+    from peftfast.bench import count_work_ops
+    from peftfast.ops.lora import dora_linear
+
+    cpp_or_skip("cpp")
+    torch.manual_seed(0)
+    x = torch.randn(2, 19, 80, requires_grad=True)
+    w = torch.randn(37, 80) / 9
+    a = (torch.randn(5, 80) / 9).requires_grad_()
+    b = (torch.randn(37, 5) * 0.3).requires_grad_()
+    mag = (torch.rand(37) + 0.5).requires_grad_()
+    res = {}
+    for traced in (False, True):
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda traced=traced: traced)
+        for t in (x, a, b, mag):
+            t.grad = None
+
+        def step():
+            y = dora_linear(x, w, None, a, b, 1.5, mag, dropout_p=0.3, seed=77, backend="triton")
+            y.square().sum().backward()
+            return y
+
+        y, count = count_work_ops(step)
+        assert count.aten["dropout_keep_mask"] == (1 if traced else 0), count.aten
+        res[traced] = [y.detach(), x.grad, a.grad, b.grad, mag.grad]
+    errs = [max_rel_err(got, want) for got, want in zip(res[True], res[False])]
+    assert max(errs) <= 1e-5, errs
+
+
 @pytest.mark.parametrize("backend,dtype,lora_dtype", [("torch", torch.bfloat16, None),
                                                       ("torch", torch.bfloat16, torch.float32),
                                                       pytest.param("cpp", torch.bfloat16, torch.float32,

@@ -466,6 +466,14 @@ def tensor_seeds(backend: str, device: torch.device) -> bool:
     return backend == "cpp" or (backend == "torch" and device.type == "cpu" and _ATEN_OPS)
 
 
+def traced_seeds(backend: str, device: torch.device) -> bool:
+    """Whether an op that draws its dropout seed itself keeps it a tensor: on the registered ops' CPU path
+    (:func:`tensor_seeds`), and on the Triton backend under ``torch.compile``, where eager calls read the CUDA
+    generator's offset (which Dynamo cannot trace) and the registered ops' CUDA kernels (the same Triton launches)
+    read the tensor instead."""
+    return tensor_seeds(backend, device) or (backend == "triton" and torch.compiler.is_compiling())
+
+
 def _use_registered_op(backend: str, device: torch.device) -> bool:
     # cpp: resolve_backend already checked that _C is loaded and the tensors are on CPU; the Triton CUDA kernels are
     # registered for the CUDA key with or without _C
@@ -864,7 +872,7 @@ def dora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     _check_group(x, [weight], [bias], [lora_a], [lora_b], [scale], [None], dropout_p, name)
     be = resolve_backend(backend, x.device)
     x2d = x.reshape(-1, x.shape[-1])
-    _, keep = seeded_keep_mask(seed, x2d, dropout_p, be, tensor_seed=tensor_seeds(be, x.device))
+    _, keep = seeded_keep_mask(seed, x2d, dropout_p, be, tensor_seed=traced_seeds(be, x.device))
     xd = x2d * keep * (1.0 / (1.0 - dropout_p))
     # base(x) + (mag - 1)·(x_d Wᵀ) + mag·s·low(x_d) = base(x) + (mag - 1)·z_d + s·low(x_d), z_d = x_d Wᵀ + s·low(x_d)
     # the fused LoRA linear of x_d: one [M, N] tensor kept for the magnitude's gradient instead of two, and the
@@ -878,4 +886,4 @@ def dora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 
 
 __all__ = ["MAX_RANK", "dora_linear", "dora_weight_norm", "draw_seed", "dropout_keep_mask", "lora_linear",
-           "lora_linear_group", "seed_tensor", "tensor_seeds"]
+           "lora_linear_group", "seed_tensor", "tensor_seeds", "traced_seeds"]

@@ -41,7 +41,7 @@ from peftfast.ops.lora import (
     group_forward,
     regenerated_keep_masks,
     seed_tensor,
-    tensor_seeds,
+    traced_seeds,
 )
 
 GATE_ACTS = {"silu": 0, "gelu": 1, "gelu_tanh": 2}
@@ -443,11 +443,10 @@ def frozen_mlp(x: torch.Tensor, gate: Sequence, up: Sequence, down: Sequence, *,
 
 def _seeds(seed, down_seed, p: float, p_d: float, backend: str, device: torch.device) -> tuple:
     """The gate/up (or gate_up) and down projections' dropout seeds, drawn in that order where not given. On the
-    registered ops' CPU path (:func:`~peftfast.ops.lora.tensor_seeds`) they stay tensors: no ``.item()``, so
-    ``torch.compile`` traces straight through. So do the Triton backend's under ``torch.compile``: its projections
-    then run on the registered LoRA ops (their CUDA kernels are the same Triton launches), where eager calls read
-    the device generator's offset, which Dynamo cannot trace."""
-    if tensor_seeds(backend, device) or (backend == "triton" and torch.compiler.is_compiling()):
+    registered ops' CPU path and on the Triton backend under ``torch.compile`` (:func:`~peftfast.ops.lora.
+    traced_seeds`) they stay tensors: no ``.item()``, so Dynamo traces straight through, the projections then on the
+    registered LoRA ops."""
+    if traced_seeds(backend, device):
         return seed_tensor(seed, device, p), seed_tensor(down_seed, device, p_d)
     seed = int(seed) if seed is not None else draw_seed(device) if p > 0.0 else 0
     return seed, int(down_seed) if down_seed is not None else draw_seed(device) if p_d > 0.0 else 0
