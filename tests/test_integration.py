@@ -443,6 +443,53 @@ def test_grpo_trainer_generates_and_trains_as_unpatched(sft_data, tmp_path):
     assert min(counts) > 3 * 2, counts  # per step: generation's forwards, then the loss's
 
 
+def dpo_run(sft_data, tmp_path, patch: bool, **kw):
+    """Three DPOTrainer steps (TRL's LoRA wrapping: the reference log-probabilities come from the same model with
+    its adapter disabled) on prompt / chosen / rejected triples. Returns (per-step logs, final LoRA weights,
+    initial LoRA weights, trainer)."""
+    from datasets import Dataset
+    from peft import LoraConfig
+    from trl import DPOConfig, DPOTrainer
+
+    tok, _ = sft_data
+    rows = [("the cat sat on", "the mat", "a log"), ("a dog ran", "under the log", "on"),
+            ("big red log and then", "the cat sat", "small blue dog ran on the mat"), ("the small mat", "sat", "and")]
+    data = Dataset.from_dict({k: [r[i] for r in rows] * 2 for i, k in enumerate(("prompt", "chosen", "rejected"))})
+    torch.manual_seed(0)
+    args = DPOConfig(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=4, learning_rate=1e-2,
+                     adam_epsilon=1e-4, bf16=False, report_to=[], use_cpu=True, logging_steps=1, save_strategy="no",
+                     disable_tqdm=True, seed=1, data_seed=1, gradient_checkpointing=False, max_length=32, **kw)
+    trainer = DPOTrainer(model=llama(vocab_size=128), args=args, train_dataset=data, processing_class=tok,
+                         peft_config=LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                                                init_lora_weights=False))
+    init = weights(trainer.model)
+    if patch:
+        peftfast.patch(trainer.model)
+    trainer.train()
+    keys = ("loss", "grad_norm", "rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected")
+    logs = [{k: h[k] for k in keys if k in h} for h in trainer.state.log_history if "loss" in h]
+    return logs, weights(trainer.model), init, trainer
+
+
+def test_dpo_trainer_with_disabled_adapter_reference_trains_as_unpatched(sft_data, tmp_path):
+    """TRL's ``DPOTrainer`` with a ``peft_config`` computes the reference log-probabilities with the adapter
+    disabled and the policy's with it on, from one model: patched, the same losses, rewards, log-probabilities and
+    gradient norms at each step, and the same LoRA weights after three; the fused layers ran both passes."""
+    want, w_ref, init, _ = dpo_run(sft_data, tmp_path / "ref", patch=False)
+    got, w_fast, init_fast, trainer = dpo_run(sft_data, tmp_path / "fast", patch=True)
+    assert_same_weights(init_fast, init, tol=0.0)
+    assert len(got) == len(want) == 3 and all(len(g) == 6 for g in got), got
+    for step, (a, b) in enumerate(zip(got, want)):
+        for k in b:
+            assert abs(a[k] - b[k]) <= 1e-4 * max(abs(b[k]), 1e-2), (step, k, a[k], b[k])
+    # rewards are beta·(policy − reference) log-probabilities: non-zero, the reference pass really ran without LoRA
+    assert all(abs(b["rewards/chosen"]) > 1e-4 for b in want), want
+    assert_same_weights(w_fast, w_ref, tol=1e-4)
+    rt = peftfast.report(trainer.model).runtime(trainer.model)
+    # each step: the policy's forward on the fused path, the reference's on the base-only path
+    assert {(r["fused"], r["base_only"]) for r in rt.values()} == {(3, 3)} and len(rt) == 14, rt
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # 3. plain PyTorch loop
 # ----------------------------------------------------------------------------------------------------------------
