@@ -11,6 +11,9 @@
     the pairs (LAYOUT): 0 rotate-half (Llama, most families)     a = i,  b = i + R/2,  ca = a,  cb = b
                         1 interleaved, cos interleaved (Cohere)  a = 2i, b = 2i + 1,   ca = a,  cb = b
                         2 interleaved, cos halved (GLM: cos[:R/2] repeated in pairs)   ca = cb = i
+                        3 de-interleaving (DeepSeek's MLA, GLM-4 MoE lite, Mistral 4): pair (2i, 2i + 1) of the
+                          input is written to (i, i + R/2) of the output, ca = cb = i; the backward reads
+                          (i, i + R/2) and writes (2i, 2i + 1)
 
 cos/sin come from the model's rotary module, so position_ids (packed sequences) and every RoPE scaling scheme are
 honoured as the model computes them. Nothing of q or k is saved for backward (only cos and sin, which the model
@@ -30,6 +33,18 @@ def _pair_offsets(offs_i, HALF, LAYOUT: tl.constexpr):
 
 
 @triton.jit
+def _io_offsets(offs_i, HALF, LAYOUT: tl.constexpr, BACKWARD: tl.constexpr):
+    """(read a, read b, write a, write b) offsets of pair i: the same pair both ways, except in the
+    de-interleaving layout, whose forward reads interleaved pairs and writes halves (the backward the reverse)."""
+    if LAYOUT == 3:
+        if BACKWARD:
+            return offs_i, offs_i + HALF, 2 * offs_i, 2 * offs_i + 1
+        return 2 * offs_i, 2 * offs_i + 1, offs_i, offs_i + HALF
+    a, b = _pair_offsets(offs_i, HALF, LAYOUT)
+    return a, b, a, b
+
+
+@triton.jit
 def _rope_rows(x_ptr, sxb, sxh, sxs, sxd, o_ptr, sob, soh, sos, sod, c_ptr, s_ptr, b, s, heads, offs_h, HALF, ROT,
                D, cos1, cos2, sin1, sin2, BACKWARD: tl.constexpr, LAYOUT: tl.constexpr, BLOCK_HALF: tl.constexpr,
                BLOCK_D: tl.constexpr):
@@ -39,7 +54,7 @@ def _rope_rows(x_ptr, sxb, sxh, sxs, sxd, o_ptr, sob, soh, sos, sod, c_ptr, s_pt
     m = h_ok[:, None] & i_ok[None, :]
     base_x = x_ptr + b.to(tl.int64) * sxb + s.to(tl.int64) * sxs + offs_h[:, None].to(tl.int64) * sxh
     base_o = o_ptr + b.to(tl.int64) * sob + s.to(tl.int64) * sos + offs_h[:, None].to(tl.int64) * soh
-    off1, off2 = _pair_offsets(offs_i, HALF, LAYOUT)
+    off1, off2, out1, out2 = _io_offsets(offs_i, HALF, LAYOUT, BACKWARD)
     x1 = tl.load(base_x + off1[None, :] * sxd, mask=m, other=0.0).to(tl.float32)
     x2 = tl.load(base_x + off2[None, :] * sxd, mask=m, other=0.0).to(tl.float32)
     if BACKWARD:
@@ -48,8 +63,8 @@ def _rope_rows(x_ptr, sxb, sxh, sxs, sxd, o_ptr, sob, soh, sos, sod, c_ptr, s_pt
     else:
         y1 = x1 * cos1 - x2 * sin1
         y2 = x2 * cos2 + x1 * sin2
-    tl.store(base_o + off1[None, :] * sod, y1.to(o_ptr.dtype.element_ty), mask=m)
-    tl.store(base_o + off2[None, :] * sod, y2.to(o_ptr.dtype.element_ty), mask=m)
+    tl.store(base_o + out1[None, :] * sod, y1.to(o_ptr.dtype.element_ty), mask=m)
+    tl.store(base_o + out2[None, :] * sod, y2.to(o_ptr.dtype.element_ty), mask=m)
     if ROT < D:
         offs_p = ROT + tl.arange(0, BLOCK_D)
         pm = h_ok[:, None] & (offs_p[None, :] < D)
@@ -83,7 +98,7 @@ def _rope_kernel(
     cb = cos_ptr + b.to(tl.int64) * scb + s.to(tl.int64) * scs
     sb = sin_ptr + b.to(tl.int64) * ssb + s.to(tl.int64) * sss
     c1, c2 = _pair_offsets(offs_i, HALF, LAYOUT)
-    if LAYOUT == 2:
+    if LAYOUT >= 2:
         c1 = offs_i
         c2 = offs_i
     cos1 = tl.load(cb + c1 * scd, mask=i_ok, other=0.0).to(tl.float32)[None, :]

@@ -522,10 +522,12 @@ def test_padded_batch_matches_sdpa(arch):
     assert len(attn) == 2 and all(r["fused"] == 1 and not r["fallbacks"] for r in attn.values())
 
 
-def test_multi_head_latent_attention_runs_fused():
+@pytest.mark.parametrize("interleave", [True, False], ids=["interleaved-rope", "rotate-half-rope"])
+def test_multi_head_latent_attention_runs_fused(interleave):
     """DeepSeek-V3's multi-head latent attention hands the attention function q/k heads (nope + rope dims) wider
     than its v heads: fused, on a padded batch, with SDPA's logits and gradients; its two down-projections of the
-    hidden states run as one sibling group."""
+    hidden states run as one sibling group. Its RoPE runs fused too, in either form the config picks: the
+    interleaved pairs written out as halves (``rope_interleave``, DeepSeek's default) or rotate-half."""
     from peft import LoraConfig, get_peft_model
     from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
@@ -534,14 +536,19 @@ def test_multi_head_latent_attention_runs_fused():
         vocab_size=128, hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=4, n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1,
         first_k_dense_replace=1, q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=16,
-        v_head_dim=16, n_group=1, topk_group=1, max_position_embeddings=64, attn_implementation="sdpa")
+        v_head_dim=16, n_group=1, topk_group=1, max_position_embeddings=64, attn_implementation="sdpa",
+        rope_interleave=interleave)
     model = nonzero_lora_b(get_peft_model(DeepseekV3ForCausalLM(cfg), LoraConfig(r=4, target_modules="all-linear")))
     ref = clone(model)
     peftfast.patch(model)
+    ropes = [e for e in peftfast.report(model).modules if e.kind == "rope"]
+    assert len(ropes) == 2 and all(e.patched for e in ropes), ropes
     ids, mask = _padded()
     attn = _matches_reference(model, ref, dict(input_ids=ids, attention_mask=mask,
                                                labels=ids.masked_fill(mask == 0, -100)), mask.bool())
     assert len(attn) == 2 and all(r["fused"] == 1 and not r["fallbacks"] for r in attn.values()), attn
+    rope_rt = {n: r for n, r in peftfast.report(model).module_runtime(model).items() if n.endswith("(rope)")}
+    assert len(rope_rt) == 2 and all(r["fused"] == 1 and not r["fallbacks"] for r in rope_rt.values()), rope_rt
     # the query's and the joint key/value down-projections read the same input: one sibling group per layer
     groups = {e.group for e in peftfast.report(model).entries if e.group}
     assert groups == {f"base_model.model.model.layers.{i}.self_attn.{{q_a_proj,kv_a_proj_with_mqa}}" for i in (0, 1)}

@@ -6,6 +6,7 @@ import types
 import pytest
 import torch
 from transformers.models.cohere.modeling_cohere import apply_rotary_pos_emb as cohere_rope
+from transformers.models.deepseek_v3.modeling_deepseek_v3 import apply_rotary_pos_emb_interleave as deepseek_rope
 from transformers.models.glm.modeling_glm import apply_rotary_pos_emb as glm_rope
 from transformers.models.gpt_oss.modeling_gpt_oss import apply_rotary_pos_emb as gpt_oss_rope
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb as llama_rope
@@ -64,11 +65,13 @@ def test_fp32_matches_transformers_in_fp64(backend, b, hq, hk, s, d, rot, layout
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("ref_fn,layout,rot,unsqueeze", [
     (cohere_rope, "pairs", 16, 1), (glm_rope, "pairs_half_cos", 8, 1), (glm_rope, "pairs_half_cos", 16, 2),
-], ids=["cohere", "glm-partial", "glm-seq-major"])
+    (deepseek_rope, "deinterleave", 16, 1), (deepseek_rope, "deinterleave", 16, 2),
+], ids=["cohere", "glm-partial", "glm-seq-major", "deepseek", "deepseek-seq-major"])
 def test_interleaved_layouts_match_transformers_in_fp64(backend, ref_fn, layout, rot, unsqueeze):
-    """Interleaved pairs (2i, 2i+1): Cohere's (cos interleaved as the model builds it) and GLM's (cos halved then
-    repeated in pairs, partial rotary): output and the gradients of q and k against the model's own function in
-    fp64, with cos/sin tables that are not repeated, so that every entry the formula reads is checked."""
+    """Interleaved pairs (2i, 2i+1): Cohere's (cos interleaved as the model builds it), GLM's (cos halved then
+    repeated in pairs, partial rotary) and DeepSeek's (each pair written out to the two halves, cos halved): output
+    and the gradients of q and k against the model's own function in fp64, with cos/sin tables that are not
+    repeated, so that every entry the formula reads is checked."""
     g = torch.Generator().manual_seed(5)
     d = 16
     src = torch.randn(2, 7, 4, d, generator=g), torch.randn(2, 7, 2, d, generator=g)
@@ -86,6 +89,7 @@ def test_probe_finds_each_family_layout():
     assert rope_mod._probe(llama_rope) is None and rope_mod._layout(llama_rope) == "half"
     assert rope_mod._probe(cohere_rope) is None and rope_mod._layout(cohere_rope) == "pairs"
     assert rope_mod._probe(glm_rope) is None and rope_mod._layout(glm_rope) == "pairs_half_cos"
+    assert rope_mod._probe(deepseek_rope) is None and rope_mod._layout(deepseek_rope) == "deinterleave"
     assert rope_mod._probe(gpt_oss_rope) is None and rope_mod._layout(gpt_oss_rope) == "half_table"
 
 
@@ -419,7 +423,7 @@ def _plan() -> list[aot.Job]:
     jobs = []
     for arch in aot.ARCHS:
         for dt in ("bf16", "fp32"):
-            for d, rot in ((128, 128), (96, 48), (256, 256), (80, 80)):
+            for d, rot in ((128, 128), (96, 48), (256, 256), (80, 80), (64, 64)):
                 p = "*" + dt
                 args = {}
                 for pre in ("q", "k", "qo", "ko"):
@@ -428,8 +432,9 @@ def _plan() -> list[aot.Job]:
                 for pre, c in (("cos", "c"), ("sin", "s")):
                     args.update({f"{pre}_ptr": p, f"s{c}b": 0, f"s{c}s": rot, f"s{c}d": 1})
                 args.update(S=4096, HQ=32, HK=8, ROT=rot, D=d)
-                # rotate-half everywhere; the interleaved layouts (Cohere, GLM) at their shapes
-                layouts = (0,) + ((1,) if rot == d == 128 else (2,) if rot < d else ())
+                # rotate-half everywhere; the interleaved layouts at their shapes (Cohere, GLM; DeepSeek's MLA
+                # rotates a 64-wide slice of each head)
+                layouts = (0,) + ((1,) if rot == d == 128 else (2,) if rot < d else (3,) if d == 64 else ())
                 for layout in layouts:
                     for backward in (False, True):
                         meta = {"BACKWARD": backward, "LAYOUT": layout,
@@ -454,3 +459,30 @@ def test_rope_kernel_compiles(job: aot.Job, aot_results: dict[str, dict]) -> Non
     assert res["error"] is None, res["error"]
     assert res["ptx_target"] == ("sm_90a" if job.arch == 90 else f"sm_{job.arch}")
     assert res["shared"] <= 48 * 1024
+
+
+def test_latent_attention_with_another_rope_form_is_reported_not_skipped_silently():
+    """DeepSeek-V2's multi-head latent attention rotates with complex numbers (``apply_rotary_emb``), a form the
+    probe does not take: its RoPE entries say so in the report (before, MLA modules were no candidates at all), and
+    the model still trains as unpatched, its attention fused."""
+    from _models import clone, loss_and_grads, max_rel_err, nonzero_lora_b
+    from peft import LoraConfig, get_peft_model
+    from transformers import DeepseekV2Config, DeepseekV2ForCausalLM
+
+    torch.manual_seed(0)
+    cfg = DeepseekV2Config(
+        vocab_size=128, hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4, n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1,
+        first_k_dense_replace=1, q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8,
+        v_head_dim=8, n_group=1, topk_group=1, max_position_embeddings=64)
+    model = nonzero_lora_b(get_peft_model(DeepseekV2ForCausalLM(cfg), LoraConfig(r=4, target_modules="all-linear")))
+    ref = clone(model)
+    peftfast.patch(model)
+    ropes = [e for e in peftfast.report(model).modules if e.kind == "rope"]
+    assert len(ropes) == 2 and all(not e.patched and "apply_rotary_emb" in e.reason for e in ropes), ropes
+    assert all(e.patched for e in peftfast.report(model).modules if e.kind == "attention")
+    ids = torch.randint(3, 128, (2, 9))
+    loss, grads = loss_and_grads(model, dict(input_ids=ids, labels=ids))
+    want, ref_grads = loss_and_grads(ref, dict(input_ids=ids, labels=ids))
+    assert abs(loss.item() - want.item()) <= 1e-5 * abs(want.item())
+    assert max(max_rel_err(grads[n], ref_grads[n]) for n in grads) <= 2e-5

@@ -40,6 +40,9 @@ from peftfast.ops.recompute import capture, rebuilding_offered, restored_rng, rn
 from peftfast.ops.rope import LAYOUTS, rope
 
 _GLOBAL = "apply_rotary_pos_emb"
+# the module-level RoPE functions a forward may call, each served by the fused op in the layout its probe finds:
+# DeepSeek V3's MLA (and GLM-4 MoE lite, Mistral 4, LongCat, ...) call the second where config.rope_interleave
+_GLOBALS = (_GLOBAL, "apply_rotary_pos_emb_interleave")
 _lock = threading.RLock()
 _probed: dict[int, tuple[str | None, str]] = {}  # id of a model's function -> (reason, pair layout)
 
@@ -48,12 +51,13 @@ def _module_of(attn: nn.Module):
     return sys.modules.get(type(attn).__module__)
 
 
-def _probe(fn) -> str | None:
-    """None if ``fn`` (the model's apply_rotary_pos_emb) computes what the fused op does, in one of its pair
-    layouts (``peftfast.ops.rope.LAYOUTS``: rotate-half, Cohere's interleaved pairs, GLM's), on a random probe."""
+def _probe(fn, name: str = _GLOBAL) -> str | None:
+    """None if ``fn`` (the model's ``name``) computes what the fused op does, in one of its pair layouts
+    (``peftfast.ops.rope.LAYOUTS``: rotate-half, Cohere's interleaved pairs, GLM's, DeepSeek's de-interleaving), on
+    a random probe."""
     key = id(fn)
     if key not in _probed:
-        _probed[key] = _probe_layouts(fn)
+        _probed[key] = _probe_layouts(fn, name)
     return _probed[key][0]
 
 
@@ -84,7 +88,7 @@ def _widened(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return wide
 
 
-def _probe_layouts(fn) -> tuple[str | None, str]:
+def _probe_layouts(fn, name: str = _GLOBAL) -> tuple[str | None, str]:
     g = torch.Generator().manual_seed(0)
     q, k = torch.randn(2, 3, 5, 8, generator=g, dtype=torch.float64), torch.randn(2, 1, 5, 8, generator=g,
                                                                                     dtype=torch.float64)
@@ -99,11 +103,11 @@ def _probe_layouts(fn) -> tuple[str | None, str]:
             except Exception as exc:  # e.g. a form without partial rotary: accept if the full-width probe matched
                 if rot == 8:
                     return _probe_half_table(fn, q, k, *tables[4]) or (
-                        f"{_GLOBAL} raised on a probe ({type(exc).__name__})", "half")
+                        f"{name} raised on a probe ({type(exc).__name__})", "half")
                 break
             got = rope(q, k, cos, sin, backend="torch", layout=layout)
             if not all(torch.allclose(a, b, atol=1e-12) for a, b in zip(got, want)):
-                reason = (f"{_GLOBAL} computes something else than the rotate-half or interleaved RoPE (rotary dim "
+                reason = (f"{name} computes something else than the rotate-half or interleaved RoPE (rotary dim "
                           f"{rot})")
                 break
         if reason is None:
@@ -128,12 +132,20 @@ def _unfused(fn):
     return fn.keywords["original"] if isinstance(fn, functools.partial) and fn.func is _fused else fn
 
 
+def _present(mod) -> list[str]:
+    """The RoPE functions of ``_GLOBALS`` that the modeling module ``mod`` defines."""
+    return [n for n in _GLOBALS if getattr(mod, n, None) is not None]
+
+
 def why_not(attn: nn.Module) -> str | None:
-    """None if this attention module's RoPE can be fused, else a one-line reason."""
-    fn = getattr(_module_of(attn), _GLOBAL, None)
-    if fn is None:
-        return "its modeling file has no apply_rotary_pos_emb (no RoPE, or another form)"
-    return _probe(_unfused(fn))
+    """None if this attention module's RoPE can be fused, else a one-line reason: every RoPE function of its
+    modeling file that a forward may call must pass its probe."""
+    mod = _module_of(attn)
+    names = _present(mod)
+    if not names:
+        return ("its modeling file has no apply_rotary_pos_emb (no RoPE, or another form: e.g. DeepSeek-V2's "
+                "complex apply_rotary_emb)")
+    return next((r for r in (_probe(_unfused(getattr(mod, n)), n) for n in names) if r is not None), None)
 
 
 @dataclass
@@ -173,25 +185,38 @@ def _fused(q, k, cos, sin, *args, original, key: int, backend: str, name: str, l
                 layout=layout)
 
 
-def _alias(key: int) -> str:
-    return f"__peftfast_apply_rotary_pos_emb_{key}__"
+def _alias(key: int, name: str = _GLOBAL) -> str:
+    return f"__peftfast_{name}_{key}__"
 
 
-def _renamed(code: types.CodeType, alias: str) -> types.CodeType:
-    """``code`` (and the code objects nested in it) with the global ``apply_rotary_pos_emb`` read as ``alias``."""
-    consts = tuple(_renamed(c, alias) if isinstance(c, types.CodeType) else c for c in code.co_consts)
-    names = tuple(alias if n == _GLOBAL else n for n in code.co_names)
+def _as_map(aliases: str | dict[str, str]) -> dict[str, str]:
+    return {_GLOBAL: aliases} if isinstance(aliases, str) else aliases
+
+
+def _renamed(code: types.CodeType, aliases: str | dict[str, str]) -> types.CodeType:
+    """``code`` (and the code objects nested in it) with each global of ``aliases`` (name -> alias; a str: the alias
+    of ``apply_rotary_pos_emb``) read as its alias."""
+    aliases = _as_map(aliases)
+    consts = tuple(_renamed(c, aliases) if isinstance(c, types.CodeType) else c for c in code.co_consts)
+    names = tuple(aliases.get(n, n) for n in code.co_names)
     return code.replace(co_names=names, co_consts=consts)
 
 
-def _reads_global_only(code: types.CodeType) -> bool:
-    """True if every use of the name in ``code`` (and nested code) is a global read, so renaming it is exact."""
-    ok = all(i.opname == "LOAD_GLOBAL" for i in dis.get_instructions(code) if i.argval == _GLOBAL)
-    return ok and all(_reads_global_only(c) for c in code.co_consts if isinstance(c, types.CodeType))
+def _reads_global_only(code: types.CodeType, names=(_GLOBAL,)) -> bool:
+    """True if every use of the names in ``code`` (and nested code) is a global read, so renaming them is exact."""
+    ok = all(i.opname == "LOAD_GLOBAL" for i in dis.get_instructions(code) if i.argval in names)
+    return ok and all(_reads_global_only(c, names) for c in code.co_consts if isinstance(c, types.CodeType))
 
 
-def _drop_alias(globals_: dict, alias: str) -> None:
-    globals_.pop(alias, None)
+def _drop_alias(globals_: dict, aliases) -> None:
+    for alias in aliases:
+        globals_.pop(alias, None)
+
+
+def _served(st: RoPEState, original) -> functools.partial:
+    """What a patched call reads for one of the model's RoPE functions: the fused op in the layout its probe found."""
+    return functools.partial(_fused, original=original, key=st.tally_key, backend=st.backend, name=st.name,
+                             layout=_layout(original))
 
 
 def _rebind(st: RoPEState):
@@ -204,15 +229,14 @@ def _rebind(st: RoPEState):
     mod = sys.modules.get(st.owner.__module__)
     if mod is None:
         return None, None
-    alias = _alias(st.tally_key)
-    new = _renamed_function(st.owner.forward, alias, vars(mod))
+    aliases = {n: _alias(st.tally_key, n) for n in _present(mod)}
+    new = _renamed_function(st.owner.forward, aliases, vars(mod))
     if new is None:
         return None, None
     g = vars(mod)
-    original = _unfused(g[_GLOBAL])
-    g[alias] = functools.partial(_fused, original=original, key=st.tally_key, backend=st.backend, name=st.name,
-                                 layout=_layout(original))
-    release = weakref.finalize(st, _drop_alias, g, alias)
+    for n, alias in aliases.items():
+        g[alias] = _served(st, _unfused(g[n]))
+    release = weakref.finalize(st, _drop_alias, g, tuple(aliases.values()))
     return new, release
 
 
@@ -224,8 +248,9 @@ def _copy_function(fn: types.FunctionType, code: types.CodeType, closure: tuple 
     return new
 
 
-def _renamed_function(fn, alias: str, module_globals: dict) -> types.FunctionType | None:
-    """A copy of ``fn`` whose reads of the global ``apply_rotary_pos_emb`` (in ``module_globals``) read ``alias``.
+def _renamed_function(fn, aliases: str | dict[str, str], module_globals: dict) -> types.FunctionType | None:
+    """A copy of ``fn`` whose reads of the RoPE globals (in ``module_globals``) read their aliases (``aliases``:
+    name -> alias; a str: the alias of ``apply_rotary_pos_emb``).
 
     A decorated forward (``functools.wraps`` wrappers such as transformers' ``deprecate_kwarg``, which renamed
     ``past_key_values`` to ``cache`` in 5.24) is copied layer by layer: each wrapper keeps its own code and gets a
@@ -234,15 +259,16 @@ def _renamed_function(fn, alias: str, module_globals: dict) -> types.FunctionTyp
     """
     if not isinstance(fn, types.FunctionType):
         return None
-    if fn.__globals__ is module_globals and _GLOBAL in fn.__code__.co_names:
-        return _copy_function(fn, _renamed(fn.__code__, alias), fn.__closure__) \
-            if _reads_global_only(fn.__code__) else None
+    aliases = _as_map(aliases)
+    if fn.__globals__ is module_globals and any(n in fn.__code__.co_names for n in aliases):
+        return _copy_function(fn, _renamed(fn.__code__, aliases), fn.__closure__) \
+            if _reads_global_only(fn.__code__, tuple(aliases)) else None
     inner = getattr(fn, "__wrapped__", None)
     cells = fn.__closure__ or ()
     held = [i for i, c in enumerate(cells) if _cell_holds(c, inner)]
     if inner is None or len(held) != 1:
         return None
-    renamed = _renamed_function(inner, alias, module_globals)
+    renamed = _renamed_function(inner, aliases, module_globals)
     if renamed is None:
         return None
     closure = tuple(types.CellType(renamed) if i == held[0] else c for i, c in enumerate(cells))
@@ -260,10 +286,10 @@ def _cell_holds(cell: types.CellType, obj) -> bool:
 
 def _refresh_alias(st: RoPEState) -> None:
     """Re-point the alias at the current backend/name (a changed alias fails Dynamo's guard: recompiled, not stale)."""
-    g = vars(sys.modules[st.owner.__module__])  # not forward.__globals__: a decorator's module for a wrapped forward
-    original = _unfused(g[_GLOBAL])
-    g[_alias(st.tally_key)] = functools.partial(_fused, original=original, key=st.tally_key, backend=st.backend,
-                                                name=st.name, layout=_layout(original))
+    mod = sys.modules[st.owner.__module__]  # not forward.__globals__: a decorator's module for a wrapped forward
+    g = vars(mod)
+    for n in _present(mod):
+        g[_alias(st.tally_key, n)] = _served(st, _unfused(g[n]))
 
 
 def fused_rope_attention_forward(self: nn.Module, *args, **kwargs):
@@ -303,14 +329,15 @@ def _rope_forward(self: nn.Module, *args, **kwargs):
     forward = st.previous_forward or functools.partial(type(self).forward, self)
     mod = _module_of(self)
     with _lock:
-        original = getattr(mod, _GLOBAL)
-        setattr(mod, _GLOBAL, functools.partial(_fused, original=original, key=st.tally_key, backend=st.backend,
-                                                name=st.name, layout=_layout(original)))
+        originals = {n: getattr(mod, n) for n in _present(mod)}
+        for n, original in originals.items():
+            setattr(mod, n, _served(st, original))
     try:
         return forward(*args, **kwargs)
     finally:
         with _lock:
-            setattr(mod, _GLOBAL, original)
+            for n, original in originals.items():
+                setattr(mod, n, original)
 
 
 def install(attn: nn.Module, name: str, backend: str, rebuild_qkv: bool = False) -> None:
@@ -336,7 +363,11 @@ def uninstall(attn: nn.Module) -> None:
 
 def is_rope_attention(module: nn.Module) -> bool:
     """Attention modules of RoPE families: q/k projections (or a packed one: Phi-3's ``qkv_proj``, GPT-NeoX's
-    ``query_key_value``, ModernBERT's ``Wqkv``) and a modeling file with apply_rotary_pos_emb."""
+    ``query_key_value``, ModernBERT's ``Wqkv``) and a modeling file with one of the RoPE functions of ``_GLOBALS``;
+    and every multi-head latent attention (``kv_a_proj_with_mqa``: MLA always rotates a slice of q and k), so that one
+    whose RoPE takes another form (DeepSeek-V2's complex ``apply_rotary_emb``) is reported with that reason."""
+    if hasattr(module, "kv_a_proj_with_mqa"):
+        return True
     has_proj = (hasattr(module, "q_proj") and hasattr(module, "k_proj")) or \
         any(hasattr(module, p) for p in ("qkv_proj", "query_key_value", "Wqkv"))
-    return has_proj and getattr(_module_of(module), _GLOBAL, None) is not None
+    return has_proj and bool(_present(_module_of(module)))

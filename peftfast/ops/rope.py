@@ -3,7 +3,8 @@
 Same maths as transformers' ``apply_rotary_pos_emb`` (``cos``/``sin`` from the model's rotary module, partial rotary
 when ``cos`` is narrower than the head), in the pair layouts ``LAYOUTS`` name: rotate-half (Llama and most
 families), interleaved pairs with interleaved ``cos`` (Cohere), interleaved pairs with ``cos`` halved and repeated
-(GLM, GLM-4). Saved for backward: ``cos`` and ``sin``
+(GLM, GLM-4), and interleaved pairs written out as rotate-half halves (DeepSeek V3's MLA and the families that copy
+it: ``apply_rotary_pos_emb_interleave``). Saved for backward: ``cos`` and ``sin``
 only (the model holds them anyway); q and k are not kept, and no rotate-half temporaries are made. Registered as
 ``torch.ops.peftfast.rope`` (fake kernel and autograd included), so ``torch.compile`` traces it without a break.
 """
@@ -18,8 +19,9 @@ from peftfast.ops import _direct
 from peftfast.ops._backend import interpreting, resolve_backend
 from peftfast.ops._counters import launching
 
-# pair layouts (kernels/rope.py): rotate-half; interleaved (2i, 2i+1) with cos[2i], cos[2i+1]; interleaved with cos[i]
-LAYOUTS = ("half", "pairs", "pairs_half_cos")
+# pair layouts (kernels/rope.py): rotate-half; interleaved (2i, 2i+1) with cos[2i], cos[2i+1]; interleaved with cos[i];
+# interleaved pairs in, rotate-half halves out, cos[i] (DeepSeek's apply_rotary_pos_emb_interleave)
+LAYOUTS = ("half", "pairs", "pairs_half_cos", "deinterleave")
 
 
 def _as_bhsd(t: torch.Tensor, unsqueeze_dim: int) -> torch.Tensor:
@@ -61,21 +63,25 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: boo
     ct = torch.promote_types(x.dtype, torch.float32)
     xf = x[..., :rot].to(ct)
     c, s = cos.to(ct), sin.to(ct)
-    if layout == "half":
+    # the de-interleaving layout reads interleaved pairs and writes halves; its backward (the transpose) the reverse
+    halves_in = layout == "half" or (layout == "deinterleave" and backward)
+    halves_out = layout == "half" or (layout == "deinterleave" and not backward)
+    if halves_in:
         x1, x2 = xf[..., :half], xf[..., half:]
-        c1, c2, s1, s2 = c[..., :half], c[..., half:], s[..., :half], s[..., half:]
     else:
         x1, x2 = xf[..., 0::2], xf[..., 1::2]
-        if layout == "pairs":
-            c1, c2, s1, s2 = c[..., 0::2], c[..., 1::2], s[..., 0::2], s[..., 1::2]
-        else:
-            c1 = c2 = c[..., :half]
-            s1 = s2 = s[..., :half]
+    if layout == "half":
+        c1, c2, s1, s2 = c[..., :half], c[..., half:], s[..., :half], s[..., half:]
+    elif layout == "pairs":
+        c1, c2, s1, s2 = c[..., 0::2], c[..., 1::2], s[..., 0::2], s[..., 1::2]
+    else:
+        c1 = c2 = c[..., :half]
+        s1 = s2 = s[..., :half]
     if backward:
         y1, y2 = x1 * c1 + x2 * s2, x2 * c2 - x1 * s1
     else:
         y1, y2 = x1 * c1 - x2 * s1, x2 * c2 + x1 * s2
-    y = torch.cat((y1, y2), dim=-1) if layout == "half" else torch.stack((y1, y2), dim=-1).flatten(-2)
+    y = torch.cat((y1, y2), dim=-1) if halves_out else torch.stack((y1, y2), dim=-1).flatten(-2)
     if rot == x.shape[-1]:
         return y.to(x.dtype)
     return torch.cat((y.to(x.dtype), x[..., rot:]), dim=-1)
