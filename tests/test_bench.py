@@ -715,6 +715,8 @@ def test_info_reports_the_extension_build():
     disabled = subprocess.run([sys.executable, "-m", "peftfast", "info"], capture_output=True, text=True, timeout=120,
                               env=dict(os.environ, PEFTFAST_DISABLE_EXT="1"))
     assert "disabled by PEFTFAST_DISABLE_EXT" in disabled.stdout and "auto on CPU: torch" in disabled.stdout
+    ops = next(ln for ln in disabled.stdout.splitlines() if ln.startswith("torch ops"))
+    assert "lora_group_fwd" in ops and "nf4_lora_fwd" in ops and "declared from Python" in ops, ops
 
 
 def test_bench_qlora_runs_on_nf4_base(tmp_path):
