@@ -96,17 +96,39 @@ def _adapter_llama():
     return model
 
 
+def _deepseek_mla():
+    """DeepSeek-V3's multi-head latent attention: its cache holds the compressed latent and the rotated key slice,
+    rotated in the interleaved form (``rope_interleave``) by the fused RoPE at each row's position."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+    torch.manual_seed(0)
+    cfg = DeepseekV3Config(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4, n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1,
+        first_k_dense_replace=1, q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=16,
+        v_head_dim=16, n_group=1, topk_group=1, max_position_embeddings=64, rope_interleave=True)
+    model = get_peft_model(DeepseekV3ForCausalLM(cfg), LoraConfig(r=4, target_modules="all-linear"))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.2)
+    return model
+
+
 METHODS = {
     "dora": lambda: peft_model("llama", use_dora=True),
     "nf4": lambda: peft_model("llama"),  # quantize_base below
     "adapters": _adapter_llama,
     "sliding-window": lambda: peft_model("mistral", model_kwargs={"sliding_window": 3}),
+    "deepseek-mla": _deepseek_mla,
 }
 
 
 @pytest.mark.parametrize("method", list(METHODS))
 def test_generation_of_other_methods_matches_unpatched(method):
-    """DoRA, LoRA over NF4 base weights, bottleneck adapters, and a window shorter than the prompt (Mistral)."""
+    """DoRA, LoRA over NF4 base weights, bottleneck adapters, a window shorter than the prompt (Mistral), and
+    DeepSeek-V3's latent attention with its interleaved RoPE (whose fused calls are counted too)."""
     model = METHODS[method]().eval()
     if method == "nf4":
         peftfast.quantize_base(model, block_size=16)
@@ -119,6 +141,9 @@ def test_generation_of_other_methods_matches_unpatched(method):
         assert attention and all(r["fused"] == NEW_TOKENS and not r["fallbacks"] for r in attention.values())
     else:
         assert_fused_decoding(model, calls=NEW_TOKENS)
+    if method == "deepseek-mla":
+        rope = {n: r for n, r in peftfast.report(model).module_runtime(model).items() if n.endswith("(rope)")}
+        assert len(rope) == 2 and all(r["fused"] == NEW_TOKENS and not r["fallbacks"] for r in rope.values()), rope
 
 
 def test_beam_search_reorders_the_cache_as_unpatched():
