@@ -360,15 +360,15 @@ def test_a_decorated_forward_keeps_its_decorator_and_reads_the_alias(monkeypatch
     mod = types.ModuleType("peftfast_test_decorated_forward")
     monkeypatch.setitem(sys.modules, mod.__name__, mod)
     exec(_DECORATED, vars(mod))
-    new = rope_mod._renamed_function(mod.Attn.forward, "__alias__", vars(mod))
+    new = rope_mod._renamed_function(mod.Attn.forward, {"apply_rotary_pos_emb": "__alias__"}, vars(mod))
     mod.__alias__ = lambda *a: "fused"
     assert new(mod.Attn(), old=3) == ("fused", 3)  # the decorator still renames, the inner code reads the alias
     assert mod.Attn().forward(old=3) == ("original", 3)  # the class is untouched
     assert new.__wrapped__ is not mod.Attn.forward.__wrapped__ and new.__qualname__ == mod.Attn.forward.__qualname__
     # no cell holds the wrapped function: refused (the caller then swaps the global around each call)
-    assert rope_mod._renamed_function(mod.Opaque.forward, "__alias__", vars(mod)) is None
+    assert rope_mod._renamed_function(mod.Opaque.forward, {"apply_rotary_pos_emb": "__alias__"}, vars(mod)) is None
     # another module's globals: refused
-    assert rope_mod._renamed_function(mod.Attn.forward, "__alias__", {}) is None
+    assert rope_mod._renamed_function(mod.Attn.forward, {"apply_rotary_pos_emb": "__alias__"}, {}) is None
 
 
 def test_an_earlier_instance_forward_gets_the_swapped_global():

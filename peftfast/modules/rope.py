@@ -185,24 +185,19 @@ def _fused(q, k, cos, sin, *args, original, key: int, backend: str, name: str, l
                 layout=layout)
 
 
-def _alias(key: int, name: str = _GLOBAL) -> str:
+def _alias(key: int, name: str) -> str:
     return f"__peftfast_{name}_{key}__"
 
 
-def _as_map(aliases: str | dict[str, str]) -> dict[str, str]:
-    return {_GLOBAL: aliases} if isinstance(aliases, str) else aliases
-
-
-def _renamed(code: types.CodeType, aliases: str | dict[str, str]) -> types.CodeType:
-    """``code`` (and the code objects nested in it) with each global of ``aliases`` (name -> alias; a str: the alias
-    of ``apply_rotary_pos_emb``) read as its alias."""
-    aliases = _as_map(aliases)
+def _renamed(code: types.CodeType, aliases: dict[str, str]) -> types.CodeType:
+    """``code`` (and the code objects nested in it) with each global of ``aliases`` (name -> alias) read as its
+    alias."""
     consts = tuple(_renamed(c, aliases) if isinstance(c, types.CodeType) else c for c in code.co_consts)
     names = tuple(aliases.get(n, n) for n in code.co_names)
     return code.replace(co_names=names, co_consts=consts)
 
 
-def _reads_global_only(code: types.CodeType, names=(_GLOBAL,)) -> bool:
+def _reads_global_only(code: types.CodeType, names: tuple[str, ...]) -> bool:
     """True if every use of the names in ``code`` (and nested code) is a global read, so renaming them is exact."""
     ok = all(i.opname == "LOAD_GLOBAL" for i in dis.get_instructions(code) if i.argval in names)
     return ok and all(_reads_global_only(c, names) for c in code.co_consts if isinstance(c, types.CodeType))
@@ -248,9 +243,9 @@ def _copy_function(fn: types.FunctionType, code: types.CodeType, closure: tuple 
     return new
 
 
-def _renamed_function(fn, aliases: str | dict[str, str], module_globals: dict) -> types.FunctionType | None:
+def _renamed_function(fn, aliases: dict[str, str], module_globals: dict) -> types.FunctionType | None:
     """A copy of ``fn`` whose reads of the RoPE globals (in ``module_globals``) read their aliases (``aliases``:
-    name -> alias; a str: the alias of ``apply_rotary_pos_emb``).
+    name -> alias).
 
     A decorated forward (``functools.wraps`` wrappers such as transformers' ``deprecate_kwarg``, which renamed
     ``past_key_values`` to ``cache`` in 5.24) is copied layer by layer: each wrapper keeps its own code and gets a
@@ -259,7 +254,6 @@ def _renamed_function(fn, aliases: str | dict[str, str], module_globals: dict) -
     """
     if not isinstance(fn, types.FunctionType):
         return None
-    aliases = _as_map(aliases)
     if fn.__globals__ is module_globals and any(n in fn.__code__.co_names for n in aliases):
         return _copy_function(fn, _renamed(fn.__code__, aliases), fn.__closure__) \
             if _reads_global_only(fn.__code__, tuple(aliases)) else None
