@@ -425,3 +425,16 @@ def test_registered_backward_returns_one_gradient_per_input_passed(keep_xa):
     grads = L._fwd_backward(ctx, [torch.ones_like(y) for y in ys], None)
     assert len(grads) == len(inputs)
     assert grads[0].shape == x.shape and all(len(g) == 3 for g in grads[1:6])
+
+
+@needs_ext
+def test_python_declared_schemas_equal_the_extensions():
+    """Without ``peftfast._C`` the seeded ops are declared from Python (``_SCHEMAS`` in ops/lora.py and ops/nf4.py):
+    each schema string must be the one csrc/ops.cpp declares, or the two processes would run different ops."""
+    from peftfast.ops import lora as L
+    from peftfast.ops import nf4 as N
+
+    for schema in (*L._SCHEMAS, *N._SCHEMAS):
+        declared = torch._C.parse_schema("peftfast::" + schema)
+        op = getattr(torch.ops.peftfast, declared.name.split("::")[1]).default
+        assert str(op._schema) == str(declared), (str(op._schema), str(declared))
