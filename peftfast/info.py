@@ -31,12 +31,11 @@ def info_lines() -> list[str]:
         parts = "CPU + CUDA kernels" if b.get("cuda") == "1" else "CPU kernels only"
         lines.append(f"{'peftfast._C':<13}built ({parts}; torch {b.get('torch')}, OpenMP {b.get('openmp') == '1'}, "
                      f"SIMD {b.get('simd', 'scalar')})")
-        lines.append(f"{'torch ops':<13}torch.ops.peftfast.{{{', '.join(_registered_ops())}}}")
     else:
         lines.append(f"{'peftfast._C':<13}{why}")
-        # the seeded LoRA / NF4 ops keep their registered boundary: declared from Python, ATen CPU kernels
-        lines.append(f"{'torch ops':<13}torch.ops.peftfast.{{{', '.join(_registered_ops())}}} (declared from "
-                     "Python: ATen kernels on CPU, Triton on CUDA)")
+    # without _C the seeded LoRA / NF4 ops keep their registered boundary, declared from Python
+    lines.append(f"{'torch ops':<13}torch.ops.peftfast.{{{', '.join(_registered_ops())}}}"
+                 + ("" if why is None else " (declared from Python: ATen kernels on CPU, Triton on CUDA)"))
     live = ["torch"] + (["cpp (CPU)"] if why is None else []) + (["triton"] if triton_available() is None else [])
     lines.append(f"{'backends':<13}{', '.join(live)}; auto on CPU: {resolve_backend('auto', torch.device('cpu'))}"
                  + (f", on CUDA: {resolve_backend('auto', torch.device('cuda'))}" if torch.cuda.is_available() else ""))

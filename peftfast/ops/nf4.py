@@ -644,7 +644,7 @@ class _NF4LoRAMLPFunction(torch.autograd.Function):
 def _registered(backend: str, device: torch.device) -> bool:
     """Whether the NF4 LoRA ops run on ``backend`` through their registered boundary (tensor seeds: no graph
     break): ``cpp``, Triton on CUDA, and the torch backend on CPU where the schemas are defined here."""
-    return backend == "cpp" or (backend == "triton" and device.type == "cuda" and _CUDA_LIB is not None) or \
+    return backend == "cpp" or (backend == "triton" and device.type == "cuda" and _LIB is not None) or \
         (backend == "torch" and device.type == "cpu" and _ATEN_OPS)
 
 
@@ -992,22 +992,22 @@ def _register(cpp: bool) -> None:
 
     torch.library.register_autograd(lib + "nf4_lora_fwd", _nf4_backward, setup_context=_nf4_setup)
     fwd_cuda, bwd_cuda = _op_impls("triton")
-    _CUDA_LIB.impl("nf4_lora_fwd", fwd_cuda, "CUDA")
-    _CUDA_LIB.impl("nf4_lora_bwd", bwd_cuda, "CUDA")
+    _LIB.impl("nf4_lora_fwd", fwd_cuda, "CUDA")
+    _LIB.impl("nf4_lora_bwd", bwd_cuda, "CUDA")
 
 
-_CUDA_LIB: torch.library.Library | None = None
+_LIB: torch.library.Library | None = None
 _ATEN_OPS = False  # the LoRA ops' schemas defined here (no peftfast._C): the torch backend is their CPU kernel
 if have_ops():
-    _CUDA_LIB = torch.library.Library("peftfast", "IMPL")
+    _LIB = torch.library.Library("peftfast", "IMPL")
     _register(cpp=True)
 elif not _ext.available():  # (a loaded _C built before the NF4 ops keeps its ATen path unregistered)
-    _CUDA_LIB = torch.library.Library("peftfast", "FRAGMENT")
+    _LIB = torch.library.Library("peftfast", "FRAGMENT")
     for _schema in _SCHEMAS:
-        _CUDA_LIB.define(_schema)
+        _LIB.define(_schema)
     _fwd_cpu, _bwd_cpu = _op_impls("torch")
-    _CUDA_LIB.impl("nf4_lora_fwd", _fwd_cpu, "CPU")
-    _CUDA_LIB.impl("nf4_lora_bwd", _bwd_cpu, "CPU")
+    _LIB.impl("nf4_lora_fwd", _fwd_cpu, "CPU")
+    _LIB.impl("nf4_lora_bwd", _bwd_cpu, "CPU")
     _ATEN_OPS = True
     _register(cpp=False)
 
