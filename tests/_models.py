@@ -172,8 +172,10 @@ def t5gemma(hidden: int = 32, layers: int = 2, **overrides) -> nn.Module:
                  layer_types=["sliding_attention", "full_attention"][:layers], attention_dropout=0.0,
                  dropout_rate=0.0, attn_implementation="eager")
     stack.update(overrides)
+    # eager at the top too: transformers 5.17 otherwise picks SDPA for the whole model, which drops the softcap
     return T5GemmaForConditionalGeneration(T5GemmaConfig(encoder=stack, decoder=dict(stack), vocab_size=VOCAB,
-                                                         dropout_rate=0.0, attention_dropout=0.0))
+                                                         dropout_rate=0.0, attention_dropout=0.0,
+                                                         attn_implementation="eager"))
 
 
 def _t5_like(hidden: int, layers: int) -> dict:

@@ -151,15 +151,20 @@ def test_modernbert_fused_mlm_loss_honours_num_items_and_sparse_prediction(spars
     assert got.shape == want.shape and torch.allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
-def _padded_parity(model, arch: str, p: float, *, seq: int, pad_from: int, unlabelled: bool, tol: float = TOL
-                   ) -> dict[str, dict]:
+def _padded_parity(model, arch: str, p: float, *, seq: int, pad_from: int, unlabelled: bool,
+                   fp64: bool = False) -> dict[str, dict]:
     """Patch ``model`` and match its loss and every gradient against an unpatched clone (dropout masks replayed) on a
     batch whose second row is padded from ``pad_from`` (unlabelled there too where ``unlabelled``); returns the
-    attention modules' runtime stats."""
+    attention modules' runtime stats. With ``fp64`` the gradients are held to the eager bound instead: their largest
+    error against the unpatched model in fp64 at most twice the unpatched fp32 model's (for models whose gradients
+    are small enough that two fp32 roundings apart can pass ``TOL`` while each is as close to the truth)."""
     ref = clone(model)
+    ref64 = clone(model).double() if fp64 else None
     peftfast.patch(model)
     if p:
         use_shared_seed_dropout(ref, model, p)
+        if fp64:
+            use_shared_seed_dropout(ref64, model, p)
     data = batch(arch, seq=seq)
     data["attention_mask"] = torch.ones_like(data["input_ids"])
     data["attention_mask"][1, pad_from:] = 0
@@ -168,7 +173,12 @@ def _padded_parity(model, arch: str, p: float, *, seq: int, pad_from: int, unlab
     loss, grads = loss_and_grads(model, data)
     ref_loss, ref_grads = loss_and_grads(ref, data)
     assert abs(loss.item() - ref_loss.item()) <= TOL * abs(ref_loss.item())
-    assert max(max_rel_err(grads[n], ref_grads[n]) for n in grads) <= tol
+    if fp64:
+        truth = loss_and_grads(ref64, data)[1]
+        ours, eager = (max(max_rel_err(g[n], truth[n]) for n in truth) for g in (grads, ref_grads))
+        assert 0 < eager <= TOL and ours <= 2 * eager, (ours, eager)
+    else:
+        assert max(max_rel_err(grads[n], ref_grads[n]) for n in grads) <= TOL
     return {n: r for n, r in peftfast.report(model).module_runtime(model).items() if n.endswith("(attention)")}
 
 
@@ -197,9 +207,10 @@ def test_bidirectional_windows_keep_each_models_eager_bound(arch, p):
     name, kw = ("gemma3", dict(use_bidirectional_attention=True, sliding_window=3)) if arch != "t5gemma" \
         else ("t5gemma", {})
     model = peft_model(name, lora_dropout=p, model_kwargs=kw)
-    # fp32 rounding of softcapped grouped attention: 2.2e-5 seen under transformers 5.17 (a window one key off on
-    # each side, the bug this guards against, gives errors of order 1e-2)
-    attn = _padded_parity(model, name, p, seq=14, pad_from=10, unlabelled=name == "gemma3", tol=2.5 * TOL)
+    # (a window one key off on each side, the bug this guards against, gives errors of order 1e-2); T5Gemma against
+    # fp64, padded where no query row of its windows is left without a key (eager fp64 turns such rows into NaN)
+    t5 = name == "t5gemma"
+    attn = _padded_parity(model, name, p, seq=14, pad_from=12 if t5 else 10, unlabelled=not t5, fp64=t5)
     assert len(attn) == (6 if name == "t5gemma" else 2), attn
     assert all(r["fused"] == 1 and not r["fallbacks"] for r in attn.values()), attn
     bounds = {n: m.__dict__.get("_peftfast_bidir_window") for n, m in model.named_modules()
@@ -208,6 +219,70 @@ def test_bidirectional_windows_keep_each_models_eager_bound(arch, p):
         assert bounds == {f"base_model.model.model.encoder.layers.{i}.self_attn": 3 for i in (0, 1)}, bounds
     else:
         assert bounds == {}, bounds
+
+
+def _force_attn_implementation(model, name: str) -> None:
+    """Set ``name`` on every config of ``model``, as ``set_attn_implementation`` would where it accepts it (Gemma 2's
+    SDPA, which transformers 5.17 picks by default and later releases refuse)."""
+    try:
+        model.base_model.model.set_attn_implementation(name)
+    except ValueError:
+        for m in model.modules():
+            if getattr(getattr(m, "config", None), "_attn_implementation", None) is not None:
+                m.config._attn_implementation = name
+
+
+def _sdpa_dropping_softcap(module, query, key, value, attention_mask, **kwargs):
+    """transformers 5.17's SDPA function: takes ``softcap`` and ignores it (later releases raise)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    kwargs.pop("softcap", None)
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+@pytest.mark.parametrize("sdpa", ["installed", "dropping (5.17)"])
+def test_a_model_that_ran_sdpa_gets_the_softcap_sdpa_dropped_and_a_note_saying_so(sdpa, monkeypatch):
+    """transformers 5.17's SDPA takes Gemma 2's ``softcap`` and drops it (and 5.17 picks SDPA for Gemma 2 by
+    default). Patched, the kernel applies it as eager attention does: the loss and gradients follow the eager model,
+    not the unpatched SDPA run, and the report says so; ``unpatch`` puts SDPA back. Where the installed SDPA refuses
+    the softcap, the unpatched model does not run at all and the patched one needs no note. (A softcap of 1 makes a
+    dropped one visible: the SDPA run's gradients are off eager's by far more than the tolerance.)"""
+    if sdpa != "installed":
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+        monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS._global_mapping, "sdpa", _sdpa_dropping_softcap)
+    model = peft_model("gemma2", lora_dropout=0.0, model_kwargs=dict(attn_logit_softcapping=1.0))
+    eager = clone(model)
+    _force_attn_implementation(model, "sdpa")
+    data = batch("gemma2")
+    ref_loss, ref_grads = loss_and_grads(eager, data)
+    try:
+        sdpa_loss, sdpa_grads = loss_and_grads(model, data)
+    except ValueError as exc:
+        assert sdpa == "installed" and "softcap" in str(exc), exc
+        sdpa_loss = None
+    peftfast.patch(model)
+    notes = [n for n in peftfast.report(model).notes if n.startswith("attention:")]
+    if sdpa_loss is None:
+        assert not notes, notes
+    else:
+        assert max(max_rel_err(sdpa_grads[n], ref_grads[n]) for n in ref_grads) > 50 * TOL
+        (note,) = notes
+        assert "ignores attn_logit_softcapping=1.0" in note and "follow eager attention" in note, note
+    loss, grads = loss_and_grads(model, data)
+    assert abs(loss.item() - ref_loss.item()) <= TOL * abs(ref_loss.item())
+    assert max(max_rel_err(grads[n], ref_grads[n]) for n in grads) <= TOL
+    attn = {n: r for n, r in peftfast.report(model).module_runtime(model).items() if n.endswith("(attention)")}
+    assert len(attn) == 2 and all(r["fused"] == 1 and not r["fallbacks"] for r in attn.values()), attn
+    peftfast.unpatch(model)
+    assert {m.config._attn_implementation for m in model.modules() if hasattr(m, "config")} == {"sdpa"}
+    if sdpa_loss is not None:
+        assert loss_and_grads(model, data)[0].item() == sdpa_loss.item()
+    # an eager model, or one without a softcap, gets no such note
+    assert not [n for n in peftfast.report(peftfast.patch(eager)).notes if n.startswith("attention:")]
+    plain = peft_model("llama", lora_dropout=0.0)
+    _force_attn_implementation(plain, "sdpa")
+    assert not [n for n in peftfast.report(peftfast.patch(plain)).notes if n.startswith("attention:")]
 
 
 @pytest.mark.parametrize("p", [0.0, 0.1])

@@ -478,6 +478,41 @@ def install(model: nn.Module, backend: str) -> str | None:
     return None
 
 
+def dropped_softcap(model: nn.Module) -> str | None:
+    """A note where the implementation ``install`` replaced was SDPA on a model whose attention softcaps its logits.
+
+    transformers' SDPA path takes ``softcap`` and drops it (Gemma 2, T5Gemma and VaultGemma default to SDPA under
+    transformers 5.17; later releases refuse SDPA for them). The fused kernel, and its fallback, apply the softcap,
+    as eager and flash attention do: the patched losses follow eager attention, not the unpatched SDPA run's.
+    """
+    if model.__dict__.get("_peftfast_attn_previous") != "sdpa" or (inner := base_model_of(model)) is None:
+        return None
+    if not _sdpa_drops_softcap():  # it refuses it (later transformers): the unpatched model did not run at all
+        return None
+    found = (getattr(m, "attn_logit_softcapping", None) for m in inner.modules())
+    caps = sorted({float(c) for c in found if isinstance(c, (int, float)) and not isinstance(c, bool) and c > 0})
+    if not caps:
+        return None
+    return (f"attention: the model ran 'sdpa', which ignores attn_logit_softcapping={', '.join(map(str, caps))}; the "
+            "fused kernel applies it, as eager attention does, so losses follow eager attention, not the unpatched "
+            "SDPA run")
+
+
+def _sdpa_drops_softcap() -> bool:
+    """Whether transformers' registered SDPA function runs with a ``softcap`` (dropping it) rather than refusing it:
+    asked of the function itself, on one 1 x 8 query, since the answer changed between releases."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    probe = nn.Module()
+    probe.is_causal = False
+    q = torch.zeros(1, 1, 1, 8)
+    try:
+        ALL_ATTENTION_FUNCTIONS["sdpa"](probe, q, q, q, None, dropout=0.0, scaling=1.0, softcap=1.0)
+    except Exception:
+        return False
+    return True
+
+
 def uninstall(model: nn.Module) -> None:
     previous = model.__dict__.pop("_peftfast_attn_previous", None)
     for cfg, old in model.__dict__.pop("_peftfast_attn_subconfigs", []):
@@ -486,7 +521,13 @@ def uninstall(model: nn.Module) -> None:
     if inner is None:
         return
     if previous is not None:
-        inner.set_attn_implementation(previous)
+        try:
+            inner.set_attn_implementation(previous)
+        except Exception:  # a setting this transformers refuses to set now (e.g. Gemma 2's SDPA, set by hand)
+            for m in inner.modules():
+                cfg = getattr(m, "config", None)
+                if cfg is not None and getattr(cfg, "_attn_implementation", None) == NAME:
+                    cfg._attn_implementation = previous
     for m in inner.modules():
         m.__dict__.pop("_peftfast_attn_backend", None)
         m.__dict__.pop("_peftfast_bidir_window", None)

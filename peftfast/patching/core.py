@@ -392,6 +392,8 @@ def _model_notes(model: nn.Module, attention_fused: bool) -> list[str]:
                 where = ("the fused attention sees its virtual tokens / prefix keys, but PEFT still concatenates "
                          "prefix and sequence K/V per layer" if attention_fused else "the model's own attention")
                 notes.append(f"adapter {name!r} ({kind}): its prompt encoder runs on PEFT's own path; {where}")
+    if attention_fused and (softcap := attn_mod.dropped_softcap(model)) is not None:
+        notes.append(softcap)
     from peftfast.patching.adapters import adapter_names
 
     if adapter_names(model):
