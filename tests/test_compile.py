@@ -287,6 +287,9 @@ _WITHOUT_EXT = (
     "tests/test_integration.py::test_compile_has_no_graph_breaks_in_our_ops",
     "tests/test_lora.py::test_group_saves_x_once",
     "tests/test_mlp.py::test_fused_mlp_saves_less_than_layerwise_and_peft",
+    "tests/test_compile.py::test_triton_backend_under_compile_launches_only_inside_registered_ops",
+    "tests/test_compile.py::test_python_cuda_kernels_match_the_cpu_kernels",
+    "tests/test_compile.py::test_ops_on_the_compiled_triton_route_pass_opcheck",
 )
 
 
@@ -294,15 +297,185 @@ def test_without_the_extension_the_seeded_ops_stay_registered_and_compile():
     """Without ``peftfast._C`` (not built, or built against another torch) the seeded LoRA and NF4 ops' schemas are
     defined in Python, the torch backend their CPU kernel: dropout seeds stay tensors, so the compile tests of the
     LoRA, gated-MLP, DoRA, NF4 and QDoRA paths pass there too (before, the seed's ``.item()`` broke the graph in
-    each), and the saved tensors are the registered path's (x and x·Aᵀ, and the 8-byte seed)."""
+    each), and the saved tensors are the registered path's (x and x·Aᵀ, and the 8-byte seed). So are the RMSNorm,
+    act · u and Adapter ops' (the Triton backend's route under ``torch.compile``), which pass opcheck there."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, PEFTFAST_DISABLE_EXT="1")
-    probe = subprocess.run([sys.executable, "-c", "import peftfast.ops.lora as L, peftfast.ops.nf4 as N; "
-                            "from peftfast import _ext; print(_ext.available(), L._ATEN_OPS, N._ATEN_OPS)"],
+    probe = subprocess.run([sys.executable, "-c", "import peftfast.ops.lora as L, peftfast.ops.nf4 as N, "
+                            "peftfast.ops.norm as R, peftfast.ops.mlp as M, peftfast.ops.adapter as A; "
+                            "from peftfast import _ext; print(_ext.available(), L._ATEN_OPS, N._ATEN_OPS, "
+                            "R._ATEN_OPS, M._ATEN_OPS, A._ATEN_OPS)"],
                            env=env, capture_output=True, text=True, timeout=300, cwd=root)
-    assert probe.stdout.split() == ["False", "True", "True"], probe.stdout + probe.stderr[-2000:]
+    assert probe.stdout.split() == ["False"] + ["True"] * 5, probe.stdout + probe.stderr[-2000:]
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *_WITHOUT_EXT], env=env,
                          capture_output=True, text=True, timeout=1500, cwd=root)
     tail = run.stdout[-4000:]
     assert run.returncode == 0, tail
-    assert re.search(r"\b11 passed\b", tail) and "skipped" not in tail, tail
+    assert re.search(r"\b34 passed\b", tail) and "skipped" not in tail, tail
+
+
+class _OpDepth(torch.utils._python_dispatch.TorchDispatchMode):
+    """Tracks whether a ``peftfast`` op is running (its kernel, Triton launches included) and counts them."""
+
+    def __init__(self):
+        super().__init__()
+        self.depth = 0
+        self.ops: dict[str, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace != "peftfast":
+            return func(*args, **(kwargs or {}))
+        name = func._schema.name.split("::")[1]
+        self.ops[name] = self.ops.get(name, 0) + 1
+        self.depth += 1
+        try:
+            return func(*args, **(kwargs or {}))
+        finally:
+            self.depth -= 1
+
+
+def _adapted_bert() -> torch.nn.Module:
+    from _models import BUILDERS
+
+    torch.manual_seed(0)
+    model = BUILDERS["bert"]().train()
+    peftfast.add_adapters(model, peftfast.AdapterConfig(placement="houlsby", bottleneck_size=8, activation="silu"),
+                          train_head=True)
+    peftfast.set_adapter_backend(model, backend="triton")
+    return model
+
+
+def _nf4_llama(p: float) -> torch.nn.Module:
+    model = peft_model("llama", lora_dropout=p)
+    peftfast.quantize_base(model, block_size=16)
+    return model
+
+
+# case -> (model for a LoRA dropout p, its batch's family, patch options): a Llama (RMSNorm, add + RMSNorm, gated MLP
+# with u rebuilt in backward, RoPE, attention), also with DoRA, with the gate/up and q/k/v reruns and on an NF4 base;
+# a BERT (LayerNorm, two-layer MLP); a BERT with a Houlsby bottleneck Adapter
+_FUSED_PATHS = {
+    "llama": (lambda p: peft_model("llama", lora_dropout=p), "llama", {}),
+    "bert": (lambda p: peft_model("bert", lora_dropout=p), "bert", {}),
+    "adapter": (lambda p: _adapted_bert(), "bert", {}),
+    "dora": (lambda p: peft_model("llama", lora_dropout=p, use_dora=True), "llama", {}),
+    "llama-recompute-mlp": (lambda p: peft_model("llama", lora_dropout=p), "llama", {"recompute": "mlp"}),
+    "llama-recompute-attn": (lambda p: peft_model("llama", lora_dropout=p), "llama", {"recompute": "attn"}),
+    "nf4": (_nf4_llama, "llama", {}),
+}
+
+
+@pytest.mark.parametrize("case", list(_FUSED_PATHS))
+def test_triton_backend_under_compile_launches_only_inside_registered_ops(case, monkeypatch):
+    """Under ``torch.compile`` a Triton launch (and the Python around it: counters, config lookups, imports) that
+    Dynamo meets breaks the graph or fails, so on the Triton backend every launch of ours must sit inside a
+    registered op, an opaque node with a fake kernel. Here with Dynamo's flag set by hand on the interpreter: every
+    launch during a patched model's forward and backward happens inside a ``peftfast`` op, and the norms, act · u and
+    Adapter (whose Triton launches ran in Python autograd Functions before) run as ops, with eager's loss and
+    gradients."""
+    from peftfast import _ext
+    from peftfast.ops import _counters
+
+    # without peftfast._C the registered LoRA ops' CPU kernel (ATen) draws other dropout masks than the Triton
+    # kernels (the C++ one draws theirs): dropout off there, to keep the values comparable
+    build, family, kw = _FUSED_PATHS[case]
+    name, model, data = case, build(0.1 if _ext.available() else 0.0), batch(family)
+    peftfast.patch(model, backend="triton", **kw)
+    want_loss, want = None, None
+    for traced in (False, True):
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda traced=traced: traced)
+        mode = _OpDepth()
+        outside: list[str] = []
+
+        class _Where(dict):
+            def __setitem__(self, key, value):
+                if mode.depth == 0:
+                    outside.append(key)
+                super().__setitem__(key, value)
+
+            def __missing__(self, key):
+                return 0
+
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(0)
+        monkeypatch.setattr(_counters, "_launches", _Where())
+        with mode:
+            loss = model(**data).loss
+            loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        if not traced:
+            want_loss, want = loss.item(), grads
+            assert outside, "the eager Triton backend launches from Python autograd Functions"
+            continue
+        assert not outside, sorted(set(outside))
+        llama_ops = ("rms_norm_fwd", "rms_norm_bwd", "act_mul_fwd", "act_mul_bwd", "lora_group_fwd")
+        expected = {"bert": ("layer_norm_fwd", "layer_norm_bwd", "lora_group_fwd"),
+                    "nf4": ("rms_norm_fwd", "nf4_lora_fwd", "nf4_lora_bwd"),
+                    "adapter": ("adapter_fwd", "adapter_bwd", "layer_norm_fwd")}.get(name, llama_ops)
+        assert all(mode.ops.get(op) for op in expected), mode.ops
+        assert abs(loss.item() - want_loss) <= 1e-5 * abs(want_loss)
+        assert grads.keys() == want.keys() and max(max_rel_err(grads[n], want[n]) for n in want) <= 1e-4
+
+
+def _python_kernel_cases() -> dict[str, list[tuple]]:
+    """Arguments for each op whose CUDA kernel is a Python (Triton) function: odd shapes, strided rows, with and
+    without the optional inputs, each form / activation, every need flag."""
+    torch.manual_seed(0)
+    m, n, i, hb = 37, 80, 56, 12
+    wide = torch.randn(m, n + 16)
+    x, xs = torch.randn(m, n), wide[:, 3:n + 3]  # xs: rows 96 apart (read in place)
+    res, w, b, dy, dh = (torch.randn(m, n), torch.randn(n), torch.randn(n), torch.randn(m, n), torch.randn(m, n))
+    g, u, dhm = torch.randn(2, 19, i), torch.randn(2, 19, i), torch.randn(2, 19, i)
+    packed = torch.randn(m, 2 * i)
+    wd, bd, wu, bu = torch.randn(hb, n) * 0.2, torch.randn(hb), torch.randn(n, hb) * 0.2, torch.randn(n)
+    s = torch.tensor([0.7])
+    rstd = torch.ops.peftfast.rms_norm_fwd(x, None, w, 1e-6, False, True)[2]
+    h, rstd_h = torch.ops.peftfast.rms_norm_fwd(xs, res, w, 1e-6, True, False)[1:]
+    _, mean, rstd_ln = torch.ops.peftfast.layer_norm_fwd(x, w, b, 1e-5, torch.float32)
+    z = torch.ops.peftfast.adapter_fwd(x, None, wd, bd, wu, bu, s, "gelu")[1]
+    return {
+        "rms_norm_fwd": [(x, None, w, 1e-6, False, True), (xs, res, w, 1e-6, True, False), (x, res, w, 1e-5, False,
+                                                                                           False)],
+        "rms_norm_bwd": [(dy, x, w, rstd, None, False, True, True, True), (dy, h, w, rstd_h, dh, True, False, True,
+                                                                           False), (dy, x, w, rstd, None, False, True,
+                                                                                    False, True)],
+        "layer_norm_fwd": [(x, w, b, 1e-5, torch.float32), (xs.contiguous(), w, None, 1e-5, torch.float32)],
+        "layer_norm_bwd": [(dy, x, w, b, mean, rstd_ln, True, True, True), (dy, x, w, None, mean, rstd_ln, True,
+                                                                            False, False)],
+        "act_mul_fwd": [(g, u, "silu"), (packed[:, :i], packed[:, i:], "gelu_tanh"), (g, u, "gelu")],
+        "act_mul_bwd": [(dhm, g, u, "silu"), (dhm[0], packed[:19, :i], packed[:19, i:], "gelu")],
+        "adapter_fwd": [(x, None, wd, bd, wu, bu, s, "gelu"), (x, res, wd, None, wu, None, s, "silu")],
+        "adapter_bwd": [(dy, z, wd, wu, s, "gelu", True, True, True), (dy, z, wd, wu, s, "gelu", False, False,
+                                                                       False)],
+    }
+
+
+_PYTHON_KERNEL_OPS = ("rms_norm_fwd", "rms_norm_bwd", "layer_norm_fwd", "layer_norm_bwd", "act_mul_fwd",
+                      "act_mul_bwd", "adapter_fwd", "adapter_bwd")
+
+
+@pytest.mark.parametrize("op", _PYTHON_KERNEL_OPS)
+def test_python_cuda_kernels_match_the_cpu_kernels(op):
+    """The CUDA kernel each op gets from Python (its Triton launchers; run here on CPU tensors in the interpreter,
+    they never run otherwise off a GPU) returns what the op's CPU kernel returns (C++ with ``peftfast._C``, ATen
+    without): same shapes, dtypes and, to fp32 rounding, values, empty outputs where a need flag is off."""
+    from peftfast.ops import _library, adapter, mlp, norm  # noqa: F401  (register the kernels)
+
+    kernel = _library.CUDA_KERNELS[op]
+    for args in _python_kernel_cases()[op]:
+        got, want = kernel(*args), getattr(torch.ops.peftfast, op)(*args)
+        got, want = (got, want) if isinstance(want, tuple) else ((got,), (want,))
+        assert len(got) == len(want)
+        for a, e in zip(got, want):
+            assert a.shape == e.shape and a.dtype == e.dtype, (op, a.shape, e.shape, a.dtype, e.dtype)
+            if e.numel():
+                assert max_rel_err(a, e) <= 2e-5, (op, max_rel_err(a, e))
+
+
+@pytest.mark.parametrize("op", _PYTHON_KERNEL_OPS)
+def test_ops_on_the_compiled_triton_route_pass_opcheck(op):
+    """``torch.library.opcheck`` (schema, fake kernel, autograd registration, AOT dispatch) of the ops the Triton
+    backend runs through under ``torch.compile``, on their CPU kernels: the C++ ones with ``peftfast._C``, the ATen
+    ones declared from Python without it (the subprocess test below runs that case)."""
+    for args in _python_kernel_cases()[op]:
+        torch.library.opcheck(getattr(torch.ops.peftfast, op).default, args)

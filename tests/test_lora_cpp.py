@@ -391,9 +391,15 @@ def test_registered_ops_that_cuda_paths_call_have_cuda_kernels():
     """The Triton (CUDA) implementations registered for the C++-declared ops the CUDA paths call through the
     dispatcher: the LoRA group, the NF4 LoRA linear, and the keep-mask that DoRA with dropout (QDoRA's NF4 path
     included) rebuilds its dropped input from (it had none: such a call on CUDA would have failed)."""
+    import peftfast.ops.adapter  # noqa: F401
+    import peftfast.ops.mlp  # noqa: F401
     import peftfast.ops.nf4  # noqa: F401  (registers the NF4 ops' CUDA implementations)
+    import peftfast.ops.norm  # noqa: F401
 
-    for op in ("lora_group_fwd", "lora_group_bwd", "dropout_keep_mask", "nf4_lora_fwd", "nf4_lora_bwd"):
+    for op in ("lora_group_fwd", "lora_group_bwd", "dropout_keep_mask", "nf4_lora_fwd", "nf4_lora_bwd",
+               # the Triton backend's route under torch.compile
+               "rms_norm_fwd", "rms_norm_bwd", "layer_norm_fwd", "layer_norm_bwd", "act_mul_fwd", "act_mul_bwd",
+               "adapter_fwd", "adapter_bwd"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"peftfast::{op}", "CUDA"), op
 
 
@@ -429,12 +435,16 @@ def test_registered_backward_returns_one_gradient_per_input_passed(keep_xa):
 
 @needs_ext
 def test_python_declared_schemas_equal_the_extensions():
-    """Without ``peftfast._C`` the seeded ops are declared from Python (``_SCHEMAS`` in ops/lora.py and ops/nf4.py):
+    """Without ``peftfast._C`` the ops are declared from Python (``_SCHEMAS`` in ops/lora.py, nf4.py, adapter.py,
+    ``_RMS_SCHEMAS`` in norm.py, ``_ACT_SCHEMAS`` in mlp.py):
     each schema string must be the one csrc/ops.cpp declares, or the two processes would run different ops."""
+    from peftfast.ops import adapter as A
     from peftfast.ops import lora as L
+    from peftfast.ops import mlp as M
     from peftfast.ops import nf4 as N
+    from peftfast.ops import norm as R
 
-    for schema in (*L._SCHEMAS, *N._SCHEMAS):
+    for schema in (*L._SCHEMAS, *N._SCHEMAS, *R._RMS_SCHEMAS, *M._ACT_SCHEMAS, *A._SCHEMAS):
         declared = torch._C.parse_schema("peftfast::" + schema)
         op = getattr(torch.ops.peftfast, declared.name.split("::")[1]).default
         assert str(op._schema) == str(declared), (str(op._schema), str(declared))

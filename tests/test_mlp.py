@@ -226,9 +226,9 @@ def test_triton_launches():
 def test_triton_traced_seeds_take_the_registered_ops_with_the_same_values(monkeypatch):
     """Under ``torch.compile`` the Triton backend's seeds are tensors (eager reads the CUDA generator's offset, which
     Dynamo cannot trace) and its projections run on the registered LoRA ops, gate/up as one grouped op and then the
-    act · u kernel instead of the fused gate/up GEMM. Here with Dynamo's flag set by hand, the registered ops' CPU
+    act · u op instead of the fused gate/up GEMM. Here with Dynamo's flag set by hand, the registered ops' CPU
     kernels (C++, the Triton kernels' Philox masks) standing in for their CUDA ones: the same output and gradients as
-    the eager Triton path for the same seeds, through the routes named (the act · u forward kernel, no fused one)."""
+    the eager Triton path for the same seeds, through the routes named (the act · u ops, no fused gate/up kernel)."""
     cpp_or_skip("cpp")
     x, gate, up, down = _case(37, 40, 56, 8, torch.float32)
     leaves = _tensors(x, gate, up, down)
@@ -247,8 +247,10 @@ def test_triton_traced_seeds_take_the_registered_ops_with_the_same_values(monkey
         res[traced] = [y.detach()] + [t.grad.clone() for t in leaves]
         ops, launches = count.aten, count.launches
         if traced:
-            assert dict(launches) == {"_act_mul_fwd_kernel": 2, "_act_mul_bwd_kernel": 1}, dict(launches)
+            # no Triton launch of ours left for Dynamo to trace: act · u too runs on its registered ops
+            assert not launches, dict(launches)
             assert ops["lora_group_fwd"] == 2 and ops["lora_group_bwd"] == 2, ops
+            assert ops["act_mul_fwd"] == 2 and ops["act_mul_bwd"] == 1, ops  # forward, and h rebuilt in backward
         else:
             assert launches["_lora_gate_up_act_kernel"] == 1 and "lora_group_fwd" not in ops, ops
     errs = [max_rel_err(got, want) for got, want in zip(res[True], res[False])]

@@ -17,8 +17,7 @@ import torch
 import torch.nn.functional as F
 import triton
 
-from peftfast import _ext
-from peftfast.ops import _direct
+from peftfast.ops import _direct, _library
 from peftfast.ops._backend import interpreting, resolve_backend
 from peftfast.ops._counters import launching
 from peftfast.ops._direct import out_view
@@ -174,8 +173,42 @@ def _register_cpp_fakes() -> None:
                                     setup_context=lambda ctx, inputs, output: None)
 
 
-if _ext.available():
-    _register_cpp_fakes()
+def _torch_op_forward(x, residual, wd, bd, wu, bu, scale, act):
+    """``adapter_fwd``'s ATen CPU kernel where ``peftfast._C`` is not loaded."""
+    z = F.linear(x, wd, bd)
+    out = (x if residual is None else residual) + F.linear(_act(z, act), wu) * scale.to(z.dtype)
+    return (out if bu is None else out + bu), z
+
+
+def _torch_op_backward(grad, z, wd, wu, scale, act, add_grad, need_dx, need_ds):
+    """``adapter_bwd``'s ATen CPU kernel where ``peftfast._C`` is not loaded."""
+    a = _act(z, act)
+    u = grad.matmul(wu)
+    dz = _act_backward(u * scale.to(u.dtype), z, act)
+    dx = (dz.matmul(wd) + grad if add_grad else dz.matmul(wd)) if need_dx else z.new_empty((0,))
+    ds = (a.float() * u.float()).sum() if need_ds else z.new_empty((0,), dtype=torch.float32)
+    return dz, a, dx, ds
+
+
+def _triton_op_backward(grad, z, wd, wu, scale, act, add_grad, need_dx, need_ds):
+    dz, a, dx, ds = _triton_backward(grad, z, z, wd, wu, scale, act, add_grad, need_dx, need_ds)
+    return (dz, a, dx if need_dx else z.new_empty((0,)),
+            ds if need_ds else z.new_empty((0,), dtype=torch.float32))
+
+
+# the schemas of csrc/ops.cpp, declared here in a process without peftfast._C
+_SCHEMAS = (
+    "adapter_fwd(Tensor x, Tensor? residual, Tensor wd, Tensor? bd, Tensor wu, Tensor? bu, Tensor scale, str act) "
+    "-> (Tensor, Tensor)",
+    "adapter_bwd(Tensor grad, Tensor z, Tensor wd, Tensor wu, Tensor scale, str act, bool add_grad, bool need_dx, "
+    "bool need_ds) -> (Tensor, Tensor, Tensor, Tensor)",
+)
+_LIB, _ATEN_OPS = _library.register(
+    _SCHEMAS, {"adapter_fwd": _torch_op_forward, "adapter_bwd": _torch_op_backward},
+    {"adapter_fwd": lambda x, res, wd, bd, wu, bu, scale, act: _triton_forward(x, x if res is None else res, wd, bd,
+                                                                                wu, bu, scale, act),
+     "adapter_bwd": _triton_op_backward})
+_register_cpp_fakes()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -189,11 +222,12 @@ class _AdapterFunction(torch.autograd.Function):
         res2d = x2d if res is None else res.reshape(-1, res.shape[-1])
         scale_t = scale.detach().reshape(1).float() if isinstance(scale, torch.Tensor) else \
             torch.full((1,), float(scale), device=x.device, dtype=torch.float32)
-        if backend == "triton":
-            out, z = _triton_forward(x2d, res2d, wd, bd, wu, bu, scale_t, act)
-        elif backend == "cpp":
+        if _library.through_op(backend):  # the C++ kernel, or the Triton one as one node under torch.compile
+            backend = "cpp"
             out, z = _direct.undifferentiated(torch.ops.peftfast.adapter_fwd,
                                               x2d, None if res is None else res2d, wd, bd, wu, bu, scale_t, act)
+        elif backend == "triton":
+            out, z = _triton_forward(x2d, res2d, wd, bd, wu, bu, scale_t, act)
         else:
             z = F.linear(x2d, wd, bd)
             a = _act(z, act)

@@ -32,7 +32,7 @@ from collections.abc import Sequence
 import torch
 
 from peftfast import _ext
-from peftfast.ops import _direct
+from peftfast.ops import _direct, _library
 from peftfast.ops._backend import resolve_backend
 from peftfast.ops._direct import out_view
 from peftfast.ops.recompute import LowRankSlot, capturing, deposit_low_rank, low_rank_slot
@@ -327,7 +327,8 @@ def group_forward(x2d: torch.Tensor, scales, p: float, seed: int, backend: str, 
     ``flat`` = Ws, bs, bBs, As, Bs. Backward needs only ``x2d`` and ``xa`` (plus the parameters).
     """
     ws, bs, lbs, as_, bmats = (flat[i * n:(i + 1) * n] for i in range(5))
-    if backend == "cpp" or isinstance(seed, torch.Tensor):  # a tensor seed: the registered op's (tensor_seeds)
+    # a tensor seed: the registered op's (tensor_seeds); and under torch.compile every Triton call (ops/_library.py)
+    if _library.through_op(backend) or isinstance(seed, torch.Tensor):
         ys, xa = _direct.undifferentiated(torch.ops.peftfast.lora_group_fwd,
                                           x2d, ws, _no_none(bs, x2d), _no_none(lbs, x2d), as_, bmats,
                                           list(scales), p, seed_tensor(seed, x2d.device, p))
@@ -343,7 +344,7 @@ def group_forward(x2d: torch.Tensor, scales, p: float, seed: int, backend: str, 
 def group_backward(x2d, xa, flat, scales, p, seed, backend, n, need_x: bool, flat_need, dy2) -> tuple:
     """Backward of :func:`group_forward`: (grad of x2d or None, grads of ``flat`` in its order)."""
     ws, bs, lbs, as_, bmats = (flat[i * n:(i + 1) * n] for i in range(5))
-    if backend == "cpp" or isinstance(seed, torch.Tensor):
+    if _library.through_op(backend) or isinstance(seed, torch.Tensor):
         return _registered_backward(x2d, xa, ws, _dtypes(bs), _dtypes(lbs), as_, bmats, scales, p,
                              seed_tensor(seed, x2d.device, p), need_x, flat_need, dy2)
     need_b = flat_need[n:2 * n]
@@ -476,8 +477,10 @@ def traced_seeds(backend: str, device: torch.device) -> bool:
 
 def _use_registered_op(backend: str, device: torch.device) -> bool:
     # cpp: resolve_backend already checked that _C is loaded and the tensors are on CPU; the Triton CUDA kernels are
-    # registered for the CUDA key with or without _C
-    return tensor_seeds(backend, device) or (backend == "triton" and device.type == "cuda" and _LIB is not None)
+    # registered for the CUDA key with or without _C (and under torch.compile every Triton call is an op's: on the
+    # interpreter the CPU kernel stands in)
+    triton = backend == "triton" and (device.type == "cuda" or torch.compiler.is_compiling())
+    return tensor_seeds(backend, device) or (triton and _LIB is not None)
 
 
 _ZERO_SEED = torch.zeros((1,), dtype=torch.int64)

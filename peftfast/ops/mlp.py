@@ -24,8 +24,7 @@ import torch
 import torch.nn.functional as F
 import triton
 
-from peftfast import _ext
-from peftfast.ops import _direct
+from peftfast.ops import _direct, _library
 from peftfast.ops._backend import interpreting, resolve_backend
 from peftfast.ops._counters import launching
 from peftfast.ops._direct import out_view
@@ -102,7 +101,21 @@ def _register_cpp_ops() -> None:
                                     setup_context=lambda ctx, inputs, output: None)
 
 
-if _ext.available():
+# the schemas of csrc/ops.cpp, declared here in a process without peftfast._C
+_ACT_SCHEMAS = ("act_mul_fwd(Tensor g, Tensor u, str act) -> Tensor",
+                "act_mul_bwd(Tensor dh, Tensor g, Tensor u, str act) -> (Tensor, Tensor)")
+_LIB: torch.library.Library | None = None
+_ATEN_OPS = False  # the schemas defined here (no peftfast._C): their CPU kernel is the torch backend
+
+
+def _register() -> None:
+    """The act · u ops' CUDA (Triton) kernels, fake kernels and autograd (see :mod:`peftfast.ops._library`)."""
+    global _LIB, _ATEN_OPS
+    _LIB, _ATEN_OPS = _library.register(
+        _ACT_SCHEMAS,
+        {"act_mul_fwd": lambda g, u, act: _act(g, act) * u, "act_mul_bwd": _torch_act_mul_backward},
+        {"act_mul_fwd": lambda g, u, act: _triton_act_mul(g, u, act),
+         "act_mul_bwd": lambda dh, g, u, act: _triton_act_mul_backward(dh, g, u, act)})
     _register_cpp_ops()
 
 
@@ -119,10 +132,14 @@ def _act_grid(m: int, cols: int) -> tuple[int, int]:
 def act_mul(g: torch.Tensor, u: torch.Tensor, act: str, backend: str) -> torch.Tensor:
     """``act(g) · u`` (g, u [..., I] of one dtype); backend ``cpp`` runs the C++ kernel, differentiable. Row-strided
     g and u (the halves of a packed gate/up output) are read in place."""
-    if backend == "cpp":
+    if _library.through_op(backend):  # the C++ kernel, or the Triton one as one node under torch.compile
         return _direct.undifferentiated(torch.ops.peftfast.act_mul_fwd, g, u, act)
     if backend != "triton":
         return _act(g, act) * u
+    return _triton_act_mul(g, u, act)
+
+
+def _triton_act_mul(g: torch.Tensor, u: torch.Tensor, act: str) -> torch.Tensor:
     from peftfast.kernels import mlp as K
 
     g2, u2 = _rows(g), _rows(u)
@@ -141,18 +158,25 @@ def act_mul_backward(dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor, act: st
     """(dg, du) of ``h = act(g) · u``: ``dg = dh · u · act'(g)``, ``du = dh · act(g)`` in one pass. ``out``: two
     [M, I] row-strided views to write them into (the Triton kernel writes there directly: the halves of one
     packed gradient; other backends copy)."""
-    if backend == "cpp":
+    if _library.through_op(backend):
         dg, du = _direct.undifferentiated(torch.ops.peftfast.act_mul_bwd, dh, g, u, act)
         return _into(out, dg, du)
     if backend != "triton":
-        a = _act(g, act)
-        du = dh * a
-        dgu = dh * u
-        if act == "silu":
-            dg = torch.ops.aten.silu_backward(dgu, g)
-        else:
-            dg = torch.ops.aten.gelu_backward(dgu, g, approximate="tanh" if act == "gelu_tanh" else "none")
-        return _into(out, dg, du)
+        return _into(out, *_torch_act_mul_backward(dh, g, u, act))
+    return _triton_act_mul_backward(dh, g, u, act, out)
+
+
+def _torch_act_mul_backward(dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor, act: str
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+    du = dh * _act(g, act)
+    dgu = dh * u
+    if act == "silu":
+        return torch.ops.aten.silu_backward(dgu, g), du
+    return torch.ops.aten.gelu_backward(dgu, g, approximate="tanh" if act == "gelu_tanh" else "none"), du
+
+
+def _triton_act_mul_backward(dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor, act: str,
+                             out: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     from peftfast.kernels import mlp as K
 
     dh2, g2, u2 = _rows(dh), _rows(g), _rows(u)
@@ -335,8 +359,10 @@ class _LoRAMLPFunction(torch.autograd.Function):
 def _rebuild_proj(x2d, xa_i, w, b, lbias, b_mat, scale, backend):
     """One LoRA linear's output ``x·Wᵀ + b + s·(xa_i·Bᵀ + b_B)`` from the kept skinny product ``xa_i`` (its dropout
     is in it), in backward: the same dense and low-rank terms as the forward, one GEMM of x's rows."""
-    impl = _TritonImpl if backend == "triton" else _TorchImpl  # cpp: the C++ forward's own ATen calls, same order
-    return impl.fwd(x2d, w, b, xa_i, b_mat, scale, lbias)
+    # cpp: the C++ forward's own ATen calls, same order; under torch.compile the ATen ones too, which Dynamo traces
+    # (a Triton launch here would break the compiled backward), at the cost of rounding-level differences
+    triton = backend == "triton" and not torch.compiler.is_compiling()
+    return (_TritonImpl if triton else _TorchImpl).fwd(x2d, w, b, xa_i, b_mat, scale, lbias)
 
 
 def _rebuild_member(x2d, xa, flat2, scales, i, backend):
@@ -823,3 +849,6 @@ def dora_mlp(x: torch.Tensor, gate: Sequence, up: Sequence, down: Sequence, *, a
 
 __all__ = ["GATE_ACTS", "MLP_RECOMPUTE", "act_mul", "act_mul_backward", "dora_mlp", "frozen_mlp", "lora_mlp",
            "lora_packed_mlp"]
+
+
+_register()

@@ -644,8 +644,9 @@ class _NF4LoRAMLPFunction(torch.autograd.Function):
 def _registered(backend: str, device: torch.device) -> bool:
     """Whether the NF4 LoRA ops run on ``backend`` through their registered boundary (tensor seeds: no graph
     break): ``cpp``, Triton on CUDA, and the torch backend on CPU where the schemas are defined here."""
-    return backend == "cpp" or (backend == "triton" and device.type == "cuda" and _LIB is not None) or \
-        (backend == "torch" and device.type == "cpu" and _ATEN_OPS)
+    triton = backend == "triton" and (device.type == "cuda" or torch.compiler.is_compiling())  # as LoRA's
+    return backend == "cpp" or (triton and _LIB is not None) or (backend == "torch" and device.type == "cpu" and
+                                                                 _ATEN_OPS)
 
 
 def _absmaxes(proj, meta, k: int) -> list[torch.Tensor]:

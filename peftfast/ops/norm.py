@@ -30,8 +30,7 @@ from dataclasses import dataclass
 import torch
 import triton
 
-from peftfast import _ext
-from peftfast.ops import _direct
+from peftfast.ops import _direct, _library
 from peftfast.ops._backend import interpreting, resolve_backend
 from peftfast.ops._counters import launching
 from peftfast.ops._direct import out_view
@@ -288,16 +287,141 @@ def _register_cpp_fakes() -> None:
         dx = x.new_empty(x.shape) if need_dx else x.new_empty((0,))
         return dx, weight.new_empty(weight.shape) if need_dw else weight.new_empty((0,))
 
-    def no_double_backward(ctx, *grads):
-        raise RuntimeError("peftfast: the fused RMSNorm does not support double backward (create_graph=True); "
-                           "use backend='torch'")
-
-    torch.library.register_autograd("peftfast::rms_norm_bwd", no_double_backward,
+    torch.library.register_autograd("peftfast::rms_norm_bwd", _no_double_backward("RMSNorm"),
                                     setup_context=lambda ctx, inputs, output: None)
 
 
-if _ext.available():
+# the schemas of csrc/ops.cpp, declared here in a process without peftfast._C
+_RMS_SCHEMAS = (
+    "rms_norm_fwd(Tensor x, Tensor? residual, Tensor weight, float eps, bool add_one, bool round_normed) -> "
+    "(Tensor, Tensor, Tensor)",
+    "rms_norm_bwd(Tensor dy, Tensor x, Tensor weight, Tensor rstd, Tensor? dh, bool add_one, bool round_normed, "
+    "bool need_dx, bool need_dw) -> (Tensor, Tensor)",
+)
+
+
+def _rms_fwd_impl(backend: str):
+    """``rms_norm_fwd``'s kernel on ``backend`` ("triton": the CUDA kernel; "torch": the CPU one without ``_C``)."""
+
+    def impl(x, residual, weight, eps, add_one, round_normed):
+        lead, n = x.shape[:-1], x.shape[-1]
+        out_dtype = torch.promote_types(x.dtype, weight.dtype) if round_normed else x.dtype
+        x2d = _rows(x, n)
+        r2d = _rows(residual, n) if residual is not None else None
+        if backend == "triton":
+            m = x2d.shape[0]
+            y = torch.empty((*lead, n), device=x.device, dtype=out_dtype)
+            rstd = torch.empty((m,), device=x.device, dtype=torch.float32)
+            h = torch.empty((*lead, n), device=x.device, dtype=x.dtype) if r2d is not None else x.new_empty((0,))
+            if m > 0:
+                _triton_rms_fwd(x2d, r2d, h.view(-1, n) if r2d is not None else None, weight, y.view(-1, n), rstd,
+                                eps, add_one, round_normed)
+            return y, h, rstd
+        h2d = x2d + r2d if r2d is not None else None
+        y2d, rstd = _torch_rms_fwd(h2d if h2d is not None else x2d, weight, eps, add_one, round_normed, out_dtype)
+        return y2d.reshape(*lead, n), h2d.view(*lead, n) if h2d is not None else x.new_empty((0,)), rstd
+
+    return impl
+
+
+def _rms_bwd_impl(backend: str):
+    """``rms_norm_bwd``'s kernel on ``backend`` (as ``_rms_fwd_impl``)."""
+
+    def impl(dy, x, weight, rstd, dh, add_one, round_normed, need_dx, need_dw):
+        n = x.shape[-1]
+        x2d = _rows(x, n)
+        if x2d.shape[0] == 0:
+            dx, dw = x2d.new_zeros(x2d.shape), weight.new_zeros(weight.shape)
+        else:
+            fn = _triton_rms_bwd if backend == "triton" else _torch_rms_bwd
+            dx, dw = fn(_rows(dy, n), x2d, weight, rstd, _rows(dh, n) if dh is not None else None, add_one,
+                        round_normed, need_dx, need_dw)
+        return (dx.view(x.shape) if need_dx else x.new_empty((0,)),
+                dw if need_dw else weight.new_empty((0,)))
+
+    return impl
+
+
+def _ln_fwd_impl(backend: str):
+    """``layer_norm_fwd``'s kernel on ``backend`` (x [M, N] rows; mean and rstd fp32)."""
+
+    def impl(x, weight, bias, eps, out_dtype):
+        if backend != "triton":
+            return _torch_ln_fwd(x, weight, bias, eps, out_dtype)
+        m, n = x.shape
+        y = torch.empty((m, n), device=x.device, dtype=out_dtype)
+        mean = torch.empty((m,), device=x.device, dtype=torch.float32)
+        rstd = torch.empty((m,), device=x.device, dtype=torch.float32)
+        if m > 0:
+            _triton_ln_fwd(x, weight, bias, y, mean, rstd, eps)
+        return y, mean, rstd
+
+    return impl
+
+
+def _ln_bwd_impl(backend: str):
+    """``layer_norm_bwd``'s kernel on ``backend``: (dx, dw, db), each empty where not asked for."""
+
+    def impl(dy, x, weight, bias, mean, rstd, need_dx, need_dw, need_db):
+        if x.shape[0] == 0:
+            dx, dw, db = torch.zeros_like(x), torch.zeros_like(weight), torch.zeros_like(weight)
+        else:
+            fn = _triton_ln_bwd if backend == "triton" else _torch_ln_bwd
+            dx, dw, db = fn(dy, x, weight, bias, mean, rstd, need_dx, need_dw, need_db and bias is not None)
+        return (dx if need_dx else x.new_empty((0,)), dw if need_dw else x.new_empty((0,)),
+                db if need_db and bias is not None else x.new_empty((0,)))  # three empties: outputs may not alias
+
+    return impl
+
+
+# LayerNorm has no C++ kernel (ATen's is one fused op on CPU): its ops are declared here in every process
+_LN_SCHEMAS = (
+    "layer_norm_fwd(Tensor x, Tensor weight, Tensor? bias, float eps, ScalarType out_dtype) -> (Tensor, Tensor, "
+    "Tensor)",
+    "layer_norm_bwd(Tensor dy, Tensor x, Tensor weight, Tensor? bias, Tensor mean, Tensor rstd, bool need_dx, "
+    "bool need_dw, bool need_db) -> (Tensor, Tensor, Tensor)",
+)
+
+
+def _register() -> None:
+    """The norm ops' CUDA (Triton) kernels, fake kernels and backward guards (see :mod:`peftfast.ops._library`);
+    without ``peftfast._C`` also the RMSNorm ops' schemas, with ATen CPU kernels."""
+    global _LIB, _LN_LIB, _ATEN_OPS
+    _LIB, _ATEN_OPS = _library.register(
+        _RMS_SCHEMAS, {"rms_norm_fwd": _rms_fwd_impl("torch"), "rms_norm_bwd": _rms_bwd_impl("torch")},
+        {"rms_norm_fwd": _rms_fwd_impl("triton"), "rms_norm_bwd": _rms_bwd_impl("triton")})
+    _LN_LIB, _ = _library.register(
+        _LN_SCHEMAS, {"layer_norm_fwd": _ln_fwd_impl("torch"), "layer_norm_bwd": _ln_bwd_impl("torch")},
+        {"layer_norm_fwd": _ln_fwd_impl("triton"), "layer_norm_bwd": _ln_bwd_impl("triton")}, ext_declares=False)
     _register_cpp_fakes()
+
+    @torch.library.register_fake("peftfast::layer_norm_fwd")
+    def _(x, weight, bias, eps, out_dtype):
+        stat = (x.shape[0],)
+        return x.new_empty(x.shape, dtype=out_dtype), x.new_empty(stat, dtype=torch.float32), x.new_empty(
+            stat, dtype=torch.float32)
+
+    @torch.library.register_fake("peftfast::layer_norm_bwd")
+    def _(dy, x, weight, bias, mean, rstd, need_dx, need_dw, need_db):
+        return (x.new_empty(x.shape) if need_dx else x.new_empty((0,)),
+                weight.new_empty(weight.shape) if need_dw else x.new_empty((0,)),
+                weight.new_empty(weight.shape) if need_db and bias is not None else x.new_empty((0,)))
+
+    torch.library.register_autograd("peftfast::layer_norm_bwd", _no_double_backward("LayerNorm"),
+                                    setup_context=lambda ctx, inputs, output: None)
+
+
+def _no_double_backward(what: str):
+    def guard(ctx, *grads):
+        raise RuntimeError(f"peftfast: the fused {what} does not support double backward (create_graph=True); "
+                           "use backend='torch'")
+
+    return guard
+
+
+_LIB = _LN_LIB = None
+_ATEN_OPS = False  # the RMSNorm ops' schemas defined here (no peftfast._C): their CPU kernel is the torch backend
+_register()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -311,8 +435,10 @@ class _RMSNormFunction(torch.autograd.Function):
         # promote_types is an aten op: skip it in the common case of one dtype
         mixed = round_normed and weight.dtype != x.dtype
         out_dtype = torch.promote_types(x.dtype, weight.dtype) if mixed else x.dtype
-        if backend == "cpp":
-            # the C++ op takes [..., N] with any strides: x itself is saved (no copy, whatever its layout)
+        if _library.through_op(backend):
+            # the registered op (the C++ kernel, or the Triton one on CUDA under torch.compile) takes [..., N] with
+            # any strides: x itself is saved (no copy, whatever its layout)
+            backend = "cpp"
             y, h, rstd = _direct.undifferentiated(torch.ops.peftfast.rms_norm_fwd,
                                                   x, residual, weight, eps, add_one, round_normed)
             h = h if residual is not None else None
@@ -387,7 +513,11 @@ class _LayerNormFunction(torch.autograd.Function):
         lead, n = x.shape[:-1], x.shape[-1]
         x2d = _rows(x, n)
         m = x2d.shape[0]
-        if backend == "triton":
+        if backend == "triton" and torch.compiler.is_compiling():  # one opaque node (see ops/_library.py)
+            backend = "op"
+            y2d, mean, rstd = torch.ops.peftfast.layer_norm_fwd(x2d, weight, bias, eps, out_dtype)
+            y = y2d.view(*lead, n)
+        elif backend == "triton":
             y = torch.empty((*lead, n), device=x.device, dtype=out_dtype)
             mean = torch.empty((m,), device=x.device, dtype=torch.float32)
             rstd = torch.empty((m,), device=x.device, dtype=torch.float32)
@@ -408,7 +538,12 @@ class _LayerNormFunction(torch.autograd.Function):
             return None, None, None, None, None, None
         need = ctx.needs_input_grad  # x, weight, bias
         n = x2d.shape[1]
-        if x2d.shape[0] == 0:
+        if ctx.backend == "op":
+            dx, dw, db = _direct.undifferentiated(torch.ops.peftfast.layer_norm_bwd, _rows(dy, n), x2d, weight, bias,
+                                                  mean, rstd, need[0], need[1], bias is not None and need[2])
+            dx, dw, db = (dx if need[0] else None), (dw if need[1] else None), (db if bias is not None and need[2]
+                                                                               else None)
+        elif x2d.shape[0] == 0:
             dx = torch.empty_like(x2d) if need[0] else None
             dw = torch.zeros_like(weight) if need[1] else None
             db = torch.zeros_like(bias) if bias is not None and need[2] else None
