@@ -311,7 +311,7 @@ def test_without_the_extension_the_seeded_ops_stay_registered_and_compile():
                          capture_output=True, text=True, timeout=1500, cwd=root)
     tail = run.stdout[-4000:]
     assert run.returncode == 0, tail
-    assert re.search(r"\b34 passed\b", tail) and "skipped" not in tail, tail
+    assert re.search(r"\b35 passed\b", tail) and "skipped" not in tail, tail
 
 
 class _OpDepth(torch.utils._python_dispatch.TorchDispatchMode):
@@ -353,7 +353,7 @@ def _nf4_llama(p: float) -> torch.nn.Module:
 
 # case -> (model for a LoRA dropout p, its batch's family, patch options): a Llama (RMSNorm, add + RMSNorm, gated MLP
 # with u rebuilt in backward, RoPE, attention), also with DoRA, with the gate/up and q/k/v reruns and on an NF4 base;
-# a BERT (LayerNorm, two-layer MLP); a BERT with a Houlsby bottleneck Adapter
+# a BERT (LayerNorm, two-layer MLP); a BERT with a Houlsby bottleneck Adapter; a Qwen3-MoE (LoRA on the expert stacks)
 _FUSED_PATHS = {
     "llama": (lambda p: peft_model("llama", lora_dropout=p), "llama", {}),
     "bert": (lambda p: peft_model("bert", lora_dropout=p), "bert", {}),
@@ -362,7 +362,21 @@ _FUSED_PATHS = {
     "llama-recompute-mlp": (lambda p: peft_model("llama", lora_dropout=p), "llama", {"recompute": "mlp"}),
     "llama-recompute-attn": (lambda p: peft_model("llama", lora_dropout=p), "llama", {"recompute": "attn"}),
     "nf4": (_nf4_llama, "llama", {}),
+    "moe": (lambda p: _moe_llm(), "moe", {}),
 }
+
+
+def _moe_llm() -> torch.nn.Module:
+    from test_moe import _moe_model
+
+    return _moe_model("qwen3_moe")
+
+
+def _batch(family: str) -> dict:
+    if family != "moe":
+        return batch(family)
+    ids = torch.randint(2, 64, (2, 11), generator=torch.Generator().manual_seed(1))  # the MoE models' vocabulary
+    return {"input_ids": ids, "labels": ids}
 
 
 @pytest.mark.parametrize("case", list(_FUSED_PATHS))
@@ -379,7 +393,7 @@ def test_triton_backend_under_compile_launches_only_inside_registered_ops(case, 
     # without peftfast._C the registered LoRA ops' CPU kernel (ATen) draws other dropout masks than the Triton
     # kernels (the C++ one draws theirs): dropout off there, to keep the values comparable
     build, family, kw = _FUSED_PATHS[case]
-    name, model, data = case, build(0.1 if _ext.available() else 0.0), batch(family)
+    name, model, data = case, build(0.1 if _ext.available() else 0.0), _batch(family)
     peftfast.patch(model, backend="triton", **kw)
     want_loss, want = None, None
     for traced in (False, True):
@@ -411,6 +425,7 @@ def test_triton_backend_under_compile_launches_only_inside_registered_ops(case, 
         llama_ops = ("rms_norm_fwd", "rms_norm_bwd", "act_mul_fwd", "act_mul_bwd", "lora_group_fwd")
         expected = {"bert": ("layer_norm_fwd", "layer_norm_bwd", "lora_group_fwd"),
                     "nf4": ("rms_norm_fwd", "nf4_lora_fwd", "nf4_lora_bwd"),
+                    "moe": ("rms_norm_fwd", "moe_experts_fwd", "moe_experts_bwd", "lora_group_fwd"),
                     "adapter": ("adapter_fwd", "adapter_bwd", "layer_norm_fwd")}.get(name, llama_ops)
         assert all(mode.ops.get(op) for op in expected), mode.ops
         assert abs(loss.item() - want_loss) <= 1e-5 * abs(want_loss)
