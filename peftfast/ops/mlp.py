@@ -731,7 +731,7 @@ class _DoRADropoutMLPFunction(torch.autograd.Function):
         keep = regenerated_keep_masks(seed_gu, 2, x2d, p_gu, backend)
         z_g, z_u = (_rebuild_proj(_dropped(x2d, keep[i], p_gu), xa_gu[:, i * r:(i + 1) * r], ws[i], None, None,
                                   bms[i], s_gu[i], backend) for i in (0, 1))
-        del keep
+        keep = None  # (captured by the generator above: a del there is DELETE_DEREF, which Dynamo cannot trace)
         g, u = _dora_drop_out(y1_g, z_g, mags[0], bg, x.dtype), _dora_drop_out(y1_u, z_u, mags[1], bu, x.dtype)
         del y1_g, y1_u
         h = act_mul(g, u, act, backend)
