@@ -186,7 +186,8 @@ def _torch_op_backward(grad, z, wd, wu, scale, act, add_grad, need_dx, need_ds):
     u = grad.matmul(wu)
     dz = _act_backward(u * scale.to(u.dtype), z, act)
     dx = (dz.matmul(wd) + grad if add_grad else dz.matmul(wd)) if need_dx else z.new_empty((0,))
-    ds = (a.float() * u.float()).sum() if need_ds else z.new_empty((0,), dtype=torch.float32)
+    acc = torch.float64 if z.dtype == torch.float64 else torch.float32  # as the C++ kernel (and the fake)
+    ds = (a.to(acc) * u.to(acc)).sum() if need_ds else z.new_empty((0,), dtype=acc)
     return dz, a, dx, ds
 
 

@@ -364,7 +364,8 @@ def _ln_bwd_impl(backend: str):
 
     def impl(dy, x, weight, bias, mean, rstd, need_dx, need_dw, need_db):
         if x.shape[0] == 0:
-            dx, dw, db = torch.zeros_like(x), torch.zeros_like(weight), torch.zeros_like(weight)
+            dx, dw = torch.zeros_like(x), torch.zeros_like(weight)
+            db = torch.zeros_like(bias) if bias is not None else None
         else:
             fn = _triton_ln_bwd if backend == "triton" else _torch_ln_bwd
             dx, dw, db = fn(dy, x, weight, bias, mean, rstd, need_dx, need_dw, need_db and bias is not None)
@@ -405,7 +406,7 @@ def _register() -> None:
     def _(dy, x, weight, bias, mean, rstd, need_dx, need_dw, need_db):
         return (x.new_empty(x.shape) if need_dx else x.new_empty((0,)),
                 weight.new_empty(weight.shape) if need_dw else x.new_empty((0,)),
-                weight.new_empty(weight.shape) if need_db and bias is not None else x.new_empty((0,)))
+                bias.new_empty(bias.shape) if need_db and bias is not None else x.new_empty((0,)))
 
     torch.library.register_autograd("peftfast::layer_norm_bwd", _no_double_backward("LayerNorm"),
                                     setup_context=lambda ctx, inputs, output: None)
