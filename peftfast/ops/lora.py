@@ -641,20 +641,11 @@ def _register() -> None:
     global _LIB, _ATEN_OPS
     if _LIB is not None:
         return
-    if _ext.available():
-        _LIB = torch.library.Library("peftfast", "IMPL")
-    else:
-        _LIB = torch.library.Library("peftfast", "FRAGMENT")
-        for schema in _SCHEMAS:
-            _LIB.define(schema)
-        _LIB.impl("lora_group_fwd", _fwd_impl("torch"), "CPU")
-        _LIB.impl("lora_group_bwd", _bwd_impl("torch"), "CPU")
-        _LIB.impl("dropout_keep_mask", _mask_impl("torch"), "CPU")
-        _ATEN_OPS = True
-    _LIB.impl("lora_group_fwd", _fwd_impl("triton"), "CUDA")
-    _LIB.impl("lora_group_bwd", _bwd_impl("triton"), "CUDA")
-    # the Triton mask kernel (the masks the Triton LoRA kernels draw): DoRA with dropout rebuilds x_d through this op
-    _LIB.impl("dropout_keep_mask", _mask_impl("triton"), "CUDA")
+    # the Triton mask kernel (the masks the Triton LoRA kernels draw): DoRA with dropout rebuilds x_d through its op
+    names = ("lora_group_fwd", "lora_group_bwd", "dropout_keep_mask")
+    _LIB, _ATEN_OPS = _library.register(
+        _SCHEMAS, dict(zip(names, (_fwd_impl("torch"), _bwd_impl("torch"), _mask_impl("torch")))),
+        dict(zip(names, (_fwd_impl("triton"), _bwd_impl("triton"), _mask_impl("triton")))))
     torch.library.register_fake("peftfast::lora_group_fwd")(_fwd_fake)
     torch.library.register_fake("peftfast::lora_group_bwd")(_bwd_fake)
     torch.library.register_fake("peftfast::dropout_keep_mask")(

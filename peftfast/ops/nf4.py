@@ -32,7 +32,7 @@ import functools
 import torch
 
 from peftfast import _ext
-from peftfast.ops import _direct
+from peftfast.ops import _direct, _library
 from peftfast.ops._backend import interpreting, resolve_backend
 from peftfast.ops._direct import out_view
 from peftfast.ops.lora import _bias_grads, _dtypes
@@ -992,25 +992,15 @@ def _register(cpp: bool) -> None:
         return dx, da, db
 
     torch.library.register_autograd(lib + "nf4_lora_fwd", _nf4_backward, setup_context=_nf4_setup)
-    fwd_cuda, bwd_cuda = _op_impls("triton")
-    _LIB.impl("nf4_lora_fwd", fwd_cuda, "CUDA")
-    _LIB.impl("nf4_lora_bwd", bwd_cuda, "CUDA")
 
 
 _LIB: torch.library.Library | None = None
 _ATEN_OPS = False  # the LoRA ops' schemas defined here (no peftfast._C): the torch backend is their CPU kernel
-if have_ops():
-    _LIB = torch.library.Library("peftfast", "IMPL")
-    _register(cpp=True)
-elif not _ext.available():  # (a loaded _C built before the NF4 ops keeps its ATen path unregistered)
-    _LIB = torch.library.Library("peftfast", "FRAGMENT")
-    for _schema in _SCHEMAS:
-        _LIB.define(_schema)
-    _fwd_cpu, _bwd_cpu = _op_impls("torch")
-    _LIB.impl("nf4_lora_fwd", _fwd_cpu, "CPU")
-    _LIB.impl("nf4_lora_bwd", _bwd_cpu, "CPU")
-    _ATEN_OPS = True
-    _register(cpp=False)
+# (a loaded _C built before the NF4 ops keeps its ATen path unregistered)
+if have_ops() or not _ext.available():
+    _LIB, _ATEN_OPS = _library.register(_SCHEMAS, dict(zip(("nf4_lora_fwd", "nf4_lora_bwd"), _op_impls("torch"))),
+                                        dict(zip(("nf4_lora_fwd", "nf4_lora_bwd"), _op_impls("triton"))))
+    _register(cpp=have_ops())
 
 
 __all__ = ["NF4_CODE", "dequantize_absmax", "dequantize_nf4", "double_quantize", "nf4_code", "nf4_dora_linear",
