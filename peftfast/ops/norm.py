@@ -375,6 +375,8 @@ def _ln_bwd_impl(backend: str):
     return impl
 
 
+# backend -> (forward, backward) kernels of the LayerNorm ops, which the eager Function calls directly
+_LN_KERNELS = {b: (_ln_fwd_impl(b), _ln_bwd_impl(b)) for b in ("triton", "torch")}
 # LayerNorm has no C++ kernel (ATen's is one fused op on CPU): its ops are declared here in every process
 _LN_SCHEMAS = (
     "layer_norm_fwd(Tensor x, Tensor weight, Tensor? bias, float eps, ScalarType out_dtype) -> (Tensor, Tensor, "
@@ -391,9 +393,9 @@ def _register() -> None:
     _LIB, _ATEN_OPS = _library.register(
         _RMS_SCHEMAS, {"rms_norm_fwd": _rms_fwd_impl("torch"), "rms_norm_bwd": _rms_bwd_impl("torch")},
         {"rms_norm_fwd": _rms_fwd_impl("triton"), "rms_norm_bwd": _rms_bwd_impl("triton")})
-    _LN_LIB, _ = _library.register(
-        _LN_SCHEMAS, {"layer_norm_fwd": _ln_fwd_impl("torch"), "layer_norm_bwd": _ln_bwd_impl("torch")},
-        {"layer_norm_fwd": _ln_fwd_impl("triton"), "layer_norm_bwd": _ln_bwd_impl("triton")}, ext_declares=False)
+    names = ("layer_norm_fwd", "layer_norm_bwd")
+    _LN_LIB, _ = _library.register(_LN_SCHEMAS, dict(zip(names, _LN_KERNELS["torch"])),
+                                   dict(zip(names, _LN_KERNELS["triton"])), ext_declares=False)
     _register_cpp_fakes()
 
     @torch.library.register_fake("peftfast::layer_norm_fwd")
@@ -513,24 +515,16 @@ class _LayerNormFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, eps: float, out_dtype: torch.dtype, backend: str):
         lead, n = x.shape[:-1], x.shape[-1]
         x2d = _rows(x, n)
-        m = x2d.shape[0]
         if backend == "triton" and torch.compiler.is_compiling():  # one opaque node (see ops/_library.py)
             backend = "op"
             y2d, mean, rstd = torch.ops.peftfast.layer_norm_fwd(x2d, weight, bias, eps, out_dtype)
-            y = y2d.view(*lead, n)
-        elif backend == "triton":
-            y = torch.empty((*lead, n), device=x.device, dtype=out_dtype)
-            mean = torch.empty((m,), device=x.device, dtype=torch.float32)
-            rstd = torch.empty((m,), device=x.device, dtype=torch.float32)
-            if m > 0:
-                _triton_ln_fwd(x2d, weight, bias, y.view(-1, n), mean, rstd, eps)
-        else:
-            y2d, mean, rstd = _torch_ln_fwd(x2d, weight, bias, eps, out_dtype)
-            y = out_view(y2d, *lead, n)
+        else:  # the ops' kernels themselves (cpp: LayerNorm has no C++ kernel, the torch one runs)
+            backend = "triton" if backend == "triton" else "torch"
+            y2d, mean, rstd = _LN_KERNELS[backend][0](x2d, weight, bias, eps, out_dtype)
         ctx.save_for_backward(x2d, weight, bias, mean, rstd)
         ctx.backend, ctx.lead = backend, lead
         ctx.set_materialize_grads(False)
-        return y
+        return out_view(y2d, *lead, n)
 
     @staticmethod
     def backward(ctx, dy):
@@ -539,20 +533,13 @@ class _LayerNormFunction(torch.autograd.Function):
             return None, None, None, None, None, None
         need = ctx.needs_input_grad  # x, weight, bias
         n = x2d.shape[1]
+        args = (_rows(dy, n), x2d, weight, bias, mean, rstd, need[0], need[1], bias is not None and need[2])
         if ctx.backend == "op":
-            dx, dw, db = _direct.undifferentiated(torch.ops.peftfast.layer_norm_bwd, _rows(dy, n), x2d, weight, bias,
-                                                  mean, rstd, need[0], need[1], bias is not None and need[2])
-            dx, dw, db = (dx if need[0] else None), (dw if need[1] else None), (db if bias is not None and need[2]
-                                                                               else None)
-        elif x2d.shape[0] == 0:
-            dx = torch.empty_like(x2d) if need[0] else None
-            dw = torch.zeros_like(weight) if need[1] else None
-            db = torch.zeros_like(bias) if bias is not None and need[2] else None
+            dx, dw, db = _direct.undifferentiated(torch.ops.peftfast.layer_norm_bwd, *args)
         else:
-            fn = _triton_ln_bwd if ctx.backend == "triton" else _torch_ln_bwd
-            dx, dw, db = fn(_rows(dy, n), x2d, weight, bias, mean, rstd, need[0], need[1],
-                            bias is not None and need[2])
-        return (dx.view(*ctx.lead, n) if dx is not None else None), dw, db, None, None, None
+            dx, dw, db = _LN_KERNELS[ctx.backend][1](*args)
+        return ((dx.view(*ctx.lead, n) if need[0] else None), (dw if need[1] else None),
+                (db if bias is not None and need[2] else None), None, None, None)
 
 
 # ----------------------------------------------------------------------------------------------------------------
